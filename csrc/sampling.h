@@ -1,0 +1,118 @@
+/*
+ * sampling.h -- logits processors and samplers over rows of logits.
+ *
+ * One row of V logits goes through a fixed chain (the order of the
+ * lmd_sampling_params fields below):
+ *
+ *   allowed/banned masks and logit bias
+ *   -> repetition penalty (CTRL: positive logits divided, negative multiplied,
+ *      over every distinct token of the context)
+ *   -> frequency and presence penalties (OpenAI/vLLM: z -= f*count + p*(count>0),
+ *      counted over the generated part context[prompt_len:])
+ *   -> no-repeat-ngram bans (transformers' NoRepeatNGram over the whole context)
+ *   -> temperature -> top_k -> top_p -> min_p -> typical_p -> epsilon -> eta
+ *   -> a draw by inverse CDF with a caller-supplied coin in [0, 1)
+ *
+ * Each truncation acts on the distribution the previous ones left, with the
+ * rules of Hugging Face transformers' logits warpers (ties with a boundary
+ * value are kept). No stage sorts the vocabulary: truncations work on a
+ * candidate list that a single filtering pass extracts, and cumulative-mass
+ * cuts (top-p, typical) bucket the candidates by key and sort only the bucket
+ * that holds the boundary.
+ *
+ * Usage (one row, one thread):
+ *
+ *     lmd_sampler *s; lmd_error err;
+ *     lmd_sampler_init(&s, vocab, &err);
+ *     lmd_sampling_params p; lmd_sampling_params_default(&p);
+ *     p.top_p = 0.9;
+ *     lmd_row_inputs in = {0}; in.n_allowed = -1;
+ *     int32_t token; float logprob;
+ *     lmd_sample_row(s, &p, &in, logits, vocab, lmd_rng_uniform(seed, 0, step, 0),
+ *                    NULL, &token, &logprob, &err);
+ *     lmd_sampler_free(s);
+ *
+ * Ownership: an lmd_sampler is scratch memory for one thread at a time; all
+ * pointers in lmd_row_inputs are borrowed for the duration of the call.
+ */
+#ifndef LMD_SAMPLING_H
+#define LMD_SAMPLING_H
+
+#include "lmdecode.h"
+
+typedef struct {
+    double temperature;           /* >= 0; 0 = greedy over the processed logits */
+    int32_t top_k;                /* >= 0; 0 = off */
+    double top_p;                 /* (0, 1]; 1 = off */
+    double min_p;                 /* [0, 1]; 0 = off */
+    double typical_p;             /* (0, 1]; 1 = off */
+    double epsilon;               /* [0, 1); 0 = off */
+    double eta;                   /* [0, 1); 0 = off */
+    double repetition_penalty;    /* > 0; 1 = off */
+    double frequency_penalty;     /* [-2, 2]; 0 = off */
+    double presence_penalty;      /* [-2, 2]; 0 = off */
+    int32_t no_repeat_ngram_size; /* >= 0; 0 = off */
+    int32_t min_tokens_to_keep;   /* >= 1 */
+} lmd_sampling_params;
+
+/* The identity chain: temperature 1, every processor off. */
+void lmd_sampling_params_default(lmd_sampling_params *p);
+
+/* LMD_ERR_INVALID_ARG naming the first field outside its domain. */
+lmd_status lmd_sampling_params_validate(const lmd_sampling_params *p, lmd_error *err);
+
+/* Per-row inputs of the processors; every pointer may be NULL when its count is 0. */
+typedef struct {
+    const int32_t *context;    /* (context_len,) tokens already seen, prompt first */
+    int32_t context_len;
+    int32_t prompt_len;        /* context[:prompt_len] is the prompt, clamped to context_len */
+    const int32_t *bias_ids;   /* (n_bias,) tokens whose logit gets bias_values added */
+    const float *bias_values;  /* (n_bias,) */
+    int32_t n_bias;
+    const int32_t *allowed;    /* (n_allowed,) the only tokens that may be drawn */
+    int32_t n_allowed;         /* < 0: every token is allowed */
+    const int32_t *banned;     /* (n_banned,) tokens that may never be drawn */
+    int32_t n_banned;
+} lmd_row_inputs;
+
+typedef struct lmd_sampler lmd_sampler;
+
+/* Scratch for rows of up to vocab_capacity logits (about 28 bytes per token). */
+lmd_status lmd_sampler_init(lmd_sampler **out, int32_t vocab_capacity, lmd_error *err);
+/* Safe on NULL. */
+void lmd_sampler_free(lmd_sampler *s);
+int32_t lmd_sampler_capacity(const lmd_sampler *s);
+
+/*
+ * Processes one row and optionally draws from it.
+ *   logits        (vocab,) float32; not modified. NaN or +inf is an error.
+ *   coin          in [0, 1) to draw a token; negative: no draw (out_token gets the argmax).
+ *   out_logprobs  (vocab,) or NULL: log-probabilities of the processed distribution,
+ *                 -inf where a token was removed.
+ *   out_token, out_logprob  or NULL: the drawn token and its log-probability under the
+ *                 processed distribution.
+ * Errors: LMD_ERR_INVALID_ARG for bad params, token ids outside [0, vocab), non-finite
+ * logits, or a row with no token left after masking.
+ */
+lmd_status lmd_sample_row(lmd_sampler *s, const lmd_sampling_params *params,
+                          const lmd_row_inputs *inputs, const float *logits, int32_t vocab,
+                          double coin, float *out_logprobs, int32_t *out_token,
+                          float *out_logprob, lmd_error *err);
+
+/*
+ * Processes n_rows rows, in parallel when that pays (the result never depends
+ * on it). samplers: n_samplers scratch objects of capacity >= vocab; row r uses
+ * samplers[thread]. params: n_params entries, 1 (shared) or n_rows. inputs: NULL
+ * or n_rows entries. seeds: NULL (no draw) or n_rows seeds; row r's coin is
+ * lmd_rng_uniform(seeds[r], stream, step, 0). Outputs as in lmd_sample_row with
+ * row strides vocab (out_logprobs) and 1 (out_tokens, out_token_logprobs).
+ * On error the message names the lowest failing row.
+ */
+lmd_status lmd_sample_rows(lmd_sampler *const *samplers, int n_samplers,
+                           const lmd_sampling_params *params, int32_t n_params,
+                           const lmd_row_inputs *inputs, const float *logits, int64_t row_stride,
+                           int32_t n_rows, int32_t vocab, const uint64_t *seeds,
+                           uint64_t stream, uint64_t step, float *out_logprobs,
+                           int32_t *out_tokens, float *out_token_logprobs, lmd_error *err);
+
+#endif /* LMD_SAMPLING_H */

@@ -1,0 +1,88 @@
+/*
+ * vec.h -- portable SIMD through GCC/Clang vector extensions.
+ *
+ * LMD_VEC_BYTES follows the widest vector unit the compiler may use (64 with
+ * AVX-512, 32 with AVX/AVX2, 16 otherwise: SSE2 on x86-64, NEON on arm64), so
+ * the same source compiles to full-width instructions everywhere. Lane order
+ * and reduction order are fixed by the source, which keeps every result
+ * independent of thread count.
+ *
+ *     vf acc = vzero();
+ *     for (i = 0; i + LMD_VEC_LANES <= n; i += LMD_VEC_LANES) acc += vload(x + i);
+ */
+#ifndef LMD_VEC_H
+#define LMD_VEC_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define LMD_VEC_BYTES 64
+#elif defined(__AVX__)
+#define LMD_VEC_BYTES 32
+#else
+#define LMD_VEC_BYTES 16
+#endif
+#define LMD_VEC_LANES (LMD_VEC_BYTES / 4) /* float lanes */
+
+typedef float vf __attribute__((vector_size(LMD_VEC_BYTES)));
+typedef int32_t vi __attribute__((vector_size(LMD_VEC_BYTES)));
+typedef double vd __attribute__((vector_size(LMD_VEC_BYTES)));          /* LANES/2 doubles */
+typedef float vf_half __attribute__((vector_size(LMD_VEC_BYTES / 2))); /* LANES/2 floats */
+
+static inline vf vload(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf vbroadcast(float x) { return (vf){0} + x; }
+/* mask lanes are all-ones or zero, as comparisons produce */
+static inline vf vselect(vi mask, vf if_true, vf if_false) {
+    return (vf)((mask & (vi)if_true) | (~mask & (vi)if_false));
+}
+static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
+
+/* Adds the LANES floats of v, widened to double, into two double accumulators. */
+static inline void vaccumulate_double(vd *acc_lo, vd *acc_hi, vf v) {
+    vf_half lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (char *)&v + sizeof lo, sizeof hi);
+    *acc_lo += __builtin_convertvector(lo, vd);
+    *acc_hi += __builtin_convertvector(hi, vd);
+}
+static inline double vsum_double(vd lo, vd hi) {
+    double s = 0.0;
+    for (int j = 0; j < LMD_VEC_LANES / 2; j++) s += lo[j] + hi[j];
+    return s;
+}
+
+/* e^x for x <= 0 (and x = -inf, which gives 0). Cody-Waite range reduction
+ * to r in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial: relative error
+ * below 2e-7, exact 0 below -87 (where float e^x would be subnormal). */
+static inline vf vexp_nonpositive(vf x) {
+    vi underflow = x < -87.0f;
+    vf xc = vselect(underflow, vbroadcast(-87.0f), x);
+    vf n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */
+    vf r = xc - n * 0.693145751953125f;                              /* ln2 high part */
+    r = r - n * 1.428606765330187045e-06f;                           /* ln2 low part */
+    vf p = vbroadcast(1.0f / 720.0f);
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    vi two_to_n = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf y = p * (vf)two_to_n;
+    return (vf)(~underflow & (vi)y);
+}
+
+/* Scalar twin of vexp_nonpositive, bit-identical lane for lane, for loop tails. */
+static inline float exp_nonpositive(float x) {
+    vf v = vexp_nonpositive(vbroadcast(x));
+    return v[0];
+}
+
+#endif /* LMD_VEC_H */

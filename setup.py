@@ -1,0 +1,85 @@
+"""Build of the lmdecode._core extension.
+
+Environment switches (all read at build time):
+  LMDECODE_NO_OPENMP=1   build without OpenMP even when the compiler supports it
+  LMDECODE_PORTABLE=1    do not pass -march=native (a binary that runs on any x86-64 / arm64)
+  LMDECODE_DEBUG=1       -O0 -g, keep asserts
+"""
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "") not in ("", "0", "false", "False")
+
+
+def _compiles(compiler, code, extra_compile, extra_link):
+    """True if `code` compiles and links with the given flags (a probe, never fatal)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(code)
+        try:
+            objs = compiler.compile([src], output_dir=tmp, extra_postargs=extra_compile)
+            compiler.link_executable(objs, os.path.join(tmp, "probe"), extra_postargs=extra_link)
+        except Exception:
+            return False
+    return True
+
+
+OPENMP_PROBE = """
+#include <omp.h>
+int main(void) { int n = 0;
+#pragma omp parallel reduction(+:n)
+  n += 1;
+  return n > 0 ? 0 : 1; }
+"""
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        compiler = self.compiler
+        compile_args = ["-std=c11", "-Wall", "-Wextra", "-fno-strict-aliasing"]
+        link_args = []
+        if _flag("LMDECODE_DEBUG"):
+            compile_args += ["-O0", "-g"]
+        else:
+            compile_args += ["-O3", "-DNDEBUG"]
+        # Vector units: -march=native unless a portable binary is asked for.
+        if not _flag("LMDECODE_PORTABLE") and _compiles(compiler, "int main(void){return 0;}", ["-march=native"], []):
+            compile_args.append("-march=native")
+        openmp = False
+        if not _flag("LMDECODE_NO_OPENMP") and _compiles(compiler, OPENMP_PROBE, ["-fopenmp"], ["-fopenmp"]):
+            compile_args.append("-fopenmp")
+            link_args.append("-fopenmp")
+            openmp = True
+        print(f"lmdecode build: openmp={openmp} flags={' '.join(compile_args)}", file=sys.stderr)
+        for ext in self.extensions:
+            ext.extra_compile_args = compile_args
+            ext.extra_link_args = link_args
+        super().build_extensions()
+
+
+core_sources = sorted(glob.glob(os.path.join("csrc", "*.c")))
+
+setup(
+    ext_modules=[
+        Extension(
+            "lmdecode._core",
+            sources=[os.path.join("python", "lmdecode", "_core.c")] + core_sources,
+            include_dirs=["csrc", numpy.get_include()],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+            libraries=["m"],
+        )
+    ],
+    cmdclass={"build_ext": BuildExt},
+)
