@@ -106,13 +106,15 @@ lmd_status lmd_sample_row(lmd_sampler *s, const lmd_sampling_params *params,
  * or n_rows entries. seeds: NULL (no draw) or n_rows seeds; row r's coin is
  * lmd_rng_uniform(seeds[r], stream, step, 0). Outputs as in lmd_sample_row with
  * row strides vocab (out_logprobs) and 1 (out_tokens, out_token_logprobs).
- * On error the message names the lowest failing row.
+ * On error, err holds the message of the lowest failing row and *failed_row
+ * (if non-NULL) its index; otherwise *failed_row is -1.
  */
 lmd_status lmd_sample_rows(lmd_sampler *const *samplers, int n_samplers,
                            const lmd_sampling_params *params, int32_t n_params,
                            const lmd_row_inputs *inputs, const float *logits, int64_t row_stride,
                            int32_t n_rows, int32_t vocab, const uint64_t *seeds,
                            uint64_t stream, uint64_t step, float *out_logprobs,
-                           int32_t *out_tokens, float *out_token_logprobs, lmd_error *err);
+                           int32_t *out_tokens, float *out_token_logprobs, int32_t *failed_row,
+                           lmd_error *err);
 
 #endif /* LMD_SAMPLING_H */

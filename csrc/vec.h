@@ -17,6 +17,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #if defined(__AVX512F__)
 #define LMD_VEC_BYTES 64
 #elif defined(__AVX__)
@@ -43,6 +47,29 @@ static inline vf vselect(vi mask, vf if_true, vf if_false) {
     return (vf)((mask & (vi)if_true) | (~mask & (vi)if_false));
 }
 static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
+
+/* True if any lane of a comparison mask is set. */
+static inline int vany(vi mask) {
+#if defined(__AVX512F__)
+    __m512i m;
+    memcpy(&m, &mask, sizeof m);
+    return _mm512_test_epi32_mask(m, m) != 0;
+#elif defined(__AVX__)
+    __m256i m;
+    memcpy(&m, &mask, sizeof m);
+    return !_mm256_testz_si256(m, m);
+#else
+    int32_t any = 0;
+    for (int j = 0; j < LMD_VEC_LANES; j++) any |= mask[j];
+    return any != 0;
+#endif
+}
+
+static inline float vhmax(vf v) {
+    float m = v[0];
+    for (int j = 1; j < LMD_VEC_LANES; j++) m = v[j] > m ? v[j] : m;
+    return m;
+}
 
 /* Adds the LANES floats of v, widened to double, into two double accumulators. */
 static inline void vaccumulate_double(vd *acc_lo, vd *acc_hi, vf v) {

@@ -1,7 +1,27 @@
-"""lmdecode: autoregressive language-model inference with a C core."""
+"""lmdecode: autoregressive language-model inference with a C core.
+
+Samplers over external logits::
+
+    import lmdecode as ld
+    token = ld.sample(logits, temperature=0.8, top_p=0.9, seed=0)
+    logprobs = ld.process_logits(logits, top_k=50)
+"""
 from . import _core
+from .sampling import SamplingParams, greedy, log_softmax, process_logits, rng_uniform, sample
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "SamplingParams",
+    "build_info",
+    "get_num_threads",
+    "greedy",
+    "log_softmax",
+    "process_logits",
+    "rng_uniform",
+    "sample",
+    "set_num_threads",
+]
 
 
 def build_info() -> dict:
@@ -17,4 +37,5 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
+    """Threads the C core's parallel loops use now."""
     return _core.get_num_threads()

@@ -16,6 +16,7 @@
 
 #include "lmdecode.h"
 #include "rng.h"
+#include "sampling.h"
 
 /* ------------------------------------------------------------------ */
 /* status -> exception                                                  */
@@ -81,6 +82,365 @@ static PyObject *py_rng_uniform(PyObject *self, PyObject *args) {
 }
 
 /* ------------------------------------------------------------------ */
+/* sampling bindings                                                    */
+/* ------------------------------------------------------------------ */
+
+/* Sampler scratch is reused across calls: a free list of sets, one sampler
+ * per thread each, grown when a call needs a larger vocabulary or more
+ * threads. The list is only touched with the GIL held; a set is owned by one
+ * call while the GIL is released. */
+typedef struct sampler_set {
+    struct sampler_set *next;
+    lmd_sampler **samplers;
+    int n;
+    int32_t capacity;
+} sampler_set;
+
+static sampler_set *free_sampler_sets = NULL;
+
+static void sampler_set_free(sampler_set *set) {
+    if (set == NULL) return;
+    for (int i = 0; i < set->n; i++) lmd_sampler_free(set->samplers[i]);
+    free(set->samplers);
+    free(set);
+}
+
+static sampler_set *sampler_set_acquire(int n_threads, int32_t vocab) {
+    sampler_set *set = free_sampler_sets;
+    if (set != NULL) free_sampler_sets = set->next;
+    if (set != NULL && set->n >= n_threads && set->capacity >= vocab) return set;
+    int n = set != NULL && set->n > n_threads ? set->n : n_threads;
+    int32_t capacity = set != NULL && set->capacity > vocab ? set->capacity : vocab;
+    sampler_set_free(set);
+    set = calloc(1, sizeof *set);
+    if (set == NULL) return (sampler_set *)PyErr_NoMemory();
+    set->samplers = calloc((size_t)n, sizeof *set->samplers);
+    if (set->samplers == NULL) {
+        free(set);
+        return (sampler_set *)PyErr_NoMemory();
+    }
+    set->n = n;
+    set->capacity = capacity;
+    for (int i = 0; i < n; i++) {
+        lmd_error err;
+        lmd_status st = lmd_sampler_init(&set->samplers[i], capacity, &err);
+        if (st != LMD_OK) {
+            sampler_set_free(set);
+            return (sampler_set *)raise_status(st, &err);
+        }
+    }
+    return set;
+}
+
+static void sampler_set_release(sampler_set *set) {
+    set->next = free_sampler_sets;
+    free_sampler_sets = set;
+}
+
+/* Converts obj (or None) to a C-contiguous array of the given type and ndim;
+ * *out stays NULL for None. Never writes to the caller's array. */
+static int as_array(PyObject *obj, int type, int ndim, const char *name, PyArrayObject **out) {
+    *out = NULL;
+    if (obj == NULL || obj == Py_None) return 0;
+    PyArrayObject *arr = (PyArrayObject *)PyArray_FROM_OTF(obj, type, NPY_ARRAY_IN_ARRAY);
+    if (arr == NULL) return -1;
+    if (PyArray_NDIM(arr) != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s must have %d dimension(s), got %d", name, ndim,
+                     PyArray_NDIM(arr));
+        Py_DECREF(arr);
+        return -1;
+    }
+    *out = arr;
+    return 0;
+}
+
+/* A CSR list of per-row token ids: values (nnz,) and offsets (n_rows + 1,). */
+static int check_offsets(PyArrayObject *offsets, PyArrayObject *values, npy_intp n_rows,
+                         const char *name) {
+    if (offsets == NULL) return 0;
+    if (PyArray_DIM(offsets, 0) != n_rows + 1) {
+        PyErr_Format(PyExc_ValueError, "%s offsets must have %zd entries, got %zd", name,
+                     (Py_ssize_t)(n_rows + 1), (Py_ssize_t)PyArray_DIM(offsets, 0));
+        return -1;
+    }
+    const int64_t *off = PyArray_DATA(offsets);
+    npy_intp nnz = values ? PyArray_DIM(values, 0) : 0;
+    if (off[0] != 0) {
+        PyErr_Format(PyExc_ValueError, "%s offsets must start at 0", name);
+        return -1;
+    }
+    for (npy_intp r = 0; r < n_rows; r++)
+        if (off[r + 1] < off[r] || off[r + 1] > nnz || off[r + 1] - off[r] > INT32_MAX) {
+            PyErr_Format(PyExc_ValueError, "%s offsets are not a valid partition of %zd values",
+                         name, (Py_ssize_t)nnz);
+            return -1;
+        }
+    return 0;
+}
+
+#define N_PARAM_COLUMNS 12
+
+/* NaN and out-of-range values become -1 or INT32_MAX, which validation then names. */
+static int32_t saturate_int32(double x) {
+    if (!(x > -1.0)) return -1;
+    if (x >= (double)INT32_MAX) return INT32_MAX;
+    return (int32_t)x;
+}
+
+static void params_from_row(const double *row, lmd_sampling_params *p) {
+    p->temperature = row[0];
+    p->top_k = saturate_int32(row[1]);
+    p->top_p = row[2];
+    p->min_p = row[3];
+    p->typical_p = row[4];
+    p->epsilon = row[5];
+    p->eta = row[6];
+    p->repetition_penalty = row[7];
+    p->frequency_penalty = row[8];
+    p->presence_penalty = row[9];
+    p->no_repeat_ngram_size = saturate_int32(row[10]);
+    p->min_tokens_to_keep = saturate_int32(row[11]);
+}
+
+/*
+ * sample_rows(logits (B, V) float32, params (R, 12) float64 with R in {1, B}, *,
+ *             context, context_offsets, prompt_len, bias_ids, bias_values, bias_offsets,
+ *             allowed_ids, allowed_offsets, allowed_rows, banned_ids, banned_offsets,
+ *             seeds (B,) uint64 or None, stream, step, want_logprobs, want_tokens)
+ *   -> (logprobs (B, V) float32 or None, tokens (B,) int64 or None,
+ *       token_logprobs (B,) float32 or None)
+ * Column order of params is lmd_sampling_params' field order. The Python layer
+ * (sampling.py) builds these arguments; this function re-checks their shapes.
+ */
+static PyObject *py_sample_rows(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    static char *kwlist[] = {"logits", "params", "context", "context_offsets", "prompt_len",
+                             "bias_ids", "bias_values", "bias_offsets", "allowed_ids",
+                             "allowed_offsets", "allowed_rows", "banned_ids", "banned_offsets",
+                             "seeds", "stream", "step", "want_logprobs", "want_tokens", NULL};
+    PyObject *logits_obj, *params_obj, *context_obj = Py_None, *context_off_obj = Py_None,
+                                       *prompt_obj = Py_None, *bias_ids_obj = Py_None,
+                                       *bias_val_obj = Py_None, *bias_off_obj = Py_None,
+                                       *allowed_obj = Py_None, *allowed_off_obj = Py_None,
+                                       *allowed_rows_obj = Py_None, *banned_obj = Py_None,
+                                       *banned_off_obj = Py_None, *seeds_obj = Py_None;
+    unsigned long long stream = 0, step = 0;
+    int want_logprobs = 0, want_tokens = 1;
+    PyArrayObject *logits = NULL, *params = NULL, *context = NULL, *context_off = NULL,
+                  *prompt = NULL, *bias_ids = NULL, *bias_val = NULL, *bias_off = NULL,
+                  *allowed = NULL, *allowed_off = NULL, *allowed_rows = NULL, *banned = NULL,
+                  *banned_off = NULL, *seeds = NULL;
+    PyArrayObject *out_logprobs = NULL, *out_tokens = NULL, *out_token_logprobs = NULL;
+    int32_t *tokens32 = NULL;
+    lmd_sampling_params *row_params = NULL;
+    lmd_row_inputs *row_inputs = NULL;
+    sampler_set *set = NULL;
+    PyObject *result = NULL;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$OOOOOOOOOOOOKKpp", kwlist, &logits_obj,
+                                     &params_obj, &context_obj, &context_off_obj, &prompt_obj,
+                                     &bias_ids_obj, &bias_val_obj, &bias_off_obj, &allowed_obj,
+                                     &allowed_off_obj, &allowed_rows_obj, &banned_obj,
+                                     &banned_off_obj, &seeds_obj, &stream, &step, &want_logprobs,
+                                     &want_tokens))
+        return NULL;
+    if (as_array(logits_obj, NPY_FLOAT32, 2, "logits", &logits) ||
+        as_array(params_obj, NPY_FLOAT64, 2, "params", &params) ||
+        as_array(context_obj, NPY_INT32, 1, "context", &context) ||
+        as_array(context_off_obj, NPY_INT64, 1, "context_offsets", &context_off) ||
+        as_array(prompt_obj, NPY_INT32, 1, "prompt_len", &prompt) ||
+        as_array(bias_ids_obj, NPY_INT32, 1, "bias_ids", &bias_ids) ||
+        as_array(bias_val_obj, NPY_FLOAT32, 1, "bias_values", &bias_val) ||
+        as_array(bias_off_obj, NPY_INT64, 1, "bias_offsets", &bias_off) ||
+        as_array(allowed_obj, NPY_INT32, 1, "allowed_ids", &allowed) ||
+        as_array(allowed_off_obj, NPY_INT64, 1, "allowed_offsets", &allowed_off) ||
+        as_array(allowed_rows_obj, NPY_BOOL, 1, "allowed_rows", &allowed_rows) ||
+        as_array(banned_obj, NPY_INT32, 1, "banned_ids", &banned) ||
+        as_array(banned_off_obj, NPY_INT64, 1, "banned_offsets", &banned_off) ||
+        as_array(seeds_obj, NPY_UINT64, 1, "seeds", &seeds))
+        goto fail;
+
+    npy_intp n_rows = PyArray_DIM(logits, 0), vocab = PyArray_DIM(logits, 1);
+    if (vocab < 1 || vocab > INT32_MAX || n_rows > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "logits must have between 1 and %d columns, got %zd",
+                     INT32_MAX, (Py_ssize_t)vocab);
+        goto fail;
+    }
+    npy_intp n_params = PyArray_DIM(params, 0);
+    if (PyArray_DIM(params, 1) != N_PARAM_COLUMNS || (n_params != 1 && n_params != n_rows)) {
+        PyErr_Format(PyExc_ValueError, "params must have shape (1, %d) or (%zd, %d)",
+                     N_PARAM_COLUMNS, (Py_ssize_t)n_rows, N_PARAM_COLUMNS);
+        goto fail;
+    }
+    if ((context && !context_off) || (bias_ids && (!bias_val || !bias_off)) ||
+        (allowed && (!allowed_off || !allowed_rows)) || (banned && !banned_off)) {
+        PyErr_SetString(PyExc_ValueError, "token-id lists need their offsets");
+        goto fail;
+    }
+    if (check_offsets(context_off, context, n_rows, "context") ||
+        check_offsets(bias_off, bias_ids, n_rows, "bias") ||
+        check_offsets(allowed_off, allowed, n_rows, "allowed") ||
+        check_offsets(banned_off, banned, n_rows, "banned"))
+        goto fail;
+    if (bias_ids && PyArray_DIM(bias_val, 0) != PyArray_DIM(bias_ids, 0)) {
+        PyErr_SetString(PyExc_ValueError, "bias_values must match bias_ids in length");
+        goto fail;
+    }
+    if ((prompt && PyArray_DIM(prompt, 0) != n_rows) ||
+        (allowed_rows && PyArray_DIM(allowed_rows, 0) != n_rows) ||
+        (seeds && PyArray_DIM(seeds, 0) != n_rows)) {
+        PyErr_Format(PyExc_ValueError, "prompt_len, allowed_rows and seeds must have %zd entries",
+                     (Py_ssize_t)n_rows);
+        goto fail;
+    }
+
+    row_params = PyMem_Malloc((size_t)n_params * sizeof *row_params);
+    if (row_params == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (npy_intp r = 0; r < n_params; r++)
+        params_from_row((const double *)PyArray_GETPTR2(params, r, 0), &row_params[r]);
+
+    int any_inputs = context || prompt || bias_ids || allowed || banned;
+    if (any_inputs) {
+        row_inputs = PyMem_Calloc((size_t)(n_rows > 0 ? n_rows : 1), sizeof *row_inputs);
+        if (row_inputs == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        for (npy_intp r = 0; r < n_rows; r++) {
+            lmd_row_inputs *in = &row_inputs[r];
+            in->n_allowed = -1;
+            if (context) {
+                const int64_t *off = PyArray_DATA(context_off);
+                in->context = (const int32_t *)PyArray_DATA(context) + off[r];
+                in->context_len = (int32_t)(off[r + 1] - off[r]);
+            }
+            if (prompt) in->prompt_len = ((const int32_t *)PyArray_DATA(prompt))[r];
+            if (bias_ids) {
+                const int64_t *off = PyArray_DATA(bias_off);
+                in->bias_ids = (const int32_t *)PyArray_DATA(bias_ids) + off[r];
+                in->bias_values = (const float *)PyArray_DATA(bias_val) + off[r];
+                in->n_bias = (int32_t)(off[r + 1] - off[r]);
+            }
+            if (allowed && ((const npy_bool *)PyArray_DATA(allowed_rows))[r]) {
+                const int64_t *off = PyArray_DATA(allowed_off);
+                in->allowed = (const int32_t *)PyArray_DATA(allowed) + off[r];
+                in->n_allowed = (int32_t)(off[r + 1] - off[r]);
+            }
+            if (banned) {
+                const int64_t *off = PyArray_DATA(banned_off);
+                in->banned = (const int32_t *)PyArray_DATA(banned) + off[r];
+                in->n_banned = (int32_t)(off[r + 1] - off[r]);
+            }
+        }
+    }
+
+    if (want_logprobs) {
+        npy_intp dims[2] = {n_rows, vocab};
+        out_logprobs = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_FLOAT32, 0);
+        if (out_logprobs == NULL) goto fail;
+    }
+    if (want_tokens) {
+        npy_intp dims[1] = {n_rows};
+        out_tokens = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+        out_token_logprobs = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_FLOAT32, 0);
+        tokens32 = PyMem_Malloc((size_t)(n_rows > 0 ? n_rows : 1) * sizeof *tokens32);
+        if (out_tokens == NULL || out_token_logprobs == NULL) goto fail;
+        if (tokens32 == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+    }
+    set = sampler_set_acquire(lmd_get_num_threads(), (int32_t)vocab);
+    if (set == NULL) goto fail;
+
+    lmd_error err = {{0}};
+    int32_t failed_row = -1;
+    lmd_status st;
+    Py_BEGIN_ALLOW_THREADS;
+    st = lmd_sample_rows(set->samplers, set->n, row_params, (int32_t)n_params, row_inputs,
+                         PyArray_DATA(logits), (int64_t)vocab, (int32_t)n_rows, (int32_t)vocab,
+                         seeds ? PyArray_DATA(seeds) : NULL, stream, step,
+                         out_logprobs ? PyArray_DATA(out_logprobs) : NULL,
+                         want_tokens ? tokens32 : NULL,
+                         want_tokens ? PyArray_DATA(out_token_logprobs) : NULL, &failed_row, &err);
+    Py_END_ALLOW_THREADS;
+    sampler_set_release(set);
+    set = NULL;
+    if (st != LMD_OK) {
+        if (failed_row >= 0) {
+            lmd_error prefixed;
+            snprintf(prefixed.msg, sizeof prefixed.msg, "row %d: %.200s", (int)failed_row, err.msg);
+            raise_status(st, &prefixed);
+        } else {
+            raise_status(st, &err);
+        }
+        goto fail;
+    }
+    if (want_tokens) {
+        int64_t *tokens64 = PyArray_DATA(out_tokens);
+        for (npy_intp r = 0; r < n_rows; r++) tokens64[r] = tokens32[r];
+    }
+    result = Py_BuildValue("(OOO)", out_logprobs ? (PyObject *)out_logprobs : Py_None,
+                           out_tokens ? (PyObject *)out_tokens : Py_None,
+                           out_token_logprobs ? (PyObject *)out_token_logprobs : Py_None);
+fail:
+    if (set) sampler_set_release(set);
+    PyMem_Free(tokens32);
+    PyMem_Free(row_params);
+    PyMem_Free(row_inputs);
+    Py_XDECREF(out_logprobs);
+    Py_XDECREF(out_tokens);
+    Py_XDECREF(out_token_logprobs);
+    Py_XDECREF(logits);
+    Py_XDECREF(params);
+    Py_XDECREF(context);
+    Py_XDECREF(context_off);
+    Py_XDECREF(prompt);
+    Py_XDECREF(bias_ids);
+    Py_XDECREF(bias_val);
+    Py_XDECREF(bias_off);
+    Py_XDECREF(allowed);
+    Py_XDECREF(allowed_off);
+    Py_XDECREF(allowed_rows);
+    Py_XDECREF(banned);
+    Py_XDECREF(banned_off);
+    Py_XDECREF(seeds);
+    return result;
+}
+
+/* validate_params(params (R, 12) float64) -> None; ValueError naming the first bad field. */
+static PyObject *py_validate_params(PyObject *self, PyObject *arg) {
+    (void)self;
+    PyArrayObject *params = NULL;
+    if (as_array(arg, NPY_FLOAT64, 2, "params", &params)) return NULL;
+    if (params == NULL || PyArray_DIM(params, 1) != N_PARAM_COLUMNS) {
+        PyErr_Format(PyExc_ValueError, "params must have %d columns", N_PARAM_COLUMNS);
+        Py_XDECREF(params);
+        return NULL;
+    }
+    for (npy_intp r = 0; r < PyArray_DIM(params, 0); r++) {
+        lmd_sampling_params p;
+        lmd_error err;
+        params_from_row((const double *)PyArray_GETPTR2(params, r, 0), &p);
+        lmd_status st = lmd_sampling_params_validate(&p, &err);
+        if (st != LMD_OK) {
+            if (PyArray_DIM(params, 0) > 1) {
+                lmd_error prefixed;
+                snprintf(prefixed.msg, sizeof prefixed.msg, "row %d: %.200s", (int)r, err.msg);
+                err = prefixed;
+            }
+            Py_DECREF(params);
+            return raise_status(st, &err);
+        }
+    }
+    Py_DECREF(params);
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------ */
 /* module                                                               */
 /* ------------------------------------------------------------------ */
 
@@ -90,6 +450,9 @@ static PyMethodDef core_methods[] = {
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "Threads for parallel loops."},
     {"rng_uniform", py_rng_uniform, METH_VARARGS, "Philox uniform of (seed, stream, step, index)."},
     /* sampling bindings */
+    {"sample_rows", (PyCFunction)(void (*)(void))py_sample_rows, METH_VARARGS | METH_KEYWORDS,
+     "Process and sample rows of logits (see sampling.py)."},
+    {"validate_params", py_validate_params, METH_O, "Check a (R, 12) parameter table."},
     /* model bindings */
     {NULL, NULL, 0, NULL},
 };

@@ -1,0 +1,444 @@
+"""Logits processors and samplers over NumPy logits.
+
+Every function takes ``logits`` of shape ``(V,)`` or ``(B, V)`` (float16/32/64,
+any strides, or a nested list) and never modifies it. The processing chain, in
+order, with the semantics of the systems users already know:
+
+1. ``allowed_tokens`` / ``banned_tokens`` masks and additive ``logit_bias``;
+2. ``repetition_penalty`` (CTRL / transformers: a positive logit is divided by
+   the penalty, a negative one multiplied) over every distinct token of
+   ``context``;
+3. ``frequency_penalty`` and ``presence_penalty`` (OpenAI / vLLM:
+   ``logit -= f * count + p * (count > 0)``) counted over the generated part
+   ``context[prompt_len:]``;
+4. ``no_repeat_ngram_size`` bans (transformers' NoRepeatNGram over all of
+   ``context``);
+5. ``temperature`` (``0`` means greedy over the processed logits);
+6. ``top_k`` -> ``top_p`` -> ``min_p`` -> ``typical_p`` -> ``epsilon`` -> ``eta``,
+   each acting on the distribution the previous ones left, with transformers'
+   rules (ties with the k-th value kept by top-k; top-p removes a token when
+   the ascending cumulative probability up to it is ``<= 1 - top_p``;
+   ``min_tokens_to_keep`` best tokens always survive).
+
+Random draws are reproducible: row ``r`` uses the coin
+``rng_uniform(seed[r], 0, step)`` (Philox4x32-10, see ``rng_uniform``), so a
+row's token depends only on its logits, its seed and ``step``.
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _core
+
+__all__ = [
+    "SamplingParams",
+    "greedy",
+    "log_softmax",
+    "process_logits",
+    "rng_uniform",
+    "sample",
+]
+
+# Column order of the parameter table handed to the C core (lmd_sampling_params).
+_PARAM_DEFAULTS: dict[str, float] = {
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "typical_p": 1.0,
+    "epsilon": 0.0,
+    "eta": 0.0,
+    "repetition_penalty": 1.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "no_repeat_ngram_size": 0,
+    "min_tokens_to_keep": 1,
+}
+_INT_PARAMS = frozenset({"top_k", "no_repeat_ngram_size", "min_tokens_to_keep"})
+# Keywords that describe each row's tokens rather than the distribution's shape.
+_ROW_INPUTS = ("context", "prompt_len", "logit_bias", "allowed_tokens", "banned_tokens")
+KEYWORDS = tuple(_PARAM_DEFAULTS) + _ROW_INPUTS
+
+_UINT64_LIMIT = 1 << 64
+
+
+def rng_uniform(seed: int, stream: int, step: int, index: int = 0) -> float:
+    """The documented generator: a double in [0, 1) from Philox4x32-10.
+
+    key = (seed low 32 bits, seed high 32 bits); counter = (step low, step high,
+    stream low, stream high); output words (x0, x1, x2, x3) give
+    ``((x0 << 32 | x1) >> 11) * 2**-53`` for index 0 and the same of (x2, x3) for
+    index 1. Samplers use index 0 of stream 0 as their coin.
+    """
+    return _core.rng_uniform(seed, stream, step, index)
+
+
+# ----------------------------------------------------------------------------
+# parameters
+# ----------------------------------------------------------------------------
+
+
+def _param_values(name: str, value: Any) -> np.ndarray:
+    """A 0-d (shared) or 1-d (per-row) float64 array of a distribution parameter."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, numbers.Real):
+        if name in _INT_PARAMS and not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        return np.asarray(float(value) if name not in _INT_PARAMS else int(value), dtype=np.float64)
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
+        raise TypeError(f"{name} must be a number or a sequence of numbers (one per row), got {value!r}")
+    arr = np.asarray(value)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a number or a 1-D sequence (one per row), got shape {arr.shape}")
+    kinds = "iu" if name in _INT_PARAMS else "iuf"
+    if arr.size and arr.dtype.kind not in kinds:
+        what = "ints" if name in _INT_PARAMS else "numbers"
+        raise TypeError(f"{name} must contain {what}, got dtype {arr.dtype}")
+    return arr.astype(np.float64)
+
+
+class SamplingParams:
+    """Validated, reusable sampling keywords (see the module docstring).
+
+    Every keyword may be a scalar shared by all rows or a length-B sequence of
+    per-row values; ``context``, ``logit_bias``, ``allowed_tokens`` and
+    ``banned_tokens`` take one entry per row for a batch. Values are checked
+    once here; the batch size is checked when the parameters are used.
+    """
+
+    __slots__ = ("_values", "_table", "_rows", "_row_inputs")
+
+    def __init__(self, **keywords: Any) -> None:
+        unknown = set(keywords) - set(KEYWORDS)
+        if unknown:
+            raise TypeError(f"unknown keyword(s): {', '.join(sorted(unknown))}; valid ones are {', '.join(KEYWORDS)}")
+        self._values = dict(keywords)
+        columns = [_param_values(name, keywords.get(name, default)) for name, default in _PARAM_DEFAULTS.items()]
+        lengths = {c.shape[0] for c in columns if c.ndim == 1}
+        if len(lengths) > 1:
+            raise ValueError(f"per-row sampling parameters have different lengths: {sorted(lengths)}")
+        self._rows = lengths.pop() if lengths else None
+        n = self._rows if self._rows is not None else 1
+        self._table = np.empty((n, len(columns)), dtype=np.float64)
+        for j, column in enumerate(columns):
+            self._table[:, j] = column
+        self._table.setflags(write=False)
+        _core.validate_params(self._table)
+        self._row_inputs = {name: keywords[name] for name in _ROW_INPUTS if keywords.get(name) is not None}
+        if "prompt_len" in self._row_inputs:
+            _check_prompt_len(self._row_inputs["prompt_len"])
+
+    def __getattr__(self, name: str) -> Any:
+        if name in KEYWORDS:
+            return self._values.get(name, _PARAM_DEFAULTS.get(name))
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self._values.items())
+        return f"SamplingParams({shown})"
+
+    def replace(self, **keywords: Any) -> "SamplingParams":
+        """A copy with some keywords changed."""
+        return SamplingParams(**{**self._values, **keywords})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def _core_arguments(self, n_rows: int) -> dict[str, Any]:
+        """The keyword arguments of _core.sample_rows for a batch of n_rows."""
+        if self._rows is not None and self._rows != n_rows:
+            bad = [k for k in _PARAM_DEFAULTS if np.ndim(self._values.get(k, 0)) == 1]
+            raise ValueError(f"{bad[0]} has {self._rows} values but logits has {n_rows} rows")
+        args: dict[str, Any] = {"params": self._table}
+        if self._row_inputs:
+            args.update(_row_input_arguments(self._row_inputs, n_rows))
+        return args
+
+
+@functools.lru_cache(maxsize=256)
+def _shared_params(items: tuple) -> SamplingParams:
+    return SamplingParams(**{name: value for name, _, value in items})
+
+
+def _params_for(params: SamplingParams | None, keywords: dict[str, Any]) -> SamplingParams:
+    if params is not None:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        return params.replace(**keywords) if keywords else params
+    try:  # scalar keywords are hashable: validate each combination once
+        # the type is part of the key so that top_k=1.0 is not served top_k=1's entry
+        return _shared_params(tuple((k, type(v), v) for k, v in sorted(keywords.items())))
+    except TypeError as exc:
+        if "unhashable" not in str(exc):
+            raise
+        return SamplingParams(**keywords)
+
+
+# ----------------------------------------------------------------------------
+# per-row token inputs -> CSR arrays for the core
+# ----------------------------------------------------------------------------
+
+
+def _token_ids(name: str, value: Any) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int32)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must contain integer token ids, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of token ids, got shape {arr.shape}")
+    bad = np.flatnonzero((arr < 0) | (arr > np.iinfo(np.int32).max))
+    if bad.size:
+        raise ValueError(f"{name}[{bad[0]}] (={arr[bad[0]]}) is not a token id (must be >= 0)")
+    return arr.astype(np.int32)
+
+
+def _is_token_list(value: Any) -> bool:
+    """True for a flat sequence of ints (one row), False for a sequence of rows."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1
+    return not any(isinstance(v, (Sequence, np.ndarray, Mapping)) and not isinstance(v, (str, bytes)) for v in value)
+
+
+def _per_row(name: str, value: Any, n_rows: int) -> list:
+    """Splits a per-row keyword into n_rows entries (a flat value is shared by all rows)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
+        raise TypeError(f"{name} must be a sequence of token ids or one such sequence per row, got {value!r}")
+    if len(value) == 0 or _is_token_list(value):
+        return [value] * n_rows
+    if len(value) != n_rows:
+        raise ValueError(f"{name} has {len(value)} rows but logits has {n_rows} rows")
+    return list(value)
+
+
+def _csr(name: str, rows: list) -> tuple[np.ndarray, np.ndarray]:
+    ids = [_token_ids(f"{name}[{r}]" if len(rows) > 1 else name, row) for r, row in enumerate(rows)]
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum([len(a) for a in ids], out=offsets[1:])
+    values = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
+    return values.astype(np.int32, copy=False), offsets
+
+
+def _context_rows(context: Any, n_rows: int) -> list:
+    arr = context if isinstance(context, np.ndarray) else None
+    if arr is None and isinstance(context, Sequence) and not isinstance(context, (str, bytes)):
+        if len(context) == 0 or _is_token_list(context):
+            arr = np.asarray(context)
+    if arr is not None:
+        if arr.ndim == 2:  # a padded batch: -1 marks padding (left or right)
+            if arr.shape[0] != n_rows:
+                raise ValueError(f"context has {arr.shape[0]} rows but logits has {n_rows} rows")
+            if arr.dtype.kind not in "iu":
+                raise TypeError(f"context must contain integer token ids, got dtype {arr.dtype}")
+            return [row[row != -1] for row in arr]
+        if arr.ndim == 1 or arr.size == 0:
+            if n_rows != 1:
+                raise ValueError(
+                    f"context is one sequence but logits has {n_rows} rows; "
+                    "pass one sequence per row (a list, or a 2-D array padded with -1)"
+                )
+            return [arr]
+        raise ValueError(f"context must be 1-D (one row) or 2-D (a padded batch), got shape {arr.shape}")
+    if isinstance(context, (str, bytes)) or not isinstance(context, Sequence):
+        raise TypeError(f"context must be a sequence of token ids, got {type(context).__name__}")
+    if len(context) != n_rows:
+        raise ValueError(f"context has {len(context)} rows but logits has {n_rows} rows")
+    return list(context)
+
+
+def _check_prompt_len(value: Any) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iu" or arr.ndim > 1:
+        raise TypeError(f"prompt_len must be an int or a sequence of ints (one per row), got {value!r}")
+    if np.any(arr < 0):
+        raise ValueError(f"prompt_len (={value!r}) must be >= 0")
+    return arr
+
+
+def _bias_rows(bias: Any, n_rows: int) -> list[Mapping | np.ndarray]:
+    if isinstance(bias, Mapping):
+        return [bias] * n_rows
+    if isinstance(bias, np.ndarray) and bias.ndim == 1:
+        return [bias] * n_rows
+    if isinstance(bias, np.ndarray) and bias.ndim == 2:
+        if bias.shape[0] != n_rows:
+            raise ValueError(f"logit_bias has {bias.shape[0]} rows but logits has {n_rows} rows")
+        return list(bias)
+    if isinstance(bias, Sequence) and not isinstance(bias, (str, bytes)):
+        if len(bias) and all(isinstance(b, (Mapping, np.ndarray, Sequence)) for b in bias):
+            if len(bias) != n_rows:
+                raise ValueError(f"logit_bias has {len(bias)} rows but logits has {n_rows} rows")
+            return list(bias)
+        return [np.asarray(bias)] * n_rows  # a dense (V,) list
+    raise TypeError(f"logit_bias must be a dict {{token: bias}}, a (V,) array or one of those per row, got {bias!r}")
+
+
+def _bias_arguments(bias: Any, n_rows: int) -> dict[str, np.ndarray]:
+    ids, values = [], []
+    for r, row in enumerate(_bias_rows(bias, n_rows)):
+        if isinstance(row, Mapping):
+            keys = np.asarray(list(row.keys()))
+            vals = np.asarray(list(row.values()))
+            if keys.size and keys.dtype.kind not in "iu":
+                raise TypeError(f"logit_bias keys must be integer token ids, got {list(row.keys())[:3]!r}")
+        else:
+            dense = np.asarray(row)
+            if dense.ndim != 1:
+                raise ValueError(f"a dense logit_bias must be 1-D (V,), got shape {dense.shape}")
+            keys = np.flatnonzero(dense)
+            vals = dense[keys]
+        if vals.size and vals.dtype.kind not in "iuf":
+            raise TypeError(f"logit_bias values must be numbers, got dtype {vals.dtype}")
+        vals = vals.astype(np.float64)
+        if np.any(np.isnan(vals) | (vals == np.inf)):
+            raise ValueError(f"logit_bias values must not be NaN or +inf (row {r})")
+        ids.append(_token_ids("logit_bias", keys))
+        values.append(vals.astype(np.float32))
+    offsets = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum([len(a) for a in ids], out=offsets[1:])
+    return {
+        "bias_ids": np.concatenate(ids) if ids else np.zeros(0, np.int32),
+        "bias_values": np.concatenate(values) if values else np.zeros(0, np.float32),
+        "bias_offsets": offsets,
+    }
+
+
+def _row_input_arguments(inputs: dict[str, Any], n_rows: int) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    if "context" in inputs:
+        args["context"], args["context_offsets"] = _csr("context", _context_rows(inputs["context"], n_rows))
+    if "prompt_len" in inputs:
+        prompt = _check_prompt_len(inputs["prompt_len"])
+        if prompt.ndim == 1 and prompt.shape[0] != n_rows:
+            raise ValueError(f"prompt_len has {prompt.shape[0]} values but logits has {n_rows} rows")
+        args["prompt_len"] = np.broadcast_to(np.minimum(prompt, np.iinfo(np.int32).max), (n_rows,)).astype(np.int32)
+    if "logit_bias" in inputs:
+        args.update(_bias_arguments(inputs["logit_bias"], n_rows))
+    if "allowed_tokens" in inputs:
+        rows = _per_row("allowed_tokens", inputs["allowed_tokens"], n_rows)
+        restricted = np.array([row is not None for row in rows], dtype=bool)
+        args["allowed_ids"], args["allowed_offsets"] = _csr("allowed_tokens", [[] if row is None else row for row in rows])
+        args["allowed_rows"] = restricted
+    if "banned_tokens" in inputs:
+        rows = _per_row("banned_tokens", inputs["banned_tokens"], n_rows)
+        args["banned_ids"], args["banned_offsets"] = _csr("banned_tokens", [[] if row is None else row for row in rows])
+    return args
+
+
+# ----------------------------------------------------------------------------
+# logits and seeds
+# ----------------------------------------------------------------------------
+
+
+def _as_logits(logits: Any) -> tuple[np.ndarray, bool]:
+    """A C-contiguous float32 (B, V) view or copy, and whether the input was 1-D."""
+    arr = logits if isinstance(logits, np.ndarray) else np.asarray(logits)
+    if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
+        raise TypeError(f"logits must be a real floating-point array, got dtype {arr.dtype}")
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"logits must have shape (V,) or (B, V), got {arr.ndim} dimension(s) {arr.shape}")
+    if arr.shape[-1] == 0:
+        raise ValueError("logits has an empty vocabulary (V == 0)")
+    one_row = arr.ndim == 1
+    arr = np.ascontiguousarray(arr.reshape(1, -1) if one_row else arr, dtype=np.float32)
+    return arr, one_row
+
+
+def _check_u64(name: str, value: Any) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not 0 <= int(value) < _UINT64_LIMIT:
+        raise ValueError(f"{name} (={value}) must be in [0, 2**64)")
+    return int(value)
+
+
+def _seeds(seed: Any, n_rows: int) -> np.ndarray:
+    if seed is None:
+        return np.frombuffer(os.urandom(8 * max(n_rows, 1)), dtype=np.uint64)[:n_rows].copy()
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, (bool, np.bool_)):
+        return np.full(n_rows, _check_u64("seed", seed), dtype=np.uint64)
+    if isinstance(seed, (Sequence, np.ndarray)) and not isinstance(seed, (str, bytes)):
+        if len(seed) != n_rows:
+            raise ValueError(f"seed has {len(seed)} values but logits has {n_rows} rows")
+        return np.array([_check_u64(f"seed[{i}]", s) for i, s in enumerate(seed)], dtype=np.uint64)
+    raise TypeError(f"seed must be None, an int or one int per row, got {seed!r}")
+
+
+def _run(logits: Any, params: SamplingParams, *, seeds: np.ndarray | None, step: int, want_logprobs: bool, want_tokens: bool):
+    rows, one_row = _as_logits(logits)
+    n_rows = rows.shape[0]
+    args = params._core_arguments(n_rows)
+    if seeds is not None:
+        args["seeds"] = seeds
+    try:
+        out = _core.sample_rows(rows, step=step, want_logprobs=want_logprobs, want_tokens=want_tokens, **args)
+    except ValueError as exc:
+        message = str(exc)
+        if one_row and message.startswith("row 0: "):
+            message = message[len("row 0: ") :]
+        raise ValueError(message) from None
+    return out, one_row
+
+
+# ----------------------------------------------------------------------------
+# public functions
+# ----------------------------------------------------------------------------
+
+
+def process_logits(logits: Any, params: SamplingParams | None = None, /, **keywords: Any) -> np.ndarray:
+    """Log-probabilities (float32, same shape as logits) of the processed distribution.
+
+    Takes the keywords of :class:`SamplingParams` (or one SamplingParams). Tokens
+    removed by a mask, a ban or a truncation get ``-inf``; with ``temperature=0``
+    the distribution is one-hot at the greedy token.
+    """
+    p = _params_for(params, keywords)
+    (logprobs, _, _), one_row = _run(logits, p, seeds=None, step=0, want_logprobs=True, want_tokens=False)
+    return logprobs[0] if one_row else logprobs
+
+
+def sample(
+    logits: Any,
+    params: SamplingParams | None = None,
+    /,
+    *,
+    seed: Any = None,
+    step: int = 0,
+    return_logprobs: bool = False,
+    **keywords: Any,
+):
+    """Draws one token per row from the processed distribution.
+
+    Returns int64 token ids, shape (B,) for (B, V) logits or a scalar for (V,)
+    logits; with ``return_logprobs=True`` also the chosen tokens' float32
+    log-probabilities under the processed distribution. ``seed`` is None (fresh
+    randomness), an int shared by all rows, or one int per row; rows with the
+    same seed, step and logits draw the same token.
+    """
+    p = _params_for(params, keywords)
+    step = _check_u64("step", step)
+    rows = np.shape(logits)[0] if np.ndim(logits) == 2 else 1
+    (_, tokens, token_logprobs), one_row = _run(logits, p, seeds=_seeds(seed, rows), step=step, want_logprobs=False, want_tokens=True)
+    if one_row:
+        tokens, token_logprobs = tokens[0], token_logprobs[0]
+    return (tokens, token_logprobs) if return_logprobs else tokens
+
+
+def greedy(logits: Any):
+    """The argmax of each row (lowest index on ties), int64; a scalar for (V,) logits."""
+    (_, tokens, _), one_row = _run(logits, _shared_params((("temperature", float, 0.0),)), seeds=None, step=0, want_logprobs=False, want_tokens=True)
+    return tokens[0] if one_row else tokens
+
+
+def log_softmax(logits: Any, temperature: float = 1.0) -> np.ndarray:
+    """log softmax(logits / temperature) along the last axis, float32, same shape."""
+    if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool) and temperature == 0:
+        raise ValueError("temperature (=0) must be > 0 for log_softmax")
+    return process_logits(logits, temperature=temperature)
