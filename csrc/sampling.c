@@ -306,46 +306,68 @@ static float row_max(const float *z, int32_t vocab, int32_t *bad_index) {
 }
 
 static int32_t first_index_of(const float *z, int32_t vocab, float value) {
-    for (int32_t i = 0; i < vocab; i++)
+    int32_t i = 0;
+    for (; i + LMD_VEC_LANES <= vocab; i += LMD_VEC_LANES)
+        if (vany(vload(z + i) == value)) break;
+    for (; i < vocab; i++)
         if (z[i] == value) return i;
     return 0;
 }
 
 /* Statistics of the whole row used to bound the first truncation:
- * mass = sum w, wd = sum w * d, ladder[j] = sum of w over d <= TOP_P_LADDER[j]. */
+ * mass = sum w, wd = sum w * d, ladder[j] = sum of w over d <= TOP_P_LADDER[j].
+ * Lanes accumulate in float for FLUSH_BLOCKS blocks, then flush into double:
+ * relative error below FLUSH_BLOCKS * 2^-24 (1.5e-5), far inside the margins
+ * the bounds are chosen with. */
+#define FLUSH_BLOCKS 256
+
 typedef struct {
     double mass, wd, ladder[TOP_P_LADDER_LEN];
 } dense_moments;
 
 static dense_moments row_moments(const float *z, int32_t vocab, float t, float ms) {
-    vd mass_lo = {0}, mass_hi = {0}, wd_lo = {0}, wd_hi = {0};
-    vd lad_lo[TOP_P_LADDER_LEN], lad_hi[TOP_P_LADDER_LEN];
-    for (int j = 0; j < TOP_P_LADDER_LEN; j++) lad_lo[j] = lad_hi[j] = (vd){0};
-    int32_t i = 0;
+    enum { N_SUMS = 2 + TOP_P_LADDER_LEN }; /* mass, wd, ladder... */
+    vf partial[N_SUMS];
+    vd total_lo[N_SUMS], total_hi[N_SUMS];
+    for (int j = 0; j < N_SUMS; j++) {
+        partial[j] = vbroadcast(0.0f);
+        total_lo[j] = total_hi[j] = (vd){0};
+    }
+    int32_t i = 0, blocks = 0;
     for (; i + LMD_VEC_LANES <= vocab; i += LMD_VEC_LANES) {
         vf sv = vload(z + i) / t;
         vf w = vexp_nonpositive(sv - ms);
         vf d = ms - sv;
-        vf wd = vselect(w > 0.0f, w * d, vbroadcast(0.0f)); /* 0 * inf would be NaN */
-        vaccumulate_double(&mass_lo, &mass_hi, w);
-        vaccumulate_double(&wd_lo, &wd_hi, wd);
+        partial[0] += w;
+        partial[1] += vselect(w > 0.0f, w * d, vbroadcast(0.0f)); /* 0 * inf would be NaN */
         for (int j = 0; j < TOP_P_LADDER_LEN; j++)
-            vaccumulate_double(&lad_lo[j], &lad_hi[j],
-                               vselect(d <= TOP_P_LADDER[j], w, vbroadcast(0.0f)));
+            partial[2 + j] += vselect(d <= TOP_P_LADDER[j], w, vbroadcast(0.0f));
+        if (++blocks == FLUSH_BLOCKS) {
+            for (int j = 0; j < N_SUMS; j++) {
+                vaccumulate_double(&total_lo[j], &total_hi[j], partial[j]);
+                partial[j] = vbroadcast(0.0f);
+            }
+            blocks = 0;
+        }
     }
-    dense_moments m;
-    m.mass = vsum_double(mass_lo, mass_hi);
-    m.wd = vsum_double(wd_lo, wd_hi);
-    for (int j = 0; j < TOP_P_LADDER_LEN; j++) m.ladder[j] = vsum_double(lad_lo[j], lad_hi[j]);
+    double sums[N_SUMS];
+    for (int j = 0; j < N_SUMS; j++) {
+        vaccumulate_double(&total_lo[j], &total_hi[j], partial[j]);
+        sums[j] = vsum_double(total_lo[j], total_hi[j]);
+    }
     for (; i < vocab; i++) {
         float sv = z[i] / t;
         float w = exp_nonpositive(sv - ms);
         float d = ms - sv;
-        m.mass += w;
-        if (w > 0.0f) m.wd += (double)(w * d);
+        sums[0] += w;
+        if (w > 0.0f) sums[1] += (double)(w * d);
         for (int j = 0; j < TOP_P_LADDER_LEN; j++)
-            if (d <= TOP_P_LADDER[j]) m.ladder[j] += w;
+            if (d <= TOP_P_LADDER[j]) sums[2 + j] += w;
     }
+    dense_moments m;
+    m.mass = sums[0];
+    m.wd = sums[1];
+    for (int j = 0; j < TOP_P_LADDER_LEN; j++) m.ladder[j] = sums[2 + j];
     return m;
 }
 
@@ -645,11 +667,15 @@ static void append_or_compact(lmd_sampler *s, int32_t *n, int32_t *cap, float *t
             kept++;
         }
     *n = kept;
-    if (kept >= *cap / 2) *cap = vocab; /* ties crowd the buffer: stop compacting */
+    /* Ties can keep the buffer crowded: make room before the next compaction. */
+    while (*cap < vocab && kept > *cap / 2) *cap = *cap > vocab / 2 ? vocab : 2 * *cap;
 }
 
 static int32_t gather_top_k(lmd_sampler *s, const float *z, int32_t vocab, float t, int32_t k) {
-    int32_t cap = 4 * k < 4096 ? 4096 : 4 * k;
+    /* A buffer of 2k keeps the threshold close to the k-th best seen so far,
+     * so that few later tokens pass it: about k ln(V / k) appends in all for
+     * tokens in random order. */
+    int32_t cap = 2 * k < 256 ? 256 : 2 * k;
     if (cap > vocab) cap = vocab;
     float threshold = -INFINITY; /* every listed s is >= threshold */
     int32_t n = 0;
@@ -704,7 +730,7 @@ static void build_candidates(lmd_sampler *s, cand_list *L, const lmd_sampling_pa
         need_outside_mass = 1;
         if (first == STAGE_TOP_P) {
             for (int j = 0; j < TOP_P_LADDER_LEN; j++)
-                if (m.ladder[j] >= p->top_p * m.mass * (1.0 + 1e-9)) {
+                if (m.ladder[j] >= p->top_p * m.mass * (1.0 + 1e-4)) {
                     bound = TOP_P_LADDER[j];
                     break;
                 }
@@ -759,52 +785,59 @@ static int32_t draw_from_list(lmd_sampler *s, const cand_list *L, double total, 
     return last_positive; /* rounding left the target just above the sum */
 }
 
-/* The same over the whole row, a vector block at a time. */
-static int32_t draw_from_row(const float *z, int32_t vocab, float t, float ms, double total,
-                             double coin) {
-    double target = coin * total, cum = 0.0;
-    int32_t last_positive = -1;
-    int32_t i = 0;
-    for (; i + LMD_VEC_LANES <= vocab; i += LMD_VEC_LANES) {
-        vf w = vexp_nonpositive(vload(z + i) / t - ms);
-        double block = 0.0;
-        for (int j = 0; j < LMD_VEC_LANES; j++) block += w[j];
-        if (block <= 0.0) continue;
-        if (cum + block <= target) {
-            cum += block;
-            for (int j = LMD_VEC_LANES - 1; j >= 0; j--)
-                if (w[j] > 0.0f) {
-                    last_positive = i + j;
-                    break;
-                }
-            continue;
-        }
-        for (int j = 0; j < LMD_VEC_LANES; j++) {
-            if (w[j] <= 0.0f) continue;
-            cum += w[j];
-            last_positive = i + j;
-            if (cum > target) return i + j;
-        }
+/* Drawing from a whole row: one pass stores the mass of every group of
+ * GROUP_BLOCKS vector blocks, the draw walks the group masses and recomputes
+ * the weights of the one group that holds the coin. */
+#define GROUP_BLOCKS 16
+#define GROUP_SIZE (GROUP_BLOCKS * LMD_VEC_LANES)
+
+/* group_mass[g] = sum of w over tokens [g*GROUP_SIZE, (g+1)*GROUP_SIZE); returns their sum. */
+static double row_group_masses(const float *z, int32_t vocab, float t, float ms,
+                               float *group_mass) {
+    double total = 0.0;
+    int32_t n_groups = (vocab + GROUP_SIZE - 1) / GROUP_SIZE;
+    for (int32_t g = 0; g < n_groups; g++) {
+        int32_t begin = g * GROUP_SIZE, end = begin + GROUP_SIZE < vocab ? begin + GROUP_SIZE : vocab;
+        vf acc = vbroadcast(0.0f);
+        int32_t i = begin;
+        for (; i + LMD_VEC_LANES <= end; i += LMD_VEC_LANES)
+            acc += vexp_nonpositive(vload(z + i) / t - ms);
+        float sum = 0.0f;
+        for (int j = 0; j < LMD_VEC_LANES; j++) sum += acc[j];
+        for (; i < end; i++) sum += exp_nonpositive(z[i] / t - ms);
+        group_mass[g] = sum;
+        total += sum;
     }
-    for (; i < vocab; i++) {
-        float w = exp_nonpositive(z[i] / t - ms);
-        if (w <= 0.0f) continue;
-        cum += w;
-        last_positive = i;
-        if (cum > target) return i;
-    }
-    return last_positive;
+    return total;
 }
 
-/* total = sum over the row of e^(z/t - ms) */
-static double row_mass(const float *z, int32_t vocab, float t, float ms) {
-    vd lo = {0}, hi = {0};
-    int32_t i = 0;
-    for (; i + LMD_VEC_LANES <= vocab; i += LMD_VEC_LANES)
-        vaccumulate_double(&lo, &hi, vexp_nonpositive(vload(z + i) / t - ms));
-    double sum = vsum_double(lo, hi);
-    for (; i < vocab; i++) sum += exp_nonpositive(z[i] / t - ms);
-    return sum;
+/* Inverse CDF over the row in id order, given the group masses. */
+static int32_t draw_from_row(const float *z, int32_t vocab, float t, float ms,
+                             const float *group_mass, double total, double coin) {
+    double target = coin * total, cum = 0.0;
+    int32_t n_groups = (vocab + GROUP_SIZE - 1) / GROUP_SIZE;
+    for (int32_t g = 0; g < n_groups; g++) {
+        if (group_mass[g] <= 0.0f) continue;
+        if (cum + group_mass[g] <= target) {
+            cum += group_mass[g];
+            continue;
+        }
+        int32_t begin = g * GROUP_SIZE, end = begin + GROUP_SIZE < vocab ? begin + GROUP_SIZE : vocab;
+        for (int32_t i = begin; i < end; i++) {
+            float w = exp_nonpositive(z[i] / t - ms);
+            if (w <= 0.0f) continue;
+            cum += w;
+            if (cum > target) return i;
+        }
+        /* the group's sum, added in another order, crossed the target; its
+         * token-by-token sum fell just short: the target is in this group */
+        for (int32_t i = end - 1; i >= begin; i--)
+            if (exp_nonpositive(z[i] / t - ms) > 0.0f) return i;
+    }
+    /* rounding left the target at the very top: the last token with mass */
+    for (int32_t i = vocab - 1; i > 0; i--)
+        if (exp_nonpositive(z[i] / t - ms) > 0.0f) return i;
+    return 0;
 }
 
 /* out (V,) = z/t - ms - log_total, which is -inf where z is. */
@@ -865,10 +898,11 @@ lmd_status lmd_sample_row(lmd_sampler *s, const lmd_sampling_params *p, const lm
     int n_stages = active_stages(p, stages);
 
     if (n_stages == 0) { /* plain softmax at temperature t over the whole row */
-        double total = row_mass(z, vocab, t, ms);
+        float *group_mass = s->weight; /* (ceil(V / GROUP_SIZE),) */
+        double total = row_group_masses(z, vocab, t, ms, group_mass);
         float log_total = (float)log(total);
         if (out_logprobs != NULL) write_row_logprobs(out_logprobs, z, vocab, t, ms, log_total);
-        int32_t token = coin >= 0.0 ? draw_from_row(z, vocab, t, ms, total, coin)
+        int32_t token = coin >= 0.0 ? draw_from_row(z, vocab, t, ms, group_mass, total, coin)
                                     : first_index_of(z, vocab, z_max);
         if (out_token) *out_token = token;
         if (out_logprob) *out_logprob = (z[token] / t - ms) - log_total;
