@@ -39,7 +39,7 @@
 
 /* Dense prefilter bounds for top-p: the smallest distance d below the best
  * token whose covered mass already reaches p. */
-static const float TOP_P_LADDER[] = {0.5f, 1.0f, 2.0f, 4.0f, 8.0f, 16.0f, 32.0f};
+static const float TOP_P_LADDER[] = {1.0f, 2.0f, 4.0f, 8.0f, 16.0f, 32.0f};
 #define TOP_P_LADDER_LEN ((int)(sizeof TOP_P_LADDER / sizeof TOP_P_LADDER[0]))
 
 /* Extra nats added to prefilter bounds so that rounding never drops a token
@@ -314,6 +314,11 @@ static int32_t first_index_of(const float *z, int32_t vocab, float value) {
     return 0;
 }
 
+/* x / t, the temperature scaling transformers applies; t == 1 (the common
+ * case) skips the division, which would change nothing. The test is loop
+ * invariant, so compilers hoist it out of the loops below. */
+static inline vf scaled(vf x, float t) { return t == 1.0f ? x : x / t; }
+
 /* Statistics of the whole row used to bound the first truncation:
  * mass = sum w, wd = sum w * d, ladder[j] = sum of w over d <= TOP_P_LADDER[j].
  * Lanes accumulate in float for FLUSH_BLOCKS blocks, then flush into double:
@@ -325,7 +330,8 @@ typedef struct {
     double mass, wd, ladder[TOP_P_LADDER_LEN];
 } dense_moments;
 
-static dense_moments row_moments(const float *z, int32_t vocab, float t, float ms) {
+static dense_moments row_moments(const float *z, int32_t vocab, float t, float ms, int want_wd,
+                                 int want_ladder) {
     enum { N_SUMS = 2 + TOP_P_LADDER_LEN }; /* mass, wd, ladder... */
     vf partial[N_SUMS];
     vd total_lo[N_SUMS], total_hi[N_SUMS];
@@ -335,13 +341,14 @@ static dense_moments row_moments(const float *z, int32_t vocab, float t, float m
     }
     int32_t i = 0, blocks = 0;
     for (; i + LMD_VEC_LANES <= vocab; i += LMD_VEC_LANES) {
-        vf sv = vload(z + i) / t;
+        vf sv = scaled(vload(z + i), t);
         vf w = vexp_nonpositive(sv - ms);
         vf d = ms - sv;
         partial[0] += w;
-        partial[1] += vselect(w > 0.0f, w * d, vbroadcast(0.0f)); /* 0 * inf would be NaN */
-        for (int j = 0; j < TOP_P_LADDER_LEN; j++)
-            partial[2 + j] += vselect(d <= TOP_P_LADDER[j], w, vbroadcast(0.0f));
+        if (want_wd) partial[1] += vselect(w > 0.0f, w * d, vbroadcast(0.0f)); /* 0*inf is NaN */
+        if (want_ladder)
+            for (int j = 0; j < TOP_P_LADDER_LEN; j++)
+                partial[2 + j] += vselect(d <= TOP_P_LADDER[j], w, vbroadcast(0.0f));
         if (++blocks == FLUSH_BLOCKS) {
             for (int j = 0; j < N_SUMS; j++) {
                 vaccumulate_double(&total_lo[j], &total_hi[j], partial[j]);
@@ -378,14 +385,14 @@ static int32_t gather_within(lmd_sampler *s, const float *z, int32_t vocab, floa
     const float lowest = ms - bound; /* keep s >= lowest */
     int32_t i = 0;
     for (; i + LMD_VEC_LANES <= vocab; i += LMD_VEC_LANES) {
-        vf sv = vload(z + i) / t;
+        vf sv = scaled(vload(z + i), t);
         vi hit = (sv >= lowest) & (sv > -INFINITY);
         if (!vany(hit)) continue;
         for (int j = 0; j < LMD_VEC_LANES; j++)
-            if (hit[j]) {
+            { /* branch-free: write always, advance on a hit (n <= i + j) */
                 s->cand_id[n] = i + j;
                 s->cand_s[n] = sv[j];
-                n++;
+                n += hit[j] != 0;
             }
     }
     for (; i < vocab; i++) {
@@ -543,11 +550,9 @@ static void compact(lmd_sampler *s, cand_list *L, float floor_s, const float *ke
     int32_t n = 0;
     for (int32_t i = 0; i < L->n; i++) {
         int keep = s->cand_s[i] >= floor_s || (key != NULL && key[i] <= max_key);
-        if (keep) {
-            s->cand_id[n] = s->cand_id[i];
-            s->cand_s[n] = s->cand_s[i];
-            n++;
-        }
+        s->cand_id[n] = s->cand_id[i]; /* branch-free: n <= i */
+        s->cand_s[n] = s->cand_s[i];
+        n += keep;
     }
     L->n = n;
     L->outside_mass = 0.0;
@@ -577,11 +582,10 @@ static void truncate_min_p(lmd_sampler *s, cand_list *L, double min_p, int32_t m
     float floor_s = min_keep > 1 ? mth_best_s(s, L, min_keep) : INFINITY;
     int32_t n = 0;
     for (int32_t i = 0; i < L->n; i++) {
-        if ((double)s->weight[i] >= min_p || s->cand_s[i] >= floor_s) {
-            s->cand_id[n] = s->cand_id[i];
-            s->cand_s[n] = s->cand_s[i];
-            n++;
-        }
+        int keep = (double)s->weight[i] >= min_p || s->cand_s[i] >= floor_s;
+        s->cand_id[n] = s->cand_id[i];
+        s->cand_s[n] = s->cand_s[i];
+        n += keep;
     }
     L->n = n;
     L->outside_mass = L->outside_wd = 0.0;
@@ -622,11 +626,10 @@ static void truncate_below_probability(lmd_sampler *s, cand_list *L, double cuto
     float floor_s = mth_best_s(s, L, min_keep);
     int32_t n = 0;
     for (int32_t i = 0; i < L->n; i++) {
-        if ((double)s->weight[i] >= cutoff_mass || s->cand_s[i] >= floor_s) {
-            s->cand_id[n] = s->cand_id[i];
-            s->cand_s[n] = s->cand_s[i];
-            n++;
-        }
+        int keep = (double)s->weight[i] >= cutoff_mass || s->cand_s[i] >= floor_s;
+        s->cand_id[n] = s->cand_id[i];
+        s->cand_s[n] = s->cand_s[i];
+        n += keep;
     }
     L->n = n;
     L->outside_mass = L->outside_wd = 0.0;
@@ -681,7 +684,7 @@ static int32_t gather_top_k(lmd_sampler *s, const float *z, int32_t vocab, float
     int32_t n = 0;
     int32_t i = 0;
     for (; i + LMD_VEC_LANES <= vocab; i += LMD_VEC_LANES) {
-        vf sv = vload(z + i) / t;
+        vf sv = scaled(vload(z + i), t);
         if (!vany((sv >= threshold) & (sv > -INFINITY))) continue;
         for (int j = 0; j < LMD_VEC_LANES; j++)
             if (sv[j] >= threshold && sv[j] > -INFINITY)
@@ -726,7 +729,7 @@ static void build_candidates(lmd_sampler *s, cand_list *L, const lmd_sampling_pa
     if (first == STAGE_MIN_P && min_keep == 1) {
         bound = (float)-log(p->min_p) + BOUND_SLACK;
     } else if (first != STAGE_TYPICAL && min_keep == 1) {
-        m = row_moments(z, vocab, t, L->ms);
+        m = row_moments(z, vocab, t, L->ms, first == STAGE_ETA, first == STAGE_TOP_P);
         need_outside_mass = 1;
         if (first == STAGE_TOP_P) {
             for (int j = 0; j < TOP_P_LADDER_LEN; j++)
@@ -801,7 +804,7 @@ static double row_group_masses(const float *z, int32_t vocab, float t, float ms,
         vf acc = vbroadcast(0.0f);
         int32_t i = begin;
         for (; i + LMD_VEC_LANES <= end; i += LMD_VEC_LANES)
-            acc += vexp_nonpositive(vload(z + i) / t - ms);
+            acc += vexp_nonpositive(scaled(vload(z + i), t) - ms);
         float sum = 0.0f;
         for (int j = 0; j < LMD_VEC_LANES; j++) sum += acc[j];
         for (; i < end; i++) sum += exp_nonpositive(z[i] / t - ms);
@@ -845,7 +848,7 @@ static void write_row_logprobs(float *out, const float *z, int32_t vocab, float 
                                float log_total) {
     int32_t i = 0;
     for (; i + LMD_VEC_LANES <= vocab; i += LMD_VEC_LANES)
-        vstore(out + i, (vload(z + i) / t - ms) - log_total);
+        vstore(out + i, (scaled(vload(z + i), t) - ms) - log_total);
     for (; i < vocab; i++) out[i] = (z[i] / t - ms) - log_total;
 }
 

@@ -151,14 +151,16 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
-    def _core_arguments(self, n_rows: int) -> dict[str, Any]:
-        """The keyword arguments of _core.sample_rows for a batch of n_rows."""
+    def _core_arguments(self, n_rows: int, row_inputs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of _core.sample_rows for a batch of n_rows;
+        row_inputs (context, logit_bias, ...) given per call override the stored ones."""
         if self._rows is not None and self._rows != n_rows:
             bad = [k for k in _PARAM_DEFAULTS if np.ndim(self._values.get(k, 0)) == 1]
             raise ValueError(f"{bad[0]} has {self._rows} values but logits has {n_rows} rows")
         args: dict[str, Any] = {"params": self._table}
-        if self._row_inputs:
-            args.update(_row_input_arguments(self._row_inputs, n_rows))
+        inputs = {**self._row_inputs, **row_inputs} if row_inputs else self._row_inputs
+        if inputs:
+            args.update(_row_input_arguments(inputs, n_rows))
         return args
 
 
@@ -167,18 +169,23 @@ def _shared_params(items: tuple) -> SamplingParams:
     return SamplingParams(**{name: value for name, _, value in items})
 
 
-def _params_for(params: SamplingParams | None, keywords: dict[str, Any]) -> SamplingParams:
+def _params_for(params: SamplingParams | None, keywords: dict[str, Any]) -> tuple[SamplingParams, dict[str, Any]]:
+    """The SamplingParams of a call and the per-call row inputs (context, ...)."""
+    row_inputs = {k: keywords.pop(k) for k in _ROW_INPUTS if k in keywords}
+    row_inputs = {k: v for k, v in row_inputs.items() if v is not None}
+    if "prompt_len" in row_inputs:
+        _check_prompt_len(row_inputs["prompt_len"])
     if params is not None:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        return params.replace(**keywords) if keywords else params
+        return (params.replace(**keywords) if keywords else params), row_inputs
     try:  # scalar keywords are hashable: validate each combination once
         # the type is part of the key so that top_k=1.0 is not served top_k=1's entry
-        return _shared_params(tuple((k, type(v), v) for k, v in sorted(keywords.items())))
+        return _shared_params(tuple((k, type(v), v) for k, v in sorted(keywords.items()))), row_inputs
     except TypeError as exc:
         if "unhashable" not in str(exc):
             raise
-        return SamplingParams(**keywords)
+        return SamplingParams(**keywords), row_inputs
 
 
 # ----------------------------------------------------------------------------
@@ -186,18 +193,25 @@ def _params_for(params: SamplingParams | None, keywords: dict[str, Any]) -> Samp
 # ----------------------------------------------------------------------------
 
 
+_INT32_MAX = np.iinfo(np.int32).max
+
+
 def _token_ids(name: str, value: Any) -> np.ndarray:
-    arr = np.asarray(value)
+    """int32 token ids; the C core checks that they lie in [0, V)."""
+    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
     if arr.size == 0:
         return np.zeros(0, dtype=np.int32)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must contain integer token ids, got dtype {arr.dtype}")
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a 1-D sequence of token ids, got shape {arr.shape}")
-    bad = np.flatnonzero((arr < 0) | (arr > np.iinfo(np.int32).max))
-    if bad.size:
-        raise ValueError(f"{name}[{bad[0]}] (={arr[bad[0]]}) is not a token id (must be >= 0)")
-    return arr.astype(np.int32)
+    if arr.dtype != np.int32:
+        low, high = arr.min(), arr.max()
+        if low < 0 or high > _INT32_MAX:
+            bad = int(np.flatnonzero((arr < 0) | (arr > _INT32_MAX))[0])
+            raise ValueError(f"{name}[{bad}] (={arr[bad]}) is not a token id (must be >= 0)")
+        arr = arr.astype(np.int32)
+    return arr
 
 
 def _is_token_list(value: Any) -> bool:
@@ -226,40 +240,53 @@ def _csr(name: str, rows: list) -> tuple[np.ndarray, np.ndarray]:
     return values.astype(np.int32, copy=False), offsets
 
 
-def _context_rows(context: Any, n_rows: int) -> list:
+def _context_csr(context: Any, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids already seen by each row as (values int32, offsets int64 (n_rows + 1,))."""
     arr = context if isinstance(context, np.ndarray) else None
     if arr is None and isinstance(context, Sequence) and not isinstance(context, (str, bytes)):
         if len(context) == 0 or _is_token_list(context):
             arr = np.asarray(context)
-    if arr is not None:
-        if arr.ndim == 2:  # a padded batch: -1 marks padding (left or right)
-            if arr.shape[0] != n_rows:
-                raise ValueError(f"context has {arr.shape[0]} rows but logits has {n_rows} rows")
-            if arr.dtype.kind not in "iu":
-                raise TypeError(f"context must contain integer token ids, got dtype {arr.dtype}")
-            return [row[row != -1] for row in arr]
-        if arr.ndim == 1 or arr.size == 0:
-            if n_rows != 1:
-                raise ValueError(
-                    f"context is one sequence but logits has {n_rows} rows; "
-                    "pass one sequence per row (a list, or a 2-D array padded with -1)"
-                )
-            return [arr]
+    if arr is None:  # a list with one sequence per row
+        if isinstance(context, (str, bytes)) or not isinstance(context, Sequence):
+            raise TypeError(f"context must be a sequence of token ids, got {type(context).__name__}")
+        if len(context) != n_rows:
+            raise ValueError(f"context has {len(context)} rows but logits has {n_rows} rows")
+        return _csr("context", list(context))
+    if arr.size and arr.dtype.kind not in "iu":
+        raise TypeError(f"context must contain integer token ids, got dtype {arr.dtype}")
+    if arr.ndim == 2:  # a padded batch: -1 marks padding (left or right)
+        if arr.shape[0] != n_rows:
+            raise ValueError(f"context has {arr.shape[0]} rows but logits has {n_rows} rows")
+        keep = arr != -1
+        values = arr[keep]
+        bad = np.flatnonzero((values < 0) | (values > _INT32_MAX))
+        if bad.size:
+            raise ValueError(f"context contains {values[bad[0]]}, which is not a token id (-1 is padding)")
+        offsets = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(keep.sum(axis=1), out=offsets[1:])
+        return values.astype(np.int32), offsets
+    if arr.ndim > 2:
         raise ValueError(f"context must be 1-D (one row) or 2-D (a padded batch), got shape {arr.shape}")
-    if isinstance(context, (str, bytes)) or not isinstance(context, Sequence):
-        raise TypeError(f"context must be a sequence of token ids, got {type(context).__name__}")
-    if len(context) != n_rows:
-        raise ValueError(f"context has {len(context)} rows but logits has {n_rows} rows")
-    return list(context)
+    if n_rows != 1:
+        raise ValueError(
+            f"context is one sequence but logits has {n_rows} rows; "
+            "pass one sequence per row (a list, or a 2-D array padded with -1)"
+        )
+    values = _token_ids("context", arr.reshape(-1))
+    return values, np.array([0, values.shape[0]], dtype=np.int64)
 
 
 def _check_prompt_len(value: Any) -> np.ndarray:
+    if type(value) is int:
+        if value < 0:
+            raise ValueError(f"prompt_len (={value}) must be >= 0")
+        return np.int32(min(value, _INT32_MAX))
     arr = np.asarray(value)
     if arr.dtype.kind not in "iu" or arr.ndim > 1:
         raise TypeError(f"prompt_len must be an int or a sequence of ints (one per row), got {value!r}")
     if np.any(arr < 0):
         raise ValueError(f"prompt_len (={value!r}) must be >= 0")
-    return arr
+    return np.minimum(arr, _INT32_MAX).astype(np.int32)
 
 
 def _bias_rows(bias: Any, n_rows: int) -> list[Mapping | np.ndarray]:
@@ -313,12 +340,12 @@ def _bias_arguments(bias: Any, n_rows: int) -> dict[str, np.ndarray]:
 def _row_input_arguments(inputs: dict[str, Any], n_rows: int) -> dict[str, Any]:
     args: dict[str, Any] = {}
     if "context" in inputs:
-        args["context"], args["context_offsets"] = _csr("context", _context_rows(inputs["context"], n_rows))
+        args["context"], args["context_offsets"] = _context_csr(inputs["context"], n_rows)
     if "prompt_len" in inputs:
         prompt = _check_prompt_len(inputs["prompt_len"])
         if prompt.ndim == 1 and prompt.shape[0] != n_rows:
             raise ValueError(f"prompt_len has {prompt.shape[0]} values but logits has {n_rows} rows")
-        args["prompt_len"] = np.broadcast_to(np.minimum(prompt, np.iinfo(np.int32).max), (n_rows,)).astype(np.int32)
+        args["prompt_len"] = prompt if prompt.ndim == 1 else np.full(n_rows, prompt, dtype=np.int32)
     if "logit_bias" in inputs:
         args.update(_bias_arguments(inputs["logit_bias"], n_rows))
     if "allowed_tokens" in inputs:
@@ -352,6 +379,8 @@ def _as_logits(logits: Any) -> tuple[np.ndarray, bool]:
 
 
 def _check_u64(name: str, value: Any) -> int:
+    if type(value) is int and 0 <= value < _UINT64_LIMIT:  # the common case, without ABC checks
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if not 0 <= int(value) < _UINT64_LIMIT:
@@ -360,6 +389,8 @@ def _check_u64(name: str, value: Any) -> int:
 
 
 def _seeds(seed: Any, n_rows: int) -> np.ndarray:
+    if type(seed) is int and 0 <= seed < _UINT64_LIMIT:
+        return np.full(n_rows, seed, dtype=np.uint64)
     if seed is None:
         return np.frombuffer(os.urandom(8 * max(n_rows, 1)), dtype=np.uint64)[:n_rows].copy()
     if isinstance(seed, numbers.Integral) and not isinstance(seed, (bool, np.bool_)):
@@ -371,10 +402,10 @@ def _seeds(seed: Any, n_rows: int) -> np.ndarray:
     raise TypeError(f"seed must be None, an int or one int per row, got {seed!r}")
 
 
-def _run(logits: Any, params: SamplingParams, *, seeds: np.ndarray | None, step: int, want_logprobs: bool, want_tokens: bool):
+def _run(logits: Any, params: SamplingParams, row_inputs: dict[str, Any], *, seeds: np.ndarray | None, step: int, want_logprobs: bool, want_tokens: bool):
     rows, one_row = _as_logits(logits)
     n_rows = rows.shape[0]
-    args = params._core_arguments(n_rows)
+    args = params._core_arguments(n_rows, row_inputs)
     if seeds is not None:
         args["seeds"] = seeds
     try:
@@ -399,8 +430,8 @@ def process_logits(logits: Any, params: SamplingParams | None = None, /, **keywo
     removed by a mask, a ban or a truncation get ``-inf``; with ``temperature=0``
     the distribution is one-hot at the greedy token.
     """
-    p = _params_for(params, keywords)
-    (logprobs, _, _), one_row = _run(logits, p, seeds=None, step=0, want_logprobs=True, want_tokens=False)
+    p, row_inputs = _params_for(params, keywords)
+    (logprobs, _, _), one_row = _run(logits, p, row_inputs, seeds=None, step=0, want_logprobs=True, want_tokens=False)
     return logprobs[0] if one_row else logprobs
 
 
@@ -422,18 +453,21 @@ def sample(
     randomness), an int shared by all rows, or one int per row; rows with the
     same seed, step and logits draw the same token.
     """
-    p = _params_for(params, keywords)
+    p, row_inputs = _params_for(params, keywords)
     step = _check_u64("step", step)
     rows = np.shape(logits)[0] if np.ndim(logits) == 2 else 1
-    (_, tokens, token_logprobs), one_row = _run(logits, p, seeds=_seeds(seed, rows), step=step, want_logprobs=False, want_tokens=True)
+    (_, tokens, token_logprobs), one_row = _run(logits, p, row_inputs, seeds=_seeds(seed, rows), step=step, want_logprobs=False, want_tokens=True)
     if one_row:
         tokens, token_logprobs = tokens[0], token_logprobs[0]
     return (tokens, token_logprobs) if return_logprobs else tokens
 
 
+_GREEDY = SamplingParams(temperature=0.0)
+
+
 def greedy(logits: Any):
     """The argmax of each row (lowest index on ties), int64; a scalar for (V,) logits."""
-    (_, tokens, _), one_row = _run(logits, _shared_params((("temperature", float, 0.0),)), seeds=None, step=0, want_logprobs=False, want_tokens=True)
+    (_, tokens, _), one_row = _run(logits, _GREEDY, {}, seeds=None, step=0, want_logprobs=False, want_tokens=True)
     return tokens[0] if one_row else tokens
 
 

@@ -1,0 +1,32 @@
+"""Type stubs of the C extension (see _core.c). Use the public API in lmdecode instead."""
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+def build_info() -> dict[str, Any]: ...
+def set_num_threads(n: int, /) -> None: ...
+def get_num_threads() -> int: ...
+def rng_uniform(seed: int, stream: int, step: int, index: int = 0, /) -> float: ...
+def validate_params(params: npt.NDArray[np.float64], /) -> None: ...
+def sample_rows(
+    logits: npt.NDArray[np.float32],
+    params: npt.NDArray[np.float64],
+    *,
+    context: npt.NDArray[np.int32] | None = None,
+    context_offsets: npt.NDArray[np.int64] | None = None,
+    prompt_len: npt.NDArray[np.int32] | None = None,
+    bias_ids: npt.NDArray[np.int32] | None = None,
+    bias_values: npt.NDArray[np.float32] | None = None,
+    bias_offsets: npt.NDArray[np.int64] | None = None,
+    allowed_ids: npt.NDArray[np.int32] | None = None,
+    allowed_offsets: npt.NDArray[np.int64] | None = None,
+    allowed_rows: npt.NDArray[np.bool_] | None = None,
+    banned_ids: npt.NDArray[np.int32] | None = None,
+    banned_offsets: npt.NDArray[np.int64] | None = None,
+    seeds: npt.NDArray[np.uint64] | None = None,
+    stream: int = 0,
+    step: int = 0,
+    want_logprobs: bool = False,
+    want_tokens: bool = True,
+) -> tuple[npt.NDArray[np.float32] | None, npt.NDArray[np.int64] | None, npt.NDArray[np.float32] | None]: ...
