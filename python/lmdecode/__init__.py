@@ -8,11 +8,14 @@ Samplers over external logits::
 """
 from . import _core
 from .sampling import SamplingParams, greedy, log_softmax, process_logits, rng_uniform, sample
+from .search import Hypothesis, beam_search
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Hypothesis",
     "SamplingParams",
+    "beam_search",
     "build_info",
     "get_num_threads",
     "greedy",

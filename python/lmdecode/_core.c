@@ -17,6 +17,7 @@
 #include "lmdecode.h"
 #include "rng.h"
 #include "sampling.h"
+#include "search.h"
 
 /* ------------------------------------------------------------------ */
 /* status -> exception                                                  */
@@ -441,6 +442,189 @@ static PyObject *py_validate_params(PyObject *self, PyObject *arg) {
 }
 
 /* ------------------------------------------------------------------ */
+/* beam search binding                                                  */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    lmd_beam_search *search;
+    int32_t num_beams, vocab;
+    PyThread_type_lock lock; /* keeps two Python threads off one search */
+} BeamSearchObject;
+
+static void BeamSearch_dealloc(BeamSearchObject *self) {
+    lmd_beam_search_free(self->search);
+    if (self->lock) PyThread_free_lock(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* BeamSearch(num_beams, vocab, max_new_tokens, num_return_sequences, length_penalty,
+ *            early_stopping (0 heuristic, 1 true, 2 never), eos_ids (sequence of int)) */
+static int BeamSearch_init(BeamSearchObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"num_beams", "vocab", "max_new_tokens", "num_return_sequences",
+                             "length_penalty", "early_stopping", "eos_ids", NULL};
+    int num_beams, vocab, max_new_tokens, num_return, early_stopping;
+    double length_penalty;
+    PyObject *eos_obj;
+    PyArrayObject *eos = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiiidiO", kwlist, &num_beams, &vocab,
+                                     &max_new_tokens, &num_return, &length_penalty,
+                                     &early_stopping, &eos_obj))
+        return -1;
+    if (as_array(eos_obj, NPY_INT32, 1, "eos_ids", &eos)) return -1;
+    lmd_beam_config config = {num_beams, vocab, max_new_tokens, num_return, length_penalty,
+                              (lmd_early_stopping)early_stopping,
+                              eos ? (const int32_t *)PyArray_DATA(eos) : NULL,
+                              eos ? (int32_t)PyArray_DIM(eos, 0) : 0};
+    lmd_error err;
+    lmd_beam_search *search = NULL;
+    lmd_status st = lmd_beam_search_init(&search, &config, &err);
+    Py_XDECREF(eos);
+    if (st != LMD_OK) {
+        raise_status(st, &err);
+        return -1;
+    }
+    lmd_beam_search_free(self->search);
+    self->search = search;
+    self->num_beams = num_beams;
+    self->vocab = vocab;
+    if (self->lock == NULL && (self->lock = PyThread_allocate_lock()) == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/* step(logits (num_beams, vocab) float32) -> (parents int64 (num_beams,), tokens int64 (num_beams,)) */
+static PyObject *BeamSearch_step(BeamSearchObject *self, PyObject *arg) {
+    PyArrayObject *logits = NULL, *parents = NULL, *tokens = NULL;
+    int32_t *parents32 = NULL, *tokens32 = NULL;
+    PyObject *result = NULL;
+    if (self->search == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "BeamSearch is not initialized");
+        return NULL;
+    }
+    if (as_array(arg, NPY_FLOAT32, 2, "logits", &logits)) return NULL;
+    if (logits == NULL || PyArray_DIM(logits, 0) != self->num_beams ||
+        PyArray_DIM(logits, 1) != self->vocab) {
+        PyErr_Format(PyExc_ValueError, "logits must have shape (%d, %d)", (int)self->num_beams,
+                     (int)self->vocab);
+        goto fail;
+    }
+    npy_intp dims[1] = {self->num_beams};
+    parents = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+    tokens = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+    parents32 = PyMem_Malloc((size_t)self->num_beams * sizeof(int32_t));
+    tokens32 = PyMem_Malloc((size_t)self->num_beams * sizeof(int32_t));
+    if (parents == NULL || tokens == NULL) goto fail;
+    if (parents32 == NULL || tokens32 == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    lmd_error err;
+    lmd_status st;
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        PyErr_SetString(PyExc_RuntimeError, "this BeamSearch is in use by another thread");
+        goto fail;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    st = lmd_beam_search_step(self->search, PyArray_DATA(logits), parents32, tokens32, &err);
+    Py_END_ALLOW_THREADS;
+    PyThread_release_lock(self->lock);
+    if (st != LMD_OK) {
+        raise_status(st, &err);
+        goto fail;
+    }
+    for (int32_t j = 0; j < self->num_beams; j++) {
+        ((int64_t *)PyArray_DATA(parents))[j] = parents32[j];
+        ((int64_t *)PyArray_DATA(tokens))[j] = tokens32[j];
+    }
+    result = Py_BuildValue("(OO)", parents, tokens);
+fail:
+    PyMem_Free(parents32);
+    PyMem_Free(tokens32);
+    Py_XDECREF(logits);
+    Py_XDECREF(parents);
+    Py_XDECREF(tokens);
+    return result;
+}
+
+/* hypotheses() -> list of (tokens int64, token_logprobs float32, score, logprob), best first */
+static PyObject *BeamSearch_hypotheses(BeamSearchObject *self, PyObject *noargs) {
+    (void)noargs;
+    if (self->search == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "BeamSearch is not initialized");
+        return NULL;
+    }
+    int32_t n = lmd_beam_search_n_hypotheses(self->search);
+    PyObject *list = PyList_New(0);
+    if (list == NULL) return NULL;
+    for (int32_t rank = 0; rank < n; rank++) {
+        int32_t length;
+        float score, logprob;
+        lmd_error err;
+        lmd_beam_search_hypothesis(self->search, rank, NULL, NULL, &length, &score, &logprob, &err);
+        npy_intp dims[1] = {length};
+        PyArrayObject *tokens = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+        PyArrayObject *lps = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_FLOAT32, 0);
+        int32_t *tokens32 = PyMem_Malloc((size_t)(length > 0 ? length : 1) * sizeof(int32_t));
+        PyObject *item = NULL;
+        if (tokens && lps && tokens32) {
+            lmd_beam_search_hypothesis(self->search, rank, tokens32, PyArray_DATA(lps), NULL, NULL,
+                                       NULL, &err);
+            for (int32_t i = 0; i < length; i++) ((int64_t *)PyArray_DATA(tokens))[i] = tokens32[i];
+            item = Py_BuildValue("(OOdd)", tokens, lps, (double)score, (double)logprob);
+        } else if (tokens32 == NULL) {
+            PyErr_NoMemory();
+        }
+        PyMem_Free(tokens32);
+        Py_XDECREF(tokens);
+        Py_XDECREF(lps);
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return list;
+}
+
+static PyObject *BeamSearch_get_done(BeamSearchObject *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->search == NULL || lmd_beam_search_done(self->search));
+}
+
+static PyObject *BeamSearch_get_length(BeamSearchObject *self, void *closure) {
+    (void)closure;
+    return PyLong_FromLong(self->search ? lmd_beam_search_length(self->search) : 0);
+}
+
+static PyMethodDef BeamSearch_methods[] = {
+    {"step", (PyCFunction)BeamSearch_step, METH_O, "Advance by one token given the beams' logits."},
+    {"hypotheses", (PyCFunction)BeamSearch_hypotheses, METH_NOARGS, "Finished hypotheses, best first."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef BeamSearch_getset[] = {
+    {"done", (getter)BeamSearch_get_done, NULL, "True once the search has ended.", NULL},
+    {"length", (getter)BeamSearch_get_length, NULL, "Tokens generated by the running beams.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject BeamSearchType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "lmdecode._core.BeamSearch",
+    .tp_basicsize = sizeof(BeamSearchObject),
+    .tp_dealloc = (destructor)BeamSearch_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Beam search state machine (transformers semantics); see search.h.",
+    .tp_methods = BeamSearch_methods,
+    .tp_getset = BeamSearch_getset,
+    .tp_init = (initproc)BeamSearch_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ------------------------------------------------------------------ */
 /* module                                                               */
 /* ------------------------------------------------------------------ */
 
@@ -466,6 +650,11 @@ PyMODINIT_FUNC PyInit__core(void) {
     import_array();
     PyObject *m = PyModule_Create(&core_module);
     if (m == NULL) return NULL;
+    if (PyType_Ready(&BeamSearchType) < 0 ||
+        PyModule_AddObjectRef(m, "BeamSearch", (PyObject *)&BeamSearchType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     /* model types are registered here */
     return m;
 }

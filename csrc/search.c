@@ -1,0 +1,368 @@
+/*
+ * search.c -- beam search state machine (see search.h).
+ *
+ * Glossary: B = num_beams, V = vocab, K = candidates kept per step,
+ * T = max_new_tokens, t = tokens generated so far.
+ *
+ * Float32 arithmetic where transformers uses it (scores, log-probs, the
+ * length normalization), so that rankings agree with it to the last bit in
+ * all but exact ties. The -1e9 penalties of transformers are reproduced too:
+ * they decide which hypotheses may finish, and a running beam that had to
+ * take a finished candidate keeps the penalized score, as in transformers.
+ */
+#include "search.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PENALTY (-1.0e9f)
+
+struct lmd_beam_search {
+    lmd_beam_config config;
+    int32_t *eos;            /* (n_eos,) */
+    int32_t n_candidates;    /* K */
+    int32_t generated;       /* t */
+    int done;
+    int improvement_possible; /* transformers' is_early_stop_heuristic_unsatisfied */
+
+    /* running beams, best first */
+    float *run_score;        /* (B,) accumulated log-prob (possibly penalized) */
+    int32_t *run_tokens;     /* (B, T) */
+    float *run_lps;          /* (B, T) log-prob of each token when it was chosen */
+
+    /* finished slots, best first */
+    float *fin_score;        /* (B,) normalized score, PENALTY-ish when empty */
+    float *fin_sum;          /* (B,) plain sum of log-probs */
+    int32_t *fin_len;        /* (B,) */
+    unsigned char *fin_done; /* (B,) */
+    int32_t *fin_tokens;     /* (B, T) */
+    float *fin_lps;          /* (B, T) */
+
+    /* per-step scratch */
+    float *cand_score;       /* (K,) accumulated score, descending */
+    float *cand_lp;          /* (K,) the new token's log-prob */
+    int32_t *cand_beam;      /* (K,) */
+    int32_t *cand_token;     /* (K,) */
+    unsigned char *cand_hits; /* (K,) ends here: EOS or length limit */
+    int32_t *order;          /* (B + K,) merge order */
+    float *merge_score;      /* (B + K,) */
+
+    /* the next step's running beams and finished slots are built here, then
+     * swapped in, so that no step reads what it has overwritten */
+    float *next_run_score;   /* (B,) */
+    int32_t *next_run_tokens; /* (B, T) */
+    float *next_run_lps;     /* (B, T) */
+    float *next_fin_score;   /* (B,) */
+    float *next_fin_sum;     /* (B,) */
+    int32_t *next_fin_len;   /* (B,) */
+    unsigned char *next_fin_done; /* (B,) */
+    int32_t *next_fin_tokens; /* (B, T) */
+    float *next_fin_lps;     /* (B, T) */
+};
+
+#define SWAP(type, a, b)   \
+    do {                   \
+        type *swap_ = (a); \
+        (a) = (b);         \
+        (b) = swap_;       \
+    } while (0)
+
+void lmd_beam_search_free(lmd_beam_search *bs) {
+    if (bs == NULL) return;
+    free(bs->eos);
+    free(bs->run_score);
+    free(bs->run_tokens);
+    free(bs->run_lps);
+    free(bs->fin_score);
+    free(bs->fin_sum);
+    free(bs->fin_len);
+    free(bs->fin_done);
+    free(bs->fin_tokens);
+    free(bs->fin_lps);
+    free(bs->cand_score);
+    free(bs->cand_lp);
+    free(bs->cand_beam);
+    free(bs->cand_token);
+    free(bs->cand_hits);
+    free(bs->order);
+    free(bs->merge_score);
+    free(bs->next_run_score);
+    free(bs->next_run_tokens);
+    free(bs->next_run_lps);
+    free(bs->next_fin_score);
+    free(bs->next_fin_sum);
+    free(bs->next_fin_len);
+    free(bs->next_fin_done);
+    free(bs->next_fin_tokens);
+    free(bs->next_fin_lps);
+    free(bs);
+}
+
+lmd_status lmd_beam_search_init(lmd_beam_search **out, const lmd_beam_config *c, lmd_error *err) {
+    *out = NULL;
+    if (c->num_beams < 1)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "beam_width (=%d) must be >= 1", (int)c->num_beams);
+    if (c->vocab < 1)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "vocab (=%d) must be >= 1", (int)c->vocab);
+    if (c->max_new_tokens < 1)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "max_new_tokens (=%d) must be >= 1",
+                        (int)c->max_new_tokens);
+    if (c->num_return_sequences < 1 || c->num_return_sequences > c->num_beams)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG,
+                        "num_return_sequences (=%d) must be in [1, beam_width (=%d)]",
+                        (int)c->num_return_sequences, (int)c->num_beams);
+    if (!isfinite(c->length_penalty))
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "length_penalty (=%g) must be finite",
+                        c->length_penalty);
+    if (c->early_stopping < LMD_EARLY_STOP_HEURISTIC || c->early_stopping > LMD_EARLY_STOP_NEVER)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "early_stopping mode (=%d) is unknown",
+                        (int)c->early_stopping);
+    if (c->n_eos < 0 || (c->n_eos > 0 && c->eos_ids == NULL))
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "eos ids are missing");
+    for (int32_t i = 0; i < c->n_eos; i++)
+        if (c->eos_ids[i] < 0 || c->eos_ids[i] >= c->vocab)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "eos_token_id (=%d) is not in [0, %d)",
+                            (int)c->eos_ids[i], (int)c->vocab);
+    int64_t keep = (int64_t)(c->n_eos + 1 > 2 ? c->n_eos + 1 : 2) * c->num_beams;
+    if (keep > (int64_t)c->num_beams * c->vocab)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG,
+                        "beam search keeps %lld candidates a step but beam_width * vocab is %lld",
+                        (long long)keep, (long long)c->num_beams * c->vocab);
+
+    lmd_beam_search *bs = calloc(1, sizeof *bs);
+    if (bs == NULL) return lmd_fail(err, LMD_ERR_NOMEM, "out of memory for beam search");
+    bs->config = *c;
+    bs->n_candidates = (int32_t)keep;
+    const size_t B = (size_t)c->num_beams, T = (size_t)c->max_new_tokens, K = (size_t)keep;
+    bs->eos = malloc((c->n_eos > 0 ? (size_t)c->n_eos : 1) * sizeof *bs->eos);
+    bs->run_score = malloc(B * sizeof(float));
+    bs->run_tokens = malloc(B * T * sizeof(int32_t));
+    bs->run_lps = malloc(B * T * sizeof(float));
+    bs->fin_score = malloc(B * sizeof(float));
+    bs->fin_sum = malloc(B * sizeof(float));
+    bs->fin_len = calloc(B, sizeof(int32_t));
+    bs->fin_done = calloc(B, 1);
+    bs->fin_tokens = calloc(B * T, sizeof(int32_t));
+    bs->fin_lps = calloc(B * T, sizeof(float));
+    bs->cand_score = malloc(K * sizeof(float));
+    bs->cand_lp = malloc(K * sizeof(float));
+    bs->cand_beam = malloc(K * sizeof(int32_t));
+    bs->cand_token = malloc(K * sizeof(int32_t));
+    bs->cand_hits = malloc(K);
+    bs->order = malloc((B + K) * sizeof(int32_t));
+    bs->merge_score = malloc((B + K) * sizeof(float));
+    bs->next_run_score = malloc(B * sizeof(float));
+    bs->next_run_tokens = malloc(B * T * sizeof(int32_t));
+    bs->next_run_lps = malloc(B * T * sizeof(float));
+    bs->next_fin_score = malloc(B * sizeof(float));
+    bs->next_fin_sum = malloc(B * sizeof(float));
+    bs->next_fin_len = calloc(B, sizeof(int32_t));
+    bs->next_fin_done = calloc(B, 1);
+    bs->next_fin_tokens = calloc(B * T, sizeof(int32_t));
+    bs->next_fin_lps = calloc(B * T, sizeof(float));
+    if (!bs->eos || !bs->run_score || !bs->run_tokens || !bs->run_lps || !bs->fin_score ||
+        !bs->fin_sum || !bs->fin_len || !bs->fin_done || !bs->fin_tokens || !bs->fin_lps ||
+        !bs->cand_score || !bs->cand_lp || !bs->cand_beam || !bs->cand_token || !bs->cand_hits ||
+        !bs->order || !bs->merge_score || !bs->next_run_score || !bs->next_run_tokens ||
+        !bs->next_run_lps || !bs->next_fin_score || !bs->next_fin_sum || !bs->next_fin_len ||
+        !bs->next_fin_done || !bs->next_fin_tokens || !bs->next_fin_lps) {
+        lmd_beam_search_free(bs);
+        return lmd_fail(err, LMD_ERR_NOMEM, "out of memory for beam search of width %d",
+                        (int)c->num_beams);
+    }
+    if (c->n_eos > 0) memcpy(bs->eos, c->eos_ids, (size_t)c->n_eos * sizeof *bs->eos);
+    bs->config.eos_ids = bs->eos;
+    /* Only the first beam starts live, so that the identical prompts of the
+     * other beams do not yield duplicate candidates (as transformers). */
+    for (size_t b = 0; b < B; b++) {
+        bs->run_score[b] = b == 0 ? 0.0f : PENALTY;
+        bs->fin_score[b] = PENALTY;
+        bs->fin_sum[b] = 0.0f;
+    }
+    bs->improvement_possible = 1;
+    *out = bs;
+    return LMD_OK;
+}
+
+int lmd_beam_search_done(const lmd_beam_search *bs) { return bs->done; }
+int32_t lmd_beam_search_length(const lmd_beam_search *bs) { return bs->generated; }
+
+static int is_eos(const lmd_beam_search *bs, int32_t token) {
+    for (int32_t i = 0; i < bs->config.n_eos; i++)
+        if (bs->eos[i] == token) return 1;
+    return 0;
+}
+
+/* Inserts (score, beam, token, lp) into the descending top-K list of n
+ * entries; a later entry displaces an equal one never (lower index first). */
+static void offer_candidate(lmd_beam_search *bs, int32_t *n, float score, int32_t beam,
+                            int32_t token, float lp) {
+    const int32_t K = bs->n_candidates;
+    int32_t pos = *n < K ? *n : K - 1;
+    if (*n == K && !(score > bs->cand_score[K - 1])) return;
+    while (pos > 0 && score > bs->cand_score[pos - 1]) {
+        bs->cand_score[pos] = bs->cand_score[pos - 1];
+        bs->cand_beam[pos] = bs->cand_beam[pos - 1];
+        bs->cand_token[pos] = bs->cand_token[pos - 1];
+        bs->cand_lp[pos] = bs->cand_lp[pos - 1];
+        pos--;
+    }
+    bs->cand_score[pos] = score;
+    bs->cand_beam[pos] = beam;
+    bs->cand_token[pos] = token;
+    bs->cand_lp[pos] = lp;
+    if (*n < K) (*n)++;
+}
+
+/* Stable order of n scores, descending, into idx (insertion sort: n <= B + K is small). */
+static void argsort_descending(const float *score, int32_t n, int32_t *idx) {
+    for (int32_t i = 0; i < n; i++) {
+        int32_t j = i;
+        while (j > 0 && score[i] > score[idx[j - 1]]) {
+            idx[j] = idx[j - 1];
+            j--;
+        }
+        idx[j] = i;
+    }
+}
+
+lmd_status lmd_beam_search_step(lmd_beam_search *bs, const float *logits, int32_t *parents,
+                                int32_t *tokens, lmd_error *err) {
+    const lmd_beam_config *c = &bs->config;
+    const int32_t B = c->num_beams, V = c->vocab, T = c->max_new_tokens, K = bs->n_candidates;
+    const int32_t t = bs->generated;
+    if (bs->done) return lmd_fail(err, LMD_ERR_INVALID_ARG, "the beam search has already ended");
+    for (int64_t i = 0; i < (int64_t)B * V; i++)
+        if (isnan(logits[i]) || logits[i] == INFINITY)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "logits of beam %d, token %d is %s",
+                            (int)(i / V), (int)(i % V), isnan(logits[i]) ? "NaN" : "+inf");
+
+    /* 1. the K best (beam, token) continuations by accumulated log-prob */
+    int32_t n = 0;
+    for (int32_t b = 0; b < B; b++) {
+        const float *row = logits + (int64_t)b * V;
+        float max = -INFINITY;
+        for (int32_t v = 0; v < V; v++) max = row[v] > max ? row[v] : max;
+        if (max == -INFINITY)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "every logit of beam %d is -inf", (int)b);
+        double sum = 0.0;
+        for (int32_t v = 0; v < V; v++) sum += exp((double)(row[v] - max));
+        const float log_sum = (float)log(sum);
+        for (int32_t v = 0; v < V; v++) {
+            float lp = (row[v] - max) - log_sum; /* log_softmax, as torch computes it */
+            offer_candidate(bs, &n, lp + bs->run_score[b], b, v, lp);
+        }
+    }
+    int all_hit = 1;
+    for (int32_t k = 0; k < K; k++) {
+        bs->cand_hits[k] = (unsigned char)(is_eos(bs, bs->cand_token[k]) || t + 1 >= T);
+        all_hit &= bs->cand_hits[k];
+    }
+
+    /* 2. the B best candidates that did not end run on (penalized ones fill in if needed) */
+    for (int32_t k = 0; k < K; k++)
+        bs->merge_score[k] = bs->cand_score[k] + (bs->cand_hits[k] ? PENALTY : 0.0f);
+    argsort_descending(bs->merge_score, K, bs->order);
+    for (int32_t j = 0; j < B; j++) {
+        int32_t k = bs->order[j];
+        int32_t parent = bs->cand_beam[k];
+        int32_t *dst_tokens = bs->next_run_tokens + (int64_t)j * T;
+        float *dst_lps = bs->next_run_lps + (int64_t)j * T;
+        memcpy(dst_tokens, bs->run_tokens + (int64_t)parent * T, (size_t)t * sizeof(int32_t));
+        memcpy(dst_lps, bs->run_lps + (int64_t)parent * T, (size_t)t * sizeof(float));
+        dst_tokens[t] = bs->cand_token[k];
+        dst_lps[t] = bs->cand_lp[k];
+        bs->next_run_score[j] = bs->merge_score[k];
+        parents[j] = parent;
+        tokens[j] = bs->cand_token[k];
+    }
+
+    /* 3. finished hypotheses: candidates among the first B that ended compete
+     *    with the finished slots, ranked by sum / (t + 1)^length_penalty */
+    int all_finished = 1;
+    for (int32_t b = 0; b < B; b++) all_finished &= bs->fin_done[b];
+    const float normalizer = (float)pow((double)(t + 1), c->length_penalty);
+    for (int32_t b = 0; b < B; b++) bs->merge_score[b] = bs->fin_score[b];
+    for (int32_t k = 0; k < K; k++) {
+        float score = bs->cand_score[k] / normalizer;
+        if (all_finished && c->early_stopping == LMD_EARLY_STOP_TRUE) score += PENALTY;
+        if (!bs->improvement_possible) score += PENALTY;
+        if (!(bs->cand_hits[k] && k < B)) score += PENALTY;
+        bs->merge_score[B + k] = score;
+    }
+    argsort_descending(bs->merge_score, B + K, bs->order);
+    for (int32_t j = 0; j < B; j++) {
+        int32_t m = bs->order[j];
+        int32_t *dst_tokens = bs->next_fin_tokens + (int64_t)j * T;
+        float *dst_lps = bs->next_fin_lps + (int64_t)j * T;
+        bs->next_fin_score[j] = bs->merge_score[m];
+        if (m < B) { /* an existing slot moves */
+            bs->next_fin_sum[j] = bs->fin_sum[m];
+            bs->next_fin_len[j] = bs->fin_len[m];
+            bs->next_fin_done[j] = bs->fin_done[m];
+            memcpy(dst_tokens, bs->fin_tokens + (int64_t)m * T, (size_t)T * sizeof(int32_t));
+            memcpy(dst_lps, bs->fin_lps + (int64_t)m * T, (size_t)T * sizeof(float));
+        } else { /* a candidate: its parent's history plus the new token */
+            int32_t k = m - B, parent = bs->cand_beam[k];
+            bs->next_fin_sum[j] = bs->cand_score[k];
+            bs->next_fin_len[j] = t + 1;
+            bs->next_fin_done[j] = (unsigned char)(bs->cand_hits[k] && k < B);
+            memcpy(dst_tokens, bs->run_tokens + (int64_t)parent * T, (size_t)t * sizeof(int32_t));
+            memcpy(dst_lps, bs->run_lps + (int64_t)parent * T, (size_t)t * sizeof(float));
+            dst_tokens[t] = bs->cand_token[k];
+            dst_lps[t] = bs->cand_lp[k];
+        }
+    }
+    SWAP(float, bs->run_score, bs->next_run_score);
+    SWAP(int32_t, bs->run_tokens, bs->next_run_tokens);
+    SWAP(float, bs->run_lps, bs->next_run_lps);
+    SWAP(float, bs->fin_score, bs->next_fin_score);
+    SWAP(float, bs->fin_sum, bs->next_fin_sum);
+    SWAP(int32_t, bs->fin_len, bs->next_fin_len);
+    SWAP(unsigned char, bs->fin_done, bs->next_fin_done);
+    SWAP(int32_t, bs->fin_tokens, bs->next_fin_tokens);
+    SWAP(float, bs->fin_lps, bs->next_fin_lps);
+    bs->generated = t + 1;
+
+    /* 4. can a running beam still beat the worst finished one? */
+    int32_t best_length = bs->generated;
+    if (c->early_stopping == LMD_EARLY_STOP_NEVER && c->length_penalty > 0.0) best_length = T;
+    const float best_possible = bs->run_score[0] / (float)pow((double)best_length, c->length_penalty);
+    float worst_slot = bs->fin_score[0];
+    for (int32_t b = 1; b < B; b++) worst_slot = bs->fin_score[b] < worst_slot ? bs->fin_score[b] : worst_slot;
+    int can_improve = 0;
+    all_finished = 1;
+    for (int32_t b = 0; b < B; b++) {
+        float worst = bs->fin_done[b] ? worst_slot : PENALTY;
+        can_improve |= best_possible > worst;
+        all_finished &= bs->fin_done[b];
+    }
+    bs->improvement_possible &= can_improve;
+    bs->done = !bs->improvement_possible ||
+               (all_finished && c->early_stopping == LMD_EARLY_STOP_TRUE) || all_hit;
+    return LMD_OK;
+}
+
+int32_t lmd_beam_search_n_hypotheses(const lmd_beam_search *bs) {
+    int32_t n = 0;
+    while (n < bs->config.num_return_sequences && bs->fin_done[n]) n++;
+    return n;
+}
+
+lmd_status lmd_beam_search_hypothesis(const lmd_beam_search *bs, int32_t rank, int32_t *tokens,
+                                      float *token_logprobs, int32_t *length, float *score,
+                                      float *logprob, lmd_error *err) {
+    int32_t available = lmd_beam_search_n_hypotheses(bs);
+    if (rank < 0 || rank >= available)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "hypothesis rank (=%d) must be in [0, %d)",
+                        (int)rank, (int)available);
+    const int64_t T = bs->config.max_new_tokens;
+    int32_t len = bs->fin_len[rank];
+    if (tokens) memcpy(tokens, bs->fin_tokens + rank * T, (size_t)len * sizeof(int32_t));
+    if (token_logprobs) memcpy(token_logprobs, bs->fin_lps + rank * T, (size_t)len * sizeof(float));
+    if (length) *length = len;
+    if (score) *score = bs->fin_score[rank];
+    if (logprob) *logprob = bs->fin_sum[rank];
+    return LMD_OK;
+}

@@ -1,0 +1,110 @@
+"""Beam search over any model: lmdecode models or a step function.
+
+``beam_search(step_fn, prompt, ...)`` reproduces Hugging Face transformers'
+``generate(num_beams=..., do_sample=False)``: hypotheses are ranked by
+``sum of log-probabilities / L ** length_penalty`` with ``L`` the number of
+generated tokens including the EOS, and ``early_stopping`` is True, False or
+``"never"`` with transformers' meaning. The search itself runs in C
+(``_core.BeamSearch``); this module only feeds it logits.
+"""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["Hypothesis", "beam_search"]
+
+_EARLY_STOPPING = {False: 0, True: 1, "never": 2}
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One finished beam: its new tokens (EOS included when it ended on one)."""
+
+    tokens: list[int]
+    logprob: float  # sum of the tokens' log-probabilities
+    score: float  # logprob / len(tokens) ** length_penalty, the ranking key
+    token_logprobs: list[float] = field(repr=False)
+    text: str | None = None
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} (={value}) must be >= {low}")
+    return int(value)
+
+
+def _eos_ids(eos_token_id: Any) -> list[int]:
+    if eos_token_id is None:
+        return []
+    ids = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else list(eos_token_id)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    return [int(i) for i in ids]
+
+
+def beam_search(
+    step_fn: Callable[[np.ndarray], Any],
+    prompt: Sequence[int],
+    *,
+    beam_width: int = 4,
+    max_new_tokens: int = 64,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    num_return_sequences: int = 1,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> list[Hypothesis]:
+    """Beam search driven by ``step_fn(tokens: int64 array) -> (V,) logits``.
+
+    Returns up to ``num_return_sequences`` finished hypotheses, best first.
+    Equal beams are evaluated once per step (all beams hold the prompt at the
+    first step).
+    """
+    beam_width = _check_int("beam_width", beam_width, 1)
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
+    num_return_sequences = _check_int("num_return_sequences", num_return_sequences, 1)
+    if num_return_sequences > beam_width:
+        raise ValueError(f"num_return_sequences (={num_return_sequences}) must be <= beam_width (={beam_width})")
+    if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
+        raise ValueError(f"early_stopping (={early_stopping!r}) must be True, False or 'never'")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) or not np.isfinite(length_penalty):
+        raise ValueError(f"length_penalty (={length_penalty!r}) must be a finite number")
+    prompt_ids = [int(t) for t in np.asarray(prompt, dtype=np.int64).reshape(-1)]
+
+    cache: dict[tuple[int, ...], np.ndarray] = {}
+
+    def logits_of(seq: tuple[int, ...]) -> np.ndarray:
+        if seq not in cache:
+            row = np.asarray(step_fn(np.array(prompt_ids + list(seq), dtype=np.int64)), dtype=np.float32)
+            if row.ndim != 1:
+                raise ValueError(f"step_fn must return a 1-D array of logits, got shape {row.shape}")
+            cache[seq] = row
+        return cache[seq]
+
+    first = logits_of(())
+    search = _core.BeamSearch(
+        beam_width, first.shape[0], max_new_tokens, num_return_sequences, float(length_penalty),
+        _EARLY_STOPPING[early_stopping], _eos_ids(eos_token_id),
+    )
+    beams: list[tuple[int, ...]] = [()] * beam_width
+    while not search.done:
+        rows = [logits_of(seq) for seq in beams]
+        if any(r.shape != first.shape for r in rows):
+            raise ValueError("step_fn returned logits of different lengths")
+        parents, tokens = search.step(np.stack(rows))
+        beams = [beams[p] + (int(t),) for p, t in zip(parents, tokens)]
+        live = set(beams)
+        cache = {k: v for k, v in cache.items() if k in live}
+    return [
+        Hypothesis(tokens=[int(t) for t in toks], logprob=float(logprob), score=float(score), token_logprobs=[float(x) for x in lps])
+        for toks, lps, score, logprob in search.hypotheses()
+    ]

@@ -1,0 +1,191 @@
+"""Beam search: the seeds' worked example, brute force on a tiny vocabulary,
+and transformers' generate(num_beams=...) as the oracle."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+import lmdecode as ld
+from lmdecode.search import beam_search
+
+
+def log_softmax(z):
+    z = np.asarray(z, dtype=np.float64)
+    m = z.max()
+    return z - m - np.log(np.exp(z - m).sum())
+
+
+# ----------------------------------------------------------------------------
+# the seeds' b=2 example
+# ----------------------------------------------------------------------------
+
+A, B, C, EOS = 0, 1, 2, 3
+
+
+def seeds_step(tokens):
+    """Step 1: p(A)=0.5, p(B)=0.3; after A: p(A)=0.6, p(B)=0.2; after B: p(C)=0.4, p(<eos>)=0.3."""
+    generated = tuple(int(t) for t in tokens[1:])  # tokens[0] is the prompt
+    table = {
+        (): [0.5, 0.3, 0.1, 0.1],
+        (A,): [0.6, 0.2, 0.1, 0.1],
+        (B,): [0.15, 0.15, 0.4, 0.3],
+    }
+    return np.log(np.array(table.get(generated, [0.25] * 4), dtype=np.float32))
+
+
+def test_seeds_worked_example_top_two_beams():
+    hyps = beam_search(seeds_step, [7], beam_width=2, max_new_tokens=2, length_penalty=0.0, num_return_sequences=2, eos_token_id=EOS)
+    assert [h.tokens for h in hyps] == [[A, A], [B, C]]
+    assert hyps[0].score == pytest.approx(-1.204, abs=1e-3)  # log 0.5 + log 0.6
+    assert hyps[1].score == pytest.approx(-2.120, abs=1e-3)  # log 0.3 + log 0.4
+    assert hyps[0].token_logprobs == pytest.approx([math.log(0.5), math.log(0.6)], abs=1e-6)
+    # B <eos> (-2.408) is the third finished hypothesis, not returned
+
+
+# ----------------------------------------------------------------------------
+# brute force: a beam as wide as all sequences finds the exact argmax
+# ----------------------------------------------------------------------------
+
+
+def hashed_step(vocab, seed):
+    def step(tokens):
+        rng = np.random.default_rng([seed] + [int(t) for t in tokens])
+        return (rng.standard_normal(vocab) * 2.0).astype(np.float32)
+
+    return step
+
+
+def brute_force(step, prompt, vocab, max_new, eos, length_penalty):
+    """Every sequence that ends with EOS or reaches max_new, scored as transformers ranks them."""
+    results = []
+
+    def extend(seq, total):
+        lp = log_softmax(step(np.array(prompt + seq)))
+        for tok in range(vocab):
+            new_seq, new_total = seq + [tok], total + lp[tok]
+            if tok == eos or len(new_seq) == max_new:
+                results.append((new_total / len(new_seq) ** length_penalty, new_seq))
+            else:
+                extend(new_seq, new_total)
+
+    extend([], 0.0)
+    return sorted(results, key=lambda r: -r[0])
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
+def test_full_width_beam_equals_brute_force(length_penalty):
+    vocab, max_new, eos = 3, 4, 2
+    step = hashed_step(vocab, seed=11)
+    exact = brute_force(step, [0], vocab, max_new, eos, length_penalty)
+    width = len(exact)  # every sequence fits in the beam
+    hyps = beam_search(step, [0], beam_width=width, max_new_tokens=max_new, length_penalty=length_penalty, early_stopping="never", num_return_sequences=5, eos_token_id=eos)
+    assert [h.tokens for h in hyps] == [seq for _, seq in exact[:5]]
+    np.testing.assert_allclose([h.score for h in hyps], [s for s, _ in exact[:5]], rtol=1e-5)
+    for h in hyps:
+        assert h.logprob == pytest.approx(sum(h.token_logprobs), abs=1e-5)
+        assert h.score == pytest.approx(h.logprob / len(h.tokens) ** length_penalty, rel=1e-5)
+
+
+def test_width_one_is_greedy_without_eos():
+    vocab = 5
+    step = hashed_step(vocab, seed=3)
+    hyps = beam_search(step, [1, 2], beam_width=1, max_new_tokens=6)
+    seq = [1, 2]
+    for _ in range(6):
+        seq.append(int(np.argmax(step(np.array(seq)))))
+    assert hyps[0].tokens == seq[2:]
+
+
+def test_bad_arguments():
+    step = hashed_step(4, seed=0)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        beam_search(step, [0], beam_width=2, num_return_sequences=3)
+    with pytest.raises(ValueError, match="early_stopping"):
+        beam_search(step, [0], early_stopping="sometimes")
+    with pytest.raises(ValueError, match="beam_width"):
+        beam_search(step, [0], beam_width=0)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        beam_search(step, [0], eos_token_id=9)
+    with pytest.raises(ValueError, match="NaN"):
+        beam_search(lambda t: np.full(4, np.nan), [0])
+    with pytest.raises(TypeError, match="max_new_tokens"):
+        beam_search(step, [0], max_new_tokens=2.5)
+
+
+# ----------------------------------------------------------------------------
+# the transformers oracle
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from oracle import require_transformers
+
+    torch, transformers = require_transformers()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    eos = 7
+    rng = np.random.default_rng(0)
+    prompts = torch.from_numpy(rng.integers(0, config.vocab_size, size=(16, 8)))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # sharpen the distribution so that beams differ
+        # Point the EOS row of the head along the mean final hidden state, scaled so
+        # that EOS gets about 15% of the mass on average: hypotheses then end early.
+        hidden = model.model(prompts).last_hidden_state.mean(dim=(0, 1))
+        direction = hidden / hidden.norm() ** 2
+        for scale in np.linspace(0.0, 20.0, 81):
+            model.lm_head.weight[eos] = float(scale) * direction
+            p_eos = torch.softmax(model(prompts).logits, -1)[..., eos].mean().item()
+            if p_eos >= 0.15:
+                break
+    return torch, model, eos
+
+
+def hf_step(torch, model):
+    def step(tokens):
+        with torch.no_grad():
+            return model(torch.from_numpy(np.asarray(tokens).reshape(1, -1))).logits[0, -1].float().numpy()
+
+    return step
+
+
+CASES = [
+    (width, lp, es, nrs)
+    for width, lp, es, nrs in itertools.product([2, 3, 5], [0.0, 0.6, 1.0, 2.0], [False, True, "never"], [1, 2])
+    if nrs <= width
+]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("width,length_penalty,early_stopping,num_return", CASES)
+def test_matches_transformers_generate(hf_model, width, length_penalty, early_stopping, num_return):
+    torch, model, eos = hf_model
+    prompt = [5, 17, 3, 29]
+    max_new = 10
+    out = model.generate(
+        torch.tensor([prompt]), num_beams=width, do_sample=False, max_new_tokens=max_new, length_penalty=length_penalty,
+        early_stopping=early_stopping, num_return_sequences=num_return, eos_token_id=eos, pad_token_id=eos,
+        output_scores=True, return_dict_in_generate=True,
+    )
+    hyps = beam_search(hf_step(torch, model), prompt, beam_width=width, max_new_tokens=max_new, length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=num_return, eos_token_id=eos)
+    assert len(hyps) == num_return
+    for h, seq, score in zip(hyps, out.sequences.numpy(), out.sequences_scores.numpy()):
+        generated = seq[len(prompt):]
+        assert list(generated[: len(h.tokens)]) == h.tokens
+        assert all(t == eos for t in generated[len(h.tokens):])  # padding after a short hypothesis
+        assert h.score == pytest.approx(float(score), abs=1e-4)
+
+
+@pytest.mark.oracle
+def test_oracle_cases_exercise_eos(hf_model):
+    """The chosen EOS must actually end some hypotheses early, or the oracle test proves little."""
+    torch, model, eos = hf_model
+    hyps = beam_search(hf_step(torch, model), [5, 17, 3, 29], beam_width=5, max_new_tokens=10, length_penalty=0.0, num_return_sequences=5, eos_token_id=eos)
+    assert any(h.tokens[-1] == eos and len(h.tokens) < 10 for h in hyps)
