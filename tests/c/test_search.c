@@ -1,0 +1,75 @@
+/* test_search.c -- the beam search state machine on the seeds' worked
+ * example and on bad input, under the sanitizers. */
+#include "search.h"
+#include "test_util.h"
+
+static void fill_log(float *row, const double *p, int n) {
+    for (int i = 0; i < n; i++) row[i] = (float)log(p[i]);
+}
+
+/* vocabulary {A, B, C, <eos>}, b = 2 (the seeds' example) */
+static void test_seeds_example(void) {
+    const int32_t eos = 3;
+    lmd_beam_config c = {2, 4, 2, 2, 0.0, LMD_EARLY_STOP_HEURISTIC, &eos, 1};
+    lmd_beam_search *bs;
+    lmd_error err;
+    CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
+    float logits[8];
+    int32_t parents[2], tokens[2];
+    const double step1[4] = {0.5, 0.3, 0.1, 0.1};
+    fill_log(logits, step1, 4);
+    fill_log(logits + 4, step1, 4);
+    CHECK(lmd_beam_search_step(bs, logits, parents, tokens, &err) == LMD_OK);
+    CHECK(parents[0] == 0 && tokens[0] == 0 && parents[1] == 0 && tokens[1] == 1);
+    const double after_a[4] = {0.6, 0.2, 0.1, 0.1}, after_b[4] = {0.15, 0.15, 0.4, 0.3};
+    fill_log(logits, after_a, 4);
+    fill_log(logits + 4, after_b, 4);
+    CHECK(lmd_beam_search_step(bs, logits, parents, tokens, &err) == LMD_OK);
+    CHECK(lmd_beam_search_done(bs));
+    CHECK(lmd_beam_search_n_hypotheses(bs) == 2);
+    int32_t seq[2], len;
+    float score, sum, lps[2];
+    CHECK(lmd_beam_search_hypothesis(bs, 0, seq, lps, &len, &score, &sum, &err) == LMD_OK);
+    CHECK(len == 2 && seq[0] == 0 && seq[1] == 0);
+    CHECK_CLOSE(score, log(0.5) + log(0.6), 1e-6);
+    CHECK(lmd_beam_search_hypothesis(bs, 1, seq, lps, &len, &score, &sum, &err) == LMD_OK);
+    CHECK(len == 2 && seq[0] == 1 && seq[1] == 2);
+    CHECK_CLOSE(score, log(0.3) + log(0.4), 1e-6);
+    /* stepping after the end is an error that changes nothing */
+    CHECK(lmd_beam_search_step(bs, logits, parents, tokens, &err) == LMD_ERR_INVALID_ARG);
+    CHECK(lmd_beam_search_hypothesis(bs, 2, seq, lps, &len, &score, &sum, &err) ==
+          LMD_ERR_INVALID_ARG);
+    lmd_beam_search_free(bs);
+}
+
+static void test_bad_config_and_logits(void) {
+    lmd_beam_search *bs = NULL;
+    lmd_error err;
+    const int32_t eos = 9;
+    lmd_beam_config c = {2, 4, 3, 3, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0};
+    CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "num_return_sequences");
+    c.num_return_sequences = 1;
+    c.eos_ids = &eos;
+    c.n_eos = 1;
+    CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "eos_token_id (=9)");
+    c.n_eos = 0;
+    c.vocab = 1; /* 2 beams keep 4 candidates, but only 2 exist */
+    CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_ERR_INVALID_ARG);
+    c.vocab = 4;
+    CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
+    float logits[8] = {0, 1, 2, 3, 0, 1, NAN, 3};
+    int32_t parents[2], tokens[2];
+    CHECK(lmd_beam_search_step(bs, logits, parents, tokens, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "beam 1, token 2 is NaN");
+    CHECK(lmd_beam_search_length(bs) == 0);
+    lmd_beam_search_free(bs);
+    lmd_beam_search_free(NULL);
+}
+
+int main(void) {
+    test_seeds_example();
+    test_bad_config_and_logits();
+    return test_report("test_search");
+}
