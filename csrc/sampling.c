@@ -25,7 +25,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "rng.h"
 #include "vec.h"
 
 #ifdef _OPENMP
@@ -946,9 +945,9 @@ lmd_status lmd_sample_row(lmd_sampler *s, const lmd_sampling_params *p, const lm
 lmd_status lmd_sample_rows(lmd_sampler *const *samplers, int n_samplers,
                            const lmd_sampling_params *params, int32_t n_params,
                            const lmd_row_inputs *inputs, const float *logits, int64_t row_stride,
-                           int32_t n_rows, int32_t vocab, const uint64_t *seeds, uint64_t stream,
-                           uint64_t step, float *out_logprobs, int32_t *out_tokens,
-                           float *out_token_logprobs, int32_t *failed_row, lmd_error *err) {
+                           int32_t n_rows, int32_t vocab, const double *coins,
+                           float *out_logprobs, int32_t *out_tokens, float *out_token_logprobs,
+                           int32_t *failed_row, lmd_error *err) {
     if (failed_row) *failed_row = -1;
     if (samplers == NULL || n_samplers < 1)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "at least one sampler is needed");
@@ -980,7 +979,7 @@ lmd_status lmd_sample_rows(lmd_sampler *const *samplers, int n_samplers,
         thread = omp_get_thread_num();
 #endif
         lmd_error row_err;
-        double coin = seeds ? lmd_rng_uniform(seeds[r], stream, step, 0) : -1.0;
+        double coin = coins ? coins[r] : -1.0;
         lmd_status st = lmd_sample_row(
             samplers[thread], &params[n_params == 1 ? 0 : r], inputs ? &inputs[r] : NULL,
             logits + (int64_t)r * row_stride, vocab, coin,

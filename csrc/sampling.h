@@ -103,8 +103,8 @@ lmd_status lmd_sample_row(lmd_sampler *s, const lmd_sampling_params *params,
  * Processes n_rows rows, in parallel when that pays (the result never depends
  * on it). samplers: n_samplers scratch objects of capacity >= vocab; row r uses
  * samplers[thread]. params: n_params entries, 1 (shared) or n_rows. inputs: NULL
- * or n_rows entries. seeds: NULL (no draw) or n_rows seeds; row r's coin is
- * lmd_rng_uniform(seeds[r], stream, step, 0). Outputs as in lmd_sample_row with
+ * or n_rows entries. coins: NULL (no draw) or n_rows coins in [0, 1), e.g.
+ * lmd_rng_uniform(seed, stream, step, 0). Outputs as in lmd_sample_row with
  * row strides vocab (out_logprobs) and 1 (out_tokens, out_token_logprobs).
  * On error, err holds the message of the lowest failing row and *failed_row
  * (if non-NULL) its index; otherwise *failed_row is -1.
@@ -112,9 +112,8 @@ lmd_status lmd_sample_row(lmd_sampler *s, const lmd_sampling_params *params,
 lmd_status lmd_sample_rows(lmd_sampler *const *samplers, int n_samplers,
                            const lmd_sampling_params *params, int32_t n_params,
                            const lmd_row_inputs *inputs, const float *logits, int64_t row_stride,
-                           int32_t n_rows, int32_t vocab, const uint64_t *seeds,
-                           uint64_t stream, uint64_t step, float *out_logprobs,
-                           int32_t *out_tokens, float *out_token_logprobs, int32_t *failed_row,
-                           lmd_error *err);
+                           int32_t n_rows, int32_t vocab, const double *coins,
+                           float *out_logprobs, int32_t *out_tokens, float *out_token_logprobs,
+                           int32_t *failed_row, lmd_error *err);
 
 #endif /* LMD_SAMPLING_H */

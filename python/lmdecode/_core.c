@@ -233,6 +233,7 @@ static PyObject *py_sample_rows(PyObject *self, PyObject *args, PyObject *kwargs
                   *banned_off = NULL, *seeds = NULL;
     PyArrayObject *out_logprobs = NULL, *out_tokens = NULL, *out_token_logprobs = NULL;
     int32_t *tokens32 = NULL;
+    double *coins = NULL;
     lmd_sampling_params *row_params = NULL;
     lmd_row_inputs *row_inputs = NULL;
     sampler_set *set = NULL;
@@ -354,6 +355,15 @@ static PyObject *py_sample_rows(PyObject *self, PyObject *args, PyObject *kwargs
             goto fail;
         }
     }
+    if (seeds) {
+        coins = PyMem_Malloc((size_t)(n_rows > 0 ? n_rows : 1) * sizeof *coins);
+        if (coins == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        const uint64_t *seed = PyArray_DATA(seeds);
+        for (npy_intp r = 0; r < n_rows; r++) coins[r] = lmd_rng_uniform(seed[r], stream, step, 0);
+    }
     set = sampler_set_acquire(lmd_get_num_threads(), (int32_t)vocab);
     if (set == NULL) goto fail;
 
@@ -362,8 +372,7 @@ static PyObject *py_sample_rows(PyObject *self, PyObject *args, PyObject *kwargs
     lmd_status st;
     Py_BEGIN_ALLOW_THREADS;
     st = lmd_sample_rows(set->samplers, set->n, row_params, (int32_t)n_params, row_inputs,
-                         PyArray_DATA(logits), (int64_t)vocab, (int32_t)n_rows, (int32_t)vocab,
-                         seeds ? PyArray_DATA(seeds) : NULL, stream, step,
+                         PyArray_DATA(logits), (int64_t)vocab, (int32_t)n_rows, (int32_t)vocab, coins,
                          out_logprobs ? PyArray_DATA(out_logprobs) : NULL,
                          want_tokens ? tokens32 : NULL,
                          want_tokens ? PyArray_DATA(out_token_logprobs) : NULL, &failed_row, &err);
@@ -390,6 +399,7 @@ static PyObject *py_sample_rows(PyObject *self, PyObject *args, PyObject *kwargs
 fail:
     if (set) sampler_set_release(set);
     PyMem_Free(tokens32);
+    PyMem_Free(coins);
     PyMem_Free(row_params);
     PyMem_Free(row_inputs);
     Py_XDECREF(out_logprobs);

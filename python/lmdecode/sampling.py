@@ -21,8 +21,9 @@ order, with the semantics of the systems users already know:
    ``min_tokens_to_keep`` best tokens always survive).
 
 Random draws are reproducible: row ``r`` uses the coin
-``rng_uniform(seed[r], 0, step)`` (Philox4x32-10, see ``rng_uniform``), so a
-row's token depends only on its logits, its seed and ``step``.
+``rng_uniform(seed[r], stream, step)`` (Philox4x32-10, see ``rng_uniform``;
+``stream`` defaults to 0), so a row's token depends only on its logits, its
+seed, the stream and ``step``.
 """
 from __future__ import annotations
 
@@ -402,14 +403,14 @@ def _seeds(seed: Any, n_rows: int) -> np.ndarray:
     raise TypeError(f"seed must be None, an int or one int per row, got {seed!r}")
 
 
-def _run(logits: Any, params: SamplingParams, row_inputs: dict[str, Any], *, seeds: np.ndarray | None, step: int, want_logprobs: bool, want_tokens: bool):
+def _run(logits: Any, params: SamplingParams, row_inputs: dict[str, Any], *, seeds: np.ndarray | None, step: int, want_logprobs: bool, want_tokens: bool, stream: int = 0):
     rows, one_row = _as_logits(logits)
     n_rows = rows.shape[0]
     args = params._core_arguments(n_rows, row_inputs)
     if seeds is not None:
         args["seeds"] = seeds
     try:
-        out = _core.sample_rows(rows, step=step, want_logprobs=want_logprobs, want_tokens=want_tokens, **args)
+        out = _core.sample_rows(rows, step=step, stream=stream, want_logprobs=want_logprobs, want_tokens=want_tokens, **args)
     except ValueError as exc:
         message = str(exc)
         if one_row and message.startswith("row 0: "):
@@ -442,6 +443,7 @@ def sample(
     *,
     seed: Any = None,
     step: int = 0,
+    stream: int = 0,
     return_logprobs: bool = False,
     **keywords: Any,
 ):
@@ -451,12 +453,15 @@ def sample(
     logits; with ``return_logprobs=True`` also the chosen tokens' float32
     log-probabilities under the processed distribution. ``seed`` is None (fresh
     randomness), an int shared by all rows, or one int per row; rows with the
-    same seed, step and logits draw the same token.
+    same seed, step and logits draw the same token. Row ``r``'s coin is
+    ``rng_uniform(seed[r], stream, step)``; ``generate()`` gives its k-th
+    sequence stream k.
     """
     p, row_inputs = _params_for(params, keywords)
     step = _check_u64("step", step)
+    stream = _check_u64("stream", stream)
     rows = np.shape(logits)[0] if np.ndim(logits) == 2 else 1
-    (_, tokens, token_logprobs), one_row = _run(logits, p, row_inputs, seeds=_seeds(seed, rows), step=step, want_logprobs=False, want_tokens=True)
+    (_, tokens, token_logprobs), one_row = _run(logits, p, row_inputs, seeds=_seeds(seed, rows), step=step, stream=stream, want_logprobs=False, want_tokens=True)
     if one_row:
         tokens, token_logprobs = tokens[0], token_logprobs[0]
     return (tokens, token_logprobs) if return_logprobs else tokens

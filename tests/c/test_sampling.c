@@ -327,28 +327,28 @@ static void test_rows_parallel_equals_serial(void) {
     float *z = malloc(sizeof(float) * rows * vocab);
     for (int64_t i = 0; i < (int64_t)rows * vocab; i++) z[i] = (float)(uniform01() * 6.0);
     lmd_sampling_params params[24];
-    uint64_t seeds[24];
+    double coins[24];
     for (int r = 0; r < rows; r++) {
         lmd_sampling_params_default(&params[r]);
         params[r].top_p = 0.5 + 0.02 * r;
         params[r].top_k = r % 3 == 0 ? 40 : 0;
-        seeds[r] = (uint64_t)r * 977;
+        coins[r] = lmd_rng_uniform((uint64_t)r * 977, 0, 3, 0);
     }
     int32_t serial[24], parallel[24];
     float serial_lp[24], parallel_lp[24];
     lmd_error err;
     int32_t failed;
     lmd_set_num_threads(1);
-    CHECK(lmd_sample_rows(pool, 1, params, rows, NULL, z, vocab, rows, vocab, seeds, 0, 3, NULL,
+    CHECK(lmd_sample_rows(pool, 1, params, rows, NULL, z, vocab, rows, vocab, coins, NULL,
                           serial, serial_lp, &failed, &err) == LMD_OK);
     lmd_set_num_threads(2);
-    CHECK(lmd_sample_rows(pool, 2, params, rows, NULL, z, vocab, rows, vocab, seeds, 0, 3, NULL,
+    CHECK(lmd_sample_rows(pool, 2, params, rows, NULL, z, vocab, rows, vocab, coins, NULL,
                           parallel, parallel_lp, &failed, &err) == LMD_OK);
     lmd_set_num_threads(0);
     for (int r = 0; r < rows; r++) CHECK(serial[r] == parallel[r] && serial_lp[r] == parallel_lp[r]);
     /* the failing row is reported: row 5 has a NaN */
     z[5 * vocab + 3] = NAN;
-    CHECK(lmd_sample_rows(pool, 2, params, rows, NULL, z, vocab, rows, vocab, seeds, 0, 3, NULL,
+    CHECK(lmd_sample_rows(pool, 2, params, rows, NULL, z, vocab, rows, vocab, coins, NULL,
                           parallel, parallel_lp, &failed, &err) == LMD_ERR_INVALID_ARG);
     CHECK(failed == 5);
     CHECK_MSG_CONTAINS(err, "logits[3] is NaN");
