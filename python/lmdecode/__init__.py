@@ -8,15 +8,19 @@ Samplers over external logits::
 """
 from . import _core
 from .sampling import SamplingParams, greedy, log_softmax, process_logits, rng_uniform, sample
+from .generation import Generation, GenerationChunk, generate
 from .search import Hypothesis, beam_search
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Generation",
+    "GenerationChunk",
     "Hypothesis",
     "SamplingParams",
     "beam_search",
     "build_info",
+    "generate",
     "get_num_threads",
     "greedy",
     "log_softmax",

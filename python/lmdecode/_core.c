@@ -18,6 +18,7 @@
 #include "rng.h"
 #include "sampling.h"
 #include "search.h"
+#include "generate.h"
 
 /* ------------------------------------------------------------------ */
 /* status -> exception                                                  */
@@ -203,6 +204,116 @@ static void params_from_row(const double *row, lmd_sampling_params *p) {
     p->min_tokens_to_keep = saturate_int32(row[11]);
 }
 
+/* params (R, 12) float64 -> R lmd_sampling_params (PyMem); R must be 1 or n_rows. */
+static lmd_sampling_params *params_from_table(PyArrayObject *table, npy_intp n_rows,
+                                              npy_intp *n_params) {
+    *n_params = PyArray_DIM(table, 0);
+    if (PyArray_DIM(table, 1) != N_PARAM_COLUMNS || (*n_params != 1 && *n_params != n_rows)) {
+        PyErr_Format(PyExc_ValueError, "params must have shape (1, %d) or (%zd, %d)",
+                     N_PARAM_COLUMNS, (Py_ssize_t)n_rows, N_PARAM_COLUMNS);
+        return NULL;
+    }
+    lmd_sampling_params *out = PyMem_Malloc((size_t)*n_params * sizeof *out);
+    if (out == NULL) return (lmd_sampling_params *)PyErr_NoMemory();
+    for (npy_intp r = 0; r < *n_params; r++)
+        params_from_row((const double *)PyArray_GETPTR2(table, r, 0), &out[r]);
+    return out;
+}
+
+/* The per-row token lists of the sampling chain, as the Python layer hands them over. */
+enum {
+    ROW_CONTEXT, ROW_CONTEXT_OFFSETS, ROW_PROMPT_LEN, ROW_BIAS_IDS, ROW_BIAS_VALUES,
+    ROW_BIAS_OFFSETS, ROW_ALLOWED_IDS, ROW_ALLOWED_OFFSETS, ROW_ALLOWED_ROWS, ROW_BANNED_IDS,
+    ROW_BANNED_OFFSETS, N_ROW_ARRAYS
+};
+static const char *const row_array_names[N_ROW_ARRAYS] = {
+    "context", "context_offsets", "prompt_len", "bias_ids", "bias_values", "bias_offsets",
+    "allowed_ids", "allowed_offsets", "allowed_rows", "banned_ids", "banned_offsets"};
+static const int row_array_types[N_ROW_ARRAYS] = {
+    NPY_INT32, NPY_INT64, NPY_INT32, NPY_INT32, NPY_FLOAT32, NPY_INT64,
+    NPY_INT32, NPY_INT64, NPY_BOOL,  NPY_INT32, NPY_INT64};
+
+static void release_row_arrays(PyArrayObject **arrays) {
+    for (int i = 0; i < N_ROW_ARRAYS; i++) Py_CLEAR(arrays[i]);
+}
+
+/* Converts and checks the row-input objects (None allowed) for n_rows rows. */
+static int convert_row_arrays(PyObject *const *objects, npy_intp n_rows, PyArrayObject **arrays) {
+    for (int i = 0; i < N_ROW_ARRAYS; i++)
+        if (as_array(objects[i], row_array_types[i], 1, row_array_names[i], &arrays[i])) return -1;
+    PyArrayObject **a = arrays;
+    if ((a[ROW_CONTEXT] && !a[ROW_CONTEXT_OFFSETS]) ||
+        (a[ROW_BIAS_IDS] && (!a[ROW_BIAS_VALUES] || !a[ROW_BIAS_OFFSETS])) ||
+        (a[ROW_ALLOWED_IDS] && (!a[ROW_ALLOWED_OFFSETS] || !a[ROW_ALLOWED_ROWS])) ||
+        (a[ROW_BANNED_IDS] && !a[ROW_BANNED_OFFSETS])) {
+        PyErr_SetString(PyExc_ValueError, "token-id lists need their offsets");
+        return -1;
+    }
+    if (check_offsets(a[ROW_CONTEXT_OFFSETS], a[ROW_CONTEXT], n_rows, "context") ||
+        check_offsets(a[ROW_BIAS_OFFSETS], a[ROW_BIAS_IDS], n_rows, "bias") ||
+        check_offsets(a[ROW_ALLOWED_OFFSETS], a[ROW_ALLOWED_IDS], n_rows, "allowed") ||
+        check_offsets(a[ROW_BANNED_OFFSETS], a[ROW_BANNED_IDS], n_rows, "banned"))
+        return -1;
+    if (a[ROW_BIAS_IDS] && PyArray_DIM(a[ROW_BIAS_VALUES], 0) != PyArray_DIM(a[ROW_BIAS_IDS], 0)) {
+        PyErr_SetString(PyExc_ValueError, "bias_values must match bias_ids in length");
+        return -1;
+    }
+    if ((a[ROW_PROMPT_LEN] && PyArray_DIM(a[ROW_PROMPT_LEN], 0) != n_rows) ||
+        (a[ROW_ALLOWED_ROWS] && PyArray_DIM(a[ROW_ALLOWED_ROWS], 0) != n_rows)) {
+        PyErr_Format(PyExc_ValueError, "prompt_len and allowed_rows must have %zd entries",
+                     (Py_ssize_t)n_rows);
+        return -1;
+    }
+    return 0;
+}
+
+/* n_rows lmd_row_inputs pointing into the arrays (PyMem), or NULL with *none set
+ * when no array is present (or on error, with an exception). */
+static lmd_row_inputs *build_row_inputs(PyArrayObject *const *a, npy_intp n_rows, int *none) {
+    *none = 1;
+    for (int i = 0; i < N_ROW_ARRAYS; i++)
+        if (a[i]) *none = 0;
+    if (*none) return NULL;
+    lmd_row_inputs *rows = PyMem_Calloc((size_t)(n_rows > 0 ? n_rows : 1), sizeof *rows);
+    if (rows == NULL) return (lmd_row_inputs *)PyErr_NoMemory();
+    for (npy_intp r = 0; r < n_rows; r++) {
+        lmd_row_inputs *in = &rows[r];
+        in->n_allowed = -1;
+        if (a[ROW_CONTEXT]) {
+            const int64_t *off = PyArray_DATA(a[ROW_CONTEXT_OFFSETS]);
+            in->context = (const int32_t *)PyArray_DATA(a[ROW_CONTEXT]) + off[r];
+            in->context_len = (int32_t)(off[r + 1] - off[r]);
+        }
+        if (a[ROW_PROMPT_LEN]) in->prompt_len = ((const int32_t *)PyArray_DATA(a[ROW_PROMPT_LEN]))[r];
+        if (a[ROW_BIAS_IDS]) {
+            const int64_t *off = PyArray_DATA(a[ROW_BIAS_OFFSETS]);
+            in->bias_ids = (const int32_t *)PyArray_DATA(a[ROW_BIAS_IDS]) + off[r];
+            in->bias_values = (const float *)PyArray_DATA(a[ROW_BIAS_VALUES]) + off[r];
+            in->n_bias = (int32_t)(off[r + 1] - off[r]);
+        }
+        if (a[ROW_ALLOWED_IDS] && ((const npy_bool *)PyArray_DATA(a[ROW_ALLOWED_ROWS]))[r]) {
+            const int64_t *off = PyArray_DATA(a[ROW_ALLOWED_OFFSETS]);
+            in->allowed = (const int32_t *)PyArray_DATA(a[ROW_ALLOWED_IDS]) + off[r];
+            in->n_allowed = (int32_t)(off[r + 1] - off[r]);
+        }
+        if (a[ROW_BANNED_IDS]) {
+            const int64_t *off = PyArray_DATA(a[ROW_BANNED_OFFSETS]);
+            in->banned = (const int32_t *)PyArray_DATA(a[ROW_BANNED_IDS]) + off[r];
+            in->n_banned = (int32_t)(off[r + 1] - off[r]);
+        }
+    }
+    return rows;
+}
+
+/* Raises the core's error, naming the row (or sequence) it came from. */
+static PyObject *raise_row_status(lmd_status st, const lmd_error *err, int32_t row,
+                                  const char *what) {
+    if (row < 0) return raise_status(st, err);
+    lmd_error prefixed;
+    snprintf(prefixed.msg, sizeof prefixed.msg, "%s %d: %.200s", what, (int)row, err->msg);
+    return raise_status(st, &prefixed);
+}
+
 /*
  * sample_rows(logits (B, V) float32, params (R, 12) float64 with R in {1, B}, *,
  *             context, context_offsets, prompt_len, bias_ids, bias_values, bias_offsets,
@@ -219,18 +330,13 @@ static PyObject *py_sample_rows(PyObject *self, PyObject *args, PyObject *kwargs
                              "bias_ids", "bias_values", "bias_offsets", "allowed_ids",
                              "allowed_offsets", "allowed_rows", "banned_ids", "banned_offsets",
                              "seeds", "stream", "step", "want_logprobs", "want_tokens", NULL};
-    PyObject *logits_obj, *params_obj, *context_obj = Py_None, *context_off_obj = Py_None,
-                                       *prompt_obj = Py_None, *bias_ids_obj = Py_None,
-                                       *bias_val_obj = Py_None, *bias_off_obj = Py_None,
-                                       *allowed_obj = Py_None, *allowed_off_obj = Py_None,
-                                       *allowed_rows_obj = Py_None, *banned_obj = Py_None,
-                                       *banned_off_obj = Py_None, *seeds_obj = Py_None;
+    PyObject *logits_obj, *params_obj, *seeds_obj = Py_None;
+    PyObject *row_objects[N_ROW_ARRAYS];
+    for (int i = 0; i < N_ROW_ARRAYS; i++) row_objects[i] = Py_None;
     unsigned long long stream = 0, step = 0;
     int want_logprobs = 0, want_tokens = 1;
-    PyArrayObject *logits = NULL, *params = NULL, *context = NULL, *context_off = NULL,
-                  *prompt = NULL, *bias_ids = NULL, *bias_val = NULL, *bias_off = NULL,
-                  *allowed = NULL, *allowed_off = NULL, *allowed_rows = NULL, *banned = NULL,
-                  *banned_off = NULL, *seeds = NULL;
+    PyArrayObject *logits = NULL, *params = NULL, *seeds = NULL;
+    PyArrayObject *row_arrays[N_ROW_ARRAYS] = {NULL};
     PyArrayObject *out_logprobs = NULL, *out_tokens = NULL, *out_token_logprobs = NULL;
     int32_t *tokens32 = NULL;
     double *coins = NULL;
@@ -239,105 +345,38 @@ static PyObject *py_sample_rows(PyObject *self, PyObject *args, PyObject *kwargs
     sampler_set *set = NULL;
     PyObject *result = NULL;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$OOOOOOOOOOOOKKpp", kwlist, &logits_obj,
-                                     &params_obj, &context_obj, &context_off_obj, &prompt_obj,
-                                     &bias_ids_obj, &bias_val_obj, &bias_off_obj, &allowed_obj,
-                                     &allowed_off_obj, &allowed_rows_obj, &banned_obj,
-                                     &banned_off_obj, &seeds_obj, &stream, &step, &want_logprobs,
-                                     &want_tokens))
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, "OO|$OOOOOOOOOOOOKKpp", kwlist, &logits_obj, &params_obj,
+            &row_objects[ROW_CONTEXT], &row_objects[ROW_CONTEXT_OFFSETS],
+            &row_objects[ROW_PROMPT_LEN], &row_objects[ROW_BIAS_IDS], &row_objects[ROW_BIAS_VALUES],
+            &row_objects[ROW_BIAS_OFFSETS], &row_objects[ROW_ALLOWED_IDS],
+            &row_objects[ROW_ALLOWED_OFFSETS], &row_objects[ROW_ALLOWED_ROWS],
+            &row_objects[ROW_BANNED_IDS], &row_objects[ROW_BANNED_OFFSETS], &seeds_obj, &stream,
+            &step, &want_logprobs, &want_tokens))
         return NULL;
     if (as_array(logits_obj, NPY_FLOAT32, 2, "logits", &logits) ||
         as_array(params_obj, NPY_FLOAT64, 2, "params", &params) ||
-        as_array(context_obj, NPY_INT32, 1, "context", &context) ||
-        as_array(context_off_obj, NPY_INT64, 1, "context_offsets", &context_off) ||
-        as_array(prompt_obj, NPY_INT32, 1, "prompt_len", &prompt) ||
-        as_array(bias_ids_obj, NPY_INT32, 1, "bias_ids", &bias_ids) ||
-        as_array(bias_val_obj, NPY_FLOAT32, 1, "bias_values", &bias_val) ||
-        as_array(bias_off_obj, NPY_INT64, 1, "bias_offsets", &bias_off) ||
-        as_array(allowed_obj, NPY_INT32, 1, "allowed_ids", &allowed) ||
-        as_array(allowed_off_obj, NPY_INT64, 1, "allowed_offsets", &allowed_off) ||
-        as_array(allowed_rows_obj, NPY_BOOL, 1, "allowed_rows", &allowed_rows) ||
-        as_array(banned_obj, NPY_INT32, 1, "banned_ids", &banned) ||
-        as_array(banned_off_obj, NPY_INT64, 1, "banned_offsets", &banned_off) ||
         as_array(seeds_obj, NPY_UINT64, 1, "seeds", &seeds))
         goto fail;
-
-    npy_intp n_rows = PyArray_DIM(logits, 0), vocab = PyArray_DIM(logits, 1);
+    if (logits == NULL || params == NULL) {
+        PyErr_SetString(PyExc_TypeError, "logits and params must not be None");
+        goto fail;
+    }
+    npy_intp n_rows = PyArray_DIM(logits, 0), vocab = PyArray_DIM(logits, 1), n_params;
     if (vocab < 1 || vocab > INT32_MAX || n_rows > INT32_MAX) {
         PyErr_Format(PyExc_ValueError, "logits must have between 1 and %d columns, got %zd",
                      INT32_MAX, (Py_ssize_t)vocab);
         goto fail;
     }
-    npy_intp n_params = PyArray_DIM(params, 0);
-    if (PyArray_DIM(params, 1) != N_PARAM_COLUMNS || (n_params != 1 && n_params != n_rows)) {
-        PyErr_Format(PyExc_ValueError, "params must have shape (1, %d) or (%zd, %d)",
-                     N_PARAM_COLUMNS, (Py_ssize_t)n_rows, N_PARAM_COLUMNS);
+    if (seeds && PyArray_DIM(seeds, 0) != n_rows) {
+        PyErr_Format(PyExc_ValueError, "seeds must have %zd entries", (Py_ssize_t)n_rows);
         goto fail;
     }
-    if ((context && !context_off) || (bias_ids && (!bias_val || !bias_off)) ||
-        (allowed && (!allowed_off || !allowed_rows)) || (banned && !banned_off)) {
-        PyErr_SetString(PyExc_ValueError, "token-id lists need their offsets");
-        goto fail;
-    }
-    if (check_offsets(context_off, context, n_rows, "context") ||
-        check_offsets(bias_off, bias_ids, n_rows, "bias") ||
-        check_offsets(allowed_off, allowed, n_rows, "allowed") ||
-        check_offsets(banned_off, banned, n_rows, "banned"))
-        goto fail;
-    if (bias_ids && PyArray_DIM(bias_val, 0) != PyArray_DIM(bias_ids, 0)) {
-        PyErr_SetString(PyExc_ValueError, "bias_values must match bias_ids in length");
-        goto fail;
-    }
-    if ((prompt && PyArray_DIM(prompt, 0) != n_rows) ||
-        (allowed_rows && PyArray_DIM(allowed_rows, 0) != n_rows) ||
-        (seeds && PyArray_DIM(seeds, 0) != n_rows)) {
-        PyErr_Format(PyExc_ValueError, "prompt_len, allowed_rows and seeds must have %zd entries",
-                     (Py_ssize_t)n_rows);
-        goto fail;
-    }
-
-    row_params = PyMem_Malloc((size_t)n_params * sizeof *row_params);
-    if (row_params == NULL) {
-        PyErr_NoMemory();
-        goto fail;
-    }
-    for (npy_intp r = 0; r < n_params; r++)
-        params_from_row((const double *)PyArray_GETPTR2(params, r, 0), &row_params[r]);
-
-    int any_inputs = context || prompt || bias_ids || allowed || banned;
-    if (any_inputs) {
-        row_inputs = PyMem_Calloc((size_t)(n_rows > 0 ? n_rows : 1), sizeof *row_inputs);
-        if (row_inputs == NULL) {
-            PyErr_NoMemory();
-            goto fail;
-        }
-        for (npy_intp r = 0; r < n_rows; r++) {
-            lmd_row_inputs *in = &row_inputs[r];
-            in->n_allowed = -1;
-            if (context) {
-                const int64_t *off = PyArray_DATA(context_off);
-                in->context = (const int32_t *)PyArray_DATA(context) + off[r];
-                in->context_len = (int32_t)(off[r + 1] - off[r]);
-            }
-            if (prompt) in->prompt_len = ((const int32_t *)PyArray_DATA(prompt))[r];
-            if (bias_ids) {
-                const int64_t *off = PyArray_DATA(bias_off);
-                in->bias_ids = (const int32_t *)PyArray_DATA(bias_ids) + off[r];
-                in->bias_values = (const float *)PyArray_DATA(bias_val) + off[r];
-                in->n_bias = (int32_t)(off[r + 1] - off[r]);
-            }
-            if (allowed && ((const npy_bool *)PyArray_DATA(allowed_rows))[r]) {
-                const int64_t *off = PyArray_DATA(allowed_off);
-                in->allowed = (const int32_t *)PyArray_DATA(allowed) + off[r];
-                in->n_allowed = (int32_t)(off[r + 1] - off[r]);
-            }
-            if (banned) {
-                const int64_t *off = PyArray_DATA(banned_off);
-                in->banned = (const int32_t *)PyArray_DATA(banned) + off[r];
-                in->n_banned = (int32_t)(off[r + 1] - off[r]);
-            }
-        }
-    }
+    if (convert_row_arrays(row_objects, n_rows, row_arrays)) goto fail;
+    if ((row_params = params_from_table(params, n_rows, &n_params)) == NULL) goto fail;
+    int no_inputs;
+    row_inputs = build_row_inputs(row_arrays, n_rows, &no_inputs);
+    if (row_inputs == NULL && !no_inputs) goto fail;
 
     if (want_logprobs) {
         npy_intp dims[2] = {n_rows, vocab};
@@ -380,13 +419,7 @@ static PyObject *py_sample_rows(PyObject *self, PyObject *args, PyObject *kwargs
     sampler_set_release(set);
     set = NULL;
     if (st != LMD_OK) {
-        if (failed_row >= 0) {
-            lmd_error prefixed;
-            snprintf(prefixed.msg, sizeof prefixed.msg, "row %d: %.200s", (int)failed_row, err.msg);
-            raise_status(st, &prefixed);
-        } else {
-            raise_status(st, &err);
-        }
+        raise_row_status(st, &err, failed_row, "row");
         goto fail;
     }
     if (want_tokens) {
@@ -407,18 +440,8 @@ fail:
     Py_XDECREF(out_token_logprobs);
     Py_XDECREF(logits);
     Py_XDECREF(params);
-    Py_XDECREF(context);
-    Py_XDECREF(context_off);
-    Py_XDECREF(prompt);
-    Py_XDECREF(bias_ids);
-    Py_XDECREF(bias_val);
-    Py_XDECREF(bias_off);
-    Py_XDECREF(allowed);
-    Py_XDECREF(allowed_off);
-    Py_XDECREF(allowed_rows);
-    Py_XDECREF(banned);
-    Py_XDECREF(banned_off);
     Py_XDECREF(seeds);
+    release_row_arrays(row_arrays);
     return result;
 }
 
@@ -635,6 +658,273 @@ static PyTypeObject BeamSearchType = {
 };
 
 /* ------------------------------------------------------------------ */
+/* generator binding                                                    */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    lmd_generator *gen;
+    int32_t vocab, n_seqs, n_top;
+    PyThread_type_lock lock; /* keeps two Python threads off one generator */
+} GeneratorObject;
+
+static void Generator_dealloc(GeneratorObject *self) {
+    lmd_generator_free(self->gen);
+    if (self->lock) PyThread_free_lock(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/*
+ * Generator(vocab, params (R, 12), seed, prompts int32, prompt_offsets int64 (n + 1,), *,
+ *           max_new_tokens, min_new_tokens=0, stop_ids=None, stop_bytes=None,
+ *           stop_offsets=None, token_bytes=None, token_offsets=None, n_top_logprobs=0,
+ *           bias_ids..., allowed..., banned... (as sample_rows, one row per sequence))
+ */
+static int Generator_init(GeneratorObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"vocab", "params", "seed", "prompts", "prompt_offsets",
+                             "max_new_tokens", "min_new_tokens", "stop_ids", "stop_bytes",
+                             "stop_offsets", "token_bytes", "token_offsets", "n_top_logprobs",
+                             "bias_ids", "bias_values", "bias_offsets", "allowed_ids",
+                             "allowed_offsets", "allowed_rows", "banned_ids", "banned_offsets", NULL};
+    int vocab, max_new = 0, min_new = 0, n_top = 0;
+    unsigned long long seed;
+    PyObject *params_obj, *prompts_obj, *prompt_off_obj, *stop_ids_obj = Py_None,
+             *stop_bytes_obj = Py_None, *stop_off_obj = Py_None, *token_bytes_obj = Py_None,
+             *token_off_obj = Py_None;
+    PyObject *row_objects[N_ROW_ARRAYS];
+    for (int i = 0; i < N_ROW_ARRAYS; i++) row_objects[i] = Py_None;
+    PyArrayObject *params = NULL, *prompts = NULL, *prompt_off = NULL, *stop_ids = NULL,
+                  *stop_bytes = NULL, *stop_off = NULL, *token_bytes = NULL, *token_off = NULL;
+    PyArrayObject *row_arrays[N_ROW_ARRAYS] = {NULL};
+    lmd_sampling_params *row_params = NULL;
+    lmd_row_inputs *constraints = NULL;
+    int status = -1;
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, "iOKOO|$iiOOOOOiOOOOOOOO", kwlist, &vocab, &params_obj, &seed,
+            &prompts_obj, &prompt_off_obj, &max_new, &min_new, &stop_ids_obj, &stop_bytes_obj,
+            &stop_off_obj, &token_bytes_obj, &token_off_obj, &n_top, &row_objects[ROW_BIAS_IDS],
+            &row_objects[ROW_BIAS_VALUES], &row_objects[ROW_BIAS_OFFSETS],
+            &row_objects[ROW_ALLOWED_IDS], &row_objects[ROW_ALLOWED_OFFSETS],
+            &row_objects[ROW_ALLOWED_ROWS], &row_objects[ROW_BANNED_IDS],
+            &row_objects[ROW_BANNED_OFFSETS]))
+        return -1;
+    if (as_array(params_obj, NPY_FLOAT64, 2, "params", &params) ||
+        as_array(prompts_obj, NPY_INT32, 1, "prompts", &prompts) ||
+        as_array(prompt_off_obj, NPY_INT64, 1, "prompt_offsets", &prompt_off) ||
+        as_array(stop_ids_obj, NPY_INT32, 1, "stop_ids", &stop_ids) ||
+        as_array(stop_bytes_obj, NPY_UINT8, 1, "stop_bytes", &stop_bytes) ||
+        as_array(stop_off_obj, NPY_INT64, 1, "stop_offsets", &stop_off) ||
+        as_array(token_bytes_obj, NPY_UINT8, 1, "token_bytes", &token_bytes) ||
+        as_array(token_off_obj, NPY_INT64, 1, "token_offsets", &token_off))
+        goto done;
+    if (params == NULL || prompts == NULL || prompt_off == NULL || PyArray_DIM(prompt_off, 0) < 2) {
+        PyErr_SetString(PyExc_ValueError, "params, prompts and prompt_offsets are required");
+        goto done;
+    }
+    npy_intp n_seqs = PyArray_DIM(prompt_off, 0) - 1, n_params;
+    if (check_offsets(prompt_off, prompts, n_seqs, "prompt") ||
+        check_offsets(stop_off, stop_bytes, stop_off ? PyArray_DIM(stop_off, 0) - 1 : 0, "stop") ||
+        check_offsets(token_off, token_bytes, token_off ? PyArray_DIM(token_off, 0) - 1 : 0, "token"))
+        goto done;
+    if (token_off && PyArray_DIM(token_off, 0) != (npy_intp)vocab + 1) {
+        PyErr_Format(PyExc_ValueError, "token_offsets must have vocab + 1 (=%d) entries", vocab + 1);
+        goto done;
+    }
+    if (convert_row_arrays(row_objects, n_seqs, row_arrays)) goto done;
+    if ((row_params = params_from_table(params, n_seqs, &n_params)) == NULL) goto done;
+    int no_constraints;
+    constraints = build_row_inputs(row_arrays, n_seqs, &no_constraints);
+    if (constraints == NULL && !no_constraints) goto done;
+    lmd_generate_config config = {
+        .n_seqs = (int32_t)n_seqs, .vocab = vocab, .max_new_tokens = max_new,
+        .min_new_tokens = min_new, .params = row_params, .n_params = (int32_t)n_params,
+        .seed = seed, .prompts = PyArray_DATA(prompts), .prompt_offsets = PyArray_DATA(prompt_off),
+        .constraints = constraints,
+        .stop_ids = stop_ids ? PyArray_DATA(stop_ids) : NULL,
+        .n_stop_ids = stop_ids ? (int32_t)PyArray_DIM(stop_ids, 0) : 0,
+        .stop_strings = stop_bytes ? PyArray_DATA(stop_bytes) : NULL,
+        .stop_offsets = stop_off ? PyArray_DATA(stop_off) : NULL,
+        .n_stop_strings = stop_off ? (int32_t)PyArray_DIM(stop_off, 0) - 1 : 0,
+        .token_bytes = token_bytes ? PyArray_DATA(token_bytes) : NULL,
+        .token_offsets = token_off ? PyArray_DATA(token_off) : NULL,
+        .n_top_logprobs = n_top};
+    lmd_error err;
+    lmd_generator *gen = NULL;
+    lmd_status st = lmd_generator_init(&gen, &config, &err);
+    if (st != LMD_OK) {
+        raise_status(st, &err);
+        goto done;
+    }
+    lmd_generator_free(self->gen);
+    self->gen = gen;
+    self->vocab = vocab;
+    self->n_seqs = (int32_t)n_seqs;
+    self->n_top = n_top;
+    if (self->lock == NULL && (self->lock = PyThread_allocate_lock()) == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    status = 0;
+done:
+    PyMem_Free(row_params);
+    PyMem_Free(constraints);
+    Py_XDECREF(params);
+    Py_XDECREF(prompts);
+    Py_XDECREF(prompt_off);
+    Py_XDECREF(stop_ids);
+    Py_XDECREF(stop_bytes);
+    Py_XDECREF(stop_off);
+    Py_XDECREF(token_bytes);
+    Py_XDECREF(token_off);
+    release_row_arrays(row_arrays);
+    return status;
+}
+
+static int generator_ready(GeneratorObject *self) {
+    if (self->gen == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Generator is not initialized");
+        return 0;
+    }
+    return 1;
+}
+
+/* running() -> int64 array of the sequences that still need logits, ascending */
+static PyObject *Generator_running(GeneratorObject *self, PyObject *noargs) {
+    (void)noargs;
+    if (!generator_ready(self)) return NULL;
+    npy_intp dims[1] = {lmd_generator_running(self->gen, NULL)};
+    PyArrayObject *out = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+    int32_t *ids = PyMem_Malloc((size_t)(self->n_seqs) * sizeof *ids);
+    if (out == NULL || ids == NULL) {
+        Py_XDECREF(out);
+        PyMem_Free(ids);
+        return out == NULL ? NULL : PyErr_NoMemory();
+    }
+    lmd_generator_running(self->gen, ids);
+    for (npy_intp i = 0; i < dims[0]; i++) ((int64_t *)PyArray_DATA(out))[i] = ids[i];
+    PyMem_Free(ids);
+    return (PyObject *)out;
+}
+
+/* step(logits (n_running, vocab) float32) -> tokens int64 (n_running,) */
+static PyObject *Generator_step(GeneratorObject *self, PyObject *arg) {
+    PyArrayObject *logits = NULL, *tokens = NULL;
+    int32_t *tokens32 = NULL;
+    sampler_set *set = NULL;
+    PyObject *result = NULL;
+    if (!generator_ready(self)) return NULL;
+    int32_t running = lmd_generator_running(self->gen, NULL);
+    if (as_array(arg, NPY_FLOAT32, 2, "logits", &logits)) return NULL;
+    if (logits == NULL || PyArray_DIM(logits, 0) != running || PyArray_DIM(logits, 1) != self->vocab) {
+        PyErr_Format(PyExc_ValueError, "logits must have shape (%d, %d): one row per running sequence",
+                     (int)running, (int)self->vocab);
+        goto fail;
+    }
+    npy_intp dims[1] = {running};
+    tokens = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+    tokens32 = PyMem_Malloc((size_t)(running > 0 ? running : 1) * sizeof *tokens32);
+    if (tokens == NULL) goto fail;
+    if (tokens32 == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    if ((set = sampler_set_acquire(lmd_get_num_threads(), self->vocab)) == NULL) goto fail;
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        PyErr_SetString(PyExc_RuntimeError, "this Generator is in use by another thread");
+        goto fail;
+    }
+    lmd_error err;
+    lmd_status st;
+    Py_BEGIN_ALLOW_THREADS;
+    st = lmd_generator_step(self->gen, set->samplers, set->n, PyArray_DATA(logits), tokens32, &err);
+    Py_END_ALLOW_THREADS;
+    PyThread_release_lock(self->lock);
+    if (st != LMD_OK) {
+        raise_status(st, &err);
+        goto fail;
+    }
+    for (int32_t i = 0; i < running; i++) ((int64_t *)PyArray_DATA(tokens))[i] = tokens32[i];
+    result = (PyObject *)tokens;
+    tokens = NULL;
+fail:
+    if (set) sampler_set_release(set);
+    PyMem_Free(tokens32);
+    Py_XDECREF(logits);
+    Py_XDECREF(tokens);
+    return result;
+}
+
+/* result(k) -> (all tokens int64 (prompt + generated), prompt length, token_logprobs float32 (t,),
+ *               top_ids int64 (t, n_top), top_logprobs float32 (t, n_top),
+ *               finish reason None/"stop"/"length", stop string byte offset or -1) */
+static PyObject *Generator_result(GeneratorObject *self, PyObject *arg) {
+    if (!generator_ready(self)) return NULL;
+    long k = PyLong_AsLong(arg);
+    if (k == -1 && PyErr_Occurred()) return NULL;
+    if (k < 0 || k >= self->n_seqs) {
+        PyErr_Format(PyExc_IndexError, "sequence (=%ld) must be in [0, %d)", k, (int)self->n_seqs);
+        return NULL;
+    }
+    int32_t length, t = lmd_generator_generated(self->gen, (int32_t)k);
+    const int32_t *all = lmd_generator_tokens(self->gen, (int32_t)k, &length);
+    npy_intp dims_all[1] = {length}, dims_t[1] = {t}, dims_top[2] = {t, self->n_top};
+    PyArrayObject *tokens = (PyArrayObject *)PyArray_EMPTY(1, dims_all, NPY_INT64, 0);
+    PyArrayObject *lps = (PyArrayObject *)PyArray_EMPTY(1, dims_t, NPY_FLOAT32, 0);
+    PyArrayObject *top_ids = (PyArrayObject *)PyArray_EMPTY(2, dims_top, NPY_INT64, 0);
+    PyArrayObject *top_lps = (PyArrayObject *)PyArray_EMPTY(2, dims_top, NPY_FLOAT32, 0);
+    PyObject *result = NULL;
+    if (tokens && lps && top_ids && top_lps) {
+        for (int32_t i = 0; i < length; i++) ((int64_t *)PyArray_DATA(tokens))[i] = all[i];
+        memcpy(PyArray_DATA(lps), lmd_generator_token_logprobs(self->gen, (int32_t)k),
+               (size_t)t * sizeof(float));
+        const int32_t *ids = lmd_generator_top_ids(self->gen, (int32_t)k);
+        for (int64_t i = 0; i < (int64_t)t * self->n_top; i++)
+            ((int64_t *)PyArray_DATA(top_ids))[i] = ids[i];
+        memcpy(PyArray_DATA(top_lps), lmd_generator_top_logprobs(self->gen, (int32_t)k),
+               (size_t)t * self->n_top * sizeof(float));
+        lmd_finish_reason reason = lmd_generator_finish_reason(self->gen, (int32_t)k);
+        const char *name = reason == LMD_FINISH_STOP ? "stop" : reason == LMD_FINISH_LENGTH ? "length" : NULL;
+        result = Py_BuildValue("(OiOOOzL)", tokens, (int)lmd_generator_prompt_length(self->gen, (int32_t)k),
+                               lps, top_ids, top_lps, name,
+                               (long long)lmd_generator_stop_offset(self->gen, (int32_t)k));
+    }
+    Py_XDECREF(tokens);
+    Py_XDECREF(lps);
+    Py_XDECREF(top_ids);
+    Py_XDECREF(top_lps);
+    return result;
+}
+
+static PyObject *Generator_get_done(GeneratorObject *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->gen == NULL || lmd_generator_running(self->gen, NULL) == 0);
+}
+
+static PyMethodDef Generator_methods[] = {
+    {"running", (PyCFunction)Generator_running, METH_NOARGS, "Sequences that still need logits."},
+    {"step", (PyCFunction)Generator_step, METH_O, "Append one sampled token to every running sequence."},
+    {"result", (PyCFunction)Generator_result, METH_O, "Tokens, log-probs and finish reason of one sequence."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Generator_getset[] = {
+    {"done", (getter)Generator_get_done, NULL, "True once every sequence has finished.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject GeneratorType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "lmdecode._core.Generator",
+    .tp_basicsize = sizeof(GeneratorObject),
+    .tp_dealloc = (destructor)Generator_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Sampling-loop state machine (see generate.h).",
+    .tp_methods = Generator_methods,
+    .tp_getset = Generator_getset,
+    .tp_init = (initproc)Generator_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ------------------------------------------------------------------ */
 /* module                                                               */
 /* ------------------------------------------------------------------ */
 
@@ -662,6 +952,11 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (m == NULL) return NULL;
     if (PyType_Ready(&BeamSearchType) < 0 ||
         PyModule_AddObjectRef(m, "BeamSearch", (PyObject *)&BeamSearchType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyType_Ready(&GeneratorType) < 0 ||
+        PyModule_AddObjectRef(m, "Generator", (PyObject *)&GeneratorType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

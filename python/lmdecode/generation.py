@@ -1,0 +1,287 @@
+"""generate(): the sampling loop over lmdecode models or any step function.
+
+The loop's state machine (stops, budgets, seeds, log-probs) is C
+(``_core.Generator``, see csrc/generate.h); lmdecode models run the whole loop
+in C, a step function is called from here once per running sequence per step.
+
+Sequence ``k`` (prompts in order, ``n`` samples each) draws its token at step
+``t`` with the coin ``rng_uniform(seed, k, t)``, so
+``ld.sample(logits, seed=seed, stream=k, step=t, context=..., prompt_len=...,
+**sampling)`` on the same logits reproduces it. Reported log-probabilities
+(``token_logprobs``, ``top_logprobs``) are those of the model's own
+distribution (log-softmax of the raw logits), as vLLM reports by default; the
+sampling chain only decides which token is drawn.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from . import _core
+from .sampling import KEYWORDS, SamplingParams, _params_for, _row_input_arguments
+
+__all__ = ["Generation", "GenerationChunk", "generate"]
+
+
+class TokenizerLike(Protocol):
+    bos_id: int | None
+    eos_id: int | None
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def token_bytes(self, token: int) -> bytes: ...
+
+
+@dataclass
+class Generation:
+    """One generated sequence."""
+
+    tokens: list[int]  # the new tokens, a final stop token included
+    text: str | None  # their text without a final stop token or stop string (None without a tokenizer)
+    token_logprobs: list[float] = field(repr=False)  # model log-prob of each new token
+    top_logprobs: list[dict[int, float]] = field(repr=False)  # the `logprobs` most likely tokens per step
+    finish_reason: str  # "stop" (stop token or string) or "length"
+    prompt_tokens: list[int] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """What stream=True yields: one new token of sequence `index` and its new text."""
+
+    index: int
+    token: int
+    text: str
+
+
+# ----------------------------------------------------------------------------
+# arguments
+# ----------------------------------------------------------------------------
+
+
+def _check_count(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} (={value}) must be >= {low}")
+    return int(value)
+
+
+def _prompts(prompt: Any, tokenizer: TokenizerLike | None) -> tuple[list[list[int]], bool]:
+    """Token-id prompts and whether a single prompt was given."""
+
+    def one(p: Any) -> list[int]:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise TypeError("a text prompt needs a model with a tokenizer (or tokenizer=...)")
+            return list(tokenizer.encode(p, add_bos=True))
+        arr = np.asarray(p)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise TypeError(f"a prompt must be a str or a sequence of token ids, got {p!r:.80}")
+        return [int(t) for t in arr]
+
+    if isinstance(prompt, str) or (isinstance(prompt, np.ndarray) and prompt.ndim == 1):
+        return [one(prompt)], True
+    if isinstance(prompt, Sequence) and len(prompt) and all(isinstance(p, numbers.Integral) for p in prompt):
+        return [one(prompt)], True
+    if isinstance(prompt, (Sequence, np.ndarray)) and len(prompt):
+        return [one(p) for p in prompt], False
+    raise TypeError(f"prompt must be a str, a sequence of token ids, or a non-empty list of those, got {prompt!r:.80}")
+
+
+def _stop_ids(stop_token_ids: Any, default_eos: int | None) -> np.ndarray:
+    ids = [] if default_eos is None else [default_eos]
+    if stop_token_ids is not None:
+        extra = [stop_token_ids] if isinstance(stop_token_ids, numbers.Integral) else list(stop_token_ids)
+        for t in extra:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise TypeError(f"stop_token_ids must be ints, got {stop_token_ids!r}")
+        ids += [int(t) for t in extra]
+    return np.array(sorted(set(ids)), dtype=np.int32)
+
+
+def _stop_strings(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    strings = [stop] if isinstance(stop, str) else list(stop)
+    for s in strings:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return strings
+
+
+def _token_byte_table(tokenizer: TokenizerLike, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR bytes of every token (cached on the tokenizer object)."""
+    cached = getattr(tokenizer, "_lmdecode_byte_table", None)
+    if cached is not None and cached[1].shape[0] == vocab + 1:
+        return cached
+    pieces = [tokenizer.token_bytes(i) for i in range(vocab)]
+    offsets = np.zeros(vocab + 1, dtype=np.int64)
+    np.cumsum([len(p) for p in pieces], out=offsets[1:])
+    table = (np.frombuffer(b"".join(pieces), dtype=np.uint8).copy(), offsets)
+    try:
+        tokenizer._lmdecode_byte_table = table  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    return table
+
+
+# ----------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------
+
+
+class _Run:
+    """One generate() call: the C generator plus what is needed to read it back."""
+
+    def __init__(self, vocab: int, prompts: list[list[int]], n: int, *, max_new_tokens: int, min_new_tokens: int, seed: Any,
+                 stop_ids: np.ndarray, stop: list[str], logprobs: int, tokenizer: TokenizerLike | None, sampling: dict[str, Any]) -> None:
+        for name in ("context", "prompt_len"):
+            if name in sampling:
+                raise TypeError(f"generate() manages {name} itself; do not pass it")
+        unknown = set(sampling) - set(KEYWORDS)
+        if unknown:
+            raise TypeError(f"unknown keyword(s): {', '.join(sorted(unknown))}")
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.stop_ids = set(int(t) for t in stop_ids)
+        self.n_seqs = len(prompts) * n
+        self.prompts = [p for p in prompts for _ in range(n)]
+        params, row_inputs = _params_for(None, dict(sampling))
+        if params._rows is not None and params._rows != self.n_seqs:
+            raise ValueError(f"per-row sampling values must have one entry per sequence ({self.n_seqs})")
+        offsets = np.zeros(self.n_seqs + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in self.prompts], out=offsets[1:])
+        kwargs = _row_input_arguments(row_inputs, self.n_seqs) if row_inputs else {}
+        if stop:
+            if tokenizer is None:
+                raise TypeError("stop strings need a tokenizer")
+            token_bytes, token_offsets = _token_byte_table(tokenizer, vocab)
+            encoded = [s.encode("utf-8") for s in stop]
+            stop_offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+            np.cumsum([len(b) for b in encoded], out=stop_offsets[1:])
+            kwargs.update(stop_bytes=np.frombuffer(b"".join(encoded), dtype=np.uint8), stop_offsets=stop_offsets,
+                          token_bytes=token_bytes, token_offsets=token_offsets)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 1 << 64:
+            raise ValueError(f"seed (={seed!r}) must be None or an int in [0, 2**64)")
+        prompt_ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in self.prompts]) if offsets[-1] else np.zeros(0, np.int64)
+        if prompt_ids.size and (prompt_ids.min() < 0 or prompt_ids.max() >= vocab):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        self.gen = _core.Generator(
+            vocab, params._table, int(seed), prompt_ids.astype(np.int32), offsets,
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, stop_ids=stop_ids, n_top_logprobs=logprobs, **kwargs,
+        )
+
+    def result(self, k: int) -> Generation:
+        tokens, prompt_len, lps, top_ids, top_lps, reason, _ = self.gen.result(k)
+        new = [int(t) for t in tokens[prompt_len:]]
+        text = None
+        if self.tokenizer is not None:
+            visible = new[:-1] if (new and new[-1] in self.stop_ids and reason == "stop") else new
+            text = self.tokenizer.decode(visible)
+            if reason == "stop":
+                cuts = [text.find(s) for s in self.stop if s in text]
+                if cuts:
+                    text = text[: min(cuts)]
+        top = [{int(i): float(v) for i, v in zip(ids, vals)} for ids, vals in zip(top_ids, top_lps)]
+        return Generation(tokens=new, text=text, token_logprobs=[float(x) for x in lps], top_logprobs=top,
+                          finish_reason=reason or "length", prompt_tokens=[int(t) for t in tokens[:prompt_len]])
+
+
+def _step_fn_logits(step_fn: Callable[[np.ndarray], Any], run: _Run, running: np.ndarray, vocab: int) -> np.ndarray:
+    rows = np.empty((len(running), vocab), dtype=np.float32)
+    for i, k in enumerate(running):
+        tokens, *_ = run.gen.result(int(k))
+        row = np.asarray(step_fn(tokens), dtype=np.float32)
+        if row.shape != (vocab,):
+            raise ValueError(f"step_fn must return ({vocab},) logits, got shape {row.shape}")
+        rows[i] = row
+    return rows
+
+
+def generate(
+    model_or_step_fn: Any,
+    prompt: Any,
+    *,
+    max_new_tokens: int = 128,
+    seed: int | None = None,
+    stop_token_ids: int | Sequence[int] | None = None,
+    stop: str | Sequence[str] | None = None,
+    min_new_tokens: int = 0,
+    n: int = 1,
+    stream: bool = False,
+    logprobs: int = 0,
+    tokenizer: TokenizerLike | None = None,
+    **sampling: Any,
+):
+    """Generates from an lmdecode model or ``step_fn(tokens: int64 array) -> (V,) logits``.
+
+    ``prompt`` is a str (encoded with BOS), a sequence of token ids, or a list of
+    either (a batch decoded together). ``**sampling`` takes the keywords of
+    ``ld.sample`` (``temperature=0`` is greedy). Returns a :class:`Generation`
+    for one prompt and ``n == 1``, a list of ``n`` for one prompt, and a list
+    (one entry per prompt, each as above) for a batch. With ``stream=True`` it
+    returns an iterator of :class:`GenerationChunk` instead.
+    """
+    max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 0)
+    min_new_tokens = _check_count("min_new_tokens", min_new_tokens, 0)
+    n = _check_count("n", n, 1)
+    logprobs = _check_count("logprobs", logprobs, 0)
+    engine = getattr(model_or_step_fn, "_generate_in_c", None)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model_or_step_fn, "tokenizer", None)
+    prompts, single = _prompts(prompt, tokenizer)
+    if engine is None and not callable(model_or_step_fn):
+        raise TypeError(f"model_or_step_fn must be an lmdecode Model or a callable, got {type(model_or_step_fn).__name__}")
+    vocab = model_or_step_fn.config.vocab_size if engine is not None else None
+    if vocab is None:  # learn V from the first prompt's logits
+        vocab = int(np.asarray(model_or_step_fn(np.asarray(prompts[0], dtype=np.int64))).shape[-1])
+    default_eos = getattr(tokenizer, "eos_id", None) if engine is not None else None
+    run = _Run(vocab, prompts, n, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, seed=seed,
+               stop_ids=_stop_ids(stop_token_ids, default_eos), stop=_stop_strings(stop), logprobs=logprobs,
+               tokenizer=tokenizer, sampling=sampling)
+
+    def advance() -> tuple[np.ndarray, np.ndarray]:
+        running = run.gen.running()
+        if engine is not None:
+            return running, engine(run.gen, running)
+        return running, run.gen.step(_step_fn_logits(model_or_step_fn, run, running, vocab))
+
+    def results():
+        outputs = [run.result(k) for k in range(run.n_seqs)]
+        per_prompt = [outputs[i * n : (i + 1) * n] for i in range(len(prompts))]
+        shaped = [group[0] if n == 1 else group for group in per_prompt]
+        return shaped[0] if single else shaped
+
+    if stream:
+        return _stream(run, advance)
+    if engine is not None and hasattr(model_or_step_fn, "_generate_all_in_c"):
+        model_or_step_fn._generate_all_in_c(run.gen)
+    while not run.gen.done:
+        advance()
+    return results()
+
+
+def _stream(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Iterator[GenerationChunk]:
+    decoders = {}
+    make_decoder = getattr(run.tokenizer, "stream_decoder", None)
+    while not run.gen.done:
+        running, tokens = advance()
+        for k, token in zip(running, tokens):
+            k, token = int(k), int(token)
+            text = ""
+            if make_decoder is not None and token not in run.stop_ids:
+                decoder = decoders.setdefault(k, make_decoder())
+                text = decoder.push(token)
+            yield GenerationChunk(index=k, token=token, text=text)
+    for k, decoder in decoders.items():
+        rest = decoder.flush()
+        if rest:
+            yield GenerationChunk(index=k, token=-1, text=rest)

@@ -1,0 +1,124 @@
+/* test_generate.c -- the generator state machine: budgets, stop tokens, stop
+ * strings and the coin convention, under the sanitizers. */
+#include "generate.h"
+#include "rng.h"
+#include "test_util.h"
+
+/* vocabulary of 4 tokens: "a", "b", "c", "</s>" (bytes "" for the stop token) */
+static const uint8_t token_bytes[] = {'a', 'b', 'c'};
+static const int64_t token_offsets[] = {0, 1, 2, 3, 3};
+
+static lmd_sampler *new_sampler(void) {
+    lmd_sampler *s;
+    lmd_error err;
+    if (lmd_sampler_init(&s, 4, &err) != LMD_OK) exit(1);
+    return s;
+}
+
+/* logits that make `token` certain (others -inf) */
+static void one_hot(float *row, int32_t token) {
+    for (int v = 0; v < 4; v++) row[v] = v == token ? 0.0f : -INFINITY;
+}
+
+static void test_stop_string_and_lengths(void) {
+    lmd_sampler *s = new_sampler();
+    lmd_sampling_params p;
+    lmd_sampling_params_default(&p);
+    const int32_t prompts[3] = {0, 1, 2};
+    const int64_t prompt_offsets[3] = {0, 2, 3}; /* "ab", "c" */
+    const uint8_t stop[] = {'b', 'c', 'a'};
+    const int64_t stop_offsets[2] = {0, 3};     /* "bca" */
+    const int32_t stop_ids[1] = {3};
+    lmd_generate_config c = {.n_seqs = 2, .vocab = 4, .max_new_tokens = 6, .min_new_tokens = 0,
+                             .params = &p, .n_params = 1, .seed = 5, .prompts = prompts,
+                             .prompt_offsets = prompt_offsets, .stop_ids = stop_ids,
+                             .n_stop_ids = 1, .stop_strings = stop, .stop_offsets = stop_offsets,
+                             .n_stop_strings = 1, .token_bytes = token_bytes,
+                             .token_offsets = token_offsets, .n_top_logprobs = 2};
+    lmd_generator *g;
+    lmd_error err;
+    CHECK(lmd_generator_init(&g, &c, &err) == LMD_OK);
+    /* sequence 0 writes b, c, a (the stop string); sequence 1 writes a forever */
+    const int32_t script0[3] = {1, 2, 0};
+    float logits[8];
+    int32_t ids[2], tokens[2];
+    for (int step = 0; step < 6; step++) {
+        int32_t running = lmd_generator_running(g, ids);
+        CHECK(running == (step < 3 ? 2 : 1));
+        for (int i = 0; i < running; i++) one_hot(logits + 4 * i, ids[i] == 0 ? script0[step] : 0);
+        CHECK(lmd_generator_step(g, &s, 1, logits, tokens, &err) == LMD_OK);
+    }
+    CHECK(lmd_generator_running(g, NULL) == 0);
+    CHECK(lmd_generator_finish_reason(g, 0) == LMD_FINISH_STOP);
+    CHECK(lmd_generator_stop_offset(g, 0) == 0);
+    CHECK(lmd_generator_generated(g, 0) == 3);
+    CHECK(lmd_generator_finish_reason(g, 1) == LMD_FINISH_LENGTH);
+    CHECK(lmd_generator_generated(g, 1) == 6);
+    int32_t length;
+    const int32_t *all = lmd_generator_tokens(g, 1, &length);
+    CHECK(length == 7 && all[0] == 2 && all[1] == 0 && all[6] == 0);
+    CHECK(lmd_generator_token_logprobs(g, 1)[0] == 0.0f); /* a certain token */
+    CHECK(lmd_generator_top_ids(g, 1)[0] == 0);
+    CHECK(lmd_generator_step(g, &s, 1, logits, tokens, &err) == LMD_ERR_INVALID_ARG);
+    lmd_generator_free(g);
+    lmd_sampler_free(s);
+}
+
+static void test_min_new_tokens_blocks_stop_ids(void) {
+    lmd_sampler *s = new_sampler();
+    lmd_sampling_params p;
+    lmd_sampling_params_default(&p);
+    const int32_t prompt[1] = {0};
+    const int64_t offsets[2] = {0, 1};
+    const int32_t stop_ids[1] = {3};
+    lmd_generate_config c = {.n_seqs = 1, .vocab = 4, .max_new_tokens = 10, .min_new_tokens = 2,
+                             .params = &p, .n_params = 1, .seed = 1, .prompts = prompt,
+                             .prompt_offsets = offsets, .stop_ids = stop_ids, .n_stop_ids = 1};
+    lmd_generator *g;
+    lmd_error err;
+    CHECK(lmd_generator_init(&g, &c, &err) == LMD_OK);
+    float logits[4] = {-1.0f, -1.0f, -1.0f, 5.0f}; /* the stop token dominates */
+    int32_t token;
+    CHECK(lmd_generator_step(g, &s, 1, logits, &token, &err) == LMD_OK && token != 3);
+    CHECK(lmd_generator_step(g, &s, 1, logits, &token, &err) == LMD_OK && token != 3);
+    /* now it may stop; with a certain stop token it does */
+    one_hot(logits, 3);
+    CHECK(lmd_generator_step(g, &s, 1, logits, &token, &err) == LMD_OK && token == 3);
+    CHECK(lmd_generator_finish_reason(g, 0) == LMD_FINISH_STOP);
+    lmd_generator_free(g);
+
+    /* only stop tokens allowed while they are blocked: a clear error, state unchanged */
+    const int32_t only_stop[1] = {3};
+    lmd_row_inputs constraint = {NULL, 0, 0, NULL, NULL, 0, only_stop, 1, NULL, 0};
+    c.constraints = &constraint;
+    CHECK(lmd_generator_init(&g, &c, &err) == LMD_OK);
+    CHECK(lmd_generator_step(g, &s, 1, logits, &token, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "sequence 0");
+    CHECK(lmd_generator_generated(g, 0) == 0);
+    lmd_generator_free(g);
+    lmd_generator_free(NULL);
+    lmd_sampler_free(s);
+}
+
+static void test_bad_config(void) {
+    lmd_sampling_params p;
+    lmd_sampling_params_default(&p);
+    const int32_t prompt[1] = {7};
+    const int64_t offsets[2] = {0, 1};
+    lmd_generate_config c = {.n_seqs = 1, .vocab = 4, .max_new_tokens = 3, .params = &p,
+                             .n_params = 1, .prompts = prompt, .prompt_offsets = offsets};
+    lmd_generator *g;
+    lmd_error err;
+    CHECK(lmd_generator_init(&g, &c, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "token 7");
+    p.top_p = 2.0;
+    CHECK(lmd_generator_init(&g, &c, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "top_p");
+}
+
+int main(void) {
+    test_stop_string_and_lengths();
+    test_min_new_tokens_blocks_stop_ids();
+    test_bad_config();
+    return test_report("test_generate");
+}

@@ -1,0 +1,115 @@
+"""generate() over step functions: reproduction with ld.sample, stops,
+budgets, n samples, log-probs and streaming."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lmdecode as ld
+
+
+def hashed_model(vocab, seed=0, scale=2.0):
+    """A deterministic 'model': logits are a hash of the whole token sequence."""
+
+    def step(tokens):
+        rng = np.random.default_rng([seed] + [int(t) for t in tokens])
+        return (rng.standard_normal(vocab) * scale).astype(np.float32)
+
+    return step
+
+
+SAMPLING = dict(temperature=0.9, top_k=20, top_p=0.95, repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.1)
+
+
+def test_reproduced_token_for_token_by_sample():
+    step = hashed_model(64)
+    prompt = [3, 14, 15]
+    out = ld.generate(step, prompt, max_new_tokens=25, seed=1234, **SAMPLING)
+    seq = list(prompt)
+    for t in range(25):
+        token = ld.sample(step(np.array(seq)), seed=1234, stream=0, step=t, context=seq, prompt_len=len(prompt), **SAMPLING)
+        seq.append(int(token))
+    assert out.tokens == seq[len(prompt):]
+    assert out.finish_reason == "length"
+    assert out.prompt_tokens == prompt
+
+
+def test_batch_and_n_samples_use_one_stream_per_sequence():
+    step = hashed_model(50, seed=3)
+    prompts = [[1, 2, 3], [4, 5]]
+    outs = ld.generate(step, prompts, max_new_tokens=12, seed=99, n=3, temperature=1.0)
+    assert len(outs) == 2 and all(len(group) == 3 for group in outs)
+    for i, prompt in enumerate(prompts):
+        for j, gen in enumerate(outs[i]):
+            k = i * 3 + j
+            seq = list(prompt)
+            for t in range(12):
+                seq.append(int(ld.sample(step(np.array(seq)), seed=99, stream=k, step=t)))
+            assert gen.tokens == seq[len(prompt):]
+    assert len({tuple(g.tokens) for g in outs[0]}) > 1  # the samples differ
+
+
+def test_same_seed_same_result_and_greedy():
+    step = hashed_model(40, seed=5)
+    a = ld.generate(step, [1], max_new_tokens=10, seed=7, temperature=1.3)
+    b = ld.generate(step, [1], max_new_tokens=10, seed=7, temperature=1.3)
+    assert a.tokens == b.tokens
+    g = ld.generate(step, [1], max_new_tokens=10, temperature=0)
+    seq = [1]
+    for _ in range(10):
+        seq.append(int(np.argmax(step(np.array(seq)))))
+    assert g.tokens == seq[1:]
+
+
+def test_stop_token_and_min_new_tokens():
+    vocab, eos = 16, 2
+    step = hashed_model(vocab, seed=8)
+    out = ld.generate(step, [1], max_new_tokens=60, seed=0, stop_token_ids=[eos], temperature=1.5)
+    assert out.finish_reason == "stop" and out.tokens[-1] == eos and eos not in out.tokens[:-1]
+    blocked = ld.generate(step, [1], max_new_tokens=60, seed=0, stop_token_ids=[eos], min_new_tokens=len(out.tokens) + 3, temperature=1.5)
+    assert eos not in blocked.tokens[: len(out.tokens) + 3]
+    assert len(blocked.tokens) >= len(out.tokens) + 3
+
+
+def test_logprobs_are_the_models_distribution():
+    step = hashed_model(30, seed=1)
+    out = ld.generate(step, [0, 1], max_new_tokens=8, seed=4, logprobs=3, top_k=5)
+    seq = [0, 1]
+    for t, token in enumerate(out.tokens):
+        lp = ld.log_softmax(step(np.array(seq)))
+        assert out.token_logprobs[t] == pytest.approx(float(lp[token]), abs=1e-5)
+        best = np.argsort(-lp, kind="stable")[:3]
+        assert list(out.top_logprobs[t]) == [int(b) for b in best]
+        assert list(out.top_logprobs[t].values()) == pytest.approx([float(lp[b]) for b in best], abs=1e-5)
+        seq.append(token)
+
+
+def test_stream_yields_the_same_tokens():
+    step = hashed_model(32, seed=2)
+    full = ld.generate(step, [5], max_new_tokens=9, seed=11)
+    chunks = list(ld.generate(step, [5], max_new_tokens=9, seed=11, stream=True))
+    assert [c.token for c in chunks] == full.tokens
+    assert all(c.index == 0 for c in chunks)
+
+
+def test_constraints_from_sampling_keywords():
+    step = hashed_model(20, seed=6)
+    out = ld.generate(step, [0], max_new_tokens=15, seed=2, allowed_tokens=[3, 4, 5], banned_tokens=[4])
+    assert set(out.tokens) <= {3, 5}
+
+
+def test_bad_arguments():
+    step = hashed_model(10)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        ld.generate(step, [1], max_new_tokens=-1)
+    with pytest.raises(TypeError, match="unknown keyword"):
+        ld.generate(step, [1], top_q=0.5)
+    with pytest.raises(TypeError, match="tokenizer"):
+        ld.generate(step, "text prompt")
+    with pytest.raises(ValueError, match="top_p"):
+        ld.generate(step, [1], top_p=2.0)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        ld.generate(step, [11])
+    with pytest.raises(TypeError, match="context"):
+        ld.generate(step, [1], context=[1, 2])
+    assert ld.generate(step, [1], max_new_tokens=0).tokens == []
