@@ -9,6 +9,7 @@ Samplers over external logits::
 from . import _core
 from .sampling import SamplingParams, greedy, log_softmax, process_logits, rng_uniform, sample
 from .generation import Generation, GenerationChunk, generate
+from .scoring import PerplexityResult, SequenceScore, sequence_logprob
 from .search import Hypothesis, beam_search
 
 __version__ = "0.1.0"
@@ -17,7 +18,9 @@ __all__ = [
     "Generation",
     "GenerationChunk",
     "Hypothesis",
+    "PerplexityResult",
     "SamplingParams",
+    "SequenceScore",
     "beam_search",
     "build_info",
     "generate",
@@ -27,6 +30,7 @@ __all__ = [
     "process_logits",
     "rng_uniform",
     "sample",
+    "sequence_logprob",
     "set_num_threads",
 ]
 

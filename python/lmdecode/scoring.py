@@ -1,0 +1,133 @@
+"""Sequence log-probabilities and perplexity.
+
+``sequence_logprob(logits, targets)`` scores external logits: row ``t`` of the
+``(T, V)`` logits is the distribution of ``targets[t]``. Models score a
+continuation in one prefill pass over ``context + continuation`` (see
+``Model.sequence_logprob``), never token by token.
+
+``perplexity`` follows the sliding-window protocol of the transformers
+documentation ("Perplexity of fixed-length models"): windows of ``window``
+tokens start every ``stride`` tokens; each window scores only the tokens the
+previous windows did not (the last ``end - previous_end`` of it), so
+overlapping tokens are scored once, with up to ``window - stride`` tokens of
+context. The first token of the text has no context and is never scored:
+``n_tokens = len(tokens) - 1`` and ``perplexity = exp(nll / n_tokens)``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .sampling import log_softmax
+
+__all__ = ["PerplexityResult", "SequenceScore", "perplexity", "perplexity_windows", "sequence_logprob"]
+
+
+@dataclass(frozen=True)
+class SequenceScore:
+    """The log-probability of a continuation: its sum and its per-token terms."""
+
+    total: float
+    token_logprobs: np.ndarray = field(repr=False)  # float64 (T,)
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float  # exp(nll / n_tokens)
+    nll: float  # total negative log-likelihood in nats
+    n_tokens: int  # tokens scored
+
+
+def sequence_logprob(logits: Any, targets: Any) -> SequenceScore:
+    """log p(targets) under external logits: (T, V) logits, (T,) target ids.
+
+    Row t of logits must be the model's prediction for targets[t] (the logits
+    at the position before it). A (B, T, V) batch with (B, T) targets gives a
+    list of scores.
+    """
+    z = np.asarray(logits)
+    y = np.asarray(targets)
+    if z.ndim == 3:
+        if y.ndim != 2 or y.shape[0] != z.shape[0]:
+            raise ValueError(f"targets must have shape ({z.shape[0]}, T) for logits of shape {z.shape}")
+        return [sequence_logprob(z[b], y[b]) for b in range(z.shape[0])]  # type: ignore[return-value]
+    if z.ndim != 2:
+        raise ValueError(f"logits must have shape (T, V), got {z.shape}")
+    if y.ndim != 1 or y.shape[0] != z.shape[0]:
+        raise ValueError(f"targets must have shape ({z.shape[0]},), got {y.shape}")
+    if y.size and y.dtype.kind not in "iu":
+        raise TypeError(f"targets must be integer token ids, got dtype {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() >= z.shape[1]):
+        bad = int(np.flatnonzero((y < 0) | (y >= z.shape[1]))[0])
+        raise ValueError(f"targets[{bad}] (={y[bad]}) is not a token id in [0, {z.shape[1]})")
+    if z.shape[0] == 0:
+        return SequenceScore(0.0, np.zeros(0))
+    lp = log_softmax(z)[np.arange(z.shape[0]), y].astype(np.float64)
+    return SequenceScore(float(lp.sum()), lp)
+
+
+def perplexity_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, n_scored) of every window over n tokens, transformers' protocol."""
+    spans, previous_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + window, n)
+        spans.append((begin, end, end - previous_end))
+        previous_end = end
+        if end == n:
+            break
+    return spans
+
+
+def _check_positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} (={value}) must be >= 1")
+    return int(value)
+
+
+def perplexity(
+    logits_fn: Callable[[np.ndarray], np.ndarray],
+    tokens: Sequence[int],
+    *,
+    window: int,
+    stride: int | None = None,
+    progress: bool | None = None,
+) -> PerplexityResult:
+    """Sliding-window perplexity of tokens under ``logits_fn(window_tokens) -> (T, V)``.
+
+    ``stride`` defaults to ``window`` (disjoint windows); ``progress`` shows a
+    tqdm bar (default: when there are more than 8 windows and tqdm is installed).
+    """
+    ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    window = _check_positive("window", window)
+    stride = window if stride is None else _check_positive("stride", stride)
+    if stride > window:
+        raise ValueError(f"stride (={stride}) must be <= window (={window}), or tokens go unscored")
+    if ids.size < 2:
+        raise ValueError(f"perplexity needs at least 2 tokens, got {ids.size}")
+    spans = perplexity_windows(ids.size, window, stride)
+    iterator: Any = spans
+    if progress or (progress is None and len(spans) > 8):
+        try:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(spans, desc="perplexity", unit="window")
+        except ImportError:
+            pass
+    nll, scored = 0.0, 0
+    for begin, end, n_new in iterator:
+        chunk = ids[begin:end]
+        logits = np.asarray(logits_fn(chunk))
+        # predictions for chunk[1:] come from logits[:-1]; score the last n_new tokens
+        # (the first window's first token has no prediction)
+        first = max(len(chunk) - n_new, 1)
+        score = sequence_logprob(logits[first - 1 : len(chunk) - 1], chunk[first:])
+        nll -= score.total
+        scored += len(chunk) - first
+    return PerplexityResult(perplexity=math.exp(nll / scored), nll=nll, n_tokens=scored)

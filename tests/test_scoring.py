@@ -1,0 +1,96 @@
+"""sequence_logprob on external logits and the sliding-window perplexity protocol."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.special import log_softmax
+
+import lmdecode as ld
+from lmdecode.scoring import perplexity, perplexity_windows
+
+
+def test_sequence_logprob_matches_numpy():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((7, 30)).astype(np.float32) * 3
+    y = rng.integers(0, 30, size=7)
+    s = ld.sequence_logprob(z, y)
+    expect = log_softmax(z.astype(np.float64), axis=-1)[np.arange(7), y]
+    np.testing.assert_allclose(s.token_logprobs, expect, atol=1e-5)
+    assert s.total == pytest.approx(expect.sum(), abs=1e-4)
+    batch = ld.sequence_logprob(np.stack([z, z[::-1]]), np.stack([y, y[::-1]]))
+    assert batch[0].total == pytest.approx(s.total)
+    assert batch[1].total == pytest.approx(expect[::-1].sum(), abs=1e-4)
+
+
+def test_sequence_logprob_bad_input():
+    with pytest.raises(ValueError, match=r"targets\[1\] \(=5\)"):
+        ld.sequence_logprob(np.zeros((2, 5)), [0, 5])
+    with pytest.raises(ValueError, match="shape"):
+        ld.sequence_logprob(np.zeros((2, 5)), [0])
+    with pytest.raises(TypeError, match="integer"):
+        ld.sequence_logprob(np.zeros((2, 5)), [0.0, 1.0])
+
+
+def constant_model(x):
+    """Logits [x, 0] at every position: token 0 always has log-prob x - log(e^x + 1)."""
+    return lambda chunk: np.tile(np.array([x, 0.0], dtype=np.float32), (len(chunk), 1))
+
+
+def test_seeds_example_perplexity():
+    """-2500 nats over 1000 tokens: perplexity exp(2.5) = 12.18."""
+    x = math.log(math.exp(-2.5) / (1 - math.exp(-2.5)))  # log p(token 0) = -2.5
+    r = perplexity(constant_model(x), [0] * 1001, window=128, stride=64)
+    assert r.n_tokens == 1000
+    assert r.nll == pytest.approx(2500.0, rel=1e-5)
+    assert r.perplexity == pytest.approx(12.18, abs=5e-3)
+
+
+def context_model(vocab=11):
+    """Logits at position i depend on every token up to i: sliding windows change them."""
+
+    def logits_fn(chunk):
+        out = np.empty((len(chunk), vocab), dtype=np.float32)
+        for i in range(len(chunk)):
+            rng = np.random.default_rng([int(t) for t in chunk[: i + 1]])
+            out[i] = rng.standard_normal(vocab)
+        return out
+
+    return logits_fn
+
+
+def test_windows_score_every_token_once_with_the_protocols_context():
+    n, window, stride = 23, 8, 3
+    spans = perplexity_windows(n, window, stride)
+    assert spans[0] == (0, 8, 8) and spans[1] == (3, 11, 3) and spans[-1][1] == n
+    tokens = np.random.default_rng(1).integers(0, 11, size=n)
+    fn = context_model()
+    r = perplexity(fn, tokens, window=window, stride=stride, progress=False)
+    # by hand: token j (j >= 1) is predicted from the window whose new span holds it
+    nll, scored = 0.0, 0
+    for begin, end, n_new in spans:
+        lp = log_softmax(fn(tokens[begin:end]).astype(np.float64), axis=-1)
+        for j in range(max(end - n_new, begin + 1), end):
+            nll -= lp[j - begin - 1, tokens[j]]
+            scored += 1
+    assert scored == n - 1 == r.n_tokens
+    assert r.nll == pytest.approx(nll, rel=1e-6)
+
+
+def test_one_window_equals_the_full_sequence_logprob():
+    tokens = np.random.default_rng(2).integers(0, 11, size=15)
+    fn = context_model()
+    r = perplexity(fn, tokens, window=64)
+    full = ld.sequence_logprob(fn(tokens)[:-1], tokens[1:])
+    assert r.nll == pytest.approx(-full.total, rel=1e-6)
+
+
+def test_bad_windows():
+    fn = constant_model(0.0)
+    with pytest.raises(ValueError, match="stride"):
+        perplexity(fn, [0, 0, 0], window=4, stride=5)
+    with pytest.raises(ValueError, match="window"):
+        perplexity(fn, [0, 0, 0], window=0)
+    with pytest.raises(ValueError, match="2 tokens"):
+        perplexity(fn, [0], window=4)
