@@ -1,0 +1,101 @@
+"""Command line: ``python -m lmdecode {generate,score,perplexity} ...``.
+
+    python -m lmdecode generate --model stories260K.bin --temperature 0.8 --top-p 0.9 --seed 0 "Once upon a time"
+    python -m lmdecode score --model stories260K.bin --context "Once upon a time" " there was a girl"
+    python -m lmdecode perplexity --model stories260K.bin story.txt
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model file or directory (llama2.c .bin, .gguf, Hugging Face directory)")
+    parser.add_argument("--tokenizer", help="tokenizer file when it is not beside or inside the model (e.g. tok512.bin)")
+    parser.add_argument("--dtype", choices=["f32", "bf16", "q8_0"], help="weight storage in the engine (default: as stored, f32 for f16)")
+    parser.add_argument("--threads", type=int, default=0, help="threads for the C core (0: default)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lmdecode", description="Language-model inference with a C core.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate text from a prompt")
+    _add_model_arguments(gen)
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--typical-p", type=float, default=1.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--beam-width", type=int, default=0, help="beam search with this width instead of sampling")
+    gen.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty")
+    gen.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it is made")
+
+    score = commands.add_parser("score", help="log-probability of a continuation given a context")
+    _add_model_arguments(score)
+    score.add_argument("--context", required=True, help="the context text (encoded with BOS)")
+    score.add_argument("continuation", help="the continuation text (encoded without BOS)")
+
+    ppl = commands.add_parser("perplexity", help="sliding-window perplexity of a text file")
+    _add_model_arguments(ppl)
+    ppl.add_argument("file", help="UTF-8 text file")
+    ppl.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's context length)")
+    ppl.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window)")
+    ppl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import lmdecode as ld
+
+    if args.threads:
+        ld.set_num_threads(args.threads)
+    model = ld.Model.load(args.model, tokenizer=args.tokenizer, dtype=args.dtype)
+    if model.tokenizer is None:
+        print(f"error: {args.model} has no tokenizer; pass --tokenizer", file=sys.stderr)
+        return 2
+
+    if args.command == "generate":
+        if args.beam_width:
+            hyps = model.beam_search(args.prompt, beam_width=args.beam_width, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty)
+            print(args.prompt + hyps[0].text)
+            return 0
+        sampling = dict(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, typical_p=args.typical_p,
+            repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+        )
+        if args.no_stream:
+            out = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, **sampling)
+            print(args.prompt + out.text)
+        else:
+            sys.stdout.write(args.prompt)
+            for chunk in model.generate(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, stream=True, **sampling):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        return 0
+
+    if args.command == "score":
+        context = model.tokenizer.encode(args.context, add_bos=True)
+        continuation = model.tokenizer.encode(args.continuation, add_bos=False)
+        s = model.sequence_logprob(context, continuation)
+        print(f"log p(continuation | context) = {s.total:.4f} nats over {len(continuation)} tokens")
+        for token, lp in zip(continuation, s.token_logprobs):
+            print(f"  {token:>7} {model.tokenizer.decode([token])!r:<20} {lp:9.4f}")
+        return 0
+
+    with open(args.file, encoding="utf-8") as f:
+        text = f.read()
+    r = model.perplexity(text, window=args.window, stride=args.stride, progress=not args.no_progress)
+    print(f"perplexity {r.perplexity:.4f} (nll {r.nll:.2f} nats over {r.n_tokens} tokens)")
+    return 0
