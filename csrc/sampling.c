@@ -52,7 +52,8 @@ struct lmd_sampler {
     float *cand_s;          /* (V,) their scaled logits s */
     float *key;             /* (V,) per-candidate sort key (scratch) */
     float *weight;          /* (V,) per-candidate w = e^(s - ms) (scratch) */
-    float *select;          /* (V,) copy destroyed by selection (scratch) */
+    float *select;          /* (V,) copy destroyed by selection; boundary-bucket keys (scratch) */
+    float *select_w;        /* (V,) boundary-bucket weights (scratch) */
     uint32_t *seen;         /* (V,) seen[t] == epoch: t already met in this call */
     int32_t *count;         /* (V,) occurrences in the generated part; all zero between calls */
     uint32_t epoch;
@@ -167,10 +168,11 @@ lmd_status lmd_sampler_init(lmd_sampler **out, int32_t vocab_capacity, lmd_error
     s->key = malloc(n * sizeof *s->key);
     s->weight = malloc(n * sizeof *s->weight);
     s->select = malloc(n * sizeof *s->select);
+    s->select_w = malloc(n * sizeof *s->select_w);
     s->seen = calloc(n, sizeof *s->seen);
     s->count = calloc(n, sizeof *s->count);
     if (!s->work || !s->cand_id || !s->cand_s || !s->key || !s->weight || !s->select ||
-        !s->seen || !s->count) {
+        !s->select_w || !s->seen || !s->count) {
         lmd_sampler_free(s);
         return lmd_fail(err, LMD_ERR_NOMEM, "out of memory for a sampler of vocabulary %d",
                         (int)vocab_capacity);
@@ -187,6 +189,7 @@ void lmd_sampler_free(lmd_sampler *s) {
     free(s->key);
     free(s->weight);
     free(s->select);
+    free(s->select_w);
     free(s->seen);
     free(s->count);
     free(s);
@@ -493,10 +496,9 @@ static float mass_threshold(lmd_sampler *s, const float *key, const float *w, in
     }
     if (boundary < 0) return INFINITY;
 
-    /* Gather the boundary bucket's (key, w) pairs: keys into select, weights after them. */
+    /* Gather the boundary bucket's (key, w) pairs. */
     int32_t m = 0;
-    float *bkey = s->select;
-    float *bw = s->select + s->bucket_count[boundary];
+    float *bkey = s->select, *bw = s->select_w;
     for (int32_t i = 0; i < n; i++) {
         float scaled = key[i] * (float)MASS_BUCKETS_PER_NAT;
         int32_t b = scaled < (float)(MASS_BUCKETS - 1) ? (int32_t)scaled : MASS_BUCKETS - 1;

@@ -77,7 +77,7 @@ typedef struct {
 
 typedef struct lmd_sampler lmd_sampler;
 
-/* Scratch for rows of up to vocab_capacity logits (about 28 bytes per token). */
+/* Scratch for rows of up to vocab_capacity logits (36 bytes per token). */
 lmd_status lmd_sampler_init(lmd_sampler **out, int32_t vocab_capacity, lmd_error *err);
 /* Safe on NULL. */
 void lmd_sampler_free(lmd_sampler *s);

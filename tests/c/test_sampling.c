@@ -96,6 +96,23 @@ static void test_processors_by_hand(void) {
     CHECK(out[0] == -INFINITY && out[4] == -INFINITY);
     CHECK(out[1] > -INFINITY && out[2] > -INFINITY && out[3] > -INFINITY && out[5] > -INFINITY);
 
+    /* a cumulative-mass cut whose boundary bucket holds every token: all equal logits */
+    {
+        enum { FLAT = 1000 };
+        lmd_sampler *big = sampler(FLAT);
+        static float equal[FLAT], flat_out[FLAT];
+        for (int i = 0; i < FLAT; i++) equal[i] = 0.25f;
+        lmd_sampling_params_default(&p);
+        p.top_p = 0.5; /* ties are kept together: all of them */
+        process(big, &p, NULL, equal, FLAT, flat_out);
+        for (int i = 0; i < FLAT; i++) CHECK_CLOSE(flat_out[i], -log((double)FLAT), 1e-5);
+        lmd_sampling_params_default(&p);
+        p.typical_p = 0.3;
+        process(big, &p, NULL, equal, FLAT, flat_out);
+        for (int i = 0; i < FLAT; i++) CHECK_CLOSE(flat_out[i], -log((double)FLAT), 1e-5);
+        lmd_sampler_free(big);
+    }
+
     /* greedy: lowest index among ties, one-hot log-probs */
     float twin[4] = {0.0f, 5.0f, 5.0f, 1.0f};
     int32_t token = -1;
