@@ -318,7 +318,8 @@ static PyObject *raise_row_status(lmd_status st, const lmd_error *err, int32_t r
  * sample_rows(logits (B, V) float32, params (R, 12) float64 with R in {1, B}, *,
  *             context, context_offsets, prompt_len, bias_ids, bias_values, bias_offsets,
  *             allowed_ids, allowed_offsets, allowed_rows, banned_ids, banned_offsets,
- *             seeds (B,) uint64 or None, stream, step, want_logprobs, want_tokens)
+ *             seeds (B,) uint64 or None, stream, step, want_logprobs, want_tokens,
+ *             streams (B,) uint64 or None, steps (B,) uint64 or None)
  *   -> (logprobs (B, V) float32 or None, tokens (B,) int64 or None,
  *       token_logprobs (B,) float32 or None)
  * Column order of params is lmd_sampling_params' field order. The Python layer
@@ -329,13 +330,15 @@ static PyObject *py_sample_rows(PyObject *self, PyObject *args, PyObject *kwargs
     static char *kwlist[] = {"logits", "params", "context", "context_offsets", "prompt_len",
                              "bias_ids", "bias_values", "bias_offsets", "allowed_ids",
                              "allowed_offsets", "allowed_rows", "banned_ids", "banned_offsets",
-                             "seeds", "stream", "step", "want_logprobs", "want_tokens", NULL};
-    PyObject *logits_obj, *params_obj, *seeds_obj = Py_None;
+                             "seeds", "stream", "step", "want_logprobs", "want_tokens", "streams",
+                             "steps", NULL};
+    PyObject *logits_obj, *params_obj, *seeds_obj = Py_None, *streams_obj = Py_None,
+             *steps_obj = Py_None;
     PyObject *row_objects[N_ROW_ARRAYS];
     for (int i = 0; i < N_ROW_ARRAYS; i++) row_objects[i] = Py_None;
     unsigned long long stream = 0, step = 0;
     int want_logprobs = 0, want_tokens = 1;
-    PyArrayObject *logits = NULL, *params = NULL, *seeds = NULL;
+    PyArrayObject *logits = NULL, *params = NULL, *seeds = NULL, *streams = NULL, *steps = NULL;
     PyArrayObject *row_arrays[N_ROW_ARRAYS] = {NULL};
     PyArrayObject *out_logprobs = NULL, *out_tokens = NULL, *out_token_logprobs = NULL;
     int32_t *tokens32 = NULL;
@@ -346,17 +349,19 @@ static PyObject *py_sample_rows(PyObject *self, PyObject *args, PyObject *kwargs
     PyObject *result = NULL;
 
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OO|$OOOOOOOOOOOOKKpp", kwlist, &logits_obj, &params_obj,
+            args, kwargs, "OO|$OOOOOOOOOOOOKKppOO", kwlist, &logits_obj, &params_obj,
             &row_objects[ROW_CONTEXT], &row_objects[ROW_CONTEXT_OFFSETS],
             &row_objects[ROW_PROMPT_LEN], &row_objects[ROW_BIAS_IDS], &row_objects[ROW_BIAS_VALUES],
             &row_objects[ROW_BIAS_OFFSETS], &row_objects[ROW_ALLOWED_IDS],
             &row_objects[ROW_ALLOWED_OFFSETS], &row_objects[ROW_ALLOWED_ROWS],
             &row_objects[ROW_BANNED_IDS], &row_objects[ROW_BANNED_OFFSETS], &seeds_obj, &stream,
-            &step, &want_logprobs, &want_tokens))
+            &step, &want_logprobs, &want_tokens, &streams_obj, &steps_obj))
         return NULL;
     if (as_array(logits_obj, NPY_FLOAT32, 2, "logits", &logits) ||
         as_array(params_obj, NPY_FLOAT64, 2, "params", &params) ||
-        as_array(seeds_obj, NPY_UINT64, 1, "seeds", &seeds))
+        as_array(seeds_obj, NPY_UINT64, 1, "seeds", &seeds) ||
+        as_array(streams_obj, NPY_UINT64, 1, "streams", &streams) ||
+        as_array(steps_obj, NPY_UINT64, 1, "steps", &steps))
         goto fail;
     if (logits == NULL || params == NULL) {
         PyErr_SetString(PyExc_TypeError, "logits and params must not be None");
@@ -368,8 +373,10 @@ static PyObject *py_sample_rows(PyObject *self, PyObject *args, PyObject *kwargs
                      INT32_MAX, (Py_ssize_t)vocab);
         goto fail;
     }
-    if (seeds && PyArray_DIM(seeds, 0) != n_rows) {
-        PyErr_Format(PyExc_ValueError, "seeds must have %zd entries", (Py_ssize_t)n_rows);
+    if ((seeds && PyArray_DIM(seeds, 0) != n_rows) || (streams && PyArray_DIM(streams, 0) != n_rows) ||
+        (steps && PyArray_DIM(steps, 0) != n_rows)) {
+        PyErr_Format(PyExc_ValueError, "seeds, streams and steps must have %zd entries",
+                     (Py_ssize_t)n_rows);
         goto fail;
     }
     if (convert_row_arrays(row_objects, n_rows, row_arrays)) goto fail;
@@ -401,7 +408,11 @@ static PyObject *py_sample_rows(PyObject *self, PyObject *args, PyObject *kwargs
             goto fail;
         }
         const uint64_t *seed = PyArray_DATA(seeds);
-        for (npy_intp r = 0; r < n_rows; r++) coins[r] = lmd_rng_uniform(seed[r], stream, step, 0);
+        const uint64_t *row_stream = streams ? PyArray_DATA(streams) : NULL;
+        const uint64_t *row_step = steps ? PyArray_DATA(steps) : NULL;
+        for (npy_intp r = 0; r < n_rows; r++)
+            coins[r] = lmd_rng_uniform(seed[r], row_stream ? row_stream[r] : stream,
+                                       row_step ? row_step[r] : step, 0);
     }
     set = sampler_set_acquire(lmd_get_num_threads(), (int32_t)vocab);
     if (set == NULL) goto fail;
@@ -441,6 +452,8 @@ fail:
     Py_XDECREF(logits);
     Py_XDECREF(params);
     Py_XDECREF(seeds);
+    Py_XDECREF(streams);
+    Py_XDECREF(steps);
     release_row_arrays(row_arrays);
     return result;
 }

@@ -389,6 +389,15 @@ def _check_u64(name: str, value: Any) -> int:
     return int(value)
 
 
+def _counter(name: str, value: Any, n_rows: int) -> tuple[int, np.ndarray | None]:
+    """A step or stream: one int for all rows, or one per row."""
+    if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes)):
+        if len(value) != n_rows:
+            raise ValueError(f"{name} has {len(value)} values but logits has {n_rows} rows")
+        return 0, np.array([_check_u64(f"{name}[{i}]", v) for i, v in enumerate(value)], dtype=np.uint64)
+    return _check_u64(name, value), None
+
+
 def _seeds(seed: Any, n_rows: int) -> np.ndarray:
     if type(seed) is int and 0 <= seed < _UINT64_LIMIT:
         return np.full(n_rows, seed, dtype=np.uint64)
@@ -403,12 +412,14 @@ def _seeds(seed: Any, n_rows: int) -> np.ndarray:
     raise TypeError(f"seed must be None, an int or one int per row, got {seed!r}")
 
 
-def _run(logits: Any, params: SamplingParams, row_inputs: dict[str, Any], *, seeds: np.ndarray | None, step: int, want_logprobs: bool, want_tokens: bool, stream: int = 0):
+def _run(logits: Any, params: SamplingParams, row_inputs: dict[str, Any], *, seeds: np.ndarray | None, want_logprobs: bool, want_tokens: bool, step: Any = 0, stream: Any = 0):
     rows, one_row = _as_logits(logits)
     n_rows = rows.shape[0]
     args = params._core_arguments(n_rows, row_inputs)
     if seeds is not None:
         args["seeds"] = seeds
+    step, args["steps"] = _counter("step", step, n_rows)
+    stream, args["streams"] = _counter("stream", stream, n_rows)
     try:
         out = _core.sample_rows(rows, step=step, stream=stream, want_logprobs=want_logprobs, want_tokens=want_tokens, **args)
     except ValueError as exc:
@@ -454,12 +465,11 @@ def sample(
     log-probabilities under the processed distribution. ``seed`` is None (fresh
     randomness), an int shared by all rows, or one int per row; rows with the
     same seed, step and logits draw the same token. Row ``r``'s coin is
-    ``rng_uniform(seed[r], stream, step)``; ``generate()`` gives its k-th
-    sequence stream k.
+    ``rng_uniform(seed[r], stream[r], step[r])``; ``step`` and ``stream`` are
+    ints shared by all rows or one per row (``generate()`` gives its k-th
+    sequence stream k and draws its t-th token at step t).
     """
     p, row_inputs = _params_for(params, keywords)
-    step = _check_u64("step", step)
-    stream = _check_u64("stream", stream)
     rows = np.shape(logits)[0] if np.ndim(logits) == 2 else 1
     (_, tokens, token_logprobs), one_row = _run(logits, p, row_inputs, seeds=_seeds(seed, rows), step=step, stream=stream, want_logprobs=False, want_tokens=True)
     if one_row:
