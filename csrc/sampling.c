@@ -33,8 +33,8 @@
 
 /* Cumulative-mass cuts bucket keys (in nats) at this resolution; keys past
  * the last bucket edge share the last bucket. */
-#define MASS_BUCKETS_PER_NAT 16
-#define MASS_BUCKETS 1024
+#define MASS_BUCKETS_PER_NAT 64
+#define MASS_BUCKETS 4096
 
 /* Dense prefilter bounds for top-p: the smallest distance d below the best
  * token whose covered mass already reaches p. */
@@ -67,6 +67,7 @@ typedef struct {
     float ms;             /* max scaled logit of the row (that token is always a candidate) */
     double outside_mass;  /* sum of w over tokens still in the distribution but not listed */
     double outside_wd;    /* sum of w * d over them (for the entropy) */
+    int weights_valid;    /* the sampler's weight[] holds w of every listed token */
 } cand_list;
 
 /* ------------------------------------------------------------------ */
@@ -522,7 +523,8 @@ static float mass_threshold(lmd_sampler *s, const float *key, const float *w, in
 /* ------------------------------------------------------------------ */
 
 /* weight[i] = e^(s_i - ms) for every candidate; returns their sum. */
-static double list_weights(lmd_sampler *s, const cand_list *L) {
+static double list_weights(lmd_sampler *s, cand_list *L) {
+    L->weights_valid = 1;
     vd lo = {0}, hi = {0};
     int32_t i = 0;
     for (; i + LMD_VEC_LANES <= L->n; i += LMD_VEC_LANES) {
@@ -546,13 +548,15 @@ static float mth_best_s(lmd_sampler *s, const cand_list *L, int32_t m) {
 }
 
 /* Keeps candidate i where keep_s (s_i >= floor_s) or its key is <= max_key
- * (when key != NULL); compacts in id order. Always removes the outside mass. */
+ * (when key != NULL); compacts in id order, weights included. Always removes
+ * the outside mass. */
 static void compact(lmd_sampler *s, cand_list *L, float floor_s, const float *key, float max_key) {
     int32_t n = 0;
     for (int32_t i = 0; i < L->n; i++) {
         int keep = s->cand_s[i] >= floor_s || (key != NULL && key[i] <= max_key);
         s->cand_id[n] = s->cand_id[i]; /* branch-free: n <= i */
         s->cand_s[n] = s->cand_s[i];
+        s->weight[n] = s->weight[i];
         n += keep;
     }
     L->n = n;
@@ -586,6 +590,7 @@ static void truncate_min_p(lmd_sampler *s, cand_list *L, double min_p, int32_t m
         int keep = (double)s->weight[i] >= min_p || s->cand_s[i] >= floor_s;
         s->cand_id[n] = s->cand_id[i];
         s->cand_s[n] = s->cand_s[i];
+        s->weight[n] = s->weight[i];
         n += keep;
     }
     L->n = n;
@@ -594,7 +599,7 @@ static void truncate_min_p(lmd_sampler *s, cand_list *L, double min_p, int32_t m
 
 /* Entropy in nats of the listed distribution plus the outside mass:
  * H = ln Z + sum(w d) / Z with Z = sum w. Needs list_weights first. */
-static double list_entropy(lmd_sampler *s, const cand_list *L, double total) {
+static double list_entropy(const lmd_sampler *s, const cand_list *L, double total) {
     double wd = L->outside_wd;
     for (int32_t i = 0; i < L->n; i++)
         if (s->weight[i] > 0.0f) wd += (double)s->weight[i] * (double)(L->ms - s->cand_s[i]);
@@ -630,6 +635,7 @@ static void truncate_below_probability(lmd_sampler *s, cand_list *L, double cuto
         int keep = (double)s->weight[i] >= cutoff_mass || s->cand_s[i] >= floor_s;
         s->cand_id[n] = s->cand_id[i];
         s->cand_s[n] = s->cand_s[i];
+        s->weight[n] = s->weight[i];
         n += keep;
     }
     L->n = n;
@@ -776,17 +782,40 @@ static void run_stage(lmd_sampler *s, cand_list *L, const lmd_sampling_params *p
 /* ------------------------------------------------------------------ */
 
 /* Inverse CDF over the list in id order: the first candidate whose
- * cumulative weight exceeds coin * total. */
-static int32_t draw_from_list(lmd_sampler *s, const cand_list *L, double total, double coin) {
-    double target = coin * total, cum = 0.0;
-    int32_t last_positive = 0;
-    for (int32_t i = 0; i < L->n; i++) {
+ * cumulative weight exceeds coin * total. Whole vector blocks are skipped by
+ * their sum; the block that crosses the target is walked token by token. */
+static int32_t draw_from_list(const lmd_sampler *s, const cand_list *L, double total,
+                              double coin) {
+    const double target = coin * total;
+    double cum = 0.0;
+    int32_t i = 0;
+    for (; i + LMD_VEC_LANES <= L->n; i += LMD_VEC_LANES) {
+        double block = vhsum(vload(s->weight + i));
+        if (cum + block > target) break;
+        cum += block;
+    }
+    int32_t last_positive = -1;
+    for (; i < L->n; i++) {
         if (s->weight[i] <= 0.0f) continue;
         cum += s->weight[i];
         last_positive = i;
         if (cum > target) return i;
     }
-    return last_positive; /* rounding left the target just above the sum */
+    /* rounding left the target at the very top: the last token with weight */
+    for (i = L->n - 1; i > 0 && last_positive < 0; i--)
+        if (s->weight[i] > 0.0f) last_positive = i;
+    return last_positive > 0 ? last_positive : 0;
+}
+
+/* Sum of the listed weights (lanes accumulated in double). */
+static double list_weight_sum(const lmd_sampler *s, const cand_list *L) {
+    vd lo = {0}, hi = {0};
+    int32_t i = 0;
+    for (; i + LMD_VEC_LANES <= L->n; i += LMD_VEC_LANES)
+        vaccumulate_double(&lo, &hi, vload(s->weight + i));
+    double sum = vsum_double(lo, hi);
+    for (; i < L->n; i++) sum += s->weight[i];
+    return sum;
 }
 
 /* Drawing from a whole row: one pass stores the mass of every group of
@@ -913,12 +942,13 @@ lmd_status lmd_sample_row(lmd_sampler *s, const lmd_sampling_params *p, const lm
         return LMD_OK;
     }
 
-    cand_list L = {0, ms, 0.0, 0.0};
+    cand_list L = {0, ms, 0.0, 0.0, 0};
     build_candidates(s, &L, p, stages[0], z, vocab, t);
     for (int i = (stages[0] == STAGE_TOP_K ? 1 : 0); i < n_stages; i++)
         run_stage(s, &L, p, stages[i]);
 
-    double total = list_weights(s, &L);
+    /* compactions carry the weights along; only a list never weighed needs them */
+    double total = L.weights_valid ? list_weight_sum(s, &L) : list_weights(s, &L);
     float log_total = (float)log(total);
     if (out_logprobs != NULL) {
         for (int32_t i = 0; i < vocab; i++) out_logprobs[i] = -INFINITY;

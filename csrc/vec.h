@@ -65,6 +65,15 @@ static inline int vany(vi mask) {
 #endif
 }
 
+/* Sum of the lanes by a fixed pairwise tree (same order on every call). */
+static inline float vhsum(vf v) {
+    float lane[LMD_VEC_LANES];
+    memcpy(lane, &v, sizeof lane);
+    for (int width = LMD_VEC_LANES / 2; width > 0; width /= 2)
+        for (int j = 0; j < width; j++) lane[j] += lane[j + width];
+    return lane[0];
+}
+
 static inline float vhmax(vf v) {
     float m = v[0];
     for (int j = 1; j < LMD_VEC_LANES; j++) m = v[j] > m ? v[j] : m;
