@@ -18,3 +18,5 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int:
     return _core.get_num_threads()
+
+from .model import KVCache, Model, ModelConfig  # noqa: E402  (the engine, issue 3)
