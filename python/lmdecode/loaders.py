@@ -97,13 +97,11 @@ def to_f32(src: Source) -> np.ndarray:
 def default_storage(tensors: dict) -> str:
     """f32 sources stay f32, bf16 stays bf16, f16 widens to f32, quantized types become q8_0."""
     kinds = {src.kind for name, src in tensors.items() if is_matrix(name)}
-    if kinds <= {"f32"}:
-        return "f32"
-    if kinds <= {"bf16"}:
-        return "bf16"
-    if kinds <= {"f32", "f16", "bf16"}:
-        return "f32"
-    return "q8_0"
+    if not kinds <= {"f32", "f16", "bf16"}:
+        return "q8_0"
+    if "bf16" in kinds and kinds <= {"f32", "bf16"}:
+        return "bf16"  # bf16 matrices, perhaps with a few left in f32
+    return "f32"
 
 
 def matrix_storage(src: Source, dtype: str) -> np.ndarray:
