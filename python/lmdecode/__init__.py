@@ -9,6 +9,7 @@ Samplers over external logits::
 from . import _core
 from .sampling import SamplingParams, greedy, log_softmax, process_logits, rng_uniform, sample
 from .generation import Generation, GenerationChunk, generate
+from .model import KVCache, Model, ModelConfig
 from .scoring import PerplexityResult, SequenceScore, sequence_logprob
 from .search import Hypothesis, beam_search
 
@@ -18,6 +19,9 @@ __all__ = [
     "Generation",
     "GenerationChunk",
     "Hypothesis",
+    "KVCache",
+    "Model",
+    "ModelConfig",
     "PerplexityResult",
     "SamplingParams",
     "SequenceScore",
@@ -50,3 +54,4 @@ def set_num_threads(n: int) -> None:
 def get_num_threads() -> int:
     """Threads the C core's parallel loops use now."""
     return _core.get_num_threads()
+

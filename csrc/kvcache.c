@@ -1,0 +1,174 @@
+/* kvcache.c -- paged key/value cache (contract in kvcache.h). */
+#include "kvcache.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+lmd_status lmd_kvpool_init(lmd_kvpool **out, int32_t n_layers, int32_t kv_dim, int32_t block_size,
+                           int32_t n_blocks, lmd_error *err) {
+    *out = NULL;
+    if (n_layers < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, "n_layers (=%d) must be >= 1", n_layers);
+    if (kv_dim < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, "kv_dim (=%d) must be >= 1", kv_dim);
+    if (block_size < 1 || block_size > 4096)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "block_size (=%d) must be in [1, 4096]", block_size);
+    if (n_blocks < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, "n_blocks (=%d) must be >= 1", n_blocks);
+    size_t floats_per_block = (size_t)n_layers * block_size * kv_dim;
+    if (floats_per_block > SIZE_MAX / sizeof(float) / (size_t)n_blocks)
+        return lmd_fail(err, LMD_ERR_NOMEM, "a KV pool of %d blocks of %zu floats does not fit in memory",
+                        n_blocks, floats_per_block);
+    lmd_kvpool *p = calloc(1, sizeof *p);
+    if (p == NULL) return lmd_fail(err, LMD_ERR_NOMEM, "out of memory allocating a KV pool");
+    p->n_layers = n_layers;
+    p->kv_dim = kv_dim;
+    p->block_size = block_size;
+    p->n_blocks = n_blocks;
+    /* malloc, not calloc: pages become resident only as positions are written. */
+    p->k = malloc(floats_per_block * n_blocks * sizeof(float));
+    p->v = malloc(floats_per_block * n_blocks * sizeof(float));
+    p->refcount = calloc((size_t)n_blocks, sizeof(int32_t));
+    p->free_list = malloc((size_t)n_blocks * sizeof(int32_t));
+    if (p->k == NULL || p->v == NULL || p->refcount == NULL || p->free_list == NULL) {
+        lmd_kvpool_free(p);
+        return lmd_fail(err, LMD_ERR_NOMEM, "out of memory allocating a KV pool of %d blocks (%zu bytes)",
+                        n_blocks, 2 * floats_per_block * n_blocks * sizeof(float));
+    }
+    /* highest id on the bottom of the stack, so blocks are taken in increasing address order */
+    for (int32_t i = 0; i < n_blocks; i++) p->free_list[i] = n_blocks - 1 - i;
+    p->n_free = n_blocks;
+    *out = p;
+    return LMD_OK;
+}
+
+void lmd_kvpool_free(lmd_kvpool *pool) {
+    if (pool == NULL) return;
+    free(pool->k);
+    free(pool->v);
+    free(pool->refcount);
+    free(pool->free_list);
+    free(pool);
+}
+
+static int32_t take_block(lmd_kvpool *p) {
+    int32_t id = p->free_list[--p->n_free];
+    p->refcount[id] = 1;
+    return id;
+}
+
+static void release_block(lmd_kvpool *p, int32_t id) {
+    if (--p->refcount[id] == 0) p->free_list[p->n_free++] = id;
+}
+
+static int32_t table_size(const lmd_kvpool *p, int32_t max_len) {
+    return (int32_t)(((int64_t)max_len + p->block_size - 1) / p->block_size);
+}
+
+static int32_t blocks_in_use(const lmd_kvpool *p, int32_t len) {
+    return (int32_t)(((int64_t)len + p->block_size - 1) / p->block_size);
+}
+
+lmd_status lmd_kvseq_init(lmd_kvseq **out, lmd_kvpool *pool, int32_t max_len, lmd_error *err) {
+    *out = NULL;
+    if (pool == NULL) return lmd_fail(err, LMD_ERR_INVALID_ARG, "pool is NULL");
+    if (max_len < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, "max_len (=%d) must be >= 1", max_len);
+    lmd_kvseq *s = calloc(1, sizeof *s);
+    int32_t n = table_size(pool, max_len);
+    int32_t *blocks = malloc((size_t)n * sizeof(int32_t));
+    if (s == NULL || blocks == NULL) {
+        free(s);
+        free(blocks);
+        return lmd_fail(err, LMD_ERR_NOMEM, "out of memory allocating a KV sequence");
+    }
+    for (int32_t i = 0; i < n; i++) blocks[i] = -1;
+    s->pool = pool;
+    s->max_len = max_len;
+    s->len = 0;
+    s->blocks = blocks;
+    *out = s;
+    return LMD_OK;
+}
+
+void lmd_kvseq_free(lmd_kvseq *seq) {
+    if (seq == NULL) return;
+    if (seq->blocks != NULL && seq->pool != NULL) {
+        int32_t n = table_size(seq->pool, seq->max_len);
+        for (int32_t i = 0; i < n; i++)
+            if (seq->blocks[i] >= 0) release_block(seq->pool, seq->blocks[i]);
+    }
+    free(seq->blocks);
+    free(seq);
+}
+
+lmd_status lmd_kvseq_fork(lmd_kvseq **out, const lmd_kvseq *src, lmd_error *err) {
+    lmd_status st = lmd_kvseq_init(out, src->pool, src->max_len, err);
+    if (st != LMD_OK) return st;
+    lmd_kvseq *s = *out;
+    int32_t used = blocks_in_use(src->pool, src->len);
+    for (int32_t i = 0; i < used; i++) {
+        s->blocks[i] = src->blocks[i];
+        src->pool->refcount[s->blocks[i]]++;
+    }
+    s->len = src->len;
+    return LMD_OK;
+}
+
+lmd_status lmd_kvseq_truncate(lmd_kvseq *seq, int32_t len, lmd_error *err) {
+    if (len < 0 || len > seq->len)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "length (=%d) must be in [0, %d] (the cached positions)",
+                        len, seq->len);
+    int32_t keep = blocks_in_use(seq->pool, len);
+    int32_t n = table_size(seq->pool, seq->max_len);
+    for (int32_t i = keep; i < n; i++)
+        if (seq->blocks[i] >= 0) {
+            release_block(seq->pool, seq->blocks[i]);
+            seq->blocks[i] = -1;
+        }
+    seq->len = len;
+    return LMD_OK;
+}
+
+/* True if writing position seq->len would touch a partly filled block that another sequence holds. */
+static int last_block_shared(const lmd_kvseq *seq) {
+    const lmd_kvpool *p = seq->pool;
+    if (seq->len % p->block_size == 0) return 0;
+    return p->refcount[seq->blocks[seq->len / p->block_size]] > 1;
+}
+
+int32_t lmd_kvseq_blocks_needed(const lmd_kvseq *seq, int32_t n_new) {
+    if (n_new <= 0) return 0;
+    const lmd_kvpool *p = seq->pool;
+    return blocks_in_use(p, seq->len + n_new) - blocks_in_use(p, seq->len) + last_block_shared(seq);
+}
+
+lmd_status lmd_kvseq_reserve(lmd_kvseq *seq, int32_t n_new, lmd_error *err) {
+    lmd_kvpool *p = seq->pool;
+    if (n_new < 0) return lmd_fail(err, LMD_ERR_INVALID_ARG, "n_new (=%d) must be >= 0", n_new);
+    if ((int64_t)seq->len + n_new > seq->max_len)
+        return lmd_fail(err, LMD_ERR_CACHE_FULL,
+                        "%d cached + %d new positions exceed the context length %d", seq->len, n_new,
+                        seq->max_len);
+    int32_t needed = lmd_kvseq_blocks_needed(seq, n_new);
+    if (needed > p->n_free)
+        return lmd_fail(err, LMD_ERR_CACHE_FULL,
+                        "the KV pool has %d free blocks of %d positions but %d are needed", p->n_free,
+                        p->block_size, needed);
+    if (n_new == 0) return LMD_OK;
+    if (last_block_shared(seq)) {
+        /* copy on write: the filled part of the last block, every layer */
+        int32_t idx = seq->len / p->block_size;
+        int32_t old = seq->blocks[idx];
+        int32_t fresh = take_block(p);
+        size_t filled = (size_t)(seq->len % p->block_size) * p->kv_dim;
+        size_t layer_stride = (size_t)p->block_size * p->kv_dim;
+        for (int32_t l = 0; l < p->n_layers; l++) {
+            size_t src = ((size_t)old * p->n_layers + l) * layer_stride;
+            size_t dst = ((size_t)fresh * p->n_layers + l) * layer_stride;
+            memcpy(p->k + dst, p->k + src, filled * sizeof(float));
+            memcpy(p->v + dst, p->v + src, filled * sizeof(float));
+        }
+        release_block(p, old);
+        seq->blocks[idx] = fresh;
+    }
+    int32_t first = blocks_in_use(p, seq->len), last = blocks_in_use(p, seq->len + n_new);
+    for (int32_t i = first; i < last; i++) seq->blocks[i] = take_block(p);
+    return LMD_OK;
+}

@@ -1,0 +1,87 @@
+/*
+ * kvcache.h -- paged key/value cache with shared prefixes.
+ *
+ * A pool owns fixed-size blocks of `block_size` positions; each block holds the
+ * keys and values of those positions for every layer. A sequence is a table of
+ * block ids plus a length. Forking a sequence copies only its block table and
+ * raises the blocks' reference counts, so a fork costs len/block_size integers,
+ * not len * n_layers * kv_dim floats. A block shared by several sequences is
+ * copied (at most block_size positions) by the first one that writes into it.
+ *
+ *     lmd_kvpool *pool; lmd_kvseq *a, *b; lmd_error err;
+ *     lmd_kvpool_init(&pool, n_layers, kv_dim, 16, 128, &err);  // room for 2048 positions
+ *     lmd_kvseq_init(&a, pool, 2048, &err);
+ *     lmd_kvseq_reserve(a, 10, &err);  // blocks for positions len .. len+9
+ *     ... write through lmd_kvseq_k / lmd_kvseq_v ...
+ *     a->len += 10;
+ *     lmd_kvseq_fork(&b, a, &err);       // b shares a's 10 positions
+ *     lmd_kvseq_truncate(a, 4, &err);    // rollback: a keeps positions 0..3
+ *     lmd_kvseq_free(b); lmd_kvseq_free(a); lmd_kvpool_free(pool);
+ *
+ * Ownership and threads: a sequence borrows its pool, which must outlive it.
+ * Sequences of one pool must not be used from two threads at once (the
+ * Python binding holds a lock per pool). Every failing call leaves the pool
+ * and the sequences as they were.
+ */
+#ifndef LMD_KVCACHE_H
+#define LMD_KVCACHE_H
+
+#include "lmdecode.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct lmd_kvpool {
+    int32_t n_layers;
+    int32_t kv_dim;     /* n_kv_heads * head_size */
+    int32_t block_size; /* positions per block */
+    int32_t n_blocks;
+    float *k;           /* (n_blocks, n_layers, block_size, kv_dim) */
+    float *v;           /* (n_blocks, n_layers, block_size, kv_dim) */
+    int32_t *refcount;  /* (n_blocks,): sequences whose table holds the block; 0 = free */
+    int32_t *free_list; /* (n_blocks,): ids of free blocks, the first n_free valid */
+    int32_t n_free;
+} lmd_kvpool;
+
+typedef struct lmd_kvseq {
+    lmd_kvpool *pool; /* borrowed */
+    int32_t max_len;  /* positions this sequence may hold (the model's context length) */
+    int32_t len;      /* positions filled, in [0, max_len] */
+    int32_t *blocks;  /* (ceil(max_len / block_size),): block of each position range, -1 if none */
+    int32_t pending;  /* scratch for lmd_model_forward: new positions of the current call */
+} lmd_kvseq;
+
+lmd_status lmd_kvpool_init(lmd_kvpool **out, int32_t n_layers, int32_t kv_dim, int32_t block_size,
+                           int32_t n_blocks, lmd_error *err);
+/* Safe on NULL and on a half-built pool. Sequences of the pool must be freed first. */
+void lmd_kvpool_free(lmd_kvpool *pool);
+
+/* An empty sequence that may grow to max_len positions. */
+lmd_status lmd_kvseq_init(lmd_kvseq **out, lmd_kvpool *pool, int32_t max_len, lmd_error *err);
+/* Releases the sequence's blocks; safe on NULL. */
+void lmd_kvseq_free(lmd_kvseq *seq);
+/* A new sequence holding the same positions as src, sharing its blocks. */
+lmd_status lmd_kvseq_fork(lmd_kvseq **out, const lmd_kvseq *src, lmd_error *err);
+/* Keeps positions [0, len); len must be in [0, seq->len]. Frees blocks no sequence holds. */
+lmd_status lmd_kvseq_truncate(lmd_kvseq *seq, int32_t len, lmd_error *err);
+
+/* Free blocks that lmd_kvseq_reserve(seq, n_new) would take. */
+int32_t lmd_kvseq_blocks_needed(const lmd_kvseq *seq, int32_t n_new);
+/* Makes positions [len, len + n_new) writable and private to seq (copying a shared,
+ * partly filled last block); seq->len is not changed. LMD_ERR_CACHE_FULL if
+ * len + n_new > max_len or the pool lacks blocks. */
+lmd_status lmd_kvseq_reserve(lmd_kvseq *seq, int32_t n_new, lmd_error *err);
+
+/* Key / value row (kv_dim,) of position pos (< len after reserve) in layer. */
+static inline float *lmd_kvseq_k(const lmd_kvseq *seq, int32_t layer, int32_t pos) {
+    const lmd_kvpool *p = seq->pool;
+    int32_t block = seq->blocks[pos / p->block_size];
+    return p->k + (((size_t)block * p->n_layers + layer) * p->block_size + pos % p->block_size) * p->kv_dim;
+}
+static inline float *lmd_kvseq_v(const lmd_kvseq *seq, int32_t layer, int32_t pos) {
+    const lmd_kvpool *p = seq->pool;
+    int32_t block = seq->blocks[pos / p->block_size];
+    return p->v + (((size_t)block * p->n_layers + layer) * p->block_size + pos % p->block_size) * p->kv_dim;
+}
+
+#endif /* LMD_KVCACHE_H */

@@ -1,0 +1,364 @@
+/* model.c -- forward pass of decoder-only transformers (contract in model.h).
+ *
+ * Dimension letters: B tokens of a chunk, D dim, Q q_dim, K kv_dim, H hidden_dim, V vocab. */
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------ */
+/* validation                                                           */
+/* ------------------------------------------------------------------ */
+
+static lmd_status check_matrix(const lmd_matrix *w, const char *layer_prefix, const char *name,
+                               int64_t rows, int64_t cols, lmd_error *err) {
+    if (w->data == NULL)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "%s%s: missing", layer_prefix, name);
+    if (w->dtype != LMD_F32 && w->dtype != LMD_BF16 && w->dtype != LMD_Q8_0)
+        return lmd_fail(err, LMD_ERR_UNSUPPORTED, "%s%s: unknown storage type %d", layer_prefix, name,
+                        (int)w->dtype);
+    if (w->rows != rows || w->cols != cols)
+        return lmd_fail(err, LMD_ERR_FORMAT, "%s%s: shape (%lld, %lld) but the config needs (%lld, %lld)",
+                        layer_prefix, name, (long long)w->rows, (long long)w->cols, (long long)rows,
+                        (long long)cols);
+    if (w->dtype == LMD_Q8_0 && cols % LMD_Q8_0_BLOCK != 0)
+        return lmd_fail(err, LMD_ERR_FORMAT, "%s%s: q8_0 needs a multiple of 32 columns, not %lld",
+                        layer_prefix, name, (long long)cols);
+    return LMD_OK;
+}
+
+static lmd_status check_vector(const float *v, int required, const char *layer_prefix, const char *name,
+                               lmd_error *err) {
+    if (required && v == NULL) return lmd_fail(err, LMD_ERR_INVALID_ARG, "%s%s: missing", layer_prefix, name);
+    return LMD_OK;
+}
+
+static lmd_status check_config(const lmd_config *c, lmd_error *err) {
+    if (c->arch != LMD_ARCH_LLAMA && c->arch != LMD_ARCH_GPT2)
+        return lmd_fail(err, LMD_ERR_UNSUPPORTED, "arch (=%d) is not llama (0) or gpt2 (1)", (int)c->arch);
+#define POSITIVE(field)                                                                                \
+    if (c->field < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, #field " (=%d) must be >= 1", c->field)
+    POSITIVE(vocab_size);
+    POSITIVE(dim);
+    POSITIVE(hidden_dim);
+    POSITIVE(n_layers);
+    POSITIVE(n_heads);
+    POSITIVE(n_kv_heads);
+    POSITIVE(head_dim);
+    POSITIVE(context_length);
+#undef POSITIVE
+    if (c->n_heads % c->n_kv_heads != 0)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "n_heads (=%d) must be a multiple of n_kv_heads (=%d)",
+                        c->n_heads, c->n_kv_heads);
+    if (c->arch == LMD_ARCH_LLAMA && c->head_dim % 2 != 0)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "head_dim (=%d) must be even for rotary embeddings",
+                        c->head_dim);
+    if (!(c->norm_eps >= 0.0f)) return lmd_fail(err, LMD_ERR_INVALID_ARG, "norm_eps (=%g) must be >= 0", c->norm_eps);
+    if (c->arch == LMD_ARCH_LLAMA && !(c->rope_theta > 0.0f))
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "rope_theta (=%g) must be > 0", c->rope_theta);
+    if (c->rope_layout != LMD_ROPE_ADJACENT && c->rope_layout != LMD_ROPE_HALF)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "rope_layout (=%d) must be 0 or 1", (int)c->rope_layout);
+    return LMD_OK;
+}
+
+static lmd_status check_weights(const lmd_config *c, const lmd_weights *w, lmd_error *err) {
+    const int64_t D = c->dim, Q = (int64_t)c->n_heads * c->head_dim,
+                  K = (int64_t)c->n_kv_heads * c->head_dim, H = c->hidden_dim, V = c->vocab_size;
+    const int gpt2 = c->arch == LMD_ARCH_GPT2;
+    lmd_status st;
+#define TRY(call)                                                                                      \
+    if ((st = (call)) != LMD_OK) return st
+    TRY(check_matrix(&w->token_embedding, "", "token_embedding", V, D, err));
+    TRY(check_matrix(&w->output, "", "output", V, D, err));
+    TRY(check_vector(w->final_norm, 1, "", "final_norm", err));
+    if (gpt2) {
+        TRY(check_vector(w->final_norm_bias, 1, "", "final_norm_bias", err));
+        TRY(check_vector(w->position_embedding, 1, "", "position_embedding", err));
+    }
+    if (w->layers == NULL) return lmd_fail(err, LMD_ERR_INVALID_ARG, "layers: missing");
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        const lmd_layer_weights *lw = &w->layers[l];
+        char prefix[32];
+        snprintf(prefix, sizeof prefix, "layers[%d].", l);
+        TRY(check_vector(lw->attn_norm, 1, prefix, "attn_norm", err));
+        TRY(check_vector(lw->ffn_norm, 1, prefix, "ffn_norm", err));
+        TRY(check_matrix(&lw->wq, prefix, "wq", Q, D, err));
+        TRY(check_matrix(&lw->wk, prefix, "wk", K, D, err));
+        TRY(check_matrix(&lw->wv, prefix, "wv", K, D, err));
+        TRY(check_matrix(&lw->wo, prefix, "wo", D, Q, err));
+        TRY(check_matrix(&lw->w_up, prefix, "w_up", H, D, err));
+        TRY(check_matrix(&lw->w_down, prefix, "w_down", D, H, err));
+        if (gpt2) {
+            TRY(check_vector(lw->attn_norm_bias, 1, prefix, "attn_norm_bias", err));
+            TRY(check_vector(lw->ffn_norm_bias, 1, prefix, "ffn_norm_bias", err));
+        } else {
+            TRY(check_matrix(&lw->w_gate, prefix, "w_gate", H, D, err));
+        }
+    }
+#undef TRY
+    return LMD_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* init / free                                                          */
+/* ------------------------------------------------------------------ */
+
+void lmd_model_free(lmd_model *m) {
+    if (m == NULL) return;
+    free(m->layer_storage);
+    free(m->x);
+    free(m->xb);
+    free(m->xb2);
+    free(m->q);
+    free(m->k);
+    free(m->v);
+    free(m->att_out);
+    free(m->hb);
+    free(m->hb2);
+    free(m->scores);
+    free(m->inv_freq);
+    free(m->pos);
+    free(m);
+}
+
+lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_weights *weights,
+                          int32_t max_batch, lmd_error *err) {
+    *out = NULL;
+    lmd_status st = check_config(config, err);
+    if (st != LMD_OK) return st;
+    st = check_weights(config, weights, err);
+    if (st != LMD_OK) return st;
+    if (max_batch < 1 || max_batch > 65536)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "max_batch (=%d) must be in [1, 65536]", max_batch);
+
+    lmd_model *m = calloc(1, sizeof *m);
+    if (m == NULL) return lmd_fail(err, LMD_ERR_NOMEM, "out of memory allocating a model");
+    m->config = *config;
+    m->weights = *weights;
+    m->max_batch = max_batch;
+    const size_t B = (size_t)max_batch, D = config->dim, Q = (size_t)config->n_heads * config->head_dim,
+                 K = (size_t)config->n_kv_heads * config->head_dim, H = config->hidden_dim;
+    m->layer_storage = malloc((size_t)config->n_layers * sizeof(lmd_layer_weights));
+    m->x = malloc(B * D * sizeof(float));
+    m->xb = malloc(B * D * sizeof(float));
+    m->xb2 = malloc(B * D * sizeof(float));
+    m->q = malloc(B * Q * sizeof(float));
+    m->k = malloc(B * K * sizeof(float));
+    m->v = malloc(B * K * sizeof(float));
+    m->att_out = malloc(B * Q * sizeof(float));
+    m->hb = malloc(B * H * sizeof(float));
+    m->hb2 = malloc(B * H * sizeof(float));
+    m->scores = malloc((size_t)config->n_heads * config->context_length * sizeof(float));
+    m->inv_freq = malloc(((size_t)config->head_dim / 2 + 1) * sizeof(float));
+    m->pos = malloc(B * sizeof(int32_t));
+    if (!m->layer_storage || !m->x || !m->xb || !m->xb2 || !m->q || !m->k || !m->v || !m->att_out ||
+        !m->hb || !m->hb2 || !m->scores || !m->inv_freq || !m->pos) {
+        lmd_model_free(m);
+        return lmd_fail(err, LMD_ERR_NOMEM, "out of memory allocating the run state for %d tokens",
+                        max_batch);
+    }
+    memcpy(m->layer_storage, weights->layers, (size_t)config->n_layers * sizeof(lmd_layer_weights));
+    m->weights.layers = m->layer_storage;
+    /* inv_freq[i] = base^(-2i/hs), computed in double then rounded, as the references do in float */
+    for (int32_t i = 0; i < config->head_dim / 2; i++)
+        m->inv_freq[i] = (float)(1.0 / pow((double)config->rope_theta, (2.0 * i) / config->head_dim));
+    *out = m;
+    return LMD_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* forward                                                              */
+/* ------------------------------------------------------------------ */
+
+static void add_bias(float *x, const float *bias, int B, int64_t n) {
+    if (bias == NULL) return;
+    for (int b = 0; b < B; b++)
+        for (int64_t k = 0; k < n; k++) x[b * n + k] += bias[k];
+}
+
+static void add_residual(float *x, const float *delta, int64_t n) {
+    for (int64_t k = 0; k < n; k++) x[k] += delta[k];
+}
+
+static void norm(const lmd_model *m, float *out, const float *x, const float *w, const float *b, int B) {
+    if (m->config.arch == LMD_ARCH_GPT2) lmd_layernorm(out, x, w, b, B, m->config.dim, m->config.norm_eps);
+    else lmd_rmsnorm(out, x, w, B, m->config.dim, m->config.norm_eps);
+}
+
+/* Below this many multiply-adds the attention of a chunk runs on one thread. */
+#define ATTENTION_PARALLEL_MIN_WORK 100000
+
+// q (B,Q) of tokens at pos[b] of seq_of[b]; keys/values of layer l from the cache -> att_out (B,Q)
+static void attention(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int B, int32_t l) {
+    const lmd_config *c = &m->config;
+    const int hs = c->head_dim, group = c->n_heads / c->n_kv_heads;
+    const int64_t Q = (int64_t)c->n_heads * hs;
+    const float scale = 1.0f / sqrtf((float)hs);
+    int64_t work = 0;
+    for (int b = 0; b < B; b++) work += (int64_t)(m->pos[b] + 1) * hs * c->n_heads;
+#ifdef _OPENMP
+    int use_threads = work >= ATTENTION_PARALLEL_MIN_WORK;
+#pragma omp parallel for schedule(static) num_threads(lmd_get_num_threads()) if (use_threads)
+#endif
+    for (int h = 0; h < c->n_heads; h++) {
+        float *scores = m->scores + (size_t)h * c->context_length;
+        const int kv_offset = (h / group) * hs;
+        for (int b = 0; b < B; b++) {
+            const lmd_kvseq *seq = seqs[token_seq[b]];
+            const float *q = m->q + b * Q + (int64_t)h * hs;
+            const int32_t n_pos = m->pos[b] + 1;
+            for (int32_t t = 0; t < n_pos; t++) scores[t] = lmd_dot(q, lmd_kvseq_k(seq, l, t) + kv_offset, hs) * scale;
+            lmd_softmax(scores, n_pos);
+            float *out = m->att_out + b * Q + (int64_t)h * hs;
+            memset(out, 0, (size_t)hs * sizeof(float));
+            for (int32_t t = 0; t < n_pos; t++) lmd_axpy(out, scores[t], lmd_kvseq_v(seq, l, t) + kv_offset, hs);
+        }
+    }
+}
+
+// tokens of one chunk -> residual stream x (B,D) after every layer; K/V written to the cache
+static void run_layers(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *tokens,
+                       const int32_t *token_seq, int B) {
+    const lmd_config *c = &m->config;
+    const lmd_weights *w = &m->weights;
+    const int64_t D = c->dim, Q = (int64_t)c->n_heads * c->head_dim,
+                  K = (int64_t)c->n_kv_heads * c->head_dim, H = c->hidden_dim;
+    const int gpt2 = c->arch == LMD_ARCH_GPT2;
+
+    for (int b = 0; b < B; b++) {
+        lmd_matrix_row(m->x + b * D, &w->token_embedding, tokens[b]);
+        if (gpt2) add_residual(m->x + b * D, w->position_embedding + (int64_t)m->pos[b] * D, D);
+    }
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        const lmd_layer_weights *lw = &w->layers[l];
+        // attention sublayer: x += wo @ attention(norm(x))
+        norm(m, m->xb, m->x, lw->attn_norm, lw->attn_norm_bias, B);
+        lmd_matmul(m->q, m->xb, &lw->wq, B);
+        lmd_matmul(m->k, m->xb, &lw->wk, B);
+        lmd_matmul(m->v, m->xb, &lw->wv, B);
+        add_bias(m->q, lw->bq, B, Q);
+        add_bias(m->k, lw->bk, B, K);
+        add_bias(m->v, lw->bv, B, K);
+        for (int b = 0; b < B; b++) {
+            if (!gpt2) {
+                lmd_rope(m->q + b * Q, c->n_heads, c->head_dim, m->pos[b], m->inv_freq, c->rope_layout);
+                lmd_rope(m->k + b * K, c->n_kv_heads, c->head_dim, m->pos[b], m->inv_freq, c->rope_layout);
+            }
+            const lmd_kvseq *seq = seqs[token_seq[b]];
+            memcpy(lmd_kvseq_k(seq, l, m->pos[b]), m->k + b * K, (size_t)K * sizeof(float));
+            memcpy(lmd_kvseq_v(seq, l, m->pos[b]), m->v + b * K, (size_t)K * sizeof(float));
+        }
+        attention(m, seqs, token_seq, B, l);
+        lmd_matmul(m->xb2, m->att_out, &lw->wo, B);
+        add_bias(m->xb2, lw->bo, B, D);
+        add_residual(m->x, m->xb2, B * D);
+
+        // feed-forward sublayer: x += down(act(up(norm(x))))
+        norm(m, m->xb, m->x, lw->ffn_norm, lw->ffn_norm_bias, B);
+        lmd_matmul(m->hb2, m->xb, &lw->w_up, B);
+        add_bias(m->hb2, lw->b_up, B, H);
+        if (gpt2) {
+            lmd_gelu_tanh(m->hb2, B * H);
+            lmd_matmul(m->xb2, m->hb2, &lw->w_down, B);
+        } else {
+            lmd_matmul(m->hb, m->xb, &lw->w_gate, B);
+            lmd_swiglu(m->hb, m->hb2, B * H);
+            lmd_matmul(m->xb2, m->hb, &lw->w_down, B);
+        }
+        add_bias(m->xb2, lw->b_down, B, D);
+        add_residual(m->x, m->xb2, B * D);
+    }
+}
+
+lmd_status lmd_model_forward(lmd_model *m, lmd_kvseq *const *seqs, int32_t n_seqs,
+                             const int32_t *tokens, const int32_t *token_seq, int32_t n_tokens,
+                             const int32_t *logit_index, int32_t n_logits, float *logits,
+                             lmd_error *err) {
+    const lmd_config *c = &m->config;
+    /* --- validate everything before touching any sequence --- */
+    if (n_seqs < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, "n_seqs (=%d) must be >= 1", n_seqs);
+    if (n_tokens < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, "n_tokens (=%d) must be >= 1", n_tokens);
+    if (n_logits < 0) return lmd_fail(err, LMD_ERR_INVALID_ARG, "n_logits (=%d) must be >= 0", n_logits);
+    const lmd_kvpool *pool = seqs[0] ? seqs[0]->pool : NULL;
+    for (int32_t s = 0; s < n_seqs; s++) {
+        if (seqs[s] == NULL) return lmd_fail(err, LMD_ERR_INVALID_ARG, "sequence %d is NULL", s);
+        if (seqs[s]->pool != pool)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "sequence %d belongs to another cache pool", s);
+        seqs[s]->pending = -1;
+    }
+    if (pool->n_layers != c->n_layers || pool->kv_dim != c->n_kv_heads * c->head_dim)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG,
+                        "the cache pool holds %d layers of %d features but the model has %d of %d",
+                        pool->n_layers, pool->kv_dim, c->n_layers, c->n_kv_heads * c->head_dim);
+    for (int32_t s = 0; s < n_seqs; s++) {
+        if (seqs[s]->pending != -1)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "sequence %d appears twice in one call", s);
+        seqs[s]->pending = 0;
+    }
+    for (int32_t t = 0; t < n_tokens; t++) {
+        if (tokens[t] < 0 || tokens[t] >= c->vocab_size)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "token id %d at index %d is outside the vocabulary [0, %d)",
+                            tokens[t], t, c->vocab_size);
+        if (token_seq[t] < 0 || token_seq[t] >= n_seqs)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "sequence index %d of token %d is outside [0, %d)",
+                            token_seq[t], t, n_seqs);
+        seqs[token_seq[t]]->pending++;
+    }
+    for (int32_t i = 0; i < n_logits; i++)
+        if (logit_index[i] < 0 || logit_index[i] >= n_tokens)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "logit index %d (=%d) is outside [0, %d)", i,
+                            logit_index[i], n_tokens);
+    int64_t blocks_needed = 0;
+    for (int32_t s = 0; s < n_seqs; s++) {
+        const lmd_kvseq *seq = seqs[s];
+        int32_t limit = seq->max_len < c->context_length ? seq->max_len : c->context_length;
+        if ((int64_t)seq->len + seq->pending > limit)
+            return lmd_fail(err, LMD_ERR_CACHE_FULL,
+                            "sequence %d holds %d positions; %d more exceed the context length %d", s,
+                            seq->len, seq->pending, limit);
+        blocks_needed += lmd_kvseq_blocks_needed(seq, seq->pending);
+    }
+    if (blocks_needed > pool->n_free)
+        return lmd_fail(err, LMD_ERR_CACHE_FULL,
+                        "the KV cache pool has %d free blocks of %d positions but this call needs %lld",
+                        pool->n_free, pool->block_size, (long long)blocks_needed);
+
+    /* --- from here on nothing fails --- */
+    for (int32_t s = 0; s < n_seqs; s++) {
+        lmd_status st = lmd_kvseq_reserve(seqs[s], seqs[s]->pending, err);
+        if (st != LMD_OK) return st; /* unreachable: checked above */
+        seqs[s]->pending = 0;
+    }
+    const int64_t D = c->dim, V = c->vocab_size;
+    for (int32_t c0 = 0; c0 < n_tokens; c0 += m->max_batch) {
+        int B = n_tokens - c0 < m->max_batch ? n_tokens - c0 : m->max_batch;
+        for (int b = 0; b < B; b++) {
+            lmd_kvseq *seq = seqs[token_seq[c0 + b]];
+            m->pos[b] = seq->len + seq->pending++;
+        }
+        run_layers(m, seqs, tokens + c0, token_seq + c0, B);
+
+        /* logits: runs of consecutive requests that fall in this chunk share one pass over the head */
+        for (int32_t i = 0; i < n_logits;) {
+            if (logit_index[i] < c0 || logit_index[i] >= c0 + B) {
+                i++;
+                continue;
+            }
+            int32_t run = 0;
+            while (i + run < n_logits && run < B && logit_index[i + run] >= c0 && logit_index[i + run] < c0 + B) {
+                memcpy(m->xb + run * D, m->x + (int64_t)(logit_index[i + run] - c0) * D, (size_t)D * sizeof(float));
+                run++;
+            }
+            norm(m, m->xb, m->xb, m->weights.final_norm, m->weights.final_norm_bias, run);
+            lmd_matmul(logits + (int64_t)i * V, m->xb, &m->weights.output, run);
+            i += run;
+        }
+    }
+    for (int32_t s = 0; s < n_seqs; s++) {
+        seqs[s]->len += seqs[s]->pending;
+        seqs[s]->pending = 0;
+    }
+    return LMD_OK;
+}

@@ -1,0 +1,501 @@
+/* ops.c -- kernels of the forward pass (contracts in ops.h). */
+#include "ops.h"
+
+#include "lmdecode.h"
+#include "vec.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__AVX512F__) || defined(__FMA__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+/* ------------------------------------------------------------------ */
+/* scalar conversions                                                   */
+/* ------------------------------------------------------------------ */
+
+float lmd_fp16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exponent = (h >> 10) & 0x1fu;
+    uint32_t mantissa = h & 0x3ffu;
+    uint32_t bits;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000u | (mantissa << 13); /* inf or NaN */
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else { /* subnormal: value = mantissa * 2^-24, exact in float */
+        float f = (float)mantissa * 5.9604644775390625e-8f;
+        memcpy(&bits, &f, sizeof bits);
+        bits |= sign;
+    }
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+#endif
+}
+
+uint16_t lmd_f32_to_fp16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    uint32_t abs_bits = x & 0x7fffffffu;
+    if (abs_bits > 0x7f800000u) return sign | 0x7e00u; /* NaN */
+    if (abs_bits >= 0x477ff000u) return sign | 0x7c00u; /* rounds to >= 65520: inf */
+    if (abs_bits < 0x38800000u) {                       /* below 2^-14: fp16 subnormal or zero */
+        float a;
+        memcpy(&a, &abs_bits, sizeof a);
+        /* a / 2^-24, rounded to nearest even by the float addition */
+        float scaled = a * 16777216.0f;
+        float rounded = (scaled + 8388608.0f) - 8388608.0f;
+        return sign | (uint16_t)rounded;
+    }
+    uint32_t mantissa_round = abs_bits + 0xfffu + ((abs_bits >> 13) & 1u);
+    return sign | (uint16_t)((mantissa_round - 0x38000000u) >> 13);
+}
+
+float lmd_bf16_to_f32(uint16_t b) {
+    uint32_t bits = (uint32_t)b << 16;
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+uint16_t lmd_f32_to_bf16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u); /* quiet NaN */
+    x += 0x7fffu + ((x >> 16) & 1u);
+    return (uint16_t)(x >> 16);
+}
+
+size_t lmd_row_bytes(lmd_dtype dtype, int64_t cols) {
+    switch (dtype) {
+    case LMD_F32: return (size_t)cols * 4;
+    case LMD_BF16: return (size_t)cols * 2;
+    case LMD_Q8_0: return (size_t)(cols / LMD_Q8_0_BLOCK) * LMD_Q8_0_BLOCK_BYTES;
+    }
+    return 0;
+}
+
+const char *lmd_dtype_name(lmd_dtype dtype) {
+    switch (dtype) {
+    case LMD_F32: return "f32";
+    case LMD_BF16: return "bf16";
+    case LMD_Q8_0: return "q8_0";
+    }
+    return "?";
+}
+
+void lmd_quantize_q8_0(uint8_t *out, const float *x, int64_t n) {
+    for (int64_t b = 0; b < n / LMD_Q8_0_BLOCK; b++) {
+        const float *xb = x + b * LMD_Q8_0_BLOCK;
+        uint8_t *ob = out + b * LMD_Q8_0_BLOCK_BYTES;
+        float amax = 0.0f;
+        for (int j = 0; j < LMD_Q8_0_BLOCK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        float scale = amax / 127.0f;
+        float inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+        uint16_t scale_bits = lmd_f32_to_fp16(scale);
+        memcpy(ob, &scale_bits, 2);
+        for (int j = 0; j < LMD_Q8_0_BLOCK; j++) {
+            float q = roundf(xb[j] * inv);
+            q = fminf(127.0f, fmaxf(-127.0f, q));
+            ob[2 + j] = (uint8_t)(int8_t)q;
+        }
+    }
+}
+
+void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r) {
+    const uint8_t *row = (const uint8_t *)w->data + (size_t)r * lmd_row_bytes(w->dtype, w->cols);
+    switch (w->dtype) {
+    case LMD_F32: memcpy(out, row, (size_t)w->cols * 4); break;
+    case LMD_BF16:
+        for (int64_t k = 0; k < w->cols; k++) {
+            uint16_t b;
+            memcpy(&b, row + 2 * k, 2);
+            out[k] = lmd_bf16_to_f32(b);
+        }
+        break;
+    case LMD_Q8_0:
+        for (int64_t b = 0; b < w->cols / LMD_Q8_0_BLOCK; b++) {
+            const uint8_t *blk = row + b * LMD_Q8_0_BLOCK_BYTES;
+            uint16_t scale_bits;
+            memcpy(&scale_bits, blk, 2);
+            float scale = lmd_fp16_to_f32(scale_bits);
+            for (int j = 0; j < LMD_Q8_0_BLOCK; j++)
+                out[b * LMD_Q8_0_BLOCK + j] = scale * (float)(int8_t)blk[2 + j];
+        }
+        break;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* vector helpers private to the kernels                                */
+/* ------------------------------------------------------------------ */
+
+typedef uint16_t vu16 __attribute__((vector_size(LMD_VEC_LANES * 2)));
+typedef uint32_t vu32 __attribute__((vector_size(LMD_VEC_BYTES)));
+typedef int8_t vi8 __attribute__((vector_size(LMD_VEC_LANES)));
+
+/* a * b + c with one rounding where the ISA has FMA (ISO C mode does not contract). */
+static inline vf vzero_f(void) { return (vf){0}; }
+
+static inline vf vfma(vf a, vf b, vf c) {
+#if defined(__AVX512F__) && LMD_VEC_BYTES == 64
+    return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__) && LMD_VEC_BYTES == 32
+    return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return a * b + c;
+#endif
+}
+
+static inline float vsum(vf v) {
+    float s = 0.0f;
+    for (int j = 0; j < LMD_VEC_LANES; j++) s += v[j];
+    return s;
+}
+
+/* LANES bfloat16 values -> floats (exact) */
+static inline vf vload_bf16(const uint8_t *p) {
+    vu16 h;
+    memcpy(&h, p, sizeof h);
+    vu32 w = __builtin_convertvector(h, vu32) << 16;
+    return (vf)w;
+}
+
+/* LANES int8 values -> floats (exact) */
+static inline vf vload_i8(const uint8_t *p) {
+    vi8 q;
+    memcpy(&q, p, sizeof q);
+    return __builtin_convertvector(__builtin_convertvector(q, vi), vf);
+}
+
+float lmd_dot(const float *x, const float *y, int n) {
+    vf acc = vzero_f();
+    int k = 0;
+    for (; k + LMD_VEC_LANES <= n; k += LMD_VEC_LANES) acc = vfma(vload(x + k), vload(y + k), acc);
+    float s = vsum(acc);
+    for (; k < n; k++) s += x[k] * y[k];
+    return s;
+}
+
+void lmd_axpy(float *y, float a, const float *x, int n) {
+    vf av = vbroadcast(a);
+    int k = 0;
+    for (; k + LMD_VEC_LANES <= n; k += LMD_VEC_LANES) vstore(y + k, vfma(av, vload(x + k), vload(y + k)));
+    for (; k < n; k++) y[k] += a * x[k];
+}
+
+/* ------------------------------------------------------------------ */
+/* matmul                                                               */
+/* ------------------------------------------------------------------ */
+
+/* Output tiles of TILE_R weight rows x TILE_C batch rows keep 16 accumulators in
+ * registers: each step loads TILE_R + TILE_C vectors for TILE_R * TILE_C FMAs.
+ * Every accumulator depends only on its own (row, batch row) pair, so the tile
+ * shape never changes a result. */
+#define TILE_R 4
+#define TILE_C 4
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+// rows r0..r0+nr of W (d,n) f32 against batch rows c0..c0+nc of x (B,n) -> out (B,d)
+static ALWAYS_INLINE void tile_f32(float *out, const float *x, const float *w, int64_t n, int64_t d,
+                                   int64_t r0, int nr, int c0, int nc) {
+    vf acc[TILE_R][TILE_C];
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) acc[r][c] = vzero_f();
+    int64_t nv = n - n % LMD_VEC_LANES;
+    for (int64_t k = 0; k < nv; k += LMD_VEC_LANES) {
+        vf xv[TILE_C];
+        for (int c = 0; c < nc; c++) xv[c] = vload(x + (int64_t)(c0 + c) * n + k);
+        for (int r = 0; r < nr; r++) {
+            vf wv = vload(w + (r0 + r) * n + k);
+            for (int c = 0; c < nc; c++) acc[r][c] = vfma(wv, xv[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) {
+            float s = vsum(acc[r][c]);
+            const float *wr = w + (r0 + r) * n;
+            const float *xc = x + (int64_t)(c0 + c) * n;
+            for (int64_t k = nv; k < n; k++) s += wr[k] * xc[k];
+            out[(int64_t)(c0 + c) * d + r0 + r] = s;
+        }
+}
+
+static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint8_t *w, int64_t n,
+                                    int64_t d, int64_t r0, int nr, int c0, int nc) {
+    vf acc[TILE_R][TILE_C];
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) acc[r][c] = vzero_f();
+    int64_t nv = n - n % LMD_VEC_LANES;
+    for (int64_t k = 0; k < nv; k += LMD_VEC_LANES) {
+        vf xv[TILE_C];
+        for (int c = 0; c < nc; c++) xv[c] = vload(x + (int64_t)(c0 + c) * n + k);
+        for (int r = 0; r < nr; r++) {
+            vf wv = vload_bf16(w + ((r0 + r) * n + k) * 2);
+            for (int c = 0; c < nc; c++) acc[r][c] = vfma(wv, xv[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) {
+            float s = vsum(acc[r][c]);
+            const uint8_t *wr = w + (r0 + r) * n * 2;
+            const float *xc = x + (int64_t)(c0 + c) * n;
+            for (int64_t k = nv; k < n; k++) {
+                uint16_t b;
+                memcpy(&b, wr + 2 * k, 2);
+                s += lmd_bf16_to_f32(b) * xc[k];
+            }
+            out[(int64_t)(c0 + c) * d + r0 + r] = s;
+        }
+}
+
+/* Q8_0: each block's 32 weights are scaled to floats once and then used against
+ * all TILE_C batch rows, so the work per weight byte stays small. */
+static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint8_t *w, int64_t n,
+                                    int64_t d, int64_t r0, int nr, int c0, int nc) {
+    vf acc[TILE_R][TILE_C];
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) acc[r][c] = vzero_f();
+    int64_t n_blocks = n / LMD_Q8_0_BLOCK;
+    size_t row_bytes = (size_t)n_blocks * LMD_Q8_0_BLOCK_BYTES;
+    for (int64_t b = 0; b < n_blocks; b++) {
+        float scale[TILE_R];
+        for (int r = 0; r < nr; r++) {
+            uint16_t scale_bits;
+            memcpy(&scale_bits, w + (size_t)(r0 + r) * row_bytes + b * LMD_Q8_0_BLOCK_BYTES, 2);
+            scale[r] = lmd_fp16_to_f32(scale_bits);
+        }
+        for (int j = 0; j < LMD_Q8_0_BLOCK; j += LMD_VEC_LANES) {
+            vf xv[TILE_C];
+            for (int c = 0; c < nc; c++) xv[c] = vload(x + (int64_t)(c0 + c) * n + b * LMD_Q8_0_BLOCK + j);
+            for (int r = 0; r < nr; r++) {
+                const uint8_t *q = w + (size_t)(r0 + r) * row_bytes + b * LMD_Q8_0_BLOCK_BYTES + 2 + j;
+                vf wv = vload_i8(q) * scale[r];
+                for (int c = 0; c < nc; c++) acc[r][c] = vfma(wv, xv[c], acc[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) out[(int64_t)(c0 + c) * d + r0 + r] = vsum(acc[r][c]);
+}
+
+/* Parallel regions cost a few microseconds; below this many multiply-adds one thread is faster. */
+#define MATMUL_PARALLEL_MIN_WORK 200000
+
+void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B) {
+    const int64_t d = w->rows, n = w->cols;
+    const int64_t n_row_tiles = (d + TILE_R - 1) / TILE_R;
+    const lmd_dtype dtype = w->dtype;
+    const void *data = w->data;
+#ifdef _OPENMP
+    int use_threads = (int64_t)B * d * n >= MATMUL_PARALLEL_MIN_WORK;
+#pragma omp parallel for schedule(static) num_threads(lmd_get_num_threads()) if (use_threads)
+#endif
+    for (int64_t t = 0; t < n_row_tiles; t++) {
+        int64_t r0 = t * TILE_R;
+        int nr = d - r0 < TILE_R ? (int)(d - r0) : TILE_R;
+        for (int c0 = 0; c0 < B; c0 += TILE_C) {
+            int nc = B - c0 < TILE_C ? B - c0 : TILE_C;
+            int full = nr == TILE_R && nc == TILE_C;
+            switch (dtype) {
+            case LMD_F32:
+                if (full) tile_f32(out, x, (const float *)data, n, d, r0, TILE_R, c0, TILE_C);
+                else tile_f32(out, x, (const float *)data, n, d, r0, nr, c0, nc);
+                break;
+            case LMD_BF16:
+                if (full) tile_bf16(out, x, (const uint8_t *)data, n, d, r0, TILE_R, c0, TILE_C);
+                else tile_bf16(out, x, (const uint8_t *)data, n, d, r0, nr, c0, nc);
+                break;
+            case LMD_Q8_0:
+                if (full) tile_q8_0(out, x, (const uint8_t *)data, n, d, r0, TILE_R, c0, TILE_C);
+                else tile_q8_0(out, x, (const uint8_t *)data, n, d, r0, nr, c0, nc);
+                break;
+            }
+        }
+    }
+}
+
+void lmd_matmul_naive(float *out, const float *x, const lmd_matrix *w, int B) {
+    const int64_t d = w->rows, n = w->cols;
+    float row[n > 0 ? n : 1];
+    for (int64_t i = 0; i < d; i++) {
+        lmd_matrix_row(row, w, i);
+        for (int b = 0; b < B; b++) {
+            double s = 0.0;
+            for (int64_t k = 0; k < n; k++) s += (double)row[k] * x[(int64_t)b * n + k];
+            out[(int64_t)b * d + i] = (float)s;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* norms                                                                */
+/* ------------------------------------------------------------------ */
+
+static float sum_of_squares(const float *x, int n) { return lmd_dot(x, x, n); }
+
+void lmd_rmsnorm(float *out, const float *x, const float *weight, int B, int n, float eps) {
+    for (int b = 0; b < B; b++) {
+        const float *xb = x + (int64_t)b * n;
+        float *ob = out + (int64_t)b * n;
+        float inv = 1.0f / sqrtf(sum_of_squares(xb, n) / (float)n + eps);
+        for (int k = 0; k < n; k++) ob[k] = weight[k] * (xb[k] * inv);
+    }
+}
+
+void lmd_rmsnorm_naive(float *out, const float *x, const float *weight, int B, int n, float eps) {
+    for (int b = 0; b < B; b++) {
+        double ss = 0.0;
+        for (int k = 0; k < n; k++) ss += (double)x[b * n + k] * x[b * n + k];
+        double inv = 1.0 / sqrt(ss / n + eps);
+        for (int k = 0; k < n; k++) out[b * n + k] = (float)(weight[k] * (x[b * n + k] * inv));
+    }
+}
+
+void lmd_layernorm(float *out, const float *x, const float *weight, const float *bias, int B, int n,
+                   float eps) {
+    for (int b = 0; b < B; b++) {
+        const float *xb = x + (int64_t)b * n;
+        float *ob = out + (int64_t)b * n;
+        vf acc = vzero_f();
+        int k = 0;
+        for (; k + LMD_VEC_LANES <= n; k += LMD_VEC_LANES) acc += vload(xb + k);
+        float sum = vsum(acc);
+        for (; k < n; k++) sum += xb[k];
+        float mean = sum / (float)n;
+        vf vmean = vbroadcast(mean);
+        acc = vzero_f();
+        for (k = 0; k + LMD_VEC_LANES <= n; k += LMD_VEC_LANES) {
+            vf c = vload(xb + k) - vmean;
+            acc = vfma(c, c, acc);
+        }
+        float var = vsum(acc);
+        for (; k < n; k++) var += (xb[k] - mean) * (xb[k] - mean);
+        var /= (float)n;
+        float inv = 1.0f / sqrtf(var + eps);
+        for (k = 0; k < n; k++) ob[k] = (xb[k] - mean) * inv * weight[k] + bias[k];
+    }
+}
+
+void lmd_layernorm_naive(float *out, const float *x, const float *weight, const float *bias, int B,
+                         int n, float eps) {
+    for (int b = 0; b < B; b++) {
+        double mean = 0.0, var = 0.0;
+        for (int k = 0; k < n; k++) mean += x[b * n + k];
+        mean /= n;
+        for (int k = 0; k < n; k++) var += (x[b * n + k] - mean) * (x[b * n + k] - mean);
+        var /= n;
+        double inv = 1.0 / sqrt(var + eps);
+        for (int k = 0; k < n; k++)
+            out[b * n + k] = (float)((x[b * n + k] - mean) * inv * weight[k] + bias[k]);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* rotary embeddings                                                    */
+/* ------------------------------------------------------------------ */
+
+/* The angle is computed in float, as pos * inv_freq, like the reference
+ * implementations, so positions far into the context agree with them. */
+void lmd_rope(float *x, int n_heads, int hs, int pos, const float *inv_freq, lmd_rope_layout layout) {
+    int half = hs / 2;
+    float cos_t[half > 0 ? half : 1], sin_t[half > 0 ? half : 1];
+    for (int i = 0; i < half; i++) {
+        float angle = (float)pos * inv_freq[i];
+        cos_t[i] = cosf(angle);
+        sin_t[i] = sinf(angle);
+    }
+    for (int h = 0; h < n_heads; h++) {
+        float *xh = x + (int64_t)h * hs;
+        for (int i = 0; i < half; i++) {
+            int a = layout == LMD_ROPE_ADJACENT ? 2 * i : i;
+            int b = layout == LMD_ROPE_ADJACENT ? 2 * i + 1 : i + half;
+            float x0 = xh[a], x1 = xh[b];
+            xh[a] = x0 * cos_t[i] - x1 * sin_t[i];
+            xh[b] = x0 * sin_t[i] + x1 * cos_t[i];
+        }
+    }
+}
+
+void lmd_rope_naive(float *x, int n_heads, int hs, int pos, const float *inv_freq,
+                    lmd_rope_layout layout) {
+    for (int h = 0; h < n_heads; h++)
+        for (int i = 0; i < hs / 2; i++) {
+            float angle = (float)pos * inv_freq[i];
+            int a = layout == LMD_ROPE_ADJACENT ? 2 * i : i;
+            int b = layout == LMD_ROPE_ADJACENT ? 2 * i + 1 : i + hs / 2;
+            double x0 = x[h * hs + a], x1 = x[h * hs + b];
+            x[h * hs + a] = (float)(x0 * cos(angle) - x1 * sin(angle));
+            x[h * hs + b] = (float)(x0 * sin(angle) + x1 * cos(angle));
+        }
+}
+
+/* ------------------------------------------------------------------ */
+/* softmax and activations                                              */
+/* ------------------------------------------------------------------ */
+
+void lmd_softmax(float *x, int n) {
+    float max = -INFINITY;
+    for (int k = 0; k < n; k++) max = x[k] > max ? x[k] : max;
+    vf vmax_b = vbroadcast(max);
+    vf acc = vzero_f();
+    int k = 0;
+    for (; k + LMD_VEC_LANES <= n; k += LMD_VEC_LANES) {
+        vf e = vexp_nonpositive(vload(x + k) - vmax_b);
+        vstore(x + k, e);
+        acc += e;
+    }
+    float sum = vsum(acc);
+    for (; k < n; k++) {
+        x[k] = exp_nonpositive(x[k] - max);
+        sum += x[k];
+    }
+    float inv = 1.0f / sum;
+    for (k = 0; k < n; k++) x[k] *= inv;
+}
+
+void lmd_softmax_naive(float *x, int n) {
+    double max = -INFINITY, sum = 0.0;
+    for (int k = 0; k < n; k++) max = x[k] > max ? x[k] : max;
+    for (int k = 0; k < n; k++) sum += exp(x[k] - max);
+    for (int k = 0; k < n; k++) x[k] = (float)(exp(x[k] - max) / sum);
+}
+
+void lmd_swiglu(float *gate, const float *up, int64_t n) {
+    for (int64_t k = 0; k < n; k++) {
+        float g = gate[k];
+        gate[k] = g / (1.0f + expf(-g)) * up[k];
+    }
+}
+
+void lmd_swiglu_naive(float *gate, const float *up, int64_t n) {
+    for (int64_t k = 0; k < n; k++) {
+        double g = gate[k];
+        gate[k] = (float)(g / (1.0 + exp(-g)) * up[k]);
+    }
+}
+
+#define GELU_SQRT_2_OVER_PI 0.7978845608028654f
+
+void lmd_gelu_tanh(float *x, int64_t n) {
+    for (int64_t k = 0; k < n; k++) {
+        float v = x[k];
+        x[k] = 0.5f * v * (1.0f + tanhf(GELU_SQRT_2_OVER_PI * (v + 0.044715f * v * v * v)));
+    }
+}
+
+void lmd_gelu_tanh_naive(float *x, int64_t n) {
+    for (int64_t k = 0; k < n; k++) {
+        double v = x[k];
+        x[k] = (float)(0.5 * v * (1.0 + tanh(0.7978845608028654 * (v + 0.044715 * v * v * v))));
+    }
+}

@@ -1,0 +1,102 @@
+/*
+ * ops.h -- the numeric kernels of the forward pass.
+ *
+ * Every kernel opens with its contract in shapes. Dimension letters:
+ *   B  rows of a batch (tokens processed together)
+ *   n  input features,  d  output features,  hs  head size
+ *
+ * Weight matrices are row-major (d, n) in one of three storage types:
+ *   LMD_F32   float
+ *   LMD_BF16  bfloat16 bits (the top 16 bits of an IEEE float), rounded to nearest even
+ *   LMD_Q8_0  llama.cpp's Q8_0 layout: each row is n/32 blocks of 34 bytes,
+ *             an fp16 scale d followed by 32 int8 values q; the weight is d * q.
+ *
+ * lmd_matmul reads each weight row once per call and multiplies it against all
+ * B input rows, so prefill, batched decode and draft verification cost one pass
+ * over the weights. It parallelises over output features only; each output
+ * element is summed in a fixed order by one thread, so results are identical for
+ * any thread count. Each fast kernel has a naive twin (suffix _naive) that the
+ * C tests compare against.
+ *
+ *     lmd_matrix w = {weights, LMD_F32, d, n};
+ *     lmd_matmul(out, x, &w, B);    // x (B, n) -> out (B, d)
+ */
+#ifndef LMD_OPS_H
+#define LMD_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum { LMD_F32 = 0, LMD_BF16 = 1, LMD_Q8_0 = 2 } lmd_dtype;
+
+#define LMD_Q8_0_BLOCK 32      /* weights per Q8_0 block */
+#define LMD_Q8_0_BLOCK_BYTES 34 /* fp16 scale + 32 int8 */
+
+/* A borrowed, row-major (rows, cols) weight matrix. */
+typedef struct {
+    const void *data;
+    lmd_dtype dtype;
+    int64_t rows;
+    int64_t cols; /* a multiple of 32 for LMD_Q8_0 */
+} lmd_matrix;
+
+/* Bytes one row of `cols` weights occupies in the given storage. */
+size_t lmd_row_bytes(lmd_dtype dtype, int64_t cols);
+/* Name of a storage type ("f32", "bf16", "q8_0"). */
+const char *lmd_dtype_name(lmd_dtype dtype);
+
+/* Scalar conversions. */
+float lmd_fp16_to_f32(uint16_t h);
+uint16_t lmd_f32_to_fp16(float f); /* round to nearest even, overflow to inf */
+float lmd_bf16_to_f32(uint16_t b);
+uint16_t lmd_f32_to_bf16(float f); /* round to nearest even, NaN stays NaN */
+
+// x (n,) -> q8_0 blocks (n/32 * 34 bytes); n a multiple of 32. Scale amax/127; all-zero blocks get scale 0.
+void lmd_quantize_q8_0(uint8_t *out, const float *x, int64_t n);
+// W row r (cols,) -> out (cols,) float
+void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r);
+
+// W (d,n) @ x[b] (n,) -> out[b] (d,) for b < B; x (B,n), out (B,d). out must not alias x.
+void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B);
+void lmd_matmul_naive(float *out, const float *x, const lmd_matrix *w, int B);
+
+// out[b] = x[b] / sqrt(mean(x[b]^2) + eps) * weight, x (B,n), weight (n,); out may alias x.
+void lmd_rmsnorm(float *out, const float *x, const float *weight, int B, int n, float eps);
+void lmd_rmsnorm_naive(float *out, const float *x, const float *weight, int B, int n, float eps);
+
+// out[b] = (x[b] - mean) / sqrt(var + eps) * weight + bias, x (B,n); out may alias x.
+void lmd_layernorm(float *out, const float *x, const float *weight, const float *bias, int B, int n,
+                   float eps);
+void lmd_layernorm_naive(float *out, const float *x, const float *weight, const float *bias, int B,
+                         int n, float eps);
+
+/* Which pairs of a head's features RoPE rotates together. */
+typedef enum {
+    LMD_ROPE_ADJACENT = 0, /* (0,1), (2,3), ...: llama2.c, GGUF "normal" */
+    LMD_ROPE_HALF = 1      /* (i, i + hs/2): Hugging Face rotate_half */
+} lmd_rope_layout;
+
+// Rotates x (n_heads, hs) in place for position pos; pair i turns by pos * inv_freq[i],
+// inv_freq (hs/2,) = base^(-2i/hs).
+void lmd_rope(float *x, int n_heads, int hs, int pos, const float *inv_freq, lmd_rope_layout layout);
+void lmd_rope_naive(float *x, int n_heads, int hs, int pos, const float *inv_freq,
+                    lmd_rope_layout layout);
+
+// x (n,) -> softmax(x) in place; max subtracted first.
+void lmd_softmax(float *x, int n);
+void lmd_softmax_naive(float *x, int n);
+
+// gate (n,) <- silu(gate) * up, silu(g) = g / (1 + e^-g).
+void lmd_swiglu(float *gate, const float *up, int64_t n);
+void lmd_swiglu_naive(float *gate, const float *up, int64_t n);
+
+// x (n,) <- 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's "gelu_new".
+void lmd_gelu_tanh(float *x, int64_t n);
+void lmd_gelu_tanh_naive(float *x, int64_t n);
+
+// x (n,) . y (n,) -> float, summed in a fixed order
+float lmd_dot(const float *x, const float *y, int n);
+// y (n,) += a * x (n,)
+void lmd_axpy(float *y, float a, const float *x, int n);
+
+#endif /* LMD_OPS_H */

@@ -1,0 +1,690 @@
+"""Readers of model files into the engine's tensor dictionary.
+
+Every reader returns ``(config, tensors, extras)``:
+
+* ``config``: the engine's hyperparameters (a dict with the keys of :class:`lmdecode.ModelConfig`);
+* ``tensors``: engine tensor names -> :class:`Source` (the data as it lies in the file, memory
+  mapped wherever the file allows, plus its element kind);
+* ``extras``: format facts that are not hyperparameters (vocabulary, tokenizer path).
+
+Engine tensor names: ``token_embedding`` (V, D), ``position_embedding`` (T, D), ``final_norm``
+(D,), ``final_norm_bias``, ``output`` (V, D), and per layer ``layers.{i}.`` + ``attn_norm``,
+``attn_norm_bias``, ``wq`` (Q, D), ``wk`` (K, D), ``wv`` (K, D), ``wo`` (D, Q), ``bq``, ``bk``,
+``bv``, ``bo``, ``ffn_norm``, ``ffn_norm_bias``, ``w_gate`` (H, D), ``w_up`` (H, D), ``w_down``
+(D, H), ``b_up``, ``b_down``. Matrices are (out_features, in_features).
+
+:func:`to_storage` turns sources into the arrays the C engine reads (float32, bfloat16 bits as
+uint16, or Q8_0 blocks as uint8), borrowing whenever source and storage agree.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import _core
+
+Q8_0_BLOCK = 32
+Q8_0_BLOCK_BYTES = 34
+STORAGE_DTYPES = ("f32", "bf16", "q8_0")
+MATRIX_SUFFIXES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+@dataclass
+class Source:
+    """One tensor as stored in a file.
+
+    kind: "f32", "f16", "bf16" (data is uint16 bits), "q8_0", "q4_0", "q4_1" (data is the raw
+    uint8 blocks, one row per output feature); shape: the logical (rows, cols) or (n,).
+    """
+
+    kind: str
+    data: np.ndarray
+    shape: tuple
+
+
+def _fail(path, message):
+    raise ValueError(f"{path}: {message}")
+
+
+def is_matrix(name: str) -> bool:
+    return name in ("token_embedding", "output") or name.rsplit(".", 1)[-1] in MATRIX_SUFFIXES
+
+
+# ----------------------------------------------------------------------------------------------
+# conversions to the engine's storage
+# ----------------------------------------------------------------------------------------------
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounded to nearest even; NaN stays NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = ((bits[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
+    return rounded
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def _dequantize_gguf(src: Source) -> np.ndarray:
+    from gguf import GGMLQuantizationType, quants
+
+    qtype = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0,
+             "q4_1": GGMLQuantizationType.Q4_1}[src.kind]
+    return np.ascontiguousarray(quants.dequantize(src.data, qtype), dtype=np.float32).reshape(src.shape)
+
+
+def to_f32(src: Source) -> np.ndarray:
+    """The tensor as float32 (borrowed if it already is)."""
+    if src.kind == "f32":
+        return np.ascontiguousarray(src.data, dtype=np.float32).reshape(src.shape)
+    if src.kind == "f16":
+        return np.ascontiguousarray(src.data, dtype=np.float32).reshape(src.shape)
+    if src.kind == "bf16":
+        return bf16_bits_to_f32(src.data).reshape(src.shape)
+    return _dequantize_gguf(src)
+
+
+def default_storage(tensors: dict) -> str:
+    """f32 sources stay f32, bf16 stays bf16, f16 widens to f32, quantized types become q8_0."""
+    kinds = {src.kind for name, src in tensors.items() if is_matrix(name)}
+    if not kinds <= {"f32", "f16", "bf16"}:
+        return "q8_0"
+    if "bf16" in kinds and kinds <= {"f32", "bf16"}:
+        return "bf16"  # bf16 matrices, perhaps with a few left in f32
+    return "f32"
+
+
+def matrix_storage(src: Source, dtype: str) -> np.ndarray:
+    """A weight matrix in the engine's storage `dtype`, borrowing the source when they agree.
+
+    Q8_0 needs a multiple of 32 columns; narrower or odd tensors stay float32 (as llama.cpp's
+    quantizer also leaves them), which is documented in Model.load.
+    """
+    rows, cols = src.shape
+    if dtype == "q8_0" and cols % Q8_0_BLOCK != 0:
+        dtype = "f32"
+    if dtype == "f32":
+        return to_f32(src)
+    if dtype == "bf16":
+        if src.kind == "bf16":
+            return np.ascontiguousarray(src.data, dtype=np.uint16).reshape(rows, cols)
+        return f32_to_bf16_bits(to_f32(src)).reshape(rows, cols)
+    if src.kind == "q8_0":
+        return np.ascontiguousarray(src.data, dtype=np.uint8).reshape(rows, cols // Q8_0_BLOCK * Q8_0_BLOCK_BYTES)
+    return _core.quantize_q8_0(to_f32(src))
+
+
+def to_storage(tensors: dict, dtype: str) -> dict:
+    """Engine arrays for every tensor: matrices in `dtype`, vectors float32. A tensor that appears
+    under two names (a tied output head) is converted once and shared."""
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype (={dtype!r}) must be one of {', '.join(STORAGE_DTYPES)}")
+    out, done = {}, {}
+    for name, src in tensors.items():
+        key = (id(src.data), is_matrix(name))
+        if key in done:
+            out[name] = done[key]
+            continue
+        arr = matrix_storage(src, dtype) if is_matrix(name) else to_f32(src)
+        done[key] = arr
+        out[name] = arr
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# shape checks shared by every format
+# ----------------------------------------------------------------------------------------------
+
+
+def expected_shapes(config: dict) -> dict:
+    """Engine tensor name -> shape the config demands (optional tensors included)."""
+    D, H, V = config["dim"], config["hidden_dim"], config["vocab_size"]
+    Q = config["n_heads"] * config["head_dim"]
+    K = config["n_kv_heads"] * config["head_dim"]
+    shapes = {"token_embedding": (V, D), "output": (V, D), "final_norm": (D,), "final_norm_bias": (D,),
+              "position_embedding": (config["context_length"], D)}
+    for i in range(config["n_layers"]):
+        p = f"layers.{i}."
+        shapes.update({p + "attn_norm": (D,), p + "attn_norm_bias": (D,), p + "wq": (Q, D), p + "wk": (K, D),
+                       p + "wv": (K, D), p + "wo": (D, Q), p + "bq": (Q,), p + "bk": (K,), p + "bv": (K,),
+                       p + "bo": (D,), p + "ffn_norm": (D,), p + "ffn_norm_bias": (D,), p + "w_gate": (H, D),
+                       p + "w_up": (H, D), p + "w_down": (D, H), p + "b_up": (H,), p + "b_down": (D,)})
+    return shapes
+
+
+def required_names(config: dict) -> list:
+    names = ["token_embedding", "output", "final_norm"]
+    gpt2 = config["arch"] == "gpt2"
+    if gpt2:
+        names += ["final_norm_bias", "position_embedding"]
+    for i in range(config["n_layers"]):
+        p = f"layers.{i}."
+        names += [p + s for s in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_up", "w_down")]
+        names += [p + s for s in (("attn_norm_bias", "ffn_norm_bias") if gpt2 else ("w_gate",))]
+    return names
+
+
+def check_tensors(path, config: dict, tensors: dict, file_names: dict | None = None) -> None:
+    """Raises ValueError naming the file and tensor when a tensor is missing or misshapen.
+
+    file_names maps engine names to the names in the file, for messages."""
+    file_names = file_names or {}
+    shapes = expected_shapes(config)
+    for name in required_names(config):
+        if name not in tensors:
+            _fail(path, f"tensor {file_names.get(name, name)!r} is missing")
+    for name, src in tensors.items():
+        want = shapes.get(name)
+        if want is None:
+            _fail(path, f"unexpected tensor {name!r}")
+        if tuple(src.shape) != want:
+            _fail(path, f"tensor {file_names.get(name, name)!r} has shape {tuple(src.shape)} but the config "
+                        f"(dim={config['dim']}, hidden_dim={config['hidden_dim']}, n_heads={config['n_heads']}, "
+                        f"n_kv_heads={config['n_kv_heads']}, vocab_size={config['vocab_size']}) needs {want}")
+
+
+def check_config(path, config: dict) -> None:
+    for key in ("vocab_size", "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                "context_length"):
+        value = config[key]
+        if not isinstance(value, (int, np.integer)) or value < 1 or value > 2**31 - 1:
+            _fail(path, f"{key} (={value!r}) must be a positive integer")
+    if config["n_heads"] % config["n_kv_heads"]:
+        _fail(path, f"n_heads (={config['n_heads']}) is not a multiple of n_kv_heads (={config['n_kv_heads']})")
+    if config["arch"] == "llama" and config["head_dim"] % 2:
+        _fail(path, f"head_dim (={config['head_dim']}) must be even for rotary embeddings")
+
+
+# ----------------------------------------------------------------------------------------------
+# llama2.c .bin
+# ----------------------------------------------------------------------------------------------
+
+LLAMA2C_HEADER = struct.Struct("<7i")
+
+
+def read_llama2c(path: Path):
+    """The legacy llama2.c export: 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads,
+    vocab_size, seq_len; a negative vocab_size means an untied classifier follows), then float32
+    tensors in a fixed order, memory mapped."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"ak42":
+        _fail(path, "llama2.c export format version 1/2 ('ak42' magic) is not supported; export with the legacy format")
+    if size < LLAMA2C_HEADER.size:
+        _fail(path, f"file of {size} bytes is too short for a llama2.c header ({LLAMA2C_HEADER.size} bytes)")
+    with open(path, "rb") as f:
+        dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = LLAMA2C_HEADER.unpack(f.read(LLAMA2C_HEADER.size))
+    tied = vocab > 0
+    vocab = abs(vocab)
+    for key, value in (("dim", dim), ("hidden_dim", hidden), ("n_layers", n_layers), ("n_heads", n_heads),
+                       ("n_kv_heads", n_kv_heads), ("vocab_size", vocab), ("seq_len", seq_len)):
+        if value < 1 or value > 1 << 24:
+            _fail(path, f"llama2.c header field {key} (={value}) is not plausible; not a llama2.c model?")
+    if dim % n_heads or n_heads % n_kv_heads:
+        _fail(path, f"llama2.c header: dim (={dim}) / n_heads (={n_heads}) / n_kv_heads (={n_kv_heads}) disagree")
+    hs = dim // n_heads
+    kv = n_kv_heads * hs
+    L = n_layers
+    layout = [("token_embedding", (vocab, dim)), ("attn_norm", (L, dim)), ("wq", (L, dim, dim)),
+              ("wk", (L, kv, dim)), ("wv", (L, kv, dim)), ("wo", (L, dim, dim)), ("ffn_norm", (L, dim)),
+              ("w_gate", (L, hidden, dim)), ("w_down", (L, dim, hidden)), ("w_up", (L, hidden, dim)),
+              ("final_norm", (dim,)), ("freq_cis_real", (seq_len, hs // 2)), ("freq_cis_imag", (seq_len, hs // 2))]
+    if not tied:
+        layout.append(("output", (vocab, dim)))
+    n_floats = sum(math.prod(shape) for _, shape in layout)
+    want = LLAMA2C_HEADER.size + 4 * n_floats
+    if size < want:
+        _fail(path, f"truncated: the header describes {want} bytes but the file has {size}")
+    if size > want:
+        _fail(path, f"{size - want} unexpected bytes after the tensors the header describes ({want} bytes)")
+    body = np.memmap(path, dtype=np.float32, mode="r", offset=LLAMA2C_HEADER.size, shape=(n_floats,))
+    parts, at = {}, 0
+    for name, shape in layout:
+        n = math.prod(shape)
+        parts[name] = body[at:at + n].reshape(shape)
+        at += n
+    tensors = {"token_embedding": Source("f32", parts["token_embedding"], (vocab, dim)),
+               "final_norm": Source("f32", parts["final_norm"], (dim,))}
+    tensors["output"] = tensors["token_embedding"] if tied else Source("f32", parts["output"], (vocab, dim))
+    for i in range(L):
+        for name in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_down", "w_up"):
+            arr = parts[name][i]
+            tensors[f"layers.{i}.{name}"] = Source("f32", arr, arr.shape)
+    config = dict(arch="llama", vocab_size=vocab, dim=dim, hidden_dim=hidden, n_layers=L, n_heads=n_heads,
+                  n_kv_heads=n_kv_heads, head_dim=hs, context_length=seq_len, norm_eps=1e-5, rope_theta=10000.0,
+                  rope_layout="adjacent", tied_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    return config, tensors, {}
+
+
+class Llama2cVocab:
+    """A llama2.c tokenizer file (``tok*.bin``): int32 max token length, then per token a float32
+    score, an int32 byte length and the bytes. Only decoding lives here; encoding is the
+    tokenizer module's job."""
+
+    def __init__(self, path, vocab_size: int | None = None):
+        path = Path(path)
+        self.path = path
+        data = path.read_bytes()
+        if len(data) < 4:
+            _fail(path, "too short for a llama2.c tokenizer")
+        (self.max_token_length,) = struct.unpack_from("<i", data, 0)
+        at, pieces, scores = 4, [], []
+        while at < len(data):
+            if at + 8 > len(data):
+                _fail(path, f"truncated at byte {at} (token {len(pieces)})")
+            score, n = struct.unpack_from("<fi", data, at)
+            at += 8
+            if n < 0 or at + n > len(data):
+                _fail(path, f"token {len(pieces)} claims {n} bytes at offset {at}, beyond the file ({len(data)} bytes)")
+            pieces.append(data[at:at + n])
+            scores.append(score)
+            at += n
+        if vocab_size is not None and len(pieces) != vocab_size:
+            _fail(path, f"holds {len(pieces)} tokens but the model's vocabulary has {vocab_size}")
+        self.pieces = pieces
+        self.scores = np.array(scores, dtype=np.float32)
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def piece_bytes(self, token: int, previous: int | None = None) -> bytes:
+        """Bytes of one token: byte-fallback tokens <0xNN> give their byte; after BOS (id 1)
+        sentencepiece's leading space is dropped."""
+        piece = self.pieces[token]
+        if len(piece) == 6 and piece.startswith(b"<0x") and piece.endswith(b">"):
+            return bytes([int(piece[3:5], 16)])
+        if previous == 1 and piece.startswith(b" "):
+            return piece[1:]
+        return piece
+
+    def decode(self, tokens) -> str:
+        out, previous = bytearray(), None
+        for t in tokens:
+            t = int(t)
+            if t in (1, 2):  # BOS, EOS: markers, not text
+                previous = t
+                continue
+            out += self.piece_bytes(t, previous)
+            previous = t
+        return out.decode("utf-8", errors="replace")
+
+
+def find_llama2c_tokenizer(model_path: Path, vocab_size: int):
+    for name in (f"tok{vocab_size}.bin", "tokenizer.bin"):
+        candidate = model_path.parent / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF
+# ----------------------------------------------------------------------------------------------
+
+GGUF_KINDS = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+GGUF_LLAMA_NAMES = {"attn_norm": "attn_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
+                    "ffn_norm": "ffn_norm", "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down"}
+GGUF_GPT2_NAMES = {("attn_norm", "weight"): "attn_norm", ("attn_norm", "bias"): "attn_norm_bias",
+                   ("attn_output", "weight"): "wo", ("attn_output", "bias"): "bo",
+                   ("ffn_norm", "weight"): "ffn_norm", ("ffn_norm", "bias"): "ffn_norm_bias",
+                   ("ffn_up", "weight"): "w_up", ("ffn_up", "bias"): "b_up",
+                   ("ffn_down", "weight"): "w_down", ("ffn_down", "bias"): "b_down"}
+
+
+def read_gguf(path: Path):
+    """GGUF v2/v3, llama and gpt2 architectures, parsed by the `gguf` package (memory mapped)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as e:  # pragma: no cover - gguf is a runtime dependency
+        raise ImportError("reading GGUF files needs the 'gguf' package (pip install gguf)") from e
+    try:
+        reader = GGUFReader(str(path), "r")
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad files
+        _fail(path, f"not a readable GGUF file ({type(e).__name__}: {e})")
+    fields = reader.fields
+
+    def meta(key, default=None, required=False):
+        field = fields.get(key)
+        if field is None:
+            if required:
+                _fail(path, f"GGUF metadata {key!r} is missing")
+            return default
+        return field.contents()
+
+    version = meta("GGUF.version")
+    if version not in (2, 3):
+        _fail(path, f"GGUF version {version} is not supported (2 or 3)")
+    arch = meta("general.architecture", required=True)
+    if arch not in ("llama", "gpt2"):
+        _fail(path, f"architecture {arch!r} is not supported (llama, gpt2)")
+    dim = int(meta(f"{arch}.embedding_length", required=True))
+    n_layers = int(meta(f"{arch}.block_count", required=True))
+    n_heads = int(meta(f"{arch}.attention.head_count", required=True))
+    n_kv_heads = int(meta(f"{arch}.attention.head_count_kv", n_heads))
+    hidden = int(meta(f"{arch}.feed_forward_length", 4 * dim))
+    context = int(meta(f"{arch}.context_length", required=True))
+    if arch == "llama":
+        eps = float(meta("llama.attention.layer_norm_rms_epsilon", 1e-5))
+        theta = float(meta("llama.rope.freq_base", 10000.0))
+        if meta("llama.rope.scaling.type", "none") not in ("none", None):
+            _fail(path, f"rope scaling {meta('llama.rope.scaling.type')!r} is not supported")
+    else:
+        eps = float(meta("gpt2.attention.layer_norm_epsilon", 1e-5))
+        theta = 10000.0
+    if n_heads < 1 or dim % n_heads:
+        _fail(path, f"embedding_length (={dim}) is not a multiple of head_count (={n_heads})")
+    head_dim = int(meta(f"{arch}.attention.key_length", dim // n_heads))
+    if arch == "llama" and int(meta("llama.rope.dimension_count", head_dim)) != head_dim:
+        _fail(path, "partial rotary embeddings (rope.dimension_count < head size) are not supported")
+
+    tensors, file_names, qkv = {}, {}, {}
+    for t in reader.tensors:
+        kind = GGUF_KINDS.get(t.tensor_type.name)
+        if kind is None:
+            _fail(path, f"tensor {t.name!r} has type {t.tensor_type.name}, not supported "
+                        f"({', '.join(GGUF_KINDS)})")
+        shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists the fastest dimension first
+        data = t.data
+        if kind == "bf16":
+            data = data.view(np.uint16)
+        src = Source(kind, data, shape)
+        parts = t.name.split(".")
+        name = None
+        if t.name == "token_embd.weight":
+            name = "token_embedding"
+        elif t.name == "position_embd.weight":
+            name = "position_embedding"
+        elif t.name == "output.weight":
+            name = "output"
+        elif t.name == "output_norm.weight":
+            name = "final_norm"
+        elif t.name == "output_norm.bias":
+            name = "final_norm_bias"
+        elif len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit():
+            layer, base, suffix = int(parts[1]), parts[2], parts[3]
+            if arch == "llama" and suffix == "weight" and base in GGUF_LLAMA_NAMES:
+                name = f"layers.{layer}.{GGUF_LLAMA_NAMES[base]}"
+            elif arch == "llama" and suffix == "bias" and base in ("attn_q", "attn_k", "attn_v", "attn_output"):
+                name = f"layers.{layer}.b{ {'attn_q': 'q', 'attn_k': 'k', 'attn_v': 'v', 'attn_output': 'o'}[base]}"
+            elif arch == "gpt2" and base == "attn_qkv":
+                qkv[(layer, suffix)] = (t.name, src)
+                continue
+            elif arch == "gpt2" and (base, suffix) in GGUF_GPT2_NAMES:
+                name = f"layers.{layer}.{GGUF_GPT2_NAMES[(base, suffix)]}"
+        if name is None:
+            if t.name.startswith("rope_freqs"):
+                continue
+            _fail(path, f"tensor {t.name!r} is not part of a supported {arch} model")
+        tensors[name] = src
+        file_names[name] = t.name
+    if "token_embedding" not in tensors:
+        _fail(path, "tensor 'token_embd.weight' is missing")
+    vocab = tensors["token_embedding"].shape[0]
+    tokens = meta("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens) != vocab:
+        _fail(path, f"the vocabulary in the metadata has {len(tokens)} tokens but token_embd.weight has {vocab} rows")
+    tied = "output" not in tensors
+    if tied:
+        tensors["output"] = tensors["token_embedding"]
+    for (layer, suffix), (file_name, src) in qkv.items():
+        # fused (3D, D) projection / (3D,) bias: q, k and v are consecutive row ranges
+        rows = src.shape[0]
+        if rows != 3 * dim or (suffix == "weight" and src.shape[1] != dim) or src.kind not in ("f32", "f16", "bf16"):
+            if src.kind not in ("f32", "f16", "bf16"):
+                _fail(path, f"tensor {file_name!r}: fused qkv of type {src.kind} is not supported")
+            _fail(path, f"tensor {file_name!r} has shape {src.shape}, expected ({3 * dim}, {dim})")
+        names = ("wq", "wk", "wv") if suffix == "weight" else ("bq", "bk", "bv")
+        flat = src.data.reshape(rows, -1)
+        for j, short in enumerate(names):
+            piece = flat[j * dim:(j + 1) * dim]
+            shape = (dim, dim) if suffix == "weight" else (dim,)
+            tensors[f"layers.{layer}.{short}"] = Source(src.kind, piece.reshape(shape), shape)
+            file_names[f"layers.{layer}.{short}"] = file_name
+    config = dict(arch=arch, vocab_size=vocab, dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads,
+                  n_kv_heads=n_kv_heads, head_dim=head_dim, context_length=context, norm_eps=eps, rope_theta=theta,
+                  rope_layout="adjacent", tied_embeddings=tied,
+                  bos_token_id=meta("tokenizer.ggml.bos_token_id"), eos_token_id=meta("tokenizer.ggml.eos_token_id"))
+    check_config(path, config)
+    check_tensors(path, config, tensors, file_names)
+    return config, tensors, {"vocab": list(tokens) if tokens is not None else None, "reader": reader}
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face checkpoints
+# ----------------------------------------------------------------------------------------------
+
+SAFETENSORS_KINDS = {"F32": ("f32", np.float32), "F16": ("f16", np.float16), "BF16": ("bf16", np.uint16)}
+HF_LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+HF_ARCHS = HF_LLAMA_ARCHS + ("GPT2LMHeadModel",)
+
+
+def read_safetensors(path: Path) -> dict:
+    """name -> Source, memory mapped. The format is an 8-byte little-endian header length, a JSON
+    header of {name: {dtype, shape, data_offsets}} and the data; every offset is checked against
+    the file size before use."""
+    size = path.stat().st_size
+    if size < 8:
+        _fail(path, f"file of {size} bytes is too short for a safetensors header")
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8 or header_len > 100 << 20:
+            _fail(path, f"safetensors header length {header_len} exceeds the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            _fail(path, f"safetensors header is not valid JSON ({e})")
+    if not isinstance(header, dict):
+        _fail(path, "safetensors header is not a JSON object")
+    data_start = 8 + header_len
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(int(n) for n in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            _fail(path, f"tensor {name!r}: malformed header entry {info!r}")
+        if dtype not in SAFETENSORS_KINDS:
+            _fail(path, f"tensor {name!r} has dtype {dtype}; supported: {', '.join(SAFETENSORS_KINDS)}")
+        kind, np_dtype = SAFETENSORS_KINDS[dtype]
+        n_bytes = math.prod(shape) * np.dtype(np_dtype).itemsize
+        if not (0 <= begin <= end and end - begin == n_bytes):
+            _fail(path, f"tensor {name!r}: data offsets [{begin}, {end}) do not hold shape {shape} of {dtype}")
+        if data_start + end > size:
+            _fail(path, f"truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size}")
+        if n_bytes == 0:
+            arr = np.zeros(shape, dtype=np_dtype)
+        else:
+            arr = np.memmap(path, dtype=np_dtype, mode="r", offset=data_start + begin, shape=shape)
+        if (data_start + begin) % np.dtype(np_dtype).itemsize:
+            arr = np.array(arr)  # misaligned for its type: one aligned copy
+        out[name] = Source(kind, arr, shape)
+    return out
+
+
+def hf_config(path, cfg: dict) -> dict:
+    """Engine hyperparameters from a Hugging Face config.json dict (raises on what is not supported)."""
+    archs = cfg.get("architectures") or []
+    model_type = cfg.get("model_type")
+    arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                                   "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}.get(model_type)
+    if arch not in HF_ARCHS:
+        _fail(path, f"architecture {arch or model_type!r} is not supported ({', '.join(HF_ARCHS)})")
+    if arch == "GPT2LMHeadModel":
+        dim, n_heads = cfg["n_embd"], cfg["n_head"]
+        act = cfg.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            _fail(path, f"activation_function {act!r} is not supported (gelu_new)")
+        if cfg.get("scale_attn_by_inverse_layer_idx"):
+            _fail(path, "scale_attn_by_inverse_layer_idx is not supported")
+        if cfg.get("scale_attn_weights", True) is False:
+            _fail(path, "scale_attn_weights=False is not supported")
+        return dict(arch="gpt2", vocab_size=cfg["vocab_size"], dim=dim, hidden_dim=cfg.get("n_inner") or 4 * dim,
+                    n_layers=cfg["n_layer"], n_heads=n_heads, n_kv_heads=n_heads, head_dim=dim // n_heads,
+                    context_length=cfg["n_positions"], norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+                    rope_theta=10000.0, rope_layout="half", tied_embeddings=True,
+                    bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+        _fail(path, f"rope scaling type {rope_type!r} is not supported")
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+        _fail(path, "partial rotary embeddings are not supported")
+    if cfg.get("mlp_bias"):
+        _fail(path, "mlp_bias=True is not supported")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        _fail(path, f"hidden_act {act!r} is not supported (silu)")
+    context = cfg.get("max_position_embeddings", 2048)
+    window = cfg.get("sliding_window")
+    if window and (arch == "MistralForCausalLM" or cfg.get("use_sliding_window")):
+        context = min(context, window)  # within the window sliding-window attention is full attention
+    return dict(arch="llama", vocab_size=cfg["vocab_size"], dim=dim, hidden_dim=cfg["intermediate_size"],
+                n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+                head_dim=cfg.get("head_dim") or dim // n_heads, context_length=context,
+                norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_layout="half",
+                tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
+
+
+HF_LLAMA_LAYER = {"input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "wq",
+                  "self_attn.k_proj.weight": "wk", "self_attn.v_proj.weight": "wv", "self_attn.o_proj.weight": "wo",
+                  "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
+                  "self_attn.o_proj.bias": "bo", "post_attention_layernorm.weight": "ffn_norm",
+                  "mlp.gate_proj.weight": "w_gate", "mlp.up_proj.weight": "w_up", "mlp.down_proj.weight": "w_down"}
+HF_GPT2_LAYER = {"ln_1.weight": "attn_norm", "ln_1.bias": "attn_norm_bias", "attn.c_proj.weight": "wo",
+                 "attn.c_proj.bias": "bo", "ln_2.weight": "ffn_norm", "ln_2.bias": "ffn_norm_bias",
+                 "mlp.c_fc.weight": "w_up", "mlp.c_fc.bias": "b_up", "mlp.c_proj.weight": "w_down",
+                 "mlp.c_proj.bias": "b_down"}
+HF_GPT2_TRANSPOSED = ("wo", "w_up", "w_down")  # Conv1D stores (in, out)
+
+
+def _transpose(src: Source) -> Source:
+    """(in, out) Conv1D weight -> (out, in); one copy, the mapped original is not kept."""
+    data = np.ascontiguousarray(src.data.T)
+    return Source(src.kind, data, data.shape)
+
+
+def map_hf_tensors(path, config: dict, named: dict) -> tuple:
+    """HF parameter names -> engine tensors (dict of Source) and the reverse name map for messages."""
+    tensors, file_names = {}, {}
+    gpt2 = config["arch"] == "gpt2"
+    for hf_name, src in named.items():
+        name = hf_name
+        for prefix in ("model.", "transformer."):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+        engine = None
+        if name in ("embed_tokens.weight", "wte.weight"):
+            engine = "token_embedding"
+        elif name == "wpe.weight":
+            engine = "position_embedding"
+        elif name in ("norm.weight", "ln_f.weight"):
+            engine = "final_norm"
+        elif name == "ln_f.bias":
+            engine = "final_norm_bias"
+        elif name == "lm_head.weight":
+            engine = "output"
+        elif name.startswith(("layers.", "h.")):
+            _, idx, rest = name.split(".", 2)
+            if not idx.isdigit():
+                _fail(path, f"tensor {hf_name!r}: unexpected layer index")
+            if gpt2 and rest in ("attn.c_attn.weight", "attn.c_attn.bias"):
+                D = config["dim"]
+                if rest.endswith("weight"):
+                    if src.shape != (D, 3 * D):
+                        _fail(path, f"tensor {hf_name!r} has shape {src.shape} but the config needs {(D, 3 * D)}")
+                    full = _transpose(src)
+                    for j, short in enumerate(("wq", "wk", "wv")):
+                        tensors[f"layers.{idx}.{short}"] = Source(src.kind, full.data[j * D:(j + 1) * D], (D, D))
+                        file_names[f"layers.{idx}.{short}"] = hf_name
+                else:
+                    if src.shape != (3 * D,):
+                        _fail(path, f"tensor {hf_name!r} has shape {src.shape} but the config needs {(3 * D,)}")
+                    for j, short in enumerate(("bq", "bk", "bv")):
+                        tensors[f"layers.{idx}.{short}"] = Source(src.kind, src.data[j * D:(j + 1) * D], (D,))
+                        file_names[f"layers.{idx}.{short}"] = hf_name
+                continue
+            if rest in ("attn.bias", "attn.masked_bias", "self_attn.rotary_emb.inv_freq"):
+                continue  # buffers, not parameters
+            short = (HF_GPT2_LAYER if gpt2 else HF_LLAMA_LAYER).get(rest)
+            if short is not None:
+                engine = f"layers.{idx}.{short}"
+                if gpt2 and short in HF_GPT2_TRANSPOSED:
+                    src = _transpose(src)
+        if engine is None:
+            _fail(path, f"tensor {hf_name!r} is not part of a supported {config['arch']} model")
+        tensors[engine] = src
+        file_names[engine] = hf_name
+    if "output" not in tensors and "token_embedding" in tensors:
+        tensors["output"] = tensors["token_embedding"]
+        config["tied_embeddings"] = True
+    check_tensors(path, config, tensors, file_names)
+    return tensors, file_names
+
+
+def read_hf_dir(path: Path):
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        _fail(path, "a Hugging Face checkpoint directory needs config.json")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        _fail(config_path, f"not valid JSON ({e})")
+    config = hf_config(config_path, raw)
+    check_config(config_path, config)
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    named = {}
+    if single.is_file():
+        named = read_safetensors(single)
+        where = single
+    elif index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        shards = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = path / shard
+            if os.path.dirname(shard) or not shard_path.is_file():
+                _fail(index, f"shard {shard!r} is missing")
+            shards[shard] = read_safetensors(shard_path)
+        for name, shard in weight_map.items():
+            if name not in shards[shard]:
+                _fail(path / shard, f"tensor {name!r} listed in the index is missing")
+            named[name] = shards[shard][name]
+        where = path
+    else:
+        _fail(path, "no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read)")
+    tensors, _ = map_hf_tensors(where, config, named)
+    return config, tensors, {}
+
+
+def from_hf_numpy(config_dict: dict, weights: dict):
+    """Engine config and sources from HF config keys and parameter arrays (borrowed when float32)."""
+    config = hf_config("from_numpy config", dict(config_dict))
+    check_config("from_numpy config", config)
+    named = {}
+    for name, arr in weights.items():
+        arr = np.asarray(arr)
+        if arr.dtype == np.float32:
+            kind = "f32"
+        elif arr.dtype == np.float16:
+            kind = "f16"
+        else:
+            raise TypeError(f"weights[{name!r}] has dtype {arr.dtype}; expected float32 or float16")
+        named[name] = Source(kind, arr, arr.shape)
+    tensors, _ = map_hf_tensors("from_numpy weights", config, named)
+    return config, tensors

@@ -1,0 +1,292 @@
+"""Transformer models on the C engine: loading, logits, and a paged KV cache.
+
+Loading::
+
+    model = lmdecode.Model.load("stories260K.bin")              # llama2.c (tok*.bin found beside it)
+    model = lmdecode.Model.load("model.gguf", dtype="q8_0")     # GGUF v2/v3, llama or gpt2
+    model = lmdecode.Model.load("hf_checkpoint_dir/")           # config.json + safetensors
+    model = lmdecode.Model.from_numpy(hf_config_dict, {hf_name: array})
+
+``dtype`` picks the engine's weight storage: ``"f32"``, ``"bf16"`` or ``"q8_0"`` (llama.cpp's
+block layout). By default f32 files stay f32, bf16 stays bf16, f16 widens to f32 and quantized
+GGUF tensors (Q8_0, Q4_0, Q4_1) become q8_0. Q8_0 needs a multiple of 32 input features; a
+matrix without one (e.g. stories260K's 172-wide feed-forward) stays f32. Norm weights, biases and
+GPT-2's position table are always f32. Weights whose storage equals the file's are memory mapped
+and never copied; the Model keeps the mapping alive.
+
+Whole sequences::
+
+    logits = model.logits([1, 403, 407, 261, 378])   # (5, vocab) float32, one prefill pass
+
+Incremental decoding with a cache::
+
+    cache = model.new_cache()                        # room for context_length positions
+    last = model.forward([1, 403, 407], cache)       # (vocab,): logits of the last token
+    last = model.forward([261], cache)               # appends one position
+    rows = model.forward(draft, cache, logits="all") # (len(draft), vocab): verify k draft tokens
+    cache.truncate(4)                                # rollback to the first 4 positions
+    beam = cache.fork()                              # shares the 4 positions, no copy
+
+Several sequences in one pass (each weight matrix read once for all of them)::
+
+    outs = model.forward_batch([[17], [42]], [cache_a, cache_b])   # list of (vocab,) arrays
+
+Caches forked from one another share a pool of blocks of ``block_size`` positions; ``capacity``
+(positions, default the context length) bounds the pool, shared positions counting once. A
+forward call that would exceed a sequence's context length or the pool raises ValueError and
+leaves every cache as it was.
+
+Thread safety: a Model and the caches of one pool may be used from several Python threads; a lock
+per model and per pool serialises their calls (the GIL is released while the engine runs).
+``lmdecode.set_num_threads`` sets the engine's threads; results do not depend on it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import numpy as np
+
+from . import _core
+from . import loaders
+
+__all__ = ["Model", "ModelConfig", "KVCache"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of a loaded model."""
+
+    arch: str                 # "llama" (also Mistral, Qwen2) or "gpt2"
+    vocab_size: int
+    dim: int                  # residual width
+    hidden_dim: int           # feed-forward width
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    context_length: int
+    norm_eps: float
+    rope_theta: float
+    rope_layout: str          # "adjacent" (llama2.c, GGUF) or "half" (Hugging Face)
+    tied_embeddings: bool
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    dtype: str = "f32"        # the engine's weight storage
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class KVCache:
+    """One sequence's cached keys and values (a table of blocks in a shared pool).
+
+    ``len(cache)`` is the number of cached positions; :meth:`truncate` rolls back;
+    :meth:`fork` returns a cache sharing this one's positions (copy-on-write per block)."""
+
+    __slots__ = ("_seq", "_model")
+
+    def __init__(self, seq, model):
+        self._seq = seq
+        self._model = model
+
+    def __len__(self) -> int:
+        return self._seq.len
+
+    @property
+    def max_len(self) -> int:
+        return self._seq.max_len
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks of the shared pool that no cache holds."""
+        return self._seq.pool.free_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._seq.pool.block_size
+
+    def truncate(self, length: int) -> None:
+        """Keep positions [0, length)."""
+        self._seq.truncate(_as_int("length", length))
+
+    def fork(self) -> "KVCache":
+        return KVCache(self._seq.fork(), self._model)
+
+    def __repr__(self) -> str:
+        return f"KVCache(len={len(self)}, max_len={self.max_len})"
+
+
+def _as_int(name, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    return int(value)
+
+
+class Model:
+    """A decoder-only transformer on the C engine. Build with :meth:`load` or :meth:`from_numpy`."""
+
+    def __init__(self, config: dict, tensors: dict, *, dtype: str | None = None, max_batch: int = 256,
+                 path=None, tokenizer_path=None, vocab=None, keepalive=None):
+        storage = dtype if dtype is not None else loaders.default_storage(tensors)
+        if storage not in loaders.STORAGE_DTYPES:
+            raise ValueError(f"dtype (={dtype!r}) must be one of {', '.join(loaders.STORAGE_DTYPES)}")
+        max_batch = _as_int("max_batch", max_batch)
+        if not 1 <= max_batch <= 65536:
+            raise ValueError(f"max_batch (={max_batch}) must be in [1, 65536]")
+        arrays = loaders.to_storage(tensors, storage)
+        fields = {k: config[k] for k in ModelConfig.__dataclass_fields__ if k in config and k != "dtype"}
+        self.config = ModelConfig(**fields, dtype=storage)
+        engine_config = {k: config[k] for k in ("arch", "vocab_size", "dim", "hidden_dim", "n_layers", "n_heads",
+                                                "n_kv_heads", "head_dim", "context_length", "norm_eps",
+                                                "rope_theta", "rope_layout")}
+        self._engine = _core.Model(engine_config, arrays, max_batch)
+        self._keepalive = keepalive  # e.g. the GGUF reader whose mapping the arrays view
+        self.path = Path(path) if path is not None else None
+        self.tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else None
+        self.vocab = vocab
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def load(cls, path, *, tokenizer=None, dtype: str | None = None, max_batch: int = 256) -> "Model":
+        """Load a llama2.c ``.bin``, a GGUF file or a Hugging Face checkpoint directory.
+
+        tokenizer: path of a llama2.c ``tok*.bin`` (found beside a ``.bin`` model when not given);
+        its pieces become ``model.vocab`` (list of bytes). GGUF files give their vocabulary from
+        the metadata (list of str)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or directory")
+        vocab, tokenizer_path, keepalive = None, None, None
+        if path.is_dir():
+            config, tensors, extras = loaders.read_hf_dir(path)
+        else:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+            if magic == b"GGUF":
+                config, tensors, extras = loaders.read_gguf(path)
+                vocab, keepalive = extras["vocab"], extras["reader"]
+            elif path.suffix == ".bin":
+                config, tensors, extras = loaders.read_llama2c(path)
+                loaders.check_config(path, config)
+                loaders.check_tensors(path, config, tensors)
+                tokenizer_path = tokenizer or loaders.find_llama2c_tokenizer(path, config["vocab_size"])
+            else:
+                raise ValueError(f"{path}: unrecognised model format (magic {magic!r}); expected a GGUF file, "
+                                 "a llama2.c .bin or a Hugging Face checkpoint directory")
+        if tokenizer is not None:
+            tokenizer_path = tokenizer
+        if tokenizer_path is not None and Path(tokenizer_path).suffix == ".bin":
+            vocab = loaders.Llama2cVocab(tokenizer_path, config["vocab_size"]).pieces
+        return cls(config, tensors, dtype=dtype, max_batch=max_batch, path=path, tokenizer_path=tokenizer_path,
+                   vocab=vocab, keepalive=keepalive)
+
+    @classmethod
+    def from_numpy(cls, config: dict, weights: dict, *, dtype: str | None = None, max_batch: int = 256) -> "Model":
+        """A model from a Hugging Face config dict (``config.json`` keys, with ``architectures`` or
+        ``model_type``) and parameter arrays under their Hugging Face names (float32 arrays are
+        borrowed, not copied; the model keeps them alive)."""
+        engine_config, tensors = loaders.from_hf_numpy(config, weights)
+        return cls(engine_config, tensors, dtype=dtype, max_batch=max_batch)
+
+    # ------------------------------------------------------------------ inference
+
+    def new_cache(self, capacity: int | None = None, *, block_size: int = 16) -> KVCache:
+        """An empty cache. capacity: positions the pool holds for this cache and its forks
+        (default: the context length)."""
+        cfg = self.config
+        capacity = cfg.context_length if capacity is None else _as_int("capacity", capacity)
+        block_size = _as_int("block_size", block_size)
+        if capacity < 1:
+            raise ValueError(f"capacity (={capacity}) must be >= 1")
+        if not 1 <= block_size <= 4096:
+            raise ValueError(f"block_size (={block_size}) must be in [1, 4096]")
+        n_blocks = math.ceil(capacity / block_size)
+        pool = _core.KVPool(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, block_size, n_blocks)
+        return KVCache(_core.KVSeq(pool, cfg.context_length), self)
+
+    def _tokens(self, name, tokens) -> np.ndarray:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(f"{name} must be a non-empty 1-D sequence of token ids (shape {arr.shape})")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"{name} must hold integers, not {arr.dtype}")
+        bad = (arr < 0) | (arr >= self.config.vocab_size)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{name}[{i}] (={int(arr[i])}) is outside the vocabulary [0, {self.config.vocab_size})")
+        return arr.astype(np.int32)
+
+    def _check_cache(self, name, cache):
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"{name} must be a KVCache from model.new_cache(), not {type(cache).__name__}")
+        if cache._model is not self:
+            raise ValueError(f"{name} was created by a different model")
+
+    def forward(self, tokens, cache: KVCache, *, logits="last") -> np.ndarray:
+        """Append tokens to the cached sequence and return logits.
+
+        logits: "last" -> (vocab,) of the last token; "all" -> (len(tokens), vocab); an int array
+        of indices into tokens -> (len(indices), vocab); None -> empty (vocab-less) result."""
+        return self.forward_batch([tokens], [cache], logits=logits)[0]
+
+    def forward_batch(self, token_lists, caches, *, logits="last") -> list:
+        """One engine pass over several sequences' new tokens (each weight matrix read once).
+
+        All caches must come from one pool (the same new_cache() and its forks) or be the only
+        cache of their pool... precisely: one call, one pool. Returns one logits array per sequence,
+        shaped as in :meth:`forward`."""
+        if len(token_lists) != len(caches):
+            raise ValueError(f"{len(token_lists)} token lists but {len(caches)} caches")
+        if len(caches) == 0:
+            raise ValueError("forward_batch needs at least one sequence")
+        arrays, seq_index, logit_index, splits = [], [], [], []
+        offset = 0
+        for s, (toks, cache) in enumerate(zip(token_lists, caches)):
+            self._check_cache(f"caches[{s}]", cache)
+            arr = self._tokens(f"tokens[{s}]" if len(caches) > 1 else "tokens", toks)
+            n = arr.size
+            if isinstance(logits, str) and logits == "last":
+                want = np.array([n - 1])
+            elif isinstance(logits, str) and logits == "all":
+                want = np.arange(n)
+            elif logits is None:
+                want = np.zeros(0, dtype=np.int64)
+            else:
+                want = np.asarray(logits)
+                if want.ndim != 1 or not np.issubdtype(want.dtype, np.integer):
+                    raise ValueError(f"logits must be 'last', 'all', None or a 1-D int array (got {logits!r})")
+                if want.size and (want.min() < 0 or want.max() >= n):
+                    raise ValueError(f"logits indices must be in [0, {n}) (got {want.tolist()})")
+            arrays.append(arr)
+            seq_index.append(np.full(n, s, dtype=np.int32))
+            logit_index.append(want.astype(np.int32) + offset)
+            splits.append(want.size)
+            offset += n
+        if len({id(c._seq.pool) for c in caches}) != 1 and len(caches) > 1:
+            pools = [c._seq.pool for c in caches]
+            if any(p is not pools[0] for p in pools):
+                raise ValueError("all caches of one forward_batch call must share a pool (forks of one new_cache())")
+        out = _core.model_forward(self._engine, [c._seq for c in caches], np.concatenate(arrays),
+                                  np.concatenate(seq_index), np.concatenate(logit_index))
+        results, at = [], 0
+        for n in splits:
+            part = out[at:at + n]
+            at += n
+            results.append(part[0] if isinstance(logits, str) and logits == "last" else part)
+        return results
+
+    def logits(self, tokens) -> np.ndarray:
+        """(T, vocab) float32 logits of every position of `tokens`, in one prefill pass."""
+        arr = self._tokens("tokens", tokens)
+        if arr.size > self.config.context_length:
+            raise ValueError(f"tokens has {arr.size} positions, more than the context length {self.config.context_length}")
+        cache = self.new_cache(arr.size)
+        return self.forward(arr, cache, logits="all")
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model(arch={c.arch!r}, dim={c.dim}, n_layers={c.n_layers}, n_heads={c.n_heads}, "
+                f"n_kv_heads={c.n_kv_heads}, vocab_size={c.vocab_size}, dtype={c.dtype!r})")

@@ -1,0 +1,308 @@
+"""Model files: the shared real models, GGUF tensor types, llama2.c exports and corrupt input."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lmdecode
+from lmdecode import loaders
+from reference_model import llama_logits
+
+MODELS = Path(__file__).parents[1] / ".." / "shared" / "models"
+STORIES_BIN = MODELS / "stories260K.bin"
+STORIES_GGUF = MODELS / "stories260K.gguf"
+TINY_RANDOM = MODELS / "llama-2-tiny-random.gguf"
+TOKENIZER = MODELS / "tok512.bin"
+ONCE_UPON_A_TIME = [1, 403, 407, 261, 378]  # BOS + "Once upon a time" in tok512
+
+gguf = pytest.importorskip("gguf")  # a runtime dependency of lmdecode, always installed with it
+Q = gguf.GGMLQuantizationType
+
+
+def _rel_max_diff(ref, got):
+    return float(np.abs(ref - got).max()) / float(ref.max() - ref.min())
+
+
+def _tokens(n, vocab, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, size=n)
+
+
+# ---------------------------------------------------------------------------- shared real models
+
+
+def test_stories_bin_and_gguf_give_identical_logits():
+    a = lmdecode.Model.load(STORIES_BIN)
+    b = lmdecode.Model.load(STORIES_GGUF)
+    assert a.config.context_length == 512 and b.config.context_length == 2048
+    assert (a.config.dim, a.config.n_layers, a.config.n_heads, a.config.n_kv_heads) == (64, 5, 8, 4)
+    toks = _tokens(64, 512)
+    np.testing.assert_array_equal(a.logits(toks), b.logits(toks))
+
+
+def test_stories_matches_numpy_reference():
+    model = lmdecode.Model.load(STORIES_BIN)
+    config, tensors, _ = loaders.read_llama2c(STORIES_BIN)
+    weights = {k: np.asarray(v.data, dtype=np.float64) for k, v in tensors.items()}
+    toks = _tokens(64, 512, seed=1)
+    assert _rel_max_diff(llama_logits(config, weights, toks), model.logits(toks)) < 1e-4
+
+
+def test_greedy_once_upon_a_time_is_tinystories_text():
+    model = lmdecode.Model.load(STORIES_BIN)
+    assert model.tokenizer_path.name == "tok512.bin" and len(model.vocab) == 512
+    cache = model.new_cache()
+    tokens = list(ONCE_UPON_A_TIME)
+    logits = model.forward(tokens, cache)
+    for _ in range(40):
+        tokens.append(int(np.argmax(logits)))
+        logits = model.forward(tokens[-1:], cache)
+    text = loaders.Llama2cVocab(TOKENIZER, 512).decode(tokens)
+    assert text.startswith("Once upon a time, there was a little girl named Lily."), text
+
+
+def test_tiny_random_f16_gguf_matches_numpy_reference():
+    model = lmdecode.Model.load(TINY_RANDOM)
+    c = model.config
+    assert (c.vocab_size, c.dim, c.n_layers, c.n_heads, c.dtype) == (32000, 8, 1, 2, "f32")
+    assert len(model.vocab) == 32000 and model.vocab[1] == "<s>"
+    config, tensors, _ = loaders.read_gguf(TINY_RANDOM)
+    weights = {k: np.asarray(v.data, dtype=np.float64).reshape(v.shape) for k, v in tensors.items()}
+    toks = _tokens(64, 32000, seed=2)
+    assert _rel_max_diff(llama_logits(config, weights, toks), model.logits(toks)) < 1e-4
+
+
+def test_tiny_random_in_bf16_storage():
+    f32 = lmdecode.Model.load(TINY_RANDOM).logits(_tokens(32, 32000))
+    bf16 = lmdecode.Model.load(TINY_RANDOM, dtype="bf16").logits(_tokens(32, 32000))
+    assert _rel_max_diff(f32, bf16) < 2e-2
+
+
+# ---------------------------------------------------------------------------- GGUF tensor types
+
+
+def _write_gguf(path, arch, meta, tensors, vocab=None):
+    """tensors: name -> (float32 array in numpy (rows, cols) order, GGML type name)."""
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in meta.items():
+        if isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, value)
+    if vocab is not None:
+        w.add_token_list(vocab)
+    for name, (arr, kind) in tensors.items():
+        qtype = Q[kind]
+        if qtype == Q.F32:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+        elif qtype == Q.F16:
+            w.add_tensor(name, arr.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _stories_as(kind, path):
+    """stories260K re-encoded with its matrices in GGML type `kind` (those with a multiple of 32
+    columns; the 172-wide feed-forward stays F32, as llama.cpp's quantizer would leave it)."""
+    reader = gguf.GGUFReader(str(STORIES_GGUF))
+    meta = {k: reader.fields[k].contents() for k in reader.fields
+            if k.startswith("llama.")}
+    tensors = {}
+    for t in reader.tensors:
+        arr = np.array(t.data, dtype=np.float32)
+        quantizable = arr.ndim == 2 and arr.shape[1] % 32 == 0
+        tensors[t.name] = (arr, kind if quantizable else "F32")
+    _write_gguf(path, "llama", meta, tensors)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_tensor_types(kind, tmp_path):
+    path = _stories_as(kind, tmp_path / f"stories_{kind}.gguf")
+    config, tensors, _ = loaders.read_gguf(path)
+    weights = {k: loaders.to_f32(v).astype(np.float64) for k, v in tensors.items()}
+    toks = _tokens(48, 512, seed=3)
+    ref = llama_logits(config, weights, toks)  # the file's own (dequantized) weights
+    # in f32 storage the engine computes with exactly the file's values
+    assert _rel_max_diff(ref, lmdecode.Model.load(path, dtype="f32").logits(toks)) < 1e-4
+    default = lmdecode.Model.load(path)
+    expected_storage = {"F16": "f32", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q8_0", "Q4_1": "q8_0"}[kind]
+    assert default.config.dtype == expected_storage
+    # F16 widens exactly; Q8_0 is borrowed as it is (its F32 tensors stay F32); in bf16 storage
+    # the file's F32 feed-forward is rounded; Q4 is requantized to Q8_0
+    tolerance = 1e-4 if kind in ("F16", "Q8_0") else 2e-2
+    assert _rel_max_diff(ref, default.logits(toks)) < tolerance
+
+
+def test_q8_0_gguf_is_borrowed_not_copied(tmp_path):
+    path = _stories_as("Q8_0", tmp_path / "q8.gguf")
+    config, tensors, _ = loaders.read_gguf(path)
+    arrays = loaders.to_storage(tensors, "q8_0")
+    assert np.shares_memory(arrays["layers.0.wq"], tensors["layers.0.wq"].data)
+
+
+def test_gpt2_gguf_matches_from_numpy(tmp_path):
+    rng = np.random.default_rng(4)
+    D, L, V, P, H = 32, 2, 50, 40, 4
+    hf = {"transformer.wte.weight": rng.normal(0, 0.2, (V, D)), "transformer.wpe.weight": rng.normal(0, 0.2, (P, D)),
+          "transformer.ln_f.weight": 1 + rng.normal(0, 0.1, D), "transformer.ln_f.bias": rng.normal(0, 0.1, D)}
+    gg = {"token_embd.weight": hf["transformer.wte.weight"], "position_embd.weight": hf["transformer.wpe.weight"],
+          "output_norm.weight": hf["transformer.ln_f.weight"], "output_norm.bias": hf["transformer.ln_f.bias"]}
+    for i in range(L):
+        p = f"transformer.h.{i}."
+        layer = {"ln_1.weight": 1 + rng.normal(0, 0.1, D), "ln_1.bias": rng.normal(0, 0.1, D),
+                 "attn.c_attn.weight": rng.normal(0, 0.2, (D, 3 * D)), "attn.c_attn.bias": rng.normal(0, 0.1, 3 * D),
+                 "attn.c_proj.weight": rng.normal(0, 0.2, (D, D)), "attn.c_proj.bias": rng.normal(0, 0.1, D),
+                 "ln_2.weight": 1 + rng.normal(0, 0.1, D), "ln_2.bias": rng.normal(0, 0.1, D),
+                 "mlp.c_fc.weight": rng.normal(0, 0.2, (D, 4 * D)), "mlp.c_fc.bias": rng.normal(0, 0.1, 4 * D),
+                 "mlp.c_proj.weight": rng.normal(0, 0.2, (4 * D, D)), "mlp.c_proj.bias": rng.normal(0, 0.1, D)}
+        hf.update({p + k: v for k, v in layer.items()})
+        b = f"blk.{i}."
+        gg.update({b + "attn_norm.weight": layer["ln_1.weight"], b + "attn_norm.bias": layer["ln_1.bias"],
+                   b + "attn_qkv.weight": layer["attn.c_attn.weight"].T, b + "attn_qkv.bias": layer["attn.c_attn.bias"],
+                   b + "attn_output.weight": layer["attn.c_proj.weight"].T, b + "attn_output.bias": layer["attn.c_proj.bias"],
+                   b + "ffn_norm.weight": layer["ln_2.weight"], b + "ffn_norm.bias": layer["ln_2.bias"],
+                   b + "ffn_up.weight": layer["mlp.c_fc.weight"].T, b + "ffn_up.bias": layer["mlp.c_fc.bias"],
+                   b + "ffn_down.weight": layer["mlp.c_proj.weight"].T, b + "ffn_down.bias": layer["mlp.c_proj.bias"]})
+    hf = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in hf.items()}
+    meta = {"gpt2.embedding_length": D, "gpt2.block_count": L, "gpt2.attention.head_count": H,
+            "gpt2.feed_forward_length": 4 * D, "gpt2.context_length": P, "gpt2.attention.layer_norm_epsilon": 1e-5}
+    _write_gguf(tmp_path / "gpt2.gguf", "gpt2", meta, {k: (np.asarray(v, np.float32), "F32") for k, v in gg.items()})
+    from_file = lmdecode.Model.load(tmp_path / "gpt2.gguf")
+    config = {"architectures": ["GPT2LMHeadModel"], "vocab_size": V, "n_embd": D, "n_layer": L, "n_head": H,
+              "n_positions": P, "layer_norm_epsilon": 1e-5}
+    from_arrays = lmdecode.Model.from_numpy(config, hf)
+    assert from_file.config.arch == "gpt2" and from_file.config.tied_embeddings
+    toks = _tokens(P, V, seed=5)
+    np.testing.assert_allclose(from_file.logits(toks), from_arrays.logits(toks), rtol=0, atol=1e-5)
+
+
+def test_untied_llama2c_export(tmp_path):
+    data = bytearray(STORIES_BIN.read_bytes())
+    header = np.frombuffer(bytes(data[:28]), dtype=np.int32).copy()
+    header[5] = -header[5]  # negative vocab_size: a classifier follows the RoPE tables
+    head = np.random.default_rng(6).normal(0, 0.1, (512, 64)).astype(np.float32)
+    (tmp_path / "untied.bin").write_bytes(header.tobytes() + bytes(data[28:]) + head.tobytes())
+    model = lmdecode.Model.load(tmp_path / "untied.bin", tokenizer=TOKENIZER)
+    assert not model.config.tied_embeddings
+    config, tensors, _ = loaders.read_llama2c(tmp_path / "untied.bin")
+    weights = {k: np.asarray(v.data, dtype=np.float64) for k, v in tensors.items()}
+    np.testing.assert_array_equal(weights["output"], head)
+    toks = _tokens(32, 512, seed=7)
+    assert _rel_max_diff(llama_logits(config, weights, toks), model.logits(toks)) < 1e-4
+
+
+# ---------------------------------------------------------------------------- corrupt and unsupported input
+
+
+@pytest.mark.parametrize("source", [STORIES_BIN, STORIES_GGUF])
+def test_truncated_files(source, tmp_path):
+    data = source.read_bytes()
+    path = tmp_path / source.name
+    for cut in (0, 3, 27, 200, len(data) // 2, len(data) - 1):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=str(path.name)):
+            lmdecode.Model.load(path)
+
+
+def test_wrong_magic(tmp_path):
+    data = STORIES_GGUF.read_bytes()
+    (tmp_path / "model.gguf").write_bytes(b"GGUX" + data[4:])
+    with pytest.raises(ValueError, match=r"model\.gguf: unrecognised model format"):
+        lmdecode.Model.load(tmp_path / "model.gguf")
+    (tmp_path / "model.bin").write_bytes(b"ak42" + bytes(100))
+    with pytest.raises(ValueError, match="'ak42' magic"):
+        lmdecode.Model.load(tmp_path / "model.bin")
+    (tmp_path / "garbage.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"garbage\.gguf"):
+        lmdecode.Model.load(tmp_path / "garbage.gguf")
+    with pytest.raises(FileNotFoundError):
+        lmdecode.Model.load(tmp_path / "missing.gguf")
+
+
+def test_unsupported_gguf_tensor_type(tmp_path):
+    reader = gguf.GGUFReader(str(STORIES_GGUF))
+    meta = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.")}
+    tensors = {t.name: (np.array(t.data), "Q5_0" if t.name == "blk.0.attn_q.weight" else "F32") for t in reader.tensors}
+    _write_gguf(tmp_path / "q5.gguf", "llama", meta, tensors)
+    with pytest.raises(ValueError, match=r"q5\.gguf: tensor 'blk\.0\.attn_q\.weight' has type Q5_0, not supported"):
+        lmdecode.Model.load(tmp_path / "q5.gguf")
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    _write_gguf(tmp_path / "falcon.gguf", "falcon", {"falcon.embedding_length": 8},
+                {"token_embd.weight": (np.zeros((4, 8), np.float32), "F32")})
+    with pytest.raises(ValueError, match=r"falcon\.gguf: architecture 'falcon' is not supported"):
+        lmdecode.Model.load(tmp_path / "falcon.gguf")
+
+
+def test_gguf_shapes_disagreeing_with_metadata(tmp_path):
+    reader = gguf.GGUFReader(str(STORIES_GGUF))
+    meta = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.")}
+    meta["llama.feed_forward_length"] = 96
+    _write_gguf(tmp_path / "bad.gguf", "llama", meta, {t.name: (np.array(t.data), "F32") for t in reader.tensors})
+    with pytest.raises(ValueError, match=r"bad\.gguf: tensor 'blk\.0\.ffn_gate\.weight' has shape \(172, 64\)"):
+        lmdecode.Model.load(tmp_path / "bad.gguf")
+
+
+def test_llama2c_header_disagreeing_with_size(tmp_path):
+    data = bytearray(STORIES_BIN.read_bytes())
+    header = np.frombuffer(bytes(data[:28]), dtype=np.int32).copy()
+    header[1] = 200  # hidden_dim
+    (tmp_path / "bad.bin").write_bytes(header.tobytes() + bytes(data[28:]))
+    with pytest.raises(ValueError, match=r"bad\.bin: truncated: the header describes"):
+        lmdecode.Model.load(tmp_path / "bad.bin")
+    header[1] = -5
+    (tmp_path / "bad.bin").write_bytes(header.tobytes() + bytes(data[28:]))
+    with pytest.raises(ValueError, match=r"hidden_dim \(=-5\) is not plausible"):
+        lmdecode.Model.load(tmp_path / "bad.bin")
+
+
+def test_tokenizer_of_the_wrong_size(tmp_path):
+    with pytest.raises(ValueError, match=r"tok512\.bin: holds 512 tokens but the model's vocabulary has 32000"):
+        lmdecode.Model.load(TINY_RANDOM, tokenizer=TOKENIZER)
+
+
+def test_from_numpy_shape_mismatch_names_tensor():
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16}
+    z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    weights = {"model.embed_tokens.weight": z(10, 8), "model.norm.weight": z(8), "lm_head.weight": z(10, 8),
+               "model.layers.0.input_layernorm.weight": z(8), "model.layers.0.post_attention_layernorm.weight": z(8),
+               "model.layers.0.self_attn.q_proj.weight": z(8, 8), "model.layers.0.self_attn.k_proj.weight": z(8, 8),
+               "model.layers.0.self_attn.v_proj.weight": z(8, 8), "model.layers.0.self_attn.o_proj.weight": z(8, 8),
+               "model.layers.0.mlp.gate_proj.weight": z(16, 8), "model.layers.0.mlp.up_proj.weight": z(16, 8),
+               "model.layers.0.mlp.down_proj.weight": z(8, 15)}
+    with pytest.raises(ValueError, match=r"tensor 'model\.layers\.0\.mlp\.down_proj\.weight' has shape \(8, 15\)"):
+        lmdecode.Model.from_numpy(config, weights)
+    weights["model.layers.0.mlp.down_proj.weight"] = z(8, 16)
+    model = lmdecode.Model.from_numpy(config, weights)
+    with pytest.raises(ValueError, match="dtype"):
+        lmdecode.Model.from_numpy(config, weights, dtype="q4")
+    assert model.logits([0, 9]).shape == (2, 10)
+    del weights["lm_head.weight"]  # tied when the head is absent
+    assert lmdecode.Model.from_numpy(config, weights).config.tied_embeddings
+
+
+def test_bad_cache_arguments():
+    model = lmdecode.Model.load(STORIES_BIN)
+    other = lmdecode.Model.load(STORIES_BIN)
+    with pytest.raises(TypeError, match="KVCache"):
+        model.forward([1], object())
+    with pytest.raises(ValueError, match="different model"):
+        model.forward([1], other.new_cache())
+    with pytest.raises(ValueError, match=r"capacity \(=0\)"):
+        model.new_cache(0)
+    with pytest.raises(ValueError, match="non-empty"):
+        model.forward([], model.new_cache())
+    with pytest.raises(ValueError, match=r"logits indices must be in \[0, 2\)"):
+        model.forward([1, 2], model.new_cache(), logits=[2])
+    a, b = model.new_cache(), model.new_cache()
+    with pytest.raises(ValueError, match="share a pool"):
+        model.forward_batch([[1], [1]], [a, b])
+    with pytest.raises(ValueError, match="appears twice"):
+        model.forward_batch([[1], [1]], [a, a])
+    assert len(a) == 0

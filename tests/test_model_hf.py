@@ -1,0 +1,245 @@
+"""The engine against Hugging Face transformers (torch fp32, eager attention) on random models."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import lmdecode
+from oracle import require_transformers
+
+pytestmark = pytest.mark.oracle
+
+T = 64  # positions compared
+RTOL_RANGE = 1e-4  # max |diff| allowed, relative to the range of the reference logits
+
+
+def _randomise(torch, model, seed):
+    """transformers initialises biases to zero and norms to one; random values test them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * 0.1
+            p.copy_(1.0 + noise if ("norm" in name or "ln_" in name) and name.endswith("weight") else noise)
+    return model.eval()
+
+
+def _build(kind, torch, transformers):
+    common = dict(vocab_size=96, attn_implementation="eager")
+    if kind == "llama":  # grouped-query attention, non-default rope base, untied head
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                       rope_theta=500000.0, tie_word_embeddings=False, **common)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "qwen2":  # q/k/v biases, multi-query attention, tied head
+        cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                                       rope_theta=1000000.0, tie_word_embeddings=True, **common)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
+        model = transformers.GPT2LMHeadModel(cfg)
+    return _randomise(torch, model, seed=len(kind))
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def hf(request, tmp_path_factory):
+    torch, transformers = require_transformers()
+    model = _build(request.param, torch, transformers)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path, safe_serialization=True)
+    tokens = np.random.default_rng(0).integers(0, 96, size=T)
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens[None], dtype=torch.long)).logits[0].numpy()
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    return dict(kind=request.param, path=path, tokens=tokens, ref=ref, state=state,
+                config=model.config.to_dict(), torch_model=model, torch=torch)
+
+
+def _assert_close_to(ref, got, rtol_range=RTOL_RANGE):
+    scale = float(ref.max() - ref.min())
+    diff = float(np.abs(ref - got).max())
+    assert diff <= rtol_range * scale, f"max |diff| {diff:.3g} > {rtol_range} x logit range {scale:.3g}"
+
+
+def test_load_matches_transformers(hf):
+    model = lmdecode.Model.load(hf["path"])
+    assert model.config.vocab_size == 96 and model.config.dim == 64
+    got = model.logits(hf["tokens"])
+    assert got.shape == (T, 96) and got.dtype == np.float32
+    _assert_close_to(hf["ref"], got)
+
+
+def test_from_numpy_matches_transformers(hf):
+    state = {k: v.copy() for k, v in hf["state"].items()}
+    before = {k: v.copy() for k, v in state.items()}
+    model = lmdecode.Model.from_numpy(hf["config"], state)
+    _assert_close_to(hf["ref"], model.logits(hf["tokens"]))
+    for k in state:  # the caller's arrays are never written
+        np.testing.assert_array_equal(state[k], before[k])
+
+
+def test_sharded_checkpoint(hf, tmp_path):
+    hf["torch_model"].save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    _assert_close_to(hf["ref"], lmdecode.Model.load(tmp_path).logits(hf["tokens"]))
+
+
+def test_incremental_decoding_equals_full_recompute(hf):
+    model = lmdecode.Model.load(hf["path"])
+    full = model.logits(hf["tokens"])
+    cache = model.new_cache()
+    rows = [model.forward(hf["tokens"][:20], cache, logits="all")]
+    for t in hf["tokens"][20:]:
+        rows.append(model.forward([t], cache)[None])
+    assert len(cache) == T
+    np.testing.assert_allclose(np.concatenate(rows), full, rtol=0, atol=1e-6 * float(np.ptp(full)))
+
+
+def test_truncate_then_redecode_equals_never_decoded(hf):
+    model = lmdecode.Model.load(hf["path"])
+    toks = hf["tokens"]
+    other = (toks[20:30] + 7) % 96
+    cache = model.new_cache(capacity=64, block_size=8)
+    model.forward(toks[:30], cache)
+    free_after_30 = cache.free_blocks
+    cache.truncate(20)
+    assert len(cache) == 20 and cache.free_blocks == free_after_30 + 1  # block of positions 24..29 freed
+    got = model.forward(other, cache, logits="all")
+    fresh = model.logits(np.concatenate([toks[:20], other]))[20:]
+    np.testing.assert_array_equal(got, fresh)
+
+
+def test_fork_shares_prefix_and_diverges(hf):
+    model = lmdecode.Model.load(hf["path"])
+    toks = hf["tokens"]
+    cache = model.new_cache(capacity=128, block_size=16)
+    model.forward(toks[:40], cache)
+    free_before = cache.free_blocks
+    beam = cache.fork()
+    assert len(beam) == 40 and beam.free_blocks == free_before  # no block copied by the fork
+    a = model.forward(toks[40:44], cache, logits="all")
+    b = model.forward(toks[50:54], beam, logits="all")
+    np.testing.assert_array_equal(a, model.logits(toks[:44])[40:])
+    np.testing.assert_array_equal(b, model.logits(np.concatenate([toks[:40], toks[50:54]]))[40:])
+    # positions 32..39 sat in a shared, partly filled block: each writer took a private copy
+    assert beam.free_blocks == free_before - 1
+
+
+def test_batch_of_sequences_equals_separate_calls(hf):
+    model = lmdecode.Model.load(hf["path"])
+    toks = hf["tokens"]
+    root = model.new_cache(capacity=256)
+    model.forward(toks[:10], root)
+    c1, c2 = root.fork(), root.fork()
+    out = model.forward_batch([toks[10:13], toks[30:31], toks[40:45]], [root, c1, c2], logits="all")
+    assert [o.shape for o in out] == [(3, 96), (1, 96), (5, 96)]
+    np.testing.assert_array_equal(out[0], model.logits(toks[:13])[10:])
+    np.testing.assert_array_equal(out[1], model.logits(np.concatenate([toks[:10], toks[30:31]]))[10:])
+    np.testing.assert_array_equal(out[2], model.logits(np.concatenate([toks[:10], toks[40:45]]))[10:])
+    assert [len(root), len(c1), len(c2)] == [13, 11, 15]
+
+
+def test_logit_rows_requested_by_index(hf):
+    model = lmdecode.Model.load(hf["path"])
+    full = model.logits(hf["tokens"])
+    got = model.forward(hf["tokens"], model.new_cache(), logits=np.array([63, 0, 5, 5]))
+    np.testing.assert_array_equal(got, full[[63, 0, 5, 5]])
+
+
+def test_thread_count_does_not_change_results(hf):
+    model = lmdecode.Model.load(hf["path"])
+    old = lmdecode.get_num_threads()
+    try:
+        lmdecode.set_num_threads(1)
+        one = model.logits(hf["tokens"])
+        lmdecode.set_num_threads(2)
+        two = model.logits(hf["tokens"])
+    finally:
+        lmdecode.set_num_threads(old)
+    np.testing.assert_array_equal(one, two)
+
+
+# documented tolerances of reduced-precision storage, relative to the f32 logit range
+STORAGE_TOLERANCE = {"bf16": 2e-2, "q8_0": 2e-2}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "q8_0"])
+def test_reduced_precision_storage(hf, dtype):
+    model = lmdecode.Model.load(hf["path"], dtype=dtype)
+    assert model.config.dtype == dtype
+    _assert_close_to(hf["ref"], model.logits(hf["tokens"]), STORAGE_TOLERANCE[dtype])
+
+
+def test_chunked_prefill_equals_one_chunk(hf):
+    small = lmdecode.Model.load(hf["path"], max_batch=7)
+    big = lmdecode.Model.load(hf["path"])
+    np.testing.assert_array_equal(small.logits(hf["tokens"]), big.logits(hf["tokens"]))
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_tensor_shape_disagreeing_with_config(hf, tmp_path):
+    for f in hf["path"].iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    key = "n_inner" if hf["kind"] == "gpt2" else "intermediate_size"
+    cfg[key] = 128
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"model\.safetensors.*tensor '.*(mlp|c_fc).*' has shape"):
+        lmdecode.Model.load(tmp_path)
+
+
+def test_unsupported_architecture(hf, tmp_path):
+    shutil.copy(hf["path"] / "model.safetensors", tmp_path / "model.safetensors")
+    cfg = json.loads((hf["path"] / "config.json").read_text())
+    cfg["architectures"] = ["BertForMaskedLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json: architecture 'BertForMaskedLM' is not supported"):
+        lmdecode.Model.load(tmp_path)
+
+
+def test_truncated_safetensors(hf, tmp_path):
+    shutil.copy(hf["path"] / "config.json", tmp_path / "config.json")
+    data = (hf["path"] / "model.safetensors").read_bytes()
+    for cut in (4, 100, len(data) // 2, len(data) - 1):
+        (tmp_path / "model.safetensors").write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="model.safetensors"):
+            lmdecode.Model.load(tmp_path)
+
+
+def test_bad_tokens_and_context_overflow(hf):
+    model = lmdecode.Model.load(hf["path"])
+    cache = model.new_cache()
+    with pytest.raises(ValueError, match=r"tokens\[2\] \(=96\) is outside the vocabulary \[0, 96\)"):
+        model.forward([1, 2, 96], cache)
+    with pytest.raises(ValueError, match=r"tokens\[0\] \(=-1\)"):
+        model.logits([-1])
+    with pytest.raises(TypeError, match="must hold integers"):
+        model.logits([1.5])
+    model.forward(hf["tokens"][:60], cache)
+    ctx = model.config.context_length
+    model.forward(np.zeros(ctx - 60, dtype=np.int64), cache)
+    with pytest.raises(ValueError, match="exceed the context length"):
+        model.forward([1], cache)
+    assert len(cache) == ctx  # unchanged by the failed call
+    with pytest.raises(ValueError, match=r"length \(=999\)"):
+        cache.truncate(999)
+    with pytest.raises(ValueError, match="more than the context length"):
+        model.logits(np.zeros(ctx + 1, dtype=np.int64))
+
+
+def test_pool_exhaustion_leaves_cache_unchanged(hf):
+    model = lmdecode.Model.load(hf["path"])
+    cache = model.new_cache(capacity=48, block_size=16)  # 3 blocks
+    model.forward(hf["tokens"][:20], cache)  # 2 blocks
+    other = cache.fork()
+    model.forward(hf["tokens"][20:30], cache)  # copies the shared, partly filled block: pool full
+    assert cache.free_blocks == 0
+    with pytest.raises(ValueError, match="free blocks"):
+        model.forward(hf["tokens"][:13], other)  # positions 20..32 need a new block
+    assert len(other) == 20 and len(cache) == 30
+    del cache
+    model.forward(hf["tokens"][:13], other)  # room again once the other cache is gone
+    assert len(other) == 33
