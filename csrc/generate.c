@@ -281,6 +281,14 @@ lmd_status lmd_generator_init(lmd_generator **out, const lmd_generate_config *c,
     return LMD_OK;
 }
 
+int32_t lmd_generator_n_seqs(const lmd_generator *g) { return g->n; }
+int32_t lmd_generator_vocab(const lmd_generator *g) { return g->vocab; }
+
+void lmd_generator_finish(lmd_generator *g, int32_t k, lmd_finish_reason reason) {
+    if (k >= 0 && k < g->n && g->finish[k] == LMD_RUNNING && reason != LMD_RUNNING)
+        g->finish[k] = (unsigned char)reason;
+}
+
 int32_t lmd_generator_running(const lmd_generator *g, int32_t *ids) {
     int32_t count = 0;
     for (int32_t k = 0; k < g->n; k++)

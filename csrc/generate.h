@@ -59,6 +59,11 @@ lmd_status lmd_generator_init(lmd_generator **out, const lmd_generate_config *co
                               lmd_error *err);
 void lmd_generator_free(lmd_generator *g); /* safe on NULL */
 
+int32_t lmd_generator_n_seqs(const lmd_generator *g);
+int32_t lmd_generator_vocab(const lmd_generator *g);
+/* Ends a running sequence from outside (e.g. at the model's context length). */
+void lmd_generator_finish(lmd_generator *g, int32_t k, lmd_finish_reason reason);
+
 /* The running sequences, ascending; returns their count (0 when all are done). */
 int32_t lmd_generator_running(const lmd_generator *g, int32_t *ids);
 /* The full token sequence of k (prompt + generated) and its length. */

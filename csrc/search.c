@@ -186,6 +186,11 @@ lmd_status lmd_beam_search_init(lmd_beam_search **out, const lmd_beam_config *c,
 }
 
 int lmd_beam_search_done(const lmd_beam_search *bs) { return bs->done; }
+int32_t lmd_beam_search_width(const lmd_beam_search *bs) { return bs->config.num_beams; }
+int32_t lmd_beam_search_vocab(const lmd_beam_search *bs) { return bs->config.vocab; }
+int32_t lmd_beam_search_max_new_tokens(const lmd_beam_search *bs) {
+    return bs->config.max_new_tokens;
+}
 int32_t lmd_beam_search_length(const lmd_beam_search *bs) { return bs->generated; }
 
 static int is_eos(const lmd_beam_search *bs, int32_t token) {

@@ -60,6 +60,10 @@ lmd_status lmd_beam_search_init(lmd_beam_search **out, const lmd_beam_config *co
                                 lmd_error *err);
 void lmd_beam_search_free(lmd_beam_search *bs); /* safe on NULL */
 
+int32_t lmd_beam_search_width(const lmd_beam_search *bs);
+int32_t lmd_beam_search_vocab(const lmd_beam_search *bs);
+int32_t lmd_beam_search_max_new_tokens(const lmd_beam_search *bs);
+
 /* Non-zero once the search has ended (then step is an error). */
 int lmd_beam_search_done(const lmd_beam_search *bs);
 /* Tokens generated so far by every running beam. */

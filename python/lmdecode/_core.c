@@ -19,6 +19,7 @@
 #include "sampling.h"
 #include "search.h"
 #include "generate.h"
+#include "decode.h"
 #include "model.h"
 #include "pythread.h"
 
@@ -1542,6 +1543,174 @@ static int register_model_types(PyObject *m) {
 }
 
 /* ------------------------------------------------------------------ */
+/* decoding-loop bindings: generate and beam search over a Model in C   */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    lmd_decode_run *run;
+    EngineModelObject *model;    /* strong references: the run borrows them */
+    EngineKVPoolObject *pool;
+    GeneratorObject *generator;
+} ModelDecoderObject;
+
+static void ModelDecoder_dealloc(ModelDecoderObject *self) {
+    lmd_decode_run_free(self->run); /* frees its sequences before the pool can go */
+    Py_XDECREF(self->model);
+    Py_XDECREF(self->pool);
+    Py_XDECREF(self->generator);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* ModelDecoder(model: Model, pool: KVPool, generator: Generator) */
+static int ModelDecoder_init(ModelDecoderObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"model", "pool", "generator", NULL};
+    EngineModelObject *model;
+    EngineKVPoolObject *pool;
+    GeneratorObject *generator;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!O!", kwlist, &EngineModelType, &model,
+                                     &EngineKVPoolType, &pool, &GeneratorType, &generator))
+        return -1;
+    if (model->model == NULL || pool->pool == NULL || generator->gen == NULL) {
+        PyErr_SetString(PyExc_ValueError, "model, pool and generator must be initialized");
+        return -1;
+    }
+    lmd_error err;
+    lmd_decode_run *run = NULL;
+    lmd_status st = lmd_decode_run_init(&run, model->model, pool->pool, generator->gen, &err);
+    if (st != LMD_OK) {
+        raise_status(st, &err);
+        return -1;
+    }
+    lmd_decode_run_free(self->run);
+    self->run = run;
+    Py_INCREF(model);
+    Py_INCREF(pool);
+    Py_INCREF(generator);
+    Py_XSETREF(self->model, model);
+    Py_XSETREF(self->pool, pool);
+    Py_XSETREF(self->generator, generator);
+    return 0;
+}
+
+/* steps(max_steps) -> (ids int64, tokens int64) of the last step that ran */
+static PyObject *ModelDecoder_steps(ModelDecoderObject *self, PyObject *arg) {
+    if (self->run == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ModelDecoder is not initialized");
+        return NULL;
+    }
+    long max_steps = PyLong_AsLong(arg);
+    if (max_steps == -1 && PyErr_Occurred()) return NULL;
+    if (max_steps < 1 || max_steps > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "max_steps (=%ld) must be in [1, 2^31)", max_steps);
+        return NULL;
+    }
+    int32_t n = self->generator->n_seqs, n_last = 0;
+    int32_t *ids = PyMem_Malloc((size_t)n * sizeof *ids), *tokens = PyMem_Malloc((size_t)n * sizeof *tokens);
+    sampler_set *set = NULL;
+    PyObject *result = NULL;
+    if (ids == NULL || tokens == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if ((set = sampler_set_acquire(lmd_get_num_threads(), self->generator->vocab)) == NULL) goto done;
+    if (!PyThread_acquire_lock(self->generator->lock, NOWAIT_LOCK)) {
+        PyErr_SetString(PyExc_RuntimeError, "this Generator is in use by another thread");
+        goto done;
+    }
+    engine_lock(self->model->lock);
+    engine_lock(self->pool->lock);
+    lmd_error err;
+    lmd_status st;
+    Py_BEGIN_ALLOW_THREADS;
+    st = lmd_decode_run_steps(self->run, set->samplers, set->n, (int32_t)max_steps, ids, tokens,
+                              &n_last, &err);
+    Py_END_ALLOW_THREADS;
+    PyThread_release_lock(self->pool->lock);
+    PyThread_release_lock(self->model->lock);
+    PyThread_release_lock(self->generator->lock);
+    if (st != LMD_OK) {
+        raise_status(st, &err);
+        goto done;
+    }
+    npy_intp dims[1] = {n_last};
+    PyArrayObject *ids_out = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+    PyArrayObject *tokens_out = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+    if (ids_out && tokens_out) {
+        for (int32_t i = 0; i < n_last; i++) {
+            ((int64_t *)PyArray_DATA(ids_out))[i] = ids[i];
+            ((int64_t *)PyArray_DATA(tokens_out))[i] = tokens[i];
+        }
+        result = Py_BuildValue("(OO)", ids_out, tokens_out);
+    }
+    Py_XDECREF(ids_out);
+    Py_XDECREF(tokens_out);
+done:
+    if (set) sampler_set_release(set);
+    PyMem_Free(ids);
+    PyMem_Free(tokens);
+    return result;
+}
+
+static PyMethodDef ModelDecoder_methods[] = {
+    {"steps", (PyCFunction)ModelDecoder_steps, METH_O, "Run up to max_steps decoding steps in C."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ModelDecoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "lmdecode._core.ModelDecoder",
+    .tp_basicsize = sizeof(ModelDecoderObject),
+    .tp_dealloc = (destructor)ModelDecoder_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "ModelDecoder(model, pool, generator): the generation loop over a model, in C.",
+    .tp_methods = ModelDecoder_methods,
+    .tp_init = (initproc)ModelDecoder_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* model_beam_search(model, pool, beam_search, prompt int32) -> peak KV blocks held */
+static PyObject *py_model_beam_search(PyObject *self, PyObject *args) {
+    (void)self;
+    EngineModelObject *model;
+    EngineKVPoolObject *pool;
+    BeamSearchObject *bs;
+    PyObject *prompt_obj;
+    PyArrayObject *prompt = NULL;
+    if (!PyArg_ParseTuple(args, "O!O!O!O", &EngineModelType, &model, &EngineKVPoolType, &pool,
+                          &BeamSearchType, &bs, &prompt_obj))
+        return NULL;
+    if (model->model == NULL || pool->pool == NULL || bs->search == NULL) {
+        PyErr_SetString(PyExc_ValueError, "model, pool and beam search must be initialized");
+        return NULL;
+    }
+    if (as_array(prompt_obj, NPY_INT32, 1, "prompt", &prompt)) return NULL;
+    if (prompt == NULL) {
+        PyErr_SetString(PyExc_TypeError, "prompt must not be None");
+        return NULL;
+    }
+    if (!PyThread_acquire_lock(bs->lock, NOWAIT_LOCK)) {
+        Py_DECREF(prompt);
+        PyErr_SetString(PyExc_RuntimeError, "this BeamSearch is in use by another thread");
+        return NULL;
+    }
+    engine_lock(model->lock);
+    engine_lock(pool->lock);
+    lmd_error err;
+    lmd_status st;
+    int32_t peak = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    st = lmd_decode_beam_search(model->model, pool->pool, bs->search, PyArray_DATA(prompt),
+                                (int32_t)PyArray_DIM(prompt, 0), &peak, &err);
+    Py_END_ALLOW_THREADS;
+    PyThread_release_lock(pool->lock);
+    PyThread_release_lock(model->lock);
+    PyThread_release_lock(bs->lock);
+    Py_DECREF(prompt);
+    if (st != LMD_OK) return raise_status(st, &err);
+    return PyLong_FromLong(peak);
+}
+
+/* ------------------------------------------------------------------ */
 /* module                                                               */
 /* ------------------------------------------------------------------ */
 
@@ -1558,6 +1727,9 @@ static PyMethodDef core_methods[] = {
     {"model_forward", (PyCFunction)(void (*)(void))py_model_forward, METH_VARARGS | METH_KEYWORDS,
      "model_forward(model, seqs, tokens, token_seq, logit_index) -> logits (n_logits, vocab)."},
     {"quantize_q8_0", py_quantize_q8_0, METH_O, "float32 (rows, cols) -> q8_0 blocks uint8 (rows, cols/32*34)."},
+    /* decoding-loop bindings */
+    {"model_beam_search", py_model_beam_search, METH_VARARGS,
+     "model_beam_search(model, pool, beam_search, prompt) -> peak KV blocks: the whole search in C."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1581,7 +1753,8 @@ PyMODINIT_FUNC PyInit__core(void) {
         return NULL;
     }
     /* model types are registered here */
-    if (register_model_types(m) < 0) {
+    if (register_model_types(m) < 0 || PyType_Ready(&ModelDecoderType) < 0 ||
+        PyModule_AddObjectRef(m, "ModelDecoder", (PyObject *)&ModelDecoderType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

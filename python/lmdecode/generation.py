@@ -27,6 +27,8 @@ from .sampling import KEYWORDS, SamplingParams, _params_for, _row_input_argument
 
 __all__ = ["Generation", "GenerationChunk", "generate"]
 
+_ALL_STEPS = 2**31 - 1
+
 
 class TokenizerLike(Protocol):
     bos_id: int | None
@@ -235,24 +237,38 @@ def generate(
     min_new_tokens = _check_count("min_new_tokens", min_new_tokens, 0)
     n = _check_count("n", n, 1)
     logprobs = _check_count("logprobs", logprobs, 0)
-    engine = getattr(model_or_step_fn, "_generate_in_c", None)
-    tokenizer = tokenizer if tokenizer is not None else getattr(model_or_step_fn, "tokenizer", None)
-    prompts, single = _prompts(prompt, tokenizer)
-    if engine is None and not callable(model_or_step_fn):
+    model = model_or_step_fn if hasattr(model_or_step_fn, "_decoder") else None
+    if model is None and not callable(model_or_step_fn):
         raise TypeError(f"model_or_step_fn must be an lmdecode Model or a callable, got {type(model_or_step_fn).__name__}")
-    vocab = model_or_step_fn.config.vocab_size if engine is not None else None
-    if vocab is None:  # learn V from the first prompt's logits
+    if tokenizer is None and model is not None:
+        tokenizer = model.tokenizer
+    prompts, single = _prompts(prompt, tokenizer)
+    if model is not None:
+        model._check_prompt_lengths(prompts)
+        vocab = model.config.vocab_size
+        default_eos = model.config.eos_token_id
+        if default_eos is None and tokenizer is not None:
+            default_eos = getattr(tokenizer, "eos_id", None)
+    else:  # learn V from the first prompt's logits
         vocab = int(np.asarray(model_or_step_fn(np.asarray(prompts[0], dtype=np.int64))).shape[-1])
-    default_eos = getattr(tokenizer, "eos_id", None) if engine is not None else None
+        default_eos = None
     run = _Run(vocab, prompts, n, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, seed=seed,
                stop_ids=_stop_ids(stop_token_ids, default_eos), stop=_stop_strings(stop), logprobs=logprobs,
                tokenizer=tokenizer, sampling=sampling)
 
-    def advance() -> tuple[np.ndarray, np.ndarray]:
-        running = run.gen.running()
-        if engine is not None:
-            return running, engine(run.gen, running)
-        return running, run.gen.step(_step_fn_logits(model_or_step_fn, run, running, vocab))
+    if model is not None:  # the whole loop runs in C
+        decoder = model._decoder(run.gen, run.prompts, max_new_tokens)
+
+        def advance() -> tuple[np.ndarray, np.ndarray]:
+            return decoder.steps(1)
+
+        if not stream:
+            decoder.steps(_ALL_STEPS)
+    else:
+
+        def advance() -> tuple[np.ndarray, np.ndarray]:
+            running = run.gen.running()
+            return running, run.gen.step(_step_fn_logits(model_or_step_fn, run, running, vocab))
 
     def results():
         outputs = [run.result(k) for k in range(run.n_seqs)]
@@ -262,8 +278,6 @@ def generate(
 
     if stream:
         return _stream(run, advance)
-    if engine is not None and hasattr(model_or_step_fn, "_generate_all_in_c"):
-        model_or_step_fn._generate_all_in_c(run.gen)
     while not run.gen.done:
         advance()
     return results()

@@ -50,6 +50,7 @@ import numpy as np
 
 from . import _core
 from . import loaders
+from .decoding import DecodingMixin
 
 __all__ = ["Model", "ModelConfig", "KVCache"]
 
@@ -124,8 +125,11 @@ def _as_int(name, value) -> int:
     return int(value)
 
 
-class Model:
-    """A decoder-only transformer on the C engine. Build with :meth:`load` or :meth:`from_numpy`."""
+class Model(DecodingMixin):
+    """A decoder-only transformer on the C engine. Build with :meth:`load` or :meth:`from_numpy`.
+
+    Decoding methods (generate, beam_search, sequence_logprob, perplexity, tokenizer) come from
+    :class:`lmdecode.decoding.DecodingMixin`."""
 
     def __init__(self, config: dict, tensors: dict, *, dtype: str | None = None, max_batch: int = 256,
                  path=None, tokenizer_path=None, vocab=None, keepalive=None):

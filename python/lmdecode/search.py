@@ -53,8 +53,8 @@ def _eos_ids(eos_token_id: Any) -> list[int]:
 
 
 def beam_search(
-    step_fn: Callable[[np.ndarray], Any],
-    prompt: Sequence[int],
+    model_or_step_fn: Any,
+    prompt: Any,
     *,
     beam_width: int = 4,
     max_new_tokens: int = 64,
@@ -63,11 +63,13 @@ def beam_search(
     num_return_sequences: int = 1,
     eos_token_id: int | Sequence[int] | None = None,
 ) -> list[Hypothesis]:
-    """Beam search driven by ``step_fn(tokens: int64 array) -> (V,) logits``.
+    """Beam search over an lmdecode Model or ``step_fn(tokens: int64 array) -> (V,) logits``.
 
-    Returns up to ``num_return_sequences`` finished hypotheses, best first.
-    Equal beams are evaluated once per step (all beams hold the prompt at the
-    first step).
+    Returns up to ``num_return_sequences`` finished hypotheses, best first. On a
+    Model the whole search runs in C, all beams in one batched forward per step,
+    beams sharing their common prefix's KV cache; ``prompt`` may then be text
+    and ``eos_token_id`` defaults to the model's EOS. A step function is called
+    once per distinct beam per step (all beams hold the prompt at the first).
     """
     beam_width = _check_int("beam_width", beam_width, 1)
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
@@ -78,6 +80,13 @@ def beam_search(
         raise ValueError(f"early_stopping (={early_stopping!r}) must be True, False or 'never'")
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) or not np.isfinite(length_penalty):
         raise ValueError(f"length_penalty (={length_penalty!r}) must be a finite number")
+    model = model_or_step_fn if hasattr(model_or_step_fn, "_beam_search_in_c") else None
+    if model is not None:
+        return _beam_search_model(model, prompt, beam_width, max_new_tokens, float(length_penalty), early_stopping,
+                                  num_return_sequences, eos_token_id)
+    if not callable(model_or_step_fn):
+        raise TypeError(f"model_or_step_fn must be an lmdecode Model or a callable, got {type(model_or_step_fn).__name__}")
+    step_fn = model_or_step_fn
     prompt_ids = [int(t) for t in np.asarray(prompt, dtype=np.int64).reshape(-1)]
 
     cache: dict[tuple[int, ...], np.ndarray] = {}
@@ -108,3 +117,28 @@ def beam_search(
         Hypothesis(tokens=[int(t) for t in toks], logprob=float(logprob), score=float(score), token_logprobs=[float(x) for x in lps])
         for toks, lps, score, logprob in search.hypotheses()
     ]
+
+
+def _beam_search_model(model: Any, prompt: Any, beam_width: int, max_new_tokens: int, length_penalty: float,
+                       early_stopping: bool | str, num_return_sequences: int, eos_token_id: Any) -> list[Hypothesis]:
+    prompt_ids = model._encode(prompt, add_bos=True, name="prompt")
+    model._check_prompt_lengths([prompt_ids])
+    if len(prompt_ids) + max_new_tokens > model.config.context_length:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed the context length "
+                         f"{model.config.context_length}")
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+    eos = _eos_ids(eos_token_id)
+    search = _core.BeamSearch(beam_width, model.config.vocab_size, max_new_tokens, num_return_sequences, length_penalty,
+                              _EARLY_STOPPING[early_stopping], eos)
+    model._beam_search_in_c(search, prompt_ids, beam_width, max_new_tokens)
+    tokenizer = model.tokenizer
+    hyps = []
+    for toks, lps, score, logprob in search.hypotheses():
+        tokens = [int(t) for t in toks]
+        text = None
+        if tokenizer is not None:
+            text = tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in eos else tokens)
+        hyps.append(Hypothesis(tokens=tokens, logprob=float(logprob), score=float(score),
+                               token_logprobs=[float(x) for x in lps], text=text))
+    return hyps

@@ -1,0 +1,57 @@
+/*
+ * decode.h -- the decoding loops over an lmdecode model, entirely in C.
+ *
+ * The state machines of generate.h and search.h never call a model; these
+ * loops drive them with lmd_model_forward, so that Python costs nothing per
+ * token. Every sequence lives in a paged KV cache (kvcache.h): sequences that
+ * share a prompt share its cache blocks, and beams fork their parents' block
+ * tables instead of copying keys and values.
+ *
+ *     lmd_decode_run *run;
+ *     lmd_decode_run_init(&run, model, pool, generator, &err);
+ *     lmd_decode_run_steps(run, samplers, n_samplers, INT32_MAX, NULL, NULL, NULL, &err);
+ *     lmd_decode_run_free(run);      // the generator holds the results
+ *
+ *     lmd_decode_beam_search(model, pool, beam_search, prompt, prompt_len, &err);
+ *
+ * Ownership: the model, pool, generator and beam search are borrowed; a run
+ * owns the KV sequences it creates in the pool and frees them (and any
+ * sequence that finishes early) so that their blocks return to the pool.
+ */
+#ifndef LMD_DECODE_H
+#define LMD_DECODE_H
+
+#include "generate.h"
+#include "kvcache.h"
+#include "model.h"
+#include "sampling.h"
+#include "search.h"
+
+typedef struct lmd_decode_run lmd_decode_run;
+
+lmd_status lmd_decode_run_init(lmd_decode_run **out, lmd_model *model, lmd_kvpool *pool,
+                               lmd_generator *gen, lmd_error *err);
+void lmd_decode_run_free(lmd_decode_run *run); /* safe on NULL */
+
+/*
+ * Advances the generator by up to max_steps tokens per running sequence (the
+ * first step prefills the prompts; sequences whose prompt equals the previous
+ * sequence's share its cache). A sequence whose tokens (prompt + generated)
+ * fill the model's context length finishes with LMD_FINISH_LENGTH. If last_ids/last_tokens are given
+ * (capacity n_seqs), they receive the sequences and tokens of the last step,
+ * *n_last their count (0 when nothing ran because every sequence had finished).
+ */
+lmd_status lmd_decode_run_steps(lmd_decode_run *run, lmd_sampler *const *samplers, int n_samplers,
+                                int32_t max_steps, int32_t *last_ids, int32_t *last_tokens,
+                                int32_t *n_last, lmd_error *err);
+
+/*
+ * Runs the beam search to its end on the model from prompt (prompt_len >= 1).
+ * All beams advance in one batched forward per step. *peak_kv_blocks (if
+ * non-NULL) receives the largest number of pool blocks the beams held at once.
+ */
+lmd_status lmd_decode_beam_search(lmd_model *model, lmd_kvpool *pool, lmd_beam_search *bs,
+                                  const int32_t *prompt, int32_t prompt_len,
+                                  int32_t *peak_kv_blocks, lmd_error *err);
+
+#endif /* LMD_DECODE_H */

@@ -1,0 +1,144 @@
+"""Decoding methods of lmdecode models: generate, beam_search, sequence_logprob, perplexity.
+
+They are the functions of generation.py, search.py and scoring.py with the
+model bound, plus text in and out through ``model.tokenizer``. On a Model the
+generation and beam-search loops run entirely in C (``_core.ModelDecoder``,
+``_core.model_beam_search``): Python is not involved per token.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from .scoring import PerplexityResult, SequenceScore, perplexity as _perplexity, sequence_logprob as _sequence_logprob
+
+__all__ = ["DecodingMixin"]
+
+_BLOCK = 16  # positions per KV block of the pools the decoding loops create
+
+
+class DecodingMixin:
+    """Mixed into Model: needs ``config``, ``_engine``, ``forward``, ``new_cache``, ``logits``."""
+
+    # ------------------------------------------------------------------ text
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer (``encode(text, add_bos=True)``, ``decode(ids)``), or None."""
+        if not hasattr(self, "_tokenizer_cache"):
+            self._tokenizer_cache = self._load_tokenizer()
+        return self._tokenizer_cache
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self._tokenizer_cache = value
+
+    def _load_tokenizer(self):
+        try:
+            from . import tokenizer as tokenizers
+        except ImportError:  # pragma: no cover - the module ships with the package
+            return None
+        if getattr(self, "tokenizer_path", None) is not None:
+            return tokenizers.load_tokenizer(self.tokenizer_path)
+        reader = getattr(self, "_keepalive", None)
+        if reader is not None and hasattr(reader, "fields"):
+            return tokenizers.Tokenizer.from_gguf_metadata(reader)
+        path = getattr(self, "path", None)
+        if path is not None and path.is_dir() and (path / "tokenizer.json").exists():
+            return tokenizers.load_tokenizer(path)
+        return None
+
+    def _encode(self, text_or_tokens: Any, *, add_bos: bool, name: str) -> list[int]:
+        if isinstance(text_or_tokens, str):
+            if self.tokenizer is None:
+                raise TypeError(f"{name} is text but the model has no tokenizer; pass token ids or load one")
+            return list(self.tokenizer.encode(text_or_tokens, add_bos=add_bos))
+        arr = np.asarray(text_or_tokens)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise TypeError(f"{name} must be a str or a 1-D sequence of token ids")
+        return [int(t) for t in arr]
+
+    # ------------------------------------------------------------------ decoding loops in C
+
+    def _pool(self, positions: int):
+        """A KV pool with room for `positions` positions (plus one block per copy-on-write)."""
+        cfg = self.config
+        n_blocks = max(1, math.ceil(positions / _BLOCK))
+        return _core.KVPool(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, _BLOCK, n_blocks)
+
+    def _decoder(self, generator, prompts: list[list[int]], max_new_tokens: int):
+        """The C loop that runs `generator` on this model (one KV sequence per prompt)."""
+        ctx = self.config.context_length
+        positions = sum(min(len(p) + max_new_tokens, ctx) + 2 * _BLOCK for p in prompts)
+        return _core.ModelDecoder(self._engine, self._pool(positions), generator)
+
+    def _beam_search_in_c(self, search, prompt: list[int], beam_width: int, max_new_tokens: int) -> int:
+        """Runs `search` to its end in C; returns the peak number of KV positions the beams held."""
+        positions = len(prompt) + 2 * beam_width * (max_new_tokens + 2 * _BLOCK)
+        peak_blocks = _core.model_beam_search(self._engine, self._pool(positions), search, np.asarray(prompt, dtype=np.int32))
+        return peak_blocks * _BLOCK
+
+    # ------------------------------------------------------------------ public methods
+
+    def generate(self, prompt: Any, **kwargs: Any):
+        """ld.generate with this model: see lmdecode.generation.generate."""
+        from .generation import generate
+
+        return generate(self, prompt, **kwargs)
+
+    def beam_search(self, prompt: Any, **kwargs: Any):
+        """ld.beam_search with this model: see lmdecode.search.beam_search."""
+        from .search import beam_search
+
+        return beam_search(self, prompt, **kwargs)
+
+    def sequence_logprob(self, context: Any, continuation: Any) -> SequenceScore | list[SequenceScore]:
+        """log p(continuation | context) in one prefill pass per continuation.
+
+        context: text (encoded with BOS) or token ids; continuation: text (encoded
+        without BOS) or token ids, or a list of those (the context is then
+        prefilled once and its cache shared by every continuation).
+        """
+        ctx = self._encode(context, add_bos=True, name="context")
+        if not ctx:
+            raise ValueError("context must hold at least one token (e.g. BOS)")
+        batch = isinstance(continuation, (list, tuple)) and len(continuation) > 0 and not isinstance(continuation[0], numbers.Integral)
+        conts = [self._encode(c, add_bos=False, name="continuation") for c in (continuation if batch else [continuation])]
+        longest = max(len(c) for c in conts)
+        if len(ctx) + longest > self.config.context_length:
+            raise ValueError(f"context ({len(ctx)} tokens) + continuation ({longest}) exceed the context length {self.config.context_length}")
+        cache = self.new_cache(len(ctx) + longest + 2 * _BLOCK * len(conts))
+        first = self.forward(ctx, cache, logits="last")  # predicts the first continuation token
+        scores = []
+        for cont in conts:
+            if not cont:
+                scores.append(SequenceScore(0.0, np.zeros(0)))
+                continue
+            rows = [first[None, :]]
+            if len(cont) > 1:
+                branch = cache.fork()
+                rows.append(self.forward(cont[:-1], branch, logits="all"))
+                del branch
+            scores.append(_sequence_logprob(np.concatenate(rows), np.asarray(cont)))
+        return scores if batch else scores[0]
+
+    def perplexity(self, text_or_tokens: Any, *, window: int | None = None, stride: int | None = None,
+                   progress: bool | None = None) -> PerplexityResult:
+        """Sliding-window perplexity (transformers' protocol; see lmdecode.scoring)."""
+        tokens = self._encode(text_or_tokens, add_bos=True, name="text_or_tokens")
+        window = self.config.context_length if window is None else window
+        if isinstance(window, numbers.Integral) and window > self.config.context_length:
+            raise ValueError(f"window (={window}) must be <= the context length {self.config.context_length}")
+        return _perplexity(self.logits, tokens, window=window, stride=stride, progress=progress)
+
+    def _check_prompt_lengths(self, prompts: Sequence[Sequence[int]]) -> None:
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty: a model needs at least one token (e.g. BOS)")
+            if len(p) > self.config.context_length:
+                raise ValueError(f"prompt {i} has {len(p)} tokens, more than the context length {self.config.context_length}")

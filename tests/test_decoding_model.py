@@ -1,0 +1,162 @@
+"""Decoding loops in C over lmdecode models: they must equal the same state
+machines driven from Python with model.logits, and the transformers oracle."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lmdecode as ld
+
+MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+PROMPT = [1, 403, 407, 261, 378]  # BOS "Once upon a time" in stories260K's vocabulary
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return ld.Model.load(MODELS / "stories260K.bin")
+
+
+def step_fn_of(model):
+    return lambda tokens: model.logits(tokens)[-1]
+
+
+SAMPLING = dict(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.1, frequency_penalty=0.2)
+
+
+def test_generate_in_c_equals_the_python_driven_loop(stories):
+    in_c = ld.generate(stories, PROMPT, max_new_tokens=40, seed=5, **SAMPLING)
+    in_python = ld.generate(step_fn_of(stories), PROMPT, max_new_tokens=40, seed=5, stop_token_ids=[stories.config.eos_token_id], **SAMPLING)
+    assert in_c.tokens == in_python.tokens
+    assert in_c.finish_reason == in_python.finish_reason
+    np.testing.assert_allclose(in_c.token_logprobs, in_python.token_logprobs, atol=1e-4)
+
+
+def test_batch_and_samples_share_the_prompt_cache(stories):
+    prompts = [PROMPT, [1, 403, 407], PROMPT[:2]]
+    batch = ld.generate(stories, prompts, max_new_tokens=15, seed=3, n=2, temperature=1.0)
+    alone = ld.generate(step_fn_of(stories), prompts, max_new_tokens=15, seed=3, n=2, temperature=1.0,
+                        stop_token_ids=[stories.config.eos_token_id])
+    for group_c, group_py in zip(batch, alone):
+        assert [g.tokens for g in group_c] == [g.tokens for g in group_py]
+
+
+def test_stream_yields_the_tokens_of_the_full_call(stories):
+    full = stories.generate(PROMPT, max_new_tokens=12, seed=9, temperature=0.7)
+    chunks = list(stories.generate(PROMPT, max_new_tokens=12, seed=9, temperature=0.7, stream=True))
+    assert [c.token for c in chunks if c.token >= 0] == full.tokens
+
+
+def test_generation_stops_at_the_context_length(stories):
+    ctx = stories.config.context_length
+    prompt = [1] + [403] * (ctx - 4)
+    out = stories.generate(prompt, max_new_tokens=50, temperature=0, stop_token_ids=[])
+    assert out.finish_reason == "length"
+    assert len(prompt) + len(out.tokens) == ctx
+    with pytest.raises(ValueError, match="context length"):
+        stories.generate([1] * (ctx + 1), max_new_tokens=1)
+
+
+def test_beam_search_in_c_equals_the_step_function_search(stories):
+    eos = stories.config.eos_token_id
+    for width, lp, es in [(2, 1.0, False), (4, 0.6, True), (3, 2.0, "never")]:
+        in_c = stories.beam_search(PROMPT, beam_width=width, max_new_tokens=25, length_penalty=lp, early_stopping=es,
+                                   num_return_sequences=2)
+        driven = ld.beam_search(step_fn_of(stories), PROMPT, beam_width=width, max_new_tokens=25, length_penalty=lp,
+                                early_stopping=es, num_return_sequences=2, eos_token_id=eos)
+        assert [h.tokens for h in in_c] == [h.tokens for h in driven]
+        np.testing.assert_allclose([h.score for h in in_c], [h.score for h in driven], atol=1e-4)
+
+
+def test_sequence_logprob_is_one_prefill(stories):
+    context, continuation = [1, 403, 407], [261, 378, 432]
+    s = stories.sequence_logprob(context, continuation)
+    full = stories.logits(context + continuation)
+    expect = ld.sequence_logprob(full[len(context) - 1 : -1], continuation)
+    assert s.total == pytest.approx(expect.total, abs=1e-5)
+    batch = stories.sequence_logprob(context, [continuation, [261], []])
+    assert batch[0].total == pytest.approx(s.total, abs=1e-5)
+    assert batch[1].total == pytest.approx(float(s.token_logprobs[0]), abs=1e-5)
+    assert batch[2].total == 0.0
+
+
+def test_perplexity_of_the_model_matches_its_logits(stories):
+    rng = np.random.default_rng(0)
+    tokens = [1] + list(rng.integers(3, 512, size=100))
+    r = stories.perplexity(tokens, window=64, stride=32, progress=False)
+    assert r.n_tokens == 100
+    # the first window by hand
+    lp = ld.log_softmax(stories.logits(tokens[:64]))
+    first = -sum(float(lp[i - 1, tokens[i]]) for i in range(1, 64))
+    assert r.nll > first  # more tokens scored after the first window
+    whole = stories.perplexity(tokens, window=stories.config.context_length, progress=False)
+    lp_all = ld.log_softmax(stories.logits(tokens))
+    assert whole.nll == pytest.approx(-sum(float(lp_all[i - 1, tokens[i]]) for i in range(1, len(tokens))), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# transformers oracle on a random-weight Llama loaded by lmdecode
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_pair():
+    from oracle import require_transformers
+
+    torch, transformers = require_transformers()
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rope_theta=5000.0, tie_word_embeddings=False,
+    )
+    hf = transformers.LlamaForCausalLM(config).eval()
+    eos = 5
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(6.0)
+        prompts = torch.from_numpy(np.random.default_rng(0).integers(0, 64, size=(8, 8)))
+        hidden = hf.model(prompts).last_hidden_state.mean(dim=(0, 1))
+        hf.lm_head.weight[eos] = 4.0 * hidden / hidden.norm() ** 2  # EOS gets real mass
+    weights = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
+    ours = ld.Model.from_numpy(config.to_dict(), weights)
+    return torch, hf, ours, eos
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("width,length_penalty,early_stopping", [(2, 1.0, False), (4, 0.0, True), (3, 2.0, "never"), (4, 0.6, False)])
+def test_model_beam_search_matches_transformers(hf_pair, width, length_penalty, early_stopping):
+    torch, hf, ours, eos = hf_pair
+    prompt = [3, 9, 27, 14, 50]
+    out = hf.generate(torch.tensor([prompt]), num_beams=width, do_sample=False, max_new_tokens=12, length_penalty=length_penalty,
+                      early_stopping=early_stopping, num_return_sequences=2, eos_token_id=eos, pad_token_id=eos,
+                      output_scores=True, return_dict_in_generate=True)
+    hyps = ours.beam_search(prompt, beam_width=width, max_new_tokens=12, length_penalty=length_penalty,
+                            early_stopping=early_stopping, num_return_sequences=2, eos_token_id=eos)
+    for h, seq, score in zip(hyps, out.sequences.numpy(), out.sequences_scores.numpy()):
+        generated = list(seq[len(prompt):])
+        assert generated[: len(h.tokens)] == h.tokens
+        assert h.score == pytest.approx(float(score), abs=1e-4)
+
+
+@pytest.mark.oracle
+def test_model_sequence_logprob_matches_transformers(hf_pair):
+    torch, hf, ours, _ = hf_pair
+    context, continuation = [3, 9, 27, 14], [50, 2, 61, 7, 7]
+    with torch.no_grad():
+        logits = hf(torch.tensor([context + continuation])).logits[0].double()
+    lp = torch.log_softmax(logits, -1).numpy()
+    expect = [lp[len(context) - 1 + i, t] for i, t in enumerate(continuation)]
+    s = ours.sequence_logprob(context, continuation)
+    np.testing.assert_allclose(s.token_logprobs, expect, atol=1e-4)
+    assert s.total == pytest.approx(sum(expect), abs=1e-4)
+
+
+@pytest.mark.oracle
+def test_model_greedy_generate_matches_transformers(hf_pair):
+    torch, hf, ours, eos = hf_pair
+    prompt = [3, 9, 27, 14, 50]
+    out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, eos_token_id=eos, pad_token_id=eos)
+    expect = list(out[0, len(prompt):].numpy())
+    got = ours.generate(prompt, max_new_tokens=20, temperature=0, stop_token_ids=[eos])
+    assert got.tokens == expect[: len(got.tokens)]
+    assert all(t == eos for t in expect[len(got.tokens):])
