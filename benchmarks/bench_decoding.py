@@ -1,0 +1,133 @@
+"""Decoding speed: generate(), beam search and sequence scoring, against the
+engine's raw decode rate and transformers on torch CPU.
+
+    python benchmarks/bench_decoding.py            # stories260K and a 110M random Llama
+    python benchmarks/bench_decoding.py --quick    # fewer tokens
+
+Models: stories260K (../shared/models/stories260K.bin, skipped if absent) and
+a Llama of 110M parameters (dim 768, 12 layers, 12 heads, vocab 32000) with
+random weights, built with transformers and loaded into lmdecode from the same
+arrays. Figures are medians of repeated runs; ratios are within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+import lmdecode as ld
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+
+
+def median_time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def raw_decode_rate(model: ld.Model, prompt: list[int], n: int) -> float:
+    """Tokens/s of model.forward one token at a time (the engine alone, greedy picks in NumPy)."""
+
+    def run():
+        cache = model.new_cache(len(prompt) + n + 1)
+        logits = model.forward(prompt, cache)
+        for _ in range(n):
+            logits = model.forward([int(np.argmax(logits))], cache)
+
+    return n / median_time(run, 3)
+
+
+def hf_llama_110m(torch, transformers):
+    config = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+        num_key_value_heads=12, max_position_embeddings=2048, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    weights = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    return hf, ld.Model.from_numpy(config.to_dict(), weights), config
+
+
+def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int) -> None:
+    rng = np.random.default_rng(0)
+    prompt = [1] + list(rng.integers(3, model.config.vocab_size, size=15))
+    print(f"\n== {name}: {model.config.n_layers} layers, dim {model.config.dim}, vocab {model.config.vocab_size}, "
+          f"{n_new} new tokens, prompt {len(prompt)}")
+    raw = raw_decode_rate(model, prompt, n_new)
+    greedy = n_new / median_time(lambda: model.generate(prompt, max_new_tokens=n_new, temperature=0, stop_token_ids=[]), reps)
+    top_p = n_new / median_time(lambda: model.generate(prompt, max_new_tokens=n_new, seed=0, temperature=0.8, top_p=0.9, stop_token_ids=[]), reps)
+    print(f"{'':28}{'tok/s':>10}")
+    print(f"{'engine raw decode (forward)':28}{raw:>10.1f}")
+    print(f"{'generate greedy':28}{greedy:>10.1f}   ({greedy / raw:.2f} x raw)")
+    print(f"{'generate top-p 0.9':28}{top_p:>10.1f}   ({top_p / raw:.2f} x raw)")
+    if hf is not None:
+        ids = torch.tensor([prompt])
+        hf_greedy = n_new / median_time(lambda: hf.generate(ids, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0), max(1, reps // 2))
+        hf_top_p = n_new / median_time(lambda: hf.generate(ids, do_sample=True, top_p=0.9, temperature=0.8, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0), max(1, reps // 2))
+        print(f"{'transformers greedy':28}{hf_greedy:>10.1f}   (lmdecode {greedy / hf_greedy:.1f} x faster)")
+        print(f"{'transformers top-p':28}{hf_top_p:>10.1f}   (lmdecode {top_p / hf_top_p:.1f} x faster)")
+
+    # beam search: time per step against a greedy step, and the KV the beams hold
+    width, n_beam = 4, max(8, n_new // 2)
+    t_beam = median_time(lambda: model.beam_search(prompt, beam_width=width, max_new_tokens=n_beam, early_stopping="never", eos_token_id=[]), reps)
+    t_greedy = median_time(lambda: model.generate(prompt, max_new_tokens=n_beam, temperature=0, stop_token_ids=[]), reps)
+    kv_positions = model._beam_search_in_c(
+        ld._core.BeamSearch(width, model.config.vocab_size, n_beam, 1, 1.0, 2, []), prompt, width, n_beam)
+    kv_bytes = kv_positions * model.config.n_layers * model.config.n_kv_heads * model.config.head_dim * 2 * 4
+    print(f"beam search width {width}: {t_beam / n_beam * 1e3:.2f} ms/step vs greedy {t_greedy / n_beam * 1e3:.2f} ms/step "
+          f"({t_beam / t_greedy:.2f} x); peak KV held by the beams {kv_bytes / 1e6:.2f} MB")
+    if hf is not None:
+        ids = torch.tensor([prompt])
+        t_hf_beam = median_time(lambda: hf.generate(ids, num_beams=width, do_sample=False, max_new_tokens=n_beam,
+                                                    min_new_tokens=n_beam, early_stopping="never", pad_token_id=0), max(1, reps // 2))
+        print(f"transformers beam search width {width}: {t_hf_beam / n_beam * 1e3:.2f} ms/step (lmdecode {t_hf_beam / t_beam:.1f} x faster)")
+
+    # scoring 512 tokens: one prefill against token-by-token
+    n_score = min(512, model.config.context_length - 1)
+    tokens = [1] + list(rng.integers(3, model.config.vocab_size, size=n_score))
+    t_one = median_time(lambda: model.sequence_logprob(tokens[:1], tokens[1:]), reps)
+
+    def token_by_token():
+        cache = model.new_cache(len(tokens) + 1)
+        total, logits = 0.0, model.forward(tokens[:1], cache)
+        for t in tokens[1:]:
+            total += float(ld.log_softmax(logits)[t])
+            logits = model.forward([t], cache)
+        return total
+
+    t_each = median_time(token_by_token, max(1, reps // 2))
+    print(f"sequence_logprob of {n_score} tokens: {t_one * 1e3:.1f} ms one prefill vs {t_each * 1e3:.1f} ms token by token "
+          f"({t_each / t_one:.1f} x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    reps = 3 if args.quick else 5
+    info = ld.build_info()
+    print(f"lmdecode {ld.__version__}; OpenMP {info['openmp']}; {info['num_threads']} threads; vectors {' '.join(info['vector_extensions'])}")
+    try:
+        import torch
+        import transformers
+
+        torch.set_num_threads(ld.get_num_threads())
+    except ImportError:
+        torch = transformers = None
+    if (SHARED / "stories260K.bin").exists():
+        bench_model("stories260K", ld.Model.load(SHARED / "stories260K.bin"), None, torch, 200, reps)
+    if torch is not None:
+        hf, model, _ = hf_llama_110m(torch, transformers)
+        bench_model("Llama 110M (random weights, f32)", model, hf, torch, 32 if args.quick else 64, reps)
+
+
+if __name__ == "__main__":
+    main()
