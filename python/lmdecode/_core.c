@@ -185,9 +185,9 @@ static int check_offsets(PyArrayObject *offsets, PyArrayObject *values, npy_intp
 
 #define N_PARAM_COLUMNS 12
 
-/* NaN and out-of-range values become -1 or INT32_MAX, which validation then names. */
+/* Out-of-range values saturate (NaN becomes INT32_MIN), so validation names a bad value. */
 static int32_t saturate_int32(double x) {
-    if (!(x > -1.0)) return -1;
+    if (!(x >= (double)INT32_MIN)) return INT32_MIN;
     if (x >= (double)INT32_MAX) return INT32_MAX;
     return (int32_t)x;
 }

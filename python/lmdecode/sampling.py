@@ -222,19 +222,19 @@ def _is_token_list(value: Any) -> bool:
     return not any(isinstance(v, (Sequence, np.ndarray, Mapping)) and not isinstance(v, (str, bytes)) for v in value)
 
 
-def _per_row(name: str, value: Any, n_rows: int) -> list:
-    """Splits a per-row keyword into n_rows entries (a flat value is shared by all rows)."""
+def _per_row(name: str, value: Any, n_rows: int) -> tuple[list, bool]:
+    """Splits a per-row keyword into n_rows entries, and says whether one value is shared by all rows."""
     if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
         raise TypeError(f"{name} must be a sequence of token ids or one such sequence per row, got {value!r}")
     if len(value) == 0 or _is_token_list(value):
-        return [value] * n_rows
+        return [value] * n_rows, True
     if len(value) != n_rows:
         raise ValueError(f"{name} has {len(value)} rows but logits has {n_rows} rows")
-    return list(value)
+    return list(value), False
 
 
-def _csr(name: str, rows: list) -> tuple[np.ndarray, np.ndarray]:
-    ids = [_token_ids(f"{name}[{r}]" if len(rows) > 1 else name, row) for r, row in enumerate(rows)]
+def _csr(name: str, rows: list, shared: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    ids = [_token_ids(name if shared else f"{name}[{r}]", row) for r, row in enumerate(rows)]
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum([len(a) for a in ids], out=offsets[1:])
     values = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
@@ -350,13 +350,13 @@ def _row_input_arguments(inputs: dict[str, Any], n_rows: int) -> dict[str, Any]:
     if "logit_bias" in inputs:
         args.update(_bias_arguments(inputs["logit_bias"], n_rows))
     if "allowed_tokens" in inputs:
-        rows = _per_row("allowed_tokens", inputs["allowed_tokens"], n_rows)
+        rows, shared = _per_row("allowed_tokens", inputs["allowed_tokens"], n_rows)
         restricted = np.array([row is not None for row in rows], dtype=bool)
-        args["allowed_ids"], args["allowed_offsets"] = _csr("allowed_tokens", [[] if row is None else row for row in rows])
+        args["allowed_ids"], args["allowed_offsets"] = _csr("allowed_tokens", [[] if row is None else row for row in rows], shared)
         args["allowed_rows"] = restricted
     if "banned_tokens" in inputs:
-        rows = _per_row("banned_tokens", inputs["banned_tokens"], n_rows)
-        args["banned_ids"], args["banned_offsets"] = _csr("banned_tokens", [[] if row is None else row for row in rows])
+        rows, shared = _per_row("banned_tokens", inputs["banned_tokens"], n_rows)
+        args["banned_ids"], args["banned_offsets"] = _csr("banned_tokens", [[] if row is None else row for row in rows], shared)
     return args
 
 

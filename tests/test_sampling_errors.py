@@ -1,0 +1,154 @@
+"""Bad input gets a clear TypeError/ValueError naming the argument and the
+value; the caller's arrays are never modified; every dtype and layout works."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lmdecode as ld
+
+Z = np.array([[1.0, 2.0, 0.5, -1.0], [0.0, 0.1, 3.0, 2.0], [1.5, 1.5, -2.0, 0.0]], dtype=np.float32)
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    (dict(temperature=-0.5), r"temperature \(=-0.5\) must be"),
+    (dict(temperature=float("nan")), r"temperature \(=nan\)"),
+    (dict(top_k=-1), r"top_k \(=-1\) must be >= 0"),
+    (dict(top_p=0.0), r"top_p \(=0\) must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p \(=1.5\) must be in \(0, 1\]"),
+    (dict(top_p=float("nan")), r"top_p \(=nan\)"),
+    (dict(min_p=-0.1), r"min_p \(=-0.1\) must be in \[0, 1\]"),
+    (dict(min_p=1.2), r"min_p \(=1.2\)"),
+    (dict(typical_p=0.0), r"typical_p \(=0\) must be in \(0, 1\]"),
+    (dict(epsilon=1.0), r"epsilon \(=1\) must be in \[0, 1\)"),
+    (dict(eta=-0.1), r"eta \(=-0.1\) must be in \[0, 1\)"),
+    (dict(repetition_penalty=0.0), r"repetition_penalty \(=0\) must be a finite number > 0"),
+    (dict(repetition_penalty=-1.0), r"repetition_penalty \(=-1\)"),
+    (dict(frequency_penalty=2.5), r"frequency_penalty \(=2.5\) must be in \[-2, 2\]"),
+    (dict(presence_penalty=-3.0), r"presence_penalty \(=-3\) must be in \[-2, 2\]"),
+    (dict(no_repeat_ngram_size=-2), r"no_repeat_ngram_size \(=-2\)"),
+    (dict(min_tokens_to_keep=0), r"min_tokens_to_keep \(=0\) must be >= 1"),
+    (dict(top_p=[0.9, 0.5, 2.0]), r"row 2: top_p \(=2\)"),
+])
+def test_parameters_out_of_range(kw, pattern):
+    for fn in (ld.process_logits, ld.sample):
+        with pytest.raises(ValueError, match=pattern):
+            fn(Z, **kw)
+    with pytest.raises(ValueError, match=pattern):
+        ld.SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("kw,error,pattern", [
+    (dict(top_k=2.5), TypeError, r"top_k must be an int, got 2.5"),
+    (dict(top_p="high"), TypeError, r"top_p must be a number or a sequence"),
+    (dict(temperature=True), TypeError, r"temperature must be a number, got True"),
+    (dict(top_q=0.9), TypeError, r"unknown keyword\(s\): top_q"),
+    (dict(top_p=[0.9, 0.5]), ValueError, r"top_p has 2 values but logits has 3 rows"),
+    (dict(temperature=[1.0, 0.5], top_p=[0.9, 0.5, 0.8]), ValueError, r"different lengths"),
+    (dict(seed=[1, 2]), ValueError, r"seed has 2 values but logits has 3 rows"),
+    (dict(seed=-1), ValueError, r"seed \(=-1\) must be in \[0, 2\*\*64\)"),
+    (dict(step=-3), ValueError, r"step \(=-3\)"),
+    (dict(seed="x"), TypeError, r"seed must be None, an int or one int per row"),
+])
+def test_bad_keywords_for_sample(kw, error, pattern):
+    with pytest.raises(error, match=pattern):
+        ld.sample(Z, **kw)
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    (dict(context=[[0, 1], [9], [2]]), r"context\[0\] \(=9\) is not a token id in \[0, 4\)"),
+    (dict(context=[[0, 1], [2]]), r"context has 2 rows but logits has 3 rows"),
+    (dict(context=[0, 1]), r"context is one sequence but logits has 3 rows"),
+    (dict(context=np.array([[0, -2], [1, 1], [2, 2]])), r"context contains -2"),
+    (dict(allowed_tokens=[0, 7]), r"allowed_tokens\[1\] \(=7\) is not a token id in \[0, 4\)"),
+    (dict(banned_tokens=[[1], [4], [0]]), r"row 1: banned_tokens\[0\] \(=4\)"),
+    (dict(banned_tokens=[-1]), r"banned_tokens\[0\] \(=-1\)"),
+    (dict(logit_bias={5: 1.0}), r"logit_bias\[0\] \(=5\)"),
+    (dict(logit_bias={1: float("nan")}), r"logit_bias values must not be NaN"),
+    (dict(allowed_tokens=[[0], [1], [2], [3]]), r"allowed_tokens has 4 rows but logits has 3 rows"),
+    (dict(prompt_len=-1), r"prompt_len \(=-1\) must be >= 0"),
+    (dict(banned_tokens=[0, 1, 2, 3]), r"row 0: no token is left to sample"),
+])
+def test_bad_token_inputs(kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ld.process_logits(Z, **kw)
+
+
+def test_bad_logits():
+    with pytest.raises(ValueError, match=r"row 1: logits\[2\] is NaN"):
+        ld.sample(np.where(np.arange(12).reshape(3, 4) == 6, np.nan, Z))
+    with pytest.raises(ValueError, match=r"logits\[0\] is \+inf"):
+        ld.process_logits([np.inf, 0.0])
+    with pytest.raises(ValueError, match=r"logits\[1\] is NaN"):
+        ld.greedy([0.0, np.nan])
+    with pytest.raises(ValueError, match=r"logits\[1\] is NaN"):  # masked or not
+        ld.process_logits([0.0, np.nan], banned_tokens=[1])
+    with pytest.raises(ValueError, match="no token is left"):
+        ld.sample([-np.inf, -np.inf])
+    with pytest.raises(ValueError, match=r"empty vocabulary \(V == 0\)"):
+        ld.sample(np.zeros((2, 0)))
+    with pytest.raises(ValueError, match=r"shape \(V,\) or \(B, V\), got 3 dimension"):
+        ld.sample(np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match=r"got 0 dimension"):
+        ld.process_logits(np.float32(1.0))
+    for bad in (np.array(["a", "b"]), np.array([1 + 2j, 0j]), np.array([None, 1.0], dtype=object), np.array([True, False])):
+        with pytest.raises(TypeError, match="logits must be a real floating-point array"):
+            ld.sample(bad)
+    with pytest.raises(ValueError, match=r"temperature \(=0\) must be > 0 for log_softmax"):
+        ld.log_softmax(Z, temperature=0)
+
+
+def test_inputs_are_never_modified():
+    rng = np.random.default_rng(0)
+    z64 = rng.normal(0, 2, (4, 50))
+    z_strided = rng.normal(0, 2, (50, 8)).astype(np.float32).T  # non-contiguous
+    context = rng.integers(0, 50, size=(4, 10))
+    bias = np.zeros(50)
+    bias[3] = 2.0
+    for z in (z64, z_strided[:4], z64.astype(np.float16)):
+        copies = [a.copy() for a in (z, context, bias)]
+        kw = dict(context=context, prompt_len=3, repetition_penalty=1.5, frequency_penalty=0.5, logit_bias=bias,
+                  banned_tokens=[1, 2], top_p=0.9, temperature=0.7)
+        ld.process_logits(z, **kw)
+        ld.sample(z, seed=1, **kw)
+        ld.greedy(z)
+        ld.log_softmax(z)
+        for before, after in zip(copies, (z, context, bias)):
+            np.testing.assert_array_equal(before, after)
+
+
+def test_dtypes_layouts_and_lists_agree():
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 2, (3, 40)).astype(np.float32)
+    expect = ld.process_logits(z, top_k=10, temperature=0.8)
+    np.testing.assert_array_equal(ld.process_logits(z.tolist(), top_k=10, temperature=0.8), expect)
+    np.testing.assert_array_equal(ld.process_logits(z.astype(np.float64), top_k=10, temperature=0.8), expect)
+    np.testing.assert_array_equal(ld.process_logits(np.asfortranarray(z), top_k=10, temperature=0.8), expect)
+    half = z.astype(np.float16)
+    np.testing.assert_array_equal(ld.process_logits(half, top_k=10), ld.process_logits(half.astype(np.float32), top_k=10))
+    assert ld.process_logits(z[0]).dtype == np.float32 and ld.process_logits(z[0]).shape == (40,)
+    one = ld.sample(z[0], seed=3)
+    assert isinstance(one, np.int64)
+    batch = ld.sample(z, seed=3)
+    assert batch.dtype == np.int64 and batch.shape == (3,) and batch[0] == one
+    tokens, lps = ld.sample(z, seed=3, return_logprobs=True)
+    assert lps.dtype == np.float32
+    np.testing.assert_allclose(lps, ld.process_logits(z)[np.arange(3), tokens], atol=1e-6)
+
+
+def test_greedy_takes_the_lowest_index_on_ties():
+    assert ld.greedy([1.0, 3.0, 3.0, 2.0]) == 1
+    assert list(ld.greedy([[0.0, 0.0], [-1.0, -np.inf]])) == [0, 0]
+    big = np.zeros(100003, dtype=np.float32)
+    big[[70001, 90000, 100002]] = 5.0
+    assert ld.greedy(big) == 70001
+
+
+def test_sampling_params_are_reusable_and_validated_once():
+    params = ld.SamplingParams(top_k=3, temperature=0.5)
+    assert params.top_k == 3 and params.top_p == 1.0
+    np.testing.assert_array_equal(ld.process_logits(Z, params), ld.process_logits(Z, top_k=3, temperature=0.5))
+    np.testing.assert_array_equal(ld.sample(Z, params, seed=4), ld.sample(Z, top_k=3, temperature=0.5, seed=4))
+    assert ld.sample(Z, params.replace(temperature=0), seed=4).tolist() == ld.greedy(Z).tolist()
+    with pytest.raises(TypeError, match="params must be a SamplingParams"):
+        ld.sample(Z, {"top_k": 3})
