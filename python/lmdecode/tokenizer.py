@@ -1,0 +1,388 @@
+"""Tokenizers for the model files lmdecode loads.
+
+Three kinds, one interface (``encode``, ``decode``, ``token_bytes``,
+``stream_decoder``, ``bos_id``, ``eos_id``, ``vocab_size``):
+
+- sentencepiece-style BPE by merge scores with byte fallback: llama2.c's
+  ``tok*.bin`` (encoding exactly as llama2.c's ``encode``: a leading space,
+  characters looked up one by one, then the adjacent pair with the highest
+  score merged until none applies) and GGUF "llama" vocabularies (the same
+  with U+2581 standing for spaces, as llama.cpp's SPM tokenizer);
+- byte-level BPE from a GGUF "gpt2" vocabulary (tokens + merges), run by the
+  ``tokenizers`` library;
+- Hugging Face ``tokenizer.json`` through ``tokenizers``.
+
+``load_tokenizer(path)`` picks by file: ``.bin`` (llama2.c), ``.gguf``, a
+``tokenizer.json`` or a directory holding one.
+"""
+from __future__ import annotations
+
+import codecs
+import heapq
+import json
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Tokenizer", "StreamDecoder", "load_tokenizer"]
+
+SPACE_MARK = "\u2581"  # sentencepiece's visible space
+
+
+class StreamDecoder:
+    """Turns token ids into text as they come, never splitting a UTF-8 character."""
+
+    def __init__(self, tokenizer: "Tokenizer") -> None:
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        """The text that token completes (continuations keep their leading space)."""
+        return self._utf8.decode(self._tokenizer.token_bytes(token))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+class Tokenizer:
+    """Base class: subclasses set the fields and implement encode/token_bytes."""
+
+    bos_id: int | None = None
+    eos_id: int | None = None
+    vocab_size: int = 0
+    adds_bos: bool = True  # does this model's vocabulary expect a BOS at the start?
+    strips_leading_space_after_bos = False
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def token_bytes(self, token: int) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ids (special tokens such as BOS/EOS contribute nothing)."""
+        out = bytearray()
+        previous = None
+        for token in ids:
+            token = int(token)
+            piece = self.token_bytes(token)
+            if previous == self.bos_id and self.strips_leading_space_after_bos and piece.startswith(b" "):
+                piece = piece[1:]
+            out += piece
+            previous = token
+        return out.decode("utf-8", errors="replace")
+
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+    def _check_id(self, token: int) -> None:
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})")
+
+    @staticmethod
+    def from_gguf_metadata(reader: Any) -> "Tokenizer":
+        """The tokenizer a GGUF file describes (``gguf.GGUFReader``)."""
+        model = _gguf_field(reader, "tokenizer.ggml.model")
+        if model == "llama":
+            return ScoreBPETokenizer.from_gguf(reader)
+        if model == "gpt2":
+            return ByteLevelBPETokenizer.from_gguf(reader)
+        raise ValueError(f"unsupported GGUF tokenizer model {model!r} (supported: llama, gpt2)")
+
+
+# ----------------------------------------------------------------------------
+# sentencepiece-style BPE by merge scores (llama2.c, GGUF "llama")
+# ----------------------------------------------------------------------------
+
+
+def _byte_fallback(piece: str) -> int | None:
+    """The byte a "<0xNN>" piece stands for."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return int(piece[3:5], 16)
+        except ValueError:
+            return None
+    return None
+
+
+class ScoreBPETokenizer(Tokenizer):
+    """BPE that merges the adjacent pair with the highest score first (llama2.c / sentencepiece BPE)."""
+
+    def __init__(self, pieces: list[str], scores: list[float], *, bos_id: int | None, eos_id: int | None,
+                 space_mark: bool, adds_bos: bool = True, special: set[int] | None = None) -> None:
+        self.pieces = pieces
+        self.scores = scores
+        self.vocab_size = len(pieces)
+        self.bos_id, self.eos_id, self.adds_bos = bos_id, eos_id, adds_bos
+        self.space_mark = space_mark  # GGUF/sentencepiece pieces spell spaces as U+2581
+        self.strips_leading_space_after_bos = True
+        self.special = special or set()
+        self.lookup: dict[str, int] = {}
+        for i, p in enumerate(pieces):
+            self.lookup.setdefault(p, i)
+        self.byte_ids: dict[int, int] = {}
+        for i, p in enumerate(pieces):
+            b = _byte_fallback(p)
+            if b is not None:
+                self.byte_ids.setdefault(b, i)
+        self._bytes = [self._piece_bytes(i) for i in range(self.vocab_size)]
+
+    @classmethod
+    def from_llama2c(cls, path: str | Path, vocab_size: int | None = None) -> "ScoreBPETokenizer":
+        """llama2.c's tokenizer file: int32 max_token_length, then per token float32 score,
+        int32 byte length and the bytes."""
+        path = Path(path)
+        data = path.read_bytes()
+        if len(data) < 4:
+            raise ValueError(f"{path}: truncated llama2.c tokenizer (no header)")
+        at, pieces, scores = 4, [], []
+        while at < len(data) and (vocab_size is None or len(pieces) < vocab_size):
+            if at + 8 > len(data):
+                raise ValueError(f"{path}: truncated llama2.c tokenizer at token {len(pieces)}")
+            score, length = struct.unpack_from("<fi", data, at)
+            at += 8
+            if length < 0 or at + length > len(data):
+                raise ValueError(f"{path}: token {len(pieces)} claims {length} bytes past the end of the file")
+            pieces.append(data[at:at + length].decode("utf-8", errors="surrogateescape"))
+            scores.append(score)
+            at += length
+        if vocab_size is not None and len(pieces) != vocab_size:
+            raise ValueError(f"{path}: holds {len(pieces)} tokens but the model's vocabulary has {vocab_size}")
+        if len(pieces) < 3:
+            raise ValueError(f"{path}: a llama2.c tokenizer needs at least <unk>, <s> and </s>")
+        return cls(pieces, scores, bos_id=1, eos_id=2, space_mark=False, special={0, 1, 2})
+
+    @classmethod
+    def from_gguf(cls, reader: Any) -> "ScoreBPETokenizer":
+        pieces = list(_gguf_field(reader, "tokenizer.ggml.tokens"))
+        scores = list(_gguf_field(reader, "tokenizer.ggml.scores", [0.0] * len(pieces)))
+        types = list(_gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(pieces)))
+        special = {i for i, t in enumerate(types) if t in (2, 3)}  # unknown, control
+        return cls(pieces, scores, bos_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id", None),
+                   eos_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id", None), space_mark=True,
+                   adds_bos=bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", True)), special=special)
+
+    def _piece_bytes(self, token: int) -> bytes:
+        if token in self.special:
+            return b""
+        piece = self.pieces[token]
+        b = _byte_fallback(piece)
+        if b is not None:
+            return bytes([b])
+        if self.space_mark:
+            piece = piece.replace(SPACE_MARK, " ")
+        return piece.encode("utf-8", errors="surrogateescape")
+
+    def token_bytes(self, token: int) -> bytes:
+        self._check_id(token)
+        return self._bytes[token]
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = [self.bos_id] if add_bos and self.adds_bos and self.bos_id is not None else []
+        if not text:
+            return ids
+        if self.space_mark:
+            text = SPACE_MARK + text.replace(" ", SPACE_MARK)
+        else:
+            text = " " + text  # llama2.c's dummy prefix
+        symbols: list[int] = []
+        for ch in text:
+            token = self.lookup.get(ch)
+            if token is not None:
+                symbols.append(token)
+            else:
+                for b in ch.encode("utf-8"):
+                    if b not in self.byte_ids:
+                        raise ValueError(f"character {ch!r} has no token and the vocabulary has no byte fallback")
+                    symbols.append(self.byte_ids[b])
+        return ids + self._merge(symbols)
+
+    def _merge(self, symbols: list[int]) -> list[int]:
+        """Repeatedly merges the best-scoring adjacent pair (leftmost on ties), with a heap."""
+        n = len(symbols)
+        text = [self.pieces[t] for t in symbols]
+        prev = list(range(-1, n - 1))
+        nxt = list(range(1, n + 1))
+        alive = [True] * n
+        heap: list[tuple[float, int, str, str]] = []
+
+        def offer(left: int) -> None:
+            right = nxt[left]
+            if right >= n:
+                return
+            merged = self.lookup.get(text[left] + text[right])
+            if merged is not None:
+                heapq.heappush(heap, (-self.scores[merged], left, text[left], text[right]))
+
+        for i in range(n - 1):
+            offer(i)
+        while heap:
+            _, left, left_text, right_text = heapq.heappop(heap)
+            right = nxt[left] if alive[left] else n
+            if right >= n or text[left] != left_text or text[right] != right_text:
+                continue  # stale: one side has merged since
+            text[left] = left_text + right_text
+            alive[right] = False
+            nxt[left] = nxt[right]
+            if nxt[left] < n:
+                prev[nxt[left]] = left
+            if prev[left] >= 0:
+                offer(prev[left])
+            offer(left)
+        return [self.lookup[text[i]] for i in range(n) if alive[i]]
+
+
+# ----------------------------------------------------------------------------
+# byte-level BPE (GGUF "gpt2") and Hugging Face tokenizer.json
+# ----------------------------------------------------------------------------
+
+
+def _byte_unicode_table() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _byte_unicode_table().items()}
+
+
+class HFTokenizer(Tokenizer):
+    """A ``tokenizers.Tokenizer`` with lmdecode's interface."""
+
+    def __init__(self, backend: Any, *, bos_id: int | None, eos_id: int | None, adds_bos: bool, byte_level: bool) -> None:
+        self.backend = backend
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id, self.adds_bos = bos_id, eos_id, adds_bos
+        self.byte_level = byte_level
+        self.special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self._bytes = [self._token_bytes(i) for i in range(self.vocab_size)]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "HFTokenizer":
+        import tokenizers
+
+        path = Path(path)
+        backend = tokenizers.Tokenizer.from_file(str(path))
+        bos = eos = None
+        adds_bos = False
+        for name in ("tokenizer_config.json", "config.json"):
+            cfg_path = path.parent / name
+            if cfg_path.exists():
+                cfg = json.loads(cfg_path.read_text())
+                for key, target in (("bos_token", "bos"), ("eos_token", "eos")):
+                    value = cfg.get(key)
+                    if isinstance(value, dict):
+                        value = value.get("content")
+                    if isinstance(value, str) and backend.token_to_id(value) is not None:
+                        if target == "bos" and bos is None:
+                            bos = backend.token_to_id(value)
+                        if target == "eos" and eos is None:
+                            eos = backend.token_to_id(value)
+                bos = cfg.get("bos_token_id", bos) if bos is None else bos
+                eos = cfg.get("eos_token_id", eos) if eos is None else eos
+                adds_bos = adds_bos or bool(cfg.get("add_bos_token", False))
+        byte_level = '"ByteLevel"' in path.read_text()
+        return cls(backend, bos_id=bos, eos_id=eos if isinstance(eos, int) else None, adds_bos=adds_bos, byte_level=byte_level)
+
+    def _token_bytes(self, token: int) -> bytes:
+        if token in self.special:
+            return b""
+        piece = self.backend.id_to_token(token)
+        if piece is None:
+            return b""
+        if self.byte_level:
+            if all(c in _UNICODE_TO_BYTE for c in piece):
+                return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+            return piece.encode("utf-8")
+        b = _byte_fallback(piece)
+        if b is not None:
+            return bytes([b])
+        return piece.replace(SPACE_MARK, " ").encode("utf-8")
+
+    def token_bytes(self, token: int) -> bytes:
+        self._check_id(token)
+        return self._bytes[token]
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = list(self.backend.encode(text, add_special_tokens=False).ids)
+        if add_bos and self.adds_bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.byte_level:
+            return super().decode(ids)
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class ByteLevelBPETokenizer(HFTokenizer):
+    """GGUF "gpt2" vocabularies: byte-level BPE built in the tokenizers library."""
+
+    @classmethod
+    def from_gguf(cls, reader: Any) -> "ByteLevelBPETokenizer":
+        import tokenizers
+        from tokenizers import decoders, models, pre_tokenizers
+
+        tokens = list(_gguf_field(reader, "tokenizer.ggml.tokens"))
+        merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges")]
+        types = list(_gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+        vocab = {t: i for i, t in enumerate(tokens)}
+        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if _gguf_field(reader, "tokenizer.ggml.pre", "") in ("smollm", "qwen2", "llama3", "llama-bpe"):
+            # these vocabularies split digits one by one before the byte-level regex
+            backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        else:
+            backend.pre_tokenizer = byte_level
+        backend.decoder = decoders.ByteLevel()
+        control = [tokenizers.AddedToken(t, special=True) for t, kind in zip(tokens, types) if kind == 3]
+        backend.add_special_tokens(control)
+        return cls(backend, bos_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id", None),
+                   eos_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id", None),
+                   adds_bos=bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", False)), byte_level=True)
+
+
+# ----------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _gguf_field(reader: Any, key: str, default: Any = _MISSING) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is _MISSING:
+            raise ValueError(f"GGUF metadata lacks {key}")
+        return default
+    return field.contents()
+
+
+def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer in a llama2.c ``.bin``, a ``.gguf``, a ``tokenizer.json`` or a directory holding one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such tokenizer file")
+    if path.suffix == ".json":
+        return HFTokenizer.from_file(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        import gguf
+
+        return Tokenizer.from_gguf_metadata(gguf.GGUFReader(str(path)))
+    return ScoreBPETokenizer.from_llama2c(path, vocab_size)
