@@ -7,7 +7,7 @@
 #include <math.h>
 #include <string.h>
 
-#if defined(__AVX512F__) || defined(__FMA__) || defined(__F16C__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__FMA__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -15,7 +15,9 @@
 /* scalar conversions                                                   */
 /* ------------------------------------------------------------------ */
 
-float lmd_fp16_to_f32(uint16_t h) {
+/* Inlined into the kernels: an out-of-line call per Q8_0 block would spill every
+ * vector accumulator around it. */
+static inline float fp16_to_f32(uint16_t h) {
 #if defined(__F16C__)
     return _cvtsh_ss(h);
 #else
@@ -39,6 +41,8 @@ float lmd_fp16_to_f32(uint16_t h) {
     return out;
 #endif
 }
+
+float lmd_fp16_to_f32(uint16_t h) { return fp16_to_f32(h); }
 
 uint16_t lmd_f32_to_fp16(float f) {
     uint32_t x;
@@ -126,7 +130,7 @@ void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r) {
             const uint8_t *blk = row + b * LMD_Q8_0_BLOCK_BYTES;
             uint16_t scale_bits;
             memcpy(&scale_bits, blk, 2);
-            float scale = lmd_fp16_to_f32(scale_bits);
+            float scale = fp16_to_f32(scale_bits);
             for (int j = 0; j < LMD_Q8_0_BLOCK; j++)
                 out[b * LMD_Q8_0_BLOCK + j] = scale * (float)(int8_t)blk[2 + j];
         }
@@ -169,11 +173,20 @@ static inline vf vload_bf16(const uint8_t *p) {
     return (vf)w;
 }
 
-/* LANES int8 values -> floats (exact) */
+/* LANES int8 values -> floats (exact). GCC scalarizes a vector-extension
+ * conversion from int8 lanes, so the sign extension uses the ISA's instruction. */
 static inline vf vload_i8(const uint8_t *p) {
-    vi8 q;
-    memcpy(&q, p, sizeof q);
-    return __builtin_convertvector(__builtin_convertvector(q, vi), vf);
+#if defined(__AVX512F__) && LMD_VEC_BYTES == 64
+    __m512i wide = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(const void *)p));
+    return (vf)_mm512_cvtepi32_ps(wide);
+#elif defined(__AVX2__) && LMD_VEC_BYTES == 32
+    __m256i wide = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p));
+    return (vf)_mm256_cvtepi32_ps(wide);
+#else
+    vf out;
+    for (int j = 0; j < LMD_VEC_LANES; j++) out[j] = (float)(int8_t)p[j];
+    return out;
+#endif
 }
 
 float lmd_dot(const float *x, const float *y, int n) {
@@ -196,26 +209,32 @@ void lmd_axpy(float *y, float a, const float *x, int n) {
 /* matmul                                                               */
 /* ------------------------------------------------------------------ */
 
-/* Output tiles of TILE_R weight rows x TILE_C batch rows keep 16 accumulators in
- * registers: each step loads TILE_R + TILE_C vectors for TILE_R * TILE_C FMAs.
- * Every accumulator depends only on its own (row, batch row) pair, so the tile
- * shape never changes a result. */
-#define TILE_R 4
-#define TILE_C 4
+/* A tile is nr weight rows x nc batch rows of outputs, each with its own vector
+ * accumulator held in a register: every step over k loads nr weight vectors and
+ * nc input vectors for nr * nc FMAs. The tile kernels are always inlined with
+ * constant nr and nc (see row_block below), so the accumulators never spill.
+ * Every accumulator sums its own (row, batch row) pair over k in the same
+ * order whatever the tile shape, batch size or thread count, so a batch row's
+ * result is bit-identical alone or inside any batch. */
+#define MAX_TILE_R 8
+#define MAX_TILE_C 4
+#define ROW_BLOCK 8 /* weight rows per parallel work item */
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
 // rows r0..r0+nr of W (d,n) f32 against batch rows c0..c0+nc of x (B,n) -> out (B,d)
-static ALWAYS_INLINE void tile_f32(float *out, const float *x, const float *w, int64_t n, int64_t d,
-                                   int64_t r0, int nr, int c0, int nc) {
-    vf acc[TILE_R][TILE_C];
+static ALWAYS_INLINE void tile_f32(float *out, const float *x, const uint8_t *w_bytes, int64_t n,
+                                   int64_t d, int64_t r0, int nr, int c0, int nc) {
+    const float *w = (const float *)(const void *)w_bytes;
+    vf acc[MAX_TILE_R][MAX_TILE_C];
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < nc; c++) acc[r][c] = vzero_f();
     int64_t nv = n - n % LMD_VEC_LANES;
     for (int64_t k = 0; k < nv; k += LMD_VEC_LANES) {
-        vf xv[TILE_C];
+        vf xv[MAX_TILE_C];
         for (int c = 0; c < nc; c++) xv[c] = vload(x + (int64_t)(c0 + c) * n + k);
         for (int r = 0; r < nr; r++) {
+            if (r0 + r + ROW_BLOCK < d) __builtin_prefetch(w + (r0 + r + ROW_BLOCK) * n + k);
             vf wv = vload(w + (r0 + r) * n + k);
             for (int c = 0; c < nc; c++) acc[r][c] = vfma(wv, xv[c], acc[r][c]);
         }
@@ -232,14 +251,15 @@ static ALWAYS_INLINE void tile_f32(float *out, const float *x, const float *w, i
 
 static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint8_t *w, int64_t n,
                                     int64_t d, int64_t r0, int nr, int c0, int nc) {
-    vf acc[TILE_R][TILE_C];
+    vf acc[MAX_TILE_R][MAX_TILE_C];
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < nc; c++) acc[r][c] = vzero_f();
     int64_t nv = n - n % LMD_VEC_LANES;
     for (int64_t k = 0; k < nv; k += LMD_VEC_LANES) {
-        vf xv[TILE_C];
+        vf xv[MAX_TILE_C];
         for (int c = 0; c < nc; c++) xv[c] = vload(x + (int64_t)(c0 + c) * n + k);
         for (int r = 0; r < nr; r++) {
+            if (r0 + r + ROW_BLOCK < d && k % 32 == 0) __builtin_prefetch(w + ((r0 + r + ROW_BLOCK) * n + k) * 2);
             vf wv = vload_bf16(w + ((r0 + r) * n + k) * 2);
             for (int c = 0; c < nc; c++) acc[r][c] = vfma(wv, xv[c], acc[r][c]);
         }
@@ -259,23 +279,25 @@ static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint8_t *w
 }
 
 /* Q8_0: each block's 32 weights are scaled to floats once and then used against
- * all TILE_C batch rows, so the work per weight byte stays small. */
+ * all nc batch rows, so the work per weight byte stays small. */
 static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint8_t *w, int64_t n,
                                     int64_t d, int64_t r0, int nr, int c0, int nc) {
-    vf acc[TILE_R][TILE_C];
+    vf acc[MAX_TILE_R][MAX_TILE_C];
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < nc; c++) acc[r][c] = vzero_f();
     int64_t n_blocks = n / LMD_Q8_0_BLOCK;
     size_t row_bytes = (size_t)n_blocks * LMD_Q8_0_BLOCK_BYTES;
     for (int64_t b = 0; b < n_blocks; b++) {
-        float scale[TILE_R];
+        float scale[MAX_TILE_R];
         for (int r = 0; r < nr; r++) {
+            if (r0 + r + ROW_BLOCK < d) /* the next row block, one tile ahead (see row_block) */
+                __builtin_prefetch(w + (size_t)(r0 + r + ROW_BLOCK) * row_bytes + b * LMD_Q8_0_BLOCK_BYTES);
             uint16_t scale_bits;
             memcpy(&scale_bits, w + (size_t)(r0 + r) * row_bytes + b * LMD_Q8_0_BLOCK_BYTES, 2);
-            scale[r] = lmd_fp16_to_f32(scale_bits);
+            scale[r] = fp16_to_f32(scale_bits);
         }
         for (int j = 0; j < LMD_Q8_0_BLOCK; j += LMD_VEC_LANES) {
-            vf xv[TILE_C];
+            vf xv[MAX_TILE_C];
             for (int c = 0; c < nc; c++) xv[c] = vload(x + (int64_t)(c0 + c) * n + b * LMD_Q8_0_BLOCK + j);
             for (int r = 0; r < nr; r++) {
                 const uint8_t *q = w + (size_t)(r0 + r) * row_bytes + b * LMD_Q8_0_BLOCK_BYTES + 2 + j;
@@ -288,39 +310,62 @@ static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint8_t *w
         for (int c = 0; c < nc; c++) out[(int64_t)(c0 + c) * d + r0 + r] = vsum(acc[r][c]);
 }
 
+/* One parallel work item: weight rows r0 .. r0+nr (nr <= ROW_BLOCK) against every batch
+ * row, in chunks of up to MAX_TILE_C batch rows. The rows stay in L1/L2 across chunks.
+ * Tile shapes: 8 x 1 and 8 x 2 (decode of one or two sequences: eight independent
+ * accumulator chains hide the FMA latency), 4 x 3 and 4 x 4 (prefill, batches). */
+#define DEFINE_ROW_BLOCK(name, tile)                                                                \
+    static void name(float *out, const float *x, const uint8_t *w, int64_t n, int64_t d,            \
+                     int64_t r0, int nr, int B) {                                                   \
+        for (int c0 = 0; c0 < B; c0 += MAX_TILE_C) {                                               \
+            int nc = B - c0 < MAX_TILE_C ? B - c0 : MAX_TILE_C;                                     \
+            if (nr == ROW_BLOCK) {                                                                  \
+                switch (nc) {                                                                       \
+                case 1: tile(out, x, w, n, d, r0, 8, c0, 1); break;                                 \
+                case 2: tile(out, x, w, n, d, r0, 8, c0, 2); break;                                 \
+                case 3:                                                                             \
+                    tile(out, x, w, n, d, r0, 4, c0, 3);                                            \
+                    tile(out, x, w, n, d, r0 + 4, 4, c0, 3);                                        \
+                    break;                                                                          \
+                default:                                                                            \
+                    tile(out, x, w, n, d, r0, 4, c0, 4);                                            \
+                    tile(out, x, w, n, d, r0 + 4, 4, c0, 4);                                        \
+                    break;                                                                          \
+                }                                                                                   \
+            } else {                                                                                \
+                for (int r = 0; r < nr; r++) {                                                      \
+                    switch (nc) {                                                                   \
+                    case 1: tile(out, x, w, n, d, r0 + r, 1, c0, 1); break;                         \
+                    case 2: tile(out, x, w, n, d, r0 + r, 1, c0, 2); break;                         \
+                    case 3: tile(out, x, w, n, d, r0 + r, 1, c0, 3); break;                         \
+                    default: tile(out, x, w, n, d, r0 + r, 1, c0, 4); break;                        \
+                    }                                                                               \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+    }
+
+DEFINE_ROW_BLOCK(row_block_f32, tile_f32)
+DEFINE_ROW_BLOCK(row_block_bf16, tile_bf16)
+DEFINE_ROW_BLOCK(row_block_q8_0, tile_q8_0)
+
 /* Parallel regions cost a few microseconds; below this many multiply-adds one thread is faster. */
 #define MATMUL_PARALLEL_MIN_WORK 200000
 
 void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B) {
     const int64_t d = w->rows, n = w->cols;
-    const int64_t n_row_tiles = (d + TILE_R - 1) / TILE_R;
-    const lmd_dtype dtype = w->dtype;
-    const void *data = w->data;
+    const int64_t n_row_blocks = (d + ROW_BLOCK - 1) / ROW_BLOCK;
+    void (*row_block)(float *, const float *, const uint8_t *, int64_t, int64_t, int64_t, int, int) =
+        w->dtype == LMD_F32 ? row_block_f32 : w->dtype == LMD_BF16 ? row_block_bf16 : row_block_q8_0;
+    const uint8_t *data = (const uint8_t *)w->data;
 #ifdef _OPENMP
     int use_threads = (int64_t)B * d * n >= MATMUL_PARALLEL_MIN_WORK;
 #pragma omp parallel for schedule(static) num_threads(lmd_get_num_threads()) if (use_threads)
 #endif
-    for (int64_t t = 0; t < n_row_tiles; t++) {
-        int64_t r0 = t * TILE_R;
-        int nr = d - r0 < TILE_R ? (int)(d - r0) : TILE_R;
-        for (int c0 = 0; c0 < B; c0 += TILE_C) {
-            int nc = B - c0 < TILE_C ? B - c0 : TILE_C;
-            int full = nr == TILE_R && nc == TILE_C;
-            switch (dtype) {
-            case LMD_F32:
-                if (full) tile_f32(out, x, (const float *)data, n, d, r0, TILE_R, c0, TILE_C);
-                else tile_f32(out, x, (const float *)data, n, d, r0, nr, c0, nc);
-                break;
-            case LMD_BF16:
-                if (full) tile_bf16(out, x, (const uint8_t *)data, n, d, r0, TILE_R, c0, TILE_C);
-                else tile_bf16(out, x, (const uint8_t *)data, n, d, r0, nr, c0, nc);
-                break;
-            case LMD_Q8_0:
-                if (full) tile_q8_0(out, x, (const uint8_t *)data, n, d, r0, TILE_R, c0, TILE_C);
-                else tile_q8_0(out, x, (const uint8_t *)data, n, d, r0, nr, c0, nc);
-                break;
-            }
-        }
+    for (int64_t t = 0; t < n_row_blocks; t++) {
+        int64_t r0 = t * ROW_BLOCK;
+        int nr = d - r0 < ROW_BLOCK ? (int)(d - r0) : ROW_BLOCK;
+        row_block(out, x, data, n, d, r0, nr, B);
     }
 }
 
