@@ -359,6 +359,14 @@ static int64_t find_stop(const lmd_generator *g, const uint8_t *text, int64_t le
     return best;
 }
 
+// the raw log-probability of running sequence i's drawn token and its top alternatives
+static void record_logprobs(lmd_generator *g, const float *row_logits, int32_t V, int32_t i) {
+    int32_t k = g->running[i], t = g->generated[k], token = g->drawn[i];
+    int64_t slot = (int64_t)k * g->max_new + t;
+    g->token_logprobs[slot] = raw_logprobs(row_logits, V, token, g->n_top, g->top_ids + slot * g->n_top,
+                                           g->top_logprobs + slot * g->n_top);
+}
+
 lmd_status lmd_generator_step(lmd_generator *g, lmd_sampler *const *samplers, int n_samplers,
                               const float *logits, int32_t *new_tokens, lmd_error *err) {
     const int32_t R = lmd_generator_running(g, g->running), V = g->vocab;
@@ -386,16 +394,13 @@ lmd_status lmd_generator_step(lmd_generator *g, lmd_sampler *const *samplers, in
                         row_err.msg);
 
 #ifdef _OPENMP
-    int threads = lmd_get_num_threads();
-#pragma omp parallel for schedule(static) num_threads(threads) if (R > 1 && (int64_t)R * V >= 65536)
+    /* no OpenMP region for small batches: entering one costs more than a short row */
+    if (R > 1 && (int64_t)R * V >= 65536 && lmd_get_num_threads() > 1) {
+#pragma omp parallel for schedule(static) num_threads(lmd_get_num_threads())
+        for (int32_t i = 0; i < R; i++) record_logprobs(g, logits + (int64_t)i * V, V, i);
+    } else
 #endif
-    for (int32_t i = 0; i < R; i++) {
-        int32_t k = g->running[i], t = g->generated[k], token = g->drawn[i];
-        int64_t slot = (int64_t)k * g->max_new + t;
-        g->token_logprobs[slot] =
-            raw_logprobs(logits + (int64_t)i * V, V, token, g->n_top, g->top_ids + slot * g->n_top,
-                         g->top_logprobs + slot * g->n_top);
-    }
+        for (int32_t i = 0; i < R; i++) record_logprobs(g, logits + (int64_t)i * V, V, i);
 
     for (int32_t i = 0; i < R; i++) {
         int32_t k = g->running[i], token = g->drawn[i];

@@ -187,35 +187,128 @@ static void norm(const lmd_model *m, float *out, const float *x, const float *w,
     else lmd_rmsnorm(out, x, w, B, m->config.dim, m->config.norm_eps);
 }
 
+/* Head-sized dot products and updates, inlined: heads are short (8 to 256
+ * features), too short for a call per position and for ops.c's widest vectors.
+ * Lanes of 8 floats summed in a fixed order, so results never depend on threads. */
+typedef float v8f __attribute__((vector_size(32)));
+
+/* a macro, not a function returning a 32-byte vector would change
+ * the ABI on builds without AVX */
+#define LOAD8(dst, p) memcpy(&(dst), (p), sizeof(dst))
+
+// q (hs,) . k (hs,)
+static inline float head_dot(const float *q, const float *k, int hs) {
+    v8f acc0 = {0}, acc1 = {0};
+    int i = 0;
+    v8f a0, b0, a1, b1;
+    for (; i + 16 <= hs; i += 16) {
+        LOAD8(a0, q + i);
+        LOAD8(b0, k + i);
+        LOAD8(a1, q + i + 8);
+        LOAD8(b1, k + i + 8);
+        acc0 += a0 * b0;
+        acc1 += a1 * b1;
+    }
+    for (; i + 8 <= hs; i += 8) {
+        LOAD8(a0, q + i);
+        LOAD8(b0, k + i);
+        acc0 += a0 * b0;
+    }
+    v8f a = acc0 + acc1;
+    float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    for (; i < hs; i++) s += q[i] * k[i];
+    return s;
+}
+
+// out (hs,) += a * v (hs,)
+static inline void head_axpy(float *out, float a, const float *v, int hs) {
+    int i = 0;
+    for (; i + 8 <= hs; i += 8) {
+        v8f o, x;
+        LOAD8(o, out + i);
+        LOAD8(x, v + i);
+        o += a * x;
+        memcpy(out + i, &o, sizeof o);
+    }
+    for (; i < hs; i++) out[i] += a * v[i];
+}
+
+// out (hs,) += sum_t p[t] * v[t * stride] (hs,) for t < nt, the running sum kept in
+// registers: through memory, each position would wait for the previous one's store.
+static inline __attribute__((always_inline)) void weighted_values_fixed(float *out, const float *p,
+                                                                        const float *v, int32_t stride,
+                                                                        int32_t nt, const int hs) {
+    v8f acc[16];
+    for (int i = 0; i < hs / 8; i++) LOAD8(acc[i], out + 8 * i);
+    for (int32_t t = 0; t < nt; t++)
+        for (int i = 0; i < hs / 8; i++) {
+            v8f x;
+            LOAD8(x, v + (int64_t)t * stride + 8 * i);
+            acc[i] += p[t] * x;
+        }
+    for (int i = 0; i < hs / 8; i++) memcpy(out + 8 * i, &acc[i], sizeof acc[i]);
+}
+
+static void weighted_values(float *out, const float *p, const float *v, int32_t stride, int32_t nt, int hs) {
+    switch (hs) { /* the usual head sizes get unrolled register versions; same arithmetic as the loop */
+    case 8: weighted_values_fixed(out, p, v, stride, nt, 8); break;
+    case 16: weighted_values_fixed(out, p, v, stride, nt, 16); break;
+    case 32: weighted_values_fixed(out, p, v, stride, nt, 32); break;
+    case 64: weighted_values_fixed(out, p, v, stride, nt, 64); break;
+    case 128: weighted_values_fixed(out, p, v, stride, nt, 128); break;
+    default:
+        for (int32_t t = 0; t < nt; t++) head_axpy(out, p[t], v + (int64_t)t * stride, hs);
+    }
+}
+
 /* Below this many multiply-adds the attention of a chunk runs on one thread. */
 #define ATTENTION_PARALLEL_MIN_WORK 100000
 
-// q (B,Q) of tokens at pos[b] of seq_of[b]; keys/values of layer l from the cache -> att_out (B,Q)
-static void attention(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int B, int32_t l) {
+// query head h of the chunk's tokens, q (B,Q) at pos[b] of seqs[token_seq[b]], against the
+// keys/values of layer l in the cache -> att_out (B,Q), the head's hs features
+static void attend_head(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int B, int32_t l,
+                        int h) {
     const lmd_config *c = &m->config;
     const int hs = c->head_dim, group = c->n_heads / c->n_kv_heads;
     const int64_t Q = (int64_t)c->n_heads * hs;
     const float scale = 1.0f / sqrtf((float)hs);
-    int64_t work = 0;
-    for (int b = 0; b < B; b++) work += (int64_t)(m->pos[b] + 1) * hs * c->n_heads;
-#ifdef _OPENMP
-    int use_threads = work >= ATTENTION_PARALLEL_MIN_WORK;
-#pragma omp parallel for schedule(static) num_threads(lmd_get_num_threads()) if (use_threads)
-#endif
-    for (int h = 0; h < c->n_heads; h++) {
-        float *scores = m->scores + (size_t)h * c->context_length;
-        const int kv_offset = (h / group) * hs;
-        for (int b = 0; b < B; b++) {
-            const lmd_kvseq *seq = seqs[token_seq[b]];
-            const float *q = m->q + b * Q + (int64_t)h * hs;
-            const int32_t n_pos = m->pos[b] + 1;
-            for (int32_t t = 0; t < n_pos; t++) scores[t] = lmd_dot(q, lmd_kvseq_k(seq, l, t) + kv_offset, hs) * scale;
-            lmd_softmax(scores, n_pos);
-            float *out = m->att_out + b * Q + (int64_t)h * hs;
-            memset(out, 0, (size_t)hs * sizeof(float));
-            for (int32_t t = 0; t < n_pos; t++) lmd_axpy(out, scores[t], lmd_kvseq_v(seq, l, t) + kv_offset, hs);
+    const int32_t block_size = seqs[0]->pool->block_size, kv_dim = seqs[0]->pool->kv_dim;
+    float *scores = m->scores + (size_t)h * c->context_length;
+    const int kv_offset = (h / group) * hs;
+    for (int b = 0; b < B; b++) {
+        const lmd_kvseq *seq = seqs[token_seq[b]];
+        const float *q = m->q + b * Q + (int64_t)h * hs;
+        const int32_t n_pos = m->pos[b] + 1;
+        /* positions of one cache block are consecutive rows of kv_dim floats */
+        for (int32_t t0 = 0; t0 < n_pos; t0 += block_size) {
+            const float *k = lmd_kvseq_k(seq, l, t0) + kv_offset;
+            const int32_t nt = n_pos - t0 < block_size ? n_pos - t0 : block_size;
+            for (int32_t t = 0; t < nt; t++) scores[t0 + t] = head_dot(q, k + (int64_t)t * kv_dim, hs) * scale;
+        }
+        lmd_softmax(scores, n_pos);
+        float *out = m->att_out + b * Q + (int64_t)h * hs;
+        memset(out, 0, (size_t)hs * sizeof(float));
+        for (int32_t t0 = 0; t0 < n_pos; t0 += block_size) {
+            const float *v = lmd_kvseq_v(seq, l, t0) + kv_offset;
+            const int32_t nt = n_pos - t0 < block_size ? n_pos - t0 : block_size;
+            weighted_values(out, scores + t0, v, kv_dim, nt, hs);
         }
     }
+}
+
+// every query head; heads are independent, so they split across threads
+static void attention(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int B, int32_t l) {
+    const lmd_config *c = &m->config;
+#ifdef _OPENMP
+    int64_t work = 0;
+    for (int b = 0; b < B; b++) work += (int64_t)(m->pos[b] + 1) * c->head_dim * c->n_heads;
+    if (work >= ATTENTION_PARALLEL_MIN_WORK && lmd_get_num_threads() > 1) {
+#pragma omp parallel for schedule(static) num_threads(lmd_get_num_threads())
+        for (int h = 0; h < c->n_heads; h++) attend_head(m, seqs, token_seq, B, l, h);
+        return;
+    }
+#endif
+    for (int h = 0; h < c->n_heads; h++) attend_head(m, seqs, token_seq, B, l, h);
 }
 
 // tokens of one chunk -> residual stream x (B,D) after every layer; K/V written to the cache

@@ -159,11 +159,7 @@ static inline vf vfma(vf a, vf b, vf c) {
 #endif
 }
 
-static inline float vsum(vf v) {
-    float s = 0.0f;
-    for (int j = 0; j < LMD_VEC_LANES; j++) s += v[j];
-    return s;
-}
+static inline float vsum(vf v) { return vhsum(v); }
 
 /* LANES bfloat16 values -> floats (exact) */
 static inline vf vload_bf16(const uint8_t *p) {
@@ -222,11 +218,19 @@ void lmd_axpy(float *y, float a, const float *x, int n) {
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
+/* Weight rows are streamed from memory once per call: each tile prefetches the
+ * same offsets of the rows one row block (ROW_BLOCK rows) further on, which the
+ * next work item will read (rows of a few hundred bytes are too short for the
+ * hardware prefetchers to learn). Returns that distance in weights, or 0 (the
+ * tile's own data, harmless) when the next block would run past the matrix. */
+#define PREFETCH_AHEAD(r0, nr, d, n) ((r0) + (nr) + ROW_BLOCK <= (d) ? (int64_t)ROW_BLOCK * (n) : 0)
+
 // rows r0..r0+nr of W (d,n) f32 against batch rows c0..c0+nc of x (B,n) -> out (B,d)
 static ALWAYS_INLINE void tile_f32(float *out, const float *x, const uint8_t *w_bytes, int64_t n,
                                    int64_t d, int64_t r0, int nr, int c0, int nc) {
     const float *w = (const float *)(const void *)w_bytes;
     vf acc[MAX_TILE_R][MAX_TILE_C];
+    const int64_t prefetch_ahead = PREFETCH_AHEAD(r0, nr, d, n);
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < nc; c++) acc[r][c] = vzero_f();
     int64_t nv = n - n % LMD_VEC_LANES;
@@ -234,7 +238,7 @@ static ALWAYS_INLINE void tile_f32(float *out, const float *x, const uint8_t *w_
         vf xv[MAX_TILE_C];
         for (int c = 0; c < nc; c++) xv[c] = vload(x + (int64_t)(c0 + c) * n + k);
         for (int r = 0; r < nr; r++) {
-            if (r0 + r + ROW_BLOCK < d) __builtin_prefetch(w + (r0 + r + ROW_BLOCK) * n + k);
+            __builtin_prefetch(w + (r0 + r) * n + k + prefetch_ahead);
             vf wv = vload(w + (r0 + r) * n + k);
             for (int c = 0; c < nc; c++) acc[r][c] = vfma(wv, xv[c], acc[r][c]);
         }
@@ -252,6 +256,7 @@ static ALWAYS_INLINE void tile_f32(float *out, const float *x, const uint8_t *w_
 static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint8_t *w, int64_t n,
                                     int64_t d, int64_t r0, int nr, int c0, int nc) {
     vf acc[MAX_TILE_R][MAX_TILE_C];
+    const int64_t prefetch_ahead = 2 * PREFETCH_AHEAD(r0, nr, d, n);
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < nc; c++) acc[r][c] = vzero_f();
     int64_t nv = n - n % LMD_VEC_LANES;
@@ -259,7 +264,7 @@ static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint8_t *w
         vf xv[MAX_TILE_C];
         for (int c = 0; c < nc; c++) xv[c] = vload(x + (int64_t)(c0 + c) * n + k);
         for (int r = 0; r < nr; r++) {
-            if (r0 + r + ROW_BLOCK < d && k % 32 == 0) __builtin_prefetch(w + ((r0 + r + ROW_BLOCK) * n + k) * 2);
+            if (k % 32 == 0) __builtin_prefetch(w + ((r0 + r) * n + k) * 2 + prefetch_ahead);
             vf wv = vload_bf16(w + ((r0 + r) * n + k) * 2);
             for (int c = 0; c < nc; c++) acc[r][c] = vfma(wv, xv[c], acc[r][c]);
         }
@@ -283,6 +288,7 @@ static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint8_t *w
 static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint8_t *w, int64_t n,
                                     int64_t d, int64_t r0, int nr, int c0, int nc) {
     vf acc[MAX_TILE_R][MAX_TILE_C];
+    const int64_t prefetch_ahead = PREFETCH_AHEAD(r0, nr, d, n) / LMD_Q8_0_BLOCK * LMD_Q8_0_BLOCK_BYTES;
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < nc; c++) acc[r][c] = vzero_f();
     int64_t n_blocks = n / LMD_Q8_0_BLOCK;
@@ -290,8 +296,7 @@ static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint8_t *w
     for (int64_t b = 0; b < n_blocks; b++) {
         float scale[MAX_TILE_R];
         for (int r = 0; r < nr; r++) {
-            if (r0 + r + ROW_BLOCK < d) /* the next row block, one tile ahead (see row_block) */
-                __builtin_prefetch(w + (size_t)(r0 + r + ROW_BLOCK) * row_bytes + b * LMD_Q8_0_BLOCK_BYTES);
+            __builtin_prefetch(w + (size_t)(r0 + r) * row_bytes + b * LMD_Q8_0_BLOCK_BYTES + prefetch_ahead);
             uint16_t scale_bits;
             memcpy(&scale_bits, w + (size_t)(r0 + r) * row_bytes + b * LMD_Q8_0_BLOCK_BYTES, 2);
             scale[r] = fp16_to_f32(scale_bits);
@@ -359,13 +364,20 @@ void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B) {
         w->dtype == LMD_F32 ? row_block_f32 : w->dtype == LMD_BF16 ? row_block_bf16 : row_block_q8_0;
     const uint8_t *data = (const uint8_t *)w->data;
 #ifdef _OPENMP
-    int use_threads = (int64_t)B * d * n >= MATMUL_PARALLEL_MIN_WORK;
-#pragma omp parallel for schedule(static) num_threads(lmd_get_num_threads()) if (use_threads)
+    /* Entering an OpenMP region costs microseconds (and libgomp allocates a team) even
+     * for one thread, so small products never enter one. */
+    if ((int64_t)B * d * n >= MATMUL_PARALLEL_MIN_WORK && lmd_get_num_threads() > 1) {
+#pragma omp parallel for schedule(static) num_threads(lmd_get_num_threads())
+        for (int64_t t = 0; t < n_row_blocks; t++) {
+            int64_t r0 = t * ROW_BLOCK;
+            row_block(out, x, data, n, d, r0, d - r0 < ROW_BLOCK ? (int)(d - r0) : ROW_BLOCK, B);
+        }
+        return;
+    }
 #endif
     for (int64_t t = 0; t < n_row_blocks; t++) {
         int64_t r0 = t * ROW_BLOCK;
-        int nr = d - r0 < ROW_BLOCK ? (int)(d - r0) : ROW_BLOCK;
-        row_block(out, x, data, n, d, r0, nr, B);
+        row_block(out, x, data, n, d, r0, d - r0 < ROW_BLOCK ? (int)(d - r0) : ROW_BLOCK, B);
     }
 }
 

@@ -1001,34 +1001,42 @@ lmd_status lmd_sample_rows(lmd_sampler *const *samplers, int n_samplers,
     lmd_status failure_status = LMD_OK;
     lmd_error failure = {{0}};
     (void)parallel;
-
+#define SAMPLE_ROW(thread, r, row_err)                                                              \
+    lmd_sample_row(samplers[thread], &params[n_params == 1 ? 0 : (r)], inputs ? &inputs[r] : NULL,   \
+                   logits + (int64_t)(r) * row_stride, vocab, coins ? coins[r] : -1.0,               \
+                   out_logprobs ? out_logprobs + (int64_t)(r) * vocab : NULL,                         \
+                   out_tokens ? &out_tokens[r] : NULL, out_token_logprobs ? &out_token_logprobs[r] : NULL, \
+                   &(row_err))
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(n_threads) if (parallel)
-#endif
-    for (int32_t r = 0; r < n_rows; r++) {
-        int thread = 0;
-#ifdef _OPENMP
-        thread = omp_get_thread_num();
-#endif
-        lmd_error row_err;
-        double coin = coins ? coins[r] : -1.0;
-        lmd_status st = lmd_sample_row(
-            samplers[thread], &params[n_params == 1 ? 0 : r], inputs ? &inputs[r] : NULL,
-            logits + (int64_t)r * row_stride, vocab, coin,
-            out_logprobs ? out_logprobs + (int64_t)r * vocab : NULL,
-            out_tokens ? &out_tokens[r] : NULL, out_token_logprobs ? &out_token_logprobs[r] : NULL,
-            &row_err);
-        if (st != LMD_OK) {
-#ifdef _OPENMP
+    if (parallel) { /* never enter an OpenMP region for one thread: it costs more than a short row */
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+        for (int32_t r = 0; r < n_rows; r++) {
+            lmd_error row_err;
+            lmd_status st = SAMPLE_ROW(omp_get_thread_num(), r, row_err);
+            if (st != LMD_OK) {
 #pragma omp critical(lmd_sample_rows_failure)
+                if (r < first_failure) {
+                    first_failure = r;
+                    failure_status = st;
+                    failure = row_err;
+                }
+            }
+        }
+    } else
 #endif
-            if (r < first_failure) {
+    {
+        for (int32_t r = 0; r < n_rows; r++) {
+            lmd_error row_err;
+            lmd_status st = SAMPLE_ROW(0, r, row_err);
+            if (st != LMD_OK) {
                 first_failure = r;
                 failure_status = st;
                 failure = row_err;
+                break;
             }
         }
     }
+#undef SAMPLE_ROW
     if (failure_status != LMD_OK) {
         if (failed_row) *failed_row = first_failure;
         if (err) *err = failure;

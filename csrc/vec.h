@@ -65,13 +65,33 @@ static inline int vany(vi mask) {
 #endif
 }
 
-/* Sum of the lanes by a fixed pairwise tree (same order on every call). */
+/* Sum of the lanes by a fixed pairwise tree (same order on every call): lane j
+ * plus lane j + LANES/2, then j + LANES/4, ... Each level adds the two halves of
+ * the vector, which compiles to one extract and one add. */
+typedef float lmd_v8f_ __attribute__((vector_size(32)));
+typedef float lmd_v4f_ __attribute__((vector_size(16)));
+typedef float lmd_v2f_ __attribute__((vector_size(8)));
+#define LMD_HALVES_SUM_(half_type, v, out)          \
+    do {                                                       \
+        half_type lo_, hi_;                                    \
+        memcpy(&lo_, &(v), sizeof lo_);                        \
+        memcpy(&hi_, (const char *)&(v) + sizeof lo_, sizeof hi_); \
+        (out) = lo_ + hi_;                                     \
+    } while (0)
 static inline float vhsum(vf v) {
-    float lane[LMD_VEC_LANES];
-    memcpy(lane, &v, sizeof lane);
-    for (int width = LMD_VEC_LANES / 2; width > 0; width /= 2)
-        for (int j = 0; j < width; j++) lane[j] += lane[j + width];
-    return lane[0];
+    lmd_v4f_ v4;
+#if LMD_VEC_BYTES == 64
+    lmd_v8f_ v8;
+    LMD_HALVES_SUM_(lmd_v8f_, v, v8);
+    LMD_HALVES_SUM_(lmd_v4f_, v8, v4);
+#elif LMD_VEC_BYTES == 32
+    LMD_HALVES_SUM_(lmd_v4f_, v, v4);
+#else
+    v4 = v;
+#endif
+    lmd_v2f_ v2;
+    LMD_HALVES_SUM_(lmd_v2f_, v4, v2);
+    return v2[0] + v2[1];
 }
 
 static inline float vhmax(vf v) {
