@@ -23,8 +23,8 @@ lmd_status lmd_kvpool_init(lmd_kvpool **out, int32_t n_layers, int32_t kv_dim, i
     p->block_size = block_size;
     p->n_blocks = n_blocks;
     /* malloc, not calloc: pages become resident only as positions are written. */
-    p->k = malloc(floats_per_block * n_blocks * sizeof(float));
-    p->v = malloc(floats_per_block * n_blocks * sizeof(float));
+    p->k = lmd_alloc_aligned(floats_per_block * n_blocks * sizeof(float));
+    p->v = lmd_alloc_aligned(floats_per_block * n_blocks * sizeof(float));
     p->refcount = calloc((size_t)n_blocks, sizeof(int32_t));
     p->free_list = malloc((size_t)n_blocks * sizeof(int32_t));
     if (p->k == NULL || p->v == NULL || p->refcount == NULL || p->free_list == NULL) {

@@ -1,5 +1,7 @@
 /* lmdecode.c -- error formatting, thread-count setting and build facts. */
 #include "lmdecode.h"
+
+#include <stdlib.h>
 #include "vec.h"
 
 #include <stdarg.h>
@@ -75,3 +77,8 @@ const char *lmd_vector_extensions(void) {
 }
 
 int lmd_vector_bytes(void) { return LMD_VEC_BYTES; }
+
+void *lmd_alloc_aligned(size_t bytes) {
+    size_t rounded = (bytes + 63) / 64 * 64; /* aligned_alloc wants a multiple of the alignment */
+    return aligned_alloc(64, rounded ? rounded : 64);
+}

@@ -44,6 +44,10 @@ lmd_status lmd_fail(lmd_error *err, lmd_status status, const char *fmt, ...)
 #endif
     ;
 
+/* malloc for vectors the kernels stream through: the start is aligned to a cache line
+ * (64 bytes), so full-width loads never straddle two lines. Release with free(). */
+void *lmd_alloc_aligned(size_t bytes);
+
 /* Number of threads the core's parallel loops use (1 without OpenMP). */
 int lmd_get_num_threads(void);
 /* Sets it; n < 1 restores the default (OMP_NUM_THREADS or the core count). */

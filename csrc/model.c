@@ -141,16 +141,16 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
     const size_t B = (size_t)max_batch, D = config->dim, Q = (size_t)config->n_heads * config->head_dim,
                  K = (size_t)config->n_kv_heads * config->head_dim, H = config->hidden_dim;
     m->layer_storage = malloc((size_t)config->n_layers * sizeof(lmd_layer_weights));
-    m->x = malloc(B * D * sizeof(float));
-    m->xb = malloc(B * D * sizeof(float));
-    m->xb2 = malloc(B * D * sizeof(float));
-    m->q = malloc(B * Q * sizeof(float));
-    m->k = malloc(B * K * sizeof(float));
-    m->v = malloc(B * K * sizeof(float));
-    m->att_out = malloc(B * Q * sizeof(float));
-    m->hb = malloc(B * H * sizeof(float));
-    m->hb2 = malloc(B * H * sizeof(float));
-    m->scores = malloc((size_t)config->n_heads * config->context_length * sizeof(float));
+    m->x = lmd_alloc_aligned(B * D * sizeof(float));
+    m->xb = lmd_alloc_aligned(B * D * sizeof(float));
+    m->xb2 = lmd_alloc_aligned(B * D * sizeof(float));
+    m->q = lmd_alloc_aligned(B * Q * sizeof(float));
+    m->k = lmd_alloc_aligned(B * K * sizeof(float));
+    m->v = lmd_alloc_aligned(B * K * sizeof(float));
+    m->att_out = lmd_alloc_aligned(B * Q * sizeof(float));
+    m->hb = lmd_alloc_aligned(B * H * sizeof(float));
+    m->hb2 = lmd_alloc_aligned(B * H * sizeof(float));
+    m->scores = lmd_alloc_aligned((size_t)config->n_heads * config->context_length * sizeof(float));
     m->inv_freq = malloc(((size_t)config->head_dim / 2 + 1) * sizeof(float));
     m->pos = malloc(B * sizeof(int32_t));
     if (!m->layer_storage || !m->x || !m->xb || !m->xb2 || !m->q || !m->k || !m->v || !m->att_out ||

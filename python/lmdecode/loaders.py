@@ -124,6 +124,19 @@ def matrix_storage(src: Source, dtype: str) -> np.ndarray:
     return _core.quantize_q8_0(to_f32(src))
 
 
+def cache_line_aligned(arr: np.ndarray) -> np.ndarray:
+    """arr itself if it starts on a 64-byte boundary, else an aligned copy. NumPy aligns to 16
+    or 32 bytes; full-width AVX-512 loads from such rows straddle cache lines and the compute-bound
+    kernels (prefill) lose about a third of their speed."""
+    if arr.ctypes.data % 64 == 0:
+        return arr
+    buf = np.empty(arr.nbytes + 64, dtype=np.uint8)
+    start = -buf.ctypes.data % 64
+    out = buf[start:start + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+    out[...] = arr
+    return out
+
+
 def to_storage(tensors: dict, dtype: str) -> dict:
     """Engine arrays for every tensor: matrices in `dtype`, vectors float32. A tensor that appears
     under two names (a tied output head) is converted once and shared."""
@@ -136,6 +149,8 @@ def to_storage(tensors: dict, dtype: str) -> dict:
             out[name] = done[key]
             continue
         arr = matrix_storage(src, dtype) if is_matrix(name) else to_f32(src)
+        if not np.may_share_memory(arr, src.data):
+            arr = cache_line_aligned(arr)  # ours to place; borrowed arrays stay where they are
         done[key] = arr
         out[name] = arr
     return out
