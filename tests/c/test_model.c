@@ -365,6 +365,59 @@ static void test_truncate_and_fork(void) {
     }
 }
 
+/* Forks that all write into the partly filled block they share: every writer but the last
+ * copies it, so a pool with one block fewer than the writers suffices, and the call must not
+ * be refused for want of the block nobody takes. A holder outside the call keeps it shared. */
+static void test_forks_writing_one_shared_block(void) {
+    test_rng r = {505};
+    tiny_spec spec = tiny_llama_spec();
+    tiny_model t;
+    tiny_build(&t, &spec);
+    lmd_model *m = tiny_init(&t, 8);
+    const int V = t.config.vocab_size;
+    lmd_kvpool *ref_pool = tiny_pool(&t, 4, 16);
+    lmd_error err;
+    int32_t prefix[6], next[3], filler[4] = {1, 2, 3, 4};
+    random_tokens(&r, prefix, 6, V);
+    random_tokens(&r, next, 3, V);
+    const int32_t order[3] = {0, 1, 2};
+    float logits[3 * 64], want[64];
+    for (int n_writers = 2; n_writers <= 3; n_writers++) {
+        /* blocks: 2 for the prefix, 1 for the filler, n_writers - 1 copies */
+        lmd_kvpool *pool = tiny_pool(&t, 4, 3 + n_writers - 1);
+        lmd_kvseq *seqs[4] = {tiny_seq(pool, 24), NULL, NULL, NULL};
+        CHECK(tiny_run(m, seqs[0], prefix, 6, NULL, &err) == LMD_OK);
+        for (int k = 1; k <= n_writers; k++) CHECK(lmd_kvseq_fork(&seqs[k], seqs[0], &err) == LMD_OK);
+        lmd_kvseq *f = tiny_seq(pool, 24);
+        CHECK(tiny_run(m, f, filler, 4, NULL, &err) == LMD_OK);
+        CHECK(pool->n_free == n_writers - 1);
+        /* seqs[n_writers] also holds the block and stays out of the call: one copy too many */
+        CHECK(lmd_model_forward(m, seqs, n_writers, next, order, n_writers, order, n_writers, logits,
+                                &err) == LMD_ERR_CACHE_FULL);
+        CHECK(pool->n_free == n_writers - 1);
+        for (int k = 0; k <= n_writers; k++) CHECK(seqs[k]->len == 6);
+        lmd_kvseq_free(seqs[n_writers]);
+        /* now the writers are all its holders */
+        lmd_status st = lmd_model_forward(m, seqs, n_writers, next, order, n_writers, order, n_writers,
+                                          logits, &err);
+        if (st != LMD_OK) fprintf(stderr, "%d writers: %s\n", n_writers, err.msg);
+        CHECK(st == LMD_OK);
+        CHECK(pool->n_free == 0);
+        for (int k = 0; k < n_writers; k++) {
+            CHECK(seqs[k]->len == 7);
+            alone(m, ref_pool, prefix, 6, next + k, 1, want);
+            CHECK(same_floats(logits + k * V, want, V));
+        }
+        for (int k = 0; k < n_writers; k++) lmd_kvseq_free(seqs[k]);
+        lmd_kvseq_free(f);
+        CHECK(pool->n_free == pool->n_blocks);
+        lmd_kvpool_free(pool);
+    }
+    lmd_kvpool_free(ref_pool);
+    lmd_model_free(m);
+    tiny_free(&t);
+}
+
 /* ------------------------------------------------------------------ */
 /* errors                                                               */
 /* ------------------------------------------------------------------ */
@@ -568,6 +621,7 @@ int main(void) {
     test_forward_against_reference_and_incremental();
     test_batch_of_sequences_and_chunks();
     test_truncate_and_fork();
+    test_forks_writing_one_shared_block();
     test_forward_errors();
     test_init_errors();
     return test_report("test_model");
