@@ -418,6 +418,43 @@ static void test_forks_writing_one_shared_block(void) {
     tiny_free(&t);
 }
 
+/* A wider model, so that the matmuls and the attention of a prefill take their parallel
+ * paths: logits are bit-identical with 1 and 2 threads, and equal to decoding token by token
+ * (whose small steps stay serial). */
+static void test_threads_do_not_change_results(void) {
+    enum { T = 64 };
+    test_rng r = {606};
+    tiny_spec spec = tiny_llama_spec();
+    spec.dim = 256, spec.hidden = 256, spec.vocab = 64, spec.context = T;
+    tiny_model t;
+    tiny_build(&t, &spec);
+    lmd_model *m = tiny_init(&t, T);
+    const int V = t.config.vocab_size;
+    lmd_kvpool *pool = tiny_pool(&t, 16, 16);
+    lmd_error err;
+    int32_t tokens[T];
+    random_tokens(&r, tokens, T, V);
+    float *logits[3];
+    for (int run = 0; run < 3; run++) {
+        logits[run] = malloc((size_t)T * V * sizeof(float));
+        lmd_set_num_threads(run == 0 ? 1 : 2);
+        lmd_kvseq *s = tiny_seq(pool, T);
+        if (run < 2) {
+            CHECK(tiny_run(m, s, tokens, T, logits[run], &err) == LMD_OK);
+        } else {
+            for (int p = 0; p < T; p++) CHECK(tiny_run(m, s, tokens + p, 1, logits[run] + p * V, &err) == LMD_OK);
+        }
+        lmd_kvseq_free(s);
+    }
+    lmd_set_num_threads(0);
+    CHECK(same_floats(logits[0], logits[1], (int64_t)T * V));
+    CHECK(same_floats(logits[0], logits[2], (int64_t)T * V));
+    for (int run = 0; run < 3; run++) free(logits[run]);
+    lmd_kvpool_free(pool);
+    lmd_model_free(m);
+    tiny_free(&t);
+}
+
 /* ------------------------------------------------------------------ */
 /* errors                                                               */
 /* ------------------------------------------------------------------ */
@@ -622,6 +659,7 @@ int main(void) {
     test_batch_of_sequences_and_chunks();
     test_truncate_and_fork();
     test_forks_writing_one_shared_block();
+    test_threads_do_not_change_results();
     test_forward_errors();
     test_init_errors();
     return test_report("test_model");
