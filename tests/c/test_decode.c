@@ -331,15 +331,16 @@ static void test_context_length_ends_sequences(void) {
     tiny_free(&t);
 }
 
-/* A pool too small for the prompt: the run fails with the forward's error, and freeing it
- * returns every block. */
-static void test_pool_too_small(void) {
+/* A pool too small for the prompts: the run fails with the forward's error; once another
+ * sequence gives its block back, calling it again completes the run as if nothing had
+ * failed, and freeing it returns every block (the sanitizer build checks for leaks). */
+static void test_pool_too_small_then_retry(void) {
     tiny_spec spec = tiny_llama_spec();
     tiny_model t;
     tiny_build(&t, &spec);
     lmd_model *m = tiny_init(&t, 16);
     const int V = t.config.vocab_size;
-    lmd_kvpool *pool = tiny_pool(&t, 4, 2); /* 8 positions */
+    lmd_kvpool *pool = tiny_pool(&t, 4, 4), *ref_pool = tiny_pool(&t, 4, 16);
     lmd_sampler *sampler;
     lmd_error err;
     CHECK(lmd_sampler_init(&sampler, V, &err) == LMD_OK);
@@ -348,19 +349,32 @@ static void test_pool_too_small(void) {
     greedy.temperature = 0.0;
     int32_t prompt[6] = {1, 2, 3, 4, 5, 6};
     prompt_set ps = {{0}, {0}, 0};
-    add_prompt(&ps, prompt, 6);
-    add_prompt(&ps, prompt + 1, 5);
-    lmd_generator *g = new_generator(&ps, V, 4, &greedy, 0, NULL, 0);
+    add_prompt(&ps, prompt, 6);     /* 2 blocks */
+    add_prompt(&ps, prompt + 1, 5); /* 2 blocks */
+    lmd_generator *g = new_generator(&ps, V, 2, &greedy, 0, NULL, 0);
     lmd_decode_run *run;
     CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
+    lmd_kvseq *other = tiny_seq(pool, 24);
+    CHECK(tiny_run(m, other, prompt, 1, NULL, &err) == LMD_OK); /* holds 1 of the 4 blocks */
     CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, &err) == LMD_ERR_CACHE_FULL);
-    CHECK_MSG_CONTAINS(err, "free blocks");
+    CHECK_MSG_CONTAINS(err, "3 free blocks");
     CHECK(lmd_generator_generated(g, 0) == 0 && lmd_generator_generated(g, 1) == 0);
+    CHECK(pool->n_free == 3);
+    lmd_kvseq_free(other);
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, &err) == LMD_OK);
+    for (int k = 0; k < 2; k++) {
+        int32_t want[2];
+        int n_prompt = k == 0 ? 6 : 5;
+        CHECK(reference_generate(m, ref_pool, prompt + k, n_prompt, 2, NULL, 0, 0, want, NULL) == 2);
+        CHECK(lmd_generator_generated(g, k) == 2);
+        CHECK(memcmp(lmd_generator_tokens(g, k, NULL) + n_prompt, want, sizeof want) == 0);
+    }
     lmd_decode_run_free(run);
     CHECK(pool_full(pool));
     lmd_generator_free(g);
     lmd_sampler_free(sampler);
     lmd_kvpool_free(pool);
+    lmd_kvpool_free(ref_pool);
     lmd_model_free(m);
     tiny_free(&t);
 }
@@ -463,7 +477,7 @@ int main(void) {
     test_greedy_equals_argmax_chain();
     test_shared_prompts_equal_each_alone();
     test_context_length_ends_sequences();
-    test_pool_too_small();
+    test_pool_too_small_then_retry();
     test_beam_search();
     return test_report("test_decode");
 }
