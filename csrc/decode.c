@@ -109,6 +109,11 @@ static lmd_status prefill(lmd_decode_run *run, int32_t R, lmd_error *err) {
     lmd_status st;
     const int32_t V = run->vocab, L = run->model->config.context_length;
     int32_t n_leaders = 0, n_tokens = 0;
+    /* caches left by an earlier call whose prefill failed (e.g. a full pool) */
+    for (int32_t k = 0; k < run->n; k++) {
+        lmd_kvseq_free(run->seqs[k]);
+        run->seqs[k] = NULL;
+    }
     for (int32_t i = 0; i < R; i++) {
         int32_t k = run->ids[i];
         if (i > 0 && same_prompt(run->gen, k, run->ids[i - 1])) {

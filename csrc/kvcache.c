@@ -12,10 +12,12 @@ lmd_status lmd_kvpool_init(lmd_kvpool **out, int32_t n_layers, int32_t kv_dim, i
     if (block_size < 1 || block_size > 4096)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "block_size (=%d) must be in [1, 4096]", block_size);
     if (n_blocks < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, "n_blocks (=%d) must be >= 1", n_blocks);
+    /* divide instead of multiplying, so that the check itself cannot wrap around */
+    if ((size_t)kv_dim > SIZE_MAX / sizeof(float) / (size_t)n_blocks / (size_t)n_layers / (size_t)block_size)
+        return lmd_fail(err, LMD_ERR_NOMEM,
+                        "a KV pool of %d blocks of %d layers x %d positions x %d floats does not fit in memory",
+                        n_blocks, n_layers, block_size, kv_dim);
     size_t floats_per_block = (size_t)n_layers * block_size * kv_dim;
-    if (floats_per_block > SIZE_MAX / sizeof(float) / (size_t)n_blocks)
-        return lmd_fail(err, LMD_ERR_NOMEM, "a KV pool of %d blocks of %zu floats does not fit in memory",
-                        n_blocks, floats_per_block);
     lmd_kvpool *p = calloc(1, sizeof *p);
     if (p == NULL) return lmd_fail(err, LMD_ERR_NOMEM, "out of memory allocating a KV pool");
     p->n_layers = n_layers;
@@ -136,7 +138,12 @@ static int last_block_shared(const lmd_kvseq *seq) {
 int32_t lmd_kvseq_blocks_needed(const lmd_kvseq *seq, int32_t n_new) {
     if (n_new <= 0) return 0;
     const lmd_kvpool *p = seq->pool;
-    return blocks_in_use(p, seq->len + n_new) - blocks_in_use(p, seq->len) + last_block_shared(seq);
+    /* blocks an earlier reserve took for positions not yet filled are already there */
+    int64_t last = ((int64_t)seq->len + n_new + p->block_size - 1) / p->block_size;
+    int64_t table = table_size(p, seq->max_len), stop = last < table ? last : table;
+    int64_t needed = last - stop + last_block_shared(seq);
+    for (int64_t i = blocks_in_use(p, seq->len); i < stop; i++) needed += seq->blocks[i] < 0;
+    return needed < INT32_MAX ? (int32_t)needed : INT32_MAX;
 }
 
 lmd_status lmd_kvseq_reserve(lmd_kvseq *seq, int32_t n_new, lmd_error *err) {
@@ -169,6 +176,7 @@ lmd_status lmd_kvseq_reserve(lmd_kvseq *seq, int32_t n_new, lmd_error *err) {
         seq->blocks[idx] = fresh;
     }
     int32_t first = blocks_in_use(p, seq->len), last = blocks_in_use(p, seq->len + n_new);
-    for (int32_t i = first; i < last; i++) seq->blocks[i] = take_block(p);
+    for (int32_t i = first; i < last; i++)
+        if (seq->blocks[i] < 0) seq->blocks[i] = take_block(p);
     return LMD_OK;
 }

@@ -412,6 +412,17 @@ lmd_status lmd_model_forward(lmd_model *m, lmd_kvseq *const *seqs, int32_t n_seq
                             "sequence %d holds %d positions; %d more exceed the context length %d", s,
                             seq->len, seq->pending, limit);
         blocks_needed += lmd_kvseq_blocks_needed(seq, seq->pending);
+        /* Writers of a shared, partly filled block copy it in turn; when they are all its
+         * holders, the last finds it private by then and copies nothing. */
+        const int32_t bs = pool->block_size;
+        if (seq->pending > 0 && seq->len % bs != 0 && pool->refcount[seq->blocks[seq->len / bs]] > 1) {
+            const int32_t block = seq->blocks[seq->len / bs];
+            int32_t writers = 1;
+            for (int32_t o = 0; o < s; o++)
+                writers += seqs[o]->pending > 0 && seqs[o]->len % bs != 0 &&
+                           seqs[o]->blocks[seqs[o]->len / bs] == block;
+            if (writers == pool->refcount[block]) blocks_needed--;
+        }
     }
     if (blocks_needed > pool->n_free)
         return lmd_fail(err, LMD_ERR_CACHE_FULL,

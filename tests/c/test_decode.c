@@ -1,0 +1,483 @@
+/* test_decode.c -- the decoding loops of decode.h over a tiny random Llama,
+ * against step-by-step references built from lmd_model_forward alone: greedy
+ * generation is the argmax chain, sampled sequences sharing a prompt draw
+ * what each would draw alone (same coins, same logits), the context length
+ * ends a sequence, beam search of width 1 is greedy, and every pool block
+ * comes back. */
+#include <stdint.h>
+
+#include "decode.h"
+#include "rng.h"
+#include "test_util.h"
+#include "tiny_model.h"
+
+#define MAX_LEN 32
+
+static int32_t argmax(const float *z, int n) {
+    int32_t best = 0;
+    for (int i = 1; i < n; i++)
+        if (z[i] > z[best]) best = i;
+    return best;
+}
+
+static double log_softmax_at(const float *z, int n, int32_t token) {
+    double max = z[argmax(z, n)], sum = 0.0;
+    for (int i = 0; i < n; i++) sum += exp((double)z[i] - max);
+    return (double)z[token] - max - log(sum);
+}
+
+/*
+ * The generation loop written out with one sequence and lmd_model_forward: prefill the
+ * prompt, then pick a token from the last logits and feed it, up to n_new tokens or until
+ * the tokens fill the context length. params NULL: argmax; otherwise lmd_sample_row with
+ * the coin of (seed, stream, step) as generate.h documents. Returns the number generated;
+ * logprobs (n_new,) or NULL receives each token's log-softmax under the raw logits.
+ */
+static int reference_generate(lmd_model *m, lmd_kvpool *pool, const int32_t *prompt, int n_prompt,
+                              int n_new, const lmd_sampling_params *params, uint64_t seed,
+                              uint64_t stream, int32_t *out, double *logprobs) {
+    const int V = m->config.vocab_size, L = m->config.context_length;
+    int32_t context[MAX_LEN];
+    memcpy(context, prompt, (size_t)n_prompt * sizeof(int32_t));
+    float *logits = malloc((size_t)n_prompt * V * sizeof(float));
+    lmd_kvseq *s = tiny_seq(pool, L);
+    lmd_sampler *sampler;
+    lmd_error err;
+    if (lmd_sampler_init(&sampler, V, &err) != LMD_OK) exit(1);
+    CHECK(tiny_run(m, s, prompt, n_prompt, logits, &err) == LMD_OK);
+    const float *last = logits + (int64_t)(n_prompt - 1) * V;
+    int t = 0;
+    while (t < n_new && n_prompt + t < L) {
+        int32_t token = argmax(last, V);
+        if (params != NULL) {
+            lmd_row_inputs in = {context, n_prompt + t, n_prompt, NULL, NULL, 0, NULL, -1, NULL, 0};
+            double coin = lmd_rng_uniform(seed, stream, (uint64_t)t, 0);
+            CHECK(lmd_sample_row(sampler, params, &in, last, V, coin, NULL, &token, NULL, &err) == LMD_OK);
+        }
+        if (logprobs) logprobs[t] = log_softmax_at(last, V, token);
+        out[t] = context[n_prompt + t] = token;
+        t++;
+        if (t < n_new && n_prompt + t < L) { /* the last token is never fed */
+            CHECK(tiny_run(m, s, &token, 1, logits, &err) == LMD_OK);
+            last = logits;
+        }
+    }
+    lmd_kvseq_free(s);
+    lmd_sampler_free(sampler);
+    free(logits);
+    return t;
+}
+
+typedef struct {
+    int32_t prompts[4 * MAX_LEN];
+    int64_t offsets[5];
+    int32_t n;
+} prompt_set;
+
+static void add_prompt(prompt_set *p, const int32_t *tokens, int len) {
+    if (p->n == 0) p->offsets[0] = 0;
+    memcpy(p->prompts + p->offsets[p->n], tokens, (size_t)len * sizeof(int32_t));
+    p->offsets[p->n + 1] = p->offsets[p->n] + len;
+    p->n++;
+}
+
+static lmd_generator *new_generator(const prompt_set *p, int32_t vocab, int32_t max_new,
+                                    const lmd_sampling_params *params, uint64_t seed,
+                                    const int32_t *stop_ids, int32_t n_stop) {
+    lmd_generate_config c = {.n_seqs = p->n, .vocab = vocab, .max_new_tokens = max_new,
+                             .params = params, .n_params = 1, .seed = seed, .prompts = p->prompts,
+                             .prompt_offsets = p->offsets, .stop_ids = stop_ids, .n_stop_ids = n_stop,
+                             .n_top_logprobs = 0};
+    lmd_generator *g;
+    lmd_error err;
+    if (lmd_generator_init(&g, &c, &err) != LMD_OK) {
+        fprintf(stderr, "generator init failed: %s\n", err.msg);
+        exit(1);
+    }
+    return g;
+}
+
+static int pool_full(const lmd_kvpool *p) { return p->n_free == p->n_blocks; }
+
+/* ------------------------------------------------------------------ */
+
+static void test_greedy_equals_argmax_chain(void) {
+    test_rng r = {7};
+    tiny_spec spec = tiny_llama_spec();
+    tiny_model t;
+    tiny_build(&t, &spec);
+    lmd_model *m = tiny_init(&t, 16);
+    const int V = t.config.vocab_size;
+    lmd_kvpool *pool = tiny_pool(&t, 4, 32);
+    lmd_sampler *sampler;
+    lmd_error err;
+    CHECK(lmd_sampler_init(&sampler, V, &err) == LMD_OK);
+    lmd_sampling_params greedy;
+    lmd_sampling_params_default(&greedy);
+    greedy.temperature = 0.0;
+    int32_t prompt[5], want[10];
+    double want_lp[10];
+    for (int i = 0; i < 5; i++) prompt[i] = test_rand_below(&r, V);
+    CHECK(reference_generate(m, pool, prompt, 5, 10, NULL, 0, 0, want, want_lp) == 10);
+
+    /* all at once */
+    prompt_set ps = {{0}, {0}, 0};
+    add_prompt(&ps, prompt, 5);
+    lmd_generator *g = new_generator(&ps, V, 10, &greedy, 0, NULL, 0);
+    lmd_decode_run *run;
+    CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
+    int32_t last_ids[1], last_tokens[1], n_last = -1;
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, last_ids, last_tokens, &n_last, &err) == LMD_OK);
+    int32_t len;
+    const int32_t *all = lmd_generator_tokens(g, 0, &len);
+    CHECK(len == 15 && memcmp(all, prompt, sizeof prompt) == 0);
+    CHECK(memcmp(all + 5, want, sizeof want) == 0);
+    CHECK(lmd_generator_finish_reason(g, 0) == LMD_FINISH_LENGTH);
+    CHECK(n_last == 1 && last_ids[0] == 0 && last_tokens[0] == want[9]);
+    const float *lps = lmd_generator_token_logprobs(g, 0);
+    for (int i = 0; i < 10; i++) CHECK_CLOSE(lps[i], want_lp[i], 1e-5);
+    CHECK(pool_full(pool)); /* a finished sequence's blocks are back before run_free */
+    /* nothing left to do: no step runs */
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, last_ids, last_tokens, &n_last, &err) == LMD_OK);
+    CHECK(n_last == 0);
+    lmd_decode_run_free(run);
+    lmd_generator_free(g);
+
+    /* one step per call reports each token as it comes */
+    g = new_generator(&ps, V, 10, &greedy, 0, NULL, 0);
+    CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
+    for (int step = 0; step < 10; step++) {
+        CHECK(lmd_decode_run_steps(run, &sampler, 1, 1, last_ids, last_tokens, &n_last, &err) == LMD_OK);
+        CHECK(n_last == 1 && last_ids[0] == 0 && last_tokens[0] == want[step]);
+        CHECK(lmd_generator_generated(g, 0) == step + 1);
+        if (step < 9) CHECK(!pool_full(pool));
+    }
+    CHECK(lmd_generator_running(g, NULL) == 0 && pool_full(pool));
+    lmd_decode_run_free(run);
+    lmd_generator_free(g);
+    lmd_decode_run_free(NULL);
+
+    lmd_sampler_free(sampler);
+    lmd_kvpool_free(pool);
+    lmd_model_free(m);
+    tiny_free(&t);
+}
+
+/* Four sequences, three of them with one prompt (the first two adjacent, so they share its
+ * cache), sampled at temperature 0.8 with top-k, with a stop token: each draws exactly what
+ * it draws alone with its own stream of coins, and stops where it would alone. */
+static void test_shared_prompts_equal_each_alone(void) {
+    test_rng r = {8};
+    tiny_spec spec = tiny_llama_spec();
+    tiny_model t;
+    tiny_build(&t, &spec);
+    lmd_model *m = tiny_init(&t, 16);
+    const int V = t.config.vocab_size;
+    lmd_kvpool *pool = tiny_pool(&t, 4, 64);
+    lmd_sampler *samplers[2];
+    lmd_error err;
+    for (int i = 0; i < 2; i++) CHECK(lmd_sampler_init(&samplers[i], V, &err) == LMD_OK);
+    lmd_sampling_params params;
+    lmd_sampling_params_default(&params);
+    params.temperature = 0.8;
+    params.top_k = 10;
+    const uint64_t seed = 77;
+    enum { NEW = 8 };
+    int32_t p[6], q[4];
+    for (int i = 0; i < 6; i++) p[i] = test_rand_below(&r, V);
+    for (int i = 0; i < 4; i++) q[i] = test_rand_below(&r, V);
+    prompt_set ps = {{0}, {0}, 0};
+    add_prompt(&ps, p, 6);
+    add_prompt(&ps, p, 6);
+    add_prompt(&ps, q, 4);
+    add_prompt(&ps, p, 6);
+
+    /* each alone, without stop tokens */
+    int32_t alone[4][NEW];
+    for (int k = 0; k < 4; k++) {
+        const int32_t *prompt = ps.prompts + ps.offsets[k];
+        int n = (int)(ps.offsets[k + 1] - ps.offsets[k]);
+        CHECK(reference_generate(m, pool, prompt, n, NEW, &params, seed, (uint64_t)k, alone[k], NULL) == NEW);
+    }
+    /* the shared prompts still give different samples: the coins differ by stream */
+    CHECK(memcmp(alone[0], alone[1], sizeof alone[0]) != 0);
+    /* a stop token that sequence 2 draws third: it (and any other that draws it) stops there */
+    const int32_t stop = alone[2][2];
+    int expect_len[4];
+    for (int k = 0; k < 4; k++) {
+        expect_len[k] = NEW;
+        for (int i = 0; i < NEW; i++)
+            if (alone[k][i] == stop) {
+                expect_len[k] = i + 1;
+                break;
+            }
+    }
+    CHECK(expect_len[2] <= 3);
+
+    lmd_generator *g = new_generator(&ps, V, NEW, &params, seed, &stop, 1);
+    lmd_decode_run *run;
+    CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
+    int32_t ids[4], toks[4], n_last;
+    CHECK(lmd_decode_run_steps(run, samplers, 2, 1, ids, toks, &n_last, &err) == LMD_OK);
+    CHECK(n_last == 4);
+    for (int k = 0; k < 4; k++) CHECK(ids[k] == k && toks[k] == alone[k][0]);
+    /* the prefill ran once per distinct adjacent prompt: sequences 0 and 3 hold 6 positions
+     * (2 blocks of 4) each, sequence 2 holds 4 (1 block), sequence 1 shares sequence 0's */
+    CHECK(pool->n_blocks - pool->n_free == 5);
+    CHECK(lmd_decode_run_steps(run, samplers, 2, INT32_MAX, NULL, NULL, NULL, &err) == LMD_OK);
+    for (int k = 0; k < 4; k++) {
+        int32_t len;
+        const int32_t *all = lmd_generator_tokens(g, k, &len);
+        int n_prompt = lmd_generator_prompt_length(g, k);
+        CHECK(len == n_prompt + expect_len[k]);
+        CHECK(memcmp(all + n_prompt, alone[k], (size_t)expect_len[k] * sizeof(int32_t)) == 0);
+        CHECK(lmd_generator_finish_reason(g, k) ==
+              (alone[k][expect_len[k] - 1] == stop ? LMD_FINISH_STOP : LMD_FINISH_LENGTH));
+    }
+    CHECK(pool_full(pool));
+    lmd_decode_run_free(run);
+    lmd_generator_free(g);
+
+    /* greedy: the three sequences with prompt p agree, and run_free returns the blocks of
+     * sequences stopped halfway */
+    lmd_sampling_params greedy;
+    lmd_sampling_params_default(&greedy);
+    greedy.temperature = 0.0;
+    g = new_generator(&ps, V, NEW, &greedy, seed, NULL, 0);
+    CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, samplers, 2, 3, NULL, NULL, NULL, &err) == LMD_OK);
+    CHECK(!pool_full(pool));
+    CHECK(lmd_decode_run_steps(run, samplers, 2, INT32_MAX, NULL, NULL, NULL, &err) == LMD_OK);
+    int32_t want[NEW];
+    CHECK(reference_generate(m, pool, p, 6, NEW, NULL, 0, 0, want, NULL) == NEW);
+    for (int k = 0; k < 4; k += (k == 1 ? 2 : 1)) /* 0, 1, 3 */
+        CHECK(memcmp(lmd_generator_tokens(g, k, NULL) + 6, want, sizeof want) == 0);
+    lmd_decode_run_free(run);
+    lmd_generator_free(g);
+    g = new_generator(&ps, V, NEW, &greedy, seed, NULL, 0);
+    CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, samplers, 2, 2, NULL, NULL, NULL, &err) == LMD_OK);
+    CHECK(!pool_full(pool));
+    lmd_decode_run_free(run); /* unfinished: the run still frees its sequences */
+    CHECK(pool_full(pool));
+    lmd_generator_free(g);
+
+    for (int i = 0; i < 2; i++) lmd_sampler_free(samplers[i]);
+    lmd_kvpool_free(pool);
+    lmd_model_free(m);
+    tiny_free(&t);
+}
+
+/* A context length of 12: prompts of 5, 9 and 12 tokens end with LMD_FINISH_LENGTH once
+ * prompt + generated reaches 12, with the tokens greedy decoding gives until then. */
+static void test_context_length_ends_sequences(void) {
+    test_rng r = {9};
+    tiny_spec spec = tiny_llama_spec();
+    spec.context = 12;
+    tiny_model t;
+    tiny_build(&t, &spec);
+    lmd_model *m = tiny_init(&t, 16);
+    const int V = t.config.vocab_size, L = 12;
+    lmd_kvpool *pool = tiny_pool(&t, 4, 32);
+    lmd_sampler *sampler;
+    lmd_error err;
+    CHECK(lmd_sampler_init(&sampler, V, &err) == LMD_OK);
+    lmd_sampling_params greedy;
+    lmd_sampling_params_default(&greedy);
+    greedy.temperature = 0.0;
+    const int lens[3] = {5, 9, 12};
+    int32_t prompts[3][13];
+    prompt_set ps = {{0}, {0}, 0};
+    for (int k = 0; k < 3; k++) {
+        for (int i = 0; i < lens[k]; i++) prompts[k][i] = test_rand_below(&r, V);
+        add_prompt(&ps, prompts[k], lens[k]);
+    }
+    lmd_generator *g = new_generator(&ps, V, 100, &greedy, 0, NULL, 0);
+    lmd_decode_run *run;
+    CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, &err) == LMD_OK);
+    for (int k = 0; k < 3; k++) {
+        int32_t len, want[MAX_LEN];
+        const int32_t *all = lmd_generator_tokens(g, k, &len);
+        CHECK(len == L);
+        CHECK(lmd_generator_generated(g, k) == L - lens[k]);
+        CHECK(lmd_generator_finish_reason(g, k) == LMD_FINISH_LENGTH);
+        int n = lens[k] < L ? reference_generate(m, pool, prompts[k], lens[k], 100, NULL, 0, 0, want, NULL) : 0;
+        CHECK(n == L - lens[k]);
+        CHECK(memcmp(all + lens[k], want, (size_t)n * sizeof(int32_t)) == 0);
+    }
+    CHECK(pool_full(pool));
+    lmd_decode_run_free(run);
+    lmd_generator_free(g);
+
+    /* a prompt longer than the context length is refused up front */
+    int32_t long_prompt[13] = {0};
+    prompt_set too_long = {{0}, {0}, 0};
+    add_prompt(&too_long, long_prompt, 13);
+    g = new_generator(&too_long, V, 4, &greedy, 0, NULL, 0);
+    run = (lmd_decode_run *)&run;
+    CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_ERR_CACHE_FULL && run == NULL);
+    CHECK_MSG_CONTAINS(err, "prompt 0 has 13 tokens but the model's context length is 12");
+    lmd_generator_free(g);
+    /* a generator over another vocabulary */
+    g = new_generator(&ps, V + 1, 4, &greedy, 0, NULL, 0);
+    CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_ERR_INVALID_ARG && run == NULL);
+    CHECK_MSG_CONTAINS(err, "vocabulary");
+    lmd_generator_free(g);
+
+    lmd_sampler_free(sampler);
+    lmd_kvpool_free(pool);
+    lmd_model_free(m);
+    tiny_free(&t);
+}
+
+/* A pool too small for the prompts: the run fails with the forward's error; once another
+ * sequence gives its block back, calling it again completes the run as if nothing had
+ * failed, and freeing it returns every block (the sanitizer build checks for leaks). */
+static void test_pool_too_small_then_retry(void) {
+    tiny_spec spec = tiny_llama_spec();
+    tiny_model t;
+    tiny_build(&t, &spec);
+    lmd_model *m = tiny_init(&t, 16);
+    const int V = t.config.vocab_size;
+    lmd_kvpool *pool = tiny_pool(&t, 4, 4), *ref_pool = tiny_pool(&t, 4, 16);
+    lmd_sampler *sampler;
+    lmd_error err;
+    CHECK(lmd_sampler_init(&sampler, V, &err) == LMD_OK);
+    lmd_sampling_params greedy;
+    lmd_sampling_params_default(&greedy);
+    greedy.temperature = 0.0;
+    int32_t prompt[6] = {1, 2, 3, 4, 5, 6};
+    prompt_set ps = {{0}, {0}, 0};
+    add_prompt(&ps, prompt, 6);     /* 2 blocks */
+    add_prompt(&ps, prompt + 1, 5); /* 2 blocks */
+    lmd_generator *g = new_generator(&ps, V, 2, &greedy, 0, NULL, 0);
+    lmd_decode_run *run;
+    CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
+    lmd_kvseq *other = tiny_seq(pool, 24);
+    CHECK(tiny_run(m, other, prompt, 1, NULL, &err) == LMD_OK); /* holds 1 of the 4 blocks */
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, &err) == LMD_ERR_CACHE_FULL);
+    CHECK_MSG_CONTAINS(err, "3 free blocks");
+    CHECK(lmd_generator_generated(g, 0) == 0 && lmd_generator_generated(g, 1) == 0);
+    CHECK(pool->n_free == 3);
+    lmd_kvseq_free(other);
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, &err) == LMD_OK);
+    for (int k = 0; k < 2; k++) {
+        int32_t want[2];
+        int n_prompt = k == 0 ? 6 : 5;
+        CHECK(reference_generate(m, ref_pool, prompt + k, n_prompt, 2, NULL, 0, 0, want, NULL) == 2);
+        CHECK(lmd_generator_generated(g, k) == 2);
+        CHECK(memcmp(lmd_generator_tokens(g, k, NULL) + n_prompt, want, sizeof want) == 0);
+    }
+    lmd_decode_run_free(run);
+    CHECK(pool_full(pool));
+    lmd_generator_free(g);
+    lmd_sampler_free(sampler);
+    lmd_kvpool_free(pool);
+    lmd_kvpool_free(ref_pool);
+    lmd_model_free(m);
+    tiny_free(&t);
+}
+
+static void test_beam_search(void) {
+    test_rng r = {10};
+    tiny_spec spec = tiny_llama_spec();
+    tiny_model t;
+    tiny_build(&t, &spec);
+    lmd_model *m = tiny_init(&t, 16);
+    const int V = t.config.vocab_size;
+    lmd_kvpool *pool = tiny_pool(&t, 4, 64);
+    lmd_error err;
+    enum { NEW = 8 };
+    int32_t prompt[6], want[NEW];
+    double want_lp[NEW], want_sum = 0.0;
+    for (int i = 0; i < 6; i++) prompt[i] = test_rand_below(&r, V);
+    CHECK(reference_generate(m, pool, prompt, 6, NEW, NULL, 0, 0, want, want_lp) == NEW);
+    for (int i = 0; i < NEW; i++) want_sum += want_lp[i];
+
+    /* width 1 is greedy */
+    lmd_beam_config c = {1, V, NEW, 1, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0};
+    lmd_beam_search *bs;
+    CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
+    int32_t peak = -1;
+    CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 6, &peak, &err) == LMD_OK);
+    CHECK(lmd_beam_search_done(bs) && lmd_beam_search_n_hypotheses(bs) == 1);
+    int32_t tokens[NEW], len;
+    float lps[NEW], score, sum;
+    CHECK(lmd_beam_search_hypothesis(bs, 0, tokens, lps, &len, &score, &sum, &err) == LMD_OK);
+    CHECK(len == NEW && memcmp(tokens, want, sizeof want) == 0);
+    for (int i = 0; i < NEW; i++) CHECK_CLOSE(lps[i], want_lp[i], 1e-5);
+    CHECK_CLOSE(sum, want_sum, 1e-4);
+    CHECK_CLOSE(score, want_sum / NEW, 1e-4); /* length_penalty 1 */
+    CHECK(peak == (6 + NEW - 1 + 3) / 4); /* the prompt + every token but the last, blocks of 4 */
+    CHECK(pool_full(pool));
+    lmd_beam_search_free(bs);
+
+    /* width 3, two hypotheses: each one's log-probs are the model's own along its tokens */
+    lmd_beam_config c3 = {3, V, NEW, 2, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0};
+    CHECK(lmd_beam_search_init(&bs, &c3, &err) == LMD_OK);
+    CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 6, &peak, &err) == LMD_OK);
+    CHECK(pool_full(pool));
+    CHECK(lmd_beam_search_n_hypotheses(bs) == 2);
+    int32_t hyp[2][NEW];
+    float prev_score = INFINITY;
+    for (int h = 0; h < 2; h++) {
+        CHECK(lmd_beam_search_hypothesis(bs, h, hyp[h], lps, &len, &score, &sum, &err) == LMD_OK);
+        CHECK(len == NEW && score <= prev_score);
+        prev_score = score;
+        int32_t all[6 + NEW];
+        memcpy(all, prompt, sizeof prompt);
+        memcpy(all + 6, hyp[h], sizeof hyp[h]);
+        float *logits = malloc((size_t)(6 + NEW) * V * sizeof(float));
+        lmd_kvseq *s = tiny_seq(pool, t.config.context_length);
+        CHECK(tiny_run(m, s, all, 6 + NEW, logits, &err) == LMD_OK);
+        double total = 0.0;
+        for (int i = 0; i < NEW; i++) {
+            double lp = log_softmax_at(logits + (int64_t)(5 + i) * V, V, hyp[h][i]);
+            CHECK_CLOSE(lps[i], lp, 1e-5);
+            total += lp;
+        }
+        CHECK_CLOSE(sum, total, 1e-4);
+        lmd_kvseq_free(s);
+        free(logits);
+    }
+    CHECK(memcmp(hyp[0], hyp[1], sizeof hyp[0]) != 0);
+    /* forked beams share the prompt's blocks: the peak stays below three separate caches */
+    CHECK(peak < 3 * 4);
+    lmd_beam_search_free(bs);
+
+    /* errors, with the pool untouched */
+    CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
+    CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 0, NULL, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "prompt is empty");
+    int32_t long_prompt[20] = {0};
+    CHECK(lmd_decode_beam_search(m, pool, bs, long_prompt, 20, NULL, &err) == LMD_ERR_CACHE_FULL);
+    CHECK_MSG_CONTAINS(err, "exceed the context length 24");
+    CHECK(pool_full(pool) && lmd_beam_search_length(bs) == 0);
+    lmd_beam_search_free(bs);
+    lmd_beam_config other = {1, V + 2, NEW, 1, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0};
+    CHECK(lmd_beam_search_init(&bs, &other, &err) == LMD_OK);
+    CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 6, NULL, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "vocabulary");
+    lmd_beam_search_free(bs);
+    /* a pool too small for the beams: the error comes back and every block with it */
+    lmd_kvpool *tiny_p = tiny_pool(&t, 4, 3);
+    CHECK(lmd_beam_search_init(&bs, &c3, &err) == LMD_OK);
+    CHECK(lmd_decode_beam_search(m, tiny_p, bs, prompt, 6, NULL, &err) == LMD_ERR_CACHE_FULL);
+    CHECK(pool_full(tiny_p));
+    lmd_beam_search_free(bs);
+    lmd_kvpool_free(tiny_p);
+
+    lmd_kvpool_free(pool);
+    lmd_model_free(m);
+    tiny_free(&t);
+}
+
+int main(void) {
+    test_greedy_equals_argmax_chain();
+    test_shared_prompts_equal_each_alone();
+    test_context_length_ends_sequences();
+    test_pool_too_small_then_retry();
+    test_beam_search();
+    return test_report("test_decode");
+}

@@ -1,0 +1,399 @@
+/* test_kvcache.c -- the paged KV cache: init errors, reserve and length,
+ * shared blocks after fork, copy on write, truncation, and failures that must
+ * leave the pool and the sequences exactly as they were. */
+#include <stdint.h>
+
+#include "kvcache.h"
+#include "test_util.h"
+
+/* Everything a failing call must not change. */
+typedef struct {
+    int32_t n_free, len;
+    int32_t free_list[64], refcount[64], blocks[64];
+} snapshot;
+
+static snapshot take_snapshot(const lmd_kvseq *s) {
+    snapshot snap;
+    memset(&snap, 0, sizeof snap);
+    const lmd_kvpool *p = s->pool;
+    int32_t table = (s->max_len + p->block_size - 1) / p->block_size;
+    snap.n_free = p->n_free;
+    snap.len = s->len;
+    memcpy(snap.free_list, p->free_list, (size_t)p->n_free * sizeof(int32_t));
+    memcpy(snap.refcount, p->refcount, (size_t)p->n_blocks * sizeof(int32_t));
+    memcpy(snap.blocks, s->blocks, (size_t)table * sizeof(int32_t));
+    return snap;
+}
+
+static int same_snapshot(const snapshot *a, const snapshot *b) { return memcmp(a, b, sizeof *a) == 0; }
+
+/* A value that names (layer, position, feature, k or v), so copies can be checked. */
+static float tag(int32_t layer, int32_t pos, int32_t j, int is_v) {
+    return (float)(layer * 100000 + pos * 100 + j) + (is_v ? 0.5f : 0.0f);
+}
+
+/* Writes positions [from, to) of every layer with tag values offset by `salt`. */
+static void write_positions(lmd_kvseq *s, int32_t from, int32_t to, float salt) {
+    const lmd_kvpool *p = s->pool;
+    for (int32_t l = 0; l < p->n_layers; l++)
+        for (int32_t t = from; t < to; t++)
+            for (int32_t j = 0; j < p->kv_dim; j++) {
+                lmd_kvseq_k(s, l, t)[j] = tag(l, t, j, 0) + salt;
+                lmd_kvseq_v(s, l, t)[j] = tag(l, t, j, 1) + salt;
+            }
+}
+
+static int positions_hold(const lmd_kvseq *s, int32_t from, int32_t to, float salt) {
+    const lmd_kvpool *p = s->pool;
+    for (int32_t l = 0; l < p->n_layers; l++)
+        for (int32_t t = from; t < to; t++)
+            for (int32_t j = 0; j < p->kv_dim; j++)
+                if (lmd_kvseq_k(s, l, t)[j] != tag(l, t, j, 0) + salt ||
+                    lmd_kvseq_v(s, l, t)[j] != tag(l, t, j, 1) + salt)
+                    return 0;
+    return 1;
+}
+
+/* Appends n positions (reserve + write + len), checking that it succeeds. */
+static void append(lmd_kvseq *s, int32_t n, float salt) {
+    lmd_error err;
+    lmd_status st = lmd_kvseq_reserve(s, n, &err);
+    if (st != LMD_OK) fprintf(stderr, "reserve failed: %s\n", err.msg);
+    CHECK(st == LMD_OK);
+    if (st != LMD_OK) return;
+    write_positions(s, s->len, s->len + n, salt);
+    s->len += n;
+}
+
+/* Each block id is either free (refcount 0, listed once in the free list) or held by as
+ * many of the given sequences as its refcount says. */
+static int pool_consistent(const lmd_kvpool *p, lmd_kvseq *const *seqs, int n_seqs) {
+    int32_t held[64] = {0}, listed[64] = {0};
+    for (int i = 0; i < n_seqs; i++) {
+        int32_t table = (seqs[i]->max_len + p->block_size - 1) / p->block_size;
+        for (int32_t b = 0; b < table; b++)
+            if (seqs[i]->blocks[b] >= 0) held[seqs[i]->blocks[b]]++;
+    }
+    for (int32_t i = 0; i < p->n_free; i++) listed[p->free_list[i]]++;
+    for (int32_t b = 0; b < p->n_blocks; b++) {
+        if (p->refcount[b] != held[b]) return 0;
+        if (listed[b] != (p->refcount[b] == 0)) return 0;
+    }
+    return 1;
+}
+
+static void test_init_errors(void) {
+    lmd_kvpool *pool = (lmd_kvpool *)&pool; /* init must set it to NULL on failure */
+    lmd_error err;
+    CHECK(lmd_kvpool_init(&pool, 0, 8, 4, 4, &err) == LMD_ERR_INVALID_ARG && pool == NULL);
+    CHECK_MSG_CONTAINS(err, "n_layers (=0)");
+    CHECK(lmd_kvpool_init(&pool, 2, -3, 4, 4, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "kv_dim (=-3)");
+    CHECK(lmd_kvpool_init(&pool, 2, 8, 0, 4, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "block_size (=0)");
+    CHECK(lmd_kvpool_init(&pool, 2, 8, 4097, 4, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "block_size (=4097)");
+    CHECK(lmd_kvpool_init(&pool, 2, 8, 4, 0, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "n_blocks (=0)");
+    /* more memory than an address space holds: refused up front, not attempted */
+    CHECK(lmd_kvpool_init(&pool, INT32_MAX, INT32_MAX, 4096, INT32_MAX, &err) == LMD_ERR_NOMEM);
+    CHECK_MSG_CONTAINS(err, "does not fit");
+    CHECK(pool == NULL);
+    /* 2^30 layers * 4096 positions * 2^22 features is 2^64 floats per block: the size
+     * must not wrap around to a small allocation */
+    CHECK(lmd_kvpool_init(&pool, 1 << 30, 1 << 22, 4096, 1, &err) == LMD_ERR_NOMEM);
+    CHECK(pool == NULL);
+    lmd_kvpool_free(pool);
+
+    CHECK(lmd_kvpool_init(&pool, 2, 8, 4, 4, &err) == LMD_OK);
+    CHECK(pool->n_free == 4 && pool->n_blocks == 4 && pool->block_size == 4);
+    lmd_kvseq *seq = (lmd_kvseq *)&seq;
+    CHECK(lmd_kvseq_init(&seq, pool, 0, &err) == LMD_ERR_INVALID_ARG && seq == NULL);
+    CHECK_MSG_CONTAINS(err, "max_len (=0)");
+    CHECK(lmd_kvseq_init(&seq, NULL, 8, &err) == LMD_ERR_INVALID_ARG && seq == NULL);
+    CHECK_MSG_CONTAINS(err, "pool");
+    CHECK(lmd_kvseq_init(&seq, pool, 10, &err) == LMD_OK);
+    CHECK(seq->len == 0 && seq->max_len == 10 && seq->pool == pool);
+    for (int i = 0; i < 3; i++) CHECK(seq->blocks[i] == -1);
+    CHECK(pool->n_free == 4); /* an empty sequence holds no block */
+    lmd_kvseq_free(seq);
+    lmd_kvseq_free(NULL);
+    lmd_kvpool_free(pool);
+    lmd_kvpool_free(NULL);
+}
+
+static void test_reserve_and_len(void) {
+    lmd_kvpool *pool;
+    lmd_kvseq *s;
+    lmd_error err;
+    CHECK(lmd_kvpool_init(&pool, 3, 5, 4, 8, &err) == LMD_OK);
+    CHECK(lmd_kvseq_init(&s, pool, 20, &err) == LMD_OK);
+    CHECK(lmd_kvseq_blocks_needed(s, 0) == 0);
+    CHECK(lmd_kvseq_blocks_needed(s, 1) == 1);
+    CHECK(lmd_kvseq_blocks_needed(s, 5) == 2);
+    CHECK(lmd_kvseq_reserve(s, 0, &err) == LMD_OK && pool->n_free == 8);
+    CHECK(lmd_kvseq_reserve(s, -1, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "n_new (=-1)");
+    /* reserve makes room but does not change len */
+    CHECK(lmd_kvseq_reserve(s, 5, &err) == LMD_OK);
+    CHECK(s->len == 0 && pool->n_free == 6);
+    CHECK(s->blocks[0] >= 0 && s->blocks[1] >= 0 && s->blocks[0] != s->blocks[1] && s->blocks[2] == -1);
+    write_positions(s, 0, 5, 0.0f);
+    s->len = 5;
+    CHECK(positions_hold(s, 0, 5, 0.0f));
+    /* room left in the last block costs nothing; crossing into the next takes one more */
+    CHECK(lmd_kvseq_blocks_needed(s, 3) == 0);
+    CHECK(lmd_kvseq_blocks_needed(s, 4) == 1);
+    append(s, 3, 0.0f);
+    CHECK(s->len == 8 && pool->n_free == 6);
+    append(s, 9, 0.0f);
+    CHECK(s->len == 17 && pool->n_free == 3);
+    CHECK(positions_hold(s, 0, 17, 0.0f));
+    /* absurd requests are answered without overflow */
+    CHECK(lmd_kvseq_blocks_needed(s, INT32_MAX) > pool->n_free);
+    CHECK(lmd_kvseq_reserve(s, INT32_MAX, &err) == LMD_ERR_CACHE_FULL);
+    CHECK_MSG_CONTAINS(err, "context length 20");
+    /* distinct blocks for distinct ranges */
+    for (int i = 0; i < 5; i++)
+        for (int j = i + 1; j < 5; j++) CHECK(s->blocks[i] != s->blocks[j]);
+    CHECK(pool_consistent(pool, &s, 1));
+    lmd_kvseq_free(s);
+    CHECK(pool->n_free == 8);
+    lmd_kvpool_free(pool);
+}
+
+/* Reserving more than is then written (a speculative step that accepts fewer tokens), or
+ * reserving twice, must not lose blocks: every block comes back when the sequence goes. */
+static void test_reserve_twice_keeps_every_block(void) {
+    lmd_kvpool *pool;
+    lmd_kvseq *s;
+    lmd_error err;
+    CHECK(lmd_kvpool_init(&pool, 1, 2, 4, 6, &err) == LMD_OK);
+    CHECK(lmd_kvseq_init(&s, pool, 24, &err) == LMD_OK);
+    CHECK(lmd_kvseq_reserve(s, 10, &err) == LMD_OK); /* blocks for positions 0..9 */
+    write_positions(s, 0, 5, 0.0f);
+    s->len = 5;                                      /* only 5 accepted */
+    CHECK(lmd_kvseq_reserve(s, 6, &err) == LMD_OK);  /* positions 5..10: three blocks in all */
+    write_positions(s, 5, 11, 0.0f);
+    s->len = 11;
+    CHECK(positions_hold(s, 0, 11, 0.0f));
+    CHECK(pool->n_free == 3);
+    CHECK(lmd_kvseq_reserve(s, 1, &err) == LMD_OK);
+    CHECK(lmd_kvseq_reserve(s, 1, &err) == LMD_OK); /* the same position again */
+    CHECK(pool->n_free == 3);
+    CHECK(pool_consistent(pool, &s, 1));
+    lmd_kvseq_free(s);
+    CHECK(pool->n_free == 6);
+    lmd_kvpool_free(pool);
+}
+
+static void test_fork_shares_blocks(void) {
+    lmd_kvpool *pool;
+    lmd_kvseq *a, *b, *c;
+    lmd_error err;
+    CHECK(lmd_kvpool_init(&pool, 2, 3, 4, 10, &err) == LMD_OK);
+    CHECK(lmd_kvseq_init(&a, pool, 16, &err) == LMD_OK);
+    append(a, 6, 0.0f);
+    CHECK(pool->n_free == 8);
+    CHECK(lmd_kvseq_fork(&b, a, &err) == LMD_OK);
+    CHECK(b->len == 6 && b->max_len == 16 && b->pool == pool);
+    CHECK(pool->n_free == 8); /* a fork takes no block */
+    for (int i = 0; i < 2; i++) {
+        CHECK(b->blocks[i] == a->blocks[i]);
+        CHECK(pool->refcount[a->blocks[i]] == 2);
+    }
+    CHECK(b->blocks[2] == -1 && b->blocks[3] == -1);
+    CHECK(positions_hold(b, 0, 6, 0.0f));
+    CHECK(lmd_kvseq_fork(&c, b, &err) == LMD_OK);
+    CHECK(pool->refcount[a->blocks[0]] == 3 && pool->refcount[a->blocks[1]] == 3);
+    lmd_kvseq *all[3] = {a, b, c};
+    CHECK(pool_consistent(pool, all, 3));
+    /* freeing the original leaves the forks their data */
+    lmd_kvseq_free(a);
+    CHECK(pool->n_free == 8 && pool->refcount[b->blocks[0]] == 2);
+    CHECK(positions_hold(c, 0, 6, 0.0f));
+    lmd_kvseq_free(b);
+    lmd_kvseq_free(c);
+    CHECK(pool->n_free == 10);
+    /* forking an empty sequence */
+    CHECK(lmd_kvseq_init(&a, pool, 5, &err) == LMD_OK);
+    CHECK(lmd_kvseq_fork(&b, a, &err) == LMD_OK);
+    CHECK(b->len == 0 && b->max_len == 5 && pool->n_free == 10);
+    lmd_kvseq_free(a);
+    lmd_kvseq_free(b);
+    lmd_kvpool_free(pool);
+}
+
+static void test_copy_on_write(void) {
+    lmd_kvpool *pool;
+    lmd_kvseq *a, *b;
+    lmd_error err;
+    CHECK(lmd_kvpool_init(&pool, 3, 4, 4, 10, &err) == LMD_OK);
+    CHECK(lmd_kvseq_init(&a, pool, 16, &err) == LMD_OK);
+    append(a, 6, 0.0f); /* block 0 full, block 1 holds positions 4, 5 */
+    CHECK(lmd_kvseq_fork(&b, a, &err) == LMD_OK);
+    const int32_t shared_full = a->blocks[0], shared_last = a->blocks[1];
+    /* b writes into the shared, partly filled block: it gets its own copy */
+    CHECK(lmd_kvseq_blocks_needed(b, 1) == 1);
+    CHECK(lmd_kvseq_blocks_needed(b, 3) == 2); /* the copy + the block for positions 8.. */
+    CHECK(lmd_kvseq_reserve(b, 1, &err) == LMD_OK);
+    CHECK(pool->n_free == 7);
+    CHECK(b->blocks[0] == shared_full && b->blocks[1] != shared_last && a->blocks[1] == shared_last);
+    CHECK(pool->refcount[shared_full] == 2 && pool->refcount[shared_last] == 1);
+    CHECK(pool->refcount[b->blocks[1]] == 1);
+    CHECK(positions_hold(b, 0, 6, 0.0f)); /* the filled part was copied, every layer */
+    write_positions(b, 6, 7, 1000.0f);
+    b->len = 7;
+    /* overwrite b's copies of positions 4, 5 too: a must not see any of it */
+    write_positions(b, 4, 6, 2000.0f);
+    CHECK(positions_hold(a, 0, 6, 0.0f));
+    CHECK(positions_hold(b, 0, 4, 0.0f) && positions_hold(b, 4, 6, 2000.0f));
+    /* a's last block is now its own: appending needs no copy */
+    CHECK(lmd_kvseq_blocks_needed(a, 2) == 0);
+    append(a, 2, 3000.0f);
+    CHECK(a->blocks[1] == shared_last && pool->n_free == 7);
+    CHECK(positions_hold(a, 0, 6, 0.0f) && positions_hold(a, 6, 8, 3000.0f));
+    CHECK(positions_hold(b, 6, 7, 1000.0f));
+    lmd_kvseq *both[2] = {a, b};
+    CHECK(pool_consistent(pool, both, 2));
+    lmd_kvseq_free(b);
+
+    /* a shared block that is full is never copied: the next position starts a new block */
+    CHECK(lmd_kvseq_fork(&b, a, &err) == LMD_OK); /* a->len == 8 */
+    CHECK(lmd_kvseq_blocks_needed(b, 1) == 1);
+    append(b, 1, 4000.0f);
+    CHECK(b->blocks[0] == a->blocks[0] && b->blocks[1] == a->blocks[1]);
+    CHECK(pool->refcount[a->blocks[1]] == 2);
+    CHECK(positions_hold(a, 6, 8, 3000.0f) && positions_hold(b, 8, 9, 4000.0f));
+    lmd_kvseq_free(a);
+    lmd_kvseq_free(b);
+    CHECK(pool->n_free == 10);
+    lmd_kvpool_free(pool);
+}
+
+static void test_truncate(void) {
+    lmd_kvpool *pool;
+    lmd_kvseq *a, *b;
+    lmd_error err;
+    CHECK(lmd_kvpool_init(&pool, 2, 2, 4, 8, &err) == LMD_OK);
+    CHECK(lmd_kvseq_init(&a, pool, 32, &err) == LMD_OK);
+    append(a, 10, 0.0f); /* 3 blocks */
+    CHECK(pool->n_free == 5);
+    /* bad lengths: an error naming the range, nothing changed */
+    snapshot before = take_snapshot(a);
+    CHECK(lmd_kvseq_truncate(a, 11, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "length (=11)");
+    CHECK_MSG_CONTAINS(err, "[0, 10]");
+    CHECK(lmd_kvseq_truncate(a, -1, &err) == LMD_ERR_INVALID_ARG);
+    snapshot after = take_snapshot(a);
+    CHECK(same_snapshot(&before, &after));
+    /* truncating to the current length is a no-op */
+    CHECK(lmd_kvseq_truncate(a, 10, &err) == LMD_OK && a->len == 10 && pool->n_free == 5);
+    /* into the middle of a block: the block stays, the ones after go back to the pool */
+    CHECK(lmd_kvseq_truncate(a, 5, &err) == LMD_OK);
+    CHECK(a->len == 5 && pool->n_free == 6 && a->blocks[1] >= 0 && a->blocks[2] == -1);
+    CHECK(positions_hold(a, 0, 5, 0.0f));
+    /* re-decoding after a truncation writes new data in place */
+    append(a, 3, 500.0f);
+    CHECK(a->len == 8 && positions_hold(a, 0, 5, 0.0f) && positions_hold(a, 5, 8, 500.0f));
+    CHECK(pool->n_free == 6);
+
+    /* blocks another sequence holds are not freed, only released */
+    CHECK(lmd_kvseq_fork(&b, a, &err) == LMD_OK);
+    CHECK(lmd_kvseq_truncate(a, 0, &err) == LMD_OK);
+    CHECK(a->len == 0 && a->blocks[0] == -1 && a->blocks[1] == -1);
+    CHECK(pool->n_free == 6); /* b still holds both */
+    CHECK(pool->refcount[b->blocks[0]] == 1 && pool->refcount[b->blocks[1]] == 1);
+    CHECK(positions_hold(b, 0, 5, 0.0f) && positions_hold(b, 5, 8, 500.0f));
+    CHECK(lmd_kvseq_truncate(b, 3, &err) == LMD_OK);
+    CHECK(pool->n_free == 7);
+    lmd_kvseq *both[2] = {a, b};
+    CHECK(pool_consistent(pool, both, 2));
+    CHECK(lmd_kvseq_truncate(b, 0, &err) == LMD_OK);
+    CHECK(pool->n_free == 8);
+    lmd_kvseq_free(b);
+    /* truncate a fork back into the shared partial block, then write: copy on write */
+    append(a, 6, 0.0f);
+    CHECK(lmd_kvseq_fork(&b, a, &err) == LMD_OK);
+    CHECK(lmd_kvseq_truncate(b, 5, &err) == LMD_OK);
+    CHECK(b->blocks[1] == a->blocks[1]);
+    append(b, 1, 700.0f);
+    CHECK(b->blocks[1] != a->blocks[1]);
+    CHECK(positions_hold(a, 0, 6, 0.0f));
+    CHECK(positions_hold(b, 0, 5, 0.0f) && positions_hold(b, 5, 6, 700.0f));
+    lmd_kvseq_free(a);
+    lmd_kvseq_free(b);
+    CHECK(pool->n_free == 8);
+    lmd_kvpool_free(pool);
+}
+
+static void test_cache_full_changes_nothing(void) {
+    lmd_kvpool *pool;
+    lmd_kvseq *a, *b;
+    lmd_error err;
+    CHECK(lmd_kvpool_init(&pool, 2, 3, 4, 3, &err) == LMD_OK);
+    /* the sequence's own limit */
+    CHECK(lmd_kvseq_init(&a, pool, 7, &err) == LMD_OK);
+    append(a, 5, 0.0f);
+    snapshot before = take_snapshot(a);
+    CHECK(lmd_kvseq_reserve(a, 3, &err) == LMD_ERR_CACHE_FULL);
+    CHECK_MSG_CONTAINS(err, "context length 7");
+    CHECK(lmd_kvseq_blocks_needed(a, 2) == 0);
+    snapshot after = take_snapshot(a);
+    CHECK(same_snapshot(&before, &after));
+    CHECK(positions_hold(a, 0, 5, 0.0f));
+    lmd_kvseq_free(a);
+
+    /* the pool's blocks: 3 blocks of 4 positions, a holds 2 */
+    CHECK(lmd_kvseq_init(&a, pool, 100, &err) == LMD_OK);
+    append(a, 6, 0.0f);
+    before = take_snapshot(a);
+    CHECK(lmd_kvseq_reserve(a, 7, &err) == LMD_ERR_CACHE_FULL); /* needs 2, 1 free */
+    CHECK_MSG_CONTAINS(err, "1 free blocks");
+    after = take_snapshot(a);
+    CHECK(same_snapshot(&before, &after));
+    append(a, 6, 0.0f); /* exactly fills the pool */
+    CHECK(pool->n_free == 0);
+    before = take_snapshot(a);
+    CHECK(lmd_kvseq_reserve(a, 1, &err) == LMD_ERR_CACHE_FULL);
+    after = take_snapshot(a);
+    CHECK(same_snapshot(&before, &after));
+    CHECK(lmd_kvseq_truncate(a, 6, &err) == LMD_OK && pool->n_free == 1);
+
+    /* copy on write with no block to copy into: b's write fails, a and b unchanged */
+    lmd_kvseq *c;
+    CHECK(lmd_kvseq_fork(&b, a, &err) == LMD_OK); /* shares a's partly filled block 1 */
+    CHECK(lmd_kvseq_init(&c, pool, 4, &err) == LMD_OK);
+    append(c, 1, 0.0f); /* takes the last free block */
+    CHECK(pool->n_free == 0);
+    snapshot before_a = take_snapshot(a), before_b = take_snapshot(b);
+    CHECK(lmd_kvseq_blocks_needed(b, 1) == 1);
+    CHECK(lmd_kvseq_reserve(b, 1, &err) == LMD_ERR_CACHE_FULL);
+    CHECK_MSG_CONTAINS(err, "0 free blocks");
+    snapshot after_a = take_snapshot(a), after_b = take_snapshot(b);
+    CHECK(same_snapshot(&before_a, &after_a) && same_snapshot(&before_b, &after_b));
+    CHECK(positions_hold(a, 0, 6, 0.0f) && positions_hold(b, 0, 6, 0.0f));
+    lmd_kvseq *all[3] = {a, b, c};
+    CHECK(pool_consistent(pool, all, 3));
+    /* once a block is free, the same call succeeds */
+    lmd_kvseq_free(c);
+    append(b, 1, 100.0f);
+    CHECK(b->blocks[1] != a->blocks[1] && pool->n_free == 0);
+    CHECK(positions_hold(a, 0, 6, 0.0f) && positions_hold(b, 0, 6, 0.0f) &&
+          positions_hold(b, 6, 7, 100.0f));
+    lmd_kvseq_free(b);
+    lmd_kvseq_free(a);
+    CHECK(pool->n_free == 3);
+    lmd_kvpool_free(pool);
+}
+
+int main(void) {
+    test_init_errors();
+    test_reserve_and_len();
+    test_reserve_twice_keeps_every_block();
+    test_fork_shares_blocks();
+    test_copy_on_write();
+    test_truncate();
+    test_cache_full_changes_nothing();
+    return test_report("test_kvcache");
+}

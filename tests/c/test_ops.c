@@ -1,0 +1,625 @@
+/* test_ops.c -- every fast kernel of ops.h against its _naive twin, the scalar
+ * conversions and Q8_0 quantization on hand cases, and the invariant the
+ * engine's determinism rests on: a matmul row does not depend on the batch
+ * around it or on the thread count.
+ *
+ * Tolerances are the standard floating-point error bounds, in units of
+ * u = 2^-24 (float's unit roundoff) times a scale that the kernel's own
+ * arithmetic justifies (for a dot product of n terms, n u sum |w_k x_k|).
+ * The worst ratio seen is printed for each kernel, as llm.c prints max diffs. */
+#include <float.h>
+#include <stdint.h>
+
+#include "lmdecode.h"
+#include "ops.h"
+#include "test_rand.h"
+#include "test_util.h"
+
+#define U (FLT_EPSILON / 2) /* unit roundoff of float */
+
+/* Checks |got - want| <= bound and tracks the worst got-want / bound. */
+typedef struct {
+    const char *name;
+    double worst; /* max |got - want| / bound */
+    long n_checked;
+} err_meter;
+
+static void meter_check(err_meter *m, double got, double want, double bound, const char *file, int line) {
+    double diff = fabs(got - want);
+    if (!(diff <= bound)) {
+        fprintf(stderr, "%s:%d: %s: got %.9g, want %.9g, |diff| %.3g > bound %.3g\n", file, line,
+                m->name, got, want, diff, bound);
+        test_failures++;
+    }
+    if (bound > 0 && diff / bound > m->worst) m->worst = diff / bound;
+    m->n_checked++;
+}
+#define METER(m, got, want, bound) meter_check(&(m), (got), (want), (bound), __FILE__, __LINE__)
+
+static void meter_report(const err_meter *m) {
+    printf("  %-22s %7ld values, worst |diff| / bound = %.3f\n", m->name, m->n_checked, m->worst);
+}
+
+static float bits_to_f32(uint32_t b) {
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+static uint32_t f32_to_bits(float f) {
+    uint32_t b;
+    memcpy(&b, &f, sizeof b);
+    return b;
+}
+
+/* ------------------------------------------------------------------ */
+/* fp16 / bf16 conversions                                              */
+/* ------------------------------------------------------------------ */
+
+static void test_fp16_hand_cases(void) {
+    static const struct {
+        float f;
+        uint16_t h;
+    } exact[] = {
+        {0.0f, 0x0000},          {1.0f, 0x3c00},           {-2.0f, 0xc000},
+        {0.5f, 0x3800},          {65504.0f, 0x7bff},       {-65504.0f, 0xfbff},
+        {0x1p-14f, 0x0400},      /* smallest normal */
+        {0x1p-24f, 0x0001},      /* smallest subnormal */
+        {0x3ffp-24f, 0x03ff},    /* largest subnormal */
+        {-0x3p-24f, 0x8003},     {0x1.004p0f, 0x3c01},     {INFINITY, 0x7c00},
+        {-INFINITY, 0xfc00},
+    };
+    for (size_t i = 0; i < sizeof exact / sizeof exact[0]; i++) {
+        CHECK(lmd_f32_to_fp16(exact[i].f) == exact[i].h);
+        CHECK(f32_to_bits(lmd_fp16_to_f32(exact[i].h)) == f32_to_bits(exact[i].f));
+    }
+    CHECK(lmd_f32_to_fp16(-0.0f) == 0x8000);
+    CHECK(f32_to_bits(lmd_fp16_to_f32(0x8000)) == 0x80000000u);
+
+    /* round to nearest, ties to even */
+    CHECK(lmd_f32_to_fp16(0x1.002p0f) == 0x3c00);          /* 1 + 2^-11: tie, 1 is even */
+    CHECK(lmd_f32_to_fp16(0x1.006p0f) == 0x3c02);          /* 1 + 3*2^-11: tie, up to even */
+    CHECK(lmd_f32_to_fp16(0x1.002002p0f) == 0x3c01);       /* just above the tie */
+    CHECK(lmd_f32_to_fp16(0x1.001ffep0f) == 0x3c00);       /* just below it */
+    CHECK(lmd_f32_to_fp16(2047.5f) == 0x6800);             /* tie that carries into the exponent */
+    CHECK(lmd_f32_to_fp16(65519.0f) == 0x7bff);            /* below the overflow tie */
+    CHECK(lmd_f32_to_fp16(65520.0f) == 0x7c00);            /* the tie: 65504 is odd, so inf */
+    CHECK(lmd_f32_to_fp16(1e10f) == 0x7c00);
+    CHECK(lmd_f32_to_fp16(-FLT_MAX) == 0xfc00);
+    /* subnormal range */
+    CHECK(lmd_f32_to_fp16(0x1p-25f) == 0x0000);            /* tie between 0 and 2^-24: 0 */
+    CHECK(lmd_f32_to_fp16(0x1.000002p-25f) == 0x0001);     /* above the tie */
+    CHECK(lmd_f32_to_fp16(0x3p-25f) == 0x0002);            /* 1.5 * 2^-24: tie, up to even */
+    CHECK(lmd_f32_to_fp16(0x5p-25f) == 0x0002);            /* 2.5 * 2^-24: tie, down to even */
+    CHECK(lmd_f32_to_fp16(0x7ffp-25f) == 0x0400);          /* 1023.5 * 2^-24: up to the smallest normal */
+    CHECK(lmd_f32_to_fp16(0x1p-26f) == 0x0000);
+    CHECK(lmd_f32_to_fp16(-0x1p-30f) == 0x8000);           /* underflow keeps the sign */
+    CHECK(lmd_f32_to_fp16(FLT_TRUE_MIN) == 0x0000);        /* a float subnormal */
+    /* NaN stays NaN (either sign, quiet or signalling) */
+    const uint32_t nans[4] = {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0x7fbfffffu};
+    for (int i = 0; i < 4; i++) {
+        uint16_t h = lmd_f32_to_fp16(bits_to_f32(nans[i]));
+        CHECK((h & 0x7c00u) == 0x7c00u && (h & 0x03ffu) != 0);
+    }
+    CHECK(isnan(lmd_fp16_to_f32(0x7e00)));
+    CHECK(isnan(lmd_fp16_to_f32(0xfc01)));
+}
+
+static void test_fp16_round_trip_and_nearest(void) {
+    /* every fp16 value converts to float and back unchanged */
+    for (uint32_t h = 0; h < 0x10000u; h++) {
+        float f = lmd_fp16_to_f32((uint16_t)h);
+        if ((h & 0x7c00u) == 0x7c00u && (h & 0x3ffu) != 0) {
+            CHECK(isnan(f));
+            continue;
+        }
+        if (lmd_f32_to_fp16(f) != h) {
+            fprintf(stderr, "fp16 0x%04x -> %.9g -> 0x%04x\n", h, f, lmd_f32_to_fp16(f));
+            test_failures++;
+        }
+    }
+    /* random floats in fp16's range go to a nearest fp16, ties to the even one */
+    test_rng r = {11};
+    for (int i = 0; i < 200000; i++) {
+        float mag = ldexpf(test_uniform(&r, 1.0f, 2.0f), (int)test_rand_below(&r, 44) - 27);
+        float f = (test_rand_u64(&r) & 1) ? -mag : mag;
+        if (fabsf(f) >= 65520.0f) continue;
+        uint16_t h = lmd_f32_to_fp16(f);
+        double got = lmd_fp16_to_f32(h);
+        uint16_t mag_h = h & 0x7fffu, sign = h & 0x8000u;
+        double below = mag_h > 0 ? fabs((double)lmd_fp16_to_f32((uint16_t)(mag_h - 1))) : 0.0;
+        double above = fabs((double)lmd_fp16_to_f32((uint16_t)(mag_h + 1)));
+        double a = fabs((double)f), err = fabs(fabs(got) - a);
+        int ok = (sign != 0) == (f < 0.0f) && err <= fabs(a - below) && err <= fabs(above - a);
+        if (ok && (err == fabs(a - below) || err == fabs(above - a))) ok = (mag_h & 1u) == 0; /* tie */
+        if (!ok) {
+            fprintf(stderr, "fp16 of %.9g is 0x%04x (%.9g), not the nearest\n", f, h, got);
+            test_failures++;
+            break;
+        }
+    }
+}
+
+static void test_bf16(void) {
+    CHECK(lmd_f32_to_bf16(1.0f) == 0x3f80);
+    CHECK(lmd_f32_to_bf16(-2.0f) == 0xc000);
+    CHECK(lmd_f32_to_bf16(0x1.01p0f) == 0x3f80);     /* 1 + 2^-8: tie, 1 is even */
+    CHECK(lmd_f32_to_bf16(0x1.03p0f) == 0x3f82);     /* 1 + 3*2^-8: tie, up to even */
+    CHECK(lmd_f32_to_bf16(0x1.010002p0f) == 0x3f81);  /* just above the tie */
+    CHECK(lmd_f32_to_bf16(0x1.00fffep0f) == 0x3f80); /* just below it */
+    CHECK(lmd_f32_to_bf16(FLT_MAX) == 0x7f80);       /* rounds up to inf */
+    CHECK(lmd_f32_to_bf16(0x1.fep127f) == 0x7f7f);   /* largest finite bf16 */
+    CHECK(lmd_f32_to_bf16(INFINITY) == 0x7f80);
+    CHECK(lmd_f32_to_bf16(-INFINITY) == 0xff80);
+    CHECK(lmd_f32_to_bf16(-0.0f) == 0x8000);
+    /* float subnormals: bf16 has the same exponent range, so they round to bf16 subnormals */
+    CHECK(lmd_f32_to_bf16(bits_to_f32(0x00010000u)) == 0x0001);
+    CHECK(lmd_f32_to_bf16(bits_to_f32(0x00008000u)) == 0x0000); /* tie: 0 is even */
+    CHECK(lmd_f32_to_bf16(bits_to_f32(0x00018000u)) == 0x0002); /* tie: up to even */
+    CHECK(lmd_f32_to_bf16(bits_to_f32(0x00008001u)) == 0x0001);
+    CHECK(lmd_f32_to_bf16(bits_to_f32(0x007fffffu)) == 0x0080); /* carries into the smallest normal */
+    /* NaN stays NaN, also those whose payload lies only in the low 16 bits */
+    const uint32_t nans[4] = {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0xff80ffffu};
+    for (int i = 0; i < 4; i++) CHECK(isnan(lmd_bf16_to_f32(lmd_f32_to_bf16(bits_to_f32(nans[i])))));
+    for (uint32_t b = 0; b < 0x10000u; b++) {
+        float f = lmd_bf16_to_f32((uint16_t)b);
+        CHECK(f32_to_bits(f) == b << 16); /* exact widening */
+        if (!isnan(f) && lmd_f32_to_bf16(f) != b) {
+            fprintf(stderr, "bf16 0x%04x -> %.9g -> 0x%04x\n", b, f, lmd_f32_to_bf16(f));
+            test_failures++;
+        }
+    }
+    /* random floats go to a nearest bf16, ties to even */
+    test_rng r = {12};
+    for (int i = 0; i < 200000; i++) {
+        uint32_t bits = (uint32_t)test_rand_u64(&r);
+        float f = bits_to_f32(bits);
+        if (!isfinite(f) || fabsf(f) >= 0x1.fefffep127f) continue;
+        uint16_t b = lmd_f32_to_bf16(f);
+        double got = lmd_bf16_to_f32(b), a = fabs((double)f);
+        uint16_t mag = b & 0x7fffu;
+        double below = mag > 0 ? (double)lmd_bf16_to_f32((uint16_t)(mag - 1)) : 0.0;
+        double above = lmd_bf16_to_f32((uint16_t)(mag + 1));
+        double err = fabs(fabs(got) - a);
+        int ok = ((b & 0x8000u) != 0) == ((bits & 0x80000000u) != 0) && err <= a - below &&
+                 err <= above - a;
+        if (ok && (err == a - below || err == above - a)) ok = (mag & 1u) == 0;
+        if (!ok) {
+            fprintf(stderr, "bf16 of %a is 0x%04x (%a), not the nearest\n", f, b, got);
+            test_failures++;
+            break;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Q8_0 quantization                                                    */
+/* ------------------------------------------------------------------ */
+
+static float q8_scale(const uint8_t *block) {
+    uint16_t h;
+    memcpy(&h, block, 2);
+    return lmd_fp16_to_f32(h);
+}
+
+static void test_q8_0_hand_cases(void) {
+    CHECK(LMD_Q8_0_BLOCK == 32 && LMD_Q8_0_BLOCK_BYTES == 34);
+    CHECK(lmd_row_bytes(LMD_F32, 5) == 20 && lmd_row_bytes(LMD_BF16, 5) == 10);
+    CHECK(lmd_row_bytes(LMD_Q8_0, 64) == 68);
+    CHECK(strcmp(lmd_dtype_name(LMD_Q8_0), "q8_0") == 0 && strcmp(lmd_dtype_name(LMD_BF16), "bf16") == 0);
+
+    float x[96];
+    uint8_t q[3 * 34];
+    /* block 0 all zero; block 1: amax 127 at a negative entry, so the scale is exactly 1;
+     * block 2: all equal */
+    memset(x, 0, sizeof x);
+    const float b1[8] = {-127.0f, 0.4f, 0.6f, -1.7f, 100.2f, 3.0f, -0.3f, 126.6f};
+    memcpy(x + 32, b1, sizeof b1);
+    for (int j = 64; j < 96; j++) x[j] = 0.25f;
+    memset(q, 0xab, sizeof q);
+    lmd_quantize_q8_0(q, x, 96);
+    /* a zero block gets scale 0 and zero quants */
+    CHECK(q[0] == 0 && q[1] == 0);
+    for (int j = 0; j < 32; j++) CHECK(q[2 + j] == 0);
+    /* block 1 */
+    CHECK(q8_scale(q + 34) == 1.0f);
+    const int8_t want1[8] = {-127, 0, 1, -2, 100, 3, 0, 127};
+    for (int j = 0; j < 8; j++) CHECK((int8_t)q[34 + 2 + j] == want1[j]);
+    for (int j = 8; j < 32; j++) CHECK(q[34 + 2 + j] == 0);
+    /* block 2: every weight is amax, so every quant is 127 and the scale is fp16(0.25/127) */
+    CHECK(q8_scale(q + 68) == lmd_fp16_to_f32(lmd_f32_to_fp16(0.25f / 127.0f)));
+    for (int j = 0; j < 32; j++) CHECK((int8_t)q[68 + 2 + j] == 127);
+
+    /* random blocks: max |q| is 127 exactly, and every weight comes back within half a step
+     * (plus the fp16 rounding of the scale, at most 2^-11 relative, times 127) */
+    test_rng r = {21};
+    enum { N = 32 * 64 };
+    static float y[N], back[N];
+    static uint8_t qb[N / 32 * 34];
+    for (int i = 0; i < N; i++) y[i] = test_uniform(&r, -1.0f, 1.0f) * ldexpf(1.0f, (i / 32) % 9 - 4);
+    lmd_quantize_q8_0(qb, y, N);
+    lmd_matrix m = {qb, LMD_Q8_0, 1, N};
+    lmd_matrix_row(back, &m, 0);
+    for (int b = 0; b < N / 32; b++) {
+        const uint8_t *blk = qb + b * 34;
+        float amax = 0.0f;
+        int qmax = 0;
+        for (int j = 0; j < 32; j++) {
+            amax = fmaxf(amax, fabsf(y[b * 32 + j]));
+            int v = abs((int)(int8_t)blk[2 + j]);
+            qmax = v > qmax ? v : qmax;
+        }
+        CHECK(qmax == 127);
+        double exact_scale = amax / 127.0, stored = q8_scale(blk);
+        CHECK(fabs(stored - exact_scale) <= exact_scale * 0x1p-11);
+        for (int j = 0; j < 32; j++) {
+            double bound = exact_scale * 0.5 * (1 + 1e-6) + 127 * fabs(stored - exact_scale);
+            CHECK(fabs((double)back[b * 32 + j] - y[b * 32 + j]) <= bound);
+            CHECK(back[b * 32 + j] == (float)stored * (float)(int8_t)blk[2 + j]);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* matmul                                                               */
+/* ------------------------------------------------------------------ */
+
+/* Random (rows, cols) weights in dtype; *w_out gets the matrix, the returned buffer owns its bytes. */
+static void *make_matrix(lmd_matrix *w_out, test_rng *r, lmd_dtype dtype, int64_t rows, int64_t cols) {
+    float *f = malloc((size_t)(rows * cols) * sizeof(float));
+    test_fill(r, f, rows * cols, -1.0f, 1.0f);
+    void *data = f;
+    if (dtype == LMD_BF16) {
+        uint16_t *b = malloc((size_t)(rows * cols) * sizeof(uint16_t));
+        for (int64_t i = 0; i < rows * cols; i++) b[i] = lmd_f32_to_bf16(f[i]);
+        free(f);
+        data = b;
+    } else if (dtype == LMD_Q8_0) {
+        uint8_t *q = malloc((size_t)rows * lmd_row_bytes(LMD_Q8_0, cols));
+        for (int64_t i = 0; i < rows; i++)
+            lmd_quantize_q8_0(q + (size_t)i * lmd_row_bytes(LMD_Q8_0, cols), f + i * cols, cols);
+        free(f);
+        data = q;
+    }
+    *w_out = (lmd_matrix){data, dtype, rows, cols};
+    return data;
+}
+
+static void test_matmul_against_naive(void) {
+    static const int64_t rows_f[] = {1, 3, 5, 6, 13};
+    static const int64_t cols_f[] = {1, 3, 7, 17, 33, 101}; /* none a multiple of 4 */
+    static const int64_t cols_q[] = {32, 96, 160};
+    const lmd_dtype dtypes[3] = {LMD_F32, LMD_BF16, LMD_Q8_0};
+    test_rng r = {31};
+    for (int di = 0; di < 3; di++) {
+        err_meter m = {NULL, 0, 0};
+        char name[32];
+        snprintf(name, sizeof name, "matmul %s", lmd_dtype_name(dtypes[di]));
+        m.name = name;
+        const int64_t *cols = dtypes[di] == LMD_Q8_0 ? cols_q : cols_f;
+        int n_cols = dtypes[di] == LMD_Q8_0 ? 3 : 6;
+        for (int ri = 0; ri < 5; ri++)
+            for (int ci = 0; ci < n_cols; ci++) {
+                const int64_t d = rows_f[ri], n = cols[ci];
+                lmd_matrix w;
+                void *data = make_matrix(&w, &r, dtypes[di], d, n);
+                float *wf = malloc((size_t)(d * n) * sizeof(float));
+                for (int64_t i = 0; i < d; i++) lmd_matrix_row(wf + i * n, &w, i);
+                for (int B = 1; B <= 9; B++) {
+                    float *x = malloc((size_t)(B * n) * sizeof(float));
+                    float *x_copy = malloc((size_t)(B * n) * sizeof(float));
+                    float *fast = malloc((size_t)(B * d) * sizeof(float));
+                    float *naive = malloc((size_t)(B * d) * sizeof(float));
+                    test_fill(&r, x, B * n, -2.0f, 2.0f);
+                    memcpy(x_copy, x, (size_t)(B * n) * sizeof(float));
+                    lmd_matmul(fast, x, &w, B);
+                    lmd_matmul_naive(naive, x, &w, B);
+                    CHECK(memcmp(x, x_copy, (size_t)(B * n) * sizeof(float)) == 0);
+                    for (int b = 0; b < B; b++)
+                        for (int64_t i = 0; i < d; i++) {
+                            double abs_sum = 0.0;
+                            for (int64_t k = 0; k < n; k++) abs_sum += fabs((double)wf[i * n + k] * x[b * n + k]);
+                            double want = naive[b * d + i];
+                            /* n roundings in the fast sum + 1 for rounding the naive one */
+                            METER(m, fast[b * d + i], want, (n + 1) * U * abs_sum + 1e-30);
+                        }
+                    free(x);
+                    free(x_copy);
+                    free(fast);
+                    free(naive);
+                }
+                free(wf);
+                free(data);
+            }
+        meter_report(&m);
+    }
+}
+
+/* Row b of a batch is bit-identical to the same row computed alone (B = 1), at every
+ * position of a batch of 7, and with 1 or 2 threads. The sizes put d * n * B above the
+ * kernel's threshold for going parallel. */
+static void test_matmul_batch_and_thread_invariance(void) {
+    const lmd_dtype dtypes[3] = {LMD_F32, LMD_BF16, LMD_Q8_0};
+    const int64_t cols[3] = {1003, 1003, 1024}, rows = 67; /* 16 full row tiles + 3 rows */
+    const int B = 7;
+    test_rng r = {41};
+    printf("  openmp %s, %d threads by default, vectors of %d bytes\n",
+           lmd_built_with_openmp() ? "on" : "off", lmd_get_num_threads(), lmd_vector_bytes());
+    for (int di = 0; di < 3; di++) {
+        const int64_t n = cols[di], d = rows;
+        lmd_matrix w;
+        void *data = make_matrix(&w, &r, dtypes[di], d, n);
+        float *x = malloc((size_t)(B * n) * sizeof(float));
+        float *batch[2], *alone = malloc((size_t)d * sizeof(float));
+        test_fill(&r, x, B * n, -1.0f, 1.0f);
+        for (int threads = 1; threads <= 2; threads++) {
+            lmd_set_num_threads(threads);
+            CHECK(lmd_get_num_threads() == (lmd_built_with_openmp() ? threads : 1));
+            batch[threads - 1] = malloc((size_t)(B * d) * sizeof(float));
+            lmd_matmul(batch[threads - 1], x, &w, B);
+        }
+        CHECK(memcmp(batch[0], batch[1], (size_t)(B * d) * sizeof(float)) == 0);
+        for (int threads = 1; threads <= 2; threads++) {
+            lmd_set_num_threads(threads);
+            for (int b = 0; b < B; b++) {
+                lmd_matmul(alone, x + b * n, &w, 1);
+                if (memcmp(alone, batch[0] + b * d, (size_t)d * sizeof(float)) != 0) {
+                    fprintf(stderr, "matmul %s: row %d of a batch of %d differs from B=1 (%d threads)\n",
+                            lmd_dtype_name(dtypes[di]), b, B, threads);
+                    test_failures++;
+                }
+            }
+            /* every batch size from 2 to 9, the row in every position */
+            for (int bs = 2; bs <= 9; bs++) {
+                float *xs = malloc((size_t)(bs * n) * sizeof(float));
+                float *out = malloc((size_t)(bs * d) * sizeof(float));
+                test_fill(&r, xs, bs * n, -1.0f, 1.0f);
+                int pos = (bs * 5 + threads) % bs;
+                memcpy(xs + pos * n, x, (size_t)n * sizeof(float));
+                lmd_matmul(out, xs, &w, bs);
+                CHECK(memcmp(out + pos * d, batch[0], (size_t)d * sizeof(float)) == 0);
+                free(xs);
+                free(out);
+            }
+        }
+        lmd_set_num_threads(0);
+        free(batch[0]);
+        free(batch[1]);
+        free(alone);
+        free(x);
+        free(data);
+    }
+    /* lmd_set_num_threads(0) restores the default */
+    CHECK(lmd_get_num_threads() >= 1);
+}
+
+static void test_dot_axpy(void) {
+    test_rng r = {51};
+    err_meter md = {"dot", 0, 0}, ma = {"axpy", 0, 0};
+    for (int n = 0; n <= 70; n += (n < 20 ? 1 : 7)) {
+        float x[70], y[70], y2[70];
+        test_fill(&r, x, n, -1.0f, 1.0f);
+        test_fill(&r, y, n, -1.0f, 1.0f);
+        double want = 0.0, abs_sum = 0.0;
+        for (int k = 0; k < n; k++) {
+            want += (double)x[k] * y[k];
+            abs_sum += fabs((double)x[k] * y[k]);
+        }
+        METER(md, lmd_dot(x, y, n), want, n * U * abs_sum + 1e-30);
+        memcpy(y2, y, sizeof y2);
+        float a = test_uniform(&r, -2.0f, 2.0f);
+        lmd_axpy(y2, a, x, n);
+        for (int k = 0; k < n; k++) {
+            double e = (double)y[k] + (double)a * x[k];
+            METER(ma, y2[k], e, 2 * U * (fabs(y[k]) + fabs(a * x[k])));
+        }
+    }
+    meter_report(&md);
+    meter_report(&ma);
+}
+
+/* ------------------------------------------------------------------ */
+/* norms, rope, softmax, activations                                    */
+/* ------------------------------------------------------------------ */
+
+static const int sizes[] = {1, 2, 3, 5, 8, 15, 17, 31, 33, 64, 100, 257};
+#define N_SIZES ((int)(sizeof sizes / sizeof sizes[0]))
+
+static void test_norms(void) {
+    test_rng r = {61};
+    err_meter mr = {"rmsnorm", 0, 0}, ml = {"layernorm", 0, 0};
+    for (int si = 0; si < N_SIZES; si++) {
+        const int n = sizes[si], B = 3;
+        float *x = malloc((size_t)(B * n) * sizeof(float)), *x0 = malloc((size_t)(B * n) * sizeof(float));
+        float *fast = malloc((size_t)(B * n) * sizeof(float)), *naive = malloc((size_t)(B * n) * sizeof(float));
+        float *w = malloc((size_t)n * sizeof(float)), *bias = malloc((size_t)n * sizeof(float));
+        test_fill(&r, x, B * n, -3.0f, 3.0f);
+        for (int k = 0; k < n; k++) x[n + k] += 5.0f; /* row 1 has a large mean */
+        test_fill(&r, w, n, 0.5f, 1.5f);
+        test_fill(&r, bias, n, -0.5f, 0.5f);
+        memcpy(x0, x, (size_t)(B * n) * sizeof(float));
+        const float eps = 1e-5f;
+
+        lmd_rmsnorm(fast, x, w, B, n, eps);
+        lmd_rmsnorm_naive(naive, x, w, B, n, eps);
+        CHECK(memcmp(x, x0, (size_t)(B * n) * sizeof(float)) == 0);
+        /* sum of squares (n roundings), mean, eps, sqrt, division, two products */
+        for (int i = 0; i < B * n; i++) METER(mr, fast[i], naive[i], (n / 2.0 + 6) * U * fabs(naive[i]) + 1e-30);
+        lmd_rmsnorm(x, x, w, B, n, eps); /* out may alias x */
+        CHECK(memcmp(x, fast, (size_t)(B * n) * sizeof(float)) == 0);
+
+        memcpy(x, x0, (size_t)(B * n) * sizeof(float));
+        lmd_layernorm(fast, x, w, bias, B, n, eps);
+        lmd_layernorm_naive(naive, x, w, bias, B, n, eps);
+        CHECK(memcmp(x, x0, (size_t)(B * n) * sizeof(float)) == 0);
+        for (int b = 0; b < B; b++) {
+            double mean = 0.0, mean_abs = 0.0, var = 0.0;
+            for (int k = 0; k < n; k++) mean += x[b * n + k], mean_abs += fabs(x[b * n + k]);
+            mean /= n;
+            mean_abs /= n;
+            for (int k = 0; k < n; k++) var += (x[b * n + k] - mean) * (x[b * n + k] - mean);
+            double inv = 1.0 / sqrt(var / n + eps);
+            for (int k = 0; k < n; k++) {
+                /* the float mean is off by up to (n + 1) u mean|x|, which shifts every centred
+                 * value; the variance and the scaling add a relative (n/2 + 6) u */
+                double centred = (n + 1) * U * mean_abs + (n / 2.0 + 6) * U * fabs(x[b * n + k] - mean);
+                double bound = centred * inv * w[k] + 2 * U * (fabs(naive[b * n + k]) + fabs(bias[k]));
+                METER(ml, fast[b * n + k], naive[b * n + k], bound + 1e-30);
+            }
+        }
+        lmd_layernorm(x, x, w, bias, B, n, eps);
+        CHECK(memcmp(x, fast, (size_t)(B * n) * sizeof(float)) == 0);
+        free(x);
+        free(x0);
+        free(fast);
+        free(naive);
+        free(w);
+        free(bias);
+    }
+    meter_report(&mr);
+    meter_report(&ml);
+}
+
+static void test_rope(void) {
+    test_rng r = {71};
+    err_meter m = {"rope", 0, 0};
+    const int head_sizes[4] = {2, 6, 8, 64}, positions[6] = {0, 1, 2, 17, 1000, 8191};
+    const int n_heads = 3;
+    for (int hi = 0; hi < 4; hi++) {
+        const int hs = head_sizes[hi], n = n_heads * hs;
+        float inv_freq[32], x[3 * 64], fast[3 * 64], naive[3 * 64];
+        for (int i = 0; i < hs / 2; i++) inv_freq[i] = (float)pow(10000.0, -2.0 * i / hs);
+        for (int layout = 0; layout < 2; layout++)
+            for (int pi = 0; pi < 6; pi++) {
+                test_fill(&r, x, n, -2.0f, 2.0f);
+                memcpy(fast, x, sizeof x);
+                memcpy(naive, x, sizeof x);
+                lmd_rope(fast, n_heads, hs, positions[pi], inv_freq, (lmd_rope_layout)layout);
+                lmd_rope_naive(naive, n_heads, hs, positions[pi], inv_freq, (lmd_rope_layout)layout);
+                if (positions[pi] == 0) CHECK(memcmp(fast, x, (size_t)n * sizeof(float)) == 0);
+                for (int h = 0; h < n_heads; h++)
+                    for (int i = 0; i < hs / 2; i++) {
+                        int a = layout == LMD_ROPE_ADJACENT ? 2 * i : i;
+                        int b = layout == LMD_ROPE_ADJACENT ? 2 * i + 1 : i + hs / 2;
+                        float *xh = x + h * hs;
+                        /* cosf/sinf within an ulp, two products and a sum */
+                        double bound = 5 * U * (fabs(xh[a]) + fabs(xh[b]));
+                        METER(m, fast[h * hs + a], naive[h * hs + a], bound);
+                        METER(m, fast[h * hs + b], naive[h * hs + b], bound);
+                        /* a rotation keeps the pair's length */
+                        double before = hypot(xh[a], xh[b]);
+                        CHECK_CLOSE(hypot(fast[h * hs + a], fast[h * hs + b]), before, 8 * U * before);
+                    }
+            }
+        /* the two layouts are the same rotation of differently ordered features:
+         * adjacent on (x0, x1, x2, x3, ...) = half on (x0, x2, ..., x1, x3, ...) */
+        float adj[3 * 64], half[3 * 64];
+        test_fill(&r, adj, n, -2.0f, 2.0f);
+        for (int h = 0; h < n_heads; h++)
+            for (int i = 0; i < hs / 2; i++) {
+                half[h * hs + i] = adj[h * hs + 2 * i];
+                half[h * hs + i + hs / 2] = adj[h * hs + 2 * i + 1];
+            }
+        lmd_rope(adj, n_heads, hs, 37, inv_freq, LMD_ROPE_ADJACENT);
+        lmd_rope(half, n_heads, hs, 37, inv_freq, LMD_ROPE_HALF);
+        for (int h = 0; h < n_heads; h++)
+            for (int i = 0; i < hs / 2; i++) {
+                CHECK(half[h * hs + i] == adj[h * hs + 2 * i]);
+                CHECK(half[h * hs + i + hs / 2] == adj[h * hs + 2 * i + 1]);
+            }
+    }
+    meter_report(&m);
+}
+
+static void test_softmax(void) {
+    test_rng r = {81};
+    err_meter m = {"softmax", 0, 0};
+    for (int si = 0; si < N_SIZES; si++)
+        for (int variant = 0; variant < 4; variant++) {
+            const int n = sizes[si];
+            float *x = malloc((size_t)n * sizeof(float)), *fast = malloc((size_t)n * sizeof(float));
+            float *naive = malloc((size_t)n * sizeof(float));
+            float spread = variant == 2 ? 200.0f : 8.0f, offset = variant == 3 ? 1000.0f : 0.0f;
+            test_fill(&r, x, n, offset - spread, offset + spread);
+            if (variant == 1) /* masked entries, keeping at least one finite */
+                for (int k = 0; k < n; k++)
+                    if (k % 3 != 1 && k != n - 1) x[k] = -INFINITY;
+            memcpy(fast, x, (size_t)n * sizeof(float));
+            memcpy(naive, x, (size_t)n * sizeof(float));
+            lmd_softmax(fast, n);
+            lmd_softmax_naive(naive, n);
+            double sum = 0.0;
+            for (int k = 0; k < n; k++) {
+                if (x[k] == -INFINITY) CHECK(fast[k] == 0.0f);
+                /* exp within 2e-7 relative, a float sum of n terms, one division, one product;
+                 * exp is flushed to 0 below -87, where e^x < 1.7e-38 */
+                METER(m, fast[k], naive[k], (4e-7 / U + n + 4) * U * naive[k] + 1.7e-38);
+                sum += fast[k];
+            }
+            CHECK_CLOSE(sum, 1.0, (n + 8) * U);
+            free(x);
+            free(fast);
+            free(naive);
+        }
+    meter_report(&m);
+    /* hand cases: one finite entry among -inf gets exactly 1; equal entries exactly 1/n */
+    float one[5] = {-INFINITY, -INFINITY, 3.5f, -INFINITY, -INFINITY};
+    lmd_softmax(one, 5);
+    CHECK(one[0] == 0.0f && one[1] == 0.0f && one[2] == 1.0f && one[3] == 0.0f && one[4] == 0.0f);
+    float equal[20];
+    for (int k = 0; k < 20; k++) equal[k] = -7.25f;
+    lmd_softmax(equal, 20);
+    for (int k = 0; k < 20; k++) CHECK(equal[k] == 0.05f);
+    float two[2] = {0.0f, (float)log(3.0)}; /* 1/4, 3/4 */
+    lmd_softmax(two, 2);
+    CHECK_CLOSE(two[0], 0.25, 1e-7);
+    CHECK_CLOSE(two[1], 0.75, 1e-7);
+}
+
+static void test_activations(void) {
+    test_rng r = {91};
+    err_meter ms = {"swiglu", 0, 0}, mg = {"gelu_tanh", 0, 0};
+    enum { N = 4099 };
+    static float g[N], up[N], fast[N], naive[N], x0[N];
+    test_fill(&r, g, N, -12.0f, 12.0f);
+    test_fill(&r, up, N, -3.0f, 3.0f);
+    g[0] = 0.0f, g[1] = -0.0f, g[2] = -100.0f, g[3] = 100.0f, g[4] = 1e-30f, g[5] = -90.0f;
+    memcpy(x0, up, sizeof x0);
+    memcpy(fast, g, sizeof fast);
+    memcpy(naive, g, sizeof naive);
+    lmd_swiglu(fast, up, N);
+    lmd_swiglu_naive(naive, up, N);
+    CHECK(memcmp(up, x0, sizeof x0) == 0);
+    /* expf within an ulp, then +, /, *: a few u relative; a tiny absolute slack where
+     * silu(g) itself underflows (g << 0) */
+    for (int k = 0; k < N; k++) METER(ms, fast[k], naive[k], 5 * U * fabs(naive[k]) + 1e-36);
+    CHECK(fast[0] == 0.0f && fast[3] == 100.0f * up[3]);
+
+    test_fill(&r, g, N, -8.0f, 8.0f);
+    g[0] = 0.0f, g[1] = -20.0f, g[2] = 20.0f, g[3] = 1e-20f, g[4] = -1e-20f;
+    memcpy(fast, g, sizeof fast);
+    memcpy(naive, g, sizeof naive);
+    lmd_gelu_tanh(fast, N);
+    lmd_gelu_tanh_naive(naive, N);
+    /* 1 + tanh cancels for x << 0, so the bound is relative to |x|: tanhf is off by about
+     * an ulp plus the propagated error of its argument (< 2 u absolute), 1 + t adds u */
+    for (int k = 0; k < N; k++) METER(mg, fast[k], naive[k], 3 * U * fabs(g[k]) + 1e-37);
+    CHECK(fast[0] == 0.0f && fast[2] == 20.0f && fast[3] == 0.5f * g[3]);
+    meter_report(&ms);
+    meter_report(&mg);
+}
+
+int main(void) {
+    test_fp16_hand_cases();
+    test_fp16_round_trip_and_nearest();
+    test_bf16();
+    test_q8_0_hand_cases();
+    test_matmul_against_naive();
+    test_matmul_batch_and_thread_invariance();
+    test_dot_axpy();
+    test_norms();
+    test_rope();
+    test_softmax();
+    test_activations();
+    return test_report("test_ops");
+}
