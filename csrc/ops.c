@@ -104,10 +104,11 @@ void lmd_quantize_q8_0(uint8_t *out, const float *x, int64_t n) {
         for (int j = 0; j < LMD_Q8_0_BLOCK; j++) amax = fmaxf(amax, fabsf(xb[j]));
         float scale = amax / 127.0f;
         float inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+        if (!isfinite(inv)) inv = 0.0f; /* amax below ~4e-37: the fp16 scale is 0 anyway */
         uint16_t scale_bits = lmd_f32_to_fp16(scale);
         memcpy(ob, &scale_bits, 2);
         for (int j = 0; j < LMD_Q8_0_BLOCK; j++) {
-            float q = roundf(xb[j] * inv);
+            float q = isnan(xb[j]) ? 0.0f : roundf(xb[j] * inv);
             q = fminf(127.0f, fmaxf(-127.0f, q));
             ob[2 + j] = (uint8_t)(int8_t)q;
         }
