@@ -81,6 +81,17 @@ def test_sequence_logprob_is_one_prefill(stories):
     assert batch[2].total == 0.0
 
 
+def test_text_continuation_is_split_from_the_joint_encoding(stories):
+    # llama2.c's encoder prefixes a space: " there was" alone would be [410 ' ', 383 ' there', 286],
+    # but after a context the joint encoding gives [383, 286], as lm-evaluation-harness splits it.
+    ctx = stories.tokenizer.encode("Once upon a time", add_bos=True)
+    assert stories.tokenizer.encode(" there was", add_bos=False)[:2] == [410, 383]
+    by_text = stories.sequence_logprob("Once upon a time", " there was")
+    by_ids = stories.sequence_logprob(ctx, [383, 286])
+    assert len(by_text.token_logprobs) == 2
+    np.testing.assert_allclose(by_text.token_logprobs, by_ids.token_logprobs, rtol=0, atol=0)
+
+
 def test_perplexity_of_the_model_matches_its_logits(stories):
     rng = np.random.default_rng(0)
     tokens = [1] + list(rng.integers(3, 512, size=100))

@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="log-probability of a continuation given a context")
     _add_model_arguments(score)
     score.add_argument("--context", required=True, help="the context text (encoded with BOS)")
-    score.add_argument("continuation", help="the continuation text (encoded without BOS)")
+    score.add_argument("continuation", help="the continuation text (its tokens are those after the context's in the joint encoding)")
 
     ppl = commands.add_parser("perplexity", help="sliding-window perplexity of a text file")
     _add_model_arguments(ppl)
@@ -109,9 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     if args.command == "score":
-        context = model.tokenizer.encode(args.context, add_bos=True)
-        continuation = model.tokenizer.encode(args.continuation, add_bos=False)
-        s = model.sequence_logprob(context, continuation)
+        continuation = model._continuation_tokens(args.context, model.tokenizer.encode(args.context, add_bos=True),
+                                                  args.continuation)
+        s = model.sequence_logprob(args.context, args.continuation)
         print(f"log p(continuation | context) = {s.total:.4f} nats over {len(continuation)} tokens")
         for token, lp in zip(continuation, s.token_logprobs):
             print(f"  {token:>7} {model.tokenizer.decode([token])!r:<20} {lp:9.4f}")

@@ -63,6 +63,13 @@ class DecodingMixin:
             raise TypeError(f"{name} must be a str or a 1-D sequence of token ids")
         return [int(t) for t in arr]
 
+    def _continuation_tokens(self, context: Any, ctx: list[int], continuation: Any) -> list[int]:
+        if isinstance(context, str) and isinstance(continuation, str) and self.tokenizer is not None:
+            whole = list(self.tokenizer.encode(context + continuation, add_bos=True))
+            if whole[:len(ctx)] == ctx:
+                return whole[len(ctx):]
+        return self._encode(continuation, add_bos=False, name="continuation")
+
     # ------------------------------------------------------------------ decoding loops in C
 
     def _pool(self, positions: int):
@@ -100,15 +107,19 @@ class DecodingMixin:
     def sequence_logprob(self, context: Any, continuation: Any) -> SequenceScore | list[SequenceScore]:
         """log p(continuation | context) in one prefill pass per continuation.
 
-        context: text (encoded with BOS) or token ids; continuation: text (encoded
-        without BOS) or token ids, or a list of those (the context is then
-        prefilled once and its cache shared by every continuation).
+        context: text (encoded with BOS) or token ids; continuation: text or token ids,
+        or a list of those (the context is then prefilled once and its cache shared by
+        every continuation). A text continuation after a text context is tokenized as
+        lm-evaluation-harness does: encode context + continuation and keep the tokens
+        after the context's own (so " there" is one token, not a dummy-prefix space
+        followed by " there"); if the joint encoding does not start with the context's,
+        the continuation is encoded alone, without BOS.
         """
         ctx = self._encode(context, add_bos=True, name="context")
         if not ctx:
             raise ValueError("context must hold at least one token (e.g. BOS)")
         batch = isinstance(continuation, (list, tuple)) and len(continuation) > 0 and not isinstance(continuation[0], numbers.Integral)
-        conts = [self._encode(c, add_bos=False, name="continuation") for c in (continuation if batch else [continuation])]
+        conts = [self._continuation_tokens(context, ctx, c) for c in (continuation if batch else [continuation])]
         longest = max(len(c) for c in conts)
         if len(ctx) + longest > self.config.context_length:
             raise ValueError(f"context ({len(ctx)} tokens) + continuation ({longest}) exceed the context length {self.config.context_length}")
