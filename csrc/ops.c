@@ -513,8 +513,12 @@ void lmd_rope_naive(float *x, int n_heads, int hs, int pos, const float *inv_fre
 /* ------------------------------------------------------------------ */
 
 void lmd_softmax(float *x, int n) {
-    float max = -INFINITY;
-    for (int k = 0; k < n; k++) max = x[k] > max ? x[k] : max;
+    /* the maximum is exact in any order, so it runs lane-parallel */
+    vf lanes_max = vbroadcast(-INFINITY);
+    int j = 0;
+    for (; j + LMD_VEC_LANES <= n; j += LMD_VEC_LANES) lanes_max = vmax(lanes_max, vload(x + j));
+    float max = vhmax(lanes_max);
+    for (; j < n; j++) max = x[j] > max ? x[j] : max;
     vf vmax_b = vbroadcast(max);
     vf acc = vzero_f();
     int k = 0;
