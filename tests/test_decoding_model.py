@@ -48,6 +48,26 @@ def test_stream_yields_the_tokens_of_the_full_call(stories):
     assert [c.token for c in chunks if c.token >= 0] == full.tokens
 
 
+def test_stop_strings_end_the_text_where_they_begin(stories):
+    free = stories.generate("Once upon a time", max_new_tokens=40, temperature=0)
+    assert "Lily" in free.text  # greedy TinyStories text: ", there was a little girl named Lily..."
+    for stop in (["Lily"], ["ily. She", "Lily"], ["named L"]):  # within one token, across tokens
+        out = stories.generate("Once upon a time", max_new_tokens=40, temperature=0, stop=stop)
+        first = min(free.text.index(s) for s in stop)
+        assert out.finish_reason == "stop"
+        assert out.text == free.text[:first]
+        assert out.tokens == free.tokens[:len(out.tokens)]  # the token completing the stop string ends it
+        decoded = stories.tokenizer.decode(out.tokens)
+        assert any(s in decoded for s in stop)  # generation ran until a stop string was complete...
+        assert not any(s in stories.tokenizer.decode(out.tokens[:-1]) for s in stop)  # ...and no further
+        streamed = "".join(c.text for c in stories.generate("Once upon a time", max_new_tokens=40, temperature=0,
+                                                             stop=stop, stream=True))
+        assert streamed.startswith(out.text)
+    blocked = stories.generate("Once upon a time", max_new_tokens=40, temperature=0, stop=["Lily"],
+                               min_new_tokens=len(free.tokens))
+    assert blocked.tokens == free.tokens and blocked.finish_reason == "length"
+
+
 def test_generation_stops_at_the_context_length(stories):
     ctx = stories.config.context_length
     prompt = [1] + [403] * (ctx - 4)
