@@ -60,12 +60,19 @@ def test_stop_strings_end_the_text_where_they_begin(stories):
         decoded = stories.tokenizer.decode(out.tokens)
         assert any(s in decoded for s in stop)  # generation ran until a stop string was complete...
         assert not any(s in stories.tokenizer.decode(out.tokens[:-1]) for s in stop)  # ...and no further
-        streamed = "".join(c.text for c in stories.generate("Once upon a time", max_new_tokens=40, temperature=0,
-                                                             stop=stop, stream=True))
-        assert streamed.startswith(out.text)
+        chunks = list(stories.generate("Once upon a time", max_new_tokens=40, temperature=0, stop=stop, stream=True))
+        assert "".join(c.text for c in chunks) == out.text  # nothing of the stop string is ever shown
+        assert [c.token for c in chunks] == out.tokens
     blocked = stories.generate("Once upon a time", max_new_tokens=40, temperature=0, stop=["Lily"],
                                min_new_tokens=len(free.tokens))
     assert blocked.tokens == free.tokens and blocked.finish_reason == "length"
+    assert blocked.text == free.text  # an ignored occurrence does not cut the text
+    streamed = stories.generate("Once upon a time", max_new_tokens=40, temperature=0, stop=["Lily"],
+                                min_new_tokens=len(free.tokens), stream=True)
+    assert "".join(c.text for c in streamed) == free.text
+    # a held-back beginning ("named L" could start "named Lucy") is released once ruled out
+    lucy = list(stories.generate("Once upon a time", max_new_tokens=40, temperature=0, stop=["named Lucy"], stream=True))
+    assert "".join(c.text for c in lucy) == free.text
 
 
 def test_generation_stops_at_the_context_length(stories):

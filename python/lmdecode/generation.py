@@ -14,6 +14,7 @@ sampling chain only decides which token is drawn.
 """
 from __future__ import annotations
 
+import codecs
 import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -183,16 +184,15 @@ class _Run:
         )
 
     def result(self, k: int) -> Generation:
-        tokens, prompt_len, lps, top_ids, top_lps, reason, _ = self.gen.result(k)
+        tokens, prompt_len, lps, top_ids, top_lps, reason, stop_offset = self.gen.result(k)
         new = [int(t) for t in tokens[prompt_len:]]
         text = None
         if self.tokenizer is not None:
-            visible = new[:-1] if (new and new[-1] in self.stop_ids and reason == "stop") else new
-            text = self.tokenizer.decode(visible)
-            if reason == "stop":
-                cuts = [text.find(s) for s in self.stop if s in text]
-                if cuts:
-                    text = text[: min(cuts)]
+            if reason == "stop" and stop_offset >= 0:  # the text ends where the stop string that fired begins
+                text = b"".join(self.tokenizer.token_bytes(t) for t in new)[:stop_offset].decode("utf-8", "replace")
+            else:
+                visible = new[:-1] if (new and new[-1] in self.stop_ids and reason == "stop") else new
+                text = self.tokenizer.decode(visible)
         top = [{int(i): float(v) for i, v in zip(ids, vals)} for ids, vals in zip(top_ids, top_lps)]
         return Generation(tokens=new, text=text, token_logprobs=[float(x) for x in lps], top_logprobs=top,
                           finish_reason=reason or "length", prompt_tokens=[int(t) for t in tokens[:prompt_len]])
@@ -284,6 +284,9 @@ def generate(
 
 
 def _stream(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Iterator[GenerationChunk]:
+    if run.stop and run.tokenizer is not None:
+        yield from _stream_with_stop_strings(run, advance)
+        return
     decoders = {}
     make_decoder = getattr(run.tokenizer, "stream_decoder", None)
     while not run.gen.done:
@@ -299,3 +302,42 @@ def _stream(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> 
         rest = decoder.flush()
         if rest:
             yield GenerationChunk(index=k, token=-1, text=rest)
+
+
+def _stream_with_stop_strings(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Iterator[GenerationChunk]:
+    """Streaming that never shows a stop string, not even its beginning: the bytes at the end of
+    a running sequence that could start a stop string are held back until the next tokens
+    either complete it (the text then ends where it begins) or rule it out. The concatenated
+    chunks equal the final ``.text``."""
+    stops = [s.encode("utf-8") for s in run.stop]
+    text_bytes: dict[int, bytearray] = {}
+    released: dict[int, int] = {}
+    decoders: dict[int, Any] = {}
+
+    def held_back(data: bytearray) -> int:
+        # the longest end of data that is a proper beginning of some stop string
+        longest = 0
+        for stop in stops:
+            for n in range(min(len(stop) - 1, len(data)), longest, -1):
+                if data.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
+
+    while not run.gen.done:
+        running, tokens = advance()
+        still_running = set(int(k) for k in run.gen.running())
+        for k, token in zip(running, tokens):
+            k, token = int(k), int(token)
+            data = text_bytes.setdefault(k, bytearray())
+            decoder = decoders.setdefault(k, codecs.getincrementaldecoder("utf-8")(errors="replace"))
+            if token not in run.stop_ids:
+                data += run.tokenizer.token_bytes(token)
+            if k in still_running:
+                end, final = len(data) - held_back(data), False
+            else:
+                *_, reason, stop_offset = run.gen.result(k)
+                end, final = (stop_offset if reason == "stop" and stop_offset >= 0 else len(data)), True
+            text = decoder.decode(bytes(data[released.get(k, 0):end]), final=final)
+            released[k] = max(end, released.get(k, 0))
+            yield GenerationChunk(index=k, token=token, text=text)
