@@ -130,6 +130,10 @@ def process(z, **kw):
         last = min(int((cum < p["typical_p"]).sum()), V - 1)
         margin = min(margin, np.min(np.abs(cum[: live.sum()] - p["typical_p"])))
         remove = key > key[order[last]]
+        # keys that float32 may see as tied with the cut key (or not) make the kept set ambiguous
+        above = key[np.isfinite(key) & (key > key[order[last]])]
+        if above.size:
+            margin = min(margin, (above.min() - key[order[last]]) / max(abs(key[order[last]]), 1e-3))
         remove &= key > key[order[min(keep_m, live.sum()) - 1]]  # the first keep_m by key, ties included
         s[remove] = -np.inf
     # 10. epsilon, 11. eta
