@@ -68,6 +68,15 @@ def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int) ->
     print(f"{'engine raw decode (forward)':28}{raw:>10.1f}")
     print(f"{'generate greedy':28}{greedy:>10.1f}   ({greedy / raw:.2f} x raw)")
     print(f"{'generate top-p 0.9':28}{top_p:>10.1f}   ({top_p / raw:.2f} x raw)")
+    # Python's share: the per-token loop is C; Python only sets a call up and collects results.
+    # generate(1 token) minus the engine's own prefill of the prompt is that fixed cost.
+    def prefill_only():
+        model.forward(prompt, model.new_cache(len(prompt) + 1))
+
+    t_setup = median_time(lambda: model.generate(prompt, max_new_tokens=1, temperature=0, stop_token_ids=[]), reps * 3) \
+        - median_time(prefill_only, reps * 3)
+    t_call = n_new / greedy
+    print(f"{'Python per call':28}{t_setup * 1e6:>9.0f} us   ({max(t_setup, 0.0) / t_call * 100:.1f}% of a {n_new}-token greedy call)")
     if hf is not None:
         ids = torch.tensor([prompt])
         hf_greedy = n_new / median_time(lambda: hf.generate(ids, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0), max(1, reps // 2))
