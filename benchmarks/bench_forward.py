@@ -48,8 +48,8 @@ memory, and the cost of a token against context length with and without the KV c
 
 Thread counts are set explicitly for every engine (ld.set_num_threads,
 torch.set_num_threads, llama.cpp's n_threads); BLAS pools are pinned to one
-thread before NumPy is imported. The machine is shared: absolute figures are
-indicative; ratios are taken within one run.
+thread before NumPy is imported. Linux only (/proc for RSS and CPU accounting).
+The machine is shared: absolute figures are indicative; ratios are taken within one run.
 """
 from __future__ import annotations
 
