@@ -741,7 +741,9 @@ static void build_candidates(lmd_sampler *s, cand_list *L, const lmd_sampling_pa
         if (first == STAGE_TOP_P) {
             for (int j = 0; j < TOP_P_LADDER_LEN; j++)
                 if (m.ladder[j] >= p->top_p * m.mass * (1.0 + 1e-4)) {
-                    bound = TOP_P_LADDER[j];
+                    /* the slack makes the list a superset of the ladder's tokens: "d <= bound"
+                     * above and "s >= ms - bound" in the gather round differently */
+                    bound = TOP_P_LADDER[j] + BOUND_SLACK;
                     break;
                 }
         } else {

@@ -163,3 +163,14 @@ def test_large_vocabulary_matches_reference(shape, kw):
         expect, margin = reference.process(z[r], **kw)
         assert margin > 1e-9  # random rows: no decision sits on a threshold
         check_same(ours[r], expect)
+
+
+def test_top_p_boundary_exactly_one_ladder_step_from_the_best():
+    # At temperature 1.5 the tied tokens 3 and 4 sit exactly 1 nat below the best (the first rung of
+    # the prefilter's distance ladder), with probabilities [.0175, .1295, .4914, .1808, .1808]: the best
+    # alone (.49) does not reach 0.5, so the tie group must stay. The prefilter once rounded them out.
+    z = np.array([-3.0, 0.0, 2.0, 0.5, 0.5], dtype=np.float32)
+    kept = np.isfinite(ld.process_logits(z, temperature=1.5, top_p=0.5))
+    np.testing.assert_array_equal(kept, [False, False, True, True, True])
+    expect, _ = reference.process(z, temperature=1.5, top_p=0.5)
+    np.testing.assert_array_equal(kept, np.isfinite(expect))
