@@ -56,6 +56,10 @@ void lmd_quantize_q8_0(uint8_t *out, const float *x, int64_t n);
 // W row r (cols,) -> out (cols,) float
 void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r);
 
+// 1 if bf16 matrices are multiplied with bf16 dot-product instructions, which round the
+// inputs x to bf16 first (all but the last n % 32 of each row), else 0 (exact float inputs).
+int lmd_bf16_rounds_inputs(void);
+
 // W (d,n) @ x[b] (n,) -> out[b] (d,) for b < B; x (B,n), out (B,d). out must not alias x.
 void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B);
 void lmd_matmul_naive(float *out, const float *x, const lmd_matrix *w, int B);

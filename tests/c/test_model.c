@@ -190,7 +190,9 @@ static void test_forward_against_reference_and_incremental(void) {
         }
         printf("  %-36s max |logit| %.2f, max |engine - reference| %.2e\n", variant_name(vi), max_abs,
                max_diff);
-        CHECK(max_diff <= 1e-4);
+        /* bf16 dot-product instructions round the activations to bf16 (8 significant bits) */
+        int rounds = spec.dtype == LMD_BF16 && lmd_bf16_rounds_inputs();
+        CHECK(max_diff <= (rounds ? 5e-3 * max_abs : 1e-4));
         CHECK(max_abs > 0.5); /* the logits are not degenerate */
 
         /* token by token with the cache: bit-identical */
