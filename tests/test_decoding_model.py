@@ -115,7 +115,7 @@ def test_text_continuation_is_split_from_the_joint_encoding(stories):
     assert stories.tokenizer.encode(" there was", add_bos=False)[:2] == [410, 383]
     by_text = stories.sequence_logprob("Once upon a time", " there was")
     by_ids = stories.sequence_logprob(ctx, [383, 286])
-    assert len(by_text.token_logprobs) == 2
+    assert by_text.tokens == (383, 286)
     np.testing.assert_allclose(by_text.token_logprobs, by_ids.token_logprobs, rtol=0, atol=0)
 
 

@@ -109,11 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     if args.command == "score":
-        continuation = model._continuation_tokens(args.context, model.tokenizer.encode(args.context, add_bos=True),
-                                                  args.continuation)
         s = model.sequence_logprob(args.context, args.continuation)
-        print(f"log p(continuation | context) = {s.total:.4f} nats over {len(continuation)} tokens")
-        for token, lp in zip(continuation, s.token_logprobs):
+        print(f"log p(continuation | context) = {s.total:.4f} nats over {len(s.tokens)} tokens")
+        for token, lp in zip(s.tokens, s.token_logprobs):
             print(f"  {token:>7} {model.tokenizer.decode([token])!r:<20} {lp:9.4f}")
         return 0
 

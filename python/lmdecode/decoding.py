@@ -64,6 +64,7 @@ class DecodingMixin:
         return [int(t) for t in arr]
 
     def _continuation_tokens(self, context: Any, ctx: list[int], continuation: Any) -> list[int]:
+        # see sequence_logprob: the lm-evaluation-harness split of a text continuation
         if isinstance(context, str) and isinstance(continuation, str) and self.tokenizer is not None:
             whole = list(self.tokenizer.encode(context + continuation, add_bos=True))
             if whole[:len(ctx)] == ctx:
@@ -135,7 +136,8 @@ class DecodingMixin:
                 branch = cache.fork()
                 rows.append(self.forward(cont[:-1], branch, logits="all"))
                 del branch
-            scores.append(_sequence_logprob(np.concatenate(rows), np.asarray(cont)))
+            score = _sequence_logprob(np.concatenate(rows), np.asarray(cont))
+            scores.append(SequenceScore(score.total, score.token_logprobs, tuple(cont)))
         return scores if batch else scores[0]
 
     def perplexity(self, text_or_tokens: Any, *, window: int | None = None, stride: int | None = None,

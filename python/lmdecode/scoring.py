@@ -34,6 +34,7 @@ class SequenceScore:
 
     total: float
     token_logprobs: np.ndarray = field(repr=False)  # float64 (T,)
+    tokens: tuple = field(default=(), repr=False)  # the scored token ids (from model.sequence_logprob)
 
 
 @dataclass(frozen=True)
