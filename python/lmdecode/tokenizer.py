@@ -46,19 +46,22 @@ class StreamDecoder:
 
 
 class Tokenizer:
-    """Base class: subclasses set the fields and implement encode/token_bytes."""
+    """Base class: subclasses set the fields, fill ``_bytes`` (each token's bytes) and
+    implement encode."""
 
     bos_id: int | None = None
     eos_id: int | None = None
     vocab_size: int = 0
     adds_bos: bool = True  # does this model's vocabulary expect a BOS at the start?
     strips_leading_space_after_bos = False
+    _bytes: list[bytes]  # (vocab_size,) the bytes each token stands for
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         raise NotImplementedError
 
     def token_bytes(self, token: int) -> bytes:
-        raise NotImplementedError
+        self._check_id(token)
+        return self._bytes[token]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ids (special tokens such as BOS/EOS contribute nothing)."""
@@ -79,6 +82,11 @@ class Tokenizer:
     def _check_id(self, token: int) -> None:
         if not 0 <= token < self.vocab_size:
             raise ValueError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})")
+
+    @staticmethod
+    def _check_text(text: Any) -> None:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
 
     @staticmethod
     def from_gguf_metadata(reader: Any) -> "Tokenizer":
@@ -174,13 +182,8 @@ class ScoreBPETokenizer(Tokenizer):
             piece = piece.replace(SPACE_MARK, " ")
         return piece.encode("utf-8", errors="surrogateescape")
 
-    def token_bytes(self, token: int) -> bytes:
-        self._check_id(token)
-        return self._bytes[token]
-
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        self._check_text(text)
         ids = [self.bos_id] if add_bos and self.adds_bos and self.bos_id is not None else []
         if not text:
             return ids
@@ -309,13 +312,8 @@ class HFTokenizer(Tokenizer):
             return bytes([b])
         return piece.replace(SPACE_MARK, " ").encode("utf-8")
 
-    def token_bytes(self, token: int) -> bytes:
-        self._check_id(token)
-        return self._bytes[token]
-
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        self._check_text(text)
         ids = list(self.backend.encode(text, add_special_tokens=False).ids)
         if add_bos and self.adds_bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
