@@ -254,6 +254,17 @@ static ALWAYS_INLINE void tile_f32(float *out, const float *x, const uint8_t *w_
         }
 }
 
+// s + sum of bf16 row wr (n,) times float xc (n,) over k in [from, n): the inputs a
+// vector step did not cover
+static inline float bf16_tail_sum(float s, const uint8_t *wr, const float *xc, int64_t from, int64_t n) {
+    for (int64_t k = from; k < n; k++) {
+        uint16_t b;
+        memcpy(&b, wr + 2 * k, 2);
+        s += lmd_bf16_to_f32(b) * xc[k];
+    }
+    return s;
+}
+
 #if defined(__AVX512BF16__) && LMD_VEC_BYTES == 64
 #define LMD_BF16_DOT 1
 /* bf16 weights with the CPU's bf16 dot products (VDPBF16PS): the inputs are rounded to
@@ -284,15 +295,8 @@ static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint8_t *w
         for (int c = 0; c < nc; c++) {
             vf lanes;
             memcpy(&lanes, &acc[r][c], sizeof lanes);
-            float s = vsum(lanes);
-            const uint8_t *wr = w + (r0 + r) * n * 2;
-            const float *xc = x + (int64_t)(c0 + c) * n;
-            for (int64_t k = n32; k < n; k++) {
-                uint16_t b;
-                memcpy(&b, wr + 2 * k, 2);
-                s += lmd_bf16_to_f32(b) * xc[k];
-            }
-            out[(int64_t)(c0 + c) * d + r0 + r] = s;
+            out[(int64_t)(c0 + c) * d + r0 + r] =
+                bf16_tail_sum(vsum(lanes), w + (r0 + r) * n * 2, x + (int64_t)(c0 + c) * n, n32, n);
         }
 }
 #else
@@ -315,15 +319,8 @@ static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint8_t *w
     }
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < nc; c++) {
-            float s = vsum(acc[r][c]);
-            const uint8_t *wr = w + (r0 + r) * n * 2;
-            const float *xc = x + (int64_t)(c0 + c) * n;
-            for (int64_t k = nv; k < n; k++) {
-                uint16_t b;
-                memcpy(&b, wr + 2 * k, 2);
-                s += lmd_bf16_to_f32(b) * xc[k];
-            }
-            out[(int64_t)(c0 + c) * d + r0 + r] = s;
+            out[(int64_t)(c0 + c) * d + r0 + r] =
+                bf16_tail_sum(vsum(acc[r][c]), w + (r0 + r) * n * 2, x + (int64_t)(c0 + c) * n, nv, n);
         }
 }
 #endif
