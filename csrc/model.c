@@ -187,7 +187,7 @@ static void norm(const lmd_model *m, float *out, const float *x, const float *w,
     else lmd_rmsnorm(out, x, w, B, m->config.dim, m->config.norm_eps);
 }
 
-/* Head-sized dot products and updates, inlined: heads are short (8 to 256
+/* Head-sized dot products and value sums, inlined: heads are short (8 to 256
  * features), too short for a call per position and for ops.c's widest vectors.
  * Lanes of 8 floats summed in a fixed order, so results never depend on threads. */
 typedef float v8f __attribute__((vector_size(32)));
@@ -220,19 +220,6 @@ static inline float head_dot(const float *q, const float *k, int hs) {
     return s;
 }
 
-// out (hs,) += a * v (hs,)
-static inline void head_axpy(float *out, float a, const float *v, int hs) {
-    int i = 0;
-    for (; i + 8 <= hs; i += 8) {
-        v8f o, x;
-        LOAD8(o, out + i);
-        LOAD8(x, v + i);
-        o += a * x;
-        memcpy(out + i, &o, sizeof o);
-    }
-    for (; i < hs; i++) out[i] += a * v[i];
-}
-
 // out (hs,) += sum_t p[t] * v[t * stride] (hs,) for t < nt, the running sum kept in
 // registers: through memory, each position would wait for the previous one's store.
 static inline __attribute__((always_inline)) void weighted_values_fixed(float *out, const float *p,
@@ -250,14 +237,15 @@ static inline __attribute__((always_inline)) void weighted_values_fixed(float *o
 }
 
 static void weighted_values(float *out, const float *p, const float *v, int32_t stride, int32_t nt, int hs) {
-    switch (hs) { /* the usual head sizes get unrolled register versions; same arithmetic as the loop */
+    switch (hs) { /* the usual head sizes get unrolled register versions; axpy is elementwise, so
+                   * the arithmetic is the same as the loop's */
     case 8: weighted_values_fixed(out, p, v, stride, nt, 8); break;
     case 16: weighted_values_fixed(out, p, v, stride, nt, 16); break;
     case 32: weighted_values_fixed(out, p, v, stride, nt, 32); break;
     case 64: weighted_values_fixed(out, p, v, stride, nt, 64); break;
     case 128: weighted_values_fixed(out, p, v, stride, nt, 128); break;
     default:
-        for (int32_t t = 0; t < nt; t++) head_axpy(out, p[t], v + (int64_t)t * stride, hs);
+        for (int32_t t = 0; t < nt; t++) lmd_axpy(out, p[t], v + (int64_t)t * stride, hs);
     }
 }
 
