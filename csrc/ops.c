@@ -226,32 +226,49 @@ void lmd_axpy(float *y, float a, const float *x, int n) {
  * tile's own data, harmless) when the next block would run past the matrix. */
 #define PREFETCH_AHEAD(r0, nr, d, n) ((r0) + (nr) + ROW_BLOCK <= (d) ? (int64_t)ROW_BLOCK * (n) : 0)
 
-// rows r0..r0+nr of W (d,n) f32 against batch rows c0..c0+nc of x (B,n) -> out (B,d)
-static ALWAYS_INLINE void tile_f32(float *out, const float *x, const uint8_t *w_bytes, int64_t n,
-                                   int64_t d, int64_t r0, int nr, int c0, int nc) {
-    const float *w = (const float *)(const void *)w_bytes;
+// rows r0..r0+nr of W (d,n) f32, w_rows (nr,n) pointing at row r0, against batch rows
+// c0..c0+nc of x (B,n) -> out (B,d); prefetches prefetch_bytes beyond each row read
+static ALWAYS_INLINE void tile_f32_rows(float *out, const float *x, const float *w_rows,
+                                        int64_t prefetch_bytes, int64_t n, int64_t d, int64_t r0, int nr,
+                                        int c0, int nc) {
     vf acc[MAX_TILE_R][MAX_TILE_C];
-    const int64_t prefetch_ahead = PREFETCH_AHEAD(r0, nr, d, n);
-    for (int r = 0; r < nr; r++)
+    /* One pointer per row and per input, stepped together: with the prefetch distance as
+     * a byte offset from the row pointers, 4 x 6 tiles need no more integer registers than
+     * x86-64 has (the compiler spilled the vector inputs to the stack otherwise). */
+    const float *wp[MAX_TILE_R], *xp[MAX_TILE_C];
+    for (int r = 0; r < nr; r++) {
+        wp[r] = w_rows + r * n;
         for (int c = 0; c < nc; c++) acc[r][c] = vzero_f();
-    int64_t nv = n - n % LMD_VEC_LANES;
+    }
+    for (int c = 0; c < nc; c++) xp[c] = x + (int64_t)(c0 + c) * n;
+    const int64_t nv = n - n % LMD_VEC_LANES;
     for (int64_t k = 0; k < nv; k += LMD_VEC_LANES) {
-        vf xv[MAX_TILE_C];
-        for (int c = 0; c < nc; c++) xv[c] = vload(x + (int64_t)(c0 + c) * n + k);
+        vf wv[MAX_TILE_R];
         for (int r = 0; r < nr; r++) {
-            __builtin_prefetch(w + (r0 + r) * n + k + prefetch_ahead);
-            vf wv = vload(w + (r0 + r) * n + k);
-            for (int c = 0; c < nc; c++) acc[r][c] = vfma(wv, xv[c], acc[r][c]);
+            __builtin_prefetch((const char *)wp[r] + prefetch_bytes);
+            wv[r] = vload(wp[r]);
+            wp[r] += LMD_VEC_LANES;
+        }
+        for (int c = 0; c < nc; c++) {
+            const vf xv = vload(xp[c]);
+            xp[c] += LMD_VEC_LANES;
+            for (int r = 0; r < nr; r++) acc[r][c] = vfma(wv[r], xv, acc[r][c]);
         }
     }
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < nc; c++) {
             float s = vsum(acc[r][c]);
-            const float *wr = w + (r0 + r) * n;
+            const float *wr = w_rows + r * n;
             const float *xc = x + (int64_t)(c0 + c) * n;
             for (int64_t k = nv; k < n; k++) s += wr[k] * xc[k];
             out[(int64_t)(c0 + c) * d + r0 + r] = s;
         }
+}
+
+static ALWAYS_INLINE void tile_f32(float *out, const float *x, const uint8_t *w, int64_t n, int64_t d,
+                                   int64_t r0, int nr, int c0, int nc) {
+    tile_f32_rows(out, x, (const float *)(const void *)w + r0 * n,
+                  (int64_t)sizeof(float) * PREFETCH_AHEAD(r0, nr, d, n), n, d, r0, nr, c0, nc);
 }
 
 // s + sum of bf16 row wr (n,) times float xc (n,) over k in [from, n): the inputs a
@@ -328,32 +345,39 @@ static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint8_t *w
 int lmd_bf16_rounds_inputs(void) { return LMD_BF16_DOT; }
 
 /* Q8_0: each block's 32 weights are scaled to floats once and then used against
- * all nc batch rows, so the work per weight byte stays small. */
+ * all nc batch rows, so the work per weight byte stays small. Pointers are
+ * stepped as in tile_f32. */
 static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint8_t *w, int64_t n,
                                     int64_t d, int64_t r0, int nr, int c0, int nc) {
     vf acc[MAX_TILE_R][MAX_TILE_C];
-    const int64_t prefetch_ahead = PREFETCH_AHEAD(r0, nr, d, n) / LMD_Q8_0_BLOCK * LMD_Q8_0_BLOCK_BYTES;
-    for (int r = 0; r < nr; r++)
+    const int64_t prefetch_bytes = PREFETCH_AHEAD(r0, nr, d, n) / LMD_Q8_0_BLOCK * LMD_Q8_0_BLOCK_BYTES;
+    const int64_t n_blocks = n / LMD_Q8_0_BLOCK;
+    const size_t row_bytes = (size_t)n_blocks * LMD_Q8_0_BLOCK_BYTES;
+    const uint8_t *wp[MAX_TILE_R];
+    const float *xp[MAX_TILE_C];
+    for (int r = 0; r < nr; r++) {
+        wp[r] = w + (size_t)(r0 + r) * row_bytes;
         for (int c = 0; c < nc; c++) acc[r][c] = vzero_f();
-    int64_t n_blocks = n / LMD_Q8_0_BLOCK;
-    size_t row_bytes = (size_t)n_blocks * LMD_Q8_0_BLOCK_BYTES;
+    }
+    for (int c = 0; c < nc; c++) xp[c] = x + (int64_t)(c0 + c) * n;
     for (int64_t b = 0; b < n_blocks; b++) {
         float scale[MAX_TILE_R];
         for (int r = 0; r < nr; r++) {
-            __builtin_prefetch(w + (size_t)(r0 + r) * row_bytes + b * LMD_Q8_0_BLOCK_BYTES + prefetch_ahead);
+            __builtin_prefetch(wp[r] + prefetch_bytes);
             uint16_t scale_bits;
-            memcpy(&scale_bits, w + (size_t)(r0 + r) * row_bytes + b * LMD_Q8_0_BLOCK_BYTES, 2);
+            memcpy(&scale_bits, wp[r], 2);
             scale[r] = fp16_to_f32(scale_bits);
         }
         for (int j = 0; j < LMD_Q8_0_BLOCK; j += LMD_VEC_LANES) {
-            vf xv[MAX_TILE_C];
-            for (int c = 0; c < nc; c++) xv[c] = vload(x + (int64_t)(c0 + c) * n + b * LMD_Q8_0_BLOCK + j);
-            for (int r = 0; r < nr; r++) {
-                const uint8_t *q = w + (size_t)(r0 + r) * row_bytes + b * LMD_Q8_0_BLOCK_BYTES + 2 + j;
-                vf wv = vload_i8(q) * scale[r];
-                for (int c = 0; c < nc; c++) acc[r][c] = vfma(wv, xv[c], acc[r][c]);
+            vf wv[MAX_TILE_R];
+            for (int r = 0; r < nr; r++) wv[r] = vload_i8(wp[r] + 2 + j) * scale[r];
+            for (int c = 0; c < nc; c++) {
+                const vf xv = vload(xp[c] + j);
+                for (int r = 0; r < nr; r++) acc[r][c] = vfma(wv[r], xv, acc[r][c]);
             }
         }
+        for (int r = 0; r < nr; r++) wp[r] += LMD_Q8_0_BLOCK_BYTES;
+        for (int c = 0; c < nc; c++) xp[c] += LMD_Q8_0_BLOCK;
     }
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < nc; c++) out[(int64_t)(c0 + c) * d + r0 + r] = vsum(acc[r][c]);
@@ -381,12 +405,12 @@ static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint8_t *w
             if (B == 1) tile(out, x, w, n, d, r0, 8, 0, 1);                                         \
             else tile(out, x, w, n, d, r0, 8, 0, 2);                                                \
         } else if (nr == ROW_BLOCK) {                                                               \
-            /* two 4-row halves x the batch's slices of MAX_TILE_C rows; by_halves picks the   */  \
-            /* order (half-major keeps four rows in L1 while all slices pass)                 */  \
-            const int n_slices = (B + MAX_TILE_C - 1) / MAX_TILE_C;                                 \
-            for (int i = 0; i < 2 * n_slices; i++) {                                                \
-                int half = by_halves ? i / n_slices : i % 2;                                        \
-                int c0 = (by_halves ? i % n_slices : i / 2) * MAX_TILE_C;                           \
+            /* two 4-row halves x the batch's MAX_TILE_Cs of MAX_TILE_C rows; by_halves picks the   */  \
+            /* order (half-major keeps four rows in L1 while all MAX_TILE_Cs pass)                 */  \
+            const int n_MAX_TILE_Cs = (B + MAX_TILE_C - 1) / MAX_TILE_C;                                 \
+            for (int i = 0; i < 2 * n_MAX_TILE_Cs; i++) {                                                \
+                int half = by_halves ? i / n_MAX_TILE_Cs : i % 2;                                        \
+                int c0 = (by_halves ? i % n_MAX_TILE_Cs : i / 2) * MAX_TILE_C;                           \
                 int nc = B - c0 < MAX_TILE_C ? B - c0 : MAX_TILE_C;                                 \
                 TILE_ANY_C(tile, r0 + 4 * half, 4, c0, nc)                                          \
             }                                                                                       \
@@ -401,7 +425,59 @@ static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint8_t *w
 
 DEFINE_ROW_BLOCK(row_block_f32, tile_f32)
 DEFINE_ROW_BLOCK(row_block_bf16, tile_bf16)
-DEFINE_ROW_BLOCK(row_block_q8_0, tile_q8_0)
+DEFINE_ROW_BLOCK(row_block_q8_0_tiles, tile_q8_0)
+
+/* Q8_0 against a batch: four rows at a time are dequantized into a float buffer on the
+ * stack, the very products the q8_0 tile forms in registers, and that buffer meets the
+ * whole batch through the f32 tile. The q8_0 tile redoes its conversions for every slice
+ * of inputs and, holding scales and accumulators, runs out of vector registers: it ran
+ * at 2/3 of the f32 tile's speed. Same arithmetic on either path, so a batch row's
+ * result does not depend on which one ran. Rows longer than this stay on the tiles. */
+#define Q8_0_STAGED_MAX_COLS 4096
+
+// rows (nr, n) of q8_0 -> out (nr, n) floats; prefetches prefetch_bytes beyond each row
+static void dequantize_q8_0_rows(float *out, const uint8_t *w, size_t row_bytes, int nr, int64_t n,
+                                 int64_t prefetch_bytes) {
+    for (int r = 0; r < nr; r++) {
+        const uint8_t *row = w + (size_t)r * row_bytes;
+        for (int64_t b = 0; b < n / LMD_Q8_0_BLOCK; b++) {
+            const uint8_t *block = row + b * LMD_Q8_0_BLOCK_BYTES;
+            __builtin_prefetch(block + prefetch_bytes);
+            uint16_t scale_bits;
+            memcpy(&scale_bits, block, 2);
+            const float scale = fp16_to_f32(scale_bits);
+            for (int j = 0; j < LMD_Q8_0_BLOCK; j += LMD_VEC_LANES)
+                vstore(out + r * n + b * LMD_Q8_0_BLOCK + j, vload_i8(block + 2 + j) * scale);
+        }
+    }
+}
+
+static void row_block_q8_0(float *out, const float *x, const uint8_t *w_q8, int64_t n, int64_t d, int64_t r0,
+                           int nr, int B, int by_halves) {
+    if (nr != ROW_BLOCK || B <= 2 || n > Q8_0_STAGED_MAX_COLS) {
+        row_block_q8_0_tiles(out, x, w_q8, n, d, r0, nr, B, by_halves);
+        return;
+    }
+    float staged[4 * Q8_0_STAGED_MAX_COLS] __attribute__((aligned(64)));
+    const size_t row_bytes = lmd_row_bytes(LMD_Q8_0, n);
+    const int64_t prefetch_bytes = PREFETCH_AHEAD(r0, nr, d, n) / LMD_Q8_0_BLOCK * LMD_Q8_0_BLOCK_BYTES;
+    for (int half = 0; half < 2; half++) {
+        dequantize_q8_0_rows(staged, w_q8 + (size_t)(r0 + 4 * half) * row_bytes, row_bytes, 4, n, prefetch_bytes);
+        for (int c0 = 0; c0 < B; c0 += MAX_TILE_C) {
+            const int nc = B - c0 < MAX_TILE_C ? B - c0 : MAX_TILE_C;
+#define TILE_STAGED(nc_) tile_f32_rows(out, x, staged, 0, n, d, r0 + 4 * half, 4, c0, nc_)
+            switch (nc) {
+            case 1: TILE_STAGED(1); break;
+            case 2: TILE_STAGED(2); break;
+            case 3: TILE_STAGED(3); break;
+            case 4: TILE_STAGED(4); break;
+            case 5: TILE_STAGED(5); break;
+            default: TILE_STAGED(6); break;
+            }
+#undef TILE_STAGED
+        }
+    }
+}
 
 /* Parallel regions cost a few microseconds; below this many multiply-adds one thread is faster. */
 #define MATMUL_PARALLEL_MIN_WORK 200000
