@@ -195,6 +195,16 @@ typedef float v8f __attribute__((vector_size(32)));
 /* a macro, not a function returning a 32-byte vector would change
  * the ABI on builds without AVX */
 #define LOAD8(dst, p) memcpy(&(dst), (p), sizeof(dst))
+typedef float v16f __attribute__((vector_size(64)));
+#define LOAD16(dst, p) memcpy(&(dst), (p), sizeof(dst))
+
+/* The sum of a head's products: 8 lanes, lane j summing features i = j (mod 8) in order
+ * (two interleaved accumulators then added), then the lanes in pairs:
+ * ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), then features past the last 8.
+ * head_dot and head_dots8 both follow it, so a score never depends on which ran. */
+
+// the 8 lanes' pairwise total of a (8,) (macros, not functions: see LOAD8)
+#define LANES_SUM(a) ((((a)[0] + (a)[1]) + ((a)[2] + (a)[3])) + (((a)[4] + (a)[5]) + ((a)[6] + (a)[7])))
 
 // q (hs,) . k (hs,)
 static inline float head_dot(const float *q, const float *k, int hs) {
@@ -214,17 +224,79 @@ static inline float head_dot(const float *q, const float *k, int hs) {
         LOAD8(b0, k + i);
         acc0 += a0 * b0;
     }
-    v8f a = acc0 + acc1;
-    float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    const v8f lanes = acc0 + acc1;
+    float s = LANES_SUM(lanes);
     for (; i < hs; i++) s += q[i] * k[i];
     return s;
 }
 
+// pairwise sums of neighbouring lanes: (x0+x1, x2+x3, y0+y1, y2+y3, x4+x5, x6+x7, y4+y5, y6+y7)
+#define PAIR_SUMS(x, y)                                                                            \
+    (__builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15))
+
+// out[j] = scale * q (hs,) . k[j * stride] (hs,) for 8 keys j, each exactly as head_dot sums
+// it: the keys' lane totals are formed together (three rounds of pair_sums and one add
+// replace eight separate reductions), and q is loaded once for all eight keys
+static inline void head_dots8(float *out, const float *q, const float *k, int64_t stride, int hs, float scale) {
+    /* 16 features at a time: lanes 0-7 are head_dot's acc0, lanes 8-15 its acc1 */
+    v16f acc16[8];
+    for (int j = 0; j < 8; j++) acc16[j] = (v16f){0};
+    int i = 0;
+    for (; i + 16 <= hs; i += 16) {
+        v16f q16;
+        LOAD16(q16, q + i);
+        for (int j = 0; j < 8; j++) {
+            v16f k16;
+            LOAD16(k16, k + j * stride + i);
+            acc16[j] += q16 * k16;
+        }
+    }
+    v8f acc0[8], acc1[8];
+    for (int j = 0; j < 8; j++) {
+        acc0[j] = __builtin_shufflevector(acc16[j], acc16[j], 0, 1, 2, 3, 4, 5, 6, 7);
+        acc1[j] = __builtin_shufflevector(acc16[j], acc16[j], 8, 9, 10, 11, 12, 13, 14, 15);
+    }
+    for (; i + 8 <= hs; i += 8) {
+        v8f q0;
+        LOAD8(q0, q + i);
+        for (int j = 0; j < 8; j++) {
+            v8f k0;
+            LOAD8(k0, k + j * stride + i);
+            acc0[j] += q0 * k0;
+        }
+    }
+    v8f a[8];
+    for (int j = 0; j < 8; j++) a[j] = acc0[j] + acc1[j];
+    /* lane j of quad0 is key j's (l0+l1)+(l2+l3) for j < 4, lane 4 + j its (l4+l5)+(l6+l7) */
+    const v8f pair01 = PAIR_SUMS(a[0], a[1]), pair23 = PAIR_SUMS(a[2], a[3]);
+    const v8f pair45 = PAIR_SUMS(a[4], a[5]), pair67 = PAIR_SUMS(a[6], a[7]);
+    const v8f quad0 = PAIR_SUMS(pair01, pair23), quad1 = PAIR_SUMS(pair45, pair67);
+    v8f s = __builtin_shufflevector(quad0, quad1, 0, 1, 2, 3, 8, 9, 10, 11) +
+            __builtin_shufflevector(quad0, quad1, 4, 5, 6, 7, 12, 13, 14, 15);
+    for (; i < hs; i++)
+        for (int j = 0; j < 8; j++) s[j] += q[i] * k[j * stride + i];
+    for (int j = 0; j < 8; j++) out[j] = s[j] * scale;
+}
+
 // out (hs,) += sum_t p[t] * v[t * stride] (hs,) for t < nt, the running sum kept in
 // registers: through memory, each position would wait for the previous one's store.
+// Elementwise, so the vector width (16 lanes where hs allows, else 8) leaves the sums as
+// they are.
 static inline __attribute__((always_inline)) void weighted_values_fixed(float *out, const float *p,
                                                                         const float *v, int32_t stride,
                                                                         int32_t nt, const int hs) {
+    if (hs % 16 == 0) {
+        v16f acc[8];
+        for (int i = 0; i < hs / 16; i++) LOAD16(acc[i], out + 16 * i);
+        for (int32_t t = 0; t < nt; t++)
+            for (int i = 0; i < hs / 16; i++) {
+                v16f x;
+                LOAD16(x, v + (int64_t)t * stride + 16 * i);
+                acc[i] += p[t] * x;
+            }
+        for (int i = 0; i < hs / 16; i++) memcpy(out + 16 * i, &acc[i], sizeof acc[i]);
+        return;
+    }
     v8f acc[16];
     for (int i = 0; i < hs / 8; i++) LOAD8(acc[i], out + 8 * i);
     for (int32_t t = 0; t < nt; t++)
@@ -271,7 +343,9 @@ static void attend_head(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *tok
         for (int32_t t0 = 0; t0 < n_pos; t0 += block_size) {
             const float *k = lmd_kvseq_k(seq, l, t0) + kv_offset;
             const int32_t nt = n_pos - t0 < block_size ? n_pos - t0 : block_size;
-            for (int32_t t = 0; t < nt; t++) scores[t0 + t] = head_dot(q, k + (int64_t)t * kv_dim, hs) * scale;
+            int32_t t = 0;
+            for (; t + 8 <= nt; t += 8) head_dots8(scores + t0 + t, q, k + (int64_t)t * kv_dim, kv_dim, hs, scale);
+            for (; t < nt; t++) scores[t0 + t] = head_dot(q, k + (int64_t)t * kv_dim, hs) * scale;
         }
         lmd_softmax(scores, n_pos);
         float *out = m->att_out + b * Q + (int64_t)h * hs;
