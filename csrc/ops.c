@@ -423,17 +423,20 @@ static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint8_t *w
         }                                                                                           \
     }
 
-DEFINE_ROW_BLOCK(row_block_f32, tile_f32)
+DEFINE_ROW_BLOCK(row_block_f32_tiles, tile_f32)
 DEFINE_ROW_BLOCK(row_block_bf16, tile_bf16)
 DEFINE_ROW_BLOCK(row_block_q8_0_tiles, tile_q8_0)
 
-/* Q8_0 against a batch: four rows at a time are dequantized into a float buffer on the
- * stack, the very products the q8_0 tile forms in registers, and that buffer meets the
- * whole batch through the f32 tile. The q8_0 tile redoes its conversions for every slice
- * of inputs and, holding scales and accumulators, runs out of vector registers: it ran
- * at 2/3 of the f32 tile's speed. Same arithmetic on either path, so a batch row's
- * result does not depend on which one ran. Rows longer than this stay on the tiles. */
-#define Q8_0_STAGED_MAX_COLS 4096
+/* Batches through staged rows: four weight rows at a time are copied as floats into a
+ * cache-line-aligned buffer on the stack, which then meets the whole batch through the
+ * f32 tile. For q8_0 the copy is the dequantization, the very products the q8_0 tile
+ * forms in registers: that tile redoes its conversions for every slice of inputs and,
+ * holding scales and accumulators, runs out of vector registers (2/3 of the f32 tile's
+ * speed). For f32 the copy aligns rows that callers' arrays leave off cache lines
+ * (NumPy's are 16 bytes off: each vector load then straddles two lines, -12%) and keeps
+ * them in L1 while the batch passes. Same arithmetic on either path, so a batch row's
+ * result does not depend on which one ran. Longer rows stay on the tiles. */
+#define STAGED_MAX_COLS 4096
 
 // rows (nr, n) of q8_0 -> out (nr, n) floats; prefetches prefetch_bytes beyond each row
 static void dequantize_q8_0_rows(float *out, const uint8_t *w, size_t row_bytes, int nr, int64_t n,
@@ -452,17 +455,25 @@ static void dequantize_q8_0_rows(float *out, const uint8_t *w, size_t row_bytes,
     }
 }
 
-static void row_block_q8_0(float *out, const float *x, const uint8_t *w_q8, int64_t n, int64_t d, int64_t r0,
-                           int nr, int B, int by_halves) {
-    if (nr != ROW_BLOCK || B <= 2 || n > Q8_0_STAGED_MAX_COLS) {
-        row_block_q8_0_tiles(out, x, w_q8, n, d, r0, nr, B, by_halves);
-        return;
+// rows (nr, n) of f32 -> out (nr, n); prefetches prefetch_bytes beyond each row
+static void copy_f32_rows(float *out, const uint8_t *w, size_t row_bytes, int nr, int64_t n,
+                          int64_t prefetch_bytes) {
+    for (int r = 0; r < nr; r++) {
+        const uint8_t *row = w + (size_t)r * row_bytes;
+        for (int64_t k = 0; k < n * 4; k += 64) __builtin_prefetch(row + k + prefetch_bytes);
+        memcpy(out + r * n, row, (size_t)n * sizeof(float));
     }
-    float staged[4 * Q8_0_STAGED_MAX_COLS] __attribute__((aligned(64)));
-    const size_t row_bytes = lmd_row_bytes(LMD_Q8_0, n);
-    const int64_t prefetch_bytes = PREFETCH_AHEAD(r0, nr, d, n) / LMD_Q8_0_BLOCK * LMD_Q8_0_BLOCK_BYTES;
+}
+
+static void row_block_staged(float *out, const float *x, const uint8_t *w, lmd_dtype dtype, int64_t n, int64_t d,
+                             int64_t r0, int B) {
+    float staged[4 * STAGED_MAX_COLS] __attribute__((aligned(64)));
+    const size_t row_bytes = lmd_row_bytes(dtype, n);
+    const int64_t prefetch_bytes = (int64_t)row_bytes * ROW_BLOCK * (r0 + 2 * ROW_BLOCK <= d);
     for (int half = 0; half < 2; half++) {
-        dequantize_q8_0_rows(staged, w_q8 + (size_t)(r0 + 4 * half) * row_bytes, row_bytes, 4, n, prefetch_bytes);
+        const uint8_t *rows = w + (size_t)(r0 + 4 * half) * row_bytes;
+        if (dtype == LMD_Q8_0) dequantize_q8_0_rows(staged, rows, row_bytes, 4, n, prefetch_bytes);
+        else copy_f32_rows(staged, rows, row_bytes, 4, n, prefetch_bytes);
         for (int c0 = 0; c0 < B; c0 += MAX_TILE_C) {
             const int nc = B - c0 < MAX_TILE_C ? B - c0 : MAX_TILE_C;
 #define TILE_STAGED(nc_) tile_f32_rows(out, x, staged, 0, n, d, r0 + 4 * half, 4, c0, nc_)
@@ -477,6 +488,20 @@ static void row_block_q8_0(float *out, const float *x, const uint8_t *w_q8, int6
 #undef TILE_STAGED
         }
     }
+}
+
+static inline int stages(int nr, int B, int64_t n) { return nr == ROW_BLOCK && B > 2 && n <= STAGED_MAX_COLS; }
+
+static void row_block_f32(float *out, const float *x, const uint8_t *w, int64_t n, int64_t d, int64_t r0, int nr,
+                          int B, int by_halves) {
+    if (stages(nr, B, n)) row_block_staged(out, x, w, LMD_F32, n, d, r0, B);
+    else row_block_f32_tiles(out, x, w, n, d, r0, nr, B, by_halves);
+}
+
+static void row_block_q8_0(float *out, const float *x, const uint8_t *w, int64_t n, int64_t d, int64_t r0, int nr,
+                           int B, int by_halves) {
+    if (stages(nr, B, n)) row_block_staged(out, x, w, LMD_Q8_0, n, d, r0, B);
+    else row_block_q8_0_tiles(out, x, w, n, d, r0, nr, B, by_halves);
 }
 
 /* Parallel regions cost a few microseconds; below this many multiply-adds one thread is faster. */
