@@ -393,6 +393,49 @@ static void test_matmul_batch_and_thread_invariance(void) {
     CHECK(lmd_get_num_threads() >= 1);
 }
 
+/* Every output of an f32 or q8_0 matmul is bit-identical to lmd_dot of its (dequantized)
+ * weight row and input: the same lanes, the same FMAs, the same final tree, whichever tile,
+ * staging buffer or multi-row reduction produced it. Rows: a full block of 8 and 5 left
+ * over; columns: one vector, a multiple of 16, a ragged length, and past the staging limit. */
+static void test_matmul_equals_dot(void) {
+    const lmd_dtype dtypes[2] = {LMD_F32, LMD_Q8_0};
+    const int64_t cols_f[4] = {16, 768, 1003, 4112}, cols_q[4] = {32, 768, 1024, 4128};
+    const int batches[3] = {1, 2, 7};
+    const int64_t d = 13;
+    test_rng r = {43};
+    for (int di = 0; di < 2; di++)
+        for (int ci = 0; ci < 4; ci++) {
+            const int64_t n = dtypes[di] == LMD_F32 ? cols_f[ci] : cols_q[ci];
+            lmd_matrix w;
+            void *data = make_matrix(&w, &r, dtypes[di], d, n);
+            float *row = malloc((size_t)n * sizeof(float));
+            for (int bi = 0; bi < 3; bi++) {
+                const int B = batches[bi];
+                float *x = malloc((size_t)(B * n) * sizeof(float));
+                float *out = malloc((size_t)(B * d) * sizeof(float));
+                test_fill(&r, x, B * n, -1.0f, 1.0f);
+                lmd_matmul(out, x, &w, B);
+                int mismatches = 0;
+                for (int64_t i = 0; i < d; i++) {
+                    lmd_matrix_row(row, &w, i);
+                    for (int b = 0; b < B; b++) {
+                        const float want = lmd_dot(row, x + b * n, (int)n);
+                        mismatches += memcmp(&want, out + b * d + i, sizeof want) != 0;
+                    }
+                }
+                if (mismatches) {
+                    fprintf(stderr, "matmul %s n=%lld B=%d: %d outputs differ from lmd_dot\n",
+                            lmd_dtype_name(dtypes[di]), (long long)n, B, mismatches);
+                    test_failures++;
+                }
+                free(x);
+                free(out);
+            }
+            free(row);
+            free(data);
+        }
+}
+
 static void test_dot_axpy(void) {
     test_rng r = {51};
     err_meter md = {"dot", 0, 0}, ma = {"axpy", 0, 0};
@@ -616,6 +659,7 @@ int main(void) {
     test_q8_0_hand_cases();
     test_matmul_against_naive();
     test_matmul_batch_and_thread_invariance();
+    test_matmul_equals_dot();
     test_dot_axpy();
     test_norms();
     test_rope();
