@@ -470,55 +470,36 @@ static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint8_t *w
 
 DEFINE_ROW_BLOCK(row_block_f32_tiles, tile_f32)
 DEFINE_ROW_BLOCK(row_block_bf16, tile_bf16)
-DEFINE_ROW_BLOCK(row_block_q8_0_tiles, tile_q8_0)
+DEFINE_ROW_BLOCK(row_block_q8_0, tile_q8_0)
 
-/* Batches through staged rows: four weight rows at a time are copied as floats into a
- * cache-line-aligned buffer on the stack, which then meets the whole batch through the
- * f32 tile. For q8_0 the copy is the dequantization, the very products the q8_0 tile
- * forms in registers: that tile redoes its conversions for every slice of inputs and,
- * holding scales and accumulators, runs out of vector registers (2/3 of the f32 tile's
- * speed). For f32 the copy aligns rows that callers' arrays leave off cache lines
- * (NumPy's are 16 bytes off: each vector load then straddles two lines, -12%) and keeps
- * them in L1 while the batch passes. Same arithmetic on either path, so a batch row's
- * result does not depend on which one ran. Longer rows stay on the tiles. */
+/* f32 batches through staged rows: four weight rows at a time are copied into a
+ * cache-line-aligned buffer on the stack, which then meets the whole batch there, in L1.
+ * Rows off cache lines (NumPy's arrays sit 16 bytes off; safetensors and GGUF data
+ * anywhere) cost every vector load two lines: -12% at 256 inputs, and 2 x slower at 3
+ * and 4 (a beam step), so those are staged from 3 inputs on; aligned rows from
+ * STAGED_MIN_BATCH on, below which the copy costs more than it saves. Longer rows stay
+ * on the tiles. Same arithmetic either way. */
+#define STAGED_MIN_BATCH 8
+#define STAGED_MIN_BATCH_UNALIGNED 3
 #define STAGED_MAX_COLS 4096
 
-// rows (nr, n) of q8_0 -> out (nr, n) floats; prefetches prefetch_bytes beyond each row
-static void dequantize_q8_0_rows(float *out, const uint8_t *w, size_t row_bytes, int nr, int64_t n,
-                                 int64_t prefetch_bytes) {
-    for (int r = 0; r < nr; r++) {
-        const uint8_t *row = w + (size_t)r * row_bytes;
-        for (int64_t b = 0; b < n / LMD_Q8_0_BLOCK; b++) {
-            const uint8_t *block = row + b * LMD_Q8_0_BLOCK_BYTES;
-            __builtin_prefetch(block + prefetch_bytes);
-            uint16_t scale_bits;
-            memcpy(&scale_bits, block, 2);
-            const float scale = fp16_to_f32(scale_bits);
-            for (int j = 0; j < LMD_Q8_0_BLOCK; j += LMD_VEC_LANES)
-                vstore(out + r * n + b * LMD_Q8_0_BLOCK + j, vload_i8(block + 2 + j) * scale);
-        }
+static void row_block_f32(float *out, const float *x, const uint8_t *w, int64_t n, int64_t d, int64_t r0, int nr,
+                          int B, int by_halves) {
+    const size_t row_bytes = (size_t)n * sizeof(float);
+    const int aligned = (uintptr_t)(w + (size_t)r0 * row_bytes) % 64 == 0 && row_bytes % 64 == 0;
+    if (nr != ROW_BLOCK || B < (aligned ? STAGED_MIN_BATCH : STAGED_MIN_BATCH_UNALIGNED) || n > STAGED_MAX_COLS) {
+        row_block_f32_tiles(out, x, w, n, d, r0, nr, B, by_halves);
+        return;
     }
-}
-
-// rows (nr, n) of f32 -> out (nr, n); prefetches prefetch_bytes beyond each row
-static void copy_f32_rows(float *out, const uint8_t *w, size_t row_bytes, int nr, int64_t n,
-                          int64_t prefetch_bytes) {
-    for (int r = 0; r < nr; r++) {
-        const uint8_t *row = w + (size_t)r * row_bytes;
-        for (int64_t k = 0; k < n * 4; k += 64) __builtin_prefetch(row + k + prefetch_bytes);
-        memcpy(out + r * n, row, (size_t)n * sizeof(float));
-    }
-}
-
-static void row_block_staged(float *out, const float *x, const uint8_t *w, lmd_dtype dtype, int64_t n, int64_t d,
-                             int64_t r0, int B) {
     float staged[4 * STAGED_MAX_COLS] __attribute__((aligned(64)));
-    const size_t row_bytes = lmd_row_bytes(dtype, n);
+    /* the copy streams the rows: prefetch the next row block's as it goes */
     const int64_t prefetch_bytes = (int64_t)row_bytes * ROW_BLOCK * (r0 + 2 * ROW_BLOCK <= d);
     for (int half = 0; half < 2; half++) {
         const uint8_t *rows = w + (size_t)(r0 + 4 * half) * row_bytes;
-        if (dtype == LMD_Q8_0) dequantize_q8_0_rows(staged, rows, row_bytes, 4, n, prefetch_bytes);
-        else copy_f32_rows(staged, rows, row_bytes, 4, n, prefetch_bytes);
+        for (int r = 0; r < 4; r++) {
+            for (size_t k = 0; k < row_bytes; k += 64) __builtin_prefetch(rows + r * row_bytes + k + prefetch_bytes);
+            memcpy(staged + r * n, rows + r * row_bytes, row_bytes);
+        }
         for (int c0 = 0; c0 < B; c0 += MAX_TILE_C) {
             const int nc = B - c0 < MAX_TILE_C ? B - c0 : MAX_TILE_C;
 #define TILE_STAGED(nc_) tile_f32_rows(out, x, staged, 0, n, d, r0 + 4 * half, 4, c0, nc_)
@@ -533,20 +514,6 @@ static void row_block_staged(float *out, const float *x, const uint8_t *w, lmd_d
 #undef TILE_STAGED
         }
     }
-}
-
-static inline int stages(int nr, int B, int64_t n) { return nr == ROW_BLOCK && B > 2 && n <= STAGED_MAX_COLS; }
-
-static void row_block_f32(float *out, const float *x, const uint8_t *w, int64_t n, int64_t d, int64_t r0, int nr,
-                          int B, int by_halves) {
-    if (stages(nr, B, n)) row_block_staged(out, x, w, LMD_F32, n, d, r0, B);
-    else row_block_f32_tiles(out, x, w, n, d, r0, nr, B, by_halves);
-}
-
-static void row_block_q8_0(float *out, const float *x, const uint8_t *w, int64_t n, int64_t d, int64_t r0, int nr,
-                           int B, int by_halves) {
-    if (stages(nr, B, n)) row_block_staged(out, x, w, LMD_Q8_0, n, d, r0, B);
-    else row_block_q8_0_tiles(out, x, w, n, d, r0, nr, B, by_halves);
 }
 
 /* Parallel regions cost a few microseconds; below this many multiply-adds one thread is faster. */
