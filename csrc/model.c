@@ -237,7 +237,8 @@ static inline float head_dot(const float *q, const float *k, int hs) {
 // out[j] = scale * q (hs,) . k[j * stride] (hs,) for 8 keys j, each exactly as head_dot sums
 // it: the keys' lane totals are formed together (three rounds of pair_sums and one add
 // replace eight separate reductions), and q is loaded once for all eight keys
-static inline void head_dots8(float *out, const float *q, const float *k, int64_t stride, int hs, float scale) {
+static inline __attribute__((always_inline)) void head_dots8(float *out, const float *q, const float *k,
+                                                             int64_t stride, const int hs, float scale) {
     /* 16 features at a time: lanes 0-7 are head_dot's acc0, lanes 8-15 its acc1 */
     v16f acc16[8];
     for (int j = 0; j < 8; j++) acc16[j] = (v16f){0};
@@ -308,7 +309,8 @@ static inline __attribute__((always_inline)) void weighted_values_fixed(float *o
     for (int i = 0; i < hs / 8; i++) memcpy(out + 8 * i, &acc[i], sizeof acc[i]);
 }
 
-static void weighted_values(float *out, const float *p, const float *v, int32_t stride, int32_t nt, int hs) {
+static inline __attribute__((always_inline)) void weighted_values(float *out, const float *p, const float *v,
+                                                                  int32_t stride, int32_t nt, const int hs) {
     switch (hs) { /* the usual head sizes get unrolled register versions; axpy is elementwise, so
                    * the arithmetic is the same as the loop's */
     case 8: weighted_values_fixed(out, p, v, stride, nt, 8); break;
@@ -325,11 +327,13 @@ static void weighted_values(float *out, const float *p, const float *v, int32_t 
 #define ATTENTION_PARALLEL_MIN_WORK 100000
 
 // query head h of the chunk's tokens, q (B,Q) at pos[b] of seqs[token_seq[b]], against the
-// keys/values of layer l in the cache -> att_out (B,Q), the head's hs features
-static void attend_head(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int B, int32_t l,
-                        int h) {
+// keys/values of layer l in the cache -> att_out (B,Q), the head's hs features. Inlined
+// per usual head size (see attend_head) so the per-key loops have constant trip counts.
+static inline __attribute__((always_inline)) void attend_head_sized(lmd_model *m, lmd_kvseq *const *seqs,
+                                                                    const int32_t *token_seq, int B, int32_t l,
+                                                                    int h, const int hs) {
     const lmd_config *c = &m->config;
-    const int hs = c->head_dim, group = c->n_heads / c->n_kv_heads;
+    const int group = c->n_heads / c->n_kv_heads;
     const int64_t Q = (int64_t)c->n_heads * hs;
     const float scale = 1.0f / sqrtf((float)hs);
     const int32_t block_size = seqs[0]->pool->block_size, kv_dim = seqs[0]->pool->kv_dim;
@@ -355,6 +359,17 @@ static void attend_head(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *tok
             const int32_t nt = n_pos - t0 < block_size ? n_pos - t0 : block_size;
             weighted_values(out, scores + t0, v, kv_dim, nt, hs);
         }
+    }
+}
+
+static void attend_head(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int B, int32_t l, int h) {
+    switch (m->config.head_dim) {
+    case 8: attend_head_sized(m, seqs, token_seq, B, l, h, 8); break;
+    case 16: attend_head_sized(m, seqs, token_seq, B, l, h, 16); break;
+    case 32: attend_head_sized(m, seqs, token_seq, B, l, h, 32); break;
+    case 64: attend_head_sized(m, seqs, token_seq, B, l, h, 64); break;
+    case 128: attend_head_sized(m, seqs, token_seq, B, l, h, 128); break;
+    default: attend_head_sized(m, seqs, token_seq, B, l, h, m->config.head_dim);
     }
 }
 

@@ -691,9 +691,14 @@ void lmd_softmax(float *x, int n) {
         acc += e;
     }
     float sum = vsum(acc);
-    for (; k < n; k++) {
-        x[k] = exp_nonpositive(x[k] - max);
-        sum += x[k];
+    if (k < n) { /* the last n % LANES in one vector, padded with -inf (e^-inf = 0); added in order */
+        vf tail = vbroadcast(-INFINITY);
+        memcpy(&tail, x + k, (size_t)(n - k) * sizeof(float));
+        const vf e = vexp_nonpositive(tail - vmax_b);
+        for (int j = 0; k < n; k++, j++) {
+            x[k] = e[j];
+            sum += e[j];
+        }
     }
     float inv = 1.0f / sum;
     for (k = 0; k < n; k++) x[k] *= inv;
