@@ -711,10 +711,23 @@ void lmd_softmax_naive(float *x, int n) {
     for (int k = 0; k < n; k++) x[k] = (float)(exp(x[k] - max) / sum);
 }
 
+/* silu(g) up = g sigmoid(g) up, with e^-|g| <= 1 on either side (g e^g / (1 + e^g) for
+ * g < 0) so the vector exp serves both */
+static inline vf vswiglu(vf g, vf up) {
+    const vi negative = g < 0.0f;
+    const vf t = vexp_nonpositive(vselect(negative, g, -g));
+    return g * vselect(negative, t, vbroadcast(1.0f)) / (1.0f + t) * up;
+}
+
 void lmd_swiglu(float *gate, const float *up, int64_t n) {
-    for (int64_t k = 0; k < n; k++) {
-        float g = gate[k];
-        gate[k] = g / (1.0f + expf(-g)) * up[k];
+    int64_t k = 0;
+    for (; k + LMD_VEC_LANES <= n; k += LMD_VEC_LANES) vstore(gate + k, vswiglu(vload(gate + k), vload(up + k)));
+    if (k < n) { /* the rest in one zero-padded vector, the same function lane for lane */
+        vf g = vzero_f(), u = vzero_f();
+        memcpy(&g, gate + k, (size_t)(n - k) * sizeof(float));
+        memcpy(&u, up + k, (size_t)(n - k) * sizeof(float));
+        const vf out = vswiglu(g, u);
+        memcpy(gate + k, &out, (size_t)(n - k) * sizeof(float));
     }
 }
 

@@ -633,9 +633,9 @@ static void test_activations(void) {
     lmd_swiglu(fast, up, N);
     lmd_swiglu_naive(naive, up, N);
     CHECK(memcmp(up, x0, sizeof x0) == 0);
-    /* expf within an ulp, then +, /, *: a few u relative; a tiny absolute slack where
-     * silu(g) itself underflows (g << 0) */
-    for (int k = 0; k < N; k++) METER(ms, fast[k], naive[k], 5 * U * fabs(naive[k]) + 1e-36);
+    /* the vector exp within 2e-7 (3.4 u) relative, then +, /, and two products: 8 u
+     * relative; a tiny absolute slack where silu(g) itself underflows (g << 0) */
+    for (int k = 0; k < N; k++) METER(ms, fast[k], naive[k], 8 * U * fabs(naive[k]) + 1e-36);
     CHECK(fast[0] == 0.0f && fast[3] == 100.0f * up[3]);
 
     test_fill(&r, g, N, -8.0f, 8.0f);
