@@ -120,7 +120,20 @@ void lmd_model_free(lmd_model *m) {
     free(m->scores);
     free(m->inv_freq);
     free(m->pos);
+    free(m->x_bf16);
     free(m);
+}
+
+// whether any weight matrix is stored as bf16 (the model then keeps a rounded-inputs scratch)
+static int any_bf16(const lmd_config *config, const lmd_weights *w) {
+    int any = w->output.dtype == LMD_BF16;
+    for (int32_t l = 0; l < config->n_layers; l++) {
+        const lmd_layer_weights *lw = &w->layers[l];
+        any |= lw->wq.dtype == LMD_BF16 || lw->wk.dtype == LMD_BF16 || lw->wv.dtype == LMD_BF16 ||
+               lw->wo.dtype == LMD_BF16 || lw->w_up.dtype == LMD_BF16 || lw->w_down.dtype == LMD_BF16 ||
+               (config->arch == LMD_ARCH_LLAMA && lw->w_gate.dtype == LMD_BF16);
+    }
+    return any;
 }
 
 lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_weights *weights,
@@ -153,6 +166,14 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
     m->scores = lmd_alloc_aligned((size_t)config->n_heads * config->context_length * sizeof(float));
     m->inv_freq = malloc(((size_t)config->head_dim / 2 + 1) * sizeof(float));
     m->pos = malloc(B * sizeof(int32_t));
+    if (any_bf16(config, weights)) {
+        const size_t widest = D > Q ? (D > H ? D : H) : (Q > H ? Q : H);
+        m->x_bf16 = lmd_alloc_aligned(B * widest * sizeof(uint16_t));
+        if (m->x_bf16 == NULL) {
+            lmd_model_free(m);
+            return lmd_fail(err, LMD_ERR_NOMEM, "out of memory allocating the run state for %d tokens", max_batch);
+        }
+    }
     if (!m->layer_storage || !m->x || !m->xb || !m->xb2 || !m->q || !m->k || !m->v || !m->att_out ||
         !m->hb || !m->hb2 || !m->scores || !m->inv_freq || !m->pos) {
         lmd_model_free(m);
@@ -171,6 +192,11 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
 /* ------------------------------------------------------------------ */
 /* forward                                                              */
 /* ------------------------------------------------------------------ */
+
+// W @ x for the chunk's B rows, with the model's scratch for inputs rounded to bf16
+static void matmul(lmd_model *m, float *out, const float *x, const lmd_matrix *w, int B) {
+    lmd_matmul_scratch(out, x, w, B, m->x_bf16);
+}
 
 static void add_bias(float *x, const float *bias, int B, int64_t n) {
     if (bias == NULL) return;
@@ -405,9 +431,9 @@ static void run_layers(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *toke
         const lmd_layer_weights *lw = &w->layers[l];
         // attention sublayer: x += wo @ attention(norm(x))
         norm(m, m->xb, m->x, lw->attn_norm, lw->attn_norm_bias, B);
-        lmd_matmul(m->q, m->xb, &lw->wq, B);
-        lmd_matmul(m->k, m->xb, &lw->wk, B);
-        lmd_matmul(m->v, m->xb, &lw->wv, B);
+        matmul(m, m->q, m->xb, &lw->wq, B);
+        matmul(m, m->k, m->xb, &lw->wk, B);
+        matmul(m, m->v, m->xb, &lw->wv, B);
         add_bias(m->q, lw->bq, B, Q);
         add_bias(m->k, lw->bk, B, K);
         add_bias(m->v, lw->bv, B, K);
@@ -421,21 +447,21 @@ static void run_layers(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *toke
             memcpy(lmd_kvseq_v(seq, l, m->pos[b]), m->v + b * K, (size_t)K * sizeof(float));
         }
         attention(m, seqs, token_seq, B, l);
-        lmd_matmul(m->xb2, m->att_out, &lw->wo, B);
+        matmul(m, m->xb2, m->att_out, &lw->wo, B);
         add_bias(m->xb2, lw->bo, B, D);
         add_residual(m->x, m->xb2, B * D);
 
         // feed-forward sublayer: x += down(act(up(norm(x))))
         norm(m, m->xb, m->x, lw->ffn_norm, lw->ffn_norm_bias, B);
-        lmd_matmul(m->hb2, m->xb, &lw->w_up, B);
+        matmul(m, m->hb2, m->xb, &lw->w_up, B);
         add_bias(m->hb2, lw->b_up, B, H);
         if (gpt2) {
             lmd_gelu_tanh(m->hb2, B * H);
-            lmd_matmul(m->xb2, m->hb2, &lw->w_down, B);
+            matmul(m, m->xb2, m->hb2, &lw->w_down, B);
         } else {
-            lmd_matmul(m->hb, m->xb, &lw->w_gate, B);
+            matmul(m, m->hb, m->xb, &lw->w_gate, B);
             lmd_swiglu(m->hb, m->hb2, B * H);
-            lmd_matmul(m->xb2, m->hb, &lw->w_down, B);
+            matmul(m, m->xb2, m->hb, &lw->w_down, B);
         }
         add_bias(m->xb2, lw->b_down, B, D);
         add_residual(m->x, m->xb2, B * D);
@@ -533,7 +559,7 @@ lmd_status lmd_model_forward(lmd_model *m, lmd_kvseq *const *seqs, int32_t n_seq
                 run++;
             }
             norm(m, m->xb, m->xb, m->weights.final_norm, m->weights.final_norm_bias, run);
-            lmd_matmul(logits + (int64_t)i * V, m->xb, &m->weights.output, run);
+            matmul(m, logits + (int64_t)i * V, m->xb, &m->weights.output, run);
             i += run;
         }
     }

@@ -294,8 +294,9 @@ static ALWAYS_INLINE void tile_f32_rows(float *out, const float *x, const float 
         }
 }
 
-static ALWAYS_INLINE void tile_f32(float *out, const float *x, const uint8_t *w, int64_t n, int64_t d,
-                                   int64_t r0, int nr, int c0, int nc) {
+static ALWAYS_INLINE void tile_f32(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,
+                                   int64_t d, int64_t r0, int nr, int c0, int nc) {
+    (void)xb;
     tile_f32_rows(out, x, (const float *)(const void *)w + r0 * n,
                   (int64_t)sizeof(float) * PREFETCH_AHEAD(r0, nr, d, n), n, d, r0, nr, c0, nc);
 }
@@ -317,18 +318,19 @@ static inline float bf16_tail_sum(float s, const uint8_t *wr, const float *xc, i
  * bf16 (nearest even), 32 at a time, and each instruction adds 32 products into 16
  * float lanes, twice the multiply-adds of a float FMA. llama.cpp multiplies bf16
  * weights the same way. The last n % 32 inputs stay float. */
-static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint8_t *w, int64_t n,
-                                    int64_t d, int64_t r0, int nr, int c0, int nc) {
-    __m512 acc[MAX_TILE_R][MAX_TILE_C];
-    const int64_t prefetch_ahead = 2 * PREFETCH_AHEAD(r0, nr, d, n);
-    for (int r = 0; r < nr; r++)
-        for (int c = 0; c < nc; c++) acc[r][c] = _mm512_setzero_ps();
-    const int64_t n32 = n - n % 32;
+// the k steps of a bf16 tile into acc; inputs from xb (B, n32) already rounded, or rounded here
+static ALWAYS_INLINE void bf16_steps(__m512 acc[MAX_TILE_R][MAX_TILE_C], const float *x, const uint16_t *xb,
+                                     const uint8_t *w, int64_t n, int64_t n32, int64_t r0, int nr, int c0, int nc,
+                                     int64_t prefetch_ahead, const int rounded) {
     for (int64_t k = 0; k < n32; k += 32) {
         __m512bh xv[MAX_TILE_C];
         for (int c = 0; c < nc; c++) {
-            const float *xc = x + (int64_t)(c0 + c) * n + k;
-            xv[c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xc + 16), _mm512_loadu_ps(xc));
+            if (rounded) {
+                xv[c] = (__m512bh)_mm512_loadu_si512((const void *)(xb + (int64_t)(c0 + c) * n32 + k));
+            } else {
+                const float *xc = x + (int64_t)(c0 + c) * n + k;
+                xv[c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xc + 16), _mm512_loadu_ps(xc));
+            }
         }
         for (int r = 0; r < nr; r++) {
             const uint8_t *wr = w + ((r0 + r) * n + k) * 2;
@@ -337,6 +339,17 @@ static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint8_t *w
             for (int c = 0; c < nc; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv, xv[c]);
         }
     }
+}
+
+static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,
+                                    int64_t d, int64_t r0, int nr, int c0, int nc) {
+    __m512 acc[MAX_TILE_R][MAX_TILE_C];
+    const int64_t prefetch_ahead = 2 * PREFETCH_AHEAD(r0, nr, d, n);
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) acc[r][c] = _mm512_setzero_ps();
+    const int64_t n32 = n - n % 32;
+    if (xb != NULL) bf16_steps(acc, x, xb, w, n, n32, r0, nr, c0, nc, prefetch_ahead, 1);
+    else bf16_steps(acc, x, xb, w, n, n32, r0, nr, c0, nc, prefetch_ahead, 0);
     if (n32 == n && nr % 4 == 0) {
         for (int r = 0; r < nr; r += 4)
             for (int c = 0; c < nc; c++)
@@ -354,8 +367,9 @@ static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint8_t *w
 }
 #else
 #define LMD_BF16_DOT 0
-static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint8_t *w, int64_t n,
+static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,
                                     int64_t d, int64_t r0, int nr, int c0, int nc) {
+    (void)xb;
     vf acc[MAX_TILE_R][MAX_TILE_C];
     const int64_t prefetch_ahead = 2 * PREFETCH_AHEAD(r0, nr, d, n);
     for (int r = 0; r < nr; r++)
@@ -380,11 +394,25 @@ static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint8_t *w
 
 int lmd_bf16_rounds_inputs(void) { return LMD_BF16_DOT; }
 
+#if LMD_BF16_DOT
+// x (B, n) -> xb (B, n - n % 32): each input rounded to bf16 once, as tile_bf16 rounds it
+static void round_inputs_bf16(uint16_t *xb, const float *x, int B, int64_t n) {
+    const int64_t n32 = n - n % 32;
+    for (int b = 0; b < B; b++)
+        for (int64_t k = 0; k < n32; k += 32) {
+            const float *xc = x + (int64_t)b * n + k;
+            _mm512_storeu_si512((void *)(xb + (int64_t)b * n32 + k),
+                                (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xc + 16), _mm512_loadu_ps(xc)));
+        }
+}
+#endif
+
 /* Q8_0: each block's 32 weights are scaled to floats once and then used against
  * all nc batch rows, so the work per weight byte stays small. Pointers are
  * stepped as in tile_f32. */
-static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint8_t *w, int64_t n,
+static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,
                                     int64_t d, int64_t r0, int nr, int c0, int nc) {
+    (void)xb;
     vf acc[MAX_TILE_R][MAX_TILE_C];
     const int64_t prefetch_bytes = PREFETCH_AHEAD(r0, nr, d, n) / LMD_Q8_0_BLOCK * LMD_Q8_0_BLOCK_BYTES;
     const int64_t n_blocks = n / LMD_Q8_0_BLOCK;
@@ -435,27 +463,27 @@ static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint8_t *w
  * accumulators and 10 loads per 24 FMAs in AVX-512's 32 registers). */
 #define TILE_ANY_C(tile, r0, nr, c0, nc)                                                            \
     switch (nc) {                                                                                   \
-    case 1: tile(out, x, w, n, d, r0, nr, c0, 1); break;                                            \
-    case 2: tile(out, x, w, n, d, r0, nr, c0, 2); break;                                            \
-    case 3: tile(out, x, w, n, d, r0, nr, c0, 3); break;                                            \
-    case 4: tile(out, x, w, n, d, r0, nr, c0, 4); break;                                            \
-    case 5: tile(out, x, w, n, d, r0, nr, c0, 5); break;                                            \
-    default: tile(out, x, w, n, d, r0, nr, c0, 6); break;                                           \
+    case 1: tile(out, x, xb, w, n, d, r0, nr, c0, 1); break;                                            \
+    case 2: tile(out, x, xb, w, n, d, r0, nr, c0, 2); break;                                            \
+    case 3: tile(out, x, xb, w, n, d, r0, nr, c0, 3); break;                                            \
+    case 4: tile(out, x, xb, w, n, d, r0, nr, c0, 4); break;                                            \
+    case 5: tile(out, x, xb, w, n, d, r0, nr, c0, 5); break;                                            \
+    default: tile(out, x, xb, w, n, d, r0, nr, c0, 6); break;                                           \
     }
 
 #define DEFINE_ROW_BLOCK(name, tile)                                                                \
-    static void name(float *out, const float *x, const uint8_t *w, int64_t n, int64_t d,            \
-                     int64_t r0, int nr, int B, int by_halves) {                                    \
+    static void name(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,  \
+                     int64_t d, int64_t r0, int nr, int B, int by_halves) {                         \
         if (nr == ROW_BLOCK && B <= 2) { /* decode: eight rows at once */                           \
-            if (B == 1) tile(out, x, w, n, d, r0, 8, 0, 1);                                         \
-            else tile(out, x, w, n, d, r0, 8, 0, 2);                                                \
+            if (B == 1) tile(out, x, xb, w, n, d, r0, 8, 0, 1);                                         \
+            else tile(out, x, xb, w, n, d, r0, 8, 0, 2);                                                \
         } else if (nr == ROW_BLOCK) {                                                               \
-            /* two 4-row halves x the batch's MAX_TILE_Cs of MAX_TILE_C rows; by_halves picks the   */  \
-            /* order (half-major keeps four rows in L1 while all MAX_TILE_Cs pass)                 */  \
-            const int n_MAX_TILE_Cs = (B + MAX_TILE_C - 1) / MAX_TILE_C;                                 \
-            for (int i = 0; i < 2 * n_MAX_TILE_Cs; i++) {                                                \
-                int half = by_halves ? i / n_MAX_TILE_Cs : i % 2;                                        \
-                int c0 = (by_halves ? i % n_MAX_TILE_Cs : i / 2) * MAX_TILE_C;                           \
+            /* two 4-row halves x the batch's slices of MAX_TILE_C rows; by_halves picks the   */  \
+            /* order (half-major keeps four rows in L1 while all slices pass)                 */  \
+            const int n_slices = (B + MAX_TILE_C - 1) / MAX_TILE_C;                                 \
+            for (int i = 0; i < 2 * n_slices; i++) {                                                \
+                int half = by_halves ? i / n_slices : i % 2;                                        \
+                int c0 = (by_halves ? i % n_slices : i / 2) * MAX_TILE_C;                           \
                 int nc = B - c0 < MAX_TILE_C ? B - c0 : MAX_TILE_C;                                 \
                 TILE_ANY_C(tile, r0 + 4 * half, 4, c0, nc)                                          \
             }                                                                                       \
@@ -483,12 +511,12 @@ DEFINE_ROW_BLOCK(row_block_q8_0, tile_q8_0)
 #define STAGED_MIN_BATCH_UNALIGNED 3
 #define STAGED_MAX_COLS 4096
 
-static void row_block_f32(float *out, const float *x, const uint8_t *w, int64_t n, int64_t d, int64_t r0, int nr,
-                          int B, int by_halves) {
+static void row_block_f32(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n, int64_t d,
+                          int64_t r0, int nr, int B, int by_halves) {
     const size_t row_bytes = (size_t)n * sizeof(float);
     const int aligned = (uintptr_t)(w + (size_t)r0 * row_bytes) % 64 == 0 && row_bytes % 64 == 0;
     if (nr != ROW_BLOCK || B < (aligned ? STAGED_MIN_BATCH : STAGED_MIN_BATCH_UNALIGNED) || n > STAGED_MAX_COLS) {
-        row_block_f32_tiles(out, x, w, n, d, r0, nr, B, by_halves);
+        row_block_f32_tiles(out, x, xb, w, n, d, r0, nr, B, by_halves);
         return;
     }
     float staged[4 * STAGED_MAX_COLS] __attribute__((aligned(64)));
@@ -522,12 +550,24 @@ static void row_block_f32(float *out, const float *x, const uint8_t *w, int64_t 
 /* Bytes of L1 a tile's working set may take (L1d is 32-48 KB on current x86 cores). */
 #define L1_BUDGET (40 * 1024)
 
-void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B) {
+void lmd_matmul_scratch(float *out, const float *x, const lmd_matrix *w, int B, uint16_t *x_bf16) {
     const int64_t d = w->rows, n = w->cols;
     const int64_t n_row_blocks = (d + ROW_BLOCK - 1) / ROW_BLOCK;
-    void (*row_block)(float *, const float *, const uint8_t *, int64_t, int64_t, int64_t, int, int, int) =
+    void (*row_block)(float *, const float *, const uint16_t *, const uint8_t *, int64_t, int64_t, int64_t, int,
+                      int, int) =
         w->dtype == LMD_F32 ? row_block_f32 : w->dtype == LMD_BF16 ? row_block_bf16 : row_block_q8_0;
     const uint8_t *data = (const uint8_t *)w->data;
+    /* bf16 dot products read the inputs rounded to bf16: rounded once here, not again by
+     * every block of weight rows (1.5 x faster for a 256-token batch) */
+    const uint16_t *xb = NULL;
+#if LMD_BF16_DOT
+    if (w->dtype == LMD_BF16 && x_bf16 != NULL && n >= 32) {
+        round_inputs_bf16(x_bf16, x, B, n);
+        xb = x_bf16;
+    }
+#else
+    (void)x_bf16;
+#endif
     /* A batch passes a row block's eight weight rows MAX_TILE_C inputs at a time. When the
      * eight rows and one slice of inputs overflow L1 but four rows and the slice fit, each
      * half of the block meets the whole batch in turn instead (f32 rows of 768: +19%). */
@@ -540,16 +580,18 @@ void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B) {
 #pragma omp parallel for schedule(static) num_threads(lmd_get_num_threads())
         for (int64_t t = 0; t < n_row_blocks; t++) {
             int64_t r0 = t * ROW_BLOCK;
-            row_block(out, x, data, n, d, r0, d - r0 < ROW_BLOCK ? (int)(d - r0) : ROW_BLOCK, B, by_halves);
+            row_block(out, x, xb, data, n, d, r0, d - r0 < ROW_BLOCK ? (int)(d - r0) : ROW_BLOCK, B, by_halves);
         }
         return;
     }
 #endif
     for (int64_t t = 0; t < n_row_blocks; t++) {
         int64_t r0 = t * ROW_BLOCK;
-        row_block(out, x, data, n, d, r0, d - r0 < ROW_BLOCK ? (int)(d - r0) : ROW_BLOCK, B, by_halves);
+        row_block(out, x, xb, data, n, d, r0, d - r0 < ROW_BLOCK ? (int)(d - r0) : ROW_BLOCK, B, by_halves);
     }
 }
+
+void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B) { lmd_matmul_scratch(out, x, w, B, NULL); }
 
 void lmd_matmul_naive(float *out, const float *x, const lmd_matrix *w, int B) {
     const int64_t d = w->rows, n = w->cols;

@@ -62,6 +62,10 @@ int lmd_bf16_rounds_inputs(void);
 
 // W (d,n) @ x[b] (n,) -> out[b] (d,) for b < B; x (B,n), out (B,d). out must not alias x.
 void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B);
+/* lmd_matmul with scratch for the inputs rounded to bf16, x_bf16 (B, cols - cols % 32),
+ * or NULL: bf16 matrices then round the inputs once per call rather than once per
+ * block of weight rows. Other dtypes ignore it; results are identical either way. */
+void lmd_matmul_scratch(float *out, const float *x, const lmd_matrix *w, int B, uint16_t *x_bf16);
 void lmd_matmul_naive(float *out, const float *x, const lmd_matrix *w, int B);
 
 // out[b] = x[b] / sqrt(mean(x[b]^2) + eps) * weight, x (B,n), weight (n,); out may alias x.

@@ -436,6 +436,48 @@ static void test_matmul_equals_dot(void) {
         }
 }
 
+/* lmd_matmul_scratch (inputs rounded to bf16 once per call, for bf16 matrices) gives the
+ * very bits of lmd_matmul (rounding in every tile), for every dtype, batch and thread count,
+ * and leaves x alone. */
+static void test_matmul_scratch_is_identical(void) {
+    const lmd_dtype dtypes[3] = {LMD_F32, LMD_BF16, LMD_Q8_0};
+    const int64_t cols_f[4] = {31, 64, 100, 768}, cols_q[4] = {32, 64, 96, 768};
+    const int batches[4] = {1, 3, 7, 20};
+    const int64_t d = 13;
+    test_rng r = {47};
+    for (int di = 0; di < 3; di++)
+        for (int ci = 0; ci < 4; ci++) {
+            const int64_t n = dtypes[di] == LMD_Q8_0 ? cols_q[ci] : cols_f[ci];
+            lmd_matrix w;
+            void *data = make_matrix(&w, &r, dtypes[di], d, n);
+            for (int bi = 0; bi < 4; bi++)
+                for (int threads = 1; threads <= 2; threads++) {
+                    const int B = batches[bi];
+                    lmd_set_num_threads(threads);
+                    float *x = malloc((size_t)(B * n) * sizeof(float)), *x_copy = malloc((size_t)(B * n) * sizeof(float));
+                    float *plain = malloc((size_t)(B * d) * sizeof(float)), *with = malloc((size_t)(B * d) * sizeof(float));
+                    uint16_t *scratch = malloc((size_t)(B * n) * sizeof(uint16_t));
+                    test_fill(&r, x, B * n, -3.0f, 3.0f);
+                    memcpy(x_copy, x, (size_t)(B * n) * sizeof(float));
+                    lmd_matmul(plain, x, &w, B);
+                    lmd_matmul_scratch(with, x, &w, B, scratch);
+                    CHECK(memcmp(x, x_copy, (size_t)(B * n) * sizeof(float)) == 0);
+                    if (memcmp(plain, with, (size_t)(B * d) * sizeof(float)) != 0) {
+                        fprintf(stderr, "matmul %s n=%lld B=%d threads=%d: scratch changes the result\n",
+                                lmd_dtype_name(dtypes[di]), (long long)n, B, threads);
+                        test_failures++;
+                    }
+                    free(x);
+                    free(x_copy);
+                    free(plain);
+                    free(with);
+                    free(scratch);
+                }
+            free(data);
+        }
+    lmd_set_num_threads(0);
+}
+
 static void test_dot_axpy(void) {
     test_rng r = {51};
     err_meter md = {"dot", 0, 0}, ma = {"axpy", 0, 0};
@@ -660,6 +702,7 @@ int main(void) {
     test_matmul_against_naive();
     test_matmul_batch_and_thread_invariance();
     test_matmul_equals_dot();
+    test_matmul_scratch_is_identical();
     test_dot_axpy();
     test_norms();
     test_rope();
