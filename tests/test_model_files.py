@@ -306,3 +306,44 @@ def test_bad_cache_arguments():
     with pytest.raises(ValueError, match="appears twice"):
         model.forward_batch([[1], [1]], [a, a])
     assert len(a) == 0
+
+
+def _mapping_rss_bytes(path):
+    """Resident bytes of this process's mappings of `path` (Linux /proc/self/smaps)."""
+    total, current = 0, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 5 and "-" in fields[0] and ":" in fields[3]:  # a mapping's header line
+                current = fields[5] if len(fields) > 5 else None
+            elif fields and fields[0] == "Rss:" and current == str(path):
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+@pytest.mark.parametrize("dtype", ["bf16", "q8_0"])
+def test_converted_gguf_tensors_leave_the_resident_set(dtype, tmp_path):
+    """Weights are never held twice: F32 tensors converted into bf16/q8_0 storage must not stay
+    resident through the file mapping the model keeps (for its tokenizer metadata)."""
+    rng = np.random.default_rng(5)
+    D, H, L, V = 256, 512, 2, 4096
+    meta = {"llama.embedding_length": D, "llama.block_count": L, "llama.attention.head_count": 4,
+            "llama.attention.head_count_kv": 4, "llama.feed_forward_length": H, "llama.context_length": 64,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.rope.dimension_count": D // 4}
+    tensors = {"token_embd.weight": (rng.normal(0, 0.02, (V, D)), "F32"), "output_norm.weight": (np.ones(D), "F32"),
+               "output.weight": (rng.normal(0, 0.02, (V, D)), "F32")}
+    for i in range(L):
+        b = f"blk.{i}."
+        tensors.update({b + "attn_norm.weight": (np.ones(D), "F32"), b + "ffn_norm.weight": (np.ones(D), "F32")})
+        for name, shape in (("attn_q", (D, D)), ("attn_k", (D, D)), ("attn_v", (D, D)), ("attn_output", (D, D)),
+                            ("ffn_gate", (H, D)), ("ffn_up", (H, D)), ("ffn_down", (D, H))):
+            tensors[b + name + ".weight"] = (rng.normal(0, 0.02, shape), "F32")
+    path = tmp_path / "random-f32.gguf"
+    _write_gguf(path, "llama", meta, tensors)
+    matrix_bytes = sum(a.size * 4 for a, _ in tensors.values())
+    model = lmdecode.Model.load(path, dtype=dtype)
+    model.forward([1, 2, 3], model.new_cache(8))
+    assert model.config.dtype == dtype
+    resident = _mapping_rss_bytes(path)
+    assert resident < 0.05 * matrix_bytes, f"{resident} bytes of the {matrix_bytes}-byte F32 source stay resident"

@@ -45,9 +45,9 @@ class DecodingMixin:
             return None
         if getattr(self, "tokenizer_path", None) is not None:
             return tokenizers.load_tokenizer(self.tokenizer_path)
-        reader = getattr(self, "_keepalive", None)
-        if reader is not None and hasattr(reader, "fields"):
-            return tokenizers.Tokenizer.from_gguf_metadata(reader)
+        gguf_metadata = getattr(self, "_gguf_metadata", None)
+        if gguf_metadata is not None:
+            return tokenizers.Tokenizer.from_gguf_metadata(gguf_metadata)
         path = getattr(self, "path", None)
         if path is not None and path.is_dir() and (path / "tokenizer.json").exists():
             return tokenizers.load_tokenizer(path)

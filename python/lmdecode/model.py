@@ -132,7 +132,7 @@ class Model(DecodingMixin):
     :class:`lmdecode.decoding.DecodingMixin`."""
 
     def __init__(self, config: dict, tensors: dict, *, dtype: str | None = None, max_batch: int = 256,
-                 path=None, tokenizer_path=None, vocab=None, keepalive=None):
+                 path=None, tokenizer_path=None, vocab=None, gguf_metadata=None):
         storage = dtype if dtype is not None else loaders.default_storage(tensors)
         if storage not in loaders.STORAGE_DTYPES:
             raise ValueError(f"dtype (={dtype!r}) must be one of {', '.join(loaders.STORAGE_DTYPES)}")
@@ -146,7 +146,7 @@ class Model(DecodingMixin):
                                                 "n_kv_heads", "head_dim", "context_length", "norm_eps",
                                                 "rope_theta", "rope_layout")}
         self._engine = _core.Model(engine_config, arrays, max_batch)
-        self._keepalive = keepalive  # e.g. the GGUF reader whose mapping the arrays view
+        self._gguf_metadata = gguf_metadata  # a GGUF file's tokenizer.* values, for the tokenizer
         self.path = Path(path) if path is not None else None
         self.tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else None
         self.vocab = vocab
@@ -163,7 +163,7 @@ class Model(DecodingMixin):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file or directory")
-        vocab, tokenizer_path, keepalive = None, None, None
+        vocab, tokenizer_path, gguf_metadata = None, None, None
         if path.is_dir():
             config, tensors, extras = loaders.read_hf_dir(path)
         else:
@@ -171,7 +171,7 @@ class Model(DecodingMixin):
                 magic = f.read(4)
             if magic == b"GGUF":
                 config, tensors, extras = loaders.read_gguf(path)
-                vocab, keepalive = extras["vocab"], extras["reader"]
+                vocab, gguf_metadata = extras["vocab"], extras["tokenizer_metadata"]
             elif path.suffix == ".bin":
                 config, tensors, extras = loaders.read_llama2c(path)
                 loaders.check_config(path, config)
@@ -185,7 +185,7 @@ class Model(DecodingMixin):
         if tokenizer_path is not None and Path(tokenizer_path).suffix == ".bin":
             vocab = loaders.Llama2cVocab(tokenizer_path, config["vocab_size"]).pieces
         return cls(config, tensors, dtype=dtype, max_batch=max_batch, path=path, tokenizer_path=tokenizer_path,
-                   vocab=vocab, keepalive=keepalive)
+                   vocab=vocab, gguf_metadata=gguf_metadata)
 
     @classmethod
     def from_numpy(cls, config: dict, weights: dict, *, dtype: str | None = None, max_batch: int = 256) -> "Model":

@@ -21,7 +21,7 @@ import codecs
 import heapq
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,8 @@ class Tokenizer:
 
     @staticmethod
     def from_gguf_metadata(reader: Any) -> "Tokenizer":
-        """The tokenizer a GGUF file describes (``gguf.GGUFReader``)."""
+        """The tokenizer a GGUF file describes: a ``gguf.GGUFReader``, or a dict of its
+        ``tokenizer.*`` metadata values (what :func:`lmdecode.loaders.read_gguf` keeps)."""
         model = _gguf_field(reader, "tokenizer.ggml.model")
         if model == "llama":
             return ScoreBPETokenizer.from_gguf(reader)
@@ -359,13 +360,18 @@ class ByteLevelBPETokenizer(HFTokenizer):
 _MISSING = object()
 
 
-def _gguf_field(reader: Any, key: str, default: Any = _MISSING) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        if default is _MISSING:
-            raise ValueError(f"GGUF metadata lacks {key}")
-        return default
-    return field.contents()
+def _gguf_field(metadata: Any, key: str, default: Any = _MISSING) -> Any:
+    """A GGUF metadata value from a GGUFReader or from a dict of plain values (the key's contents)."""
+    if isinstance(metadata, Mapping):
+        if key in metadata:
+            return metadata[key]
+    else:
+        field = metadata.fields.get(key)
+        if field is not None:
+            return field.contents()
+    if default is _MISSING:
+        raise ValueError(f"GGUF metadata lacks {key}")
+    return default
 
 
 def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer:
