@@ -827,6 +827,8 @@ static double list_weight_sum(const lmd_sampler *s, const cand_list *L) {
 #define GROUP_SIZE (GROUP_BLOCKS * LMD_VEC_LANES)
 
 /* group_mass[g] = sum of w over tokens [g*GROUP_SIZE, (g+1)*GROUP_SIZE); returns their sum. */
+// Σ e^(z/t - ms) over the row in groups of GROUP_SIZE; group_mass (n_groups,) gets each
+// group's sum unless NULL
 static double row_group_masses(const float *z, int32_t vocab, float t, float ms,
                                float *group_mass) {
     double total = 0.0;
@@ -840,7 +842,7 @@ static double row_group_masses(const float *z, int32_t vocab, float t, float ms,
         float sum = 0.0f;
         for (int j = 0; j < LMD_VEC_LANES; j++) sum += acc[j];
         for (; i < end; i++) sum += exp_nonpositive(z[i] / t - ms);
-        group_mass[g] = sum;
+        if (group_mass != NULL) group_mass[g] = sum;
         total += sum;
     }
     return total;
@@ -1046,3 +1048,47 @@ lmd_status lmd_sample_rows(lmd_sampler *const *samplers, int n_samplers,
     }
     return LMD_OK;
 }
+
+/* ------------------------------------------------------------------ */
+/* scoring                                                              */
+/* ------------------------------------------------------------------ */
+
+lmd_status lmd_target_logprobs(const float *logits, int64_t row_stride, int32_t n_rows, int32_t vocab,
+                               const int32_t *targets, float *out, int32_t *failed_row, lmd_error *err) {
+    if (failed_row) *failed_row = -1;
+    if (n_rows < 0 || vocab < 1 || row_stride < vocab || (n_rows > 0 && (logits == NULL || targets == NULL || out == NULL)))
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "target_logprobs: bad shapes (n_rows=%d, vocab=%d)", (int)n_rows,
+                        (int)vocab);
+    /* every row is checked before any work, so the lowest bad row is the one reported */
+    for (int32_t r = 0; r < n_rows; r++) {
+        const float *z = logits + (int64_t)r * row_stride;
+        int32_t bad_index = -1;
+        const float z_max = targets[r] < 0 || targets[r] >= vocab ? 0.0f : row_max(z, vocab, &bad_index);
+        lmd_status st = LMD_OK;
+        if (targets[r] < 0 || targets[r] >= vocab)
+            st = lmd_fail(err, LMD_ERR_INVALID_ARG, "target (=%d) is not a token id in [0, %d)", (int)targets[r],
+                          (int)vocab);
+        else if (bad_index >= 0)
+            st = lmd_fail(err, LMD_ERR_INVALID_ARG, "logits[%d] is %s; logits must be finite or -inf", (int)bad_index,
+                          isnan(z[bad_index]) ? "NaN" : "+inf");
+        else if (z_max == -INFINITY)
+            st = lmd_fail(err, LMD_ERR_INVALID_ARG, "every logit is -inf");
+        if (st != LMD_OK) {
+            if (failed_row) *failed_row = r;
+            return st;
+        }
+    }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(lmd_get_num_threads()) \
+    if ((int64_t)n_rows * vocab >= PARALLEL_MIN_ELEMENTS && lmd_get_num_threads() > 1)
+#endif
+    for (int32_t r = 0; r < n_rows; r++) {
+        const float *z = logits + (int64_t)r * row_stride;
+        int32_t bad_index;
+        const float ms = row_max(z, vocab, &bad_index);
+        const float log_total = (float)log(row_group_masses(z, vocab, 1.0f, ms, NULL));
+        out[r] = (z[targets[r]] / 1.0f - ms) - log_total; /* write_row_logprobs' value at t = 1 */
+    }
+    return LMD_OK;
+}
+

@@ -116,4 +116,14 @@ lmd_status lmd_sample_rows(lmd_sampler *const *samplers, int n_samplers,
                            float *out_logprobs, int32_t *out_tokens, float *out_token_logprobs,
                            int32_t *failed_row, lmd_error *err);
 
+/*
+ * log softmax(row r)[targets[r]] for n_rows rows of vocab logits at row_stride, into out
+ * (n_rows,): the very value lmd_sample_row's out_logprobs holds for that token at
+ * temperature 1 with no processors, without writing whole rows (scoring a sequence needs
+ * one entry per row). Errors (target outside [0, vocab), NaN or +inf, a row of -inf)
+ * name the lowest failing row in *failed_row; nothing is written then.
+ */
+lmd_status lmd_target_logprobs(const float *logits, int64_t row_stride, int32_t n_rows, int32_t vocab,
+                               const int32_t *targets, float *out, int32_t *failed_row, lmd_error *err);
+
 #endif /* LMD_SAMPLING_H */

@@ -33,6 +33,38 @@ def test_sequence_logprob_bad_input():
         ld.sequence_logprob(np.zeros((2, 5)), [0.0, 1.0])
 
 
+@pytest.mark.parametrize("vocab", [1, 7, 16, 130, 5000])
+def test_sequence_logprob_is_log_softmax_at_the_targets_bit_for_bit(vocab):
+    """The scorer reads log softmax only at the targets (no (T, V) array); the values are the
+    ones ld.log_softmax holds there, including rows with masked (-inf) entries and large logits."""
+    rng = np.random.default_rng(vocab)
+    z = (rng.standard_normal((9, vocab)) * 6 + 40).astype(np.float32)
+    z[2, rng.random(vocab) < 0.5] = -np.inf
+    y = rng.integers(0, vocab, size=9)
+    z[2, y[2]] = 1.5  # the scored token of the masked row stays finite
+    before = z.copy()
+    s = ld.sequence_logprob(z, y)
+    want = ld.log_softmax(z)[np.arange(9), y]
+    np.testing.assert_array_equal(s.token_logprobs, want.astype(np.float64))
+    assert s.total == float(want.astype(np.float64).sum())
+    np.testing.assert_array_equal(z, before)  # the caller's logits are left alone
+    # a target on a masked entry has log-probability -inf, as log_softmax says
+    masked = int(np.flatnonzero(np.isneginf(z[2]))[0]) if np.isneginf(z[2]).any() else None
+    if masked is not None:
+        assert ld.sequence_logprob(z[2:3], [masked]).token_logprobs[0] == -np.inf
+
+
+def test_sequence_logprob_rejects_non_finite_rows_naming_them():
+    z = np.zeros((3, 8), dtype=np.float32)
+    z[1, 4] = np.nan
+    with pytest.raises(ValueError, match=r"row 1: logits\[4\] is NaN"):
+        ld.sequence_logprob(z, [0, 0, 0])
+    z[1, 4] = 0.0
+    z[2, :] = -np.inf
+    with pytest.raises(ValueError, match="row 2: every logit is -inf"):
+        ld.sequence_logprob(z, [0, 0, 0])
+
+
 def constant_model(x):
     """Logits [x, 0] at every position: token 0 always has log-prob x - log(e^x + 1)."""
     return lambda chunk: np.tile(np.array([x, 0.0], dtype=np.float32), (len(chunk), 1))

@@ -461,6 +461,56 @@ fail:
     return result;
 }
 
+/*
+ * target_logprobs(logits (T, V) float32, targets (T,) int32) -> (T,) float32:
+ * log softmax(logits[t])[targets[t]], as sample_rows' logprobs hold it at temperature 1
+ * (lmd_target_logprobs), without a (T, V) result. ValueError names the failing row.
+ */
+static PyObject *py_target_logprobs(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *logits_obj, *targets_obj, *result = NULL;
+    PyArrayObject *logits = NULL, *targets = NULL, *out = NULL;
+    if (!PyArg_ParseTuple(args, "OO", &logits_obj, &targets_obj)) return NULL;
+    if (as_array(logits_obj, NPY_FLOAT32, 2, "logits", &logits) ||
+        as_array(targets_obj, NPY_INT32, 1, "targets", &targets))
+        goto fail;
+    if (logits == NULL || targets == NULL) {
+        PyErr_SetString(PyExc_TypeError, "logits and targets must not be None");
+        goto fail;
+    }
+    const npy_intp n_rows = PyArray_DIM(logits, 0), vocab = PyArray_DIM(logits, 1);
+    if (vocab < 1 || vocab > INT32_MAX || n_rows > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "logits must have between 1 and %d columns, got %zd", INT32_MAX,
+                     (Py_ssize_t)vocab);
+        goto fail;
+    }
+    if (PyArray_DIM(targets, 0) != n_rows) {
+        PyErr_Format(PyExc_ValueError, "targets must have %zd entries (one per row of logits), got %zd",
+                     (Py_ssize_t)n_rows, (Py_ssize_t)PyArray_DIM(targets, 0));
+        goto fail;
+    }
+    npy_intp dims[1] = {n_rows};
+    if ((out = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_FLOAT32, 0)) == NULL) goto fail;
+    lmd_error err = {{0}};
+    int32_t failed_row = -1;
+    lmd_status st;
+    Py_BEGIN_ALLOW_THREADS;
+    st = lmd_target_logprobs(PyArray_DATA(logits), (int64_t)vocab, (int32_t)n_rows, (int32_t)vocab,
+                             PyArray_DATA(targets), PyArray_DATA(out), &failed_row, &err);
+    Py_END_ALLOW_THREADS;
+    if (st != LMD_OK) {
+        raise_row_status(st, &err, failed_row, "row");
+        goto fail;
+    }
+    result = (PyObject *)out;
+    out = NULL;
+fail:
+    Py_XDECREF(out);
+    Py_XDECREF(logits);
+    Py_XDECREF(targets);
+    return result;
+}
+
 /* validate_params(params (R, 12) float64) -> None; ValueError naming the first bad field. */
 static PyObject *py_validate_params(PyObject *self, PyObject *arg) {
     (void)self;
@@ -1723,6 +1773,8 @@ static PyMethodDef core_methods[] = {
     {"sample_rows", (PyCFunction)(void (*)(void))py_sample_rows, METH_VARARGS | METH_KEYWORDS,
      "Process and sample rows of logits (see sampling.py)."},
     {"validate_params", py_validate_params, METH_O, "Check a (R, 12) parameter table."},
+    {"target_logprobs", py_target_logprobs, METH_VARARGS,
+     "target_logprobs(logits (T, V), targets (T,)) -> log softmax(logits[t])[targets[t]] (T,) float32."},
     /* model bindings */
     {"model_forward", (PyCFunction)(void (*)(void))py_model_forward, METH_VARARGS | METH_KEYWORDS,
      "model_forward(model, seqs, tokens, token_seq, logit_index) -> logits (n_logits, vocab)."},

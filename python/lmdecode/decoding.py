@@ -131,13 +131,16 @@ class DecodingMixin:
             if not cont:
                 scores.append(SequenceScore(0.0, np.zeros(0)))
                 continue
-            rows = [first[None, :]]
+            # each part scored where it lies: concatenating (T, V) logits would copy them all
+            token_logprobs = [_sequence_logprob(first[None, :], np.asarray(cont[:1])).token_logprobs]
             if len(cont) > 1:
                 branch = cache.fork()
-                rows.append(self.forward(cont[:-1], branch, logits="all"))
+                rest = self.forward(cont[:-1], branch, logits="all")
                 del branch
-            score = _sequence_logprob(np.concatenate(rows), np.asarray(cont))
-            scores.append(SequenceScore(score.total, score.token_logprobs, tuple(cont)))
+                token_logprobs.append(_sequence_logprob(rest, np.asarray(cont[1:])).token_logprobs)
+                del rest
+            lp = np.concatenate(token_logprobs)
+            scores.append(SequenceScore(float(lp.sum()), lp, tuple(cont)))
         return scores if batch else scores[0]
 
     def perplexity(self, text_or_tokens: Any, *, window: int | None = None, stride: int | None = None,

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .sampling import log_softmax
+from . import _core
 
 __all__ = ["PerplexityResult", "SequenceScore", "perplexity", "perplexity_windows", "sequence_logprob"]
 
@@ -68,7 +68,9 @@ def sequence_logprob(logits: Any, targets: Any) -> SequenceScore:
         raise ValueError(f"targets[{bad}] (={y[bad]}) is not a token id in [0, {z.shape[1]})")
     if z.shape[0] == 0:
         return SequenceScore(0.0, np.zeros(0))
-    lp = log_softmax(z)[np.arange(z.shape[0]), y].astype(np.float64)
+    # log softmax at each target only: the values log_softmax(z) would hold there, without
+    # a second (T, V) array
+    lp = _core.target_logprobs(z, y.astype(np.int32)).astype(np.float64)
     return SequenceScore(float(lp.sum()), lp)
 
 
