@@ -2,6 +2,7 @@
  * naive sort-based reference, in C, so that the sanitizer build exercises
  * every path (prefilters, bucketed cuts, the dense draw, parallel rows). */
 #include <stdint.h>
+#include <string.h>
 
 #include "rng.h"
 #include "sampling.h"
@@ -374,6 +375,57 @@ static void test_rows_parallel_equals_serial(void) {
     lmd_sampler_free(pool[1]);
 }
 
+/* lmd_target_logprobs holds, for each row, exactly the entry lmd_sample_row's logprobs
+ * hold at the target (temperature 1, no processors), on 1 or 2 threads; its errors name
+ * the lowest failing row and write nothing. */
+static void test_target_logprobs(void) {
+    const int32_t rows = 40, vocab = 3001; /* rows * vocab crosses the parallel threshold */
+    lmd_sampler *s = sampler(vocab);
+    float *z = malloc(sizeof(float) * rows * vocab), *row_lp = malloc(sizeof(float) * vocab);
+    int32_t targets[40];
+    float got[40], want[40];
+    for (int64_t i = 0; i < (int64_t)rows * vocab; i++) z[i] = (float)(uniform01() * 30.0 - 10.0);
+    for (int32_t i = 0; i < vocab; i += 3) z[7 * vocab + i] = -INFINITY; /* a masked row */
+    lmd_sampling_params p;
+    lmd_sampling_params_default(&p);
+    lmd_error err;
+    for (int r = 0; r < rows; r++) {
+        targets[r] = r == 7 ? 3 : (int32_t)((r * 7919) % vocab); /* row 7 scores a masked token */
+        CHECK(lmd_sample_row(s, &p, NULL, z + (int64_t)r * vocab, vocab, -1.0, row_lp, NULL, NULL, &err) == LMD_OK);
+        want[r] = row_lp[targets[r]];
+    }
+    CHECK(want[7] == -INFINITY);
+    int32_t failed = 0;
+    for (int threads = 1; threads <= 2; threads++) {
+        lmd_set_num_threads(threads);
+        CHECK(lmd_target_logprobs(z, vocab, rows, vocab, targets, got, &failed, &err) == LMD_OK);
+        CHECK(failed == -1);
+        CHECK(memcmp(got, want, sizeof got) == 0);
+    }
+    lmd_set_num_threads(0);
+    /* errors: the lowest failing row, and out untouched */
+    float untouched[40];
+    for (int r = 0; r < rows; r++) untouched[r] = got[r] = 123.0f;
+    targets[9] = vocab;
+    z[4 * vocab + 17] = INFINITY;
+    CHECK(lmd_target_logprobs(z, vocab, rows, vocab, targets, got, &failed, &err) == LMD_ERR_INVALID_ARG);
+    CHECK(failed == 4);
+    CHECK_MSG_CONTAINS(err, "logits[17] is +inf");
+    z[4 * vocab + 17] = 0.0f;
+    CHECK(lmd_target_logprobs(z, vocab, rows, vocab, targets, got, &failed, &err) == LMD_ERR_INVALID_ARG);
+    CHECK(failed == 9);
+    CHECK_MSG_CONTAINS(err, "not a token id");
+    targets[9] = 0;
+    for (int32_t i = 0; i < vocab; i++) z[11 * vocab + i] = -INFINITY;
+    CHECK(lmd_target_logprobs(z, vocab, rows, vocab, targets, got, &failed, &err) == LMD_ERR_INVALID_ARG);
+    CHECK(failed == 11);
+    CHECK_MSG_CONTAINS(err, "every logit is -inf");
+    CHECK(memcmp(got, untouched, sizeof got) == 0);
+    free(z);
+    free(row_lp);
+    lmd_sampler_free(s);
+}
+
 int main(void) {
     test_philox_known_answers();
     test_seed_examples();
@@ -382,6 +434,7 @@ int main(void) {
     test_against_naive();
     test_draw_frequencies();
     test_rows_parallel_equals_serial();
+    test_target_logprobs();
     lmd_sampler_free(NULL);
     return test_report("test_sampling");
 }
