@@ -258,10 +258,11 @@ static inline float head_dot(const float *q, const float *k, int hs) {
 
 // pairwise sums of neighbouring lanes: (x0+x1, x2+x3, y0+y1, y2+y3, x4+x5, x6+x7, y4+y5, y6+y7)
 #define PAIR_SUMS(x, y)                                                                            \
-    (__builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15))
+    (__builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) +                                    \
+     __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15))
 
 // out[j] = scale * q (hs,) . k[j * stride] (hs,) for 8 keys j, each exactly as head_dot sums
-// it: the keys' lane totals are formed together (three rounds of pair_sums and one add
+// it: the keys' lane totals are formed together (three rounds of PAIR_SUMS and one add
 // replace eight separate reductions), and q is loaded once for all eight keys
 static inline __attribute__((always_inline)) void head_dots8(float *out, const float *q, const float *k,
                                                              int64_t stride, const int hs, float scale) {

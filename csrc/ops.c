@@ -240,7 +240,8 @@ static inline __m128 sum4(vf a_, vf b_, vf c_, vf d_) {
     const __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
     const __m512 pairs = _mm512_add_ps(q, _mm512_permute_ps(q, 0x4E));          /* lanes j + j+2 */
     const __m512 totals = _mm512_add_ps(pairs, _mm512_permute_ps(pairs, 0xB1)); /* lanes j + j+1 */
-    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), totals));
+    const __m512i lanes_0_4_8_12 = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(lanes_0_4_8_12, totals));
 }
 #else
 #define LMD_SUM4 0
@@ -409,7 +410,7 @@ static void round_inputs_bf16(uint16_t *xb, const float *x, int B, int64_t n) {
 
 /* Q8_0: each block's 32 weights are scaled to floats once and then used against
  * all nc batch rows, so the work per weight byte stays small. Pointers are
- * stepped as in tile_f32. */
+ * stepped as in tile_f32_rows. */
 static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,
                                     int64_t d, int64_t r0, int nr, int c0, int nc) {
     (void)xb;
@@ -463,23 +464,23 @@ static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint16_t *
  * accumulators and 10 loads per 24 FMAs in AVX-512's 32 registers). */
 #define TILE_ANY_C(tile, r0, nr, c0, nc)                                                            \
     switch (nc) {                                                                                   \
-    case 1: tile(out, x, xb, w, n, d, r0, nr, c0, 1); break;                                            \
-    case 2: tile(out, x, xb, w, n, d, r0, nr, c0, 2); break;                                            \
-    case 3: tile(out, x, xb, w, n, d, r0, nr, c0, 3); break;                                            \
-    case 4: tile(out, x, xb, w, n, d, r0, nr, c0, 4); break;                                            \
-    case 5: tile(out, x, xb, w, n, d, r0, nr, c0, 5); break;                                            \
-    default: tile(out, x, xb, w, n, d, r0, nr, c0, 6); break;                                           \
+    case 1: tile(out, x, xb, w, n, d, r0, nr, c0, 1); break;                                        \
+    case 2: tile(out, x, xb, w, n, d, r0, nr, c0, 2); break;                                        \
+    case 3: tile(out, x, xb, w, n, d, r0, nr, c0, 3); break;                                        \
+    case 4: tile(out, x, xb, w, n, d, r0, nr, c0, 4); break;                                        \
+    case 5: tile(out, x, xb, w, n, d, r0, nr, c0, 5); break;                                        \
+    default: tile(out, x, xb, w, n, d, r0, nr, c0, 6); break;                                       \
     }
 
 #define DEFINE_ROW_BLOCK(name, tile)                                                                \
-    static void name(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,  \
+    static void name(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,   \
                      int64_t d, int64_t r0, int nr, int B, int by_halves) {                         \
         if (nr == ROW_BLOCK && B <= 2) { /* decode: eight rows at once */                           \
-            if (B == 1) tile(out, x, xb, w, n, d, r0, 8, 0, 1);                                         \
-            else tile(out, x, xb, w, n, d, r0, 8, 0, 2);                                                \
+            if (B == 1) tile(out, x, xb, w, n, d, r0, 8, 0, 1);                                     \
+            else tile(out, x, xb, w, n, d, r0, 8, 0, 2);                                            \
         } else if (nr == ROW_BLOCK) {                                                               \
-            /* two 4-row halves x the batch's slices of MAX_TILE_C rows; by_halves picks the   */  \
-            /* order (half-major keeps four rows in L1 while all slices pass)                 */  \
+            /* two 4-row halves x the batch's slices of MAX_TILE_C rows; by_halves picks the   */   \
+            /* order (half-major keeps four rows in L1 while all slices pass)                 */    \
             const int n_slices = (B + MAX_TILE_C - 1) / MAX_TILE_C;                                 \
             for (int i = 0; i < 2 * n_slices; i++) {                                                \
                 int half = by_halves ? i / n_slices : i % 2;                                        \
@@ -591,7 +592,9 @@ void lmd_matmul_scratch(float *out, const float *x, const lmd_matrix *w, int B, 
     }
 }
 
-void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B) { lmd_matmul_scratch(out, x, w, B, NULL); }
+void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B) {
+    lmd_matmul_scratch(out, x, w, B, NULL);
+}
 
 void lmd_matmul_naive(float *out, const float *x, const lmd_matrix *w, int B) {
     const int64_t d = w->rows, n = w->cols;

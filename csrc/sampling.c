@@ -1056,9 +1056,10 @@ lmd_status lmd_sample_rows(lmd_sampler *const *samplers, int n_samplers,
 lmd_status lmd_target_logprobs(const float *logits, int64_t row_stride, int32_t n_rows, int32_t vocab,
                                const int32_t *targets, float *out, int32_t *failed_row, lmd_error *err) {
     if (failed_row) *failed_row = -1;
-    if (n_rows < 0 || vocab < 1 || row_stride < vocab || (n_rows > 0 && (logits == NULL || targets == NULL || out == NULL)))
-        return lmd_fail(err, LMD_ERR_INVALID_ARG, "target_logprobs: bad shapes (n_rows=%d, vocab=%d)", (int)n_rows,
-                        (int)vocab);
+    const int missing = n_rows > 0 && (logits == NULL || targets == NULL || out == NULL);
+    if (n_rows < 0 || vocab < 1 || row_stride < vocab || missing)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "target_logprobs: bad arguments (n_rows=%d, vocab=%d)",
+                        (int)n_rows, (int)vocab);
     /* every row is checked before any work, so the lowest bad row is the one reported */
     for (int32_t r = 0; r < n_rows; r++) {
         const float *z = logits + (int64_t)r * row_stride;

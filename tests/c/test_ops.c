@@ -454,8 +454,10 @@ static void test_matmul_scratch_is_identical(void) {
                 for (int threads = 1; threads <= 2; threads++) {
                     const int B = batches[bi];
                     lmd_set_num_threads(threads);
-                    float *x = malloc((size_t)(B * n) * sizeof(float)), *x_copy = malloc((size_t)(B * n) * sizeof(float));
-                    float *plain = malloc((size_t)(B * d) * sizeof(float)), *with = malloc((size_t)(B * d) * sizeof(float));
+                    float *x = malloc((size_t)(B * n) * sizeof(float));
+                    float *x_copy = malloc((size_t)(B * n) * sizeof(float));
+                    float *plain = malloc((size_t)(B * d) * sizeof(float));
+                    float *with = malloc((size_t)(B * d) * sizeof(float));
                     uint16_t *scratch = malloc((size_t)(B * n) * sizeof(uint16_t));
                     test_fill(&r, x, B * n, -3.0f, 3.0f);
                     memcpy(x_copy, x, (size_t)(B * n) * sizeof(float));
