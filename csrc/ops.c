@@ -266,7 +266,7 @@ static ALWAYS_INLINE void tile_f32_rows(float *out, const float *x, const float 
     for (int64_t k = 0; k < nv; k += LMD_VEC_LANES) {
         vf wv[MAX_TILE_R];
         for (int r = 0; r < nr; r++) {
-            __builtin_prefetch((const char *)wp[r] + prefetch_bytes);
+            if (prefetch_bytes != 0) __builtin_prefetch((const char *)wp[r] + prefetch_bytes);
             wv[r] = vload(wp[r]);
             wp[r] += LMD_VEC_LANES;
         }
