@@ -550,6 +550,10 @@ static void row_block_f32(float *out, const float *x, const uint16_t *xb, const 
 
 /* Bytes of L1 a tile's working set may take (L1d is 32-48 KB on current x86 cores). */
 #define L1_BUDGET (40 * 1024)
+/* Bytes of a batch's inputs the weight rows pass in one group (L2 is 0.5-2 MB per core). */
+#ifndef L2_INPUT_BUDGET
+#define L2_INPUT_BUDGET (512 * 1024)
+#endif
 
 void lmd_matmul_scratch(float *out, const float *x, const lmd_matrix *w, int B, uint16_t *x_bf16) {
     const int64_t d = w->rows, n = w->cols;
@@ -574,22 +578,37 @@ void lmd_matmul_scratch(float *out, const float *x, const lmd_matrix *w, int B, 
      * half of the block meets the whole batch in turn instead (f32 rows of 768: +19%). */
     const size_t row_bytes = lmd_row_bytes(w->dtype, n), slice_bytes = (size_t)MAX_TILE_C * n * sizeof(float);
     const int by_halves = 4 * row_bytes + slice_bytes <= L1_BUDGET && 8 * row_bytes + slice_bytes > L1_BUDGET;
+    /* Every block of weight rows passes the whole batch of inputs, so the inputs should
+     * stay in L2: a batch larger than L2_INPUT_BUDGET is taken in groups of inputs, each
+     * group meeting all the weights (which are then read once per group). */
+    const int64_t per_input = n * (int64_t)sizeof(float);
+    int group = (int)(L2_INPUT_BUDGET / (per_input > 0 ? per_input : 1)) / MAX_TILE_C * MAX_TILE_C;
+    if (group < STAGED_MIN_BATCH) group = STAGED_MIN_BATCH;
+    if (group > B) group = B;
+#define ROW_BLOCKS_OF_GROUP(t_loop_pragma)                                                          \
+    for (int g0 = 0; g0 < B; g0 += group) {                                                        \
+        const int nb = B - g0 < group ? B - g0 : group;                                             \
+        float *g_out = out + (int64_t)g0 * d;                                                       \
+        const float *g_x = x + (int64_t)g0 * n;                                                     \
+        const uint16_t *g_xb = xb ? xb + (int64_t)g0 * (n - n % 32) : NULL;                         \
+        t_loop_pragma                                                                               \
+        for (int64_t t = 0; t < n_row_blocks; t++) {                                                \
+            const int64_t r0 = t * ROW_BLOCK;                                                       \
+            row_block(g_out, g_x, g_xb, data, n, d, r0, d - r0 < ROW_BLOCK ? (int)(d - r0) : ROW_BLOCK, \
+                      nb, by_halves);                                                               \
+        }                                                                                           \
+    }
 #ifdef _OPENMP
     /* Entering an OpenMP region costs microseconds (and libgomp allocates a team) even
      * for one thread, so small products never enter one. */
     if ((int64_t)B * d * n >= MATMUL_PARALLEL_MIN_WORK && lmd_get_num_threads() > 1) {
-#pragma omp parallel for schedule(static) num_threads(lmd_get_num_threads())
-        for (int64_t t = 0; t < n_row_blocks; t++) {
-            int64_t r0 = t * ROW_BLOCK;
-            row_block(out, x, xb, data, n, d, r0, d - r0 < ROW_BLOCK ? (int)(d - r0) : ROW_BLOCK, B, by_halves);
-        }
+#pragma omp parallel num_threads(lmd_get_num_threads())
+        ROW_BLOCKS_OF_GROUP(_Pragma("omp for schedule(static)"))
         return;
     }
 #endif
-    for (int64_t t = 0; t < n_row_blocks; t++) {
-        int64_t r0 = t * ROW_BLOCK;
-        row_block(out, x, xb, data, n, d, r0, d - r0 < ROW_BLOCK ? (int)(d - r0) : ROW_BLOCK, B, by_halves);
-    }
+    ROW_BLOCKS_OF_GROUP()
+#undef ROW_BLOCKS_OF_GROUP
 }
 
 void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B) {

@@ -399,17 +399,18 @@ static void test_matmul_batch_and_thread_invariance(void) {
  * over; columns: one vector, a multiple of 16, a ragged length, and past the staging limit. */
 static void test_matmul_equals_dot(void) {
     const lmd_dtype dtypes[2] = {LMD_F32, LMD_Q8_0};
-    const int64_t cols_f[4] = {16, 768, 1003, 4112}, cols_q[4] = {32, 768, 1024, 4128};
-    const int batches[3] = {1, 2, 7};
+    const int64_t cols_f[5] = {16, 768, 1003, 4096, 4112}, cols_q[5] = {32, 768, 1024, 4096, 4128};
+    /* 70 inputs of 4096 overflow the inputs' L2 budget: groups of 30, 30 and 10 */
+    const int batches[4] = {1, 2, 7, 70};
     const int64_t d = 13;
     test_rng r = {43};
     for (int di = 0; di < 2; di++)
-        for (int ci = 0; ci < 4; ci++) {
+        for (int ci = 0; ci < 5; ci++) {
             const int64_t n = dtypes[di] == LMD_F32 ? cols_f[ci] : cols_q[ci];
             lmd_matrix w;
             void *data = make_matrix(&w, &r, dtypes[di], d, n);
             float *row = malloc((size_t)n * sizeof(float));
-            for (int bi = 0; bi < 3; bi++) {
+            for (int bi = 0; bi < 4; bi++) {
                 const int B = batches[bi];
                 float *x = malloc((size_t)(B * n) * sizeof(float));
                 float *out = malloc((size_t)(B * d) * sizeof(float));
@@ -441,16 +442,16 @@ static void test_matmul_equals_dot(void) {
  * and leaves x alone. */
 static void test_matmul_scratch_is_identical(void) {
     const lmd_dtype dtypes[3] = {LMD_F32, LMD_BF16, LMD_Q8_0};
-    const int64_t cols_f[4] = {31, 64, 100, 768}, cols_q[4] = {32, 64, 96, 768};
-    const int batches[4] = {1, 3, 7, 20};
+    const int64_t cols_f[5] = {31, 64, 100, 768, 4096}, cols_q[5] = {32, 64, 96, 768, 4096};
+    const int batches[5] = {1, 3, 7, 20, 70}; /* 70 x 4096 inputs pass in three groups */
     const int64_t d = 13;
     test_rng r = {47};
     for (int di = 0; di < 3; di++)
-        for (int ci = 0; ci < 4; ci++) {
+        for (int ci = 0; ci < 5; ci++) {
             const int64_t n = dtypes[di] == LMD_Q8_0 ? cols_q[ci] : cols_f[ci];
             lmd_matrix w;
             void *data = make_matrix(&w, &r, dtypes[di], d, n);
-            for (int bi = 0; bi < 4; bi++)
+            for (int bi = 0; bi < 5; bi++)
                 for (int threads = 1; threads <= 2; threads++) {
                     const int B = batches[bi];
                     lmd_set_num_threads(threads);
