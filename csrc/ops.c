@@ -226,6 +226,16 @@ void lmd_axpy(float *y, float a, const float *x, int n) {
  * tile's own data, harmless) when the next block would run past the matrix. */
 #define PREFETCH_AHEAD(r0, nr, d, n) ((r0) + (nr) + ROW_BLOCK <= (d) ? (int64_t)ROW_BLOCK * (n) : 0)
 
+/* Keeps a loaded input vector in a register. Left alone, GCC folds the load into every
+ * FMA that uses it as a memory operand, so a 4 x 6 tile issued 24 input loads per step
+ * instead of 6 and became load-bound (+14% for 256-token batches, 1.6 x faster for 4
+ * tokens through 2048 columns with the empty asm). */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#else
+#define IN_REGISTER(v) ((void)0)
+#endif
+
 #if defined(__AVX512F__) && LMD_VEC_BYTES == 64
 #define LMD_SUM4 1
 /* vsum of four vectors at once, by the same tree: lane j + lane j+8, then + j+4, + j+2,
@@ -271,7 +281,8 @@ static ALWAYS_INLINE void tile_f32_rows(float *out, const float *x, const float 
             wp[r] += LMD_VEC_LANES;
         }
         for (int c = 0; c < nc; c++) {
-            const vf xv = vload(xp[c]);
+            vf xv = vload(xp[c]);
+            IN_REGISTER(xv);
             xp[c] += LMD_VEC_LANES;
             for (int r = 0; r < nr; r++) acc[r][c] = vfma(wv[r], xv, acc[r][c]);
         }
@@ -437,7 +448,8 @@ static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint16_t *
             vf wv[MAX_TILE_R];
             for (int r = 0; r < nr; r++) wv[r] = vload_i8(wp[r] + 2 + j) * scale[r];
             for (int c = 0; c < nc; c++) {
-                const vf xv = vload(xp[c] + j);
+                vf xv = vload(xp[c] + j);
+                IN_REGISTER(xv);
                 for (int r = 0; r < nr; r++) acc[r][c] = vfma(wv[r], xv, acc[r][c]);
             }
         }
