@@ -306,47 +306,67 @@ static inline __attribute__((always_inline)) void head_dots8(float *out, const f
     for (int j = 0; j < 8; j++) out[j] = s[j] * scale;
 }
 
-// out (hs,) += sum_t p[t] * v[t * stride] (hs,) for t < nt, the running sum kept in
-// registers: through memory, each position would wait for the previous one's store.
-// Elementwise, so the vector width (16 lanes where hs allows, else 8) leaves the sums as
-// they are.
-static inline __attribute__((always_inline)) void weighted_values_fixed(float *out, const float *p,
-                                                                        const float *v, int32_t stride,
-                                                                        int32_t nt, const int hs) {
-    if (hs % 16 == 0) {
-        v16f acc[8];
-        for (int i = 0; i < hs / 16; i++) LOAD16(acc[i], out + 16 * i);
-        for (int32_t t = 0; t < nt; t++)
-            for (int i = 0; i < hs / 16; i++) {
-                v16f x;
-                LOAD16(x, v + (int64_t)t * stride + 16 * i);
-                acc[i] += p[t] * x;
-            }
-        for (int i = 0; i < hs / 16; i++) memcpy(out + 16 * i, &acc[i], sizeof acc[i]);
+/* independent FMA chains the value sums keep going: an FMA's 4-cycle latency times the
+ * two FMAs a core issues per cycle */
+#define VALUE_CHAINS 8
+
+// sets of accumulators that give a head of nv vectors VALUE_CHAINS chains (a power of two)
+#define VALUE_SETS(nv) ((nv) >= 8 ? 1 : (nv) >= 4 ? 2 : (nv) >= 2 ? 4 : 8)
+
+/* out (hs,) = sum over positions t < n_pos of p[t] * v_t (hs,), v_t the head's values at
+ * position t of the cached sequence (blocks of block_size rows of stride floats, the head's
+ * features at kv_offset), summed in registers. Position t goes to accumulator set t % sets
+ * so that a small head still keeps VALUE_CHAINS FMAs in flight (one chain per vector was
+ * latency-bound: a head of 8 features waited 4 cycles per position); the sets are added
+ * pairwise at the end, set s with set s + sets/2, halving. The order depends on the head
+ * size only: not on the block size, the batch or the thread. */
+#define VALUE_SUMS(vec_t, LOAD, lanes)                                                             \
+    do {                                                                                           \
+        const int nv = hs / (lanes), sets = VALUE_SETS(hs / (lanes));                              \
+        vec_t acc[VALUE_CHAINS * 2];                                                               \
+        for (int j = 0; j < sets * nv; j++) acc[j] = (vec_t){0};                                   \
+        for (int32_t t0 = 0; t0 < n_pos; t0 += block_size) {                                       \
+            const float *v = lmd_kvseq_v(seq, l, t0) + kv_offset;                                  \
+            const int32_t nt = n_pos - t0 < block_size ? n_pos - t0 : block_size;                  \
+            const float *pt = p + t0;                                                              \
+            int32_t t = 0;                                                                         \
+            if (block_size % sets == 0) /* t0 is a multiple of sets: position t0 + t is in set t % sets */ \
+                for (; t + sets <= nt; t += sets)                                                  \
+                    for (int s = 0; s < sets; s++)                                                 \
+                        for (int i = 0; i < nv; i++) {                                             \
+                            vec_t x;                                                               \
+                            LOAD(x, v + (int64_t)(t + s) * stride + (lanes) * i);                  \
+                            acc[s * nv + i] += pt[t + s] * x;                                      \
+                        }                                                                          \
+            for (; t < nt; t++) /* the rest, or every position of oddly sized blocks */           \
+                for (int s = 0; s < sets; s++)                                                     \
+                    if ((t0 + t) % sets == s)                                                      \
+                        for (int i = 0; i < nv; i++) {                                             \
+                            vec_t x;                                                               \
+                            LOAD(x, v + (int64_t)t * stride + (lanes) * i);                        \
+                            acc[s * nv + i] += pt[t] * x;                                          \
+                        }                                                                          \
+        }                                                                                          \
+        for (int width = sets; width > 1; width /= 2)                                              \
+            for (int s = 0; s < width / 2; s++)                                                    \
+                for (int i = 0; i < nv; i++) acc[s * nv + i] += acc[(s + width / 2) * nv + i];    \
+        for (int i = 0; i < nv; i++) memcpy(out + (lanes) * i, &acc[i], sizeof acc[i]);           \
+    } while (0)
+
+static inline __attribute__((always_inline)) void value_sums(float *out, const float *p, const lmd_kvseq *seq,
+                                                             int32_t l, int kv_offset, int32_t n_pos,
+                                                             int32_t block_size, int32_t stride, const int hs) {
+    if (hs == 8 || hs == 16 || hs == 32 || hs == 64 || hs == 128) { /* unrolled register versions */
+        if (hs % 16 == 0) VALUE_SUMS(v16f, LOAD16, 16);
+        else VALUE_SUMS(v8f, LOAD8, 8);
         return;
     }
-    v8f acc[16];
-    for (int i = 0; i < hs / 8; i++) LOAD8(acc[i], out + 8 * i);
-    for (int32_t t = 0; t < nt; t++)
-        for (int i = 0; i < hs / 8; i++) {
-            v8f x;
-            LOAD8(x, v + (int64_t)t * stride + 8 * i);
-            acc[i] += p[t] * x;
-        }
-    for (int i = 0; i < hs / 8; i++) memcpy(out + 8 * i, &acc[i], sizeof acc[i]);
-}
-
-static inline __attribute__((always_inline)) void weighted_values(float *out, const float *p, const float *v,
-                                                                  int32_t stride, int32_t nt, const int hs) {
-    switch (hs) { /* the usual head sizes get unrolled register versions; axpy is elementwise, so
-                   * the arithmetic is the same as the loop's */
-    case 8: weighted_values_fixed(out, p, v, stride, nt, 8); break;
-    case 16: weighted_values_fixed(out, p, v, stride, nt, 16); break;
-    case 32: weighted_values_fixed(out, p, v, stride, nt, 32); break;
-    case 64: weighted_values_fixed(out, p, v, stride, nt, 64); break;
-    case 128: weighted_values_fixed(out, p, v, stride, nt, 128); break;
-    default:
-        for (int32_t t = 0; t < nt; t++) lmd_axpy(out, p[t], v + (int64_t)t * stride, hs);
+    /* other head sizes: the positions in order, one chain */
+    memset(out, 0, (size_t)hs * sizeof(float));
+    for (int32_t t0 = 0; t0 < n_pos; t0 += block_size) {
+        const float *v = lmd_kvseq_v(seq, l, t0) + kv_offset;
+        const int32_t nt = n_pos - t0 < block_size ? n_pos - t0 : block_size;
+        for (int32_t t = 0; t < nt; t++) lmd_axpy(out, p[t0 + t], v + (int64_t)t * stride, hs);
     }
 }
 
@@ -379,13 +399,7 @@ static inline __attribute__((always_inline)) void attend_head_sized(lmd_model *m
             for (; t < nt; t++) scores[t0 + t] = head_dot(q, k + (int64_t)t * kv_dim, hs) * scale;
         }
         lmd_softmax(scores, n_pos);
-        float *out = m->att_out + b * Q + (int64_t)h * hs;
-        memset(out, 0, (size_t)hs * sizeof(float));
-        for (int32_t t0 = 0; t0 < n_pos; t0 += block_size) {
-            const float *v = lmd_kvseq_v(seq, l, t0) + kv_offset;
-            const int32_t nt = n_pos - t0 < block_size ? n_pos - t0 : block_size;
-            weighted_values(out, scores + t0, v, kv_dim, nt, hs);
-        }
+        value_sums(m->att_out + b * Q + (int64_t)h * hs, scores, seq, l, kv_offset, n_pos, block_size, kv_dim, hs);
     }
 }
 

@@ -96,6 +96,20 @@ def test_incremental_decoding_equals_full_recompute(hf):
     np.testing.assert_allclose(np.concatenate(rows), full, rtol=0, atol=1e-6 * float(np.ptp(full)))
 
 
+def test_logits_do_not_depend_on_the_cache_block_size(hf):
+    """Attention sums its values in an order fixed by the head size (positions t % sets in
+    separate accumulators), never by how the cache cuts the sequence into blocks, including
+    block sizes that are not a multiple of the accumulator sets."""
+    model = lmdecode.Model.load(hf["path"])
+    toks = hf["tokens"]
+    want = model.forward(toks, model.new_cache(), logits="all")
+    for block_size in (1, 3, 5, 7, 64):
+        cache = model.new_cache(capacity=T + 8, block_size=block_size)
+        got = [model.forward(toks[:13], cache, logits="all")]
+        got += [model.forward([t], cache)[None] for t in toks[13:]]
+        np.testing.assert_array_equal(np.concatenate(got), want, err_msg=f"block_size={block_size}")
+
+
 def test_truncate_then_redecode_equals_never_decoded(hf):
     model = lmdecode.Model.load(hf["path"])
     toks = hf["tokens"]
