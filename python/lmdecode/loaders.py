@@ -154,9 +154,9 @@ def _file_mapped(arr: np.ndarray) -> bool:
 
 def release_file_pages(arr: np.ndarray) -> None:
     """Drop the whole pages under a memory-mapped source tensor from this process's resident set
-    (madvise MADV_DONTNEED) once it has been converted into separate engine storage. A model
-    keeps its GGUF file mapped (for the tokenizer's metadata and for tensors it borrows), so the
-    pages a conversion read would otherwise stay resident: a file loaded into bf16 or q8_0
+    (madvise MADV_DONTNEED) once it has been converted into separate engine storage. A file
+    stays mapped while the model borrows any tensor from it (a GGUF's norms stay float32), so
+    the pages a conversion read would otherwise stay resident: a file loaded into bf16 or q8_0
     would be held twice. The mapping is read-only and file-backed, so nothing is lost: a later
     read faults the bytes back in from the file. Anything but such a mapping is left alone."""
     if os.name != "posix" or arr.nbytes == 0 or not _file_mapped(arr):
