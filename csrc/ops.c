@@ -551,18 +551,28 @@ static void dequantize_q8_0_rows(float *out, const uint8_t *w, size_t row_bytes,
     }
 }
 
-static void row_block_q8_0_staged(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,
-                                  int64_t d, int64_t r0, int nr, int B, int by_halves) {
-    const size_t slice_bytes = (size_t)MAX_TILE_C * n * sizeof(float), rows_bytes = 4 * (size_t)n * sizeof(float);
-    if (nr != ROW_BLOCK || B < Q8_0_STAGED_MIN_BATCH || rows_bytes + slice_bytes > L1_BUDGET) {
-        row_block_q8_0(out, x, xb, w, n, d, r0, nr, B, by_halves);
-        return;
+// rows (4, n) of f32 -> out (4, n), an aligned copy
+static void copy_f32_rows(float *out, const uint8_t *w, size_t row_bytes, int64_t n, int64_t prefetch_bytes) {
+    for (int r = 0; r < 4; r++) {
+        const uint8_t *row = w + (size_t)r * row_bytes;
+        for (size_t k = 0; k < row_bytes; k += 64) __builtin_prefetch(row + k + prefetch_bytes);
+        memcpy(out + r * n, row, (size_t)n * sizeof(float));
     }
+}
+
+// rows r0..r0+8 of W (d,n) in `dtype` against the whole batch: each half of the block is
+// staged as floats (copied or dequantized) and passes every slice of inputs through the
+// f32 tile, out of L1
+static void row_block_staged(float *out, const float *x, const uint8_t *w, lmd_dtype dtype, int64_t n, int64_t d,
+                             int64_t r0, int B) {
     float staged[4 * STAGED_MAX_COLS] __attribute__((aligned(64)));
-    const size_t row_bytes = lmd_row_bytes(LMD_Q8_0, n);
+    const size_t row_bytes = lmd_row_bytes(dtype, n);
+    /* staging streams the rows: prefetch the next row block's as it goes */
     const int64_t prefetch_bytes = (int64_t)row_bytes * ROW_BLOCK * (r0 + 2 * ROW_BLOCK <= d);
     for (int half = 0; half < 2; half++) {
-        dequantize_q8_0_rows(staged, w + (size_t)(r0 + 4 * half) * row_bytes, row_bytes, n, prefetch_bytes);
+        const uint8_t *rows = w + (size_t)(r0 + 4 * half) * row_bytes;
+        if (dtype == LMD_Q8_0) dequantize_q8_0_rows(staged, rows, row_bytes, n, prefetch_bytes);
+        else copy_f32_rows(staged, rows, row_bytes, n, prefetch_bytes);
         for (int c0 = 0; c0 < B; c0 += MAX_TILE_C) {
             const int nc = B - c0 < MAX_TILE_C ? B - c0 : MAX_TILE_C;
 #define TILE_STAGED(nc_) tile_f32_rows(out, x, staged, 0, n, d, r0 + 4 * half, 4, c0, nc_)
@@ -579,37 +589,23 @@ static void row_block_q8_0_staged(float *out, const float *x, const uint16_t *xb
     }
 }
 
+static void row_block_q8_0_staged(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,
+                                  int64_t d, int64_t r0, int nr, int B, int by_halves) {
+    const size_t slice_bytes = (size_t)MAX_TILE_C * n * sizeof(float), rows_bytes = 4 * (size_t)n * sizeof(float);
+    if (nr != ROW_BLOCK || B < Q8_0_STAGED_MIN_BATCH || rows_bytes + slice_bytes > L1_BUDGET)
+        row_block_q8_0(out, x, xb, w, n, d, r0, nr, B, by_halves);
+    else
+        row_block_staged(out, x, w, LMD_Q8_0, n, d, r0, B);
+}
+
 static void row_block_f32(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n, int64_t d,
                           int64_t r0, int nr, int B, int by_halves) {
     const size_t row_bytes = (size_t)n * sizeof(float);
     const int aligned = (uintptr_t)(w + (size_t)r0 * row_bytes) % 64 == 0 && row_bytes % 64 == 0;
-    if (nr != ROW_BLOCK || B < (aligned ? STAGED_MIN_BATCH : STAGED_MIN_BATCH_UNALIGNED) || n > STAGED_MAX_COLS) {
+    if (nr != ROW_BLOCK || B < (aligned ? STAGED_MIN_BATCH : STAGED_MIN_BATCH_UNALIGNED) || n > STAGED_MAX_COLS)
         row_block_f32_tiles(out, x, xb, w, n, d, r0, nr, B, by_halves);
-        return;
-    }
-    float staged[4 * STAGED_MAX_COLS] __attribute__((aligned(64)));
-    /* the copy streams the rows: prefetch the next row block's as it goes */
-    const int64_t prefetch_bytes = (int64_t)row_bytes * ROW_BLOCK * (r0 + 2 * ROW_BLOCK <= d);
-    for (int half = 0; half < 2; half++) {
-        const uint8_t *rows = w + (size_t)(r0 + 4 * half) * row_bytes;
-        for (int r = 0; r < 4; r++) {
-            for (size_t k = 0; k < row_bytes; k += 64) __builtin_prefetch(rows + r * row_bytes + k + prefetch_bytes);
-            memcpy(staged + r * n, rows + r * row_bytes, row_bytes);
-        }
-        for (int c0 = 0; c0 < B; c0 += MAX_TILE_C) {
-            const int nc = B - c0 < MAX_TILE_C ? B - c0 : MAX_TILE_C;
-#define TILE_STAGED(nc_) tile_f32_rows(out, x, staged, 0, n, d, r0 + 4 * half, 4, c0, nc_)
-            switch (nc) {
-            case 1: TILE_STAGED(1); break;
-            case 2: TILE_STAGED(2); break;
-            case 3: TILE_STAGED(3); break;
-            case 4: TILE_STAGED(4); break;
-            case 5: TILE_STAGED(5); break;
-            default: TILE_STAGED(6); break;
-            }
-#undef TILE_STAGED
-        }
-    }
+    else
+        row_block_staged(out, x, w, LMD_F32, n, d, r0, B);
 }
 
 /* Parallel regions cost a few microseconds; below this many multiply-adds one thread is faster. */
