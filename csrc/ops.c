@@ -256,6 +256,16 @@ static inline __m128 sum4(vf a_, vf b_, vf c_, vf d_) {
     const __m512i lanes_0_4_8_12 = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
     return _mm512_castps512_ps128(_mm512_permutexvar_ps(lanes_0_4_8_12, totals));
 }
+
+// out[(c0 + c) * d + r0 + r] = lane total of acc[r][c] for r < nr (a multiple of 4), c < nc:
+// four rows of one input side by side in the output
+static ALWAYS_INLINE void store_totals4(float *out, vf acc[MAX_TILE_R][MAX_TILE_C], int64_t d, int64_t r0, int nr,
+                                        int c0, int nc) {
+    for (int r = 0; r < nr; r += 4)
+        for (int c = 0; c < nc; c++)
+            _mm_storeu_ps(out + (int64_t)(c0 + c) * d + r0 + r,
+                          sum4(acc[r][c], acc[r + 1][c], acc[r + 2][c], acc[r + 3][c]));
+}
 #else
 #define LMD_SUM4 0
 #endif
@@ -291,11 +301,8 @@ static ALWAYS_INLINE void tile_f32_rows(float *out, const float *x, const float 
         }
     }
 #if LMD_SUM4
-    if (nr % 4 == 0 && nv == n) { /* four rows of one input side by side in the output */
-        for (int r = 0; r < nr; r += 4)
-            for (int c = 0; c < nc; c++)
-                _mm_storeu_ps(out + (int64_t)(c0 + c) * d + r0 + r,
-                              sum4(acc[r][c], acc[r + 1][c], acc[r + 2][c], acc[r + 3][c]));
+    if (nr % 4 == 0 && nv == n) {
+        store_totals4(out, acc, d, r0, nr, c0, nc);
         return;
     }
 #endif
@@ -334,7 +341,7 @@ static inline float bf16_tail_sum(float s, const uint8_t *wr, const float *xc, i
  * float lanes, twice the multiply-adds of a float FMA. llama.cpp multiplies bf16
  * weights the same way. The last n % 32 inputs stay float. */
 // the k steps of a bf16 tile into acc; inputs from xb (B, n32) already rounded, or rounded here
-static ALWAYS_INLINE void bf16_steps(__m512 acc[MAX_TILE_R][MAX_TILE_C], const float *x, const uint16_t *xb,
+static ALWAYS_INLINE void bf16_steps(vf acc[MAX_TILE_R][MAX_TILE_C], const float *x, const uint16_t *xb,
                                      const uint8_t *w, int64_t n, int64_t n32, int64_t r0, int nr, int c0, int nc,
                                      int64_t prefetch_ahead, const int rounded) {
     for (int64_t k = 0; k < n32; k += 32) {
@@ -351,34 +358,28 @@ static ALWAYS_INLINE void bf16_steps(__m512 acc[MAX_TILE_R][MAX_TILE_C], const f
             const uint8_t *wr = w + ((r0 + r) * n + k) * 2;
             __builtin_prefetch(wr + prefetch_ahead);
             __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)wr);
-            for (int c = 0; c < nc; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv, xv[c]);
+            for (int c = 0; c < nc; c++) acc[r][c] = (vf)_mm512_dpbf16_ps((__m512)acc[r][c], wv, xv[c]);
         }
     }
 }
 
 static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,
                                     int64_t d, int64_t r0, int nr, int c0, int nc) {
-    __m512 acc[MAX_TILE_R][MAX_TILE_C];
+    vf acc[MAX_TILE_R][MAX_TILE_C];
     const int64_t prefetch_ahead = 2 * PREFETCH_AHEAD(r0, nr, d, n);
     for (int r = 0; r < nr; r++)
-        for (int c = 0; c < nc; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int c = 0; c < nc; c++) acc[r][c] = vzero_f();
     const int64_t n32 = n - n % 32;
     if (xb != NULL) bf16_steps(acc, x, xb, w, n, n32, r0, nr, c0, nc, prefetch_ahead, 1);
     else bf16_steps(acc, x, xb, w, n, n32, r0, nr, c0, nc, prefetch_ahead, 0);
     if (n32 == n && nr % 4 == 0) {
-        for (int r = 0; r < nr; r += 4)
-            for (int c = 0; c < nc; c++)
-                _mm_storeu_ps(out + (int64_t)(c0 + c) * d + r0 + r,
-                              sum4((vf)acc[r][c], (vf)acc[r + 1][c], (vf)acc[r + 2][c], (vf)acc[r + 3][c]));
+        store_totals4(out, acc, d, r0, nr, c0, nc);
         return;
     }
     for (int r = 0; r < nr; r++)
-        for (int c = 0; c < nc; c++) {
-            vf lanes;
-            memcpy(&lanes, &acc[r][c], sizeof lanes);
+        for (int c = 0; c < nc; c++)
             out[(int64_t)(c0 + c) * d + r0 + r] =
-                bf16_tail_sum(vsum(lanes), w + (r0 + r) * n * 2, x + (int64_t)(c0 + c) * n, n32, n);
-        }
+                bf16_tail_sum(vsum(acc[r][c]), w + (r0 + r) * n * 2, x + (int64_t)(c0 + c) * n, n32, n);
 }
 #else
 #define LMD_BF16_DOT 0
@@ -461,10 +462,7 @@ static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint16_t *
     }
 #if LMD_SUM4
     if (nr % 4 == 0) {
-        for (int r = 0; r < nr; r += 4)
-            for (int c = 0; c < nc; c++)
-                _mm_storeu_ps(out + (int64_t)(c0 + c) * d + r0 + r,
-                              sum4(acc[r][c], acc[r + 1][c], acc[r + 2][c], acc[r + 3][c]));
+        store_totals4(out, acc, d, r0, nr, c0, nc);
         return;
     }
 #endif
