@@ -341,7 +341,7 @@ static inline float bf16_tail_sum(float s, const uint8_t *wr, const float *xc, i
  * float lanes, twice the multiply-adds of a float FMA. llama.cpp multiplies bf16
  * weights the same way. The last n % 32 inputs stay float. */
 // the k steps of a bf16 tile into acc; inputs from xb (B, n32) already rounded, or rounded here
-static ALWAYS_INLINE void bf16_steps(vf acc[MAX_TILE_R][MAX_TILE_C], const float *x, const uint16_t *xb,
+static ALWAYS_INLINE void bf16_steps(__m512 acc[MAX_TILE_R][MAX_TILE_C], const float *x, const uint16_t *xb,
                                      const uint8_t *w, int64_t n, int64_t n32, int64_t r0, int nr, int c0, int nc,
                                      int64_t prefetch_ahead, const int rounded) {
     for (int64_t k = 0; k < n32; k += 32) {
@@ -358,28 +358,30 @@ static ALWAYS_INLINE void bf16_steps(vf acc[MAX_TILE_R][MAX_TILE_C], const float
             const uint8_t *wr = w + ((r0 + r) * n + k) * 2;
             __builtin_prefetch(wr + prefetch_ahead);
             __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)wr);
-            for (int c = 0; c < nc; c++) acc[r][c] = (vf)_mm512_dpbf16_ps((__m512)acc[r][c], wv, xv[c]);
+            for (int c = 0; c < nc; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv, xv[c]);
         }
     }
 }
 
 static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,
                                     int64_t d, int64_t r0, int nr, int c0, int nc) {
-    vf acc[MAX_TILE_R][MAX_TILE_C];
+    __m512 acc[MAX_TILE_R][MAX_TILE_C];
     const int64_t prefetch_ahead = 2 * PREFETCH_AHEAD(r0, nr, d, n);
     for (int r = 0; r < nr; r++)
-        for (int c = 0; c < nc; c++) acc[r][c] = vzero_f();
+        for (int c = 0; c < nc; c++) acc[r][c] = _mm512_setzero_ps();
     const int64_t n32 = n - n % 32;
     if (xb != NULL) bf16_steps(acc, x, xb, w, n, n32, r0, nr, c0, nc, prefetch_ahead, 1);
     else bf16_steps(acc, x, xb, w, n, n32, r0, nr, c0, nc, prefetch_ahead, 0);
+    /* __m512 and vf are the same 16 floats (the loop above compiles best on __m512) */
+    vf (*const totals)[MAX_TILE_C] = (vf (*)[MAX_TILE_C])(void *)acc;
     if (n32 == n && nr % 4 == 0) {
-        store_totals4(out, acc, d, r0, nr, c0, nc);
+        store_totals4(out, totals, d, r0, nr, c0, nc);
         return;
     }
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < nc; c++)
             out[(int64_t)(c0 + c) * d + r0 + r] =
-                bf16_tail_sum(vsum(acc[r][c]), w + (r0 + r) * n * 2, x + (int64_t)(c0 + c) * n, n32, n);
+                bf16_tail_sum(vsum(totals[r][c]), w + (r0 + r) * n * 2, x + (int64_t)(c0 + c) * n, n32, n);
 }
 #else
 #define LMD_BF16_DOT 0
