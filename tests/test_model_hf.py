@@ -97,9 +97,10 @@ def test_incremental_decoding_equals_full_recompute(hf):
 
 
 def test_logits_do_not_depend_on_the_cache_block_size(hf):
-    """Attention sums its values in an order fixed by the head size (positions t % sets in
-    separate accumulators), never by how the cache cuts the sequence into blocks, including
-    block sizes that are not a multiple of the accumulator sets."""
+    """Attention's arithmetic is fixed by the head size, never by how the cache cuts the
+    sequence into blocks: the values are summed in accumulator sets by position (also for block
+    sizes that are not a multiple of the sets), and a score is the same whether the eight-key
+    kernel or the one-key one computed it (with blocks of 1 to 7 positions only the latter runs)."""
     model = lmdecode.Model.load(hf["path"])
     toks = hf["tokens"]
     want = model.forward(toks, model.new_cache(), logits="all")
