@@ -826,9 +826,8 @@ static double list_weight_sum(const lmd_sampler *s, const cand_list *L) {
 #define GROUP_BLOCKS 16
 #define GROUP_SIZE (GROUP_BLOCKS * LMD_VEC_LANES)
 
-/* group_mass[g] = sum of w over tokens [g*GROUP_SIZE, (g+1)*GROUP_SIZE); returns their sum. */
-// Σ e^(z/t - ms) over the row in groups of GROUP_SIZE; group_mass (n_groups,) gets each
-// group's sum unless NULL
+/* group_mass[g] = sum of w over tokens [g*GROUP_SIZE, (g+1)*GROUP_SIZE) (unless group_mass
+ * is NULL); returns their sum. */
 static double row_group_masses(const float *z, int32_t vocab, float t, float ms,
                                float *group_mass) {
     double total = 0.0;
@@ -1092,4 +1091,3 @@ lmd_status lmd_target_logprobs(const float *logits, int64_t row_stride, int32_t 
     }
     return LMD_OK;
 }
-
