@@ -340,6 +340,12 @@ static inline float bf16_tail_sum(float s, const uint8_t *wr, const float *xc, i
  * bf16 (nearest even), 32 at a time, and each instruction adds 32 products into 16
  * float lanes, twice the multiply-adds of a float FMA. llama.cpp multiplies bf16
  * weights the same way. The last n % 32 inputs stay float. */
+// x (32,) floats -> 32 bf16 (nearest even), as the dot products take them: the one rounding
+// both the tiles and round_inputs_bf16 use, so pre-rounded inputs are the same bits
+static inline __m512bh round_bf16x32(const float *x) {
+    return _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + 16), _mm512_loadu_ps(x));
+}
+
 // the k steps of a bf16 tile into acc; inputs from xb (B, n32) already rounded, or rounded here
 static ALWAYS_INLINE void bf16_steps(__m512 acc[MAX_TILE_R][MAX_TILE_C], const float *x, const uint16_t *xb,
                                      const uint8_t *w, int64_t n, int64_t n32, int64_t r0, int nr, int c0, int nc,
@@ -350,8 +356,7 @@ static ALWAYS_INLINE void bf16_steps(__m512 acc[MAX_TILE_R][MAX_TILE_C], const f
             if (rounded) {
                 xv[c] = (__m512bh)_mm512_loadu_si512((const void *)(xb + (int64_t)(c0 + c) * n32 + k));
             } else {
-                const float *xc = x + (int64_t)(c0 + c) * n + k;
-                xv[c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xc + 16), _mm512_loadu_ps(xc));
+                xv[c] = round_bf16x32(x + (int64_t)(c0 + c) * n + k);
             }
         }
         for (int r = 0; r < nr; r++) {
@@ -417,11 +422,8 @@ int lmd_bf16_rounds_inputs(void) { return LMD_BF16_DOT; }
 static void round_inputs_bf16(uint16_t *xb, const float *x, int B, int64_t n) {
     const int64_t n32 = n - n % 32;
     for (int b = 0; b < B; b++)
-        for (int64_t k = 0; k < n32; k += 32) {
-            const float *xc = x + (int64_t)b * n + k;
-            _mm512_storeu_si512((void *)(xb + (int64_t)b * n32 + k),
-                                (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xc + 16), _mm512_loadu_ps(xc)));
-        }
+        for (int64_t k = 0; k < n32; k += 32)
+            _mm512_storeu_si512((void *)(xb + (int64_t)b * n32 + k), (__m512i)round_bf16x32(x + (int64_t)b * n + k));
 }
 #endif
 
