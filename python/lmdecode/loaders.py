@@ -19,6 +19,7 @@ uint16, or Q8_0 blocks as uint8), borrowing whenever source and storage agree.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import mmap
@@ -166,11 +167,18 @@ def release_file_pages(arr: np.ndarray) -> None:
     first, last = -(-start // page) * page, (start + arr.nbytes) // page * page  # pages wholly inside
     if last <= first:
         return
+    madvise = _madvise()
+    if madvise is not None:  # without it the pages stay until the file is unmapped
+        madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(_MADV_DONTNEED))
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise():
+    """libc's madvise, looked up once (a model's load releases every converted tensor), or None."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(_MADV_DONTNEED))
-    except (OSError, AttributeError):  # no madvise: the pages stay until the file is unmapped
-        pass
+        return ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
 
 
 def to_storage(tensors: dict, dtype: str) -> dict:
