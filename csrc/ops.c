@@ -819,9 +819,7 @@ void lmd_softmax(float *x, int n) {
     }
     float sum = vsum(acc);
     if (k < n) { /* the last n % LANES in one vector, padded with -inf (e^-inf = 0); added in order */
-        vf tail = vbroadcast(-INFINITY);
-        memcpy(&tail, x + k, (size_t)(n - k) * sizeof(float));
-        const vf e = vexp_nonpositive(tail - vmax_b);
+        const vf e = vexp_nonpositive(vload_partial(x + k, n - k, -INFINITY) - vmax_b);
         for (int j = 0; k < n; k++, j++) {
             x[k] = e[j];
             sum += e[j];
@@ -850,11 +848,8 @@ void lmd_swiglu(float *gate, const float *up, int64_t n) {
     int64_t k = 0;
     for (; k + LMD_VEC_LANES <= n; k += LMD_VEC_LANES) vstore(gate + k, vswiglu(vload(gate + k), vload(up + k)));
     if (k < n) { /* the rest in one zero-padded vector, the same function lane for lane */
-        vf g = vzero_f(), u = vzero_f();
-        memcpy(&g, gate + k, (size_t)(n - k) * sizeof(float));
-        memcpy(&u, up + k, (size_t)(n - k) * sizeof(float));
-        const vf out = vswiglu(g, u);
-        memcpy(gate + k, &out, (size_t)(n - k) * sizeof(float));
+        vstore_partial(gate + k, vswiglu(vload_partial(gate + k, n - k, 0.0f), vload_partial(up + k, n - k, 0.0f)),
+                       n - k);
     }
 }
 
@@ -881,10 +876,7 @@ void lmd_gelu_tanh(float *x, int64_t n) {
     int64_t k = 0;
     for (; k + LMD_VEC_LANES <= n; k += LMD_VEC_LANES) vstore(x + k, vgelu_tanh(vload(x + k)));
     if (k < n) { /* the rest in one zero-padded vector, the same function lane for lane */
-        vf tail = vzero_f();
-        memcpy(&tail, x + k, (size_t)(n - k) * sizeof(float));
-        const vf g = vgelu_tanh(tail);
-        memcpy(x + k, &g, (size_t)(n - k) * sizeof(float));
+        vstore_partial(x + k, vgelu_tanh(vload_partial(x + k, n - k, 0.0f)), n - k);
     }
 }
 

@@ -41,6 +41,13 @@ static inline vf vload(const float *p) {
     return v;
 }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+/* the first m < LANES floats at p, the other lanes set to pad (loop tails in one vector) */
+static inline vf vload_partial(const float *p, int64_t m, float pad) {
+    vf v = (vf){0} + pad;
+    memcpy(&v, p, (size_t)m * sizeof(float));
+    return v;
+}
+static inline void vstore_partial(float *p, vf v, int64_t m) { memcpy(p, &v, (size_t)m * sizeof(float)); }
 static inline vf vbroadcast(float x) { return (vf){0} + x; }
 /* mask lanes are all-ones or zero, as comparisons produce */
 static inline vf vselect(vi mask, vf if_true, vf if_false) {
