@@ -105,8 +105,7 @@ static void test_greedy_equals_argmax_chain(void) {
     test_rng r = {7};
     tiny_spec spec = tiny_llama_spec();
     tiny_model t;
-    tiny_build(&t, &spec);
-    lmd_model *m = tiny_init(&t, 16);
+    lmd_model *m = tiny_open(&t, &spec, 16);
     const int V = t.config.vocab_size;
     lmd_kvpool *pool = tiny_pool(&t, 4, 32);
     lmd_sampler *sampler;
@@ -159,8 +158,7 @@ static void test_greedy_equals_argmax_chain(void) {
 
     lmd_sampler_free(sampler);
     lmd_kvpool_free(pool);
-    lmd_model_free(m);
-    tiny_free(&t);
+    tiny_close(&t, m);
 }
 
 /* Four sequences, three of them with one prompt (the first two adjacent, so they share its
@@ -170,8 +168,7 @@ static void test_shared_prompts_equal_each_alone(void) {
     test_rng r = {8};
     tiny_spec spec = tiny_llama_spec();
     tiny_model t;
-    tiny_build(&t, &spec);
-    lmd_model *m = tiny_init(&t, 16);
+    lmd_model *m = tiny_open(&t, &spec, 16);
     const int V = t.config.vocab_size;
     lmd_kvpool *pool = tiny_pool(&t, 4, 64);
     lmd_sampler *samplers[2];
@@ -264,8 +261,7 @@ static void test_shared_prompts_equal_each_alone(void) {
 
     for (int i = 0; i < 2; i++) lmd_sampler_free(samplers[i]);
     lmd_kvpool_free(pool);
-    lmd_model_free(m);
-    tiny_free(&t);
+    tiny_close(&t, m);
 }
 
 /* A context length of 12: prompts of 5, 9 and 12 tokens end with LMD_FINISH_LENGTH once
@@ -275,8 +271,7 @@ static void test_context_length_ends_sequences(void) {
     tiny_spec spec = tiny_llama_spec();
     spec.context = 12;
     tiny_model t;
-    tiny_build(&t, &spec);
-    lmd_model *m = tiny_init(&t, 16);
+    lmd_model *m = tiny_open(&t, &spec, 16);
     const int V = t.config.vocab_size, L = 12;
     lmd_kvpool *pool = tiny_pool(&t, 4, 32);
     lmd_sampler *sampler;
@@ -327,8 +322,7 @@ static void test_context_length_ends_sequences(void) {
 
     lmd_sampler_free(sampler);
     lmd_kvpool_free(pool);
-    lmd_model_free(m);
-    tiny_free(&t);
+    tiny_close(&t, m);
 }
 
 /* A pool too small for the prompts: the run fails with the forward's error; once another
@@ -337,8 +331,7 @@ static void test_context_length_ends_sequences(void) {
 static void test_pool_too_small_then_retry(void) {
     tiny_spec spec = tiny_llama_spec();
     tiny_model t;
-    tiny_build(&t, &spec);
-    lmd_model *m = tiny_init(&t, 16);
+    lmd_model *m = tiny_open(&t, &spec, 16);
     const int V = t.config.vocab_size;
     lmd_kvpool *pool = tiny_pool(&t, 4, 4), *ref_pool = tiny_pool(&t, 4, 16);
     lmd_sampler *sampler;
@@ -375,16 +368,14 @@ static void test_pool_too_small_then_retry(void) {
     lmd_sampler_free(sampler);
     lmd_kvpool_free(pool);
     lmd_kvpool_free(ref_pool);
-    lmd_model_free(m);
-    tiny_free(&t);
+    tiny_close(&t, m);
 }
 
 static void test_beam_search(void) {
     test_rng r = {10};
     tiny_spec spec = tiny_llama_spec();
     tiny_model t;
-    tiny_build(&t, &spec);
-    lmd_model *m = tiny_init(&t, 16);
+    lmd_model *m = tiny_open(&t, &spec, 16);
     const int V = t.config.vocab_size;
     lmd_kvpool *pool = tiny_pool(&t, 4, 64);
     lmd_error err;
@@ -469,8 +460,7 @@ static void test_beam_search(void) {
     lmd_kvpool_free(tiny_p);
 
     lmd_kvpool_free(pool);
-    lmd_model_free(m);
-    tiny_free(&t);
+    tiny_close(&t, m);
 }
 
 int main(void) {

@@ -164,8 +164,7 @@ static void test_forward_against_reference_and_incremental(void) {
     for (int vi = 0; vi < N_VARIANTS; vi++) {
         tiny_spec spec = variant(vi);
         tiny_model t;
-        tiny_build(&t, &spec);
-        lmd_model *m = tiny_init(&t, 32);
+        lmd_model *m = tiny_open(&t, &spec, 32);
         const int V = t.config.vocab_size;
         lmd_kvpool *pool = tiny_pool(&t, 4, 32);
         int32_t tokens[T];
@@ -213,8 +212,7 @@ static void test_forward_against_reference_and_incremental(void) {
 
         free(full), free(inc), free(mixed), free(ref);
         lmd_kvpool_free(pool);
-        lmd_model_free(m);
-        tiny_free(&t);
+        tiny_close(&t, m);
     }
 }
 
@@ -315,8 +313,7 @@ static void test_truncate_and_fork(void) {
     for (int vi = 0; vi < N_VARIANTS; vi += 3) {
         tiny_spec spec = variant(vi);
         tiny_model t;
-        tiny_build(&t, &spec);
-        lmd_model *m = tiny_init(&t, 16);
+        lmd_model *m = tiny_open(&t, &spec, 16);
         const int V = t.config.vocab_size;
         lmd_kvpool *pool = tiny_pool(&t, 4, 32);
         lmd_error err;
@@ -362,8 +359,7 @@ static void test_truncate_and_fork(void) {
         lmd_kvseq_free(q);
         CHECK(pool->n_free == pool->n_blocks);
         lmd_kvpool_free(pool);
-        lmd_model_free(m);
-        tiny_free(&t);
+        tiny_close(&t, m);
     }
 }
 
@@ -374,8 +370,7 @@ static void test_forks_writing_one_shared_block(void) {
     test_rng r = {505};
     tiny_spec spec = tiny_llama_spec();
     tiny_model t;
-    tiny_build(&t, &spec);
-    lmd_model *m = tiny_init(&t, 8);
+    lmd_model *m = tiny_open(&t, &spec, 8);
     const int V = t.config.vocab_size;
     lmd_kvpool *ref_pool = tiny_pool(&t, 4, 16);
     lmd_error err;
@@ -416,8 +411,7 @@ static void test_forks_writing_one_shared_block(void) {
         lmd_kvpool_free(pool);
     }
     lmd_kvpool_free(ref_pool);
-    lmd_model_free(m);
-    tiny_free(&t);
+    tiny_close(&t, m);
 }
 
 /* A wider model, so that the matmuls and the attention of a prefill take their parallel
@@ -429,8 +423,7 @@ static void test_threads_do_not_change_results(void) {
     tiny_spec spec = tiny_llama_spec();
     spec.dim = 256, spec.hidden = 256, spec.vocab = 64, spec.context = T;
     tiny_model t;
-    tiny_build(&t, &spec);
-    lmd_model *m = tiny_init(&t, T);
+    lmd_model *m = tiny_open(&t, &spec, T);
     const int V = t.config.vocab_size;
     lmd_kvpool *pool = tiny_pool(&t, 16, 16);
     lmd_error err;
@@ -453,8 +446,7 @@ static void test_threads_do_not_change_results(void) {
     CHECK(same_floats(logits[0], logits[2], (int64_t)T * V));
     for (int run = 0; run < 3; run++) free(logits[run]);
     lmd_kvpool_free(pool);
-    lmd_model_free(m);
-    tiny_free(&t);
+    tiny_close(&t, m);
 }
 
 /* ------------------------------------------------------------------ */
@@ -490,8 +482,7 @@ static void test_forward_errors(void) {
     test_rng r = {404};
     tiny_spec spec = tiny_llama_spec();
     tiny_model t;
-    tiny_build(&t, &spec);
-    lmd_model *m = tiny_init(&t, 8);
+    lmd_model *m = tiny_open(&t, &spec, 8);
     const int V = t.config.vocab_size;
     lmd_kvpool *pool = tiny_pool(&t, 4, 16);
     lmd_error err;
@@ -595,8 +586,7 @@ static void test_forward_errors(void) {
     lmd_kvseq_free(seqs[1]);
     CHECK(pool->n_free == pool->n_blocks);
     lmd_kvpool_free(pool);
-    lmd_model_free(m);
-    tiny_free(&t);
+    tiny_close(&t, m);
 }
 
 static void test_init_errors(void) {

@@ -156,6 +156,18 @@ static inline lmd_model *tiny_init(tiny_model *t, int32_t max_batch) {
     return m;
 }
 
+/* The usual start of a test: the tiny model of spec built, and an engine for max_batch tokens. */
+static inline lmd_model *tiny_open(tiny_model *t, const tiny_spec *spec, int32_t max_batch) {
+    tiny_build(t, spec);
+    return tiny_init(t, max_batch);
+}
+
+/* ...and its end: the engine and the model's arrays freed. */
+static inline void tiny_close(tiny_model *t, lmd_model *m) {
+    lmd_model_free(m);
+    tiny_free(t);
+}
+
 /* A pool shaped for the model: block_size positions per block, n_blocks blocks. */
 static inline lmd_kvpool *tiny_pool(const tiny_model *t, int32_t block_size, int32_t n_blocks) {
     lmd_kvpool *p;
