@@ -120,20 +120,24 @@ void lmd_model_free(lmd_model *m) {
     free(m->scores);
     free(m->inv_freq);
     free(m->pos);
-    free(m->x_bf16);
+    free(m->matmul_scratch);
     free(m);
 }
 
 // whether any weight matrix is stored as bf16 (the model then keeps a rounded-inputs scratch)
-static int any_bf16(const lmd_config *config, const lmd_weights *w) {
-    int any = w->output.dtype == LMD_BF16;
+// bytes of scratch the widest matmul of a B-token chunk can use (lmd_matmul_scratch_bytes)
+static size_t matmul_scratch_bytes(const lmd_config *config, const lmd_weights *w, int B) {
+    size_t most = lmd_matmul_scratch_bytes(&w->output, B);
     for (int32_t l = 0; l < config->n_layers; l++) {
         const lmd_layer_weights *lw = &w->layers[l];
-        any |= lw->wq.dtype == LMD_BF16 || lw->wk.dtype == LMD_BF16 || lw->wv.dtype == LMD_BF16 ||
-               lw->wo.dtype == LMD_BF16 || lw->w_up.dtype == LMD_BF16 || lw->w_down.dtype == LMD_BF16 ||
-               (config->arch == LMD_ARCH_LLAMA && lw->w_gate.dtype == LMD_BF16);
+        const lmd_matrix *matrices[] = {&lw->wq, &lw->wk, &lw->wv, &lw->wo, &lw->w_up, &lw->w_down, &lw->w_gate};
+        const int n_matrices = config->arch == LMD_ARCH_LLAMA ? 7 : 6; /* GPT-2 has no gate */
+        for (int i = 0; i < n_matrices; i++) {
+            const size_t bytes = lmd_matmul_scratch_bytes(matrices[i], B);
+            most = bytes > most ? bytes : most;
+        }
     }
-    return any;
+    return most;
 }
 
 lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_weights *weights,
@@ -166,10 +170,10 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
     m->scores = lmd_alloc_aligned((size_t)config->n_heads * config->context_length * sizeof(float));
     m->inv_freq = malloc(((size_t)config->head_dim / 2 + 1) * sizeof(float));
     m->pos = malloc(B * sizeof(int32_t));
-    if (any_bf16(config, weights)) {
-        const size_t widest = D > Q ? (D > H ? D : H) : (Q > H ? Q : H);
-        m->x_bf16 = lmd_alloc_aligned(B * widest * sizeof(uint16_t));
-        if (m->x_bf16 == NULL) {
+    const size_t scratch_bytes = matmul_scratch_bytes(config, weights, max_batch);
+    if (scratch_bytes > 0) {
+        m->matmul_scratch = lmd_alloc_aligned(scratch_bytes);
+        if (m->matmul_scratch == NULL) {
             lmd_model_free(m);
             return lmd_fail(err, LMD_ERR_NOMEM, "out of memory allocating the run state for %d tokens", max_batch);
         }
@@ -193,9 +197,9 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
 /* forward                                                              */
 /* ------------------------------------------------------------------ */
 
-// W @ x for the chunk's B rows, with the model's scratch for inputs rounded to bf16
+// W @ x for the chunk's B rows, with the model's scratch for the prepared inputs
 static void matmul(lmd_model *m, float *out, const float *x, const lmd_matrix *w, int B) {
-    lmd_matmul_scratch(out, x, w, B, m->x_bf16);
+    lmd_matmul_scratch(out, x, w, B, m->matmul_scratch);
 }
 
 static void add_bias(float *x, const float *bias, int B, int64_t n) {

@@ -102,7 +102,7 @@ typedef struct lmd_model {
     float *scores;   /* (n_heads, context_length) attention weights of one token */
     float *inv_freq; /* (head_dim / 2,) RoPE frequencies */
     int32_t *pos;    /* (B,) position of each token of the chunk */
-    uint16_t *x_bf16; /* (B, widest input) a matmul's inputs rounded to bf16; NULL without bf16 weights */
+    void *matmul_scratch; /* a matmul's inputs quantized (q8_0) or rounded (bf16); NULL if none needs it */
 } lmd_model;
 
 /* Validates shapes against the config (messages name the tensor) and allocates the run state. */

@@ -96,47 +96,169 @@ const char *lmd_dtype_name(lmd_dtype dtype) {
     return "?";
 }
 
-void lmd_quantize_q8_0(uint8_t *out, const float *x, int64_t n) {
-    for (int64_t b = 0; b < n / LMD_Q8_0_BLOCK; b++) {
-        const float *xb = x + b * LMD_Q8_0_BLOCK;
-        uint8_t *ob = out + b * LMD_Q8_0_BLOCK_BYTES;
-        float amax = 0.0f;
-        for (int j = 0; j < LMD_Q8_0_BLOCK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        float scale = amax / 127.0f;
-        float inv = scale != 0.0f ? 1.0f / scale : 0.0f;
-        if (!isfinite(inv)) inv = 0.0f; /* amax below ~4e-37: the fp16 scale is 0 anyway */
-        uint16_t scale_bits = lmd_f32_to_fp16(scale);
-        memcpy(ob, &scale_bits, 2);
-        for (int j = 0; j < LMD_Q8_0_BLOCK; j++) {
-            float q = isnan(xb[j]) ? 0.0f : roundf(xb[j] * inv);
-            q = fminf(127.0f, fmaxf(-127.0f, q));
-            ob[2 + j] = (uint8_t)(int8_t)q;
-        }
+// x (32,) -> one llama.cpp Q8_0 block (34 bytes): fp16 scale amax/127, then 32 int8 values
+static void quantize_block_q8_0(uint8_t *block, const float *x) {
+    float amax = 0.0f;
+    for (int j = 0; j < LMD_Q8_0_BLOCK; j++) amax = fmaxf(amax, fabsf(x[j]));
+    float scale = amax / 127.0f;
+    float inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+    if (!isfinite(inv)) inv = 0.0f; /* amax below ~4e-37: the fp16 scale is 0 anyway */
+    uint16_t scale_bits = lmd_f32_to_fp16(scale);
+    memcpy(block, &scale_bits, 2);
+    for (int j = 0; j < LMD_Q8_0_BLOCK; j++) {
+        float q = isnan(x[j]) ? 0.0f : roundf(x[j] * inv);
+        q = fminf(127.0f, fmaxf(-127.0f, q));
+        block[2 + j] = (uint8_t)(int8_t)q;
     }
 }
 
+void lmd_quantize_q8_0(uint8_t *out, const float *x, int64_t n) {
+    for (int64_t b = 0; b < n / LMD_Q8_0_BLOCK; b++)
+        quantize_block_q8_0(out + b * LMD_Q8_0_BLOCK_BYTES, x + b * LMD_Q8_0_BLOCK);
+}
+
+/* Where row r's block b of a packed (rows, n_blocks * 32) q8_0 matrix lives: its fp16 scale
+ * at byte *scale, its 32 values as 8 runs of 4 bytes, run s at *quants + s * *run_stride. */
+static void q8_0_locate(int64_t rows, int64_t n_blocks, int64_t r, int64_t b, size_t *scale, size_t *quants,
+                        size_t *run_stride) {
+    const int64_t group = r / LMD_Q8_0_GROUP, i = r % LMD_Q8_0_GROUP;
+    const int64_t left = rows - group * LMD_Q8_0_GROUP;
+    const int64_t group_rows = left < LMD_Q8_0_GROUP ? left : LMD_Q8_0_GROUP;
+    const size_t block = ((size_t)group * LMD_Q8_0_GROUP * n_blocks + (size_t)b * group_rows) * LMD_Q8_0_BLOCK_BYTES;
+    *scale = block + 2 * (size_t)i;
+    *quants = block + 2 * (size_t)group_rows + 4 * (size_t)i;
+    *run_stride = 4 * (size_t)group_rows;
+}
+
+// one llama.cpp block (34 bytes) -> row r's block b of the packed matrix
+static void place_block_q8_0(uint8_t *packed, int64_t rows, int64_t n_blocks, int64_t r, int64_t b,
+                             const uint8_t *block) {
+    size_t scale, quants, run_stride;
+    q8_0_locate(rows, n_blocks, r, b, &scale, &quants, &run_stride);
+    memcpy(packed + scale, block, 2);
+    for (int s = 0; s < 8; s++) memcpy(packed + quants + s * run_stride, block + 2 + 4 * s, 4);
+}
+
+void lmd_pack_q8_0(uint8_t *out, const uint8_t *blocks, int64_t rows, int64_t cols) {
+    const int64_t n_blocks = cols / LMD_Q8_0_BLOCK;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < n_blocks; b++)
+            place_block_q8_0(out, rows, n_blocks, r, b, blocks + (r * n_blocks + b) * LMD_Q8_0_BLOCK_BYTES);
+}
+
+void lmd_quantize_matrix_q8_0(uint8_t *out, const float *x, int64_t rows, int64_t cols) {
+    const int64_t n_blocks = cols / LMD_Q8_0_BLOCK;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < n_blocks; b++) {
+            uint8_t block[LMD_Q8_0_BLOCK_BYTES];
+            quantize_block_q8_0(block, x + r * cols + b * LMD_Q8_0_BLOCK);
+            place_block_q8_0(out, rows, n_blocks, r, b, block);
+        }
+}
+
 void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r) {
-    const uint8_t *row = (const uint8_t *)w->data + (size_t)r * lmd_row_bytes(w->dtype, w->cols);
+    const uint8_t *data = (const uint8_t *)w->data;
     switch (w->dtype) {
-    case LMD_F32: memcpy(out, row, (size_t)w->cols * 4); break;
+    case LMD_F32: memcpy(out, data + (size_t)r * w->cols * 4, (size_t)w->cols * 4); break;
     case LMD_BF16:
         for (int64_t k = 0; k < w->cols; k++) {
             uint16_t b;
-            memcpy(&b, row + 2 * k, 2);
+            memcpy(&b, data + ((size_t)r * w->cols + k) * 2, 2);
             out[k] = lmd_bf16_to_f32(b);
         }
         break;
     case LMD_Q8_0:
         for (int64_t b = 0; b < w->cols / LMD_Q8_0_BLOCK; b++) {
-            const uint8_t *blk = row + b * LMD_Q8_0_BLOCK_BYTES;
+            size_t scale_at, quants, run_stride;
+            q8_0_locate(w->rows, w->cols / LMD_Q8_0_BLOCK, r, b, &scale_at, &quants, &run_stride);
             uint16_t scale_bits;
-            memcpy(&scale_bits, blk, 2);
-            float scale = fp16_to_f32(scale_bits);
+            memcpy(&scale_bits, data + scale_at, 2);
+            const float scale = fp16_to_f32(scale_bits);
             for (int j = 0; j < LMD_Q8_0_BLOCK; j++)
-                out[b * LMD_Q8_0_BLOCK + j] = scale * (float)(int8_t)blk[2 + j];
+                out[b * LMD_Q8_0_BLOCK + j] = scale * (float)(int8_t)data[quants + (j / 4) * run_stride + j % 4];
         }
         break;
     }
+}
+
+/* ------------------------------------------------------------------ */
+/* q8_0 inputs                                                          */
+/* ------------------------------------------------------------------ */
+
+/* A q8_0 matmul quantizes its inputs too, in blocks of 32 as llama.cpp does (its Q8_0
+ * weights meet Q8_0 activations), and multiplies in integers: each block's 32 products
+ * sum exactly in int32, and only then meet the two scales in float. The activation scale
+ * stays a float (llama.cpp rounds it to fp16); values round to nearest even. */
+
+// x (n,) -> q (n,) int8 in [-127, 127], scale (n/32,) with x ~ scale * q, and
+// corr (n/32,) = -128 * (sum of the block's q), which the VNNI kernel starts from.
+// A block holding NaN gets scale NaN and one holding inf scale inf, so they reach the output.
+static void quantize_input_q8(int8_t *q, float *scale, int32_t *corr, const float *x, int64_t n) {
+    for (int64_t b = 0; b < n / LMD_Q8_0_BLOCK; b++) {
+        const float *xb = x + b * LMD_Q8_0_BLOCK;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        /* the scalar loop below, 16 lanes at a time: max is exact in any order, the
+         * product and the rounding (nearest even, as nearbyintf) are per lane */
+        const __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
+        const int nan = (_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q)) != 0;
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+#else
+        float amax = 0.0f;
+        int nan = 0;
+        for (int j = 0; j < LMD_Q8_0_BLOCK; j++) {
+            const float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+            nan |= isnan(a);
+        }
+#endif
+        const float s = nan ? NAN : amax / 127.0f;
+        float inv = s != 0.0f && isfinite(s) ? 1.0f / s : 0.0f;
+        if (!isfinite(inv)) inv = 0.0f; /* amax below ~1e-36 */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        const __m512 vinv = _mm512_set1_ps(inv), limit = _mm512_set1_ps(127.0f);
+        __m512i sum = _mm512_setzero_si512();
+        for (int half = 0; half < 2; half++) {
+            __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(half ? hi : lo, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v); /* NaN -> 0 */
+            v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit);
+            const __m512i v32 = _mm512_cvtps_epi32(v);
+            sum = _mm512_add_epi32(sum, v32);
+            _mm_storeu_si128((__m128i *)(void *)(q + b * LMD_Q8_0_BLOCK + 16 * half), _mm512_cvtepi32_epi8(v32));
+        }
+        const int32_t total = _mm512_reduce_add_epi32(sum);
+#else
+        int32_t total = 0;
+        for (int j = 0; j < LMD_Q8_0_BLOCK; j++) {
+            float v = nearbyintf(xb[j] * inv);
+            v = v >= -127.0f ? (v <= 127.0f ? v : 127.0f) : (v < -127.0f ? -127.0f : 0.0f); /* NaN -> 0 */
+            q[b * LMD_Q8_0_BLOCK + j] = (int8_t)v;
+            total += (int8_t)v;
+        }
+#endif
+        scale[b] = s;
+        corr[b] = -128 * total;
+    }
+}
+
+float lmd_dot_q8_0(const uint8_t *w_blocks, const float *x, int64_t n) {
+    const int64_t n_blocks = n / LMD_Q8_0_BLOCK;
+    float acc = 0.0f;
+    for (int64_t b = 0; b < n_blocks; b++) {
+        int8_t q[LMD_Q8_0_BLOCK];
+        float scale;
+        int32_t corr;
+        quantize_input_q8(q, &scale, &corr, x + b * LMD_Q8_0_BLOCK, LMD_Q8_0_BLOCK);
+        const uint8_t *block = w_blocks + b * LMD_Q8_0_BLOCK_BYTES;
+        /* read as int8 directly: GCC 12 vectorizes (int8_t) of a uint8_t load times int8 as
+         * VPDPBUSD, which takes that operand as unsigned (wrong for negative weights) */
+        const int8_t *values = (const int8_t *)(const void *)(block + 2);
+        int32_t dot = 0;
+        for (int j = 0; j < LMD_Q8_0_BLOCK; j++) dot += (int32_t)values[j] * q[j];
+        uint16_t scale_bits;
+        memcpy(&scale_bits, block, 2);
+        acc = fmaf((float)dot, fp16_to_f32(scale_bits) * scale, acc);
+    }
+    return acc;
 }
 
 /* ------------------------------------------------------------------ */
@@ -427,53 +549,6 @@ static void round_inputs_bf16(uint16_t *xb, const float *x, int B, int64_t n) {
 }
 #endif
 
-/* Q8_0: each block's 32 weights are scaled to floats once and then used against
- * all nc batch rows, so the work per weight byte stays small. Pointers are
- * stepped as in tile_f32_rows. */
-static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,
-                                    int64_t d, int64_t r0, int nr, int c0, int nc) {
-    (void)xb;
-    vf acc[MAX_TILE_R][MAX_TILE_C];
-    const int64_t prefetch_bytes = PREFETCH_AHEAD(r0, nr, d, n) / LMD_Q8_0_BLOCK * LMD_Q8_0_BLOCK_BYTES;
-    const int64_t n_blocks = n / LMD_Q8_0_BLOCK;
-    const size_t row_bytes = (size_t)n_blocks * LMD_Q8_0_BLOCK_BYTES;
-    const uint8_t *wp[MAX_TILE_R];
-    const float *xp[MAX_TILE_C];
-    for (int r = 0; r < nr; r++) {
-        wp[r] = w + (size_t)(r0 + r) * row_bytes;
-        for (int c = 0; c < nc; c++) acc[r][c] = vzero_f();
-    }
-    for (int c = 0; c < nc; c++) xp[c] = x + (int64_t)(c0 + c) * n;
-    for (int64_t b = 0; b < n_blocks; b++) {
-        float scale[MAX_TILE_R];
-        for (int r = 0; r < nr; r++) {
-            __builtin_prefetch(wp[r] + prefetch_bytes);
-            uint16_t scale_bits;
-            memcpy(&scale_bits, wp[r], 2);
-            scale[r] = fp16_to_f32(scale_bits);
-        }
-        for (int j = 0; j < LMD_Q8_0_BLOCK; j += LMD_VEC_LANES) {
-            vf wv[MAX_TILE_R];
-            for (int r = 0; r < nr; r++) wv[r] = vload_i8(wp[r] + 2 + j) * scale[r];
-            for (int c = 0; c < nc; c++) {
-                vf xv = vload(xp[c] + j);
-                IN_REGISTER(xv);
-                for (int r = 0; r < nr; r++) acc[r][c] = vfma(wv[r], xv, acc[r][c]);
-            }
-        }
-        for (int r = 0; r < nr; r++) wp[r] += LMD_Q8_0_BLOCK_BYTES;
-        for (int c = 0; c < nc; c++) xp[c] += LMD_Q8_0_BLOCK;
-    }
-#if LMD_SUM4
-    if (nr % 4 == 0) {
-        store_totals4(out, acc, d, r0, nr, c0, nc);
-        return;
-    }
-#endif
-    for (int r = 0; r < nr; r++)
-        for (int c = 0; c < nc; c++) out[(int64_t)(c0 + c) * d + r0 + r] = vsum(acc[r][c]);
-}
-
 /* One parallel work item: weight rows r0 .. r0+nr (nr <= ROW_BLOCK) against every batch
  * row, in chunks of up to MAX_TILE_C batch rows. The rows stay in L1/L2 across chunks.
  * Tile shapes: 8 x 1 and 8 x 2 (decode of one or two sequences: eight independent
@@ -516,7 +591,6 @@ static ALWAYS_INLINE void tile_q8_0(float *out, const float *x, const uint16_t *
 
 DEFINE_ROW_BLOCK(row_block_f32_tiles, tile_f32)
 DEFINE_ROW_BLOCK(row_block_bf16, tile_bf16)
-DEFINE_ROW_BLOCK(row_block_q8_0, tile_q8_0)
 
 /* f32 batches through staged rows: four weight rows at a time are copied into a
  * cache-line-aligned buffer on the stack, which then meets the whole batch there, in L1.
@@ -529,30 +603,6 @@ DEFINE_ROW_BLOCK(row_block_q8_0, tile_q8_0)
 #define STAGED_MIN_BATCH_UNALIGNED 3
 #define STAGED_MAX_COLS 4096
 
-/* q8_0 batches of Q8_0_STAGED_MIN_BATCH inputs or more, with rows short enough that four
- * of them as floats and a slice of inputs fit L1, go through the same stack buffer: four
- * rows dequantized once (the very products the q8_0 tile forms in registers, for every
- * slice of inputs) then the f32 tile. 768 columns: 1.55 -> 1.37 ms for 256 inputs; with
- * 2048 columns the floats overflow L1 and it was 1.35 x slower, so those stay on the q8_0
- * tile. Same arithmetic either way. */
-#define Q8_0_STAGED_MIN_BATCH 32
-
-// rows (4, n) of q8_0 -> out (4, n) floats, the products the q8_0 tile forms in registers
-static void dequantize_q8_0_rows(float *out, const uint8_t *w, size_t row_bytes, int64_t n, int64_t prefetch_bytes) {
-    for (int r = 0; r < 4; r++) {
-        const uint8_t *row = w + (size_t)r * row_bytes;
-        for (int64_t b = 0; b < n / LMD_Q8_0_BLOCK; b++) {
-            const uint8_t *block = row + b * LMD_Q8_0_BLOCK_BYTES;
-            __builtin_prefetch(block + prefetch_bytes);
-            uint16_t scale_bits;
-            memcpy(&scale_bits, block, 2);
-            const float scale = fp16_to_f32(scale_bits);
-            for (int j = 0; j < LMD_Q8_0_BLOCK; j += LMD_VEC_LANES)
-                vstore(out + r * n + b * LMD_Q8_0_BLOCK + j, vload_i8(block + 2 + j) * scale);
-        }
-    }
-}
-
 // rows (4, n) of f32 -> out (4, n), an aligned copy
 static void copy_f32_rows(float *out, const uint8_t *w, size_t row_bytes, int64_t n, int64_t prefetch_bytes) {
     for (int r = 0; r < 4; r++) {
@@ -562,19 +612,17 @@ static void copy_f32_rows(float *out, const uint8_t *w, size_t row_bytes, int64_
     }
 }
 
-// rows r0..r0+8 of W (d,n) in `dtype` against the whole batch: each half of the block is
-// staged as floats (copied or dequantized) and passes every slice of inputs through the
-// f32 tile, out of L1
-static void row_block_staged(float *out, const float *x, const uint8_t *w, lmd_dtype dtype, int64_t n, int64_t d,
-                             int64_t r0, int B) {
+// rows r0..r0+8 of W (d,n) f32 against the whole batch: each half of the block is copied
+// into an aligned buffer and passes every slice of inputs through the f32 tile, out of L1
+static void row_block_staged(float *out, const float *x, const uint8_t *w, int64_t n, int64_t d, int64_t r0,
+                             int B) {
     float staged[4 * STAGED_MAX_COLS] __attribute__((aligned(64)));
-    const size_t row_bytes = lmd_row_bytes(dtype, n);
+    const size_t row_bytes = (size_t)n * sizeof(float);
     /* staging streams the rows: prefetch the next row block's as it goes */
     const int64_t prefetch_bytes = (int64_t)row_bytes * ROW_BLOCK * (r0 + 2 * ROW_BLOCK <= d);
     for (int half = 0; half < 2; half++) {
         const uint8_t *rows = w + (size_t)(r0 + 4 * half) * row_bytes;
-        if (dtype == LMD_Q8_0) dequantize_q8_0_rows(staged, rows, row_bytes, n, prefetch_bytes);
-        else copy_f32_rows(staged, rows, row_bytes, n, prefetch_bytes);
+        copy_f32_rows(staged, rows, row_bytes, n, prefetch_bytes);
         for (int c0 = 0; c0 < B; c0 += MAX_TILE_C) {
             const int nc = B - c0 < MAX_TILE_C ? B - c0 : MAX_TILE_C;
 #define TILE_STAGED(nc_) tile_f32_rows(out, x, staged, 0, n, d, r0 + 4 * half, 4, c0, nc_)
@@ -591,15 +639,6 @@ static void row_block_staged(float *out, const float *x, const uint8_t *w, lmd_d
     }
 }
 
-static void row_block_q8_0_staged(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,
-                                  int64_t d, int64_t r0, int nr, int B, int by_halves) {
-    const size_t slice_bytes = (size_t)MAX_TILE_C * n * sizeof(float), rows_bytes = 4 * (size_t)n * sizeof(float);
-    if (nr != ROW_BLOCK || B < Q8_0_STAGED_MIN_BATCH || rows_bytes + slice_bytes > L1_BUDGET)
-        row_block_q8_0(out, x, xb, w, n, d, r0, nr, B, by_halves);
-    else
-        row_block_staged(out, x, w, LMD_Q8_0, n, d, r0, B);
-}
-
 static void row_block_f32(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n, int64_t d,
                           int64_t r0, int nr, int B, int by_halves) {
     const size_t row_bytes = (size_t)n * sizeof(float);
@@ -607,7 +646,171 @@ static void row_block_f32(float *out, const float *x, const uint16_t *xb, const 
     if (nr != ROW_BLOCK || B < (aligned ? STAGED_MIN_BATCH : STAGED_MIN_BATCH_UNALIGNED) || n > STAGED_MAX_COLS)
         row_block_f32_tiles(out, x, xb, w, n, d, r0, nr, B, by_halves);
     else
-        row_block_staged(out, x, w, LMD_F32, n, d, r0, B);
+        row_block_staged(out, x, w, n, d, r0, B);
+}
+
+/* q8_0 matrices (ops.h: groups of 16 rows, each block's values in runs of 4 bytes per row)
+ * against inputs quantized per block (quantize_input_q8). One lane per weight row: a run
+ * of 16 rows x 4 bytes meets 4 input bytes broadcast, and the block's 8 runs sum the
+ * block's exact integer dot products of 16 rows, which then meet the scales in float:
+ *     acc[row] = fma((float)dot(block), w_scale[row] * x_scale, acc[row])
+ * block after block, the one order every path (and lmd_dot_q8_0) keeps, so a row's result
+ * never depends on the batch, the tile or the thread count. */
+#define Q8_0_GROUP_BYTES_PER_BLOCK (LMD_Q8_0_GROUP * LMD_Q8_0_BLOCK_BYTES) /* 544 */
+#define Q8_0_ITEM_GROUPS 2 /* groups of rows per parallel work item */
+#ifndef Q8_0_TILE_C
+#define Q8_0_TILE_C 6 /* inputs per tile */
+#endif
+
+/* Where a batch's quantized inputs sit in the scratch: values (B, n), then scales and
+ * corrections (B, n/32) each. */
+typedef struct {
+    const int8_t *q;
+    const float *scale;
+    const int32_t *corr;
+} q8_inputs;
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && LMD_VEC_BYTES == 64
+#define LMD_Q8_0_VNNI 1
+/* VPDPBUSD multiplies unsigned by signed bytes: the weights are read with their sign bit
+ * flipped (w + 128, unsigned) against the signed inputs, and each dot product starts from
+ * corr = -128 * sum(q) to take the 128 * sum(q) back out, exactly. */
+// ng groups of group_rows rows (full groups of 16, or one last group of fewer), starting at
+// packed group data wg and output feature r0, against inputs c0..c0+nc -> out (B, d)
+static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, int64_t n, int64_t d, int64_t r0,
+                                    int ng, int group_rows, int c0, int nc, int64_t prefetch_bytes) {
+    const int64_t n_blocks = n / LMD_Q8_0_BLOCK;
+    const size_t group_bytes = (size_t)n_blocks * LMD_Q8_0_GROUP * LMD_Q8_0_BLOCK_BYTES;
+    const size_t block_bytes = (size_t)group_rows * LMD_Q8_0_BLOCK_BYTES, run_bytes = 4 * (size_t)group_rows;
+    const __mmask16 rows = (__mmask16)((1u << group_rows) - 1u);
+    const int full = group_rows == LMD_Q8_0_GROUP;
+    const __m512i sign_bits = _mm512_set1_epi8((char)0x80);
+    __m512 acc[Q8_0_ITEM_GROUPS][MAX_TILE_C];
+    const uint8_t *wp[Q8_0_ITEM_GROUPS];
+    const int8_t *xp[MAX_TILE_C];
+    for (int g = 0; g < ng; g++) {
+        wp[g] = wg + g * group_bytes;
+        for (int c = 0; c < nc; c++) acc[g][c] = _mm512_setzero_ps();
+    }
+    for (int c = 0; c < nc; c++) xp[c] = x.q + (int64_t)(c0 + c) * n;
+    for (int64_t b = 0; b < n_blocks; b++) {
+        __m512i dot[Q8_0_ITEM_GROUPS][MAX_TILE_C];
+        for (int c = 0; c < nc; c++) {
+            const __m512i corr = _mm512_set1_epi32(x.corr[(int64_t)(c0 + c) * n_blocks + b]);
+            for (int g = 0; g < ng; g++) dot[g][c] = corr;
+        }
+        for (int s = 0; s < 8; s++) {
+            __m512i wv[Q8_0_ITEM_GROUPS];
+            for (int g = 0; g < ng; g++) {
+                const uint8_t *run = wp[g] + 2 * group_rows + s * run_bytes;
+                __builtin_prefetch(run + prefetch_bytes);
+                wv[g] = _mm512_xor_si512(full ? _mm512_loadu_si512((const void *)run)
+                                              : _mm512_maskz_loadu_epi32(rows, (const void *)run),
+                                         sign_bits);
+            }
+            for (int c = 0; c < nc; c++) {
+                int32_t four;
+                memcpy(&four, xp[c] + 4 * s, 4);
+                const __m512i xv = _mm512_set1_epi32(four);
+                for (int g = 0; g < ng; g++) dot[g][c] = _mm512_dpbusd_epi32(dot[g][c], wv[g], xv);
+            }
+        }
+        for (int g = 0; g < ng; g++) {
+            const __m512 w_scale = _mm512_cvtph_ps(full ? _mm256_loadu_si256((const __m256i *)(const void *)wp[g])
+                                                        : _mm256_maskz_loadu_epi16(rows, (const void *)wp[g]));
+            for (int c = 0; c < nc; c++) {
+                const __m512 scale = _mm512_mul_ps(w_scale, _mm512_set1_ps(x.scale[(int64_t)(c0 + c) * n_blocks + b]));
+                acc[g][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[g][c]), scale, acc[g][c]);
+            }
+            wp[g] += block_bytes;
+        }
+        for (int c = 0; c < nc; c++) xp[c] += LMD_Q8_0_BLOCK;
+    }
+    for (int g = 0; g < ng; g++)
+        for (int c = 0; c < nc; c++) {
+            float *o = out + (int64_t)(c0 + c) * d + r0 + g * LMD_Q8_0_GROUP;
+            if (full) _mm512_storeu_ps(o, acc[g][c]);
+            else _mm512_mask_storeu_ps(o, rows, acc[g][c]);
+        }
+}
+#else
+#define LMD_Q8_0_VNNI 0
+// the same products and order as the VNNI tile, in portable C
+static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, int64_t n, int64_t d, int64_t r0,
+                                    int ng, int group_rows, int c0, int nc, int64_t prefetch_bytes) {
+    (void)prefetch_bytes;
+    const int64_t n_blocks = n / LMD_Q8_0_BLOCK;
+    const size_t group_bytes = (size_t)n_blocks * LMD_Q8_0_GROUP * LMD_Q8_0_BLOCK_BYTES;
+    for (int g = 0; g < ng; g++)
+        for (int c = c0; c < c0 + nc; c++) {
+            const int8_t *xq = x.q + (int64_t)c * n;
+            float acc[LMD_Q8_0_GROUP] = {0};
+            for (int64_t b = 0; b < n_blocks; b++) {
+                const uint8_t *block = wg + g * group_bytes + (size_t)b * group_rows * LMD_Q8_0_BLOCK_BYTES;
+                const int8_t *runs = (const int8_t *)(const void *)(block + 2 * group_rows);
+                int32_t dot[LMD_Q8_0_GROUP] = {0};
+                for (int s = 0; s < 8; s++)
+                    for (int i = 0; i < group_rows; i++)
+                        for (int j = 0; j < 4; j++)
+                            dot[i] += (int32_t)runs[(s * group_rows + i) * 4 + j] * xq[b * LMD_Q8_0_BLOCK + 4 * s + j];
+                const float x_scale = x.scale[(int64_t)c * n_blocks + b];
+                for (int i = 0; i < group_rows; i++) {
+                    uint16_t scale_bits;
+                    memcpy(&scale_bits, block + 2 * i, 2);
+                    acc[i] = fmaf((float)dot[i], fp16_to_f32(scale_bits) * x_scale, acc[i]);
+                }
+            }
+            for (int i = 0; i < group_rows; i++) out[(int64_t)c * d + r0 + g * LMD_Q8_0_GROUP + i] = acc[i];
+        }
+}
+#endif
+
+#define TILE_Q8_0_ANY_C(ng, group_rows, c0, nc)                                                      \
+    switch (nc) {                                                                                   \
+    case 1: tile_q8_0(out, x, wg, n, d, r0, ng, group_rows, c0, 1, prefetch_bytes); break;          \
+    case 2: tile_q8_0(out, x, wg, n, d, r0, ng, group_rows, c0, 2, prefetch_bytes); break;          \
+    case 3: tile_q8_0(out, x, wg, n, d, r0, ng, group_rows, c0, 3, prefetch_bytes); break;          \
+    case 4: tile_q8_0(out, x, wg, n, d, r0, ng, group_rows, c0, 4, prefetch_bytes); break;          \
+    case 5: tile_q8_0(out, x, wg, n, d, r0, ng, group_rows, c0, 5, prefetch_bytes); break;          \
+    default: tile_q8_0(out, x, wg, n, d, r0, ng, group_rows, c0, 6, prefetch_bytes); break;         \
+    }
+
+// one parallel work item: groups item * Q8_0_ITEM_GROUPS ... of W (d, n) q8_0 against the B
+// inputs x -> out (B, d), MAX_TILE_C inputs at a time
+static void item_q8_0(float *out, q8_inputs x, const uint8_t *w, int64_t n, int64_t d, int64_t item, int B) {
+    const size_t group_bytes = (size_t)(n / LMD_Q8_0_BLOCK) * Q8_0_GROUP_BYTES_PER_BLOCK;
+    const int64_t r0 = item * Q8_0_ITEM_GROUPS * LMD_Q8_0_GROUP;
+    const uint8_t *wg = w + item * Q8_0_ITEM_GROUPS * group_bytes;
+    const int64_t rows = d - r0 < Q8_0_ITEM_GROUPS * LMD_Q8_0_GROUP ? d - r0 : Q8_0_ITEM_GROUPS * LMD_Q8_0_GROUP;
+    const int full_groups = (int)(rows / LMD_Q8_0_GROUP), tail_rows = (int)(rows % LMD_Q8_0_GROUP);
+    for (int c0 = 0; c0 < B; c0 += Q8_0_TILE_C) {
+        const int nc = B - c0 < Q8_0_TILE_C ? B - c0 : Q8_0_TILE_C;
+        /* the first pass over the item's weights fetches the next item's (the rows are a
+         * contiguous stream; the later passes find this item's in cache) */
+        const int64_t prefetch_bytes = c0 == 0 && r0 + rows < d ? (int64_t)(Q8_0_ITEM_GROUPS * group_bytes) : 0;
+        if (full_groups == 2) {
+            TILE_Q8_0_ANY_C(2, LMD_Q8_0_GROUP, c0, nc)
+        } else if (full_groups == 1) {
+            TILE_Q8_0_ANY_C(1, LMD_Q8_0_GROUP, c0, nc)
+        }
+        if (tail_rows > 0) {
+            const uint8_t *tail = wg + full_groups * group_bytes;
+            const int64_t tail_r0 = r0 + full_groups * LMD_Q8_0_GROUP;
+            for (int c = c0; c < c0 + nc; c++) tile_q8_0(out, x, tail, n, d, tail_r0, 1, tail_rows, c, 1, 0);
+        }
+    }
+}
+
+// x (B, n) -> the quantized inputs in scratch (lmd_matmul_scratch_bytes)
+static q8_inputs quantize_inputs_q8(void *scratch, const float *x, int B, int64_t n) {
+    const int64_t n_blocks = n / LMD_Q8_0_BLOCK;
+    int8_t *q = (int8_t *)scratch;
+    float *scale = (float *)(void *)(q + (int64_t)B * n);
+    int32_t *corr = (int32_t *)(void *)(scale + (int64_t)B * n_blocks);
+    for (int b = 0; b < B; b++)
+        quantize_input_q8(q + (int64_t)b * n, scale + (int64_t)b * n_blocks, corr + (int64_t)b * n_blocks,
+                          x + (int64_t)b * n, n);
+    return (q8_inputs){q, scale, corr};
 }
 
 /* Parallel regions cost a few microseconds; below this many multiply-adds one thread is faster. */
@@ -618,23 +821,82 @@ static void row_block_f32(float *out, const float *x, const uint16_t *xb, const 
 #define L2_INPUT_BUDGET (512 * 1024)
 #endif
 
-void lmd_matmul_scratch(float *out, const float *x, const lmd_matrix *w, int B, uint16_t *x_bf16) {
+/* Whether a product of B x d x n multiply-adds is worth a parallel region. Entering one
+ * costs microseconds (and libgomp allocates a team) even for one thread. */
+static int parallel_worth(int B, int64_t d, int64_t n) {
+    return (int64_t)B * d * n >= MATMUL_PARALLEL_MIN_WORK && lmd_get_num_threads() > 1;
+}
+
+// W (d, n) q8_0 @ x (B, n) -> out (B, d), with scratch of lmd_matmul_scratch_bytes(w, B)
+static void matmul_q8_0(float *out, const float *x, const lmd_matrix *w, int B, void *scratch) {
+    const int64_t d = w->rows, n = w->cols, n_blocks = n / LMD_Q8_0_BLOCK;
+    const q8_inputs xq = quantize_inputs_q8(scratch, x, B, n);
+    const int64_t item_rows = Q8_0_ITEM_GROUPS * LMD_Q8_0_GROUP, n_items = (d + item_rows - 1) / item_rows;
+    const uint8_t *data = (const uint8_t *)w->data;
+    /* inputs in groups that stay in L2 while all the weights pass them (as for f32 below) */
+    int group = (int)(L2_INPUT_BUDGET / (n + 8 * n_blocks)) / MAX_TILE_C * MAX_TILE_C;
+    if (group < MAX_TILE_C) group = MAX_TILE_C;
+    if (group > B) group = B;
+#define ITEMS_OF_GROUP(item_loop_pragma)                                                             \
+    for (int g0 = 0; g0 < B; g0 += group) {                                                        \
+        const q8_inputs gx = {xq.q + (int64_t)g0 * n, xq.scale + (int64_t)g0 * n_blocks,            \
+                              xq.corr + (int64_t)g0 * n_blocks};                                    \
+        item_loop_pragma                                                                            \
+        for (int64_t item = 0; item < n_items; item++)                                              \
+            item_q8_0(out + (int64_t)g0 * d, gx, data, n, d, item, B - g0 < group ? B - g0 : group); \
+    }
+#ifdef _OPENMP
+    if (parallel_worth(B, d, n)) {
+#pragma omp parallel num_threads(lmd_get_num_threads())
+        ITEMS_OF_GROUP(_Pragma("omp for schedule(static)"))
+        return;
+    }
+#endif
+    ITEMS_OF_GROUP()
+#undef ITEMS_OF_GROUP
+}
+
+/* Bytes of stack lmd_matmul gives a q8_0 product's quantized inputs when the caller passes
+ * no scratch; larger batches go through in chunks (each reading the weights again). */
+#define Q8_0_STACK_SCRATCH (64 * 1024)
+
+size_t lmd_matmul_scratch_bytes(const lmd_matrix *w, int B) {
+    const int64_t n = w->cols;
+    if (w->dtype == LMD_Q8_0) return (size_t)B * (size_t)(n + 8 * (n / LMD_Q8_0_BLOCK));
+#if LMD_BF16_DOT
+    if (w->dtype == LMD_BF16 && n >= 32) return (size_t)B * (size_t)(n - n % 32) * sizeof(uint16_t);
+#endif
+    return 0;
+}
+
+void lmd_matmul_scratch(float *out, const float *x, const lmd_matrix *w, int B, void *scratch) {
     const int64_t d = w->rows, n = w->cols;
+    if (w->dtype == LMD_Q8_0) {
+        if (scratch != NULL) {
+            matmul_q8_0(out, x, w, B, scratch);
+            return;
+        }
+        const size_t per_input = lmd_matmul_scratch_bytes(w, 1);
+        const int chunk = per_input >= Q8_0_STACK_SCRATCH ? 1
+                          : (int)(Q8_0_STACK_SCRATCH / per_input) < B ? (int)(Q8_0_STACK_SCRATCH / per_input)
+                                                                      : B;
+        unsigned char stack_scratch[chunk > 0 ? (size_t)chunk * per_input : 1];
+        for (int b0 = 0; b0 < B; b0 += chunk)
+            matmul_q8_0(out + (int64_t)b0 * d, x + (int64_t)b0 * n, w, B - b0 < chunk ? B - b0 : chunk, stack_scratch);
+        return;
+    }
     const int64_t n_row_blocks = (d + ROW_BLOCK - 1) / ROW_BLOCK;
     void (*row_block)(float *, const float *, const uint16_t *, const uint8_t *, int64_t, int64_t, int64_t, int,
-                      int, int) =
-        w->dtype == LMD_F32 ? row_block_f32 : w->dtype == LMD_BF16 ? row_block_bf16 : row_block_q8_0_staged;
+                      int, int) = w->dtype == LMD_F32 ? row_block_f32 : row_block_bf16;
     const uint8_t *data = (const uint8_t *)w->data;
     /* bf16 dot products read the inputs rounded to bf16: rounded once here, not again by
      * every block of weight rows (1.5 x faster for a 256-token batch) */
     const uint16_t *xb = NULL;
 #if LMD_BF16_DOT
-    if (w->dtype == LMD_BF16 && x_bf16 != NULL && n >= 32) {
-        round_inputs_bf16(x_bf16, x, B, n);
-        xb = x_bf16;
+    if (w->dtype == LMD_BF16 && scratch != NULL && n >= 32) {
+        round_inputs_bf16((uint16_t *)scratch, x, B, n);
+        xb = (const uint16_t *)scratch;
     }
-#else
-    (void)x_bf16;
 #endif
     /* A batch passes a row block's eight weight rows MAX_TILE_C inputs at a time. When the
      * eight rows and one slice of inputs overflow L1 but four rows and the slice fit, each
@@ -662,9 +924,7 @@ void lmd_matmul_scratch(float *out, const float *x, const lmd_matrix *w, int B, 
         }                                                                                           \
     }
 #ifdef _OPENMP
-    /* Entering an OpenMP region costs microseconds (and libgomp allocates a team) even
-     * for one thread, so small products never enter one. */
-    if ((int64_t)B * d * n >= MATMUL_PARALLEL_MIN_WORK && lmd_get_num_threads() > 1) {
+    if (parallel_worth(B, d, n)) {
 #pragma omp parallel num_threads(lmd_get_num_threads())
         ROW_BLOCKS_OF_GROUP(_Pragma("omp for schedule(static)"))
         return;
@@ -680,17 +940,25 @@ void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B) {
 
 void lmd_matmul_naive(float *out, const float *x, const lmd_matrix *w, int B) {
     const int64_t d = w->rows, n = w->cols;
-    float row[n > 0 ? n : 1];
+    float row[n > 0 ? n : 1], xk_used[n > 0 ? n : 1];
     for (int64_t i = 0; i < d; i++) {
         lmd_matrix_row(row, w, i);
         for (int b = 0; b < B; b++) {
-            double s = 0.0;
+            const float *xr = x + (int64_t)b * n;
             const int64_t rounded = w->dtype == LMD_BF16 && lmd_bf16_rounds_inputs() ? n - n % 32 : 0;
-            for (int64_t k = 0; k < n; k++) {
-                float xk = x[(int64_t)b * n + k];
-                if (k < rounded) xk = lmd_bf16_to_f32(lmd_f32_to_bf16(xk)); /* as the fast kernel does */
-                s += (double)row[k] * xk;
+            for (int64_t k = 0; k < n; k++) /* bf16 inputs as the fast kernel rounds them */
+                xk_used[k] = k < rounded ? lmd_bf16_to_f32(lmd_f32_to_bf16(xr[k])) : xr[k];
+            if (w->dtype == LMD_Q8_0) { /* q8_0 inputs as quantized: scale * q */
+                for (int64_t blk = 0; blk < n / LMD_Q8_0_BLOCK; blk++) {
+                    int8_t q[LMD_Q8_0_BLOCK];
+                    float scale;
+                    int32_t corr;
+                    quantize_input_q8(q, &scale, &corr, xr + blk * LMD_Q8_0_BLOCK, LMD_Q8_0_BLOCK);
+                    for (int j = 0; j < LMD_Q8_0_BLOCK; j++) xk_used[blk * LMD_Q8_0_BLOCK + j] = scale * q[j];
+                }
             }
+            double s = 0.0;
+            for (int64_t k = 0; k < n; k++) s += (double)row[k] * xk_used[k];
             out[(int64_t)b * d + i] = (float)s;
         }
     }

@@ -8,8 +8,15 @@
  * Weight matrices are row-major (d, n) in one of three storage types:
  *   LMD_F32   float
  *   LMD_BF16  bfloat16 bits (the top 16 bits of an IEEE float), rounded to nearest even
- *   LMD_Q8_0  llama.cpp's Q8_0 layout: each row is n/32 blocks of 34 bytes,
- *             an fp16 scale d followed by 32 int8 values q; the weight is d * q.
+ *   LMD_Q8_0  llama.cpp's Q8_0 blocks (an fp16 scale d and 32 int8 values q; the weight
+ *             is d * q), interleaved in groups of 16 rows (LMD_Q8_0_GROUP; the last
+ *             group holds the rows left over) so that one vector serves 16 rows: a
+ *             group of g rows stores, block column after block column, its g scales
+ *             (2g bytes), then the blocks' values as 8 runs of 4 bytes per row,
+ *             [run][row][4] (32g bytes). A matrix takes rows * n/32 * 34 bytes, as in
+ *             llama.cpp's row-major layout; lmd_pack_q8_0 converts from that layout.
+ *             Inputs meet q8_0 weights quantized to blocks of 32 int8 themselves (as in
+ *             llama.cpp), in integer dot products: see lmd_dot_q8_0.
  *
  * lmd_matmul reads each weight row once per call and multiplies it against all
  * B input rows, so prefill, batched decode and draft verification cost one pass
@@ -31,6 +38,7 @@ typedef enum { LMD_F32 = 0, LMD_BF16 = 1, LMD_Q8_0 = 2 } lmd_dtype;
 
 #define LMD_Q8_0_BLOCK 32      /* weights per Q8_0 block */
 #define LMD_Q8_0_BLOCK_BYTES 34 /* fp16 scale + 32 int8 */
+#define LMD_Q8_0_GROUP 16       /* rows interleaved together */
 
 /* A borrowed, row-major (rows, cols) weight matrix. */
 typedef struct {
@@ -40,7 +48,7 @@ typedef struct {
     int64_t cols; /* a multiple of 32 for LMD_Q8_0 */
 } lmd_matrix;
 
-/* Bytes one row of `cols` weights occupies in the given storage. */
+/* Bytes one row of `cols` weights occupies in the given storage (for q8_0, on average). */
 size_t lmd_row_bytes(lmd_dtype dtype, int64_t cols);
 /* Name of a storage type ("f32", "bf16", "q8_0"). */
 const char *lmd_dtype_name(lmd_dtype dtype);
@@ -51,8 +59,20 @@ uint16_t lmd_f32_to_fp16(float f); /* round to nearest even, overflow to inf */
 float lmd_bf16_to_f32(uint16_t b);
 uint16_t lmd_f32_to_bf16(float f); /* round to nearest even, NaN stays NaN */
 
-// x (n,) -> q8_0 blocks (n/32 * 34 bytes); n a multiple of 32. Scale amax/127; all-zero blocks get scale 0.
+// x (n,) -> llama.cpp's q8_0 blocks (n/32 * 34 bytes, row-major); n a multiple of 32.
+// Scale amax/127 (fp16), values round(x / scale) half away from zero; all-zero blocks get scale 0.
 void lmd_quantize_q8_0(uint8_t *out, const float *x, int64_t n);
+// blocks (rows, cols/32 * 34) in llama.cpp's row-major layout -> out, the same bytes packed
+// as LMD_Q8_0 (groups of 16 rows); cols a multiple of 32
+void lmd_pack_q8_0(uint8_t *out, const uint8_t *blocks, int64_t rows, int64_t cols);
+// x (rows, cols) -> out packed LMD_Q8_0: lmd_quantize_q8_0 of every row, then lmd_pack_q8_0
+void lmd_quantize_matrix_q8_0(uint8_t *out, const float *x, int64_t rows, int64_t cols);
+// One output of a q8_0 matmul, the arithmetic every kernel follows bit for bit:
+// w_blocks (n/32 * 34) one weight row in llama.cpp's layout, x (n,) floats. Each block of
+// x is quantized (scale amax/127 as a float, values rounded to nearest even, NaN kept
+// in the scale), and acc = fma((float)(integer dot of the block), w_scale * x_scale, acc)
+// runs block after block from 0.
+float lmd_dot_q8_0(const uint8_t *w_blocks, const float *x, int64_t n);
 // W row r (cols,) -> out (cols,) float
 void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r);
 
@@ -62,10 +82,14 @@ int lmd_bf16_rounds_inputs(void);
 
 // W (d,n) @ x[b] (n,) -> out[b] (d,) for b < B; x (B,n), out (B,d). out must not alias x.
 void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B);
-/* lmd_matmul with scratch for the inputs rounded to bf16, x_bf16 (B, cols - cols % 32),
- * or NULL: bf16 matrices then round the inputs once per call rather than once per
- * block of weight rows. Other dtypes ignore it; results are identical either way. */
-void lmd_matmul_scratch(float *out, const float *x, const lmd_matrix *w, int B, uint16_t *x_bf16);
+/* Bytes of scratch lmd_matmul_scratch can use for B inputs of w (0: none): the inputs
+ * quantized for q8_0, or rounded to bf16 for bf16 dot products. */
+size_t lmd_matmul_scratch_bytes(const lmd_matrix *w, int B);
+/* lmd_matmul with scratch of lmd_matmul_scratch_bytes(w, B), or NULL. With it, the inputs
+ * are prepared once per call: without it bf16 matrices round the inputs once per block
+ * of weight rows, and q8_0 ones quantize on the stack in chunks of inputs, each of which
+ * reads the weights again. Results are identical either way. */
+void lmd_matmul_scratch(float *out, const float *x, const lmd_matrix *w, int B, void *scratch);
 void lmd_matmul_naive(float *out, const float *x, const lmd_matrix *w, int B);
 
 // out[b] = x[b] / sqrt(mean(x[b]^2) + eps) * weight, x (B,n), weight (n,); out may alias x.

@@ -28,9 +28,25 @@ def rope(x, pos, theta, layout):
     return out
 
 
-def llama_logits(cfg, w, tokens):
-    """cfg: dict of engine hyperparameters; w: engine name -> float array; tokens (T,) -> (T, V)."""
+def q8_0_inputs(x):
+    """x (..., n) as a q8_0 matmul sees it (lmdecode's ops.h, lmd_dot_q8_0): in blocks of 32, a
+    float32 scale amax/127 times the values rounded to nearest even; float64 out."""
+    x32 = np.asarray(x, dtype=np.float32)
+    blocks = x32.reshape(*x32.shape[:-1], -1, 32)
+    scale = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
+    inv = np.float32(1) / np.where(scale > 0, scale, np.float32(1))
+    q = np.clip(np.rint(blocks * np.where(scale > 0, inv, np.float32(0))), -127, 127)
+    return (q.astype(np.float64) * scale).reshape(x32.shape)
+
+
+def llama_logits(cfg, w, tokens, quantized_inputs=()):
+    """cfg: dict of engine hyperparameters; w: engine name -> float array; tokens (T,) -> (T, V).
+    Matrices named in quantized_inputs see their inputs as q8_0 storage quantizes them."""
     T = len(tokens)
+
+    def mm(h, name):
+        return (q8_0_inputs(h) if name in quantized_inputs else h) @ w[name].T
+
     H, KV, hs = cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"]
     pos = np.arange(T, dtype=np.float64)
     x = w["token_embedding"][np.asarray(tokens)].astype(np.float64)
@@ -38,9 +54,9 @@ def llama_logits(cfg, w, tokens):
     for l in range(cfg["n_layers"]):
         p = f"layers.{l}."
         h = rmsnorm(x, w[p + "attn_norm"], cfg["norm_eps"])
-        q = (h @ w[p + "wq"].T).reshape(T, H, hs)
-        k = (h @ w[p + "wk"].T).reshape(T, KV, hs)
-        v = (h @ w[p + "wv"].T).reshape(T, KV, hs)
+        q = mm(h, p + "wq").reshape(T, H, hs)
+        k = mm(h, p + "wk").reshape(T, KV, hs)
+        v = mm(h, p + "wv").reshape(T, KV, hs)
         q = rope(q, pos, cfg["rope_theta"], cfg["rope_layout"])
         k = rope(k, pos, cfg["rope_theta"], cfg["rope_layout"])
         out = np.empty((T, H, hs))
@@ -50,10 +66,10 @@ def llama_logits(cfg, w, tokens):
             s = np.exp(s - s.max(axis=1, keepdims=True))
             s /= s.sum(axis=1, keepdims=True)
             out[:, head] = s @ v[:, kv]
-        x = x + out.reshape(T, H * hs) @ w[p + "wo"].T
+        x = x + mm(out.reshape(T, H * hs), p + "wo")
         h = rmsnorm(x, w[p + "ffn_norm"], cfg["norm_eps"])
-        g = h @ w[p + "w_gate"].T
-        u = h @ w[p + "w_up"].T
-        x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "w_down"].T
+        g = mm(h, p + "w_gate")
+        u = mm(h, p + "w_up")
+        x = x + mm(g / (1 + np.exp(-g)) * u, p + "w_down")
     x = rmsnorm(x, w["final_norm"], cfg["norm_eps"])
-    return x @ w["output"].T
+    return mm(x, "output")

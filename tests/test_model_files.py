@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import lmdecode
-from lmdecode import loaders
+from lmdecode import _core, loaders
 from reference_model import llama_logits
 
 MODELS = Path(__file__).parents[1] / ".." / "shared" / "models"
@@ -131,17 +131,43 @@ def test_gguf_tensor_types(kind, tmp_path):
     default = lmdecode.Model.load(path)
     expected_storage = {"F16": "f32", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q8_0", "Q4_1": "q8_0"}[kind]
     assert default.config.dtype == expected_storage
-    # F16 widens exactly; Q8_0 is borrowed as it is (its F32 tensors stay F32); in bf16 storage
-    # the file's F32 feed-forward is rounded; Q4 is requantized to Q8_0
-    tolerance = 1e-4 if kind in ("F16", "Q8_0") else 2e-2
+    if kind == "Q8_0":
+        # the file's very blocks; the engine also quantizes the inputs of its Q8_0 matrices (the
+        # 172-wide feed-forward stays F32), which the reference reproduces
+        quantized = {name for name, src in tensors.items() if src.kind == "q8_0"}
+        assert "layers.0.wq" in quantized and "layers.0.w_down" not in quantized
+        assert _rel_max_diff(llama_logits(config, weights, toks, quantized), default.logits(toks)) < 1e-4
+        assert _rel_max_diff(ref, default.logits(toks)) < 2e-2
+        return
+    # F16 widens exactly; in bf16 storage the file's F32 feed-forward is rounded; Q4 is
+    # requantized to Q8_0
+    tolerance = 1e-4 if kind == "F16" else 2e-2
     assert _rel_max_diff(ref, default.logits(toks)) < tolerance
 
 
-def test_q8_0_gguf_is_borrowed_not_copied(tmp_path):
+def test_q8_0_gguf_blocks_are_packed_unchanged(tmp_path):
+    """Q8_0 tensors keep their blocks bit for bit, rearranged in groups of 16 rows."""
     path = _stories_as("Q8_0", tmp_path / "q8.gguf")
     config, tensors, _ = loaders.read_gguf(path)
     arrays = loaders.to_storage(tensors, "q8_0")
-    assert np.shares_memory(arrays["layers.0.wq"], tensors["layers.0.wq"].data)
+    src = tensors["layers.0.wq"]
+    assert arrays["layers.0.wq"].shape == src.data.shape and not np.shares_memory(arrays["layers.0.wq"], src.data)
+    np.testing.assert_array_equal(_core.dequantize_q8_0(arrays["layers.0.wq"]), loaders.to_f32(src))
+    # the packed bytes are a permutation of the file's: same multiset per group of rows
+    np.testing.assert_array_equal(np.sort(arrays["layers.0.wq"][:16].ravel()), np.sort(np.asarray(src.data[:16]).ravel()))
+
+
+def test_q8_0_conversions_reject_bad_arrays():
+    with pytest.raises(ValueError, match="blocks must be 2-D uint8 with a multiple of 34 bytes per row"):
+        _core.pack_q8_0(np.zeros((2, 33), np.uint8))
+    with pytest.raises(ValueError, match="packed must be 2-D"):
+        _core.dequantize_q8_0(np.zeros(68, np.uint8))
+    with pytest.raises(ValueError, match="multiple of 32 columns"):
+        _core.quantize_q8_0(np.zeros((2, 40), np.float32))
+    # the packing round-trips through dequantization, for a row count that leaves a short group
+    x = np.random.default_rng(8).normal(size=(21, 64)).astype(np.float32)
+    rows = np.stack([_core.dequantize_q8_0(_core.quantize_q8_0(x[i:i + 1]))[0] for i in range(21)])
+    np.testing.assert_array_equal(_core.dequantize_q8_0(_core.quantize_q8_0(x)), rows)
 
 
 def test_gpt2_gguf_matches_from_numpy(tmp_path):
@@ -322,10 +348,11 @@ def _mapping_rss_bytes(path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
-@pytest.mark.parametrize("dtype", ["bf16", "q8_0"])
-def test_converted_gguf_tensors_leave_the_resident_set(dtype, tmp_path):
-    """Weights are never held twice: F32 tensors converted into bf16/q8_0 storage must not stay
-    resident through the file mapping the model keeps (for its tokenizer metadata)."""
+@pytest.mark.parametrize("kind,dtype", [("F32", "bf16"), ("F32", "q8_0"), ("Q8_0", "q8_0")])
+def test_converted_gguf_tensors_leave_the_resident_set(kind, dtype, tmp_path):
+    """Weights are never held twice: F32 tensors converted into bf16/q8_0 storage, and Q8_0
+    tensors packed into the engine's groups of rows, must not stay resident through the file
+    mapping the model keeps (for its tokenizer metadata)."""
     rng = np.random.default_rng(5)
     D, H, L, V = 256, 512, 2, 4096
     meta = {"llama.embedding_length": D, "llama.block_count": L, "llama.attention.head_count": 4,
@@ -338,12 +365,13 @@ def test_converted_gguf_tensors_leave_the_resident_set(dtype, tmp_path):
         tensors.update({b + "attn_norm.weight": (np.ones(D), "F32"), b + "ffn_norm.weight": (np.ones(D), "F32")})
         for name, shape in (("attn_q", (D, D)), ("attn_k", (D, D)), ("attn_v", (D, D)), ("attn_output", (D, D)),
                             ("ffn_gate", (H, D)), ("ffn_up", (H, D)), ("ffn_down", (D, H))):
-            tensors[b + name + ".weight"] = (rng.normal(0, 0.02, shape), "F32")
-    path = tmp_path / "random-f32.gguf"
+            tensors[b + name + ".weight"] = (rng.normal(0, 0.02, shape), kind)
+    tensors["output.weight"] = (tensors["output.weight"][0], kind)
+    path = tmp_path / f"random-{kind}.gguf"
     _write_gguf(path, "llama", meta, tensors)
-    matrix_bytes = sum(a.size * 4 for a, _ in tensors.values())
+    matrix_bytes = sum(a.size * (4 if k == "F32" else 34 / 32) for a, k in tensors.values())
     model = lmdecode.Model.load(path, dtype=dtype)
     model.forward([1, 2, 3], model.new_cache(8))
     assert model.config.dtype == dtype
     resident = _mapping_rss_bytes(path)
-    assert resident < 0.05 * matrix_bytes, f"{resident} bytes of the {matrix_bytes}-byte F32 source stay resident"
+    assert resident < 0.05 * matrix_bytes, f"{resident} bytes of the {matrix_bytes}-byte source stay resident"

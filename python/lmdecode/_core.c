@@ -1495,7 +1495,8 @@ fail:
     return NULL;
 }
 
-/* quantize_q8_0(x: float32 (rows, cols)) -> uint8 (rows, cols / 32 * 34), llama.cpp's block layout */
+/* quantize_q8_0(x: float32 (rows, cols)) -> uint8 (rows, cols / 32 * 34), the engine's q8_0
+ * storage (llama.cpp's blocks, packed in groups of 16 rows: ops.h) */
 static PyObject *py_quantize_q8_0(PyObject *self, PyObject *arg) {
     (void)self;
     PyArrayObject *x = NULL, *out = NULL;
@@ -1513,7 +1514,7 @@ static PyObject *py_quantize_q8_0(PyObject *self, PyObject *arg) {
         const float *src = PyArray_DATA(x);
         uint8_t *dst = PyArray_DATA(out);
         Py_BEGIN_ALLOW_THREADS
-        lmd_quantize_q8_0(dst, src, (int64_t)rows * cols);
+        lmd_quantize_matrix_q8_0(dst, src, (int64_t)rows, (int64_t)cols);
         Py_END_ALLOW_THREADS
     }
     Py_DECREF(x);
@@ -1522,6 +1523,57 @@ fail:
     Py_XDECREF(x);
     Py_XDECREF(out);
     return NULL;
+}
+
+// a 2-D uint8 array of q8_0 blocks (rows, n_blocks * 34), or NULL with an exception naming `what`
+static PyArrayObject *q8_0_blocks_arg(PyObject *arg, const char *what) {
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(arg, NPY_UINT8, NPY_ARRAY_IN_ARRAY);
+    if (a == NULL) return NULL;
+    if (PyArray_NDIM(a) != 2 || PyArray_DIM(a, 1) % LMD_Q8_0_BLOCK_BYTES != 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be 2-D uint8 with a multiple of 34 bytes per row (ndim=%d)", what,
+                     PyArray_NDIM(a));
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
+}
+
+/* pack_q8_0(blocks: uint8 (rows, cols / 32 * 34) in llama.cpp's row-major layout) -> the same
+ * blocks packed as the engine stores them (a new array of the same shape) */
+static PyObject *py_pack_q8_0(PyObject *self, PyObject *arg) {
+    (void)self;
+    PyArrayObject *blocks = q8_0_blocks_arg(arg, "blocks");
+    if (blocks == NULL) return NULL;
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, PyArray_DIMS(blocks), NPY_UINT8);
+    if (out != NULL) {
+        const int64_t rows = PyArray_DIM(blocks, 0), cols = PyArray_DIM(blocks, 1) / LMD_Q8_0_BLOCK_BYTES * LMD_Q8_0_BLOCK;
+        const uint8_t *src = PyArray_DATA(blocks);
+        uint8_t *dst = PyArray_DATA(out);
+        Py_BEGIN_ALLOW_THREADS
+        lmd_pack_q8_0(dst, src, rows, cols);
+        Py_END_ALLOW_THREADS
+    }
+    Py_DECREF(blocks);
+    return (PyObject *)out;
+}
+
+/* dequantize_q8_0(packed: uint8 (rows, cols / 32 * 34) as the engine stores it) -> float32 (rows, cols) */
+static PyObject *py_dequantize_q8_0(PyObject *self, PyObject *arg) {
+    (void)self;
+    PyArrayObject *packed = q8_0_blocks_arg(arg, "packed");
+    if (packed == NULL) return NULL;
+    const lmd_matrix w = {PyArray_DATA(packed), LMD_Q8_0, PyArray_DIM(packed, 0),
+                          PyArray_DIM(packed, 1) / LMD_Q8_0_BLOCK_BYTES * LMD_Q8_0_BLOCK};
+    npy_intp dims[2] = {(npy_intp)w.rows, (npy_intp)w.cols};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (out != NULL) {
+        float *dst = PyArray_DATA(out);
+        Py_BEGIN_ALLOW_THREADS
+        for (int64_t r = 0; r < w.rows; r++) lmd_matrix_row(dst + r * w.cols, &w, r);
+        Py_END_ALLOW_THREADS
+    }
+    Py_DECREF(packed);
+    return (PyObject *)out;
 }
 
 static PyGetSetDef EngineKVPool_getset[] = {
@@ -1778,7 +1830,9 @@ static PyMethodDef core_methods[] = {
     /* model bindings */
     {"model_forward", (PyCFunction)(void (*)(void))py_model_forward, METH_VARARGS | METH_KEYWORDS,
      "model_forward(model, seqs, tokens, token_seq, logit_index) -> logits (n_logits, vocab)."},
-    {"quantize_q8_0", py_quantize_q8_0, METH_O, "float32 (rows, cols) -> q8_0 blocks uint8 (rows, cols/32*34)."},
+    {"quantize_q8_0", py_quantize_q8_0, METH_O, "float32 (rows, cols) -> q8_0 storage uint8 (rows, cols/32*34)."},
+    {"pack_q8_0", py_pack_q8_0, METH_O, "llama.cpp q8_0 blocks uint8 (rows, cols/32*34) -> q8_0 storage."},
+    {"dequantize_q8_0", py_dequantize_q8_0, METH_O, "q8_0 storage uint8 (rows, cols/32*34) -> float32 (rows, cols)."},
     /* decoding-loop bindings */
     {"model_beam_search", py_model_beam_search, METH_VARARGS,
      "model_beam_search(model, pool, beam_search, prompt) -> peak KV blocks: the whole search in C."},

@@ -14,7 +14,8 @@ Engine tensor names: ``token_embedding`` (V, D), ``position_embedding`` (T, D), 
 (D, H), ``b_up``, ``b_down``. Matrices are (out_features, in_features).
 
 :func:`to_storage` turns sources into the arrays the C engine reads (float32, bfloat16 bits as
-uint16, or Q8_0 blocks as uint8), borrowing whenever source and storage agree.
+uint16, or Q8_0 blocks as uint8, packed by ``_core.pack_q8_0`` in the engine's groups of 16 rows),
+borrowing whenever source and storage agree.
 """
 from __future__ import annotations
 
@@ -122,8 +123,8 @@ def matrix_storage(src: Source, dtype: str) -> np.ndarray:
         if src.kind == "bf16":
             return np.ascontiguousarray(src.data, dtype=np.uint16).reshape(rows, cols)
         return f32_to_bf16_bits(to_f32(src)).reshape(rows, cols)
-    if src.kind == "q8_0":
-        return np.ascontiguousarray(src.data, dtype=np.uint8).reshape(rows, cols // Q8_0_BLOCK * Q8_0_BLOCK_BYTES)
+    if src.kind == "q8_0":  # the same blocks, packed in groups of rows as the engine stores them
+        return _core.pack_q8_0(np.asarray(src.data, dtype=np.uint8).reshape(rows, cols // Q8_0_BLOCK * Q8_0_BLOCK_BYTES))
     return _core.quantize_q8_0(to_f32(src))
 
 

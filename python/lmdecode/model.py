@@ -8,7 +8,8 @@ Loading::
     model = lmdecode.Model.from_numpy(hf_config_dict, {hf_name: array})
 
 ``dtype`` picks the engine's weight storage: ``"f32"``, ``"bf16"`` or ``"q8_0"`` (llama.cpp's
-block layout). By default f32 files stay f32, bf16 stays bf16, f16 widens to f32 and quantized
+Q8_0 blocks, interleaved by 16 rows; inputs are quantized to blocks of 32 int8 as llama.cpp
+does and multiplied in integers). By default f32 files stay f32, bf16 stays bf16, f16 widens to f32 and quantized
 GGUF tensors (Q8_0, Q4_0, Q4_1) become q8_0. Q8_0 needs a multiple of 32 input features; a
 matrix without one (e.g. stories260K's 172-wide feed-forward) stays f32. Norm weights, biases and
 GPT-2's position table are always f32. Weights whose storage equals the file's are memory mapped

@@ -38,16 +38,30 @@ static void random_tokens(test_rng *r, int32_t *tokens, int n, int32_t vocab) {
 /* reference forward in double precision                                */
 /* ------------------------------------------------------------------ */
 
+// x (n,) -> out (n,) as a q8_0 matmul sees it: in blocks of 32, scale amax/127 (float) times
+// round(x / scale) to nearest even (ops.h, lmd_dot_q8_0)
+static void ref_q8_0_inputs(double *out, const double *x, int64_t n) {
+    for (int64_t b = 0; b < n; b += 32) {
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf((float)x[b + j]));
+        const float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+        for (int j = 0; j < 32; j++) out[b + j] = (double)scale * nearbyintf((float)x[b + j] * inv);
+    }
+}
+
 // W (rows, cols) @ x (cols,) -> out (rows,), weights read through lmd_matrix_row
 static void ref_matvec(double *out, const lmd_matrix *w, const double *x, const float *bias) {
     float *row = malloc((size_t)w->cols * sizeof(float));
+    double *xs = malloc((size_t)w->cols * sizeof(double));
+    if (w->dtype == LMD_Q8_0) ref_q8_0_inputs(xs, x, w->cols);
+    else memcpy(xs, x, (size_t)w->cols * sizeof(double));
     for (int64_t i = 0; i < w->rows; i++) {
         lmd_matrix_row(row, w, i);
         double s = bias ? bias[i] : 0.0;
-        for (int64_t k = 0; k < w->cols; k++) s += (double)row[k] * x[k];
+        for (int64_t k = 0; k < w->cols; k++) s += (double)row[k] * xs[k];
         out[i] = s;
     }
-    free(row);
+    free(row), free(xs);
 }
 
 static void ref_norm(const lmd_config *c, double *out, const double *x, const float *w, const float *b) {

@@ -260,6 +260,79 @@ static void test_q8_0_hand_cases(void) {
     }
 }
 
+/* The packed layout on a hand case: 19 rows (a group of 16 and a short group of 3) of two
+ * blocks. Bytes land where ops.h puts them, lmd_matrix_row reads every row back as its own
+ * blocks dequantize, and lmd_quantize_matrix_q8_0 equals quantizing rows, then packing. */
+static void test_q8_0_packing(void) {
+    enum { ROWS = 19, COLS = 64, NB = 2, BYTES = ROWS * NB * 34 };
+    static uint8_t blocks[BYTES], packed[BYTES], again[BYTES];
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < NB; b++) {
+            uint8_t *block = blocks + (r * NB + b) * 34;
+            const uint16_t scale = lmd_f32_to_fp16((float)(r + 1) / (float)(b + 2));
+            memcpy(block, &scale, 2);
+            for (int j = 0; j < 32; j++) block[2 + j] = (uint8_t)(r * 7 + b * 3 + j * 5);
+        }
+    lmd_pack_q8_0(packed, blocks, ROWS, COLS);
+    /* row 5 (group 0, 16 rows), block 1: the group's block 1 starts at 16 * 34 bytes */
+    CHECK(memcmp(packed + 16 * 34 + 2 * 5, blocks + (5 * NB + 1) * 34, 2) == 0);
+    for (int j = 0; j < 32; j++) CHECK(packed[16 * 34 + 32 + (j / 4) * 64 + 5 * 4 + j % 4] == blocks[(5 * NB + 1) * 34 + 2 + j]);
+    /* row 17 (group 1, 3 rows, its second), block 1: group 1 starts at 16 rows x 2 blocks x 34 */
+    const int g1 = 16 * NB * 34 + 3 * 34;
+    CHECK(memcmp(packed + g1 + 2 * 1, blocks + (17 * NB + 1) * 34, 2) == 0);
+    for (int j = 0; j < 32; j++) CHECK(packed[g1 + 6 + (j / 4) * 12 + 1 * 4 + j % 4] == blocks[(17 * NB + 1) * 34 + 2 + j]);
+    const lmd_matrix m = {packed, LMD_Q8_0, ROWS, COLS};
+    float row[COLS];
+    for (int r = 0; r < ROWS; r++) {
+        lmd_matrix_row(row, &m, r);
+        for (int k = 0; k < COLS; k++) {
+            const uint8_t *block = blocks + (r * NB + k / 32) * 34;
+            CHECK(row[k] == q8_scale(block) * (float)(int8_t)block[2 + k % 32]);
+        }
+    }
+    test_rng rng = {23};
+    static float x[ROWS * COLS];
+    test_fill(&rng, x, ROWS * COLS, -3.0f, 3.0f);
+    for (int r = 0; r < ROWS; r++) lmd_quantize_q8_0(blocks + r * NB * 34, x + r * COLS, COLS);
+    lmd_pack_q8_0(packed, blocks, ROWS, COLS);
+    lmd_quantize_matrix_q8_0(again, x, ROWS, COLS);
+    CHECK(memcmp(packed, again, BYTES) == 0);
+}
+
+/* lmd_dot_q8_0 on hand cases. Integer inputs whose block maximum is 127 quantize exactly
+ * (scale 1), so the result is the exact integer dot product times the weight scales;
+ * halves round to even; a NaN or inf input makes the result NaN; zero inputs give 0. */
+static void test_dot_q8_0_hand_cases(void) {
+    uint8_t w[2 * 34];
+    const uint16_t half = lmd_f32_to_fp16(0.5f), two = lmd_f32_to_fp16(2.0f);
+    memcpy(w, &half, 2);
+    memcpy(w + 34, &two, 2);
+    float x[64];
+    double want = 0.0;
+    for (int j = 0; j < 32; j++) {
+        w[2 + j] = (uint8_t)(int8_t)(j - 16);
+        w[36 + j] = (uint8_t)(int8_t)(j % 3 - 1);
+        x[j] = j == 0 ? 127.0f : (float)(j - 10);
+        x[32 + j] = j == 31 ? -127.0f : (float)(3 * j - 40);
+        want += 0.5 * (j - 16) * x[j] + 2.0 * (j % 3 - 1) * x[32 + j];
+    }
+    CHECK(lmd_dot_q8_0(w, x, 64) == (float)want);
+    /* 127, 2.5, 3.5, -2.5 -> 127, 2, 4, -2 against weights of 1 (scale 1) */
+    uint8_t ones[34];
+    const uint16_t one = lmd_f32_to_fp16(1.0f);
+    memcpy(ones, &one, 2);
+    memset(ones + 2, 0, 32);
+    float y[32] = {127.0f, 2.5f, 3.5f, -2.5f};
+    for (int j = 0; j < 4; j++) ones[2 + j] = 1;
+    CHECK(lmd_dot_q8_0(ones, y, 32) == 131.0f);
+    memset(y, 0, sizeof y);
+    CHECK(lmd_dot_q8_0(ones, y, 32) == 0.0f);
+    y[7] = NAN;
+    CHECK(isnan(lmd_dot_q8_0(ones, y, 32)));
+    y[7] = INFINITY;
+    CHECK(isnan(lmd_dot_q8_0(ones, y, 32)));
+}
+
 /* ------------------------------------------------------------------ */
 /* matmul                                                               */
 /* ------------------------------------------------------------------ */
@@ -276,8 +349,7 @@ static void *make_matrix(lmd_matrix *w_out, test_rng *r, lmd_dtype dtype, int64_
         data = b;
     } else if (dtype == LMD_Q8_0) {
         uint8_t *q = malloc((size_t)rows * lmd_row_bytes(LMD_Q8_0, cols));
-        for (int64_t i = 0; i < rows; i++)
-            lmd_quantize_q8_0(q + (size_t)i * lmd_row_bytes(LMD_Q8_0, cols), f + i * cols, cols);
+        lmd_quantize_matrix_q8_0(q, f, rows, cols);
         free(f);
         data = q;
     }
@@ -393,57 +465,70 @@ static void test_matmul_batch_and_thread_invariance(void) {
     CHECK(lmd_get_num_threads() >= 1);
 }
 
-/* Every output of an f32 or q8_0 matmul is bit-identical to lmd_dot of its (dequantized)
- * weight row and input: the same lanes, the same FMAs, the same final tree, whichever tile,
- * staging buffer or multi-row reduction produced it. Rows: a full block of 8 and 5 left
- * over; columns: one vector, a multiple of 16, a ragged length, and past the staging limit. */
+/* Every output of an f32 matmul is bit-identical to lmd_dot of its weight row and input,
+ * and every output of a q8_0 matmul to lmd_dot_q8_0 of its row in llama.cpp's layout: the
+ * same lanes, the same FMAs, the same final tree, whichever tile, staging buffer, group of
+ * rows or multi-row reduction produced it. Rows: f32 a full block of 8 and 5 left over,
+ * q8_0 three groups of 16 and 5 left over (two work items, the second with a short group);
+ * columns: one vector, a multiple of 16, a ragged length, and past the staging limit. */
 static void test_matmul_equals_dot(void) {
     const lmd_dtype dtypes[2] = {LMD_F32, LMD_Q8_0};
     const int64_t cols_f[5] = {16, 768, 1003, 4096, 4112}, cols_q[5] = {32, 768, 1024, 4096, 4128};
     /* 70 inputs of 4096 overflow the inputs' L2 budget: groups of 30, 30 and 10 */
     const int batches[4] = {1, 2, 7, 70};
-    const int64_t d = 13;
     test_rng r = {43};
     for (int di = 0; di < 2; di++)
         for (int ci = 0; ci < 5; ci++) {
-            const int64_t n = dtypes[di] == LMD_F32 ? cols_f[ci] : cols_q[ci];
-            lmd_matrix w;
-            void *data = make_matrix(&w, &r, dtypes[di], d, n);
-            float *row = malloc((size_t)n * sizeof(float));
-            for (int bi = 0; bi < 4; bi++) {
-                const int B = batches[bi];
-                float *x = malloc((size_t)(B * n) * sizeof(float));
-                float *out = malloc((size_t)(B * d) * sizeof(float));
-                test_fill(&r, x, B * n, -1.0f, 1.0f);
-                lmd_matmul(out, x, &w, B);
-                int mismatches = 0;
-                for (int64_t i = 0; i < d; i++) {
-                    lmd_matrix_row(row, &w, i);
-                    for (int b = 0; b < B; b++) {
-                        const float want = lmd_dot(row, x + b * n, (int)n);
-                        mismatches += memcmp(&want, out + b * d + i, sizeof want) != 0;
-                    }
-                }
-                if (mismatches) {
-                    fprintf(stderr, "matmul %s n=%lld B=%d: %d outputs differ from lmd_dot\n",
-                            lmd_dtype_name(dtypes[di]), (long long)n, B, mismatches);
-                    test_failures++;
-                }
-                free(x);
-                free(out);
+            const int q8 = dtypes[di] == LMD_Q8_0;
+            const int64_t n = q8 ? cols_q[ci] : cols_f[ci], d = q8 ? 53 : 13;
+            float *wf = malloc((size_t)(d * n) * sizeof(float));
+            test_fill(&r, wf, d * n, -1.0f, 1.0f);
+            const size_t q8_row_bytes = lmd_row_bytes(LMD_Q8_0, n);
+            uint8_t *blocks = NULL, *packed = NULL;
+            lmd_matrix w = {wf, LMD_F32, d, n};
+            if (q8) { /* rows quantized in llama.cpp's layout, then packed */
+                blocks = malloc((size_t)d * q8_row_bytes), packed = malloc((size_t)d * q8_row_bytes);
+                for (int64_t i = 0; i < d; i++) lmd_quantize_q8_0(blocks + i * q8_row_bytes, wf + i * n, n);
+                lmd_pack_q8_0(packed, blocks, d, n);
+                w = (lmd_matrix){packed, LMD_Q8_0, d, n};
             }
-            free(row);
-            free(data);
+            for (int bi = 0; bi < 4; bi++)
+                for (int threads = 1; threads <= 2; threads++) {
+                    const int B = batches[bi];
+                    lmd_set_num_threads(threads);
+                    float *x = malloc((size_t)(B * n) * sizeof(float));
+                    float *out = malloc((size_t)(B * d) * sizeof(float));
+                    test_fill(&r, x, B * n, -1.0f, 1.0f);
+                    lmd_matmul(out, x, &w, B);
+                    int mismatches = 0;
+                    for (int64_t i = 0; i < d; i++)
+                        for (int b = 0; b < B; b++) {
+                            const float want = q8 ? lmd_dot_q8_0(blocks + i * q8_row_bytes, x + b * n, n)
+                                                  : lmd_dot(wf + i * n, x + b * n, (int)n);
+                            mismatches += memcmp(&want, out + b * d + i, sizeof want) != 0;
+                        }
+                    if (mismatches) {
+                        fprintf(stderr, "matmul %s n=%lld B=%d threads=%d: %d outputs differ from lmd_dot%s\n",
+                                lmd_dtype_name(dtypes[di]), (long long)n, B, threads, mismatches, q8 ? "_q8_0" : "");
+                        test_failures++;
+                    }
+                    free(x);
+                    free(out);
+                }
+            lmd_set_num_threads(0);
+            free(wf), free(blocks), free(packed);
         }
 }
 
-/* lmd_matmul_scratch (inputs rounded to bf16 once per call, for bf16 matrices) gives the
- * very bits of lmd_matmul (rounding in every tile), for every dtype, batch and thread count,
- * and leaves x alone. */
+/* lmd_matmul_scratch (inputs rounded to bf16, or quantized for q8_0, once per call) gives
+ * the very bits of lmd_matmul (rounding in every tile; quantizing on the stack in chunks),
+ * for every dtype, batch and thread count, and leaves x alone. */
 static void test_matmul_scratch_is_identical(void) {
     const lmd_dtype dtypes[3] = {LMD_F32, LMD_BF16, LMD_Q8_0};
     const int64_t cols_f[5] = {31, 64, 100, 768, 4096}, cols_q[5] = {32, 64, 96, 768, 4096};
-    const int batches[5] = {1, 3, 7, 20, 70}; /* 70 x 4096 inputs pass in three groups */
+    /* 70 x 4096 inputs pass in three groups; without scratch, q8_0 quantizes them on the
+     * stack 12 at a time */
+    const int batches[5] = {1, 3, 7, 20, 70};
     const int64_t d = 13;
     test_rng r = {47};
     for (int di = 0; di < 3; di++)
@@ -459,7 +544,7 @@ static void test_matmul_scratch_is_identical(void) {
                     float *x_copy = malloc((size_t)(B * n) * sizeof(float));
                     float *plain = malloc((size_t)(B * d) * sizeof(float));
                     float *with = malloc((size_t)(B * d) * sizeof(float));
-                    uint16_t *scratch = malloc((size_t)(B * n) * sizeof(uint16_t));
+                    void *scratch = malloc(lmd_matmul_scratch_bytes(&w, B) + 1);
                     test_fill(&r, x, B * n, -3.0f, 3.0f);
                     memcpy(x_copy, x, (size_t)(B * n) * sizeof(float));
                     lmd_matmul(plain, x, &w, B);
@@ -702,6 +787,8 @@ int main(void) {
     test_fp16_round_trip_and_nearest();
     test_bf16();
     test_q8_0_hand_cases();
+    test_q8_0_packing();
+    test_dot_q8_0_hand_cases();
     test_matmul_against_naive();
     test_matmul_batch_and_thread_invariance();
     test_matmul_equals_dot();
