@@ -167,7 +167,7 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
     m->att_out = lmd_alloc_aligned(B * Q * sizeof(float));
     m->hb = lmd_alloc_aligned(B * H * sizeof(float));
     m->hb2 = lmd_alloc_aligned(B * H * sizeof(float));
-    m->scores = lmd_alloc_aligned((size_t)config->n_heads * config->context_length * sizeof(float));
+    m->scores = lmd_alloc_aligned((size_t)config->n_heads * 2 * config->context_length * sizeof(float));
     m->inv_freq = malloc(((size_t)config->head_dim / 2 + 1) * sizeof(float));
     m->pos = malloc(B * sizeof(int32_t));
     const size_t scratch_bytes = matmul_scratch_bytes(config, weights, max_batch);
@@ -200,6 +200,16 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
 // W @ x for the chunk's B rows, with the model's scratch for the prepared inputs
 static void matmul(lmd_model *m, float *out, const float *x, const lmd_matrix *w, int B) {
     lmd_matmul_scratch(out, x, w, B, m->matmul_scratch);
+}
+
+// W @ x right after matmul(m, ..., x, prev, B) on the same x: the inputs prepared (quantized,
+// rounded) for prev serve w too when the two take them alike (same storage and width)
+static void matmul_same_x(lmd_model *m, float *out, const float *x, const lmd_matrix *w, int B,
+                          const lmd_matrix *prev) {
+    if (m->matmul_scratch != NULL && w->dtype == prev->dtype && w->cols == prev->cols)
+        lmd_matmul_prepared(out, x, w, B, m->matmul_scratch);
+    else
+        matmul(m, out, x, w, B);
 }
 
 static void add_bias(float *x, const float *bias, int B, int64_t n) {
@@ -265,49 +275,79 @@ static inline float head_dot(const float *q, const float *k, int hs) {
     (__builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) +                                    \
      __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15))
 
-// out[j] = scale * q (hs,) . k[j * stride] (hs,) for 8 keys j, each exactly as head_dot sums
-// it: the keys' lane totals are formed together (three rounds of PAIR_SUMS and one add
-// replace eight separate reductions), and q is loaded once for all eight keys
-static inline __attribute__((always_inline)) void head_dots8(float *out, const float *q, const float *k,
-                                                             int64_t stride, const int hs, float scale) {
+// out[i][j] = scale * q[i] (hs,) . k[j * stride] (hs,) for nq queries i (1 or 2) and 8 keys j,
+// each exactly as head_dot sums it: the keys' lane totals are formed together (three rounds
+// of PAIR_SUMS and one add replace eight separate reductions), each key is loaded once for
+// all the queries and each query once for all eight keys
+static inline __attribute__((always_inline)) void head_dots8(float *const *out, const float *const *q, const int nq,
+                                                             const float *k, int64_t stride, const int hs,
+                                                             float scale) {
     /* 16 features at a time: lanes 0-7 are head_dot's acc0, lanes 8-15 its acc1 */
-    v16f acc16[8];
-    for (int j = 0; j < 8; j++) acc16[j] = (v16f){0};
-    int i = 0;
-    for (; i + 16 <= hs; i += 16) {
-        v16f q16;
-        LOAD16(q16, q + i);
+    v16f acc16[2][8];
+    for (int i = 0; i < nq; i++)
+        for (int j = 0; j < 8; j++) acc16[i][j] = (v16f){0};
+    int f = 0;
+    for (; f + 16 <= hs; f += 16) {
+        v16f q16[2];
+        for (int i = 0; i < nq; i++) LOAD16(q16[i], q[i] + f);
         for (int j = 0; j < 8; j++) {
             v16f k16;
-            LOAD16(k16, k + j * stride + i);
-            acc16[j] += q16 * k16;
+            LOAD16(k16, k + j * stride + f);
+            for (int i = 0; i < nq; i++) acc16[i][j] += q16[i] * k16;
         }
     }
-    v8f acc0[8], acc1[8];
-    for (int j = 0; j < 8; j++) {
-        acc0[j] = __builtin_shufflevector(acc16[j], acc16[j], 0, 1, 2, 3, 4, 5, 6, 7);
-        acc1[j] = __builtin_shufflevector(acc16[j], acc16[j], 8, 9, 10, 11, 12, 13, 14, 15);
-    }
-    for (; i + 8 <= hs; i += 8) {
-        v8f q0;
-        LOAD8(q0, q + i);
+    v8f acc0[2][8], acc1[2][8];
+    for (int i = 0; i < nq; i++)
+        for (int j = 0; j < 8; j++) {
+            acc0[i][j] = __builtin_shufflevector(acc16[i][j], acc16[i][j], 0, 1, 2, 3, 4, 5, 6, 7);
+            acc1[i][j] = __builtin_shufflevector(acc16[i][j], acc16[i][j], 8, 9, 10, 11, 12, 13, 14, 15);
+        }
+    for (; f + 8 <= hs; f += 8) {
+        v8f q0[2];
+        for (int i = 0; i < nq; i++) LOAD8(q0[i], q[i] + f);
         for (int j = 0; j < 8; j++) {
             v8f k0;
-            LOAD8(k0, k + j * stride + i);
-            acc0[j] += q0 * k0;
+            LOAD8(k0, k + j * stride + f);
+            for (int i = 0; i < nq; i++) acc0[i][j] += q0[i] * k0;
         }
     }
-    v8f a[8];
-    for (int j = 0; j < 8; j++) a[j] = acc0[j] + acc1[j];
-    /* lane j of quad0 is key j's (l0+l1)+(l2+l3) for j < 4, lane 4 + j its (l4+l5)+(l6+l7) */
-    const v8f pair01 = PAIR_SUMS(a[0], a[1]), pair23 = PAIR_SUMS(a[2], a[3]);
-    const v8f pair45 = PAIR_SUMS(a[4], a[5]), pair67 = PAIR_SUMS(a[6], a[7]);
-    const v8f quad0 = PAIR_SUMS(pair01, pair23), quad1 = PAIR_SUMS(pair45, pair67);
-    v8f s = __builtin_shufflevector(quad0, quad1, 0, 1, 2, 3, 8, 9, 10, 11) +
-            __builtin_shufflevector(quad0, quad1, 4, 5, 6, 7, 12, 13, 14, 15);
-    for (; i < hs; i++)
-        for (int j = 0; j < 8; j++) s[j] += q[i] * k[j * stride + i];
-    for (int j = 0; j < 8; j++) out[j] = s[j] * scale;
+    for (int i = 0; i < nq; i++) {
+        v8f a[8];
+        for (int j = 0; j < 8; j++) a[j] = acc0[i][j] + acc1[i][j];
+        /* lane j of quad0 is key j's (l0+l1)+(l2+l3) for j < 4, lane 4 + j its (l4+l5)+(l6+l7) */
+        const v8f pair01 = PAIR_SUMS(a[0], a[1]), pair23 = PAIR_SUMS(a[2], a[3]);
+        const v8f pair45 = PAIR_SUMS(a[4], a[5]), pair67 = PAIR_SUMS(a[6], a[7]);
+        const v8f quad0 = PAIR_SUMS(pair01, pair23), quad1 = PAIR_SUMS(pair45, pair67);
+        v8f s = __builtin_shufflevector(quad0, quad1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                __builtin_shufflevector(quad0, quad1, 4, 5, 6, 7, 12, 13, 14, 15);
+        for (int g = f; g < hs; g++)
+            for (int j = 0; j < 8; j++) s[j] += q[i][g] * k[j * stride + g];
+        for (int j = 0; j < 8; j++) out[i][j] = s[j] * scale;
+    }
+}
+
+// scores[i][t] = scale * q[i] (hs,) . k_t for nq queries (1 or 2) and the positions t in
+// [t_begin, t_end) of the head's keys (features kv_offset..) in layer l of seq
+static inline __attribute__((always_inline)) void head_scores(float *const *scores, const float *const *q,
+                                                              const int nq, const lmd_kvseq *seq, int32_t l,
+                                                              int kv_offset, int32_t t_begin, int32_t t_end,
+                                                              int32_t block_size, int32_t kv_dim, const int hs,
+                                                              float scale) {
+    for (int32_t t0 = t_begin; t0 < t_end;) {
+        /* positions of one cache block are consecutive rows of kv_dim floats */
+        const float *k = lmd_kvseq_k(seq, l, t0) + kv_offset;
+        const int32_t block_end = (t0 / block_size + 1) * block_size;
+        const int32_t nt = (t_end < block_end ? t_end : block_end) - t0;
+        int32_t t = 0;
+        for (; t + 8 <= nt; t += 8) {
+            float *out[2];
+            for (int i = 0; i < nq; i++) out[i] = scores[i] + t0 + t;
+            head_dots8(out, q, nq, k + (int64_t)t * kv_dim, kv_dim, hs, scale);
+        }
+        for (; t < nt; t++)
+            for (int i = 0; i < nq; i++) scores[i][t0 + t] = head_dot(q[i], k + (int64_t)t * kv_dim, hs) * scale;
+        t0 += nt;
+    }
 }
 
 /* independent FMA chains the value sums keep going: an FMA's 4-cycle latency times the
@@ -317,48 +357,68 @@ static inline __attribute__((always_inline)) void head_dots8(float *out, const f
 // sets of accumulators that give a head of nv vectors VALUE_CHAINS chains (a power of two)
 #define VALUE_SETS(nv) ((nv) >= 8 ? 1 : (nv) >= 4 ? 2 : (nv) >= 2 ? 4 : 8)
 
-/* out (hs,) = sum over positions t < n_pos of p[t] * v_t (hs,), v_t the head's values at
- * position t of the cached sequence (blocks of block_size rows of stride floats, the head's
- * features at kv_offset), summed in registers. Position t goes to accumulator set t % sets
- * so that a small head still keeps VALUE_CHAINS FMAs in flight (one chain per vector was
- * latency-bound: a head of 8 features waited 4 cycles per position); the sets are added
- * pairwise at the end, set s with set s + sets/2, halving. The order depends on the head
- * size only: not on the block size, the batch or the thread. */
+/* The value sums of a head: out (hs,) = sum over positions t < n_pos of p[t] * v_t (hs,),
+ * v_t the head's values at position t of the cached sequence (blocks of block_size rows of
+ * stride floats, the head's features at kv_offset), summed in registers. Position t goes to
+ * accumulator set t % sets so that a small head still keeps VALUE_CHAINS FMAs in flight
+ * (one chain per vector was latency-bound: a head of 8 features waited 4 cycles per
+ * position); each set adds its positions in order, and the sets are added pairwise at the
+ * end, set s with set s + sets/2, halving. The order depends on the head size only: not on
+ * the block size, the batch or the thread, nor on whether two queries share the loads.
+ *
+ * VALUE_RANGE adds positions [t_begin, t_end) into the accumulators of queries q0 .. q0+nqr
+ * (constants, so that the accumulators stay in registers). */
+#define VALUE_RANGE(vec_t, LOAD, lanes, q0, nqr, t_begin, t_end)                                    \
+    for (int32_t t0 = (t_begin); t0 < (t_end);) {                                                  \
+        const float *v = lmd_kvseq_v(seq, l, t0) + kv_offset;                                      \
+        const int32_t block_end = (t0 / block_size + 1) * block_size;                              \
+        const int32_t nt = ((t_end) < block_end ? (t_end) : block_end) - t0;                       \
+        int32_t t = 0;                                                                             \
+        if (t0 % sets == 0) /* position t0 + t is in set t % sets */                               \
+            for (; t + sets <= nt; t += sets)                                                      \
+                for (int s = 0; s < sets; s++)                                                     \
+                    for (int i = 0; i < nv; i++) {                                                 \
+                        vec_t x;                                                                   \
+                        LOAD(x, v + (int64_t)(t + s) * stride + (lanes) * i);                      \
+                        for (int qi = (q0); qi < (q0) + (nqr); qi++)                                \
+                            acc[qi][s * nv + i] += p[qi][t0 + t + s] * x;                          \
+                    }                                                                              \
+        for (; t < nt; t++) /* the rest, or every position of oddly placed runs */                 \
+            for (int s = 0; s < sets; s++)                                                         \
+                if ((t0 + t) % sets == s)                                                          \
+                    for (int i = 0; i < nv; i++) {                                                 \
+                        vec_t x;                                                                   \
+                        LOAD(x, v + (int64_t)t * stride + (lanes) * i);                            \
+                        for (int qi = (q0); qi < (q0) + (nqr); qi++)                                \
+                            acc[qi][s * nv + i] += p[qi][t0 + t] * x;                              \
+                    }                                                                              \
+        t0 += nt;                                                                                  \
+    }
+
+/* nq queries (1 or 2) of the same sequence: the positions all of them see are loaded once
+ * for all, then each query's own last positions */
 #define VALUE_SUMS(vec_t, LOAD, lanes)                                                             \
     do {                                                                                           \
         const int nv = hs / (lanes), sets = VALUE_SETS(hs / (lanes));                              \
-        vec_t acc[VALUE_CHAINS * 2];                                                               \
-        for (int j = 0; j < sets * nv; j++) acc[j] = (vec_t){0};                                   \
-        for (int32_t t0 = 0; t0 < n_pos; t0 += block_size) {                                       \
-            const float *v = lmd_kvseq_v(seq, l, t0) + kv_offset;                                  \
-            const int32_t nt = n_pos - t0 < block_size ? n_pos - t0 : block_size;                  \
-            const float *pt = p + t0;                                                              \
-            int32_t t = 0;                                                                         \
-            if (block_size % sets == 0) /* t0 is a multiple of sets: position t0 + t is in set t % sets */ \
-                for (; t + sets <= nt; t += sets)                                                  \
-                    for (int s = 0; s < sets; s++)                                                 \
-                        for (int i = 0; i < nv; i++) {                                             \
-                            vec_t x;                                                               \
-                            LOAD(x, v + (int64_t)(t + s) * stride + (lanes) * i);                  \
-                            acc[s * nv + i] += pt[t + s] * x;                                      \
-                        }                                                                          \
-            for (; t < nt; t++) /* the rest, or every position of oddly sized blocks */           \
-                for (int s = 0; s < sets; s++)                                                     \
-                    if ((t0 + t) % sets == s)                                                      \
-                        for (int i = 0; i < nv; i++) {                                             \
-                            vec_t x;                                                               \
-                            LOAD(x, v + (int64_t)t * stride + (lanes) * i);                        \
-                            acc[s * nv + i] += pt[t] * x;                                          \
-                        }                                                                          \
+        vec_t acc[2][VALUE_CHAINS * 2];                                                            \
+        for (int qi = 0; qi < nq; qi++)                                                            \
+            for (int j = 0; j < sets * nv; j++) acc[qi][j] = (vec_t){0};                           \
+        const int32_t shared = nq == 2 && n_pos[1] < n_pos[0] ? n_pos[1] : n_pos[0];               \
+        VALUE_RANGE(vec_t, LOAD, lanes, 0, nq, 0, shared)                                          \
+        VALUE_RANGE(vec_t, LOAD, lanes, 0, 1, shared, n_pos[0])                                    \
+        if (nq == 2) VALUE_RANGE(vec_t, LOAD, lanes, 1, 1, shared, n_pos[1])                       \
+        for (int qi = 0; qi < nq; qi++) {                                                          \
+            for (int width = sets; width > 1; width /= 2)                                          \
+                for (int s = 0; s < width / 2; s++)                                                \
+                    for (int i = 0; i < nv; i++) acc[qi][s * nv + i] += acc[qi][(s + width / 2) * nv + i]; \
+            for (int i = 0; i < nv; i++) memcpy(out[qi] + (lanes) * i, &acc[qi][i], sizeof acc[qi][i]); \
         }                                                                                          \
-        for (int width = sets; width > 1; width /= 2)                                              \
-            for (int s = 0; s < width / 2; s++)                                                    \
-                for (int i = 0; i < nv; i++) acc[s * nv + i] += acc[(s + width / 2) * nv + i];    \
-        for (int i = 0; i < nv; i++) memcpy(out + (lanes) * i, &acc[i], sizeof acc[i]);           \
     } while (0)
 
-static inline __attribute__((always_inline)) void value_sums(float *out, const float *p, const lmd_kvseq *seq,
-                                                             int32_t l, int kv_offset, int32_t n_pos,
+// out[i] (hs,) = the value sums of nq queries (1 or 2) of seq with weights p[i] (n_pos[i],)
+static inline __attribute__((always_inline)) void value_sums(float *const *out, const float *const *p,
+                                                             const int32_t *n_pos, const int nq,
+                                                             const lmd_kvseq *seq, int32_t l, int kv_offset,
                                                              int32_t block_size, int32_t stride, const int hs) {
     if (hs == 8 || hs == 16 || hs == 32 || hs == 64 || hs == 128) { /* unrolled register versions */
         if (hs % 16 == 0) VALUE_SUMS(v16f, LOAD16, 16);
@@ -366,44 +426,64 @@ static inline __attribute__((always_inline)) void value_sums(float *out, const f
         return;
     }
     /* other head sizes: the positions in order, one chain */
-    memset(out, 0, (size_t)hs * sizeof(float));
-    for (int32_t t0 = 0; t0 < n_pos; t0 += block_size) {
-        const float *v = lmd_kvseq_v(seq, l, t0) + kv_offset;
-        const int32_t nt = n_pos - t0 < block_size ? n_pos - t0 : block_size;
-        for (int32_t t = 0; t < nt; t++) lmd_axpy(out, p[t0 + t], v + (int64_t)t * stride, hs);
+    for (int qi = 0; qi < nq; qi++) {
+        memset(out[qi], 0, (size_t)hs * sizeof(float));
+        for (int32_t t0 = 0; t0 < n_pos[qi]; t0 += block_size) {
+            const float *v = lmd_kvseq_v(seq, l, t0) + kv_offset;
+            const int32_t nt = n_pos[qi] - t0 < block_size ? n_pos[qi] - t0 : block_size;
+            for (int32_t t = 0; t < nt; t++) lmd_axpy(out[qi], p[qi][t0 + t], v + (int64_t)t * stride, hs);
+        }
     }
 }
 
 /* Below this many multiply-adds the attention of a chunk runs on one thread. */
 #define ATTENTION_PARALLEL_MIN_WORK 100000
 
-// query head h of the chunk's tokens, q (B,Q) at pos[b] of seqs[token_seq[b]], against the
-// keys/values of layer l in the cache -> att_out (B,Q), the head's hs features. Inlined
-// per usual head size (see attend_head) so the per-key loops have constant trip counts.
-static inline __attribute__((always_inline)) void attend_head_sized(lmd_model *m, lmd_kvseq *const *seqs,
-                                                                    const int32_t *token_seq, int B, int32_t l,
-                                                                    int h, const int hs) {
+// query head h of nq (1 or 2) consecutive tokens b.. of the chunk, all of one sequence, q
+// (B,Q) at positions pos[b..] -> att_out (B,Q), the head's hs features. Two queries share
+// every key and value load of the positions both see (a prefill's neighbouring tokens see
+// all but one of the same positions), which halves the cache traffic; each query's
+// arithmetic is exactly what it is alone.
+static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, const lmd_kvseq *seq, int b,
+                                                                 const int nq, int32_t l, int h, const int hs) {
     const lmd_config *c = &m->config;
     const int group = c->n_heads / c->n_kv_heads;
     const int64_t Q = (int64_t)c->n_heads * hs;
     const float scale = 1.0f / sqrtf((float)hs);
-    const int32_t block_size = seqs[0]->pool->block_size, kv_dim = seqs[0]->pool->kv_dim;
-    float *scores = m->scores + (size_t)h * c->context_length;
+    const int32_t block_size = seq->pool->block_size, kv_dim = seq->pool->kv_dim;
     const int kv_offset = (h / group) * hs;
-    for (int b = 0; b < B; b++) {
+    const float *q[2];
+    float *scores[2], *out[2];
+    int32_t n_pos[2];
+    for (int i = 0; i < nq; i++) {
+        q[i] = m->q + (int64_t)(b + i) * Q + (int64_t)h * hs;
+        scores[i] = m->scores + ((size_t)h * 2 + i) * c->context_length;
+        out[i] = m->att_out + (int64_t)(b + i) * Q + (int64_t)h * hs;
+        n_pos[i] = m->pos[b + i] + 1;
+    }
+    const int32_t shared = nq == 2 && n_pos[1] < n_pos[0] ? n_pos[1] : n_pos[0];
+    head_scores(scores, q, nq, seq, l, kv_offset, 0, shared, block_size, kv_dim, hs, scale);
+    head_scores(scores, q, 1, seq, l, kv_offset, shared, n_pos[0], block_size, kv_dim, hs, scale);
+    if (nq == 2) head_scores(scores + 1, q + 1, 1, seq, l, kv_offset, shared, n_pos[1], block_size, kv_dim, hs, scale);
+    for (int i = 0; i < nq; i++) lmd_softmax(scores[i], n_pos[i]);
+    value_sums(out, (const float *const *)scores, n_pos, nq, seq, l, kv_offset, block_size, kv_dim, hs);
+}
+
+// query head h of the chunk's tokens against the keys/values of layer l in the cache,
+// neighbouring tokens of one sequence two at a time. Inlined per usual head size (see
+// attend_head) so the per-key loops have constant trip counts.
+static inline __attribute__((always_inline)) void attend_head_sized(lmd_model *m, lmd_kvseq *const *seqs,
+                                                                    const int32_t *token_seq, int B, int32_t l,
+                                                                    int h, const int hs) {
+    for (int b = 0; b < B;) {
         const lmd_kvseq *seq = seqs[token_seq[b]];
-        const float *q = m->q + b * Q + (int64_t)h * hs;
-        const int32_t n_pos = m->pos[b] + 1;
-        /* positions of one cache block are consecutive rows of kv_dim floats */
-        for (int32_t t0 = 0; t0 < n_pos; t0 += block_size) {
-            const float *k = lmd_kvseq_k(seq, l, t0) + kv_offset;
-            const int32_t nt = n_pos - t0 < block_size ? n_pos - t0 : block_size;
-            int32_t t = 0;
-            for (; t + 8 <= nt; t += 8) head_dots8(scores + t0 + t, q, k + (int64_t)t * kv_dim, kv_dim, hs, scale);
-            for (; t < nt; t++) scores[t0 + t] = head_dot(q, k + (int64_t)t * kv_dim, hs) * scale;
+        if (b + 1 < B && token_seq[b + 1] == token_seq[b]) {
+            attend_queries(m, seq, b, 2, l, h, hs);
+            b += 2;
+        } else {
+            attend_queries(m, seq, b, 1, l, h, hs);
+            b += 1;
         }
-        lmd_softmax(scores, n_pos);
-        value_sums(m->att_out + b * Q + (int64_t)h * hs, scores, seq, l, kv_offset, n_pos, block_size, kv_dim, hs);
     }
 }
 
@@ -451,8 +531,8 @@ static void run_layers(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *toke
         // attention sublayer: x += wo @ attention(norm(x))
         norm(m, m->xb, m->x, lw->attn_norm, lw->attn_norm_bias, B);
         matmul(m, m->q, m->xb, &lw->wq, B);
-        matmul(m, m->k, m->xb, &lw->wk, B);
-        matmul(m, m->v, m->xb, &lw->wv, B);
+        matmul_same_x(m, m->k, m->xb, &lw->wk, B, &lw->wq);
+        matmul_same_x(m, m->v, m->xb, &lw->wv, B, &lw->wk);
         add_bias(m->q, lw->bq, B, Q);
         add_bias(m->k, lw->bk, B, K);
         add_bias(m->v, lw->bv, B, K);
@@ -478,7 +558,7 @@ static void run_layers(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *toke
             lmd_gelu_tanh(m->hb2, B * H);
             matmul(m, m->xb2, m->hb2, &lw->w_down, B);
         } else {
-            matmul(m, m->hb, m->xb, &lw->w_gate, B);
+            matmul_same_x(m, m->hb, m->xb, &lw->w_gate, B, &lw->w_up);
             lmd_swiglu(m->hb, m->hb2, B * H);
             matmul(m, m->xb2, m->hb, &lw->w_down, B);
         }

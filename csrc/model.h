@@ -99,7 +99,7 @@ typedef struct lmd_model {
     float *att_out;  /* (B, q_dim) */
     float *hb;       /* (B, hidden_dim) */
     float *hb2;      /* (B, hidden_dim) */
-    float *scores;   /* (n_heads, context_length) attention weights of one token */
+    float *scores;   /* (n_heads, 2, context_length) attention weights of two tokens */
     float *inv_freq; /* (head_dim / 2,) RoPE frequencies */
     int32_t *pos;    /* (B,) position of each token of the chunk */
     void *matmul_scratch; /* a matmul's inputs quantized (q8_0) or rounded (bf16); NULL if none needs it */

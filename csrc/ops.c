@@ -801,8 +801,15 @@ static void item_q8_0(float *out, q8_inputs x, const uint8_t *w, int64_t n, int6
     }
 }
 
-// x (B, n) -> the quantized inputs in scratch (lmd_matmul_scratch_bytes)
-static q8_inputs quantize_inputs_q8(void *scratch, const float *x, int B, int64_t n) {
+// where B quantized inputs of n features sit in scratch (lmd_matmul_scratch_bytes)
+static q8_inputs q8_inputs_in(const void *scratch, int B, int64_t n) {
+    const int8_t *q = (const int8_t *)scratch;
+    const float *scale = (const float *)(const void *)(q + (int64_t)B * n);
+    return (q8_inputs){q, scale, (const int32_t *)(const void *)(scale + (int64_t)B * (n / LMD_Q8_0_BLOCK))};
+}
+
+// x (B, n) -> the quantized inputs in scratch, laid out as q8_inputs_in reads them
+static void quantize_inputs_q8(void *scratch, const float *x, int B, int64_t n) {
     const int64_t n_blocks = n / LMD_Q8_0_BLOCK;
     int8_t *q = (int8_t *)scratch;
     float *scale = (float *)(void *)(q + (int64_t)B * n);
@@ -810,7 +817,6 @@ static q8_inputs quantize_inputs_q8(void *scratch, const float *x, int B, int64_
     for (int b = 0; b < B; b++)
         quantize_input_q8(q + (int64_t)b * n, scale + (int64_t)b * n_blocks, corr + (int64_t)b * n_blocks,
                           x + (int64_t)b * n, n);
-    return (q8_inputs){q, scale, corr};
 }
 
 /* Parallel regions cost a few microseconds; below this many multiply-adds one thread is faster. */
@@ -827,10 +833,10 @@ static int parallel_worth(int B, int64_t d, int64_t n) {
     return (int64_t)B * d * n >= MATMUL_PARALLEL_MIN_WORK && lmd_get_num_threads() > 1;
 }
 
-// W (d, n) q8_0 @ x (B, n) -> out (B, d), with scratch of lmd_matmul_scratch_bytes(w, B)
-static void matmul_q8_0(float *out, const float *x, const lmd_matrix *w, int B, void *scratch) {
+// W (d, n) q8_0 @ the B inputs quantized in scratch -> out (B, d)
+static void matmul_q8_0(float *out, const lmd_matrix *w, int B, const void *scratch) {
     const int64_t d = w->rows, n = w->cols, n_blocks = n / LMD_Q8_0_BLOCK;
-    const q8_inputs xq = quantize_inputs_q8(scratch, x, B, n);
+    const q8_inputs xq = q8_inputs_in(scratch, B, n);
     const int64_t item_rows = Q8_0_ITEM_GROUPS * LMD_Q8_0_GROUP, n_items = (d + item_rows - 1) / item_rows;
     const uint8_t *data = (const uint8_t *)w->data;
     /* inputs in groups that stay in L2 while all the weights pass them (as for f32 below) */
@@ -869,34 +875,52 @@ size_t lmd_matmul_scratch_bytes(const lmd_matrix *w, int B) {
     return 0;
 }
 
+void lmd_matmul_prepare(void *scratch, const float *x, const lmd_matrix *w, int B) {
+    if (w->dtype == LMD_Q8_0) quantize_inputs_q8(scratch, x, B, w->cols);
+#if LMD_BF16_DOT
+    /* bf16 dot products read the inputs rounded to bf16: rounded once, not again by every
+     * block of weight rows (1.5 x faster for a 256-token batch) */
+    if (w->dtype == LMD_BF16 && w->cols >= 32) round_inputs_bf16((uint16_t *)scratch, x, B, w->cols);
+#endif
+}
+
 void lmd_matmul_scratch(float *out, const float *x, const lmd_matrix *w, int B, void *scratch) {
-    const int64_t d = w->rows, n = w->cols;
-    if (w->dtype == LMD_Q8_0) {
-        if (scratch != NULL) {
-            matmul_q8_0(out, x, w, B, scratch);
-            return;
-        }
+    if (scratch != NULL) {
+        lmd_matmul_prepare(scratch, x, w, B);
+        lmd_matmul_prepared(out, x, w, B, scratch);
+        return;
+    }
+    if (w->dtype == LMD_Q8_0) { /* quantized on the stack, a chunk of inputs at a time */
         const size_t per_input = lmd_matmul_scratch_bytes(w, 1);
         const int chunk = per_input >= Q8_0_STACK_SCRATCH ? 1
                           : (int)(Q8_0_STACK_SCRATCH / per_input) < B ? (int)(Q8_0_STACK_SCRATCH / per_input)
                                                                       : B;
         unsigned char stack_scratch[chunk > 0 ? (size_t)chunk * per_input : 1];
-        for (int b0 = 0; b0 < B; b0 += chunk)
-            matmul_q8_0(out + (int64_t)b0 * d, x + (int64_t)b0 * n, w, B - b0 < chunk ? B - b0 : chunk, stack_scratch);
+        for (int b0 = 0; b0 < B; b0 += chunk) {
+            const int nb = B - b0 < chunk ? B - b0 : chunk;
+            quantize_inputs_q8(stack_scratch, x + (int64_t)b0 * w->cols, nb, w->cols);
+            matmul_q8_0(out + (int64_t)b0 * w->rows, w, nb, stack_scratch);
+        }
+        return;
+    }
+    lmd_matmul_prepared(out, x, w, B, NULL); /* bf16 tiles round the inputs themselves */
+}
+
+void lmd_matmul_prepared(float *out, const float *x, const lmd_matrix *w, int B, const void *scratch) {
+    const int64_t d = w->rows, n = w->cols;
+    if (w->dtype == LMD_Q8_0) {
+        matmul_q8_0(out, w, B, scratch);
         return;
     }
     const int64_t n_row_blocks = (d + ROW_BLOCK - 1) / ROW_BLOCK;
     void (*row_block)(float *, const float *, const uint16_t *, const uint8_t *, int64_t, int64_t, int64_t, int,
                       int, int) = w->dtype == LMD_F32 ? row_block_f32 : row_block_bf16;
     const uint8_t *data = (const uint8_t *)w->data;
-    /* bf16 dot products read the inputs rounded to bf16: rounded once here, not again by
-     * every block of weight rows (1.5 x faster for a 256-token batch) */
     const uint16_t *xb = NULL;
 #if LMD_BF16_DOT
-    if (w->dtype == LMD_BF16 && scratch != NULL && n >= 32) {
-        round_inputs_bf16((uint16_t *)scratch, x, B, n);
-        xb = (const uint16_t *)scratch;
-    }
+    if (w->dtype == LMD_BF16 && scratch != NULL && n >= 32) xb = (const uint16_t *)scratch;
+#else
+    (void)scratch;
 #endif
     /* A batch passes a row block's eight weight rows MAX_TILE_C inputs at a time. When the
      * eight rows and one slice of inputs overflow L1 but four rows and the slice fit, each

@@ -88,8 +88,16 @@ size_t lmd_matmul_scratch_bytes(const lmd_matrix *w, int B);
 /* lmd_matmul with scratch of lmd_matmul_scratch_bytes(w, B), or NULL. With it, the inputs
  * are prepared once per call: without it bf16 matrices round the inputs once per block
  * of weight rows, and q8_0 ones quantize on the stack in chunks of inputs, each of which
- * reads the weights again. Results are identical either way. */
+ * reads the weights again. Results are identical either way.
+ *     = lmd_matmul_prepare(scratch, x, w, B); lmd_matmul_prepared(out, x, w, B, scratch);
+ * Matrices that read the same x (q, k and v; gate and up) can share one preparation:
+ * lmd_matmul_prepared is valid for any matrix of the same dtype and cols as the w that
+ * prepared the scratch, while x and the scratch stay unchanged. */
 void lmd_matmul_scratch(float *out, const float *x, const lmd_matrix *w, int B, void *scratch);
+// x (B, cols) -> scratch (lmd_matmul_scratch_bytes(w, B) bytes): the inputs as w's kernel reads them
+void lmd_matmul_prepare(void *scratch, const float *x, const lmd_matrix *w, int B);
+// W @ x -> out (B, rows) with x prepared in scratch (which may be NULL where the size is 0)
+void lmd_matmul_prepared(float *out, const float *x, const lmd_matrix *w, int B, const void *scratch);
 void lmd_matmul_naive(float *out, const float *x, const lmd_matrix *w, int B);
 
 // out[b] = x[b] / sqrt(mean(x[b]^2) + eps) * weight, x (B,n), weight (n,); out may alias x.

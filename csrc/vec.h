@@ -43,11 +43,23 @@ static inline vf vload(const float *p) {
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 /* the first m < LANES floats at p, the other lanes set to pad (loop tails in one vector) */
 static inline vf vload_partial(const float *p, int64_t m, float pad) {
+#if defined(__AVX512F__)
+    /* a masked load: a variable-length memcpy is a library call, around which the
+     * caller's vector registers were saved and restored */
+    return (vf)_mm512_mask_loadu_ps(_mm512_set1_ps(pad), (__mmask16)((1u << m) - 1u), p);
+#else
     vf v = (vf){0} + pad;
     memcpy(&v, p, (size_t)m * sizeof(float));
     return v;
+#endif
 }
-static inline void vstore_partial(float *p, vf v, int64_t m) { memcpy(p, &v, (size_t)m * sizeof(float)); }
+static inline void vstore_partial(float *p, vf v, int64_t m) {
+#if defined(__AVX512F__)
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << m) - 1u), (__m512)v);
+#else
+    memcpy(p, &v, (size_t)m * sizeof(float));
+#endif
+}
 static inline vf vbroadcast(float x) { return (vf){0} + x; }
 /* mask lanes are all-ones or zero, as comparisons produce */
 static inline vf vselect(vi mask, vf if_true, vf if_false) {
@@ -74,30 +86,24 @@ static inline int vany(vi mask) {
 
 /* Sum of the lanes by a fixed pairwise tree (same order on every call): lane j
  * plus lane j + LANES/2, then j + LANES/4, ... Each level adds the two halves of
- * the vector, which compiles to one extract and one add. */
+ * the vector, which compiles to one extract and one add. Shuffles, not memcpy of the
+ * halves: taking the vector's address kept a caller's loop accumulator in memory. */
 typedef float lmd_v8f_ __attribute__((vector_size(32)));
 typedef float lmd_v4f_ __attribute__((vector_size(16)));
 typedef float lmd_v2f_ __attribute__((vector_size(8)));
-#define LMD_HALVES_SUM_(half_type, v, out)          \
-    do {                                                       \
-        half_type lo_, hi_;                                    \
-        memcpy(&lo_, &(v), sizeof lo_);                        \
-        memcpy(&hi_, (const char *)&(v) + sizeof lo_, sizeof hi_); \
-        (out) = lo_ + hi_;                                     \
-    } while (0)
 static inline float vhsum(vf v) {
-    lmd_v4f_ v4;
 #if LMD_VEC_BYTES == 64
-    lmd_v8f_ v8;
-    LMD_HALVES_SUM_(lmd_v8f_, v, v8);
-    LMD_HALVES_SUM_(lmd_v4f_, v8, v4);
+    /* extracts by intrinsic: GCC 12 took a 512-bit shufflevector's halves through memory */
+    const __m512 w = (__m512)v;
+    const lmd_v8f_ v8 = (lmd_v8f_)_mm512_castps512_ps256(w) +
+                        (lmd_v8f_)_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1));
+    const lmd_v4f_ v4 = __builtin_shufflevector(v8, v8, 0, 1, 2, 3) + __builtin_shufflevector(v8, v8, 4, 5, 6, 7);
 #elif LMD_VEC_BYTES == 32
-    LMD_HALVES_SUM_(lmd_v4f_, v, v4);
+    const lmd_v4f_ v4 = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
 #else
-    v4 = v;
+    const lmd_v4f_ v4 = v;
 #endif
-    lmd_v2f_ v2;
-    LMD_HALVES_SUM_(lmd_v2f_, v4, v2);
+    const lmd_v2f_ v2 = __builtin_shufflevector(v4, v4, 0, 1) + __builtin_shufflevector(v4, v4, 2, 3);
     return v2[0] + v2[1];
 }
 
