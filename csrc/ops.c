@@ -735,10 +735,12 @@ static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, 
 }
 #else
 #define LMD_Q8_0_VNNI 0
-// the same products and order as the VNNI tile, in portable C
-static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, int64_t n, int64_t d, int64_t r0,
-                                    int ng, int group_rows, int c0, int nc, int64_t prefetch_bytes) {
-    (void)prefetch_bytes;
+#endif
+
+// ng groups of group_rows rows against inputs c0..c0+nc: the products and order of the
+// VNNI tile in portable C (CPUs without AVX2, and the short last group of rows with AVX2)
+static ALWAYS_INLINE void tile_q8_0_portable(float *out, q8_inputs x, const uint8_t *wg, int64_t n, int64_t d,
+                                             int64_t r0, int ng, int group_rows, int c0, int nc) {
     const int64_t n_blocks = n / LMD_Q8_0_BLOCK;
     const size_t group_bytes = (size_t)n_blocks * LMD_Q8_0_GROUP * LMD_Q8_0_BLOCK_BYTES;
     for (int g = 0; g < ng; g++)
@@ -763,6 +765,89 @@ static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, 
             for (int i = 0; i < group_rows; i++) out[(int64_t)c * d + r0 + g * LMD_Q8_0_GROUP + i] = acc[i];
         }
 }
+
+#if !LMD_Q8_0_VNNI && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LMD_Q8_0_AVX2 1
+/* AVX2 (and AVX-VNNI): a group's 16 rows as two halves of 8 int32 lanes, up to 4 inputs
+ * at a time in the 16 vector registers. Unsigned-by-signed byte products take |w| and
+ * the input with w's sign (VPSIGNB); each 4-byte run then sums exactly, by VPDPBUSD
+ * where the CPU has AVX-VNNI, else by VPMADDUBSW (pairs of at most 2 * 128 * 127, no
+ * saturation) and VPMADDWD. */
+#define Q8_0_AVX2_TILE_C 4
+static ALWAYS_INLINE void half_q8_0_avx2(float *out, q8_inputs x, const uint8_t *wg, int64_t n, int64_t d, int64_t r0,
+                                         int half, int c0, int nc) {
+    const int64_t n_blocks = n / LMD_Q8_0_BLOCK;
+#if !defined(__AVXVNNI__)
+    const __m256i ones16 = _mm256_set1_epi16(1);
+#endif
+    __m256 acc[Q8_0_AVX2_TILE_C];
+    const int8_t *xp[Q8_0_AVX2_TILE_C];
+    for (int c = 0; c < nc; c++) {
+        acc[c] = _mm256_setzero_ps();
+        xp[c] = x.q + (int64_t)(c0 + c) * n;
+    }
+    /* this half's 8 scales at wp (16 bytes), its run s at wp + 32 + 64 s + 16 half: each
+     * block stores 16 scales, then runs of 16 rows x 4 bytes */
+    const uint8_t *wp = wg + 16 * half;
+    for (int64_t b = 0; b < n_blocks; b++) {
+        __m256i dot[Q8_0_AVX2_TILE_C];
+        for (int c = 0; c < nc; c++) dot[c] = _mm256_setzero_si256();
+        for (int s = 0; s < 8; s++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(const void *)(wp + 32 + 64 * s + 16 * half));
+            const __m256i w_abs = _mm256_abs_epi8(w);
+            for (int c = 0; c < nc; c++) {
+                int32_t four;
+                memcpy(&four, xp[c] + 4 * s, 4);
+                const __m256i x_signed = _mm256_sign_epi8(_mm256_set1_epi32(four), w);
+#if defined(__AVXVNNI__)
+                dot[c] = _mm256_dpbusd_avx_epi32(dot[c], w_abs, x_signed);
+#else
+                dot[c] = _mm256_add_epi32(dot[c], _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, x_signed), ones16));
+#endif
+            }
+        }
+        const __m256 w_scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)wp));
+        for (int c = 0; c < nc; c++) {
+            const __m256 scale = _mm256_mul_ps(w_scale, _mm256_set1_ps(x.scale[(int64_t)(c0 + c) * n_blocks + b]));
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[c]), scale, acc[c]);
+            xp[c] += LMD_Q8_0_BLOCK;
+        }
+        wp += Q8_0_GROUP_BYTES_PER_BLOCK;
+    }
+    for (int c = 0; c < nc; c++) _mm256_storeu_ps(out + (int64_t)(c0 + c) * d + r0 + 8 * half, acc[c]);
+}
+
+static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, int64_t n, int64_t d, int64_t r0,
+                                    int ng, int group_rows, int c0, int nc, int64_t prefetch_bytes) {
+    (void)prefetch_bytes;
+    if (group_rows != LMD_Q8_0_GROUP) {
+        tile_q8_0_portable(out, x, wg, n, d, r0, ng, group_rows, c0, nc);
+        return;
+    }
+    const size_t group_bytes = (size_t)(n / LMD_Q8_0_BLOCK) * Q8_0_GROUP_BYTES_PER_BLOCK;
+    for (int g = 0; g < ng; g++)
+        for (int half = 0; half < 2; half++)
+            for (int c = c0; c < c0 + nc; c += Q8_0_AVX2_TILE_C) {
+                const int m = c0 + nc - c < Q8_0_AVX2_TILE_C ? c0 + nc - c : Q8_0_AVX2_TILE_C;
+                const uint8_t *w = wg + g * group_bytes;
+                const int64_t r = r0 + g * LMD_Q8_0_GROUP;
+                switch (m) {
+                case 1: half_q8_0_avx2(out, x, w, n, d, r, half, c, 1); break;
+                case 2: half_q8_0_avx2(out, x, w, n, d, r, half, c, 2); break;
+                case 3: half_q8_0_avx2(out, x, w, n, d, r, half, c, 3); break;
+                default: half_q8_0_avx2(out, x, w, n, d, r, half, c, 4); break;
+                }
+            }
+}
+#elif !LMD_Q8_0_VNNI
+#define LMD_Q8_0_AVX2 0
+static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, int64_t n, int64_t d, int64_t r0,
+                                    int ng, int group_rows, int c0, int nc, int64_t prefetch_bytes) {
+    (void)prefetch_bytes;
+    tile_q8_0_portable(out, x, wg, n, d, r0, ng, group_rows, c0, nc);
+}
+#else
+#define LMD_Q8_0_AVX2 0
 #endif
 
 #define TILE_Q8_0_ANY_C(ng, group_rows, c0, nc)                                                      \
