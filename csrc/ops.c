@@ -193,7 +193,7 @@ void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r) {
 // x (n,) -> q (n,) int8 in [-127, 127], scale (n/32,) with x ~ scale * q, and
 // corr (n/32,) = -128 * (sum of the block's q), which the VNNI kernel starts from.
 // A block holding NaN gets scale NaN and one holding inf scale inf, so they reach the output.
-static void quantize_input_q8(int8_t *q, float *scale, int32_t *corr, const float *x, int64_t n) {
+void lmd_quantize_input_q8(int8_t *q, float *scale, int32_t *corr, const float *x, int64_t n) {
     for (int64_t b = 0; b < n / LMD_Q8_0_BLOCK; b++) {
         const float *xb = x + b * LMD_Q8_0_BLOCK;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -202,6 +202,19 @@ static void quantize_input_q8(int8_t *q, float *scale, int32_t *corr, const floa
         const __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
         const int nan = (_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q)) != 0;
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+#elif defined(__AVX2__)
+        /* the same, 8 lanes at a time */
+        const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+        __m256 xv[4], most = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            xv[i] = _mm256_loadu_ps(xb + 8 * i);
+            most = _mm256_max_ps(most, _mm256_andnot_ps(sign_bit, xv[i]));
+            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(xv[i], xv[i], _CMP_UNORD_Q));
+        }
+        const int nan = _mm256_movemask_ps(unordered) != 0;
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(most), _mm256_extractf128_ps(most, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
 #else
         float amax = 0.0f;
         int nan = 0;
@@ -226,6 +239,23 @@ static void quantize_input_q8(int8_t *q, float *scale, int32_t *corr, const floa
             _mm_storeu_si128((__m128i *)(void *)(q + b * LMD_Q8_0_BLOCK + 16 * half), _mm512_cvtepi32_epi8(v32));
         }
         const int32_t total = _mm512_reduce_add_epi32(sum);
+#elif defined(__AVX2__)
+        const __m256 vinv = _mm256_set1_ps(inv), limit = _mm256_set1_ps(127.0f), low = _mm256_set1_ps(-127.0f);
+        __m256i v32[4], sum = _mm256_setzero_si256();
+        for (int i = 0; i < 4; i++) {
+            __m256 v = _mm256_round_ps(_mm256_mul_ps(xv[i], vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q)); /* NaN -> 0 */
+            v = _mm256_min_ps(_mm256_max_ps(v, low), limit);
+            v32[i] = _mm256_cvtps_epi32(v);
+            sum = _mm256_add_epi32(sum, v32[i]);
+        }
+        /* 32 int32 -> 32 int8 in order: the packs interleave 128-bit lanes, the permute undoes it */
+        const __m256i v16 = _mm256_packs_epi32(v32[0], v32[1]), w16 = _mm256_packs_epi32(v32[2], v32[3]);
+        const __m256i v8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(v16, w16), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(void *)(q + b * LMD_Q8_0_BLOCK), v8);
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        const int32_t total = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
 #else
         int32_t total = 0;
         for (int j = 0; j < LMD_Q8_0_BLOCK; j++) {
@@ -247,7 +277,7 @@ float lmd_dot_q8_0(const uint8_t *w_blocks, const float *x, int64_t n) {
         int8_t q[LMD_Q8_0_BLOCK];
         float scale;
         int32_t corr;
-        quantize_input_q8(q, &scale, &corr, x + b * LMD_Q8_0_BLOCK, LMD_Q8_0_BLOCK);
+        lmd_quantize_input_q8(q, &scale, &corr, x + b * LMD_Q8_0_BLOCK, LMD_Q8_0_BLOCK);
         const uint8_t *block = w_blocks + b * LMD_Q8_0_BLOCK_BYTES;
         /* read as int8 directly: GCC 12 vectorizes (int8_t) of a uint8_t load times int8 as
          * VPDPBUSD, which takes that operand as unsigned (wrong for negative weights) */
@@ -650,7 +680,7 @@ static void row_block_f32(float *out, const float *x, const uint16_t *xb, const 
 }
 
 /* q8_0 matrices (ops.h: groups of 16 rows, each block's values in runs of 4 bytes per row)
- * against inputs quantized per block (quantize_input_q8). One lane per weight row: a run
+ * against inputs quantized per block (lmd_quantize_input_q8). One lane per weight row: a run
  * of 16 rows x 4 bytes meets 4 input bytes broadcast, and the block's 8 runs sum the
  * block's exact integer dot products of 16 rows, which then meet the scales in float:
  *     acc[row] = fma((float)dot(block), w_scale[row] * x_scale, acc[row])
@@ -900,7 +930,7 @@ static void quantize_inputs_q8(void *scratch, const float *x, int B, int64_t n) 
     float *scale = (float *)(void *)(q + (int64_t)B * n);
     int32_t *corr = (int32_t *)(void *)(scale + (int64_t)B * n_blocks);
     for (int b = 0; b < B; b++)
-        quantize_input_q8(q + (int64_t)b * n, scale + (int64_t)b * n_blocks, corr + (int64_t)b * n_blocks,
+        lmd_quantize_input_q8(q + (int64_t)b * n, scale + (int64_t)b * n_blocks, corr + (int64_t)b * n_blocks,
                           x + (int64_t)b * n, n);
 }
 
@@ -1062,7 +1092,7 @@ void lmd_matmul_naive(float *out, const float *x, const lmd_matrix *w, int B) {
                     int8_t q[LMD_Q8_0_BLOCK];
                     float scale;
                     int32_t corr;
-                    quantize_input_q8(q, &scale, &corr, xr + blk * LMD_Q8_0_BLOCK, LMD_Q8_0_BLOCK);
+                    lmd_quantize_input_q8(q, &scale, &corr, xr + blk * LMD_Q8_0_BLOCK, LMD_Q8_0_BLOCK);
                     for (int j = 0; j < LMD_Q8_0_BLOCK; j++) xk_used[blk * LMD_Q8_0_BLOCK + j] = scale * q[j];
                 }
             }

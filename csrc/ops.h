@@ -67,6 +67,10 @@ void lmd_quantize_q8_0(uint8_t *out, const float *x, int64_t n);
 void lmd_pack_q8_0(uint8_t *out, const uint8_t *blocks, int64_t rows, int64_t cols);
 // x (rows, cols) -> out packed LMD_Q8_0: lmd_quantize_q8_0 of every row, then lmd_pack_q8_0
 void lmd_quantize_matrix_q8_0(uint8_t *out, const float *x, int64_t rows, int64_t cols);
+// x (n,) -> how a q8_0 matmul sees it: per block of 32, scale (n/32,) = amax/127 (NaN if the
+// block holds a NaN), q (n,) = x / scale rounded to nearest even in [-127, 127] (0 where
+// x / scale is NaN), corr (n/32,) = -128 * sum of the block's q; n a multiple of 32
+void lmd_quantize_input_q8(int8_t *q, float *scale, int32_t *corr, const float *x, int64_t n);
 // One output of a q8_0 matmul, the arithmetic every kernel follows bit for bit:
 // w_blocks (n/32 * 34) one weight row in llama.cpp's layout, x (n,) floats. Each block of
 // x is quantized (scale amax/127 as a float, values rounded to nearest even, NaN kept

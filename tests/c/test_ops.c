@@ -299,6 +299,59 @@ static void test_q8_0_packing(void) {
     CHECK(memcmp(packed, again, BYTES) == 0);
 }
 
+/* lmd_quantize_input_q8 (vectorized per instruction set) against its definition written
+ * out here in scalar C: blocks of every magnitude from 2^-40 to 2^40, exact halves (ties go
+ * to even), values at the clamp, zero blocks, and blocks holding NaN or inf. */
+static void test_quantize_input_q8(void) {
+    enum { NB = 64, N = NB * 32 };
+    static float x[N];
+    static int8_t q[N];
+    static float scale[NB];
+    static int32_t corr[NB];
+    test_rng r = {27};
+    for (int b = 0; b < NB; b++)
+        for (int j = 0; j < 32; j++) {
+            float v = test_uniform(&r, -1.0f, 1.0f) * ldexpf(1.0f, (b % 9) * 10 - 40);
+            if (b % 5 == 1) v = (float)((j * 7) % 33 - 16) + 0.5f; /* halves, amax 16.5 */
+            if (b % 5 == 2 && j == 0) v = 127.0f;                  /* scale 1: every half a tie */
+            if (b % 5 == 2 && j > 0) v = (float)(j - 16) + 0.5f;
+            if (b == 3) v = 0.0f;
+            x[b * 32 + j] = v;
+        }
+    x[7 * 32 + 5] = NAN;
+    x[8 * 32 + 9] = INFINITY;
+    x[9 * 32 + 30] = -INFINITY;
+    lmd_quantize_input_q8(q, scale, corr, x, N);
+    for (int b = 0; b < NB; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.0f;
+        int nan = 0;
+        for (int j = 0; j < 32; j++) {
+            nan |= isnan(xb[j]);
+            if (fabsf(xb[j]) > amax) amax = fabsf(xb[j]);
+        }
+        const float want_scale = nan ? NAN : amax / 127.0f;
+        const float inv = want_scale != 0.0f && isfinite(want_scale) ? 1.0f / want_scale : 0.0f;
+        CHECK(memcmp(&scale[b], &want_scale, sizeof want_scale) == 0 || (isnan(scale[b]) && isnan(want_scale)));
+        int32_t sum = 0;
+        for (int j = 0; j < 32; j++) {
+            const float t = isfinite(inv) ? xb[j] * inv : 0.0f;
+            float want = isnan(t) ? 0.0f : nearbyintf(t);
+            want = want > 127.0f ? 127.0f : want < -127.0f ? -127.0f : want;
+            if (q[b * 32 + j] != (int8_t)want) {
+                fprintf(stderr, "quantize_input_q8: block %d value %d (%g) -> %d, want %d\n", b, j, (double)xb[j],
+                        q[b * 32 + j], (int)want);
+                test_failures++;
+            }
+            sum += (int8_t)want;
+        }
+        CHECK(corr[b] == -128 * sum);
+    }
+    /* ties to even, by hand: scale 1, so x itself is rounded */
+    CHECK(q[2 * 32 + 0] == 127 && q[2 * 32 + 1] == -14 && q[2 * 32 + 2] == -14 && q[2 * 32 + 3] == -12);
+    CHECK(isnan(scale[7]) && isinf(scale[8]) && isinf(scale[9]) && scale[3] == 0.0f && corr[3] == 0);
+}
+
 /* lmd_dot_q8_0 on hand cases. Integer inputs whose block maximum is 127 quantize exactly
  * (scale 1), so the result is the exact integer dot product times the weight scales;
  * halves round to even; a NaN or inf input makes the result NaN; zero inputs give 0. */
@@ -789,6 +842,7 @@ int main(void) {
     test_q8_0_hand_cases();
     test_q8_0_packing();
     test_dot_q8_0_hand_cases();
+    test_quantize_input_q8();
     test_matmul_against_naive();
     test_matmul_batch_and_thread_invariance();
     test_matmul_equals_dot();
