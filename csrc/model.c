@@ -124,7 +124,6 @@ void lmd_model_free(lmd_model *m) {
     free(m);
 }
 
-// whether any weight matrix is stored as bf16 (the model then keeps a rounded-inputs scratch)
 // bytes of scratch the widest matmul of a B-token chunk can use (lmd_matmul_scratch_bytes)
 static size_t matmul_scratch_bytes(const lmd_config *config, const lmd_weights *w, int B) {
     size_t most = lmd_matmul_scratch_bytes(&w->output, B);

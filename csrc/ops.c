@@ -688,9 +688,7 @@ static void row_block_f32(float *out, const float *x, const uint16_t *xb, const 
  * never depends on the batch, the tile or the thread count. */
 #define Q8_0_GROUP_BYTES_PER_BLOCK (LMD_Q8_0_GROUP * LMD_Q8_0_BLOCK_BYTES) /* 544 */
 #define Q8_0_ITEM_GROUPS 2 /* groups of rows per parallel work item */
-#ifndef Q8_0_TILE_C
-#define Q8_0_TILE_C 6 /* inputs per tile */
-#endif
+#define Q8_0_TILE_C 6 /* inputs per tile: 2 x 6 int32 and 2 x 6 float accumulators */
 
 /* Where a batch's quantized inputs sit in the scratch: values (B, n), then scales and
  * corrections (B, n/32) each. */
@@ -710,21 +708,21 @@ typedef struct {
 static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, int64_t n, int64_t d, int64_t r0,
                                     int ng, int group_rows, int c0, int nc, int64_t prefetch_bytes) {
     const int64_t n_blocks = n / LMD_Q8_0_BLOCK;
-    const size_t group_bytes = (size_t)n_blocks * LMD_Q8_0_GROUP * LMD_Q8_0_BLOCK_BYTES;
+    const size_t group_bytes = (size_t)n_blocks * Q8_0_GROUP_BYTES_PER_BLOCK;
     const size_t block_bytes = (size_t)group_rows * LMD_Q8_0_BLOCK_BYTES, run_bytes = 4 * (size_t)group_rows;
     const __mmask16 rows = (__mmask16)((1u << group_rows) - 1u);
     const int full = group_rows == LMD_Q8_0_GROUP;
     const __m512i sign_bits = _mm512_set1_epi8((char)0x80);
-    __m512 acc[Q8_0_ITEM_GROUPS][MAX_TILE_C];
+    __m512 acc[Q8_0_ITEM_GROUPS][Q8_0_TILE_C];
     const uint8_t *wp[Q8_0_ITEM_GROUPS];
-    const int8_t *xp[MAX_TILE_C];
+    const int8_t *xp[Q8_0_TILE_C];
     for (int g = 0; g < ng; g++) {
         wp[g] = wg + g * group_bytes;
         for (int c = 0; c < nc; c++) acc[g][c] = _mm512_setzero_ps();
     }
     for (int c = 0; c < nc; c++) xp[c] = x.q + (int64_t)(c0 + c) * n;
     for (int64_t b = 0; b < n_blocks; b++) {
-        __m512i dot[Q8_0_ITEM_GROUPS][MAX_TILE_C];
+        __m512i dot[Q8_0_ITEM_GROUPS][Q8_0_TILE_C];
         for (int c = 0; c < nc; c++) {
             const __m512i corr = _mm512_set1_epi32(x.corr[(int64_t)(c0 + c) * n_blocks + b]);
             for (int g = 0; g < ng; g++) dot[g][c] = corr;
@@ -772,7 +770,7 @@ static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, 
 static ALWAYS_INLINE void tile_q8_0_portable(float *out, q8_inputs x, const uint8_t *wg, int64_t n, int64_t d,
                                              int64_t r0, int ng, int group_rows, int c0, int nc) {
     const int64_t n_blocks = n / LMD_Q8_0_BLOCK;
-    const size_t group_bytes = (size_t)n_blocks * LMD_Q8_0_GROUP * LMD_Q8_0_BLOCK_BYTES;
+    const size_t group_bytes = (size_t)n_blocks * Q8_0_GROUP_BYTES_PER_BLOCK;
     for (int g = 0; g < ng; g++)
         for (int c = c0; c < c0 + nc; c++) {
             const int8_t *xq = x.q + (int64_t)c * n;
@@ -797,7 +795,6 @@ static ALWAYS_INLINE void tile_q8_0_portable(float *out, q8_inputs x, const uint
 }
 
 #if !LMD_Q8_0_VNNI && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define LMD_Q8_0_AVX2 1
 /* AVX2 (and AVX-VNNI): a group's 16 rows as two halves of 8 int32 lanes, up to 4 inputs
  * at a time in the 16 vector registers. Unsigned-by-signed byte products take |w| and
  * the input with w's sign (VPSIGNB); each 4-byte run then sums exactly, by VPDPBUSD
@@ -870,14 +867,11 @@ static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, 
             }
 }
 #elif !LMD_Q8_0_VNNI
-#define LMD_Q8_0_AVX2 0
 static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, int64_t n, int64_t d, int64_t r0,
                                     int ng, int group_rows, int c0, int nc, int64_t prefetch_bytes) {
     (void)prefetch_bytes;
     tile_q8_0_portable(out, x, wg, n, d, r0, ng, group_rows, c0, nc);
 }
-#else
-#define LMD_Q8_0_AVX2 0
 #endif
 
 #define TILE_Q8_0_ANY_C(ng, group_rows, c0, nc)                                                      \
@@ -891,7 +885,7 @@ static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, 
     }
 
 // one parallel work item: groups item * Q8_0_ITEM_GROUPS ... of W (d, n) q8_0 against the B
-// inputs x -> out (B, d), MAX_TILE_C inputs at a time
+// inputs x -> out (B, d), Q8_0_TILE_C inputs at a time
 static void item_q8_0(float *out, q8_inputs x, const uint8_t *w, int64_t n, int64_t d, int64_t item, int B) {
     const size_t group_bytes = (size_t)(n / LMD_Q8_0_BLOCK) * Q8_0_GROUP_BYTES_PER_BLOCK;
     const int64_t r0 = item * Q8_0_ITEM_GROUPS * LMD_Q8_0_GROUP;
