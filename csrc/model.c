@@ -2,6 +2,7 @@
  *
  * Dimension letters: B tokens of a chunk, D dim, Q q_dim, K kv_dim, H hidden_dim, V vocab. */
 #include "model.h"
+#include "vec.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -236,6 +237,17 @@ typedef float v8f __attribute__((vector_size(32)));
 #define LOAD8(dst, p) memcpy(&(dst), (p), sizeof(dst))
 typedef float v16f __attribute__((vector_size(64)));
 #define LOAD16(dst, p) memcpy(&(dst), (p), sizeof(dst))
+/* IN_REGISTER for vectors of 16 and 8 floats, where the ISA has registers that wide */
+#if LMD_VEC_BYTES >= 64
+#define KEEP16(v) IN_REGISTER(v)
+#else
+#define KEEP16(v) ((void)0)
+#endif
+#if LMD_VEC_BYTES >= 32
+#define KEEP8(v) IN_REGISTER(v)
+#else
+#define KEEP8(v) ((void)0)
+#endif
 
 /* The sum of a head's products: 8 lanes, lane j summing features i = j (mod 8) in order
  * (two interleaved accumulators then added), then the lanes in pairs:
@@ -292,6 +304,7 @@ static inline __attribute__((always_inline)) void head_dots8(float *const *out, 
         for (int j = 0; j < 8; j++) {
             v16f k16;
             LOAD16(k16, k + j * stride + f);
+            if (nq > 1) KEEP16(k16); /* one load for the queries */
             for (int i = 0; i < nq; i++) acc16[i][j] += q16[i] * k16;
         }
     }
@@ -307,6 +320,7 @@ static inline __attribute__((always_inline)) void head_dots8(float *const *out, 
         for (int j = 0; j < 8; j++) {
             v8f k0;
             LOAD8(k0, k + j * stride + f);
+            if (nq > 1) KEEP8(k0);
             for (int i = 0; i < nq; i++) acc0[i][j] += q0[i] * k0;
         }
     }
@@ -367,7 +381,7 @@ static inline __attribute__((always_inline)) void head_scores(float *const *scor
  *
  * VALUE_RANGE adds positions [t_begin, t_end) into the accumulators of queries q0 .. q0+nqr
  * (constants, so that the accumulators stay in registers). */
-#define VALUE_RANGE(vec_t, LOAD, lanes, q0, nqr, t_begin, t_end)                                    \
+#define VALUE_RANGE(vec_t, LOAD, KEEP, lanes, q0, nqr, t_begin, t_end)                              \
     for (int32_t t0 = (t_begin); t0 < (t_end);) {                                                  \
         const float *v = lmd_kvseq_v(seq, l, t0) + kv_offset;                                      \
         const int32_t block_end = (t0 / block_size + 1) * block_size;                              \
@@ -379,6 +393,7 @@ static inline __attribute__((always_inline)) void head_scores(float *const *scor
                     for (int i = 0; i < nv; i++) {                                                 \
                         vec_t x;                                                                   \
                         LOAD(x, v + (int64_t)(t + s) * stride + (lanes) * i);                      \
+                        if ((nqr) > 1) KEEP(x); /* one load for the queries */                     \
                         for (int qi = (q0); qi < (q0) + (nqr); qi++)                                \
                             acc[qi][s * nv + i] += p[qi][t0 + t + s] * x;                          \
                     }                                                                              \
@@ -396,16 +411,16 @@ static inline __attribute__((always_inline)) void head_scores(float *const *scor
 
 /* nq queries (1 or 2) of the same sequence: the positions all of them see are loaded once
  * for all, then each query's own last positions */
-#define VALUE_SUMS(vec_t, LOAD, lanes)                                                             \
+#define VALUE_SUMS(vec_t, LOAD, KEEP, lanes)                                                       \
     do {                                                                                           \
         const int nv = hs / (lanes), sets = VALUE_SETS(hs / (lanes));                              \
         vec_t acc[2][VALUE_CHAINS * 2];                                                            \
         for (int qi = 0; qi < nq; qi++)                                                            \
             for (int j = 0; j < sets * nv; j++) acc[qi][j] = (vec_t){0};                           \
         const int32_t shared = nq == 2 && n_pos[1] < n_pos[0] ? n_pos[1] : n_pos[0];               \
-        VALUE_RANGE(vec_t, LOAD, lanes, 0, nq, 0, shared)                                          \
-        VALUE_RANGE(vec_t, LOAD, lanes, 0, 1, shared, n_pos[0])                                    \
-        if (nq == 2) VALUE_RANGE(vec_t, LOAD, lanes, 1, 1, shared, n_pos[1])                       \
+        VALUE_RANGE(vec_t, LOAD, KEEP, lanes, 0, nq, 0, shared)                                    \
+        VALUE_RANGE(vec_t, LOAD, KEEP, lanes, 0, 1, shared, n_pos[0])                              \
+        if (nq == 2) VALUE_RANGE(vec_t, LOAD, KEEP, lanes, 1, 1, shared, n_pos[1])                 \
         for (int qi = 0; qi < nq; qi++) {                                                          \
             for (int width = sets; width > 1; width /= 2)                                          \
                 for (int s = 0; s < width / 2; s++)                                                \
@@ -420,8 +435,8 @@ static inline __attribute__((always_inline)) void value_sums(float *const *out, 
                                                              const lmd_kvseq *seq, int32_t l, int kv_offset,
                                                              int32_t block_size, int32_t stride, const int hs) {
     if (hs == 8 || hs == 16 || hs == 32 || hs == 64 || hs == 128) { /* unrolled register versions */
-        if (hs % 16 == 0) VALUE_SUMS(v16f, LOAD16, 16);
-        else VALUE_SUMS(v8f, LOAD8, 8);
+        if (hs % 16 == 0) VALUE_SUMS(v16f, LOAD16, KEEP16, 16);
+        else VALUE_SUMS(v8f, LOAD8, KEEP8, 8);
         return;
     }
     /* other head sizes: the positions in order, one chain */

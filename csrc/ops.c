@@ -381,15 +381,10 @@ void lmd_axpy(float *y, float a, const float *x, int n) {
  * tile's own data, harmless) when the next block would run past the matrix. */
 #define PREFETCH_AHEAD(r0, nr, d, n) ((r0) + (nr) + ROW_BLOCK <= (d) ? (int64_t)ROW_BLOCK * (n) : 0)
 
-/* Keeps a loaded input vector in a register. Left alone, GCC folds the load into every
- * FMA that uses it as a memory operand, so a 4 x 6 tile issued 24 input loads per step
- * instead of 6 and became load-bound (+14% for 256-token batches, 1.6 x faster for 4
- * tokens through 2048 columns with the empty asm). */
-#if defined(__x86_64__) && defined(__GNUC__)
-#define IN_REGISTER(v) __asm__("" : "+v"(v))
-#else
-#define IN_REGISTER(v) ((void)0)
-#endif
+/* IN_REGISTER (vec.h) keeps each loaded input vector in a register: left alone, GCC
+ * folded the load into every FMA that uses it as a memory operand, so a 4 x 6 tile issued
+ * 24 input loads per step instead of 6 and became load-bound (+14% for 256-token batches,
+ * 1.6 x faster for 4 tokens through 2048 columns with it). */
 
 #if defined(__AVX512F__) && LMD_VEC_BYTES == 64
 #define LMD_SUM4 1

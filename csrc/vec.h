@@ -61,6 +61,15 @@ static inline void vstore_partial(float *p, vf v, int64_t m) {
 #endif
 }
 static inline vf vbroadcast(float x) { return (vf){0} + x; }
+
+/* Keeps a loaded vector in a register (an empty asm that claims to change it): without it
+ * GCC folds the load into every instruction that uses the vector, as a memory operand,
+ * and a vector used by several FMAs is loaded once per FMA. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#else
+#define IN_REGISTER(v) ((void)0)
+#endif
 /* mask lanes are all-ones or zero, as comparisons produce */
 static inline vf vselect(vi mask, vf if_true, vf if_false) {
     return (vf)((mask & (vi)if_true) | (~mask & (vi)if_false));
