@@ -190,84 +190,86 @@ void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r) {
  * sum exactly in int32, and only then meet the two scales in float. The activation scale
  * stays a float (llama.cpp rounds it to fp16); values round to nearest even. */
 
-// x (n,) -> q (n,) int8 in [-127, 127], scale (n/32,) with x ~ scale * q, and
-// corr (n/32,) = -128 * (sum of the block's q), which the VNNI kernel starts from.
-// A block holding NaN gets scale NaN and one holding inf scale inf, so they reach the output.
-void lmd_quantize_input_q8(int8_t *q, float *scale, int32_t *corr, const float *x, int64_t n) {
-    for (int64_t b = 0; b < n / LMD_Q8_0_BLOCK; b++) {
-        const float *xb = x + b * LMD_Q8_0_BLOCK;
+// xb (32,) -> q (32,) int8 in [-127, 127], *scale with xb ~ scale * q, and *corr = -128 *
+// (sum of q), which the VNNI kernel starts from. A block holding NaN gets scale NaN and
+// one holding inf scale inf, so they reach the output.
+static inline void quantize_block_input_q8(int8_t *q, float *scale, int32_t *corr, const float *xb) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-        /* the scalar loop below, 16 lanes at a time: max is exact in any order, the
-         * product and the rounding (nearest even, as nearbyintf) are per lane */
-        const __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
-        const int nan = (_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q)) != 0;
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    /* the scalar loop below, 16 lanes at a time: max is exact in any order, the
+     * product and the rounding (nearest even, as nearbyintf) are per lane */
+    const __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
+    const int nan = (_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q)) != 0;
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
 #elif defined(__AVX2__)
-        /* the same, 8 lanes at a time */
-        const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-        __m256 xv[4], most = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
-        for (int i = 0; i < 4; i++) {
-            xv[i] = _mm256_loadu_ps(xb + 8 * i);
-            most = _mm256_max_ps(most, _mm256_andnot_ps(sign_bit, xv[i]));
-            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(xv[i], xv[i], _CMP_UNORD_Q));
-        }
-        const int nan = _mm256_movemask_ps(unordered) != 0;
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(most), _mm256_extractf128_ps(most, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
-#else
-        float amax = 0.0f;
-        int nan = 0;
-        for (int j = 0; j < LMD_Q8_0_BLOCK; j++) {
-            const float a = fabsf(xb[j]);
-            amax = a > amax ? a : amax;
-            nan |= isnan(a);
-        }
-#endif
-        const float s = nan ? NAN : amax / 127.0f;
-        float inv = s != 0.0f && isfinite(s) ? 1.0f / s : 0.0f;
-        if (!isfinite(inv)) inv = 0.0f; /* amax below ~1e-36 */
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-        const __m512 vinv = _mm512_set1_ps(inv), limit = _mm512_set1_ps(127.0f);
-        __m512i sum = _mm512_setzero_si512();
-        for (int half = 0; half < 2; half++) {
-            __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(half ? hi : lo, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v); /* NaN -> 0 */
-            v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit);
-            const __m512i v32 = _mm512_cvtps_epi32(v);
-            sum = _mm512_add_epi32(sum, v32);
-            _mm_storeu_si128((__m128i *)(void *)(q + b * LMD_Q8_0_BLOCK + 16 * half), _mm512_cvtepi32_epi8(v32));
-        }
-        const int32_t total = _mm512_reduce_add_epi32(sum);
-#elif defined(__AVX2__)
-        const __m256 vinv = _mm256_set1_ps(inv), limit = _mm256_set1_ps(127.0f), low = _mm256_set1_ps(-127.0f);
-        __m256i v32[4], sum = _mm256_setzero_si256();
-        for (int i = 0; i < 4; i++) {
-            __m256 v = _mm256_round_ps(_mm256_mul_ps(xv[i], vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q)); /* NaN -> 0 */
-            v = _mm256_min_ps(_mm256_max_ps(v, low), limit);
-            v32[i] = _mm256_cvtps_epi32(v);
-            sum = _mm256_add_epi32(sum, v32[i]);
-        }
-        /* 32 int32 -> 32 int8 in order: the packs interleave 128-bit lanes, the permute undoes it */
-        const __m256i v16 = _mm256_packs_epi32(v32[0], v32[1]), w16 = _mm256_packs_epi32(v32[2], v32[3]);
-        const __m256i v8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(v16, w16), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)(void *)(q + b * LMD_Q8_0_BLOCK), v8);
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-        const int32_t total = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
-#else
-        int32_t total = 0;
-        for (int j = 0; j < LMD_Q8_0_BLOCK; j++) {
-            float v = nearbyintf(xb[j] * inv);
-            v = v >= -127.0f ? (v <= 127.0f ? v : 127.0f) : (v < -127.0f ? -127.0f : 0.0f); /* NaN -> 0 */
-            q[b * LMD_Q8_0_BLOCK + j] = (int8_t)v;
-            total += (int8_t)v;
-        }
-#endif
-        scale[b] = s;
-        corr[b] = -128 * total;
+    /* the same, 8 lanes at a time */
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    __m256 xv[4], most = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        xv[i] = _mm256_loadu_ps(xb + 8 * i);
+        most = _mm256_max_ps(most, _mm256_andnot_ps(sign_bit, xv[i]));
+        unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(xv[i], xv[i], _CMP_UNORD_Q));
     }
+    const int nan = _mm256_movemask_ps(unordered) != 0;
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(most), _mm256_extractf128_ps(most, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+#else
+    float amax = 0.0f;
+    int nan = 0;
+    for (int j = 0; j < LMD_Q8_0_BLOCK; j++) {
+        const float a = fabsf(xb[j]);
+        amax = a > amax ? a : amax;
+        nan |= isnan(a);
+    }
+#endif
+    const float s = nan ? NAN : amax / 127.0f;
+    float inv = s != 0.0f && isfinite(s) ? 1.0f / s : 0.0f;
+    if (!isfinite(inv)) inv = 0.0f; /* amax below ~1e-36 */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512 vinv = _mm512_set1_ps(inv), limit = _mm512_set1_ps(127.0f);
+    __m512i sum = _mm512_setzero_si512();
+    for (int half = 0; half < 2; half++) {
+        __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(half ? hi : lo, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v); /* NaN -> 0 */
+        v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit);
+        const __m512i v32 = _mm512_cvtps_epi32(v);
+        sum = _mm512_add_epi32(sum, v32);
+        _mm_storeu_si128((__m128i *)(void *)(q + 16 * half), _mm512_cvtepi32_epi8(v32));
+    }
+    const int32_t total = _mm512_reduce_add_epi32(sum);
+#elif defined(__AVX2__)
+    const __m256 vinv = _mm256_set1_ps(inv), limit = _mm256_set1_ps(127.0f), low = _mm256_set1_ps(-127.0f);
+    __m256i v32[4], sum = _mm256_setzero_si256();
+    for (int i = 0; i < 4; i++) {
+        __m256 v = _mm256_round_ps(_mm256_mul_ps(xv[i], vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q)); /* NaN -> 0 */
+        v = _mm256_min_ps(_mm256_max_ps(v, low), limit);
+        v32[i] = _mm256_cvtps_epi32(v);
+        sum = _mm256_add_epi32(sum, v32[i]);
+    }
+    /* 32 int32 -> 32 int8 in order: the packs interleave 128-bit lanes, the permute undoes it */
+    const __m256i v16 = _mm256_packs_epi32(v32[0], v32[1]), w16 = _mm256_packs_epi32(v32[2], v32[3]);
+    const __m256i v8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(v16, w16), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)(void *)q, v8);
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    const int32_t total = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
+#else
+    int32_t total = 0;
+    for (int j = 0; j < LMD_Q8_0_BLOCK; j++) {
+        float v = nearbyintf(xb[j] * inv);
+        v = v >= -127.0f ? (v <= 127.0f ? v : 127.0f) : (v < -127.0f ? -127.0f : 0.0f); /* NaN -> 0 */
+        q[j] = (int8_t)v;
+        total += (int8_t)v;
+    }
+#endif
+    *scale = s;
+    *corr = -128 * total;
+}
+
+void lmd_quantize_input_q8(int8_t *q, float *scale, int32_t *corr, const float *x, int64_t n) {
+    for (int64_t b = 0; b < n / LMD_Q8_0_BLOCK; b++)
+        quantize_block_input_q8(q + b * LMD_Q8_0_BLOCK, scale + b, corr + b, x + b * LMD_Q8_0_BLOCK);
 }
 
 float lmd_dot_q8_0(const uint8_t *w_blocks, const float *x, int64_t n) {
@@ -685,12 +687,14 @@ static void row_block_f32(float *out, const float *x, const uint16_t *xb, const 
 #define Q8_0_ITEM_GROUPS 2 /* groups of rows per parallel work item */
 #define Q8_0_TILE_C 6 /* inputs per tile: 2 x 6 int32 and 2 x 6 float accumulators */
 
-/* Where a batch's quantized inputs sit in the scratch: values (B, n), then scales and
- * corrections (B, n/32) each. */
+/* Where a batch's quantized inputs sit in the scratch, block-major so that a tile's inputs
+ * are one pointer apart by constants: values (n/32, B, 32), then scales and corrections
+ * (n/32, B) each; stride = B, the inputs per block column. */
 typedef struct {
     const int8_t *q;
     const float *scale;
     const int32_t *corr;
+    int64_t stride;
 } q8_inputs;
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && LMD_VEC_BYTES == 64
@@ -710,16 +714,18 @@ static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, 
     const __m512i sign_bits = _mm512_set1_epi8((char)0x80);
     __m512 acc[Q8_0_ITEM_GROUPS][Q8_0_TILE_C];
     const uint8_t *wp[Q8_0_ITEM_GROUPS];
-    const int8_t *xp[Q8_0_TILE_C];
     for (int g = 0; g < ng; g++) {
         wp[g] = wg + g * group_bytes;
         for (int c = 0; c < nc; c++) acc[g][c] = _mm512_setzero_ps();
     }
-    for (int c = 0; c < nc; c++) xp[c] = x.q + (int64_t)(c0 + c) * n;
+    /* block b of input c0 + c: values at xp + 32 c, scale and correction at [c] */
+    const int8_t *xp = x.q + (int64_t)c0 * LMD_Q8_0_BLOCK;
+    const float *x_scale = x.scale + c0;
+    const int32_t *x_corr = x.corr + c0;
     for (int64_t b = 0; b < n_blocks; b++) {
         __m512i dot[Q8_0_ITEM_GROUPS][Q8_0_TILE_C];
         for (int c = 0; c < nc; c++) {
-            const __m512i corr = _mm512_set1_epi32(x.corr[(int64_t)(c0 + c) * n_blocks + b]);
+            const __m512i corr = _mm512_set1_epi32(x_corr[c]);
             for (int g = 0; g < ng; g++) dot[g][c] = corr;
         }
         for (int s = 0; s < 8; s++) {
@@ -733,7 +739,7 @@ static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, 
             }
             for (int c = 0; c < nc; c++) {
                 int32_t four;
-                memcpy(&four, xp[c] + 4 * s, 4);
+                memcpy(&four, xp + LMD_Q8_0_BLOCK * c + 4 * s, 4);
                 const __m512i xv = _mm512_set1_epi32(four);
                 for (int g = 0; g < ng; g++) dot[g][c] = _mm512_dpbusd_epi32(dot[g][c], wv[g], xv);
             }
@@ -742,12 +748,14 @@ static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, 
             const __m512 w_scale = _mm512_cvtph_ps(full ? _mm256_loadu_si256((const __m256i *)(const void *)wp[g])
                                                         : _mm256_maskz_loadu_epi16(rows, (const void *)wp[g]));
             for (int c = 0; c < nc; c++) {
-                const __m512 scale = _mm512_mul_ps(w_scale, _mm512_set1_ps(x.scale[(int64_t)(c0 + c) * n_blocks + b]));
+                const __m512 scale = _mm512_mul_ps(w_scale, _mm512_set1_ps(x_scale[c]));
                 acc[g][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[g][c]), scale, acc[g][c]);
             }
             wp[g] += block_bytes;
         }
-        for (int c = 0; c < nc; c++) xp[c] += LMD_Q8_0_BLOCK;
+        xp += x.stride * LMD_Q8_0_BLOCK;
+        x_scale += x.stride;
+        x_corr += x.stride;
     }
     for (int g = 0; g < ng; g++)
         for (int c = 0; c < nc; c++) {
@@ -768,7 +776,6 @@ static ALWAYS_INLINE void tile_q8_0_portable(float *out, q8_inputs x, const uint
     const size_t group_bytes = (size_t)n_blocks * Q8_0_GROUP_BYTES_PER_BLOCK;
     for (int g = 0; g < ng; g++)
         for (int c = c0; c < c0 + nc; c++) {
-            const int8_t *xq = x.q + (int64_t)c * n;
             float acc[LMD_Q8_0_GROUP] = {0};
             for (int64_t b = 0; b < n_blocks; b++) {
                 const uint8_t *block = wg + g * group_bytes + (size_t)b * group_rows * LMD_Q8_0_BLOCK_BYTES;
@@ -777,8 +784,9 @@ static ALWAYS_INLINE void tile_q8_0_portable(float *out, q8_inputs x, const uint
                 for (int s = 0; s < 8; s++)
                     for (int i = 0; i < group_rows; i++)
                         for (int j = 0; j < 4; j++)
-                            dot[i] += (int32_t)runs[(s * group_rows + i) * 4 + j] * xq[b * LMD_Q8_0_BLOCK + 4 * s + j];
-                const float x_scale = x.scale[(int64_t)c * n_blocks + b];
+                            dot[i] += (int32_t)runs[(s * group_rows + i) * 4 + j] *
+                                      x.q[(b * x.stride + c) * LMD_Q8_0_BLOCK + 4 * s + j];
+                const float x_scale = x.scale[b * x.stride + c];
                 for (int i = 0; i < group_rows; i++) {
                     uint16_t scale_bits;
                     memcpy(&scale_bits, block + 2 * i, 2);
@@ -803,11 +811,10 @@ static ALWAYS_INLINE void half_q8_0_avx2(float *out, q8_inputs x, const uint8_t 
     const __m256i ones16 = _mm256_set1_epi16(1);
 #endif
     __m256 acc[Q8_0_AVX2_TILE_C];
-    const int8_t *xp[Q8_0_AVX2_TILE_C];
-    for (int c = 0; c < nc; c++) {
-        acc[c] = _mm256_setzero_ps();
-        xp[c] = x.q + (int64_t)(c0 + c) * n;
-    }
+    for (int c = 0; c < nc; c++) acc[c] = _mm256_setzero_ps();
+    /* block b of input c0 + c: values at xp + 32 c, scale at [c] (as in the VNNI tile) */
+    const int8_t *xp = x.q + (int64_t)c0 * LMD_Q8_0_BLOCK;
+    const float *x_scale = x.scale + c0;
     /* this half's 8 scales at wp (16 bytes), its run s at wp + 32 + 64 s + 16 half: each
      * block stores 16 scales, then runs of 16 rows x 4 bytes */
     const uint8_t *wp = wg + 16 * half;
@@ -819,7 +826,7 @@ static ALWAYS_INLINE void half_q8_0_avx2(float *out, q8_inputs x, const uint8_t 
             const __m256i w_abs = _mm256_abs_epi8(w);
             for (int c = 0; c < nc; c++) {
                 int32_t four;
-                memcpy(&four, xp[c] + 4 * s, 4);
+                memcpy(&four, xp + LMD_Q8_0_BLOCK * c + 4 * s, 4);
                 const __m256i x_signed = _mm256_sign_epi8(_mm256_set1_epi32(four), w);
 #if defined(__AVXVNNI__)
                 dot[c] = _mm256_dpbusd_avx_epi32(dot[c], w_abs, x_signed);
@@ -830,11 +837,12 @@ static ALWAYS_INLINE void half_q8_0_avx2(float *out, q8_inputs x, const uint8_t 
         }
         const __m256 w_scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)wp));
         for (int c = 0; c < nc; c++) {
-            const __m256 scale = _mm256_mul_ps(w_scale, _mm256_set1_ps(x.scale[(int64_t)(c0 + c) * n_blocks + b]));
+            const __m256 scale = _mm256_mul_ps(w_scale, _mm256_set1_ps(x_scale[c]));
             acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[c]), scale, acc[c]);
-            xp[c] += LMD_Q8_0_BLOCK;
         }
         wp += Q8_0_GROUP_BYTES_PER_BLOCK;
+        xp += x.stride * LMD_Q8_0_BLOCK;
+        x_scale += x.stride;
     }
     for (int c = 0; c < nc; c++) _mm256_storeu_ps(out + (int64_t)(c0 + c) * d + r0 + 8 * half, acc[c]);
 }
@@ -909,7 +917,7 @@ static void item_q8_0(float *out, q8_inputs x, const uint8_t *w, int64_t n, int6
 static q8_inputs q8_inputs_in(const void *scratch, int B, int64_t n) {
     const int8_t *q = (const int8_t *)scratch;
     const float *scale = (const float *)(const void *)(q + (int64_t)B * n);
-    return (q8_inputs){q, scale, (const int32_t *)(const void *)(scale + (int64_t)B * (n / LMD_Q8_0_BLOCK))};
+    return (q8_inputs){q, scale, (const int32_t *)(const void *)(scale + (int64_t)B * (n / LMD_Q8_0_BLOCK)), B};
 }
 
 // x (B, n) -> the quantized inputs in scratch, laid out as q8_inputs_in reads them
@@ -918,9 +926,10 @@ static void quantize_inputs_q8(void *scratch, const float *x, int B, int64_t n) 
     int8_t *q = (int8_t *)scratch;
     float *scale = (float *)(void *)(q + (int64_t)B * n);
     int32_t *corr = (int32_t *)(void *)(scale + (int64_t)B * n_blocks);
-    for (int b = 0; b < B; b++)
-        lmd_quantize_input_q8(q + (int64_t)b * n, scale + (int64_t)b * n_blocks, corr + (int64_t)b * n_blocks,
-                          x + (int64_t)b * n, n);
+    for (int64_t k = 0; k < n_blocks; k++)
+        for (int b = 0; b < B; b++)
+            quantize_block_input_q8(q + (k * B + b) * LMD_Q8_0_BLOCK, scale + k * B + b, corr + k * B + b,
+                                    x + (int64_t)b * n + k * LMD_Q8_0_BLOCK);
 }
 
 /* Parallel regions cost a few microseconds; below this many multiply-adds one thread is faster. */
@@ -949,8 +958,8 @@ static void matmul_q8_0(float *out, const lmd_matrix *w, int B, const void *scra
     if (group > B) group = B;
 #define ITEMS_OF_GROUP(item_loop_pragma)                                                             \
     for (int g0 = 0; g0 < B; g0 += group) {                                                        \
-        const q8_inputs gx = {xq.q + (int64_t)g0 * n, xq.scale + (int64_t)g0 * n_blocks,            \
-                              xq.corr + (int64_t)g0 * n_blocks};                                    \
+        const q8_inputs gx = {xq.q + (int64_t)g0 * LMD_Q8_0_BLOCK, xq.scale + g0, xq.corr + g0,     \
+                              xq.stride};                                                           \
         item_loop_pragma                                                                            \
         for (int64_t item = 0; item < n_items; item++)                                              \
             item_q8_0(out + (int64_t)g0 * d, gx, data, n, d, item, B - g0 < group ? B - g0 : group); \
