@@ -382,6 +382,11 @@ void lmd_axpy(float *y, float a, const float *x, int n) {
  * hardware prefetchers to learn). Returns that distance in weights, or 0 (the
  * tile's own data, harmless) when the next block would run past the matrix. */
 #define PREFETCH_AHEAD(r0, nr, d, n) ((r0) + (nr) + ROW_BLOCK <= (d) ? (int64_t)ROW_BLOCK * (n) : 0)
+/* ... except f32 rows against one or two inputs (decode), which stream at memory speed
+ * and where the hardware prefetchers do better alone: without the software prefetches an
+ * f32 32000 x 768 product reads 33-37 GB/s instead of 31-32 (one thread, this Zen 5; bf16
+ * and q8_0 tiles, which compute more per byte, lost 5-10% without theirs). */
+#define PREFETCH_AHEAD_F32(nc, r0, nr, d, n) ((nc) <= 2 ? 0 : PREFETCH_AHEAD(r0, nr, d, n))
 
 /* IN_REGISTER (vec.h) keeps each loaded input vector in a register: left alone, GCC
  * folded the load into every FMA that uses it as a memory operand, so a 4 x 6 tile issued
@@ -469,7 +474,7 @@ static ALWAYS_INLINE void tile_f32(float *out, const float *x, const uint16_t *x
                                    int64_t d, int64_t r0, int nr, int c0, int nc) {
     (void)xb;
     tile_f32_rows(out, x, (const float *)(const void *)w + r0 * n,
-                  (int64_t)sizeof(float) * PREFETCH_AHEAD(r0, nr, d, n), n, d, r0, nr, c0, nc);
+                  (int64_t)sizeof(float) * PREFETCH_AHEAD_F32(nc, r0, nr, d, n), n, d, r0, nr, c0, nc);
 }
 
 // s + sum of bf16 row wr (n,) times float xc (n,) over k in [from, n): the inputs a
