@@ -951,6 +951,23 @@ static int parallel_worth(int B, int64_t d, int64_t n) {
     return (int64_t)B * d * n >= MATMUL_PARALLEL_MIN_WORK && lmd_get_num_threads() > 1;
 }
 
+/* LOOPS(pragma) -- a product's loops, whose work-item loop follows `pragma` -- run by a
+ * team of threads splitting the work items statically when the product is worth it,
+ * else on the calling thread */
+#ifdef _OPENMP
+#define IN_PARALLEL_IF_WORTH(B, d, n, LOOPS)                                                        \
+    do {                                                                                           \
+        if (parallel_worth(B, d, n)) {                                                             \
+            _Pragma("omp parallel num_threads(lmd_get_num_threads())")                             \
+            LOOPS(_Pragma("omp for schedule(static)"))                                             \
+        } else {                                                                                   \
+            LOOPS()                                                                                \
+        }                                                                                          \
+    } while (0)
+#else
+#define IN_PARALLEL_IF_WORTH(B, d, n, LOOPS) LOOPS()
+#endif
+
 // W (d, n) q8_0 @ the B inputs quantized in scratch -> out (B, d)
 static void matmul_q8_0(float *out, const lmd_matrix *w, int B, const void *scratch) {
     const int64_t d = w->rows, n = w->cols, n_blocks = n / LMD_Q8_0_BLOCK;
@@ -969,14 +986,7 @@ static void matmul_q8_0(float *out, const lmd_matrix *w, int B, const void *scra
         for (int64_t item = 0; item < n_items; item++)                                              \
             item_q8_0(out + (int64_t)g0 * d, gx, data, n, d, item, B - g0 < group ? B - g0 : group); \
     }
-#ifdef _OPENMP
-    if (parallel_worth(B, d, n)) {
-#pragma omp parallel num_threads(lmd_get_num_threads())
-        ITEMS_OF_GROUP(_Pragma("omp for schedule(static)"))
-        return;
-    }
-#endif
-    ITEMS_OF_GROUP()
+    IN_PARALLEL_IF_WORTH(B, d, n, ITEMS_OF_GROUP);
 #undef ITEMS_OF_GROUP
 }
 
@@ -1065,14 +1075,7 @@ void lmd_matmul_prepared(float *out, const float *x, const lmd_matrix *w, int B,
                       nb, by_halves);                                                               \
         }                                                                                           \
     }
-#ifdef _OPENMP
-    if (parallel_worth(B, d, n)) {
-#pragma omp parallel num_threads(lmd_get_num_threads())
-        ROW_BLOCKS_OF_GROUP(_Pragma("omp for schedule(static)"))
-        return;
-    }
-#endif
-    ROW_BLOCKS_OF_GROUP()
+    IN_PARALLEL_IF_WORTH(B, d, n, ROW_BLOCKS_OF_GROUP);
 #undef ROW_BLOCKS_OF_GROUP
 }
 
