@@ -285,6 +285,10 @@ static inline float head_dot(const float *q, const float *k, int hs) {
 #define PAIR_SUMS(x, y)                                                                            \
     (__builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) +                                    \
      __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15))
+// PAIR_SUMS of the low 8 lanes of x and y in the low 8, of their high 8 lanes in the high 8
+#define PAIR_SUMS16(x, y)                                                                          \
+    (__builtin_shufflevector(x, y, 0, 2, 16, 18, 4, 6, 20, 22, 8, 10, 24, 26, 12, 14, 28, 30) +    \
+     __builtin_shufflevector(x, y, 1, 3, 17, 19, 5, 7, 21, 23, 9, 11, 25, 27, 13, 15, 29, 31))
 
 // out[i][j] = scale * q[i] (hs,) . k[j * stride] (hs,) for nq queries i (1 or 2) and 8 keys j,
 // each exactly as head_dot sums it: the keys' lane totals are formed together (three rounds
@@ -325,6 +329,22 @@ static inline __attribute__((always_inline)) void head_dots8(float *const *out, 
         }
     }
     for (int i = 0; i < nq; i++) {
+#if LMD_VEC_BYTES >= 64
+        /* the same sums two keys to a 16-lane register, halving the shuffles and adds:
+         * A[p] = [a(2p) | a(2p+1)] with a(j) = acc0 + acc1 of key j; PAIR_SUMS16 of [a|b] and
+         * [c|d] is [PAIR_SUMS(a, c) | PAIR_SUMS(b, d)], so after three rounds the low half
+         * holds keys 0, 2, 4, 6 as quad0 above holds keys 0-3, the high half keys 1, 3, 5, 7 */
+        v16f A[4];
+        for (int p = 0; p < 4; p++)
+            A[p] = __builtin_shufflevector(acc0[i][2 * p], acc0[i][2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                           13, 14, 15) +
+                   __builtin_shufflevector(acc1[i][2 * p], acc1[i][2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                           13, 14, 15);
+        const v16f quads = PAIR_SUMS16(PAIR_SUMS16(A[0], A[1]), PAIR_SUMS16(A[2], A[3]));
+        /* lanes 0-3: (l0+l1)+(l2+l3) of keys 0, 2, 4, 6, lanes 4-7 their (l4+l5)+(l6+l7); 8-15 the odd keys */
+        const v16f t = quads + __builtin_shufflevector(quads, quads, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+        v8f s = __builtin_shufflevector(t, t, 0, 8, 1, 9, 2, 10, 3, 11);
+#else
         v8f a[8];
         for (int j = 0; j < 8; j++) a[j] = acc0[i][j] + acc1[i][j];
         /* lane j of quad0 is key j's (l0+l1)+(l2+l3) for j < 4, lane 4 + j its (l4+l5)+(l6+l7) */
@@ -333,6 +353,7 @@ static inline __attribute__((always_inline)) void head_dots8(float *const *out, 
         const v8f quad0 = PAIR_SUMS(pair01, pair23), quad1 = PAIR_SUMS(pair45, pair67);
         v8f s = __builtin_shufflevector(quad0, quad1, 0, 1, 2, 3, 8, 9, 10, 11) +
                 __builtin_shufflevector(quad0, quad1, 4, 5, 6, 7, 12, 13, 14, 15);
+#endif
         for (int g = f; g < hs; g++)
             for (int j = 0; j < 8; j++) s[j] += q[i][g] * k[j * stride + g];
         for (int j = 0; j < 8; j++) out[i][j] = s[j] * scale;

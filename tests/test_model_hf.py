@@ -258,3 +258,34 @@ def test_pool_exhaustion_leaves_cache_unchanged(hf):
     del cache
     model.forward(hf["tokens"][:13], other)  # room again once the other cache is gone
     assert len(other) == 33
+
+
+@pytest.mark.parametrize("head_dim", [24, 40, 64])
+def test_attention_is_bit_identical_for_any_split_and_head_size(head_dim):
+    """A prefill, token-by-token decoding and caches of any block size give the very same
+    logits, for a head size the attention kernels unroll (64: four 16-feature steps) and for
+    sizes they take at run time (24, 40: 16-feature steps and an 8-feature one). A prefill
+    scores and sums neighbouring queries two at a time, decoding one by one."""
+    rng = np.random.default_rng(head_dim)
+    H, V, FF = 2, 50, 64
+    D = H * head_dim
+    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=V, hidden_size=D,
+               intermediate_size=FF, num_hidden_layers=1, num_attention_heads=H, num_key_value_heads=H,
+               max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    p = "model.layers.0."
+    w = {"model.embed_tokens.weight": rng.normal(0, 0.5, (V, D)), "model.norm.weight": np.ones(D),
+         "lm_head.weight": rng.normal(0, 0.5, (V, D)), p + "input_layernorm.weight": np.ones(D),
+         p + "post_attention_layernorm.weight": np.ones(D)}
+    for name, shape in (("self_attn.q_proj", (D, D)), ("self_attn.k_proj", (D, D)), ("self_attn.v_proj", (D, D)),
+                        ("self_attn.o_proj", (D, D)), ("mlp.gate_proj", (FF, D)), ("mlp.up_proj", (FF, D)),
+                        ("mlp.down_proj", (D, FF))):
+        w[p + name + ".weight"] = rng.normal(0, 1 / np.sqrt(shape[1]), shape)
+    model = lmdecode.Model.from_numpy(cfg, {k: v.astype(np.float32) for k, v in w.items()})
+    toks = rng.integers(0, V, 40)
+    want = model.forward(toks, model.new_cache(), logits="all")
+    assert np.ptp(want) > 1.0  # not degenerate
+    for block_size in (1, 5, 16):
+        cache = model.new_cache(capacity=48, block_size=block_size)
+        got = [model.forward(toks[:11], cache, logits="all")]
+        got += [model.forward([t], cache)[None] for t in toks[11:]]
+        np.testing.assert_array_equal(np.concatenate(got), want, err_msg=f"block_size={block_size}")
