@@ -112,10 +112,8 @@ typedef float lmd_v4f_ __attribute__((vector_size(16)));
 typedef float lmd_v2f_ __attribute__((vector_size(8)));
 static inline float vhsum(vf v) {
 #if LMD_VEC_BYTES == 64
-    /* extracts by intrinsic: GCC 12 took a 512-bit shufflevector's halves through memory */
-    const __m512 w = (__m512)v;
-    const lmd_v8f_ v8 = (lmd_v8f_)_mm512_castps512_ps256(w) +
-                        (lmd_v8f_)_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1));
+    const lmd_v8f_ v8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                        __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
     const lmd_v4f_ v4 = __builtin_shufflevector(v8, v8, 0, 1, 2, 3) + __builtin_shufflevector(v8, v8, 4, 5, 6, 7);
 #elif LMD_VEC_BYTES == 32
     const lmd_v4f_ v4 = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
