@@ -120,6 +120,8 @@ void lmd_model_free(lmd_model *m) {
     free(m->hb2);
     free(m->scores);
     free(m->inv_freq);
+    free(m->rope_cos);
+    free(m->rope_sin);
     free(m->pos);
     free(m->matmul_scratch);
     free(m);
@@ -169,6 +171,8 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
     m->hb2 = lmd_alloc_aligned(B * H * sizeof(float));
     m->scores = lmd_alloc_aligned((size_t)config->n_heads * 2 * config->context_length * sizeof(float));
     m->inv_freq = malloc(((size_t)config->head_dim / 2 + 1) * sizeof(float));
+    m->rope_cos = malloc((B * (size_t)(config->head_dim / 2) + 1) * sizeof(float));
+    m->rope_sin = malloc((B * (size_t)(config->head_dim / 2) + 1) * sizeof(float));
     m->pos = malloc(B * sizeof(int32_t));
     const size_t scratch_bytes = matmul_scratch_bytes(config, weights, max_batch);
     if (scratch_bytes > 0) {
@@ -179,7 +183,7 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
         }
     }
     if (!m->layer_storage || !m->x || !m->xb || !m->xb2 || !m->q || !m->k || !m->v || !m->att_out ||
-        !m->hb || !m->hb2 || !m->scores || !m->inv_freq || !m->pos) {
+        !m->hb || !m->hb2 || !m->scores || !m->inv_freq || !m->rope_cos || !m->rope_sin || !m->pos) {
         lmd_model_free(m);
         return lmd_fail(err, LMD_ERR_NOMEM, "out of memory allocating the run state for %d tokens",
                         max_batch);
@@ -557,9 +561,14 @@ static void run_layers(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *toke
                   K = (int64_t)c->n_kv_heads * c->head_dim, H = c->hidden_dim;
     const int gpt2 = c->arch == LMD_ARCH_GPT2;
 
+    const int half = c->head_dim / 2;
     for (int b = 0; b < B; b++) {
         lmd_matrix_row(m->x + b * D, &w->token_embedding, tokens[b]);
-        if (gpt2) add_residual(m->x + b * D, w->position_embedding + (int64_t)m->pos[b] * D, D);
+        if (gpt2)
+            add_residual(m->x + b * D, w->position_embedding + (int64_t)m->pos[b] * D, D);
+        else /* each token's rotary angles, once for all layers */
+            lmd_rope_angles(m->rope_cos + (int64_t)b * half, m->rope_sin + (int64_t)b * half, m->pos[b],
+                            m->inv_freq, half);
     }
     for (int32_t l = 0; l < c->n_layers; l++) {
         const lmd_layer_weights *lw = &w->layers[l];
@@ -573,8 +582,9 @@ static void run_layers(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *toke
         add_bias(m->v, lw->bv, B, K);
         for (int b = 0; b < B; b++) {
             if (!gpt2) {
-                lmd_rope(m->q + b * Q, c->n_heads, c->head_dim, m->pos[b], m->inv_freq, c->rope_layout);
-                lmd_rope(m->k + b * K, c->n_kv_heads, c->head_dim, m->pos[b], m->inv_freq, c->rope_layout);
+                const float *cos_t = m->rope_cos + (int64_t)b * half, *sin_t = m->rope_sin + (int64_t)b * half;
+                lmd_rope_rotate(m->q + b * Q, c->n_heads, c->head_dim, cos_t, sin_t, c->rope_layout);
+                lmd_rope_rotate(m->k + b * K, c->n_kv_heads, c->head_dim, cos_t, sin_t, c->rope_layout);
             }
             const lmd_kvseq *seq = seqs[token_seq[b]];
             memcpy(lmd_kvseq_k(seq, l, m->pos[b]), m->k + b * K, (size_t)K * sizeof(float));

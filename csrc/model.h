@@ -101,6 +101,8 @@ typedef struct lmd_model {
     float *hb2;      /* (B, hidden_dim) */
     float *scores;   /* (n_heads, 2, context_length) attention weights of two tokens */
     float *inv_freq; /* (head_dim / 2,) RoPE frequencies */
+    float *rope_cos; /* (B, head_dim / 2) cos of each token's rotary angles */
+    float *rope_sin; /* (B, head_dim / 2) their sin */
     int32_t *pos;    /* (B,) position of each token of the chunk */
     void *matmul_scratch; /* a matmul's inputs quantized (q8_0) or rounded (bf16); NULL if none needs it */
 } lmd_model;

@@ -1178,14 +1178,17 @@ void lmd_layernorm_naive(float *out, const float *x, const float *weight, const 
 
 /* The angle is computed in float, as pos * inv_freq, like the reference
  * implementations, so positions far into the context agree with them. */
-void lmd_rope(float *x, int n_heads, int hs, int pos, const float *inv_freq, lmd_rope_layout layout) {
-    int half = hs / 2;
-    float cos_t[half > 0 ? half : 1], sin_t[half > 0 ? half : 1];
+void lmd_rope_angles(float *cos_t, float *sin_t, int pos, const float *inv_freq, int half) {
     for (int i = 0; i < half; i++) {
         float angle = (float)pos * inv_freq[i];
         cos_t[i] = cosf(angle);
         sin_t[i] = sinf(angle);
     }
+}
+
+void lmd_rope_rotate(float *x, int n_heads, int hs, const float *cos_t, const float *sin_t,
+                     lmd_rope_layout layout) {
+    const int half = hs / 2;
     for (int h = 0; h < n_heads; h++) {
         float *xh = x + (int64_t)h * hs;
         for (int i = 0; i < half; i++) {
@@ -1196,6 +1199,13 @@ void lmd_rope(float *x, int n_heads, int hs, int pos, const float *inv_freq, lmd
             xh[b] = x0 * sin_t[i] + x1 * cos_t[i];
         }
     }
+}
+
+void lmd_rope(float *x, int n_heads, int hs, int pos, const float *inv_freq, lmd_rope_layout layout) {
+    int half = hs / 2;
+    float cos_t[half > 0 ? half : 1], sin_t[half > 0 ? half : 1];
+    lmd_rope_angles(cos_t, sin_t, pos, inv_freq, half);
+    lmd_rope_rotate(x, n_heads, hs, cos_t, sin_t, layout);
 }
 
 void lmd_rope_naive(float *x, int n_heads, int hs, int pos, const float *inv_freq,

@@ -123,6 +123,11 @@ typedef enum {
 // Rotates x (n_heads, hs) in place for position pos; pair i turns by pos * inv_freq[i],
 // inv_freq (hs/2,) = base^(-2i/hs).
 void lmd_rope(float *x, int n_heads, int hs, int pos, const float *inv_freq, lmd_rope_layout layout);
+// lmd_rope in two steps, for angles shared by many rotations (every layer's q and k of a token):
+// cos_t, sin_t (half,) of the angles pos * inv_freq[i]; then x (n_heads, hs) rotated by them
+void lmd_rope_angles(float *cos_t, float *sin_t, int pos, const float *inv_freq, int half);
+void lmd_rope_rotate(float *x, int n_heads, int hs, const float *cos_t, const float *sin_t,
+                     lmd_rope_layout layout);
 void lmd_rope_naive(float *x, int n_heads, int hs, int pos, const float *inv_freq,
                     lmd_rope_layout layout);
 
