@@ -312,16 +312,14 @@ static inline __attribute__((always_inline)) void head_dots8(float *const *out, 
          * between vector and integer registers: decode attention over 2000 positions was
          * ~35% slower); each key's products still add up feature step after feature step.
          * Two queries keep the loop below, which measured faster for them. */
-        v16f q16[2][8];
-        for (int i = 0; i < nq; i++)
-            for (int v = 0; v < hs / 16; v++) LOAD16(q16[i][v], q[i] + 16 * v);
+        v16f q16[8];
+        for (int v = 0; v < hs / 16; v++) LOAD16(q16[v], q[0] + 16 * v);
         for (int j = 0; j < 8; j++) {
             const float *kj = k + j * stride;
             for (int v = 0; v < hs / 16; v++) {
                 v16f k16;
                 LOAD16(k16, kj + 16 * v);
-                if (nq > 1) KEEP16(k16); /* one load for the queries */
-                for (int i = 0; i < nq; i++) acc16[i][j] += q16[i][v] * k16;
+                acc16[0][j] += q16[v] * k16;
             }
         }
         f = hs;
