@@ -96,19 +96,36 @@ const char *lmd_dtype_name(lmd_dtype dtype) {
     return "?";
 }
 
-// x (32,) -> one llama.cpp Q8_0 block (34 bytes): fp16 scale amax/127, then 32 int8 values
+// x (32,) -> one llama.cpp Q8_0 block (34 bytes): fp16 scale amax/127 (NaN values ignored),
+// then 32 int8 values round(x / scale), half away from zero, in [-127, 127] (0 where
+// x / scale is NaN: a NaN x, or an infinite one, its block's scale being inf).
+// In vectors (roundf and fmaxf were calls into libm, a model's weights are quantized at
+// load): round is trunc plus one away from zero where the fraction is a half or more,
+// exact since |x / scale| <= 127.
 static void quantize_block_q8_0(uint8_t *block, const float *x) {
-    float amax = 0.0f;
-    for (int j = 0; j < LMD_Q8_0_BLOCK; j++) amax = fmaxf(amax, fabsf(x[j]));
+    const vi abs_bits = (vi){0} + 0x7fffffff;
+    vf most = vbroadcast(0.0f);
+    for (int c = 0; c < LMD_Q8_0_BLOCK; c += LMD_VEC_LANES) {
+        const vf a = (vf)((vi)vload(x + c) & abs_bits);
+        most = vselect(a > most, a, most); /* false for NaN: ignored, as fmaxf ignores it */
+    }
+    const float amax = vhmax(most);
     float scale = amax / 127.0f;
     float inv = scale != 0.0f ? 1.0f / scale : 0.0f;
     if (!isfinite(inv)) inv = 0.0f; /* amax below ~4e-37: the fp16 scale is 0 anyway */
     uint16_t scale_bits = lmd_f32_to_fp16(scale);
     memcpy(block, &scale_bits, 2);
-    for (int j = 0; j < LMD_Q8_0_BLOCK; j++) {
-        float q = isnan(x[j]) ? 0.0f : roundf(x[j] * inv);
-        q = fminf(127.0f, fmaxf(-127.0f, q));
-        block[2 + j] = (uint8_t)(int8_t)q;
+    for (int c = 0; c < LMD_Q8_0_BLOCK; c += LMD_VEC_LANES) {
+        const vf v = vload(x + c) * inv;
+        const vi nan = v != v;
+        const vf safe = vselect(nan, vbroadcast(0.0f), v);
+        vf r = __builtin_convertvector(__builtin_convertvector(safe, vi), vf); /* trunc */
+        const vf away = vselect(safe < 0.0f, vbroadcast(-1.0f), vbroadcast(1.0f));
+        const vf diff = safe - r;
+        r += vselect((vf)((vi)diff & abs_bits) >= 0.5f, away, vbroadcast(0.0f));
+        r = vselect(r > 127.0f, vbroadcast(127.0f), vselect(r < -127.0f, vbroadcast(-127.0f), r));
+        const vi q = __builtin_convertvector(r, vi);
+        for (int j = 0; j < LMD_VEC_LANES; j++) block[2 + c + j] = (uint8_t)(int8_t)q[j];
     }
 }
 

@@ -60,7 +60,9 @@ float lmd_bf16_to_f32(uint16_t b);
 uint16_t lmd_f32_to_bf16(float f); /* round to nearest even, NaN stays NaN */
 
 // x (n,) -> llama.cpp's q8_0 blocks (n/32 * 34 bytes, row-major); n a multiple of 32.
-// Scale amax/127 (fp16), values round(x / scale) half away from zero; all-zero blocks get scale 0.
+// Scale amax/127 (fp16, NaN ignored), values round(x / scale) half away from zero, 0 where
+// that is NaN (a NaN x, or an infinite one, whose block's scale is inf); all-zero blocks
+// get scale 0.
 void lmd_quantize_q8_0(uint8_t *out, const float *x, int64_t n);
 // blocks (rows, cols/32 * 34) in llama.cpp's row-major layout -> out, the same bytes packed
 // as LMD_Q8_0 (groups of 16 rows); cols a multiple of 32

@@ -170,6 +170,18 @@ def test_q8_0_conversions_reject_bad_arrays():
     np.testing.assert_array_equal(_core.dequantize_q8_0(_core.quantize_q8_0(x)), rows)
 
 
+def test_q8_0_quantizer_equals_the_gguf_package():
+    """lmdecode's Q8_0 quantizer gives the very bytes of gguf-py's (llama.cpp's reference in
+    NumPy), rows of every magnitude, a zero block and exact halves included, once packed."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((37, 256)) * np.exp(rng.uniform(-8, 8, (37, 1)))).astype(np.float32)
+    x[3, :32] = 0
+    x[5, :32] = np.arange(32) - 15.5  # halves, amax 15.5
+    x[6, :32] = np.concatenate([[127.0], np.arange(31) - 15.5])  # scale 1: every value a tie
+    blocks = np.ascontiguousarray(gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)).view(np.uint8)
+    np.testing.assert_array_equal(_core.quantize_q8_0(x), _core.pack_q8_0(blocks.reshape(37, -1)))
+
+
 def test_gpt2_gguf_matches_from_numpy(tmp_path):
     rng = np.random.default_rng(4)
     D, L, V, P, H = 32, 2, 50, 40, 4

@@ -260,6 +260,55 @@ static void test_q8_0_hand_cases(void) {
     }
 }
 
+/* lmd_quantize_q8_0 (vectorized) against llama.cpp's reference quantizer written out here
+ * with fmaxf and roundf: blocks of every magnitude, values at exact halves of a step (ties
+ * go away from zero), zero blocks, and blocks holding NaN or inf. */
+static void test_quantize_q8_0_against_reference(void) {
+    enum { NB = 96, N = NB * 32 };
+    static float x[N];
+    static uint8_t got[NB * 34];
+    test_rng r = {29};
+    for (int b = 0; b < NB; b++)
+        for (int j = 0; j < 32; j++) {
+            float v = test_uniform(&r, -1.0f, 1.0f) * ldexpf(1.0f, (b % 13) * 6 - 40);
+            if (b % 4 == 1) v = (float)((j * 5) % 61 - 30) + 0.5f; /* halves of various sizes */
+            if (b % 4 == 2) v = j == 0 ? 127.0f : (float)(j - 16) + 0.5f; /* scale 1: exact ties */
+            if (b == 3) v = 0.0f;
+            x[b * 32 + j] = v;
+        }
+    x[7 * 32 + 4] = NAN;
+    x[11 * 32 + 8] = INFINITY;
+    x[15 * 32 + 31] = -INFINITY;
+    lmd_quantize_q8_0(got, x, N);
+    int mismatches = 0;
+    for (int b = 0; b < NB; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float scale = amax / 127.0f;
+        float inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+        if (!isfinite(inv)) inv = 0.0f;
+        const uint16_t want_scale = lmd_f32_to_fp16(scale);
+        mismatches += memcmp(got + b * 34, &want_scale, 2) != 0;
+        for (int j = 0; j < 32; j++) {
+            /* x * inv is NaN for a NaN x, and for an infinite one (its block's scale is inf, inv 0) */
+            float q = isnan(xb[j] * inv) ? 0.0f : roundf(xb[j] * inv);
+            q = fminf(127.0f, fmaxf(-127.0f, q));
+            if ((int8_t)got[b * 34 + 2 + j] != (int8_t)q) {
+                fprintf(stderr, "  block %d value %d: %g * %g -> %d, want %d\n", b, j, (double)xb[j], (double)inv,
+                        (int8_t)got[b * 34 + 2 + j], (int)q);
+                mismatches++;
+            }
+        }
+    }
+    if (mismatches) {
+        fprintf(stderr, "lmd_quantize_q8_0: %d bytes differ from the reference quantizer\n", mismatches);
+        test_failures++;
+    }
+    /* ties by hand: scale 1, so -14.5 -> -15 and 0.5 -> 1, away from zero */
+    CHECK((int8_t)got[2 * 34 + 2 + 1] == -15 && (int8_t)got[2 * 34 + 2 + 16] == 1);
+}
+
 /* The packed layout on a hand case: 19 rows (a group of 16 and a short group of 3) of two
  * blocks. Bytes land where ops.h puts them, lmd_matrix_row reads every row back as its own
  * blocks dequantize, and lmd_quantize_matrix_q8_0 equals quantizing rows, then packing. */
@@ -840,6 +889,7 @@ int main(void) {
     test_fp16_round_trip_and_nearest();
     test_bf16();
     test_q8_0_hand_cases();
+    test_quantize_q8_0_against_reference();
     test_q8_0_packing();
     test_dot_q8_0_hand_cases();
     test_quantize_input_q8();
