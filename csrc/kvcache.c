@@ -13,7 +13,8 @@ lmd_status lmd_kvpool_init(lmd_kvpool **out, int32_t n_layers, int32_t kv_dim, i
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "block_size (=%d) must be in [1, 4096]", block_size);
     if (n_blocks < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, "n_blocks (=%d) must be >= 1", n_blocks);
     /* divide instead of multiplying, so that the check itself cannot wrap around */
-    if ((size_t)kv_dim > SIZE_MAX / sizeof(float) / (size_t)n_blocks / (size_t)n_layers / (size_t)block_size)
+    if ((size_t)kv_dim > (SIZE_MAX / sizeof(float) - LMD_KV_READ_PAD) / (size_t)n_blocks / (size_t)n_layers /
+                             (size_t)block_size)
         return lmd_fail(err, LMD_ERR_NOMEM,
                         "a KV pool of %d blocks of %d layers x %d positions x %d floats does not fit in memory",
                         n_blocks, n_layers, block_size, kv_dim);
@@ -25,7 +26,7 @@ lmd_status lmd_kvpool_init(lmd_kvpool **out, int32_t n_layers, int32_t kv_dim, i
     p->block_size = block_size;
     p->n_blocks = n_blocks;
     /* malloc, not calloc: pages become resident only as positions are written. */
-    p->k = lmd_alloc_aligned(floats_per_block * n_blocks * sizeof(float));
+    p->k = lmd_alloc_aligned((floats_per_block * n_blocks + LMD_KV_READ_PAD) * sizeof(float));
     p->v = lmd_alloc_aligned(floats_per_block * n_blocks * sizeof(float));
     p->refcount = calloc((size_t)n_blocks, sizeof(int32_t));
     p->free_list = malloc((size_t)n_blocks * sizeof(int32_t));
@@ -160,17 +161,19 @@ lmd_status lmd_kvseq_reserve(lmd_kvseq *seq, int32_t n_new, lmd_error *err) {
                         p->block_size, needed);
     if (n_new == 0) return LMD_OK;
     if (last_block_shared(seq)) {
-        /* copy on write: the filled part of the last block, every layer */
+        /* copy on write: the filled columns of the last block's keys, rows of its values, every layer */
         int32_t idx = seq->len / p->block_size;
         int32_t old = seq->blocks[idx];
         int32_t fresh = take_block(p);
-        size_t filled = (size_t)(seq->len % p->block_size) * p->kv_dim;
-        size_t layer_stride = (size_t)p->block_size * p->kv_dim;
+        const size_t filled = (size_t)(seq->len % p->block_size);
+        const size_t layer_stride = (size_t)p->block_size * p->kv_dim;
         for (int32_t l = 0; l < p->n_layers; l++) {
-            size_t src = ((size_t)old * p->n_layers + l) * layer_stride;
-            size_t dst = ((size_t)fresh * p->n_layers + l) * layer_stride;
-            memcpy(p->k + dst, p->k + src, filled * sizeof(float));
-            memcpy(p->v + dst, p->v + src, filled * sizeof(float));
+            const size_t src = ((size_t)old * p->n_layers + l) * layer_stride;
+            const size_t dst = ((size_t)fresh * p->n_layers + l) * layer_stride;
+            for (int32_t j = 0; j < p->kv_dim; j++)
+                memcpy(p->k + dst + (size_t)j * p->block_size, p->k + src + (size_t)j * p->block_size,
+                       filled * sizeof(float));
+            memcpy(p->v + dst, p->v + src, filled * p->kv_dim * sizeof(float));
         }
         release_block(p, old);
         seq->blocks[idx] = fresh;

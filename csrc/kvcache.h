@@ -2,7 +2,10 @@
  * kvcache.h -- paged key/value cache with shared prefixes.
  *
  * A pool owns fixed-size blocks of `block_size` positions; each block holds the
- * keys and values of those positions for every layer. A sequence is a table of
+ * keys and values of those positions for every layer. Values are rows, one per
+ * position (kv_dim,); keys are kept feature-major, (kv_dim, block_size) per layer,
+ * so that one vector load gives a feature of consecutive positions and attention
+ * scores are lanes of vector FMAs, with no horizontal sums (model.c). A sequence is a table of
  * block ids plus a length. Forking a sequence copies only its block table and
  * raises the blocks' reference counts, so a fork costs len/block_size integers,
  * not len * n_layers * kv_dim floats. A block shared by several sequences is
@@ -12,7 +15,7 @@
  *     lmd_kvpool_init(&pool, n_layers, kv_dim, 16, 128, &err);  // room for 2048 positions
  *     lmd_kvseq_init(&a, pool, 2048, &err);
  *     lmd_kvseq_reserve(a, 10, &err);  // blocks for positions len .. len+9
- *     ... write through lmd_kvseq_k / lmd_kvseq_v ...
+ *     ... write through lmd_kvseq_key / lmd_kvseq_v ...
  *     a->len += 10;
  *     lmd_kvseq_fork(&b, a, &err);       // b shares a's 10 positions
  *     lmd_kvseq_truncate(a, 4, &err);    // rollback: a keeps positions 0..3
@@ -31,12 +34,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Floats readable past the pool's last key: attention loads keys in whole vectors of up to
+ * 16 positions, whose lanes past a block's end it ignores. */
+#define LMD_KV_READ_PAD 16
+
 typedef struct lmd_kvpool {
     int32_t n_layers;
     int32_t kv_dim;     /* n_kv_heads * head_size */
     int32_t block_size; /* positions per block */
     int32_t n_blocks;
-    float *k;           /* (n_blocks, n_layers, block_size, kv_dim) */
+    float *k;           /* (n_blocks, n_layers, kv_dim, block_size), then LMD_KV_READ_PAD floats */
     float *v;           /* (n_blocks, n_layers, block_size, kv_dim) */
     int32_t *refcount;  /* (n_blocks,): sequences whose table holds the block; 0 = free */
     int32_t *free_list; /* (n_blocks,): ids of free blocks, the first n_free valid */
@@ -72,12 +79,18 @@ int32_t lmd_kvseq_blocks_needed(const lmd_kvseq *seq, int32_t n_new);
  * len + n_new > max_len or the pool lacks blocks. */
 lmd_status lmd_kvseq_reserve(lmd_kvseq *seq, int32_t n_new, lmd_error *err);
 
-/* Key / value row (kv_dim,) of position pos (< len after reserve) in layer. */
-static inline float *lmd_kvseq_k(const lmd_kvseq *seq, int32_t layer, int32_t pos) {
+/* Keys of layer in the block holding position pos: (kv_dim, block_size), position pos in
+ * column pos % block_size. */
+static inline float *lmd_kvseq_k_block(const lmd_kvseq *seq, int32_t layer, int32_t pos) {
     const lmd_kvpool *p = seq->pool;
     int32_t block = seq->blocks[pos / p->block_size];
-    return p->k + (((size_t)block * p->n_layers + layer) * p->block_size + pos % p->block_size) * p->kv_dim;
+    return p->k + ((size_t)block * p->n_layers + layer) * p->block_size * p->kv_dim;
 }
+/* Feature j of the key of position pos (< len after reserve) in layer. */
+static inline float *lmd_kvseq_key(const lmd_kvseq *seq, int32_t layer, int32_t pos, int32_t j) {
+    return lmd_kvseq_k_block(seq, layer, pos) + (size_t)j * seq->pool->block_size + pos % seq->pool->block_size;
+}
+/* Value row (kv_dim,) of position pos (< len after reserve) in layer. */
 static inline float *lmd_kvseq_v(const lmd_kvseq *seq, int32_t layer, int32_t pos) {
     const lmd_kvpool *p = seq->pool;
     int32_t block = seq->blocks[pos / p->block_size];

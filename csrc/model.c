@@ -9,6 +9,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* queries whose attention is computed together: a prefill's neighbouring tokens (model.h's
+ * scores hold their weights) */
+#define SCORE_QUERIES 6
+
 /* ------------------------------------------------------------------ */
 /* validation                                                           */
 /* ------------------------------------------------------------------ */
@@ -169,7 +173,8 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
     m->att_out = lmd_alloc_aligned(B * Q * sizeof(float));
     m->hb = lmd_alloc_aligned(B * H * sizeof(float));
     m->hb2 = lmd_alloc_aligned(B * H * sizeof(float));
-    m->scores = lmd_alloc_aligned((size_t)config->n_heads * 2 * config->context_length * sizeof(float));
+    m->scores_stride = config->context_length + LMD_VEC_LANES; /* head_scores writes whole vectors */
+    m->scores = lmd_alloc_aligned((size_t)config->n_heads * SCORE_QUERIES * m->scores_stride * sizeof(float));
     m->inv_freq = malloc(((size_t)config->head_dim / 2 + 1) * sizeof(float));
     m->rope_cos = malloc((B * (size_t)(config->head_dim / 2) + 1) * sizeof(float));
     m->rope_sin = malloc((B * (size_t)(config->head_dim / 2) + 1) * sizeof(float));
@@ -231,15 +236,14 @@ static void norm(const lmd_model *m, float *out, const float *x, const float *w,
     else lmd_rmsnorm(out, x, w, B, m->config.dim, m->config.norm_eps);
 }
 
-/* Head-sized dot products and value sums, inlined: heads are short (8 to 256
- * features), too short for a call per position and for ops.c's widest vectors.
- * Lanes of 8 floats summed in a fixed order, so results never depend on threads. */
+/* Attention, inlined per head size: heads are short (8 to 256 features), too short for a
+ * call per position. Every sum has one order, fixed by the source, so a result never
+ * depends on the thread, the batch or which neighbouring queries were computed with it. */
 typedef float v8f __attribute__((vector_size(32)));
-
-/* a macro, not a function returning a 32-byte vector would change
- * the ABI on builds without AVX */
-#define LOAD8(dst, p) memcpy(&(dst), (p), sizeof(dst))
 typedef float v16f __attribute__((vector_size(64)));
+/* macros, not functions: a function returning a 32-byte vector would change the ABI on
+ * builds without AVX */
+#define LOAD8(dst, p) memcpy(&(dst), (p), sizeof(dst))
 #define LOAD16(dst, p) memcpy(&(dst), (p), sizeof(dst))
 /* IN_REGISTER for vectors of 16 and 8 floats, where the ISA has registers that wide */
 #if LMD_VEC_BYTES >= 64
@@ -253,162 +257,107 @@ typedef float v16f __attribute__((vector_size(64)));
 #define KEEP8(v) ((void)0)
 #endif
 
-/* The sum of a head's products: 8 lanes, lane j summing features i = j (mod 8) in order
- * (two interleaved accumulators then added), then the lanes in pairs:
- * ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), then features past the last 8.
- * head_dot and head_dots8 both follow it, so a score never depends on which ran. */
+/* Scores. The cache keeps a block's keys feature-major (kvcache.h): feature d of
+ * LMD_VEC_LANES consecutive positions is one vector load. The score of query q and the key
+ * k_t at position t is
+ *     s_t = scale * (q[0] k_t[0] + q[1] k_t[1] + ... + q[hs-1] k_t[hs-1]),
+ * summed feature after feature in one chain (a multiply-add per feature), each position in
+ * its own lane: no horizontal sums, and a score is the same whatever else shares its
+ * vectors. A call computes nq queries (sharing every key load) against nk runs of
+ * positions (sharing every query value), nq * nk independent chains. */
 
-// the 8 lanes' pairwise total of a (8,) (macros, not functions: see LOAD8)
-#define LANES_SUM(a) ((((a)[0] + (a)[1]) + ((a)[2] + (a)[3])) + (((a)[4] + (a)[5]) + ((a)[6] + (a)[7])))
+/* positions of one cache block, at most LMD_VEC_LANES: the head's keys of the first (feature
+ * d at + d * block_size) and the first's position. Lanes past the run's end read the next
+ * feature's keys (or the pool's padding, LMD_KV_READ_PAD); their junk scores land in the
+ * slots of the next positions, which the next run overwrites, or past the query's last
+ * position, where nothing reads them. */
+typedef struct {
+    const float *k;
+    int32_t t;
+} key_run;
 
-// q (hs,) . k (hs,)
-static inline float head_dot(const float *q, const float *k, int hs) {
-    v8f acc0 = {0}, acc1 = {0};
-    int i = 0;
-    v8f a0, b0, a1, b1;
-    for (; i + 16 <= hs; i += 16) {
-        LOAD8(a0, q + i);
-        LOAD8(b0, k + i);
-        LOAD8(a1, q + i + 8);
-        LOAD8(b1, k + i + 8);
-        acc0 += a0 * b0;
-        acc1 += a1 * b1;
+/* runs per call with several queries, and with one (decoding), so that a call keeps 8-16
+ * chains in flight within the ISA's registers */
+#define SCORE_RUNS (LMD_VEC_BYTES >= 64 ? 4 : 2)
+#define SCORE_RUNS_ONE_QUERY 8
+
+// scores[i][runs[r].t + j] = the score of q[i] (hs,) and position runs[r].t + j, for the nq
+// queries i, nk runs r and j < LMD_VEC_LANES
+static inline __attribute__((always_inline)) void score_runs(float *const *scores, const float *const *q,
+                                                             const int nq, const key_run *runs, const int nk,
+                                                             int32_t block_size, int hs, float scale) {
+    vf acc[SCORE_QUERIES][SCORE_RUNS_ONE_QUERY];
+    for (int i = 0; i < nq; i++)
+        for (int r = 0; r < nk; r++) acc[i][r] = (vf){0};
+    int64_t offset = 0; /* feature d's keys: d * block_size */
+    for (int d = 0; d < hs; d++, offset += block_size) {
+        vf k[SCORE_RUNS_ONE_QUERY];
+        for (int r = 0; r < nk; r++) {
+            k[r] = vload(runs[r].k + offset);
+            if (nq > 1) IN_REGISTER(k[r]); /* one load for the queries */
+        }
+        for (int i = 0; i < nq; i++) {
+            const float qd = q[i][d];
+            for (int r = 0; r < nk; r++) acc[i][r] += qd * k[r];
+        }
     }
-    for (; i + 8 <= hs; i += 8) {
-        LOAD8(a0, q + i);
-        LOAD8(b0, k + i);
-        acc0 += a0 * b0;
-    }
-    const v8f lanes = acc0 + acc1;
-    float s = LANES_SUM(lanes);
-    for (; i < hs; i++) s += q[i] * k[i];
-    return s;
+    /* runs in order: a run's junk lanes are overwritten by the next run's */
+    for (int r = 0; r < nk; r++)
+        for (int i = 0; i < nq; i++) vstore(scores[i] + runs[r].t, acc[i][r] * scale);
 }
 
-// pairwise sums of neighbouring lanes: (x0+x1, x2+x3, y0+y1, y2+y3, x4+x5, x6+x7, y4+y5, y6+y7)
-#define PAIR_SUMS(x, y)                                                                            \
-    (__builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) +                                    \
-     __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15))
-// PAIR_SUMS of the low 8 lanes of x and y in the low 8, of their high 8 lanes in the high 8
-#define PAIR_SUMS16(x, y)                                                                          \
-    (__builtin_shufflevector(x, y, 0, 2, 16, 18, 4, 6, 20, 22, 8, 10, 24, 26, 12, 14, 28, 30) +    \
-     __builtin_shufflevector(x, y, 1, 3, 17, 19, 5, 7, 21, 23, 9, 11, 25, 27, 13, 15, 29, 31))
-
-// out[i][j] = scale * q[i] (hs,) . k[j * stride] (hs,) for nq queries i (1 or 2) and 8 keys j,
-// each exactly as head_dot sums it: the keys' lane totals are formed together (three rounds
-// of PAIR_SUMS and one add replace eight separate reductions), each key is loaded once for
-// all the queries and each query once for all eight keys
-static inline __attribute__((always_inline)) void head_dots8(float *const *out, const float *const *q, const int nq,
-                                                             const float *k, int64_t stride, const int hs,
-                                                             float scale) {
-    /* 16 features at a time: lanes 0-7 are head_dot's acc0, lanes 8-15 its acc1 */
-    v16f acc16[2][8];
-    for (int i = 0; i < nq; i++)
-        for (int j = 0; j < 8; j++) acc16[i][j] = (v16f){0};
-    int f = 0;
-    if (nq == 1 && hs % 16 == 0 && hs / 16 <= 8) {
-        /* one query (decoding): key after key, the query's vectors held in registers, so
-         * one key pointer is live at a time (eight, one per key, made GCC shuffle offsets
-         * between vector and integer registers: decode attention over 2000 positions was
-         * ~35% slower); each key's products still add up feature step after feature step.
-         * Two queries keep the loop below, which measured faster for them. */
-        v16f q16[8];
-        for (int v = 0; v < hs / 16; v++) LOAD16(q16[v], q[0] + 16 * v);
-        for (int j = 0; j < 8; j++) {
-            const float *kj = k + j * stride;
-            for (int v = 0; v < hs / 16; v++) {
-                v16f k16;
-                LOAD16(k16, kj + 16 * v);
-                acc16[0][j] += q16[v] * k16;
-            }
-        }
-        f = hs;
-    }
-    for (; f + 16 <= hs; f += 16) {
-        v16f q16[2];
-        for (int i = 0; i < nq; i++) LOAD16(q16[i], q[i] + f);
-        for (int j = 0; j < 8; j++) {
-            v16f k16;
-            LOAD16(k16, k + j * stride + f);
-            if (nq > 1) KEEP16(k16); /* one load for the queries */
-            for (int i = 0; i < nq; i++) acc16[i][j] += q16[i] * k16;
-        }
-    }
-    v8f acc0[2][8], acc1[2][8];
-    for (int i = 0; i < nq; i++)
-        for (int j = 0; j < 8; j++) {
-            acc0[i][j] = __builtin_shufflevector(acc16[i][j], acc16[i][j], 0, 1, 2, 3, 4, 5, 6, 7);
-            acc1[i][j] = __builtin_shufflevector(acc16[i][j], acc16[i][j], 8, 9, 10, 11, 12, 13, 14, 15);
-        }
-    for (; f + 8 <= hs; f += 8) {
-        v8f q0[2];
-        for (int i = 0; i < nq; i++) LOAD8(q0[i], q[i] + f);
-        for (int j = 0; j < 8; j++) {
-            v8f k0;
-            LOAD8(k0, k + j * stride + f);
-            if (nq > 1) KEEP8(k0);
-            for (int i = 0; i < nq; i++) acc0[i][j] += q0[i] * k0;
-        }
-    }
-    for (int i = 0; i < nq; i++) {
+// score_runs with nq and nk as constants (nq in [1, SCORE_QUERIES], nk 1, 2, 4 or 8)
+static void score_runs_dispatch(float *const *scores, const float *const *q, int nq, const key_run *runs, int nk,
+                                int32_t block_size, int hs, float scale) {
+#define SCORE_RUNS_CASE(NQ, NK)                                                                    \
+    case (NQ) * 16 + (NK): score_runs(scores, q, NQ, runs, NK, block_size, hs, scale); return;
+    switch (nq * 16 + nk) {
+        SCORE_RUNS_CASE(1, 8) SCORE_RUNS_CASE(1, 4) SCORE_RUNS_CASE(1, 2) SCORE_RUNS_CASE(1, 1)
 #if LMD_VEC_BYTES >= 64
-        /* the same sums two keys to a 16-lane register, halving the shuffles and adds:
-         * A[p] = [a(2p) | a(2p+1)] with a(j) = acc0 + acc1 of key j; PAIR_SUMS16 of [a|b] and
-         * [c|d] is [PAIR_SUMS(a, c) | PAIR_SUMS(b, d)], so after three rounds the low half
-         * holds keys 0, 2, 4, 6 as quad0 above holds keys 0-3, the high half keys 1, 3, 5, 7 */
-        v16f A[4];
-        for (int p = 0; p < 4; p++)
-            A[p] = __builtin_shufflevector(acc0[i][2 * p], acc0[i][2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
-                                           13, 14, 15) +
-                   __builtin_shufflevector(acc1[i][2 * p], acc1[i][2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
-                                           13, 14, 15);
-        const v16f quads = PAIR_SUMS16(PAIR_SUMS16(A[0], A[1]), PAIR_SUMS16(A[2], A[3]));
-        /* lanes 0-3: (l0+l1)+(l2+l3) of keys 0, 2, 4, 6, lanes 4-7 their (l4+l5)+(l6+l7); 8-15 the odd keys */
-        const v16f t = quads + __builtin_shufflevector(quads, quads, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-        v8f s = __builtin_shufflevector(t, t, 0, 8, 1, 9, 2, 10, 3, 11);
-#else
-        v8f a[8];
-        for (int j = 0; j < 8; j++) a[j] = acc0[i][j] + acc1[i][j];
-        /* lane j of quad0 is key j's (l0+l1)+(l2+l3) for j < 4, lane 4 + j its (l4+l5)+(l6+l7) */
-        const v8f pair01 = PAIR_SUMS(a[0], a[1]), pair23 = PAIR_SUMS(a[2], a[3]);
-        const v8f pair45 = PAIR_SUMS(a[4], a[5]), pair67 = PAIR_SUMS(a[6], a[7]);
-        const v8f quad0 = PAIR_SUMS(pair01, pair23), quad1 = PAIR_SUMS(pair45, pair67);
-        v8f s = __builtin_shufflevector(quad0, quad1, 0, 1, 2, 3, 8, 9, 10, 11) +
-                __builtin_shufflevector(quad0, quad1, 4, 5, 6, 7, 12, 13, 14, 15);
+        SCORE_RUNS_CASE(2, 4) SCORE_RUNS_CASE(3, 4) SCORE_RUNS_CASE(4, 4) SCORE_RUNS_CASE(5, 4) SCORE_RUNS_CASE(6, 4)
 #endif
-        for (int g = f; g < hs; g++)
-            for (int j = 0; j < 8; j++) s[j] += q[i][g] * k[j * stride + g];
-        for (int j = 0; j < 8; j++) out[i][j] = s[j] * scale;
+        SCORE_RUNS_CASE(2, 2) SCORE_RUNS_CASE(3, 2) SCORE_RUNS_CASE(4, 2) SCORE_RUNS_CASE(5, 2) SCORE_RUNS_CASE(6, 2)
+        SCORE_RUNS_CASE(2, 1) SCORE_RUNS_CASE(3, 1) SCORE_RUNS_CASE(4, 1) SCORE_RUNS_CASE(5, 1) SCORE_RUNS_CASE(6, 1)
+    default: score_runs(scores, q, nq, runs, nk, block_size, hs, scale); /* not reached: head_scores' sizes */
     }
+#undef SCORE_RUNS_CASE
 }
 
-// scores[i][t] = scale * q[i] (hs,) . k_t for nq queries (1 or 2) and the positions t in
-// [t_begin, t_end) of the head's keys (features kv_offset..) in layer l of seq
-static inline __attribute__((always_inline)) void head_scores(float *const *scores, const float *const *q,
-                                                              const int nq, const lmd_kvseq *seq, int32_t l,
-                                                              int kv_offset, int32_t t_begin, int32_t t_end,
-                                                              int32_t block_size, int32_t kv_dim, const int hs,
-                                                              float scale) {
-    for (int32_t t0 = t_begin; t0 < t_end;) {
-        /* positions of one cache block are consecutive rows of kv_dim floats */
-        const float *k = lmd_kvseq_k(seq, l, t0) + kv_offset;
-        const int32_t block_end = (t0 / block_size + 1) * block_size;
-        const int32_t nt = (t_end < block_end ? t_end : block_end) - t0;
-        int32_t t = 0;
-        for (; t + 8 <= nt; t += 8) {
-            float *out[2];
-            for (int i = 0; i < nq; i++) out[i] = scores[i] + t0 + t;
-            head_dots8(out, q, nq, k + (int64_t)t * kv_dim, kv_dim, hs, scale);
+// scores[i][t] for nq queries of the same sequence (q (nq,) pointers to (hs,)) and every
+// position t < n_pos of the head's keys (kv features kv_offset..) in layer l of seq;
+// scores rows hold n_pos + LMD_VEC_LANES floats
+static void head_scores(float *const *scores, const float *const *q, int nq, const lmd_kvseq *seq, int32_t l,
+                        int kv_offset, int32_t n_pos, int hs, float scale) {
+    const int32_t block_size = seq->pool->block_size;
+    const int most = nq == 1 ? SCORE_RUNS_ONE_QUERY : SCORE_RUNS;
+    key_run runs[SCORE_RUNS_ONE_QUERY];
+    int n = 0;
+    for (int32_t t = 0; t < n_pos;) {
+        const int32_t column = t % block_size;
+        runs[n].k = lmd_kvseq_k_block(seq, l, t) + (int64_t)kv_offset * block_size + column;
+        runs[n].t = t;
+        n++;
+        t += block_size - column < LMD_VEC_LANES ? block_size - column : LMD_VEC_LANES;
+        if (n == most) {
+            score_runs_dispatch(scores, q, nq, runs, most, block_size, hs, scale);
+            n = 0;
         }
-        for (; t < nt; t++)
-            for (int i = 0; i < nq; i++) scores[i][t0 + t] = head_dot(q[i], k + (int64_t)t * kv_dim, hs) * scale;
-        t0 += nt;
     }
+    /* the last runs, in order, in calls of 4, 2, 1 */
+    for (int done = 0, size = most / 2; n > done; size /= 2)
+        if (n - done >= size) {
+            score_runs_dispatch(scores, q, nq, runs + done, size, block_size, hs, scale);
+            done += size;
+        }
 }
 
 /* independent FMA chains the value sums keep going: an FMA's 4-cycle latency times the
  * two FMAs a core issues per cycle */
 #define VALUE_CHAINS 8
+
+/* queries whose value sums share their loads: their VALUE_CHAINS accumulators each, the
+ * values and the weights fit the ISA's registers */
+#define VALUE_QUERIES (LMD_VEC_BYTES >= 64 ? 3 : 2)
 
 // sets of accumulators that give a head of nv vectors VALUE_CHAINS chains (a power of two)
 #define VALUE_SETS(nv) ((nv) >= 8 ? 1 : (nv) >= 4 ? 2 : (nv) >= 2 ? 4 : 8)
@@ -452,18 +401,17 @@ static inline __attribute__((always_inline)) void head_scores(float *const *scor
         t0 += nt;                                                                                  \
     }
 
-/* nq queries (1 or 2) of the same sequence: the positions all of them see are loaded once
- * for all, then each query's own last positions */
+/* nq queries (1 to VALUE_QUERIES) of the same sequence, n_pos non-decreasing: the positions
+ * all of them see are loaded once for all, then the positions only the later ones see */
 #define VALUE_SUMS(vec_t, LOAD, KEEP, lanes)                                                       \
     do {                                                                                           \
         const int nv = hs / (lanes), sets = VALUE_SETS(hs / (lanes));                              \
-        vec_t acc[2][VALUE_CHAINS * 2];                                                            \
+        vec_t acc[VALUE_QUERIES][VALUE_CHAINS];                                                    \
         for (int qi = 0; qi < nq; qi++)                                                            \
             for (int j = 0; j < sets * nv; j++) acc[qi][j] = (vec_t){0};                           \
-        const int32_t shared = nq == 2 && n_pos[1] < n_pos[0] ? n_pos[1] : n_pos[0];               \
-        VALUE_RANGE(vec_t, LOAD, KEEP, lanes, 0, nq, 0, shared)                                    \
-        VALUE_RANGE(vec_t, LOAD, KEEP, lanes, 0, 1, shared, n_pos[0])                              \
-        if (nq == 2) VALUE_RANGE(vec_t, LOAD, KEEP, lanes, 1, 1, shared, n_pos[1])                 \
+        VALUE_RANGE(vec_t, LOAD, KEEP, lanes, 0, nq, 0, n_pos[0])                                  \
+        if (nq >= 2) VALUE_RANGE(vec_t, LOAD, KEEP, lanes, 1, nq - 1, n_pos[0], n_pos[1])          \
+        if (nq >= 3) VALUE_RANGE(vec_t, LOAD, KEEP, lanes, 2, nq - 2, n_pos[1], n_pos[2])          \
         for (int qi = 0; qi < nq; qi++) {                                                          \
             for (int width = sets; width > 1; width /= 2)                                          \
                 for (int s = 0; s < width / 2; s++)                                                \
@@ -472,7 +420,8 @@ static inline __attribute__((always_inline)) void head_scores(float *const *scor
         }                                                                                          \
     } while (0)
 
-// out[i] (hs,) = the value sums of nq queries (1 or 2) of seq with weights p[i] (n_pos[i],)
+// out[i] (hs,) = the value sums of nq queries (1 to VALUE_QUERIES, n_pos non-decreasing) of seq
+// with weights p[i] (n_pos[i],)
 static inline __attribute__((always_inline)) void value_sums(float *const *out, const float *const *p,
                                                              const int32_t *n_pos, const int nq,
                                                              const lmd_kvseq *seq, int32_t l, int kv_offset,
@@ -496,51 +445,51 @@ static inline __attribute__((always_inline)) void value_sums(float *const *out, 
 /* Below this many multiply-adds the attention of a chunk runs on one thread. */
 #define ATTENTION_PARALLEL_MIN_WORK 100000
 
-// query head h of nq (1 or 2) consecutive tokens b.. of the chunk, all of one sequence, q
-// (B,Q) at positions pos[b..] -> att_out (B,Q), the head's hs features. Two queries share
-// every key and value load of the positions both see (a prefill's neighbouring tokens see
-// all but one of the same positions), which halves the cache traffic; each query's
-// arithmetic is exactly what it is alone.
+// query head h of nq (<= SCORE_QUERIES) consecutive tokens b.. of the chunk, all of one
+// sequence, q (B,Q) at positions pos[b..] -> att_out (B,Q), the head's hs features. The
+// queries share every key load of their scores and, two by two, every value load; each
+// query's arithmetic is exactly what it is alone.
 static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, const lmd_kvseq *seq, int b,
-                                                                 const int nq, int32_t l, int h, const int hs) {
+                                                                 int nq, int32_t l, int h, const int hs) {
     const lmd_config *c = &m->config;
     const int group = c->n_heads / c->n_kv_heads;
     const int64_t Q = (int64_t)c->n_heads * hs;
     const float scale = 1.0f / sqrtf((float)hs);
     const int32_t block_size = seq->pool->block_size, kv_dim = seq->pool->kv_dim;
     const int kv_offset = (h / group) * hs;
-    const float *q[2];
-    float *scores[2], *out[2];
-    int32_t n_pos[2];
+    const float *q[SCORE_QUERIES];
+    float *scores[SCORE_QUERIES], *out[SCORE_QUERIES];
+    int32_t n_pos[SCORE_QUERIES], most = 0;
     for (int i = 0; i < nq; i++) {
         q[i] = m->q + (int64_t)(b + i) * Q + (int64_t)h * hs;
-        scores[i] = m->scores + ((size_t)h * 2 + i) * c->context_length;
+        scores[i] = m->scores + ((size_t)h * SCORE_QUERIES + i) * m->scores_stride;
         out[i] = m->att_out + (int64_t)(b + i) * Q + (int64_t)h * hs;
         n_pos[i] = m->pos[b + i] + 1;
+        most = n_pos[i] > most ? n_pos[i] : most;
     }
-    const int32_t shared = nq == 2 && n_pos[1] < n_pos[0] ? n_pos[1] : n_pos[0];
-    head_scores(scores, q, nq, seq, l, kv_offset, 0, shared, block_size, kv_dim, hs, scale);
-    head_scores(scores, q, 1, seq, l, kv_offset, shared, n_pos[0], block_size, kv_dim, hs, scale);
-    if (nq == 2) head_scores(scores + 1, q + 1, 1, seq, l, kv_offset, shared, n_pos[1], block_size, kv_dim, hs, scale);
+    head_scores(scores, q, nq, seq, l, kv_offset, most, hs, scale);
     for (int i = 0; i < nq; i++) lmd_softmax(scores[i], n_pos[i]);
-    value_sums(out, (const float *const *)scores, n_pos, nq, seq, l, kv_offset, block_size, kv_dim, hs);
+    for (int i = 0; i < nq; i += VALUE_QUERIES) {
+        const float *const *p = (const float *const *)scores + i;
+        switch (nq - i) { /* constants, for the accumulators to stay in registers */
+        case 1: value_sums(out + i, p, n_pos + i, 1, seq, l, kv_offset, block_size, kv_dim, hs); break;
+        case 2: value_sums(out + i, p, n_pos + i, 2, seq, l, kv_offset, block_size, kv_dim, hs); break;
+        default: value_sums(out + i, p, n_pos + i, VALUE_QUERIES, seq, l, kv_offset, block_size, kv_dim, hs);
+        }
+    }
 }
 
-// query head h of the chunk's tokens against the keys/values of layer l in the cache,
-// neighbouring tokens of one sequence two at a time. Inlined per usual head size (see
-// attend_head) so the per-key loops have constant trip counts.
+// query head h of the chunk's tokens against the keys/values of layer l in the cache, runs
+// of up to SCORE_QUERIES neighbouring tokens of one sequence together. Inlined per usual
+// head size (see attend_head) so the value sums' loops have constant trip counts.
 static inline __attribute__((always_inline)) void attend_head_sized(lmd_model *m, lmd_kvseq *const *seqs,
                                                                     const int32_t *token_seq, int B, int32_t l,
                                                                     int h, const int hs) {
     for (int b = 0; b < B;) {
-        const lmd_kvseq *seq = seqs[token_seq[b]];
-        if (b + 1 < B && token_seq[b + 1] == token_seq[b]) {
-            attend_queries(m, seq, b, 2, l, h, hs);
-            b += 2;
-        } else {
-            attend_queries(m, seq, b, 1, l, h, hs);
-            b += 1;
-        }
+        int nq = 1;
+        while (nq < SCORE_QUERIES && b + nq < B && token_seq[b + nq] == token_seq[b]) nq++;
+        attend_queries(m, seqs[token_seq[b]], b, nq, l, h, hs);
+        b += nq;
     }
 }
 
@@ -605,7 +554,9 @@ static void run_layers(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *toke
                 lmd_rope_rotate(m->k + b * K, c->n_kv_heads, c->head_dim, cos_t, sin_t, c->rope_layout);
             }
             const lmd_kvseq *seq = seqs[token_seq[b]];
-            memcpy(lmd_kvseq_k(seq, l, m->pos[b]), m->k + b * K, (size_t)K * sizeof(float));
+            const int32_t block_size = seq->pool->block_size;
+            float *key = lmd_kvseq_key(seq, l, m->pos[b], 0); /* feature j at key[j * block_size] */
+            for (int64_t j = 0; j < K; j++) key[j * block_size] = m->k[b * K + j];
             memcpy(lmd_kvseq_v(seq, l, m->pos[b]), m->v + b * K, (size_t)K * sizeof(float));
         }
         attention(m, seqs, token_seq, B, l);

@@ -99,7 +99,8 @@ typedef struct lmd_model {
     float *att_out;  /* (B, q_dim) */
     float *hb;       /* (B, hidden_dim) */
     float *hb2;      /* (B, hidden_dim) */
-    float *scores;   /* (n_heads, 2, context_length) attention weights of two tokens */
+    float *scores;   /* (n_heads, 6, scores_stride) attention weights of up to 6 tokens */
+    int64_t scores_stride; /* context_length + vector lanes */
     float *inv_freq; /* (head_dim / 2,) RoPE frequencies */
     float *rope_cos; /* (B, head_dim / 2) cos of each token's rotary angles */
     float *rope_sin; /* (B, head_dim / 2) their sin */

@@ -38,7 +38,7 @@ static void write_positions(lmd_kvseq *s, int32_t from, int32_t to, float salt) 
     for (int32_t l = 0; l < p->n_layers; l++)
         for (int32_t t = from; t < to; t++)
             for (int32_t j = 0; j < p->kv_dim; j++) {
-                lmd_kvseq_k(s, l, t)[j] = tag(l, t, j, 0) + salt;
+                *lmd_kvseq_key(s, l, t, j) = tag(l, t, j, 0) + salt;
                 lmd_kvseq_v(s, l, t)[j] = tag(l, t, j, 1) + salt;
             }
 }
@@ -48,7 +48,7 @@ static int positions_hold(const lmd_kvseq *s, int32_t from, int32_t to, float sa
     for (int32_t l = 0; l < p->n_layers; l++)
         for (int32_t t = from; t < to; t++)
             for (int32_t j = 0; j < p->kv_dim; j++)
-                if (lmd_kvseq_k(s, l, t)[j] != tag(l, t, j, 0) + salt ||
+                if (*lmd_kvseq_key(s, l, t, j) != tag(l, t, j, 0) + salt ||
                     lmd_kvseq_v(s, l, t)[j] != tag(l, t, j, 1) + salt)
                     return 0;
     return 1;
