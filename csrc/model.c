@@ -9,9 +9,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* queries whose attention is computed together: a prefill's neighbouring tokens (model.h's
- * scores hold their weights) */
+/* queries whose attention is computed together: a prefill's neighbouring tokens, the heads
+ * of a GQA group (model.h's scores hold their weights) */
 #define SCORE_QUERIES 6
+/* attention's work units: one per kv head; with fewer kv heads than two per thread, the
+ * chunk's tokens are cut into parts (up to this many units in all), so that the threads
+ * still share the work evenly */
+#define ATTENTION_MAX_UNITS 16
 
 /* ------------------------------------------------------------------ */
 /* validation                                                           */
@@ -174,7 +178,9 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
     m->hb = lmd_alloc_aligned(B * H * sizeof(float));
     m->hb2 = lmd_alloc_aligned(B * H * sizeof(float));
     m->scores_stride = config->context_length + LMD_VEC_LANES; /* head_scores writes whole vectors */
-    m->scores = lmd_alloc_aligned((size_t)config->n_heads * SCORE_QUERIES * m->scores_stride * sizeof(float));
+    /* attention's work units: at most n_kv_heads * attention_parts(config, B, threads) */
+    const size_t units = (size_t)config->n_kv_heads + ATTENTION_MAX_UNITS - 1;
+    m->scores = lmd_alloc_aligned(units * SCORE_QUERIES * m->scores_stride * sizeof(float));
     m->inv_freq = malloc(((size_t)config->head_dim / 2 + 1) * sizeof(float));
     m->rope_cos = malloc((B * (size_t)(config->head_dim / 2) + 1) * sizeof(float));
     m->rope_sin = malloc((B * (size_t)(config->head_dim / 2) + 1) * sizeof(float));
@@ -445,26 +451,38 @@ static inline __attribute__((always_inline)) void value_sums(float *const *out, 
 /* Below this many multiply-adds the attention of a chunk runs on one thread. */
 #define ATTENTION_PARALLEL_MIN_WORK 100000
 
-// query head h of nq (<= SCORE_QUERIES) consecutive tokens b.. of the chunk, all of one
-// sequence, q (B,Q) at positions pos[b..] -> att_out (B,Q), the head's hs features. The
-// queries share every key load of their scores and, two by two, every value load; each
-// query's arithmetic is exactly what it is alone.
+// parts the tokens of a B-token chunk are cut into: units = n_kv_heads * parts
+static int attention_parts(const lmd_config *c, int B, int threads) {
+    const int target = 2 * threads < ATTENTION_MAX_UNITS ? 2 * threads : ATTENTION_MAX_UNITS;
+    if (threads < 2 || c->n_kv_heads >= target) return 1;
+    const int parts = (target + c->n_kv_heads - 1) / c->n_kv_heads;
+    return parts < B ? parts : B;
+}
+
+// nt (<= SCORE_QUERIES / nh) consecutive tokens b.. of the chunk, all of one sequence, in
+// query heads h0 .. h0+nh of one kv group, q (B,Q) at positions pos[b..] -> att_out (B,Q),
+// scores (SCORE_QUERIES, scores_stride) the unit's buffer. The nt * nh queries (token
+// after token, the heads within) share every key load of their scores and, by three, every
+// value load; each query's arithmetic is exactly what it is alone.
 static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, const lmd_kvseq *seq, int b,
-                                                                 int nq, int32_t l, int h, const int hs) {
+                                                                 int nt, int h0, int nh, int32_t l,
+                                                                 float *scores_buffer, const int hs) {
     const lmd_config *c = &m->config;
     const int group = c->n_heads / c->n_kv_heads;
     const int64_t Q = (int64_t)c->n_heads * hs;
     const float scale = 1.0f / sqrtf((float)hs);
     const int32_t block_size = seq->pool->block_size, kv_dim = seq->pool->kv_dim;
-    const int kv_offset = (h / group) * hs;
+    const int kv_offset = (h0 / group) * hs;
     const float *q[SCORE_QUERIES];
     float *scores[SCORE_QUERIES], *out[SCORE_QUERIES];
     int32_t n_pos[SCORE_QUERIES], most = 0;
+    const int nq = nt * nh;
     for (int i = 0; i < nq; i++) {
-        q[i] = m->q + (int64_t)(b + i) * Q + (int64_t)h * hs;
-        scores[i] = m->scores + ((size_t)h * SCORE_QUERIES + i) * m->scores_stride;
-        out[i] = m->att_out + (int64_t)(b + i) * Q + (int64_t)h * hs;
-        n_pos[i] = m->pos[b + i] + 1;
+        const int64_t row = (int64_t)(b + i / nh) * Q + (int64_t)(h0 + i % nh) * hs;
+        q[i] = m->q + row;
+        out[i] = m->att_out + row;
+        scores[i] = scores_buffer + (size_t)i * m->scores_stride;
+        n_pos[i] = m->pos[b + i / nh] + 1; /* non-decreasing, as value_sums requires */
         most = n_pos[i] > most ? n_pos[i] : most;
     }
     head_scores(scores, q, nq, seq, l, kv_offset, most, hs, scale);
@@ -479,44 +497,73 @@ static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, c
     }
 }
 
-// query head h of the chunk's tokens against the keys/values of layer l in the cache, runs
-// of up to SCORE_QUERIES neighbouring tokens of one sequence together. Inlined per usual
-// head size (see attend_head) so the value sums' loops have constant trip counts.
-static inline __attribute__((always_inline)) void attend_head_sized(lmd_model *m, lmd_kvseq *const *seqs,
-                                                                    const int32_t *token_seq, int B, int32_t l,
-                                                                    int h, const int hs) {
-    for (int b = 0; b < B;) {
-        int nq = 1;
-        while (nq < SCORE_QUERIES && b + nq < B && token_seq[b + nq] == token_seq[b]) nq++;
-        attend_queries(m, seqs[token_seq[b]], b, nq, l, h, hs);
-        b += nq;
+// one work unit: the query heads of kv head g for the chunk's tokens [b_begin, b_end), in
+// tiles of up to SCORE_QUERIES queries: neighbouring tokens of one sequence times the heads
+// of the group (GQA's heads share their keys and values; so do a prefill's tokens). Inlined
+// per usual head size (see attend_unit) so the value sums' loops have constant trip counts.
+static inline __attribute__((always_inline)) void attend_unit_sized(lmd_model *m, lmd_kvseq *const *seqs,
+                                                                    const int32_t *token_seq, int b_begin,
+                                                                    int b_end, int32_t l, int g,
+                                                                    float *scores_buffer, const int hs) {
+    const int group = m->config.n_heads / m->config.n_kv_heads;
+    const int tile_heads = group < SCORE_QUERIES ? group : SCORE_QUERIES;
+    const int tile_tokens = SCORE_QUERIES / tile_heads;
+    for (int b = b_begin; b < b_end;) {
+        int nt = 1;
+        while (nt < tile_tokens && b + nt < b_end && token_seq[b + nt] == token_seq[b]) nt++;
+        for (int h0 = g * group; h0 < (g + 1) * group; h0 += tile_heads) {
+            const int nh = (g + 1) * group - h0 < tile_heads ? (g + 1) * group - h0 : tile_heads;
+            attend_queries(m, seqs[token_seq[b]], b, nt, h0, nh, l, scores_buffer, hs);
+        }
+        b += nt;
     }
 }
 
-static void attend_head(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int B, int32_t l, int h) {
+static void attend_unit(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int b_begin, int b_end,
+                        int32_t l, int g, float *scores_buffer) {
+#define ATTEND_UNIT(hs) attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, g, scores_buffer, hs)
     switch (m->config.head_dim) {
-    case 8: attend_head_sized(m, seqs, token_seq, B, l, h, 8); break;
-    case 16: attend_head_sized(m, seqs, token_seq, B, l, h, 16); break;
-    case 32: attend_head_sized(m, seqs, token_seq, B, l, h, 32); break;
-    case 64: attend_head_sized(m, seqs, token_seq, B, l, h, 64); break;
-    case 128: attend_head_sized(m, seqs, token_seq, B, l, h, 128); break;
-    default: attend_head_sized(m, seqs, token_seq, B, l, h, m->config.head_dim);
+    case 8: ATTEND_UNIT(8); break;
+    case 16: ATTEND_UNIT(16); break;
+    case 32: ATTEND_UNIT(32); break;
+    case 64: ATTEND_UNIT(64); break;
+    case 128: ATTEND_UNIT(128); break;
+    default: ATTEND_UNIT(m->config.head_dim);
     }
+#undef ATTEND_UNIT
 }
 
-// every query head; heads are independent, so they split across threads
+// every query head of the chunk's B tokens; the units (kv head, part of the tokens) are
+// independent, so they split across threads
 static void attention(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int B, int32_t l) {
     const lmd_config *c = &m->config;
+    const int threads = lmd_get_num_threads();
+    int64_t work = 0, seen = 0;
+    for (int b = 0; b < B; b++) work += m->pos[b] + 1;
+    const int parallel = work * c->head_dim * c->n_heads >= ATTENTION_PARALLEL_MIN_WORK && threads > 1;
+    const int parts = attention_parts(c, B, parallel ? threads : 1), units = c->n_kv_heads * parts;
+    /* part p: tokens [bound[p], bound[p+1]), cut where the positions attended to (a token at
+     * position t attends to t + 1) reach p / parts of the chunk's: a prefill's later tokens
+     * see more */
+    int bound[ATTENTION_MAX_UNITS + 1];
+    bound[0] = 0;
+    for (int b = 0, p = 1; b < B; b++) {
+        seen += m->pos[b] + 1;
+        while (p < parts && seen * parts >= work * p) bound[p++] = b + 1;
+    }
+    bound[parts] = B;
+#define ATTEND_UNIT_U(u)                                                                           \
+    attend_unit(m, seqs, token_seq, bound[(u) % parts], bound[(u) % parts + 1], l, (u) / parts,    \
+                m->scores + (size_t)(u) * SCORE_QUERIES * m->scores_stride)
 #ifdef _OPENMP
-    int64_t work = 0;
-    for (int b = 0; b < B; b++) work += (int64_t)(m->pos[b] + 1) * c->head_dim * c->n_heads;
-    if (work >= ATTENTION_PARALLEL_MIN_WORK && lmd_get_num_threads() > 1) {
-#pragma omp parallel for schedule(static) num_threads(lmd_get_num_threads())
-        for (int h = 0; h < c->n_heads; h++) attend_head(m, seqs, token_seq, B, l, h);
+    if (parallel) {
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
+        for (int u = 0; u < units; u++) ATTEND_UNIT_U(u);
         return;
     }
 #endif
-    for (int h = 0; h < c->n_heads; h++) attend_head(m, seqs, token_seq, B, l, h);
+    for (int u = 0; u < units; u++) ATTEND_UNIT_U(u);
+#undef ATTEND_UNIT_U
 }
 
 // tokens of one chunk -> residual stream x (B,D) after every layer; K/V written to the cache
