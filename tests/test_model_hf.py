@@ -268,7 +268,8 @@ def test_attention_is_bit_identical_for_any_split_and_head_size(head_dim):
     """A prefill, token-by-token decoding and caches of any block size give the very same
     logits, for a head size the attention kernels unroll (64: four 16-feature steps) and for
     sizes they take at run time (24, 40: 16-feature steps and an 8-feature one). A prefill
-    scores and sums neighbouring queries two at a time, decoding one by one."""
+    scores neighbouring queries six at a time and sums their values three at a time, decoding
+    one by one."""
     rng = np.random.default_rng(head_dim)
     H, V, FF = 2, 50, 64
     D = H * head_dim
@@ -292,3 +293,35 @@ def test_attention_is_bit_identical_for_any_split_and_head_size(head_dim):
         got = [model.forward(toks[:11], cache, logits="all")]
         got += [model.forward([t], cache)[None] for t in toks[11:]]
         np.testing.assert_array_equal(np.concatenate(got), want, err_msg=f"block_size={block_size}")
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(8, 1), (14, 2), (9, 3), (6, 6)])
+def test_grouped_query_attention_tiles(n_heads, n_kv_heads):
+    """The query heads of a kv group share their key and value loads in tiles of at most six
+    queries: groups of 8 and 7 are cut into tiles of 6 + 2 and 6 + 1 heads, a group of 3 takes
+    two tokens per tile, no grouping six tokens. Against transformers, and bit for bit between
+    a prefill, token-by-token decoding and 1, 2 or 3 threads (which cut the tokens into
+    different parts when there are few kv heads)."""
+    torch, transformers = require_transformers()
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=16 * n_heads, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                                   max_position_embeddings=128, tie_word_embeddings=False, attn_implementation="eager")
+    torch_model = _randomise(torch, transformers.LlamaForCausalLM(cfg), seed=n_heads)
+    toks = np.random.default_rng(n_heads).integers(0, 96, size=T)
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(toks[None], dtype=torch.long)).logits[0].numpy()
+    model = lmdecode.Model.from_numpy(cfg.to_dict(), {k: v.detach().numpy().copy()
+                                                      for k, v in torch_model.state_dict().items()})
+    old = lmdecode.get_num_threads()
+    try:
+        lmdecode.set_num_threads(1)
+        want = model.logits(toks)
+        _assert_close_to(ref, want)
+        cache = model.new_cache()
+        got = [model.forward(toks[:21], cache, logits="all")] + [model.forward([t], cache)[None] for t in toks[21:]]
+        np.testing.assert_array_equal(np.concatenate(got), want)
+        for threads in (2, 3):
+            lmdecode.set_num_threads(threads)
+            np.testing.assert_array_equal(model.logits(toks), want, err_msg=f"{threads} threads")
+    finally:
+        lmdecode.set_num_threads(old)
