@@ -13,8 +13,7 @@ lmd_status lmd_kvpool_init(lmd_kvpool **out, int32_t n_layers, int32_t kv_dim, i
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "block_size (=%d) must be in [1, 4096]", block_size);
     if (n_blocks < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, "n_blocks (=%d) must be >= 1", n_blocks);
     /* divide instead of multiplying, so that the check itself cannot wrap around */
-    if ((size_t)kv_dim > (SIZE_MAX / sizeof(float) - LMD_KV_READ_PAD) / (size_t)n_blocks / (size_t)n_layers /
-                             (size_t)block_size)
+    if ((size_t)kv_dim > SIZE_MAX / sizeof(float) / (size_t)n_blocks / (size_t)n_layers / (size_t)block_size)
         return lmd_fail(err, LMD_ERR_NOMEM,
                         "a KV pool of %d blocks of %d layers x %d positions x %d floats does not fit in memory",
                         n_blocks, n_layers, block_size, kv_dim);
@@ -26,7 +25,7 @@ lmd_status lmd_kvpool_init(lmd_kvpool **out, int32_t n_layers, int32_t kv_dim, i
     p->block_size = block_size;
     p->n_blocks = n_blocks;
     /* malloc, not calloc: pages become resident only as positions are written. */
-    p->k = lmd_alloc_aligned((floats_per_block * n_blocks + LMD_KV_READ_PAD) * sizeof(float));
+    p->k = lmd_alloc_aligned(floats_per_block * n_blocks * sizeof(float));
     p->v = lmd_alloc_aligned(floats_per_block * n_blocks * sizeof(float));
     p->refcount = calloc((size_t)n_blocks, sizeof(int32_t));
     p->free_list = malloc((size_t)n_blocks * sizeof(int32_t));

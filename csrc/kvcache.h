@@ -34,16 +34,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Floats readable past the pool's last key: attention loads keys in whole vectors of up to
- * 16 positions, whose lanes past a block's end it ignores. */
-#define LMD_KV_READ_PAD 16
-
 typedef struct lmd_kvpool {
     int32_t n_layers;
     int32_t kv_dim;     /* n_kv_heads * head_size */
     int32_t block_size; /* positions per block */
     int32_t n_blocks;
-    float *k;           /* (n_blocks, n_layers, kv_dim, block_size), then LMD_KV_READ_PAD floats */
+    float *k;           /* (n_blocks, n_layers, kv_dim, block_size) */
     float *v;           /* (n_blocks, n_layers, block_size, kv_dim) */
     int32_t *refcount;  /* (n_blocks,): sequences whose table holds the block; 0 = free */
     int32_t *free_list; /* (n_blocks,): ids of free blocks, the first n_free valid */

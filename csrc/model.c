@@ -272,14 +272,15 @@ typedef float v16f __attribute__((vector_size(64)));
  * vectors. A call computes nq queries (sharing every key load) against nk runs of
  * positions (sharing every query value), nq * nk independent chains. */
 
-/* positions of one cache block, at most LMD_VEC_LANES: the head's keys of the first (feature
- * d at + d * block_size) and the first's position. Lanes past the run's end read the next
- * feature's keys (or the pool's padding, LMD_KV_READ_PAD); their junk scores land in the
- * slots of the next positions, which the next run overwrites, or past the query's last
- * position, where nothing reads them. */
+/* consecutive positions of one cache block, at most LMD_VEC_LANES, all of them written: the
+ * head's keys of the first (feature d at + d * block_size), the first's position and how
+ * many. A run shorter than a vector is loaded with its other lanes zero, never reading past
+ * what the cache holds; the scores of those lanes land in the slots of the next positions,
+ * which the next run overwrites, or past the query's last position, where nothing reads
+ * them. */
 typedef struct {
     const float *k;
-    int32_t t;
+    int32_t t, len;
 } key_run;
 
 /* runs per call with several queries, and with one (decoding), so that a call keeps 8-16
@@ -288,18 +289,21 @@ typedef struct {
 #define SCORE_RUNS_ONE_QUERY 8
 
 // scores[i][runs[r].t + j] = the score of q[i] (hs,) and position runs[r].t + j, for the nq
-// queries i, nk runs r and j < LMD_VEC_LANES
+// queries i, nk runs r and j < LMD_VEC_LANES; runs of LMD_VEC_LANES positions, the last one
+// shorter if partial
 static inline __attribute__((always_inline)) void score_runs(float *const *scores, const float *const *q,
                                                              const int nq, const key_run *runs, const int nk,
-                                                             int32_t block_size, int hs, float scale) {
+                                                             const int partial, int32_t block_size, int hs,
+                                                             float scale) {
     vf acc[SCORE_QUERIES][SCORE_RUNS_ONE_QUERY];
     for (int i = 0; i < nq; i++)
         for (int r = 0; r < nk; r++) acc[i][r] = (vf){0};
+    const int32_t last_len = runs[nk - 1].len;
     int64_t offset = 0; /* feature d's keys: d * block_size */
     for (int d = 0; d < hs; d++, offset += block_size) {
         vf k[SCORE_RUNS_ONE_QUERY];
         for (int r = 0; r < nk; r++) {
-            k[r] = vload(runs[r].k + offset);
+            k[r] = partial && r == nk - 1 ? vload_partial(runs[r].k + offset, last_len, 0.0f) : vload(runs[r].k + offset);
             if (nq > 1) IN_REGISTER(k[r]); /* one load for the queries */
         }
         for (int i = 0; i < nq; i++) {
@@ -307,26 +311,40 @@ static inline __attribute__((always_inline)) void score_runs(float *const *score
             for (int r = 0; r < nk; r++) acc[i][r] += qd * k[r];
         }
     }
-    /* runs in order: a run's junk lanes are overwritten by the next run's */
+    /* runs in order: a short run's extra lanes are overwritten by the next run's */
     for (int r = 0; r < nk; r++)
         for (int i = 0; i < nq; i++) vstore(scores[i] + runs[r].t, acc[i][r] * scale);
 }
 
-// score_runs with nq and nk as constants (nq in [1, SCORE_QUERIES], nk 1, 2, 4 or 8)
+// score_runs with nq, nk and partial as constants (nq in [1, SCORE_QUERIES]; nk 1, 2, 4 or 8)
 static void score_runs_dispatch(float *const *scores, const float *const *q, int nq, const key_run *runs, int nk,
-                                int32_t block_size, int hs, float scale) {
-#define SCORE_RUNS_CASE(NQ, NK)                                                                    \
-    case (NQ) * 16 + (NK): score_runs(scores, q, NQ, runs, NK, block_size, hs, scale); return;
+                                int partial, int32_t block_size, int hs, float scale) {
+#define SCORE_CASE(NQ, NK)                                                                         \
+    case (NQ) * 16 + (NK):                                                                         \
+        if (partial) score_runs(scores, q, NQ, runs, NK, 1, block_size, hs, scale);                 \
+        else score_runs(scores, q, NQ, runs, NK, 0, block_size, hs, scale);                        \
+        return;
     switch (nq * 16 + nk) {
-        SCORE_RUNS_CASE(1, 8) SCORE_RUNS_CASE(1, 4) SCORE_RUNS_CASE(1, 2) SCORE_RUNS_CASE(1, 1)
+        SCORE_CASE(1, 8) SCORE_CASE(1, 4) SCORE_CASE(1, 2) SCORE_CASE(1, 1)
 #if LMD_VEC_BYTES >= 64
-        SCORE_RUNS_CASE(2, 4) SCORE_RUNS_CASE(3, 4) SCORE_RUNS_CASE(4, 4) SCORE_RUNS_CASE(5, 4) SCORE_RUNS_CASE(6, 4)
+        SCORE_CASE(2, 4) SCORE_CASE(3, 4) SCORE_CASE(4, 4) SCORE_CASE(5, 4) SCORE_CASE(6, 4)
 #endif
-        SCORE_RUNS_CASE(2, 2) SCORE_RUNS_CASE(3, 2) SCORE_RUNS_CASE(4, 2) SCORE_RUNS_CASE(5, 2) SCORE_RUNS_CASE(6, 2)
-        SCORE_RUNS_CASE(2, 1) SCORE_RUNS_CASE(3, 1) SCORE_RUNS_CASE(4, 1) SCORE_RUNS_CASE(5, 1) SCORE_RUNS_CASE(6, 1)
-    default: score_runs(scores, q, nq, runs, nk, block_size, hs, scale); /* not reached: head_scores' sizes */
+        SCORE_CASE(2, 2) SCORE_CASE(3, 2) SCORE_CASE(4, 2) SCORE_CASE(5, 2) SCORE_CASE(6, 2)
+        SCORE_CASE(2, 1) SCORE_CASE(3, 1) SCORE_CASE(4, 1) SCORE_CASE(5, 1) SCORE_CASE(6, 1)
+    default: score_runs(scores, q, nq, runs, nk, partial, block_size, hs, scale); /* not reached */
     }
-#undef SCORE_RUNS_CASE
+#undef SCORE_CASE
+}
+
+// the n runs pending, in order, in calls of most, then 4, 2, 1; the last may be short
+static void score_pending_runs(float *const *scores, const float *const *q, int nq, const key_run *runs, int n,
+                               int most, int32_t block_size, int hs, float scale) {
+    for (int done = 0, size = most; n > done; size /= 2)
+        if (n - done >= size) {
+            const int partial = done + size == n && runs[n - 1].len < LMD_VEC_LANES;
+            score_runs_dispatch(scores, q, nq, runs + done, size, partial, block_size, hs, scale);
+            done += size;
+        }
 }
 
 // scores[i][t] for nq queries of the same sequence (q (nq,) pointers to (hs,)) and every
@@ -340,21 +358,17 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
     int n = 0;
     for (int32_t t = 0; t < n_pos;) {
         const int32_t column = t % block_size;
-        runs[n].k = lmd_kvseq_k_block(seq, l, t) + (int64_t)kv_offset * block_size + column;
-        runs[n].t = t;
-        n++;
-        t += block_size - column < LMD_VEC_LANES ? block_size - column : LMD_VEC_LANES;
-        if (n == most) {
-            score_runs_dispatch(scores, q, nq, runs, most, block_size, hs, scale);
+        int32_t len = block_size - column < LMD_VEC_LANES ? block_size - column : LMD_VEC_LANES;
+        len = n_pos - t < len ? n_pos - t : len;
+        const key_run run = {lmd_kvseq_k_block(seq, l, t) + (int64_t)kv_offset * block_size + column, t, len};
+        t += len;
+        runs[n++] = run;
+        if (n == most || len < LMD_VEC_LANES) { /* a short run ends a call: its extra lanes go after */
+            score_pending_runs(scores, q, nq, runs, n, most, block_size, hs, scale);
             n = 0;
         }
     }
-    /* the last runs, in order, in calls of 4, 2, 1 */
-    for (int done = 0, size = most / 2; n > done; size /= 2)
-        if (n - done >= size) {
-            score_runs_dispatch(scores, q, nq, runs + done, size, block_size, hs, scale);
-            done += size;
-        }
+    score_pending_runs(scores, q, nq, runs, n, most, block_size, hs, scale);
 }
 
 /* independent FMA chains the value sums keep going: an FMA's 4-cycle latency times the
