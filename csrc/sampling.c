@@ -1052,6 +1052,12 @@ lmd_status lmd_sample_rows(lmd_sampler *const *samplers, int n_samplers,
 /* scoring                                                              */
 /* ------------------------------------------------------------------ */
 
+float lmd_row_log_normalizer(const float *z, int32_t vocab, float *log_total, int32_t *bad_index) {
+    const float ms = row_max(z, vocab, bad_index);
+    *log_total = *bad_index >= 0 || ms == -INFINITY ? 0.0f : (float)log(row_group_masses(z, vocab, 1.0f, ms, NULL));
+    return ms;
+}
+
 lmd_status lmd_target_logprobs(const float *logits, int64_t row_stride, int32_t n_rows, int32_t vocab,
                                const int32_t *targets, float *out, int32_t *failed_row, lmd_error *err) {
     if (failed_row) *failed_row = -1;
@@ -1085,8 +1091,8 @@ lmd_status lmd_target_logprobs(const float *logits, int64_t row_stride, int32_t 
     for (int32_t r = 0; r < n_rows; r++) {
         const float *z = logits + (int64_t)r * row_stride;
         int32_t bad_index;
-        const float ms = row_max(z, vocab, &bad_index);
-        const float log_total = (float)log(row_group_masses(z, vocab, 1.0f, ms, NULL));
+        float log_total;
+        const float ms = lmd_row_log_normalizer(z, vocab, &log_total, &bad_index);
         out[r] = (z[targets[r]] / 1.0f - ms) - log_total; /* write_row_logprobs' value at t = 1 */
     }
     return LMD_OK;

@@ -126,4 +126,12 @@ lmd_status lmd_sample_rows(lmd_sampler *const *samplers, int n_samplers,
 lmd_status lmd_target_logprobs(const float *logits, int64_t row_stride, int32_t n_rows, int32_t vocab,
                                const int32_t *targets, float *out, int32_t *failed_row, lmd_error *err);
 
+/*
+ * The log-softmax of a row of logits z (vocab,) as this module computes it:
+ * log_softmax(z)[i] = (z[i] - max) - *log_total, with max the return value. Returns with
+ * *bad_index >= 0 at the first NaN or +inf; a row of -inf returns -inf. Beam search ranks
+ * its candidates with these values, which are generate()'s log-probs at temperature 1.
+ */
+float lmd_row_log_normalizer(const float *z, int32_t vocab, float *log_total, int32_t *bad_index);
+
 #endif /* LMD_SAMPLING_H */

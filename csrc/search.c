@@ -11,6 +11,8 @@
  * take a finished candidate keeps the penalized score, as in transformers.
  */
 #include "search.h"
+#include "sampling.h"
+#include "vec.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -47,6 +49,8 @@ struct lmd_beam_search {
     unsigned char *cand_hits; /* (K,) ends here: EOS or length limit */
     int32_t *order;          /* (B + K,) merge order */
     float *merge_score;      /* (B + K,) */
+    float *row_max;          /* (B,) each beam's max logit */
+    float *row_log_total;    /* (B,) log sum exp(logits - max): log_softmax = logit - max - this */
 
     /* the next step's running beams and finished slots are built here, then
      * swapped in, so that no step reads what it has overwritten */
@@ -87,6 +91,8 @@ void lmd_beam_search_free(lmd_beam_search *bs) {
     free(bs->cand_hits);
     free(bs->order);
     free(bs->merge_score);
+    free(bs->row_max);
+    free(bs->row_log_total);
     free(bs->next_run_score);
     free(bs->next_run_tokens);
     free(bs->next_run_lps);
@@ -152,6 +158,8 @@ lmd_status lmd_beam_search_init(lmd_beam_search **out, const lmd_beam_config *c,
     bs->cand_hits = malloc(K);
     bs->order = malloc((B + K) * sizeof(int32_t));
     bs->merge_score = malloc((B + K) * sizeof(float));
+    bs->row_max = malloc(B * sizeof(float));
+    bs->row_log_total = malloc(B * sizeof(float));
     bs->next_run_score = malloc(B * sizeof(float));
     bs->next_run_tokens = malloc(B * T * sizeof(int32_t));
     bs->next_run_lps = malloc(B * T * sizeof(float));
@@ -164,7 +172,7 @@ lmd_status lmd_beam_search_init(lmd_beam_search **out, const lmd_beam_config *c,
     if (!bs->eos || !bs->run_score || !bs->run_tokens || !bs->run_lps || !bs->fin_score ||
         !bs->fin_sum || !bs->fin_len || !bs->fin_done || !bs->fin_tokens || !bs->fin_lps ||
         !bs->cand_score || !bs->cand_lp || !bs->cand_beam || !bs->cand_token || !bs->cand_hits ||
-        !bs->order || !bs->merge_score || !bs->next_run_score || !bs->next_run_tokens ||
+        !bs->order || !bs->merge_score || !bs->row_max || !bs->row_log_total || !bs->next_run_score || !bs->next_run_tokens ||
         !bs->next_run_lps || !bs->next_fin_score || !bs->next_fin_sum || !bs->next_fin_len ||
         !bs->next_fin_done || !bs->next_fin_tokens || !bs->next_fin_lps) {
         lmd_beam_search_free(bs);
@@ -238,25 +246,38 @@ lmd_status lmd_beam_search_step(lmd_beam_search *bs, const float *logits, int32_
     const int32_t B = c->num_beams, V = c->vocab, T = c->max_new_tokens, K = bs->n_candidates;
     const int32_t t = bs->generated;
     if (bs->done) return lmd_fail(err, LMD_ERR_INVALID_ARG, "the beam search has already ended");
-    for (int64_t i = 0; i < (int64_t)B * V; i++)
-        if (isnan(logits[i]) || logits[i] == INFINITY)
-            return lmd_fail(err, LMD_ERR_INVALID_ARG, "logits of beam %d, token %d is %s",
-                            (int)(i / V), (int)(i % V), isnan(logits[i]) ? "NaN" : "+inf");
+    float *maxes = bs->row_max, *log_totals = bs->row_log_total;
+    for (int32_t b = 0; b < B; b++) {
+        int32_t bad;
+        maxes[b] = lmd_row_log_normalizer(logits + (int64_t)b * V, V, &log_totals[b], &bad);
+        if (bad >= 0)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "logits of beam %d, token %d is %s", (int)b, (int)bad,
+                            isnan(logits[(int64_t)b * V + bad]) ? "NaN" : "+inf");
+    }
+    for (int32_t b = 0; b < B; b++)
+        if (maxes[b] == -INFINITY)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "every logit of beam %d is -inf", (int)b);
 
-    /* 1. the K best (beam, token) continuations by accumulated log-prob */
+    /* 1. the K best (beam, token) continuations by accumulated log-prob: each token's score
+     *    lp + run_score with lp its log-softmax (generate()'s log-prob); a vector of scores is
+     *    compared with the K-th best so far first, and only tokens that may enter are offered */
     int32_t n = 0;
     for (int32_t b = 0; b < B; b++) {
         const float *row = logits + (int64_t)b * V;
-        float max = -INFINITY;
-        for (int32_t v = 0; v < V; v++) max = row[v] > max ? row[v] : max;
-        if (max == -INFINITY)
-            return lmd_fail(err, LMD_ERR_INVALID_ARG, "every logit of beam %d is -inf", (int)b);
-        double sum = 0.0;
-        for (int32_t v = 0; v < V; v++) sum += exp((double)(row[v] - max));
-        const float log_sum = (float)log(sum);
-        for (int32_t v = 0; v < V; v++) {
-            float lp = (row[v] - max) - log_sum; /* log_softmax, as torch computes it */
-            offer_candidate(bs, &n, lp + bs->run_score[b], b, v, lp);
+        const float max = maxes[b], log_sum = log_totals[b], run = bs->run_score[b];
+        int32_t v = 0;
+        for (; v + LMD_VEC_LANES <= V; v += LMD_VEC_LANES) {
+            const vf score = ((vload(row + v) - max) - log_sum) + run; /* as below, lane by lane */
+            const float floor = n < K ? -INFINITY : bs->cand_score[K - 1];
+            if (n == K && !vany(score > floor)) continue;
+            for (int j = 0; j < LMD_VEC_LANES; j++) {
+                const float lp = (row[v + j] - max) - log_sum;
+                offer_candidate(bs, &n, lp + run, b, v + j, lp);
+            }
+        }
+        for (; v < V; v++) {
+            const float lp = (row[v] - max) - log_sum; /* log_softmax, as torch computes it */
+            offer_candidate(bs, &n, lp + run, b, v, lp);
         }
     }
     int all_hit = 1;
