@@ -13,9 +13,11 @@
  * of a GQA group (model.h's scores hold their weights) */
 #define SCORE_QUERIES 6
 /* attention's work units: one per kv head; with fewer kv heads than two per thread, the
- * chunk's tokens are cut into parts (up to this many units in all), so that the threads
- * still share the work evenly */
+ * chunk's tokens, then the kv heads' query heads, are cut into parts, aiming at two units
+ * per thread and at most about this many units in all, so that the threads still share
+ * the work evenly */
 #define ATTENTION_MAX_UNITS 16
+static int most_attention_units(const lmd_config *c);
 
 /* ------------------------------------------------------------------ */
 /* validation                                                           */
@@ -178,8 +180,7 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
     m->hb = lmd_alloc_aligned(B * H * sizeof(float));
     m->hb2 = lmd_alloc_aligned(B * H * sizeof(float));
     m->scores_stride = config->context_length + LMD_VEC_LANES; /* head_scores writes whole vectors */
-    /* attention's work units: at most n_kv_heads * attention_parts(config, B, threads) */
-    const size_t units = (size_t)config->n_kv_heads + ATTENTION_MAX_UNITS - 1;
+    const size_t units = (size_t)most_attention_units(config); /* each has its scores */
     m->scores = lmd_alloc_aligned(units * SCORE_QUERIES * m->scores_stride * sizeof(float));
     m->inv_freq = malloc(((size_t)config->head_dim / 2 + 1) * sizeof(float));
     m->rope_cos = malloc((B * (size_t)(config->head_dim / 2) + 1) * sizeof(float));
@@ -465,12 +466,35 @@ static inline __attribute__((always_inline)) void value_sums(float *const *out, 
 /* Below this many multiply-adds the attention of a chunk runs on one thread. */
 #define ATTENTION_PARALLEL_MIN_WORK 100000
 
-// parts the tokens of a B-token chunk are cut into: units = n_kv_heads * parts
-static int attention_parts(const lmd_config *c, int B, int threads) {
+// how a B-token chunk's attention is cut into work units, kv head by kv head: tokens
+// (cut at equal attended positions) and, when there are still too few units (a decode of
+// one token, few kv heads), the kv head's query heads
+typedef struct {
+    int token_parts, head_parts; /* units = n_kv_heads * token_parts * head_parts */
+} attention_split;
+
+static attention_split split_attention(const lmd_config *c, int B, int threads) {
+    attention_split split = {1, 1};
     const int target = 2 * threads < ATTENTION_MAX_UNITS ? 2 * threads : ATTENTION_MAX_UNITS;
-    if (threads < 2 || c->n_kv_heads >= target) return 1;
-    const int parts = (target + c->n_kv_heads - 1) / c->n_kv_heads;
-    return parts < B ? parts : B;
+    if (threads < 2 || c->n_kv_heads >= target) return split;
+    const int per_kv = (target + c->n_kv_heads - 1) / c->n_kv_heads, group = c->n_heads / c->n_kv_heads;
+    split.token_parts = per_kv < B ? per_kv : B;
+    const int more = (per_kv + split.token_parts - 1) / split.token_parts;
+    split.head_parts = more < group ? more : group;
+    return split;
+}
+
+// the most units split_attention gives this config (it depends on B and threads up to
+// ATTENTION_MAX_UNITS only)
+static int most_attention_units(const lmd_config *c) {
+    int most = 1;
+    for (int threads = 1; threads <= ATTENTION_MAX_UNITS; threads++)
+        for (int B = 1; B <= ATTENTION_MAX_UNITS; B++) {
+            const attention_split split = split_attention(c, B, threads);
+            const int units = c->n_kv_heads * split.token_parts * split.head_parts;
+            most = units > most ? units : most;
+        }
+    return most;
 }
 
 // nt (<= SCORE_QUERIES / nh) consecutive tokens b.. of the chunk, all of one sequence, in
@@ -511,22 +535,23 @@ static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, c
     }
 }
 
-// one work unit: the query heads of kv head g for the chunk's tokens [b_begin, b_end), in
-// tiles of up to SCORE_QUERIES queries: neighbouring tokens of one sequence times the heads
-// of the group (GQA's heads share their keys and values; so do a prefill's tokens). Inlined
-// per usual head size (see attend_unit) so the value sums' loops have constant trip counts.
+// one work unit: query heads [h_begin, h_end) of one kv group for the chunk's tokens
+// [b_begin, b_end), in tiles of up to SCORE_QUERIES queries: neighbouring tokens of one
+// sequence times the group's heads (GQA's heads share their keys and values; so do a
+// prefill's tokens). Inlined per usual head size (see attend_unit) so the value sums'
+// loops have constant trip counts.
 static inline __attribute__((always_inline)) void attend_unit_sized(lmd_model *m, lmd_kvseq *const *seqs,
                                                                     const int32_t *token_seq, int b_begin,
-                                                                    int b_end, int32_t l, int g,
+                                                                    int b_end, int32_t l, int h_begin, int h_end,
                                                                     float *scores_buffer, const int hs) {
-    const int group = m->config.n_heads / m->config.n_kv_heads;
-    const int tile_heads = group < SCORE_QUERIES ? group : SCORE_QUERIES;
+    const int heads = h_end - h_begin;
+    const int tile_heads = heads < SCORE_QUERIES ? heads : SCORE_QUERIES;
     const int tile_tokens = SCORE_QUERIES / tile_heads;
     for (int b = b_begin; b < b_end;) {
         int nt = 1;
         while (nt < tile_tokens && b + nt < b_end && token_seq[b + nt] == token_seq[b]) nt++;
-        for (int h0 = g * group; h0 < (g + 1) * group; h0 += tile_heads) {
-            const int nh = (g + 1) * group - h0 < tile_heads ? (g + 1) * group - h0 : tile_heads;
+        for (int h0 = h_begin; h0 < h_end; h0 += tile_heads) {
+            const int nh = h_end - h0 < tile_heads ? h_end - h0 : tile_heads;
             attend_queries(m, seqs[token_seq[b]], b, nt, h0, nh, l, scores_buffer, hs);
         }
         b += nt;
@@ -534,8 +559,8 @@ static inline __attribute__((always_inline)) void attend_unit_sized(lmd_model *m
 }
 
 static void attend_unit(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int b_begin, int b_end,
-                        int32_t l, int g, float *scores_buffer) {
-#define ATTEND_UNIT(hs) attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, g, scores_buffer, hs)
+                        int32_t l, int h_begin, int h_end, float *scores_buffer) {
+#define ATTEND_UNIT(hs) attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, hs)
     switch (m->config.head_dim) {
     case 8: ATTEND_UNIT(8); break;
     case 16: ATTEND_UNIT(16); break;
@@ -547,28 +572,34 @@ static void attend_unit(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *tok
 #undef ATTEND_UNIT
 }
 
-// every query head of the chunk's B tokens; the units (kv head, part of the tokens) are
-// independent, so they split across threads
+// every query head of the chunk's B tokens; the units (kv head, part of its query heads,
+// part of the tokens) are independent, so they split across threads
 static void attention(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int B, int32_t l) {
     const lmd_config *c = &m->config;
-    const int threads = lmd_get_num_threads();
+    const int threads = lmd_get_num_threads(), group = c->n_heads / c->n_kv_heads;
     int64_t work = 0, seen = 0;
     for (int b = 0; b < B; b++) work += m->pos[b] + 1;
     const int parallel = work * c->head_dim * c->n_heads >= ATTENTION_PARALLEL_MIN_WORK && threads > 1;
-    const int parts = attention_parts(c, B, parallel ? threads : 1), units = c->n_kv_heads * parts;
-    /* part p: tokens [bound[p], bound[p+1]), cut where the positions attended to (a token at
-     * position t attends to t + 1) reach p / parts of the chunk's: a prefill's later tokens
-     * see more */
+    const attention_split split = split_attention(c, B, parallel ? threads : 1);
+    const int tp = split.token_parts, hp = split.head_parts, units = c->n_kv_heads * tp * hp;
+    /* token part p: tokens [bound[p], bound[p+1]), cut where the positions attended to (a
+     * token at position t attends to t + 1) reach p / tp of the chunk's: a prefill's later
+     * tokens see more */
     int bound[ATTENTION_MAX_UNITS + 1];
     bound[0] = 0;
     for (int b = 0, p = 1; b < B; b++) {
         seen += m->pos[b] + 1;
-        while (p < parts && seen * parts >= work * p) bound[p++] = b + 1;
+        while (p < tp && seen * tp >= work * p) bound[p++] = b + 1;
     }
-    bound[parts] = B;
+    bound[tp] = B;
+    /* unit u: kv head u / (tp hp), then head part, then token part */
 #define ATTEND_UNIT_U(u)                                                                           \
-    attend_unit(m, seqs, token_seq, bound[(u) % parts], bound[(u) % parts + 1], l, (u) / parts,    \
-                m->scores + (size_t)(u) * SCORE_QUERIES * m->scores_stride)
+    do {                                                                                           \
+        const int g = (u) / (tp * hp), head_part = (u) / tp % hp, token_part = (u) % tp;           \
+        attend_unit(m, seqs, token_seq, bound[token_part], bound[token_part + 1], l,               \
+                    g * group + group * head_part / hp, g * group + group * (head_part + 1) / hp,  \
+                    m->scores + (size_t)(u) * SCORE_QUERIES * m->scores_stride);                   \
+    } while (0)
 #ifdef _OPENMP
     if (parallel) {
 #pragma omp parallel for schedule(static, 1) num_threads(threads)

@@ -325,3 +325,40 @@ def test_grouped_query_attention_tiles(n_heads, n_kv_heads):
             np.testing.assert_array_equal(model.logits(toks), want, err_msg=f"{threads} threads")
     finally:
         lmdecode.set_num_threads(old)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(8, 1), (6, 2)])
+def test_long_decode_splits_query_heads_across_threads(n_heads, n_kv_heads):
+    """Decoding one token after 300 positions is enough attention work for threads; with fewer
+    kv heads than two per thread the kv heads' query heads are split between them. Logits equal
+    the prefill's and each other's for 1, 2 and 3 threads."""
+    rng = np.random.default_rng(n_heads)
+    hd, V, FF, n = 64, 50, 64, 304
+    D = n_heads * hd
+    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=V, hidden_size=D,
+               intermediate_size=FF, num_hidden_layers=1, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+               max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    p = "model.layers.0."
+    w = {"model.embed_tokens.weight": rng.normal(0, 0.5, (V, D)), "model.norm.weight": np.ones(D),
+         "lm_head.weight": rng.normal(0, 0.5, (V, D)), p + "input_layernorm.weight": np.ones(D),
+         p + "post_attention_layernorm.weight": np.ones(D)}
+    kv = n_kv_heads * hd
+    for name, shape in (("self_attn.q_proj", (D, D)), ("self_attn.k_proj", (kv, D)), ("self_attn.v_proj", (kv, D)),
+                        ("self_attn.o_proj", (D, D)), ("mlp.gate_proj", (FF, D)), ("mlp.up_proj", (FF, D)),
+                        ("mlp.down_proj", (D, FF))):
+        w[p + name + ".weight"] = rng.normal(0, 1 / np.sqrt(shape[1]), shape)
+    model = lmdecode.Model.from_numpy(cfg, {k: v.astype(np.float32) for k, v in w.items()})
+    toks = rng.integers(0, V, n)
+    old = lmdecode.get_num_threads()
+    try:
+        lmdecode.set_num_threads(1)
+        want = model.logits(toks)[300:]
+        assert np.ptp(want) > 1.0  # not degenerate
+        for threads in (1, 2, 3):
+            lmdecode.set_num_threads(threads)
+            cache = model.new_cache(capacity=n)
+            model.forward(toks[:300], cache)
+            got = np.stack([model.forward([t], cache) for t in toks[300:]])
+            np.testing.assert_array_equal(got, want, err_msg=f"{threads} threads")
+    finally:
+        lmdecode.set_num_threads(old)
