@@ -304,7 +304,8 @@ static inline __attribute__((always_inline)) void score_runs(float *const *score
     for (int d = 0; d < hs; d++, offset += block_size) {
         vf k[SCORE_RUNS_ONE_QUERY];
         for (int r = 0; r < nk; r++) {
-            k[r] = partial && r == nk - 1 ? vload_partial(runs[r].k + offset, last_len, 0.0f) : vload(runs[r].k + offset);
+            const float *kr = runs[r].k + offset;
+            k[r] = partial && r == nk - 1 ? vload_partial(kr, last_len, 0.0f) : vload(kr);
             if (nq > 1) IN_REGISTER(k[r]); /* one load for the queries */
         }
         for (int i = 0; i < nq; i++) {

@@ -463,7 +463,8 @@ static ALWAYS_INLINE void tile_f32_rows(float *out, const float *x, const float 
         vf wv[MAX_TILE_R];
         for (int r = 0; r < nr; r++) {
             /* integer arithmetic: the prefetched rows may lie in another object (staged rows) */
-            if (prefetch_bytes != 0) __builtin_prefetch((const void *)((uintptr_t)wp[r] + (uintptr_t)prefetch_bytes));
+            if (prefetch_bytes != 0)
+                __builtin_prefetch((const void *)((uintptr_t)wp[r] + (uintptr_t)prefetch_bytes));
             wv[r] = vload(wp[r]);
             if (nc > 1) IN_REGISTER(wv[r]); /* one load for the inputs */
             wp[r] += LMD_VEC_LANES;
@@ -684,7 +685,8 @@ static void row_block_staged(float *out, const float *x, const uint8_t *w, int64
             prefetch_bytes == 0 ? 0 : (int64_t)((uintptr_t)(rows + prefetch_bytes) - (uintptr_t)staged);
         for (int c0 = 0; c0 < B; c0 += MAX_TILE_C) {
             const int nc = B - c0 < MAX_TILE_C ? B - c0 : MAX_TILE_C;
-#define TILE_STAGED(nc_) tile_f32_rows(out, x, staged, c0 == 0 ? from_staged : 0, n, d, r0 + 4 * half, 4, c0, nc_)
+#define TILE_STAGED(nc_)                                                                           \
+    tile_f32_rows(out, x, staged, c0 == 0 ? from_staged : 0, n, d, r0 + 4 * half, 4, c0, nc_)
             switch (nc) {
             case 1: TILE_STAGED(1); break;
             case 2: TILE_STAGED(2); break;

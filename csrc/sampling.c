@@ -1054,7 +1054,8 @@ lmd_status lmd_sample_rows(lmd_sampler *const *samplers, int n_samplers,
 
 float lmd_row_log_normalizer(const float *z, int32_t vocab, float *log_total, int32_t *bad_index) {
     const float ms = row_max(z, vocab, bad_index);
-    *log_total = *bad_index >= 0 || ms == -INFINITY ? 0.0f : (float)log(row_group_masses(z, vocab, 1.0f, ms, NULL));
+    const int defined = *bad_index < 0 && ms != -INFINITY;
+    *log_total = defined ? (float)log(row_group_masses(z, vocab, 1.0f, ms, NULL)) : 0.0f;
     return ms;
 }
 

@@ -172,9 +172,10 @@ lmd_status lmd_beam_search_init(lmd_beam_search **out, const lmd_beam_config *c,
     if (!bs->eos || !bs->run_score || !bs->run_tokens || !bs->run_lps || !bs->fin_score ||
         !bs->fin_sum || !bs->fin_len || !bs->fin_done || !bs->fin_tokens || !bs->fin_lps ||
         !bs->cand_score || !bs->cand_lp || !bs->cand_beam || !bs->cand_token || !bs->cand_hits ||
-        !bs->order || !bs->merge_score || !bs->row_max || !bs->row_log_total || !bs->next_run_score || !bs->next_run_tokens ||
-        !bs->next_run_lps || !bs->next_fin_score || !bs->next_fin_sum || !bs->next_fin_len ||
-        !bs->next_fin_done || !bs->next_fin_tokens || !bs->next_fin_lps) {
+        !bs->order || !bs->merge_score || !bs->row_max || !bs->row_log_total ||
+        !bs->next_run_score || !bs->next_run_tokens || !bs->next_run_lps || !bs->next_fin_score ||
+        !bs->next_fin_sum || !bs->next_fin_len || !bs->next_fin_done || !bs->next_fin_tokens ||
+        !bs->next_fin_lps) {
         lmd_beam_search_free(bs);
         return lmd_fail(err, LMD_ERR_NOMEM, "out of memory for beam search of width %d",
                         (int)c->num_beams);
