@@ -263,6 +263,27 @@ def test_pool_exhaustion_leaves_cache_unchanged(hf):
     assert len(other) == 33
 
 
+V_SMALL = 50  # vocabulary of _one_layer_llama
+
+
+def _one_layer_llama(rng, *, n_heads, n_kv_heads, head_dim, context):
+    """A one-layer Llama with random weights (scaled so that attention is far from uniform), from NumPy."""
+    V, FF = V_SMALL, 64
+    D, kv = n_heads * head_dim, n_kv_heads * head_dim
+    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=V, hidden_size=D,
+               intermediate_size=FF, num_hidden_layers=1, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+               max_position_embeddings=context, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    p = "model.layers.0."
+    w = {"model.embed_tokens.weight": rng.normal(0, 0.5, (V, D)), "model.norm.weight": np.ones(D),
+         "lm_head.weight": rng.normal(0, 0.5, (V, D)), p + "input_layernorm.weight": np.ones(D),
+         p + "post_attention_layernorm.weight": np.ones(D)}
+    for name, shape in (("self_attn.q_proj", (D, D)), ("self_attn.k_proj", (kv, D)), ("self_attn.v_proj", (kv, D)),
+                        ("self_attn.o_proj", (D, D)), ("mlp.gate_proj", (FF, D)), ("mlp.up_proj", (FF, D)),
+                        ("mlp.down_proj", (D, FF))):
+        w[p + name + ".weight"] = rng.normal(0, 1 / np.sqrt(shape[1]), shape)
+    return lmdecode.Model.from_numpy(cfg, {k: v.astype(np.float32) for k, v in w.items()})
+
+
 @pytest.mark.parametrize("head_dim", [24, 40, 64])
 def test_attention_is_bit_identical_for_any_split_and_head_size(head_dim):
     """A prefill, token-by-token decoding and caches of any block size give the very same
@@ -271,21 +292,8 @@ def test_attention_is_bit_identical_for_any_split_and_head_size(head_dim):
     scores neighbouring queries six at a time and sums their values three at a time, decoding
     one by one."""
     rng = np.random.default_rng(head_dim)
-    H, V, FF = 2, 50, 64
-    D = H * head_dim
-    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=V, hidden_size=D,
-               intermediate_size=FF, num_hidden_layers=1, num_attention_heads=H, num_key_value_heads=H,
-               max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
-    p = "model.layers.0."
-    w = {"model.embed_tokens.weight": rng.normal(0, 0.5, (V, D)), "model.norm.weight": np.ones(D),
-         "lm_head.weight": rng.normal(0, 0.5, (V, D)), p + "input_layernorm.weight": np.ones(D),
-         p + "post_attention_layernorm.weight": np.ones(D)}
-    for name, shape in (("self_attn.q_proj", (D, D)), ("self_attn.k_proj", (D, D)), ("self_attn.v_proj", (D, D)),
-                        ("self_attn.o_proj", (D, D)), ("mlp.gate_proj", (FF, D)), ("mlp.up_proj", (FF, D)),
-                        ("mlp.down_proj", (D, FF))):
-        w[p + name + ".weight"] = rng.normal(0, 1 / np.sqrt(shape[1]), shape)
-    model = lmdecode.Model.from_numpy(cfg, {k: v.astype(np.float32) for k, v in w.items()})
-    toks = rng.integers(0, V, 40)
+    model = _one_layer_llama(rng, n_heads=2, n_kv_heads=2, head_dim=head_dim, context=64)
+    toks = rng.integers(0, V_SMALL, 40)
     want = model.forward(toks, model.new_cache(), logits="all")
     assert np.ptp(want) > 1.0  # not degenerate
     for block_size in (1, 5, 16):
@@ -333,22 +341,9 @@ def test_long_decode_splits_query_heads_across_threads(n_heads, n_kv_heads):
     kv heads than two per thread the kv heads' query heads are split between them. Logits equal
     the prefill's and each other's for 1, 2 and 3 threads."""
     rng = np.random.default_rng(n_heads)
-    hd, V, FF, n = 64, 50, 64, 304
-    D = n_heads * hd
-    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=V, hidden_size=D,
-               intermediate_size=FF, num_hidden_layers=1, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-               max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
-    p = "model.layers.0."
-    w = {"model.embed_tokens.weight": rng.normal(0, 0.5, (V, D)), "model.norm.weight": np.ones(D),
-         "lm_head.weight": rng.normal(0, 0.5, (V, D)), p + "input_layernorm.weight": np.ones(D),
-         p + "post_attention_layernorm.weight": np.ones(D)}
-    kv = n_kv_heads * hd
-    for name, shape in (("self_attn.q_proj", (D, D)), ("self_attn.k_proj", (kv, D)), ("self_attn.v_proj", (kv, D)),
-                        ("self_attn.o_proj", (D, D)), ("mlp.gate_proj", (FF, D)), ("mlp.up_proj", (FF, D)),
-                        ("mlp.down_proj", (D, FF))):
-        w[p + name + ".weight"] = rng.normal(0, 1 / np.sqrt(shape[1]), shape)
-    model = lmdecode.Model.from_numpy(cfg, {k: v.astype(np.float32) for k, v in w.items()})
-    toks = rng.integers(0, V, n)
+    n = 304
+    model = _one_layer_llama(rng, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=64, context=512)
+    toks = rng.integers(0, V_SMALL, n)
     old = lmdecode.get_num_threads()
     try:
         lmdecode.set_num_threads(1)
