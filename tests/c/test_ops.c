@@ -622,6 +622,42 @@ static void test_matmul_equals_dot(void) {
         }
 }
 
+/* f32 rows that start off a 64-byte boundary by any number of floats (NumPy's arrays sit
+ * 16 bytes off, safetensors data anywhere) give lmd_dot's bits through the decoding tiles
+ * (one and two inputs), for every offset, a matrix of 2 x 8 + 3 rows and rows of one, 48
+ * and 257 vectors. */
+static void test_matmul_f32_rows_off_cache_lines(void) {
+    const int64_t cols[3] = {32, 768, 4112}, d = 19;
+    test_rng r = {47};
+    for (int ci = 0; ci < 3; ci++) {
+        const int64_t n = cols[ci];
+        float *wf = malloc((size_t)(d * n) * sizeof(float)), *x = malloc((size_t)(2 * n) * sizeof(float));
+        float *buffer = lmd_alloc_aligned((size_t)(d * n + 16) * sizeof(float)), out[2 * 19];
+        test_fill(&r, wf, d * n, -1.0f, 1.0f);
+        test_fill(&r, x, 2 * n, -1.0f, 1.0f);
+        for (int offset = 0; offset < 16; offset++) {
+            float *rows = buffer + offset; /* offset floats past a 64-byte boundary */
+            memcpy(rows, wf, (size_t)(d * n) * sizeof(float));
+            const lmd_matrix w = {rows, LMD_F32, d, n};
+            for (int B = 1; B <= 2; B++) {
+                lmd_matmul(out, x, &w, B);
+                int mismatches = 0;
+                for (int64_t i = 0; i < d; i++)
+                    for (int b = 0; b < B; b++) {
+                        const float want = lmd_dot(wf + i * n, x + b * n, (int)n);
+                        mismatches += memcmp(&want, out + b * d + i, sizeof want) != 0;
+                    }
+                if (mismatches) {
+                    fprintf(stderr, "matmul f32 n=%lld rows %d floats off a line, B=%d: %d outputs differ from lmd_dot\n",
+                            (long long)n, offset, B, mismatches);
+                    test_failures++;
+                }
+            }
+        }
+        free(wf), free(x), free(buffer);
+    }
+}
+
 /* lmd_matmul_scratch (inputs rounded to bf16, or quantized for q8_0, once per call) gives
  * the very bits of lmd_matmul (rounding in every tile; quantizing on the stack in chunks),
  * for every dtype, batch and thread count, and leaves x alone. */
@@ -896,6 +932,7 @@ int main(void) {
     test_matmul_against_naive();
     test_matmul_batch_and_thread_invariance();
     test_matmul_equals_dot();
+    test_matmul_f32_rows_off_cache_lines();
     test_matmul_scratch_is_identical();
     test_dot_axpy();
     test_norms();
