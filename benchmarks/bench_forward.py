@@ -23,7 +23,10 @@ memory, and the cost of a token against context length with and without the KV c
    GGUF files written with gguf's GGUFWriter (F32, BF16, Q8_0; Q and K rows
    permuted to GGUF's adjacent-pair rotary layout as llama.cpp's converter does).
    Every peer's logits are checked against lmdecode's on one prompt before it is
-   timed, and lmdecode also loads the F32 files to check them.
+   timed. lmdecode also loads the F32 files: checked, and timed as the lmdecode·gguf
+   rows, the same engine reading the same file as llama.cpp (NumPy's large arrays
+   start 16 bytes past a cache line, which costs f32 decoding ~7% here; the files
+   are aligned and memory-mapped).
    decode: tok/s of single-token forward calls (lmdecode Model.forward, transformers
    with its DynamicCache, llama.cpp llama_decode of a 1-token batch) after a
    16-token prompt, through pre-drawn random tokens, a distinct prompt per rep.
@@ -93,6 +96,7 @@ LLAMA_SMALL = dict(LLAMA_110M, vocab_size=8000, hidden_size=256, intermediate_si
 BIG_MODELS = {False: ["llama110M", "gpt2-124M"], True: ["llama110M"]}  # by --quick
 CONFIGS = {"llama110M": LLAMA_110M, "gpt2-124M": GPT2_124M, "llama-small": LLAMA_SMALL}
 
+GGUF_LABEL = "lmdecode·gguf"  # lmdecode reading the f32 GGUF file that llama.cpp reads
 GOALS = {"ceil_f32": 0.80, "ceil_q8_0": 0.60, "threads": 1.6, "vs_hf": 3.0, "vs_llamacpp": 1.0, "prefill": 10.0,
          "stories": 20000.0, "rss": 1.1}
 
@@ -295,8 +299,9 @@ class LdEngine:
 
     label = "lmdecode"
 
-    def __init__(self, model: ld.Model, dtype: str):
+    def __init__(self, model: ld.Model, dtype: str, label: str | None = None):
         self.model, self.dtype = model, dtype
+        self.label = label or self.label
 
     def set_threads(self, n: int) -> None:
         ld.set_num_threads(n)
@@ -641,12 +646,12 @@ def print_row(r: Row) -> None:
     def star(kind, n):
         return "*" if r.flag[(kind, n)] else " "
 
-    print(f"{r.model:<12}{r.engine:<13}{r.dtype:<6}{r.read / 1e6:>8.1f}{ceil[1]:>9.1f}{d1:>9.1f}{star('dec', 1)}"
+    print(f"{r.model:<12}{r.engine:<15}{r.dtype:<6}{r.read / 1e6:>8.1f}{ceil[1]:>9.1f}{d1:>9.1f}{star('dec', 1)}"
           f"{100 * d1 / ceil[1]:>5.0f}{d2:>9.1f}{star('dec', 2)}{100 * d2 / ceil[2]:>5.0f}{d2 / d1:>6.2f}"
           f"{p1:>9.0f}{star('pf', 1)}{p2:>8.0f}{star('pf', 2)}{p1 / d1:>7.1f}", flush=True)
 
 
-TABLE_HEADER = (f"{'model':<12}{'engine':<13}{'dtype':<6}{'MB/tok':>8}{'ceil 1T':>9}{'dec 1T':>9}{'%ceil':>6}"
+TABLE_HEADER = (f"{'model':<12}{'engine':<15}{'dtype':<6}{'MB/tok':>8}{'ceil 1T':>9}{'dec 1T':>9}{'%ceil':>6}"
                 f"{'dec 2T':>9}{'%ceil':>6}{'2T/1T':>6}{'pf 1T':>9}{'pf 2T':>9}{'pf/dec':>7}")
 
 
@@ -689,9 +694,11 @@ def bench_big(name: str, args, torch, transformers, llama_cpp, tmp: Path, notes:
         if llama_cpp is not None:
             try:
                 write_gguf(path, hf, weights, dtype)
-                if dtype == "f32":  # the file itself, read back by lmdecode's GGUF loader
-                    notes.append(check_close(f"lmdecode from {path.name} vs from_numpy",
-                                             LdEngine(ld.Model.load(path), dtype).last_logits(probe), reference))
+                if dtype == "f32":  # the file itself, read back by lmdecode's GGUF loader, timed too
+                    from_file = LdEngine(ld.Model.load(path), dtype, label=GGUF_LABEL)
+                    notes.append(check_close(f"lmdecode from {path.name} vs from_numpy", from_file.last_logits(probe),
+                                             reference))
+                    engines.append(from_file)
                 engines.append(LlamaCppEngine(llama_cpp, path, dtype, n_ctx=1024))
             except Exception as e:  # a type this llama.cpp build lacks, a failed load...
                 notes.append(f"llama.cpp {name} {dtype} unavailable: {type(e).__name__}: {e}")
@@ -838,6 +845,12 @@ def print_goals(rows: list, memory: dict) -> None:
         mem = memory.get((r.model, r.dtype))
         c6 = "-  " if mem is None else f"{mem:.2f} " + mark(mem <= GOALS["rss"])
         print(f"{r.model:<12}{r.dtype:<6}{c1:>15}{c2:>14}{cells[0]:>19}{cells[1]:>24}{c5:>16}{c6:>18}")
+    for r in rows:  # the same engine on the same file as llama.cpp (f32)
+        p = find(r.model, "llama.cpp", r.dtype)
+        if r.engine == GGUF_LABEL and p is not None:
+            print(f"   {r.model} {r.dtype} read from the GGUF file llama.cpp reads (the {GGUF_LABEL} row): "
+                  f"{r.dec[1] / p.dec[1]:.2f}/{r.dec[2] / p.dec[2]:.2f} x llama.cpp's decode (1T/2T), "
+                  f"{100 * r.dec[1] * r.read / (BANDWIDTH[1][0] * 1e9):.0f}% of the one-thread ceiling")
     print("   decode 1T: % of the one-thread ceiling, goals >= 80% (f32) and >= 60% (q8_0); stories260K: >= 20,000 "
           "tok/s. x hf: / transformers fp32 decode (f32 only); x llama.cpp: / llama.cpp decode at the same precision.")
     print(f"   2T/1T of a bandwidth-bound decode cannot exceed the bandwidth's 2T/1T "
