@@ -267,7 +267,7 @@ V_SMALL = 50  # vocabulary of _one_layer_llama
 
 
 def _one_layer_llama(rng, *, n_heads, n_kv_heads, head_dim, context):
-    """A one-layer Llama with random weights (scaled so that attention is far from uniform), from NumPy."""
+    """A one-layer Llama with random NumPy weights (untied head, unit norms), loaded by from_numpy."""
     V, FF = V_SMALL, 64
     D, kv = n_heads * head_dim, n_kv_heads * head_dim
     cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=V, hidden_size=D,
@@ -307,9 +307,9 @@ def test_attention_is_bit_identical_for_any_split_and_head_size(head_dim):
 def test_grouped_query_attention_tiles(n_heads, n_kv_heads):
     """The query heads of a kv group share their key and value loads in tiles of at most six
     queries: groups of 8 and 7 are cut into tiles of 6 + 2 and 6 + 1 heads, a group of 3 takes
-    two tokens per tile, no grouping six tokens. Against transformers, and bit for bit between
-    a prefill, token-by-token decoding and 1, 2 or 3 threads (which cut the tokens into
-    different parts when there are few kv heads)."""
+    two tokens per tile, and without grouping (6, 6) a tile is six tokens. Against transformers,
+    and bit for bit between a prefill, token-by-token decoding and 1, 2 or 3 threads (which cut
+    the tokens into different parts when there are few kv heads)."""
     torch, transformers = require_transformers()
     cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=16 * n_heads, intermediate_size=64,
                                    num_hidden_layers=2, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
