@@ -99,7 +99,7 @@ typedef struct lmd_model {
     float *att_out;  /* (B, q_dim) */
     float *hb;       /* (B, hidden_dim) */
     float *hb2;      /* (B, hidden_dim) */
-    float *scores;   /* (n_kv_heads + 7, 6, scores_stride) attention weights of up to 6 queries per work unit */
+    float *scores;   /* (units, 6, scores_stride): each attention work unit's weights of up to 6 queries */
     int64_t scores_stride; /* context_length + vector lanes */
     float *inv_freq; /* (head_dim / 2,) RoPE frequencies */
     float *rope_cos; /* (B, head_dim / 2) cos of each token's rotary angles */
