@@ -6,10 +6,11 @@
  * position (kv_dim,); keys are kept feature-major, (kv_dim, block_size) per layer,
  * so that one vector load gives a feature of consecutive positions and attention
  * scores are lanes of vector FMAs, with no horizontal sums (model.c). A sequence
- * is a table of block ids plus a length. Forking a sequence copies only its block table and
- * raises the blocks' reference counts, so a fork costs len/block_size integers,
- * not len * n_layers * kv_dim floats. A block shared by several sequences is
- * copied (at most block_size positions) by the first one that writes into it.
+ * is a table of block ids plus a length. Forking a sequence copies only its block
+ * table and raises the blocks' reference counts, so a fork costs len/block_size
+ * integers, not len * n_layers * kv_dim floats. A block shared by several
+ * sequences is copied (at most block_size positions) by the first one that writes
+ * into it.
  *
  *     lmd_kvpool *pool; lmd_kvseq *a, *b; lmd_error err;
  *     lmd_kvpool_init(&pool, n_layers, kv_dim, 16, 128, &err);  // room for 2048 positions
