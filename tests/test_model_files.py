@@ -387,3 +387,57 @@ def test_converted_gguf_tensors_leave_the_resident_set(kind, dtype, tmp_path):
     assert model.config.dtype == dtype
     resident = _mapping_rss_bytes(path)
     assert resident < 0.05 * matrix_bytes, f"{resident} bytes of the {matrix_bytes}-byte source stay resident"
+
+
+def _write_safetensors_off_lines(path, tensors, lead):
+    """A safetensors file whose f32 tensors start `lead` bytes past 64-byte file offsets (a
+    header padded so, as real checkpoints put data anywhere 8-byte aligned)."""
+    import json
+    import struct
+    header, offset = {}, 0
+    for name, arr in tensors.items():
+        offset += (-(offset - lead)) % 64  # each tensor `lead` bytes past a line
+        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    text = json.dumps(header).encode()
+    text += b" " * ((-(8 + len(text))) % 64)  # the data section starts on a 64-byte file offset
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        data = bytearray(offset)
+        for name, arr in tensors.items():
+            begin = header[name]["data_offsets"][0]
+            data[begin:begin + arr.nbytes] = np.ascontiguousarray(arr, dtype="<f4").tobytes()
+        f.write(bytes(data))
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+def test_checkpoint_matrices_off_cache_lines_are_copied_aligned(tmp_path):
+    """f32 matrices that a file holds off 64-byte boundaries are copied to aligned memory (every
+    vector load of a misaligned row spans two cache lines) and their file pages released, so
+    they are still held once; the logits equal those of the same arrays passed to from_numpy."""
+    import json
+    rng = np.random.default_rng(11)
+    D, H, L, V = 256, 512, 2, 1024
+    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=V, hidden_size=D,
+               intermediate_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=4,
+               max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    w = {"model.embed_tokens.weight": rng.normal(0, 0.02, (V, D)), "model.norm.weight": np.ones(D),
+         "lm_head.weight": rng.normal(0, 0.02, (V, D))}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        w.update({p + "input_layernorm.weight": np.ones(D), p + "post_attention_layernorm.weight": np.ones(D)})
+        for name, shape in (("self_attn.q_proj", (D, D)), ("self_attn.k_proj", (D, D)), ("self_attn.v_proj", (D, D)),
+                            ("self_attn.o_proj", (D, D)), ("mlp.gate_proj", (H, D)), ("mlp.up_proj", (H, D)),
+                            ("mlp.down_proj", (D, H))):
+            w[p + name + ".weight"] = rng.normal(0, 0.02, shape)
+    w = {k: v.astype(np.float32) for k, v in w.items()}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    path = tmp_path / "model.safetensors"
+    _write_safetensors_off_lines(path, w, lead=16)
+    model = lmdecode.Model.load(tmp_path)
+    toks = rng.integers(0, V, 12)
+    got = model.logits(toks)
+    np.testing.assert_array_equal(got, lmdecode.Model.from_numpy(cfg, w).logits(toks))
+    matrix_bytes = sum(a.nbytes for a in w.values() if a.ndim == 2)
+    resident = _mapping_rss_bytes(path)
+    assert resident < 0.05 * matrix_bytes, f"{resident} bytes of the {matrix_bytes}-byte file stay resident"
