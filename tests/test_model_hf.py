@@ -357,3 +357,25 @@ def test_long_decode_splits_query_heads_across_threads(n_heads, n_kv_heads):
             np.testing.assert_array_equal(got, want, err_msg=f"{threads} threads")
     finally:
         lmdecode.set_num_threads(old)
+
+
+@pytest.mark.parametrize("head_dim,n_heads,n_kv_heads", [(80, 4, 2), (96, 3, 1), (256, 2, 1)])
+def test_head_sizes_without_unrolled_value_sums(head_dim, n_heads, n_kv_heads):
+    """Head sizes the value sums do not unroll (they add the positions in order, one chain),
+    with multi- and grouped-query attention, against transformers over 150 positions (several
+    cache blocks, partial runs), and bit for bit between a prefill and token-by-token decoding."""
+    torch, transformers = require_transformers()
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=head_dim * n_heads, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                                   max_position_embeddings=256, tie_word_embeddings=False, attn_implementation="eager")
+    torch_model = _randomise(torch, transformers.LlamaForCausalLM(cfg), seed=head_dim)
+    toks = np.random.default_rng(head_dim).integers(0, 96, size=150)
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(toks[None], dtype=torch.long)).logits[0].numpy()
+    model = lmdecode.Model.from_numpy(cfg.to_dict(), {k: v.detach().numpy().copy()
+                                                      for k, v in torch_model.state_dict().items()})
+    want = model.logits(toks)
+    _assert_close_to(ref, want)
+    cache = model.new_cache()
+    got = [model.forward(toks[:37], cache, logits="all")] + [model.forward([t], cache)[None] for t in toks[37:]]
+    np.testing.assert_array_equal(np.concatenate(got), want)
