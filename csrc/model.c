@@ -438,14 +438,17 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
             for (int width = sets; width > 1; width /= 2)                                          \
                 for (int s = 0; s < width / 2; s++)                                                \
                     for (int i = 0; i < nv; i++) acc[qi][s * nv + i] += acc[qi][(s + width / 2) * nv + i]; \
-            for (int i = 0; i < nv; i++) memcpy(out[qi] + (lanes) * i, &acc[qi][i], sizeof acc[qi][i]); \
+            for (int i = 0; i < nv; i++) {                                                         \
+                const vec_t total = acc[qi][i] * scale[qi];                                        \
+                memcpy(out[qi] + (lanes) * i, &total, sizeof total);                               \
+            }                                                                                      \
         }                                                                                          \
     } while (0)
 
-// out[i] (hs,) = the value sums of nq queries (1 to VALUE_QUERIES, n_pos non-decreasing) of seq
-// with weights p[i] (n_pos[i],)
+// out[i] (hs,) = scale[i] * the value sums of nq queries (1 to VALUE_QUERIES, n_pos
+// non-decreasing) of seq with weights p[i] (n_pos[i],)
 static inline __attribute__((always_inline)) void value_sums(float *const *out, const float *const *p,
-                                                             const int32_t *n_pos, const int nq,
+                                                             const float *scale, const int32_t *n_pos, const int nq,
                                                              const lmd_kvseq *seq, int32_t l, int kv_offset,
                                                              int32_t block_size, int32_t stride, const int hs) {
     if (hs == 8 || hs == 16 || hs == 32 || hs == 64 || hs == 128) { /* unrolled register versions */
@@ -461,6 +464,7 @@ static inline __attribute__((always_inline)) void value_sums(float *const *out, 
             const int32_t nt = n_pos[qi] - t0 < block_size ? n_pos[qi] - t0 : block_size;
             for (int32_t t = 0; t < nt; t++) lmd_axpy(out[qi], p[qi][t0 + t], v + (int64_t)t * stride, hs);
         }
+        for (int i = 0; i < hs; i++) out[qi][i] *= scale[qi];
     }
 }
 
@@ -525,13 +529,16 @@ static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, c
         most = n_pos[i] > most ? n_pos[i] : most;
     }
     head_scores(scores, q, nq, seq, l, kv_offset, most, hs, scale);
-    for (int i = 0; i < nq; i++) lmd_softmax(scores[i], n_pos[i]);
+    /* softmax without its division: the value sums take 1 / sum once */
+    float inv_sum[SCORE_QUERIES];
+    for (int i = 0; i < nq; i++) inv_sum[i] = lmd_softmax_unnormalized(scores[i], n_pos[i]);
     for (int i = 0; i < nq; i += VALUE_QUERIES) {
         const float *const *p = (const float *const *)scores + i;
         switch (nq - i) { /* constants, for the accumulators to stay in registers */
-        case 1: value_sums(out + i, p, n_pos + i, 1, seq, l, kv_offset, block_size, kv_dim, hs); break;
-        case 2: value_sums(out + i, p, n_pos + i, 2, seq, l, kv_offset, block_size, kv_dim, hs); break;
-        default: value_sums(out + i, p, n_pos + i, VALUE_QUERIES, seq, l, kv_offset, block_size, kv_dim, hs);
+        case 1: value_sums(out + i, p, inv_sum + i, n_pos + i, 1, seq, l, kv_offset, block_size, kv_dim, hs); break;
+        case 2: value_sums(out + i, p, inv_sum + i, n_pos + i, 2, seq, l, kv_offset, block_size, kv_dim, hs); break;
+        default:
+            value_sums(out + i, p, inv_sum + i, n_pos + i, VALUE_QUERIES, seq, l, kv_offset, block_size, kv_dim, hs);
         }
     }
 }

@@ -1272,14 +1272,13 @@ void lmd_rope_naive(float *x, int n_heads, int hs, int pos, const float *inv_fre
 /* softmax and activations                                              */
 /* ------------------------------------------------------------------ */
 
-void lmd_softmax(float *x, int n) {
+float lmd_softmax_unnormalized(float *x, int n) {
     /* the maximum is exact in any order, so it runs lane-parallel */
     vf lanes_max = vbroadcast(-INFINITY);
     int j = 0;
     for (; j + LMD_VEC_LANES <= n; j += LMD_VEC_LANES) lanes_max = vmax(lanes_max, vload(x + j));
-    float max = vhmax(lanes_max);
-    for (; j < n; j++) max = x[j] > max ? x[j] : max;
-    vf vmax_b = vbroadcast(max);
+    if (j < n) lanes_max = vmax(lanes_max, vload_partial(x + j, n - j, -INFINITY));
+    const vf vmax_b = vbroadcast(vhmax(lanes_max));
     vf acc = vzero_f();
     int k = 0;
     for (; k + LMD_VEC_LANES <= n; k += LMD_VEC_LANES) {
@@ -1287,16 +1286,19 @@ void lmd_softmax(float *x, int n) {
         vstore(x + k, e);
         acc += e;
     }
-    float sum = vsum(acc);
-    if (k < n) { /* the last n % LANES in one vector, padded with -inf (e^-inf = 0); added in order */
+    if (k < n) { /* the last n % LANES in one vector padded with -inf (e^-inf = 0), same lanes */
         const vf e = vexp_nonpositive(vload_partial(x + k, n - k, -INFINITY) - vmax_b);
-        for (int j = 0; k < n; k++, j++) {
-            x[k] = e[j];
-            sum += e[j];
-        }
+        vstore_partial(x + k, e, n - k);
+        acc += e;
     }
-    float inv = 1.0f / sum;
-    for (k = 0; k < n; k++) x[k] *= inv;
+    return 1.0f / vsum(acc);
+}
+
+void lmd_softmax(float *x, int n) {
+    const vf inv = vbroadcast(lmd_softmax_unnormalized(x, n));
+    int k = 0;
+    for (; k + LMD_VEC_LANES <= n; k += LMD_VEC_LANES) vstore(x + k, vload(x + k) * inv);
+    if (k < n) vstore_partial(x + k, vload_partial(x + k, n - k, 0.0f) * inv, n - k);
 }
 
 void lmd_softmax_naive(float *x, int n) {

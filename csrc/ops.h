@@ -135,6 +135,9 @@ void lmd_rope_naive(float *x, int n_heads, int hs, int pos, const float *inv_fre
 
 // x (n,) -> softmax(x) in place; max subtracted first.
 void lmd_softmax(float *x, int n);
+// x (n,) -> e^(x - max x) in place; returns 1 / their sum, the factor that makes them
+// softmax(x) (attention applies it once to its value sums instead of to every weight).
+float lmd_softmax_unnormalized(float *x, int n);
 void lmd_softmax_naive(float *x, int n);
 
 // gate (n,) <- silu(gate) * up, silu(g) = g / (1 + e^-g).

@@ -125,9 +125,13 @@ static inline float vhsum(vf v) {
 }
 
 static inline float vhmax(vf v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_max_ps((__m512)v); /* a shuffle tree, not fifteen dependent steps */
+#else
     float m = v[0];
     for (int j = 1; j < LMD_VEC_LANES; j++) m = v[j] > m ? v[j] : m;
     return m;
+#endif
 }
 
 /* Adds the LANES floats of v, widened to double, into two double accumulators. */

@@ -857,8 +857,19 @@ static void test_softmax(void) {
                     if (k % 3 != 1 && k != n - 1) x[k] = -INFINITY;
             memcpy(fast, x, (size_t)n * sizeof(float));
             memcpy(naive, x, (size_t)n * sizeof(float));
+            /* the unnormalized form (attention's): e^(x - max), the largest exactly 1, and
+             * the factor that lmd_softmax applies */
+            float *exps = malloc((size_t)n * sizeof(float)), largest = 0.0f;
+            memcpy(exps, x, (size_t)n * sizeof(float));
+            const float inv_sum = lmd_softmax_unnormalized(exps, n);
             lmd_softmax(fast, n);
             lmd_softmax_naive(naive, n);
+            for (int k = 0; k < n; k++) {
+                CHECK(exps[k] * inv_sum == fast[k]);
+                largest = exps[k] > largest ? exps[k] : largest;
+            }
+            CHECK(largest == 1.0f);
+            free(exps);
             double sum = 0.0;
             for (int k = 0; k < n; k++) {
                 if (x[k] == -INFINITY) CHECK(fast[k] == 0.0f);
