@@ -152,8 +152,15 @@ static inline double vsum_double(vd lo, vd hi) {
  * to r in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial: relative error
  * below 2e-7, exact 0 below -87 (where float e^x would be subnormal). */
 static inline vf vexp_nonpositive(vf x) {
+#if defined(__AVX512F__)
+    /* the same bits in fewer instructions: a max for the clamp, and VSCALEFPS, zero-masked
+     * below -87, for the exact product p 2^n (normal here) */
+    const __mmask16 in_range = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
+    const vf xc = (vf)_mm512_max_ps(_mm512_set1_ps(-87.0f), (__m512)x); /* NaN stays NaN */
+#else
     vi underflow = x < -87.0f;
     vf xc = vselect(underflow, vbroadcast(-87.0f), x);
+#endif
     vf n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */
     vf r = xc - n * 0.693145751953125f;                              /* ln2 high part */
     r = r - n * 1.428606765330187045e-06f;                           /* ln2 low part */
@@ -164,9 +171,13 @@ static inline vf vexp_nonpositive(vf x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
+#if defined(__AVX512F__)
+    return (vf)_mm512_maskz_scalef_ps(in_range, (__m512)p, (__m512)n);
+#else
     vi two_to_n = (__builtin_convertvector(n, vi) + 127) << 23;
     vf y = p * (vf)two_to_n;
     return (vf)(~underflow & (vi)y);
+#endif
 }
 
 /* Scalar twin of vexp_nonpositive, bit-identical lane for lane, for loop tails. */
