@@ -51,7 +51,7 @@ import numpy as np
 
 from . import _core
 from . import loaders
-from .decoding import DecodingMixin
+from .decoding import _SCORING_BLOCK, DecodingMixin
 
 __all__ = ["Model", "ModelConfig", "KVCache"]
 
@@ -288,7 +288,7 @@ class Model(DecodingMixin):
         arr = self._tokens("tokens", tokens)
         if arr.size > self.config.context_length:
             raise ValueError(f"tokens has {arr.size} positions, more than the context length {self.config.context_length}")
-        cache = self.new_cache(arr.size)
+        cache = self.new_cache(arr.size, block_size=_SCORING_BLOCK)
         return self.forward(arr, cache, logits="all")
 
     def __repr__(self) -> str:
