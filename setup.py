@@ -4,6 +4,8 @@ Environment switches (all read at build time):
   LMDECODE_NO_OPENMP=1   build without OpenMP even when the compiler supports it
   LMDECODE_PORTABLE=1    do not pass -march=native (a binary that runs on any x86-64 / arm64)
   LMDECODE_DEBUG=1       -O0 -g, keep asserts
+  LMDECODE_SANITIZE=1    instrument the extension with AddressSanitizer and UBSan (run Python
+                         with the sanitizer runtimes preloaded: see .ci/run)
 """
 import glob
 import os
@@ -69,6 +71,10 @@ class BuildExt(build_ext):
             compile_args.append("-fopenmp")
             link_args.append("-fopenmp")
             openmp = True
+        if _flag("LMDECODE_SANITIZE"):  # after the probes, which link plain executables
+            compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                             "-fno-sanitize-recover=undefined"]
+            link_args += ["-fsanitize=address,undefined"]
         print(f"lmdecode build: openmp={openmp} flags={' '.join(compile_args)}", file=sys.stderr)
         for ext in self.extensions:
             ext.extra_compile_args = compile_args
