@@ -261,6 +261,25 @@ def test_wrong_magic(tmp_path):
         lmdecode.Model.load(tmp_path / "missing.gguf")
 
 
+def test_gguf_metadata_strings_that_are_not_utf8(tmp_path):
+    """The gguf reader decodes strings only when asked: a corrupt one must still be an error
+    naming the file and the key (it was a bare UnicodeDecodeError from inside gguf)."""
+    data = bytearray(STORIES_GGUF.read_bytes())
+    key = data.index(b"general.architecture")
+    value = data.index(b"llama", key)  # the value string follows its type and length
+    data[value:value + 5] = b"\xff\xfe\xfd\xfc\xfb"
+    (tmp_path / "model.gguf").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model\.gguf: GGUF metadata 'general\.architecture' is unreadable "
+                                         r"\(UnicodeDecodeError"):
+        lmdecode.Model.load(tmp_path / "model.gguf")
+    data = bytearray(STORIES_GGUF.read_bytes())
+    piece = data.index(b"<unk>", data.index(b"tokenizer.ggml.tokens"))  # the first vocabulary piece
+    data[piece] = 0xFF
+    (tmp_path / "vocab.gguf").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"vocab\.gguf: GGUF metadata 'tokenizer\.ggml\.tokens' is unreadable"):
+        lmdecode.Model.load(tmp_path / "vocab.gguf")
+
+
 def test_unsupported_gguf_tensor_type(tmp_path):
     reader = gguf.GGUFReader(str(STORIES_GGUF))
     meta = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.")}

@@ -426,7 +426,10 @@ def read_gguf(path: Path):
             if required:
                 _fail(path, f"GGUF metadata {key!r} is missing")
             return default
-        return field.contents()
+        try:  # the reader decodes strings only now: a corrupt one raises UnicodeDecodeError here
+            return field.contents()
+        except (UnicodeDecodeError, ValueError, IndexError) as e:
+            _fail(path, f"GGUF metadata {key!r} is unreadable ({type(e).__name__}: {e})")
 
     version = meta("GGUF.version")
     if version not in (2, 3):
@@ -525,7 +528,7 @@ def read_gguf(path: Path):
     check_tensors(path, config, tensors, file_names)
     # the tokenizer's metadata as plain values: the reader's parsed fields take ~90 MB for a
     # 32k vocabulary, and a model keeps what it needs for its lazily built tokenizer
-    tokenizer_metadata = {key: field.contents() for key, field in fields.items() if key.startswith("tokenizer.")}
+    tokenizer_metadata = {key: meta(key) for key in fields if key.startswith("tokenizer.")}
     return config, tensors, {"vocab": list(tokens) if tokens is not None else None,
                              "tokenizer_metadata": tokenizer_metadata}
 
