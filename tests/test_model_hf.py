@@ -218,6 +218,24 @@ def test_unsupported_architecture(hf, tmp_path):
         lmdecode.Model.load(tmp_path)
 
 
+def test_config_sizes_missing_or_not_numbers(hf, tmp_path):
+    """A config.json without a size, or with one that is not a positive integer (or a float
+    setting that is not a number), names the file and the key, for every architecture."""
+    shutil.copy(hf["path"] / "model.safetensors", tmp_path / "model.safetensors")
+    good = json.loads((hf["path"] / "config.json").read_text())
+    gpt2 = hf["kind"] == "gpt2"
+    size, eps = ("n_layer", "layer_norm_epsilon") if gpt2 else ("num_hidden_layers", "rms_norm_eps")
+    for edit, message in [(lambda c: c.pop(size), f"config has no '{size}'"),
+                          (lambda c: c.update({size: "2"}), f"config '{size}' \\(='2'\\) must be a positive integer"),
+                          (lambda c: c.update({size: 0}), f"config '{size}' \\(=0\\) must be a positive integer"),
+                          (lambda c: c.update({eps: "tiny"}), f"config '{eps}' \\(='tiny'\\) must be a number")]:
+        cfg = dict(good)
+        edit(cfg)
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match="config.json: " + message):
+            lmdecode.Model.load(tmp_path)
+
+
 def test_truncated_safetensors(hf, tmp_path):
     shutil.copy(hf["path"] / "config.json", tmp_path / "config.json")
     data = (hf["path"] / "model.safetensors").read_bytes()

@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import mmap
+import numbers
 import os
 import struct
 from dataclasses import dataclass
@@ -588,6 +589,20 @@ def read_safetensors(path: Path) -> dict:
 
 def hf_config(path, cfg: dict) -> dict:
     """Engine hyperparameters from a Hugging Face config.json dict (raises on what is not supported)."""
+
+    def need(key):  # a required size: a positive integer
+        if key not in cfg:
+            _fail(path, f"config has no {key!r}")
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            _fail(path, f"config {key!r} (={value!r}) must be a positive integer")
+        return int(value)
+
+    def real(key, value):  # a float hyperparameter, named when it is not a number
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            _fail(path, f"config {key!r} (={value!r}) must be a number")
+        return float(value)
+
     archs = cfg.get("architectures") or []
     model_type = cfg.get("model_type")
     arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -595,7 +610,7 @@ def hf_config(path, cfg: dict) -> dict:
     if arch not in HF_ARCHS:
         _fail(path, f"architecture {arch or model_type!r} is not supported ({', '.join(HF_ARCHS)})")
     if arch == "GPT2LMHeadModel":
-        dim, n_heads = cfg["n_embd"], cfg["n_head"]
+        dim, n_heads = need("n_embd"), need("n_head")
         act = cfg.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             _fail(path, f"activation_function {act!r} is not supported (gelu_new)")
@@ -603,12 +618,12 @@ def hf_config(path, cfg: dict) -> dict:
             _fail(path, "scale_attn_by_inverse_layer_idx is not supported")
         if cfg.get("scale_attn_weights", True) is False:
             _fail(path, "scale_attn_weights=False is not supported")
-        return dict(arch="gpt2", vocab_size=cfg["vocab_size"], dim=dim, hidden_dim=cfg.get("n_inner") or 4 * dim,
-                    n_layers=cfg["n_layer"], n_heads=n_heads, n_kv_heads=n_heads, head_dim=dim // n_heads,
-                    context_length=cfg["n_positions"], norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        return dict(arch="gpt2", vocab_size=need("vocab_size"), dim=dim, hidden_dim=cfg.get("n_inner") or 4 * dim,
+                    n_layers=need("n_layer"), n_heads=n_heads, n_kv_heads=n_heads, head_dim=dim // n_heads,
+                    context_length=need("n_positions"), norm_eps=real("layer_norm_epsilon", cfg.get("layer_norm_epsilon", 1e-5)),
                     rope_theta=10000.0, rope_layout="half", tied_embeddings=True,
                     bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
-    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    dim, n_heads = need("hidden_size"), need("num_attention_heads")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", None):
@@ -625,11 +640,11 @@ def hf_config(path, cfg: dict) -> dict:
     window = cfg.get("sliding_window")
     if window and (arch == "MistralForCausalLM" or cfg.get("use_sliding_window")):
         context = min(context, window)  # within the window sliding-window attention is full attention
-    return dict(arch="llama", vocab_size=cfg["vocab_size"], dim=dim, hidden_dim=cfg["intermediate_size"],
-                n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+    return dict(arch="llama", vocab_size=need("vocab_size"), dim=dim, hidden_dim=need("intermediate_size"),
+                n_layers=need("num_hidden_layers"), n_heads=n_heads,
                 n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
                 head_dim=cfg.get("head_dim") or dim // n_heads, context_length=context,
-                norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_layout="half",
+                norm_eps=real("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)), rope_theta=real("rope_theta", theta), rope_layout="half",
                 tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
 
