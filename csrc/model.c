@@ -655,14 +655,19 @@ static void step_qkv(const layer_step *s, int b) {
     memcpy(lmd_kvseq_v(seq, s->l, m->pos[b]), m->v + b * K, (size_t)K * sizeof(float));
 }
 
-// x += wo @ attention (in xb2) for token b, then xb = the feed-forward norm of x
-static void step_attention_out(const layer_step *s, int b) {
-    lmd_model *m = s->m;
-    const lmd_layer_weights *lw = &m->weights.layers[s->l];
+// x += xb2 + bias (none if NULL) for token b, then xb = norm(x) by norm_w, norm_b (skipped
+// if norm_w is NULL): a sublayer's output joining the residual stream, and the next norm
+static void residual_and_norm(lmd_model *m, int b, const float *bias, const float *norm_w, const float *norm_b) {
     const int64_t D = m->config.dim;
-    add_bias(m->xb2 + b * D, lw->bo, 1, D);
+    add_bias(m->xb2 + b * D, bias, 1, D);
     add_residual(m->x + b * D, m->xb2 + b * D, D);
-    norm(m, m->xb + b * D, m->x + b * D, lw->ffn_norm, lw->ffn_norm_bias, 1);
+    if (norm_w != NULL) norm(m, m->xb + b * D, m->x + b * D, norm_w, norm_b, 1);
+}
+
+// the attention output (wo @ attention, in xb2) into x, then the feed-forward norm
+static void step_attention_out(const layer_step *s, int b) {
+    const lmd_layer_weights *lw = &s->m->weights.layers[s->l];
+    residual_and_norm(s->m, b, lw->bo, lw->ffn_norm, lw->ffn_norm_bias);
 }
 
 // the feed-forward activation of token b: gelu(up) in hb2 (GPT-2), silu(gate) * up in hb
@@ -675,17 +680,11 @@ static void step_activation(const layer_step *s, int b) {
     else lmd_swiglu(m->hb + b * H, m->hb2 + b * H, H);
 }
 
-// x += the feed-forward output (in xb2) for token b, then xb = the next layer's attention norm
+// the feed-forward output (in xb2) into x, then the next layer's attention norm
 static void step_ffn_out(const layer_step *s, int b) {
-    lmd_model *m = s->m;
-    const lmd_layer_weights *lw = &m->weights.layers[s->l];
-    const int64_t D = m->config.dim;
-    add_bias(m->xb2 + b * D, lw->b_down, 1, D);
-    add_residual(m->x + b * D, m->xb2 + b * D, D);
-    if (s->l + 1 < m->config.n_layers) {
-        const lmd_layer_weights *next = &m->weights.layers[s->l + 1];
-        norm(m, m->xb + b * D, m->x + b * D, next->attn_norm, next->attn_norm_bias, 1);
-    }
+    const lmd_weights *w = &s->m->weights;
+    const lmd_layer_weights *next = s->l + 1 < s->m->config.n_layers ? &w->layers[s->l + 1] : NULL;
+    residual_and_norm(s->m, b, w->layers[s->l].b_down, next ? next->attn_norm : NULL, next ? next->attn_norm_bias : NULL);
 }
 
 // step(s, b) for the chunk's B tokens, across the threads from TOKENS_PARALLEL_MIN tokens on
