@@ -133,6 +133,34 @@ def test_perplexity_of_the_model_matches_its_logits(stories):
     assert whole.nll == pytest.approx(-sum(float(lp_all[i - 1, tokens[i]]) for i in range(1, len(tokens))), rel=1e-5)
 
 
+def test_scoring_runs_in_engine_chunks_without_a_whole_logits_array():
+    """Model scoring feeds max_batch tokens per engine pass and scores each pass's rows as
+    they come: the same values as scoring model.logits of the whole window, bit for bit, and
+    never a (window, vocab) array (a 2048-token window of a 128k vocabulary is 1 GB)."""
+    import tracemalloc
+
+    chunked = ld.Model.load(MODELS / "stories260K.bin", max_batch=16)
+    rng = np.random.default_rng(3)
+    tokens = [1] + [int(t) for t in rng.integers(3, 512, size=300)]
+    from lmdecode.scoring import perplexity as perplexity_of_logits
+
+    want = perplexity_of_logits(chunked.logits, tokens, window=256, stride=100, progress=False)
+    tracemalloc.start()
+    try:
+        got = chunked.perplexity(tokens, window=256, stride=100, progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (got.nll, got.n_tokens) == (want.nll, want.n_tokens) == (got.nll, 300)
+    window_logits = 256 * chunked.config.vocab_size * 4
+    assert peak < window_logits / 4, f"peak {peak} bytes against {window_logits} for one window's logits"
+    context, continuation = tokens[:40], tokens[40:240]  # 199 rows: 13 engine passes of 16
+    s = chunked.sequence_logprob(context, continuation)
+    full = chunked.logits(context + continuation)
+    np.testing.assert_array_equal(s.token_logprobs,
+                                  ld.sequence_logprob(full[len(context) - 1 : -1], continuation).token_logprobs)
+
+
 # ----------------------------------------------------------------------------
 # transformers oracle on a random-weight Llama loaded by lmdecode
 # ----------------------------------------------------------------------------

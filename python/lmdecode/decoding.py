@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .scoring import PerplexityResult, SequenceScore, perplexity as _perplexity, sequence_logprob as _sequence_logprob
+from .scoring import PerplexityResult, SequenceScore, perplexity_of_windows, sequence_logprob as _sequence_logprob
 
 __all__ = ["DecodingMixin"]
 
@@ -139,10 +139,8 @@ class DecodingMixin:
             token_logprobs = [_sequence_logprob(first[None, :], np.asarray(cont[:1])).token_logprobs]
             if len(cont) > 1:
                 branch = cache.fork()
-                rest = self.forward(cont[:-1], branch, logits="all")
+                token_logprobs.append(self._prefill_target_logprobs(cont[:-1], cont[1:], branch))
                 del branch
-                token_logprobs.append(_sequence_logprob(rest, np.asarray(cont[1:])).token_logprobs)
-                del rest
             lp = np.concatenate(token_logprobs)
             scores.append(SequenceScore(float(lp.sum()), lp, tuple(cont)))
         return scores if batch else scores[0]
@@ -154,7 +152,29 @@ class DecodingMixin:
         window = self.config.context_length if window is None else window
         if isinstance(window, numbers.Integral) and window > self.config.context_length:
             raise ValueError(f"window (={window}) must be <= the context length {self.config.context_length}")
-        return _perplexity(self.logits, tokens, window=window, stride=stride, progress=progress)
+
+        def score_window(chunk: np.ndarray, first: int) -> np.ndarray:
+            if first >= len(chunk):
+                return np.zeros(0)
+            cache = self.new_cache(len(chunk) - 1, block_size=_SCORING_BLOCK)
+            return self._prefill_target_logprobs(chunk[:-1], chunk[1:], cache, skip=first - 1)
+
+        return perplexity_of_windows(score_window, tokens, window=window, stride=stride, progress=progress)
+
+    def _prefill_target_logprobs(self, inputs, targets, cache, skip: int = 0) -> np.ndarray:
+        """Appends inputs to cache and returns log p(targets[i] | the sequence up to inputs[i])
+        for i >= skip (float64). An engine pass of max_batch tokens at a time, each scored as it
+        comes: never more than max_batch rows of logits at once (a 2048-token window over a
+        128k vocabulary would otherwise take 1 GB), and the same values as one pass."""
+        parts = []
+        for a in range(0, len(inputs), self._max_batch):
+            b = min(a + self._max_batch, len(inputs))
+            lo = max(skip, a)
+            rows = np.arange(lo - a, b - a) if lo < b else None
+            logits = self.forward(inputs[a:b], cache, logits=rows)
+            if rows is not None:
+                parts.append(_sequence_logprob(logits, np.asarray(targets[lo:b])).token_logprobs)
+        return np.concatenate(parts) if parts else np.zeros(0)
 
     def _check_prompt_lengths(self, prompts: Sequence[Sequence[int]]) -> None:
         for i, p in enumerate(prompts):

@@ -25,7 +25,8 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["PerplexityResult", "SequenceScore", "perplexity", "perplexity_windows", "sequence_logprob"]
+__all__ = ["PerplexityResult", "SequenceScore", "perplexity", "perplexity_of_windows", "perplexity_windows",
+           "sequence_logprob"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,26 @@ def perplexity(
     ``stride`` defaults to ``window`` (disjoint windows); ``progress`` shows a
     tqdm bar (default: when there are more than 8 windows and tqdm is installed).
     """
+
+    def score_window(chunk: np.ndarray, first: int) -> np.ndarray:
+        # predictions for chunk[1:] come from logits[:-1]
+        logits = np.asarray(logits_fn(chunk))
+        return sequence_logprob(logits[first - 1 : len(chunk) - 1], chunk[first:]).token_logprobs
+
+    return perplexity_of_windows(score_window, tokens, window=window, stride=stride, progress=progress)
+
+
+def perplexity_of_windows(
+    score_window: Callable[[np.ndarray, int], np.ndarray],
+    tokens: Sequence[int],
+    *,
+    window: int,
+    stride: int | None = None,
+    progress: bool | None = None,
+) -> PerplexityResult:
+    """:func:`perplexity` with ``score_window(window_tokens, first) -> log p`` of
+    ``window_tokens[first:]`` given the tokens before them in the window (models score
+    their windows without (T, V) logits: ``Model.perplexity``)."""
     ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
     window = _check_positive("window", window)
     stride = window if stride is None else _check_positive("stride", stride)
@@ -126,11 +147,8 @@ def perplexity(
     nll, scored = 0.0, 0
     for begin, end, n_new in iterator:
         chunk = ids[begin:end]
-        logits = np.asarray(logits_fn(chunk))
-        # predictions for chunk[1:] come from logits[:-1]; score the last n_new tokens
-        # (the first window's first token has no prediction)
+        # score the last n_new tokens (the first window's first token has no prediction)
         first = max(len(chunk) - n_new, 1)
-        score = sequence_logprob(logits[first - 1 : len(chunk) - 1], chunk[first:])
-        nll -= score.total
+        nll -= float(np.asarray(score_window(chunk, first)).sum())
         scored += len(chunk) - first
     return PerplexityResult(perplexity=math.exp(nll / scored), nll=nll, n_tokens=scored)
