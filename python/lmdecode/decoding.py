@@ -128,7 +128,8 @@ class DecodingMixin:
         longest = max(len(c) for c in conts)
         if len(ctx) + longest > self.config.context_length:
             raise ValueError(f"context ({len(ctx)} tokens) + continuation ({longest}) exceed the context length {self.config.context_length}")
-        cache = self.new_cache(len(ctx) + longest + 2 * _SCORING_BLOCK * len(conts), block_size=_SCORING_BLOCK)
+        cache = self.new_cache(len(ctx) + longest + 2 * _SCORING_BLOCK * len(conts),
+                               block_size=_SCORING_BLOCK)
         first = self.forward(ctx, cache, logits="last")  # predicts the first continuation token
         scores = []
         for cont in conts:

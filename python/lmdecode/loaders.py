@@ -620,7 +620,8 @@ def hf_config(path, cfg: dict) -> dict:
             _fail(path, "scale_attn_weights=False is not supported")
         return dict(arch="gpt2", vocab_size=need("vocab_size"), dim=dim, hidden_dim=cfg.get("n_inner") or 4 * dim,
                     n_layers=need("n_layer"), n_heads=n_heads, n_kv_heads=n_heads, head_dim=dim // n_heads,
-                    context_length=need("n_positions"), norm_eps=real("layer_norm_epsilon", cfg.get("layer_norm_epsilon", 1e-5)),
+                    context_length=need("n_positions"),
+                    norm_eps=real("layer_norm_epsilon", cfg.get("layer_norm_epsilon", 1e-5)),
                     rope_theta=10000.0, rope_layout="half", tied_embeddings=True,
                     bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
     dim, n_heads = need("hidden_size"), need("num_attention_heads")
@@ -644,7 +645,8 @@ def hf_config(path, cfg: dict) -> dict:
                 n_layers=need("num_hidden_layers"), n_heads=n_heads,
                 n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
                 head_dim=cfg.get("head_dim") or dim // n_heads, context_length=context,
-                norm_eps=real("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)), rope_theta=real("rope_theta", theta), rope_layout="half",
+                norm_eps=real("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)), rope_theta=real("rope_theta", theta),
+                rope_layout="half",
                 tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
 
