@@ -90,6 +90,9 @@ def test_hf_tokenizer_json(tmp_path):
     assert tok.bos_id == 0 and tok.eos_id == 1
     assert tok.encode("hello world") == [0, 9, 10, 11, 5, 12, 4, 13]
     assert tok.decode([9, 10, 11, 5, 12, 4, 13]) == "hello world"
+    (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<s>", ')
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: not valid JSON"):
+        load_tokenizer(tmp_path)
 
 
 def test_model_tokenizer_and_text_generation():
@@ -111,3 +114,9 @@ def test_corrupt_tokenizer_files(tmp_path):
         load_tokenizer(tmp_path / "cut.bin", vocab_size=512)
     with pytest.raises(FileNotFoundError, match="no such tokenizer"):
         load_tokenizer(tmp_path / "missing.bin")
+    # tokenizer.json and its config: errors name the file (the tokenizers library raised a
+    # bare Exception without it)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": {')
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not a readable tokenizer\.json"):
+        load_tokenizer(tmp_path / "hf")

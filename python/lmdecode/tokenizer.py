@@ -276,13 +276,21 @@ class HFTokenizer(Tokenizer):
         import tokenizers
 
         path = Path(path)
-        backend = tokenizers.Tokenizer.from_file(str(path))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library raises a bare Exception on a malformed file
+            raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from e
         bos = eos = None
         adds_bos = False
         for name in ("tokenizer_config.json", "config.json"):
             cfg_path = path.parent / name
             if cfg_path.exists():
-                cfg = json.loads(cfg_path.read_text())
+                try:
+                    cfg = json.loads(cfg_path.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+                if not isinstance(cfg, dict):
+                    raise ValueError(f"{cfg_path}: expected a JSON object, not {type(cfg).__name__}")
                 for key, target in (("bos_token", "bos"), ("eos_token", "eos")):
                     value = cfg.get(key)
                     if isinstance(value, dict):
