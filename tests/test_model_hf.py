@@ -83,6 +83,22 @@ def test_sharded_checkpoint(hf, tmp_path):
     hf["torch_model"].save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     _assert_close_to(hf["ref"], lmdecode.Model.load(tmp_path).logits(hf["tokens"]))
+    index = tmp_path / "model.safetensors.index.json"
+    good = json.loads(index.read_text())
+    name = next(iter(good["weight_map"]))
+    for bad, message in [("{", "not valid JSON"), ("[]", "expected a JSON object, not list"),
+                         ('{"weight_map": 5}', "weight_map must map tensor names to shard file names"),
+                         (json.dumps({"weight_map": {**good["weight_map"], name: 7}}), "weight_map must map"),
+                         (json.dumps({"weight_map": {**good["weight_map"], name: "../model.safetensors"}}),
+                          r"shard '\.\./model\.safetensors' is not a file name in the checkpoint directory"),
+                         (json.dumps({"weight_map": {**good["weight_map"], name: "gone.safetensors"}}),
+                          "shard 'gone.safetensors' is missing")]:
+        index.write_text(bad)
+        with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: " + message):
+            lmdecode.Model.load(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json: expected a JSON object, not list"):
+        lmdecode.Model.load(tmp_path)
 
 
 def test_incremental_decoding_equals_full_recompute(hf):

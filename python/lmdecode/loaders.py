@@ -728,15 +728,21 @@ def map_hf_tensors(path, config: dict, named: dict) -> tuple:
     return tensors, file_names
 
 
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        _fail(path, f"not valid JSON ({e})")
+    if not isinstance(value, dict):
+        _fail(path, f"expected a JSON object, not {type(value).__name__}")
+    return value
+
+
 def read_hf_dir(path: Path):
     config_path = path / "config.json"
     if not config_path.is_file():
         _fail(path, "a Hugging Face checkpoint directory needs config.json")
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        _fail(config_path, f"not valid JSON ({e})")
-    config = hf_config(config_path, raw)
+    config = hf_config(config_path, _read_json_object(config_path))
     check_config(config_path, config)
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     named = {}
@@ -744,11 +750,16 @@ def read_hf_dir(path: Path):
         named = read_safetensors(single)
         where = single
     elif index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = _read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            _fail(index, "weight_map must map tensor names to shard file names")
         shards = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = path / shard
-            if os.path.dirname(shard) or not shard_path.is_file():
+            if os.path.dirname(shard) or shard in ("", ".", ".."):
+                _fail(index, f"shard {shard!r} is not a file name in the checkpoint directory")
+            if not shard_path.is_file():
                 _fail(index, f"shard {shard!r} is missing")
             shards[shard] = read_safetensors(shard_path)
         for name, shard in weight_map.items():
