@@ -225,6 +225,19 @@ def test_tensor_shape_disagreeing_with_config(hf, tmp_path):
         lmdecode.Model.load(tmp_path)
 
 
+def test_missing_tensors_are_named_as_hugging_face_names_them(hf):
+    """Whatever tensor is left out of from_numpy's weights, the error names it as the state
+    dict does (not by the engine's internal name)."""
+    import re
+
+    layer_names = [k for k in hf["state"] if ".0." in k and not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    top_names = [k for k in hf["state"] if ".0." not in k and ".1." not in k and k != "lm_head.weight"]
+    for name in layer_names + top_names:
+        weights = {k: v for k, v in hf["state"].items() if k != name}
+        with pytest.raises(ValueError, match=re.escape(f"tensor {name!r} is missing")):
+            lmdecode.Model.from_numpy(hf["config"], weights)
+
+
 def test_unsupported_architecture(hf, tmp_path):
     shutil.copy(hf["path"] / "model.safetensors", tmp_path / "model.safetensors")
     cfg = json.loads((hf["path"] / "config.json").read_text())

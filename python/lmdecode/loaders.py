@@ -238,6 +238,7 @@ def required_names(config: dict) -> list:
         p = f"layers.{i}."
         names += [p + s for s in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_up", "w_down")]
         names += [p + s for s in (("attn_norm_bias", "ffn_norm_bias") if gpt2 else ("w_gate",))]
+        names += [p + s for s in config.get("required_biases", ())]
     return names
 
 
@@ -623,7 +624,8 @@ def hf_config(path, cfg: dict) -> dict:
                     context_length=need("n_positions"),
                     norm_eps=real("layer_norm_epsilon", cfg.get("layer_norm_epsilon", 1e-5)),
                     rope_theta=10000.0, rope_layout="half", tied_embeddings=True,
-                    bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
+                    bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+                    required_biases=("bq", "bk", "bv", "bo", "b_up", "b_down"))
     dim, n_heads = need("hidden_size"), need("num_attention_heads")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -648,7 +650,10 @@ def hf_config(path, cfg: dict) -> dict:
                 norm_eps=real("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)), rope_theta=real("rope_theta", theta),
                 rope_layout="half",
                 tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
+                bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+                # the biases the architecture has, which a checkpoint must not leave out
+                required_biases=("bq", "bk", "bv") if arch == "Qwen2ForCausalLM"
+                else ("bq", "bk", "bv", "bo") if cfg.get("attention_bias") else ())
 
 
 HF_LLAMA_LAYER = {"input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "wq",
@@ -724,8 +729,29 @@ def map_hf_tensors(path, config: dict, named: dict) -> tuple:
     if "output" not in tensors and "token_embedding" in tensors:
         tensors["output"] = tensors["token_embedding"]
         config["tied_embeddings"] = True
+    for name in required_names(config):  # a missing tensor is reported by its Hugging Face name
+        if name not in file_names:
+            file_names[name] = _hf_name(name, gpt2)
     check_tensors(path, config, tensors, file_names)
     return tensors, file_names
+
+
+def _hf_name(engine_name: str, gpt2: bool) -> str:
+    """The Hugging Face parameter name of an engine tensor (GPT2LMHeadModel's or Llama's)."""
+    top = ({"token_embedding": "transformer.wte.weight", "position_embedding": "transformer.wpe.weight",
+            "final_norm": "transformer.ln_f.weight", "final_norm_bias": "transformer.ln_f.bias",
+            "output": "lm_head.weight"} if gpt2 else
+           {"token_embedding": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
+            "output": "lm_head.weight"})
+    if engine_name in top:
+        return top[engine_name]
+    _, idx, short = engine_name.split(".", 2)
+    if gpt2 and short in ("wq", "wk", "wv"):
+        return f"transformer.h.{idx}.attn.c_attn.weight"
+    if gpt2 and short in ("bq", "bk", "bv"):
+        return f"transformer.h.{idx}.attn.c_attn.bias"
+    layer = {v: k for k, v in (HF_GPT2_LAYER if gpt2 else HF_LLAMA_LAYER).items()}
+    return f"transformer.h.{idx}.{layer[short]}" if gpt2 else f"model.layers.{idx}.{layer[short]}"
 
 
 def _read_json_object(path: Path) -> dict:
