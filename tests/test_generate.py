@@ -112,4 +112,8 @@ def test_bad_arguments():
         ld.generate(step, [11])
     with pytest.raises(TypeError, match="context"):
         ld.generate(step, [1], context=[1, 2])
+    with pytest.raises(TypeError, match=r"stop must be a non-empty string or a list of them, got 5"):
+        ld.generate(step, [1], stop=5)
+    with pytest.raises(TypeError, match=r"stop_token_ids must be an int or a list of ints, got 2\.5"):
+        ld.generate(step, [1], stop_token_ids=2.5)
     assert ld.generate(step, [1], max_new_tokens=0).tokens == []

@@ -126,3 +126,5 @@ def test_bad_windows():
         perplexity(fn, [0, 0, 0], window=0)
     with pytest.raises(ValueError, match="2 tokens"):
         perplexity(fn, [0], window=4)
+    with pytest.raises(ValueError, match=r"window \(=1\) must be >= 2"):  # it scored nothing: 0 / 0
+        perplexity(fn, [0, 0, 0], window=1)

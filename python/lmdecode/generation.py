@@ -101,7 +101,10 @@ def _prompts(prompt: Any, tokenizer: TokenizerLike | None) -> tuple[list[list[in
 def _stop_ids(stop_token_ids: Any, default_eos: int | None) -> np.ndarray:
     ids = [] if default_eos is None else [default_eos]
     if stop_token_ids is not None:
-        extra = [stop_token_ids] if isinstance(stop_token_ids, numbers.Integral) else list(stop_token_ids)
+        extra = [stop_token_ids] if isinstance(stop_token_ids, numbers.Integral) else stop_token_ids
+        if isinstance(extra, (str, bytes)) or not hasattr(extra, "__iter__"):
+            raise TypeError(f"stop_token_ids must be an int or a list of ints, got {stop_token_ids!r}")
+        extra = list(extra)
         for t in extra:
             if isinstance(t, bool) or not isinstance(t, numbers.Integral):
                 raise TypeError(f"stop_token_ids must be ints, got {stop_token_ids!r}")
@@ -112,6 +115,8 @@ def _stop_ids(stop_token_ids: Any, default_eos: int | None) -> np.ndarray:
 def _stop_strings(stop: Any) -> list[str]:
     if stop is None:
         return []
+    if not isinstance(stop, str) and not hasattr(stop, "__iter__"):
+        raise TypeError(f"stop must be a non-empty string or a list of them, got {stop!r}")
     strings = [stop] if isinstance(stop, str) else list(stop)
     for s in strings:
         if not isinstance(s, str) or not s:

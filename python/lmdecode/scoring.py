@@ -130,6 +130,8 @@ def perplexity_of_windows(
     their windows without (T, V) logits: ``Model.perplexity``)."""
     ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
     window = _check_positive("window", window)
+    if window < 2:
+        raise ValueError(f"window (={window}) must be >= 2: a window of one token predicts nothing")
     stride = window if stride is None else _check_positive("stride", stride)
     if stride > window:
         raise ValueError(f"stride (={stride}) must be <= window (={window}), or tokens go unscored")
