@@ -78,7 +78,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs a command; returns the exit status. A bad file or value is reported as one line on
+    stderr (exit status 1), not as a traceback."""
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"python -m lmdecode {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     import lmdecode as ld
 
     if args.threads:
@@ -115,8 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {token:>7} {model.tokenizer.decode([token])!r:<20} {lp:9.4f}")
         return 0
 
-    with open(args.file, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{args.file}: not UTF-8 text ({e})") from e
     r = model.perplexity(text, window=args.window, stride=args.stride, progress=not args.no_progress)
     print(f"perplexity {r.perplexity:.4f} (nll {r.nll:.2f} nats over {r.n_tokens} tokens)")
     return 0

@@ -1,0 +1,61 @@
+"""The command line, run in-process through lmdecode.cli.main on stories260K."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import lmdecode as ld
+from lmdecode import cli
+
+MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+STORIES = str(MODELS / "stories260K.bin")
+
+
+def test_generate_greedy_prints_the_prompt_and_the_models_continuation(capsys):
+    assert cli.main(["generate", "--model", STORIES, "--temperature", "0", "--max-new-tokens", "20",
+                     "--no-stream", "Once upon a time"]) == 0
+    want = ld.Model.load(STORIES).generate("Once upon a time", max_new_tokens=20, temperature=0).text
+    assert capsys.readouterr().out == "Once upon a time" + want + "\n"
+    # streaming prints the same text
+    assert cli.main(["generate", "--model", STORIES, "--temperature", "0", "--max-new-tokens", "20",
+                     "Once upon a time"]) == 0
+    assert capsys.readouterr().out == "Once upon a time" + want + "\n"
+
+
+def test_score_and_perplexity(capsys, tmp_path):
+    assert cli.main(["score", "--model", STORIES, "--context", "Once upon a time", " there was a girl"]) == 0
+    s = ld.Model.load(STORIES).sequence_logprob("Once upon a time", " there was a girl")
+    out = capsys.readouterr().out
+    assert out.startswith(f"log p(continuation | context) = {s.total:.4f} nats over {len(s.tokens)} tokens")
+    text = "Once upon a time, there was a little girl named Lily. She liked to play outside.\n"
+    (tmp_path / "story.txt").write_text(text)
+    assert cli.main(["perplexity", "--model", STORIES, "--window", "16", "--stride", "8", "--no-progress",
+                     str(tmp_path / "story.txt")]) == 0
+    r = ld.Model.load(STORIES).perplexity(text, window=16, stride=8, progress=False)
+    assert capsys.readouterr().out == f"perplexity {r.perplexity:.4f} (nll {r.nll:.2f} nats over {r.n_tokens} tokens)\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "/nonexistent/model.gguf", "hi"], "/nonexistent/model.gguf: no such file"),
+    (["generate", "--model", STORIES, "--temperature", "-1", "hi"], r"temperature \(=-1\) must be"),
+    (["perplexity", "--model", STORIES, "/nonexistent/story.txt"], "No such file or directory"),
+    (["perplexity", "--model", STORIES, "--window", "1", "TEXT"], r"window \(=1\) must be >= 2"),
+    (["perplexity", "--model", STORIES, STORIES], r"stories260K\.bin: not UTF-8 text"),
+])
+def test_errors_are_one_line_on_stderr(argv, message, capsys, tmp_path):
+    (tmp_path / "story.txt").write_text("Once upon a time, there was a cat.\n")
+    argv = [str(tmp_path / "story.txt") if a == "TEXT" else a for a in argv]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m lmdecode {argv[0]}: error: ")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
+
+
+def test_bad_arguments_are_argparse_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--model", STORIES, "--max-new-tokens", "abc", "hi"])
+    assert exit_info.value.code == 2
+    assert "invalid int value: 'abc'" in capsys.readouterr().err
