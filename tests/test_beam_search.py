@@ -113,6 +113,10 @@ def test_bad_arguments():
         beam_search(lambda t: np.full(4, np.nan), [0])
     with pytest.raises(TypeError, match="max_new_tokens"):
         beam_search(step, [0], max_new_tokens=2.5)
+    with pytest.raises(ValueError, match=r"prompt token id 4 is not in \[0, 4\)"):
+        beam_search(step, [0, 4])
+    with pytest.raises(ValueError, match="at least one token"):
+        beam_search(step, [])
 
 
 # ----------------------------------------------------------------------------

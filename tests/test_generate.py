@@ -117,3 +117,5 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match=r"stop_token_ids must be an int or a list of ints, got 2\.5"):
         ld.generate(step, [1], stop_token_ids=2.5)
     assert ld.generate(step, [1], max_new_tokens=0).tokens == []
+    with pytest.raises(ValueError, match="step_fn must return a 1-D array of logits, got NoneType"):
+        ld.generate(lambda tokens: None, [1])

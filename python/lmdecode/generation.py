@@ -255,7 +255,11 @@ def generate(
         if default_eos is None and tokenizer is not None:
             default_eos = getattr(tokenizer, "eos_id", None)
     else:  # learn V from the first prompt's logits
-        vocab = int(np.asarray(model_or_step_fn(np.asarray(prompts[0], dtype=np.int64))).shape[-1])
+        first = model_or_step_fn(np.asarray(prompts[0], dtype=np.int64))
+        shape = np.shape(first)
+        if len(shape) != 1 or shape[0] < 1:
+            raise ValueError(f"step_fn must return a 1-D array of logits, got {type(first).__name__} of shape {shape}")
+        vocab = int(shape[0])
         default_eos = None
     run = _Run(vocab, prompts, n, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, seed=seed,
                stop_ids=_stop_ids(stop_token_ids, default_eos), stop=_stop_strings(stop), logprobs=logprobs,
