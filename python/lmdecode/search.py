@@ -99,12 +99,8 @@ def beam_search(
             cache[seq] = row
         return cache[seq]
 
-    if not prompt_ids:
-        raise ValueError("prompt must hold at least one token id")
+    # the prompt is step_fn's own business (the search never indexes logits by it): any ids
     first = logits_of(())
-    bad = [t for t in prompt_ids if not 0 <= t < first.shape[0]]
-    if bad:
-        raise ValueError(f"prompt token id {bad[0]} is not in [0, {first.shape[0]}) (the vocabulary of step_fn's logits)")
     search = _core.BeamSearch(
         beam_width, first.shape[0], max_new_tokens, num_return_sequences, float(length_penalty),
         _EARLY_STOPPING[early_stopping], _eos_ids(eos_token_id),
