@@ -161,6 +161,46 @@ def test_scoring_runs_in_engine_chunks_without_a_whole_logits_array():
                                   ld.sequence_logprob(full[len(context) - 1 : -1], continuation).token_logprobs)
 
 
+def test_a_long_generation_stops_at_ctrl_c():
+    """generate() runs its loop in C with the GIL released; Ctrl-C (here _thread.interrupt_main,
+    as a notebook's interrupt button) must still stop it within a chunk of steps, not after the
+    whole generation."""
+    import _thread
+    import threading
+    import time
+
+    rng = np.random.default_rng(0)
+    dim, hidden, layers, vocab = 512, 1536, 4, 1024
+    names = {"model.embed_tokens.weight": (vocab, dim), "lm_head.weight": (vocab, dim), "model.norm.weight": (dim,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        names.update({p + "self_attn.q_proj.weight": (dim, dim), p + "self_attn.k_proj.weight": (dim, dim),
+                      p + "self_attn.v_proj.weight": (dim, dim), p + "self_attn.o_proj.weight": (dim, dim),
+                      p + "mlp.gate_proj.weight": (hidden, dim), p + "mlp.up_proj.weight": (hidden, dim),
+                      p + "mlp.down_proj.weight": (dim, hidden), p + "input_layernorm.weight": (dim,),
+                      p + "post_attention_layernorm.weight": (dim,)})
+    weights = {k: rng.normal(0, 0.02, shape).astype(np.float32) for k, shape in names.items()}
+    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab, hidden_size=dim,
+                  intermediate_size=hidden, num_hidden_layers=layers, num_attention_heads=8, max_position_embeddings=4096)
+    model = ld.Model.from_numpy(config, weights)
+    t0 = time.perf_counter()
+    model.generate([1, 2, 3], max_new_tokens=50, temperature=0, stop_token_ids=[])
+    per_token = (time.perf_counter() - t0) / 50
+    n_new = 4000  # seconds of work: this 60 MB model decodes at about a millisecond a token
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.generate([1, 2, 3], max_new_tokens=n_new, temperature=0, stop_token_ids=[])
+    finally:
+        timer.cancel()
+    elapsed = time.perf_counter() - t0
+    # the interrupt at 0.3 s lands within a chunk of steps (chunks stay near 20-100 ms), long
+    # before the whole generation would have ended
+    assert elapsed < 1.0 and elapsed < 0.5 * n_new * per_token, (elapsed, per_token)
+
+
 # ----------------------------------------------------------------------------
 # transformers oracle on a random-weight Llama loaded by lmdecode
 # ----------------------------------------------------------------------------

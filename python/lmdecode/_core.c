@@ -23,6 +23,8 @@
 #include "model.h"
 #include "pythread.h"
 
+#include <time.h>
+
 /* ------------------------------------------------------------------ */
 /* status -> exception                                                  */
 /* ------------------------------------------------------------------ */
@@ -1720,17 +1722,40 @@ static PyObject *ModelDecoder_steps(ModelDecoderObject *self, PyObject *arg) {
         PyErr_SetString(PyExc_RuntimeError, "this Generator is in use by another thread");
         goto done;
     }
-    engine_lock(self->model->lock);
-    engine_lock(self->pool->lock);
+    /* The steps run in chunks, and the interpreter checks for signals between them, so that
+     * Ctrl-C (a notebook's interrupt) stops a long generation within a chunk. A chunk doubles
+     * while it takes under CHUNK_MS_LOW ms (a tiny model's steps cost one GIL round trip per
+     * many tokens) and halves above CHUNK_MS_HIGH. Chunked calls run the same steps as one. */
+    enum { CHUNK_MS_LOW = 20, CHUNK_MS_HIGH = 100, CHUNK_MAX = 1 << 16 };
     lmd_error err;
-    lmd_status st;
-    Py_BEGIN_ALLOW_THREADS;
-    st = lmd_decode_run_steps(self->run, set->samplers, set->n, (int32_t)max_steps, ids, tokens,
-                              &n_last, &err);
-    Py_END_ALLOW_THREADS;
-    PyThread_release_lock(self->pool->lock);
-    PyThread_release_lock(self->model->lock);
+    lmd_status st = LMD_OK;
+    int32_t remaining = (int32_t)max_steps, chunk = 1, interrupted = 0;
+    while (remaining > 0) {
+        const int32_t now = chunk < remaining ? chunk : remaining;
+        int32_t n_chunk = 0;
+        struct timespec t0, t1;
+        timespec_get(&t0, TIME_UTC);
+        engine_lock(self->model->lock);
+        engine_lock(self->pool->lock);
+        Py_BEGIN_ALLOW_THREADS;
+        st = lmd_decode_run_steps(self->run, set->samplers, set->n, now, ids, tokens, &n_chunk, &err);
+        Py_END_ALLOW_THREADS;
+        PyThread_release_lock(self->pool->lock);
+        PyThread_release_lock(self->model->lock);
+        if (st != LMD_OK || n_chunk == 0) break; /* an error, or every sequence had finished */
+        n_last = n_chunk;
+        remaining -= now;
+        if (remaining > 0 && PyErr_CheckSignals() < 0) {
+            interrupted = 1;
+            break;
+        }
+        timespec_get(&t1, TIME_UTC);
+        const double ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-6;
+        if (ms < CHUNK_MS_LOW && chunk < CHUNK_MAX) chunk *= 2;
+        else if (ms > CHUNK_MS_HIGH && chunk > 1) chunk /= 2;
+    }
     PyThread_release_lock(self->generator->lock);
+    if (interrupted) goto done; /* the signal's exception (KeyboardInterrupt) is set */
     if (st != LMD_OK) {
         raise_status(st, &err);
         goto done;
