@@ -209,7 +209,8 @@ static int32_t blocks_in_use(const lmd_kvpool *pool) { return pool->n_blocks - p
 
 lmd_status lmd_decode_beam_search(lmd_model *model, lmd_kvpool *pool, lmd_beam_search *bs,
                                   const int32_t *prompt, int32_t prompt_len,
-                                  int32_t *peak_kv_blocks, lmd_error *err) {
+                                  int32_t *peak_kv_blocks, lmd_stop_check stop, void *stop_ctx,
+                                  lmd_error *err) {
     const int32_t B = lmd_beam_search_width(bs), V = lmd_beam_search_vocab(bs);
     const int32_t L = model->config.context_length;
     if (V != model->config.vocab_size)
@@ -260,6 +261,11 @@ lmd_status lmd_decode_beam_search(lmd_model *model, lmd_kvpool *pool, lmd_beam_s
             goto done;
         int32_t used = blocks_in_use(pool);
         peak = used > peak ? used : peak;
+        if (stop != NULL && stop(stop_ctx)) {
+            st = lmd_fail(err, LMD_ERR_STOPPED, "the beam search was stopped at %d new tokens",
+                          lmd_beam_search_length(bs));
+            goto done;
+        }
     }
 done:
     for (int32_t b = 0; beams != NULL && b < B; b++) lmd_kvseq_free(beams[b]);

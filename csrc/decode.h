@@ -45,13 +45,19 @@ lmd_status lmd_decode_run_steps(lmd_decode_run *run, lmd_sampler *const *sampler
                                 int32_t max_steps, int32_t *last_ids, int32_t *last_tokens,
                                 int32_t *n_last, lmd_error *err);
 
+/* Asked between the steps of a long loop: nonzero stops it (the caller's interrupt). */
+typedef int (*lmd_stop_check)(void *ctx);
+
 /*
  * Runs the beam search to its end on the model from prompt (prompt_len >= 1).
  * All beams advance in one batched forward per step. *peak_kv_blocks (if
  * non-NULL) receives the largest number of pool blocks the beams held at once.
+ * stop (if non-NULL) is called with stop_ctx after every step; when it returns
+ * nonzero the search ends unfinished with LMD_ERR_STOPPED.
  */
 lmd_status lmd_decode_beam_search(lmd_model *model, lmd_kvpool *pool, lmd_beam_search *bs,
                                   const int32_t *prompt, int32_t prompt_len,
-                                  int32_t *peak_kv_blocks, lmd_error *err);
+                                  int32_t *peak_kv_blocks, lmd_stop_check stop, void *stop_ctx,
+                                  lmd_error *err);
 
 #endif /* LMD_DECODE_H */

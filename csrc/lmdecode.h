@@ -30,7 +30,8 @@ typedef enum {
     LMD_ERR_FORMAT,       /* a model file is corrupt, truncated or inconsistent */
     LMD_ERR_CACHE_FULL,   /* the KV cache has no room for the requested positions */
     LMD_ERR_UNSUPPORTED,  /* a valid input that this build does not handle */
-    LMD_ERR_IO            /* the operating system refused a file operation */
+    LMD_ERR_IO,           /* the operating system refused a file operation */
+    LMD_ERR_STOPPED       /* the caller's stop check asked a long loop to stop */
 } lmd_status;
 
 typedef struct {

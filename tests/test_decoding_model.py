@@ -161,14 +161,10 @@ def test_scoring_runs_in_engine_chunks_without_a_whole_logits_array():
                                   ld.sequence_logprob(full[len(context) - 1 : -1], continuation).token_logprobs)
 
 
-def test_a_long_generation_stops_at_ctrl_c():
-    """generate() runs its loop in C with the GIL released; Ctrl-C (here _thread.interrupt_main,
-    as a notebook's interrupt button) must still stop it within a chunk of steps, not after the
-    whole generation."""
-    import _thread
-    import threading
-    import time
-
+@pytest.fixture(scope="module")
+def model_60mb():
+    """A random 60 MB Llama (dim 512, 4 layers) with a 4096-token context: about a millisecond
+    a decoded token, so thousands of tokens are seconds of work."""
     rng = np.random.default_rng(0)
     dim, hidden, layers, vocab = 512, 1536, 4, 1024
     names = {"model.embed_tokens.weight": (vocab, dim), "lm_head.weight": (vocab, dim), "model.norm.weight": (dim,)}
@@ -182,22 +178,44 @@ def test_a_long_generation_stops_at_ctrl_c():
     weights = {k: rng.normal(0, 0.02, shape).astype(np.float32) for k, shape in names.items()}
     config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab, hidden_size=dim,
                   intermediate_size=hidden, num_hidden_layers=layers, num_attention_heads=8, max_position_embeddings=4096)
-    model = ld.Model.from_numpy(config, weights)
-    t0 = time.perf_counter()
-    model.generate([1, 2, 3], max_new_tokens=50, temperature=0, stop_token_ids=[])
-    per_token = (time.perf_counter() - t0) / 50
-    n_new = 4000  # seconds of work: this 60 MB model decodes at about a millisecond a token
-    timer = threading.Timer(0.3, _thread.interrupt_main)
+    return ld.Model.from_numpy(config, weights)
+
+
+def _interrupted_after(seconds, fn):
+    """Runs fn with Ctrl-C (_thread.interrupt_main, as a notebook's interrupt button) sent after
+    `seconds`; returns how long fn ran before KeyboardInterrupt ended it."""
+    import _thread
+    import threading
+    import time
+
+    timer = threading.Timer(seconds, _thread.interrupt_main)
     t0 = time.perf_counter()
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            model.generate([1, 2, 3], max_new_tokens=n_new, temperature=0, stop_token_ids=[])
+            fn()
     finally:
         timer.cancel()
-    elapsed = time.perf_counter() - t0
-    # the interrupt at 0.3 s lands within a chunk of steps (chunks stay near 20-100 ms), long
-    # before the whole generation would have ended
+    return time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("search", ["generate", "beam_search"])
+def test_long_decoding_loops_stop_at_ctrl_c(model_60mb, search):
+    """generate() and beam_search() run their loops in C with the GIL released; Ctrl-C must
+    still stop them within a few tens of milliseconds, not after the whole loop."""
+    import time
+
+    if search == "generate":
+        def run(n_new):
+            return model_60mb.generate([1, 2, 3], max_new_tokens=n_new, temperature=0, stop_token_ids=[])
+    else:
+        def run(n_new):
+            return model_60mb.beam_search([1, 2, 3], beam_width=2, max_new_tokens=n_new, early_stopping="never")
+    t0 = time.perf_counter()
+    run(50)
+    per_token = (time.perf_counter() - t0) / 50
+    n_new = 4000  # seconds of work
+    elapsed = _interrupted_after(0.3, lambda: run(n_new))
     assert elapsed < 1.0 and elapsed < 0.5 * n_new * per_token, (elapsed, per_token)
 
 

@@ -38,6 +38,7 @@ static PyObject *raise_status(lmd_status st, const lmd_error *err) {
     case LMD_ERR_CACHE_FULL: type = PyExc_ValueError; break;
     case LMD_ERR_UNSUPPORTED: type = PyExc_NotImplementedError; break;
     case LMD_ERR_IO: type = PyExc_OSError; break;
+    case LMD_ERR_STOPPED: type = PyExc_KeyboardInterrupt; break; /* stop_on_signal sets its own */
     default: break;
     }
     PyErr_SetString(type, err->msg[0] ? err->msg : "lmdecode core error");
@@ -1795,6 +1796,32 @@ static PyTypeObject ModelDecoderType = {
     .tp_new = PyType_GenericNew,
 };
 
+
+/* An lmd_stop_check for a C loop running with the GIL released: at most every
+ * SIGNAL_CHECK_MS it takes the GIL back and runs the interpreter's signal handlers (in the
+ * main thread), so Ctrl-C stops a long beam search. A handler's exception
+ * (KeyboardInterrupt) stops the loop and stays set for the binding to return. The engine's
+ * locks are held meanwhile: a signal handler must not call into the same model. */
+enum { SIGNAL_CHECK_MS = 20 };
+typedef struct {
+    struct timespec last;
+    int raised;
+} signal_check;
+
+static int stop_on_signal(void *ctx) {
+    signal_check *check = ctx;
+    struct timespec now;
+    timespec_get(&now, TIME_UTC);
+    const double ms =
+        (double)(now.tv_sec - check->last.tv_sec) * 1e3 + (double)(now.tv_nsec - check->last.tv_nsec) * 1e-6;
+    if (ms < SIGNAL_CHECK_MS) return 0;
+    check->last = now;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    check->raised = PyErr_CheckSignals() < 0;
+    PyGILState_Release(gil);
+    return check->raised;
+}
+
 /* model_beam_search(model, pool, beam_search, prompt int32) -> peak KV blocks held */
 static PyObject *py_model_beam_search(PyObject *self, PyObject *args) {
     (void)self;
@@ -1825,14 +1852,17 @@ static PyObject *py_model_beam_search(PyObject *self, PyObject *args) {
     lmd_error err;
     lmd_status st;
     int32_t peak = 0;
+    signal_check check = {{0, 0}, 0};
+    timespec_get(&check.last, TIME_UTC);
     Py_BEGIN_ALLOW_THREADS;
     st = lmd_decode_beam_search(model->model, pool->pool, bs->search, PyArray_DATA(prompt),
-                                (int32_t)PyArray_DIM(prompt, 0), &peak, &err);
+                                (int32_t)PyArray_DIM(prompt, 0), &peak, stop_on_signal, &check, &err);
     Py_END_ALLOW_THREADS;
     PyThread_release_lock(pool->lock);
     PyThread_release_lock(model->lock);
     PyThread_release_lock(bs->lock);
     Py_DECREF(prompt);
+    if (st == LMD_ERR_STOPPED && check.raised) return NULL; /* KeyboardInterrupt (or the handler's) */
     if (st != LMD_OK) return raise_status(st, &err);
     return PyLong_FromLong(peak);
 }

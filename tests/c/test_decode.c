@@ -371,6 +371,12 @@ static void test_pool_too_small_then_retry(void) {
     tiny_close(&t, m);
 }
 
+
+// an lmd_stop_check: counts its calls in *ctx, asks to stop at the third
+static int stop_at_third_call(void *ctx) {
+    int *calls = ctx;
+    return ++*calls == 3;
+}
 static void test_beam_search(void) {
     test_rng r = {10};
     tiny_spec spec = tiny_llama_spec();
@@ -391,7 +397,7 @@ static void test_beam_search(void) {
     lmd_beam_search *bs;
     CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
     int32_t peak = -1;
-    CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 6, &peak, &err) == LMD_OK);
+    CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 6, &peak, NULL, NULL, &err) == LMD_OK);
     CHECK(lmd_beam_search_done(bs) && lmd_beam_search_n_hypotheses(bs) == 1);
     int32_t tokens[NEW], len;
     float lps[NEW], score, sum;
@@ -404,10 +410,21 @@ static void test_beam_search(void) {
     CHECK(pool_full(pool));
     lmd_beam_search_free(bs);
 
+    /* a stop check that asks to stop at its third call: the search ends there, unfinished,
+     * with its sequences released to the pool */
+    int calls = 0;
+    CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
+    CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 6, NULL, stop_at_third_call, &calls, &err) ==
+          LMD_ERR_STOPPED);
+    CHECK(calls == 3 && !lmd_beam_search_done(bs) && lmd_beam_search_length(bs) == 3);
+    CHECK(strstr(err.msg, "stopped at 3 new tokens") != NULL);
+    CHECK(pool_full(pool));
+    lmd_beam_search_free(bs);
+
     /* width 3, two hypotheses: each one's log-probs are the model's own along its tokens */
     lmd_beam_config c3 = {3, V, NEW, 2, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0};
     CHECK(lmd_beam_search_init(&bs, &c3, &err) == LMD_OK);
-    CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 6, &peak, &err) == LMD_OK);
+    CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 6, &peak, NULL, NULL, &err) == LMD_OK);
     CHECK(pool_full(pool));
     CHECK(lmd_beam_search_n_hypotheses(bs) == 2);
     int32_t hyp[2][NEW];
@@ -439,22 +456,22 @@ static void test_beam_search(void) {
 
     /* errors, with the pool untouched */
     CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
-    CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 0, NULL, &err) == LMD_ERR_INVALID_ARG);
+    CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 0, NULL, NULL, NULL, &err) == LMD_ERR_INVALID_ARG);
     CHECK_MSG_CONTAINS(err, "prompt is empty");
     int32_t long_prompt[20] = {0};
-    CHECK(lmd_decode_beam_search(m, pool, bs, long_prompt, 20, NULL, &err) == LMD_ERR_CACHE_FULL);
+    CHECK(lmd_decode_beam_search(m, pool, bs, long_prompt, 20, NULL, NULL, NULL, &err) == LMD_ERR_CACHE_FULL);
     CHECK_MSG_CONTAINS(err, "exceed the context length 24");
     CHECK(pool_full(pool) && lmd_beam_search_length(bs) == 0);
     lmd_beam_search_free(bs);
     lmd_beam_config other = {1, V + 2, NEW, 1, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0};
     CHECK(lmd_beam_search_init(&bs, &other, &err) == LMD_OK);
-    CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 6, NULL, &err) == LMD_ERR_INVALID_ARG);
+    CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 6, NULL, NULL, NULL, &err) == LMD_ERR_INVALID_ARG);
     CHECK_MSG_CONTAINS(err, "vocabulary");
     lmd_beam_search_free(bs);
     /* a pool too small for the beams: the error comes back and every block with it */
     lmd_kvpool *tiny_p = tiny_pool(&t, 4, 3);
     CHECK(lmd_beam_search_init(&bs, &c3, &err) == LMD_OK);
-    CHECK(lmd_decode_beam_search(m, tiny_p, bs, prompt, 6, NULL, &err) == LMD_ERR_CACHE_FULL);
+    CHECK(lmd_decode_beam_search(m, tiny_p, bs, prompt, 6, NULL, NULL, NULL, &err) == LMD_ERR_CACHE_FULL);
     CHECK(pool_full(tiny_p));
     lmd_beam_search_free(bs);
     lmd_kvpool_free(tiny_p);
