@@ -254,10 +254,13 @@ def test_config_sizes_missing_or_not_numbers(hf, tmp_path):
     good = json.loads((hf["path"] / "config.json").read_text())
     gpt2 = hf["kind"] == "gpt2"
     size, eps = ("n_layer", "layer_norm_epsilon") if gpt2 else ("num_hidden_layers", "rms_norm_eps")
-    for edit, message in [(lambda c: c.pop(size), f"config has no '{size}'"),
-                          (lambda c: c.update({size: "2"}), f"config '{size}' \\(='2'\\) must be a positive integer"),
-                          (lambda c: c.update({size: 0}), f"config '{size}' \\(=0\\) must be a positive integer"),
-                          (lambda c: c.update({eps: "tiny"}), f"config '{eps}' \\(='tiny'\\) must be a number")]:
+    edits = [(lambda c: c.pop(size), f"config has no '{size}'"),
+             (lambda c: c.update({size: "2"}), f"config '{size}' \\(='2'\\) must be a positive integer"),
+             (lambda c: c.update({size: 0}), f"config '{size}' \\(=0\\) must be a positive integer"),
+             (lambda c: c.update({eps: "tiny"}), f"config '{eps}' \\(='tiny'\\) must be a number")]
+    if not gpt2:  # an explicit head_dim of 0 is not "the default"
+        edits.append((lambda c: c.update({"head_dim": 0}), "config 'head_dim' \\(=0\\) must be a positive integer"))
+    for edit, message in edits:
         cfg = dict(good)
         edit(cfg)
         (tmp_path / "config.json").write_text(json.dumps(cfg))
