@@ -1698,6 +1698,11 @@ static int ModelDecoder_init(ModelDecoderObject *self, PyObject *args, PyObject 
     return 0;
 }
 
+// milliseconds from a to b (wall clock: C11's timespec_get; enough to size chunks of work)
+static double ms_between(const struct timespec *a, const struct timespec *b) {
+    return (double)(b->tv_sec - a->tv_sec) * 1e3 + (double)(b->tv_nsec - a->tv_nsec) * 1e-6;
+}
+
 /* steps(max_steps) -> (ids int64, tokens int64) of the last step that ran */
 static PyObject *ModelDecoder_steps(ModelDecoderObject *self, PyObject *arg) {
     if (self->run == NULL) {
@@ -1751,7 +1756,7 @@ static PyObject *ModelDecoder_steps(ModelDecoderObject *self, PyObject *arg) {
             break;
         }
         timespec_get(&t1, TIME_UTC);
-        const double ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-6;
+        const double ms = ms_between(&t0, &t1);
         if (ms < CHUNK_MS_LOW && chunk < CHUNK_MAX) chunk *= 2;
         else if (ms > CHUNK_MS_HIGH && chunk > 1) chunk /= 2;
     }
@@ -1796,7 +1801,6 @@ static PyTypeObject ModelDecoderType = {
     .tp_new = PyType_GenericNew,
 };
 
-
 /* An lmd_stop_check for a C loop running with the GIL released: at most every
  * SIGNAL_CHECK_MS it takes the GIL back and runs the interpreter's signal handlers (in the
  * main thread), so Ctrl-C stops a long beam search. A handler's exception
@@ -1812,9 +1816,7 @@ static int stop_on_signal(void *ctx) {
     signal_check *check = ctx;
     struct timespec now;
     timespec_get(&now, TIME_UTC);
-    const double ms =
-        (double)(now.tv_sec - check->last.tv_sec) * 1e3 + (double)(now.tv_nsec - check->last.tv_nsec) * 1e-6;
-    if (ms < SIGNAL_CHECK_MS) return 0;
+    if (ms_between(&check->last, &now) < SIGNAL_CHECK_MS) return 0;
     check->last = now;
     PyGILState_STATE gil = PyGILState_Ensure();
     check->raised = PyErr_CheckSignals() < 0;
