@@ -153,7 +153,7 @@ static lmd_status prefill(lmd_decode_run *run, int32_t R, lmd_error *err) {
 
 lmd_status lmd_decode_run_steps(lmd_decode_run *run, lmd_sampler *const *samplers, int n_samplers,
                                 int32_t max_steps, int32_t *last_ids, int32_t *last_tokens,
-                                int32_t *n_last, lmd_error *err) {
+                                int32_t *n_last, lmd_stop_check stop, void *stop_ctx, lmd_error *err) {
     lmd_status st;
     const int32_t L = run->model->config.context_length;
     if (n_last) *n_last = 0;
@@ -197,6 +197,8 @@ lmd_status lmd_decode_run_steps(lmd_decode_run *run, lmd_sampler *const *sampler
         }
         if (n_last) *n_last = R;
         release_finished(run);
+        if (stop != NULL && step + 1 < max_steps && stop(stop_ctx))
+            return lmd_fail(err, LMD_ERR_STOPPED, "decoding was stopped after %d steps of this call", step + 1);
     }
     return LMD_OK;
 }

@@ -33,6 +33,9 @@ lmd_status lmd_decode_run_init(lmd_decode_run **out, lmd_model *model, lmd_kvpoo
                                lmd_generator *gen, lmd_error *err);
 void lmd_decode_run_free(lmd_decode_run *run); /* safe on NULL */
 
+/* Asked between the steps of a long loop: nonzero stops it (the caller's interrupt). */
+typedef int (*lmd_stop_check)(void *ctx);
+
 /*
  * Advances the generator by up to max_steps tokens per running sequence (the
  * first step prefills the prompts; sequences whose prompt equals the previous
@@ -40,13 +43,12 @@ void lmd_decode_run_free(lmd_decode_run *run); /* safe on NULL */
  * fill the model's context length finishes with LMD_FINISH_LENGTH. If last_ids/last_tokens are given
  * (capacity n_seqs), they receive the sequences and tokens of the last step,
  * *n_last their count (0 when nothing ran because every sequence had finished).
+ * stop (if non-NULL) is called with stop_ctx between steps; when it returns nonzero
+ * the call ends early with LMD_ERR_STOPPED, the steps so far kept (a later call goes on).
  */
 lmd_status lmd_decode_run_steps(lmd_decode_run *run, lmd_sampler *const *samplers, int n_samplers,
                                 int32_t max_steps, int32_t *last_ids, int32_t *last_tokens,
-                                int32_t *n_last, lmd_error *err);
-
-/* Asked between the steps of a long loop: nonzero stops it (the caller's interrupt). */
-typedef int (*lmd_stop_check)(void *ctx);
+                                int32_t *n_last, lmd_stop_check stop, void *stop_ctx, lmd_error *err);
 
 /*
  * Runs the beam search to its end on the model from prompt (prompt_len >= 1).

@@ -1698,9 +1698,30 @@ static int ModelDecoder_init(ModelDecoderObject *self, PyObject *args, PyObject 
     return 0;
 }
 
-// milliseconds from a to b (wall clock: C11's timespec_get; enough to size chunks of work)
-static double ms_between(const struct timespec *a, const struct timespec *b) {
-    return (double)(b->tv_sec - a->tv_sec) * 1e3 + (double)(b->tv_nsec - a->tv_nsec) * 1e-6;
+/* An lmd_stop_check for a C loop running with the GIL released: at most every
+ * SIGNAL_CHECK_MS it takes the GIL back and runs the interpreter's signal handlers (in the
+ * main thread), so Ctrl-C stops a long generation or beam search. A handler's exception
+ * (KeyboardInterrupt) stops the loop and stays set for the binding to return. The engine's
+ * locks are held meanwhile: a signal handler must not call into the same model. */
+enum { SIGNAL_CHECK_MS = 20 };
+typedef struct {
+    struct timespec last;
+    int raised;
+} signal_check;
+
+static int stop_on_signal(void *ctx) {
+    signal_check *check = ctx;
+    struct timespec now;
+    timespec_get(&now, TIME_UTC);
+    /* wall clock (C11's timespec_get): enough to space the checks */
+    const double ms =
+        (double)(now.tv_sec - check->last.tv_sec) * 1e3 + (double)(now.tv_nsec - check->last.tv_nsec) * 1e-6;
+    if (ms < SIGNAL_CHECK_MS) return 0;
+    check->last = now;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    check->raised = PyErr_CheckSignals() < 0;
+    PyGILState_Release(gil);
+    return check->raised;
 }
 
 /* steps(max_steps) -> (ids int64, tokens int64) of the last step that ran */
@@ -1728,40 +1749,20 @@ static PyObject *ModelDecoder_steps(ModelDecoderObject *self, PyObject *arg) {
         PyErr_SetString(PyExc_RuntimeError, "this Generator is in use by another thread");
         goto done;
     }
-    /* The steps run in chunks, and the interpreter checks for signals between them, so that
-     * Ctrl-C (a notebook's interrupt) stops a long generation within a chunk. A chunk doubles
-     * while it takes under CHUNK_MS_LOW ms (a tiny model's steps cost one GIL round trip per
-     * many tokens) and halves above CHUNK_MS_HIGH. Chunked calls run the same steps as one. */
-    enum { CHUNK_MS_LOW = 20, CHUNK_MS_HIGH = 100, CHUNK_MAX = 1 << 16 };
+    engine_lock(self->model->lock);
+    engine_lock(self->pool->lock);
     lmd_error err;
-    lmd_status st = LMD_OK;
-    int32_t remaining = (int32_t)max_steps, chunk = 1, interrupted = 0;
-    while (remaining > 0) {
-        const int32_t now = chunk < remaining ? chunk : remaining;
-        int32_t n_chunk = 0;
-        struct timespec t0, t1;
-        timespec_get(&t0, TIME_UTC);
-        engine_lock(self->model->lock);
-        engine_lock(self->pool->lock);
-        Py_BEGIN_ALLOW_THREADS;
-        st = lmd_decode_run_steps(self->run, set->samplers, set->n, now, ids, tokens, &n_chunk, &err);
-        Py_END_ALLOW_THREADS;
-        PyThread_release_lock(self->pool->lock);
-        PyThread_release_lock(self->model->lock);
-        if (st != LMD_OK || n_chunk == 0) break; /* an error, or every sequence had finished */
-        n_last = n_chunk;
-        remaining -= now;
-        if (remaining > 0 && PyErr_CheckSignals() < 0) {
-            interrupted = 1;
-            break;
-        }
-        timespec_get(&t1, TIME_UTC);
-        const double ms = ms_between(&t0, &t1);
-        if (ms < CHUNK_MS_LOW && chunk < CHUNK_MAX) chunk *= 2;
-        else if (ms > CHUNK_MS_HIGH && chunk > 1) chunk /= 2;
-    }
+    lmd_status st;
+    signal_check check = {{0, 0}, 0};
+    timespec_get(&check.last, TIME_UTC);
+    Py_BEGIN_ALLOW_THREADS;
+    st = lmd_decode_run_steps(self->run, set->samplers, set->n, (int32_t)max_steps, ids, tokens, &n_last,
+                              stop_on_signal, &check, &err);
+    Py_END_ALLOW_THREADS;
+    PyThread_release_lock(self->pool->lock);
+    PyThread_release_lock(self->model->lock);
     PyThread_release_lock(self->generator->lock);
-    if (interrupted) goto done; /* the signal's exception (KeyboardInterrupt) is set */
+    if (st == LMD_ERR_STOPPED && check.raised) goto done; /* KeyboardInterrupt (or the handler's) */
     if (st != LMD_OK) {
         raise_status(st, &err);
         goto done;
@@ -1800,29 +1801,6 @@ static PyTypeObject ModelDecoderType = {
     .tp_init = (initproc)ModelDecoder_init,
     .tp_new = PyType_GenericNew,
 };
-
-/* An lmd_stop_check for a C loop running with the GIL released: at most every
- * SIGNAL_CHECK_MS it takes the GIL back and runs the interpreter's signal handlers (in the
- * main thread), so Ctrl-C stops a long beam search. A handler's exception
- * (KeyboardInterrupt) stops the loop and stays set for the binding to return. The engine's
- * locks are held meanwhile: a signal handler must not call into the same model. */
-enum { SIGNAL_CHECK_MS = 20 };
-typedef struct {
-    struct timespec last;
-    int raised;
-} signal_check;
-
-static int stop_on_signal(void *ctx) {
-    signal_check *check = ctx;
-    struct timespec now;
-    timespec_get(&now, TIME_UTC);
-    if (ms_between(&check->last, &now) < SIGNAL_CHECK_MS) return 0;
-    check->last = now;
-    PyGILState_STATE gil = PyGILState_Ensure();
-    check->raised = PyErr_CheckSignals() < 0;
-    PyGILState_Release(gil);
-    return check->raised;
-}
 
 /* model_beam_search(model, pool, beam_search, prompt int32) -> peak KV blocks held */
 static PyObject *py_model_beam_search(PyObject *self, PyObject *args) {

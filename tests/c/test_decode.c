@@ -101,6 +101,12 @@ static int pool_full(const lmd_kvpool *p) { return p->n_free == p->n_blocks; }
 
 /* ------------------------------------------------------------------ */
 
+// an lmd_stop_check: counts its calls in *ctx, asks to stop at the third
+static int stop_at_third_call(void *ctx) {
+    int *calls = ctx;
+    return ++*calls == 3;
+}
+
 static void test_greedy_equals_argmax_chain(void) {
     test_rng r = {7};
     tiny_spec spec = tiny_llama_spec();
@@ -126,7 +132,7 @@ static void test_greedy_equals_argmax_chain(void) {
     lmd_decode_run *run;
     CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
     int32_t last_ids[1], last_tokens[1], n_last = -1;
-    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, last_ids, last_tokens, &n_last, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, last_ids, last_tokens, &n_last, NULL, NULL, &err) == LMD_OK);
     int32_t len;
     const int32_t *all = lmd_generator_tokens(g, 0, &len);
     CHECK(len == 15 && memcmp(all, prompt, sizeof prompt) == 0);
@@ -137,7 +143,7 @@ static void test_greedy_equals_argmax_chain(void) {
     for (int i = 0; i < 10; i++) CHECK_CLOSE(lps[i], want_lp[i], 1e-5);
     CHECK(pool_full(pool)); /* a finished sequence's blocks are back before run_free */
     /* nothing left to do: no step runs */
-    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, last_ids, last_tokens, &n_last, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, last_ids, last_tokens, &n_last, NULL, NULL, &err) == LMD_OK);
     CHECK(n_last == 0);
     lmd_decode_run_free(run);
     lmd_generator_free(g);
@@ -146,12 +152,27 @@ static void test_greedy_equals_argmax_chain(void) {
     g = new_generator(&ps, V, 10, &greedy, 0, NULL, 0);
     CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
     for (int step = 0; step < 10; step++) {
-        CHECK(lmd_decode_run_steps(run, &sampler, 1, 1, last_ids, last_tokens, &n_last, &err) == LMD_OK);
+        CHECK(lmd_decode_run_steps(run, &sampler, 1, 1, last_ids, last_tokens, &n_last, NULL, NULL, &err) == LMD_OK);
         CHECK(n_last == 1 && last_ids[0] == 0 && last_tokens[0] == want[step]);
         CHECK(lmd_generator_generated(g, 0) == step + 1);
         if (step < 9) CHECK(!pool_full(pool));
     }
     CHECK(lmd_generator_running(g, NULL) == 0 && pool_full(pool));
+    lmd_decode_run_free(run);
+    lmd_generator_free(g);
+
+    /* a stop check that asks to stop at its third call ends the call after three steps; the
+     * next call goes on to the same tokens */
+    g = new_generator(&ps, V, 10, &greedy, 0, NULL, 0);
+    CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
+    int calls = 0;
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, last_ids, last_tokens, &n_last, stop_at_third_call,
+                               &calls, &err) == LMD_ERR_STOPPED);
+    CHECK(calls == 3 && lmd_generator_generated(g, 0) == 3 && n_last == 1 && last_tokens[0] == want[2]);
+    CHECK(strstr(err.msg, "stopped after 3 steps") != NULL);
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
+    all = lmd_generator_tokens(g, 0, &len);
+    CHECK(len == 15 && memcmp(all + 5, want, sizeof want) == 0 && pool_full(pool));
     lmd_decode_run_free(run);
     lmd_generator_free(g);
     lmd_decode_run_free(NULL);
@@ -215,13 +236,13 @@ static void test_shared_prompts_equal_each_alone(void) {
     lmd_decode_run *run;
     CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
     int32_t ids[4], toks[4], n_last;
-    CHECK(lmd_decode_run_steps(run, samplers, 2, 1, ids, toks, &n_last, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, samplers, 2, 1, ids, toks, &n_last, NULL, NULL, &err) == LMD_OK);
     CHECK(n_last == 4);
     for (int k = 0; k < 4; k++) CHECK(ids[k] == k && toks[k] == alone[k][0]);
     /* the prefill ran once per distinct adjacent prompt: sequences 0 and 3 hold 6 positions
      * (2 blocks of 4) each, sequence 2 holds 4 (1 block), sequence 1 shares sequence 0's */
     CHECK(pool->n_blocks - pool->n_free == 5);
-    CHECK(lmd_decode_run_steps(run, samplers, 2, INT32_MAX, NULL, NULL, NULL, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, samplers, 2, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
     for (int k = 0; k < 4; k++) {
         int32_t len;
         const int32_t *all = lmd_generator_tokens(g, k, &len);
@@ -242,9 +263,9 @@ static void test_shared_prompts_equal_each_alone(void) {
     greedy.temperature = 0.0;
     g = new_generator(&ps, V, NEW, &greedy, seed, NULL, 0);
     CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
-    CHECK(lmd_decode_run_steps(run, samplers, 2, 3, NULL, NULL, NULL, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, samplers, 2, 3, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
     CHECK(!pool_full(pool));
-    CHECK(lmd_decode_run_steps(run, samplers, 2, INT32_MAX, NULL, NULL, NULL, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, samplers, 2, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
     int32_t want[NEW];
     CHECK(reference_generate(m, pool, p, 6, NEW, NULL, 0, 0, want, NULL) == NEW);
     for (int k = 0; k < 4; k += (k == 1 ? 2 : 1)) /* 0, 1, 3 */
@@ -253,7 +274,7 @@ static void test_shared_prompts_equal_each_alone(void) {
     lmd_generator_free(g);
     g = new_generator(&ps, V, NEW, &greedy, seed, NULL, 0);
     CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
-    CHECK(lmd_decode_run_steps(run, samplers, 2, 2, NULL, NULL, NULL, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, samplers, 2, 2, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
     CHECK(!pool_full(pool));
     lmd_decode_run_free(run); /* unfinished: the run still frees its sequences */
     CHECK(pool_full(pool));
@@ -290,7 +311,7 @@ static void test_context_length_ends_sequences(void) {
     lmd_generator *g = new_generator(&ps, V, 100, &greedy, 0, NULL, 0);
     lmd_decode_run *run;
     CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
-    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
     for (int k = 0; k < 3; k++) {
         int32_t len, want[MAX_LEN];
         const int32_t *all = lmd_generator_tokens(g, k, &len);
@@ -349,12 +370,12 @@ static void test_pool_too_small_then_retry(void) {
     CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
     lmd_kvseq *other = tiny_seq(pool, 24);
     CHECK(tiny_run(m, other, prompt, 1, NULL, &err) == LMD_OK); /* holds 1 of the 4 blocks */
-    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, &err) == LMD_ERR_CACHE_FULL);
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_ERR_CACHE_FULL);
     CHECK_MSG_CONTAINS(err, "3 free blocks");
     CHECK(lmd_generator_generated(g, 0) == 0 && lmd_generator_generated(g, 1) == 0);
     CHECK(pool->n_free == 3);
     lmd_kvseq_free(other);
-    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
     for (int k = 0; k < 2; k++) {
         int32_t want[2];
         int n_prompt = k == 0 ? 6 : 5;
@@ -371,12 +392,6 @@ static void test_pool_too_small_then_retry(void) {
     tiny_close(&t, m);
 }
 
-
-// an lmd_stop_check: counts its calls in *ctx, asks to stop at the third
-static int stop_at_third_call(void *ctx) {
-    int *calls = ctx;
-    return ++*calls == 3;
-}
 static void test_beam_search(void) {
     test_rng r = {10};
     tiny_spec spec = tiny_llama_spec();
