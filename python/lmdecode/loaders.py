@@ -755,7 +755,8 @@ def _hf_name(engine_name: str, gpt2: bool) -> str:
     return f"transformer.h.{idx}.{layer[short]}" if gpt2 else f"model.layers.{idx}.{layer[short]}"
 
 
-def _read_json_object(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; ValueError naming the file otherwise."""
     try:
         value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -769,7 +770,7 @@ def read_hf_dir(path: Path):
     config_path = path / "config.json"
     if not config_path.is_file():
         _fail(path, "a Hugging Face checkpoint directory needs config.json")
-    config = hf_config(config_path, _read_json_object(config_path))
+    config = hf_config(config_path, read_json_object(config_path))
     check_config(config_path, config)
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     named = {}
@@ -777,7 +778,7 @@ def read_hf_dir(path: Path):
         named = read_safetensors(single)
         where = single
     elif index.is_file():
-        weight_map = _read_json_object(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                        for k, v in weight_map.items()):
             _fail(index, "weight_map must map tensor names to shard file names")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import codecs
 import heapq
-import json
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -275,6 +274,8 @@ class HFTokenizer(Tokenizer):
     def from_file(cls, path: str | Path) -> "HFTokenizer":
         import tokenizers
 
+        from .loaders import read_json_object
+
         path = Path(path)
         try:
             backend = tokenizers.Tokenizer.from_file(str(path))
@@ -285,12 +286,7 @@ class HFTokenizer(Tokenizer):
         for name in ("tokenizer_config.json", "config.json"):
             cfg_path = path.parent / name
             if cfg_path.exists():
-                try:
-                    cfg = json.loads(cfg_path.read_text())
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
-                if not isinstance(cfg, dict):
-                    raise ValueError(f"{cfg_path}: expected a JSON object, not {type(cfg).__name__}")
+                cfg = read_json_object(cfg_path)
                 for key, target in (("bos_token", "bos"), ("eos_token", "eos")):
                     value = cfg.get(key)
                     if isinstance(value, dict):
