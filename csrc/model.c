@@ -233,10 +233,10 @@ static void matmul_same_x(lmd_model *m, float *out, const float *x, const lmd_ma
  * stories260K prefill. */
 #define TOKENS_PARALLEL_MIN 64
 
-static void add_bias(float *x, const float *bias, int B, int64_t n) {
+// x (n,) += bias (n,), if the model has that bias
+static void add_bias(float *x, const float *bias, int64_t n) {
     if (bias == NULL) return;
-    for (int b = 0; b < B; b++)
-        for (int64_t k = 0; k < n; k++) x[b * n + k] += bias[k];
+    for (int64_t k = 0; k < n; k++) x[k] += bias[k];
 }
 
 static void add_residual(float *x, const float *delta, int64_t n) {
@@ -640,9 +640,9 @@ static void step_qkv(const layer_step *s, int b) {
     const lmd_layer_weights *lw = &m->weights.layers[s->l];
     const int64_t Q = (int64_t)c->n_heads * c->head_dim, K = (int64_t)c->n_kv_heads * c->head_dim;
     const int half = c->head_dim / 2;
-    add_bias(m->q + b * Q, lw->bq, 1, Q);
-    add_bias(m->k + b * K, lw->bk, 1, K);
-    add_bias(m->v + b * K, lw->bv, 1, K);
+    add_bias(m->q + b * Q, lw->bq, Q);
+    add_bias(m->k + b * K, lw->bk, K);
+    add_bias(m->v + b * K, lw->bv, K);
     if (c->arch != LMD_ARCH_GPT2) {
         const float *cos_t = m->rope_cos + (int64_t)b * half, *sin_t = m->rope_sin + (int64_t)b * half;
         lmd_rope_rotate(m->q + b * Q, c->n_heads, c->head_dim, cos_t, sin_t, c->rope_layout);
@@ -659,7 +659,7 @@ static void step_qkv(const layer_step *s, int b) {
 // if norm_w is NULL): a sublayer's output joining the residual stream, and the next norm
 static void residual_and_norm(lmd_model *m, int b, const float *bias, const float *norm_w, const float *norm_b) {
     const int64_t D = m->config.dim;
-    add_bias(m->xb2 + b * D, bias, 1, D);
+    add_bias(m->xb2 + b * D, bias, D);
     add_residual(m->x + b * D, m->xb2 + b * D, D);
     if (norm_w != NULL) norm(m, m->xb + b * D, m->x + b * D, norm_w, norm_b, 1);
 }
@@ -675,7 +675,7 @@ static void step_activation(const layer_step *s, int b) {
     lmd_model *m = s->m;
     const lmd_layer_weights *lw = &m->weights.layers[s->l];
     const int64_t H = m->config.hidden_dim;
-    add_bias(m->hb2 + b * H, lw->b_up, 1, H);
+    add_bias(m->hb2 + b * H, lw->b_up, H);
     if (m->config.arch == LMD_ARCH_GPT2) lmd_gelu_tanh(m->hb2 + b * H, H);
     else lmd_swiglu(m->hb + b * H, m->hb2 + b * H, H);
 }
