@@ -581,20 +581,26 @@ static void truncate_top_p(lmd_sampler *s, cand_list *L, double top_p, int32_t m
     compact(s, L, floor_s, s->key, max_d);
 }
 
-/* min-p: remove p < min_p * p_max, i.e. w < min_p; then at least the min_keep best. */
-static void truncate_min_p(lmd_sampler *s, cand_list *L, double min_p, int32_t min_keep) {
-    list_weights(s, L);
-    float floor_s = min_keep > 1 ? mth_best_s(s, L, min_keep) : INFINITY;
+/* Keeps candidate i where its weight is >= cutoff_weight or s_i >= floor_s; compacts in id
+ * order and removes the outside mass. */
+static void keep_weights_from(lmd_sampler *s, cand_list *L, double cutoff_weight, float floor_s) {
     int32_t n = 0;
     for (int32_t i = 0; i < L->n; i++) {
-        int keep = (double)s->weight[i] >= min_p || s->cand_s[i] >= floor_s;
-        s->cand_id[n] = s->cand_id[i];
+        int keep = (double)s->weight[i] >= cutoff_weight || s->cand_s[i] >= floor_s;
+        s->cand_id[n] = s->cand_id[i]; /* branch-free: n <= i */
         s->cand_s[n] = s->cand_s[i];
         s->weight[n] = s->weight[i];
         n += keep;
     }
     L->n = n;
     L->outside_mass = L->outside_wd = 0.0;
+}
+
+/* min-p: remove p < min_p * p_max, i.e. w < min_p; then at least the min_keep best (the best,
+ * whose w is 1, always stays). */
+static void truncate_min_p(lmd_sampler *s, cand_list *L, double min_p, int32_t min_keep) {
+    list_weights(s, L);
+    keep_weights_from(s, L, min_p, min_keep > 1 ? mth_best_s(s, L, min_keep) : INFINITY);
 }
 
 /* Entropy in nats of the listed distribution plus the outside mass:
@@ -629,17 +635,7 @@ static void truncate_typical(lmd_sampler *s, cand_list *L, double typical_p, int
 /* epsilon / eta: remove p < cutoff unless among the min_keep best. */
 static void truncate_below_probability(lmd_sampler *s, cand_list *L, double cutoff_mass,
                                        int32_t min_keep) {
-    float floor_s = mth_best_s(s, L, min_keep);
-    int32_t n = 0;
-    for (int32_t i = 0; i < L->n; i++) {
-        int keep = (double)s->weight[i] >= cutoff_mass || s->cand_s[i] >= floor_s;
-        s->cand_id[n] = s->cand_id[i];
-        s->cand_s[n] = s->cand_s[i];
-        s->weight[n] = s->weight[i];
-        n += keep;
-    }
-    L->n = n;
-    L->outside_mass = L->outside_wd = 0.0;
+    keep_weights_from(s, L, cutoff_mass, mth_best_s(s, L, min_keep));
 }
 
 static void truncate_epsilon(lmd_sampler *s, cand_list *L, double epsilon, int32_t min_keep) {
