@@ -5,34 +5,45 @@
 #include <string.h>
 
 lmd_status lmd_kvpool_init(lmd_kvpool **out, int32_t n_layers, int32_t kv_dim, int32_t block_size,
-                           int32_t n_blocks, lmd_error *err) {
+                           int32_t n_blocks, lmd_kv_dtype dtype, lmd_error *err) {
     *out = NULL;
     if (n_layers < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, "n_layers (=%d) must be >= 1", n_layers);
     if (kv_dim < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, "kv_dim (=%d) must be >= 1", kv_dim);
     if (block_size < 1 || block_size > 4096)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "block_size (=%d) must be in [1, 4096]", block_size);
     if (n_blocks < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, "n_blocks (=%d) must be >= 1", n_blocks);
-    /* divide instead of multiplying, so that the check itself cannot wrap around */
-    if ((size_t)kv_dim > SIZE_MAX / sizeof(float) / (size_t)n_blocks / (size_t)n_layers / (size_t)block_size)
+    if (dtype != LMD_KV_F32 && dtype != LMD_KV_F16)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "dtype (=%d) is not a KV cache type", (int)dtype);
+    const size_t elem_bytes = dtype == LMD_KV_F16 ? sizeof(uint16_t) : sizeof(float);
+    /* divide instead of multiplying, so that the check itself cannot wrap around (with room
+     * to round the pool up to whole pages) */
+    const size_t page = 4096;
+    if ((size_t)kv_dim > (SIZE_MAX - page) / elem_bytes / (size_t)n_blocks / (size_t)n_layers / (size_t)block_size)
         return lmd_fail(err, LMD_ERR_NOMEM,
-                        "a KV pool of %d blocks of %d layers x %d positions x %d floats does not fit in memory",
+                        "a KV pool of %d blocks of %d layers x %d positions x %d features does not fit in memory",
                         n_blocks, n_layers, block_size, kv_dim);
-    size_t floats_per_block = (size_t)n_layers * block_size * kv_dim;
+    size_t bytes_per_block = (size_t)n_layers * block_size * kv_dim * elem_bytes;
     lmd_kvpool *p = calloc(1, sizeof *p);
     if (p == NULL) return lmd_fail(err, LMD_ERR_NOMEM, "out of memory allocating a KV pool");
     p->n_layers = n_layers;
     p->kv_dim = kv_dim;
     p->block_size = block_size;
     p->n_blocks = n_blocks;
-    /* malloc, not calloc: pages become resident only as positions are written. */
-    p->k = lmd_alloc_aligned(floats_per_block * n_blocks * sizeof(float));
-    p->v = lmd_alloc_aligned(floats_per_block * n_blocks * sizeof(float));
+    p->dtype = dtype;
+    p->elem_bytes = elem_bytes;
+    /* malloc, not calloc: pages become resident only as positions are written. Whole pages:
+     * with the pool 64 bytes into a page (aligned_alloc(64, ...) of a large size), decoding a
+     * token after 2040 positions of a 12-layer f16 cache took 8.5 ms instead of 7.0 (f32:
+     * 8.7 -> 8.5; the 110M Llama q8_0, one thread). */
+    const size_t pool_bytes = (bytes_per_block * n_blocks + page - 1) / page * page;
+    p->k = aligned_alloc(page, pool_bytes);
+    p->v = aligned_alloc(page, pool_bytes);
     p->refcount = calloc((size_t)n_blocks, sizeof(int32_t));
     p->free_list = malloc((size_t)n_blocks * sizeof(int32_t));
     if (p->k == NULL || p->v == NULL || p->refcount == NULL || p->free_list == NULL) {
         lmd_kvpool_free(p);
         return lmd_fail(err, LMD_ERR_NOMEM, "out of memory allocating a KV pool of %d blocks (%zu bytes)",
-                        n_blocks, 2 * floats_per_block * n_blocks * sizeof(float));
+                        n_blocks, 2 * bytes_per_block * n_blocks);
     }
     /* highest id on the bottom of the stack, so blocks are taken in increasing address order */
     for (int32_t i = 0; i < n_blocks; i++) p->free_list[i] = n_blocks - 1 - i;
@@ -164,15 +175,15 @@ lmd_status lmd_kvseq_reserve(lmd_kvseq *seq, int32_t n_new, lmd_error *err) {
         int32_t idx = seq->len / p->block_size;
         int32_t old = seq->blocks[idx];
         int32_t fresh = take_block(p);
-        const size_t filled = (size_t)(seq->len % p->block_size);
-        const size_t layer_stride = (size_t)p->block_size * p->kv_dim;
+        const size_t filled = (size_t)(seq->len % p->block_size), e = p->elem_bytes;
+        const size_t layer_stride = (size_t)p->block_size * p->kv_dim * e; /* bytes */
+        char *k = p->k, *v = p->v;
         for (int32_t l = 0; l < p->n_layers; l++) {
             const size_t src = ((size_t)old * p->n_layers + l) * layer_stride;
             const size_t dst = ((size_t)fresh * p->n_layers + l) * layer_stride;
             for (int32_t j = 0; j < p->kv_dim; j++)
-                memcpy(p->k + dst + (size_t)j * p->block_size, p->k + src + (size_t)j * p->block_size,
-                       filled * sizeof(float));
-            memcpy(p->v + dst, p->v + src, filled * p->kv_dim * sizeof(float));
+                memcpy(k + dst + (size_t)j * p->block_size * e, k + src + (size_t)j * p->block_size * e, filled * e);
+            memcpy(v + dst, v + src, filled * p->kv_dim * e);
         }
         release_block(p, old);
         seq->blocks[idx] = fresh;

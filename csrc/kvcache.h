@@ -10,10 +10,12 @@
  * table and raises the blocks' reference counts, so a fork costs len/block_size
  * integers, not len * n_layers * kv_dim floats. A block shared by several
  * sequences is copied (at most block_size positions) by the first one that writes
- * into it.
+ * into it. Keys and values are stored as float32 or, at half the memory, as IEEE
+ * half precision (LMD_KV_F16, llama.cpp's default cache type), rounded to nearest
+ * even when written and widened exactly when read.
  *
  *     lmd_kvpool *pool; lmd_kvseq *a, *b; lmd_error err;
- *     lmd_kvpool_init(&pool, n_layers, kv_dim, 16, 128, &err);  // room for 2048 positions
+ *     lmd_kvpool_init(&pool, n_layers, kv_dim, 16, 128, LMD_KV_F32, &err);  // room for 2048 positions
  *     lmd_kvseq_init(&a, pool, 2048, &err);
  *     lmd_kvseq_reserve(a, 10, &err);  // blocks for positions len .. len+9
  *     ... write through lmd_kvseq_key / lmd_kvseq_v ...
@@ -35,13 +37,21 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* how keys and values are stored */
+typedef enum {
+    LMD_KV_F32 = 0, /* float */
+    LMD_KV_F16 = 1  /* IEEE binary16 bits (uint16_t) */
+} lmd_kv_dtype;
+
 typedef struct lmd_kvpool {
     int32_t n_layers;
     int32_t kv_dim;     /* n_kv_heads * head_size */
     int32_t block_size; /* positions per block */
     int32_t n_blocks;
-    float *k;           /* (n_blocks, n_layers, kv_dim, block_size) */
-    float *v;           /* (n_blocks, n_layers, block_size, kv_dim) */
+    lmd_kv_dtype dtype;
+    size_t elem_bytes;  /* bytes per stored feature: 4 (f32) or 2 (f16) */
+    void *k;            /* (n_blocks, n_layers, kv_dim, block_size) elements */
+    void *v;            /* (n_blocks, n_layers, block_size, kv_dim) elements */
     int32_t *refcount;  /* (n_blocks,): sequences whose table holds the block; 0 = free */
     int32_t *free_list; /* (n_blocks,): ids of free blocks, the first n_free valid */
     int32_t n_free;
@@ -56,7 +66,7 @@ typedef struct lmd_kvseq {
 } lmd_kvseq;
 
 lmd_status lmd_kvpool_init(lmd_kvpool **out, int32_t n_layers, int32_t kv_dim, int32_t block_size,
-                           int32_t n_blocks, lmd_error *err);
+                           int32_t n_blocks, lmd_kv_dtype dtype, lmd_error *err);
 /* Safe on NULL and on a half-built pool. Sequences of the pool must be freed first. */
 void lmd_kvpool_free(lmd_kvpool *pool);
 
@@ -76,22 +86,25 @@ int32_t lmd_kvseq_blocks_needed(const lmd_kvseq *seq, int32_t n_new);
  * len + n_new > max_len or the pool lacks blocks. */
 lmd_status lmd_kvseq_reserve(lmd_kvseq *seq, int32_t n_new, lmd_error *err);
 
-/* Keys of layer in the block holding position pos: (kv_dim, block_size), position pos in
- * column pos % block_size. */
-static inline float *lmd_kvseq_k_block(const lmd_kvseq *seq, int32_t layer, int32_t pos) {
+/* Keys of layer in the block holding position pos: (kv_dim, block_size) elements, position
+ * pos in column pos % block_size. */
+static inline void *lmd_kvseq_k_block(const lmd_kvseq *seq, int32_t layer, int32_t pos) {
     const lmd_kvpool *p = seq->pool;
     int32_t block = seq->blocks[pos / p->block_size];
-    return p->k + ((size_t)block * p->n_layers + layer) * p->block_size * p->kv_dim;
+    return (char *)p->k + ((size_t)block * p->n_layers + layer) * p->block_size * p->kv_dim * p->elem_bytes;
 }
-/* Feature j of the key of position pos (< len after reserve) in layer. */
-static inline float *lmd_kvseq_key(const lmd_kvseq *seq, int32_t layer, int32_t pos, int32_t j) {
-    return lmd_kvseq_k_block(seq, layer, pos) + (size_t)j * seq->pool->block_size + pos % seq->pool->block_size;
+/* Feature j of the key of position pos (< len after reserve) in layer; feature j + 1 is
+ * block_size elements further. */
+static inline void *lmd_kvseq_key(const lmd_kvseq *seq, int32_t layer, int32_t pos, int32_t j) {
+    const lmd_kvpool *p = seq->pool;
+    return (char *)lmd_kvseq_k_block(seq, layer, pos) + ((size_t)j * p->block_size + pos % p->block_size) * p->elem_bytes;
 }
 /* Value row (kv_dim,) of position pos (< len after reserve) in layer. */
-static inline float *lmd_kvseq_v(const lmd_kvseq *seq, int32_t layer, int32_t pos) {
+static inline void *lmd_kvseq_v(const lmd_kvseq *seq, int32_t layer, int32_t pos) {
     const lmd_kvpool *p = seq->pool;
     int32_t block = seq->blocks[pos / p->block_size];
-    return p->v + (((size_t)block * p->n_layers + layer) * p->block_size + pos % p->block_size) * p->kv_dim;
+    return (char *)p->v +
+           (((size_t)block * p->n_layers + layer) * p->block_size + pos % p->block_size) * p->kv_dim * p->elem_bytes;
 }
 
 #endif /* LMD_KVCACHE_H */

@@ -257,6 +257,22 @@ typedef float v16f __attribute__((vector_size(64)));
  * builds without AVX */
 #define LOAD8(dst, p) memcpy(&(dst), (p), sizeof(dst))
 #define LOAD16(dst, p) memcpy(&(dst), (p), sizeof(dst))
+/* the same from f16 values, widened: one VCVTPH2PS where the CPU has it */
+static inline void load_halves(void *dst, const uint16_t *p, int n) {
+    float f[16];
+    for (int i = 0; i < n; i++) f[i] = half_to_float(p[i]);
+    memcpy(dst, f, (size_t)n * sizeof(float));
+}
+#if defined(__AVX512F__)
+#define LOAD16_F16(dst, p) ((dst) = (v16f)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(p))))
+#else
+#define LOAD16_F16(dst, p) load_halves(&(dst), (p), 16)
+#endif
+#if defined(__F16C__)
+#define LOAD8_F16(dst, p) ((dst) = (v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(p))))
+#else
+#define LOAD8_F16(dst, p) load_halves(&(dst), (p), 8)
+#endif
 /* IN_REGISTER for vectors of 16 and 8 floats, where the ISA has registers that wide */
 #if LMD_VEC_BYTES >= 64
 #define KEEP16(v) IN_REGISTER(v)
@@ -285,9 +301,20 @@ typedef float v16f __attribute__((vector_size(64)));
  * which the next run overwrites, or past the query's last position, where nothing reads
  * them. */
 typedef struct {
-    const float *k;
+    const void *k; /* float, or f16 bits (kv_load) */
     int32_t t, len;
 } key_run;
+
+/* Keys and values as the cache stores them (kvcache.h): float, or f16 widened exactly as it
+ * is loaded. f16 is a constant in the inlined attention, so each storage type has its own
+ * loops; a score or value sum reads the same floats from either, rounded once. */
+#define KV_ELEM_BYTES(f16) ((f16) ? sizeof(uint16_t) : sizeof(float))
+static inline __attribute__((always_inline)) vf kv_load(const void *p, const int f16) {
+    return f16 ? vload_f16((const uint16_t *)p) : vload((const float *)p);
+}
+static inline __attribute__((always_inline)) vf kv_load_partial(const void *p, int64_t m, const int f16) {
+    return f16 ? vload_partial_f16((const uint16_t *)p, m) : vload_partial((const float *)p, m, 0.0f);
+}
 
 /* runs per call with several queries, and with one (decoding), so that a call keeps 8-16
  * chains in flight within the ISA's registers */
@@ -300,17 +327,18 @@ typedef struct {
 static inline __attribute__((always_inline)) void score_runs(float *const *scores, const float *const *q,
                                                              const int nq, const key_run *runs, const int nk,
                                                              const int partial, int32_t block_size, int hs,
-                                                             float scale) {
+                                                             float scale, const int f16) {
     vf acc[SCORE_QUERIES][SCORE_RUNS_ONE_QUERY];
     for (int i = 0; i < nq; i++)
         for (int r = 0; r < nk; r++) acc[i][r] = (vf){0};
     const int32_t last_len = runs[nk - 1].len;
-    int64_t offset = 0; /* feature d's keys: d * block_size */
-    for (int d = 0; d < hs; d++, offset += block_size) {
+    const int64_t feature_bytes = (int64_t)block_size * KV_ELEM_BYTES(f16);
+    int64_t offset = 0; /* feature d's keys: d * feature_bytes */
+    for (int d = 0; d < hs; d++, offset += feature_bytes) {
         vf k[SCORE_RUNS_ONE_QUERY];
         for (int r = 0; r < nk; r++) {
-            const float *kr = runs[r].k + offset;
-            k[r] = partial && r == nk - 1 ? vload_partial(kr, last_len, 0.0f) : vload(kr);
+            const char *kr = (const char *)runs[r].k + offset;
+            k[r] = partial && r == nk - 1 ? kv_load_partial(kr, last_len, f16) : kv_load(kr, f16);
             if (nq > 1) IN_REGISTER(k[r]); /* one load for the queries */
         }
         for (int i = 0; i < nq; i++) {
@@ -323,13 +351,19 @@ static inline __attribute__((always_inline)) void score_runs(float *const *score
         for (int i = 0; i < nq; i++) vstore(scores[i] + runs[r].t, acc[i][r] * scale);
 }
 
-// score_runs with nq, nk and partial as constants (nq in [1, SCORE_QUERIES]; nk 1, 2, 4 or 8)
+// score_runs with nq, nk, partial and f16 as constants (nq in [1, SCORE_QUERIES]; nk 1, 2, 4
+// or 8)
 static void score_runs_dispatch(float *const *scores, const float *const *q, int nq, const key_run *runs, int nk,
-                                int partial, int32_t block_size, int hs, float scale) {
+                                int partial, int32_t block_size, int hs, float scale, int f16) {
 #define SCORE_CASE(NQ, NK)                                                                         \
     case (NQ) * 16 + (NK):                                                                         \
-        if (partial) score_runs(scores, q, NQ, runs, NK, 1, block_size, hs, scale);                 \
-        else score_runs(scores, q, NQ, runs, NK, 0, block_size, hs, scale);                        \
+        if (f16) {                                                                                 \
+            if (partial) score_runs(scores, q, NQ, runs, NK, 1, block_size, hs, scale, 1);         \
+            else score_runs(scores, q, NQ, runs, NK, 0, block_size, hs, scale, 1);                 \
+        } else {                                                                                   \
+            if (partial) score_runs(scores, q, NQ, runs, NK, 1, block_size, hs, scale, 0);         \
+            else score_runs(scores, q, NQ, runs, NK, 0, block_size, hs, scale, 0);                 \
+        }                                                                                          \
         return;
     switch (nq * 16 + nk) {
         SCORE_CASE(1, 8) SCORE_CASE(1, 4) SCORE_CASE(1, 2) SCORE_CASE(1, 1)
@@ -338,18 +372,18 @@ static void score_runs_dispatch(float *const *scores, const float *const *q, int
 #endif
         SCORE_CASE(2, 2) SCORE_CASE(3, 2) SCORE_CASE(4, 2) SCORE_CASE(5, 2) SCORE_CASE(6, 2)
         SCORE_CASE(2, 1) SCORE_CASE(3, 1) SCORE_CASE(4, 1) SCORE_CASE(5, 1) SCORE_CASE(6, 1)
-    default: score_runs(scores, q, nq, runs, nk, partial, block_size, hs, scale); /* not reached */
+    default: score_runs(scores, q, nq, runs, nk, partial, block_size, hs, scale, f16); /* not reached */
     }
 #undef SCORE_CASE
 }
 
 // the n runs pending, in order, in calls of most, then 4, 2, 1; the last may be short
 static void score_pending_runs(float *const *scores, const float *const *q, int nq, const key_run *runs, int n,
-                               int most, int32_t block_size, int hs, float scale) {
+                               int most, int32_t block_size, int hs, float scale, int f16) {
     for (int done = 0, size = most; n > done; size /= 2)
         if (n - done >= size) {
             const int partial = done + size == n && runs[n - 1].len < LMD_VEC_LANES;
-            score_runs_dispatch(scores, q, nq, runs + done, size, partial, block_size, hs, scale);
+            score_runs_dispatch(scores, q, nq, runs + done, size, partial, block_size, hs, scale, f16);
             done += size;
         }
 }
@@ -360,6 +394,8 @@ static void score_pending_runs(float *const *scores, const float *const *q, int 
 static void head_scores(float *const *scores, const float *const *q, int nq, const lmd_kvseq *seq, int32_t l,
                         int kv_offset, int32_t n_pos, int hs, float scale) {
     const int32_t block_size = seq->pool->block_size;
+    const int f16 = seq->pool->dtype == LMD_KV_F16;
+    const size_t elem_bytes = seq->pool->elem_bytes;
     const int most = nq == 1 ? SCORE_RUNS_ONE_QUERY : SCORE_RUNS;
     key_run runs[SCORE_RUNS_ONE_QUERY];
     int n = 0;
@@ -367,15 +403,17 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
         const int32_t column = t % block_size;
         int32_t len = block_size - column < LMD_VEC_LANES ? block_size - column : LMD_VEC_LANES;
         len = n_pos - t < len ? n_pos - t : len;
-        const key_run run = {lmd_kvseq_k_block(seq, l, t) + (int64_t)kv_offset * block_size + column, t, len};
+        const key_run run = {(const char *)lmd_kvseq_k_block(seq, l, t) +
+                                 ((int64_t)kv_offset * block_size + column) * elem_bytes,
+                             t, len};
         t += len;
         runs[n++] = run;
         if (n == most || len < LMD_VEC_LANES) { /* a short run ends a call: its extra lanes go after */
-            score_pending_runs(scores, q, nq, runs, n, most, block_size, hs, scale);
+            score_pending_runs(scores, q, nq, runs, n, most, block_size, hs, scale, f16);
             n = 0;
         }
     }
-    score_pending_runs(scores, q, nq, runs, n, most, block_size, hs, scale);
+    score_pending_runs(scores, q, nq, runs, n, most, block_size, hs, scale, f16);
 }
 
 /* independent FMA chains the value sums keep going: an FMA's 4-cycle latency times the
@@ -400,9 +438,9 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
  *
  * VALUE_RANGE adds positions [t_begin, t_end) into the accumulators of queries q0 .. q0+nqr
  * (constants, so that the accumulators stay in registers). */
-#define VALUE_RANGE(vec_t, LOAD, KEEP, lanes, q0, nqr, t_begin, t_end)                              \
+#define VALUE_RANGE(vec_t, elem_t, LOAD, KEEP, lanes, q0, nqr, t_begin, t_end)                      \
     for (int32_t t0 = (t_begin); t0 < (t_end);) {                                                  \
-        const float *v = lmd_kvseq_v(seq, l, t0) + kv_offset;                                      \
+        const elem_t *v = (const elem_t *)lmd_kvseq_v(seq, l, t0) + kv_offset;                     \
         const int32_t block_end = (t0 / block_size + 1) * block_size;                              \
         const int32_t nt = ((t_end) < block_end ? (t_end) : block_end) - t0;                       \
         int32_t t = 0;                                                                             \
@@ -430,15 +468,15 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
 
 /* nq queries (1 to VALUE_QUERIES) of the same sequence, n_pos non-decreasing: the positions
  * all of them see are loaded once for all, then the positions only the later ones see */
-#define VALUE_SUMS(vec_t, LOAD, KEEP, lanes)                                                       \
+#define VALUE_SUMS(vec_t, elem_t, LOAD, KEEP, lanes)                                               \
     do {                                                                                           \
         const int nv = hs / (lanes), sets = VALUE_SETS(hs / (lanes));                              \
         vec_t acc[VALUE_QUERIES][VALUE_CHAINS];                                                    \
         for (int qi = 0; qi < nq; qi++)                                                            \
             for (int j = 0; j < sets * nv; j++) acc[qi][j] = (vec_t){0};                           \
-        VALUE_RANGE(vec_t, LOAD, KEEP, lanes, 0, nq, 0, n_pos[0])                                  \
-        if (nq >= 2) VALUE_RANGE(vec_t, LOAD, KEEP, lanes, 1, nq - 1, n_pos[0], n_pos[1])          \
-        if (nq >= 3) VALUE_RANGE(vec_t, LOAD, KEEP, lanes, 2, nq - 2, n_pos[1], n_pos[2])          \
+        VALUE_RANGE(vec_t, elem_t, LOAD, KEEP, lanes, 0, nq, 0, n_pos[0])                          \
+        if (nq >= 2) VALUE_RANGE(vec_t, elem_t, LOAD, KEEP, lanes, 1, nq - 1, n_pos[0], n_pos[1])  \
+        if (nq >= 3) VALUE_RANGE(vec_t, elem_t, LOAD, KEEP, lanes, 2, nq - 2, n_pos[1], n_pos[2])  \
         for (int qi = 0; qi < nq; qi++) {                                                          \
             for (int width = sets; width > 1; width /= 2)                                          \
                 for (int s = 0; s < width / 2; s++)                                                \
@@ -455,19 +493,32 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
 static inline __attribute__((always_inline)) void value_sums(float *const *out, const float *const *p,
                                                              const float *scale, const int32_t *n_pos, const int nq,
                                                              const lmd_kvseq *seq, int32_t l, int kv_offset,
-                                                             int32_t block_size, int32_t stride, const int hs) {
+                                                             int32_t block_size, int32_t stride, const int hs,
+                                                             const int f16) {
     if (hs == 8 || hs == 16 || hs == 32 || hs == 64 || hs == 128) { /* unrolled register versions */
-        if (hs % 16 == 0) VALUE_SUMS(v16f, LOAD16, KEEP16, 16);
-        else VALUE_SUMS(v8f, LOAD8, KEEP8, 8);
+        if (hs % 16 == 0) {
+            if (f16) VALUE_SUMS(v16f, uint16_t, LOAD16_F16, KEEP16, 16);
+            else VALUE_SUMS(v16f, float, LOAD16, KEEP16, 16);
+        } else {
+            if (f16) VALUE_SUMS(v8f, uint16_t, LOAD8_F16, KEEP8, 8);
+            else VALUE_SUMS(v8f, float, LOAD8, KEEP8, 8);
+        }
         return;
     }
     /* other head sizes: the positions in order, one chain */
     for (int qi = 0; qi < nq; qi++) {
         memset(out[qi], 0, (size_t)hs * sizeof(float));
         for (int32_t t0 = 0; t0 < n_pos[qi]; t0 += block_size) {
-            const float *v = lmd_kvseq_v(seq, l, t0) + kv_offset;
             const int32_t nt = n_pos[qi] - t0 < block_size ? n_pos[qi] - t0 : block_size;
-            for (int32_t t = 0; t < nt; t++) lmd_axpy(out[qi], p[qi][t0 + t], v + (int64_t)t * stride, hs);
+            if (f16) {
+                const uint16_t *v = (const uint16_t *)lmd_kvseq_v(seq, l, t0) + kv_offset;
+                for (int32_t t = 0; t < nt; t++)
+                    for (int i = 0; i < hs; i++)
+                        out[qi][i] += p[qi][t0 + t] * half_to_float(v[(int64_t)t * stride + i]);
+            } else {
+                const float *v = (const float *)lmd_kvseq_v(seq, l, t0) + kv_offset;
+                for (int32_t t = 0; t < nt; t++) lmd_axpy(out[qi], p[qi][t0 + t], v + (int64_t)t * stride, hs);
+            }
         }
         for (int i = 0; i < hs; i++) out[qi][i] *= scale[qi];
     }
@@ -514,7 +565,7 @@ static int most_attention_units(const lmd_config *c) {
 // value load; each query's arithmetic is exactly what it is alone.
 static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, const lmd_kvseq *seq, int b,
                                                                  int nt, int h0, int nh, int32_t l,
-                                                                 float *scores_buffer, const int hs) {
+                                                                 float *scores_buffer, const int hs, const int f16) {
     const lmd_config *c = &m->config;
     const int group = c->n_heads / c->n_kv_heads;
     const int64_t Q = (int64_t)c->n_heads * hs;
@@ -540,10 +591,11 @@ static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, c
     for (int i = 0; i < nq; i += VALUE_QUERIES) {
         const float *const *p = (const float *const *)scores + i;
         switch (nq - i) { /* constants, for the accumulators to stay in registers */
-        case 1: value_sums(out + i, p, inv_sum + i, n_pos + i, 1, seq, l, kv_offset, block_size, kv_dim, hs); break;
-        case 2: value_sums(out + i, p, inv_sum + i, n_pos + i, 2, seq, l, kv_offset, block_size, kv_dim, hs); break;
+        case 1: value_sums(out + i, p, inv_sum + i, n_pos + i, 1, seq, l, kv_offset, block_size, kv_dim, hs, f16); break;
+        case 2: value_sums(out + i, p, inv_sum + i, n_pos + i, 2, seq, l, kv_offset, block_size, kv_dim, hs, f16); break;
         default:
-            value_sums(out + i, p, inv_sum + i, n_pos + i, VALUE_QUERIES, seq, l, kv_offset, block_size, kv_dim, hs);
+            value_sums(out + i, p, inv_sum + i, n_pos + i, VALUE_QUERIES, seq, l, kv_offset, block_size, kv_dim, hs,
+                       f16);
         }
     }
 }
@@ -556,7 +608,8 @@ static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, c
 static inline __attribute__((always_inline)) void attend_unit_sized(lmd_model *m, lmd_kvseq *const *seqs,
                                                                     const int32_t *token_seq, int b_begin,
                                                                     int b_end, int32_t l, int h_begin, int h_end,
-                                                                    float *scores_buffer, const int hs) {
+                                                                    float *scores_buffer, const int hs,
+                                                                    const int f16) {
     const int heads = h_end - h_begin;
     const int tile_heads = heads < SCORE_QUERIES ? heads : SCORE_QUERIES;
     const int tile_tokens = SCORE_QUERIES / tile_heads;
@@ -565,7 +618,7 @@ static inline __attribute__((always_inline)) void attend_unit_sized(lmd_model *m
         while (nt < tile_tokens && b + nt < b_end && token_seq[b + nt] == token_seq[b]) nt++;
         for (int h0 = h_begin; h0 < h_end; h0 += tile_heads) {
             const int nh = h_end - h0 < tile_heads ? h_end - h0 : tile_heads;
-            attend_queries(m, seqs[token_seq[b]], b, nt, h0, nh, l, scores_buffer, hs);
+            attend_queries(m, seqs[token_seq[b]], b, nt, h0, nh, l, scores_buffer, hs, f16);
         }
         b += nt;
     }
@@ -573,7 +626,13 @@ static inline __attribute__((always_inline)) void attend_unit_sized(lmd_model *m
 
 static void attend_unit(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int b_begin, int b_end,
                         int32_t l, int h_begin, int h_end, float *scores_buffer) {
-#define ATTEND_UNIT(hs) attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, hs)
+    /* one pool for the call (lmd_model_forward checks), so one storage type */
+    const int f16 = seqs[token_seq[b_begin]]->pool->dtype == LMD_KV_F16;
+#define ATTEND_UNIT(hs)                                                                            \
+    do {                                                                                           \
+        if (f16) attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, hs, 1); \
+        else attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, hs, 0);     \
+    } while (0)
     switch (m->config.head_dim) {
     case 8: ATTEND_UNIT(8); break;
     case 16: ATTEND_UNIT(16); break;
@@ -650,9 +709,18 @@ static void step_qkv(const layer_step *s, int b) {
     }
     const lmd_kvseq *seq = s->seqs[s->token_seq[b]];
     const int32_t block_size = seq->pool->block_size;
-    float *key = lmd_kvseq_key(seq, s->l, m->pos[b], 0); /* feature j at key[j * block_size] */
-    for (int64_t j = 0; j < K; j++) key[j * block_size] = m->k[b * K + j];
-    memcpy(lmd_kvseq_v(seq, s->l, m->pos[b]), m->v + b * K, (size_t)K * sizeof(float));
+    void *key = lmd_kvseq_key(seq, s->l, m->pos[b], 0), *value = lmd_kvseq_v(seq, s->l, m->pos[b]);
+    if (seq->pool->dtype == LMD_KV_F16) { /* rounded to nearest even */
+        uint16_t *key_h = key, *value_h = value;
+        for (int64_t j = 0; j < K; j++) { /* feature j of the key at key[j * block_size] */
+            key_h[j * block_size] = lmd_f32_to_fp16(m->k[b * K + j]);
+            value_h[j] = lmd_f32_to_fp16(m->v[b * K + j]);
+        }
+    } else {
+        float *key_f = key;
+        for (int64_t j = 0; j < K; j++) key_f[j * block_size] = m->k[b * K + j];
+        memcpy(value, m->v + b * K, (size_t)K * sizeof(float));
+    }
 }
 
 // x += xb2 + bias (none if NULL) for token b, then xb = norm(x) by norm_w, norm_b (skipped

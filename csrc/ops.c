@@ -15,32 +15,9 @@
 /* scalar conversions                                                   */
 /* ------------------------------------------------------------------ */
 
-/* Inlined into the kernels: an out-of-line call per Q8_0 block would spill every
- * vector accumulator around it. */
-static inline float fp16_to_f32(uint16_t h) {
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exponent = (h >> 10) & 0x1fu;
-    uint32_t mantissa = h & 0x3ffu;
-    uint32_t bits;
-    if (exponent == 0x1f) {
-        bits = sign | 0x7f800000u | (mantissa << 13); /* inf or NaN */
-    } else if (exponent != 0) {
-        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
-    } else if (mantissa == 0) {
-        bits = sign;
-    } else { /* subnormal: value = mantissa * 2^-24, exact in float */
-        float f = (float)mantissa * 5.9604644775390625e-8f;
-        memcpy(&bits, &f, sizeof bits);
-        bits |= sign;
-    }
-    float out;
-    memcpy(&out, &bits, sizeof out);
-    return out;
-#endif
-}
+/* fp16_to_f32 (vec.h's half_to_float) is inlined into the kernels: an out-of-line call per
+ * Q8_0 block would spill every vector accumulator around it. */
+#define fp16_to_f32 half_to_float
 
 float lmd_fp16_to_f32(uint16_t h) { return fp16_to_f32(h); }
 

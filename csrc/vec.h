@@ -17,7 +17,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX__)
+#if defined(__AVX__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -70,6 +70,51 @@ static inline void vstore_partial(float *p, vf v, int64_t m) {
 #endif
 }
 static inline vf vbroadcast(float x) { return (vf){0} + x; }
+
+/* IEEE half (binary16 bits) -> float, exact */
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exponent = (h >> 10) & 0x1fu;
+    uint32_t mantissa = h & 0x3ffu;
+    uint32_t bits;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000u | (mantissa << 13); /* inf or NaN */
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else { /* subnormal: value = mantissa * 2^-24, exact in float */
+        float f = (float)mantissa * 5.9604644775390625e-8f;
+        memcpy(&bits, &f, sizeof bits);
+        bits |= sign;
+    }
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+#endif
+}
+
+/* LANES halves at p, widened (exactly): one VCVTPH2PS where the CPU has it */
+static inline vf vload_f16(const uint16_t *p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)p));
+#elif defined(__F16C__) && LMD_VEC_BYTES == 32
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));
+#else
+    vf v;
+    for (int j = 0; j < LMD_VEC_LANES; j++) v[j] = half_to_float(p[j]);
+    return v;
+#endif
+}
+/* the first m < LANES halves at p widened, the other lanes 0 */
+static inline vf vload_partial_f16(const uint16_t *p, int64_t m) {
+    uint16_t h[LMD_VEC_LANES] = {0};
+    memcpy(h, p, (size_t)m * sizeof *h);
+    return vload_f16(h);
+}
 
 /* Keeps a loaded vector in a register (an empty asm that claims to change it): without it
  * GCC folds the load into every instruction that uses the vector, as a memory operand,

@@ -39,9 +39,15 @@ def q8_0_inputs(x):
     return (q.astype(np.float64) * scale).reshape(x32.shape)
 
 
-def llama_logits(cfg, w, tokens, quantized_inputs=()):
+def as_f16(x):
+    """x as an f16 KV cache holds it: the float32 value rounded to the nearest IEEE half."""
+    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float64)
+
+
+def llama_logits(cfg, w, tokens, quantized_inputs=(), kv_dtype="f32"):
     """cfg: dict of engine hyperparameters; w: engine name -> float array; tokens (T,) -> (T, V).
-    Matrices named in quantized_inputs see their inputs as q8_0 storage quantizes them."""
+    Matrices named in quantized_inputs see their inputs as q8_0 storage quantizes them;
+    kv_dtype "f16" rounds the keys (after rotary) and values to half precision."""
     T = len(tokens)
 
     def mm(h, name):
@@ -59,6 +65,8 @@ def llama_logits(cfg, w, tokens, quantized_inputs=()):
         v = mm(h, p + "wv").reshape(T, KV, hs)
         q = rope(q, pos, cfg["rope_theta"], cfg["rope_layout"])
         k = rope(k, pos, cfg["rope_theta"], cfg["rope_layout"])
+        if kv_dtype == "f16":
+            k, v = as_f16(k), as_f16(v)
         out = np.empty((T, H, hs))
         for head in range(H):
             kv = head // (H // KV)

@@ -13,9 +13,10 @@ MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 PROMPT = [1, 403, 407, 261, 378]  # BOS "Once upon a time" in stories260K's vocabulary
 
 
-@pytest.fixture(scope="module")
-def stories():
-    return ld.Model.load(MODELS / "stories260K.bin")
+@pytest.fixture(scope="module", params=["f32", "f16"])
+def stories(request):
+    """stories260K with either KV cache type: every loop must equal its Python-driven twin."""
+    return ld.Model.load(MODELS / "stories260K.bin", kv_dtype=request.param)
 
 
 def step_fn_of(model):

@@ -1251,10 +1251,12 @@ static void EngineModel_dealloc(EngineModelObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* KVPool(n_layers, kv_dim, block_size, n_blocks) */
+/* KVPool(n_layers, kv_dim, block_size, n_blocks, kv_dtype="f32"): kv_dtype "f32" or "f16" */
 static int EngineKVPool_init(EngineKVPoolObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"n_layers", "kv_dim", "block_size", "n_blocks", NULL};
+    static char *kwlist[] = {"n_layers", "kv_dim", "block_size", "n_blocks", "kv_dtype", NULL};
     int n_layers, kv_dim, block_size, n_blocks;
+    const char *kv_dtype = "f32";
+    lmd_kv_dtype dtype;
     lmd_error err = {{0}};
     lmd_status st;
     lmd_kvpool *pool = NULL;
@@ -1262,10 +1264,19 @@ static int EngineKVPool_init(EngineKVPoolObject *self, PyObject *args, PyObject 
         PyErr_SetString(PyExc_RuntimeError, "KVPool is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiii", kwlist, &n_layers, &kv_dim, &block_size, &n_blocks))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiii|s", kwlist, &n_layers, &kv_dim, &block_size, &n_blocks,
+                                     &kv_dtype))
         return -1;
+    if (strcmp(kv_dtype, "f32") == 0) {
+        dtype = LMD_KV_F32;
+    } else if (strcmp(kv_dtype, "f16") == 0) {
+        dtype = LMD_KV_F16;
+    } else {
+        PyErr_Format(PyExc_ValueError, "kv_dtype (='%s') must be 'f32' or 'f16'", kv_dtype);
+        return -1;
+    }
     Py_BEGIN_ALLOW_THREADS
-    st = lmd_kvpool_init(&pool, n_layers, kv_dim, block_size, n_blocks, &err);
+    st = lmd_kvpool_init(&pool, n_layers, kv_dim, block_size, n_blocks, dtype, &err);
     Py_END_ALLOW_THREADS
     if (st != LMD_OK) {
         raise_status(st, &err);
@@ -1300,6 +1311,11 @@ static PyObject *EngineKVPool_get_n_blocks(EngineKVPoolObject *self, void *closu
 static PyObject *EngineKVPool_get_block_size(EngineKVPoolObject *self, void *closure) {
     (void)closure;
     return PyLong_FromLong(self->pool ? self->pool->block_size : 0);
+}
+
+static PyObject *EngineKVPool_get_kv_dtype(EngineKVPoolObject *self, void *closure) {
+    (void)closure;
+    return PyUnicode_FromString(self->pool && self->pool->dtype == LMD_KV_F16 ? "f16" : "f32");
 }
 
 /* KVSeq(pool, max_len) */
@@ -1583,6 +1599,7 @@ static PyGetSetDef EngineKVPool_getset[] = {
     {"free_blocks", (getter)EngineKVPool_get_free_blocks, NULL, "blocks no sequence holds", NULL},
     {"n_blocks", (getter)EngineKVPool_get_n_blocks, NULL, "blocks in the pool", NULL},
     {"block_size", (getter)EngineKVPool_get_block_size, NULL, "positions per block", NULL},
+    {"kv_dtype", (getter)EngineKVPool_get_kv_dtype, NULL, "how keys and values are stored: 'f32' or 'f16'", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -15,6 +15,11 @@ matrix without one (e.g. stories260K's 172-wide feed-forward) stays f32. Norm we
 GPT-2's position table are always f32. Weights whose storage equals the file's are memory mapped
 and never copied; the Model keeps the mapping alive.
 
+``kv_dtype`` picks how the KV cache stores keys and values: ``"f32"`` (the default, exact) or
+``"f16"`` (IEEE half precision, llama.cpp's default cache type): half the memory and half the
+bytes a long-context decode step reads, each key and value rounded to 11 significant bits
+(``new_cache(kv_dtype=...)`` overrides it per cache).
+
 Whole sequences::
 
     logits = model.logits([1, 403, 407, 261, 378])   # (5, vocab) float32, one prefill pass
@@ -109,6 +114,11 @@ class KVCache:
     def block_size(self) -> int:
         return self._seq.pool.block_size
 
+    @property
+    def kv_dtype(self) -> str:
+        """How the pool stores keys and values: "f32" or "f16"."""
+        return self._seq.pool.kv_dtype
+
     def truncate(self, length: int) -> None:
         """Keep positions [0, length)."""
         self._seq.truncate(_as_int("length", length))
@@ -117,7 +127,16 @@ class KVCache:
         return KVCache(self._seq.fork(), self._model)
 
     def __repr__(self) -> str:
-        return f"KVCache(len={len(self)}, max_len={self.max_len})"
+        return f"KVCache(len={len(self)}, max_len={self.max_len}, kv_dtype={self.kv_dtype!r})"
+
+
+KV_DTYPES = ("f32", "f16")
+
+
+def _check_kv_dtype(kv_dtype) -> str:
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype (={kv_dtype!r}) must be one of {', '.join(KV_DTYPES)}")
+    return kv_dtype
 
 
 def _as_int(name, value) -> int:
@@ -133,7 +152,8 @@ class Model(DecodingMixin):
     :class:`lmdecode.decoding.DecodingMixin`."""
 
     def __init__(self, config: dict, tensors: dict, *, dtype: str | None = None, max_batch: int = 256,
-                 path=None, tokenizer_path=None, vocab=None, gguf_metadata=None):
+                 kv_dtype: str = "f32", path=None, tokenizer_path=None, vocab=None, gguf_metadata=None):
+        self.kv_dtype = _check_kv_dtype(kv_dtype)  # the caches' storage (new_cache, generate, scoring)
         storage = dtype if dtype is not None else loaders.default_storage(tensors)
         if storage not in loaders.STORAGE_DTYPES:
             raise ValueError(f"dtype (={dtype!r}) must be one of {', '.join(loaders.STORAGE_DTYPES)}")
@@ -156,7 +176,8 @@ class Model(DecodingMixin):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def load(cls, path, *, tokenizer=None, dtype: str | None = None, max_batch: int = 256) -> "Model":
+    def load(cls, path, *, tokenizer=None, dtype: str | None = None, max_batch: int = 256,
+             kv_dtype: str = "f32") -> "Model":
         """Load a llama2.c ``.bin``, a GGUF file or a Hugging Face checkpoint directory.
 
         tokenizer: path of a llama2.c ``tok*.bin`` (found beside a ``.bin`` model when not given);
@@ -186,22 +207,24 @@ class Model(DecodingMixin):
             tokenizer_path = tokenizer
         if tokenizer_path is not None and Path(tokenizer_path).suffix == ".bin":
             vocab = loaders.Llama2cVocab(tokenizer_path, config["vocab_size"]).pieces
-        return cls(config, tensors, dtype=dtype, max_batch=max_batch, path=path, tokenizer_path=tokenizer_path,
-                   vocab=vocab, gguf_metadata=gguf_metadata)
+        return cls(config, tensors, dtype=dtype, max_batch=max_batch, kv_dtype=kv_dtype, path=path,
+                   tokenizer_path=tokenizer_path, vocab=vocab, gguf_metadata=gguf_metadata)
 
     @classmethod
-    def from_numpy(cls, config: dict, weights: dict, *, dtype: str | None = None, max_batch: int = 256) -> "Model":
+    def from_numpy(cls, config: dict, weights: dict, *, dtype: str | None = None, max_batch: int = 256,
+                   kv_dtype: str = "f32") -> "Model":
         """A model from a Hugging Face config dict (``config.json`` keys, with ``architectures`` or
         ``model_type``) and parameter arrays under their Hugging Face names (float32 arrays are
         borrowed, not copied; the model keeps them alive)."""
         engine_config, tensors = loaders.from_hf_numpy(config, weights)
-        return cls(engine_config, tensors, dtype=dtype, max_batch=max_batch)
+        return cls(engine_config, tensors, dtype=dtype, max_batch=max_batch, kv_dtype=kv_dtype)
 
     # ------------------------------------------------------------------ inference
 
-    def new_cache(self, capacity: int | None = None, *, block_size: int = 16) -> KVCache:
+    def new_cache(self, capacity: int | None = None, *, block_size: int = 16, kv_dtype: str | None = None) -> KVCache:
         """An empty cache. capacity: positions the pool holds for this cache and its forks
-        (default: the context length)."""
+        (default: the context length); kv_dtype: "f32" or "f16" (default: the model's)."""
+        kv_dtype = self.kv_dtype if kv_dtype is None else _check_kv_dtype(kv_dtype)
         cfg = self.config
         capacity = cfg.context_length if capacity is None else _as_int("capacity", capacity)
         block_size = _as_int("block_size", block_size)
@@ -210,7 +233,7 @@ class Model(DecodingMixin):
         if not 1 <= block_size <= 4096:
             raise ValueError(f"block_size (={block_size}) must be in [1, 4096]")
         n_blocks = math.ceil(capacity / block_size)
-        pool = _core.KVPool(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, block_size, n_blocks)
+        pool = _core.KVPool(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, block_size, n_blocks, kv_dtype)
         return KVCache(_core.KVSeq(pool, cfg.context_length), self)
 
     def _tokens(self, name, tokens) -> np.ndarray:

@@ -577,7 +577,7 @@ static void test_forward_errors(void) {
     lmd_kvseq_free(hog[1]);
     /* a pool shaped for another model */
     lmd_kvpool *other;
-    CHECK(lmd_kvpool_init(&other, 2, 8, 4, 4, &err) == LMD_OK);
+    CHECK(lmd_kvpool_init(&other, 2, 8, 4, 4, LMD_KV_F32, &err) == LMD_OK);
     lmd_kvseq *foreign = tiny_seq(other, 24);
     EXPECT_FAIL(lmd_model_forward(m, &foreign, 1, good, zeros, 1, idx, 1, logits, &err),
                 LMD_ERR_INVALID_ARG, "cache pool");

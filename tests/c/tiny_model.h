@@ -172,7 +172,7 @@ static inline lmd_kvpool *tiny_pool(const tiny_model *t, int32_t block_size, int
     lmd_kvpool *p;
     lmd_error err;
     if (lmd_kvpool_init(&p, t->config.n_layers, t->config.n_kv_heads * t->config.head_dim, block_size,
-                        n_blocks, &err) != LMD_OK) {
+                        n_blocks, LMD_KV_F32, &err) != LMD_OK) {
         fprintf(stderr, "tiny pool init failed: %s\n", err.msg);
         exit(1);
     }
