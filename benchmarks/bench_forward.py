@@ -761,22 +761,26 @@ def context_sweep(name: str, contexts: list, reps: int, threads: int) -> None:
     ld.set_num_threads(threads)
     rng = np.random.default_rng(2)
     tokens = [1] + rng.integers(3, hf["vocab_size"], max(contexts) + reps + 1).tolist()
-    cache = model.new_cache(max(contexts) + 1)
-    model.forward(tokens[: max(contexts)], cache, logits=None)
+    caches = {}
+    for kv_dtype in ("f32", "f16"):
+        caches[kv_dtype] = model.new_cache(max(contexts) + 1, kv_dtype=kv_dtype)
+        model.forward(tokens[: max(contexts)], caches[kv_dtype], logits=None)
     print(f"\n== 3. ms per new token against context length c: {name} f32, {model.config.n_layers} layers, "
           f"dim {model.config.dim}, vocab {model.config.vocab_size}, {threads} threads")
-    print(f"   with cache: one token decoded after c cached positions (median of {4 * reps}); "
-          f"without: model.logits over the c-token prefix (median of {reps})")
-    with_cache, no_cache = {}, {}
-    for c in sorted(contexts, reverse=True):  # the cache is filled once and truncated downwards
-        steps = []
+    print(f"   with cache: one token decoded after c cached positions (median of {4 * reps}), float32 and f16 "
+          f"caches in turn; without: model.logits over the c-token prefix (median of {reps})")
+    with_cache, no_cache = {"f32": {}, "f16": {}}, {}
+    for c in sorted(contexts, reverse=True):  # the caches are filled once and truncated downwards
+        steps = {"f32": [], "f16": []}
         for k in range(4 * reps + 1):
+            for kv_dtype, cache in caches.items():
+                cache.truncate(c)
+                t0 = time.perf_counter()
+                model.forward([tokens[c + 1 + k % reps]], cache)
+                steps[kv_dtype].append(time.perf_counter() - t0)
+        for kv_dtype, cache in caches.items():
+            with_cache[kv_dtype][c] = statistics.median(steps[kv_dtype][1:]) * 1e3
             cache.truncate(c)
-            t0 = time.perf_counter()
-            model.forward([tokens[c + 1 + k % reps]], cache)
-            steps.append(time.perf_counter() - t0)
-        with_cache[c] = statistics.median(steps[1:]) * 1e3
-        cache.truncate(c)
     for c in contexts:
         fulls = []
         for k in range(reps):
@@ -787,16 +791,19 @@ def context_sweep(name: str, contexts: list, reps: int, threads: int) -> None:
         no_cache[c] = statistics.median(fulls) * 1e3
     c0 = contexts[0]
     cfg = model.config.as_dict()
-    print(f"{'c':>6}{'cache ms':>10}{f'x c={c0}':>9}{'KV MB':>8}{'KV GB/s':>9}{'no-cache ms':>13}{f'x c={c0}':>9}"
-          f"{'no/with':>9}")
+    f32, f16 = with_cache["f32"], with_cache["f16"]
+    print(f"{'c':>6}{'cache ms':>10}{f'x c={c0}':>9}{'KV MB':>8}{'KV GB/s':>9}{'f16 ms':>9}{'f16/f32':>9}"
+          f"{'no-cache ms':>13}{f'x c={c0}':>9}{'no/with':>9}")
     for c in contexts:
         extra_kv = kv_bytes(cfg, c) - kv_bytes(cfg, c0)
-        extra_ms = with_cache[c] - with_cache[c0]
+        extra_ms = f32[c] - f32[c0]
         rate = f"{extra_kv / extra_ms / 1e6:>9.1f}" if c > c0 and extra_ms > 0 else f"{'-':>9}"
-        print(f"{c:>6}{with_cache[c]:>10.2f}{with_cache[c] / with_cache[c0]:>9.2f}{kv_bytes(cfg, c) / 1e6:>8.1f}{rate}"
-              f"{no_cache[c]:>13.1f}{no_cache[c] / no_cache[c0]:>9.2f}{no_cache[c] / with_cache[c]:>9.1f}")
-    print(f"   KV MB: keys and values the decoded token reads; KV GB/s: the extra KV over c={c0} / the extra time, "
-          f"i.e. the speed of attention over the cache (against {BANDWIDTH[1][0]:.0f} GB/s for one thread).")
+        print(f"{c:>6}{f32[c]:>10.2f}{f32[c] / f32[c0]:>9.2f}{kv_bytes(cfg, c) / 1e6:>8.1f}{rate}"
+              f"{f16[c]:>9.2f}{f16[c] / f32[c]:>9.2f}"
+              f"{no_cache[c]:>13.1f}{no_cache[c] / no_cache[c0]:>9.2f}{no_cache[c] / f32[c]:>9.1f}")
+    print(f"   KV MB: keys and values the decoded token reads (float32 cache; f16 reads half); KV GB/s: the extra KV "
+          f"over c={c0} / the extra time, i.e. the speed of attention over the cache (against "
+          f"{BANDWIDTH[1][0]:.0f} GB/s for one thread); f16 ms: the same step with kv_dtype=\"f16\".")
     print("   Per token, the cached cost grows by its attention term only (~constant, then linear in c); the "
           "recompute grows linearly and then quadratically, so n generated tokens cost ~n with the cache and "
           "~n^2 (to ~n^3) without.")

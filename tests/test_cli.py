@@ -35,6 +35,12 @@ def test_score_and_perplexity(capsys, tmp_path):
                      str(tmp_path / "story.txt")]) == 0
     r = ld.Model.load(STORIES).perplexity(text, window=16, stride=8, progress=False)
     assert capsys.readouterr().out == f"perplexity {r.perplexity:.4f} (nll {r.nll:.2f} nats over {r.n_tokens} tokens)\n"
+    # with an f16 KV cache: the f16 model's figure (a slightly different one)
+    assert cli.main(["perplexity", "--model", STORIES, "--kv-dtype", "f16", "--window", "16", "--stride", "8",
+                     "--no-progress", str(tmp_path / "story.txt")]) == 0
+    r16 = ld.Model.load(STORIES, kv_dtype="f16").perplexity(text, window=16, stride=8, progress=False)
+    assert r16.nll != r.nll
+    assert capsys.readouterr().out == f"perplexity {r16.perplexity:.4f} (nll {r16.nll:.2f} nats over {r16.n_tokens} tokens)\n"
 
 
 @pytest.mark.parametrize("argv, message", [

