@@ -396,6 +396,7 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
     const int32_t block_size = seq->pool->block_size;
     const int f16 = seq->pool->dtype == LMD_KV_F16;
     const size_t elem_bytes = seq->pool->elem_bytes;
+    const int64_t feature_bytes = (int64_t)block_size * (int64_t)elem_bytes;
     const int most = nq == 1 ? SCORE_RUNS_ONE_QUERY : SCORE_RUNS;
     key_run runs[SCORE_RUNS_ONE_QUERY];
     int n = 0;
@@ -407,6 +408,10 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
                                  ((int64_t)kv_offset * block_size + column) * elem_bytes,
                              t, len};
         t += len;
+        if (f16) /* the run's keys, feature after feature, requested before they are scored: a
+                  * 12-layer f16 decode after 2040 positions 7.1 -> 6.8 ms (f32 keys and value
+                  * prefetches: no gain) */
+            for (int d = 0; d < hs; d++) __builtin_prefetch((const char *)run.k + d * feature_bytes);
         runs[n++] = run;
         if (n == most || len < LMD_VEC_LANES) { /* a short run ends a call: its extra lanes go after */
             score_pending_runs(scores, q, nq, runs, n, most, block_size, hs, scale, f16);
