@@ -767,12 +767,12 @@ def context_sweep(name: str, contexts: list, reps: int, threads: int) -> None:
         model.forward(tokens[: max(contexts)], caches[kv_dtype], logits=None)
     print(f"\n== 3. ms per new token against context length c: {name} f32, {model.config.n_layers} layers, "
           f"dim {model.config.dim}, vocab {model.config.vocab_size}, {threads} threads")
-    print(f"   with cache: one token decoded after c cached positions (median of {4 * reps}), float32 and f16 "
+    print(f"   with cache: one token decoded after c cached positions (median of {10 * reps}), float32 and f16 "
           f"caches in turn; without: model.logits over the c-token prefix (median of {reps})")
     with_cache, no_cache = {"f32": {}, "f16": {}}, {}
     for c in sorted(contexts, reverse=True):  # the caches are filled once and truncated downwards
         steps = {"f32": [], "f16": []}
-        for k in range(4 * reps + 1):
+        for k in range(10 * reps + 1):
             for kv_dtype, cache in caches.items():
                 cache.truncate(c)
                 t0 = time.perf_counter()
@@ -838,7 +838,8 @@ def print_goals(rows: list, memory: dict) -> None:
             goal = {"f32": 100 * GOALS["ceil_f32"], "q8_0": 100 * GOALS["ceil_q8_0"]}.get(r.dtype)
             c1 = f"{ceil:.0f}% ceil " + (mark(ceil >= goal, f1) if goal else "     ")
         speed = r.dec[2] / r.dec[1]
-        c2 = f"{speed:.2f} " + mark(speed >= GOALS["threads"], f1, f2)
+        # the goal holds "when the weights do not fit in cache": stories260K's 1 MB do
+        c2 = f"{speed:.2f} " + ("n/a " if r.model == "stories260K" else mark(speed >= GOALS["threads"], f1, f2))
         cells = []
         for peer, want in (("transformers", GOALS["vs_hf"]), ("llama.cpp", GOALS["vs_llamacpp"])):
             p = find(r.model, peer, r.dtype)
@@ -860,6 +861,7 @@ def print_goals(rows: list, memory: dict) -> None:
                   f"{100 * r.dec[1] * r.read / (BANDWIDTH[1][0] * 1e9):.0f}% of the one-thread ceiling")
     print("   decode 1T: % of the one-thread ceiling, goals >= 80% (f32) and >= 60% (q8_0); stories260K: >= 20,000 "
           "tok/s. x hf: / transformers fp32 decode (f32 only); x llama.cpp: / llama.cpp decode at the same precision.")
+    print("   2T/1T n/a: the goal is for weights that do not fit in cache (stories260K's 1 MB do).")
     print(f"   2T/1T of a bandwidth-bound decode cannot exceed the bandwidth's 2T/1T "
           f"({BANDWIDTH[2][0] / BANDWIDTH[1][0]:.2f} here) once one thread reaches its ceiling.")
 
