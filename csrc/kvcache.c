@@ -4,11 +4,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-lmd_status lmd_kvpool_init(lmd_kvpool **out, int32_t n_layers, int32_t kv_dim, int32_t block_size,
-                           int32_t n_blocks, lmd_kv_dtype dtype, lmd_error *err) {
+lmd_status lmd_kvpool_init(lmd_kvpool **out, int32_t n_layers, int32_t kv_dim, int32_t head_size,
+                           int32_t block_size, int32_t n_blocks, lmd_kv_dtype dtype, lmd_error *err) {
     *out = NULL;
     if (n_layers < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, "n_layers (=%d) must be >= 1", n_layers);
     if (kv_dim < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, "kv_dim (=%d) must be >= 1", kv_dim);
+    if (head_size < 1 || kv_dim % head_size != 0)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "head_size (=%d) must be a positive divisor of kv_dim (=%d)",
+                        head_size, kv_dim);
     if (block_size < 1 || block_size > 4096)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "block_size (=%d) must be in [1, 4096]", block_size);
     if (n_blocks < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, "n_blocks (=%d) must be >= 1", n_blocks);
@@ -31,6 +34,7 @@ lmd_status lmd_kvpool_init(lmd_kvpool **out, int32_t n_layers, int32_t kv_dim, i
     p->n_blocks = n_blocks;
     p->dtype = dtype;
     p->elem_bytes = elem_bytes;
+    p->head_size = head_size;
     /* malloc, not calloc: pages become resident only as positions are written. Whole pages:
      * with the pool 64 bytes into a page (aligned_alloc(64, ...) of a large size), decoding a
      * token after 2040 positions of a 12-layer f16 cache took 8.5 ms instead of 7.0 (f32:
@@ -183,7 +187,9 @@ lmd_status lmd_kvseq_reserve(lmd_kvseq *seq, int32_t n_new, lmd_error *err) {
             const size_t dst = ((size_t)fresh * p->n_layers + l) * layer_stride;
             for (int32_t j = 0; j < p->kv_dim; j++)
                 memcpy(k + dst + (size_t)j * p->block_size * e, k + src + (size_t)j * p->block_size * e, filled * e);
-            memcpy(v + dst, v + src, filled * p->kv_dim * e);
+            for (int32_t h = 0; h < p->kv_dim; h += p->head_size) /* each head's rows */
+                memcpy(v + dst + (size_t)h * p->block_size * e, v + src + (size_t)h * p->block_size * e,
+                       filled * p->head_size * e);
         }
         release_block(p, old);
         seq->blocks[idx] = fresh;

@@ -445,7 +445,7 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
  * (constants, so that the accumulators stay in registers). */
 #define VALUE_RANGE(vec_t, elem_t, LOAD, KEEP, lanes, q0, nqr, t_begin, t_end)                      \
     for (int32_t t0 = (t_begin); t0 < (t_end);) {                                                  \
-        const elem_t *v = (const elem_t *)lmd_kvseq_v(seq, l, t0) + kv_offset;                     \
+        const elem_t *v = (const elem_t *)lmd_kvseq_value(seq, l, t0, kv_offset);                  \
         const int32_t block_end = (t0 / block_size + 1) * block_size;                              \
         const int32_t nt = ((t_end) < block_end ? (t_end) : block_end) - t0;                       \
         int32_t t = 0;                                                                             \
@@ -516,12 +516,12 @@ static inline __attribute__((always_inline)) void value_sums(float *const *out, 
         for (int32_t t0 = 0; t0 < n_pos[qi]; t0 += block_size) {
             const int32_t nt = n_pos[qi] - t0 < block_size ? n_pos[qi] - t0 : block_size;
             if (f16) {
-                const uint16_t *v = (const uint16_t *)lmd_kvseq_v(seq, l, t0) + kv_offset;
+                const uint16_t *v = (const uint16_t *)lmd_kvseq_value(seq, l, t0, kv_offset);
                 for (int32_t t = 0; t < nt; t++)
                     for (int i = 0; i < hs; i++)
                         out[qi][i] += p[qi][t0 + t] * half_to_float(v[(int64_t)t * stride + i]);
             } else {
-                const float *v = (const float *)lmd_kvseq_v(seq, l, t0) + kv_offset;
+                const float *v = (const float *)lmd_kvseq_value(seq, l, t0, kv_offset);
                 for (int32_t t = 0; t < nt; t++) lmd_axpy(out[qi], p[qi][t0 + t], v + (int64_t)t * stride, hs);
             }
         }
@@ -575,7 +575,8 @@ static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, c
     const int group = c->n_heads / c->n_kv_heads;
     const int64_t Q = (int64_t)c->n_heads * hs;
     const float scale = 1.0f / sqrtf((float)hs);
-    const int32_t block_size = seq->pool->block_size, kv_dim = seq->pool->kv_dim;
+    /* a kv head's value rows are head_size apart in a block (kvcache.h) */
+    const int32_t block_size = seq->pool->block_size, value_stride = seq->pool->head_size;
     const int kv_offset = (h0 / group) * hs;
     const float *q[SCORE_QUERIES];
     float *scores[SCORE_QUERIES], *out[SCORE_QUERIES];
@@ -596,10 +597,10 @@ static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, c
     for (int i = 0; i < nq; i += VALUE_QUERIES) {
         const float *const *p = (const float *const *)scores + i;
         switch (nq - i) { /* constants, for the accumulators to stay in registers */
-        case 1: value_sums(out + i, p, inv_sum + i, n_pos + i, 1, seq, l, kv_offset, block_size, kv_dim, hs, f16); break;
-        case 2: value_sums(out + i, p, inv_sum + i, n_pos + i, 2, seq, l, kv_offset, block_size, kv_dim, hs, f16); break;
+        case 1: value_sums(out + i, p, inv_sum + i, n_pos + i, 1, seq, l, kv_offset, block_size, value_stride, hs, f16); break;
+        case 2: value_sums(out + i, p, inv_sum + i, n_pos + i, 2, seq, l, kv_offset, block_size, value_stride, hs, f16); break;
         default:
-            value_sums(out + i, p, inv_sum + i, n_pos + i, VALUE_QUERIES, seq, l, kv_offset, block_size, kv_dim, hs,
+            value_sums(out + i, p, inv_sum + i, n_pos + i, VALUE_QUERIES, seq, l, kv_offset, block_size, value_stride, hs,
                        f16);
         }
     }
@@ -714,17 +715,20 @@ static void step_qkv(const layer_step *s, int b) {
     }
     const lmd_kvseq *seq = s->seqs[s->token_seq[b]];
     const int32_t block_size = seq->pool->block_size;
-    void *key = lmd_kvseq_key(seq, s->l, m->pos[b], 0), *value = lmd_kvseq_v(seq, s->l, m->pos[b]);
+    const int32_t head_size = seq->pool->head_size;
+    void *key = lmd_kvseq_key(seq, s->l, m->pos[b], 0); /* feature j at key[j * block_size] */
     if (seq->pool->dtype == LMD_KV_F16) { /* rounded to nearest even */
-        uint16_t *key_h = key, *value_h = value;
-        for (int64_t j = 0; j < K; j++) { /* feature j of the key at key[j * block_size] */
-            key_h[j * block_size] = lmd_f32_to_fp16(m->k[b * K + j]);
-            value_h[j] = lmd_f32_to_fp16(m->v[b * K + j]);
+        uint16_t *key_h = key;
+        for (int64_t j = 0; j < K; j++) key_h[j * block_size] = lmd_f32_to_fp16(m->k[b * K + j]);
+        for (int32_t h = 0; h < K; h += head_size) { /* a head's features are consecutive */
+            uint16_t *value_h = lmd_kvseq_value(seq, s->l, m->pos[b], h);
+            for (int32_t j = 0; j < head_size; j++) value_h[j] = lmd_f32_to_fp16(m->v[b * K + h + j]);
         }
     } else {
         float *key_f = key;
         for (int64_t j = 0; j < K; j++) key_f[j * block_size] = m->k[b * K + j];
-        memcpy(value, m->v + b * K, (size_t)K * sizeof(float));
+        for (int32_t h = 0; h < K; h += head_size)
+            memcpy(lmd_kvseq_value(seq, s->l, m->pos[b], h), m->v + b * K + h, (size_t)head_size * sizeof(float));
     }
 }
 
@@ -829,10 +833,13 @@ lmd_status lmd_model_forward(lmd_model *m, lmd_kvseq *const *seqs, int32_t n_seq
             return lmd_fail(err, LMD_ERR_INVALID_ARG, "sequence %d belongs to another cache pool", s);
         seqs[s]->pending = -1;
     }
-    if (pool->n_layers != c->n_layers || pool->kv_dim != c->n_kv_heads * c->head_dim)
+    if (pool->n_layers != c->n_layers || pool->kv_dim != c->n_kv_heads * c->head_dim ||
+        pool->head_size != c->head_dim)
         return lmd_fail(err, LMD_ERR_INVALID_ARG,
-                        "the cache pool holds %d layers of %d features but the model has %d of %d",
-                        pool->n_layers, pool->kv_dim, c->n_layers, c->n_kv_heads * c->head_dim);
+                        "the cache pool holds %d layers of %d features in heads of %d but the model has %d of %d "
+                        "in heads of %d",
+                        pool->n_layers, pool->kv_dim, pool->head_size, c->n_layers, c->n_kv_heads * c->head_dim,
+                        c->head_dim);
     for (int32_t s = 0; s < n_seqs; s++) {
         if (seqs[s]->pending != -1)
             return lmd_fail(err, LMD_ERR_INVALID_ARG, "sequence %d appears twice in one call", s);

@@ -130,4 +130,4 @@ def test_bad_kv_dtype_is_refused_by_name(bad):
     with pytest.raises(ValueError, match=r"kv_dtype \(=.*\) must be one of f32, f16"):
         lmdecode.Model.load(STORIES_BIN, kv_dtype=bad)
     with pytest.raises(ValueError, match="kv_dtype"):
-        _core.KVPool(1, 8, 4, 4, "f8")
+        _core.KVPool(1, 8, 8, 4, 4, "f8")

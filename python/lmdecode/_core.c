@@ -1251,10 +1251,10 @@ static void EngineModel_dealloc(EngineModelObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* KVPool(n_layers, kv_dim, block_size, n_blocks, kv_dtype="f32"): kv_dtype "f32" or "f16" */
+/* KVPool(n_layers, kv_dim, head_size, block_size, n_blocks, kv_dtype="f32"): kv_dtype "f32" or "f16" */
 static int EngineKVPool_init(EngineKVPoolObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"n_layers", "kv_dim", "block_size", "n_blocks", "kv_dtype", NULL};
-    int n_layers, kv_dim, block_size, n_blocks;
+    static char *kwlist[] = {"n_layers", "kv_dim", "head_size", "block_size", "n_blocks", "kv_dtype", NULL};
+    int n_layers, kv_dim, head_size, block_size, n_blocks;
     const char *kv_dtype = "f32";
     lmd_kv_dtype dtype;
     lmd_error err = {{0}};
@@ -1264,8 +1264,8 @@ static int EngineKVPool_init(EngineKVPoolObject *self, PyObject *args, PyObject 
         PyErr_SetString(PyExc_RuntimeError, "KVPool is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiii|s", kwlist, &n_layers, &kv_dim, &block_size, &n_blocks,
-                                     &kv_dtype))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiii|s", kwlist, &n_layers, &kv_dim, &head_size, &block_size,
+                                     &n_blocks, &kv_dtype))
         return -1;
     if (strcmp(kv_dtype, "f32") == 0) {
         dtype = LMD_KV_F32;
@@ -1276,7 +1276,7 @@ static int EngineKVPool_init(EngineKVPoolObject *self, PyObject *args, PyObject 
         return -1;
     }
     Py_BEGIN_ALLOW_THREADS
-    st = lmd_kvpool_init(&pool, n_layers, kv_dim, block_size, n_blocks, dtype, &err);
+    st = lmd_kvpool_init(&pool, n_layers, kv_dim, head_size, block_size, n_blocks, dtype, &err);
     Py_END_ALLOW_THREADS
     if (st != LMD_OK) {
         raise_status(st, &err);

@@ -81,7 +81,7 @@ class DecodingMixin:
         """A KV pool with room for `positions` positions (plus one block per copy-on-write)."""
         cfg = self.config
         n_blocks = max(1, math.ceil(positions / _BLOCK))
-        return _core.KVPool(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, _BLOCK, n_blocks, self.kv_dtype)
+        return _core.KVPool(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim, _BLOCK, n_blocks, self.kv_dtype)
 
     def _decoder(self, generator, prompts: list[list[int]], max_new_tokens: int):
         """The C loop that runs `generator` on this model (one KV sequence per prompt)."""

@@ -233,7 +233,7 @@ class Model(DecodingMixin):
         if not 1 <= block_size <= 4096:
             raise ValueError(f"block_size (={block_size}) must be in [1, 4096]")
         n_blocks = math.ceil(capacity / block_size)
-        pool = _core.KVPool(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, block_size, n_blocks, kv_dtype)
+        pool = _core.KVPool(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim, block_size, n_blocks, kv_dtype)
         return KVCache(_core.KVSeq(pool, cfg.context_length), self)
 
     def _tokens(self, name, tokens) -> np.ndarray:

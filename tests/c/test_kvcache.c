@@ -67,7 +67,7 @@ static void write_positions(lmd_kvseq *s, int32_t from, int32_t to, float salt) 
         for (int32_t t = from; t < to; t++)
             for (int32_t j = 0; j < p->kv_dim; j++) {
                 set_tagged(p, lmd_kvseq_key(s, l, t, j), l, t, j, 0, salt);
-                set_tagged(p, (char *)lmd_kvseq_v(s, l, t) + j * p->elem_bytes, l, t, j, 1, salt);
+                set_tagged(p, lmd_kvseq_value(s, l, t, j), l, t, j, 1, salt);
             }
 }
 
@@ -77,7 +77,7 @@ static int positions_hold(const lmd_kvseq *s, int32_t from, int32_t to, float sa
         for (int32_t t = from; t < to; t++)
             for (int32_t j = 0; j < p->kv_dim; j++)
                 if (!holds_tagged(p, lmd_kvseq_key(s, l, t, j), l, t, j, 0, salt) ||
-                    !holds_tagged(p, (char *)lmd_kvseq_v(s, l, t) + j * p->elem_bytes, l, t, j, 1, salt))
+                    !holds_tagged(p, lmd_kvseq_value(s, l, t, j), l, t, j, 1, salt))
                     return 0;
     return 1;
 }
@@ -113,31 +113,35 @@ static int pool_consistent(const lmd_kvpool *p, lmd_kvseq *const *seqs, int n_se
 static void test_init_errors(void) {
     lmd_kvpool *pool = (lmd_kvpool *)&pool; /* init must set it to NULL on failure */
     lmd_error err;
-    CHECK(lmd_kvpool_init(&pool, 0, 8, 4, 4, LMD_KV_F32, &err) == LMD_ERR_INVALID_ARG && pool == NULL);
+    CHECK(lmd_kvpool_init(&pool, 0, 8, 4, 4, 4, LMD_KV_F32, &err) == LMD_ERR_INVALID_ARG && pool == NULL);
     CHECK_MSG_CONTAINS(err, "n_layers (=0)");
-    CHECK(lmd_kvpool_init(&pool, 2, -3, 4, 4, LMD_KV_F32, &err) == LMD_ERR_INVALID_ARG);
+    CHECK(lmd_kvpool_init(&pool, 2, -3, 1, 4, 4, LMD_KV_F32, &err) == LMD_ERR_INVALID_ARG);
     CHECK_MSG_CONTAINS(err, "kv_dim (=-3)");
-    CHECK(lmd_kvpool_init(&pool, 2, 8, 0, 4, LMD_KV_F32, &err) == LMD_ERR_INVALID_ARG);
+    CHECK(lmd_kvpool_init(&pool, 2, 8, 4, 0, 4, LMD_KV_F32, &err) == LMD_ERR_INVALID_ARG);
     CHECK_MSG_CONTAINS(err, "block_size (=0)");
-    CHECK(lmd_kvpool_init(&pool, 2, 8, 4097, 4, LMD_KV_F32, &err) == LMD_ERR_INVALID_ARG);
+    CHECK(lmd_kvpool_init(&pool, 2, 8, 4, 4097, 4, LMD_KV_F32, &err) == LMD_ERR_INVALID_ARG);
     CHECK_MSG_CONTAINS(err, "block_size (=4097)");
-    CHECK(lmd_kvpool_init(&pool, 2, 8, 4, 0, LMD_KV_F32, &err) == LMD_ERR_INVALID_ARG);
+    CHECK(lmd_kvpool_init(&pool, 2, 8, 4, 4, 0, LMD_KV_F32, &err) == LMD_ERR_INVALID_ARG);
     CHECK_MSG_CONTAINS(err, "n_blocks (=0)");
-    CHECK(lmd_kvpool_init(&pool, 2, 8, 4, 4, (lmd_kv_dtype)7, &err) == LMD_ERR_INVALID_ARG);
+    CHECK(lmd_kvpool_init(&pool, 2, 8, 4, 4, 4, (lmd_kv_dtype)7, &err) == LMD_ERR_INVALID_ARG);
     CHECK_MSG_CONTAINS(err, "dtype (=7)");
+    CHECK(lmd_kvpool_init(&pool, 2, 8, 3, 4, 4, LMD_KV_F32, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "head_size (=3) must be a positive divisor of kv_dim (=8)");
+    CHECK(lmd_kvpool_init(&pool, 2, 8, 0, 4, 4, LMD_KV_F32, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "head_size (=0)");
     /* more memory than an address space holds: refused up front, not attempted */
-    CHECK(lmd_kvpool_init(&pool, INT32_MAX, INT32_MAX, 4096, INT32_MAX, LMD_KV_F32, &err) == LMD_ERR_NOMEM);
+    CHECK(lmd_kvpool_init(&pool, INT32_MAX, INT32_MAX, 1, 4096, INT32_MAX, LMD_KV_F32, &err) == LMD_ERR_NOMEM);
     CHECK_MSG_CONTAINS(err, "does not fit");
     CHECK(pool == NULL);
     /* 2^30 layers * 4096 positions * 2^22 features is 2^64 floats per block: the size
      * must not wrap around to a small allocation */
-    CHECK(lmd_kvpool_init(&pool, 1 << 30, 1 << 22, 4096, 1, LMD_KV_F32, &err) == LMD_ERR_NOMEM);
+    CHECK(lmd_kvpool_init(&pool, 1 << 30, 1 << 22, 1, 4096, 1, LMD_KV_F32, &err) == LMD_ERR_NOMEM);
     CHECK(pool == NULL);
-    CHECK(lmd_kvpool_init(&pool, 1 << 30, 1 << 22, 4096, 1, LMD_KV_F16, &err) == LMD_ERR_NOMEM);
+    CHECK(lmd_kvpool_init(&pool, 1 << 30, 1 << 22, 1, 4096, 1, LMD_KV_F16, &err) == LMD_ERR_NOMEM);
     CHECK(pool == NULL);
     lmd_kvpool_free(pool);
 
-    CHECK(lmd_kvpool_init(&pool, 2, 8, 4, 4, LMD_KV_F32, &err) == LMD_OK);
+    CHECK(lmd_kvpool_init(&pool, 2, 8, 4, 4, 4, LMD_KV_F32, &err) == LMD_OK);
     CHECK(pool->n_free == 4 && pool->n_blocks == 4 && pool->block_size == 4);
     lmd_kvseq *seq = (lmd_kvseq *)&seq;
     CHECK(lmd_kvseq_init(&seq, pool, 0, &err) == LMD_ERR_INVALID_ARG && seq == NULL);
@@ -158,7 +162,7 @@ static void test_reserve_and_len(void) {
     lmd_kvpool *pool;
     lmd_kvseq *s;
     lmd_error err;
-    CHECK(lmd_kvpool_init(&pool, 3, 5, 4, 8, pool_dtype, &err) == LMD_OK);
+    CHECK(lmd_kvpool_init(&pool, 3, 5, 5, 4, 8, pool_dtype, &err) == LMD_OK);
     CHECK(lmd_kvseq_init(&s, pool, 20, &err) == LMD_OK);
     CHECK(lmd_kvseq_blocks_needed(s, 0) == 0);
     CHECK(lmd_kvseq_blocks_needed(s, 1) == 1);
@@ -200,7 +204,7 @@ static void test_reserve_twice_keeps_every_block(void) {
     lmd_kvpool *pool;
     lmd_kvseq *s;
     lmd_error err;
-    CHECK(lmd_kvpool_init(&pool, 1, 2, 4, 6, pool_dtype, &err) == LMD_OK);
+    CHECK(lmd_kvpool_init(&pool, 1, 2, 1, 4, 6, pool_dtype, &err) == LMD_OK);
     CHECK(lmd_kvseq_init(&s, pool, 24, &err) == LMD_OK);
     CHECK(lmd_kvseq_reserve(s, 10, &err) == LMD_OK); /* blocks for positions 0..9 */
     write_positions(s, 0, 5, 0.0f);
@@ -223,7 +227,7 @@ static void test_fork_shares_blocks(void) {
     lmd_kvpool *pool;
     lmd_kvseq *a, *b, *c;
     lmd_error err;
-    CHECK(lmd_kvpool_init(&pool, 2, 3, 4, 10, pool_dtype, &err) == LMD_OK);
+    CHECK(lmd_kvpool_init(&pool, 2, 3, 1, 4, 10, pool_dtype, &err) == LMD_OK);
     CHECK(lmd_kvseq_init(&a, pool, 16, &err) == LMD_OK);
     append(a, 6, 0.0f);
     CHECK(pool->n_free == 8);
@@ -260,7 +264,7 @@ static void test_copy_on_write(void) {
     lmd_kvpool *pool;
     lmd_kvseq *a, *b;
     lmd_error err;
-    CHECK(lmd_kvpool_init(&pool, 3, 4, 4, 10, pool_dtype, &err) == LMD_OK);
+    CHECK(lmd_kvpool_init(&pool, 3, 4, 2, 4, 10, pool_dtype, &err) == LMD_OK);
     CHECK(lmd_kvseq_init(&a, pool, 16, &err) == LMD_OK);
     append(a, 6, 0.0f); /* block 0 full, block 1 holds positions 4, 5 */
     CHECK(lmd_kvseq_fork(&b, a, &err) == LMD_OK);
@@ -307,7 +311,7 @@ static void test_truncate(void) {
     lmd_kvpool *pool;
     lmd_kvseq *a, *b;
     lmd_error err;
-    CHECK(lmd_kvpool_init(&pool, 2, 2, 4, 8, pool_dtype, &err) == LMD_OK);
+    CHECK(lmd_kvpool_init(&pool, 2, 2, 1, 4, 8, pool_dtype, &err) == LMD_OK);
     CHECK(lmd_kvseq_init(&a, pool, 32, &err) == LMD_OK);
     append(a, 10, 0.0f); /* 3 blocks */
     CHECK(pool->n_free == 5);
@@ -363,7 +367,7 @@ static void test_cache_full_changes_nothing(void) {
     lmd_kvpool *pool;
     lmd_kvseq *a, *b;
     lmd_error err;
-    CHECK(lmd_kvpool_init(&pool, 2, 3, 4, 3, pool_dtype, &err) == LMD_OK);
+    CHECK(lmd_kvpool_init(&pool, 2, 3, 3, 4, 3, pool_dtype, &err) == LMD_OK);
     /* the sequence's own limit */
     CHECK(lmd_kvseq_init(&a, pool, 7, &err) == LMD_OK);
     append(a, 5, 0.0f);

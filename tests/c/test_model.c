@@ -577,7 +577,7 @@ static void test_forward_errors(void) {
     lmd_kvseq_free(hog[1]);
     /* a pool shaped for another model */
     lmd_kvpool *other;
-    CHECK(lmd_kvpool_init(&other, 2, 8, 4, 4, LMD_KV_F32, &err) == LMD_OK);
+    CHECK(lmd_kvpool_init(&other, 2, 8, 8, 4, 4, LMD_KV_F32, &err) == LMD_OK);
     lmd_kvseq *foreign = tiny_seq(other, 24);
     EXPECT_FAIL(lmd_model_forward(m, &foreign, 1, good, zeros, 1, idx, 1, logits, &err),
                 LMD_ERR_INVALID_ARG, "cache pool");
@@ -587,6 +587,16 @@ static void test_forward_errors(void) {
                 "another cache pool");
     lmd_kvseq_free(foreign);
     lmd_kvpool_free(other);
+    /* the model's kv features in heads of another size (its values would be read out of place) */
+    const int32_t model_kv = m->config.n_kv_heads * m->config.head_dim;
+    CHECK(m->config.n_kv_heads > 1);
+    lmd_kvpool *regrouped;
+    CHECK(lmd_kvpool_init(&regrouped, m->config.n_layers, model_kv, model_kv, 4, 8, LMD_KV_F32, &err) == LMD_OK);
+    lmd_kvseq *in_regrouped = tiny_seq(regrouped, 24);
+    EXPECT_FAIL(lmd_model_forward(m, &in_regrouped, 1, good, zeros, 1, idx, 1, logits, &err), LMD_ERR_INVALID_ARG,
+                "in heads of");
+    lmd_kvseq_free(in_regrouped);
+    lmd_kvpool_free(regrouped);
 
     /* after all that, the sequences continue exactly as if nothing had been tried */
     CHECK(lmd_model_forward(m, seqs, 2, good, ts, 4, idx, 4, logits, &err) == LMD_OK);

@@ -171,8 +171,8 @@ static inline void tiny_close(tiny_model *t, lmd_model *m) {
 static inline lmd_kvpool *tiny_pool(const tiny_model *t, int32_t block_size, int32_t n_blocks) {
     lmd_kvpool *p;
     lmd_error err;
-    if (lmd_kvpool_init(&p, t->config.n_layers, t->config.n_kv_heads * t->config.head_dim, block_size,
-                        n_blocks, LMD_KV_F32, &err) != LMD_OK) {
+    if (lmd_kvpool_init(&p, t->config.n_layers, t->config.n_kv_heads * t->config.head_dim, t->config.head_dim,
+                        block_size, n_blocks, LMD_KV_F32, &err) != LMD_OK) {
         fprintf(stderr, "tiny pool init failed: %s\n", err.msg);
         exit(1);
     }
