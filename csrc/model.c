@@ -433,8 +433,9 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
 #define VALUE_SETS(nv) ((nv) >= 8 ? 1 : (nv) >= 4 ? 2 : (nv) >= 2 ? 4 : 8)
 
 /* The value sums of a head: out (hs,) = sum over positions t < n_pos of p[t] * v_t (hs,),
- * v_t the head's values at position t of the cached sequence (blocks of block_size rows of
- * stride floats, the head's features at kv_offset), summed in registers. Position t goes to
+ * v_t the head's values at position t of the cached sequence (in each block, the head's
+ * block_size rows of hs elements, stride = the pool's head_size apart), summed in registers,
+ * widened first from an f16 cache. Position t goes to
  * accumulator set t % sets so that a small head still keeps VALUE_CHAINS FMAs in flight
  * (one chain per vector was latency-bound: a head of 8 features waited 4 cycles per
  * position); each set adds its positions in order, and the sets are added pairwise at the
