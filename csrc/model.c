@@ -631,24 +631,33 @@ static inline __attribute__((always_inline)) void attend_unit_sized(lmd_model *m
     }
 }
 
+/* one function per storage type, each with the head sizes inlined (one function with both
+ * grew past what GCC tracks for debug information) */
+#define DEFINE_ATTEND_UNIT(name, f16)                                                              \
+    static void name(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int b_begin, int b_end, \
+                     int32_t l, int h_begin, int h_end, float *scores_buffer) {                    \
+        switch (m->config.head_dim) {                                                              \
+        case 8: attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, 8, f16); break; \
+        case 16: attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, 16, f16); break; \
+        case 32: attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, 32, f16); break; \
+        case 64: attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, 64, f16); break; \
+        case 128: attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, 128, f16); break; \
+        default:                                                                                   \
+            attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, m->config.head_dim, \
+                              f16);                                                                \
+        }                                                                                          \
+    }
+DEFINE_ATTEND_UNIT(attend_unit_f32, 0)
+DEFINE_ATTEND_UNIT(attend_unit_f16, 1)
+#undef DEFINE_ATTEND_UNIT
+
 static void attend_unit(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int b_begin, int b_end,
                         int32_t l, int h_begin, int h_end, float *scores_buffer) {
     /* one pool for the call (lmd_model_forward checks), so one storage type */
-    const int f16 = seqs[token_seq[b_begin]]->pool->dtype == LMD_KV_F16;
-#define ATTEND_UNIT(hs)                                                                            \
-    do {                                                                                           \
-        if (f16) attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, hs, 1); \
-        else attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, hs, 0);     \
-    } while (0)
-    switch (m->config.head_dim) {
-    case 8: ATTEND_UNIT(8); break;
-    case 16: ATTEND_UNIT(16); break;
-    case 32: ATTEND_UNIT(32); break;
-    case 64: ATTEND_UNIT(64); break;
-    case 128: ATTEND_UNIT(128); break;
-    default: ATTEND_UNIT(m->config.head_dim);
-    }
-#undef ATTEND_UNIT
+    if (seqs[token_seq[b_begin]]->pool->dtype == LMD_KV_F16)
+        attend_unit_f16(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer);
+    else
+        attend_unit_f32(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer);
 }
 
 // every query head of the chunk's B tokens; the units (kv head, part of its query heads,
