@@ -801,6 +801,14 @@ def context_sweep(name: str, contexts: list, reps: int, threads: int) -> None:
         print(f"{c:>6}{f32[c]:>10.2f}{f32[c] / f32[c0]:>9.2f}{kv_bytes(cfg, c) / 1e6:>8.1f}{rate}"
               f"{f16[c]:>9.2f}{f16[c] / f32[c]:>9.2f}"
               f"{no_cache[c]:>13.1f}{no_cache[c] / no_cache[c0]:>9.2f}{no_cache[c] / f32[c]:>9.1f}")
+    # the attention's read rate from all rows at once: the slope of time against KV bytes
+    # (least squares), steadier than any one row's difference from c0
+    mb = np.array([kv_bytes(cfg, c) / 1e6 for c in contexts])
+    slopes = {kv: np.polyfit(mb * (0.5 if kv == "f16" else 1.0), [with_cache[kv][c] for c in contexts], 1)[0]
+              for kv in ("f32", "f16")}
+    print("   attention over the cache, least-squares slope of ms against KV MB over every c: "
+          + ", ".join(f"{kv} {1 / slopes[kv]:.1f} GB/s ({slopes[kv] * kv_bytes(cfg, max(contexts)) / 1e6 * (0.5 if kv == 'f16' else 1.0):.2f} ms at c={max(contexts)})"
+                      for kv in ("f32", "f16") if slopes[kv] > 0))
     print(f"   KV MB: keys and values the decoded token reads (float32 cache; f16 reads half); KV GB/s: the extra KV "
           f"over c={c0} / the extra time, i.e. the speed of attention over the cache (against "
           f"{BANDWIDTH[1][0]:.0f} GB/s for one thread); f16 ms: the same step with kv_dtype=\"f16\".")
