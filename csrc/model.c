@@ -434,8 +434,8 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
 
 /* The value sums of a head: out (hs,) = sum over positions t < n_pos of p[t] * v_t (hs,),
  * v_t the head's values at position t of the cached sequence (in each block, the head's
- * block_size rows of hs elements, stride = the pool's head_size apart), summed in registers,
- * widened first from an f16 cache. Position t goes to
+ * block_size consecutive rows of hs elements: kvcache.h), summed in registers, widened first
+ * from an f16 cache. Position t goes to
  * accumulator set t % sets so that a small head still keeps VALUE_CHAINS FMAs in flight
  * (one chain per vector was latency-bound: a head of 8 features waited 4 cycles per
  * position); each set adds its positions in order, and the sets are added pairwise at the
@@ -455,7 +455,7 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
                 for (int s = 0; s < sets; s++)                                                     \
                     for (int i = 0; i < nv; i++) {                                                 \
                         vec_t x;                                                                   \
-                        LOAD(x, v + (int64_t)(t + s) * stride + (lanes) * i);                      \
+                        LOAD(x, v + (int64_t)(t + s) * hs + (lanes) * i);                          \
                         if ((nqr) > 1) KEEP(x); /* one load for the queries */                     \
                         for (int qi = (q0); qi < (q0) + (nqr); qi++)                                \
                             acc[qi][s * nv + i] += p[qi][t0 + t + s] * x;                          \
@@ -465,7 +465,7 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
                 if ((t0 + t) % sets == s)                                                          \
                     for (int i = 0; i < nv; i++) {                                                 \
                         vec_t x;                                                                   \
-                        LOAD(x, v + (int64_t)t * stride + (lanes) * i);                            \
+                        LOAD(x, v + (int64_t)t * hs + (lanes) * i);                                \
                         for (int qi = (q0); qi < (q0) + (nqr); qi++)                                \
                             acc[qi][s * nv + i] += p[qi][t0 + t] * x;                              \
                     }                                                                              \
@@ -499,7 +499,7 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
 static inline __attribute__((always_inline)) void value_sums(float *const *out, const float *const *p,
                                                              const float *scale, const int32_t *n_pos, const int nq,
                                                              const lmd_kvseq *seq, int32_t l, int kv_offset,
-                                                             int32_t block_size, int32_t stride, const int hs,
+                                                             int32_t block_size, const int hs,
                                                              const int f16) {
     if (hs == 8 || hs == 16 || hs == 32 || hs == 64 || hs == 128) { /* unrolled register versions */
         if (hs % 16 == 0) {
@@ -520,10 +520,10 @@ static inline __attribute__((always_inline)) void value_sums(float *const *out, 
                 const uint16_t *v = (const uint16_t *)lmd_kvseq_value(seq, l, t0, kv_offset);
                 for (int32_t t = 0; t < nt; t++)
                     for (int i = 0; i < hs; i++)
-                        out[qi][i] += p[qi][t0 + t] * half_to_float(v[(int64_t)t * stride + i]);
+                        out[qi][i] += p[qi][t0 + t] * half_to_float(v[(int64_t)t * hs + i]);
             } else {
                 const float *v = (const float *)lmd_kvseq_value(seq, l, t0, kv_offset);
-                for (int32_t t = 0; t < nt; t++) lmd_axpy(out[qi], p[qi][t0 + t], v + (int64_t)t * stride, hs);
+                for (int32_t t = 0; t < nt; t++) lmd_axpy(out[qi], p[qi][t0 + t], v + (int64_t)t * hs, hs);
             }
         }
         for (int i = 0; i < hs; i++) out[qi][i] *= scale[qi];
@@ -576,8 +576,7 @@ static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, c
     const int group = c->n_heads / c->n_kv_heads;
     const int64_t Q = (int64_t)c->n_heads * hs;
     const float scale = 1.0f / sqrtf((float)hs);
-    /* a kv head's value rows are head_size apart in a block (kvcache.h) */
-    const int32_t block_size = seq->pool->block_size, value_stride = seq->pool->head_size;
+    const int32_t block_size = seq->pool->block_size;
     const int kv_offset = (h0 / group) * hs;
     const float *q[SCORE_QUERIES];
     float *scores[SCORE_QUERIES], *out[SCORE_QUERIES];
@@ -598,11 +597,10 @@ static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, c
     for (int i = 0; i < nq; i += VALUE_QUERIES) {
         const float *const *p = (const float *const *)scores + i;
         switch (nq - i) { /* constants, for the accumulators to stay in registers */
-        case 1: value_sums(out + i, p, inv_sum + i, n_pos + i, 1, seq, l, kv_offset, block_size, value_stride, hs, f16); break;
-        case 2: value_sums(out + i, p, inv_sum + i, n_pos + i, 2, seq, l, kv_offset, block_size, value_stride, hs, f16); break;
+        case 1: value_sums(out + i, p, inv_sum + i, n_pos + i, 1, seq, l, kv_offset, block_size, hs, f16); break;
+        case 2: value_sums(out + i, p, inv_sum + i, n_pos + i, 2, seq, l, kv_offset, block_size, hs, f16); break;
         default:
-            value_sums(out + i, p, inv_sum + i, n_pos + i, VALUE_QUERIES, seq, l, kv_offset, block_size, value_stride, hs,
-                       f16);
+            value_sums(out + i, p, inv_sum + i, n_pos + i, VALUE_QUERIES, seq, l, kv_offset, block_size, hs, f16);
         }
     }
 }
@@ -631,25 +629,33 @@ static inline __attribute__((always_inline)) void attend_unit_sized(lmd_model *m
     }
 }
 
-/* one function per storage type, each with the head sizes inlined (one function with both
- * grew past what GCC tracks for debug information) */
-#define DEFINE_ATTEND_UNIT(name, f16)                                                              \
-    static void name(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int b_begin, int b_end, \
-                     int32_t l, int h_begin, int h_end, float *scores_buffer) {                    \
-        switch (m->config.head_dim) {                                                              \
-        case 8: attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, 8, f16); break; \
-        case 16: attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, 16, f16); break; \
-        case 32: attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, 32, f16); break; \
-        case 64: attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, 64, f16); break; \
-        case 128: attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, 128, f16); break; \
-        default:                                                                                   \
-            attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, m->config.head_dim, \
-                              f16);                                                                \
-        }                                                                                          \
+// attend_unit_sized for the model's head size, the usual ones as constants
+static inline __attribute__((always_inline)) void attend_unit_typed(lmd_model *m, lmd_kvseq *const *seqs,
+                                                                    const int32_t *token_seq, int b_begin,
+                                                                    int b_end, int32_t l, int h_begin, int h_end,
+                                                                    float *scores_buffer, const int f16) {
+#define ATTEND_UNIT(hs) attend_unit_sized(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, hs, f16)
+    switch (m->config.head_dim) {
+    case 8: ATTEND_UNIT(8); break;
+    case 16: ATTEND_UNIT(16); break;
+    case 32: ATTEND_UNIT(32); break;
+    case 64: ATTEND_UNIT(64); break;
+    case 128: ATTEND_UNIT(128); break;
+    default: ATTEND_UNIT(m->config.head_dim);
     }
-DEFINE_ATTEND_UNIT(attend_unit_f32, 0)
-DEFINE_ATTEND_UNIT(attend_unit_f16, 1)
-#undef DEFINE_ATTEND_UNIT
+#undef ATTEND_UNIT
+}
+
+/* one function per storage type (one with both grew past what GCC tracks for debug
+ * information) */
+static void attend_unit_f32(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int b_begin, int b_end,
+                            int32_t l, int h_begin, int h_end, float *scores_buffer) {
+    attend_unit_typed(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, 0);
+}
+static void attend_unit_f16(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int b_begin, int b_end,
+                            int32_t l, int h_begin, int h_end, float *scores_buffer) {
+    attend_unit_typed(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer, 1);
+}
 
 static void attend_unit(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int b_begin, int b_end,
                         int32_t l, int h_begin, int h_end, float *scores_buffer) {

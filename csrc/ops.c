@@ -15,11 +15,9 @@
 /* scalar conversions                                                   */
 /* ------------------------------------------------------------------ */
 
-/* fp16_to_f32 (vec.h's half_to_float) is inlined into the kernels: an out-of-line call per
- * Q8_0 block would spill every vector accumulator around it. */
-#define fp16_to_f32 half_to_float
-
-float lmd_fp16_to_f32(uint16_t h) { return fp16_to_f32(h); }
+/* The kernels call vec.h's half_to_float, inlined: an out-of-line call per Q8_0 block would
+ * spill every vector accumulator around it. */
+float lmd_fp16_to_f32(uint16_t h) { return half_to_float(h); }
 
 uint16_t lmd_f32_to_fp16(float f) {
     uint32_t x;
@@ -167,7 +165,7 @@ void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r) {
             q8_0_locate(w->rows, w->cols / LMD_Q8_0_BLOCK, r, b, &scale_at, &quants, &run_stride);
             uint16_t scale_bits;
             memcpy(&scale_bits, data + scale_at, 2);
-            const float scale = fp16_to_f32(scale_bits);
+            const float scale = half_to_float(scale_bits);
             for (int j = 0; j < LMD_Q8_0_BLOCK; j++)
                 out[b * LMD_Q8_0_BLOCK + j] = scale * (float)(int8_t)data[quants + (j / 4) * run_stride + j % 4];
         }
@@ -282,7 +280,7 @@ float lmd_dot_q8_0(const uint8_t *w_blocks, const float *x, int64_t n) {
         for (int j = 0; j < LMD_Q8_0_BLOCK; j++) dot += (int32_t)values[j] * q[j];
         uint16_t scale_bits;
         memcpy(&scale_bits, block, 2);
-        acc = fmaf((float)dot, fp16_to_f32(scale_bits) * scale, acc);
+        acc = fmaf((float)dot, half_to_float(scale_bits) * scale, acc);
     }
     return acc;
 }
@@ -819,7 +817,7 @@ static ALWAYS_INLINE void tile_q8_0_portable(float *out, q8_inputs x, const uint
                 for (int i = 0; i < group_rows; i++) {
                     uint16_t scale_bits;
                     memcpy(&scale_bits, block + 2 * i, 2);
-                    acc[i] = fmaf((float)dot[i], fp16_to_f32(scale_bits) * x_scale, acc[i]);
+                    acc[i] = fmaf((float)dot[i], half_to_float(scale_bits) * x_scale, acc[i]);
                 }
             }
             for (int i = 0; i < group_rows; i++) out[(int64_t)c * d + r0 + g * LMD_Q8_0_GROUP + i] = acc[i];
