@@ -99,7 +99,8 @@ def beam_search(
             cache[seq] = row
         return cache[seq]
 
-    # the prompt is step_fn's own business (the search never indexes logits by it): any ids
+    # prompt ids are not checked against the vocabulary: they are step_fn's business and the
+    # search never indexes logits by them (the seeds' example passes a marker id outside it)
     first = logits_of(())
     search = _core.BeamSearch(
         beam_width, first.shape[0], max_new_tokens, num_return_sequences, float(length_penalty),
