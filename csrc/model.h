@@ -99,7 +99,8 @@ typedef struct lmd_model {
     float *att_out;  /* (B, q_dim) */
     float *hb;       /* (B, hidden_dim) */
     float *hb2;      /* (B, hidden_dim) */
-    float *scores;   /* (units, 6, scores_stride): each attention work unit's weights of up to 6 queries */
+    float *scores;   /* (units, scores_rows, scores_stride): each attention work unit's weights */
+    int scores_rows; /* 6 queries, or a query tile's vector lanes for heads of 8 or 16 features */
     int64_t scores_stride; /* context_length + vector lanes */
     float *inv_freq; /* (head_dim / 2,) RoPE frequencies */
     float *rope_cos; /* (B, head_dim / 2) cos of each token's rotary angles */

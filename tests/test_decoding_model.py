@@ -186,9 +186,13 @@ def _interrupted_after(seconds, fn):
     """Runs fn with Ctrl-C (_thread.interrupt_main, as a notebook's interrupt button) sent after
     `seconds`; returns how long fn ran before KeyboardInterrupt ended it."""
     import _thread
+    import signal
     import threading
     import time
 
+    # Python's own handler even where the test runner was started with SIGINT ignored (a shell's
+    # background job), in which case interrupt_main does nothing
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(seconds, _thread.interrupt_main)
     t0 = time.perf_counter()
     timer.start()
@@ -197,6 +201,7 @@ def _interrupted_after(seconds, fn):
             fn()
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     return time.perf_counter() - t0
 
 

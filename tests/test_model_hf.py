@@ -316,8 +316,9 @@ def test_pool_exhaustion_leaves_cache_unchanged(hf):
 V_SMALL = 50  # vocabulary of _one_layer_llama
 
 
-def _one_layer_llama(rng, *, n_heads, n_kv_heads, head_dim, context):
-    """A one-layer Llama with random NumPy weights (untied head, unit norms), loaded by from_numpy."""
+def _one_layer_llama(rng, *, n_heads, n_kv_heads, head_dim, context, edit=None):
+    """A one-layer Llama with random NumPy weights (untied head, unit norms), loaded by from_numpy;
+    edit(weights) may change the weights first."""
     V, FF = V_SMALL, 64
     D, kv = n_heads * head_dim, n_kv_heads * head_dim
     cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=V, hidden_size=D,
@@ -331,26 +332,66 @@ def _one_layer_llama(rng, *, n_heads, n_kv_heads, head_dim, context):
                         ("self_attn.o_proj", (D, D)), ("mlp.gate_proj", (FF, D)), ("mlp.up_proj", (FF, D)),
                         ("mlp.down_proj", (D, FF))):
         w[p + name + ".weight"] = rng.normal(0, 1 / np.sqrt(shape[1]), shape)
+    if edit is not None:
+        edit(w)
     return lmdecode.Model.from_numpy(cfg, {k: v.astype(np.float32) for k, v in w.items()})
 
 
-@pytest.mark.parametrize("head_dim", [24, 40, 64])
+@pytest.mark.parametrize("head_dim", [8, 16, 24, 40, 64])
 def test_attention_is_bit_identical_for_any_split_and_head_size(head_dim):
     """A prefill, token-by-token decoding and caches of any block size give the very same
-    logits, for a head size the attention kernels unroll (64: four 16-feature steps) and for
+    logits, for head sizes the attention kernels unroll (64: four 16-feature steps) and for
     sizes they take at run time (24, 40: 16-feature steps and an 8-feature one). A prefill
     scores neighbouring queries six at a time and sums their values three at a time, decoding
-    one by one."""
+    one by one; heads of 8 and 16 features prefill in query tiles (one query per vector lane),
+    here from position 0 and from positions 11 and 27, across block boundaries."""
     rng = np.random.default_rng(head_dim)
-    model = _one_layer_llama(rng, n_heads=2, n_kv_heads=2, head_dim=head_dim, context=64)
-    toks = rng.integers(0, V_SMALL, 40)
+    model = _one_layer_llama(rng, n_heads=2, n_kv_heads=2, head_dim=head_dim, context=80)
+    toks = rng.integers(0, V_SMALL, 70)
     want = model.forward(toks, model.new_cache(), logits="all")
     assert np.ptp(want) > 1.0  # not degenerate
-    for block_size in (1, 5, 16):
-        cache = model.new_cache(capacity=48, block_size=block_size)
+    for block_size in (1, 5, 16, 64):
+        cache = model.new_cache(capacity=72, block_size=block_size)
         got = [model.forward(toks[:11], cache, logits="all")]
-        got += [model.forward([t], cache)[None] for t in toks[11:]]
+        got += [model.forward([t], cache)[None] for t in toks[11:40]]
+        got += [model.forward(toks[40:], cache, logits="all")]
         np.testing.assert_array_equal(np.concatenate(got), want, err_msg=f"block_size={block_size}")
+        cache = model.new_cache(capacity=72, block_size=block_size)
+        got = [model.forward([t], cache)[None] for t in toks[:11]]
+        got += [model.forward(toks[11:27], cache, logits="all"), model.forward(toks[27:], cache, logits="all")]
+        np.testing.assert_array_equal(np.concatenate(got), want, err_msg=f"block_size={block_size}, tiles at 11")
+    old = lmdecode.get_num_threads()
+    try:
+        lmdecode.set_num_threads(2)
+        np.testing.assert_array_equal(model.forward(toks, model.new_cache(), logits="all"), want, err_msg="2 threads")
+    finally:
+        lmdecode.set_num_threads(old)
+
+
+@pytest.mark.parametrize("head_dim", [8, 16])
+def test_query_tiles_never_read_later_positions(head_dim):
+    """A token whose value overflows to inf (its embedding's feature 0 times a huge weight) turns
+    the attention of every later query into inf/NaN, and must not touch the earlier queries of its
+    prefill tile: their logits stay finite and equal token-by-token decoding's (a masked 0 weight
+    times inf would be NaN)."""
+    poison = 7
+
+    def edit(w):
+        emb = w["model.embed_tokens.weight"]
+        emb[:, 0] = 0.0
+        emb[poison, 0] = 1.0
+        w["model.layers.0.self_attn.v_proj.weight"][:, 0] = 3e38
+
+    rng = np.random.default_rng(head_dim)
+    model = _one_layer_llama(rng, n_heads=2, n_kv_heads=1, head_dim=head_dim, context=64, edit=edit)
+    toks = rng.integers(0, V_SMALL, 40)
+    toks[toks == poison] = poison + 1
+    toks[25] = poison
+    cache = model.new_cache()
+    one_by_one = np.stack([model.forward([t], cache) for t in toks])
+    assert np.isfinite(one_by_one[:25]).all() and not np.isfinite(one_by_one[25:]).all()
+    got = model.forward(toks, model.new_cache(), logits="all")
+    np.testing.assert_array_equal(got[:25], one_by_one[:25])
 
 
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(8, 1), (14, 2), (9, 3), (6, 6)])
