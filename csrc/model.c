@@ -23,7 +23,10 @@ static int most_attention_units(const lmd_config *c);
 #define TILE_QUERIES LMD_VEC_LANES
 #define TILE_VALUE_SETS 8 /* value_sums' accumulator sets for a head of one vector */
 #define TILE_MAX_HEAD 16
-static int query_tiles_apply(int hs, int f16) { return !f16 && (hs == 8 || hs == TILE_MAX_HEAD); }
+/* vectors of 8 lanes or more: each set of positions then meets one or two softmax partials */
+static int query_tiles_apply(int hs, int f16) {
+    return LMD_VEC_LANES >= TILE_VALUE_SETS && !f16 && (hs == 8 || hs == TILE_MAX_HEAD);
+}
 
 /* ------------------------------------------------------------------ */
 /* validation                                                           */
@@ -639,6 +642,15 @@ static int tokens_form_tile(const lmd_model *m, const int32_t *token_seq, int b,
     return 1;
 }
 
+#define ADD_TO_PARTIAL(p)                                                                          \
+    do {                                                                                           \
+        into += (p);                                                                               \
+        if (TILE_QUERIES != TILE_VALUE_SETS) {                                                     \
+            const vf next = other;                                                                 \
+            other = into, into = next, count++;                                                    \
+        }                                                                                          \
+    } while (0)
+
 // the attention of the TILE_QUERIES tokens b.. (positions p0, p0 + 1, ...) of seq (f32) in
 // query head h: q (B,Q) -> att_out (B,Q); buffer (TILE_QUERIES, scores_stride) floats, the
 // unit's scores
@@ -650,8 +662,7 @@ static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m
     const int32_t block_size = seq->pool->block_size;
     const int kv_offset = (h / (c->n_heads / c->n_kv_heads)) * hs;
     const int32_t p0 = m->pos[b], n_all = p0 + TILE_QUERIES;
-    const int32_t n_padded = (n_all + TILE_QUERIES - 1) / TILE_QUERIES * TILE_QUERIES; /* <= scores_stride */
-    float *weights = buffer; /* (n_padded, TILE_QUERIES): position t's scores, then exponentials */
+    float *weights = buffer; /* (n_all <= scores_stride, TILE_QUERIES): position t's scores */
     vi lane;
     for (int i = 0; i < TILE_QUERIES; i++) lane[i] = i;
     vf qt[TILE_MAX_HEAD]; /* qt[d][i]: feature d of query i */
@@ -676,28 +687,19 @@ static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m
         }
         t0 += nt;
     }
-    for (int32_t t = n_all; t < n_padded; t++) vstore(weights + (int64_t)t * TILE_QUERIES, vbroadcast(-INFINITY));
 
-    /* exponentials; then their sums in lmd_softmax_unnormalized's order (a second pass, so
-     * that the LANES partial sums stay in registers) */
-    for (int32_t t = 0; t < n_padded; t++) {
-        float *row = weights + (int64_t)t * TILE_QUERIES;
-        vstore(row, vexp_nonpositive(vload(row) - most));
-    }
-    vf partial[TILE_QUERIES];
+    /* exponentials, their sums and the value sums, set by set (a set's positions are every
+     * eighth, so set s adds into the softmax partials s and s + 8 alone, each in order of t):
+     * the positions every query sees (t <= p0) block by block (a block's values of the kv
+     * head are rows of hs floats), then the tile's own, which the queries before them do not
+     * see */
+    vf partial[TILE_QUERIES], sets[TILE_VALUE_SETS][TILE_MAX_HEAD];
     for (int j = 0; j < TILE_QUERIES; j++) partial[j] = (vf){0};
-    for (int32_t t0 = 0; t0 < n_padded; t0 += TILE_QUERIES)
-        for (int j = 0; j < TILE_QUERIES; j++) partial[j] += vload(weights + (int64_t)(t0 + j) * TILE_QUERIES);
-    for (int width = TILE_QUERIES; width > 1; width /= 2)
-        for (int j = 0; j < width / 2; j++) partial[j] += partial[j + width / 2];
-    const vf inv_sum = vbroadcast(1.0f) / partial[0];
-
-    /* value sums, set by set (a set's positions are every eighth): the positions every
-     * query sees (t <= p0) block by block (a block's values of the kv head are rows of hs
-     * floats), then the tile's own, which the queries before them do not see */
-    vf sets[TILE_VALUE_SETS][TILE_MAX_HEAD];
     for (int set = 0; set < TILE_VALUE_SETS; set++) {
-        vf acc[TILE_MAX_HEAD];
+        /* the set's positions alternate between the partials set and set + 8 with 16 lanes:
+         * `into` is the current position's, `other` the next's (one partial with 8 lanes) */
+        vf acc[TILE_MAX_HEAD], into = (vf){0}, other = (vf){0};
+        int32_t count = 0;
         for (int d = 0; d < hs; d++) acc[d] = (vf){0};
         for (int32_t t0 = 0; t0 <= p0;) {
             const int32_t column = t0 % block_size;
@@ -705,7 +707,8 @@ static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m
             const float *v = (const float *)lmd_kvseq_value(seq, l, t0, kv_offset);
             for (int32_t j = (set - t0 % TILE_VALUE_SETS + TILE_VALUE_SETS) % TILE_VALUE_SETS; j < nt;
                  j += TILE_VALUE_SETS) {
-                const vf p = vload(weights + (int64_t)(t0 + j) * TILE_QUERIES);
+                const vf p = vexp_nonpositive(vload(weights + (int64_t)(t0 + j) * TILE_QUERIES) - most);
+                ADD_TO_PARTIAL(p);
                 const float *vt = v + (int64_t)j * hs;
                 for (int d = 0; d < hs; d++) acc[d] += vt[d] * p;
             }
@@ -713,13 +716,23 @@ static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m
         }
         for (int32_t t = p0 + 1 + (set - (p0 + 1) % TILE_VALUE_SETS + TILE_VALUE_SETS) % TILE_VALUE_SETS; t < n_all;
              t += TILE_VALUE_SETS) {
-            const vf p = vload(weights + (int64_t)t * TILE_QUERIES);
+            const vf p = vexp_nonpositive(vload(weights + (int64_t)t * TILE_QUERIES) - most); /* 0 where masked */
+            ADD_TO_PARTIAL(p);
             const float *vt = (const float *)lmd_kvseq_value(seq, l, t, kv_offset);
             const vi seen = lane >= t - p0;
             for (int d = 0; d < hs; d++) acc[d] = vselect(seen, acc[d] + vt[d] * p, acc[d]);
         }
         for (int d = 0; d < hs; d++) sets[set][d] = acc[d];
+        if (TILE_QUERIES == TILE_VALUE_SETS) {
+            partial[set] = into;
+        } else {
+            partial[set] = count % 2 == 0 ? into : other;
+            partial[set + TILE_VALUE_SETS] = count % 2 == 0 ? other : into;
+        }
     }
+    for (int width = TILE_QUERIES; width > 1; width /= 2)
+        for (int j = 0; j < width / 2; j++) partial[j] += partial[j + width / 2];
+    const vf inv_sum = vbroadcast(1.0f) / partial[0];
     for (int width = TILE_VALUE_SETS; width > 1; width /= 2)
         for (int set = 0; set < width / 2; set++)
             for (int d = 0; d < hs; d++) sets[set][d] += sets[set + width / 2][d];
