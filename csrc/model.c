@@ -642,6 +642,15 @@ static int tokens_form_tile(const lmd_model *m, const int32_t *token_seq, int b,
     return 1;
 }
 
+// the scores of a tile's queries (qt[d][i]: feature d of query i) and one position's key (feature
+// d at k + d * stride), one multiply-add chain over the features, as score_runs sums them
+static inline __attribute__((always_inline)) vf tile_score(const float *k, int64_t stride, const vf *qt,
+                                                           const int hs, float scale) {
+    vf acc = (vf){0};
+    for (int d = 0; d < hs; d++) acc += k[(int64_t)d * stride] * qt[d];
+    return acc * scale;
+}
+
 #define ADD_TO_PARTIAL(p)                                                                          \
     do {                                                                                           \
         into += (p);                                                                               \
@@ -669,23 +678,26 @@ static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m
     for (int d = 0; d < hs; d++)
         for (int i = 0; i < TILE_QUERIES; i++) qt[d][i] = m->q[(int64_t)(b + i) * Q + (int64_t)h * hs + d];
 
-    /* scores and their maximum, block by block (keys feature-major: feature d of the
-     * block's column j at k + d * block_size + j) */
+    /* scores and their maximum: the positions every query sees block by block (keys
+     * feature-major: feature d of the block's column j at k + d * block_size + j), then the
+     * tile's own, -inf for the queries before them */
     vf most = vbroadcast(-INFINITY);
-    for (int32_t t0 = 0; t0 < n_all;) {
+    for (int32_t t0 = 0; t0 <= p0;) {
         const int32_t column = t0 % block_size;
-        const int32_t nt = block_size - column < n_all - t0 ? block_size - column : n_all - t0;
+        const int32_t nt = block_size - column < p0 + 1 - t0 ? block_size - column : p0 + 1 - t0;
         const float *k = (const float *)lmd_kvseq_k_block(seq, l, t0) + (int64_t)kv_offset * block_size + column;
         for (int32_t j = 0; j < nt; j++) {
-            vf acc = (vf){0};
-            for (int d = 0; d < hs; d++) acc += k[(int64_t)d * block_size + j] * qt[d];
-            vf s = acc * scale;
-            const int32_t t = t0 + j;
-            if (t > p0) s = vselect(lane < t - p0, vbroadcast(-INFINITY), s); /* queries before t */
-            vstore(weights + (int64_t)t * TILE_QUERIES, s);
+            const vf s = tile_score(k + j, block_size, qt, hs, scale);
+            vstore(weights + (int64_t)(t0 + j) * TILE_QUERIES, s);
             most = vmax(most, s);
         }
         t0 += nt;
+    }
+    for (int32_t t = p0 + 1; t < n_all; t++) {
+        const float *k = (const float *)lmd_kvseq_key(seq, l, t, kv_offset);
+        const vf s = vselect(lane < t - p0, vbroadcast(-INFINITY), tile_score(k, block_size, qt, hs, scale));
+        vstore(weights + (int64_t)t * TILE_QUERIES, s);
+        most = vmax(most, s);
     }
 
     /* exponentials, their sums and the value sums, set by set (a set's positions are every
