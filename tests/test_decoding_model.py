@@ -162,6 +162,75 @@ def test_scoring_runs_in_engine_chunks_without_a_whole_logits_array():
                                   ld.sequence_logprob(full[len(context) - 1 : -1], continuation).token_logprobs)
 
 
+def test_forward_writes_logits_into_out(stories):
+    """forward(out=...) fills the caller's array and returns views of it; an array of the wrong
+    type, dtype, shape or layout, or a read-only one, is refused naming `out` before the cache
+    changes."""
+    toks = PROMPT + [432, 261]
+    want = stories.logits(toks)
+    out = np.full((len(toks), stories.config.vocab_size), np.nan, dtype=np.float32)
+    got = stories.forward(toks, stories.new_cache(), logits="all", out=out)
+    assert np.shares_memory(got, out)
+    np.testing.assert_array_equal(out, want)
+    rows = stories.forward(toks, stories.new_cache(), logits=np.array([0, 4]), out=out[:2])
+    np.testing.assert_array_equal(rows, want[[0, 4]])
+    readonly = np.zeros_like(out)
+    readonly.flags.writeable = False
+    for bad, error in [(np.zeros(out.shape), ValueError), (out[:-1], ValueError), (np.zeros(out.shape[::-1], np.float32).T, ValueError),
+                       (readonly, ValueError), (out.tolist(), TypeError)]:
+        cache = stories.new_cache()
+        with pytest.raises(error, match="out"):
+            stories.forward(toks, cache, logits="all", out=bad)
+        assert len(cache) == 0
+
+
+def test_scoring_keeps_its_cache_and_logits_between_calls_without_mixing_them(stories):
+    """sequence_logprob, perplexity and logits reuse one KV cache and one logits buffer per
+    model and thread (fresh memory every call cost page faults): later calls, calls from other
+    threads at the same time, and a call after an interrupted one (its fork still alive) give
+    what a model that never scored before gives."""
+    import threading
+
+    rng = np.random.default_rng(11)
+    cases = [([1] + [int(t) for t in rng.integers(3, 512, size=n)], [int(t) for t in rng.integers(3, 512, size=m)])
+             for n, m in [(3, 300), (200, 5), (40, 120), (1, 510)]]
+
+    def fresh_results():
+        model = ld.Model.load(MODELS / "stories260K.bin", kv_dtype=stories.kv_dtype)
+        return [model.sequence_logprob(c, x).token_logprobs for c, x in cases]
+
+    want = fresh_results()
+    got = [stories.sequence_logprob(c, x).token_logprobs for c, x in cases]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    kept = stories._scoring_scratch.cache
+    assert kept is not None
+    stories.perplexity(cases[0][0] + cases[0][1], window=128, stride=64, progress=False)
+    stories.logits(cases[1][0])
+    assert stories._scoring_scratch.cache is kept  # one cache served every call
+    # a fork left alive (as by an interrupted call): the next call takes a new cache
+    held = kept.fork()
+    np.testing.assert_array_equal(stories.sequence_logprob(*cases[2]).token_logprobs, want[2])
+    assert stories._scoring_scratch.cache is not kept
+    del held
+    errors = []
+
+    def score(k):
+        try:
+            for i in range(6):
+                c, x = cases[(k + i) % len(cases)]
+                np.testing.assert_array_equal(stories.sequence_logprob(c, x).token_logprobs, want[(k + i) % len(cases)])
+        except AssertionError as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=score, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
 @pytest.fixture(scope="module")
 def model_60mb():
     """A random 60 MB Llama (dim 512, 4 layers) with a 4096-token context: about a millisecond

@@ -1414,20 +1414,21 @@ static PyObject *EngineKVSeq_fork(EngineKVSeqObject *self, PyObject *noargs) {
     return (PyObject *)child;
 }
 
-/* model_forward(model, seqs, tokens, token_seq, logit_index) -> float32 (n_logits, vocab) */
+/* model_forward(model, seqs, tokens, token_seq, logit_index, out=None) -> float32 (n_logits, vocab):
+ * a new array, or out (a C-contiguous, writable float32 array of that shape) filled */
 static PyObject *py_model_forward(PyObject *self, PyObject *args, PyObject *kwds) {
     (void)self;
-    static char *kwlist[] = {"model", "seqs", "tokens", "token_seq", "logit_index", NULL};
+    static char *kwlist[] = {"model", "seqs", "tokens", "token_seq", "logit_index", "out", NULL};
     EngineModelObject *model;
-    PyObject *seqs_arg, *tokens_arg, *token_seq_arg, *logit_index_arg;
+    PyObject *seqs_arg, *tokens_arg, *token_seq_arg, *logit_index_arg, *out_arg = Py_None;
     PyObject *seqs_fast = NULL;
     PyArrayObject *tokens = NULL, *token_seq = NULL, *logit_index = NULL, *logits = NULL;
     lmd_kvseq **seq_ptrs = NULL;
     EngineKVPoolObject *pool = NULL;
     lmd_error err = {{0}};
     lmd_status st;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OOOO", kwlist, &EngineModelType, &model, &seqs_arg,
-                                     &tokens_arg, &token_seq_arg, &logit_index_arg))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OOOO|O", kwlist, &EngineModelType, &model, &seqs_arg,
+                                     &tokens_arg, &token_seq_arg, &logit_index_arg, &out_arg))
         return NULL;
     if (model->model == NULL) {
         PyErr_SetString(PyExc_ValueError, "model is not initialised");
@@ -1482,8 +1483,26 @@ static PyObject *py_model_forward(PyObject *self, PyObject *args, PyObject *kwds
     }
     {
         npy_intp dims[2] = {PyArray_DIM(logit_index, 0), model->model->config.vocab_size};
-        logits = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
-        if (logits == NULL) goto fail;
+        if (out_arg == Py_None) {
+            logits = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+            if (logits == NULL) goto fail;
+        } else {
+            if (!PyArray_Check(out_arg)) {
+                PyErr_Format(PyExc_TypeError, "out must be a NumPy array, not %.100s", Py_TYPE(out_arg)->tp_name);
+                goto fail;
+            }
+            logits = (PyArrayObject *)out_arg;
+            if (PyArray_TYPE(logits) != NPY_FLOAT32 || !PyArray_IS_C_CONTIGUOUS(logits) ||
+                !PyArray_ISWRITEABLE(logits) || !PyArray_ISALIGNED(logits) || PyArray_NDIM(logits) != 2 ||
+                PyArray_DIM(logits, 0) != dims[0] || PyArray_DIM(logits, 1) != dims[1]) {
+                PyErr_Format(PyExc_ValueError,
+                             "out must be a writable, C-contiguous float32 array of shape (%zd, %zd)",
+                             (Py_ssize_t)dims[0], (Py_ssize_t)dims[1]);
+                logits = NULL;
+                goto fail;
+            }
+            Py_INCREF(logits);
+        }
     }
     engine_lock(model->lock);
     engine_lock(pool->lock);
@@ -1881,7 +1900,7 @@ static PyMethodDef core_methods[] = {
      "target_logprobs(logits (T, V), targets (T,)) -> log softmax(logits[t])[targets[t]] (T,) float32."},
     /* model bindings */
     {"model_forward", (PyCFunction)(void (*)(void))py_model_forward, METH_VARARGS | METH_KEYWORDS,
-     "model_forward(model, seqs, tokens, token_seq, logit_index) -> logits (n_logits, vocab)."},
+     "model_forward(model, seqs, tokens, token_seq, logit_index, out=None) -> logits (n_logits, vocab)."},
     {"quantize_q8_0", py_quantize_q8_0, METH_O, "float32 (rows, cols) -> q8_0 storage uint8 (rows, cols/32*34)."},
     {"pack_q8_0", py_pack_q8_0, METH_O, "llama.cpp q8_0 blocks uint8 (rows, cols/32*34) -> q8_0 storage."},
     {"dequantize_q8_0", py_dequantize_q8_0, METH_O, "q8_0 storage uint8 (rows, cols/32*34) -> float32 (rows, cols)."},

@@ -49,6 +49,7 @@ per model and per pool serialises their calls (the GIL is released while the eng
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -168,6 +169,7 @@ class Model(DecodingMixin):
                                                 "rope_theta", "rope_layout")}
         self._engine = _core.Model(engine_config, arrays, max_batch)
         self._max_batch = max_batch  # tokens per engine pass (longer inputs run in chunks)
+        self._scoring_scratch = threading.local()  # each thread's reused scoring logits (decoding.py)
         self._gguf_metadata = gguf_metadata  # a GGUF file's tokenizer.* values, for the tokenizer
         self.path = Path(path) if path is not None else None
         self.tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else None
@@ -254,19 +256,22 @@ class Model(DecodingMixin):
         if cache._model is not self:
             raise ValueError(f"{name} was created by a different model")
 
-    def forward(self, tokens, cache: KVCache, *, logits="last") -> np.ndarray:
+    def forward(self, tokens, cache: KVCache, *, logits="last", out=None) -> np.ndarray:
         """Append tokens to the cached sequence and return logits.
 
         logits: "last" -> (vocab,) of the last token; "all" -> (len(tokens), vocab); an int array
-        of indices into tokens -> (len(indices), vocab); None -> empty (vocab-less) result."""
-        return self.forward_batch([tokens], [cache], logits=logits)[0]
+        of indices into tokens -> (len(indices), vocab); None -> empty (vocab-less) result.
+        out: a writable, C-contiguous float32 array of shape (rows asked for, vocab) to write the
+        logits into (the result is then a view of it), instead of a new array."""
+        return self.forward_batch([tokens], [cache], logits=logits, out=out)[0]
 
-    def forward_batch(self, token_lists, caches, *, logits="last") -> list:
+    def forward_batch(self, token_lists, caches, *, logits="last", out=None) -> list:
         """One engine pass over several sequences' new tokens (each weight matrix read once).
 
         All caches must come from one pool (the same new_cache() and its forks) or be the only
         cache of their pool... precisely: one call, one pool. Returns one logits array per sequence,
-        shaped as in :meth:`forward`."""
+        shaped as in :meth:`forward`; with out (as in :meth:`forward`, all sequences' rows in
+        order), views of it."""
         if len(token_lists) != len(caches):
             raise ValueError(f"{len(token_lists)} token lists but {len(caches)} caches")
         if len(caches) == 0:
@@ -299,7 +304,7 @@ class Model(DecodingMixin):
             if any(p is not pools[0] for p in pools):
                 raise ValueError("all caches of one forward_batch call must share a pool (forks of one new_cache())")
         out = _core.model_forward(self._engine, [c._seq for c in caches], np.concatenate(arrays),
-                                  np.concatenate(seq_index), np.concatenate(logit_index))
+                                  np.concatenate(seq_index), np.concatenate(logit_index), out)
         results, at = [], 0
         for n in splits:
             part = out[at:at + n]
@@ -312,8 +317,7 @@ class Model(DecodingMixin):
         arr = self._tokens("tokens", tokens)
         if arr.size > self.config.context_length:
             raise ValueError(f"tokens has {arr.size} positions, more than the context length {self.config.context_length}")
-        cache = self.new_cache(arr.size, block_size=_SCORING_BLOCK)
-        return self.forward(arr, cache, logits="all")
+        return self.forward(arr, self._scoring_cache(arr.size), logits="all")
 
     def __repr__(self) -> str:
         c = self.config
