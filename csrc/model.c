@@ -634,12 +634,13 @@ static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, c
  * bit-identical to token-by-token decoding. A 511-token stories260K pass (one thread):
  * 5.5-6.0 -> 4.5-5.1 ms; a model with 16-feature heads 10.9 -> 10.5 ms. */
 
-// TILE_QUERIES tokens b.. of the chunk: one sequence, consecutive positions
-static int tokens_form_tile(const lmd_model *m, const int32_t *token_seq, int b, int b_end) {
-    if (b + TILE_QUERIES > b_end) return 0;
-    for (int i = 1; i < TILE_QUERIES; i++)
-        if (token_seq[b + i] != token_seq[b] || m->pos[b + i] != m->pos[b] + i) return 0;
-    return 1;
+// how many of the chunk's tokens b.. (at most TILE_QUERIES, before b_end) belong to b's
+// sequence at consecutive positions
+static int tile_tokens_from(const lmd_model *m, const int32_t *token_seq, int b, int b_end) {
+    int n = 1;
+    while (n < TILE_QUERIES && b + n < b_end && token_seq[b + n] == token_seq[b] && m->pos[b + n] == m->pos[b] + n)
+        n++;
+    return n;
 }
 
 // the scores of a tile's queries (qt[d][i]: feature d of query i) and one position's key (feature
@@ -660,23 +661,26 @@ static inline __attribute__((always_inline)) vf tile_score(const float *k, int64
         }                                                                                          \
     } while (0)
 
-// the attention of the TILE_QUERIES tokens b.. (positions p0, p0 + 1, ...) of seq (f32) in
-// query head h: q (B,Q) -> att_out (B,Q); buffer (TILE_QUERIES, scores_stride) floats, the
-// unit's scores
+// the attention of the nq (<= TILE_QUERIES) tokens b.. (positions p0, p0 + 1, ...) of seq
+// (f32) in query head h: q (B,Q) -> att_out (B,Q); buffer (TILE_QUERIES, scores_stride)
+// floats, the unit's scores. Lanes from nq on hold zero queries, over the positions that
+// exist, and are dropped.
 static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m, const lmd_kvseq *seq, int b,
-                                                                    int h, int32_t l, float *buffer, const int hs) {
+                                                                    int nq, int h, int32_t l, float *buffer,
+                                                                    const int hs) {
     const lmd_config *c = &m->config;
     const int64_t Q = (int64_t)c->n_heads * hs;
     const float scale = 1.0f / sqrtf((float)hs);
     const int32_t block_size = seq->pool->block_size;
     const int kv_offset = (h / (c->n_heads / c->n_kv_heads)) * hs;
-    const int32_t p0 = m->pos[b], n_all = p0 + TILE_QUERIES;
+    const int32_t p0 = m->pos[b], n_all = p0 + nq;
     float *weights = buffer; /* (n_all <= scores_stride, TILE_QUERIES): position t's scores */
     vi lane;
     for (int i = 0; i < TILE_QUERIES; i++) lane[i] = i;
     vf qt[TILE_MAX_HEAD]; /* qt[d][i]: feature d of query i */
     for (int d = 0; d < hs; d++)
-        for (int i = 0; i < TILE_QUERIES; i++) qt[d][i] = m->q[(int64_t)(b + i) * Q + (int64_t)h * hs + d];
+        for (int i = 0; i < TILE_QUERIES; i++)
+            qt[d][i] = i < nq ? m->q[(int64_t)(b + i) * Q + (int64_t)h * hs + d] : 0.0f;
 
     /* scores and their maximum: the positions every query sees block by block (keys
      * feature-major: feature d of the block's column j at k + d * block_size + j), then the
@@ -750,7 +754,7 @@ static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m
             for (int d = 0; d < hs; d++) sets[set][d] += sets[set + width / 2][d];
     for (int d = 0; d < hs; d++) {
         const vf total = sets[0][d] * inv_sum;
-        for (int i = 0; i < TILE_QUERIES; i++) m->att_out[(int64_t)(b + i) * Q + (int64_t)h * hs + d] = total[i];
+        for (int i = 0; i < nq; i++) m->att_out[(int64_t)(b + i) * Q + (int64_t)h * hs + d] = total[i];
     }
 }
 
@@ -769,10 +773,15 @@ static inline __attribute__((always_inline)) void attend_unit_sized(lmd_model *m
     const int tile_heads = heads < SCORE_QUERIES ? heads : SCORE_QUERIES;
     const int tile_tokens = SCORE_QUERIES / tile_heads;
     for (int b = b_begin; b < b_end;) {
-        if (query_tiles_apply(hs, f16) && tokens_form_tile(m, token_seq, b, b_end)) {
-            for (int h = h_begin; h < h_end; h++) attend_query_tile(m, seqs[token_seq[b]], b, h, l, scores_buffer, hs);
-            b += TILE_QUERIES;
-            continue;
+        if (query_tiles_apply(hs, f16)) {
+            /* tiles at least half full: a decode's lone token keeps to attend_queries */
+            const int nq = tile_tokens_from(m, token_seq, b, b_end);
+            if (2 * nq >= TILE_QUERIES) {
+                for (int h = h_begin; h < h_end; h++)
+                    attend_query_tile(m, seqs[token_seq[b]], b, nq, h, l, scores_buffer, hs);
+                b += nq;
+                continue;
+            }
         }
         int nt = 1;
         while (nt < tile_tokens && b + nt < b_end && token_seq[b + nt] == token_seq[b]) nt++;

@@ -368,6 +368,26 @@ def test_attention_is_bit_identical_for_any_split_and_head_size(head_dim):
         lmdecode.set_num_threads(old)
 
 
+def test_part_filled_query_tiles_in_a_batch_of_sequences():
+    """Sequences prefilled together in one forward_batch, on one and two threads: prompts of 9,
+    12 and 15 tokens fill query tiles in part (the rest of their lanes dropped), 30 tokens one
+    and a part, 3 tokens none; the logits equal each prompt's own prefill bit for bit."""
+    rng = np.random.default_rng(5)
+    model = _one_layer_llama(rng, n_heads=2, n_kv_heads=1, head_dim=8, context=64)
+    prompts = [rng.integers(0, V_SMALL, n) for n in (12, 9, 15, 30, 3)]
+    alone = [model.forward(p, model.new_cache(), logits="all") for p in prompts]
+    old = lmdecode.get_num_threads()
+    try:
+        for threads in (1, 2):  # two threads cut the tokens between them (one kv head)
+            lmdecode.set_num_threads(threads)
+            root = model.new_cache(capacity=160)
+            got = model.forward_batch(prompts, [root] + [root.fork() for _ in prompts[1:]], logits="all")
+            for i, (g, a) in enumerate(zip(got, alone)):
+                np.testing.assert_array_equal(g, a, err_msg=f"prompt {i}, {threads} threads")
+    finally:
+        lmdecode.set_num_threads(old)
+
+
 @pytest.mark.parametrize("head_dim", [8, 16])
 def test_query_tiles_never_read_later_positions(head_dim):
     """A token whose value overflows to inf (its embedding's feature 0 times a huge weight) turns
