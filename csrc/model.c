@@ -619,9 +619,9 @@ static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, c
 /* Query tiles, for heads of 8 or 16 features (stories260K's are 8) in a prefill.
  * attend_queries keeps positions in the lanes; with heads this small its value sums are
  * half-width (8 features) and each query's softmax, ~16 vectors, too short to hide its
- * latencies. A tile holds LMD_VEC_LANES consecutive tokens of one sequence in one query
- * head, one query per lane: every step is a full vector across the queries, and a key or
- * value feature is one broadcast. Each query's arithmetic is attend_queries', in its order:
+ * latencies. A tile holds up to LMD_VEC_LANES consecutive tokens of one sequence in one
+ * query head, one query per lane: every step is a full vector across the queries, and a key
+ * or value feature is one broadcast. Each query's arithmetic is attend_queries', in its order:
  *   scores   per position, one multiply-add chain over the features from 0, then * scale;
  *   softmax  the maximum (exact in any order), e^(s - max), and the sum adding position t
  *            into partial t % LANES in order of t, the partials then by vhsum's tree
@@ -632,7 +632,7 @@ static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, c
  * an exact 0 (a positive sum plus 0 is unchanged), and are masked out of its value sums (a
  * 0 weight times a value that overflowed to inf would be NaN). So a prefill stays
  * bit-identical to token-by-token decoding. A 511-token stories260K pass (one thread):
- * 5.5-6.0 -> 4.5-5.1 ms; a model with 16-feature heads 10.9 -> 10.5 ms. */
+ * 5.5-6.0 -> 4.2-4.4 ms; a model with 16-feature heads 10.9 -> 10.5 ms. */
 
 // how many of the chunk's tokens b.. (at most TILE_QUERIES, before b_end) belong to b's
 // sequence at consecutive positions
@@ -652,14 +652,16 @@ static inline __attribute__((always_inline)) vf tile_score(const float *k, int64
     return acc * scale;
 }
 
-#define ADD_TO_PARTIAL(p)                                                                          \
-    do {                                                                                           \
-        into += (p);                                                                               \
-        if (TILE_QUERIES != TILE_VALUE_SETS) {                                                     \
-            const vf next = other;                                                                 \
-            other = into, into = next, count++;                                                    \
-        }                                                                                          \
-    } while (0)
+// adds one position's exponentials p into the softmax partial `into` of a set of positions;
+// with 16 lanes the set's positions alternate between two partials, so the two swap (count
+// says how many times)
+static inline __attribute__((always_inline)) void add_to_partial(vf *into, vf *other, int32_t *count, vf p) {
+    *into += p;
+    if (TILE_QUERIES != TILE_VALUE_SETS) {
+        const vf next = *other;
+        *other = *into, *into = next, ++*count;
+    }
+}
 
 // the attention of the nq (<= TILE_QUERIES) tokens b.. (positions p0, p0 + 1, ...) of seq
 // (f32) in query head h: q (B,Q) -> att_out (B,Q); buffer (TILE_QUERIES, scores_stride)
@@ -724,7 +726,7 @@ static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m
             for (int32_t j = (set - t0 % TILE_VALUE_SETS + TILE_VALUE_SETS) % TILE_VALUE_SETS; j < nt;
                  j += TILE_VALUE_SETS) {
                 const vf p = vexp_nonpositive(vload(weights + (int64_t)(t0 + j) * TILE_QUERIES) - most);
-                ADD_TO_PARTIAL(p);
+                add_to_partial(&into, &other, &count, p);
                 const float *vt = v + (int64_t)j * hs;
                 for (int d = 0; d < hs; d++) acc[d] += vt[d] * p;
             }
@@ -733,7 +735,7 @@ static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m
         for (int32_t t = p0 + 1 + (set - (p0 + 1) % TILE_VALUE_SETS + TILE_VALUE_SETS) % TILE_VALUE_SETS; t < n_all;
              t += TILE_VALUE_SETS) {
             const vf p = vexp_nonpositive(vload(weights + (int64_t)t * TILE_QUERIES) - most); /* 0 where masked */
-            ADD_TO_PARTIAL(p);
+            add_to_partial(&into, &other, &count, p);
             const float *vt = (const float *)lmd_kvseq_value(seq, l, t, kv_offset);
             const vi seen = lane >= t - p0;
             for (int d = 0; d < hs; d++) acc[d] = vselect(seen, acc[d] + vt[d] * p, acc[d]);
