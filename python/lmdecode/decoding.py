@@ -71,7 +71,7 @@ class DecodingMixin:
         arr = np.asarray(text_or_tokens)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise TypeError(f"{name} must be a str or a 1-D sequence of token ids")
-        return [int(t) for t in arr]
+        return arr.tolist()  # Python ints (a loop of int() over NumPy scalars took ~45 us per 511 ids)
 
     def _continuation_tokens(self, context: Any, ctx: list[int], continuation: Any) -> list[int]:
         # see sequence_logprob: the lm-evaluation-harness split of a text continuation
@@ -145,7 +145,8 @@ class DecodingMixin:
             token_logprobs = [_sequence_logprob(first[None, :], np.asarray(cont[:1])).token_logprobs]
             if len(cont) > 1:
                 branch = cache.fork()
-                token_logprobs.append(self._prefill_target_logprobs(cont[:-1], cont[1:], branch))
+                ids = np.asarray(cont)  # converted once, not per engine pass and per use
+                token_logprobs.append(self._prefill_target_logprobs(ids[:-1], ids[1:], branch))
                 del branch
             lp = np.concatenate(token_logprobs)
             scores.append(SequenceScore(float(lp.sum()), lp, tuple(cont)))
