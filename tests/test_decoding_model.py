@@ -203,15 +203,15 @@ def test_scoring_keeps_its_cache_and_logits_between_calls_without_mixing_them(st
     got = [stories.sequence_logprob(c, x).token_logprobs for c, x in cases]
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
-    kept = stories._scoring_scratch.cache
+    kept = stories._scoring_scratch.seq
     assert kept is not None
     stories.perplexity(cases[0][0] + cases[0][1], window=128, stride=64, progress=False)
     stories.logits(cases[1][0])
-    assert stories._scoring_scratch.cache is kept  # one cache served every call
+    assert stories._scoring_scratch.seq is kept  # one cache served every call
     # a fork left alive (as by an interrupted call): the next call takes a new cache
     held = kept.fork()
     np.testing.assert_array_equal(stories.sequence_logprob(*cases[2]).token_logprobs, want[2])
-    assert stories._scoring_scratch.cache is not kept
+    assert stories._scoring_scratch.seq is not kept
     del held
     errors = []
 
@@ -229,6 +229,24 @@ def test_scoring_keeps_its_cache_and_logits_between_calls_without_mixing_them(st
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+def test_a_scored_model_is_freed_with_its_last_reference():
+    """The kept scoring buffers hold no reference to the model: dropping it frees its weights
+    at once, not at some later garbage collection."""
+    import gc
+    import weakref
+
+    model = ld.Model.load(MODELS / "stories260K.bin")
+    model.sequence_logprob(PROMPT, [432, 261])
+    model.perplexity(PROMPT * 20, window=64, progress=False)
+    gone = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 @pytest.fixture(scope="module")

@@ -186,23 +186,28 @@ class DecodingMixin:
     def _scoring_cache(self, capacity: int):
         """An empty cache of _SCORING_BLOCK-position blocks with room for capacity positions:
         this thread's kept one when it is free and big enough, else a new one (kept if it holds
-        at most _SCORING_SCRATCH_BYTES). Its forks must be gone before the next call."""
+        at most _SCORING_SCRATCH_BYTES). Its forks must be gone before the next call. The engine
+        sequence is kept, not the KVCache, which refers to the model: a model's memory goes
+        when its last reference does, not at a later garbage collection."""
+        from .model import KVCache
+
         cfg = self.config
         n_blocks = -(-capacity // _SCORING_BLOCK)
         scratch = self._scoring_scratch
-        kept = getattr(scratch, "cache", None)
-        if kept is not None and kept.kv_dtype == self.kv_dtype:
+        kept = getattr(scratch, "seq", None)
+        if kept is not None and kept.pool.kv_dtype == self.kv_dtype:
             kept.truncate(0)
-            if kept.free_blocks >= n_blocks and kept.free_blocks == kept._seq.pool.n_blocks:
-                return kept
+            if kept.pool.free_blocks >= n_blocks and kept.pool.free_blocks == kept.pool.n_blocks:
+                return KVCache(kept, self)
         # a kept cache is as long as the context allows, so that one serves every later call
         n_blocks = max(n_blocks, -(-cfg.context_length // _SCORING_BLOCK))
         position_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * (2 if self.kv_dtype == "f16" else 4)
         if n_blocks * _SCORING_BLOCK * position_bytes > _SCORING_SCRATCH_BYTES:
-            scratch.cache = None
+            scratch.seq = None
             return self.new_cache(capacity, block_size=_SCORING_BLOCK)
-        scratch.cache = self.new_cache(n_blocks * _SCORING_BLOCK, block_size=_SCORING_BLOCK)
-        return scratch.cache
+        cache = self.new_cache(n_blocks * _SCORING_BLOCK, block_size=_SCORING_BLOCK)
+        scratch.seq = cache._seq
+        return cache
 
     def _scoring_logits(self, rows) -> np.ndarray | None:
         """(len(rows), vocab) of this thread's reused scoring buffer, or None (forward allocates)

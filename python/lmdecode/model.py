@@ -169,7 +169,7 @@ class Model(DecodingMixin):
                                                 "rope_theta", "rope_layout")}
         self._engine = _core.Model(engine_config, arrays, max_batch)
         self._max_batch = max_batch  # tokens per engine pass (longer inputs run in chunks)
-        self._scoring_scratch = threading.local()  # each thread's reused scoring logits (decoding.py)
+        self._scoring_scratch = threading.local()  # each thread's kept scoring cache and logits (decoding.py)
         self._gguf_metadata = gguf_metadata  # a GGUF file's tokenizer.* values, for the tokenizer
         self.path = Path(path) if path is not None else None
         self.tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else None
