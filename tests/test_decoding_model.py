@@ -231,6 +231,23 @@ def test_scoring_keeps_its_cache_and_logits_between_calls_without_mixing_them(st
     assert not errors, errors[0]
 
 
+def test_default_max_batch_follows_the_run_state_budget():
+    """Without max_batch, a model takes 256 tokens per engine pass, or more while a pass's run
+    state stays within 4 MB (capped by the context length and 1024): stories260K's 511-token
+    scoring is then one pass. max_batch given is kept."""
+    from lmdecode.model import default_max_batch
+
+    assert ld.Model.load(MODELS / "stories260K.bin")._max_batch == 512
+    assert ld.Model.load(MODELS / "stories260K.bin", max_batch=100)._max_batch == 100
+    llama_110m = dict(dim=768, hidden_dim=2048, n_heads=12, n_kv_heads=12, head_dim=64, context_length=2048)
+    assert default_max_batch(llama_110m) == 256  # 37 kB a token
+    tiny = dict(dim=64, hidden_dim=172, n_heads=8, n_kv_heads=4, head_dim=8)
+    assert default_max_batch({**tiny, "context_length": 4096}) == 1024
+    assert default_max_batch({**tiny, "context_length": 100}) == 256
+    middling = dict(dim=256, hidden_dim=688, n_heads=4, n_kv_heads=4, head_dim=64, context_length=4096)
+    assert default_max_batch(middling) == (4 << 20) // (4 * (3 * 256 + 2 * 8 * 64 + 2 * 688 + 64)) == 324
+
+
 def test_a_scored_model_is_freed_with_its_last_reference():
     """The kept scoring buffers hold no reference to the model: dropping it frees its weights
     at once, not at some later garbage collection."""

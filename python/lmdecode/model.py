@@ -133,6 +133,23 @@ class KVCache:
 
 KV_DTYPES = ("f32", "f16")
 
+# Tokens per engine pass when max_batch is not given: 256, or more (up to the context length and
+# 1024) while the run state of a pass (activations of every token, float32) stays within
+# RUN_STATE_BUDGET bytes. stories260K (2.9 kB a token) takes 512, so that scoring its 511-token
+# windows is one pass, not two (on two threads each pass's ~60 parallel regions and its Python
+# calls weigh: -5 to -7%); the 110M Llama (37 kB a token) keeps 256.
+DEFAULT_MAX_BATCH = 256
+RUN_STATE_BUDGET = 4 << 20
+
+
+def default_max_batch(config: dict) -> int:
+    """max_batch for an engine config (dim, hidden_dim, n_heads, n_kv_heads, head_dim,
+    context_length): see RUN_STATE_BUDGET."""
+    hs = config["head_dim"]
+    per_token = 4 * (3 * config["dim"] + 2 * (config["n_heads"] + config["n_kv_heads"]) * hs
+                     + 2 * config["hidden_dim"] + hs)
+    return max(DEFAULT_MAX_BATCH, min(config["context_length"], 1024, RUN_STATE_BUDGET // per_token))
+
 
 def _check_kv_dtype(kv_dtype) -> str:
     if kv_dtype not in KV_DTYPES:
@@ -152,13 +169,13 @@ class Model(DecodingMixin):
     Decoding methods (generate, beam_search, sequence_logprob, perplexity, tokenizer) come from
     :class:`lmdecode.decoding.DecodingMixin`."""
 
-    def __init__(self, config: dict, tensors: dict, *, dtype: str | None = None, max_batch: int = 256,
+    def __init__(self, config: dict, tensors: dict, *, dtype: str | None = None, max_batch: int | None = None,
                  kv_dtype: str = "f32", path=None, tokenizer_path=None, vocab=None, gguf_metadata=None):
         self.kv_dtype = _check_kv_dtype(kv_dtype)  # the caches' storage (new_cache, generate, scoring)
         storage = dtype if dtype is not None else loaders.default_storage(tensors)
         if storage not in loaders.STORAGE_DTYPES:
             raise ValueError(f"dtype (={dtype!r}) must be one of {', '.join(loaders.STORAGE_DTYPES)}")
-        max_batch = _as_int("max_batch", max_batch)
+        max_batch = default_max_batch(config) if max_batch is None else _as_int("max_batch", max_batch)
         if not 1 <= max_batch <= 65536:
             raise ValueError(f"max_batch (={max_batch}) must be in [1, 65536]")
         arrays = loaders.to_storage(tensors, storage)
@@ -178,7 +195,7 @@ class Model(DecodingMixin):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def load(cls, path, *, tokenizer=None, dtype: str | None = None, max_batch: int = 256,
+    def load(cls, path, *, tokenizer=None, dtype: str | None = None, max_batch: int | None = None,
              kv_dtype: str = "f32") -> "Model":
         """Load a llama2.c ``.bin``, a GGUF file or a Hugging Face checkpoint directory.
 
@@ -213,7 +230,7 @@ class Model(DecodingMixin):
                    tokenizer_path=tokenizer_path, vocab=vocab, gguf_metadata=gguf_metadata)
 
     @classmethod
-    def from_numpy(cls, config: dict, weights: dict, *, dtype: str | None = None, max_batch: int = 256,
+    def from_numpy(cls, config: dict, weights: dict, *, dtype: str | None = None, max_batch: int | None = None,
                    kv_dtype: str = "f32") -> "Model":
         """A model from a Hugging Face config dict (``config.json`` keys, with ``architectures`` or
         ``model_type``) and parameter arrays under their Hugging Face names (float32 arrays are
