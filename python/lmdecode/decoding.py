@@ -134,6 +134,14 @@ class DecodingMixin:
         longest = max(len(c) for c in conts)
         if len(ctx) + longest > self.config.context_length:
             raise ValueError(f"context ({len(ctx)} tokens) + continuation ({longest}) exceed the context length {self.config.context_length}")
+        if not batch and conts[0]:
+            # one continuation: context and continuation in one pass, scored from the context's
+            # last position on (the shared context below costs an engine call of its own, a
+            # fork and a second scoring call: ~1% of a stories260K 511-token call)
+            cont = conts[0]
+            ids = np.asarray(ctx + cont)
+            lp = self._prefill_target_logprobs(ids[:-1], ids[1:], self._scoring_cache(len(ids)), skip=len(ctx) - 1)
+            return SequenceScore(float(lp.sum()), lp, tuple(cont))
         cache = self._scoring_cache(len(ctx) + longest + 2 * _SCORING_BLOCK * len(conts))
         first = self.forward(ctx, cache, logits="last")  # predicts the first continuation token
         scores = []
