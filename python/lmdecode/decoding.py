@@ -116,11 +116,11 @@ class DecodingMixin:
         return beam_search(self, prompt, **kwargs)
 
     def sequence_logprob(self, context: Any, continuation: Any) -> SequenceScore | list[SequenceScore]:
-        """log p(continuation | context) in one prefill pass per continuation.
+        """log p(continuation | context) in one prefill pass over context + continuation.
 
         context: text (encoded with BOS) or token ids; continuation: text or token ids,
         or a list of those (the context is then prefilled once and its cache shared by
-        every continuation). A text continuation after a text context is tokenized as
+        every continuation, each scored in one pass of its own). A text continuation after a text context is tokenized as
         lm-evaluation-harness does: encode context + continuation and keep the tokens
         after the context's own (so " there" is one token, not a dummy-prefix space
         followed by " there"); if the joint encoding does not start with the context's,
