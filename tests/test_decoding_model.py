@@ -176,7 +176,8 @@ def test_forward_writes_logits_into_out(stories):
     np.testing.assert_array_equal(rows, want[[0, 4]])
     readonly = np.zeros_like(out)
     readonly.flags.writeable = False
-    for bad, error in [(np.zeros(out.shape), ValueError), (out[:-1], ValueError), (np.zeros(out.shape[::-1], np.float32).T, ValueError),
+    transposed = np.zeros(out.shape[::-1], np.float32).T
+    for bad, error in [(np.zeros(out.shape), ValueError), (out[:-1], ValueError), (transposed, ValueError),
                        (readonly, ValueError), (out.tolist(), TypeError)]:
         cache = stories.new_cache()
         with pytest.raises(error, match="out"):

@@ -120,8 +120,9 @@ class DecodingMixin:
 
         context: text (encoded with BOS) or token ids; continuation: text or token ids,
         or a list of those (the context is then prefilled once and its cache shared by
-        every continuation, each scored in one pass of its own). A text continuation after a text context is tokenized as
-        lm-evaluation-harness does: encode context + continuation and keep the tokens
+        every continuation, each scored in one pass of its own). A text continuation
+        after a text context is tokenized as lm-evaluation-harness does: encode
+        context + continuation and keep the tokens
         after the context's own (so " there" is one token, not a dummy-prefix space
         followed by " there"); if the joint encoding does not start with the context's,
         the continuation is encoded alone, without BOS.
