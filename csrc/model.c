@@ -763,8 +763,8 @@ static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m
 // one work unit: query heads [h_begin, h_end) of one kv group for the chunk's tokens
 // [b_begin, b_end), in tiles of up to SCORE_QUERIES queries: neighbouring tokens of one
 // sequence times the group's heads (GQA's heads share their keys and values; so do a
-// prefill's tokens); heads of 8 or 16 features by query tiles wherever LANES consecutive
-// tokens of one sequence allow. Inlined per usual head size (see attend_unit) so the value
+// prefill's tokens); heads of 8 or 16 features by query tiles wherever consecutive tokens
+// of one sequence fill at least half of one. Inlined per usual head size (see attend_unit) so the value
 // sums' loops have constant trip counts.
 static inline __attribute__((always_inline)) void attend_unit_sized(lmd_model *m, lmd_kvseq *const *seqs,
                                                                     const int32_t *token_seq, int b_begin,

@@ -33,7 +33,8 @@ _SCORING_SCRATCH_BYTES = 8 << 20
 
 
 class DecodingMixin:
-    """Mixed into Model: needs ``config``, ``kv_dtype``, ``_engine``, ``forward``, ``new_cache``, ``logits``."""
+    """Mixed into Model: needs ``config``, ``kv_dtype``, ``_engine``, ``forward``, ``new_cache``, ``_new_pool``,
+    ``logits``."""
 
     # ------------------------------------------------------------------ text
 
@@ -85,9 +86,7 @@ class DecodingMixin:
 
     def _pool(self, positions: int):
         """A KV pool with room for `positions` positions (plus one block per copy-on-write)."""
-        cfg = self.config
-        n_blocks = max(1, math.ceil(positions / _BLOCK))
-        return _core.KVPool(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim, _BLOCK, n_blocks, self.kv_dtype)
+        return self._new_pool(_BLOCK, max(1, math.ceil(positions / _BLOCK)), self.kv_dtype)
 
     def _decoder(self, generator, prompts: list[list[int]], max_new_tokens: int):
         """The C loop that runs `generator` on this model (one KV sequence per prompt)."""
@@ -122,10 +121,10 @@ class DecodingMixin:
         or a list of those (the context is then prefilled once and its cache shared by
         every continuation, each scored in one pass of its own). A text continuation
         after a text context is tokenized as lm-evaluation-harness does: encode
-        context + continuation and keep the tokens
-        after the context's own (so " there" is one token, not a dummy-prefix space
-        followed by " there"); if the joint encoding does not start with the context's,
-        the continuation is encoded alone, without BOS.
+        context + continuation and keep the tokens after the context's own (so " there"
+        is one token, not a dummy-prefix space followed by " there"); if the joint
+        encoding does not start with the context's, the continuation is encoded alone,
+        without BOS.
         """
         ctx = self._encode(context, add_bos=True, name="context")
         if not ctx:
@@ -206,7 +205,7 @@ class DecodingMixin:
         kept = getattr(scratch, "seq", None)
         if kept is not None and kept.pool.kv_dtype == self.kv_dtype:
             kept.truncate(0)
-            if kept.pool.free_blocks >= n_blocks and kept.pool.free_blocks == kept.pool.n_blocks:
+            if kept.pool.free_blocks == kept.pool.n_blocks >= n_blocks:  # no fork left, room enough
                 return KVCache(kept, self)
         # a kept cache is as long as the context allows, so that one serves every later call
         n_blocks = max(n_blocks, -(-cfg.context_length // _SCORING_BLOCK))

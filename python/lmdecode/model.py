@@ -251,9 +251,13 @@ class Model(DecodingMixin):
             raise ValueError(f"capacity (={capacity}) must be >= 1")
         if not 1 <= block_size <= 4096:
             raise ValueError(f"block_size (={block_size}) must be in [1, 4096]")
-        n_blocks = math.ceil(capacity / block_size)
-        pool = _core.KVPool(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim, block_size, n_blocks, kv_dtype)
+        pool = self._new_pool(block_size, math.ceil(capacity / block_size), kv_dtype)
         return KVCache(_core.KVSeq(pool, cfg.context_length), self)
+
+    def _new_pool(self, block_size: int, n_blocks: int, kv_dtype: str):
+        """An engine KV pool cut to this model's layers and heads (new_cache, the decoding loops)."""
+        cfg = self.config
+        return _core.KVPool(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim, block_size, n_blocks, kv_dtype)
 
     def _tokens(self, name, tokens) -> np.ndarray:
         arr = np.asarray(tokens)
