@@ -55,7 +55,8 @@ uint16_t lmd_f32_to_bf16(float f) {
 
 size_t lmd_row_bytes(lmd_dtype dtype, int64_t cols) {
     switch (dtype) {
-    case LMD_F32: return (size_t)cols * 4;
+    case LMD_F32:
+    case LMD_F32_PANELS: return (size_t)cols * 4;
     case LMD_BF16: return (size_t)cols * 2;
     case LMD_Q8_0: return (size_t)(cols / LMD_Q8_0_BLOCK) * LMD_Q8_0_BLOCK_BYTES;
     }
@@ -65,6 +66,7 @@ size_t lmd_row_bytes(lmd_dtype dtype, int64_t cols) {
 const char *lmd_dtype_name(lmd_dtype dtype) {
     switch (dtype) {
     case LMD_F32: return "f32";
+    case LMD_F32_PANELS: return "f32 panels";
     case LMD_BF16: return "bf16";
     case LMD_Q8_0: return "q8_0";
     }
@@ -152,6 +154,11 @@ void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r) {
     const uint8_t *data = (const uint8_t *)w->data;
     switch (w->dtype) {
     case LMD_F32: memcpy(out, data + (size_t)r * w->cols * 4, (size_t)w->cols * 4); break;
+    case LMD_F32_PANELS: {
+        const float *panel = (const float *)w->data + r / LMD_VEC_LANES * w->cols * LMD_VEC_LANES;
+        for (int64_t k = 0; k < w->cols; k++) out[k] = panel[k * LMD_VEC_LANES + r % LMD_VEC_LANES];
+        break;
+    }
     case LMD_BF16:
         for (int64_t k = 0; k < w->cols; k++) {
             uint16_t b;
@@ -1012,6 +1019,123 @@ static void matmul_q8_0(float *out, const lmd_matrix *w, int B, const void *scra
 #undef ITEMS_OF_GROUP
 }
 
+/* ------------------------------------------------------------------ */
+/* f32 panels                                                           */
+/* ------------------------------------------------------------------ */
+
+/* LMD_F32_PANELS (ops.h): LMD_VEC_LANES weight rows side by side, one vector per column, so
+ * that each output is one lane of an accumulator and never needs the lane reduction of the
+ * row-major kernels. A matrix of a few dozen columns spends as much on those reductions as on
+ * its multiply-adds (a 64-column row is four FMAs, a four-row total ~15 shuffles and adds);
+ * in panels each input feature is broadcast once and meets every panel's column vector.
+ * Every output sums its n products in column order, one FMA chain from 0, whatever the tile,
+ * the batch or the thread count. */
+#define PANEL_LANES LMD_VEC_LANES
+#if LMD_VEC_BYTES == 64
+#define PANEL_TILE_P 4 /* panels x inputs: 24 accumulators in AVX-512's 32 registers */
+#else
+#define PANEL_TILE_P 2 /* 12 accumulators in 16 registers */
+#endif
+#define PANEL_TILE_C 6
+#define PANEL_SLICE 64 /* inputs per parallel work item */
+
+size_t lmd_panels_bytes(int64_t rows, int64_t cols) {
+    return (size_t)((rows + PANEL_LANES - 1) / PANEL_LANES) * (size_t)cols * PANEL_LANES * sizeof(float);
+}
+
+void lmd_pack_f32_panels(float *out, const float *w, int64_t rows, int64_t cols) {
+    const int64_t n_panels = (rows + PANEL_LANES - 1) / PANEL_LANES;
+    for (int64_t p = 0; p < n_panels; p++)
+        for (int64_t k = 0; k < cols; k++)
+            for (int64_t j = 0; j < PANEL_LANES; j++) {
+                const int64_t r = p * PANEL_LANES + j;
+                out[(p * cols + k) * PANEL_LANES + j] = r < rows ? w[r * cols + k] : 0.0f;
+            }
+}
+
+// panels p0..p0+np of W (panels, n, LANES) against inputs c0..c0+nc of x (B, n) -> out (B, d)
+static ALWAYS_INLINE void tile_panels(float *out, const float *x, const float *panels, int64_t n, int64_t d,
+                                      int64_t p0, int np, int c0, int nc) {
+    vf acc[PANEL_TILE_P][PANEL_TILE_C];
+    const float *wp[PANEL_TILE_P], *xp[PANEL_TILE_C];
+    for (int p = 0; p < np; p++) {
+        wp[p] = panels + (p0 + p) * n * PANEL_LANES;
+        for (int c = 0; c < nc; c++) acc[p][c] = vzero_f();
+    }
+    for (int c = 0; c < nc; c++) xp[c] = x + (int64_t)(c0 + c) * n;
+    for (int64_t k = 0; k < n; k++) {
+        vf wv[PANEL_TILE_P];
+        for (int p = 0; p < np; p++) {
+            wv[p] = vload(wp[p]);
+            if (nc > 1) IN_REGISTER(wv[p]);
+            wp[p] += PANEL_LANES;
+        }
+        for (int c = 0; c < nc; c++) {
+            vf xv = vbroadcast(*xp[c]++);
+            IN_REGISTER(xv);
+            for (int p = 0; p < np; p++) acc[p][c] = vfma(wv[p], xv, acc[p][c]);
+        }
+    }
+    for (int p = 0; p < np; p++) {
+        const int64_t row = (p0 + p) * PANEL_LANES, m = d - row;
+        for (int c = 0; c < nc; c++) {
+            float *o = out + (int64_t)(c0 + c) * d + row;
+            if (m >= PANEL_LANES) vstore(o, acc[p][c]);
+            else vstore_partial(o, acc[p][c], m);
+        }
+    }
+}
+
+#define PANEL_TILE_ANY_C(np_)                                                                       \
+    switch (nc) {                                                                                   \
+    case 1: tile_panels(out, x, panels, n, d, p0, np_, c0, 1); break;                              \
+    case 2: tile_panels(out, x, panels, n, d, p0, np_, c0, 2); break;                              \
+    case 3: tile_panels(out, x, panels, n, d, p0, np_, c0, 3); break;                              \
+    case 4: tile_panels(out, x, panels, n, d, p0, np_, c0, 4); break;                              \
+    case 5: tile_panels(out, x, panels, n, d, p0, np_, c0, 5); break;                              \
+    default: tile_panels(out, x, panels, n, d, p0, np_, c0, 6); break;                             \
+    }
+
+// one work item: panels p0..p0+np (np <= PANEL_TILE_P) against inputs c_begin..c_end
+static void item_panels(float *out, const float *x, const float *panels, int64_t n, int64_t d, int64_t p0, int np,
+                        int c_begin, int c_end) {
+    for (int c0 = c_begin; c0 < c_end; c0 += PANEL_TILE_C) {
+        const int nc = c_end - c0 < PANEL_TILE_C ? c_end - c0 : PANEL_TILE_C;
+        switch (np) {
+        case 1: PANEL_TILE_ANY_C(1) break;
+#if PANEL_TILE_P >= 4
+        case 2: PANEL_TILE_ANY_C(2) break;
+        case 3: PANEL_TILE_ANY_C(3) break;
+        default: PANEL_TILE_ANY_C(4) break;
+#else
+        default: PANEL_TILE_ANY_C(2) break;
+#endif
+        }
+    }
+}
+#undef PANEL_TILE_ANY_C
+
+// W (d, n) in panels @ x (B, n) -> out (B, d). Work items: PANEL_TILE_P panels x a slice of
+// PANEL_SLICE inputs, so that a prefill splits across threads even when the matrix has few
+// rows (stories260K's 32-row k and v are two panels)
+static void matmul_panels(float *out, const float *x, const lmd_matrix *w, int B) {
+    const int64_t d = w->rows, n = w->cols, n_panels = (d + PANEL_LANES - 1) / PANEL_LANES;
+    const int64_t n_groups = (n_panels + PANEL_TILE_P - 1) / PANEL_TILE_P;
+    const int64_t n_slices = (B + PANEL_SLICE - 1) / PANEL_SLICE;
+    const float *panels = (const float *)w->data;
+#define PANEL_ITEMS(item_loop_pragma)                                                               \
+    item_loop_pragma                                                                                \
+    for (int64_t item = 0; item < n_groups * n_slices; item++) {                                    \
+        const int64_t p0 = item / n_slices * PANEL_TILE_P;                                          \
+        const int c_begin = (int)(item % n_slices * PANEL_SLICE);                                   \
+        const int np = n_panels - p0 < PANEL_TILE_P ? (int)(n_panels - p0) : PANEL_TILE_P;         \
+        const int c_end = B - c_begin < PANEL_SLICE ? B : c_begin + PANEL_SLICE;                    \
+        item_panels(out, x, panels, n, d, p0, np, c_begin, c_end);                                  \
+    }
+    IN_PARALLEL_IF_WORTH(B, d, n, PANEL_ITEMS);
+#undef PANEL_ITEMS
+}
+
 /* Bytes of stack lmd_matmul gives a q8_0 product's quantized inputs when the caller passes
  * no scratch; larger batches go through in chunks (each reading the weights again). */
 #define Q8_0_STACK_SCRATCH (64 * 1024)
@@ -1060,6 +1184,10 @@ void lmd_matmul_prepared(float *out, const float *x, const lmd_matrix *w, int B,
     const int64_t d = w->rows, n = w->cols;
     if (w->dtype == LMD_Q8_0) {
         matmul_q8_0(out, w, B, scratch);
+        return;
+    }
+    if (w->dtype == LMD_F32_PANELS) {
+        matmul_panels(out, x, w, B);
         return;
     }
     const int64_t n_row_blocks = (d + ROW_BLOCK - 1) / ROW_BLOCK;

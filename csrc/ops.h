@@ -17,13 +17,19 @@
  *             llama.cpp's row-major layout; lmd_pack_q8_0 converts from that layout.
  *             Inputs meet q8_0 weights quantized to blocks of 32 int8 themselves (as in
  *             llama.cpp), in integer dot products: see lmd_dot_q8_0.
+ *   LMD_F32_PANELS  float, repacked (lmd_pack_f32_panels) into panels of LMD_VEC_LANES rows:
+ *             (ceil(d / LANES), n, LANES), panel p holding rows p*LANES.. column by column
+ *             (rows past d zero). Each output then sums in a lane of its own, with no lane
+ *             reduction: the model packs its small f32 matrices so (see model.h). An
+ *             in-memory layout of one build (LANES is the build's vector width).
  *
  * lmd_matmul reads each weight row once per call and multiplies it against all
  * B input rows, so prefill, batched decode and draft verification cost one pass
  * over the weights. It parallelises over output features only; each output
  * element is summed in a fixed order by one thread, so results are identical for
- * any thread count. Each fast kernel has a naive twin (suffix _naive) that the
- * C tests compare against.
+ * any thread count: f32, bf16 and q8_0 rows by a fixed vector-lane tree (lmd_dot's), f32
+ * panels as one FMA chain over the columns from 0. Each fast kernel has a naive twin
+ * (suffix _naive) that the C tests compare against.
  *
  *     lmd_matrix w = {weights, LMD_F32, d, n};
  *     lmd_matmul(out, x, &w, B);    // x (B, n) -> out (B, d)
@@ -34,7 +40,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef enum { LMD_F32 = 0, LMD_BF16 = 1, LMD_Q8_0 = 2 } lmd_dtype;
+typedef enum { LMD_F32 = 0, LMD_BF16 = 1, LMD_Q8_0 = 2, LMD_F32_PANELS = 3 } lmd_dtype;
 
 #define LMD_Q8_0_BLOCK 32      /* weights per Q8_0 block */
 #define LMD_Q8_0_BLOCK_BYTES 34 /* fp16 scale + 32 int8 */
@@ -79,6 +85,10 @@ void lmd_quantize_input_q8(int8_t *q, float *scale, int32_t *corr, const float *
 // in the scale), and acc = fma((float)(integer dot of the block), w_scale * x_scale, acc)
 // runs block after block from 0.
 float lmd_dot_q8_0(const uint8_t *w_blocks, const float *x, int64_t n);
+// bytes of a (rows, cols) matrix in LMD_F32_PANELS
+size_t lmd_panels_bytes(int64_t rows, int64_t cols);
+// w (rows, cols) f32 row-major -> out (lmd_panels_bytes(rows, cols) bytes) in LMD_F32_PANELS
+void lmd_pack_f32_panels(float *out, const float *w, int64_t rows, int64_t cols);
 // W row r (cols,) -> out (cols,) float
 void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r);
 

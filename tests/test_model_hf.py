@@ -14,12 +14,12 @@ T = 64  # positions compared
 RTOL_RANGE = 1e-4  # max |diff| allowed, relative to the range of the reference logits
 
 
-def _randomise(torch, model, seed):
+def _randomise(torch, model, seed, std=0.1):
     """transformers initialises biases to zero and norms to one; random values test them."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen) * 0.1
+            noise = torch.randn(p.shape, generator=gen) * std
             p.copy_(1.0 + noise if ("norm" in name or "ln_" in name) and name.endswith("weight") else noise)
     return model.eval()
 
@@ -36,13 +36,19 @@ def _build(kind, torch, transformers):
                                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
                                        rope_theta=1000000.0, tie_word_embeddings=True, **common)
         model = transformers.Qwen2ForCausalLM(cfg)
+    elif kind == "llama_wide":  # matrices over the engine's 4 MB budget for packed copies: row-major kernels
+        cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
+                                       tie_word_embeddings=False, **common)
+        model = transformers.LlamaForCausalLM(cfg)
     else:
         cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
         model = transformers.GPT2LMHeadModel(cfg)
-    return _randomise(torch, model, seed=len(kind))
+    # noise shrinking as 1 / sqrt(width), as initialisers do: the wide model's activations stay the size of the others'
+    return _randomise(torch, model, seed=len(kind), std=0.1 * (64 / model.config.hidden_size) ** 0.5)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2", "llama_wide"])
 def hf(request, tmp_path_factory):
     torch, transformers = require_transformers()
     model = _build(request.param, torch, transformers)
@@ -64,7 +70,7 @@ def _assert_close_to(ref, got, rtol_range=RTOL_RANGE):
 
 def test_load_matches_transformers(hf):
     model = lmdecode.Model.load(hf["path"])
-    assert model.config.vocab_size == 96 and model.config.dim == 64
+    assert model.config.vocab_size == 96 and model.config.dim == hf["torch_model"].config.hidden_size
     got = model.logits(hf["tokens"])
     assert got.shape == (T, 96) and got.dtype == np.float32
     _assert_close_to(hf["ref"], got)
@@ -99,6 +105,21 @@ def test_sharded_checkpoint(hf, tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"config\.json: expected a JSON object, not list"):
         lmdecode.Model.load(tmp_path)
+
+
+def test_small_models_multiply_packed_copies_of_their_matrices(hf):
+    """A model whose f32 matrices take at most 4 MB together multiplies its own copies of them in
+    panels: all of them (every output dimension here is a multiple of the vector lanes, so the
+    panels hold no padding), a tied head as a copy of the embedding. The wide model keeps its
+    row-major matrices; every other test here runs both kinds of kernel through the fixture."""
+    model = lmdecode.Model.load(hf["path"])
+    embeddings = ("model.embed_tokens.weight", "transformer.wte.weight", "transformer.wpe.weight")
+    # lm_head.weight is in the state dict, tied or not
+    matrix_bytes = sum(a.nbytes for k, a in hf["state"].items() if a.ndim == 2 and k not in embeddings)
+    if hf["kind"] == "llama_wide":
+        assert matrix_bytes > 4 << 20 and model._engine.panel_bytes == 0
+    else:
+        assert model._engine.panel_bytes == matrix_bytes
 
 
 def test_incremental_decoding_equals_full_recompute(hf):

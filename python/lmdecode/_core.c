@@ -1303,6 +1303,11 @@ static PyObject *EngineKVPool_get_free_blocks(EngineKVPoolObject *self, void *cl
     return PyLong_FromLong(self->pool ? self->pool->n_free : 0);
 }
 
+static PyObject *EngineModel_get_panel_bytes(EngineModelObject *self, void *closure) {
+    (void)closure;
+    return PyLong_FromSize_t(self->model ? self->model->panel_bytes : 0);
+}
+
 static PyObject *EngineKVPool_get_n_blocks(EngineKVPoolObject *self, void *closure) {
     (void)closure;
     return PyLong_FromLong(self->pool ? self->pool->n_blocks : 0);
@@ -1614,6 +1619,12 @@ static PyObject *py_dequantize_q8_0(PyObject *self, PyObject *arg) {
     return (PyObject *)out;
 }
 
+static PyGetSetDef EngineModel_getset[] = {
+    {"panel_bytes", (getter)EngineModel_get_panel_bytes, NULL,
+     "bytes of the model's own copy of its f32 matrices in panels (small models only; else 0)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyGetSetDef EngineKVPool_getset[] = {
     {"free_blocks", (getter)EngineKVPool_get_free_blocks, NULL, "blocks no sequence holds", NULL},
     {"n_blocks", (getter)EngineKVPool_get_n_blocks, NULL, "blocks in the pool", NULL},
@@ -1643,6 +1654,7 @@ static PyTypeObject EngineModelType = {
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)EngineModel_init,
     .tp_dealloc = (destructor)EngineModel_dealloc,
+    .tp_getset = EngineModel_getset,
 };
 
 static PyTypeObject EngineKVPoolType = {
