@@ -362,8 +362,10 @@ static inline void load_halves(void *dst, const uint16_t *p, int n) {
 /* Scores. The cache keeps a block's keys feature-major (kvcache.h): feature d of
  * LMD_VEC_LANES consecutive positions is one vector load. The score of query q and the key
  * k_t at position t is
- *     s_t = scale * (q[0] k_t[0] + q[1] k_t[1] + ... + q[hs-1] k_t[hs-1]),
- * summed feature after feature in one chain (a multiply-add per feature), each position in
+ *     s_t = q[0] k_t[0] + q[1] k_t[1] + ... + q[hs-1] k_t[hs-1],
+ * the query already scaled by log2(e) / sqrt(hs) (step_qkv), so that the softmax weights
+ * e^(q.k / sqrt(hs) - max) are 2^(s_t - max) (lmd_softmax2_unnormalized), summed feature
+ * after feature in one chain (a multiply-add per feature), each position in
  * its own lane: no horizontal sums, and a score is the same whatever else shares its
  * vectors. A call computes nq queries (sharing every key load) against nk runs of
  * positions (sharing every query value), nq * nk independent chains. */
@@ -401,7 +403,7 @@ static inline __attribute__((always_inline)) vf kv_load_partial(const void *p, i
 static inline __attribute__((always_inline)) void score_runs(float *const *scores, const float *const *q,
                                                              const int nq, const key_run *runs, const int nk,
                                                              const int partial, int32_t block_size, int hs,
-                                                             float scale, const int f16) {
+                                                             const int f16) {
     vf acc[SCORE_QUERIES][SCORE_RUNS_ONE_QUERY];
     for (int i = 0; i < nq; i++)
         for (int r = 0; r < nk; r++) acc[i][r] = (vf){0};
@@ -422,21 +424,21 @@ static inline __attribute__((always_inline)) void score_runs(float *const *score
     }
     /* runs in order: a short run's extra lanes are overwritten by the next run's */
     for (int r = 0; r < nk; r++)
-        for (int i = 0; i < nq; i++) vstore(scores[i] + runs[r].t, acc[i][r] * scale);
+        for (int i = 0; i < nq; i++) vstore(scores[i] + runs[r].t, acc[i][r]);
 }
 
 // score_runs with nq, nk, partial and f16 as constants (nq in [1, SCORE_QUERIES]; nk 1, 2, 4
 // or 8)
 static void score_runs_dispatch(float *const *scores, const float *const *q, int nq, const key_run *runs, int nk,
-                                int partial, int32_t block_size, int hs, float scale, int f16) {
+                                int partial, int32_t block_size, int hs, int f16) {
 #define SCORE_CASE(NQ, NK)                                                                         \
     case (NQ) * 16 + (NK):                                                                         \
         if (f16) {                                                                                 \
-            if (partial) score_runs(scores, q, NQ, runs, NK, 1, block_size, hs, scale, 1);         \
-            else score_runs(scores, q, NQ, runs, NK, 0, block_size, hs, scale, 1);                 \
+            if (partial) score_runs(scores, q, NQ, runs, NK, 1, block_size, hs, 1);         \
+            else score_runs(scores, q, NQ, runs, NK, 0, block_size, hs, 1);                 \
         } else {                                                                                   \
-            if (partial) score_runs(scores, q, NQ, runs, NK, 1, block_size, hs, scale, 0);         \
-            else score_runs(scores, q, NQ, runs, NK, 0, block_size, hs, scale, 0);                 \
+            if (partial) score_runs(scores, q, NQ, runs, NK, 1, block_size, hs, 0);         \
+            else score_runs(scores, q, NQ, runs, NK, 0, block_size, hs, 0);                 \
         }                                                                                          \
         return;
     switch (nq * 16 + nk) {
@@ -446,18 +448,18 @@ static void score_runs_dispatch(float *const *scores, const float *const *q, int
 #endif
         SCORE_CASE(2, 2) SCORE_CASE(3, 2) SCORE_CASE(4, 2) SCORE_CASE(5, 2) SCORE_CASE(6, 2)
         SCORE_CASE(2, 1) SCORE_CASE(3, 1) SCORE_CASE(4, 1) SCORE_CASE(5, 1) SCORE_CASE(6, 1)
-    default: score_runs(scores, q, nq, runs, nk, partial, block_size, hs, scale, f16); /* not reached */
+    default: score_runs(scores, q, nq, runs, nk, partial, block_size, hs, f16); /* not reached */
     }
 #undef SCORE_CASE
 }
 
 // the n runs pending, in order, in calls of most, then 4, 2, 1; the last may be short
 static void score_pending_runs(float *const *scores, const float *const *q, int nq, const key_run *runs, int n,
-                               int most, int32_t block_size, int hs, float scale, int f16) {
+                               int most, int32_t block_size, int hs, int f16) {
     for (int done = 0, size = most; n > done; size /= 2)
         if (n - done >= size) {
             const int partial = done + size == n && runs[n - 1].len < LMD_VEC_LANES;
-            score_runs_dispatch(scores, q, nq, runs + done, size, partial, block_size, hs, scale, f16);
+            score_runs_dispatch(scores, q, nq, runs + done, size, partial, block_size, hs, f16);
             done += size;
         }
 }
@@ -466,7 +468,7 @@ static void score_pending_runs(float *const *scores, const float *const *q, int 
 // position t < n_pos of the head's keys (kv features kv_offset..) in layer l of seq;
 // scores rows hold n_pos + LMD_VEC_LANES floats
 static void head_scores(float *const *scores, const float *const *q, int nq, const lmd_kvseq *seq, int32_t l,
-                        int kv_offset, int32_t n_pos, int hs, float scale) {
+                        int kv_offset, int32_t n_pos, int hs) {
     const int32_t block_size = seq->pool->block_size;
     const int f16 = seq->pool->dtype == LMD_KV_F16;
     const size_t elem_bytes = seq->pool->elem_bytes;
@@ -488,11 +490,11 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
             for (int d = 0; d < hs; d++) __builtin_prefetch((const char *)run.k + d * feature_bytes);
         runs[n++] = run;
         if (n == most || len < LMD_VEC_LANES) { /* a short run ends a call: its extra lanes go after */
-            score_pending_runs(scores, q, nq, runs, n, most, block_size, hs, scale, f16);
+            score_pending_runs(scores, q, nq, runs, n, most, block_size, hs, f16);
             n = 0;
         }
     }
-    score_pending_runs(scores, q, nq, runs, n, most, block_size, hs, scale, f16);
+    score_pending_runs(scores, q, nq, runs, n, most, block_size, hs, f16);
 }
 
 /* independent FMA chains the value sums keep going: an FMA's 4-cycle latency times the
@@ -649,7 +651,6 @@ static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, c
     const lmd_config *c = &m->config;
     const int group = c->n_heads / c->n_kv_heads;
     const int64_t Q = (int64_t)c->n_heads * hs;
-    const float scale = 1.0f / sqrtf((float)hs);
     const int32_t block_size = seq->pool->block_size;
     const int kv_offset = (h0 / group) * hs;
     const float *q[SCORE_QUERIES];
@@ -664,10 +665,10 @@ static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, c
         n_pos[i] = m->pos[b + i / nh] + 1; /* non-decreasing, as value_sums requires */
         most = n_pos[i] > most ? n_pos[i] : most;
     }
-    head_scores(scores, q, nq, seq, l, kv_offset, most, hs, scale);
+    head_scores(scores, q, nq, seq, l, kv_offset, most, hs);
     /* softmax without its division: the value sums take 1 / sum once */
     float inv_sum[SCORE_QUERIES];
-    for (int i = 0; i < nq; i++) inv_sum[i] = lmd_softmax_unnormalized(scores[i], n_pos[i]);
+    for (int i = 0; i < nq; i++) inv_sum[i] = lmd_softmax2_unnormalized(scores[i], n_pos[i]);
     for (int i = 0; i < nq; i += VALUE_QUERIES) {
         const float *const *p = (const float *const *)scores + i;
         switch (nq - i) { /* constants, for the accumulators to stay in registers */
@@ -685,10 +686,11 @@ static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, c
  * latencies. A tile holds up to LMD_VEC_LANES consecutive tokens of one sequence in one
  * query head, one query per lane: every step is a full vector across the queries, and a key
  * or value feature is one broadcast. Each query's arithmetic is attend_queries', in its order:
- *   scores   per position, one multiply-add chain over the features from 0, then * scale;
- *   softmax  the maximum (exact in any order), e^(s - max), and the sum adding position t
+ *   scores   per position, one multiply-add chain over the features from 0 (of the scaled
+ *            queries);
+ *   softmax  the maximum (exact in any order), 2^(s - max), and the sum adding position t
  *            into partial t % LANES in order of t, the partials then by vhsum's tree
- *            (lmd_softmax_unnormalized's lanes);
+ *            (lmd_softmax2_unnormalized's lanes);
  *   values   position t into set t % 8 in order of t (VALUE_SETS of a one-vector head),
  *            the sets added pairwise as value_sums does, then * (1 / sum).
  * Positions after a query's own (the tile's later tokens) score -inf, whose exponential is
@@ -709,10 +711,10 @@ static int tile_tokens_from(const lmd_model *m, const int32_t *token_seq, int b,
 // the scores of a tile's queries (qt[d][i]: feature d of query i) and one position's key (feature
 // d at k + d * stride), one multiply-add chain over the features, as score_runs sums them
 static inline __attribute__((always_inline)) vf tile_score(const float *k, int64_t stride, const vf *qt,
-                                                           const int hs, float scale) {
+                                                           const int hs) {
     vf acc = (vf){0};
     for (int d = 0; d < hs; d++) acc += k[(int64_t)d * stride] * qt[d];
-    return acc * scale;
+    return acc;
 }
 
 // adds one position's exponentials p into the softmax partial `into` of a set of positions;
@@ -735,7 +737,6 @@ static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m
                                                                     const int hs) {
     const lmd_config *c = &m->config;
     const int64_t Q = (int64_t)c->n_heads * hs;
-    const float scale = 1.0f / sqrtf((float)hs);
     const int32_t block_size = seq->pool->block_size;
     const int kv_offset = (h / (c->n_heads / c->n_kv_heads)) * hs;
     const int32_t p0 = m->pos[b], n_all = p0 + nq;
@@ -756,7 +757,7 @@ static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m
         const int32_t nt = block_size - column < p0 + 1 - t0 ? block_size - column : p0 + 1 - t0;
         const float *k = (const float *)lmd_kvseq_k_block(seq, l, t0) + (int64_t)kv_offset * block_size + column;
         for (int32_t j = 0; j < nt; j++) {
-            const vf s = tile_score(k + j, block_size, qt, hs, scale);
+            const vf s = tile_score(k + j, block_size, qt, hs);
             vstore(weights + (int64_t)(t0 + j) * TILE_QUERIES, s);
             most = vmax(most, s);
         }
@@ -764,7 +765,7 @@ static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m
     }
     for (int32_t t = p0 + 1; t < n_all; t++) {
         const float *k = (const float *)lmd_kvseq_key(seq, l, t, kv_offset);
-        const vf s = vselect(lane < t - p0, vbroadcast(-INFINITY), tile_score(k, block_size, qt, hs, scale));
+        const vf s = vselect(lane < t - p0, vbroadcast(-INFINITY), tile_score(k, block_size, qt, hs));
         vstore(weights + (int64_t)t * TILE_QUERIES, s);
         most = vmax(most, s);
     }
@@ -788,7 +789,7 @@ static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m
             const float *v = (const float *)lmd_kvseq_value(seq, l, t0, kv_offset);
             for (int32_t j = (set - t0 % TILE_VALUE_SETS + TILE_VALUE_SETS) % TILE_VALUE_SETS; j < nt;
                  j += TILE_VALUE_SETS) {
-                const vf p = vexp_nonpositive(vload(weights + (int64_t)(t0 + j) * TILE_QUERIES) - most);
+                const vf p = vexp2_nonpositive(vload(weights + (int64_t)(t0 + j) * TILE_QUERIES) - most);
                 add_to_partial(&into, &other, &count, p);
                 const float *vt = v + (int64_t)j * hs;
                 for (int d = 0; d < hs; d++) acc[d] += vt[d] * p;
@@ -797,7 +798,7 @@ static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m
         }
         for (int32_t t = p0 + 1 + (set - (p0 + 1) % TILE_VALUE_SETS + TILE_VALUE_SETS) % TILE_VALUE_SETS; t < n_all;
              t += TILE_VALUE_SETS) {
-            const vf p = vexp_nonpositive(vload(weights + (int64_t)t * TILE_QUERIES) - most); /* 0 where masked */
+            const vf p = vexp2_nonpositive(vload(weights + (int64_t)t * TILE_QUERIES) - most); /* 0 where masked */
             add_to_partial(&into, &other, &count, p);
             const float *vt = (const float *)lmd_kvseq_value(seq, l, t, kv_offset);
             const vi seen = lane >= t - p0;
@@ -958,6 +959,10 @@ static void step_qkv(const layer_step *s, int b) {
         lmd_rope_rotate(m->q + b * Q, c->n_heads, c->head_dim, cos_t, sin_t, c->rope_layout);
         lmd_rope_rotate(m->k + b * K, c->n_kv_heads, c->head_dim, cos_t, sin_t, c->rope_layout);
     }
+    /* the queries take attention's 1 / sqrt(hs) and log2(e) (base-2 softmax) here, once,
+     * rather than every score */
+    const float q_scale = (float)(1.4426950408889634 / sqrt((double)c->head_dim));
+    for (int64_t j = 0; j < Q; j++) m->q[b * Q + j] *= q_scale;
     const lmd_kvseq *seq = s->seqs[s->token_seq[b]];
     const int32_t block_size = seq->pool->block_size;
     const int32_t head_size = seq->pool->head_size;

@@ -1378,7 +1378,8 @@ void lmd_rope_naive(float *x, int n_heads, int hs, int pos, const float *inv_fre
 /* softmax and activations                                              */
 /* ------------------------------------------------------------------ */
 
-float lmd_softmax_unnormalized(float *x, int n) {
+// lmd_softmax_unnormalized, or its base-2 form with base2
+static inline float softmax_unnormalized(float *x, int n, const int base2) {
     /* the maximum is exact in any order, so it runs lane-parallel */
     vf lanes_max = vbroadcast(-INFINITY);
     int j = 0;
@@ -1388,17 +1389,21 @@ float lmd_softmax_unnormalized(float *x, int n) {
     vf acc = vzero_f();
     int k = 0;
     for (; k + LMD_VEC_LANES <= n; k += LMD_VEC_LANES) {
-        vf e = vexp_nonpositive(vload(x + k) - vmax_b);
+        const vf y = vload(x + k) - vmax_b, e = base2 ? vexp2_nonpositive(y) : vexp_nonpositive(y);
         vstore(x + k, e);
         acc += e;
     }
     if (k < n) { /* the last n % LANES in one vector padded with -inf (e^-inf = 0), same lanes */
-        const vf e = vexp_nonpositive(vload_partial(x + k, n - k, -INFINITY) - vmax_b);
+        const vf y = vload_partial(x + k, n - k, -INFINITY) - vmax_b;
+        const vf e = base2 ? vexp2_nonpositive(y) : vexp_nonpositive(y);
         vstore_partial(x + k, e, n - k);
         acc += e;
     }
     return 1.0f / vsum(acc);
 }
+
+float lmd_softmax_unnormalized(float *x, int n) { return softmax_unnormalized(x, n, 0); }
+float lmd_softmax2_unnormalized(float *x, int n) { return softmax_unnormalized(x, n, 1); }
 
 void lmd_softmax(float *x, int n) {
     const vf inv = vbroadcast(lmd_softmax_unnormalized(x, n));

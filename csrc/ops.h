@@ -148,6 +148,9 @@ void lmd_softmax(float *x, int n);
 // x (n,) -> e^(x - max x) in place; returns 1 / their sum, the factor that makes them
 // softmax(x) (attention applies it once to its value sums instead of to every weight).
 float lmd_softmax_unnormalized(float *x, int n);
+// the same in base 2: x (n,) -> 2^(x - max x) in place, returning 1 / their sum (attention's
+// scores carry the factor log2 e, which makes them the same weights)
+float lmd_softmax2_unnormalized(float *x, int n);
 void lmd_softmax_naive(float *x, int n);
 
 // gate (n,) <- silu(gate) * up, silu(g) = g / (1 + e^-g).

@@ -234,6 +234,38 @@ static inline vf vexp_nonpositive(vf x) {
 #endif
 }
 
+/* 2^x for x <= 0, by vexp_nonpositive's method without its range reduction: x = n + r
+ * exactly, n = round(x), |r| <= 1/2, and 2^r = 1 + r q(r), q of degree 5 fitted (weighted
+ * least squares) for the least relative error on [-1/2, 1/2], 2e-9 before rounding and
+ * 1.6 ulp (9.7e-8) evaluated in float; then 2^n exactly.
+ * 0 below -126 (2^-126 = 1.2e-38), NaN stays NaN. Attention's softmax works in base 2 (its
+ * queries carry the factor log2 e): three multiply-adds fewer than e^x. */
+static inline vf vexp2_nonpositive(vf x) {
+#if defined(__AVX512F__)
+    const __mmask16 in_range = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+    const vf xc = (vf)_mm512_max_ps(_mm512_set1_ps(-126.0f), (__m512)x); /* NaN stays NaN */
+#else
+    vi underflow = x < -126.0f;
+    vf xc = vselect(underflow, vbroadcast(-126.0f), x);
+#endif
+    vf n = (xc + 12582912.0f) - 12582912.0f; /* round to nearest */
+    vf r = xc - n;                           /* exact */
+    vf p = vbroadcast(1.5353360993027726e-4f);
+    p = p * r + 1.3398875248440967e-3f;
+    p = p * r + 9.618437368095915e-3f;
+    p = p * r + 5.550332468780221e-2f;
+    p = p * r + 0.2402264791346233f;
+    p = p * r + 0.6931472028563587f;
+    p = p * r + 1.0f;
+#if defined(__AVX512F__)
+    return (vf)_mm512_maskz_scalef_ps(in_range, (__m512)p, (__m512)n);
+#else
+    vi two_to_n = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf y = p * (vf)two_to_n;
+    return (vf)(~underflow & (vi)y);
+#endif
+}
+
 /* Scalar twin of vexp_nonpositive, bit-identical lane for lane, for loop tails. */
 static inline float exp_nonpositive(float x) {
     vf v = vexp_nonpositive(vbroadcast(x));

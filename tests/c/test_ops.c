@@ -964,6 +964,47 @@ static void test_softmax(void) {
     CHECK_CLOSE(two[1], 0.75, 1e-7);
 }
 
+/* lmd_softmax2_unnormalized, attention's base-2 softmax: 2^(x - max) within 2e-7 relative of
+ * a double reference for the float x - max (0 below 2^-126 = 1.2e-38), the largest exactly 1, -inf exactly 0,
+ * NaN kept; whole numbers below the maximum give exact powers of two (r = 0), and the sum's
+ * reciprocal is returned. */
+static void test_softmax2(void) {
+    test_rng r = {83};
+    err_meter m = {"softmax2", 0, 0};
+    for (int si = 0; si < N_SIZES; si++)
+        for (int variant = 0; variant < 3; variant++) {
+            const int n = sizes[si];
+            float *x = malloc((size_t)n * sizeof(float)), *e = malloc((size_t)n * sizeof(float));
+            const float spread = variant == 2 ? 300.0f : 12.0f;
+            test_fill(&r, x, n, -spread, spread);
+            if (variant == 1)
+                for (int k = 0; k < n; k++)
+                    if (k % 3 != 1 && k != n - 1) x[k] = -INFINITY;
+            memcpy(e, x, (size_t)n * sizeof(float));
+            const float inv_sum = lmd_softmax2_unnormalized(e, n);
+            double max = -INFINITY, sum = 0.0, largest = 0.0;
+            for (int k = 0; k < n; k++) max = x[k] > max ? x[k] : max;
+            for (int k = 0; k < n; k++) {
+                const double want = exp2((double)(x[k] - (float)max)); /* of the float difference */
+                if (x[k] == -INFINITY) CHECK(e[k] == 0.0f);
+                METER(m, e[k], want, 2e-7 * want + 1.2e-38);
+                largest = e[k] > largest ? e[k] : largest;
+                sum += e[k];
+            }
+            CHECK(largest == 1.0);
+            CHECK_CLOSE(1.0 / inv_sum, sum, (n + 2) * U * sum);
+            free(x), free(e);
+        }
+    meter_report(&m);
+    float whole[6] = {0.0f, -1.0f, -3.0f, -20.0f, -126.0f, -127.0f};
+    lmd_softmax2_unnormalized(whole, 6);
+    CHECK(whole[0] == 1.0f && whole[1] == 0.5f && whole[2] == 0.125f && whole[3] == ldexpf(1.0f, -20));
+    CHECK(whole[4] == ldexpf(1.0f, -126) && whole[5] == 0.0f);
+    float with_nan[3] = {0.0f, NAN, -2.0f};
+    lmd_softmax2_unnormalized(with_nan, 3);
+    CHECK(isnan(with_nan[1]));
+}
+
 static void test_activations(void) {
     test_rng r = {91};
     err_meter ms = {"swiglu", 0, 0}, mg = {"gelu_tanh", 0, 0};
@@ -1016,6 +1057,7 @@ int main(void) {
     test_norms();
     test_rope();
     test_softmax();
+    test_softmax2();
     test_activations();
     return test_report("test_ops");
 }
