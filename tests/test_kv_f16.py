@@ -72,7 +72,12 @@ def test_stories_f16_cache_against_the_reference_and_the_f32_cache():
     toks = np.random.default_rng(1).integers(0, 512, 256)
     f16 = lmdecode.Model.load(STORIES_BIN, kv_dtype="f16").logits(toks)
     f32 = lmdecode.Model.load(STORIES_BIN).logits(toks)
-    assert _rel_max_diff(llama_logits(config, weights, toks, kv_dtype="f16"), f16) < 2e-4
+    # a key a few float32 ulps from the reference's can round to the neighbouring half: the
+    # largest single difference depends on where that happens (0.8-2.7e-4 of the range over
+    # three sequences and the native and portable builds), the mean stays 2-8e-6
+    rounded = llama_logits(config, weights, toks, kv_dtype="f16")
+    assert _rel_max_diff(rounded, f16) < 5e-4
+    assert _rel_mean_diff(rounded, f16) < 1.5e-5
     # the documented cost of half precision: within 2e-3 of the logit range of the f32 cache
     assert 0 < _rel_max_diff(f32, f16) < 2e-3
 
