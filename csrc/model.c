@@ -163,18 +163,18 @@ static size_t matmul_scratch_bytes(const lmd_config *config, const lmd_weights *
     return most;
 }
 
-/* A model whose f32 matrices (all but the token embedding, whose rows are looked up) take
- * at most this many bytes together gets its own copy of them in panels (ops.h
- * LMD_F32_PANELS): matrices that small stay in cache, where a row-major product of a few
- * dozen columns spends as long on its lane reductions as on its multiply-adds. In panels a
- * 511-token stories260K prefill ran 4.1 -> 3.5 ms and its decode 41-45k -> 50k tok/s (one
- * thread); 64 x 64 to 768 x 512 matrices 1.1-1.7 x faster against 1 or 511 inputs, 2-3 x
- * against 4. The budget bounds the copy, which a larger model could not afford: its weights
- * are read in place (mmap or the caller's arrays) and never held twice. */
-#define PANEL_BUDGET_BYTES (4 << 20)
+/* The model multiplies its own copy of every f32 matrix, repacked into panels (ops.h
+ * LMD_F32_PANELS): each output then sums in a lane of its own, with no lane reduction. Small
+ * matrices gain the most (a row of 64 columns spent as long on adding up its lanes as on its
+ * four multiply-adds: a 511-token stories260K pass 4.1 -> 3.5 ms, one thread), and large
+ * ones stream their panels faster than rows (2048 x 768 out of cache, one thread: 1.10 x
+ * against one input, 1.17 x against four, 1.14 x against 256). The binding then stops
+ * holding the source arrays, and a memory-mapped file's pages are released (model.py), so
+ * the weights are still held once. A tied token embedding looks its rows up in the packed
+ * head. */
 
-// the model's weight matrices but the token embedding: (n_layers * 7 + 1,) pointers into
-// m->weights, NULL for a GPT-2 layer's missing gate; returns how many slots
+// the model's weight matrices: (n_layers * 7 + 1,) pointers into m->weights (the output
+// head first), NULL for a GPT-2 layer's missing gate; returns how many slots
 static int weight_matrices(lmd_model *m, lmd_matrix **out) {
     int n = 0;
     out[n++] = &m->weights.output;
@@ -186,8 +186,9 @@ static int weight_matrices(lmd_model *m, lmd_matrix **out) {
     return n;
 }
 
-// replaces the model's f32 matrices by packed copies it owns, if they fit PANEL_BUDGET_BYTES
-static lmd_status pack_small_model(lmd_model *m, lmd_error *err) {
+// replaces every f32 matrix of the model (and a token embedding tied to the head) by a packed
+// copy it owns
+static lmd_status pack_f32_matrices(lmd_model *m, lmd_error *err) {
     const size_t slots = (size_t)m->config.n_layers * 7 + 1;
     lmd_matrix **matrices = malloc(slots * sizeof *matrices);
     m->panels = calloc(slots, sizeof *m->panels);
@@ -196,25 +197,25 @@ static lmd_status pack_small_model(lmd_model *m, lmd_error *err) {
         return lmd_fail(err, LMD_ERR_NOMEM, "out of memory packing the weights");
     }
     const int n = weight_matrices(m, matrices);
-    size_t total = 0;
-    for (int i = 0; i < n; i++)
-        if (matrices[i] != NULL && matrices[i]->dtype == LMD_F32)
-            total += lmd_panels_bytes(matrices[i]->rows, matrices[i]->cols);
+    const int tied = m->weights.token_embedding.data == m->weights.output.data &&
+                     m->weights.token_embedding.dtype == m->weights.output.dtype;
     lmd_status st = LMD_OK;
-    for (int i = 0; i < n && total <= PANEL_BUDGET_BYTES; i++) {
+    for (int i = 0; i < n; i++) {
         lmd_matrix *w = matrices[i];
         if (w == NULL || w->dtype != LMD_F32) continue;
-        float *packed = lmd_alloc_aligned(lmd_panels_bytes(w->rows, w->cols));
+        const size_t bytes = lmd_panels_bytes(w->rows, w->cols);
+        float *packed = lmd_alloc_aligned(bytes);
         if (packed == NULL) {
-            st = lmd_fail(err, LMD_ERR_NOMEM, "out of memory packing the weights");
+            st = lmd_fail(err, LMD_ERR_NOMEM, "out of memory packing the weights (%zu bytes)", bytes);
             break;
         }
         m->panels[m->n_panels++] = packed;
-        m->panel_bytes += lmd_panels_bytes(w->rows, w->cols);
+        m->panel_bytes += bytes;
         lmd_pack_f32_panels(packed, (const float *)w->data, w->rows, w->cols);
         w->data = packed;
         w->dtype = LMD_F32_PANELS;
     }
+    if (st == LMD_OK && tied && m->weights.output.dtype == LMD_F32_PANELS) m->weights.token_embedding = m->weights.output;
     free(matrices);
     return st;
 }
@@ -271,7 +272,7 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
     }
     memcpy(m->layer_storage, weights->layers, (size_t)config->n_layers * sizeof(lmd_layer_weights));
     m->weights.layers = m->layer_storage;
-    st = pack_small_model(m, err);
+    st = pack_f32_matrices(m, err);
     if (st != LMD_OK) {
         lmd_model_free(m);
         return st;

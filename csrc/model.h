@@ -9,9 +9,9 @@
  *
  * Weights are borrowed: lmd_model_init copies the lmd_weights struct (pointers
  * and shapes) but not the tensors, which the caller keeps alive (an mmap or
- * arrays) until lmd_model_free. One exception: a model whose f32 matrices take
- * at most 4 MB together (stories260K) multiplies copies of them repacked into
- * panels (ops.h LMD_F32_PANELS), which it owns. Scratch memory for max_batch tokens is
+ * arrays) until lmd_model_free. One exception: f32 matrices are copied at init,
+ * repacked into panels (ops.h LMD_F32_PANELS); the model owns the copies, and
+ * the caller may drop those sources once init returns. Scratch memory for max_batch tokens is
  * allocated once at init; longer batches are processed in chunks.
  *
  * One lmd_model_forward call takes a batch of tokens belonging to one or more
@@ -109,7 +109,7 @@ typedef struct lmd_model {
     float *rope_sin; /* (B, head_dim / 2) their sin */
     int32_t *pos;    /* (B,) position of each token of the chunk */
     void *matmul_scratch; /* a matmul's inputs quantized (q8_0) or rounded (bf16); NULL if none needs it */
-    float **panels;       /* (n_panels,) a small model's own copies of its f32 matrices, in panels */
+    float **panels;       /* (n_panels,) the model's own copies of its f32 matrices, in panels */
     int32_t n_panels;
     size_t panel_bytes;   /* their bytes */
 } lmd_model;

@@ -36,7 +36,7 @@ def _build(kind, torch, transformers):
                                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
                                        rope_theta=1000000.0, tie_word_embeddings=True, **common)
         model = transformers.Qwen2ForCausalLM(cfg)
-    elif kind == "llama_wide":  # matrices over the engine's 4 MB budget for packed copies: row-major kernels
+    elif kind == "llama_wide":  # heads of 32 features, matrices of 256 and 688 columns
         cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
                                        tie_word_embeddings=False, **common)
@@ -107,19 +107,20 @@ def test_sharded_checkpoint(hf, tmp_path):
         lmdecode.Model.load(tmp_path)
 
 
-def test_small_models_multiply_packed_copies_of_their_matrices(hf):
-    """A model whose f32 matrices take at most 4 MB together multiplies its own copies of them in
-    panels: all of them (every output dimension here is a multiple of the vector lanes, so the
-    panels hold no padding), a tied head as a copy of the embedding. The wide model keeps its
-    row-major matrices; every other test here runs both kinds of kernel through the fixture."""
+def test_f32_matrices_are_multiplied_in_packed_copies(hf):
+    """The engine copies every f32 matrix into panels (no padding here: every output dimension
+    is a multiple of the vector lanes) and stops holding the sources; a tied head is one copy,
+    whose rows the embedding lookups read too. bf16 and q8_0 matrices are read in place."""
     model = lmdecode.Model.load(hf["path"])
     embeddings = ("model.embed_tokens.weight", "transformer.wte.weight", "transformer.wpe.weight")
     # lm_head.weight is in the state dict, tied or not
     matrix_bytes = sum(a.nbytes for k, a in hf["state"].items() if a.ndim == 2 and k not in embeddings)
-    if hf["kind"] == "llama_wide":
-        assert matrix_bytes > 4 << 20 and model._engine.panel_bytes == 0
-    else:
-        assert model._engine.panel_bytes == matrix_bytes
+    assert model._engine.panel_bytes == matrix_bytes
+    borrowed = model._engine.borrowed
+    assert not any(name == "output" or name.split(".")[-1].startswith("w") for name in borrowed)
+    assert ("token_embedding" in borrowed) == (hf["kind"] not in ("qwen2", "gpt2"))  # untied: looked up in place
+    bf16 = lmdecode.Model.load(hf["path"], dtype="bf16")._engine
+    assert bf16.panel_bytes == 0 and {"output", "layers.0.w_up"} <= bf16.borrowed
 
 
 def test_incremental_decoding_equals_full_recompute(hf):

@@ -1141,6 +1141,25 @@ static int tensor_vector(PyObject *tensors, const char *name, npy_intp length, c
 }
 
 /* Model(config: dict, tensors: dict, max_batch: int) */
+// removes from kept (name -> array) the matrices the model now multiplies in its own packed
+// copies; 0, or -1 with an exception
+static int drop_packed_sources(PyObject *kept, const lmd_model *model) {
+    const lmd_weights *w = &model->weights;
+    if (w->output.dtype == LMD_F32_PANELS && PyDict_DelItemString(kept, "output") < 0) return -1;
+    if (w->token_embedding.dtype == LMD_F32_PANELS && PyDict_DelItemString(kept, "token_embedding") < 0) return -1;
+    for (int32_t l = 0; l < model->config.n_layers; l++) {
+        const lmd_layer_weights *lw = &w->layers[l];
+        const lmd_matrix *matrices[] = {&lw->wq, &lw->wk, &lw->wv, &lw->wo, &lw->w_gate, &lw->w_up, &lw->w_down};
+        const char *fields[] = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"};
+        for (int i = 0; i < 7; i++) {
+            char name[64];
+            snprintf(name, sizeof name, "layers.%d.%s", l, fields[i]);
+            if (matrices[i]->dtype == LMD_F32_PANELS && PyDict_DelItemString(kept, name) < 0) return -1;
+        }
+    }
+    return 0;
+}
+
 static int EngineModel_init(EngineModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"config", "tensors", "max_batch", NULL};
     PyObject *config, *tensors;
@@ -1233,10 +1252,15 @@ static int EngineModel_init(EngineModelObject *self, PyObject *args, PyObject *k
         PyErr_NoMemory();
         goto fail;
     }
+    /* keep alive only what the model still borrows: not the f32 matrices it copied into panels */
+    PyObject *kept = PyDict_Copy(tensors);
+    if (kept == NULL || drop_packed_sources(kept, model) < 0) {
+        Py_XDECREF(kept);
+        goto fail;
+    }
     PyMem_Free(layers);
     self->model = model;
-    Py_INCREF(tensors);
-    self->tensors = tensors;
+    self->tensors = kept;
     return 0;
 fail:
     PyMem_Free(layers);
@@ -1619,9 +1643,17 @@ static PyObject *py_dequantize_q8_0(PyObject *self, PyObject *arg) {
     return (PyObject *)out;
 }
 
+static PyObject *EngineModel_get_borrowed(EngineModelObject *self, void *closure) {
+    (void)closure;
+    if (self->tensors == NULL) return PyFrozenSet_New(NULL);
+    return PyFrozenSet_New(self->tensors);
+}
+
 static PyGetSetDef EngineModel_getset[] = {
     {"panel_bytes", (getter)EngineModel_get_panel_bytes, NULL,
-     "bytes of the model's own copy of its f32 matrices in panels (small models only; else 0)", NULL},
+     "bytes of the model's own copies of its f32 matrices, in panels", NULL},
+    {"borrowed", (getter)EngineModel_get_borrowed, NULL,
+     "names of the tensors the model reads in place (the f32 matrices it copied are not among them)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -195,13 +195,17 @@ def to_storage(tensors: dict, dtype: str) -> dict:
             out[name] = done[key]
             continue
         arr = matrix_storage(src, dtype) if is_matrix(name) else to_f32(src)
-        if is_matrix(name) and arr.ctypes.data % 64 != 0 and _file_mapped(arr):
+        # f32 matrices: the engine multiplies its own copies (in panels) and Model releases a
+        # file's pages under them, so they need no aligned copy here
+        engine_copies = is_matrix(name) and arr.dtype == np.float32
+        if is_matrix(name) and not engine_copies and arr.ctypes.data % 64 != 0 and _file_mapped(arr):
             # a file's matrix off a cache line (safetensors data sits anywhere; a llama2.c body
-            # 28 bytes in): every vector load would span two lines (f32 decoding ~7% slower),
-            # so it is copied to aligned memory and its file pages released below
+            # 28 bytes in): every vector load would span two lines (bf16 decoding slower), so it
+            # is copied to aligned memory and its file pages released below
             arr = cache_line_aligned(arr)
         if not np.may_share_memory(arr, src.data):
-            arr = cache_line_aligned(arr)  # ours to place; borrowed arrays stay where they are
+            if not engine_copies:
+                arr = cache_line_aligned(arr)  # ours to place; borrowed arrays stay where they are
             release_file_pages(src.data)  # converted: the source's pages are not needed again
         done[key] = arr
         out[name] = arr

@@ -185,6 +185,12 @@ class Model(DecodingMixin):
                                                 "n_kv_heads", "head_dim", "context_length", "norm_eps",
                                                 "rope_theta", "rope_layout")}
         self._engine = _core.Model(engine_config, arrays, max_batch)
+        # the engine multiplies its own copies of the f32 matrices (in panels): a file's pages
+        # under them are not needed again, as for the matrices converted to bf16 or q8_0
+        borrowed = self._engine.borrowed
+        for name, arr in arrays.items():
+            if name not in borrowed:
+                loaders.release_file_pages(arr)
         self._max_batch = max_batch  # tokens per engine pass (longer inputs run in chunks)
         self._scoring_scratch = threading.local()  # each thread's kept scoring cache and logits (decoding.py)
         self._gguf_metadata = gguf_metadata  # a GGUF file's tokenizer.* values, for the tokenizer
