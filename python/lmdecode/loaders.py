@@ -15,7 +15,7 @@ Engine tensor names: ``token_embedding`` (V, D), ``position_embedding`` (T, D), 
 
 :func:`to_storage` turns sources into the arrays the C engine reads (float32, bfloat16 bits as
 uint16, or Q8_0 blocks as uint8, packed by ``_core.pack_q8_0`` in the engine's groups of 16 rows),
-borrowing whenever source and storage agree.
+borrowing whenever source and storage agree (the engine then copies f32 matrices into its panels).
 """
 from __future__ import annotations
 
