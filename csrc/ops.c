@@ -1028,8 +1028,12 @@ static void matmul_q8_0(float *out, const lmd_matrix *w, int B, const void *scra
  * row-major kernels. A matrix of a few dozen columns spends as much on those reductions as on
  * its multiply-adds (a 64-column row is four FMAs, a four-row total ~15 shuffles and adds);
  * in panels each input feature is broadcast once and meets every panel's column vector.
- * Every output sums its n products in column order, one FMA chain from 0, whatever the tile,
- * the batch or the thread count. */
+ * Every output sums its products in column order, whatever the tile, the batch or the thread
+ * count, in blocks of PANEL_K_BLOCK columns: one FMA chain from 0 per block, the block sums
+ * added in order (out = block 0, out += block 1, ...). One chain over all 2048 columns of a
+ * feed-forward row had let rounding errors grow with the length (an AVX2 build's logits
+ * drifted measurably further from a float64 reference); the blocks cost one load and add
+ * per 64 multiply-adds. */
 #define PANEL_LANES LMD_VEC_LANES
 #if LMD_VEC_BYTES == 64
 #define PANEL_TILE_P 4 /* panels x inputs: 24 accumulators in AVX-512's 32 registers */
@@ -1038,6 +1042,7 @@ static void matmul_q8_0(float *out, const lmd_matrix *w, int B, const void *scra
 #endif
 #define PANEL_TILE_C 6
 #define PANEL_SLICE 64 /* inputs per parallel work item */
+#define PANEL_K_BLOCK 64 /* columns per FMA chain */
 
 size_t lmd_panels_bytes(int64_t rows, int64_t cols) {
     return (size_t)((rows + PANEL_LANES - 1) / PANEL_LANES) * (size_t)cols * PANEL_LANES * sizeof(float);
@@ -1067,25 +1072,36 @@ static ALWAYS_INLINE void tile_panels(float *out, const float *x, const float *p
         for (int c = 0; c < nc; c++) acc[p][c] = vzero_f();
     }
     for (int c = 0; c < nc; c++) xp[c] = x + (int64_t)(c0 + c) * n;
-    for (int64_t k = 0; k < n; k++) {
-        vf wv[PANEL_TILE_P];
+    for (int64_t k0 = 0; k0 < n; k0 += PANEL_K_BLOCK) {
+        const int64_t k_end = n - k0 < PANEL_K_BLOCK ? n : k0 + PANEL_K_BLOCK;
+        for (int64_t k = k0; k < k_end; k++) {
+            vf wv[PANEL_TILE_P];
+            for (int p = 0; p < np; p++) {
+                wv[p] = vload(wp[p]);
+                if (nc > 1) IN_REGISTER(wv[p]);
+                wp[p] += PANEL_LANES;
+            }
+            for (int c = 0; c < nc; c++) {
+                vf xv = vbroadcast(*xp[c]++);
+                IN_REGISTER(xv);
+                for (int p = 0; p < np; p++) acc[p][c] = vfma(wv[p], xv, acc[p][c]);
+            }
+        }
+        /* the block's sums join the outputs: stored by the first block, added by the next */
         for (int p = 0; p < np; p++) {
-            wv[p] = vload(wp[p]);
-            if (nc > 1) IN_REGISTER(wv[p]);
-            wp[p] += PANEL_LANES;
-        }
-        for (int c = 0; c < nc; c++) {
-            vf xv = vbroadcast(*xp[c]++);
-            IN_REGISTER(xv);
-            for (int p = 0; p < np; p++) acc[p][c] = vfma(wv[p], xv, acc[p][c]);
-        }
-    }
-    for (int p = 0; p < np; p++) {
-        const int64_t row = (p0 + p) * PANEL_LANES, m = d - row;
-        for (int c = 0; c < nc; c++) {
-            float *o = out + (int64_t)(c0 + c) * d + row;
-            if (m >= PANEL_LANES) vstore(o, acc[p][c]);
-            else vstore_partial(o, acc[p][c], m);
+            const int64_t row = (p0 + p) * PANEL_LANES, m = d - row;
+            for (int c = 0; c < nc; c++) {
+                float *o = out + (int64_t)(c0 + c) * d + row;
+                vf total = acc[p][c];
+                if (m >= PANEL_LANES) {
+                    if (k0 > 0) total = vload(o) + total;
+                    vstore(o, total);
+                } else {
+                    if (k0 > 0) total = vload_partial(o, m, 0.0f) + total;
+                    vstore_partial(o, total, m);
+                }
+                acc[p][c] = vzero_f();
+            }
         }
     }
 }

@@ -5,7 +5,7 @@
  *   B  rows of a batch (tokens processed together)
  *   n  input features,  d  output features,  hs  head size
  *
- * Weight matrices are row-major (d, n) in one of three storage types:
+ * Weight matrices (d, n) come in one of four storage types, row-major but for the last:
  *   LMD_F32   float
  *   LMD_BF16  bfloat16 bits (the top 16 bits of an IEEE float), rounded to nearest even
  *   LMD_Q8_0  llama.cpp's Q8_0 blocks (an fp16 scale d and 32 int8 values q; the weight
@@ -20,16 +20,17 @@
  *   LMD_F32_PANELS  float, repacked (lmd_pack_f32_panels) into panels of LMD_VEC_LANES rows:
  *             (ceil(d / LANES), n, LANES), panel p holding rows p*LANES.. column by column
  *             (rows past d zero). Each output then sums in a lane of its own, with no lane
- *             reduction: the model packs its small f32 matrices so (see model.h). An
+ *             reduction: the model packs its f32 matrices so (see model.h). An
  *             in-memory layout of one build (LANES is the build's vector width).
  *
  * lmd_matmul reads each weight row once per call and multiplies it against all
  * B input rows, so prefill, batched decode and draft verification cost one pass
- * over the weights. It parallelises over output features only; each output
- * element is summed in a fixed order by one thread, so results are identical for
- * any thread count: f32, bf16 and q8_0 rows by a fixed vector-lane tree (lmd_dot's), f32
- * panels as one FMA chain over the columns from 0. Each fast kernel has a naive twin
- * (suffix _naive) that the C tests compare against.
+ * over the weights. It parallelises over output features (and, in panels, over
+ * slices of the batch); each output element is summed in a fixed order by one
+ * thread, so results are identical for any thread count: f32, bf16 and q8_0 rows
+ * by a fixed vector-lane tree (lmd_dot's), f32 panels by FMA chains over blocks of
+ * 64 columns, the block sums added in order. Each fast kernel has a naive twin (suffix _naive) that the C
+ * tests compare against.
  *
  *     lmd_matrix w = {weights, LMD_F32, d, n};
  *     lmd_matmul(out, x, &w, B);    // x (B, n) -> out (B, d)

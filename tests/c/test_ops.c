@@ -664,28 +664,33 @@ static void test_matmul_f32_rows_off_cache_lines(void) {
 }
 
 /* f32 panels: lmd_pack_f32_panels keeps every row (lmd_matrix_row gives it back), and every
- * output of a matmul in panels is the FMA chain of its row and input in column order from 0
- * (a * b + c, rounded twice, in a build without FMA), bit for bit, whichever tile shape, slice
- * of inputs or thread produced it. Rows: one, part of a panel, whole panels, and several
- * tiles of them with a ragged last; inputs: one (decode) to three slices of 64. */
+ * output of a matmul in panels is, bit for bit, the FMA chain of its row and input over each
+ * block of 64 columns from 0 (a * b + c, rounded twice, in a build without FMA), the block
+ * sums added in order, whichever tile shape, slice of inputs or thread produced it. Rows:
+ * one, part of a panel, whole panels, and several tiles of them with a ragged last; columns:
+ * less than a block, one, two and a part; inputs: one (decode) to three slices of 64. */
 static float fma_chain(const float *w, const float *x, int64_t n) {
-    float acc = 0.0f;
-    for (int64_t k = 0; k < n; k++) {
+    float total = 0.0f;
+    for (int64_t k0 = 0; k0 < n; k0 += 64) {
+        float acc = 0.0f;
+        for (int64_t k = k0; k < n && k < k0 + 64; k++) {
 #if defined(__FMA__) || defined(__AVX512F__)
-        acc = fmaf(w[k], x[k], acc);
+            acc = fmaf(w[k], x[k], acc);
 #else
-        acc = w[k] * x[k] + acc;
+            acc = w[k] * x[k] + acc;
 #endif
+        }
+        total = k0 == 0 ? acc : total + acc;
     }
-    return acc;
+    return total;
 }
 
 static void test_matmul_panels(void) {
-    const int64_t rows[5] = {1, 13, 32, 67, 300}, cols[4] = {1, 7, 64, 172};
+    const int64_t rows[5] = {1, 13, 32, 67, 300}, cols[5] = {1, 7, 64, 128, 172};
     const int batches[6] = {1, 2, 6, 7, 64, 130};
     test_rng r = {53};
     for (int ri = 0; ri < 5; ri++)
-        for (int ci = 0; ci < 4; ci++) {
+        for (int ci = 0; ci < 5; ci++) {
             const int64_t d = rows[ri], n = cols[ci];
             float *wf = malloc((size_t)(d * n) * sizeof(float)), *row = malloc((size_t)n * sizeof(float));
             float *panels = malloc(lmd_panels_bytes(d, n));
