@@ -215,7 +215,8 @@ static lmd_status pack_f32_matrices(lmd_model *m, lmd_error *err) {
         w->data = packed;
         w->dtype = LMD_F32_PANELS;
     }
-    if (st == LMD_OK && tied && m->weights.output.dtype == LMD_F32_PANELS) m->weights.token_embedding = m->weights.output;
+    if (st == LMD_OK && tied && m->weights.output.dtype == LMD_F32_PANELS)
+        m->weights.token_embedding = m->weights.output; /* its rows looked up in the panels */
     free(matrices);
     return st;
 }
@@ -435,11 +436,11 @@ static void score_runs_dispatch(float *const *scores, const float *const *q, int
 #define SCORE_CASE(NQ, NK)                                                                         \
     case (NQ) * 16 + (NK):                                                                         \
         if (f16) {                                                                                 \
-            if (partial) score_runs(scores, q, NQ, runs, NK, 1, block_size, hs, 1);         \
-            else score_runs(scores, q, NQ, runs, NK, 0, block_size, hs, 1);                 \
+            if (partial) score_runs(scores, q, NQ, runs, NK, 1, block_size, hs, 1);                \
+            else score_runs(scores, q, NQ, runs, NK, 0, block_size, hs, 1);                        \
         } else {                                                                                   \
-            if (partial) score_runs(scores, q, NQ, runs, NK, 1, block_size, hs, 0);         \
-            else score_runs(scores, q, NQ, runs, NK, 0, block_size, hs, 0);                 \
+            if (partial) score_runs(scores, q, NQ, runs, NK, 1, block_size, hs, 0);                \
+            else score_runs(scores, q, NQ, runs, NK, 0, block_size, hs, 0);                        \
         }                                                                                          \
         return;
     switch (nq * 16 + nk) {

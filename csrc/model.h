@@ -11,7 +11,8 @@
  * and shapes) but not the tensors, which the caller keeps alive (an mmap or
  * arrays) until lmd_model_free. One exception: f32 matrices are copied at init,
  * repacked into panels (ops.h LMD_F32_PANELS); the model owns the copies, and
- * the caller may drop those sources once init returns. Scratch memory for max_batch tokens is
+ * the caller may drop those sources once init returns (a tied token embedding
+ * then reads the packed head). Scratch memory for max_batch tokens is
  * allocated once at init; longer batches are processed in chunks.
  *
  * One lmd_model_forward call takes a batch of tokens belonging to one or more

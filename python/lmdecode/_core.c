@@ -1140,7 +1140,6 @@ static int tensor_vector(PyObject *tensors, const char *name, npy_intp length, c
     return 1;
 }
 
-/* Model(config: dict, tensors: dict, max_batch: int) */
 // removes from kept (name -> array) the matrices the model now multiplies in its own packed
 // copies; 0, or -1 with an exception
 static int drop_packed_sources(PyObject *kept, const lmd_model *model) {
@@ -1160,6 +1159,7 @@ static int drop_packed_sources(PyObject *kept, const lmd_model *model) {
     return 0;
 }
 
+/* Model(config: dict, tensors: dict, max_batch: int) */
 static int EngineModel_init(EngineModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"config", "tensors", "max_batch", NULL};
     PyObject *config, *tensors;

@@ -196,7 +196,8 @@ def to_storage(tensors: dict, dtype: str) -> dict:
             continue
         arr = matrix_storage(src, dtype) if is_matrix(name) else to_f32(src)
         # f32 matrices: the engine multiplies its own copies (in panels) and Model releases a
-        # file's pages under them, so they need no aligned copy here
+        # file's pages under them, so they need no aligned copy here (nor does an untied f32
+        # embedding, whose rows are only looked up)
         engine_copies = is_matrix(name) and arr.dtype == np.float32
         if is_matrix(name) and not engine_copies and arr.ctypes.data % 64 != 0 and _file_mapped(arr):
             # a file's matrix off a cache line (safetensors data sits anywhere; a llama2.c body
