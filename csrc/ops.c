@@ -1062,58 +1062,49 @@ void lmd_pack_f32_panels(float *out, const float *w, int64_t rows, int64_t cols)
             }
 }
 
-// panels p0..p0+np of W (panels, n, LANES) against inputs c0..c0+nc of x (B, n) -> out (B, d)
+// columns k0..k_end of panels p0..p0+np of W (panels, n, LANES) against inputs c0..c0+nc of
+// x (B, n): one FMA chain per output over the block, stored into out (B, d) by the first
+// block (k0 == 0) and added to it by the next
 static ALWAYS_INLINE void tile_panels(float *out, const float *x, const float *panels, int64_t n, int64_t d,
-                                      int64_t p0, int np, int c0, int nc) {
+                                      int64_t p0, int np, int c0, int nc, int64_t k0, int64_t k_end) {
     vf acc[PANEL_TILE_P][PANEL_TILE_C];
     const float *wp[PANEL_TILE_P], *xp[PANEL_TILE_C];
     for (int p = 0; p < np; p++) {
-        wp[p] = panels + (p0 + p) * n * PANEL_LANES;
+        wp[p] = panels + ((p0 + p) * n + k0) * PANEL_LANES;
         for (int c = 0; c < nc; c++) acc[p][c] = vzero_f();
     }
-    for (int c = 0; c < nc; c++) xp[c] = x + (int64_t)(c0 + c) * n;
-    for (int64_t k0 = 0; k0 < n; k0 += PANEL_K_BLOCK) {
-        const int64_t k_end = n - k0 < PANEL_K_BLOCK ? n : k0 + PANEL_K_BLOCK;
-        for (int64_t k = k0; k < k_end; k++) {
-            vf wv[PANEL_TILE_P];
-            for (int p = 0; p < np; p++) {
-                wv[p] = vload(wp[p]);
-                if (nc > 1) IN_REGISTER(wv[p]);
-                wp[p] += PANEL_LANES;
-            }
-            for (int c = 0; c < nc; c++) {
-                vf xv = vbroadcast(*xp[c]++);
-                IN_REGISTER(xv);
-                for (int p = 0; p < np; p++) acc[p][c] = vfma(wv[p], xv, acc[p][c]);
-            }
-        }
-        /* the block's sums join the outputs: stored by the first block, added by the next */
+    for (int c = 0; c < nc; c++) xp[c] = x + (int64_t)(c0 + c) * n + k0;
+    for (int64_t k = k0; k < k_end; k++) {
+        vf wv[PANEL_TILE_P];
         for (int p = 0; p < np; p++) {
-            const int64_t row = (p0 + p) * PANEL_LANES, m = d - row;
-            for (int c = 0; c < nc; c++) {
-                float *o = out + (int64_t)(c0 + c) * d + row;
-                vf total = acc[p][c];
-                if (m >= PANEL_LANES) {
-                    if (k0 > 0) total = vload(o) + total;
-                    vstore(o, total);
-                } else {
-                    if (k0 > 0) total = vload_partial(o, m, 0.0f) + total;
-                    vstore_partial(o, total, m);
-                }
-                acc[p][c] = vzero_f();
-            }
+            wv[p] = vload(wp[p]);
+            if (nc > 1) IN_REGISTER(wv[p]);
+            wp[p] += PANEL_LANES;
+        }
+        for (int c = 0; c < nc; c++) {
+            vf xv = vbroadcast(*xp[c]++);
+            IN_REGISTER(xv);
+            for (int p = 0; p < np; p++) acc[p][c] = vfma(wv[p], xv, acc[p][c]);
+        }
+    }
+    for (int p = 0; p < np; p++) {
+        const int64_t row = (p0 + p) * PANEL_LANES, m = d - row;
+        for (int c = 0; c < nc; c++) {
+            float *o = out + (int64_t)(c0 + c) * d + row;
+            if (m >= PANEL_LANES) vstore(o, k0 == 0 ? acc[p][c] : vload(o) + acc[p][c]);
+            else vstore_partial(o, k0 == 0 ? acc[p][c] : vload_partial(o, m, 0.0f) + acc[p][c], m);
         }
     }
 }
 
 #define PANEL_TILE_ANY_C(np_)                                                                       \
     switch (nc) {                                                                                   \
-    case 1: tile_panels(out, x, panels, n, d, p0, np_, c0, 1); break;                              \
-    case 2: tile_panels(out, x, panels, n, d, p0, np_, c0, 2); break;                              \
-    case 3: tile_panels(out, x, panels, n, d, p0, np_, c0, 3); break;                              \
-    case 4: tile_panels(out, x, panels, n, d, p0, np_, c0, 4); break;                              \
-    case 5: tile_panels(out, x, panels, n, d, p0, np_, c0, 5); break;                              \
-    default: tile_panels(out, x, panels, n, d, p0, np_, c0, 6); break;                             \
+    case 1: tile_panels(out, x, panels, n, d, p0, np_, c0, 1, k0, k_end); break;                   \
+    case 2: tile_panels(out, x, panels, n, d, p0, np_, c0, 2, k0, k_end); break;                   \
+    case 3: tile_panels(out, x, panels, n, d, p0, np_, c0, 3, k0, k_end); break;                   \
+    case 4: tile_panels(out, x, panels, n, d, p0, np_, c0, 4, k0, k_end); break;                   \
+    case 5: tile_panels(out, x, panels, n, d, p0, np_, c0, 5, k0, k_end); break;                   \
+    default: tile_panels(out, x, panels, n, d, p0, np_, c0, 6, k0, k_end); break;                  \
     }
 
 // one work item: panels p0..p0+np (np <= PANEL_TILE_P) against inputs c_begin..c_end
@@ -1121,15 +1112,18 @@ static void item_panels(float *out, const float *x, const float *panels, int64_t
                         int c_begin, int c_end) {
     for (int c0 = c_begin; c0 < c_end; c0 += PANEL_TILE_C) {
         const int nc = c_end - c0 < PANEL_TILE_C ? c_end - c0 : PANEL_TILE_C;
-        switch (np) {
-        case 1: PANEL_TILE_ANY_C(1) break;
+        for (int64_t k0 = 0; k0 < n; k0 += PANEL_K_BLOCK) {
+            const int64_t k_end = n - k0 < PANEL_K_BLOCK ? n : k0 + PANEL_K_BLOCK;
+            switch (np) {
+            case 1: PANEL_TILE_ANY_C(1) break;
 #if PANEL_TILE_P >= 4
-        case 2: PANEL_TILE_ANY_C(2) break;
-        case 3: PANEL_TILE_ANY_C(3) break;
-        default: PANEL_TILE_ANY_C(4) break;
+            case 2: PANEL_TILE_ANY_C(2) break;
+            case 3: PANEL_TILE_ANY_C(3) break;
+            default: PANEL_TILE_ANY_C(4) break;
 #else
-        default: PANEL_TILE_ANY_C(2) break;
+            default: PANEL_TILE_ANY_C(2) break;
 #endif
+            }
         }
     }
 }
