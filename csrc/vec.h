@@ -202,19 +202,43 @@ static inline double vsum_double(vd lo, vd hi) {
     return s;
 }
 
+/* The exponentials below share their ends: x clamped below at the least exponent whose power
+ * of two is normal (NaN stays NaN), and p 2^n, exact, with the lanes below the clamp set to
+ * 0. With AVX-512, a max for the clamp and VSCALEFPS, zero-masked, for the product. */
+#if defined(__AVX512F__)
+typedef __mmask16 lmd_in_range;
+#else
+typedef vi lmd_in_range;
+#endif
+
+// x with every lane below lo raised to lo; *in_range marks the lanes that were not below it
+static inline vf clamp_below(vf x, float lo, lmd_in_range *in_range) {
+#if defined(__AVX512F__)
+    *in_range = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(lo), _CMP_NLT_UQ);
+    return (vf)_mm512_max_ps(_mm512_set1_ps(lo), (__m512)x); /* NaN stays NaN */
+#else
+    *in_range = ~(x < lo);
+    return vselect(*in_range, x, vbroadcast(lo));
+#endif
+}
+
+// p 2^n (n whole, 2^n normal) in the lanes in range, 0 in the others
+static inline vf scale_in_range(vf p, vf n, lmd_in_range in_range) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_maskz_scalef_ps(in_range, (__m512)p, (__m512)n);
+#else
+    vi two_to_n = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf y = p * (vf)two_to_n;
+    return (vf)(in_range & (vi)y);
+#endif
+}
+
 /* e^x for x <= 0 (and x = -inf, which gives 0). Cody-Waite range reduction
  * to r in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial: relative error
  * below 2e-7, exact 0 below -87 (where float e^x would be subnormal). */
 static inline vf vexp_nonpositive(vf x) {
-#if defined(__AVX512F__)
-    /* the same bits in fewer instructions: a max for the clamp, and VSCALEFPS, zero-masked
-     * below -87, for the exact product p 2^n (normal here) */
-    const __mmask16 in_range = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
-    const vf xc = (vf)_mm512_max_ps(_mm512_set1_ps(-87.0f), (__m512)x); /* NaN stays NaN */
-#else
-    vi underflow = x < -87.0f;
-    vf xc = vselect(underflow, vbroadcast(-87.0f), x);
-#endif
+    lmd_in_range in_range;
+    const vf xc = clamp_below(x, -87.0f, &in_range);
     vf n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */
     vf r = xc - n * 0.693145751953125f;                              /* ln2 high part */
     r = r - n * 1.428606765330187045e-06f;                           /* ln2 low part */
@@ -225,13 +249,7 @@ static inline vf vexp_nonpositive(vf x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-#if defined(__AVX512F__)
-    return (vf)_mm512_maskz_scalef_ps(in_range, (__m512)p, (__m512)n);
-#else
-    vi two_to_n = (__builtin_convertvector(n, vi) + 127) << 23;
-    vf y = p * (vf)two_to_n;
-    return (vf)(~underflow & (vi)y);
-#endif
+    return scale_in_range(p, n, in_range);
 }
 
 /* 2^x for x <= 0, by vexp_nonpositive's method without its range reduction: x = n + r
@@ -241,13 +259,8 @@ static inline vf vexp_nonpositive(vf x) {
  * 0 below -126 (2^-126 = 1.2e-38), NaN stays NaN. Attention's softmax works in base 2 (its
  * queries carry the factor log2 e): three multiply-adds fewer than e^x. */
 static inline vf vexp2_nonpositive(vf x) {
-#if defined(__AVX512F__)
-    const __mmask16 in_range = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
-    const vf xc = (vf)_mm512_max_ps(_mm512_set1_ps(-126.0f), (__m512)x); /* NaN stays NaN */
-#else
-    vi underflow = x < -126.0f;
-    vf xc = vselect(underflow, vbroadcast(-126.0f), x);
-#endif
+    lmd_in_range in_range;
+    const vf xc = clamp_below(x, -126.0f, &in_range);
     vf n = (xc + 12582912.0f) - 12582912.0f; /* round to nearest */
     vf r = xc - n;                           /* exact */
     vf p = vbroadcast(1.5353360993027726e-4f);
@@ -257,13 +270,7 @@ static inline vf vexp2_nonpositive(vf x) {
     p = p * r + 0.2402264791346233f;
     p = p * r + 0.6931472028563587f;
     p = p * r + 1.0f;
-#if defined(__AVX512F__)
-    return (vf)_mm512_maskz_scalef_ps(in_range, (__m512)p, (__m512)n);
-#else
-    vi two_to_n = (__builtin_convertvector(n, vi) + 127) << 23;
-    vf y = p * (vf)two_to_n;
-    return (vf)(~underflow & (vi)y);
-#endif
+    return scale_in_range(p, n, in_range);
 }
 
 /* Scalar twin of vexp_nonpositive, bit-identical lane for lane, for loop tails. */
