@@ -24,13 +24,14 @@
  *             in-memory layout of one build (LANES is the build's vector width).
  *
  * lmd_matmul reads each weight row once per call and multiplies it against all
- * B input rows, so prefill, batched decode and draft verification cost one pass
- * over the weights. It parallelises over output features (and, in panels, over
- * slices of the batch); each output element is summed in a fixed order by one
- * thread, so results are identical for any thread count: f32, bf16 and q8_0 rows
- * by a fixed vector-lane tree (lmd_dot's), f32 panels by FMA chains over blocks of
- * 64 columns, the block sums added in order. Each fast kernel has a naive twin (suffix _naive) that the C
- * tests compare against.
+ * B input rows, so batched decode and draft verification cost one pass over the
+ * weights (a long prefill one per group of inputs: 64 for panels, as many as
+ * fit 512 kB for rows). It parallelises over output features (and, in panels,
+ * over those slices of the batch); each output element is summed in a fixed
+ * order by one thread, so results are identical for any thread count: f32, bf16
+ * and q8_0 rows by a fixed vector-lane tree (lmd_dot's), f32 panels by FMA
+ * chains over blocks of 64 columns, the block sums added in order. Each fast
+ * kernel has a naive twin (suffix _naive) that the C tests compare against.
  *
  *     lmd_matrix w = {weights, LMD_F32, d, n};
  *     lmd_matmul(out, x, &w, B);    // x (B, n) -> out (B, d)
