@@ -169,10 +169,9 @@ static size_t matmul_scratch_bytes(const lmd_config *config, const lmd_weights *
  * four multiply-adds: a 511-token stories260K pass 4.1 -> 3.5 ms, one thread), and large
  * ones stream their panels faster than rows against few inputs (2048 x 768 out of cache,
  * one thread: 1.11 x against one input, 1.11-1.18 x against two to four, parity against 8
- * to 256). The binding then stops
- * holding the source arrays, and a memory-mapped file's pages are released (model.py), so
- * the weights are still held once. A tied token embedding looks its rows up in the packed
- * head. */
+ * to 256). The binding then stops holding the source arrays, and a memory-mapped file's
+ * pages are released (model.py), so the weights are still held once. A tied token
+ * embedding looks its rows up in the packed head. */
 
 // the model's weight matrices: (n_layers * 7 + 1,) pointers into m->weights (the output
 // head first), NULL for a GPT-2 layer's missing gate; returns how many slots
@@ -282,6 +281,7 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
     /* inv_freq[i] = base^(-2i/hs), computed in double then rounded, as the references do in float */
     for (int32_t i = 0; i < config->head_dim / 2; i++)
         m->inv_freq[i] = (float)(1.0 / pow((double)config->rope_theta, (2.0 * i) / config->head_dim));
+    m->q_scale = (float)(1.4426950408889634 / sqrt((double)config->head_dim));
     *out = m;
     return LMD_OK;
 }
@@ -831,8 +831,8 @@ static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m
 // [b_begin, b_end), in tiles of up to SCORE_QUERIES queries: neighbouring tokens of one
 // sequence times the group's heads (GQA's heads share their keys and values; so do a
 // prefill's tokens); heads of 8 or 16 features by query tiles wherever consecutive tokens
-// of one sequence fill at least half of one. Inlined per usual head size (see attend_unit) so the value
-// sums' loops have constant trip counts.
+// of one sequence fill at least half of one. Inlined per usual head size (see attend_unit)
+// so the value sums' loops have constant trip counts.
 static inline __attribute__((always_inline)) void attend_unit_sized(lmd_model *m, lmd_kvseq *const *seqs,
                                                                     const int32_t *token_seq, int b_begin,
                                                                     int b_end, int32_t l, int h_begin, int h_end,
@@ -964,8 +964,7 @@ static void step_qkv(const layer_step *s, int b) {
     }
     /* the queries take attention's 1 / sqrt(hs) and log2(e) (base-2 softmax) here, once,
      * rather than every score */
-    const float q_scale = (float)(1.4426950408889634 / sqrt((double)c->head_dim));
-    for (int64_t j = 0; j < Q; j++) m->q[b * Q + j] *= q_scale;
+    for (int64_t j = 0; j < Q; j++) m->q[b * Q + j] *= m->q_scale;
     const lmd_kvseq *seq = s->seqs[s->token_seq[b]];
     const int32_t block_size = seq->pool->block_size;
     const int32_t head_size = seq->pool->head_size;

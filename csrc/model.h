@@ -106,6 +106,7 @@ typedef struct lmd_model {
     int scores_rows; /* 6 queries, or a query tile's vector lanes for heads of 8 or 16 features */
     int64_t scores_stride; /* context_length + vector lanes */
     float *inv_freq; /* (head_dim / 2,) RoPE frequencies */
+    float q_scale;   /* log2(e) / sqrt(head_dim): attention's scale and base-2 softmax, on the queries */
     float *rope_cos; /* (B, head_dim / 2) cos of each token's rotary angles */
     float *rope_sin; /* (B, head_dim / 2) their sin */
     int32_t *pos;    /* (B,) position of each token of the chunk */

@@ -913,6 +913,12 @@ static void test_rope(void) {
     meter_report(&m);
 }
 
+// x (n,) <- -inf but at every third entry and the last: masked scores, one at least finite
+static void mask_scores(float *x, int n) {
+    for (int k = 0; k < n; k++)
+        if (k % 3 != 1 && k != n - 1) x[k] = -INFINITY;
+}
+
 static void test_softmax(void) {
     test_rng r = {81};
     err_meter m = {"softmax", 0, 0};
@@ -923,9 +929,7 @@ static void test_softmax(void) {
             float *naive = malloc((size_t)n * sizeof(float));
             float spread = variant == 2 ? 200.0f : 8.0f, offset = variant == 3 ? 1000.0f : 0.0f;
             test_fill(&r, x, n, offset - spread, offset + spread);
-            if (variant == 1) /* masked entries, keeping at least one finite */
-                for (int k = 0; k < n; k++)
-                    if (k % 3 != 1 && k != n - 1) x[k] = -INFINITY;
+            if (variant == 1) mask_scores(x, n);
             memcpy(fast, x, (size_t)n * sizeof(float));
             memcpy(naive, x, (size_t)n * sizeof(float));
             /* the unnormalized form (attention's): e^(x - max), the largest exactly 1, and
@@ -970,9 +974,9 @@ static void test_softmax(void) {
 }
 
 /* lmd_softmax2_unnormalized, attention's base-2 softmax: 2^(x - max) within 2e-7 relative of
- * a double reference for the float x - max (0 below 2^-126 = 1.2e-38), the largest exactly 1, -inf exactly 0,
- * NaN kept; whole numbers below the maximum give exact powers of two (r = 0), and the sum's
- * reciprocal is returned. */
+ * a double reference for the float x - max (0 below 2^-126 = 1.2e-38), the largest exactly
+ * 1, -inf exactly 0, NaN kept; whole numbers below the maximum give exact powers of two
+ * (r = 0), and the sum's reciprocal is returned. */
 static void test_softmax2(void) {
     test_rng r = {83};
     err_meter m = {"softmax2", 0, 0};
@@ -982,9 +986,7 @@ static void test_softmax2(void) {
             float *x = malloc((size_t)n * sizeof(float)), *e = malloc((size_t)n * sizeof(float));
             const float spread = variant == 2 ? 300.0f : 12.0f;
             test_fill(&r, x, n, -spread, spread);
-            if (variant == 1)
-                for (int k = 0; k < n; k++)
-                    if (k % 3 != 1 && k != n - 1) x[k] = -INFINITY;
+            if (variant == 1) mask_scores(x, n);
             memcpy(e, x, (size_t)n * sizeof(float));
             const float inv_sum = lmd_softmax2_unnormalized(e, n);
             double max = -INFINITY, sum = 0.0, largest = 0.0;
