@@ -320,14 +320,14 @@ const float *lmd_generator_top_logprobs(const lmd_generator *g, int32_t k) {
 }
 
 /* log-softmax of the raw row at `token`, and the n_top best tokens with theirs
- * (descending, lower id first on ties). row: (V,) */
+ * (descending, lower id first on ties). row: (V,). The normalizer is the one beam search
+ * and lmd_target_logprobs use, so every raw log-probability the library reports agrees
+ * bit for bit. The row was sampled from, so it holds no NaN or +inf. */
 static float raw_logprobs(const float *row, int32_t vocab, int32_t token, int32_t n_top,
                           int32_t *top_ids, float *top_lps) {
-    float max = -INFINITY;
-    for (int32_t v = 0; v < vocab; v++) max = row[v] > max ? row[v] : max;
-    double sum = 0.0;
-    for (int32_t v = 0; v < vocab; v++) sum += exp((double)(row[v] - max));
-    const float log_sum = (float)log(sum);
+    float log_sum;
+    int32_t bad_index;
+    const float max = lmd_row_log_normalizer(row, vocab, &log_sum, &bad_index);
     int32_t filled = 0;
     for (int32_t v = 0; v < vocab && n_top > 0; v++) {
         if (filled == n_top && !(row[v] > row[top_ids[n_top - 1]])) continue;

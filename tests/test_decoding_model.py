@@ -109,6 +109,18 @@ def test_sequence_logprob_is_one_prefill(stories):
     assert batch[2].total == 0.0
 
 
+def test_every_loop_reports_the_same_log_probabilities(stories):
+    # generate(), beam search and scoring share one log-softmax, and decoding's logits equal
+    # prefill's bit for bit, so a token's log-probability is one number whichever call reports it
+    sampled = stories.generate(PROMPT, max_new_tokens=30, seed=2, temperature=0.8, top_p=0.9)
+    scored = stories.sequence_logprob(PROMPT, sampled.tokens)
+    np.testing.assert_array_equal(sampled.token_logprobs, scored.token_logprobs)
+    greedy = stories.generate(PROMPT, max_new_tokens=30, temperature=0, stop_token_ids=[])
+    (beam,) = stories.beam_search(PROMPT, beam_width=1, max_new_tokens=30, eos_token_id=[])
+    assert beam.tokens == greedy.tokens
+    np.testing.assert_array_equal(beam.token_logprobs, greedy.token_logprobs)
+
+
 def test_text_continuation_is_split_from_the_joint_encoding(stories):
     # llama2.c's encoder prefixes a space: " there was" alone would be [410 ' ', 383 ' there', 286],
     # but after a context the joint encoding gives [383, 286], as lm-evaluation-harness splits it.
