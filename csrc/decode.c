@@ -7,6 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "rng.h"
+#include "speculative.h"
+
 struct lmd_decode_run {
     lmd_model *model;     /* borrowed */
     lmd_kvpool *pool;     /* borrowed */
@@ -281,4 +284,336 @@ done:
     free(zeros);
     if (peak_kv_blocks) *peak_kv_blocks = peak;
     return st;
+}
+
+/* ------------------------------------------------------------------ */
+/* speculative decoding                                                 */
+/* ------------------------------------------------------------------ */
+
+/* Glossary: K the most draft tokens a round proposes (n_draft), k_i the number sequence i
+ * proposes this round, L_k the tokens sequence k holds (prompt + generated), t its
+ * generated count at the round's start. Invariant between rounds: the target's cache
+ * holds every token of a running sequence but its last (tokens[0:L-1]); the draft's
+ * holds a prefix of that (tokens[0:draft_len]). */
+struct lmd_speculative_run {
+    lmd_model *target, *draft;         /* borrowed */
+    lmd_kvpool *target_pool, *draft_pool;
+    lmd_generator *gen;
+    int32_t n, vocab, n_draft;
+    lmd_kvseq **target_seqs, **draft_seqs; /* (n,) NULL before a sequence's first round or once finished */
+    int64_t *proposed, *accepted;          /* (n,) draft tokens proposed and kept so far */
+    /* one round's scratch */
+    int32_t *ids;                          /* (n,) running sequences */
+    int32_t *n_proposing;                  /* (n,) k_i */
+    int32_t *drafts;                       /* (n, K) the proposed tokens */
+    float *draft_logprobs;                 /* (n, K, V) the distributions they were drawn from */
+    float *step_logits;                    /* (n, V) one draft step's raw logits */
+    float *step_logprobs;                  /* (n, V) their processed log-probs */
+    float *target_logits;                  /* (n (K + 1), V) the verification's raw logits */
+    float *target_logprobs;                /* (n (K + 1), V) processed */
+    lmd_row_inputs *inputs;                /* (n (K + 1),) */
+    lmd_sampling_params *params;           /* (n (K + 1),) */
+    double *coins;                         /* (n (K + 1),) the coins of one batch of draws */
+    int32_t *drawn;                        /* (n (K + 1),) */
+    lmd_kvseq **batch;                     /* (n,) */
+    int32_t *tokens, *token_seq;           /* (all prompt tokens + n (K + 1),) one forward's tokens */
+    int32_t *logit_index;                  /* (n (K + 1),) */
+    int32_t *row_start;                    /* (n,) each running sequence's first verification row */
+};
+
+void lmd_speculative_run_free(lmd_speculative_run *run) {
+    if (run == NULL) return;
+    for (int32_t k = 0; k < run->n; k++) {
+        if (run->target_seqs) lmd_kvseq_free(run->target_seqs[k]);
+        if (run->draft_seqs) lmd_kvseq_free(run->draft_seqs[k]);
+    }
+    free(run->target_seqs);
+    free(run->draft_seqs);
+    free(run->proposed);
+    free(run->accepted);
+    free(run->ids);
+    free(run->n_proposing);
+    free(run->drafts);
+    free(run->draft_logprobs);
+    free(run->step_logits);
+    free(run->step_logprobs);
+    free(run->target_logits);
+    free(run->target_logprobs);
+    free(run->inputs);
+    free(run->params);
+    free(run->coins);
+    free(run->drawn);
+    free(run->batch);
+    free(run->tokens);
+    free(run->token_seq);
+    free(run->logit_index);
+    free(run->row_start);
+    free(run);
+}
+
+lmd_status lmd_speculative_run_init(lmd_speculative_run **out, lmd_model *target, lmd_kvpool *target_pool,
+                                    lmd_model *draft, lmd_kvpool *draft_pool, lmd_generator *gen,
+                                    int32_t n_draft, lmd_error *err) {
+    *out = NULL;
+    if (target == NULL || target_pool == NULL || draft == NULL || draft_pool == NULL || gen == NULL)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "models, pools and generator must not be NULL");
+    if (target_pool == draft_pool)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "the target and the draft need pools of their own");
+    if (n_draft < 1 || n_draft > 64)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "num_draft_tokens (=%d) must be in [1, 64]", n_draft);
+    const int32_t n = lmd_generator_n_seqs(gen), V = lmd_generator_vocab(gen);
+    if (V != target->config.vocab_size || V != draft->config.vocab_size)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG,
+                        "the generator samples %d tokens but the target's vocabulary has %d and the draft's %d", V,
+                        target->config.vocab_size, draft->config.vocab_size);
+    int64_t prompt_tokens = 0;
+    for (int32_t k = 0; k < n; k++) {
+        int32_t len = lmd_generator_prompt_length(gen, k);
+        if (len < 1)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG,
+                            "prompt %d is empty: a model needs at least one token (e.g. BOS)", k);
+        if (len > target->config.context_length)
+            return lmd_fail(err, LMD_ERR_CACHE_FULL,
+                            "prompt %d has %d tokens but the model's context length is %d", k, len,
+                            target->config.context_length);
+        prompt_tokens += len;
+    }
+    const int64_t rows = (int64_t)n * (n_draft + 1);
+    if (prompt_tokens + rows > INT32_MAX || rows * V > ((int64_t)1 << 40))
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "%d sequences of %d draft tokens are too many", n, n_draft);
+    lmd_speculative_run *run = calloc(1, sizeof *run);
+    if (run == NULL) return lmd_fail(err, LMD_ERR_NOMEM, "out of memory for a speculative run");
+    const size_t N = (size_t)(uint32_t)n, K = (size_t)(uint32_t)n_draft, R = (size_t)rows,
+                 VV = (size_t)(uint32_t)V, slots = (size_t)(prompt_tokens + rows);
+    run->target = target;
+    run->draft = draft;
+    run->target_pool = target_pool;
+    run->draft_pool = draft_pool;
+    run->gen = gen;
+    run->n = n;
+    run->vocab = V;
+    run->n_draft = n_draft;
+    run->target_seqs = calloc(N, sizeof *run->target_seqs);
+    run->draft_seqs = calloc(N, sizeof *run->draft_seqs);
+    run->proposed = calloc(N, sizeof *run->proposed);
+    run->accepted = calloc(N, sizeof *run->accepted);
+    run->ids = malloc(N * sizeof *run->ids);
+    run->n_proposing = malloc(N * sizeof *run->n_proposing);
+    run->drafts = malloc(N * K * sizeof *run->drafts);
+    run->draft_logprobs = malloc(N * K * VV * sizeof *run->draft_logprobs);
+    run->step_logits = malloc(N * VV * sizeof *run->step_logits);
+    run->step_logprobs = malloc(N * VV * sizeof *run->step_logprobs);
+    run->target_logits = malloc(R * VV * sizeof *run->target_logits);
+    run->target_logprobs = malloc(R * VV * sizeof *run->target_logprobs);
+    run->inputs = malloc(R * sizeof *run->inputs);
+    run->params = malloc(R * sizeof *run->params);
+    run->coins = malloc(R * sizeof *run->coins);
+    run->drawn = malloc(R * sizeof *run->drawn);
+    run->batch = malloc(N * sizeof *run->batch);
+    run->tokens = malloc(slots * sizeof *run->tokens);
+    run->token_seq = malloc(slots * sizeof *run->token_seq);
+    run->logit_index = malloc(R * sizeof *run->logit_index);
+    run->row_start = malloc(N * sizeof *run->row_start);
+    if (!run->target_seqs || !run->draft_seqs || !run->proposed || !run->accepted || !run->ids ||
+        !run->n_proposing || !run->drafts || !run->draft_logprobs || !run->step_logits || !run->step_logprobs ||
+        !run->target_logits || !run->target_logprobs || !run->inputs || !run->params || !run->coins ||
+        !run->drawn || !run->batch || !run->tokens || !run->token_seq || !run->logit_index || !run->row_start) {
+        lmd_speculative_run_free(run);
+        return lmd_fail(err, LMD_ERR_NOMEM, "out of memory for %d sequences of %d draft tokens", n, n_draft);
+    }
+    *out = run;
+    return LMD_OK;
+}
+
+void lmd_speculative_run_counts(const lmd_speculative_run *run, int32_t k, int64_t *proposed, int64_t *accepted) {
+    *proposed = k >= 0 && k < run->n ? run->proposed[k] : 0;
+    *accepted = k >= 0 && k < run->n ? run->accepted[k] : 0;
+}
+
+static void release_finished_pairs(lmd_speculative_run *run) {
+    for (int32_t k = 0; k < run->n; k++)
+        if (lmd_generator_finish_reason(run->gen, k) != LMD_RUNNING) {
+            lmd_kvseq_free(run->target_seqs[k]);
+            lmd_kvseq_free(run->draft_seqs[k]);
+            run->target_seqs[k] = run->draft_seqs[k] = NULL;
+        }
+}
+
+/* The draft proposes k_i tokens for each running sequence i: step j feeds what its cache
+ * lacks (the tokens it has not seen, then its own proposals) and draws proposal j from its
+ * processed distribution with the coin (seed, k, t + j, 1). */
+static lmd_status draft_round(lmd_speculative_run *run, lmd_sampler *const *samplers, int n_samplers, int32_t R,
+                              lmd_error *err) {
+    lmd_status st;
+    const int32_t V = run->vocab, K = run->n_draft;
+    const uint64_t seed = lmd_generator_seed(run->gen);
+    for (int32_t j = 0;; j++) {
+        int32_t nb = 0, n_tokens = 0;
+        for (int32_t i = 0; i < R; i++) {
+            const int32_t k = run->ids[i];
+            if (run->n_proposing[i] <= j) continue;
+            int32_t length;
+            const int32_t *all = lmd_generator_tokens(run->gen, k, &length);
+            if (j == 0) {
+                for (int32_t p = run->draft_seqs[k]->len; p < length; p++) {
+                    run->tokens[n_tokens] = all[p];
+                    run->token_seq[n_tokens++] = nb;
+                }
+            } else {
+                run->tokens[n_tokens] = run->drafts[(int64_t)i * K + j - 1];
+                run->token_seq[n_tokens++] = nb;
+            }
+            run->batch[nb] = run->draft_seqs[k];
+            run->logit_index[nb] = n_tokens - 1;
+            lmd_generator_row(run->gen, k, j, &run->inputs[nb], &run->params[nb]);
+            run->coins[nb] = lmd_rng_uniform(seed, (uint64_t)k, (uint64_t)(lmd_generator_generated(run->gen, k) + j), 1);
+            nb++;
+        }
+        if (nb == 0) return LMD_OK;
+        if ((st = lmd_model_forward(run->draft, run->batch, nb, run->tokens, run->token_seq, n_tokens,
+                                    run->logit_index, nb, run->step_logits, err)))
+            return st;
+        int32_t failed_row;
+        lmd_error row_err;
+        if ((st = lmd_sample_rows(samplers, n_samplers, run->params, nb, run->inputs, run->step_logits, V, nb, V,
+                                  run->coins, run->step_logprobs, run->drawn, NULL, &failed_row, &row_err)))
+            return lmd_fail(err, st, "draft of sequence %d: %.200s", (int)failed_row, row_err.msg);
+        for (int32_t i = 0, b = 0; i < R; i++) {
+            if (run->n_proposing[i] <= j) continue;
+            const int32_t token = run->drawn[b];
+            run->drafts[(int64_t)i * K + j] = token;
+            lmd_generator_propose(run->gen, run->ids[i], j, token);
+            memcpy(run->draft_logprobs + ((int64_t)i * K + j) * V, run->step_logprobs + (int64_t)b * V,
+                   (size_t)V * sizeof(float));
+            b++;
+        }
+    }
+}
+
+lmd_status lmd_speculative_run_rounds(lmd_speculative_run *run, lmd_sampler *const *samplers, int n_samplers,
+                                      int32_t max_rounds, int32_t *last_ids, int32_t *last_tokens, int32_t *n_last,
+                                      lmd_stop_check stop, void *stop_ctx, lmd_error *err) {
+    lmd_status st;
+    const int32_t V = run->vocab, K = run->n_draft;
+    const int32_t target_len = run->target->config.context_length, draft_len = run->draft->config.context_length;
+    const uint64_t seed = lmd_generator_seed(run->gen);
+    if (n_last) *n_last = 0;
+    for (int32_t round = 0; round < max_rounds; round++) {
+        /* a sequence whose tokens fill the target's context length ends there */
+        for (int32_t k = 0; k < run->n; k++) {
+            int32_t length;
+            lmd_generator_tokens(run->gen, k, &length);
+            if (length >= target_len) lmd_generator_finish(run->gen, k, LMD_FINISH_LENGTH);
+        }
+        release_finished_pairs(run);
+        const int32_t R = lmd_generator_running(run->gen, run->ids);
+        if (R == 0) break;
+        /* k_i: at most K, one less than the slots left (the round adds k_i + 1 at most), and
+         * within both context lengths */
+        for (int32_t i = 0; i < R; i++) {
+            const int32_t k = run->ids[i];
+            int32_t length;
+            lmd_generator_tokens(run->gen, k, &length);
+            int32_t most = K;
+            most = lmd_generator_room(run->gen, k) - 1 < most ? lmd_generator_room(run->gen, k) - 1 : most;
+            most = target_len - length - 1 < most ? target_len - length - 1 : most;
+            most = draft_len - length < most ? draft_len - length : most;
+            run->n_proposing[i] = most > 0 ? most : 0;
+            if (run->target_seqs[k] == NULL && (st = lmd_kvseq_init(&run->target_seqs[k], run->target_pool, target_len, err)))
+                return st;
+            if (run->n_proposing[i] > 0 && run->draft_seqs[k] == NULL &&
+                (st = lmd_kvseq_init(&run->draft_seqs[k], run->draft_pool, draft_len, err)))
+                return st;
+            /* after a round that failed part way (a full pool, say), a cache may hold proposals
+             * that were never kept: back to the invariant */
+            if (run->target_seqs[k]->len > length - 1 &&
+                (st = lmd_kvseq_truncate(run->target_seqs[k], length - 1, err)))
+                return st;
+            if (run->draft_seqs[k] != NULL && run->draft_seqs[k]->len > length - 1 &&
+                (st = lmd_kvseq_truncate(run->draft_seqs[k], length - 1, err)))
+                return st;
+        }
+        if ((st = draft_round(run, samplers, n_samplers, R, err))) return st;
+
+        /* verification: one target forward over every sequence's unseen tokens and proposals,
+         * logits at its last token before the proposals and at each proposal */
+        int32_t n_tokens = 0, n_rows = 0;
+        for (int32_t i = 0; i < R; i++) {
+            const int32_t k = run->ids[i], ki = run->n_proposing[i];
+            int32_t length;
+            const int32_t *all = lmd_generator_tokens(run->gen, k, &length);
+            for (int32_t p = run->target_seqs[k]->len; p < length; p++) {
+                run->tokens[n_tokens] = all[p];
+                run->token_seq[n_tokens++] = i;
+            }
+            run->row_start[i] = n_rows;
+            run->logit_index[n_rows] = n_tokens - 1;
+            for (int32_t j = 0; j < ki; j++) {
+                run->tokens[n_tokens] = run->drafts[(int64_t)i * K + j];
+                run->token_seq[n_tokens++] = i;
+                run->logit_index[n_rows + 1 + j] = n_tokens - 1;
+            }
+            /* row j is the target's distribution after j proposals; the last one's draw is the
+             * bonus token, with generate's coin for that step */
+            const int32_t t = lmd_generator_generated(run->gen, k);
+            for (int32_t j = 0; j <= ki; j++) {
+                lmd_generator_row(run->gen, k, j, &run->inputs[n_rows + j], &run->params[n_rows + j]);
+                run->coins[n_rows + j] = j == ki ? lmd_rng_uniform(seed, (uint64_t)k, (uint64_t)(t + ki), 0) : -1.0;
+            }
+            run->batch[i] = run->target_seqs[k];
+            n_rows += ki + 1;
+        }
+        if ((st = lmd_model_forward(run->target, run->batch, R, run->tokens, run->token_seq, n_tokens,
+                                    run->logit_index, n_rows, run->target_logits, err)))
+            return st;
+        int32_t failed_row;
+        lmd_error row_err;
+        if ((st = lmd_sample_rows(samplers, n_samplers, run->params, n_rows, run->inputs, run->target_logits, V,
+                                  n_rows, V, run->coins, run->target_logprobs, run->drawn, NULL, &failed_row,
+                                  &row_err)))
+            return lmd_fail(err, st, "verification row %d: %.200s", (int)failed_row, row_err.msg);
+
+        int32_t n_out = 0;
+        for (int32_t i = 0; i < R; i++) {
+            const int32_t k = run->ids[i], ki = run->n_proposing[i], row = run->row_start[i];
+            const int32_t t = lmd_generator_generated(run->gen, k);
+            int32_t length;
+            lmd_generator_tokens(run->gen, k, &length);
+            double coins[2 * 64];
+            for (int32_t j = 0; j < ki; j++) {
+                const uint64_t stream = (uint64_t)k | LMD_SPECULATIVE_STREAM, step = (uint64_t)(t + j);
+                coins[2 * j] = lmd_rng_uniform(seed, stream, step, 0);
+                coins[2 * j + 1] = lmd_rng_uniform(seed, stream, step, 1);
+            }
+            int32_t kept, residual;
+            if ((st = lmd_speculative_verify(run->drafts + (int64_t)i * K, ki, run->draft_logprobs + (int64_t)i * K * V,
+                                             run->target_logprobs + (int64_t)row * V, V, coins, &kept, &residual, err)))
+                return st;
+            const int32_t next = kept < ki ? residual : run->drawn[row + ki];
+            run->proposed[k] += ki;
+            run->accepted[k] += kept;
+            lmd_finish_reason state = LMD_RUNNING;
+            for (int32_t j = 0; j <= kept && state == LMD_RUNNING; j++) {
+                const int32_t token = j < kept ? run->drafts[(int64_t)i * K + j] : next;
+                state = lmd_generator_append(run->gen, k, token, run->target_logits + (int64_t)(row + j) * V);
+                if (last_ids != NULL && last_tokens != NULL) {
+                    last_ids[n_out] = k;
+                    last_tokens[n_out] = token;
+                }
+                n_out++;
+            }
+            if (state != LMD_RUNNING) continue; /* its caches go at the next round's start */
+            /* keep what the kept tokens put in the caches: the target saw tokens[0:length) and
+             * the proposals; the draft all but the last proposal */
+            if ((st = lmd_kvseq_truncate(run->target_seqs[k], length + kept, err))) return st;
+            if (ki > 0 && run->draft_seqs[k]->len > length + kept &&
+                (st = lmd_kvseq_truncate(run->draft_seqs[k], length + kept, err)))
+                return st;
+        }
+        if (n_last) *n_last = n_out;
+        release_finished_pairs(run);
+        if (stop != NULL && round + 1 < max_rounds && stop(stop_ctx))
+            return lmd_fail(err, LMD_ERR_STOPPED, "decoding was stopped after %d rounds of this call", round + 1);
+    }
+    return LMD_OK;
 }

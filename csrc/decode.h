@@ -62,4 +62,33 @@ lmd_status lmd_decode_beam_search(lmd_model *model, lmd_kvpool *pool, lmd_beam_s
                                   int32_t *peak_kv_blocks, lmd_stop_check stop, void *stop_ctx,
                                   lmd_error *err);
 
+/*
+ * Speculative decoding: a draft model proposes up to n_draft tokens per sequence,
+ * the target verifies them all in one forward pass, and speculative.h's rule keeps
+ * a prefix and draws the next token, so every token is distributed as the target
+ * (with the generator's sampling chain) alone would draw it; at temperature 0 the
+ * output is the target's greedy output token for token. Sequence k at step t takes
+ * its coins from (seed, k, t, 1) for the draft's draw, (seed, k | LMD_SPECULATIVE_STREAM,
+ * t, 0 and 1) for the acceptance and residual draws, and (seed, k, t, 0) for the
+ * target's own draw after all proposals were kept: so with no proposal the loop is
+ * lmd_decode_run's, coin for coin. Both models share the generator's vocabulary; each
+ * has a pool of its own. A round proposes fewer tokens where max_new_tokens or a
+ * context length leaves less room. Each sequence prefills its own prompt.
+ *
+ * lmd_speculative_run_rounds runs up to max_rounds rounds; last_ids/last_tokens
+ * (capacity n_seqs * (n_draft + 1)) receive the (sequence, token) pairs the last round
+ * appended, in order, *n_last their count. stop as in lmd_decode_run_steps.
+ * lmd_speculative_run_counts gives sequence k's draft tokens proposed and kept so far.
+ */
+typedef struct lmd_speculative_run lmd_speculative_run;
+
+lmd_status lmd_speculative_run_init(lmd_speculative_run **out, lmd_model *target, lmd_kvpool *target_pool,
+                                    lmd_model *draft, lmd_kvpool *draft_pool, lmd_generator *gen,
+                                    int32_t n_draft, lmd_error *err);
+void lmd_speculative_run_free(lmd_speculative_run *run); /* safe on NULL */
+lmd_status lmd_speculative_run_rounds(lmd_speculative_run *run, lmd_sampler *const *samplers, int n_samplers,
+                                      int32_t max_rounds, int32_t *last_ids, int32_t *last_tokens, int32_t *n_last,
+                                      lmd_stop_check stop, void *stop_ctx, lmd_error *err);
+void lmd_speculative_run_counts(const lmd_speculative_run *run, int32_t k, int64_t *proposed, int64_t *accepted);
+
 #endif /* LMD_DECODE_H */

@@ -359,13 +359,67 @@ static int64_t find_stop(const lmd_generator *g, const uint8_t *text, int64_t le
     return best;
 }
 
-// the raw log-probability of running sequence i's drawn token and its top alternatives
-static void record_logprobs(lmd_generator *g, const float *row_logits, int32_t V, int32_t i) {
-    int32_t k = g->running[i], t = g->generated[k], token = g->drawn[i];
-    int64_t slot = (int64_t)k * g->max_new + t;
-    g->token_logprobs[slot] = raw_logprobs(row_logits, V, token, g->n_top, g->top_ids + slot * g->n_top,
+// the raw log-probability of sequence k's next token (its slot t = generated) and its top
+// alternatives, from the raw logits row (V,)
+static void record_logprobs(lmd_generator *g, int32_t k, int32_t token, const float *row_logits) {
+    int64_t slot = (int64_t)k * g->max_new + g->generated[k];
+    g->token_logprobs[slot] = raw_logprobs(row_logits, g->vocab, token, g->n_top, g->top_ids + slot * g->n_top,
                                            g->top_logprobs + slot * g->n_top);
 }
+
+// appends token to running sequence k (its log-probs recorded already) and finishes it on a
+// stop token, a stop string or its last slot
+static void append_token(lmd_generator *g, int32_t k, int32_t token) {
+    g->tokens[g->token_base[k] + g->prompt_len[k] + g->generated[k]] = token;
+    g->generated[k]++;
+    for (int32_t j = 0; j < g->n_stop_ids; j++)
+        if (token == g->stop_ids[j]) g->finish[k] = LMD_FINISH_STOP;
+    if (g->finish[k] == LMD_RUNNING && g->n_stop_strings > 0) {
+        uint8_t *text = g->text + (int64_t)k * g->max_new * g->longest_token;
+        int64_t before = g->text_len[k];
+        int64_t piece = g->token_offsets[token + 1] - g->token_offsets[token];
+        memcpy(text + before, g->token_bytes + g->token_offsets[token], (size_t)piece);
+        g->text_len[k] = before + piece;
+        if (g->generated[k] >= g->min_new && piece > 0) {
+            int64_t at = find_stop(g, text, g->text_len[k], before);
+            if (at >= 0) {
+                g->stop_at[k] = at;
+                g->finish[k] = LMD_FINISH_STOP;
+            }
+        }
+    }
+    if (g->finish[k] == LMD_RUNNING && g->generated[k] >= g->max_new) g->finish[k] = LMD_FINISH_LENGTH;
+}
+
+void lmd_generator_row(const lmd_generator *g, int32_t k, int32_t extra, lmd_row_inputs *in,
+                       lmd_sampling_params *params) {
+    *in = g->constraints[k];
+    in->context = g->tokens + g->token_base[k];
+    in->context_len = g->prompt_len[k] + g->generated[k] + extra;
+    in->prompt_len = g->prompt_len[k];
+    if (g->generated[k] + extra < g->min_new) { /* stop tokens may not end it yet */
+        in->banned = g->banned_with_stops[k];
+        in->n_banned = g->constraints[k].n_banned + g->n_stop_ids;
+    }
+    *params = g->params[g->n_params == 1 ? 0 : k];
+}
+
+int32_t lmd_generator_room(const lmd_generator *g, int32_t k) { return g->max_new - g->generated[k]; }
+
+void lmd_generator_propose(lmd_generator *g, int32_t k, int32_t extra, int32_t token) {
+    if (extra >= 0 && extra < g->max_new - g->generated[k])
+        g->tokens[g->token_base[k] + g->prompt_len[k] + g->generated[k] + extra] = token;
+}
+
+lmd_finish_reason lmd_generator_append(lmd_generator *g, int32_t k, int32_t token, const float *raw_logits) {
+    if (k < 0 || k >= g->n || g->finish[k] != LMD_RUNNING || token < 0 || token >= g->vocab)
+        return k >= 0 && k < g->n ? (lmd_finish_reason)g->finish[k] : LMD_FINISH_LENGTH;
+    record_logprobs(g, k, token, raw_logits);
+    append_token(g, k, token);
+    return (lmd_finish_reason)g->finish[k];
+}
+
+uint64_t lmd_generator_seed(const lmd_generator *g) { return g->seed; }
 
 lmd_status lmd_generator_step(lmd_generator *g, lmd_sampler *const *samplers, int n_samplers,
                               const float *logits, int32_t *new_tokens, lmd_error *err) {
@@ -373,16 +427,7 @@ lmd_status lmd_generator_step(lmd_generator *g, lmd_sampler *const *samplers, in
     if (R == 0) return lmd_fail(err, LMD_ERR_INVALID_ARG, "every sequence has finished");
     for (int32_t i = 0; i < R; i++) {
         int32_t k = g->running[i];
-        lmd_row_inputs *in = &g->inputs[i];
-        *in = g->constraints[k];
-        in->context = g->tokens + g->token_base[k];
-        in->context_len = g->prompt_len[k] + g->generated[k];
-        in->prompt_len = g->prompt_len[k];
-        if (g->generated[k] < g->min_new) { /* stop tokens may not end it yet */
-            in->banned = g->banned_with_stops[k];
-            in->n_banned = g->constraints[k].n_banned + g->n_stop_ids;
-        }
-        g->row_params[i] = g->params[g->n_params == 1 ? 0 : k];
+        lmd_generator_row(g, k, 0, &g->inputs[i], &g->row_params[i]);
         g->coins[i] = lmd_rng_uniform(g->seed, (uint64_t)k, (uint64_t)g->generated[k], 0);
     }
     int32_t failed_row;
@@ -397,34 +442,14 @@ lmd_status lmd_generator_step(lmd_generator *g, lmd_sampler *const *samplers, in
     /* no OpenMP region for small batches: entering one costs more than a short row */
     if (R > 1 && (int64_t)R * V >= 65536 && lmd_get_num_threads() > 1) {
 #pragma omp parallel for schedule(static) num_threads(lmd_get_num_threads())
-        for (int32_t i = 0; i < R; i++) record_logprobs(g, logits + (int64_t)i * V, V, i);
+        for (int32_t i = 0; i < R; i++) record_logprobs(g, g->running[i], g->drawn[i], logits + (int64_t)i * V);
     } else
 #endif
-        for (int32_t i = 0; i < R; i++) record_logprobs(g, logits + (int64_t)i * V, V, i);
+        for (int32_t i = 0; i < R; i++) record_logprobs(g, g->running[i], g->drawn[i], logits + (int64_t)i * V);
 
     for (int32_t i = 0; i < R; i++) {
-        int32_t k = g->running[i], token = g->drawn[i];
-        if (new_tokens) new_tokens[i] = token;
-        g->tokens[g->token_base[k] + g->prompt_len[k] + g->generated[k]] = token;
-        g->generated[k]++;
-        for (int32_t j = 0; j < g->n_stop_ids; j++)
-            if (token == g->stop_ids[j]) g->finish[k] = LMD_FINISH_STOP;
-        if (g->finish[k] == LMD_RUNNING && g->n_stop_strings > 0) {
-            uint8_t *text = g->text + (int64_t)k * g->max_new * g->longest_token;
-            int64_t before = g->text_len[k];
-            int64_t piece = g->token_offsets[token + 1] - g->token_offsets[token];
-            memcpy(text + before, g->token_bytes + g->token_offsets[token], (size_t)piece);
-            g->text_len[k] = before + piece;
-            if (g->generated[k] >= g->min_new && piece > 0) {
-                int64_t at = find_stop(g, text, g->text_len[k], before);
-                if (at >= 0) {
-                    g->stop_at[k] = at;
-                    g->finish[k] = LMD_FINISH_STOP;
-                }
-            }
-        }
-        if (g->finish[k] == LMD_RUNNING && g->generated[k] >= g->max_new)
-            g->finish[k] = LMD_FINISH_LENGTH;
+        if (new_tokens) new_tokens[i] = g->drawn[i];
+        append_token(g, g->running[i], g->drawn[i]);
     }
     return LMD_OK;
 }

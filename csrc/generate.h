@@ -87,4 +87,26 @@ const float *lmd_generator_top_logprobs(const lmd_generator *g, int32_t k);
 lmd_status lmd_generator_step(lmd_generator *g, lmd_sampler *const *samplers, int n_samplers,
                               const float *logits, int32_t *new_tokens, lmd_error *err);
 
+/*
+ * Finer steps, for a driver that draws tokens itself (speculative decoding) under the
+ * generator's rules. For running sequence k:
+ *   lmd_generator_room     slots left (max_new_tokens - generated);
+ *   lmd_generator_propose  writes a tentative token `extra` (in [0, room)) places after its
+ *                          tokens, so that a row built with that many extra tokens sees it
+ *                          in its context; the next append overwrites it;
+ *   lmd_generator_row      the sampling inputs and params of its next row as if `extra`
+ *                          proposed tokens followed (the stop tokens banned while
+ *                          generated + extra < min_new_tokens), as lmd_generator_step
+ *                          builds them with extra = 0; the pointers are the generator's;
+ *   lmd_generator_append   appends token, its raw log-probs from raw_logits (V,), with the
+ *                          stop and length rules of lmd_generator_step; returns the
+ *                          sequence's state after it (a finished k is left unchanged).
+ */
+int32_t lmd_generator_room(const lmd_generator *g, int32_t k);
+void lmd_generator_propose(lmd_generator *g, int32_t k, int32_t extra, int32_t token);
+void lmd_generator_row(const lmd_generator *g, int32_t k, int32_t extra, lmd_row_inputs *in,
+                       lmd_sampling_params *params);
+lmd_finish_reason lmd_generator_append(lmd_generator *g, int32_t k, int32_t token, const float *raw_logits);
+uint64_t lmd_generator_seed(const lmd_generator *g);
+
 #endif /* LMD_GENERATE_H */

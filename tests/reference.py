@@ -160,3 +160,54 @@ def draw(logprobs: np.ndarray, coin: float) -> int:
     probs = np.exp(logprobs)
     cum = np.cumsum(probs) / probs.sum()
     return int(np.searchsorted(cum, coin, side="right"))
+
+
+def speculative_generate(target, draft, prompt, *, num_draft, max_new, seed, stream=0, stop_ids=(), min_new=0,
+                         target_context=10**9, draft_context=10**9, **sampling):
+    """Speculative sampling (Leviathan et al. 2023) written out: `target` and `draft` map a token
+    list to the raw logits of its last position. Each round the draft proposes up to num_draft
+    tokens drawn from its processed distributions q, the target's processed distributions p
+    judge them in order (keep x when u < p(x) / q(x)), the first rejection is replaced by a
+    draw from norm(max(0, p - q)) and a fully kept round earns a draw from the next p. Coins
+    as lmdecode documents them: draft draw (seed, stream, t, 1), acceptance and residual
+    (seed, stream | 2**63, t, 0 / 1), the target's own draw (seed, stream, t, 0). Returns
+    (new tokens, finish reason)."""
+    from lmdecode import rng_uniform
+
+    spec_stream = stream | (1 << 63)
+    tokens, new = list(prompt), []
+
+    def processed(logits_fn, context, generated):
+        banned = list(stop_ids) if generated < min_new else None
+        lp, _ = process(np.asarray(logits_fn(context), dtype=np.float32), context=list(context),
+                        prompt_len=len(prompt), banned_tokens=banned, **sampling)
+        return lp
+
+    while True:
+        if len(tokens) >= target_context:
+            return new, "length"
+        t = len(new)
+        k = max(0, min(num_draft, max_new - t - 1, target_context - len(tokens) - 1, draft_context - len(tokens)))
+        drafts, qs = [], []
+        for j in range(k):
+            q = processed(draft, tokens + drafts, t + j)
+            drafts.append(draw(q, rng_uniform(seed, stream, t + j, 1)))
+            qs.append(q)
+        ps = [processed(target, tokens + drafts[:j], t + j) for j in range(k + 1)]
+        kept, following = k, None
+        for i, x in enumerate(drafts):
+            if not rng_uniform(seed, spec_stream, t + i, 0) * np.exp(qs[i][x]) < np.exp(ps[i][x]):
+                residual = np.maximum(0.0, np.exp(ps[i]) - np.exp(qs[i]))
+                cum = np.cumsum(residual)
+                following = int(np.searchsorted(cum, rng_uniform(seed, spec_stream, t + i, 1) * cum[-1], side="right"))
+                kept = i
+                break
+        if following is None:
+            following = draw(ps[k], rng_uniform(seed, stream, t + k, 0))
+        for token in drafts[:kept] + [following]:
+            new.append(token)
+            tokens.append(token)
+            if token in stop_ids:
+                return new, "stop"
+            if len(new) >= max_new:
+                return new, "length"

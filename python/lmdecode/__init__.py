@@ -12,6 +12,7 @@ from .generation import Generation, GenerationChunk, generate
 from .model import KVCache, Model, ModelConfig
 from .scoring import PerplexityResult, SequenceScore, sequence_logprob
 from .search import Hypothesis, beam_search
+from .speculative import speculative_accept
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "sample",
     "sequence_logprob",
     "set_num_threads",
+    "speculative_accept",
 ]
 
 

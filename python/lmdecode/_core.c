@@ -21,6 +21,7 @@
 #include "generate.h"
 #include "decode.h"
 #include "model.h"
+#include "speculative.h"
 #include "pythread.h"
 
 #include <time.h>
@@ -1928,6 +1929,217 @@ static PyObject *py_model_beam_search(PyObject *self, PyObject *args) {
 }
 
 /* ------------------------------------------------------------------ */
+/* speculative decoding                                                 */
+/* ------------------------------------------------------------------ */
+
+/* speculative_verify(draft_tokens int32 (k,), draft_logprobs f32 (k, V), target_logprobs f32
+ * (k or k + 1, V), coins f64 (k, 2)) -> (n_accepted, residual_token or -1) */
+static PyObject *py_speculative_verify(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *objects[4];
+    PyArrayObject *tokens = NULL, *draft = NULL, *target = NULL, *coins = NULL;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOO", &objects[0], &objects[1], &objects[2], &objects[3])) return NULL;
+    if (as_array(objects[0], NPY_INT32, 1, "draft_tokens", &tokens) || as_array(objects[1], NPY_FLOAT32, 2, "draft_logprobs", &draft) ||
+        as_array(objects[2], NPY_FLOAT32, 2, "target_logprobs", &target) || as_array(objects[3], NPY_FLOAT64, 2, "coins", &coins))
+        goto done;
+    if (!tokens || !draft || !target || !coins) {
+        PyErr_SetString(PyExc_TypeError, "speculative_verify: no argument may be None");
+        goto done;
+    }
+    const npy_intp k = PyArray_DIM(tokens, 0), V = PyArray_DIM(draft, 1);
+    if (PyArray_DIM(draft, 0) != k || PyArray_DIM(target, 1) != V || PyArray_DIM(target, 0) < k ||
+        PyArray_DIM(coins, 0) != k || PyArray_DIM(coins, 1) != 2 || V < 1 || V > INT32_MAX || k > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError,
+                     "speculative_verify: shapes disagree (draft_tokens (%zd,), draft_logprobs (%zd, %zd), "
+                     "target_logprobs (%zd, %zd), coins (%zd, %zd))",
+                     (Py_ssize_t)k, (Py_ssize_t)PyArray_DIM(draft, 0), (Py_ssize_t)V, (Py_ssize_t)PyArray_DIM(target, 0),
+                     (Py_ssize_t)PyArray_DIM(target, 1), (Py_ssize_t)PyArray_DIM(coins, 0), (Py_ssize_t)PyArray_DIM(coins, 1));
+        goto done;
+    }
+    lmd_error err;
+    int32_t kept = 0, residual = -1;
+    lmd_status st;
+    Py_BEGIN_ALLOW_THREADS;
+    st = lmd_speculative_verify(PyArray_DATA(tokens), (int32_t)k, PyArray_DATA(draft), PyArray_DATA(target), (int32_t)V,
+                                PyArray_DATA(coins), &kept, &residual, &err);
+    Py_END_ALLOW_THREADS;
+    if (st != LMD_OK) {
+        raise_status(st, &err);
+        goto done;
+    }
+    result = Py_BuildValue("(ii)", (int)kept, (int)residual);
+done:
+    Py_XDECREF(tokens);
+    Py_XDECREF(draft);
+    Py_XDECREF(target);
+    Py_XDECREF(coins);
+    return result;
+}
+
+typedef struct {
+    PyObject_HEAD
+    lmd_speculative_run *run;
+    EngineModelObject *target, *draft; /* strong references: the run borrows them */
+    EngineKVPoolObject *target_pool, *draft_pool;
+    GeneratorObject *generator;
+    int32_t n_draft;
+} SpeculativeDecoderObject;
+
+static void SpeculativeDecoder_dealloc(SpeculativeDecoderObject *self) {
+    lmd_speculative_run_free(self->run); /* frees its sequences before the pools can go */
+    Py_XDECREF(self->target);
+    Py_XDECREF(self->draft);
+    Py_XDECREF(self->target_pool);
+    Py_XDECREF(self->draft_pool);
+    Py_XDECREF(self->generator);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* SpeculativeDecoder(target: Model, target_pool: KVPool, draft: Model, draft_pool: KVPool,
+ *                    generator: Generator, n_draft: int) */
+static int SpeculativeDecoder_init(SpeculativeDecoderObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"target", "target_pool", "draft", "draft_pool", "generator", "n_draft", NULL};
+    EngineModelObject *target, *draft;
+    EngineKVPoolObject *target_pool, *draft_pool;
+    GeneratorObject *generator;
+    int n_draft;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!O!O!O!i", kwlist, &EngineModelType, &target, &EngineKVPoolType,
+                                     &target_pool, &EngineModelType, &draft, &EngineKVPoolType, &draft_pool,
+                                     &GeneratorType, &generator, &n_draft))
+        return -1;
+    if (target->model == NULL || draft->model == NULL || target_pool->pool == NULL || draft_pool->pool == NULL ||
+        generator->gen == NULL) {
+        PyErr_SetString(PyExc_ValueError, "models, pools and generator must be initialized");
+        return -1;
+    }
+    lmd_error err;
+    lmd_speculative_run *run = NULL;
+    lmd_status st = lmd_speculative_run_init(&run, target->model, target_pool->pool, draft->model, draft_pool->pool,
+                                             generator->gen, n_draft, &err);
+    if (st != LMD_OK) {
+        raise_status(st, &err);
+        return -1;
+    }
+    lmd_speculative_run_free(self->run);
+    self->run = run;
+    self->n_draft = n_draft;
+    Py_INCREF(target);
+    Py_INCREF(draft);
+    Py_INCREF(target_pool);
+    Py_INCREF(draft_pool);
+    Py_INCREF(generator);
+    Py_XSETREF(self->target, target);
+    Py_XSETREF(self->draft, draft);
+    Py_XSETREF(self->target_pool, target_pool);
+    Py_XSETREF(self->draft_pool, draft_pool);
+    Py_XSETREF(self->generator, generator);
+    return 0;
+}
+
+/* rounds(max_rounds) -> (ids int64, tokens int64): the tokens the last round appended, in order */
+static PyObject *SpeculativeDecoder_rounds(SpeculativeDecoderObject *self, PyObject *arg) {
+    if (self->run == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "SpeculativeDecoder is not initialized");
+        return NULL;
+    }
+    long max_rounds = PyLong_AsLong(arg);
+    if (max_rounds == -1 && PyErr_Occurred()) return NULL;
+    if (max_rounds < 1 || max_rounds > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "max_rounds (=%ld) must be in [1, 2^31)", max_rounds);
+        return NULL;
+    }
+    const size_t capacity = (size_t)self->generator->n_seqs * (size_t)(self->n_draft + 1);
+    int32_t n_last = 0;
+    int32_t *ids = PyMem_Malloc(capacity * sizeof *ids), *tokens = PyMem_Malloc(capacity * sizeof *tokens);
+    sampler_set *set = NULL;
+    PyObject *result = NULL;
+    if (ids == NULL || tokens == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if ((set = sampler_set_acquire(lmd_get_num_threads(), self->generator->vocab)) == NULL) goto done;
+    if (!PyThread_acquire_lock(self->generator->lock, NOWAIT_LOCK)) {
+        PyErr_SetString(PyExc_RuntimeError, "this Generator is in use by another thread");
+        goto done;
+    }
+    const int one_model = self->target == self->draft; /* a model may draft for itself */
+    engine_lock(self->target->lock);
+    if (!one_model) engine_lock(self->draft->lock);
+    engine_lock(self->target_pool->lock);
+    engine_lock(self->draft_pool->lock);
+    lmd_error err;
+    lmd_status st;
+    signal_check check = {{0, 0}, 0};
+    timespec_get(&check.last, TIME_UTC);
+    Py_BEGIN_ALLOW_THREADS;
+    st = lmd_speculative_run_rounds(self->run, set->samplers, set->n, (int32_t)max_rounds, ids, tokens, &n_last,
+                                    stop_on_signal, &check, &err);
+    Py_END_ALLOW_THREADS;
+    PyThread_release_lock(self->draft_pool->lock);
+    PyThread_release_lock(self->target_pool->lock);
+    if (!one_model) PyThread_release_lock(self->draft->lock);
+    PyThread_release_lock(self->target->lock);
+    PyThread_release_lock(self->generator->lock);
+    if (st == LMD_ERR_STOPPED && check.raised) goto done; /* KeyboardInterrupt (or the handler's) */
+    if (st != LMD_OK) {
+        raise_status(st, &err);
+        goto done;
+    }
+    npy_intp dims[1] = {n_last};
+    PyArrayObject *ids_out = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+    PyArrayObject *tokens_out = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+    if (ids_out && tokens_out) {
+        for (int32_t i = 0; i < n_last; i++) {
+            ((int64_t *)PyArray_DATA(ids_out))[i] = ids[i];
+            ((int64_t *)PyArray_DATA(tokens_out))[i] = tokens[i];
+        }
+        result = Py_BuildValue("(OO)", ids_out, tokens_out);
+    }
+    Py_XDECREF(ids_out);
+    Py_XDECREF(tokens_out);
+done:
+    if (set) sampler_set_release(set);
+    PyMem_Free(ids);
+    PyMem_Free(tokens);
+    return result;
+}
+
+/* counts(k) -> (draft tokens proposed, draft tokens kept) for sequence k */
+static PyObject *SpeculativeDecoder_counts(SpeculativeDecoderObject *self, PyObject *arg) {
+    if (self->run == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "SpeculativeDecoder is not initialized");
+        return NULL;
+    }
+    long k = PyLong_AsLong(arg);
+    if (k == -1 && PyErr_Occurred()) return NULL;
+    if (k < 0 || k >= self->generator->n_seqs) {
+        PyErr_Format(PyExc_IndexError, "sequence %ld is outside [0, %d)", k, (int)self->generator->n_seqs);
+        return NULL;
+    }
+    int64_t proposed, kept;
+    lmd_speculative_run_counts(self->run, (int32_t)k, &proposed, &kept);
+    return Py_BuildValue("(LL)", (long long)proposed, (long long)kept);
+}
+
+static PyMethodDef SpeculativeDecoder_methods[] = {
+    {"rounds", (PyCFunction)SpeculativeDecoder_rounds, METH_O, "Run up to max_rounds draft-and-verify rounds in C."},
+    {"counts", (PyCFunction)SpeculativeDecoder_counts, METH_O, "(proposed, kept) draft tokens of sequence k."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SpeculativeDecoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "lmdecode._core.SpeculativeDecoder",
+    .tp_basicsize = sizeof(SpeculativeDecoderObject),
+    .tp_dealloc = (destructor)SpeculativeDecoder_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "SpeculativeDecoder(target, target_pool, draft, draft_pool, generator, n_draft): speculative decoding in C.",
+    .tp_methods = SpeculativeDecoder_methods,
+    .tp_init = (initproc)SpeculativeDecoder_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ------------------------------------------------------------------ */
 /* module                                                               */
 /* ------------------------------------------------------------------ */
 
@@ -1951,6 +2163,8 @@ static PyMethodDef core_methods[] = {
     /* decoding-loop bindings */
     {"model_beam_search", py_model_beam_search, METH_VARARGS,
      "model_beam_search(model, pool, beam_search, prompt) -> peak KV blocks: the whole search in C."},
+    {"speculative_verify", py_speculative_verify, METH_VARARGS,
+     "speculative_verify(draft_tokens (k,), draft_logprobs (k, V), target_logprobs (k[+1], V), coins (k, 2)) -> (n_accepted, residual_token)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1975,7 +2189,9 @@ PyMODINIT_FUNC PyInit__core(void) {
     }
     /* model types are registered here */
     if (register_model_types(m) < 0 || PyType_Ready(&ModelDecoderType) < 0 ||
-        PyModule_AddObjectRef(m, "ModelDecoder", (PyObject *)&ModelDecoderType) < 0) {
+        PyModule_AddObjectRef(m, "ModelDecoder", (PyObject *)&ModelDecoderType) < 0 ||
+        PyType_Ready(&SpeculativeDecoderType) < 0 ||
+        PyModule_AddObjectRef(m, "SpeculativeDecoder", (PyObject *)&SpeculativeDecoderType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

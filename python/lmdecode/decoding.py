@@ -94,6 +94,15 @@ class DecodingMixin:
         positions = sum(min(len(p) + max_new_tokens, ctx) + 2 * _BLOCK for p in prompts)
         return _core.ModelDecoder(self._engine, self._pool(positions), generator)
 
+    def _speculative_decoder(self, draft, generator, prompts: list[list[int]], max_new_tokens: int, n_draft: int):
+        """The C speculative loop: this model verifies what `draft` proposes (a pool each)."""
+        def pool_for(model):
+            ctx = model.config.context_length
+            positions = sum(min(len(p) + max_new_tokens + n_draft, ctx) + 2 * _BLOCK for p in prompts)
+            return model._pool(positions)
+
+        return _core.SpeculativeDecoder(self._engine, pool_for(self), draft._engine, pool_for(draft), generator, n_draft)
+
     def _beam_search_in_c(self, search, prompt: list[int], beam_width: int, max_new_tokens: int) -> int:
         """Runs `search` to its end in C; returns the peak number of KV positions the beams held."""
         positions = len(prompt) + 2 * beam_width * (max_new_tokens + 2 * _BLOCK)

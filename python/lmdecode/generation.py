@@ -52,6 +52,9 @@ class Generation:
     top_logprobs: list[dict[int, float]] = field(repr=False)  # the `logprobs` most likely tokens per step
     finish_reason: str  # "stop" (stop token or string) or "length"
     prompt_tokens: list[int] = field(repr=False)
+    # speculative decoding (draft_model=...): draft tokens proposed and kept; None otherwise
+    draft_tokens_proposed: int | None = field(default=None, repr=False)
+    draft_tokens_accepted: int | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,7 @@ class _Run:
         if unknown:
             raise TypeError(f"unknown keyword(s): {', '.join(sorted(unknown))}")
         self.tokenizer = tokenizer
+        self.speculative = None  # the C speculative loop, whose counts the results report
         self.stop = stop
         self.stop_ids = set(int(t) for t in stop_ids)
         self.n_seqs = len(prompts) * n
@@ -190,6 +194,7 @@ class _Run:
 
     def result(self, k: int) -> Generation:
         tokens, prompt_len, lps, top_ids, top_lps, reason, stop_offset = self.gen.result(k)
+        proposed, accepted = self.speculative.counts(k) if self.speculative is not None else (None, None)
         new = [int(t) for t in tokens[prompt_len:]]
         text = None
         if self.tokenizer is not None:
@@ -200,7 +205,8 @@ class _Run:
                 text = self.tokenizer.decode(visible)
         top = [{int(i): float(v) for i, v in zip(ids, vals)} for ids, vals in zip(top_ids, top_lps)]
         return Generation(tokens=new, text=text, token_logprobs=[float(x) for x in lps], top_logprobs=top,
-                          finish_reason=reason or "length", prompt_tokens=[int(t) for t in tokens[:prompt_len]])
+                          finish_reason=reason or "length", prompt_tokens=[int(t) for t in tokens[:prompt_len]],
+                          draft_tokens_proposed=proposed, draft_tokens_accepted=accepted)
 
 
 def _step_fn_logits(step_fn: Callable[[np.ndarray], Any], run: _Run, running: np.ndarray, vocab: int) -> np.ndarray:
@@ -227,6 +233,8 @@ def generate(
     stream: bool = False,
     logprobs: int = 0,
     tokenizer: TokenizerLike | None = None,
+    draft_model: Any = None,
+    num_draft_tokens: int = 4,
     **sampling: Any,
 ):
     """Generates from an lmdecode model or ``step_fn(tokens: int64 array) -> (V,) logits``.
@@ -237,12 +245,33 @@ def generate(
     for one prompt and ``n == 1``, a list of ``n`` for one prompt, and a list
     (one entry per prompt, each as above) for a batch. With ``stream=True`` it
     returns an iterator of :class:`GenerationChunk` instead.
+
+    ``draft_model`` (an lmdecode Model with the same vocabulary; the target must be one
+    too) turns on speculative decoding: each round the draft proposes up to
+    ``num_draft_tokens`` tokens, the target verifies them in one forward pass, and the
+    rule of csrc/speculative.h keeps a prefix, so the tokens are distributed exactly as
+    the target's own sampling would draw them (at ``temperature=0``: the target's greedy
+    tokens, identical). With a seed, the tokens differ from a plain run's (the coins are
+    used differently) but are reproducible. Each :class:`Generation` then reports
+    ``draft_tokens_proposed`` and ``draft_tokens_accepted``.
     """
     max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 0)
     min_new_tokens = _check_count("min_new_tokens", min_new_tokens, 0)
     n = _check_count("n", n, 1)
     logprobs = _check_count("logprobs", logprobs, 0)
+    num_draft_tokens = _check_count("num_draft_tokens", num_draft_tokens, 1)
+    if num_draft_tokens > 64:
+        raise ValueError(f"num_draft_tokens (={num_draft_tokens}) must be <= 64")
     model = model_or_step_fn if hasattr(model_or_step_fn, "_decoder") else None
+    if draft_model is not None:
+        if model is None:
+            raise TypeError("draft_model needs an lmdecode Model as the target (for external models, "
+                            "verify drafts with ld.speculative_accept)")
+        if not hasattr(draft_model, "_decoder"):
+            raise TypeError(f"draft_model must be an lmdecode Model, got {type(draft_model).__name__}")
+        if draft_model.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"draft_model's vocabulary ({draft_model.config.vocab_size} tokens) differs from "
+                             f"the target's ({model.config.vocab_size})")
     if model is None and not callable(model_or_step_fn):
         raise TypeError(f"model_or_step_fn must be an lmdecode Model or a callable, got {type(model_or_step_fn).__name__}")
     if tokenizer is None and model is not None:
@@ -265,7 +294,15 @@ def generate(
                stop_ids=_stop_ids(stop_token_ids, default_eos), stop=_stop_strings(stop), logprobs=logprobs,
                tokenizer=tokenizer, sampling=sampling)
 
-    if model is not None:  # the whole loop runs in C
+    if model is not None and draft_model is not None:  # the whole speculative loop runs in C
+        run.speculative = model._speculative_decoder(draft_model, run.gen, run.prompts, max_new_tokens, num_draft_tokens)
+
+        def advance() -> tuple[np.ndarray, np.ndarray]:
+            return run.speculative.rounds(1)
+
+        if not stream:
+            run.speculative.rounds(_ALL_STEPS)
+    elif model is not None:  # the whole loop runs in C
         decoder = model._decoder(run.gen, run.prompts, max_new_tokens)
 
         def advance() -> tuple[np.ndarray, np.ndarray]:
@@ -336,13 +373,15 @@ def _stream_with_stop_strings(run: _Run, advance: Callable[[], tuple[np.ndarray,
     while not run.gen.done:
         running, tokens = advance()
         still_running = set(int(k) for k in run.gen.running())
-        for k, token in zip(running, tokens):
+        # a speculative round appends several tokens to a sequence: only its last one may end it
+        last_of = {int(k): i for i, k in enumerate(running)}
+        for i, (k, token) in enumerate(zip(running, tokens)):
             k, token = int(k), int(token)
             data = text_bytes.setdefault(k, bytearray())
             decoder = decoders.setdefault(k, codecs.getincrementaldecoder("utf-8")(errors="replace"))
             if token not in run.stop_ids:
                 data += run.tokenizer.token_bytes(token)
-            if k in still_running:
+            if k in still_running or last_of[k] != i:
                 end, final = len(data) - held_back(data), False
             else:
                 *_, reason, stop_offset = run.gen.result(k)

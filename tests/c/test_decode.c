@@ -495,11 +495,98 @@ static void test_beam_search(void) {
     tiny_close(&t, m);
 }
 
+/* Speculative decoding at temperature 0 gives the target's greedy tokens whatever the draft
+ * (its own seed: another random model; a GPT-2 over the same 40 tokens), with batches, short
+ * budgets and the context length cutting rounds short; its caches all go back to the pools. */
+static void test_speculative_greedy_equals_greedy(void) {
+    tiny_spec spec = tiny_llama_spec(), other = tiny_llama_spec(), gpt2 = tiny_gpt2_spec();
+    other.seed = 99;
+    tiny_model t, d1, d2;
+    lmd_model *m = tiny_open(&t, &spec, 16), *drafts[2] = {tiny_open(&d1, &other, 16), tiny_open(&d2, &gpt2, 16)};
+    const int V = t.config.vocab_size;
+    lmd_kvpool *pool = tiny_pool(&t, 4, 64), *target_pool = tiny_pool(&t, 4, 64);
+    lmd_kvpool *draft_pools[2] = {tiny_pool(&d1, 4, 64), tiny_pool(&d2, 4, 64)};
+    lmd_sampler *sampler;
+    lmd_error err;
+    CHECK(lmd_sampler_init(&sampler, V, &err) == LMD_OK);
+    lmd_sampling_params greedy;
+    lmd_sampling_params_default(&greedy);
+    greedy.temperature = 0.0;
+    const int32_t a[3] = {1, 5, 9}, b[6] = {2, 3, 4, 5, 6, 7}, c[20] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+                                                                         11, 12, 13, 14, 15, 16, 17, 18, 19, 20};
+    prompt_set ps = {{0}, {0}, 0};
+    add_prompt(&ps, a, 3);
+    add_prompt(&ps, b, 6);
+    add_prompt(&ps, c, 20); /* 4 positions left in a context of 24 */
+    const int32_t budgets[3] = {1, 2, 15};
+    for (int di = 0; di < 2; di++)
+        for (int bi = 0; bi < 3; bi++)
+            for (int32_t n_draft = 1; n_draft <= 5; n_draft += 2) {
+                lmd_generator *plain = new_generator(&ps, V, budgets[bi], &greedy, 0, NULL, 0);
+                lmd_generator *fast = new_generator(&ps, V, budgets[bi], &greedy, 0, NULL, 0);
+                lmd_decode_run *run;
+                lmd_speculative_run *spec_run;
+                CHECK(lmd_decode_run_init(&run, m, pool, plain, &err) == LMD_OK);
+                CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
+                CHECK(lmd_speculative_run_init(&spec_run, m, target_pool, drafts[di], draft_pools[di], fast, n_draft,
+                                               &err) == LMD_OK);
+                int32_t ids[3 * 6], tokens[3 * 6], n_last = -1;
+                CHECK(lmd_speculative_run_rounds(spec_run, &sampler, 1, INT32_MAX, ids, tokens, &n_last, NULL, NULL,
+                                                 &err) == LMD_OK);
+                int64_t proposed = 0, kept = 0, total_proposed = 0;
+                for (int32_t k = 0; k < 3; k++) {
+                    int32_t len_plain, len_fast;
+                    const int32_t *want = lmd_generator_tokens(plain, k, &len_plain);
+                    const int32_t *got = lmd_generator_tokens(fast, k, &len_fast);
+                    CHECK(len_plain == len_fast && memcmp(want, got, (size_t)len_plain * sizeof(int32_t)) == 0);
+                    CHECK(lmd_generator_finish_reason(fast, k) == lmd_generator_finish_reason(plain, k));
+                    lmd_speculative_run_counts(spec_run, k, &proposed, &kept);
+                    CHECK(0 <= kept && kept <= proposed);
+                    total_proposed += proposed;
+                }
+                CHECK(budgets[bi] == 1 ? total_proposed == 0 : total_proposed > 0);
+                lmd_decode_run_free(run);
+                lmd_speculative_run_free(spec_run);
+                CHECK(pool_full(pool) && pool_full(target_pool) && pool_full(draft_pools[di]));
+                lmd_generator_free(plain);
+                lmd_generator_free(fast);
+            }
+    /* a model that drafts for itself keeps every proposal */
+    prompt_set one = {{0}, {0}, 0};
+    add_prompt(&one, b, 6);
+    lmd_generator *g = new_generator(&one, V, 12, &greedy, 0, NULL, 0);
+    lmd_speculative_run *self_run;
+    CHECK(lmd_speculative_run_init(&self_run, m, target_pool, m, pool, g, 4, &err) == LMD_OK);
+    CHECK(lmd_speculative_run_rounds(self_run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
+    int64_t proposed, kept;
+    lmd_speculative_run_counts(self_run, 0, &proposed, &kept);
+    CHECK(proposed == 9 && kept == 9); /* rounds of 4 + 1, 4 + 1, then 1 + 1 (two slots left) */
+    lmd_speculative_run_free(self_run);
+    lmd_generator_free(g);
+    /* bad arguments */
+    lmd_speculative_run *bad = NULL;
+    g = new_generator(&one, V, 4, &greedy, 0, NULL, 0);
+    CHECK(lmd_speculative_run_init(&bad, m, pool, m, pool, g, 4, &err) == LMD_ERR_INVALID_ARG && bad == NULL);
+    CHECK_MSG_CONTAINS(err, "pools of their own");
+    CHECK(lmd_speculative_run_init(&bad, m, pool, drafts[0], draft_pools[0], g, 0, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "num_draft_tokens (=0)");
+    lmd_generator_free(g);
+    lmd_sampler_free(sampler);
+    lmd_kvpool_free(pool);
+    lmd_kvpool_free(target_pool);
+    lmd_kvpool_free(draft_pools[0]);
+    lmd_kvpool_free(draft_pools[1]);
+    tiny_close(&t, m);
+    tiny_close(&d1, drafts[0]);
+    tiny_close(&d2, drafts[1]);
+}
+
 int main(void) {
     test_greedy_equals_argmax_chain();
     test_shared_prompts_equal_each_alone();
     test_context_length_ends_sequences();
     test_pool_too_small_then_retry();
     test_beam_search();
+    test_speculative_greedy_equals_greedy();
     return test_report("test_decode");
 }
