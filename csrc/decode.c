@@ -4,9 +4,11 @@
  * vocabulary, B beams, L the model's context length. */
 #include "decode.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "contrastive.h"
 #include "rng.h"
 #include "speculative.h"
 
@@ -24,6 +26,15 @@ struct lmd_decode_run {
     int32_t *token_seq;   /* same size: index into batch of each token */
     int32_t *logit_index; /* (n,) */
     int32_t *leader;      /* (n,) the sequence whose prefilled cache k shares (k for a leader) */
+    /* contrastive decoding (lmd_decode_run_set_amateur), NULL/0 otherwise: the amateur sees
+     * every token the model sees, in caches of its own pool */
+    lmd_model *amateur;
+    lmd_kvpool *amateur_pool;
+    double alpha, amateur_temperature;
+    lmd_kvseq **amateur_seqs; /* (n,) as seqs */
+    lmd_kvseq **amateur_batch; /* (n,) */
+    float *amateur_logits;    /* (n, V) */
+    float *scores;            /* (n, V) the contrastive scores the generator draws from */
 };
 
 void lmd_decode_run_free(lmd_decode_run *run) {
@@ -37,7 +48,45 @@ void lmd_decode_run_free(lmd_decode_run *run) {
     free(run->token_seq);
     free(run->logit_index);
     free(run->leader);
+    for (int32_t k = 0; run->amateur_seqs != NULL && k < run->n; k++) lmd_kvseq_free(run->amateur_seqs[k]);
+    free(run->amateur_seqs);
+    free(run->amateur_batch);
+    free(run->amateur_logits);
+    free(run->scores);
     free(run);
+}
+
+lmd_status lmd_decode_run_set_amateur(lmd_decode_run *run, lmd_model *amateur, lmd_kvpool *amateur_pool,
+                                      double alpha, double amateur_temperature, lmd_error *err) {
+    if (run->prefilled || run->amateur != NULL)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "the amateur must be set once, before the first step");
+    if (amateur == NULL || amateur_pool == NULL || amateur_pool == run->pool)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "the amateur needs a model and a pool of its own");
+    if (amateur->config.vocab_size != run->vocab)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "the amateur's vocabulary has %d tokens but the model's %d",
+                        amateur->config.vocab_size, run->vocab);
+    if (!(alpha >= 0.0 && alpha <= 1.0))
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "alpha (=%g) must be in [0, 1]", alpha);
+    if (!(amateur_temperature > 0.0 && amateur_temperature < INFINITY))
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "amateur_temperature (=%g) must be > 0", amateur_temperature);
+    const size_t N = (size_t)(uint32_t)run->n, V = (size_t)(uint32_t)run->vocab;
+    run->amateur_seqs = calloc(N, sizeof *run->amateur_seqs);
+    run->amateur_batch = malloc(N * sizeof *run->amateur_batch);
+    run->amateur_logits = malloc(N * V * sizeof *run->amateur_logits);
+    run->scores = malloc(N * V * sizeof *run->scores);
+    if (!run->amateur_seqs || !run->amateur_batch || !run->amateur_logits || !run->scores)
+        return lmd_fail(err, LMD_ERR_NOMEM, "out of memory for an amateur of %d sequences", run->n);
+    run->amateur = amateur;
+    run->amateur_pool = amateur_pool;
+    run->alpha = alpha;
+    run->amateur_temperature = amateur_temperature;
+    return LMD_OK;
+}
+
+/* the context length the run decodes within: the model's, or the shorter of two */
+static int32_t run_context_length(const lmd_decode_run *run) {
+    const int32_t L = run->model->config.context_length;
+    return run->amateur != NULL && run->amateur->config.context_length < L ? run->amateur->config.context_length : L;
 }
 
 lmd_status lmd_decode_run_init(lmd_decode_run **out, lmd_model *model, lmd_kvpool *pool,
@@ -102,6 +151,10 @@ static void release_finished(lmd_decode_run *run) {
         if (run->seqs[k] != NULL && lmd_generator_finish_reason(run->gen, k) != LMD_RUNNING) {
             lmd_kvseq_free(run->seqs[k]);
             run->seqs[k] = NULL;
+            if (run->amateur_seqs != NULL) {
+                lmd_kvseq_free(run->amateur_seqs[k]);
+                run->amateur_seqs[k] = NULL;
+            }
         }
 }
 
@@ -116,6 +169,10 @@ static lmd_status prefill(lmd_decode_run *run, int32_t R, lmd_error *err) {
     for (int32_t k = 0; k < run->n; k++) {
         lmd_kvseq_free(run->seqs[k]);
         run->seqs[k] = NULL;
+        if (run->amateur_seqs != NULL) {
+            lmd_kvseq_free(run->amateur_seqs[k]);
+            run->amateur_seqs[k] = NULL;
+        }
     }
     for (int32_t i = 0; i < R; i++) {
         int32_t k = run->ids[i];
@@ -125,6 +182,11 @@ static lmd_status prefill(lmd_decode_run *run, int32_t R, lmd_error *err) {
         }
         run->leader[i] = i;
         if ((st = lmd_kvseq_init(&run->seqs[k], run->pool, L, err))) return st;
+        if (run->amateur != NULL) {
+            if ((st = lmd_kvseq_init(&run->amateur_seqs[k], run->amateur_pool, run->amateur->config.context_length, err)))
+                return st;
+            run->amateur_batch[n_leaders] = run->amateur_seqs[k];
+        }
         int32_t len = lmd_generator_prompt_length(run->gen, k);
         memcpy(run->tokens + n_tokens, lmd_generator_tokens(run->gen, k, NULL),
                (size_t)len * sizeof(int32_t));
@@ -140,15 +202,26 @@ static lmd_status prefill(lmd_decode_run *run, int32_t R, lmd_error *err) {
     if ((st = lmd_model_forward(run->model, run->batch, n_leaders, run->tokens, run->token_seq,
                                 n_tokens, run->logit_index, n_leaders, leader_rows, err)))
         return st;
+    float *amateur_rows = run->amateur_logits + (int64_t)(R - n_leaders) * V;
+    if (run->amateur != NULL &&
+        (st = lmd_model_forward(run->amateur, run->amateur_batch, n_leaders, run->tokens, run->token_seq, n_tokens,
+                                run->logit_index, n_leaders, amateur_rows, err)))
+        return st;
     int32_t row = 0;
     for (int32_t i = 0; i < R; i++) {
         int32_t k = run->ids[i];
         if (run->leader[i] != i &&
             (st = lmd_kvseq_fork(&run->seqs[k], run->seqs[run->ids[run->leader[i]]], err)))
             return st;
+        if (run->amateur != NULL && run->leader[i] != i &&
+            (st = lmd_kvseq_fork(&run->amateur_seqs[k], run->amateur_seqs[run->ids[run->leader[i]]], err)))
+            return st;
         if (run->leader[i] == i) row++;
         memmove(run->logits + (int64_t)i * V, leader_rows + (int64_t)(row - 1) * V,
                 (size_t)V * sizeof(float));
+        if (run->amateur != NULL)
+            memmove(run->amateur_logits + (int64_t)i * V, amateur_rows + (int64_t)(row - 1) * V,
+                    (size_t)V * sizeof(float));
     }
     run->prefilled = 1;
     return LMD_OK;
@@ -158,7 +231,7 @@ lmd_status lmd_decode_run_steps(lmd_decode_run *run, lmd_sampler *const *sampler
                                 int32_t max_steps, int32_t *last_ids, int32_t *last_tokens,
                                 int32_t *n_last, lmd_stop_check stop, void *stop_ctx, lmd_error *err) {
     lmd_status st;
-    const int32_t L = run->model->config.context_length;
+    const int32_t L = run_context_length(run);
     if (n_last) *n_last = 0;
     for (int32_t step = 0; step < max_steps; step++) {
         if (lmd_generator_running(run->gen, NULL) == 0) break;
@@ -186,14 +259,32 @@ lmd_status lmd_decode_run_steps(lmd_decode_run *run, lmd_sampler *const *sampler
                 run->token_seq[i] = i;
                 run->logit_index[i] = i;
                 run->batch[i] = run->seqs[k];
+                if (run->amateur != NULL) run->amateur_batch[i] = run->amateur_seqs[k];
             }
             if ((st = lmd_model_forward(run->model, run->batch, R, run->tokens, run->token_seq, R,
                                         run->logit_index, R, run->logits, err)))
                 return st;
+            if (run->amateur != NULL &&
+                (st = lmd_model_forward(run->amateur, run->amateur_batch, R, run->tokens, run->token_seq, R,
+                                        run->logit_index, R, run->amateur_logits, err))) {
+                for (int32_t i = 0; i < R; i++) /* the model has seen the token: back, for a retry */
+                    lmd_kvseq_truncate(run->batch[i], run->batch[i]->len - 1, NULL);
+                return st;
+            }
         }
         int32_t R = lmd_generator_running(run->gen, run->ids);
-        if ((st = lmd_generator_step(run->gen, samplers, n_samplers, run->logits, run->tokens, err)))
-            return st;
+        if (run->amateur != NULL) {
+            for (int32_t i = 0; i < R; i++)
+                if ((st = lmd_contrastive_scores(run->logits + (int64_t)i * run->vocab,
+                                                 run->amateur_logits + (int64_t)i * run->vocab, run->vocab,
+                                                 run->alpha, run->amateur_temperature,
+                                                 run->scores + (int64_t)i * run->vocab, err)))
+                    return st;
+            st = lmd_generator_step_scored(run->gen, samplers, n_samplers, run->scores, run->logits, run->tokens, err);
+        } else {
+            st = lmd_generator_step(run->gen, samplers, n_samplers, run->logits, run->tokens, err);
+        }
+        if (st != LMD_OK) return st;
         if (last_ids != NULL && last_tokens != NULL) {
             memcpy(last_ids, run->ids, (size_t)R * sizeof(int32_t));
             memcpy(last_tokens, run->tokens, (size_t)R * sizeof(int32_t));

@@ -33,6 +33,16 @@ lmd_status lmd_decode_run_init(lmd_decode_run **out, lmd_model *model, lmd_kvpoo
                                lmd_generator *gen, lmd_error *err);
 void lmd_decode_run_free(lmd_decode_run *run); /* safe on NULL */
 
+/*
+ * Contrastive decoding (contrastive.h): an amateur model (same vocabulary, a pool of its
+ * own) sees every token the model sees, and each step draws from the contrastive scores of
+ * the two instead of the model's logits (temperature 0: their argmax); the log-probs the
+ * generator reports stay the model's. A sequence ends at the shorter context length. Set
+ * once, before the first step.
+ */
+lmd_status lmd_decode_run_set_amateur(lmd_decode_run *run, lmd_model *amateur, lmd_kvpool *amateur_pool,
+                                      double alpha, double amateur_temperature, lmd_error *err);
+
 /* Asked between the steps of a long loop: nonzero stops it (the caller's interrupt). */
 typedef int (*lmd_stop_check)(void *ctx);
 

@@ -423,6 +423,12 @@ uint64_t lmd_generator_seed(const lmd_generator *g) { return g->seed; }
 
 lmd_status lmd_generator_step(lmd_generator *g, lmd_sampler *const *samplers, int n_samplers,
                               const float *logits, int32_t *new_tokens, lmd_error *err) {
+    return lmd_generator_step_scored(g, samplers, n_samplers, logits, logits, new_tokens, err);
+}
+
+lmd_status lmd_generator_step_scored(lmd_generator *g, lmd_sampler *const *samplers, int n_samplers,
+                                     const float *scores, const float *logits, int32_t *new_tokens,
+                                     lmd_error *err) {
     const int32_t R = lmd_generator_running(g, g->running), V = g->vocab;
     if (R == 0) return lmd_fail(err, LMD_ERR_INVALID_ARG, "every sequence has finished");
     for (int32_t i = 0; i < R; i++) {
@@ -432,7 +438,7 @@ lmd_status lmd_generator_step(lmd_generator *g, lmd_sampler *const *samplers, in
     }
     int32_t failed_row;
     lmd_error row_err;
-    lmd_status st = lmd_sample_rows(samplers, n_samplers, g->row_params, R, g->inputs, logits, V, R,
+    lmd_status st = lmd_sample_rows(samplers, n_samplers, g->row_params, R, g->inputs, scores, V, R,
                                     V, g->coins, NULL, g->drawn, NULL, &failed_row, &row_err);
     if (st != LMD_OK)
         return lmd_fail(err, st, "sequence %d: %.200s", (int)g->running[failed_row >= 0 ? failed_row : 0],

@@ -86,6 +86,11 @@ const float *lmd_generator_top_logprobs(const lmd_generator *g, int32_t k);
  */
 lmd_status lmd_generator_step(lmd_generator *g, lmd_sampler *const *samplers, int n_samplers,
                               const float *logits, int32_t *new_tokens, lmd_error *err);
+/* lmd_generator_step drawing from scores (n_running, vocab) (contrastive decoding's, say)
+ * while the log-probs it reports stay those of the model's raw logits (n_running, vocab). */
+lmd_status lmd_generator_step_scored(lmd_generator *g, lmd_sampler *const *samplers, int n_samplers,
+                                     const float *scores, const float *logits, int32_t *new_tokens,
+                                     lmd_error *err);
 
 /*
  * Finer steps, for a driver that draws tokens itself (speculative decoding) under the

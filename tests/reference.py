@@ -211,3 +211,14 @@ def speculative_generate(target, draft, prompt, *, num_draft, max_new, seed, str
                 return new, "stop"
             if len(new) >= max_new:
                 return new, "length"
+
+
+def contrastive_scores(expert, amateur, alpha=0.1, amateur_temperature=1.0):
+    """Li et al. 2023's contrastive objective in float64: log p_EXP - log p_AMA (the amateur
+    softmax at amateur_temperature) where p_EXP >= alpha * max p_EXP, -inf elsewhere."""
+    e = np.asarray(expert, dtype=np.float64)
+    a = np.asarray(amateur, dtype=np.float64) / amateur_temperature
+    log_e = e - e.max() - np.log(np.exp(e - e.max()).sum())
+    log_a = a - a.max() - np.log(np.exp(a - a.max()).sum())
+    p = np.exp(log_e)
+    return np.where(p >= alpha * p.max(), log_e - log_a, -np.inf)

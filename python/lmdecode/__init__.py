@@ -13,6 +13,7 @@ from .model import KVCache, Model, ModelConfig
 from .scoring import PerplexityResult, SequenceScore, sequence_logprob
 from .search import Hypothesis, beam_search
 from .speculative import speculative_accept
+from .contrastive import contrastive_logits
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "SequenceScore",
     "beam_search",
     "build_info",
+    "contrastive_logits",
     "generate",
     "get_num_threads",
     "greedy",

@@ -21,6 +21,7 @@
 #include "generate.h"
 #include "decode.h"
 #include "model.h"
+#include "contrastive.h"
 #include "speculative.h"
 #include "pythread.h"
 
@@ -877,17 +878,27 @@ static PyObject *Generator_running(GeneratorObject *self, PyObject *noargs) {
 }
 
 /* step(logits (n_running, vocab) float32) -> tokens int64 (n_running,) */
-static PyObject *Generator_step(GeneratorObject *self, PyObject *arg) {
-    PyArrayObject *logits = NULL, *tokens = NULL;
+/* step(logits (R, V), scores=None) -> tokens int64 (R,): draws from scores when given (else
+ * from logits); the reported log-probs are always those of logits */
+static PyObject *Generator_step(GeneratorObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"logits", "scores", NULL};
+    PyObject *logits_obj, *scores_obj = Py_None;
+    PyArrayObject *logits = NULL, *scores = NULL, *tokens = NULL;
     int32_t *tokens32 = NULL;
     sampler_set *set = NULL;
     PyObject *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O", kwlist, &logits_obj, &scores_obj)) return NULL;
     if (!generator_ready(self)) return NULL;
     int32_t running = lmd_generator_running(self->gen, NULL);
-    if (as_array(arg, NPY_FLOAT32, 2, "logits", &logits)) return NULL;
+    if (as_array(logits_obj, NPY_FLOAT32, 2, "logits", &logits)) return NULL;
     if (logits == NULL || PyArray_DIM(logits, 0) != running || PyArray_DIM(logits, 1) != self->vocab) {
         PyErr_Format(PyExc_ValueError, "logits must have shape (%d, %d): one row per running sequence",
                      (int)running, (int)self->vocab);
+        goto fail;
+    }
+    if (as_array(scores_obj, NPY_FLOAT32, 2, "scores", &scores)) goto fail;
+    if (scores != NULL && (PyArray_DIM(scores, 0) != running || PyArray_DIM(scores, 1) != self->vocab)) {
+        PyErr_Format(PyExc_ValueError, "scores must have shape (%d, %d), as logits", (int)running, (int)self->vocab);
         goto fail;
     }
     npy_intp dims[1] = {running};
@@ -906,7 +917,8 @@ static PyObject *Generator_step(GeneratorObject *self, PyObject *arg) {
     lmd_error err;
     lmd_status st;
     Py_BEGIN_ALLOW_THREADS;
-    st = lmd_generator_step(self->gen, set->samplers, set->n, PyArray_DATA(logits), tokens32, &err);
+    st = lmd_generator_step_scored(self->gen, set->samplers, set->n, PyArray_DATA(scores ? scores : logits),
+                                   PyArray_DATA(logits), tokens32, &err);
     Py_END_ALLOW_THREADS;
     PyThread_release_lock(self->lock);
     if (st != LMD_OK) {
@@ -920,6 +932,7 @@ fail:
     if (set) sampler_set_release(set);
     PyMem_Free(tokens32);
     Py_XDECREF(logits);
+    Py_XDECREF(scores);
     Py_XDECREF(tokens);
     return result;
 }
@@ -972,7 +985,8 @@ static PyObject *Generator_get_done(GeneratorObject *self, void *closure) {
 
 static PyMethodDef Generator_methods[] = {
     {"running", (PyCFunction)Generator_running, METH_NOARGS, "Sequences that still need logits."},
-    {"step", (PyCFunction)Generator_step, METH_O, "Append one sampled token to every running sequence."},
+    {"step", (PyCFunction)(void (*)(void))Generator_step, METH_VARARGS | METH_KEYWORDS,
+     "Append one sampled token to every running sequence."},
     {"result", (PyCFunction)Generator_result, METH_O, "Tokens, log-probs and finish reason of one sequence."},
     {NULL, NULL, 0, NULL},
 };
@@ -1738,6 +1752,8 @@ typedef struct {
     EngineModelObject *model;    /* strong references: the run borrows them */
     EngineKVPoolObject *pool;
     GeneratorObject *generator;
+    EngineModelObject *amateur; /* contrastive decoding, or NULL */
+    EngineKVPoolObject *amateur_pool;
 } ModelDecoderObject;
 
 static void ModelDecoder_dealloc(ModelDecoderObject *self) {
@@ -1745,25 +1761,35 @@ static void ModelDecoder_dealloc(ModelDecoderObject *self) {
     Py_XDECREF(self->model);
     Py_XDECREF(self->pool);
     Py_XDECREF(self->generator);
+    Py_XDECREF(self->amateur);
+    Py_XDECREF(self->amateur_pool);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* ModelDecoder(model: Model, pool: KVPool, generator: Generator) */
+/* ModelDecoder(model: Model, pool: KVPool, generator: Generator, amateur: Model = None,
+ *              amateur_pool: KVPool = None, alpha=0.1, amateur_temperature=1.0) */
 static int ModelDecoder_init(ModelDecoderObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"model", "pool", "generator", NULL};
-    EngineModelObject *model;
-    EngineKVPoolObject *pool;
+    static char *kwlist[] = {"model", "pool", "generator", "amateur", "amateur_pool", "alpha", "amateur_temperature", NULL};
+    EngineModelObject *model, *amateur = NULL;
+    EngineKVPoolObject *pool, *amateur_pool = NULL;
     GeneratorObject *generator;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!O!", kwlist, &EngineModelType, &model,
-                                     &EngineKVPoolType, &pool, &GeneratorType, &generator))
+    double alpha = 0.1, amateur_temperature = 1.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!O!|O!O!dd", kwlist, &EngineModelType, &model,
+                                     &EngineKVPoolType, &pool, &GeneratorType, &generator, &EngineModelType, &amateur,
+                                     &EngineKVPoolType, &amateur_pool, &alpha, &amateur_temperature))
         return -1;
-    if (model->model == NULL || pool->pool == NULL || generator->gen == NULL) {
-        PyErr_SetString(PyExc_ValueError, "model, pool and generator must be initialized");
+    if (model->model == NULL || pool->pool == NULL || generator->gen == NULL ||
+        (amateur != NULL && (amateur->model == NULL || amateur_pool == NULL || amateur_pool->pool == NULL))) {
+        PyErr_SetString(PyExc_ValueError, "model, pool and generator (and an amateur's pool) must be initialized");
         return -1;
     }
     lmd_error err;
     lmd_decode_run *run = NULL;
     lmd_status st = lmd_decode_run_init(&run, model->model, pool->pool, generator->gen, &err);
+    if (st == LMD_OK && amateur != NULL &&
+        (st = lmd_decode_run_set_amateur(run, amateur->model, amateur_pool->pool, alpha, amateur_temperature, &err)) !=
+            LMD_OK)
+        lmd_decode_run_free(run);
     if (st != LMD_OK) {
         raise_status(st, &err);
         return -1;
@@ -1776,6 +1802,10 @@ static int ModelDecoder_init(ModelDecoderObject *self, PyObject *args, PyObject 
     Py_XSETREF(self->model, model);
     Py_XSETREF(self->pool, pool);
     Py_XSETREF(self->generator, generator);
+    Py_XINCREF(amateur);
+    Py_XINCREF(amateur_pool);
+    Py_XSETREF(self->amateur, amateur);
+    Py_XSETREF(self->amateur_pool, amateur_pool);
     return 0;
 }
 
@@ -1830,8 +1860,11 @@ static PyObject *ModelDecoder_steps(ModelDecoderObject *self, PyObject *arg) {
         PyErr_SetString(PyExc_RuntimeError, "this Generator is in use by another thread");
         goto done;
     }
+    const int amateur_lock = self->amateur != NULL && self->amateur != self->model;
     engine_lock(self->model->lock);
+    if (amateur_lock) engine_lock(self->amateur->lock);
     engine_lock(self->pool->lock);
+    if (self->amateur_pool) engine_lock(self->amateur_pool->lock);
     lmd_error err;
     lmd_status st;
     signal_check check = {{0, 0}, 0};
@@ -1840,7 +1873,9 @@ static PyObject *ModelDecoder_steps(ModelDecoderObject *self, PyObject *arg) {
     st = lmd_decode_run_steps(self->run, set->samplers, set->n, (int32_t)max_steps, ids, tokens, &n_last,
                               stop_on_signal, &check, &err);
     Py_END_ALLOW_THREADS;
+    if (self->amateur_pool) PyThread_release_lock(self->amateur_pool->lock);
     PyThread_release_lock(self->pool->lock);
+    if (amateur_lock) PyThread_release_lock(self->amateur->lock);
     PyThread_release_lock(self->model->lock);
     PyThread_release_lock(self->generator->lock);
     if (st == LMD_ERR_STOPPED && check.raised) goto done; /* KeyboardInterrupt (or the handler's) */
@@ -1975,6 +2010,46 @@ done:
     Py_XDECREF(target);
     Py_XDECREF(coins);
     return result;
+}
+
+/* contrastive_scores(expert f32 (R, V), amateur f32 (R, V), alpha, amateur_temperature) -> f32 (R, V) */
+static PyObject *py_contrastive_scores(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *expert_obj, *amateur_obj;
+    double alpha, temperature;
+    PyArrayObject *expert = NULL, *amateur = NULL, *out = NULL;
+    if (!PyArg_ParseTuple(args, "OOdd", &expert_obj, &amateur_obj, &alpha, &temperature)) return NULL;
+    if (as_array(expert_obj, NPY_FLOAT32, 2, "expert_logits", &expert) ||
+        as_array(amateur_obj, NPY_FLOAT32, 2, "amateur_logits", &amateur))
+        goto fail;
+    if (!expert || !amateur || PyArray_DIM(expert, 0) != PyArray_DIM(amateur, 0) ||
+        PyArray_DIM(expert, 1) != PyArray_DIM(amateur, 1) || PyArray_DIM(expert, 1) < 1 ||
+        PyArray_DIM(expert, 1) > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "expert_logits and amateur_logits must have one shape (rows, vocab >= 1)");
+        goto fail;
+    }
+    out = (PyArrayObject *)PyArray_EMPTY(2, PyArray_DIMS(expert), NPY_FLOAT32, 0);
+    if (out == NULL) goto fail;
+    const npy_intp R = PyArray_DIM(expert, 0), V = PyArray_DIM(expert, 1);
+    for (npy_intp r = 0; r < R; r++) {
+        lmd_error err;
+        lmd_status st = lmd_contrastive_scores((const float *)PyArray_DATA(expert) + r * V,
+                                               (const float *)PyArray_DATA(amateur) + r * V, (int32_t)V, alpha,
+                                               temperature, (float *)PyArray_DATA(out) + r * V, &err);
+        if (st != LMD_OK) {
+            if (R > 1) PyErr_Format(PyExc_ValueError, "row %zd: %s", (Py_ssize_t)r, err.msg);
+            else raise_status(st, &err);
+            goto fail;
+        }
+    }
+    Py_DECREF(expert);
+    Py_DECREF(amateur);
+    return (PyObject *)out;
+fail:
+    Py_XDECREF(expert);
+    Py_XDECREF(amateur);
+    Py_XDECREF(out);
+    return NULL;
 }
 
 typedef struct {
@@ -2163,6 +2238,8 @@ static PyMethodDef core_methods[] = {
     /* decoding-loop bindings */
     {"model_beam_search", py_model_beam_search, METH_VARARGS,
      "model_beam_search(model, pool, beam_search, prompt) -> peak KV blocks: the whole search in C."},
+    {"contrastive_scores", py_contrastive_scores, METH_VARARGS,
+     "contrastive_scores(expert (R, V), amateur (R, V), alpha, amateur_temperature) -> scores (R, V) float32."},
     {"speculative_verify", py_speculative_verify, METH_VARARGS,
      "speculative_verify(draft_tokens (k,), draft_logprobs (k, V), target_logprobs (k[+1], V), coins (k, 2)) -> (n_accepted, residual_token)."},
     {NULL, NULL, 0, NULL},

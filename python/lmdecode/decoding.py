@@ -88,11 +88,18 @@ class DecodingMixin:
         """A KV pool with room for `positions` positions (plus one block per copy-on-write)."""
         return self._new_pool(_BLOCK, max(1, math.ceil(positions / _BLOCK)), self.kv_dtype)
 
-    def _decoder(self, generator, prompts: list[list[int]], max_new_tokens: int):
-        """The C loop that runs `generator` on this model (one KV sequence per prompt)."""
-        ctx = self.config.context_length
-        positions = sum(min(len(p) + max_new_tokens, ctx) + 2 * _BLOCK for p in prompts)
-        return _core.ModelDecoder(self._engine, self._pool(positions), generator)
+    def _decoder(self, generator, prompts: list[list[int]], max_new_tokens: int, *, amateur=None, alpha: float = 0.1,
+                 amateur_temperature: float = 1.0):
+        """The C loop that runs `generator` on this model (one KV sequence per prompt); with an
+        amateur model, contrastive decoding (the amateur's caches in a pool of its own)."""
+        def pool_for(model):
+            ctx = model.config.context_length
+            return model._pool(sum(min(len(p) + max_new_tokens, ctx) + 2 * _BLOCK for p in prompts))
+
+        if amateur is None:
+            return _core.ModelDecoder(self._engine, pool_for(self), generator)
+        return _core.ModelDecoder(self._engine, pool_for(self), generator, amateur._engine, pool_for(amateur), alpha,
+                                  amateur_temperature)
 
     def _speculative_decoder(self, draft, generator, prompts: list[list[int]], max_new_tokens: int, n_draft: int):
         """The C speculative loop: this model verifies what `draft` proposes (a pool each)."""

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import _core
+from .contrastive import _check_parameters as _check_contrastive
+from .contrastive import contrastive_logits
 from .sampling import KEYWORDS, SamplingParams, _params_for, _row_input_arguments
 
 __all__ = ["Generation", "GenerationChunk", "generate"]
@@ -235,6 +237,9 @@ def generate(
     tokenizer: TokenizerLike | None = None,
     draft_model: Any = None,
     num_draft_tokens: int = 4,
+    amateur_model: Any = None,
+    contrastive_alpha: float = 0.1,
+    amateur_temperature: float = 1.0,
     **sampling: Any,
 ):
     """Generates from an lmdecode model or ``step_fn(tokens: int64 array) -> (V,) logits``.
@@ -254,6 +259,13 @@ def generate(
     tokens, identical). With a seed, the tokens differ from a plain run's (the coins are
     used differently) but are reproducible. Each :class:`Generation` then reports
     ``draft_tokens_proposed`` and ``draft_tokens_accepted``.
+
+    ``amateur_model`` (a model or step function over the same vocabulary, of the same kind
+    as the expert ``model_or_step_fn``) turns on contrastive decoding (lmdecode.contrastive):
+    each step draws from ``log p_EXP - log p_AMA`` over the tokens with ``p_EXP >=
+    contrastive_alpha * max p_EXP`` (``p_AMA`` at ``amateur_temperature``) instead of the
+    expert's logits; ``temperature=0`` takes their argmax, as the paper does. The reported
+    log-probabilities stay the expert's.
     """
     max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 0)
     min_new_tokens = _check_count("min_new_tokens", min_new_tokens, 0)
@@ -263,6 +275,17 @@ def generate(
     if num_draft_tokens > 64:
         raise ValueError(f"num_draft_tokens (={num_draft_tokens}) must be <= 64")
     model = model_or_step_fn if hasattr(model_or_step_fn, "_decoder") else None
+    if amateur_model is not None:
+        contrastive_alpha, amateur_temperature = _check_contrastive(contrastive_alpha, amateur_temperature)
+        if draft_model is not None:
+            raise ValueError("draft_model and amateur_model do not combine: choose speculative or contrastive decoding")
+        if model is not None and not hasattr(amateur_model, "_decoder"):
+            raise TypeError(f"amateur_model must be an lmdecode Model like the expert, got {type(amateur_model).__name__}")
+        if model is None and not callable(amateur_model):
+            raise TypeError(f"amateur_model must be a step function like the expert, got {type(amateur_model).__name__}")
+        if model is not None and amateur_model.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"amateur_model's vocabulary ({amateur_model.config.vocab_size} tokens) differs from "
+                             f"the expert's ({model.config.vocab_size})")
     if draft_model is not None:
         if model is None:
             raise TypeError("draft_model needs an lmdecode Model as the target (for external models, "
@@ -303,13 +326,22 @@ def generate(
         if not stream:
             run.speculative.rounds(_ALL_STEPS)
     elif model is not None:  # the whole loop runs in C
-        decoder = model._decoder(run.gen, run.prompts, max_new_tokens)
+        decoder = model._decoder(run.gen, run.prompts, max_new_tokens, amateur=amateur_model, alpha=contrastive_alpha,
+                                 amateur_temperature=amateur_temperature)
 
         def advance() -> tuple[np.ndarray, np.ndarray]:
             return decoder.steps(1)
 
         if not stream:
             decoder.steps(_ALL_STEPS)
+    elif amateur_model is not None:
+
+        def advance() -> tuple[np.ndarray, np.ndarray]:
+            running = run.gen.running()
+            logits = _step_fn_logits(model_or_step_fn, run, running, vocab)
+            amateur = _step_fn_logits(amateur_model, run, running, vocab)
+            scores = contrastive_logits(logits, amateur, alpha=contrastive_alpha, amateur_temperature=amateur_temperature)
+            return running, run.gen.step(logits, scores)
     else:
 
         def advance() -> tuple[np.ndarray, np.ndarray]:

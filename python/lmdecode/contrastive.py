@@ -1,0 +1,51 @@
+"""Contrastive decoding (Li et al., ACL 2023): an expert's log-probabilities minus an amateur's.
+
+``generate(expert, prompt, amateur_model=amateur, temperature=0)`` runs it in C over two
+lmdecode models (or in Python over two step functions); this module exposes the scores
+for logits of your own (csrc/contrastive.h)::
+
+    score(x) = log p_EXP(x) - log p_AMA(x)   if p_EXP(x) >= alpha * max_w p_EXP(w)
+             = -inf                          otherwise (the adaptive plausibility constraint)
+
+with ``p_AMA`` the amateur's softmax at ``amateur_temperature``. Greedy decoding takes their
+argmax, as in the paper; the sampling chain may also treat them as logits.
+
+Not to be confused with transformers' "contrastive search" (``penalty_alpha``), a different
+method (Su et al. 2022) that penalizes similarity of hidden states.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["contrastive_logits"]
+
+
+def _check_parameters(alpha, amateur_temperature) -> tuple[float, float]:
+    for name, value in (("contrastive_alpha", alpha), ("amateur_temperature", amateur_temperature)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"contrastive_alpha (={alpha}) must be in [0, 1]")
+    if not (0.0 < amateur_temperature < float("inf")):
+        raise ValueError(f"amateur_temperature (={amateur_temperature}) must be > 0")
+    return float(alpha), float(amateur_temperature)
+
+
+def contrastive_logits(expert_logits, amateur_logits, *, alpha: float = 0.1, amateur_temperature: float = 1.0) -> np.ndarray:
+    """Contrastive scores of raw expert and amateur logits, (V,) or (B, V) float32 (same shape).
+
+    ``-inf`` marks tokens outside the expert's plausible set; NaN or +inf logits raise
+    ValueError. The inputs are not modified."""
+    alpha, amateur_temperature = _check_parameters(alpha, amateur_temperature)
+    expert, amateur = np.asarray(expert_logits), np.asarray(amateur_logits)
+    for name, arr in (("expert_logits", expert), ("amateur_logits", amateur)):
+        if arr.dtype.kind not in "fiu" or arr.ndim not in (1, 2) or arr.shape[-1] == 0:
+            raise ValueError(f"{name} must be a (V,) or (B, V) array of numbers, got shape {arr.shape} of {arr.dtype}")
+    if expert.shape != amateur.shape:
+        raise ValueError(f"expert_logits {expert.shape} and amateur_logits {amateur.shape} must have one shape")
+    out = _core.contrastive_scores(np.atleast_2d(expert), np.atleast_2d(amateur), alpha, amateur_temperature)
+    return out[0] if expert.ndim == 1 else out
