@@ -24,6 +24,21 @@ def test_generate_greedy_prints_the_prompt_and_the_models_continuation(capsys):
     assert capsys.readouterr().out == "Once upon a time" + want + "\n"
 
 
+def test_generate_with_a_draft_or_an_amateur(capsys):
+    model = ld.Model.load(STORIES)
+    want = model.generate("Once upon a time", max_new_tokens=25, temperature=0).text
+    assert cli.main(["generate", "--model", STORIES, "--draft-model", STORIES, "--draft-dtype", "q8_0",
+                     "--num-draft-tokens", "3", "--temperature", "0", "--max-new-tokens", "25", "Once upon a time"]) == 0
+    assert capsys.readouterr().out == "Once upon a time" + want + "\n"  # speculative greedy = greedy
+    amateur = ld.Model.load(STORIES)  # the model itself: every plausible token scores 0, the lowest id wins
+    contrastive = model.generate("Once upon a time", max_new_tokens=25, temperature=0, amateur_model=amateur,
+                                 contrastive_alpha=0.3).text
+    assert cli.main(["generate", "--model", STORIES, "--amateur-model", STORIES, "--contrastive-alpha", "0.3",
+                     "--temperature", "0", "--max-new-tokens", "25", "--no-stream", "Once upon a time"]) == 0
+    assert capsys.readouterr().out == "Once upon a time" + contrastive + "\n"
+    assert contrastive != want
+
+
 def test_score_and_perplexity(capsys, tmp_path):
     assert cli.main(["score", "--model", STORIES, "--context", "Once upon a time", " there was a girl"]) == 0
     s = ld.Model.load(STORIES).sequence_logprob("Once upon a time", " there was a girl")

@@ -1,6 +1,7 @@
 """Command line: ``python -m lmdecode {generate,score,perplexity} ...``.
 
     python -m lmdecode generate --model stories260K.bin --temperature 0.8 --top-p 0.9 --seed 0 "Once upon a time"
+    python -m lmdecode generate --model big.gguf --draft-model small.gguf --temperature 0 "Once upon a time"
     python -m lmdecode score --model stories260K.bin --context "Once upon a time" " there was a girl"
     python -m lmdecode perplexity --model stories260K.bin story.txt
 """
@@ -63,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--beam-width", type=int, default=0, help="beam search with this width instead of sampling")
     gen.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty")
+    gen.add_argument("--draft-model", help="speculative decoding: a smaller model with the same vocabulary proposes tokens")
+    gen.add_argument("--draft-dtype", choices=["f32", "bf16", "q8_0"], help="weight storage of the draft model")
+    gen.add_argument("--num-draft-tokens", type=int, default=4, help="tokens the draft proposes per round (default 4)")
+    gen.add_argument("--amateur-model", help="contrastive decoding: an amateur model with the same vocabulary")
+    gen.add_argument("--contrastive-alpha", type=float, default=0.1, help="contrastive decoding's plausibility cut (default 0.1)")
     gen.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it is made")
 
     score = commands.add_parser("score", help="log-probability of a continuation given a context")
@@ -110,6 +116,12 @@ def _run(args: argparse.Namespace) -> int:
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, typical_p=args.typical_p,
             repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
         )
+        if args.draft_model:
+            sampling.update(draft_model=ld.Model.load(resolve_model_path(args.draft_model), dtype=args.draft_dtype,
+                                                      kv_dtype=args.kv_dtype), num_draft_tokens=args.num_draft_tokens)
+        if args.amateur_model:
+            sampling.update(amateur_model=ld.Model.load(resolve_model_path(args.amateur_model), kv_dtype=args.kv_dtype),
+                            contrastive_alpha=args.contrastive_alpha)
         if args.no_stream:
             out = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, **sampling)
             print(args.prompt + out.text)
