@@ -71,7 +71,7 @@ def hf_llama_110m(torch, transformers):
     return hf, ld.Model.from_numpy(config.to_dict(), weights), config
 
 
-def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int) -> None:
+def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int, draft: ld.Model | None = None) -> None:
     rng = np.random.default_rng(0)
     prompt = [1] + list(rng.integers(3, model.config.vocab_size, size=15))
     print(f"\n== {name}: {model.config.n_layers} layers, dim {model.config.dim}, vocab {model.config.vocab_size}, "
@@ -117,6 +117,26 @@ def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int) ->
                                                     min_new_tokens=n_beam, early_stopping="never", pad_token_id=0), max(1, reps // 2))
         print(f"transformers beam search width {width}: {t_hf_beam / n_beam * 1e3:.2f} ms/step (lmdecode {t_hf_beam / t_beam:.1f} x faster)")
 
+    # speculative decoding, greedy (the output is the plain greedy output): a q8_0 copy of the
+    # model drafts, and the model drafts for itself (every proposal kept: the mechanism's cost)
+    if draft is not None:
+        k = 4
+        print(f"speculative greedy, {k} draft tokens a round (same tokens as plain greedy):")
+        for label, drafter in (("q8_0 copy drafts", draft), ("model drafts for itself", model)):
+            t_spec = median_time(lambda: model.generate(prompt, max_new_tokens=n_new, temperature=0, stop_token_ids=[],
+                                                        draft_model=drafter, num_draft_tokens=k), reps)
+            out = model.generate(prompt, max_new_tokens=n_new, temperature=0, stop_token_ids=[], draft_model=drafter,
+                                 num_draft_tokens=k)
+            print(f"  {label:26}{n_new / t_spec:>10.1f} tok/s   ({(n_new / t_spec) / greedy:.2f} x plain greedy; "
+                  f"{out.draft_tokens_accepted}/{out.draft_tokens_proposed} proposals kept)")
+        if hf is not None:
+            ids = torch.tensor([prompt])
+            t_hf_plain = median_time(lambda: hf.generate(ids, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0), max(1, reps // 2))
+            t_hf_assist = median_time(lambda: hf.generate(ids, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0,
+                                                          assistant_model=hf), max(1, reps // 2))
+            print(f"  {'transformers, assistant_model = itself':26}{n_new / t_hf_assist:>10.1f} tok/s   "
+                  f"({t_hf_plain / t_hf_assist:.2f} x its plain greedy)")
+
     # scoring 512 tokens: one prefill against token-by-token, each over the same 8 sequences in
     # turn, medians of at least `reps` runs and about 3 s of them (stories260K: hundreds)
     n_score = min(512, model.config.context_length - 1)
@@ -151,10 +171,14 @@ def main() -> None:
     except ImportError:
         torch = transformers = None
     if (SHARED / "stories260K.bin").exists():
-        bench_model("stories260K", ld.Model.load(SHARED / "stories260K.bin"), None, torch, 200, reps)
+        bench_model("stories260K", ld.Model.load(SHARED / "stories260K.bin"), None, torch, 200, reps,
+                    draft=ld.Model.load(SHARED / "stories260K.bin", dtype="q8_0"))
     if torch is not None:
-        hf, model, _ = hf_llama_110m(torch, transformers)
-        bench_model("Llama 110M (random weights, f32)", model, hf, torch, 32 if args.quick else 64, reps)
+        hf, model, config = hf_llama_110m(torch, transformers)
+        weights = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+        draft = ld.Model.from_numpy(config.to_dict(), weights, dtype="q8_0")
+        del weights
+        bench_model("Llama 110M (random weights, f32)", model, hf, torch, 32 if args.quick else 64, reps, draft=draft)
 
 
 if __name__ == "__main__":
