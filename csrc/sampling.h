@@ -104,7 +104,7 @@ lmd_status lmd_sample_row(lmd_sampler *s, const lmd_sampling_params *params,
  * on it). samplers: n_samplers scratch objects of capacity >= vocab; row r uses
  * samplers[thread]. params: n_params entries, 1 (shared) or n_rows. inputs: NULL
  * or n_rows entries. coins: NULL (no draw) or n_rows coins in [0, 1), e.g.
- * lmd_rng_uniform(seed, stream, step, 0). Outputs as in lmd_sample_row with
+ * lmd_rng_uniform(seed, stream, step, 0), a negative one meaning no draw for its row. Outputs as in lmd_sample_row with
  * row strides vocab (out_logprobs) and 1 (out_tokens, out_token_logprobs).
  * On error, err holds the message of the lowest failing row and *failed_row
  * (if non-NULL) its index; otherwise *failed_row is -1.
