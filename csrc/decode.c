@@ -89,6 +89,24 @@ static int32_t run_context_length(const lmd_decode_run *run) {
     return run->amateur != NULL && run->amateur->config.context_length < L ? run->amateur->config.context_length : L;
 }
 
+/* Every prompt of gen holds at least one token and fits model's context; *total receives
+ * their token count. */
+static lmd_status check_prompts(const lmd_generator *gen, const lmd_model *model, int64_t *total, lmd_error *err) {
+    *total = 0;
+    for (int32_t k = 0; k < lmd_generator_n_seqs(gen); k++) {
+        int32_t len = lmd_generator_prompt_length(gen, k);
+        if (len < 1)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG,
+                            "prompt %d is empty: a model needs at least one token (e.g. BOS)", k);
+        if (len > model->config.context_length)
+            return lmd_fail(err, LMD_ERR_CACHE_FULL,
+                            "prompt %d has %d tokens but the model's context length is %d", k, len,
+                            model->config.context_length);
+        *total += len;
+    }
+    return LMD_OK;
+}
+
 lmd_status lmd_decode_run_init(lmd_decode_run **out, lmd_model *model, lmd_kvpool *pool,
                                lmd_generator *gen, lmd_error *err) {
     *out = NULL;
@@ -99,18 +117,9 @@ lmd_status lmd_decode_run_init(lmd_decode_run **out, lmd_model *model, lmd_kvpoo
         return lmd_fail(err, LMD_ERR_INVALID_ARG,
                         "the generator samples %d tokens but the model's vocabulary has %d", V,
                         model->config.vocab_size);
-    int64_t prompt_tokens = 0;
-    for (int32_t k = 0; k < n; k++) {
-        int32_t len = lmd_generator_prompt_length(gen, k);
-        if (len < 1)
-            return lmd_fail(err, LMD_ERR_INVALID_ARG,
-                            "prompt %d is empty: a model needs at least one token (e.g. BOS)", k);
-        if (len > model->config.context_length)
-            return lmd_fail(err, LMD_ERR_CACHE_FULL,
-                            "prompt %d has %d tokens but the model's context length is %d", k, len,
-                            model->config.context_length);
-        prompt_tokens += len;
-    }
+    int64_t prompt_tokens;
+    lmd_status st = check_prompts(gen, model, &prompt_tokens, err);
+    if (st != LMD_OK) return st;
     if (prompt_tokens > INT32_MAX)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "the prompts hold more than 2^31 tokens");
     lmd_decode_run *run = calloc(1, sizeof *run);
@@ -457,18 +466,9 @@ lmd_status lmd_speculative_run_init(lmd_speculative_run **out, lmd_model *target
         return lmd_fail(err, LMD_ERR_INVALID_ARG,
                         "the generator samples %d tokens but the target's vocabulary has %d and the draft's %d", V,
                         target->config.vocab_size, draft->config.vocab_size);
-    int64_t prompt_tokens = 0;
-    for (int32_t k = 0; k < n; k++) {
-        int32_t len = lmd_generator_prompt_length(gen, k);
-        if (len < 1)
-            return lmd_fail(err, LMD_ERR_INVALID_ARG,
-                            "prompt %d is empty: a model needs at least one token (e.g. BOS)", k);
-        if (len > target->config.context_length)
-            return lmd_fail(err, LMD_ERR_CACHE_FULL,
-                            "prompt %d has %d tokens but the model's context length is %d", k, len,
-                            target->config.context_length);
-        prompt_tokens += len;
-    }
+    int64_t prompt_tokens;
+    lmd_status st = check_prompts(gen, target, &prompt_tokens, err);
+    if (st != LMD_OK) return st;
     const int64_t rows = (int64_t)n * (n_draft + 1);
     if (prompt_tokens + rows > INT32_MAX || rows * V > ((int64_t)1 << 40))
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "%d sequences of %d draft tokens are too many", n, n_draft);

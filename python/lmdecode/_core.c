@@ -1835,6 +1835,24 @@ static int stop_on_signal(void *ctx) {
     return check->raised;
 }
 
+/* (ids int64 (n,), tokens int64 (n,)): the (sequence, token) pairs a C loop appended last */
+static PyObject *appended_tokens(const int32_t *ids, const int32_t *tokens, int32_t n) {
+    npy_intp dims[1] = {n};
+    PyObject *result = NULL;
+    PyArrayObject *ids_out = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+    PyArrayObject *tokens_out = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+    if (ids_out && tokens_out) {
+        for (int32_t i = 0; i < n; i++) {
+            ((int64_t *)PyArray_DATA(ids_out))[i] = ids[i];
+            ((int64_t *)PyArray_DATA(tokens_out))[i] = tokens[i];
+        }
+        result = Py_BuildValue("(OO)", ids_out, tokens_out);
+    }
+    Py_XDECREF(ids_out);
+    Py_XDECREF(tokens_out);
+    return result;
+}
+
 /* steps(max_steps) -> (ids int64, tokens int64) of the last step that ran */
 static PyObject *ModelDecoder_steps(ModelDecoderObject *self, PyObject *arg) {
     if (self->run == NULL) {
@@ -1883,18 +1901,7 @@ static PyObject *ModelDecoder_steps(ModelDecoderObject *self, PyObject *arg) {
         raise_status(st, &err);
         goto done;
     }
-    npy_intp dims[1] = {n_last};
-    PyArrayObject *ids_out = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
-    PyArrayObject *tokens_out = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
-    if (ids_out && tokens_out) {
-        for (int32_t i = 0; i < n_last; i++) {
-            ((int64_t *)PyArray_DATA(ids_out))[i] = ids[i];
-            ((int64_t *)PyArray_DATA(tokens_out))[i] = tokens[i];
-        }
-        result = Py_BuildValue("(OO)", ids_out, tokens_out);
-    }
-    Py_XDECREF(ids_out);
-    Py_XDECREF(tokens_out);
+    result = appended_tokens(ids, tokens, n_last);
 done:
     if (set) sampler_set_release(set);
     PyMem_Free(ids);
@@ -2161,18 +2168,7 @@ static PyObject *SpeculativeDecoder_rounds(SpeculativeDecoderObject *self, PyObj
         raise_status(st, &err);
         goto done;
     }
-    npy_intp dims[1] = {n_last};
-    PyArrayObject *ids_out = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
-    PyArrayObject *tokens_out = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
-    if (ids_out && tokens_out) {
-        for (int32_t i = 0; i < n_last; i++) {
-            ((int64_t *)PyArray_DATA(ids_out))[i] = ids[i];
-            ((int64_t *)PyArray_DATA(tokens_out))[i] = tokens[i];
-        }
-        result = Py_BuildValue("(OO)", ids_out, tokens_out);
-    }
-    Py_XDECREF(ids_out);
-    Py_XDECREF(tokens_out);
+    result = appended_tokens(ids, tokens, n_last);
 done:
     if (set) sampler_set_release(set);
     PyMem_Free(ids);
