@@ -25,6 +25,9 @@
  * (LMD_ERR_INVALID_ARG): NaN or +inf logits (naming which and where), a row of -inf, or
  * parameters outside their domains. The token the expert ranks first always survives.
  */
+/* LMD_ERR_INVALID_ARG unless alpha is in [0, 1] and amateur_temperature > 0 (finite). */
+lmd_status lmd_contrastive_check(double alpha, double amateur_temperature, lmd_error *err);
+
 lmd_status lmd_contrastive_scores(const float *expert_logits, const float *amateur_logits, int32_t vocab,
                                   double alpha, double amateur_temperature, float *scores, lmd_error *err);
 

@@ -4,7 +4,6 @@
  * vocabulary, B beams, L the model's context length. */
 #include "decode.h"
 
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -65,10 +64,8 @@ lmd_status lmd_decode_run_set_amateur(lmd_decode_run *run, lmd_model *amateur, l
     if (amateur->config.vocab_size != run->vocab)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "the amateur's vocabulary has %d tokens but the model's %d",
                         amateur->config.vocab_size, run->vocab);
-    if (!(alpha >= 0.0 && alpha <= 1.0))
-        return lmd_fail(err, LMD_ERR_INVALID_ARG, "alpha (=%g) must be in [0, 1]", alpha);
-    if (!(amateur_temperature > 0.0 && amateur_temperature < INFINITY))
-        return lmd_fail(err, LMD_ERR_INVALID_ARG, "amateur_temperature (=%g) must be > 0", amateur_temperature);
+    lmd_status st = lmd_contrastive_check(alpha, amateur_temperature, err);
+    if (st != LMD_OK) return st;
     const size_t N = (size_t)(uint32_t)run->n, V = (size_t)(uint32_t)run->vocab;
     run->amateur_seqs = calloc(N, sizeof *run->amateur_seqs);
     run->amateur_batch = malloc(N * sizeof *run->amateur_batch);

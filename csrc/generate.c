@@ -327,7 +327,7 @@ static float raw_logprobs(const float *row, int32_t vocab, int32_t token, int32_
                           int32_t *top_ids, float *top_lps) {
     float log_sum;
     int32_t bad_index;
-    const float max = lmd_row_log_normalizer(row, vocab, &log_sum, &bad_index);
+    const float max = lmd_row_log_normalizer(row, vocab, 1.0f, &log_sum, &bad_index);
     int32_t filled = 0;
     for (int32_t v = 0; v < vocab && n_top > 0; v++) {
         if (filled == n_top && !(row[v] > row[top_ids[n_top - 1]])) continue;

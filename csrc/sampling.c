@@ -1048,10 +1048,10 @@ lmd_status lmd_sample_rows(lmd_sampler *const *samplers, int n_samplers,
 /* scoring                                                              */
 /* ------------------------------------------------------------------ */
 
-float lmd_row_log_normalizer(const float *z, int32_t vocab, float *log_total, int32_t *bad_index) {
-    const float ms = row_max(z, vocab, bad_index);
+float lmd_row_log_normalizer(const float *z, int32_t vocab, float t, float *log_total, int32_t *bad_index) {
+    const float ms = row_max(z, vocab, bad_index) / t; /* as lmd_sample_row scales it */
     const int defined = *bad_index < 0 && ms != -INFINITY;
-    *log_total = defined ? (float)log(row_group_masses(z, vocab, 1.0f, ms, NULL)) : 0.0f;
+    *log_total = defined ? (float)log(row_group_masses(z, vocab, t, ms, NULL)) : 0.0f;
     return ms;
 }
 
@@ -1089,7 +1089,7 @@ lmd_status lmd_target_logprobs(const float *logits, int64_t row_stride, int32_t 
         const float *z = logits + (int64_t)r * row_stride;
         int32_t bad_index;
         float log_total;
-        const float ms = lmd_row_log_normalizer(z, vocab, &log_total, &bad_index);
+        const float ms = lmd_row_log_normalizer(z, vocab, 1.0f, &log_total, &bad_index);
         out[r] = (z[targets[r]] / 1.0f - ms) - log_total; /* write_row_logprobs' value at t = 1 */
     }
     return LMD_OK;

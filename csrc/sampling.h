@@ -127,11 +127,12 @@ lmd_status lmd_target_logprobs(const float *logits, int64_t row_stride, int32_t 
                                const int32_t *targets, float *out, int32_t *failed_row, lmd_error *err);
 
 /*
- * The log-softmax of a row of logits z (vocab,) as this module computes it:
- * log_softmax(z)[i] = (z[i] - max) - *log_total, with max the return value. Returns with
- * *bad_index >= 0 at the first NaN or +inf; a row of -inf returns -inf. Beam search ranks
- * its candidates with these values, which are generate()'s log-probs at temperature 1.
+ * The log-softmax of a row of logits z (vocab,) at temperature t (> 0) as this module
+ * computes it: log_softmax(z / t)[i] = (z[i] / t - ms) - *log_total, with ms = max(z) / t
+ * the return value. Returns with *bad_index >= 0 at the first NaN or +inf; a row of -inf
+ * returns -inf. Beam search ranks its candidates with these values at t = 1, which are
+ * generate()'s log-probs; contrastive decoding takes its amateur's at its temperature.
  */
-float lmd_row_log_normalizer(const float *z, int32_t vocab, float *log_total, int32_t *bad_index);
+float lmd_row_log_normalizer(const float *z, int32_t vocab, float t, float *log_total, int32_t *bad_index);
 
 #endif /* LMD_SAMPLING_H */

@@ -250,7 +250,7 @@ lmd_status lmd_beam_search_step(lmd_beam_search *bs, const float *logits, int32_
     float *maxes = bs->row_max, *log_totals = bs->row_log_total;
     for (int32_t b = 0; b < B; b++) {
         int32_t bad;
-        maxes[b] = lmd_row_log_normalizer(logits + (int64_t)b * V, V, &log_totals[b], &bad);
+        maxes[b] = lmd_row_log_normalizer(logits + (int64_t)b * V, V, 1.0f, &log_totals[b], &bad);
         if (bad >= 0)
             return lmd_fail(err, LMD_ERR_INVALID_ARG, "logits of beam %d, token %d is %s", (int)b, (int)bad,
                             isnan(logits[(int64_t)b * V + bad]) ? "NaN" : "+inf");
