@@ -1853,49 +1853,71 @@ static PyObject *appended_tokens(const int32_t *ids, const int32_t *tokens, int3
     return result;
 }
 
-/* steps(max_steps) -> (ids int64, tokens int64) of the last step that ran */
-static PyObject *ModelDecoder_steps(ModelDecoderObject *self, PyObject *arg) {
-    if (self->run == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "ModelDecoder is not initialized");
+/* The C decoding loops' calling convention (lmd_decode_run_steps, lmd_speculative_run_rounds),
+ * with the run as void * so that one runner below serves both. */
+typedef lmd_status (*c_loop_fn)(void *run, lmd_sampler *const *samplers, int n_samplers, int32_t max_calls,
+                                int32_t *last_ids, int32_t *last_tokens, int32_t *n_last, lmd_stop_check stop,
+                                void *stop_ctx, lmd_error *err);
+
+static lmd_status decode_run_steps(void *run, lmd_sampler *const *samplers, int n_samplers, int32_t max_calls,
+                                   int32_t *last_ids, int32_t *last_tokens, int32_t *n_last, lmd_stop_check stop,
+                                   void *stop_ctx, lmd_error *err) {
+    return lmd_decode_run_steps(run, samplers, n_samplers, max_calls, last_ids, last_tokens, n_last, stop, stop_ctx,
+                                err);
+}
+
+static lmd_status speculative_run_rounds(void *run, lmd_sampler *const *samplers, int n_samplers, int32_t max_calls,
+                                         int32_t *last_ids, int32_t *last_tokens, int32_t *n_last,
+                                         lmd_stop_check stop, void *stop_ctx, lmd_error *err) {
+    return lmd_speculative_run_rounds(run, samplers, n_samplers, max_calls, last_ids, last_tokens, n_last, stop,
+                                      stop_ctx, err);
+}
+
+/* Runs up to `arg` (an int, named `what` in errors) steps or rounds of a C loop over the
+ * generator, one model and pool, and optionally a second model and pool (an amateur or a
+ * draft; NULL otherwise), with the GIL released and Ctrl-C checked. The locks of the models
+ * and pools are held meanwhile, a model used twice (drafting for itself) locked once.
+ * capacity: the (sequence, token) pairs one step may append. Returns (ids int64, tokens
+ * int64) of the pairs the last step appended. */
+static PyObject *run_c_loop(c_loop_fn loop, void *run, PyObject *arg, const char *what, GeneratorObject *generator,
+                            EngineModelObject *model, EngineKVPoolObject *pool, EngineModelObject *second_model,
+                            EngineKVPoolObject *second_pool, size_t capacity) {
+    long max_calls = PyLong_AsLong(arg);
+    if (max_calls == -1 && PyErr_Occurred()) return NULL;
+    if (max_calls < 1 || max_calls > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s (=%ld) must be in [1, 2^31)", what, max_calls);
         return NULL;
     }
-    long max_steps = PyLong_AsLong(arg);
-    if (max_steps == -1 && PyErr_Occurred()) return NULL;
-    if (max_steps < 1 || max_steps > INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "max_steps (=%ld) must be in [1, 2^31)", max_steps);
-        return NULL;
-    }
-    int32_t n = self->generator->n_seqs, n_last = 0;
-    int32_t *ids = PyMem_Malloc((size_t)n * sizeof *ids), *tokens = PyMem_Malloc((size_t)n * sizeof *tokens);
+    int32_t n_last = 0;
+    int32_t *ids = PyMem_Malloc(capacity * sizeof *ids), *tokens = PyMem_Malloc(capacity * sizeof *tokens);
     sampler_set *set = NULL;
     PyObject *result = NULL;
     if (ids == NULL || tokens == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    if ((set = sampler_set_acquire(lmd_get_num_threads(), self->generator->vocab)) == NULL) goto done;
-    if (!PyThread_acquire_lock(self->generator->lock, NOWAIT_LOCK)) {
+    if ((set = sampler_set_acquire(lmd_get_num_threads(), generator->vocab)) == NULL) goto done;
+    if (!PyThread_acquire_lock(generator->lock, NOWAIT_LOCK)) {
         PyErr_SetString(PyExc_RuntimeError, "this Generator is in use by another thread");
         goto done;
     }
-    const int amateur_lock = self->amateur != NULL && self->amateur != self->model;
-    engine_lock(self->model->lock);
-    if (amateur_lock) engine_lock(self->amateur->lock);
-    engine_lock(self->pool->lock);
-    if (self->amateur_pool) engine_lock(self->amateur_pool->lock);
+    const int second_lock = second_model != NULL && second_model != model;
+    engine_lock(model->lock);
+    if (second_lock) engine_lock(second_model->lock);
+    engine_lock(pool->lock);
+    if (second_pool) engine_lock(second_pool->lock);
     lmd_error err;
     lmd_status st;
     signal_check check = {{0, 0}, 0};
     timespec_get(&check.last, TIME_UTC);
     Py_BEGIN_ALLOW_THREADS;
-    st = lmd_decode_run_steps(self->run, set->samplers, set->n, (int32_t)max_steps, ids, tokens, &n_last,
-                              stop_on_signal, &check, &err);
+    st = loop(run, set->samplers, set->n, (int32_t)max_calls, ids, tokens, &n_last, stop_on_signal, &check, &err);
     Py_END_ALLOW_THREADS;
-    if (self->amateur_pool) PyThread_release_lock(self->amateur_pool->lock);
-    PyThread_release_lock(self->pool->lock);
-    if (amateur_lock) PyThread_release_lock(self->amateur->lock);
-    PyThread_release_lock(self->model->lock);
-    PyThread_release_lock(self->generator->lock);
+    if (second_pool) PyThread_release_lock(second_pool->lock);
+    PyThread_release_lock(pool->lock);
+    if (second_lock) PyThread_release_lock(second_model->lock);
+    PyThread_release_lock(model->lock);
+    PyThread_release_lock(generator->lock);
     if (st == LMD_ERR_STOPPED && check.raised) goto done; /* KeyboardInterrupt (or the handler's) */
     if (st != LMD_OK) {
         raise_status(st, &err);
@@ -1907,6 +1929,16 @@ done:
     PyMem_Free(ids);
     PyMem_Free(tokens);
     return result;
+}
+
+/* steps(max_steps) -> (ids int64, tokens int64) of the last step that ran */
+static PyObject *ModelDecoder_steps(ModelDecoderObject *self, PyObject *arg) {
+    if (self->run == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ModelDecoder is not initialized");
+        return NULL;
+    }
+    return run_c_loop(decode_run_steps, self->run, arg, "max_steps", self->generator, self->model, self->pool,
+                      self->amateur, self->amateur_pool, (size_t)self->generator->n_seqs);
 }
 
 static PyMethodDef ModelDecoder_methods[] = {
@@ -2125,55 +2157,9 @@ static PyObject *SpeculativeDecoder_rounds(SpeculativeDecoderObject *self, PyObj
         PyErr_SetString(PyExc_RuntimeError, "SpeculativeDecoder is not initialized");
         return NULL;
     }
-    long max_rounds = PyLong_AsLong(arg);
-    if (max_rounds == -1 && PyErr_Occurred()) return NULL;
-    if (max_rounds < 1 || max_rounds > INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "max_rounds (=%ld) must be in [1, 2^31)", max_rounds);
-        return NULL;
-    }
-    const size_t capacity = (size_t)self->generator->n_seqs * (size_t)(self->n_draft + 1);
-    int32_t n_last = 0;
-    int32_t *ids = PyMem_Malloc(capacity * sizeof *ids), *tokens = PyMem_Malloc(capacity * sizeof *tokens);
-    sampler_set *set = NULL;
-    PyObject *result = NULL;
-    if (ids == NULL || tokens == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if ((set = sampler_set_acquire(lmd_get_num_threads(), self->generator->vocab)) == NULL) goto done;
-    if (!PyThread_acquire_lock(self->generator->lock, NOWAIT_LOCK)) {
-        PyErr_SetString(PyExc_RuntimeError, "this Generator is in use by another thread");
-        goto done;
-    }
-    const int one_model = self->target == self->draft; /* a model may draft for itself */
-    engine_lock(self->target->lock);
-    if (!one_model) engine_lock(self->draft->lock);
-    engine_lock(self->target_pool->lock);
-    engine_lock(self->draft_pool->lock);
-    lmd_error err;
-    lmd_status st;
-    signal_check check = {{0, 0}, 0};
-    timespec_get(&check.last, TIME_UTC);
-    Py_BEGIN_ALLOW_THREADS;
-    st = lmd_speculative_run_rounds(self->run, set->samplers, set->n, (int32_t)max_rounds, ids, tokens, &n_last,
-                                    stop_on_signal, &check, &err);
-    Py_END_ALLOW_THREADS;
-    PyThread_release_lock(self->draft_pool->lock);
-    PyThread_release_lock(self->target_pool->lock);
-    if (!one_model) PyThread_release_lock(self->draft->lock);
-    PyThread_release_lock(self->target->lock);
-    PyThread_release_lock(self->generator->lock);
-    if (st == LMD_ERR_STOPPED && check.raised) goto done; /* KeyboardInterrupt (or the handler's) */
-    if (st != LMD_OK) {
-        raise_status(st, &err);
-        goto done;
-    }
-    result = appended_tokens(ids, tokens, n_last);
-done:
-    if (set) sampler_set_release(set);
-    PyMem_Free(ids);
-    PyMem_Free(tokens);
-    return result;
+    return run_c_loop(speculative_run_rounds, self->run, arg, "max_rounds", self->generator, self->target,
+                      self->target_pool, self->draft, self->draft_pool,
+                      (size_t)self->generator->n_seqs * (size_t)(self->n_draft + 1));
 }
 
 /* counts(k) -> (draft tokens proposed, draft tokens kept) for sequence k */
