@@ -88,27 +88,26 @@ class DecodingMixin:
         """A KV pool with room for `positions` positions (plus one block per copy-on-write)."""
         return self._new_pool(_BLOCK, max(1, math.ceil(positions / _BLOCK)), self.kv_dtype)
 
+    def _run_pool(self, prompts: list[list[int]], max_new_tokens: int, proposals: int = 0):
+        """A pool for one decoding loop over `prompts`: each sequence's positions up to the
+        context length, with room for `proposals` speculative tokens, plus two blocks."""
+        ctx = self.config.context_length
+        return self._pool(sum(min(len(p) + max_new_tokens + proposals, ctx) + 2 * _BLOCK for p in prompts))
+
     def _decoder(self, generator, prompts: list[list[int]], max_new_tokens: int, *, amateur=None, alpha: float = 0.1,
                  amateur_temperature: float = 1.0):
         """The C loop that runs `generator` on this model (one KV sequence per prompt); with an
         amateur model, contrastive decoding (the amateur's caches in a pool of its own)."""
-        def pool_for(model):
-            ctx = model.config.context_length
-            return model._pool(sum(min(len(p) + max_new_tokens, ctx) + 2 * _BLOCK for p in prompts))
-
+        pool = self._run_pool(prompts, max_new_tokens)
         if amateur is None:
-            return _core.ModelDecoder(self._engine, pool_for(self), generator)
-        return _core.ModelDecoder(self._engine, pool_for(self), generator, amateur._engine, pool_for(amateur), alpha,
-                                  amateur_temperature)
+            return _core.ModelDecoder(self._engine, pool, generator)
+        return _core.ModelDecoder(self._engine, pool, generator, amateur._engine,
+                                  amateur._run_pool(prompts, max_new_tokens), alpha, amateur_temperature)
 
     def _speculative_decoder(self, draft, generator, prompts: list[list[int]], max_new_tokens: int, n_draft: int):
         """The C speculative loop: this model verifies what `draft` proposes (a pool each)."""
-        def pool_for(model):
-            ctx = model.config.context_length
-            positions = sum(min(len(p) + max_new_tokens + n_draft, ctx) + 2 * _BLOCK for p in prompts)
-            return model._pool(positions)
-
-        return _core.SpeculativeDecoder(self._engine, pool_for(self), draft._engine, pool_for(draft), generator, n_draft)
+        return _core.SpeculativeDecoder(self._engine, self._run_pool(prompts, max_new_tokens, n_draft), draft._engine,
+                                        draft._run_pool(prompts, max_new_tokens, n_draft), generator, n_draft)
 
     def _beam_search_in_c(self, search, prompt: list[int], beam_width: int, max_new_tokens: int) -> int:
         """Runs `search` to its end in C; returns the peak number of KV positions the beams held."""

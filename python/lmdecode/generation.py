@@ -81,6 +81,13 @@ def _check_count(name: str, value: Any, low: int) -> int:
     return int(value)
 
 
+def _check_same_vocabulary(name: str, second: Any, model: Any, role: str) -> None:
+    """A second model (a draft or an amateur) must sample the tokens the first one does."""
+    if second.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"{name}'s vocabulary ({second.config.vocab_size} tokens) differs from "
+                         f"the {role}'s ({model.config.vocab_size})")
+
+
 def _prompts(prompt: Any, tokenizer: TokenizerLike | None) -> tuple[list[list[int]], bool]:
     """Token-id prompts and whether a single prompt was given."""
 
@@ -283,18 +290,15 @@ def generate(
             raise TypeError(f"amateur_model must be an lmdecode Model like the expert, got {type(amateur_model).__name__}")
         if model is None and not callable(amateur_model):
             raise TypeError(f"amateur_model must be a step function like the expert, got {type(amateur_model).__name__}")
-        if model is not None and amateur_model.config.vocab_size != model.config.vocab_size:
-            raise ValueError(f"amateur_model's vocabulary ({amateur_model.config.vocab_size} tokens) differs from "
-                             f"the expert's ({model.config.vocab_size})")
+        if model is not None:
+            _check_same_vocabulary("amateur_model", amateur_model, model, "expert")
     if draft_model is not None:
         if model is None:
             raise TypeError("draft_model needs an lmdecode Model as the target (for external models, "
                             "verify drafts with ld.speculative_accept)")
         if not hasattr(draft_model, "_decoder"):
             raise TypeError(f"draft_model must be an lmdecode Model, got {type(draft_model).__name__}")
-        if draft_model.config.vocab_size != model.config.vocab_size:
-            raise ValueError(f"draft_model's vocabulary ({draft_model.config.vocab_size} tokens) differs from "
-                             f"the target's ({model.config.vocab_size})")
+        _check_same_vocabulary("draft_model", draft_model, model, "target")
     if model is None and not callable(model_or_step_fn):
         raise TypeError(f"model_or_step_fn must be an lmdecode Model or a callable, got {type(model_or_step_fn).__name__}")
     if tokenizer is None and model is not None:
