@@ -97,6 +97,14 @@ static lmd_generator *new_generator(const prompt_set *p, int32_t vocab, int32_t 
     return g;
 }
 
+// the identity chain at temperature 0: argmax
+static lmd_sampling_params greedy_params(void) {
+    lmd_sampling_params p;
+    lmd_sampling_params_default(&p);
+    p.temperature = 0.0;
+    return p;
+}
+
 static int pool_full(const lmd_kvpool *p) { return p->n_free == p->n_blocks; }
 
 /* ------------------------------------------------------------------ */
@@ -117,9 +125,7 @@ static void test_greedy_equals_argmax_chain(void) {
     lmd_sampler *sampler;
     lmd_error err;
     CHECK(lmd_sampler_init(&sampler, V, &err) == LMD_OK);
-    lmd_sampling_params greedy;
-    lmd_sampling_params_default(&greedy);
-    greedy.temperature = 0.0;
+    const lmd_sampling_params greedy = greedy_params();
     int32_t prompt[5], want[10];
     double want_lp[10];
     for (int i = 0; i < 5; i++) prompt[i] = test_rand_below(&r, V);
@@ -258,9 +264,7 @@ static void test_shared_prompts_equal_each_alone(void) {
 
     /* greedy: the three sequences with prompt p agree, and run_free returns the blocks of
      * sequences stopped halfway */
-    lmd_sampling_params greedy;
-    lmd_sampling_params_default(&greedy);
-    greedy.temperature = 0.0;
+    const lmd_sampling_params greedy = greedy_params();
     g = new_generator(&ps, V, NEW, &greedy, seed, NULL, 0);
     CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
     CHECK(lmd_decode_run_steps(run, samplers, 2, 3, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
@@ -298,9 +302,7 @@ static void test_context_length_ends_sequences(void) {
     lmd_sampler *sampler;
     lmd_error err;
     CHECK(lmd_sampler_init(&sampler, V, &err) == LMD_OK);
-    lmd_sampling_params greedy;
-    lmd_sampling_params_default(&greedy);
-    greedy.temperature = 0.0;
+    const lmd_sampling_params greedy = greedy_params();
     const int lens[3] = {5, 9, 12};
     int32_t prompts[3][13];
     prompt_set ps = {{0}, {0}, 0};
@@ -358,9 +360,7 @@ static void test_pool_too_small_then_retry(void) {
     lmd_sampler *sampler;
     lmd_error err;
     CHECK(lmd_sampler_init(&sampler, V, &err) == LMD_OK);
-    lmd_sampling_params greedy;
-    lmd_sampling_params_default(&greedy);
-    greedy.temperature = 0.0;
+    const lmd_sampling_params greedy = greedy_params();
     int32_t prompt[6] = {1, 2, 3, 4, 5, 6};
     prompt_set ps = {{0}, {0}, 0};
     add_prompt(&ps, prompt, 6);     /* 2 blocks */
@@ -509,9 +509,7 @@ static void test_speculative_greedy_equals_greedy(void) {
     lmd_sampler *sampler;
     lmd_error err;
     CHECK(lmd_sampler_init(&sampler, V, &err) == LMD_OK);
-    lmd_sampling_params greedy;
-    lmd_sampling_params_default(&greedy);
-    greedy.temperature = 0.0;
+    const lmd_sampling_params greedy = greedy_params();
     const int32_t a[3] = {1, 5, 9}, b[6] = {2, 3, 4, 5, 6, 7}, c[20] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
                                                                          11, 12, 13, 14, 15, 16, 17, 18, 19, 20};
     prompt_set ps = {{0}, {0}, 0};
