@@ -416,6 +416,7 @@ struct lmd_speculative_run {
     int32_t *tokens, *token_seq;           /* (all prompt tokens + n (K + 1),) one forward's tokens */
     int32_t *logit_index;                  /* (n (K + 1),) */
     int32_t *row_start;                    /* (n,) each running sequence's first verification row */
+    int32_t *leader;                       /* (n,) the sequence whose new cache sequence k forks, or k */
 };
 
 void lmd_speculative_run_free(lmd_speculative_run *run) {
@@ -445,6 +446,7 @@ void lmd_speculative_run_free(lmd_speculative_run *run) {
     free(run->token_seq);
     free(run->logit_index);
     free(run->row_start);
+    free(run->leader);
     free(run);
 }
 
@@ -502,10 +504,12 @@ lmd_status lmd_speculative_run_init(lmd_speculative_run **out, lmd_model *target
     run->token_seq = malloc(slots * sizeof *run->token_seq);
     run->logit_index = malloc(R * sizeof *run->logit_index);
     run->row_start = malloc(N * sizeof *run->row_start);
+    run->leader = malloc(N * sizeof *run->leader);
     if (!run->target_seqs || !run->draft_seqs || !run->proposed || !run->accepted || !run->ids ||
         !run->n_proposing || !run->drafts || !run->draft_logprobs || !run->step_logits || !run->step_logprobs ||
         !run->target_logits || !run->target_logprobs || !run->inputs || !run->params || !run->coins ||
-        !run->drawn || !run->batch || !run->tokens || !run->token_seq || !run->logit_index || !run->row_start) {
+        !run->drawn || !run->batch || !run->tokens || !run->token_seq || !run->logit_index || !run->row_start ||
+        !run->leader) {
         lmd_speculative_run_free(run);
         return lmd_fail(err, LMD_ERR_NOMEM, "out of memory for %d sequences of %d draft tokens", n, n_draft);
     }
@@ -525,6 +529,51 @@ static void release_finished_pairs(lmd_speculative_run *run) {
             lmd_kvseq_free(run->draft_seqs[k]);
             run->target_seqs[k] = run->draft_seqs[k] = NULL;
         }
+}
+
+/* Gives every running sequence that needs a cache of one model and has none (in its first
+ * round: the target's always, the draft's when it proposes) a cache holding all its tokens
+ * but the last, which the round feeds. One forward, without logits, covers the distinct
+ * token lists; a sequence whose tokens equal the previous new sequence's (n samples of one
+ * prompt) forks that cache instead, as lmd_decode_run's prefill does. */
+static lmd_status prefill_new_caches(lmd_speculative_run *run, int32_t R, int draft, lmd_error *err) {
+    lmd_status st;
+    lmd_model *model = draft ? run->draft : run->target;
+    lmd_kvpool *pool = draft ? run->draft_pool : run->target_pool;
+    lmd_kvseq **seqs = draft ? run->draft_seqs : run->target_seqs;
+    int32_t nb = 0, n_tokens = 0, previous = -1;
+    for (int32_t i = 0; i < R; i++) {
+        const int32_t k = run->ids[i];
+        run->leader[k] = -1;
+        if (seqs[k] != NULL || (draft && run->n_proposing[i] == 0)) continue;
+        int32_t length, previous_length;
+        const int32_t *all = lmd_generator_tokens(run->gen, k, &length);
+        if (previous >= 0) {
+            const int32_t *other = lmd_generator_tokens(run->gen, previous, &previous_length);
+            if (previous_length == length && memcmp(all, other, (size_t)length * sizeof(int32_t)) == 0) {
+                run->leader[k] = run->leader[previous];
+                previous = k;
+                continue;
+            }
+        }
+        run->leader[k] = previous = k;
+        if ((st = lmd_kvseq_init(&seqs[k], pool, model->config.context_length, err))) return st;
+        if (length < 2) continue;
+        for (int32_t p = 0; p < length - 1; p++) {
+            run->tokens[n_tokens] = all[p];
+            run->token_seq[n_tokens++] = nb;
+        }
+        run->batch[nb++] = seqs[k];
+    }
+    if (nb > 0 && (st = lmd_model_forward(model, run->batch, nb, run->tokens, run->token_seq, n_tokens, NULL, 0,
+                                          NULL, err)))
+        return st;
+    for (int32_t i = 0; i < R; i++) {
+        const int32_t k = run->ids[i];
+        if (run->leader[k] >= 0 && run->leader[k] != k && (st = lmd_kvseq_fork(&seqs[k], seqs[run->leader[k]], err)))
+            return st;
+    }
+    return LMD_OK;
 }
 
 /* The draft proposes k_i tokens for each running sequence i: step j feeds what its cache
@@ -607,11 +656,12 @@ lmd_status lmd_speculative_run_rounds(lmd_speculative_run *run, lmd_sampler *con
             most = target_len - length - 1 < most ? target_len - length - 1 : most;
             most = draft_len - length < most ? draft_len - length : most;
             run->n_proposing[i] = most > 0 ? most : 0;
-            if (run->target_seqs[k] == NULL && (st = lmd_kvseq_init(&run->target_seqs[k], run->target_pool, target_len, err)))
-                return st;
-            if (run->n_proposing[i] > 0 && run->draft_seqs[k] == NULL &&
-                (st = lmd_kvseq_init(&run->draft_seqs[k], run->draft_pool, draft_len, err)))
-                return st;
+        }
+        if ((st = prefill_new_caches(run, R, 0, err)) || (st = prefill_new_caches(run, R, 1, err))) return st;
+        for (int32_t i = 0; i < R; i++) {
+            const int32_t k = run->ids[i];
+            int32_t length;
+            lmd_generator_tokens(run->gen, k, &length);
             /* after a round that failed part way (a full pool, say), a cache may hold proposals
              * that were never kept: back to the invariant */
             if (run->target_seqs[k]->len > length - 1 &&

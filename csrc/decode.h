@@ -83,7 +83,8 @@ lmd_status lmd_decode_beam_search(lmd_model *model, lmd_kvpool *pool, lmd_beam_s
  * target's own draw after all proposals were kept: so with no proposal the loop is
  * lmd_decode_run's, coin for coin. Both models share the generator's vocabulary; each
  * has a pool of its own. A round proposes fewer tokens where max_new_tokens or a
- * context length leaves less room. Each sequence prefills its own prompt.
+ * context length leaves less room. A sequence's first round prefills its prompt in both
+ * models; sequences whose prompt equals the previous one's (n samples) fork that cache.
  *
  * lmd_speculative_run_rounds runs up to max_rounds rounds; last_ids/last_tokens
  * (capacity n_seqs * (n_draft + 1)) receive the (sequence, token) pairs the last round

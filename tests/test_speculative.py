@@ -207,6 +207,21 @@ def test_sampling_equals_the_numpy_reference_loop(stories, close_draft, poor_dra
         assert got.tokens == want and got.finish_reason == reason
 
 
+def test_samples_of_one_prompt_share_its_prefill_and_draw_as_each_alone(stories, close_draft):
+    # n samples (and a batch whose prompts repeat) prefill each distinct prompt once and fork
+    # the caches; sample k still draws what the reference loop draws with stream k
+    prompts = [PROMPT, PROMPT, [1, 403], PROMPT]
+    got = stories.generate(prompts, max_new_tokens=20, seed=4, n=2, draft_model=close_draft, num_draft_tokens=3,
+                           stop_token_ids=[], **SAMPLING)
+    for p, group in enumerate(got):
+        for i, out in enumerate(group):
+            want, reason = reference.speculative_generate(
+                lambda toks: stories.logits(toks)[-1], lambda toks: close_draft.logits(toks)[-1], prompts[p],
+                num_draft=3, max_new=20, seed=4, stream=2 * p + i, **SAMPLING)
+            assert out.tokens == want and out.finish_reason == reason == "length"
+    assert len({tuple(out.tokens) for group in got for out in group}) > 3  # the streams differ
+
+
 def test_sampled_tokens_follow_the_targets_distribution():
     # a 12-token vocabulary: the exact distribution of the first two tokens is computable
     target, draft = random_llama(12, seed=1, scale=0.5), random_llama(12, seed=2, scale=0.5)
