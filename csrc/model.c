@@ -5,9 +5,24 @@
 #include "vec.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+const char *const lmd_layer_matrix_names[LMD_LAYER_MATRICES] = {"wq", "wk", "wv", "wo", "w_up", "w_down", "w_gate"};
+static const size_t layer_matrix_offsets[LMD_LAYER_MATRICES] = {
+    offsetof(lmd_layer_weights, wq),   offsetof(lmd_layer_weights, wk),     offsetof(lmd_layer_weights, wv),
+    offsetof(lmd_layer_weights, wo),   offsetof(lmd_layer_weights, w_up),   offsetof(lmd_layer_weights, w_down),
+    offsetof(lmd_layer_weights, w_gate)};
+
+lmd_matrix *lmd_layer_matrix(lmd_layer_weights *lw, int i) {
+    return (lmd_matrix *)((char *)lw + layer_matrix_offsets[i]);
+}
+
+int lmd_layer_matrix_count(const lmd_config *config) {
+    return config->arch == LMD_ARCH_GPT2 ? LMD_LAYER_MATRICES - 1 : LMD_LAYER_MATRICES; /* no gate */
+}
 
 /* queries whose attention is computed together: a prefill's neighbouring tokens, the heads
  * of a GQA group (model.h's scores hold their weights) */
@@ -104,17 +119,14 @@ static lmd_status check_weights(const lmd_config *c, const lmd_weights *w, lmd_e
         snprintf(prefix, sizeof prefix, "layers[%d].", l);
         TRY(check_vector(lw->attn_norm, 1, prefix, "attn_norm", err));
         TRY(check_vector(lw->ffn_norm, 1, prefix, "ffn_norm", err));
-        TRY(check_matrix(&lw->wq, prefix, "wq", Q, D, err));
-        TRY(check_matrix(&lw->wk, prefix, "wk", K, D, err));
-        TRY(check_matrix(&lw->wv, prefix, "wv", K, D, err));
-        TRY(check_matrix(&lw->wo, prefix, "wo", D, Q, err));
-        TRY(check_matrix(&lw->w_up, prefix, "w_up", H, D, err));
-        TRY(check_matrix(&lw->w_down, prefix, "w_down", D, H, err));
+        /* (rows, cols) of each matrix, in lmd_layer_matrix_names' order */
+        const int32_t shapes[LMD_LAYER_MATRICES][2] = {{Q, D}, {K, D}, {K, D}, {D, Q}, {H, D}, {D, H}, {H, D}};
+        for (int i = 0; i < lmd_layer_matrix_count(c); i++)
+            TRY(check_matrix(lmd_layer_matrix(&w->layers[l], i), prefix, lmd_layer_matrix_names[i],
+                             shapes[i][0], shapes[i][1], err));
         if (gpt2) {
             TRY(check_vector(lw->attn_norm_bias, 1, prefix, "attn_norm_bias", err));
             TRY(check_vector(lw->ffn_norm_bias, 1, prefix, "ffn_norm_bias", err));
-        } else {
-            TRY(check_matrix(&lw->w_gate, prefix, "w_gate", H, D, err));
         }
     }
 #undef TRY
@@ -152,11 +164,8 @@ void lmd_model_free(lmd_model *m) {
 static size_t matmul_scratch_bytes(const lmd_config *config, const lmd_weights *w, int B) {
     size_t most = lmd_matmul_scratch_bytes(&w->output, B);
     for (int32_t l = 0; l < config->n_layers; l++) {
-        const lmd_layer_weights *lw = &w->layers[l];
-        const lmd_matrix *matrices[] = {&lw->wq, &lw->wk, &lw->wv, &lw->wo, &lw->w_up, &lw->w_down, &lw->w_gate};
-        const int n_matrices = config->arch == LMD_ARCH_LLAMA ? 7 : 6; /* GPT-2 has no gate */
-        for (int i = 0; i < n_matrices; i++) {
-            const size_t bytes = lmd_matmul_scratch_bytes(matrices[i], B);
+        for (int i = 0; i < lmd_layer_matrix_count(config); i++) {
+            const size_t bytes = lmd_matmul_scratch_bytes(lmd_layer_matrix(&w->layers[l], i), B);
             most = bytes > most ? bytes : most;
         }
     }
@@ -173,23 +182,20 @@ static size_t matmul_scratch_bytes(const lmd_config *config, const lmd_weights *
  * pages are released (model.py), so the weights are still held once. A tied token
  * embedding looks its rows up in the packed head. */
 
-// the model's weight matrices: (n_layers * 7 + 1,) pointers into m->weights (the output
-// head first), NULL for a GPT-2 layer's missing gate; returns how many slots
+// the model's weight matrices: (n_layers * LMD_LAYER_MATRICES + 1,) at most, pointers into
+// m->weights (the output head first); returns how many
 static int weight_matrices(lmd_model *m, lmd_matrix **out) {
     int n = 0;
     out[n++] = &m->weights.output;
-    for (int32_t l = 0; l < m->config.n_layers; l++) {
-        lmd_layer_weights *lw = &m->layer_storage[l];
-        lmd_matrix *in_layer[] = {&lw->wq, &lw->wk, &lw->wv, &lw->wo, &lw->w_up, &lw->w_down, &lw->w_gate};
-        for (int i = 0; i < 7; i++) out[n++] = m->config.arch == LMD_ARCH_GPT2 && i == 6 ? NULL : in_layer[i];
-    }
+    for (int32_t l = 0; l < m->config.n_layers; l++)
+        for (int i = 0; i < lmd_layer_matrix_count(&m->config); i++) out[n++] = lmd_layer_matrix(&m->layer_storage[l], i);
     return n;
 }
 
 // replaces every f32 matrix of the model (and a token embedding tied to the head) by a packed
 // copy it owns
 static lmd_status pack_f32_matrices(lmd_model *m, lmd_error *err) {
-    const size_t slots = (size_t)m->config.n_layers * 7 + 1;
+    const size_t slots = (size_t)m->config.n_layers * LMD_LAYER_MATRICES + 1;
     lmd_matrix **matrices = malloc(slots * sizeof *matrices);
     m->panels = calloc(slots, sizeof *m->panels);
     if (matrices == NULL || m->panels == NULL) {
@@ -202,7 +208,7 @@ static lmd_status pack_f32_matrices(lmd_model *m, lmd_error *err) {
     lmd_status st = LMD_OK;
     for (int i = 0; i < n; i++) {
         lmd_matrix *w = matrices[i];
-        if (w == NULL || w->dtype != LMD_F32) continue;
+        if (w->dtype != LMD_F32) continue;
         const size_t bytes = lmd_panels_bytes(w->rows, w->cols);
         float *packed = lmd_alloc_aligned(bytes);
         if (packed == NULL) {

@@ -78,6 +78,15 @@ typedef struct {
     const float *b_down;         /* (dim,) optional */
 } lmd_layer_weights;
 
+/* A layer's weight matrices, listed once: index i in [0, LMD_LAYER_MATRICES) names
+ * lmd_layer_matrix_names[i] (the binding's tensor "layers.<l>.<name>"). The gate comes last
+ * so that a GPT-2 layer's matrices are the first lmd_layer_matrix_count(config) = 6; a
+ * Llama layer has all 7. */
+#define LMD_LAYER_MATRICES 7
+extern const char *const lmd_layer_matrix_names[LMD_LAYER_MATRICES];
+lmd_matrix *lmd_layer_matrix(lmd_layer_weights *lw, int i);
+int lmd_layer_matrix_count(const lmd_config *config);
+
 typedef struct {
     lmd_matrix token_embedding;      /* (vocab_size, dim) */
     const float *position_embedding; /* (context_length, dim) gpt2 */

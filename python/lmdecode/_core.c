@@ -1162,13 +1162,11 @@ static int drop_packed_sources(PyObject *kept, const lmd_model *model) {
     if (w->output.dtype == LMD_F32_PANELS && PyDict_DelItemString(kept, "output") < 0) return -1;
     if (w->token_embedding.dtype == LMD_F32_PANELS && PyDict_DelItemString(kept, "token_embedding") < 0) return -1;
     for (int32_t l = 0; l < model->config.n_layers; l++) {
-        const lmd_layer_weights *lw = &w->layers[l];
-        const lmd_matrix *matrices[] = {&lw->wq, &lw->wk, &lw->wv, &lw->wo, &lw->w_gate, &lw->w_up, &lw->w_down};
-        const char *fields[] = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"};
-        for (int i = 0; i < 7; i++) {
+        for (int i = 0; i < lmd_layer_matrix_count(&model->config); i++) {
             char name[64];
-            snprintf(name, sizeof name, "layers.%d.%s", l, fields[i]);
-            if (matrices[i]->dtype == LMD_F32_PANELS && PyDict_DelItemString(kept, name) < 0) return -1;
+            snprintf(name, sizeof name, "layers.%d.%s", l, lmd_layer_matrix_names[i]);
+            if (lmd_layer_matrix(&w->layers[l], i)->dtype == LMD_F32_PANELS && PyDict_DelItemString(kept, name) < 0)
+                return -1;
         }
     }
     return 0;
@@ -1227,19 +1225,13 @@ static int EngineModel_init(EngineModelObject *self, PyObject *args, PyObject *k
         for (int32_t l = 0; l < cfg.n_layers; l++) {
             lmd_layer_weights *lw = &layers[l];
             char name[64];
-#define MATRIX(field)                                                                                  \
-    snprintf(name, sizeof name, "layers.%d." #field, l);                                               \
-    if (!tensor_matrix(tensors, name, &lw->field)) goto fail
 #define VECTOR(field, length)                                                                          \
     snprintf(name, sizeof name, "layers.%d." #field, l);                                               \
     if (!tensor_vector(tensors, name, length, &lw->field)) goto fail
-            MATRIX(wq);
-            MATRIX(wk);
-            MATRIX(wv);
-            MATRIX(wo);
-            MATRIX(w_gate);
-            MATRIX(w_up);
-            MATRIX(w_down);
+            for (int i = 0; i < LMD_LAYER_MATRICES; i++) {
+                snprintf(name, sizeof name, "layers.%d.%s", l, lmd_layer_matrix_names[i]);
+                if (!tensor_matrix(tensors, name, lmd_layer_matrix(lw, i))) goto fail;
+            }
             VECTOR(attn_norm, D);
             VECTOR(attn_norm_bias, D);
             VECTOR(ffn_norm, D);
@@ -1250,7 +1242,6 @@ static int EngineModel_init(EngineModelObject *self, PyObject *args, PyObject *k
             VECTOR(bo, D);
             VECTOR(b_up, H);
             VECTOR(b_down, D);
-#undef MATRIX
 #undef VECTOR
         }
     }
