@@ -2245,5 +2245,11 @@ PyMODINIT_FUNC PyInit__core(void) {
         Py_DECREF(m);
         return NULL;
     }
+    PyObject *stream_bit = PyLong_FromUnsignedLongLong(LMD_SPECULATIVE_STREAM);
+    if (stream_bit == NULL || PyModule_AddObject(m, "SPECULATIVE_STREAM", stream_bit) < 0) {
+        Py_XDECREF(stream_bit);
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

@@ -22,8 +22,8 @@ from .sampling import rng_uniform, sample
 
 __all__ = ["SPECULATIVE_STREAM", "speculative_accept"]
 
-# the bit set in the stream of the acceptance and residual coins (csrc/speculative.h)
-SPECULATIVE_STREAM = 1 << 63
+# the bit set in the stream of the acceptance and residual coins (2**63, csrc/speculative.h)
+SPECULATIVE_STREAM: int = _core.SPECULATIVE_STREAM
 
 
 def _logprob_rows(name: str, rows, vocab: int | None) -> np.ndarray:
