@@ -32,8 +32,9 @@ struct lmd_decode_run {
     double alpha, amateur_temperature;
     lmd_kvseq **amateur_seqs; /* (n,) as seqs */
     lmd_kvseq **amateur_batch; /* (n,) */
-    float *amateur_logits;    /* (n, V) */
+    float *amateur_logits;    /* (n, V); the generator's masks go on in place before scoring */
     float *scores;            /* (n, V) the contrastive scores the generator draws from */
+    float *masked_logits;     /* (n, V) the model's logits with the generator's masks */
 };
 
 void lmd_decode_run_free(lmd_decode_run *run) {
@@ -52,6 +53,7 @@ void lmd_decode_run_free(lmd_decode_run *run) {
     free(run->amateur_batch);
     free(run->amateur_logits);
     free(run->scores);
+    free(run->masked_logits);
     free(run);
 }
 
@@ -71,7 +73,8 @@ lmd_status lmd_decode_run_set_amateur(lmd_decode_run *run, lmd_model *amateur, l
     run->amateur_batch = malloc(N * sizeof *run->amateur_batch);
     run->amateur_logits = malloc(N * V * sizeof *run->amateur_logits);
     run->scores = malloc(N * V * sizeof *run->scores);
-    if (!run->amateur_seqs || !run->amateur_batch || !run->amateur_logits || !run->scores)
+    run->masked_logits = malloc(N * V * sizeof *run->masked_logits);
+    if (!run->amateur_seqs || !run->amateur_batch || !run->amateur_logits || !run->scores || !run->masked_logits)
         return lmd_fail(err, LMD_ERR_NOMEM, "out of memory for an amateur of %d sequences", run->n);
     run->amateur = amateur;
     run->amateur_pool = amateur_pool;
@@ -280,12 +283,17 @@ lmd_status lmd_decode_run_steps(lmd_decode_run *run, lmd_sampler *const *sampler
         }
         int32_t R = lmd_generator_running(run->gen, run->ids);
         if (run->amateur != NULL) {
-            for (int32_t i = 0; i < R; i++)
-                if ((st = lmd_contrastive_scores(run->logits + (int64_t)i * run->vocab,
-                                                 run->amateur_logits + (int64_t)i * run->vocab, run->vocab,
-                                                 run->alpha, run->amateur_temperature,
-                                                 run->scores + (int64_t)i * run->vocab, err)))
+            /* both models' rows get the generator's masks first (allowed, banned, stops before
+             * min_new_tokens), so the plausibility cut is taken among the tokens that may come */
+            for (int32_t i = 0; i < R; i++) {
+                const int64_t row = (int64_t)i * run->vocab;
+                memcpy(run->masked_logits + row, run->logits + row, (size_t)run->vocab * sizeof(float));
+                lmd_generator_mask_row(run->gen, run->ids[i], run->masked_logits + row);
+                lmd_generator_mask_row(run->gen, run->ids[i], run->amateur_logits + row);
+                if ((st = lmd_contrastive_scores(run->masked_logits + row, run->amateur_logits + row, run->vocab,
+                                                 run->alpha, run->amateur_temperature, run->scores + row, err)))
                     return st;
+            }
             st = lmd_generator_step_scored(run->gen, samplers, n_samplers, run->scores, run->logits, run->tokens, err);
         } else {
             st = lmd_generator_step(run->gen, samplers, n_samplers, run->logits, run->tokens, err);

@@ -34,6 +34,8 @@ struct lmd_generator {
     int32_t *constraint_ids;       /* every id list of the constraints, and each banned list + stops */
     float *constraint_bias;        /* every bias value */
     const int32_t **banned_with_stops; /* (n,) banned ids followed by the stop ids */
+    int32_t *dynamic_allowed;      /* (n, V) lmd_generator_set_allowed's lists, or NULL */
+    float *kept_values;            /* (V,) lmd_generator_mask_row's scratch */
 
     /* per sequence state */
     int32_t *tokens;               /* CSR: sequence k at tokens + token_base[k], prompt then T slots */
@@ -68,6 +70,8 @@ void lmd_generator_free(lmd_generator *g) {
     free(g->constraint_ids);
     free(g->constraint_bias);
     free((void *)g->banned_with_stops);
+    free(g->dynamic_allowed);
+    free(g->kept_values);
     free(g->tokens);
     free(g->token_base);
     free(g->prompt_len);
@@ -254,11 +258,14 @@ lmd_status lmd_generator_init(lmd_generator **out, const lmd_generate_config *c,
     g->top_ids = malloc((size_t)((int64_t)n * T * g->n_top + 1) * sizeof(int32_t));
     g->top_logprobs = malloc((size_t)((int64_t)n * T * g->n_top + 1) * sizeof(float));
     g->text = malloc((size_t)((int64_t)n * T * g->longest_token + 1));
+    g->kept_values = malloc((size_t)(uint32_t)c->vocab * sizeof(float));
+    if (c->dynamic_allowed) g->dynamic_allowed = malloc((size_t)(uint32_t)n * (size_t)(uint32_t)c->vocab * sizeof(int32_t));
     if (!g->params || !g->stop_ids || (c->n_stop_strings > 0 && (!g->stop_bytes || !g->stop_offsets ||
                                                                  !g->token_bytes || !g->token_offsets)) ||
         !g->token_base || !g->prompt_len || !g->generated || !g->finish || !g->text_len ||
         !g->stop_at || !g->running || !g->inputs || !g->row_params || !g->coins || !g->drawn ||
-        !g->tokens || !g->token_logprobs || !g->top_ids || !g->top_logprobs || !g->text) {
+        !g->tokens || !g->token_logprobs || !g->top_ids || !g->top_logprobs || !g->text ||
+        !g->kept_values || (c->dynamic_allowed && !g->dynamic_allowed)) {
         lmd_generator_free(g);
         return lmd_fail(err, LMD_ERR_NOMEM, "out of memory for %d sequences of %d new tokens",
                         (int)n, (int)T);
@@ -287,6 +294,42 @@ int32_t lmd_generator_vocab(const lmd_generator *g) { return g->vocab; }
 void lmd_generator_finish(lmd_generator *g, int32_t k, lmd_finish_reason reason) {
     if (k >= 0 && k < g->n && g->finish[k] == LMD_RUNNING && reason != LMD_RUNNING)
         g->finish[k] = (unsigned char)reason;
+}
+
+lmd_status lmd_generator_set_allowed(lmd_generator *g, int32_t k, const int32_t *ids, int32_t n_ids,
+                                     lmd_error *err) {
+    if (g->dynamic_allowed == NULL)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "the generator was made without dynamic_allowed");
+    if (k < 0 || k >= g->n || g->finish[k] != LMD_RUNNING)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "sequence %d is not running", (int)k);
+    if (n_ids > g->vocab || (n_ids > 0 && ids == NULL))
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "%d allowed tokens for a vocabulary of %d", (int)n_ids,
+                        (int)g->vocab);
+    for (int32_t i = 0; i < n_ids; i++)
+        if (ids[i] < 0 || ids[i] >= g->vocab)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "allowed token %d is outside [0, %d)", (int)ids[i],
+                            (int)g->vocab);
+    int32_t *list = g->dynamic_allowed + (int64_t)k * g->vocab;
+    if (n_ids > 0) memcpy(list, ids, (size_t)n_ids * sizeof *list);
+    g->constraints[k].allowed = n_ids >= 0 ? list : NULL;
+    g->constraints[k].n_allowed = n_ids >= 0 ? n_ids : -1;
+    return LMD_OK;
+}
+
+void lmd_generator_mask_row(lmd_generator *g, int32_t k, float *row) {
+    lmd_row_inputs in;
+    lmd_sampling_params params;
+    lmd_generator_row(g, k, 0, &in, &params);
+    const int32_t V = g->vocab;
+    /* ids outside [0, V) are skipped here: the sampling chain rejects them with a message */
+    if (in.n_allowed >= 0) {
+        memcpy(g->kept_values, row, (size_t)V * sizeof *row);
+        for (int32_t v = 0; v < V; v++) row[v] = -INFINITY;
+        for (int32_t i = 0; i < in.n_allowed; i++)
+            if (in.allowed[i] >= 0 && in.allowed[i] < V) row[in.allowed[i]] = g->kept_values[in.allowed[i]];
+    }
+    for (int32_t i = 0; i < in.n_banned; i++)
+        if (in.banned[i] >= 0 && in.banned[i] < V) row[in.banned[i]] = -INFINITY;
 }
 
 int32_t lmd_generator_running(const lmd_generator *g, int32_t *ids) {

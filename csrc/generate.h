@@ -50,6 +50,7 @@ typedef struct {
     const uint8_t *token_bytes;        /* CSR bytes of every token, needed for stop strings */
     const int64_t *token_offsets;      /* (vocab + 1,) or NULL without stop strings */
     int32_t n_top_logprobs;            /* alternatives reported per step, >= 0 */
+    int32_t dynamic_allowed;           /* nonzero: room for lmd_generator_set_allowed (4 n V bytes) */
 } lmd_generate_config;
 
 typedef struct lmd_generator lmd_generator;
@@ -63,6 +64,19 @@ int32_t lmd_generator_n_seqs(const lmd_generator *g);
 int32_t lmd_generator_vocab(const lmd_generator *g);
 /* Ends a running sequence from outside (e.g. at the model's context length). */
 void lmd_generator_finish(lmd_generator *g, int32_t k, lmd_finish_reason reason);
+
+/* Constrained decoding that changes with the tokens (transformers' prefix_allowed_tokens_fn):
+ * from its next step on, running sequence k may draw only ids[0:n_ids] (in [0, vocab), at
+ * most vocab of them; n_ids < 0: any token again), in place of its configured allowed
+ * list. Needs a generator made with dynamic_allowed. */
+lmd_status lmd_generator_set_allowed(lmd_generator *g, int32_t k, const int32_t *ids, int32_t n_ids,
+                                     lmd_error *err);
+
+/* row (V,) with -inf on every token running sequence k may not draw at its next step
+ * (outside its allowed list, on its banned tokens, on the stop tokens while it is short of
+ * min_new_tokens): the masks its sampling chain applies first, for a driver that scores
+ * rows before the chain (contrastive decoding masks both models' rows). */
+void lmd_generator_mask_row(lmd_generator *g, int32_t k, float *row);
 
 /* The running sequences, ascending; returns their count (0 when all are done). */
 int32_t lmd_generator_running(const lmd_generator *g, int32_t *ids);

@@ -407,3 +407,21 @@ def test_model_greedy_generate_matches_transformers(hf_pair):
     got = ours.generate(prompt, max_new_tokens=20, temperature=0, stop_token_ids=[eos])
     assert got.tokens == expect[: len(got.tokens)]
     assert all(t == eos for t in expect[len(got.tokens):])
+
+
+@pytest.mark.oracle
+def test_model_constrained_greedy_generate_matches_transformers(hf_pair):
+    torch, hf, ours, eos = hf_pair
+    prompt = [3, 9, 27, 14, 50]
+
+    def allowed(batch_id, input_ids):  # changes with the length, EOS allowed at odd lengths
+        return [t for t in range(64) if t % 4 == len(input_ids) % 4] + ([eos] if len(input_ids) % 2 else [])
+
+    stops = [eos, ours.config.eos_token_id]  # lmdecode also stops at the config's EOS
+    out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, eos_token_id=stops, pad_token_id=eos,
+                      prefix_allowed_tokens_fn=lambda b, ids: allowed(b, ids.tolist()))
+    expect = list(out[0, len(prompt):].numpy())
+    got = ours.generate(prompt, max_new_tokens=20, temperature=0, stop_token_ids=[eos], prefix_allowed_tokens_fn=allowed)
+    assert got.tokens == expect[: len(got.tokens)]
+    assert all(t == eos for t in expect[len(got.tokens):])  # transformers pads a finished row
+    assert len(got.tokens) > 5 and all(t in allowed(0, prompt + got.tokens[:i]) for i, t in enumerate(got.tokens))

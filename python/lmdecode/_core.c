@@ -749,15 +749,17 @@ static void Generator_dealloc(GeneratorObject *self) {
  * Generator(vocab, params (R, 12), seed, prompts int32, prompt_offsets int64 (n + 1,), *,
  *           max_new_tokens, min_new_tokens=0, stop_ids=None, stop_bytes=None,
  *           stop_offsets=None, token_bytes=None, token_offsets=None, n_top_logprobs=0,
- *           bias_ids..., allowed..., banned... (as sample_rows, one row per sequence))
+ *           bias_ids..., allowed..., banned... (as sample_rows, one row per sequence),
+ *           dynamic_allowed=False (True: set_allowed may replace a sequence's allowed list))
  */
 static int Generator_init(GeneratorObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"vocab", "params", "seed", "prompts", "prompt_offsets",
                              "max_new_tokens", "min_new_tokens", "stop_ids", "stop_bytes",
                              "stop_offsets", "token_bytes", "token_offsets", "n_top_logprobs",
                              "bias_ids", "bias_values", "bias_offsets", "allowed_ids",
-                             "allowed_offsets", "allowed_rows", "banned_ids", "banned_offsets", NULL};
-    int vocab, max_new = 0, min_new = 0, n_top = 0;
+                             "allowed_offsets", "allowed_rows", "banned_ids", "banned_offsets",
+                             "dynamic_allowed", NULL};
+    int vocab, max_new = 0, min_new = 0, n_top = 0, dynamic_allowed = 0;
     unsigned long long seed;
     PyObject *params_obj, *prompts_obj, *prompt_off_obj, *stop_ids_obj = Py_None,
              *stop_bytes_obj = Py_None, *stop_off_obj = Py_None, *token_bytes_obj = Py_None,
@@ -771,13 +773,13 @@ static int Generator_init(GeneratorObject *self, PyObject *args, PyObject *kwarg
     lmd_row_inputs *constraints = NULL;
     int status = -1;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "iOKOO|$iiOOOOOiOOOOOOOO", kwlist, &vocab, &params_obj, &seed,
+            args, kwargs, "iOKOO|$iiOOOOOiOOOOOOOOp", kwlist, &vocab, &params_obj, &seed,
             &prompts_obj, &prompt_off_obj, &max_new, &min_new, &stop_ids_obj, &stop_bytes_obj,
             &stop_off_obj, &token_bytes_obj, &token_off_obj, &n_top, &row_objects[ROW_BIAS_IDS],
             &row_objects[ROW_BIAS_VALUES], &row_objects[ROW_BIAS_OFFSETS],
             &row_objects[ROW_ALLOWED_IDS], &row_objects[ROW_ALLOWED_OFFSETS],
             &row_objects[ROW_ALLOWED_ROWS], &row_objects[ROW_BANNED_IDS],
-            &row_objects[ROW_BANNED_OFFSETS]))
+            &row_objects[ROW_BANNED_OFFSETS], &dynamic_allowed))
         return -1;
     if (as_array(params_obj, NPY_FLOAT64, 2, "params", &params) ||
         as_array(prompts_obj, NPY_INT32, 1, "prompts", &prompts) ||
@@ -818,7 +820,7 @@ static int Generator_init(GeneratorObject *self, PyObject *args, PyObject *kwarg
         .n_stop_strings = stop_off ? (int32_t)PyArray_DIM(stop_off, 0) - 1 : 0,
         .token_bytes = token_bytes ? PyArray_DATA(token_bytes) : NULL,
         .token_offsets = token_off ? PyArray_DATA(token_off) : NULL,
-        .n_top_logprobs = n_top};
+        .n_top_logprobs = n_top, .dynamic_allowed = dynamic_allowed};
     lmd_error err;
     lmd_generator *gen = NULL;
     lmd_status st = lmd_generator_init(&gen, &config, &err);
@@ -978,6 +980,63 @@ static PyObject *Generator_result(GeneratorObject *self, PyObject *arg) {
     return result;
 }
 
+/* set_allowed(k, ids int32 (m,) or None): running sequence k may draw only ids from its next
+ * step on (None: any token); needs Generator(..., dynamic_allowed=True) */
+static PyObject *Generator_set_allowed(GeneratorObject *self, PyObject *args) {
+    long k;
+    PyObject *ids_obj;
+    PyArrayObject *ids = NULL;
+    if (!PyArg_ParseTuple(args, "lO", &k, &ids_obj)) return NULL;
+    if (!generator_ready(self)) return NULL;
+    if (k < 0 || k >= self->n_seqs) {
+        PyErr_Format(PyExc_IndexError, "sequence (=%ld) must be in [0, %d)", k, (int)self->n_seqs);
+        return NULL;
+    }
+    if (as_array(ids_obj, NPY_INT32, 1, "ids", &ids)) return NULL;
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        Py_XDECREF(ids);
+        PyErr_SetString(PyExc_RuntimeError, "this Generator is in use by another thread");
+        return NULL;
+    }
+    lmd_error err;
+    const npy_intp n_ids = ids ? PyArray_DIM(ids, 0) : -1;
+    lmd_status st = n_ids > INT32_MAX ? lmd_fail(&err, LMD_ERR_INVALID_ARG, "too many allowed tokens")
+                                      : lmd_generator_set_allowed(self->gen, (int32_t)k, ids ? PyArray_DATA(ids) : NULL,
+                                                                  (int32_t)n_ids, &err);
+    PyThread_release_lock(self->lock);
+    Py_XDECREF(ids);
+    if (st != LMD_OK) return raise_status(st, &err);
+    Py_RETURN_NONE;
+}
+
+/* masked(k, row float32 (V,)) -> a copy of row with -inf on the tokens running sequence k may
+ * not draw at its next step (lmd_generator_mask_row) */
+static PyObject *Generator_masked(GeneratorObject *self, PyObject *args) {
+    long k;
+    PyObject *row_obj;
+    if (!PyArg_ParseTuple(args, "lO", &k, &row_obj)) return NULL;
+    if (!generator_ready(self)) return NULL;
+    if (k < 0 || k >= self->n_seqs || lmd_generator_finish_reason(self->gen, (int32_t)k) != LMD_RUNNING) {
+        PyErr_Format(PyExc_IndexError, "sequence (=%ld) is not a running sequence of [0, %d)", k, (int)self->n_seqs);
+        return NULL;
+    }
+    PyArrayObject *row = (PyArrayObject *)PyArray_FROM_OTF(row_obj, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSURECOPY);
+    if (row == NULL) return NULL;
+    if (PyArray_NDIM(row) != 1 || PyArray_DIM(row, 0) != self->vocab) {
+        PyErr_Format(PyExc_ValueError, "row must have shape (%d,)", (int)self->vocab);
+        Py_DECREF(row);
+        return NULL;
+    }
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        Py_DECREF(row);
+        PyErr_SetString(PyExc_RuntimeError, "this Generator is in use by another thread");
+        return NULL;
+    }
+    lmd_generator_mask_row(self->gen, (int32_t)k, PyArray_DATA(row));
+    PyThread_release_lock(self->lock);
+    return (PyObject *)row;
+}
+
 static PyObject *Generator_get_done(GeneratorObject *self, void *closure) {
     (void)closure;
     return PyBool_FromLong(self->gen == NULL || lmd_generator_running(self->gen, NULL) == 0);
@@ -988,6 +1047,10 @@ static PyMethodDef Generator_methods[] = {
     {"step", (PyCFunction)(void (*)(void))Generator_step, METH_VARARGS | METH_KEYWORDS,
      "Append one sampled token to every running sequence."},
     {"result", (PyCFunction)Generator_result, METH_O, "Tokens, log-probs and finish reason of one sequence."},
+    {"masked", (PyCFunction)Generator_masked, METH_VARARGS,
+     "masked(k, row): a copy of row with -inf on the tokens sequence k may not draw next."},
+    {"set_allowed", (PyCFunction)Generator_set_allowed, METH_VARARGS,
+     "set_allowed(k, ids or None): the only tokens sequence k may draw from its next step on."},
     {NULL, NULL, 0, NULL},
 };
 

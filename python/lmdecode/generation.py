@@ -161,7 +161,8 @@ class _Run:
     """One generate() call: the C generator plus what is needed to read it back."""
 
     def __init__(self, vocab: int, prompts: list[list[int]], n: int, *, max_new_tokens: int, min_new_tokens: int, seed: Any,
-                 stop_ids: np.ndarray, stop: list[str], logprobs: int, tokenizer: TokenizerLike | None, sampling: dict[str, Any]) -> None:
+                 stop_ids: np.ndarray, stop: list[str], logprobs: int, tokenizer: TokenizerLike | None, sampling: dict[str, Any],
+                 dynamic_allowed: bool = False) -> None:
         for name in ("context", "prompt_len"):
             if name in sampling:
                 raise TypeError(f"generate() manages {name} itself; do not pass it")
@@ -198,7 +199,8 @@ class _Run:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         self.gen = _core.Generator(
             vocab, params._table, int(seed), prompt_ids.astype(np.int32), offsets,
-            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, stop_ids=stop_ids, n_top_logprobs=logprobs, **kwargs,
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, stop_ids=stop_ids, n_top_logprobs=logprobs,
+            dynamic_allowed=dynamic_allowed, **kwargs,
         )
 
     def result(self, k: int) -> Generation:
@@ -247,6 +249,7 @@ def generate(
     amateur_model: Any = None,
     contrastive_alpha: float = 0.1,
     amateur_temperature: float = 1.0,
+    prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None = None,
     **sampling: Any,
 ):
     """Generates from an lmdecode model or ``step_fn(tokens: int64 array) -> (V,) logits``.
@@ -273,6 +276,15 @@ def generate(
     contrastive_alpha * max p_EXP`` (``p_AMA`` at ``amateur_temperature``) instead of the
     expert's logits; ``temperature=0`` takes their argmax, as the paper does. The reported
     log-probabilities stay the expert's.
+
+    ``prefix_allowed_tokens_fn(batch_id, input_ids)`` constrains each step as transformers'
+    argument of that name does: before every step it is called for each running sequence
+    with its index (prompts in order, ``n`` samples each: ``batch_id = prompt * n + sample``)
+    and its tokens so far (prompt + generated, an int64 array), and returns the token ids it
+    may draw next (None: any). The other tokens are masked out first, so the distribution is
+    renormalized over the allowed ones before the rest of the sampling chain. Not with
+    ``draft_model`` or ``allowed_tokens``; the loop over a model then returns to Python
+    once per step to call it.
     """
     max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 0)
     min_new_tokens = _check_count("min_new_tokens", min_new_tokens, 0)
@@ -299,6 +311,14 @@ def generate(
         if not hasattr(draft_model, "_decoder"):
             raise TypeError(f"draft_model must be an lmdecode Model, got {type(draft_model).__name__}")
         _check_same_vocabulary("draft_model", draft_model, model, "target")
+    if prefix_allowed_tokens_fn is not None:
+        if not callable(prefix_allowed_tokens_fn):
+            raise TypeError(f"prefix_allowed_tokens_fn must be callable, got {type(prefix_allowed_tokens_fn).__name__}")
+        if draft_model is not None:
+            raise ValueError("prefix_allowed_tokens_fn does not combine with draft_model (the draft's proposals "
+                             "would each need the function's answer)")
+        if sampling.get("allowed_tokens") is not None:
+            raise ValueError("give allowed_tokens or prefix_allowed_tokens_fn, not both")
     if model is None and not callable(model_or_step_fn):
         raise TypeError(f"model_or_step_fn must be an lmdecode Model or a callable, got {type(model_or_step_fn).__name__}")
     if tokenizer is None and model is not None:
@@ -319,7 +339,7 @@ def generate(
         default_eos = None
     run = _Run(vocab, prompts, n, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, seed=seed,
                stop_ids=_stop_ids(stop_token_ids, default_eos), stop=_stop_strings(stop), logprobs=logprobs,
-               tokenizer=tokenizer, sampling=sampling)
+               tokenizer=tokenizer, sampling=sampling, dynamic_allowed=prefix_allowed_tokens_fn is not None)
 
     if model is not None and draft_model is not None:  # the whole speculative loop runs in C
         run.speculative = model._speculative_decoder(draft_model, run.gen, run.prompts, max_new_tokens, num_draft_tokens)
@@ -336,7 +356,7 @@ def generate(
         def advance() -> tuple[np.ndarray, np.ndarray]:
             return decoder.steps(1)
 
-        if not stream:
+        if not stream and prefix_allowed_tokens_fn is None:
             decoder.steps(_ALL_STEPS)
     elif amateur_model is not None:
 
@@ -344,13 +364,23 @@ def generate(
             running = run.gen.running()
             logits = _step_fn_logits(model_or_step_fn, run, running, vocab)
             amateur = _step_fn_logits(amateur_model, run, running, vocab)
-            scores = contrastive_logits(logits, amateur, alpha=contrastive_alpha, amateur_temperature=amateur_temperature)
+            # both rows get the generator's masks first, as the C loop does (csrc/decode.c)
+            masked = [(run.gen.masked(int(k), e), run.gen.masked(int(k), a)) for k, e, a in zip(running, logits, amateur)]
+            scores = contrastive_logits(np.array([e for e, _ in masked]), np.array([a for _, a in masked]),
+                                        alpha=contrastive_alpha, amateur_temperature=amateur_temperature)
             return running, run.gen.step(logits, scores)
     else:
 
         def advance() -> tuple[np.ndarray, np.ndarray]:
             running = run.gen.running()
             return running, run.gen.step(_step_fn_logits(model_or_step_fn, run, running, vocab))
+
+    if prefix_allowed_tokens_fn is not None:
+        unconstrained = advance
+
+        def advance() -> tuple[np.ndarray, np.ndarray]:
+            _constrain_next_step(run, prefix_allowed_tokens_fn, vocab)
+            return unconstrained()
 
     def results():
         outputs = [run.result(k) for k in range(run.n_seqs)]
@@ -363,6 +393,28 @@ def generate(
     while not run.gen.done:
         advance()
     return results()
+
+
+def _constrain_next_step(run: _Run, fn: Callable[[int, np.ndarray], Any], vocab: int) -> None:
+    """Sets each running sequence's allowed tokens for the next step to fn(k, its tokens)."""
+    for k in run.gen.running():
+        k = int(k)
+        allowed = fn(k, run.gen.result(k)[0])
+        if allowed is None:
+            run.gen.set_allowed(k, None)
+            continue
+        ids = np.asarray(allowed)
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise TypeError(f"prefix_allowed_tokens_fn must return a list of token ids or None, got {allowed!r:.80} "
+                            f"for batch_id {k}")
+        if ids.size == 0:
+            raise ValueError(f"prefix_allowed_tokens_fn returned an empty list for batch_id {k}: no token may follow, "
+                             "so the constraint cannot be satisfied")
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.size:
+            raise ValueError(f"prefix_allowed_tokens_fn returned token {int(bad[0])} for batch_id {k}, "
+                             f"outside the vocabulary [0, {vocab})")
+        run.gen.set_allowed(k, np.unique(ids).astype(np.int32))
 
 
 def _stream(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Iterator[GenerationChunk]:

@@ -116,9 +116,65 @@ static void test_bad_config(void) {
     CHECK_MSG_CONTAINS(err, "top_p");
 }
 
+/* Dynamic allowed lists: set_allowed restricts the next draws (greedy takes the best allowed
+ * token), n_ids < 0 lifts the restriction, and mask_row puts -inf where the chain would,
+ * with the stop token banned while short of min_new_tokens. */
+static void test_set_allowed_and_mask_row(void) {
+    lmd_sampler *s = new_sampler();
+    lmd_sampling_params p;
+    lmd_sampling_params_default(&p);
+    p.temperature = 0.0;
+    const int32_t prompt[1] = {0};
+    const int64_t offsets[2] = {0, 1};
+    const int32_t stop_ids[1] = {3};
+    lmd_generate_config c = {.n_seqs = 1, .vocab = 4, .max_new_tokens = 5, .min_new_tokens = 2,
+                             .params = &p, .n_params = 1, .seed = 1, .prompts = prompt,
+                             .prompt_offsets = offsets, .stop_ids = stop_ids, .n_stop_ids = 1};
+    lmd_generator *g;
+    lmd_error err;
+    CHECK(lmd_generator_init(&g, &c, &err) == LMD_OK);
+    const int32_t only_two[1] = {2};
+    CHECK(lmd_generator_set_allowed(g, 0, only_two, 1, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "without dynamic_allowed");
+    lmd_generator_free(g);
+
+    c.dynamic_allowed = 1;
+    CHECK(lmd_generator_init(&g, &c, &err) == LMD_OK);
+    float logits[4] = {3.0f, 2.0f, 1.0f, 0.5f}, row[4];
+    const int32_t one_and_two[3] = {2, 1, 2}; /* a repeat is harmless */
+    CHECK(lmd_generator_set_allowed(g, 0, one_and_two, 3, &err) == LMD_OK);
+    memcpy(row, logits, sizeof row);
+    lmd_generator_mask_row(g, 0, row);
+    CHECK(row[0] == -INFINITY && row[1] == 2.0f && row[2] == 1.0f && row[3] == -INFINITY);
+    int32_t token;
+    CHECK(lmd_generator_step(g, &s, 1, logits, &token, &err) == LMD_OK && token == 1);
+    CHECK(lmd_generator_step(g, &s, 1, logits, &token, &err) == LMD_OK && token == 1); /* still in force */
+    CHECK(lmd_generator_set_allowed(g, 0, NULL, -1, &err) == LMD_OK);
+    memcpy(row, logits, sizeof row);
+    lmd_generator_mask_row(g, 0, row); /* 2 tokens generated: the stop token is free again */
+    CHECK(memcmp(row, logits, sizeof row) == 0);
+    CHECK(lmd_generator_step(g, &s, 1, logits, &token, &err) == LMD_OK && token == 0);
+    const int32_t outside[1] = {4};
+    CHECK(lmd_generator_set_allowed(g, 0, outside, 1, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "allowed token 4 is outside [0, 4)");
+    CHECK(lmd_generator_set_allowed(g, 0, one_and_two, 5, &err) == LMD_ERR_INVALID_ARG);
+    CHECK(lmd_generator_set_allowed(g, 1, NULL, -1, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "sequence 1 is not running");
+    lmd_generator_free(g);
+
+    /* before min_new_tokens, mask_row bans the stop token as the chain does */
+    CHECK(lmd_generator_init(&g, &c, &err) == LMD_OK);
+    memcpy(row, logits, sizeof row);
+    lmd_generator_mask_row(g, 0, row);
+    CHECK(row[0] == 3.0f && row[1] == 2.0f && row[2] == 1.0f && row[3] == -INFINITY);
+    lmd_generator_free(g);
+    lmd_sampler_free(s);
+}
+
 int main(void) {
     test_stop_string_and_lengths();
     test_min_new_tokens_blocks_stop_ids();
     test_bad_config();
+    test_set_allowed_and_mask_row();
     return test_report("test_generate");
 }
