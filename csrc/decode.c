@@ -321,6 +321,14 @@ lmd_status lmd_decode_beam_search(lmd_model *model, lmd_kvpool *pool, lmd_beam_s
                                   const int32_t *prompt, int32_t prompt_len,
                                   int32_t *peak_kv_blocks, lmd_stop_check stop, void *stop_ctx,
                                   lmd_error *err) {
+    return lmd_decode_beam_search_hooked(model, pool, bs, prompt, prompt_len, peak_kv_blocks, NULL, NULL, stop,
+                                         stop_ctx, err);
+}
+
+lmd_status lmd_decode_beam_search_hooked(lmd_model *model, lmd_kvpool *pool, lmd_beam_search *bs,
+                                         const int32_t *prompt, int32_t prompt_len, int32_t *peak_kv_blocks,
+                                         lmd_beam_hook before_step, void *hook_ctx, lmd_stop_check stop,
+                                         void *stop_ctx, lmd_error *err) {
     const int32_t B = lmd_beam_search_width(bs), V = lmd_beam_search_vocab(bs);
     const int32_t L = model->config.context_length;
     if (V != model->config.vocab_size)
@@ -356,6 +364,7 @@ lmd_status lmd_decode_beam_search(lmd_model *model, lmd_kvpool *pool, lmd_beam_s
     }
     peak = blocks_in_use(pool);
     for (;;) {
+        if (before_step != NULL && (st = before_step(hook_ctx, bs, err))) goto done;
         if ((st = lmd_beam_search_step(bs, logits, parents, tokens, err))) goto done;
         if (lmd_beam_search_done(bs)) break;
         /* new beam j continues old beam parents[j]: fork its block table, no key/value copy */

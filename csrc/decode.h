@@ -72,6 +72,17 @@ lmd_status lmd_decode_beam_search(lmd_model *model, lmd_kvpool *pool, lmd_beam_s
                                   int32_t *peak_kv_blocks, lmd_stop_check stop, void *stop_ctx,
                                   lmd_error *err);
 
+/* Called before every step of a beam search with the search, e.g. to set each running
+ * beam's allowed tokens (lmd_beam_search_set_allowed); a status other than LMD_OK ends the
+ * search with it. */
+typedef lmd_status (*lmd_beam_hook)(void *ctx, lmd_beam_search *bs, lmd_error *err);
+
+/* lmd_decode_beam_search with before_step (if non-NULL) called with hook_ctx before every step. */
+lmd_status lmd_decode_beam_search_hooked(lmd_model *model, lmd_kvpool *pool, lmd_beam_search *bs,
+                                         const int32_t *prompt, int32_t prompt_len, int32_t *peak_kv_blocks,
+                                         lmd_beam_hook before_step, void *hook_ctx, lmd_stop_check stop,
+                                         void *stop_ctx, lmd_error *err);
+
 /*
  * Speculative decoding: a draft model proposes up to n_draft tokens per sequence,
  * the target verifies them all in one forward pass, and speculative.h's rule keeps

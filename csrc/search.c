@@ -51,6 +51,8 @@ struct lmd_beam_search {
     float *merge_score;      /* (B + K,) */
     float *row_max;          /* (B,) each beam's max logit */
     float *row_log_total;    /* (B,) log sum exp(logits - max): log_softmax = logit - max - this */
+    int32_t *allowed;        /* (B, V) lmd_beam_search_set_allowed's lists, ascending, or NULL */
+    int32_t *n_allowed;      /* (B,) their lengths, -1: any token */
 
     /* the next step's running beams and finished slots are built here, then
      * swapped in, so that no step reads what it has overwritten */
@@ -93,6 +95,8 @@ void lmd_beam_search_free(lmd_beam_search *bs) {
     free(bs->merge_score);
     free(bs->row_max);
     free(bs->row_log_total);
+    free(bs->allowed);
+    free(bs->n_allowed);
     free(bs->next_run_score);
     free(bs->next_run_tokens);
     free(bs->next_run_lps);
@@ -160,6 +164,8 @@ lmd_status lmd_beam_search_init(lmd_beam_search **out, const lmd_beam_config *c,
     bs->merge_score = malloc((B + K) * sizeof(float));
     bs->row_max = malloc(B * sizeof(float));
     bs->row_log_total = malloc(B * sizeof(float));
+    bs->n_allowed = malloc(B * sizeof(int32_t));
+    if (c->dynamic_allowed) bs->allowed = malloc(B * (size_t)c->vocab * sizeof(int32_t));
     bs->next_run_score = malloc(B * sizeof(float));
     bs->next_run_tokens = malloc(B * T * sizeof(int32_t));
     bs->next_run_lps = malloc(B * T * sizeof(float));
@@ -175,7 +181,7 @@ lmd_status lmd_beam_search_init(lmd_beam_search **out, const lmd_beam_config *c,
         !bs->order || !bs->merge_score || !bs->row_max || !bs->row_log_total ||
         !bs->next_run_score || !bs->next_run_tokens || !bs->next_run_lps || !bs->next_fin_score ||
         !bs->next_fin_sum || !bs->next_fin_len || !bs->next_fin_done || !bs->next_fin_tokens ||
-        !bs->next_fin_lps) {
+        !bs->next_fin_lps || !bs->n_allowed || (c->dynamic_allowed && !bs->allowed)) {
         lmd_beam_search_free(bs);
         return lmd_fail(err, LMD_ERR_NOMEM, "out of memory for beam search of width %d",
                         (int)c->num_beams);
@@ -188,6 +194,7 @@ lmd_status lmd_beam_search_init(lmd_beam_search **out, const lmd_beam_config *c,
         bs->run_score[b] = b == 0 ? 0.0f : PENALTY;
         bs->fin_score[b] = PENALTY;
         bs->fin_sum[b] = 0.0f;
+        bs->n_allowed[b] = -1;
     }
     bs->improvement_possible = 1;
     *out = bs;
@@ -201,6 +208,37 @@ int32_t lmd_beam_search_max_new_tokens(const lmd_beam_search *bs) {
     return bs->config.max_new_tokens;
 }
 int32_t lmd_beam_search_length(const lmd_beam_search *bs) { return bs->generated; }
+
+const int32_t *lmd_beam_search_tokens(const lmd_beam_search *bs, int32_t beam) {
+    return bs->run_tokens + (int64_t)beam * bs->config.max_new_tokens;
+}
+
+static int ascending_ids(const void *a, const void *b) {
+    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+lmd_status lmd_beam_search_set_allowed(lmd_beam_search *bs, int32_t beam, const int32_t *ids, int32_t n_ids,
+                                       lmd_error *err) {
+    const int32_t V = bs->config.vocab;
+    if (bs->allowed == NULL)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "the beam search was made without dynamic_allowed");
+    if (beam < 0 || beam >= bs->config.num_beams)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "beam (=%d) must be in [0, %d)", (int)beam, (int)bs->config.num_beams);
+    if (n_ids > V || (n_ids > 0 && ids == NULL))
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "%d allowed tokens for a vocabulary of %d", (int)n_ids, (int)V);
+    for (int32_t i = 0; i < n_ids; i++)
+        if (ids[i] < 0 || ids[i] >= V)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "allowed token %d is outside [0, %d)", (int)ids[i], (int)V);
+    int32_t *list = bs->allowed + (int64_t)beam * V, n = 0;
+    if (n_ids > 0) memcpy(list, ids, (size_t)n_ids * sizeof *list);
+    /* ascending and distinct: offered in token order, ties break as in the full scan */
+    if (n_ids > 1) qsort(list, (size_t)n_ids, sizeof *list, ascending_ids);
+    for (int32_t i = 0; i < n_ids; i++)
+        if (n == 0 || list[i] != list[n - 1]) list[n++] = list[i];
+    bs->n_allowed[beam] = n_ids < 0 ? -1 : n;
+    return LMD_OK;
+}
 
 static int is_eos(const lmd_beam_search *bs, int32_t token) {
     for (int32_t i = 0; i < bs->config.n_eos; i++)
@@ -266,6 +304,14 @@ lmd_status lmd_beam_search_step(lmd_beam_search *bs, const float *logits, int32_
     for (int32_t b = 0; b < B; b++) {
         const float *row = logits + (int64_t)b * V;
         const float max = maxes[b], log_sum = log_totals[b], run = bs->run_score[b];
+        if (bs->n_allowed[b] >= 0) { /* constrained: the allowed tokens alone, in token order */
+            const int32_t *list = bs->allowed + (int64_t)b * V;
+            for (int32_t i = 0; i < bs->n_allowed[b]; i++) {
+                const float lp = (row[list[i]] - max) - log_sum;
+                offer_candidate(bs, &n, lp + run, b, list[i], lp);
+            }
+            continue;
+        }
         int32_t v = 0;
         for (; v + LMD_VEC_LANES <= V; v += LMD_VEC_LANES) {
             const vf score = ((vload(row + v) - max) - log_sum) + run; /* as below, lane by lane */
@@ -281,6 +327,17 @@ lmd_status lmd_beam_search_step(lmd_beam_search *bs, const float *logits, int32_
             offer_candidate(bs, &n, lp + run, b, v, lp);
         }
     }
+    /* too few allowed continuations: -inf ones fill the list, in (beam, token) order */
+    for (int32_t b = 0; b < B && n < K; b++)
+        for (int32_t v = 0, i = 0; v < V && n < K; v++) {
+            const int32_t *list = bs->allowed ? bs->allowed + (int64_t)b * V : NULL;
+            const int32_t n_list = bs->n_allowed[b];
+            if (n_list < 0) break; /* an unconstrained beam offered all its tokens */
+            while (i < n_list && list[i] < v) i++;
+            if (i < n_list && list[i] == v) continue;
+            offer_candidate(bs, &n, -INFINITY, b, v, -INFINITY);
+        }
+    for (int32_t b = 0; b < B; b++) bs->n_allowed[b] = -1; /* the beams are reordered below */
     int all_hit = 1;
     for (int32_t k = 0; k < K; k++) {
         bs->cand_hits[k] = (unsigned char)(is_eos(bs, bs->cand_token[k]) || t + 1 >= T);

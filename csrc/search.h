@@ -52,6 +52,7 @@ typedef struct {
     lmd_early_stopping early_stopping;
     const int32_t *eos_ids;       /* (n_eos,) copied at init */
     int32_t n_eos;
+    int32_t dynamic_allowed;      /* nonzero: room for lmd_beam_search_set_allowed (4 num_beams vocab bytes) */
 } lmd_beam_config;
 
 typedef struct lmd_beam_search lmd_beam_search;
@@ -78,6 +79,21 @@ int32_t lmd_beam_search_length(const lmd_beam_search *bs);
  */
 lmd_status lmd_beam_search_step(lmd_beam_search *bs, const float *logits, int32_t *parents,
                                 int32_t *tokens, lmd_error *err);
+
+/* The tokens running beam `beam` has generated (lmd_beam_search_length of them). */
+const int32_t *lmd_beam_search_tokens(const lmd_beam_search *bs, int32_t beam);
+
+/*
+ * Constrained beam search (transformers' prefix_allowed_tokens_fn): at the next step only,
+ * running beam `beam` may continue with ids[0:n_ids] alone (in [0, vocab), at most vocab;
+ * n_ids < 0: any token). As in transformers, the other tokens' log-probabilities become
+ * -inf after the log-softmax, so the allowed ones keep their values (no renormalization);
+ * should fewer than K continuations be allowed over all beams, -inf ones fill the list in
+ * (beam, token) order. Every step clears the lists (the beams are reordered). Needs a
+ * search made with dynamic_allowed.
+ */
+lmd_status lmd_beam_search_set_allowed(lmd_beam_search *bs, int32_t beam, const int32_t *ids, int32_t n_ids,
+                                       lmd_error *err);
 
 /* Number of finished hypotheses available, best first (<= num_return_sequences). */
 int32_t lmd_beam_search_n_hypotheses(const lmd_beam_search *bs);

@@ -163,3 +163,83 @@ def test_bad_constraints_raise(stories):
     # an error part way leaves nothing half-done for the next call
     assert stories.generate(PROMPT, max_new_tokens=4, temperature=0).tokens == \
         stories.generate(PROMPT, max_new_tokens=4, temperature=0).tokens
+
+
+# ---------------------------------------------------------------------------- beam search
+
+
+def no_repeat_late_end(batch_id, input_ids):
+    """Never the previous token again; the end (3) only after two new tokens (prompt [0])."""
+    return [t for t in range(4) if t != int(input_ids[-1]) and (t != 3 or len(input_ids) >= 3)]
+
+
+def constrained_brute_force(step, prompt, max_new, eos, length_penalty, allowed):
+    """Every sequence the constraint admits, scored as transformers ranks them: the allowed
+    tokens keep their log-softmax over the whole vocabulary (no renormalization)."""
+    results = []
+
+    def extend(seq, total):
+        lp = ld.log_softmax(step(np.array(prompt + seq))).astype(np.float64)
+        for tok in allowed(0, np.array(prompt + seq)):
+            new_seq, new_total = seq + [tok], total + lp[tok]
+            if tok == eos or len(new_seq) == max_new:
+                results.append((new_total / len(new_seq) ** length_penalty, new_seq))
+            else:
+                extend(new_seq, new_total)
+
+    extend([], 0.0)
+    return sorted(results, key=lambda r: -r[0])
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_full_width_constrained_beam_equals_brute_force(length_penalty):
+    step = random_step_fn(4)
+    exact = constrained_brute_force(step, [0], 4, 3, length_penalty, no_repeat_late_end)
+    hyps = ld.beam_search(step, [0], beam_width=len(exact), max_new_tokens=4, length_penalty=length_penalty,
+                          early_stopping="never", num_return_sequences=5, eos_token_id=3,
+                          prefix_allowed_tokens_fn=no_repeat_late_end)
+    assert [h.tokens for h in hyps] == [seq for _, seq in exact[:5]]
+    np.testing.assert_allclose([h.score for h in hyps], [s for s, _ in exact[:5]], rtol=1e-5)
+    unconstrained = ld.beam_search(step, [0], beam_width=len(exact), max_new_tokens=4, length_penalty=length_penalty,
+                                   early_stopping="never", num_return_sequences=5, eos_token_id=3)
+    assert [h.tokens for h in unconstrained] != [h.tokens for h in hyps]
+
+
+def test_beam_search_in_c_equals_the_step_function_search(stories):
+    kw = dict(beam_width=3, max_new_tokens=12, num_return_sequences=2, prefix_allowed_tokens_fn=by_parity)
+    in_c = stories.beam_search(PROMPT, **kw)
+    in_python = ld.beam_search(lambda toks: stories.logits(toks)[-1], PROMPT, eos_token_id=stories.config.eos_token_id,
+                               **kw)
+    assert [h.tokens for h in in_c] == [h.tokens for h in in_python]
+    np.testing.assert_allclose([h.score for h in in_c], [h.score for h in in_python], atol=1e-4)
+    for h in in_c:
+        assert all(t % 2 == (len(PROMPT) + i) % 2 for i, t in enumerate(h.tokens))
+
+
+def test_too_few_allowed_continuations_are_filled_with_minus_inf():
+    # one allowed token per beam: 2 beams offer 2 continuations, 4 are kept a step
+    step = random_step_fn(6)
+    hyps = ld.beam_search(step, [0], beam_width=2, max_new_tokens=3, prefix_allowed_tokens_fn=lambda b, ids: [4])
+    assert hyps[0].tokens == [4, 4, 4] and np.isfinite(hyps[0].score)
+
+
+class ConstraintBroke(Exception):
+    pass
+
+
+def test_beam_search_constraint_errors(stories):
+    def broken(batch_id, input_ids):
+        if len(input_ids) > len(PROMPT) + 2:
+            raise ConstraintBroke("at the third step")
+        return None
+
+    with pytest.raises(ConstraintBroke, match="third step"):
+        stories.beam_search(PROMPT, beam_width=2, max_new_tokens=8, prefix_allowed_tokens_fn=broken)
+    with pytest.raises(ValueError, match="empty list for batch_id 0"):
+        stories.beam_search(PROMPT, beam_width=2, max_new_tokens=4, prefix_allowed_tokens_fn=lambda b, ids: [])
+    with pytest.raises(ValueError, match="token 600 for batch_id 0"):
+        ld.beam_search(random_step_fn(8), [0], beam_width=2, prefix_allowed_tokens_fn=lambda b, ids: [600])
+    with pytest.raises(TypeError, match="must be callable"):
+        stories.beam_search(PROMPT, prefix_allowed_tokens_fn=3)
+    # the model is left usable
+    assert stories.beam_search(PROMPT, beam_width=2, max_new_tokens=4)[0].tokens

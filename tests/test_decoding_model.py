@@ -425,3 +425,28 @@ def test_model_constrained_greedy_generate_matches_transformers(hf_pair):
     assert got.tokens == expect[: len(got.tokens)]
     assert all(t == eos for t in expect[len(got.tokens):])  # transformers pads a finished row
     assert len(got.tokens) > 5 and all(t in allowed(0, prompt + got.tokens[:i]) for i, t in enumerate(got.tokens))
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("width,length_penalty", [(2, 1.0), (4, 0.6)])
+def test_model_constrained_beam_search_matches_transformers(hf_pair, width, length_penalty):
+    torch, hf, ours, eos = hf_pair
+    prompt = [3, 9, 27, 14, 50]
+
+    def allowed(batch_id, input_ids):  # a third of the vocabulary, changing with the length; EOS always
+        return sorted({t for t in range(64) if t % 3 == len(input_ids) % 3} | {eos})
+
+    out = hf.generate(torch.tensor([prompt]), num_beams=width, do_sample=False, max_new_tokens=12,
+                      length_penalty=length_penalty, num_return_sequences=2, eos_token_id=eos, pad_token_id=eos,
+                      output_scores=True, return_dict_in_generate=True,
+                      prefix_allowed_tokens_fn=lambda b, ids: allowed(b, ids.tolist()))
+    hyps = ours.beam_search(prompt, beam_width=width, max_new_tokens=12, length_penalty=length_penalty,
+                            num_return_sequences=2, eos_token_id=eos, prefix_allowed_tokens_fn=allowed)
+    plain = ours.beam_search(prompt, beam_width=width, max_new_tokens=12, length_penalty=length_penalty,
+                             num_return_sequences=2, eos_token_id=eos)
+    assert [h.tokens for h in hyps] != [h.tokens for h in plain]
+    for h, seq, score in zip(hyps, out.sequences.numpy(), out.sequences_scores.numpy()):
+        generated = list(seq[len(prompt):])
+        assert generated[: len(h.tokens)] == h.tokens
+        assert h.score == pytest.approx(float(score), abs=1e-4)
+        assert all(t in allowed(0, prompt + h.tokens[:i]) for i, t in enumerate(h.tokens))

@@ -563,23 +563,24 @@ static void BeamSearch_dealloc(BeamSearchObject *self) {
 }
 
 /* BeamSearch(num_beams, vocab, max_new_tokens, num_return_sequences, length_penalty,
- *            early_stopping (0 heuristic, 1 true, 2 never), eos_ids (sequence of int)) */
+ *            early_stopping (0 heuristic, 1 true, 2 never), eos_ids (sequence of int), *,
+ *            dynamic_allowed=False (True: set_allowed may constrain the next step)) */
 static int BeamSearch_init(BeamSearchObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"num_beams", "vocab", "max_new_tokens", "num_return_sequences",
-                             "length_penalty", "early_stopping", "eos_ids", NULL};
-    int num_beams, vocab, max_new_tokens, num_return, early_stopping;
+                             "length_penalty", "early_stopping", "eos_ids", "dynamic_allowed", NULL};
+    int num_beams, vocab, max_new_tokens, num_return, early_stopping, dynamic_allowed = 0;
     double length_penalty;
     PyObject *eos_obj;
     PyArrayObject *eos = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiiidiO", kwlist, &num_beams, &vocab,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiiidiO|$p", kwlist, &num_beams, &vocab,
                                      &max_new_tokens, &num_return, &length_penalty,
-                                     &early_stopping, &eos_obj))
+                                     &early_stopping, &eos_obj, &dynamic_allowed))
         return -1;
     if (as_array(eos_obj, NPY_INT32, 1, "eos_ids", &eos)) return -1;
     lmd_beam_config config = {num_beams, vocab, max_new_tokens, num_return, length_penalty,
                               (lmd_early_stopping)early_stopping,
                               eos ? (const int32_t *)PyArray_DATA(eos) : NULL,
-                              eos ? (int32_t)PyArray_DIM(eos, 0) : 0};
+                              eos ? (int32_t)PyArray_DIM(eos, 0) : 0, dynamic_allowed};
     lmd_error err;
     lmd_beam_search *search = NULL;
     lmd_status st = lmd_beam_search_init(&search, &config, &err);
@@ -694,6 +695,44 @@ static PyObject *BeamSearch_hypotheses(BeamSearchObject *self, PyObject *noargs)
     return list;
 }
 
+/* Sets beam's allowed tokens for the next step from ids (None or int32-convertible 1-D);
+ * the caller holds the search's lock. 0, or -1 with an exception. */
+static int beam_set_allowed(lmd_beam_search *search, long beam, PyObject *ids_obj) {
+    PyArrayObject *ids = NULL;
+    if (as_array(ids_obj, NPY_INT32, 1, "allowed token ids", &ids)) return -1;
+    lmd_error err;
+    const npy_intp n_ids = ids ? PyArray_DIM(ids, 0) : -1;
+    lmd_status st = n_ids > INT32_MAX ? lmd_fail(&err, LMD_ERR_INVALID_ARG, "too many allowed tokens")
+                                      : lmd_beam_search_set_allowed(search, (int32_t)beam,
+                                                                    ids ? PyArray_DATA(ids) : NULL, (int32_t)n_ids, &err);
+    Py_XDECREF(ids);
+    if (st != LMD_OK) {
+        raise_status(st, &err);
+        return -1;
+    }
+    return 0;
+}
+
+/* set_allowed(beam, ids int32 (m,) or None): the only tokens running beam `beam` may take at
+ * the next step (None: any); needs BeamSearch(..., dynamic_allowed=True) */
+static PyObject *BeamSearch_set_allowed(BeamSearchObject *self, PyObject *args) {
+    long beam;
+    PyObject *ids_obj;
+    if (!PyArg_ParseTuple(args, "lO", &beam, &ids_obj)) return NULL;
+    if (self->search == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "BeamSearch is not initialized");
+        return NULL;
+    }
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        PyErr_SetString(PyExc_RuntimeError, "this BeamSearch is in use by another thread");
+        return NULL;
+    }
+    int failed = beam_set_allowed(self->search, beam, ids_obj);
+    PyThread_release_lock(self->lock);
+    if (failed) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *BeamSearch_get_done(BeamSearchObject *self, void *closure) {
     (void)closure;
     return PyBool_FromLong(self->search == NULL || lmd_beam_search_done(self->search));
@@ -707,6 +746,8 @@ static PyObject *BeamSearch_get_length(BeamSearchObject *self, void *closure) {
 static PyMethodDef BeamSearch_methods[] = {
     {"step", (PyCFunction)BeamSearch_step, METH_O, "Advance by one token given the beams' logits."},
     {"hypotheses", (PyCFunction)BeamSearch_hypotheses, METH_NOARGS, "Finished hypotheses, best first."},
+    {"set_allowed", (PyCFunction)BeamSearch_set_allowed, METH_VARARGS,
+     "set_allowed(beam, ids or None): the only tokens the beam may take at the next step."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2011,17 +2052,51 @@ static PyTypeObject ModelDecoderType = {
     .tp_new = PyType_GenericNew,
 };
 
-/* model_beam_search(model, pool, beam_search, prompt int32) -> peak KV blocks held */
+/* An lmd_beam_hook for model_beam_search's constraint: takes the GIL and sets every running
+ * beam's allowed tokens to constraint(beam, generated tokens int64) (None or an int32 array;
+ * the Python caller validates). A Python exception ends the search and stays set. */
+typedef struct {
+    PyObject *constraint;
+    int raised;
+} beam_constraint;
+
+static lmd_status constrain_beams(void *ctx, lmd_beam_search *bs, lmd_error *err) {
+    beam_constraint *c = ctx;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    const int32_t n = lmd_beam_search_length(bs);
+    npy_intp dims[1] = {n};
+    for (int32_t b = 0; b < lmd_beam_search_width(bs) && !c->raised; b++) {
+        PyArrayObject *tokens = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+        PyObject *allowed = NULL;
+        if (tokens != NULL) {
+            const int32_t *generated = lmd_beam_search_tokens(bs, b);
+            for (int32_t i = 0; i < n; i++) ((int64_t *)PyArray_DATA(tokens))[i] = generated[i];
+            allowed = PyObject_CallFunction(c->constraint, "iO", (int)b, (PyObject *)tokens);
+        }
+        c->raised = allowed == NULL || beam_set_allowed(bs, b, allowed) < 0;
+        Py_XDECREF(allowed);
+        Py_XDECREF(tokens);
+    }
+    PyGILState_Release(gil);
+    return c->raised ? lmd_fail(err, LMD_ERR_STOPPED, "the constraint function raised") : LMD_OK;
+}
+
+/* model_beam_search(model, pool, beam_search, prompt int32, constraint=None) -> peak KV blocks
+ * held; constraint(beam, generated int64) -> allowed int32 or None, before every step */
 static PyObject *py_model_beam_search(PyObject *self, PyObject *args) {
     (void)self;
     EngineModelObject *model;
     EngineKVPoolObject *pool;
     BeamSearchObject *bs;
-    PyObject *prompt_obj;
+    PyObject *prompt_obj, *constraint_obj = Py_None;
     PyArrayObject *prompt = NULL;
-    if (!PyArg_ParseTuple(args, "O!O!O!O", &EngineModelType, &model, &EngineKVPoolType, &pool,
-                          &BeamSearchType, &bs, &prompt_obj))
+    if (!PyArg_ParseTuple(args, "O!O!O!O|O", &EngineModelType, &model, &EngineKVPoolType, &pool,
+                          &BeamSearchType, &bs, &prompt_obj, &constraint_obj))
         return NULL;
+    if (constraint_obj != Py_None && !PyCallable_Check(constraint_obj)) {
+        PyErr_SetString(PyExc_TypeError, "constraint must be callable or None");
+        return NULL;
+    }
     if (model->model == NULL || pool->pool == NULL || bs->search == NULL) {
         PyErr_SetString(PyExc_ValueError, "model, pool and beam search must be initialized");
         return NULL;
@@ -2042,16 +2117,20 @@ static PyObject *py_model_beam_search(PyObject *self, PyObject *args) {
     lmd_status st;
     int32_t peak = 0;
     signal_check check = {{0, 0}, 0};
+    beam_constraint constraint = {constraint_obj, 0};
     timespec_get(&check.last, TIME_UTC);
     Py_BEGIN_ALLOW_THREADS;
-    st = lmd_decode_beam_search(model->model, pool->pool, bs->search, PyArray_DATA(prompt),
-                                (int32_t)PyArray_DIM(prompt, 0), &peak, stop_on_signal, &check, &err);
+    st = lmd_decode_beam_search_hooked(model->model, pool->pool, bs->search, PyArray_DATA(prompt),
+                                       (int32_t)PyArray_DIM(prompt, 0), &peak,
+                                       constraint_obj != Py_None ? constrain_beams : NULL, &constraint,
+                                       stop_on_signal, &check, &err);
     Py_END_ALLOW_THREADS;
     PyThread_release_lock(pool->lock);
     PyThread_release_lock(model->lock);
     PyThread_release_lock(bs->lock);
     Py_DECREF(prompt);
-    if (st == LMD_ERR_STOPPED && check.raised) return NULL; /* KeyboardInterrupt (or the handler's) */
+    /* KeyboardInterrupt (or the handler's), or the constraint's exception */
+    if (st == LMD_ERR_STOPPED && (check.raised || constraint.raised)) return NULL;
     if (st != LMD_OK) return raise_status(st, &err);
     return PyLong_FromLong(peak);
 }
@@ -2273,7 +2352,7 @@ static PyMethodDef core_methods[] = {
     {"dequantize_q8_0", py_dequantize_q8_0, METH_O, "q8_0 storage uint8 (rows, cols/32*34) -> float32 (rows, cols)."},
     /* decoding-loop bindings */
     {"model_beam_search", py_model_beam_search, METH_VARARGS,
-     "model_beam_search(model, pool, beam_search, prompt) -> peak KV blocks: the whole search in C."},
+     "model_beam_search(model, pool, beam_search, prompt, constraint=None) -> peak KV blocks: the whole search in C."},
     {"contrastive_scores", py_contrastive_scores, METH_VARARGS,
      "contrastive_scores(expert (R, V), amateur (R, V), alpha, amateur_temperature) -> scores (R, V) float32."},
     {"speculative_verify", py_speculative_verify, METH_VARARGS,

@@ -109,10 +109,13 @@ class DecodingMixin:
         return _core.SpeculativeDecoder(self._engine, self._run_pool(prompts, max_new_tokens, n_draft), draft._engine,
                                         draft._run_pool(prompts, max_new_tokens, n_draft), generator, n_draft)
 
-    def _beam_search_in_c(self, search, prompt: list[int], beam_width: int, max_new_tokens: int) -> int:
-        """Runs `search` to its end in C; returns the peak number of KV positions the beams held."""
+    def _beam_search_in_c(self, search, prompt: list[int], beam_width: int, max_new_tokens: int,
+                          constraint=None) -> int:
+        """Runs `search` to its end in C; returns the peak number of KV positions the beams held.
+        constraint(beam, generated tokens) -> allowed int32 ids or None is asked before every step."""
         positions = len(prompt) + 2 * beam_width * (max_new_tokens + 2 * _BLOCK)
-        peak_blocks = _core.model_beam_search(self._engine, self._pool(positions), search, np.asarray(prompt, dtype=np.int32))
+        peak_blocks = _core.model_beam_search(self._engine, self._pool(positions), search, np.asarray(prompt, dtype=np.int32),
+                                              constraint)
         return peak_blocks * _BLOCK
 
     # ------------------------------------------------------------------ public methods

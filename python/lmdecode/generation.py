@@ -26,7 +26,8 @@ import numpy as np
 from . import _core
 from .contrastive import _check_parameters as _check_contrastive
 from .contrastive import contrastive_logits
-from .sampling import KEYWORDS, SamplingParams, _params_for, _row_input_arguments
+from .sampling import (KEYWORDS, SamplingParams, _params_for, _row_input_arguments, allowed_token_ids,
+                       check_constraint_function)
 
 __all__ = ["Generation", "GenerationChunk", "generate"]
 
@@ -312,8 +313,7 @@ def generate(
             raise TypeError(f"draft_model must be an lmdecode Model, got {type(draft_model).__name__}")
         _check_same_vocabulary("draft_model", draft_model, model, "target")
     if prefix_allowed_tokens_fn is not None:
-        if not callable(prefix_allowed_tokens_fn):
-            raise TypeError(f"prefix_allowed_tokens_fn must be callable, got {type(prefix_allowed_tokens_fn).__name__}")
+        check_constraint_function(prefix_allowed_tokens_fn)
         if draft_model is not None:
             raise ValueError("prefix_allowed_tokens_fn does not combine with draft_model (the draft's proposals "
                              "would each need the function's answer)")
@@ -399,22 +399,7 @@ def _constrain_next_step(run: _Run, fn: Callable[[int, np.ndarray], Any], vocab:
     """Sets each running sequence's allowed tokens for the next step to fn(k, its tokens)."""
     for k in run.gen.running():
         k = int(k)
-        allowed = fn(k, run.gen.result(k)[0])
-        if allowed is None:
-            run.gen.set_allowed(k, None)
-            continue
-        ids = np.asarray(allowed)
-        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
-            raise TypeError(f"prefix_allowed_tokens_fn must return a list of token ids or None, got {allowed!r:.80} "
-                            f"for batch_id {k}")
-        if ids.size == 0:
-            raise ValueError(f"prefix_allowed_tokens_fn returned an empty list for batch_id {k}: no token may follow, "
-                             "so the constraint cannot be satisfied")
-        bad = ids[(ids < 0) | (ids >= vocab)]
-        if bad.size:
-            raise ValueError(f"prefix_allowed_tokens_fn returned token {int(bad[0])} for batch_id {k}, "
-                             f"outside the vocabulary [0, {vocab})")
-        run.gen.set_allowed(k, np.unique(ids).astype(np.int32))
+        run.gen.set_allowed(k, allowed_token_ids(fn(k, run.gen.result(k)[0]), vocab, k))
 
 
 def _stream(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Iterator[GenerationChunk]:

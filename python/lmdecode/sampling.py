@@ -69,6 +69,31 @@ KEYWORDS = tuple(_PARAM_DEFAULTS) + _ROW_INPUTS
 _UINT64_LIMIT = 1 << 64
 
 
+def check_constraint_function(fn: Any) -> None:
+    """prefix_allowed_tokens_fn (generate, beam_search) must be callable."""
+    if not callable(fn):
+        raise TypeError(f"prefix_allowed_tokens_fn must be callable, got {type(fn).__name__}")
+
+
+def allowed_token_ids(allowed: Any, vocab: int, batch_id: int) -> np.ndarray | None:
+    """What prefix_allowed_tokens_fn returned for batch_id, checked: sorted distinct int32 ids
+    in [0, vocab), or None (any token)."""
+    if allowed is None:
+        return None
+    ids = np.asarray(allowed)
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        raise TypeError(f"prefix_allowed_tokens_fn must return a list of token ids or None, got {allowed!r:.80} "
+                        f"for batch_id {batch_id}")
+    if ids.size == 0:
+        raise ValueError(f"prefix_allowed_tokens_fn returned an empty list for batch_id {batch_id}: no token may "
+                         "follow, so the constraint cannot be satisfied")
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    if bad.size:
+        raise ValueError(f"prefix_allowed_tokens_fn returned token {int(bad[0])} for batch_id {batch_id}, "
+                         f"outside the vocabulary [0, {vocab})")
+    return np.unique(ids).astype(np.int32)
+
+
 def rng_uniform(seed: int, stream: int, step: int, index: int = 0) -> float:
     """The documented generator: a double in [0, 1) from Philox4x32-10.
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from .sampling import allowed_token_ids, check_constraint_function
 
 __all__ = ["Hypothesis", "beam_search"]
 
@@ -62,6 +63,7 @@ def beam_search(
     early_stopping: bool | str = False,
     num_return_sequences: int = 1,
     eos_token_id: int | Sequence[int] | None = None,
+    prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None = None,
 ) -> list[Hypothesis]:
     """Beam search over an lmdecode Model or ``step_fn(tokens: int64 array) -> (V,) logits``.
 
@@ -70,6 +72,12 @@ def beam_search(
     beams sharing their common prefix's KV cache; ``prompt`` may then be text
     and ``eos_token_id`` defaults to the model's EOS. A step function is called
     once per distinct beam per step (all beams hold the prompt at the first).
+
+    ``prefix_allowed_tokens_fn(batch_id, input_ids)`` constrains the search as in
+    transformers: before every step it is called for each beam with ``batch_id`` 0 and the
+    beam's tokens (prompt + generated, int64), and returns the ids it may take next (None:
+    any). The other tokens' log-probabilities become -inf after the log-softmax (the allowed
+    ones keep theirs, as transformers' beam search applies its logits processors).
     """
     beam_width = _check_int("beam_width", beam_width, 1)
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
@@ -80,10 +88,12 @@ def beam_search(
         raise ValueError(f"early_stopping (={early_stopping!r}) must be True, False or 'never'")
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) or not np.isfinite(length_penalty):
         raise ValueError(f"length_penalty (={length_penalty!r}) must be a finite number")
+    if prefix_allowed_tokens_fn is not None:
+        check_constraint_function(prefix_allowed_tokens_fn)
     model = model_or_step_fn if hasattr(model_or_step_fn, "_beam_search_in_c") else None
     if model is not None:
         return _beam_search_model(model, prompt, beam_width, max_new_tokens, float(length_penalty), early_stopping,
-                                  num_return_sequences, eos_token_id)
+                                  num_return_sequences, eos_token_id, prefix_allowed_tokens_fn)
     if not callable(model_or_step_fn):
         raise TypeError(f"model_or_step_fn must be an lmdecode Model or a callable, got {type(model_or_step_fn).__name__}")
     step_fn = model_or_step_fn
@@ -102,15 +112,20 @@ def beam_search(
     # prompt ids are not checked against the vocabulary: they are step_fn's business and the
     # search never indexes logits by them (the seeds' example passes a marker id outside it)
     first = logits_of(())
+    vocab = first.shape[0]
     search = _core.BeamSearch(
-        beam_width, first.shape[0], max_new_tokens, num_return_sequences, float(length_penalty),
-        _EARLY_STOPPING[early_stopping], _eos_ids(eos_token_id),
+        beam_width, vocab, max_new_tokens, num_return_sequences, float(length_penalty),
+        _EARLY_STOPPING[early_stopping], _eos_ids(eos_token_id), dynamic_allowed=prefix_allowed_tokens_fn is not None,
     )
     beams: list[tuple[int, ...]] = [()] * beam_width
     while not search.done:
         rows = [logits_of(seq) for seq in beams]
         if any(r.shape != first.shape for r in rows):
             raise ValueError("step_fn returned logits of different lengths")
+        if prefix_allowed_tokens_fn is not None:
+            for b, seq in enumerate(beams):
+                input_ids = np.array(prompt_ids + list(seq), dtype=np.int64)
+                search.set_allowed(b, allowed_token_ids(prefix_allowed_tokens_fn(0, input_ids), vocab, 0))
         parents, tokens = search.step(np.stack(rows))
         beams = [beams[p] + (int(t),) for p, t in zip(parents, tokens)]
         live = set(beams)
@@ -122,7 +137,8 @@ def beam_search(
 
 
 def _beam_search_model(model: Any, prompt: Any, beam_width: int, max_new_tokens: int, length_penalty: float,
-                       early_stopping: bool | str, num_return_sequences: int, eos_token_id: Any) -> list[Hypothesis]:
+                       early_stopping: bool | str, num_return_sequences: int, eos_token_id: Any,
+                       prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None) -> list[Hypothesis]:
     prompt_ids = model._encode(prompt, add_bos=True, name="prompt")
     model._check_prompt_lengths([prompt_ids])
     if len(prompt_ids) + max_new_tokens > model.config.context_length:
@@ -131,9 +147,17 @@ def _beam_search_model(model: Any, prompt: Any, beam_width: int, max_new_tokens:
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
     eos = _eos_ids(eos_token_id)
-    search = _core.BeamSearch(beam_width, model.config.vocab_size, max_new_tokens, num_return_sequences, length_penalty,
-                              _EARLY_STOPPING[early_stopping], eos)
-    model._beam_search_in_c(search, prompt_ids, beam_width, max_new_tokens)
+    vocab = model.config.vocab_size
+    search = _core.BeamSearch(beam_width, vocab, max_new_tokens, num_return_sequences, length_penalty,
+                              _EARLY_STOPPING[early_stopping], eos, dynamic_allowed=prefix_allowed_tokens_fn is not None)
+    constraint = None
+    if prefix_allowed_tokens_fn is not None:
+        prompt_array = np.asarray(prompt_ids, dtype=np.int64)
+
+        def constraint(beam: int, generated: np.ndarray) -> np.ndarray | None:
+            return allowed_token_ids(prefix_allowed_tokens_fn(0, np.concatenate([prompt_array, generated])), vocab, 0)
+
+    model._beam_search_in_c(search, prompt_ids, beam_width, max_new_tokens, constraint)
     tokenizer = model.tokenizer
     hyps = []
     for toks, lps, score, logprob in search.hypotheses():

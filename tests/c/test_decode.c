@@ -408,7 +408,7 @@ static void test_beam_search(void) {
     for (int i = 0; i < NEW; i++) want_sum += want_lp[i];
 
     /* width 1 is greedy */
-    lmd_beam_config c = {1, V, NEW, 1, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0};
+    lmd_beam_config c = {1, V, NEW, 1, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0, 0};
     lmd_beam_search *bs;
     CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
     int32_t peak = -1;
@@ -437,7 +437,7 @@ static void test_beam_search(void) {
     lmd_beam_search_free(bs);
 
     /* width 3, two hypotheses: each one's log-probs are the model's own along its tokens */
-    lmd_beam_config c3 = {3, V, NEW, 2, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0};
+    lmd_beam_config c3 = {3, V, NEW, 2, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0, 0};
     CHECK(lmd_beam_search_init(&bs, &c3, &err) == LMD_OK);
     CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 6, &peak, NULL, NULL, &err) == LMD_OK);
     CHECK(pool_full(pool));
@@ -478,7 +478,7 @@ static void test_beam_search(void) {
     CHECK_MSG_CONTAINS(err, "exceed the context length 24");
     CHECK(pool_full(pool) && lmd_beam_search_length(bs) == 0);
     lmd_beam_search_free(bs);
-    lmd_beam_config other = {1, V + 2, NEW, 1, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0};
+    lmd_beam_config other = {1, V + 2, NEW, 1, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0, 0};
     CHECK(lmd_beam_search_init(&bs, &other, &err) == LMD_OK);
     CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 6, NULL, NULL, NULL, &err) == LMD_ERR_INVALID_ARG);
     CHECK_MSG_CONTAINS(err, "vocabulary");

@@ -10,7 +10,7 @@ static void fill_log(float *row, const double *p, int n) {
 /* vocabulary {A, B, C, <eos>}, b = 2 (the seeds' example) */
 static void test_seeds_example(void) {
     const int32_t eos = 3;
-    lmd_beam_config c = {2, 4, 2, 2, 0.0, LMD_EARLY_STOP_HEURISTIC, &eos, 1};
+    lmd_beam_config c = {2, 4, 2, 2, 0.0, LMD_EARLY_STOP_HEURISTIC, &eos, 1, 0};
     lmd_beam_search *bs;
     lmd_error err;
     CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
@@ -46,7 +46,7 @@ static void test_bad_config_and_logits(void) {
     lmd_beam_search *bs = NULL;
     lmd_error err;
     const int32_t eos = 9;
-    lmd_beam_config c = {2, 4, 3, 3, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0};
+    lmd_beam_config c = {2, 4, 3, 3, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0, 0};
     CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_ERR_INVALID_ARG);
     CHECK_MSG_CONTAINS(err, "num_return_sequences");
     c.num_return_sequences = 1;
@@ -68,8 +68,52 @@ static void test_bad_config_and_logits(void) {
     lmd_beam_search_free(NULL);
 }
 
+/* The seeds' example constrained: the first beam may take only C (and keeps its log-prob,
+ * no renormalization), the other only <eos>; the two allowed continuations are too few for
+ * the 4 kept a step, so -inf ones fill in. The lists hold for one step. */
+static void test_allowed_lists(void) {
+    const int32_t eos = 3, only_c = 2, only_eos = 3, outside = 4;
+    lmd_beam_config c = {2, 4, 3, 2, 0.0, LMD_EARLY_STOP_HEURISTIC, &eos, 1, 0};
+    lmd_beam_search *bs;
+    lmd_error err;
+    CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
+    CHECK(lmd_beam_search_set_allowed(bs, 0, &only_c, 1, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "without dynamic_allowed");
+    lmd_beam_search_free(bs);
+    c.dynamic_allowed = 1;
+    CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
+    CHECK(lmd_beam_search_set_allowed(bs, 0, &outside, 1, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "allowed token 4 is outside [0, 4)");
+    CHECK(lmd_beam_search_set_allowed(bs, 2, NULL, -1, &err) == LMD_ERR_INVALID_ARG);
+    float logits[8];
+    int32_t parents[2], tokens[2];
+    const double step1[4] = {0.5, 0.3, 0.1, 0.1};
+    fill_log(logits, step1, 4);
+    fill_log(logits + 4, step1, 4);
+    CHECK(lmd_beam_search_set_allowed(bs, 0, &only_c, 1, &err) == LMD_OK);
+    CHECK(lmd_beam_search_set_allowed(bs, 1, &only_eos, 1, &err) == LMD_OK);
+    CHECK(lmd_beam_search_step(bs, logits, parents, tokens, &err) == LMD_OK);
+    /* C runs on first; the second beam (penalized at the start, as in transformers) ended in
+     * <eos>, so a -inf filler runs second */
+    CHECK(parents[0] == 0 && tokens[0] == 2);
+    CHECK(lmd_beam_search_tokens(bs, 0)[0] == 2 && lmd_beam_search_length(bs) == 1);
+    /* the lists are gone: the next step ranks every token (A after C is the best) */
+    CHECK(lmd_beam_search_step(bs, logits, parents, tokens, &err) == LMD_OK);
+    CHECK(parents[0] == 0 && tokens[0] == 0);
+    const int32_t *beam0 = lmd_beam_search_tokens(bs, 0);
+    CHECK(beam0[0] == 2 && beam0[1] == 0);
+    CHECK(lmd_beam_search_step(bs, logits, parents, tokens, &err) == LMD_OK && lmd_beam_search_done(bs));
+    int32_t seq[3], len;
+    float lps[3];
+    CHECK(lmd_beam_search_hypothesis(bs, 0, seq, lps, &len, NULL, NULL, &err) == LMD_OK);
+    CHECK(len == 3 && seq[0] == 2);
+    CHECK_CLOSE(lps[0], log(0.1), 1e-6); /* C's own log-prob, not renormalized over {C} */
+    lmd_beam_search_free(bs);
+}
+
 int main(void) {
     test_seeds_example();
     test_bad_config_and_logits();
+    test_allowed_lists();
     return test_report("test_search");
 }
