@@ -58,13 +58,15 @@ def hashed_step(vocab, seed):
     return step
 
 
-def brute_force(step, prompt, vocab, max_new, eos, length_penalty):
-    """Every sequence that ends with EOS or reaches max_new, scored as transformers ranks them."""
+def brute_force(step, prompt, vocab, max_new, eos, length_penalty, allowed=None):
+    """Every sequence that ends with EOS or reaches max_new, scored as transformers ranks them.
+    allowed(0, tokens) -> the tokens that may follow (a constrained search), which keep their
+    log-softmax over the whole vocabulary (transformers does not renormalize)."""
     results = []
 
     def extend(seq, total):
         lp = log_softmax(step(np.array(prompt + seq)))
-        for tok in range(vocab):
+        for tok in range(vocab) if allowed is None else allowed(0, np.array(prompt + seq)):
             new_seq, new_total = seq + [tok], total + lp[tok]
             if tok == eos or len(new_seq) == max_new:
                 results.append((new_total / len(new_seq) ** length_penalty, new_seq))

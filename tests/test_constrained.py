@@ -14,6 +14,7 @@ from scipy import stats
 import lmdecode as ld
 
 import reference
+from test_beam_search import brute_force
 
 MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 PROMPT = [1, 403, 407, 261, 378]  # BOS "Once upon a time" in stories260K's vocabulary
@@ -173,28 +174,10 @@ def no_repeat_late_end(batch_id, input_ids):
     return [t for t in range(4) if t != int(input_ids[-1]) and (t != 3 or len(input_ids) >= 3)]
 
 
-def constrained_brute_force(step, prompt, max_new, eos, length_penalty, allowed):
-    """Every sequence the constraint admits, scored as transformers ranks them: the allowed
-    tokens keep their log-softmax over the whole vocabulary (no renormalization)."""
-    results = []
-
-    def extend(seq, total):
-        lp = ld.log_softmax(step(np.array(prompt + seq))).astype(np.float64)
-        for tok in allowed(0, np.array(prompt + seq)):
-            new_seq, new_total = seq + [tok], total + lp[tok]
-            if tok == eos or len(new_seq) == max_new:
-                results.append((new_total / len(new_seq) ** length_penalty, new_seq))
-            else:
-                extend(new_seq, new_total)
-
-    extend([], 0.0)
-    return sorted(results, key=lambda r: -r[0])
-
-
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0])
 def test_full_width_constrained_beam_equals_brute_force(length_penalty):
     step = random_step_fn(4)
-    exact = constrained_brute_force(step, [0], 4, 3, length_penalty, no_repeat_late_end)
+    exact = brute_force(step, [0], 4, 4, 3, length_penalty, allowed=no_repeat_late_end)
     hyps = ld.beam_search(step, [0], beam_width=len(exact), max_new_tokens=4, length_penalty=length_penalty,
                           early_stopping="never", num_return_sequences=5, eos_token_id=3,
                           prefix_allowed_tokens_fn=no_repeat_late_end)
