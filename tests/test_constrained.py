@@ -141,6 +141,12 @@ def test_none_lifts_the_constraint_for_that_step(stories):
     plain = stories.generate(PROMPT, max_new_tokens=8, temperature=0)
     lifted = stories.generate(PROMPT, max_new_tokens=8, temperature=0, prefix_allowed_tokens_fn=lambda k, t: None)
     assert lifted.tokens == plain.tokens
+    # repeats are harmless, even more of them than the vocabulary has tokens
+    repeated = stories.generate(PROMPT, max_new_tokens=4, temperature=0.7, seed=1,
+                                prefix_allowed_tokens_fn=lambda k, t: [9, 7] * 300)
+    assert set(repeated.tokens) <= {7, 9}
+    hyps = stories.beam_search(PROMPT, beam_width=2, max_new_tokens=3, prefix_allowed_tokens_fn=lambda b, t: [9, 7] * 300)
+    assert set(hyps[0].tokens) <= {7, 9}
 
 
 def test_bad_constraints_raise(stories):

@@ -76,8 +76,9 @@ def check_constraint_function(fn: Any) -> None:
 
 
 def allowed_token_ids(allowed: Any, vocab: int, batch_id: int) -> np.ndarray | None:
-    """What prefix_allowed_tokens_fn returned for batch_id, checked: sorted distinct int32 ids
-    in [0, vocab), or None (any token)."""
+    """What prefix_allowed_tokens_fn returned for batch_id, checked: int32 ids in [0, vocab)
+    (repeats removed only when there are more than vocab of them: the C side tolerates them),
+    or None (any token). Called once per sequence per step, so it stays cheap."""
     if allowed is None:
         return None
     ids = np.asarray(allowed)
@@ -87,11 +88,13 @@ def allowed_token_ids(allowed: Any, vocab: int, batch_id: int) -> np.ndarray | N
     if ids.size == 0:
         raise ValueError(f"prefix_allowed_tokens_fn returned an empty list for batch_id {batch_id}: no token may "
                          "follow, so the constraint cannot be satisfied")
-    bad = ids[(ids < 0) | (ids >= vocab)]
-    if bad.size:
-        raise ValueError(f"prefix_allowed_tokens_fn returned token {int(bad[0])} for batch_id {batch_id}, "
-                         f"outside the vocabulary [0, {vocab})")
-    return np.unique(ids).astype(np.int32)
+    low, high = ids.min(), ids.max()
+    if low < 0 or high >= vocab:
+        raise ValueError(f"prefix_allowed_tokens_fn returned token {int(low if low < 0 else high)} for batch_id "
+                         f"{batch_id}, outside the vocabulary [0, {vocab})")
+    if ids.size > vocab:
+        ids = np.unique(ids)
+    return ids.astype(np.int32, copy=False)
 
 
 def rng_uniform(seed: int, stream: int, step: int, index: int = 0) -> float:
