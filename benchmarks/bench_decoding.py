@@ -137,6 +137,33 @@ def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int, dr
             print(f"  {'transformers, assistant_model = itself':26}{n_new / t_hf_assist:>10.1f} tok/s   "
                   f"({t_hf_plain / t_hf_assist:.2f} x its plain greedy)")
 
+    # constrained decoding (prefix_allowed_tokens_fn): the function allows half the vocabulary,
+    # alternating halves by length; the C loops take the GIL back once per step to call it
+    halves = [list(range(parity, model.config.vocab_size, 2)) for parity in (0, 1)]
+    halves_np = [np.array(h) for h in halves]
+
+    def allowed(batch_id, input_ids):
+        return halves_np[len(input_ids) % 2]
+
+    t_constrained = median_time(lambda: model.generate(prompt, max_new_tokens=n_new, temperature=0, stop_token_ids=[],
+                                                       prefix_allowed_tokens_fn=allowed), reps)
+    t_beam_constrained = median_time(lambda: model.beam_search(prompt, beam_width=width, max_new_tokens=n_beam,
+                                                               early_stopping="never", eos_token_id=[],
+                                                               prefix_allowed_tokens_fn=allowed), reps)
+    print(f"constrained greedy (half the vocabulary allowed): {n_new / t_constrained:.1f} tok/s "
+          f"({(n_new / t_constrained) / greedy:.2f} x plain greedy); beam width {width}: "
+          f"{t_beam_constrained / n_beam * 1e3:.2f} ms/step ({t_beam_constrained / t_beam:.2f} x plain beam)")
+    if hf is not None:
+        ids = torch.tensor([prompt])
+
+        def hf_allowed(batch_id, input_ids):
+            return halves[len(input_ids) % 2]
+
+        t_hf_constrained = median_time(lambda: hf.generate(ids, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new,
+                                                           pad_token_id=0, prefix_allowed_tokens_fn=hf_allowed), max(1, reps // 2))
+        print(f"  transformers constrained greedy: {n_new / t_hf_constrained:.1f} tok/s "
+              f"(lmdecode {t_hf_constrained / t_constrained:.1f} x faster)")
+
     # scoring 512 tokens: one prefill against token-by-token, each over the same 8 sequences in
     # turn, medians of at least `reps` runs and about 3 s of them (stories260K: hundreds)
     n_score = min(512, model.config.context_length - 1)

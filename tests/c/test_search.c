@@ -90,12 +90,14 @@ static void test_allowed_lists(void) {
     const double step1[4] = {0.5, 0.3, 0.1, 0.1};
     fill_log(logits, step1, 4);
     fill_log(logits + 4, step1, 4);
-    CHECK(lmd_beam_search_set_allowed(bs, 0, &only_c, 1, &err) == LMD_OK);
+    const int32_t c_repeated[3] = {2, 2, 2}; /* one continuation, not three */
+    CHECK(lmd_beam_search_set_allowed(bs, 0, c_repeated, 3, &err) == LMD_OK);
     CHECK(lmd_beam_search_set_allowed(bs, 1, &only_eos, 1, &err) == LMD_OK);
     CHECK(lmd_beam_search_step(bs, logits, parents, tokens, &err) == LMD_OK);
-    /* C runs on first; the second beam (penalized at the start, as in transformers) ended in
-     * <eos>, so a -inf filler runs second */
+    /* C runs on first; the second beam's <eos> (penalized twice: the beam started penalized,
+     * as in transformers, and it ends) still outranks the -inf fillers */
     CHECK(parents[0] == 0 && tokens[0] == 2);
+    CHECK(parents[1] == 1 && tokens[1] == 3);
     CHECK(lmd_beam_search_tokens(bs, 0)[0] == 2 && lmd_beam_search_length(bs) == 1);
     /* the lists are gone: the next step ranks every token (A after C is the best) */
     CHECK(lmd_beam_search_step(bs, logits, parents, tokens, &err) == LMD_OK);
