@@ -14,6 +14,7 @@ from .scoring import PerplexityResult, SequenceScore, sequence_logprob
 from .search import Hypothesis, beam_search
 from .speculative import speculative_accept
 from .contrastive import contrastive_logits
+from .chat import render_chat
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "greedy",
     "log_softmax",
     "process_logits",
+    "render_chat",
     "rng_uniform",
     "sample",
     "sequence_logprob",

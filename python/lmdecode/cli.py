@@ -2,6 +2,7 @@
 
     python -m lmdecode generate --model stories260K.bin --temperature 0.8 --top-p 0.9 --seed 0 "Once upon a time"
     python -m lmdecode generate --model big.gguf --draft-model small.gguf --temperature 0 "Once upon a time"
+    python -m lmdecode generate --model smollm2 --chat "Write a haiku about the sea."
     python -m lmdecode score --model stories260K.bin --context "Once upon a time" " there was a girl"
     python -m lmdecode perplexity --model stories260K.bin story.txt
 """
@@ -70,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--amateur-model", help="contrastive decoding: an amateur model with the same vocabulary")
     gen.add_argument("--contrastive-alpha", type=float, default=0.1, help="contrastive decoding's plausibility cut (default 0.1)")
     gen.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it is made")
+    gen.add_argument("--chat", action="store_true",
+                     help="the prompt is a user's message: the model's chat template frames it and the reply is printed")
+    gen.add_argument("--system", help="with --chat: a system message before the user's")
 
     score = commands.add_parser("score", help="log-probability of a continuation given a context")
     _add_model_arguments(score)
@@ -108,9 +112,17 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
     if args.command == "generate":
+        prompt, echo = args.prompt, args.prompt  # the prompt, and what is printed before the new text
+        if args.system is not None and not args.chat:
+            raise ValueError("--system needs --chat")
+        if args.chat:
+            if model.tokenizer.chat_template is None:
+                raise ValueError(f"{args.model} has no chat template; drop --chat")
+            system = [{"role": "system", "content": args.system}] if args.system is not None else []
+            prompt, echo = system + [{"role": "user", "content": args.prompt}], ""
         if args.beam_width:
-            hyps = model.beam_search(args.prompt, beam_width=args.beam_width, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty)
-            print(args.prompt + hyps[0].text)
+            hyps = model.beam_search(prompt, beam_width=args.beam_width, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty)
+            print(echo + hyps[0].text)
             return 0
         sampling = dict(
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, typical_p=args.typical_p,
@@ -123,11 +135,11 @@ def _run(args: argparse.Namespace) -> int:
             sampling.update(amateur_model=ld.Model.load(resolve_model_path(args.amateur_model), kv_dtype=args.kv_dtype),
                             contrastive_alpha=args.contrastive_alpha)
         if args.no_stream:
-            out = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, **sampling)
-            print(args.prompt + out.text)
+            out = model.generate(prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, **sampling)
+            print(echo + out.text)
         else:
-            sys.stdout.write(args.prompt)
-            for chunk in model.generate(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, stream=True, **sampling):
+            sys.stdout.write(echo)
+            for chunk in model.generate(prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, stream=True, **sampling):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
             sys.stdout.write("\n")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from .chat import is_conversation
 from .scoring import PerplexityResult, SequenceScore, perplexity_of_windows, sequence_logprob as _sequence_logprob
 
 __all__ = ["DecodingMixin"]
@@ -65,10 +66,14 @@ class DecodingMixin:
         return None
 
     def _encode(self, text_or_tokens: Any, *, add_bos: bool, name: str) -> list[int]:
-        if isinstance(text_or_tokens, str):
+        """Token ids of text (BOS first when add_bos), of a conversation (the tokenizer's chat
+        template with the assistant's turn opened) or of ids given as such."""
+        if isinstance(text_or_tokens, str) or is_conversation(text_or_tokens):
             if self.tokenizer is None:
                 raise TypeError(f"{name} is text but the model has no tokenizer; pass token ids or load one")
-            return list(self.tokenizer.encode(text_or_tokens, add_bos=add_bos))
+            if isinstance(text_or_tokens, str):
+                return list(self.tokenizer.encode(text_or_tokens, add_bos=add_bos))
+            return list(self.tokenizer.apply_chat_template(text_or_tokens, add_generation_prompt=True))
         arr = np.asarray(text_or_tokens)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise TypeError(f"{name} must be a str or a 1-D sequence of token ids")

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import _core
+from .chat import is_conversation
 from .contrastive import _check_parameters as _check_contrastive
 from .contrastive import contrastive_logits
 from .sampling import (KEYWORDS, SamplingParams, _params_for, _row_input_arguments, allowed_token_ids,
@@ -97,18 +98,23 @@ def _prompts(prompt: Any, tokenizer: TokenizerLike | None) -> tuple[list[list[in
             if tokenizer is None:
                 raise TypeError("a text prompt needs a model with a tokenizer (or tokenizer=...)")
             return list(tokenizer.encode(p, add_bos=True))
+        if is_conversation(p):
+            if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
+                raise TypeError("a conversation prompt needs a tokenizer with a chat template")
+            return list(tokenizer.apply_chat_template(p, add_generation_prompt=True))
         arr = np.asarray(p)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise TypeError(f"a prompt must be a str or a sequence of token ids, got {p!r:.80}")
         return [int(t) for t in arr]
 
-    if isinstance(prompt, str) or (isinstance(prompt, np.ndarray) and prompt.ndim == 1):
+    if isinstance(prompt, str) or (isinstance(prompt, np.ndarray) and prompt.ndim == 1) or is_conversation(prompt):
         return [one(prompt)], True
     if isinstance(prompt, Sequence) and len(prompt) and all(isinstance(p, numbers.Integral) for p in prompt):
         return [one(prompt)], True
     if isinstance(prompt, (Sequence, np.ndarray)) and len(prompt):
         return [one(p) for p in prompt], False
-    raise TypeError(f"prompt must be a str, a sequence of token ids, or a non-empty list of those, got {prompt!r:.80}")
+    raise TypeError(f"prompt must be a str, a sequence of token ids, a conversation (a list of message dicts), "
+                    f"or a non-empty list of those, got {prompt!r:.80}")
 
 
 def _stop_ids(stop_token_ids: Any, default_eos: int | None) -> np.ndarray:
@@ -255,8 +261,10 @@ def generate(
 ):
     """Generates from an lmdecode model or ``step_fn(tokens: int64 array) -> (V,) logits``.
 
-    ``prompt`` is a str (encoded with BOS), a sequence of token ids, or a list of
-    either (a batch decoded together). ``**sampling`` takes the keywords of
+    ``prompt`` is a str (encoded with BOS), a sequence of token ids, a conversation
+    (a list of ``{"role": ..., "content": ...}`` dicts, rendered with the tokenizer's chat
+    template and the assistant's turn opened), or a list of those (a batch decoded
+    together). ``**sampling`` takes the keywords of
     ``ld.sample`` (``temperature=0`` is greedy). Returns a :class:`Generation`
     for one prompt and ``n == 1``, a list of ``n`` for one prompt, and a list
     (one entry per prompt, each as above) for a batch. With ``stream=True`` it

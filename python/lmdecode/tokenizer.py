@@ -1,7 +1,8 @@
 """Tokenizers for the model files lmdecode loads.
 
 Three kinds, one interface (``encode``, ``decode``, ``token_bytes``,
-``stream_decoder``, ``bos_id``, ``eos_id``, ``vocab_size``):
+``stream_decoder``, ``apply_chat_template``, ``bos_id``, ``eos_id``,
+``vocab_size``, ``chat_template``):
 
 - sentencepiece-style BPE by merge scores with byte fallback: llama2.c's
   ``tok*.bin`` (encoding exactly as llama2.c's ``encode``: a leading space,
@@ -53,14 +54,37 @@ class Tokenizer:
     vocab_size: int = 0
     adds_bos: bool = True  # does this model's vocabulary expect a BOS at the start?
     strips_leading_space_after_bos = False
+    chat_template: str | None = None  # Jinja source from the model file (lmdecode.chat), if it has one
     _bytes: list[bytes]  # (vocab_size,) the bytes each token stands for
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids of text, with BOS first when add_bos and the vocabulary expects one.
+        parse_special: special tokens spelt in the text (``<s>``, ``<|im_start|>``) become
+        their ids, as chat templates need (Hugging Face tokenizers always do this)."""
         raise NotImplementedError
 
     def token_bytes(self, token: int) -> bytes:
         self._check_id(token)
         return self._bytes[token]
+
+    def token_text(self, token: int) -> str:
+        """The token's piece as the vocabulary spells it, special tokens included (``<s>``)."""
+        raise NotImplementedError
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                            tokenize: bool = True, chat_template: str | None = None, **extra: Any) -> list[int] | str:
+        """A conversation as the prompt of an instruct model, as transformers'
+        ``apply_chat_template``: the template (``chat_template`` or this tokenizer's) rendered
+        with ``bos_token``/``eos_token`` spelt as the vocabulary spells them, then encoded
+        without an added BOS (templates write their own) and with special tokens parsed.
+        ``tokenize=False`` returns the text."""
+        from .chat import render_chat
+
+        text = render_chat(chat_template if chat_template is not None else self.chat_template, messages,
+                           add_generation_prompt=add_generation_prompt,
+                           bos_token=self.token_text(self.bos_id) if self.bos_id is not None else "",
+                           eos_token=self.token_text(self.eos_id) if self.eos_id is not None else "", **extra)
+        return self.encode(text, add_bos=False, parse_special=True) if tokenize else text
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ids (special tokens such as BOS/EOS contribute nothing)."""
@@ -92,11 +116,16 @@ class Tokenizer:
         """The tokenizer a GGUF file describes: a ``gguf.GGUFReader``, or a dict of its
         ``tokenizer.*`` metadata values (what :func:`lmdecode.loaders.read_gguf` keeps)."""
         model = _gguf_field(reader, "tokenizer.ggml.model")
+        tokenizer: Tokenizer
         if model == "llama":
-            return ScoreBPETokenizer.from_gguf(reader)
-        if model == "gpt2":
-            return ByteLevelBPETokenizer.from_gguf(reader)
-        raise ValueError(f"unsupported GGUF tokenizer model {model!r} (supported: llama, gpt2)")
+            tokenizer = ScoreBPETokenizer.from_gguf(reader)
+        elif model == "gpt2":
+            tokenizer = ByteLevelBPETokenizer.from_gguf(reader)
+        else:
+            raise ValueError(f"unsupported GGUF tokenizer model {model!r} (supported: llama, gpt2)")
+        template = _gguf_field(reader, "tokenizer.chat_template", None)
+        tokenizer.chat_template = template if isinstance(template, str) and template else None
+        return tokenizer
 
 
 # ----------------------------------------------------------------------------
@@ -182,11 +211,31 @@ class ScoreBPETokenizer(Tokenizer):
             piece = piece.replace(SPACE_MARK, " ")
         return piece.encode("utf-8", errors="surrogateescape")
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    def token_text(self, token: int) -> str:
+        self._check_id(token)
+        return self.pieces[token]
+
+    def encode(self, text: str, add_bos: bool = True, parse_special: bool = False) -> list[int]:
         self._check_text(text)
         ids = [self.bos_id] if add_bos and self.adds_bos and self.bos_id is not None else []
+        if not parse_special:
+            return ids + self._encode_plain(text)
+        # special pieces take their ids, longest first; each text run between them is encoded
+        # on its own (with its dummy prefix, as llama.cpp does after a special token)
+        specials = sorted((self.pieces[i] for i in self.special if self.pieces[i]), key=len, reverse=True)
+        at = start = 0
+        while at < len(text):
+            piece = next((p for p in specials if text.startswith(p, at)), None)
+            if piece is None:
+                at += 1
+                continue
+            ids += self._encode_plain(text[start:at]) + [self.lookup[piece]]
+            at = start = at + len(piece)
+        return ids + self._encode_plain(text[start:])
+
+    def _encode_plain(self, text: str) -> list[int]:
         if not text:
-            return ids
+            return []
         if self.space_mark:
             text = SPACE_MARK + text.replace(" ", SPACE_MARK)
         else:
@@ -201,7 +250,7 @@ class ScoreBPETokenizer(Tokenizer):
                     if b not in self.byte_ids:
                         raise ValueError(f"character {ch!r} has no token and the vocabulary has no byte fallback")
                     symbols.append(self.byte_ids[b])
-        return ids + self._merge(symbols)
+        return self._merge(symbols)
 
     def _merge(self, symbols: list[int]) -> list[int]:
         """Repeatedly merges the best-scoring adjacent pair (leftmost on ties), with a heap."""
@@ -300,7 +349,10 @@ class HFTokenizer(Tokenizer):
                 eos = cfg.get("eos_token_id", eos) if eos is None else eos
                 adds_bos = adds_bos or bool(cfg.get("add_bos_token", False))
         byte_level = '"ByteLevel"' in path.read_text()
-        return cls(backend, bos_id=bos, eos_id=eos if isinstance(eos, int) else None, adds_bos=adds_bos, byte_level=byte_level)
+        tokenizer = cls(backend, bos_id=bos, eos_id=eos if isinstance(eos, int) else None, adds_bos=adds_bos,
+                        byte_level=byte_level)
+        tokenizer.chat_template = _hf_chat_template(path.parent)
+        return tokenizer
 
     def _token_bytes(self, token: int) -> bytes:
         if token in self.special:
@@ -317,7 +369,12 @@ class HFTokenizer(Tokenizer):
             return bytes([b])
         return piece.replace(SPACE_MARK, " ").encode("utf-8")
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    def token_text(self, token: int) -> str:
+        self._check_id(token)
+        return self.backend.id_to_token(token) or ""
+
+    def encode(self, text: str, add_bos: bool = True, parse_special: bool = True) -> list[int]:
+        """As Tokenizer.encode; the tokenizers library always parses special tokens."""
         self._check_text(text)
         ids = list(self.backend.encode(text, add_special_tokens=False).ids)
         if add_bos and self.adds_bos and self.bos_id is not None:
@@ -376,6 +433,25 @@ def _gguf_field(metadata: Any, key: str, default: Any = _MISSING) -> Any:
     if default is _MISSING:
         raise ValueError(f"GGUF metadata lacks {key}")
     return default
+
+
+def _hf_chat_template(directory: Path) -> str | None:
+    """A Hugging Face directory's chat template: ``chat_template.jinja`` (what transformers
+    saves now), else ``tokenizer_config.json``'s ``chat_template`` (a string, or named
+    templates of which "default" is taken)."""
+    from .loaders import read_json_object
+
+    jinja = directory / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text(encoding="utf-8")
+    config_path = directory / "tokenizer_config.json"
+    if not config_path.exists():
+        return None
+    template = read_json_object(config_path).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
 
 
 def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer:
