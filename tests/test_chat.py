@@ -162,6 +162,10 @@ def test_generate_and_beam_search_take_conversations(stories_with_template):
     assert model.generate(conversation, **kw).prompt_tokens == ids
     hyps = model.beam_search(conversation, beam_width=2, max_new_tokens=6)
     assert hyps[0].tokens == model.beam_search(ids, beam_width=2, max_new_tokens=6)[0].tokens
+    # a reply scored after a conversation: the continuation's own tokens after the template's
+    reply = model.sequence_logprob(conversation, " there was a cat")
+    want = model.sequence_logprob(ids, model.tokenizer.encode(" there was a cat", add_bos=False))
+    assert reply.tokens == want.tokens and reply.total == pytest.approx(want.total, abs=1e-5)
 
 
 def test_cli_chat(stories_with_template, monkeypatch, capsys):

@@ -232,3 +232,43 @@ def test_beam_search_constraint_errors(stories):
         stories.beam_search(PROMPT, prefix_allowed_tokens_fn=3)
     # the model is left usable
     assert stories.beam_search(PROMPT, beam_width=2, max_new_tokens=4)[0].tokens
+
+
+# ---------------------------------------------------------------------------- properties
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_every_token_and_beam_stays_inside_what_the_function_allowed(data):
+    vocab = data.draw(st.integers(2, 12))
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    # each step's allowed set is a function of the tokens so far, drawn once per distinct prefix
+    table: dict[tuple, list[int] | None] = {}
+
+    def allowed(batch_id, input_ids):
+        key = (batch_id, tuple(int(t) for t in input_ids))
+        if key not in table:
+            table[key] = data.draw(st.one_of(st.none(), st.lists(st.integers(0, vocab - 1), min_size=1, max_size=vocab)))
+        return table[key]
+
+    step = random_step_fn(vocab)
+    sampling = data.draw(st.sampled_from([dict(temperature=0), dict(temperature=1.0), dict(temperature=0.7, top_k=3),
+                                          dict(temperature=1.3, top_p=0.8, repetition_penalty=1.3)]))
+    outs = ld.generate(step, [0], max_new_tokens=5, n=2, seed=seed, prefix_allowed_tokens_fn=allowed, **sampling)
+    for k, out in enumerate(outs):
+        tokens = [0]
+        for t in out.tokens:
+            fixed = table[(k, tuple(tokens))]
+            assert fixed is None or t in fixed
+            tokens.append(t)
+    width = data.draw(st.integers(1, 3))
+    for h in ld.beam_search(step, [0], beam_width=width, max_new_tokens=4, num_return_sequences=width,
+                            prefix_allowed_tokens_fn=allowed):
+        tokens = [0]
+        for t, lp in zip(h.tokens, h.token_logprobs):
+            fixed = table[(0, tuple(tokens))]
+            assert (fixed is None or t in fixed) or lp == -np.inf  # -inf fillers when too few are allowed
+            tokens.append(t)

@@ -140,7 +140,9 @@ class DecodingMixin:
     def sequence_logprob(self, context: Any, continuation: Any) -> SequenceScore | list[SequenceScore]:
         """log p(continuation | context) in one prefill pass over context + continuation.
 
-        context: text (encoded with BOS) or token ids; continuation: text or token ids,
+        context: text (encoded with BOS), a conversation (the chat template with the
+        assistant's turn opened: the continuation is then scored as the reply) or token ids;
+        continuation: text or token ids,
         or a list of those (the context is then prefilled once and its cache shared by
         every continuation, each scored in one pass of its own). A text continuation
         after a text context is tokenized as lm-evaluation-harness does: encode
