@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 import lmdecode as ld
@@ -236,10 +238,6 @@ def test_beam_search_constraint_errors(stories):
 
 # ---------------------------------------------------------------------------- properties
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_every_token_and_beam_stays_inside_what_the_function_allowed(data):
@@ -272,3 +270,26 @@ def test_every_token_and_beam_stays_inside_what_the_function_allowed(data):
             fixed = table[(0, tuple(tokens))]
             assert (fixed is None or t in fixed) or lp == -np.inf  # -inf fillers when too few are allowed
             tokens.append(t)
+
+
+def test_a_constraint_may_call_the_searching_model():
+    # the beam search lets go of the model while the function runs: a function that asks the
+    # same model for logits works (it used to wait forever on the model's lock). In a child
+    # process, so that a regression fails on the timeout instead of hanging the suite.
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import numpy as np, lmdecode as ld
+        m = ld.Model.load({str(MODELS / "stories260K.bin")!r})
+        prompt = {PROMPT!r}
+        def top_100(batch_id, input_ids):  # the tokens the model itself ranks highest here
+            return np.argsort(m.logits(input_ids)[-1])[-100:]
+        hyps = m.beam_search(prompt, beam_width=3, max_new_tokens=6, prefix_allowed_tokens_fn=top_100)
+        plain = m.beam_search(prompt, beam_width=3, max_new_tokens=6)
+        print(hyps[0].tokens == plain[0].tokens)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"  # the top 100 hold what plain search takes on this prompt

@@ -2054,15 +2054,19 @@ static PyTypeObject ModelDecoderType = {
 
 /* An lmd_beam_hook for model_beam_search's constraint: takes the GIL and sets every running
  * beam's allowed tokens to constraint(beam, generated tokens int64) (None or an int32 array;
- * the Python caller validates). A Python exception ends the search and stays set. */
+ * the Python caller validates). A Python exception ends the search and stays set. The model's
+ * lock is let go meanwhile, so that the function may call the same model (between steps the
+ * search keeps nothing in the model's scratch; its cache pool is its own and stays locked). */
 typedef struct {
     PyObject *constraint;
+    PyThread_type_lock model_lock;
     int raised;
 } beam_constraint;
 
 static lmd_status constrain_beams(void *ctx, lmd_beam_search *bs, lmd_error *err) {
     beam_constraint *c = ctx;
     PyGILState_STATE gil = PyGILState_Ensure();
+    PyThread_release_lock(c->model_lock);
     const int32_t n = lmd_beam_search_length(bs);
     npy_intp dims[1] = {n};
     for (int32_t b = 0; b < lmd_beam_search_width(bs) && !c->raised; b++) {
@@ -2077,6 +2081,7 @@ static lmd_status constrain_beams(void *ctx, lmd_beam_search *bs, lmd_error *err
         Py_XDECREF(allowed);
         Py_XDECREF(tokens);
     }
+    engine_lock(c->model_lock);
     PyGILState_Release(gil);
     return c->raised ? lmd_fail(err, LMD_ERR_STOPPED, "the constraint function raised") : LMD_OK;
 }
@@ -2117,7 +2122,7 @@ static PyObject *py_model_beam_search(PyObject *self, PyObject *args) {
     lmd_status st;
     int32_t peak = 0;
     signal_check check = {{0, 0}, 0};
-    beam_constraint constraint = {constraint_obj, 0};
+    beam_constraint constraint = {constraint_obj, model->lock, 0};
     timespec_get(&check.last, TIME_UTC);
     Py_BEGIN_ALLOW_THREADS;
     st = lmd_decode_beam_search_hooked(model->model, pool->pool, bs->search, PyArray_DATA(prompt),
