@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import heapq
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -155,6 +156,7 @@ class ScoreBPETokenizer(Tokenizer):
         self.space_mark = space_mark  # GGUF/sentencepiece pieces spell spaces as U+2581
         self.strips_leading_space_after_bos = True
         self.special = special or set()
+        self._special_regex: re.Pattern[str] | None = None  # built on the first encode(parse_special=True)
         self.lookup: dict[str, int] = {}
         for i, p in enumerate(pieces):
             self.lookup.setdefault(p, i)
@@ -220,18 +222,19 @@ class ScoreBPETokenizer(Tokenizer):
         ids = [self.bos_id] if add_bos and self.adds_bos and self.bos_id is not None else []
         if not parse_special:
             return ids + self._encode_plain(text)
-        # special pieces take their ids, longest first; each text run between them is encoded
-        # on its own (with its dummy prefix, as llama.cpp does after a special token)
-        specials = sorted((self.pieces[i] for i in self.special if self.pieces[i]), key=len, reverse=True)
-        at = start = 0
-        while at < len(text):
-            piece = next((p for p in specials if text.startswith(p, at)), None)
-            if piece is None:
-                at += 1
-                continue
-            ids += self._encode_plain(text[start:at]) + [self.lookup[piece]]
-            at = start = at + len(piece)
+        # special pieces take their ids, the longest where several match; each text run between
+        # them is encoded on its own (with its dummy prefix, as llama.cpp does after a special token)
+        start = 0
+        for match in self._special_pattern().finditer(text):
+            ids += self._encode_plain(text[start:match.start()]) + [self.lookup[match.group()]]
+            start = match.end()
         return ids + self._encode_plain(text[start:])
+
+    def _special_pattern(self) -> "re.Pattern[str]":
+        if self._special_regex is None:
+            pieces = sorted({self.pieces[i] for i in self.special if self.pieces[i]}, key=len, reverse=True)
+            self._special_regex = re.compile("|".join(map(re.escape, pieces)) if pieces else "(?!)")
+        return self._special_regex
 
     def _encode_plain(self, text: str) -> list[int]:
         if not text:
