@@ -175,6 +175,9 @@ def test_cli_chat(stories_with_template, monkeypatch, capsys):
     conversation = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Once upon a time"}]
     want = stories_with_template.generate(conversation, max_new_tokens=10, temperature=0).text
     assert capsys.readouterr().out == want + "\n"  # the reply alone
+    assert cli.main(["generate", "--model", "stories", "--chat", "--system", "Be kind.", "--temperature", "0",
+                     "--max-new-tokens", "10", "Once upon a time"]) == 0
+    assert capsys.readouterr().out == want + "\n"  # streamed alike
     assert cli.main(["generate", "--model", "stories", "--system", "x", "hi"]) == 1
     assert "--system needs --chat" in capsys.readouterr().err
 
