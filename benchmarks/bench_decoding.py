@@ -118,13 +118,14 @@ def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int, dr
 
     # beam search: time per step against a greedy step, and the KV the beams hold
     width, n_beam = 4, max(8, n_new // 2)
-    t_beam = median_time(lambda: model.beam_search(prompt, beam_width=width, max_new_tokens=n_beam, early_stopping="never", eos_token_id=[]), reps)
-    t_greedy = median_time(lambda: model.generate(prompt, max_new_tokens=n_beam, temperature=0, stop_token_ids=[]), reps)
+    t_beam, t_greedy = interleaved_median_times(
+        [lambda: model.beam_search(prompt, beam_width=width, max_new_tokens=n_beam, early_stopping="never", eos_token_id=[]),
+         lambda: model.generate(prompt, max_new_tokens=n_beam, temperature=0, stop_token_ids=[])], reps)
     kv_positions = model._beam_search_in_c(
         ld._core.BeamSearch(width, model.config.vocab_size, n_beam, 1, 1.0, 2, []), prompt, width, n_beam)
     kv_bytes = kv_positions * model.config.n_layers * model.config.n_kv_heads * model.config.head_dim * 2 * 4
     print(f"beam search width {width}: {t_beam / n_beam * 1e3:.2f} ms/step vs greedy {t_greedy / n_beam * 1e3:.2f} ms/step "
-          f"({t_beam / t_greedy:.2f} x); peak KV held by the beams {kv_bytes / 1e6:.2f} MB")
+          f"({t_beam / t_greedy:.2f} x, interleaved); peak KV held by the beams {kv_bytes / 1e6:.2f} MB")
     if hf is not None:
         ids = torch.tensor([prompt])
         t_hf_beam = median_time(lambda: hf.generate(ids, num_beams=width, do_sample=False, max_new_tokens=n_beam,
@@ -135,14 +136,25 @@ def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int, dr
     # model drafts, and the model drafts for itself (every proposal kept: the mechanism's cost)
     if draft is not None:
         k = 4
-        print(f"speculative greedy, {k} draft tokens a round (same tokens as plain greedy):")
+        print(f"speculative decoding, {k} draft tokens a round (greedy rows: the same tokens as plain greedy):")
+        plain_greedy = dict(max_new_tokens=n_new, temperature=0, stop_token_ids=[])
         for label, drafter in (("q8_0 copy drafts", draft), ("model drafts for itself", model)):
-            t_spec = median_time(lambda: model.generate(prompt, max_new_tokens=n_new, temperature=0, stop_token_ids=[],
-                                                        draft_model=drafter, num_draft_tokens=k), reps)
-            out = model.generate(prompt, max_new_tokens=n_new, temperature=0, stop_token_ids=[], draft_model=drafter,
-                                 num_draft_tokens=k)
-            print(f"  {label:26}{n_new / t_spec:>10.1f} tok/s   ({(n_new / t_spec) / greedy:.2f} x plain greedy; "
+            t_plain, t_spec = interleaved_median_times(
+                [lambda: model.generate(prompt, **plain_greedy),
+                 lambda: model.generate(prompt, draft_model=drafter, num_draft_tokens=k, **plain_greedy)], reps)
+            out = model.generate(prompt, draft_model=drafter, num_draft_tokens=k, **plain_greedy)
+            print(f"  {label:26}{n_new / t_spec:>10.1f} tok/s   ({t_plain / t_spec:.2f} x plain greedy, interleaved; "
                   f"{out.draft_tokens_accepted}/{out.draft_tokens_proposed} proposals kept)")
+        # sampling (temperature 0.8, top-p 0.9): the same distribution as plain sampling, other
+        # tokens; rejected proposals cost a draw from the residual distribution. Interleaved.
+        sampled = dict(max_new_tokens=n_new, temperature=0.8, top_p=0.9, seed=0, stop_token_ids=[])
+        t_plain_sampled, t_spec_sampled = interleaved_median_times(
+            [lambda: model.generate(prompt, **sampled),
+             lambda: model.generate(prompt, draft_model=draft, num_draft_tokens=k, **sampled)], reps)
+        out = model.generate(prompt, draft_model=draft, num_draft_tokens=k, **sampled)
+        print(f"  {'q8_0 copy, sampling':26}{n_new / t_spec_sampled:>10.1f} tok/s   "
+              f"({t_plain_sampled / t_spec_sampled:.2f} x plain sampling, temperature 0.8 top-p 0.9, interleaved; "
+              f"{out.draft_tokens_accepted}/{out.draft_tokens_proposed} proposals kept)")
         if hf is not None:
             ids = torch.tensor([prompt])
             t_hf_plain = median_time(lambda: hf.generate(ids, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0), max(1, reps // 2))
