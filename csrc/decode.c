@@ -25,6 +25,7 @@ struct lmd_decode_run {
     int32_t *token_seq;   /* same size: index into batch of each token */
     int32_t *logit_index; /* (n,) */
     int32_t *leader;      /* (n,) the sequence whose prefilled cache k shares (k for a leader) */
+    lmd_kvseq **given;    /* (n,) lmd_decode_run_use_cache's caller-owned caches, or NULL */
     /* contrastive decoding (lmd_decode_run_set_amateur), NULL/0 otherwise: the amateur sees
      * every token the model sees, in caches of its own pool */
     lmd_model *amateur;
@@ -37,9 +38,15 @@ struct lmd_decode_run {
     float *masked_logits;     /* (n, V) the model's logits with the generator's masks */
 };
 
+/* Lets go of sequence k's cache: frees it, unless the caller gave it (lmd_decode_run_use_cache). */
+static void drop_cache(lmd_decode_run *run, int32_t k) {
+    if (run->seqs[k] != run->given[k]) lmd_kvseq_free(run->seqs[k]);
+    run->seqs[k] = NULL;
+}
+
 void lmd_decode_run_free(lmd_decode_run *run) {
     if (run == NULL) return;
-    for (int32_t k = 0; run->seqs != NULL && k < run->n; k++) lmd_kvseq_free(run->seqs[k]);
+    for (int32_t k = 0; run->seqs != NULL && run->given != NULL && k < run->n; k++) drop_cache(run, k);
     free(run->seqs);
     free(run->logits);
     free(run->ids);
@@ -48,6 +55,7 @@ void lmd_decode_run_free(lmd_decode_run *run) {
     free(run->token_seq);
     free(run->logit_index);
     free(run->leader);
+    free(run->given);
     for (int32_t k = 0; run->amateur_seqs != NULL && k < run->n; k++) lmd_kvseq_free(run->amateur_seqs[k]);
     free(run->amateur_seqs);
     free(run->amateur_batch);
@@ -61,6 +69,9 @@ lmd_status lmd_decode_run_set_amateur(lmd_decode_run *run, lmd_model *amateur, l
                                       double alpha, double amateur_temperature, lmd_error *err) {
     if (run->prefilled || run->amateur != NULL)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "the amateur must be set once, before the first step");
+    for (int32_t k = 0; k < run->n; k++)
+        if (run->given[k] != NULL)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "an amateur does not combine with a given cache");
     if (amateur == NULL || amateur_pool == NULL || amateur_pool == run->pool)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "the amateur needs a model and a pool of its own");
     if (amateur->config.vocab_size != run->vocab)
@@ -80,6 +91,30 @@ lmd_status lmd_decode_run_set_amateur(lmd_decode_run *run, lmd_model *amateur, l
     run->amateur_pool = amateur_pool;
     run->alpha = alpha;
     run->amateur_temperature = amateur_temperature;
+    return LMD_OK;
+}
+
+lmd_status lmd_decode_run_use_cache(lmd_decode_run *run, int32_t k, lmd_kvseq *cache, lmd_error *err) {
+    if (run->prefilled)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "a cache must be given before the first step");
+    if (run->amateur != NULL)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "a given cache does not combine with an amateur");
+    if (k < 0 || k >= run->n)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "sequence %d is outside [0, %d)", k, run->n);
+    if (cache == NULL || cache->pool != run->pool)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "the cache of sequence %d must belong to the run's pool", k);
+    for (int32_t j = 0; j < run->n; j++)
+        if (j != k && run->given[j] == cache)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "one cache is given to sequences %d and %d", j, k);
+    const int32_t prompt_len = lmd_generator_prompt_length(run->gen, k);
+    if (cache->len >= prompt_len)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG,
+                        "the cache of sequence %d holds %d positions but its prompt has %d tokens: at least one "
+                        "must be left to feed", k, cache->len, prompt_len);
+    if (cache->max_len < run->model->config.context_length)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "the cache of sequence %d may hold %d positions, fewer than the "
+                        "context length %d", k, cache->max_len, run->model->config.context_length);
+    run->given[k] = cache;
     return LMD_OK;
 }
 
@@ -139,8 +174,9 @@ lmd_status lmd_decode_run_init(lmd_decode_run **out, lmd_model *model, lmd_kvpoo
     run->token_seq = malloc(token_slots * sizeof *run->token_seq);
     run->logit_index = malloc(N * sizeof *run->logit_index);
     run->leader = malloc(N * sizeof *run->leader);
+    run->given = calloc(N, sizeof *run->given);
     if (!run->seqs || !run->logits || !run->ids || !run->batch || !run->tokens ||
-        !run->token_seq || !run->logit_index || !run->leader) {
+        !run->token_seq || !run->logit_index || !run->leader || !run->given) {
         lmd_decode_run_free(run);
         return lmd_fail(err, LMD_ERR_NOMEM, "out of memory for %d sequences", n);
     }
@@ -154,12 +190,12 @@ static int same_prompt(const lmd_generator *g, int32_t a, int32_t b) {
                                     (size_t)len_a * sizeof(int32_t)) == 0;
 }
 
-/* Frees the caches of sequences that have finished, returning their blocks to the pool. */
+/* Frees the caches of sequences that have finished, returning their blocks to the pool (a
+ * given cache stays the caller's). */
 static void release_finished(lmd_decode_run *run) {
     for (int32_t k = 0; k < run->n; k++)
         if (run->seqs[k] != NULL && lmd_generator_finish_reason(run->gen, k) != LMD_RUNNING) {
-            lmd_kvseq_free(run->seqs[k]);
-            run->seqs[k] = NULL;
+            drop_cache(run, k);
             if (run->amateur_seqs != NULL) {
                 lmd_kvseq_free(run->amateur_seqs[k]);
                 run->amateur_seqs[k] = NULL;
@@ -174,10 +210,10 @@ static lmd_status prefill(lmd_decode_run *run, int32_t R, lmd_error *err) {
     lmd_status st;
     const int32_t V = run->vocab, L = run->model->config.context_length;
     int32_t n_leaders = 0, n_tokens = 0;
-    /* caches left by an earlier call whose prefill failed (e.g. a full pool) */
+    /* caches left by an earlier call whose prefill failed (e.g. a full pool; a given cache
+     * is as it was, lmd_model_forward having failed before writing) */
     for (int32_t k = 0; k < run->n; k++) {
-        lmd_kvseq_free(run->seqs[k]);
-        run->seqs[k] = NULL;
+        drop_cache(run, k);
         if (run->amateur_seqs != NULL) {
             lmd_kvseq_free(run->amateur_seqs[k]);
             run->amateur_seqs[k] = NULL;
@@ -185,19 +221,22 @@ static lmd_status prefill(lmd_decode_run *run, int32_t R, lmd_error *err) {
     }
     for (int32_t i = 0; i < R; i++) {
         int32_t k = run->ids[i];
-        if (i > 0 && same_prompt(run->gen, k, run->ids[i - 1])) {
+        if (i > 0 && run->given[k] == NULL && same_prompt(run->gen, k, run->ids[i - 1])) {
             run->leader[i] = run->leader[i - 1];
             continue;
         }
         run->leader[i] = i;
-        if ((st = lmd_kvseq_init(&run->seqs[k], run->pool, L, err))) return st;
+        if (run->given[k] != NULL)
+            run->seqs[k] = run->given[k]; /* its cached positions are not fed again */
+        else if ((st = lmd_kvseq_init(&run->seqs[k], run->pool, L, err)))
+            return st;
         if (run->amateur != NULL) {
             if ((st = lmd_kvseq_init(&run->amateur_seqs[k], run->amateur_pool, run->amateur->config.context_length, err)))
                 return st;
             run->amateur_batch[n_leaders] = run->amateur_seqs[k];
         }
-        int32_t len = lmd_generator_prompt_length(run->gen, k);
-        memcpy(run->tokens + n_tokens, lmd_generator_tokens(run->gen, k, NULL),
+        const int32_t cached = run->seqs[k]->len, len = lmd_generator_prompt_length(run->gen, k) - cached;
+        memcpy(run->tokens + n_tokens, lmd_generator_tokens(run->gen, k, NULL) + cached,
                (size_t)len * sizeof(int32_t));
         for (int32_t t = 0; t < len; t++) run->token_seq[n_tokens + t] = n_leaders;
         n_tokens += len;

@@ -43,6 +43,17 @@ void lmd_decode_run_free(lmd_decode_run *run); /* safe on NULL */
 lmd_status lmd_decode_run_set_amateur(lmd_decode_run *run, lmd_model *amateur, lmd_kvpool *amateur_pool,
                                       double alpha, double amateur_temperature, lmd_error *err);
 
+/*
+ * Prompt caching across runs (llama.cpp's cache_prompt): sequence k decodes in `cache`, a
+ * sequence of the run's pool that the caller owns and that already holds the keys and values
+ * of the first cache->len tokens of k's prompt (fewer than the prompt has: the first step
+ * feeds the rest). The run neither frees nor forks it away: when the run ends, `cache` holds
+ * every token of k but the last, ready for a later run that continues the same text. The
+ * caller keeps it alive until the run is freed and must not touch it meanwhile. Set before
+ * the first step; not with an amateur.
+ */
+lmd_status lmd_decode_run_use_cache(lmd_decode_run *run, int32_t k, lmd_kvseq *cache, lmd_error *err);
+
 /* Asked between the steps of a long loop: nonzero stops it (the caller's interrupt). */
 typedef int (*lmd_stop_check)(void *ctx);
 

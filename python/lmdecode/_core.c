@@ -1849,10 +1849,12 @@ typedef struct {
     GeneratorObject *generator;
     EngineModelObject *amateur; /* contrastive decoding, or NULL */
     EngineKVPoolObject *amateur_pool;
+    PyObject *given_caches;     /* list of the KVSeq objects use_cache gave the run (it borrows them) */
 } ModelDecoderObject;
 
 static void ModelDecoder_dealloc(ModelDecoderObject *self) {
     lmd_decode_run_free(self->run); /* frees its sequences before the pool can go */
+    Py_XDECREF(self->given_caches);
     Py_XDECREF(self->model);
     Py_XDECREF(self->pool);
     Py_XDECREF(self->generator);
@@ -1891,6 +1893,7 @@ static int ModelDecoder_init(ModelDecoderObject *self, PyObject *args, PyObject 
     }
     lmd_decode_run_free(self->run);
     self->run = run;
+    Py_CLEAR(self->given_caches); /* the old run's */
     Py_INCREF(model);
     Py_INCREF(pool);
     Py_INCREF(generator);
@@ -2036,8 +2039,35 @@ static PyObject *ModelDecoder_steps(ModelDecoderObject *self, PyObject *arg) {
                       self->amateur, self->amateur_pool, (size_t)self->generator->n_seqs);
 }
 
+/* use_cache(k, cache: KVSeq): sequence k decodes in `cache` (lmd_decode_run_use_cache), which
+ * holds the first cache.len tokens of its prompt and is left holding all its tokens but the
+ * last; the decoder keeps a reference to it */
+static PyObject *ModelDecoder_use_cache(ModelDecoderObject *self, PyObject *args) {
+    int k;
+    EngineKVSeqObject *cache;
+    if (!PyArg_ParseTuple(args, "iO!", &k, &EngineKVSeqType, &cache)) return NULL;
+    if (self->run == NULL || cache->seq == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ModelDecoder and cache must be initialized");
+        return NULL;
+    }
+    if (cache->pool != self->pool) {
+        PyErr_SetString(PyExc_ValueError, "the cache must belong to the decoder's pool");
+        return NULL;
+    }
+    if (self->given_caches == NULL && (self->given_caches = PyList_New(0)) == NULL) return NULL;
+    engine_lock(self->pool->lock);
+    lmd_error err;
+    lmd_status st = lmd_decode_run_use_cache(self->run, k, cache->seq, &err);
+    PyThread_release_lock(self->pool->lock);
+    if (st != LMD_OK) return raise_status(st, &err);
+    if (PyList_Append(self->given_caches, (PyObject *)cache) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef ModelDecoder_methods[] = {
     {"steps", (PyCFunction)ModelDecoder_steps, METH_O, "Run up to max_steps decoding steps in C."},
+    {"use_cache", (PyCFunction)ModelDecoder_use_cache, METH_VARARGS,
+     "use_cache(k, cache): sequence k decodes in a KVSeq of the decoder's pool that holds a prefix of its prompt."},
     {NULL, NULL, 0, NULL},
 };
 

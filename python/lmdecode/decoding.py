@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,6 +109,47 @@ class DecodingMixin:
             return _core.ModelDecoder(self._engine, pool, generator)
         return _core.ModelDecoder(self._engine, pool, generator, amateur._engine,
                                   amateur._run_pool(prompts, max_new_tokens), alpha, amateur_temperature)
+
+    # ------------------------------------------------------------------ prompt cache across calls
+
+    def _take_prompt_cache(self):
+        """(pool, KVSeq, tokens it holds) for a generate(cache_prompt=True) call, or None while
+        another call uses the cache (that call then decodes without it). The KVSeq holds the keys
+        and values of the first KVSeq.len of `tokens`; give it back with _return_prompt_cache."""
+        if not hasattr(self, "_prompt_cache_lock"):
+            self._prompt_cache_lock = threading.Lock()
+            self._prompt_cache = None
+        if not self._prompt_cache_lock.acquire(blocking=False):
+            return None
+        if self._prompt_cache is None:
+            # one sequence's positions up to the context length (and a block for copy-on-write)
+            pool = self._pool(self.config.context_length + _BLOCK)
+            self._prompt_cache = (pool, _core.KVSeq(pool, self.config.context_length), lambda: [])
+        pool, seq, tokens = self._prompt_cache
+        return pool, seq, tokens()
+
+    def _return_prompt_cache(self, entry, tokens_fn) -> None:
+        """Ends the use of _take_prompt_cache's entry: tokens_fn() gives the tokens its KVSeq now
+        holds (a prefix of them), or tokens_fn is None when the call failed (the cache is dropped)."""
+        pool, seq, _ = entry
+        self._prompt_cache = (pool, seq, tokens_fn) if tokens_fn is not None else None
+        self._prompt_cache_lock.release()
+
+    def _cached_decoder(self, generator, prompt: list[int], entry):
+        """The C loop for one sequence decoding in the prompt cache `entry`: the cache keeps the
+        longest prefix it shares with `prompt` (all of the prompt but its last token at most) and
+        the first step feeds the rest. Returns (decoder, number of prompt tokens reused)."""
+        pool, seq, tokens = entry
+        common = 0
+        for a, b in zip(prompt, tokens[:seq.len]):
+            if a != b:
+                break
+            common += 1
+        reused = min(common, len(prompt) - 1)
+        seq.truncate(reused)
+        decoder = _core.ModelDecoder(self._engine, pool, generator)
+        decoder.use_cache(0, seq)
+        return decoder, reused
 
     def _speculative_decoder(self, draft, generator, prompts: list[list[int]], max_new_tokens: int, n_draft: int):
         """The C speculative loop: this model verifies what `draft` proposes (a pool each)."""

@@ -59,6 +59,8 @@ class Generation:
     # speculative decoding (draft_model=...): draft tokens proposed and kept; None otherwise
     draft_tokens_proposed: int | None = field(default=None, repr=False)
     draft_tokens_accepted: int | None = field(default=None, repr=False)
+    # cache_prompt=True: prompt tokens whose keys and values came from the model's prompt cache
+    cached_prompt_tokens: int | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ class _Run:
             raise TypeError(f"unknown keyword(s): {', '.join(sorted(unknown))}")
         self.tokenizer = tokenizer
         self.speculative = None  # the C speculative loop, whose counts the results report
+        self.cached_prompt_tokens: int | None = None  # cache_prompt=True: prompt tokens reused
         self.stop = stop
         self.stop_ids = set(int(t) for t in stop_ids)
         self.n_seqs = len(prompts) * n
@@ -224,7 +227,8 @@ class _Run:
         top = [{int(i): float(v) for i, v in zip(ids, vals)} for ids, vals in zip(top_ids, top_lps)]
         return Generation(tokens=new, text=text, token_logprobs=[float(x) for x in lps], top_logprobs=top,
                           finish_reason=reason or "length", prompt_tokens=[int(t) for t in tokens[:prompt_len]],
-                          draft_tokens_proposed=proposed, draft_tokens_accepted=accepted)
+                          draft_tokens_proposed=proposed, draft_tokens_accepted=accepted,
+                          cached_prompt_tokens=self.cached_prompt_tokens)
 
 
 def _step_fn_logits(step_fn: Callable[[np.ndarray], Any], run: _Run, running: np.ndarray, vocab: int) -> np.ndarray:
@@ -257,6 +261,7 @@ def generate(
     contrastive_alpha: float = 0.1,
     amateur_temperature: float = 1.0,
     prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None = None,
+    cache_prompt: bool = False,
     **sampling: Any,
 ):
     """Generates from an lmdecode model or ``step_fn(tokens: int64 array) -> (V,) logits``.
@@ -294,6 +299,13 @@ def generate(
     renormalized over the allowed ones before the rest of the sampling chain. Not with
     ``draft_model`` or ``allowed_tokens``; the loop over a model then returns to Python
     once per step to call it.
+
+    ``cache_prompt=True`` (one prompt, ``n=1``, an lmdecode model; llama.cpp's option of that
+    name) keeps the sequence's keys and values in the model when the call ends, and a later
+    ``cache_prompt`` call whose prompt starts with the same tokens (the next turn of a chat:
+    the previous prompt, the reply, the new message) feeds only the rest.
+    ``Generation.cached_prompt_tokens`` says how many prompt tokens were reused. The output is
+    the same as without it, bit for bit.
     """
     max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 0)
     min_new_tokens = _check_count("min_new_tokens", min_new_tokens, 0)
@@ -327,11 +339,18 @@ def generate(
                              "would each need the function's answer)")
         if sampling.get("allowed_tokens") is not None:
             raise ValueError("give allowed_tokens or prefix_allowed_tokens_fn, not both")
+    if cache_prompt:
+        if model is None:
+            raise TypeError("cache_prompt needs an lmdecode Model (its keys and values are what is kept)")
+        if draft_model is not None or amateur_model is not None:
+            raise ValueError("cache_prompt does not combine with draft_model or amateur_model")
     if model is None and not callable(model_or_step_fn):
         raise TypeError(f"model_or_step_fn must be an lmdecode Model or a callable, got {type(model_or_step_fn).__name__}")
     if tokenizer is None and model is not None:
         tokenizer = model.tokenizer
     prompts, single = _prompts(prompt, tokenizer)
+    if cache_prompt and (len(prompts) != 1 or n != 1):
+        raise ValueError("cache_prompt keeps one sequence's cache: give one prompt and n=1")
     if model is not None:
         model._check_prompt_lengths(prompts)
         vocab = model.config.vocab_size
@@ -349,6 +368,7 @@ def generate(
                stop_ids=_stop_ids(stop_token_ids, default_eos), stop=_stop_strings(stop), logprobs=logprobs,
                tokenizer=tokenizer, sampling=sampling, dynamic_allowed=prefix_allowed_tokens_fn is not None)
 
+    finish: Callable[[bool], None] | None = None  # cache_prompt: gives the model's prompt cache back
     if model is not None and draft_model is not None:  # the whole speculative loop runs in C
         run.speculative = model._speculative_decoder(draft_model, run.gen, run.prompts, max_new_tokens, num_draft_tokens)
 
@@ -358,13 +378,26 @@ def generate(
         if not stream:
             run.speculative.rounds(_ALL_STEPS)
     elif model is not None:  # the whole loop runs in C
-        decoder = model._decoder(run.gen, run.prompts, max_new_tokens, amateur=amateur_model, alpha=contrastive_alpha,
-                                 amateur_temperature=amateur_temperature)
+        entry = model._take_prompt_cache() if cache_prompt else None  # None: busy in another call
+        if entry is not None:
+            try:
+                decoder, run.cached_prompt_tokens = model._cached_decoder(run.gen, run.prompts[0], entry)
+            except BaseException:
+                model._return_prompt_cache(entry, None)
+                raise
+
+            def finish(failed: bool) -> None:  # hands the cache back: it now holds this call's tokens
+                model._return_prompt_cache(entry, None if failed else lambda: [int(t) for t in run.gen.result(0)[0]])
+        else:
+            decoder = model._decoder(run.gen, run.prompts, max_new_tokens, amateur=amateur_model, alpha=contrastive_alpha,
+                                     amateur_temperature=amateur_temperature)
+            if cache_prompt:
+                run.cached_prompt_tokens = 0
 
         def advance() -> tuple[np.ndarray, np.ndarray]:
             return decoder.steps(1)
 
-        if not stream and prefix_allowed_tokens_fn is None:
+        if not stream and prefix_allowed_tokens_fn is None and finish is None:
             decoder.steps(_ALL_STEPS)
     elif amateur_model is not None:
 
@@ -396,11 +429,31 @@ def generate(
         shaped = [group[0] if n == 1 else group for group in per_prompt]
         return shaped[0] if single else shaped
 
+    if finish is not None:  # the prompt cache goes back when the run ends, or is dropped if it fails
+        if stream:
+            return _finally(_stream(run, advance), run, finish)
+        try:
+            while not run.gen.done:
+                advance()
+        except BaseException:
+            finish(True)
+            raise
+        finish(False)
+        return results()
     if stream:
         return _stream(run, advance)
     while not run.gen.done:
         advance()
     return results()
+
+
+def _finally(chunks: Iterator[GenerationChunk], run: _Run, finish: Callable[[bool], None]) -> Iterator[GenerationChunk]:
+    """The stream, then finish(failed) once it ends: failed unless every sequence completed
+    (an abandoned or failed stream drops the prompt cache)."""
+    try:
+        yield from chunks
+    finally:
+        finish(not run.gen.done)
 
 
 def _constrain_next_step(run: _Run, fn: Callable[[int, np.ndarray], Any], vocab: int) -> None:

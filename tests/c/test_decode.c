@@ -630,6 +630,69 @@ static void test_speculative_shares_prompts(void) {
     tiny_close(&t, m);
 }
 
+/* A cache the caller gives (lmd_decode_run_use_cache) holding the first tokens of the prompt:
+ * the run feeds only the rest, decodes exactly as a fresh run, and leaves the cache (not
+ * freed) holding every token but the last. */
+static void test_given_cache(void) {
+    tiny_spec spec = tiny_llama_spec();
+    tiny_model t;
+    lmd_model *m = tiny_open(&t, &spec, 16);
+    const int V = t.config.vocab_size;
+    lmd_kvpool *pool = tiny_pool(&t, 4, 64), *other = tiny_pool(&t, 4, 64);
+    lmd_sampler *sampler;
+    lmd_error err;
+    CHECK(lmd_sampler_init(&sampler, V, &err) == LMD_OK);
+    lmd_sampling_params params;
+    lmd_sampling_params_default(&params);
+    params.temperature = 0.9;
+    const int32_t p[7] = {1, 9, 8, 7, 6, 5, 4};
+    prompt_set ps = {{0}, {0}, 0};
+    add_prompt(&ps, p, 7);
+    enum { NEW = 6 };
+    lmd_generator *plain = new_generator(&ps, V, NEW, &params, 5, NULL, 0);
+    lmd_decode_run *run;
+    CHECK(lmd_decode_run_init(&run, m, pool, plain, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
+    lmd_decode_run_free(run);
+
+    lmd_kvseq *cache = tiny_seq(pool, t.config.context_length);
+    float *logits = malloc((size_t)4 * V * sizeof(float));
+    CHECK(tiny_run(m, cache, p, 4, logits, &err) == LMD_OK); /* the first 4 prompt tokens */
+    lmd_generator *fast = new_generator(&ps, V, NEW, &params, 5, NULL, 0);
+    CHECK(lmd_decode_run_init(&run, m, pool, fast, &err) == LMD_OK);
+    lmd_kvseq *foreign = tiny_seq(other, t.config.context_length);
+    CHECK(lmd_decode_run_use_cache(run, 0, foreign, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "run's pool");
+    CHECK(lmd_decode_run_use_cache(run, 1, cache, &err) == LMD_ERR_INVALID_ARG);
+    CHECK(lmd_decode_run_use_cache(run, 0, cache, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
+    int32_t len_plain, len_fast;
+    const int32_t *want = lmd_generator_tokens(plain, 0, &len_plain);
+    const int32_t *got = lmd_generator_tokens(fast, 0, &len_fast);
+    CHECK(len_plain == len_fast && memcmp(want, got, (size_t)len_plain * sizeof(int32_t)) == 0);
+    CHECK(memcmp(lmd_generator_token_logprobs(plain, 0), lmd_generator_token_logprobs(fast, 0),
+                 NEW * sizeof(float)) == 0);
+    lmd_decode_run_free(run);
+    CHECK(cache->len == 7 + NEW - 1 && !pool_full(pool)); /* the caller's, still holding its blocks */
+    /* a cache holding the whole prompt leaves nothing to feed */
+    lmd_generator *again = new_generator(&ps, V, NEW, &params, 5, NULL, 0);
+    CHECK(lmd_decode_run_init(&run, m, pool, again, &err) == LMD_OK);
+    CHECK(lmd_decode_run_use_cache(run, 0, cache, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "at least one must be left to feed");
+    lmd_decode_run_free(run);
+    lmd_kvseq_free(cache);
+    lmd_kvseq_free(foreign);
+    CHECK(pool_full(pool) && pool_full(other));
+    free(logits);
+    lmd_generator_free(plain);
+    lmd_generator_free(fast);
+    lmd_generator_free(again);
+    lmd_sampler_free(sampler);
+    lmd_kvpool_free(pool);
+    lmd_kvpool_free(other);
+    tiny_close(&t, m);
+}
+
 int main(void) {
     test_greedy_equals_argmax_chain();
     test_shared_prompts_equal_each_alone();
@@ -638,5 +701,6 @@ int main(void) {
     test_beam_search();
     test_speculative_greedy_equals_greedy();
     test_speculative_shares_prompts();
+    test_given_cache();
     return test_report("test_decode");
 }

@@ -1,0 +1,100 @@
+"""generate(cache_prompt=True): the model keeps the last call's keys and values, and a call
+whose prompt continues that text feeds only the rest, with the same output bit for bit as
+without the cache; an abandoned stream or a busy cache never corrupts it."""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lmdecode as ld
+
+MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+PROMPT = [1, 403, 407, 261, 378]  # BOS "Once upon a time" in stories260K's vocabulary
+
+
+@pytest.fixture
+def stories():
+    return ld.Model.load(MODELS / "stories260K.bin")
+
+
+def same(a, b):
+    assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+    np.testing.assert_array_equal(a.token_logprobs, b.token_logprobs)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, top_p=0.95, seed=3)])
+def test_turns_reuse_the_cache_and_decode_as_without_it(stories, sampling):
+    plain = ld.Model.load(MODELS / "stories260K.bin")
+    prompt = list(PROMPT)
+    for turn in range(4):
+        got = stories.generate(prompt, max_new_tokens=12, stop_token_ids=[], cache_prompt=True, **sampling)
+        same(got, plain.generate(prompt, max_new_tokens=12, stop_token_ids=[], **sampling))
+        # the cache holds the last prompt and all its reply but the last token
+        assert got.cached_prompt_tokens == (0 if turn == 0 else previous_len + 12 - 1)
+        previous_len = len(prompt)
+        prompt = prompt + got.tokens + [13, 403]  # the next "turn": the reply, then more text
+    assert plain.generate(PROMPT, max_new_tokens=3).cached_prompt_tokens is None
+
+
+def test_the_longest_shared_prefix_is_kept(stories):
+    stories.generate(PROMPT + [407, 261], max_new_tokens=5, temperature=0, cache_prompt=True)
+    # diverges after 3 tokens: those 3 are reused
+    out = stories.generate(PROMPT[:3] + [500, 501, 502], max_new_tokens=5, temperature=0, cache_prompt=True)
+    assert out.cached_prompt_tokens == 3
+    same(out, stories.generate(PROMPT[:3] + [500, 501, 502], max_new_tokens=5, temperature=0))
+    # the same prompt again: all of it but the last token (which must be fed for its logits)
+    again = stories.generate(PROMPT[:3] + [500, 501, 502], max_new_tokens=5, temperature=0, cache_prompt=True)
+    assert again.cached_prompt_tokens == 5
+    same(again, out)
+    # a chat conversation goes through it too
+    stories.tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    chat = [{"role": "user", "content": "Once upon a time"}]
+    first = stories.generate(chat, max_new_tokens=6, temperature=0, cache_prompt=True)
+    second = stories.generate(chat + [{"role": "assistant", "content": "there was"}], max_new_tokens=6,
+                              temperature=0, cache_prompt=True)
+    assert second.cached_prompt_tokens > len(first.prompt_tokens) // 2
+
+
+def test_streams_hand_the_cache_back_at_their_end(stories):
+    chunks = list(stories.generate(PROMPT, max_new_tokens=8, temperature=0, stream=True, cache_prompt=True))
+    tokens = [c.token for c in chunks]
+    out = stories.generate(PROMPT + tokens, max_new_tokens=4, temperature=0, cache_prompt=True)
+    assert out.cached_prompt_tokens == len(PROMPT) + 8 - 1
+    # an abandoned stream keeps the cache busy: a call meanwhile decodes without it, rightly
+    stream = stories.generate(PROMPT, max_new_tokens=8, temperature=0, stream=True, cache_prompt=True)
+    next(stream)
+    busy = stories.generate(PROMPT + tokens, max_new_tokens=4, temperature=0, cache_prompt=True)
+    assert busy.cached_prompt_tokens == 0
+    same(busy, out)
+    # once the stream is gone the cache is dropped (its run never ended), then built again
+    del stream
+    gc.collect()
+    assert stories.generate(PROMPT, max_new_tokens=4, temperature=0, cache_prompt=True).cached_prompt_tokens == 0
+    assert stories.generate(PROMPT, max_new_tokens=4, temperature=0, cache_prompt=True).cached_prompt_tokens == 4
+
+
+def test_a_failed_call_drops_the_cache(stories):
+    stories.generate(PROMPT, max_new_tokens=4, temperature=0, cache_prompt=True)
+
+    def interrupted(batch_id, input_ids):
+        raise KeyError("stop here")
+
+    with pytest.raises(KeyError, match="stop here"):
+        stories.generate(PROMPT, max_new_tokens=4, cache_prompt=True, prefix_allowed_tokens_fn=interrupted)
+    out = stories.generate(PROMPT, max_new_tokens=4, temperature=0, cache_prompt=True)
+    assert out.cached_prompt_tokens == 0
+    same(out, stories.generate(PROMPT, max_new_tokens=4, temperature=0))
+
+
+def test_bad_arguments(stories):
+    with pytest.raises(ValueError, match="one prompt and n=1"):
+        stories.generate(PROMPT, n=2, cache_prompt=True)
+    with pytest.raises(ValueError, match="one prompt and n=1"):
+        stories.generate([PROMPT, PROMPT], cache_prompt=True)
+    with pytest.raises(ValueError, match="does not combine"):
+        stories.generate(PROMPT, cache_prompt=True, draft_model=stories)
+    with pytest.raises(TypeError, match="needs an lmdecode Model"):
+        ld.generate(lambda toks: np.zeros(512, np.float32), PROMPT, cache_prompt=True)
