@@ -193,6 +193,30 @@ def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int, dr
         print(f"  transformers constrained greedy: {n_new / t_hf_constrained:.1f} tok/s "
               f"(lmdecode {t_hf_constrained / t_constrained:.1f} x faster)")
 
+    # prompt cache: a chat's next turn, whose prompt is the last turn's prompt and reply (~400
+    # tokens) plus a new message of 16 tokens, with cache_prompt (each call first re-primes
+    # the cache with the last turn) against a plain call; interleaved
+    history = [1] + list(rng.integers(3, model.config.vocab_size, size=min(400, model.config.context_length // 2)))
+    message = list(rng.integers(3, model.config.vocab_size, size=16))
+    n_reply = 16
+
+    def next_turn(cached: bool):
+        if cached:  # the previous turn, leaving its keys and values in the cache (not timed)
+            model.generate(history, max_new_tokens=1, temperature=0, stop_token_ids=[], cache_prompt=True)
+        start = time.perf_counter()
+        out = model.generate(history + message, max_new_tokens=n_reply, temperature=0, stop_token_ids=[],
+                             cache_prompt=cached)
+        return time.perf_counter() - start, out.cached_prompt_tokens
+
+    samples = {False: [], True: []}
+    for _ in range(reps + 1):
+        for cached in (False, True):
+            samples[cached].append(next_turn(cached))
+    t_fresh, t_cached = (statistics.median(t for t, _ in samples[c][1:]) for c in (False, True))
+    print(f"next chat turn ({len(history) + len(message)}-token prompt, {n_reply} new tokens): cache_prompt "
+          f"{t_cached * 1e3:.2f} ms ({samples[True][-1][1]} prompt tokens reused) vs {t_fresh * 1e3:.2f} ms without "
+          f"({t_fresh / t_cached:.1f} x, interleaved)")
+
     # scoring 512 tokens: one prefill against token-by-token, each over the same 8 sequences in
     # turn, medians of at least `reps` runs and about 3 s of them (stories260K: hundreds)
     n_score = min(512, model.config.context_length - 1)
