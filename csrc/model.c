@@ -784,7 +784,10 @@ static inline __attribute__((always_inline)) void attend_query_tile(lmd_model *m
      * the positions every query sees (t <= p0) block by block (a block's values of the kv
      * head are rows of hs floats), then the tile's own, which the queries before them do not
      * see */
-    vf partial[TILE_QUERIES], sets[TILE_VALUE_SETS][TILE_MAX_HEAD];
+    /* room for the two partials of every set whatever the lanes: with fewer than 8 lanes the
+     * tiles are never used (query_tiles_apply), but the compiler sees the writes */
+    vf partial[2 * TILE_VALUE_SETS > TILE_QUERIES ? 2 * TILE_VALUE_SETS : TILE_QUERIES],
+        sets[TILE_VALUE_SETS][TILE_MAX_HEAD];
     for (int j = 0; j < TILE_QUERIES; j++) partial[j] = (vf){0};
     for (int set = 0; set < TILE_VALUE_SETS; set++) {
         /* the set's positions alternate between the partials set and set + 8 with 16 lanes:
