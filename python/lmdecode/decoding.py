@@ -36,7 +36,11 @@ _SCORING_SCRATCH_BYTES = 8 << 20
 
 class DecodingMixin:
     """Mixed into Model: needs ``config``, ``kv_dtype``, ``_engine``, ``forward``, ``new_cache``, ``_new_pool``,
-    ``logits``."""
+    ``logits``; the Model's __init__ calls ``_init_decoding``."""
+
+    def _init_decoding(self) -> None:
+        self._prompt_cache = None  # generate(cache_prompt=True): (pool, KVSeq, tokens function) or None
+        self._prompt_cache_lock = threading.Lock()  # held by the call that uses the cache
 
     # ------------------------------------------------------------------ text
 
@@ -116,9 +120,6 @@ class DecodingMixin:
         """(pool, KVSeq, tokens it holds) for a generate(cache_prompt=True) call, or None while
         another call uses the cache (that call then decodes without it). The KVSeq holds the keys
         and values of the first KVSeq.len of `tokens`; give it back with _return_prompt_cache."""
-        if not hasattr(self, "_prompt_cache_lock"):
-            self._prompt_cache_lock = threading.Lock()
-            self._prompt_cache = None
         if not self._prompt_cache_lock.acquire(blocking=False):
             return None
         if self._prompt_cache is None:

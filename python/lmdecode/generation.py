@@ -433,6 +433,8 @@ def generate(
         if stream:
             return _finally(_stream(run, advance), run, finish)
         try:
+            if prefix_allowed_tokens_fn is None:
+                decoder.steps(_ALL_STEPS)  # the whole loop in C, as without the cache
             while not run.gen.done:
                 advance()
         except BaseException:

@@ -195,6 +195,7 @@ class Model(DecodingMixin):
                 loaders.release_file_pages(arr)
         self._max_batch = max_batch  # tokens per engine pass (longer inputs run in chunks)
         self._scoring_scratch = threading.local()  # each thread's kept scoring cache and logits (decoding.py)
+        self._init_decoding()
         self._gguf_metadata = gguf_metadata  # a GGUF file's tokenizer.* values, for the tokenizer
         self.path = Path(path) if path is not None else None
         self.tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else None
