@@ -182,6 +182,27 @@ def test_cli_chat(stories_with_template, monkeypatch, capsys):
     assert "--system needs --chat" in capsys.readouterr().err
 
 
+def test_cli_chat_session_streams_each_reply_and_keeps_the_conversation(stories_with_template, monkeypatch, capsys):
+    import io
+
+    model = stories_with_template
+    monkeypatch.setattr(ld.Model, "load", lambda *args, **kwargs: model)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Once upon a time\nThe cat sat\n\nnever read\n"))
+    assert cli.main(["chat", "--model", "stories", "--temperature", "0", "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    # the same replies as generate() on the growing conversation; the empty line ends the session
+    conversation = [{"role": "user", "content": "Once upon a time"}]
+    first = model.generate(conversation, max_new_tokens=8, temperature=0)
+    conversation += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "The cat sat"}]
+    second = model.generate(conversation, max_new_tokens=8, temperature=0)
+    assert printed == first.text + "\n" + second.text + "\n"
+    # the second turn reused the first turn's cache: the same call now reuses all but the new message
+    again = model.generate(conversation, max_new_tokens=8, temperature=0, cache_prompt=True)
+    assert again.cached_prompt_tokens > len(first.prompt_tokens)
+
+
 def test_cli_chat_needs_a_template(capsys):
     assert cli.main(["generate", "--model", str(STORIES), "--chat", "hi"]) == 1
+    assert "has no chat template" in capsys.readouterr().err
+    assert cli.main(["chat", "--model", str(STORIES)]) == 1
     assert "has no chat template" in capsys.readouterr().err

@@ -1,8 +1,9 @@
-"""Command line: ``python -m lmdecode {generate,score,perplexity} ...``.
+"""Command line: ``python -m lmdecode {generate,chat,score,perplexity} ...``.
 
     python -m lmdecode generate --model stories260K.bin --temperature 0.8 --top-p 0.9 --seed 0 "Once upon a time"
     python -m lmdecode generate --model big.gguf --draft-model small.gguf --temperature 0 "Once upon a time"
     python -m lmdecode generate --model smollm2 --chat "Write a haiku about the sea."
+    python -m lmdecode chat --model smollm2 --temperature 0.7     # a message per line on stdin
     python -m lmdecode score --model stories260K.bin --context "Once upon a time" " there was a girl"
     python -m lmdecode perplexity --model stories260K.bin story.txt
 """
@@ -45,6 +46,51 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="threads for the C core (0: default)")
 
 
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--typical-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
+                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
+
+
+def _chat(model, args: argparse.Namespace) -> int:
+    """One user message per line of stdin (an empty line or the end of input stops); each reply
+    is streamed to stdout. Every turn's prompt is the whole conversation, and cache_prompt lets
+    it feed only the new message (the reply's keys and values are kept from its generation)."""
+    if model.tokenizer.chat_template is None:
+        raise ValueError(f"{args.model} has no chat template")
+    conversation = [{"role": "system", "content": args.system}] if args.system is not None else []
+    seed = args.seed
+    for line in sys.stdin:
+        message = line.rstrip("\n")
+        if not message:
+            break
+        conversation.append({"role": "user", "content": message})
+        reply = []
+        for chunk in model.generate(conversation, max_new_tokens=args.max_new_tokens, seed=seed, stop=args.stop,
+                                    stream=True, cache_prompt=True, **_sampling(args)):
+            reply.append(chunk.text)
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        conversation.append({"role": "assistant", "content": "".join(reply)})
+        seed = None if seed is None else seed + 1  # a reproducible run, not the same coins every turn
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lmdecode", description="Language-model inference with a C core.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -52,17 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text from a prompt")
     _add_model_arguments(gen)
     gen.add_argument("prompt", help="the prompt text")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--typical-p", type=float, default=1.0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--frequency-penalty", type=float, default=0.0)
-    gen.add_argument("--presence-penalty", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    _add_sampling_arguments(gen)
     gen.add_argument("--beam-width", type=int, default=0, help="beam search with this width instead of sampling")
     gen.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty")
     gen.add_argument("--draft-model", help="speculative decoding: a smaller model with the same vocabulary proposes tokens")
@@ -74,6 +110,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true",
                      help="the prompt is a user's message: the model's chat template frames it and the reply is printed")
     gen.add_argument("--system", help="with --chat: a system message before the user's")
+
+    chat = commands.add_parser("chat", help="talk with an instruct model: a message per line on stdin, replies "
+                                             "streamed, the conversation's keys and values kept between turns")
+    _add_model_arguments(chat)
+    _add_sampling_arguments(chat)
+    chat.add_argument("--system", help="a system message before the conversation")
 
     score = commands.add_parser("score", help="log-probability of a continuation given a context")
     _add_model_arguments(score)
@@ -124,10 +166,7 @@ def _run(args: argparse.Namespace) -> int:
             hyps = model.beam_search(prompt, beam_width=args.beam_width, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty)
             print(echo + hyps[0].text)
             return 0
-        sampling = dict(
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, typical_p=args.typical_p,
-            repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
-        )
+        sampling = _sampling(args)
         if args.draft_model:
             sampling.update(draft_model=ld.Model.load(resolve_model_path(args.draft_model), dtype=args.draft_dtype,
                                                       kv_dtype=args.kv_dtype), num_draft_tokens=args.num_draft_tokens)
@@ -144,6 +183,9 @@ def _run(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
             sys.stdout.write("\n")
         return 0
+
+    if args.command == "chat":
+        return _chat(model, args)
 
     if args.command == "score":
         s = model.sequence_logprob(args.context, args.continuation)
