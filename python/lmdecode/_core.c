@@ -695,16 +695,28 @@ static PyObject *BeamSearch_hypotheses(BeamSearchObject *self, PyObject *noargs)
     return list;
 }
 
+/* An allowed-token list argument (Generator.set_allowed, BeamSearch.set_allowed): None gives
+ * *ids NULL and *n_ids -1, else an int32 1-D array of at most INT32_MAX ids. 0, or -1 with an
+ * exception. */
+static int allowed_ids_arg(PyObject *obj, PyArrayObject **ids, int32_t *n_ids) {
+    if (as_array(obj, NPY_INT32, 1, "allowed token ids", ids)) return -1;
+    if (*ids != NULL && PyArray_DIM(*ids, 0) > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "too many allowed tokens");
+        Py_CLEAR(*ids);
+        return -1;
+    }
+    *n_ids = *ids != NULL ? (int32_t)PyArray_DIM(*ids, 0) : -1;
+    return 0;
+}
+
 /* Sets beam's allowed tokens for the next step from ids (None or int32-convertible 1-D);
  * the caller holds the search's lock. 0, or -1 with an exception. */
 static int beam_set_allowed(lmd_beam_search *search, long beam, PyObject *ids_obj) {
     PyArrayObject *ids = NULL;
-    if (as_array(ids_obj, NPY_INT32, 1, "allowed token ids", &ids)) return -1;
+    int32_t n_ids;
+    if (allowed_ids_arg(ids_obj, &ids, &n_ids)) return -1;
     lmd_error err;
-    const npy_intp n_ids = ids ? PyArray_DIM(ids, 0) : -1;
-    lmd_status st = n_ids > INT32_MAX ? lmd_fail(&err, LMD_ERR_INVALID_ARG, "too many allowed tokens")
-                                      : lmd_beam_search_set_allowed(search, (int32_t)beam,
-                                                                    ids ? PyArray_DATA(ids) : NULL, (int32_t)n_ids, &err);
+    lmd_status st = lmd_beam_search_set_allowed(search, (int32_t)beam, ids ? PyArray_DATA(ids) : NULL, n_ids, &err);
     Py_XDECREF(ids);
     if (st != LMD_OK) {
         raise_status(st, &err);
@@ -980,6 +992,25 @@ fail:
     return result;
 }
 
+/* tokens(k) -> int64 (prompt + generated,): what a step function or a constraint reads each step,
+ * without result()'s log-prob arrays */
+static PyObject *Generator_tokens(GeneratorObject *self, PyObject *arg) {
+    if (!generator_ready(self)) return NULL;
+    long k = PyLong_AsLong(arg);
+    if (k == -1 && PyErr_Occurred()) return NULL;
+    if (k < 0 || k >= self->n_seqs) {
+        PyErr_Format(PyExc_IndexError, "sequence (=%ld) must be in [0, %d)", k, (int)self->n_seqs);
+        return NULL;
+    }
+    int32_t length;
+    const int32_t *all = lmd_generator_tokens(self->gen, (int32_t)k, &length);
+    npy_intp dims[1] = {length};
+    PyArrayObject *tokens = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+    if (tokens == NULL) return NULL;
+    for (int32_t i = 0; i < length; i++) ((int64_t *)PyArray_DATA(tokens))[i] = all[i];
+    return (PyObject *)tokens;
+}
+
 /* result(k) -> (all tokens int64 (prompt + generated), prompt length, token_logprobs float32 (t,),
  *               top_ids int64 (t, n_top), top_logprobs float32 (t, n_top),
  *               finish reason None/"stop"/"length", stop string byte offset or -1) */
@@ -1033,17 +1064,15 @@ static PyObject *Generator_set_allowed(GeneratorObject *self, PyObject *args) {
         PyErr_Format(PyExc_IndexError, "sequence (=%ld) must be in [0, %d)", k, (int)self->n_seqs);
         return NULL;
     }
-    if (as_array(ids_obj, NPY_INT32, 1, "ids", &ids)) return NULL;
+    int32_t n_ids;
+    if (allowed_ids_arg(ids_obj, &ids, &n_ids)) return NULL;
     if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
         Py_XDECREF(ids);
         PyErr_SetString(PyExc_RuntimeError, "this Generator is in use by another thread");
         return NULL;
     }
     lmd_error err;
-    const npy_intp n_ids = ids ? PyArray_DIM(ids, 0) : -1;
-    lmd_status st = n_ids > INT32_MAX ? lmd_fail(&err, LMD_ERR_INVALID_ARG, "too many allowed tokens")
-                                      : lmd_generator_set_allowed(self->gen, (int32_t)k, ids ? PyArray_DATA(ids) : NULL,
-                                                                  (int32_t)n_ids, &err);
+    lmd_status st = lmd_generator_set_allowed(self->gen, (int32_t)k, ids ? PyArray_DATA(ids) : NULL, n_ids, &err);
     PyThread_release_lock(self->lock);
     Py_XDECREF(ids);
     if (st != LMD_OK) return raise_status(st, &err);
@@ -1088,6 +1117,7 @@ static PyMethodDef Generator_methods[] = {
     {"step", (PyCFunction)(void (*)(void))Generator_step, METH_VARARGS | METH_KEYWORDS,
      "Append one sampled token to every running sequence."},
     {"result", (PyCFunction)Generator_result, METH_O, "Tokens, log-probs and finish reason of one sequence."},
+    {"tokens", (PyCFunction)Generator_tokens, METH_O, "tokens(k): sequence k's prompt and generated tokens (int64)."},
     {"masked", (PyCFunction)Generator_masked, METH_VARARGS,
      "masked(k, row): a copy of row with -inf on the tokens sequence k may not draw next."},
     {"set_allowed", (PyCFunction)Generator_set_allowed, METH_VARARGS,

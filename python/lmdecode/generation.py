@@ -234,7 +234,7 @@ class _Run:
 def _step_fn_logits(step_fn: Callable[[np.ndarray], Any], run: _Run, running: np.ndarray, vocab: int) -> np.ndarray:
     rows = np.empty((len(running), vocab), dtype=np.float32)
     for i, k in enumerate(running):
-        tokens, *_ = run.gen.result(int(k))
+        tokens = run.gen.tokens(int(k))
         row = np.asarray(step_fn(tokens), dtype=np.float32)
         if row.shape != (vocab,):
             raise ValueError(f"step_fn must return ({vocab},) logits, got shape {row.shape}")
@@ -387,7 +387,7 @@ def generate(
                 raise
 
             def finish(failed: bool) -> None:  # hands the cache back: it now holds this call's tokens
-                model._return_prompt_cache(entry, None if failed else lambda: [int(t) for t in run.gen.result(0)[0]])
+                model._return_prompt_cache(entry, None if failed else lambda: run.gen.tokens(0).tolist())
         else:
             decoder = model._decoder(run.gen, run.prompts, max_new_tokens, amateur=amateur_model, alpha=contrastive_alpha,
                                      amateur_temperature=amateur_temperature)
@@ -462,7 +462,7 @@ def _constrain_next_step(run: _Run, fn: Callable[[int, np.ndarray], Any], vocab:
     """Sets each running sequence's allowed tokens for the next step to fn(k, its tokens)."""
     for k in run.gen.running():
         k = int(k)
-        run.gen.set_allowed(k, allowed_token_ids(fn(k, run.gen.result(k)[0]), vocab, k))
+        run.gen.set_allowed(k, allowed_token_ids(fn(k, run.gen.tokens(k)), vocab, k))
 
 
 def _stream(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Iterator[GenerationChunk]:
