@@ -51,7 +51,8 @@ static lmd_status check_matrix(const lmd_matrix *w, const char *layer_prefix, co
                                int64_t rows, int64_t cols, lmd_error *err) {
     if (w->data == NULL)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "%s%s: missing", layer_prefix, name);
-    if (w->dtype != LMD_F32 && w->dtype != LMD_BF16 && w->dtype != LMD_Q8_0 && w->dtype != LMD_F32_PANELS)
+    if (w->dtype != LMD_F32 && w->dtype != LMD_BF16 && w->dtype != LMD_Q8_0 && w->dtype != LMD_F32_PANELS &&
+        w->dtype != LMD_BF16_PANELS)
         return lmd_fail(err, LMD_ERR_UNSUPPORTED, "%s%s: unknown storage type %d", layer_prefix, name,
                         (int)w->dtype);
     if (w->rows != rows || w->cols != cols)
@@ -172,8 +173,9 @@ static size_t matmul_scratch_bytes(const lmd_config *config, const lmd_weights *
     return most;
 }
 
-/* The model multiplies its own copy of every f32 matrix, repacked into panels (ops.h
- * LMD_F32_PANELS): each output then sums in a lane of its own, with no lane reduction. Small
+/* The model multiplies its own copy of every f32 and bf16 matrix, repacked into panels (ops.h
+ * LMD_F32_PANELS, LMD_BF16_PANELS; bf16: see ops.c): each output then sums in a lane of its
+ * own, with no lane reduction. Small
  * matrices gain the most (a row of 64 columns spent as long on adding up its lanes as on its
  * four multiply-adds: a 511-token stories260K pass 4.1 -> 3.5 ms, one thread), and large
  * ones stream their panels faster than rows against few inputs (2048 x 768 out of cache,
@@ -192,9 +194,9 @@ static int weight_matrices(lmd_model *m, lmd_matrix **out) {
     return n;
 }
 
-// replaces every f32 matrix of the model (and a token embedding tied to the head) by a packed
-// copy it owns
-static lmd_status pack_f32_matrices(lmd_model *m, lmd_error *err) {
+// replaces every f32 and bf16 matrix of the model (and a token embedding tied to the head) by
+// a packed copy it owns
+static lmd_status pack_matrices(lmd_model *m, lmd_error *err) {
     const size_t slots = (size_t)m->config.n_layers * LMD_LAYER_MATRICES + 1;
     lmd_matrix **matrices = malloc(slots * sizeof *matrices);
     m->panels = calloc(slots, sizeof *m->panels);
@@ -208,20 +210,26 @@ static lmd_status pack_f32_matrices(lmd_model *m, lmd_error *err) {
     lmd_status st = LMD_OK;
     for (int i = 0; i < n; i++) {
         lmd_matrix *w = matrices[i];
-        if (w->dtype != LMD_F32) continue;
-        const size_t bytes = lmd_panels_bytes(w->rows, w->cols);
-        float *packed = lmd_alloc_aligned(bytes);
+        if (w->dtype != LMD_F32 && w->dtype != LMD_BF16) continue;
+        const size_t bytes = w->dtype == LMD_F32 ? lmd_panels_bytes(w->rows, w->cols)
+                                                 : lmd_bf16_panels_bytes(w->rows, w->cols);
+        void *packed = lmd_alloc_aligned(bytes);
         if (packed == NULL) {
             st = lmd_fail(err, LMD_ERR_NOMEM, "out of memory packing the weights (%zu bytes)", bytes);
             break;
         }
         m->panels[m->n_panels++] = packed;
         m->panel_bytes += bytes;
-        lmd_pack_f32_panels(packed, (const float *)w->data, w->rows, w->cols);
+        if (w->dtype == LMD_F32) {
+            lmd_pack_f32_panels(packed, (const float *)w->data, w->rows, w->cols);
+            w->dtype = LMD_F32_PANELS;
+        } else {
+            lmd_pack_bf16_panels(packed, (const uint16_t *)w->data, w->rows, w->cols);
+            w->dtype = LMD_BF16_PANELS;
+        }
         w->data = packed;
-        w->dtype = LMD_F32_PANELS;
     }
-    if (st == LMD_OK && tied && m->weights.output.dtype == LMD_F32_PANELS)
+    if (st == LMD_OK && tied && m->weights.output.data != m->weights.token_embedding.data)
         m->weights.token_embedding = m->weights.output; /* its rows looked up in the panels */
     free(matrices);
     return st;
@@ -263,14 +271,6 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
     m->rope_cos = malloc((B * (size_t)(config->head_dim / 2) + 1) * sizeof(float));
     m->rope_sin = malloc((B * (size_t)(config->head_dim / 2) + 1) * sizeof(float));
     m->pos = malloc(B * sizeof(int32_t));
-    const size_t scratch_bytes = matmul_scratch_bytes(config, weights, max_batch);
-    if (scratch_bytes > 0) {
-        m->matmul_scratch = lmd_alloc_aligned(scratch_bytes);
-        if (m->matmul_scratch == NULL) {
-            lmd_model_free(m);
-            return lmd_fail(err, LMD_ERR_NOMEM, "out of memory allocating the run state for %d tokens", max_batch);
-        }
-    }
     if (!m->layer_storage || !m->x || !m->xb || !m->xb2 || !m->q || !m->k || !m->v || !m->att_out ||
         !m->hb || !m->hb2 || !m->scores || !m->inv_freq || !m->rope_cos || !m->rope_sin || !m->pos) {
         lmd_model_free(m);
@@ -279,10 +279,18 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
     }
     memcpy(m->layer_storage, weights->layers, (size_t)config->n_layers * sizeof(lmd_layer_weights));
     m->weights.layers = m->layer_storage;
-    st = pack_f32_matrices(m, err);
+    st = pack_matrices(m, err);
     if (st != LMD_OK) {
         lmd_model_free(m);
         return st;
+    }
+    const size_t scratch_bytes = matmul_scratch_bytes(config, &m->weights, max_batch); /* of the packed matrices */
+    if (scratch_bytes > 0) {
+        m->matmul_scratch = lmd_alloc_aligned(scratch_bytes);
+        if (m->matmul_scratch == NULL) {
+            lmd_model_free(m);
+            return lmd_fail(err, LMD_ERR_NOMEM, "out of memory allocating the run state for %d tokens", max_batch);
+        }
     }
     /* inv_freq[i] = base^(-2i/hs), computed in double then rounded, as the references do in float */
     for (int32_t i = 0; i < config->head_dim / 2; i++)

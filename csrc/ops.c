@@ -57,7 +57,8 @@ size_t lmd_row_bytes(lmd_dtype dtype, int64_t cols) {
     switch (dtype) {
     case LMD_F32:
     case LMD_F32_PANELS: return (size_t)cols * 4;
-    case LMD_BF16: return (size_t)cols * 2;
+    case LMD_BF16:
+    case LMD_BF16_PANELS: return (size_t)cols * 2;
     case LMD_Q8_0: return (size_t)(cols / LMD_Q8_0_BLOCK) * LMD_Q8_0_BLOCK_BYTES;
     }
     return 0;
@@ -68,6 +69,7 @@ const char *lmd_dtype_name(lmd_dtype dtype) {
     case LMD_F32: return "f32";
     case LMD_F32_PANELS: return "f32 panels";
     case LMD_BF16: return "bf16";
+    case LMD_BF16_PANELS: return "bf16 panels";
     case LMD_Q8_0: return "q8_0";
     }
     return "?";
@@ -157,6 +159,13 @@ void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r) {
     case LMD_F32_PANELS: {
         const float *panel = (const float *)w->data + r / LMD_VEC_LANES * w->cols * LMD_VEC_LANES;
         for (int64_t k = 0; k < w->cols; k++) out[k] = panel[k * LMD_VEC_LANES + r % LMD_VEC_LANES];
+        break;
+    }
+    case LMD_BF16_PANELS: {
+        const int64_t pairs = (w->cols + 1) / 2;
+        const uint32_t *panel = (const uint32_t *)w->data + r / LMD_VEC_LANES * pairs * LMD_VEC_LANES;
+        for (int64_t k = 0; k < w->cols; k++)
+            out[k] = lmd_bf16_to_f32((uint16_t)(panel[k / 2 * LMD_VEC_LANES + r % LMD_VEC_LANES] >> (16 * (k % 2))));
         break;
     }
     case LMD_BF16:
@@ -1097,23 +1106,167 @@ static ALWAYS_INLINE void tile_panels(float *out, const float *x, const float *p
     }
 }
 
+
+/* ------------------------------------------------------------------ */
+/* bf16 panels                                                          */
+/* ------------------------------------------------------------------ */
+
+/* LMD_BF16_PANELS (ops.h): bf16 weights in the panels' layout, a column pair per 32-bit lane
+ * (row r's columns 2k and 2k+1 in the low and high halves), which is the operand layout of
+ * the CPU's bf16 dot products: one VDPBF16PS multiplies 16 rows by a broadcast input pair.
+ * Against the row-major bf16 kernel (a lane reduction per output, eight row streams at
+ * once), measured on one thread through the 170 MB of bf16 layer matrices of a 12-layer
+ * dim-768 Llama: one input (decoding) 31 -> 35.5 GB/s, four 1.05-1.1 x, 64 and 256 inputs
+ * (prefill) 1.35 and 1.55 x. Each output sums its products in column order in blocks of
+ * PANEL_K_BLOCK columns (PANEL_K_BLOCK / 2 pairs), the block sums added in order, as the f32
+ * panels do: the result of an output never depends on the tile, the batch or the thread.
+ * With the dot products the inputs are rounded to bf16 once per call, in pairs (the last
+ * pair of an odd row has a zero high half); without them (AVX2, portable builds) each
+ * weight pair is widened to two float vectors and meets the exact float inputs in two
+ * FMAs, column 2k first. */
+#define BF16_PAIRS(n) (((n) + 1) / 2)
+
+size_t lmd_bf16_panels_bytes(int64_t rows, int64_t cols) {
+    return (size_t)((rows + PANEL_LANES - 1) / PANEL_LANES) * (size_t)BF16_PAIRS(cols) * PANEL_LANES *
+           sizeof(uint32_t);
+}
+
+void lmd_pack_bf16_panels(void *out, const uint16_t *w, int64_t rows, int64_t cols) {
+    const int64_t n_panels = (rows + PANEL_LANES - 1) / PANEL_LANES, pairs = BF16_PAIRS(cols);
+    uint32_t *o = (uint32_t *)out;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(lmd_get_num_threads()) if (rows * cols >= (1 << 20))
+#endif
+    for (int64_t p = 0; p < n_panels; p++)
+        for (int64_t k = 0; k < pairs; k++)
+            for (int64_t j = 0; j < PANEL_LANES; j++) {
+                const int64_t r = p * PANEL_LANES + j;
+                const uint32_t lo = r < rows ? w[r * cols + 2 * k] : 0;
+                const uint32_t hi = r < rows && 2 * k + 1 < cols ? w[r * cols + 2 * k + 1] : 0;
+                o[(p * pairs + k) * PANEL_LANES + j] = lo | hi << 16;
+            }
+}
+
+#if LMD_BF16_DOT
+// x (B, n) floats -> xb (B, ceil(n/2)) column pairs rounded to bf16 (nearest even, as
+// round_bf16x32), the pair past an odd n's last column zero
+static void round_input_pairs_bf16(uint32_t *xb, const float *x, int B, int64_t n) {
+    const int64_t pairs = BF16_PAIRS(n);
+    for (int b = 0; b < B; b++)
+        for (int64_t k = 0; k < n; k += 32) {
+            const int64_t m = n - k < 32 ? n - k : 32;
+            const float *xr = x + (int64_t)b * n + k;
+            if (m == 32) {
+                _mm512_storeu_si512((void *)(xb + (int64_t)b * pairs + k / 2), (__m512i)round_bf16x32(xr));
+            } else { /* masked: no float past the row is read, and the padding is +0 */
+                const __m512 lo = _mm512_maskz_loadu_ps((__mmask16)((1u << (m < 16 ? m : 16)) - 1), xr);
+                const __m512 hi = _mm512_maskz_loadu_ps((__mmask16)(m > 16 ? (1u << (m - 16)) - 1 : 0), xr + 16);
+                _mm512_mask_storeu_epi32(xb + (int64_t)b * pairs + k / 2, (__mmask16)((1u << ((m + 1) / 2)) - 1),
+                                         (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            }
+        }
+}
+#endif
+
+// pairs k0..k_end of panels p0..p0+np of W (panels, ceil(n/2), LANES) uint32 against inputs
+// c0..c0+nc: with dot products xb (B, ceil(n/2)) rounded pairs, else x (B, n) floats; one
+// chain per output over the block, stored into out (B, d) by the first block and added by
+// the next (as tile_panels)
+static ALWAYS_INLINE void tile_bf16_panels(float *out, const float *x, const uint32_t *xb, const uint32_t *panels,
+                                           int64_t n, int64_t d, int64_t p0, int np, int c0, int nc, int64_t k0,
+                                           int64_t k_end) {
+    const int64_t pairs = BF16_PAIRS(n);
+    vf acc[PANEL_TILE_P][PANEL_TILE_C];
+    const uint32_t *wp[PANEL_TILE_P];
+    for (int p = 0; p < np; p++) {
+        wp[p] = panels + ((p0 + p) * pairs + k0) * PANEL_LANES;
+        for (int c = 0; c < nc; c++) acc[p][c] = vzero_f();
+    }
+#if LMD_BF16_DOT
+    (void)x;
+    const uint32_t *xp[PANEL_TILE_C];
+    for (int c = 0; c < nc; c++) xp[c] = xb + (int64_t)(c0 + c) * pairs + k0;
+    for (int64_t k = k0; k < k_end; k++) {
+        __m512bh wv[PANEL_TILE_P];
+        for (int p = 0; p < np; p++) {
+            wv[p] = (__m512bh)_mm512_loadu_si512((const void *)wp[p]);
+            if (nc > 1) IN_REGISTER(wv[p]);
+            wp[p] += PANEL_LANES;
+        }
+        for (int c = 0; c < nc; c++) {
+            __m512bh xv = (__m512bh)_mm512_set1_epi32((int)*xp[c]++);
+            IN_REGISTER(xv);
+            for (int p = 0; p < np; p++) acc[p][c] = (vf)_mm512_dpbf16_ps((__m512)acc[p][c], wv[p], xv);
+        }
+    }
+#else
+    (void)xb;
+    const float *xp[PANEL_TILE_C];
+    for (int c = 0; c < nc; c++) xp[c] = x + (int64_t)(c0 + c) * n + 2 * k0;
+    /* the pairs whose two columns exist, then an odd row's last column alone */
+    const int64_t k_whole = k_end < n / 2 ? k_end : n / 2;
+    for (int64_t k = k0; k < k_whole; k++) {
+        vf even[PANEL_TILE_P], odd[PANEL_TILE_P];
+        for (int p = 0; p < np; p++) {
+            vu32 pair;
+            memcpy(&pair, wp[p], sizeof pair);
+            const vu32 lo = pair << 16, hi = pair & 0xffff0000u;
+            memcpy(&even[p], &lo, sizeof lo);
+            memcpy(&odd[p], &hi, sizeof hi);
+            wp[p] += PANEL_LANES;
+        }
+        for (int c = 0; c < nc; c++) {
+            const vf x0 = vbroadcast(xp[c][0]), x1 = vbroadcast(xp[c][1]);
+            xp[c] += 2;
+            for (int p = 0; p < np; p++) acc[p][c] = vfma(odd[p], x1, vfma(even[p], x0, acc[p][c]));
+        }
+    }
+    if (k_whole < k_end) /* n odd: column n - 1 */
+        for (int p = 0; p < np; p++) {
+            vu32 pair;
+            memcpy(&pair, wp[p], sizeof pair);
+            const vu32 lo = pair << 16;
+            vf even;
+            memcpy(&even, &lo, sizeof lo);
+            for (int c = 0; c < nc; c++) acc[p][c] = vfma(even, vbroadcast(xp[c][0]), acc[p][c]);
+        }
+#endif
+    for (int p = 0; p < np; p++) {
+        const int64_t row = (p0 + p) * PANEL_LANES, m = d - row;
+        for (int c = 0; c < nc; c++) {
+            float *o = out + (int64_t)(c0 + c) * d + row;
+            if (m >= PANEL_LANES) vstore(o, k0 == 0 ? acc[p][c] : vload(o) + acc[p][c]);
+            else vstore_partial(o, k0 == 0 ? acc[p][c] : vload_partial(o, m, 0.0f) + acc[p][c], m);
+        }
+    }
+}
+
+// one work item of either kind of panels (bf16: 1 or 0, a constant): panels p0..p0+np
+// (np <= PANEL_TILE_P) against inputs c_begin..c_end; blocks of PANEL_K_BLOCK columns
+static ALWAYS_INLINE void item_any_panels(float *out, const float *x, const uint32_t *xb, const void *panels,
+                                          int64_t n, int64_t d, int64_t p0, int np, int c_begin, int c_end,
+                                          const int bf16) {
+    const int64_t steps = bf16 ? BF16_PAIRS(n) : n, block = bf16 ? PANEL_K_BLOCK / 2 : PANEL_K_BLOCK;
+#define PANEL_TILE(np_, nc_)                                                                        \
+    do {                                                                                           \
+        if (bf16)                                                                                  \
+            tile_bf16_panels(out, x, xb, (const uint32_t *)panels, n, d, p0, np_, c0, nc_, k0, k_end); \
+        else                                                                                       \
+            tile_panels(out, x, (const float *)panels, n, d, p0, np_, c0, nc_, k0, k_end);         \
+    } while (0)
 #define PANEL_TILE_ANY_C(np_)                                                                       \
     switch (nc) {                                                                                   \
-    case 1: tile_panels(out, x, panels, n, d, p0, np_, c0, 1, k0, k_end); break;                   \
-    case 2: tile_panels(out, x, panels, n, d, p0, np_, c0, 2, k0, k_end); break;                   \
-    case 3: tile_panels(out, x, panels, n, d, p0, np_, c0, 3, k0, k_end); break;                   \
-    case 4: tile_panels(out, x, panels, n, d, p0, np_, c0, 4, k0, k_end); break;                   \
-    case 5: tile_panels(out, x, panels, n, d, p0, np_, c0, 5, k0, k_end); break;                   \
-    default: tile_panels(out, x, panels, n, d, p0, np_, c0, 6, k0, k_end); break;                  \
+    case 1: PANEL_TILE(np_, 1); break;                                                              \
+    case 2: PANEL_TILE(np_, 2); break;                                                              \
+    case 3: PANEL_TILE(np_, 3); break;                                                              \
+    case 4: PANEL_TILE(np_, 4); break;                                                              \
+    case 5: PANEL_TILE(np_, 5); break;                                                              \
+    default: PANEL_TILE(np_, 6); break;                                                             \
     }
-
-// one work item: panels p0..p0+np (np <= PANEL_TILE_P) against inputs c_begin..c_end
-static void item_panels(float *out, const float *x, const float *panels, int64_t n, int64_t d, int64_t p0, int np,
-                        int c_begin, int c_end) {
     for (int c0 = c_begin; c0 < c_end; c0 += PANEL_TILE_C) {
         const int nc = c_end - c0 < PANEL_TILE_C ? c_end - c0 : PANEL_TILE_C;
-        for (int64_t k0 = 0; k0 < n; k0 += PANEL_K_BLOCK) {
-            const int64_t k_end = n - k0 < PANEL_K_BLOCK ? n : k0 + PANEL_K_BLOCK;
+        for (int64_t k0 = 0; k0 < steps; k0 += block) {
+            const int64_t k_end = steps - k0 < block ? steps : k0 + block;
             switch (np) {
             case 1: PANEL_TILE_ANY_C(1) break;
 #if PANEL_TILE_P >= 4
@@ -1126,42 +1279,56 @@ static void item_panels(float *out, const float *x, const float *panels, int64_t
             }
         }
     }
-}
 #undef PANEL_TILE_ANY_C
+#undef PANEL_TILE
+}
 
-// W (d, n) in panels @ x (B, n) -> out (B, d). Work items: PANEL_TILE_P panels x a slice of
+static void item_panels(float *out, const float *x, const uint32_t *xb, const void *panels, int64_t n, int64_t d,
+                        int64_t p0, int np, int c_begin, int c_end) {
+    item_any_panels(out, x, xb, panels, n, d, p0, np, c_begin, c_end, 0);
+}
+static void item_bf16_panels(float *out, const float *x, const uint32_t *xb, const void *panels, int64_t n,
+                             int64_t d, int64_t p0, int np, int c_begin, int c_end) {
+    item_any_panels(out, x, xb, panels, n, d, p0, np, c_begin, c_end, 1);
+}
+
+// W (d, n) in panels (f32 or bf16) @ x (B, n) -> out (B, d); xb the rounded input pairs of
+// bf16 panels with dot products. Work items: PANEL_TILE_P panels x a slice of
 // PANEL_SLICE inputs, so that a prefill splits across threads even when the matrix has few
 // rows (stories260K's 32-row k and v are two panels). Slice-major: a thread's static share
 // is a run of whole input rows, as in the per-token steps around the product (model.c), so
 // its inputs and outputs stay in its own cache (group-major: a 511-token stories260K
 // scoring pass 6% slower on two threads)
-static void matmul_panels(float *out, const float *x, const lmd_matrix *w, int B) {
+static void matmul_panels(float *out, const float *x, const uint32_t *xb, const lmd_matrix *w, int B) {
     const int64_t d = w->rows, n = w->cols, n_panels = (d + PANEL_LANES - 1) / PANEL_LANES;
     const int64_t n_groups = (n_panels + PANEL_TILE_P - 1) / PANEL_TILE_P;
     const int64_t n_slices = (B + PANEL_SLICE - 1) / PANEL_SLICE;
-    const float *panels = (const float *)w->data;
+    void (*const item)(float *, const float *, const uint32_t *, const void *, int64_t, int64_t, int64_t, int, int,
+                       int) = w->dtype == LMD_BF16_PANELS ? item_bf16_panels : item_panels;
 #define PANEL_ITEMS(item_loop_pragma)                                                               \
     item_loop_pragma                                                                                \
-    for (int64_t item = 0; item < n_groups * n_slices; item++) {                                    \
-        const int64_t p0 = item % n_groups * PANEL_TILE_P;                                          \
-        const int c_begin = (int)(item / n_groups * PANEL_SLICE);                                   \
+    for (int64_t it = 0; it < n_groups * n_slices; it++) {                                          \
+        const int64_t p0 = it % n_groups * PANEL_TILE_P;                                            \
+        const int c_begin = (int)(it / n_groups * PANEL_SLICE);                                     \
         const int np = n_panels - p0 < PANEL_TILE_P ? (int)(n_panels - p0) : PANEL_TILE_P;         \
         const int c_end = B - c_begin < PANEL_SLICE ? B : c_begin + PANEL_SLICE;                    \
-        item_panels(out, x, panels, n, d, p0, np, c_begin, c_end);                                  \
+        item(out, x, xb, w->data, n, d, p0, np, c_begin, c_end);                                    \
     }
     IN_PARALLEL_IF_WORTH(B, d, n, PANEL_ITEMS);
 #undef PANEL_ITEMS
 }
 
-/* Bytes of stack lmd_matmul gives a q8_0 product's quantized inputs when the caller passes
- * no scratch; larger batches go through in chunks (each reading the weights again). */
-#define Q8_0_STACK_SCRATCH (64 * 1024)
+/* Bytes of stack lmd_matmul gives a q8_0 product's quantized inputs (or bf16 panels' rounded
+ * ones) when the caller passes no scratch; larger batches go through in chunks (each reading
+ * the weights again). */
+#define STACK_SCRATCH (64 * 1024)
 
 size_t lmd_matmul_scratch_bytes(const lmd_matrix *w, int B) {
     const int64_t n = w->cols;
     if (w->dtype == LMD_Q8_0) return (size_t)B * (size_t)(n + 8 * (n / LMD_Q8_0_BLOCK));
 #if LMD_BF16_DOT
     if (w->dtype == LMD_BF16 && n >= 32) return (size_t)B * (size_t)(n - n % 32) * sizeof(uint16_t);
+    if (w->dtype == LMD_BF16_PANELS) return (size_t)B * (size_t)BF16_PAIRS(n) * sizeof(uint32_t);
 #endif
     return 0;
 }
@@ -1172,6 +1339,7 @@ void lmd_matmul_prepare(void *scratch, const float *x, const lmd_matrix *w, int 
     /* bf16 dot products read the inputs rounded to bf16: rounded once, not again by every
      * block of weight rows (1.5 x faster for a 256-token batch) */
     if (w->dtype == LMD_BF16 && w->cols >= 32) round_inputs_bf16((uint16_t *)scratch, x, B, w->cols);
+    if (w->dtype == LMD_BF16_PANELS) round_input_pairs_bf16((uint32_t *)scratch, x, B, w->cols);
 #endif
 }
 
@@ -1181,20 +1349,20 @@ void lmd_matmul_scratch(float *out, const float *x, const lmd_matrix *w, int B, 
         lmd_matmul_prepared(out, x, w, B, scratch);
         return;
     }
-    if (w->dtype == LMD_Q8_0) { /* quantized on the stack, a chunk of inputs at a time */
-        const size_t per_input = lmd_matmul_scratch_bytes(w, 1);
-        const int chunk = per_input >= Q8_0_STACK_SCRATCH ? 1
-                          : (int)(Q8_0_STACK_SCRATCH / per_input) < B ? (int)(Q8_0_STACK_SCRATCH / per_input)
-                                                                      : B;
-        unsigned char stack_scratch[chunk > 0 ? (size_t)chunk * per_input : 1];
+    const size_t per_input = lmd_matmul_scratch_bytes(w, 1);
+    if (per_input > 0 && w->dtype != LMD_BF16) { /* prepared on the stack, a chunk of inputs at a time */
+        const int chunk = per_input >= STACK_SCRATCH ? 1
+                          : (int)(STACK_SCRATCH / per_input) < B ? (int)(STACK_SCRATCH / per_input)
+                                                                 : B;
+        _Alignas(64) unsigned char stack_scratch[chunk > 0 ? (size_t)chunk * per_input : 1];
         for (int b0 = 0; b0 < B; b0 += chunk) {
             const int nb = B - b0 < chunk ? B - b0 : chunk;
-            quantize_inputs_q8(stack_scratch, x + (int64_t)b0 * w->cols, nb, w->cols);
-            matmul_q8_0(out + (int64_t)b0 * w->rows, w, nb, stack_scratch);
+            lmd_matmul_prepare(stack_scratch, x + (int64_t)b0 * w->cols, w, nb);
+            lmd_matmul_prepared(out + (int64_t)b0 * w->rows, x + (int64_t)b0 * w->cols, w, nb, stack_scratch);
         }
         return;
     }
-    lmd_matmul_prepared(out, x, w, B, NULL); /* bf16 tiles round the inputs themselves */
+    lmd_matmul_prepared(out, x, w, B, NULL); /* f32, and bf16 rows whose tiles round the inputs themselves */
 }
 
 void lmd_matmul_prepared(float *out, const float *x, const lmd_matrix *w, int B, const void *scratch) {
@@ -1203,8 +1371,8 @@ void lmd_matmul_prepared(float *out, const float *x, const lmd_matrix *w, int B,
         matmul_q8_0(out, w, B, scratch);
         return;
     }
-    if (w->dtype == LMD_F32_PANELS) {
-        matmul_panels(out, x, w, B);
+    if (w->dtype == LMD_F32_PANELS || w->dtype == LMD_BF16_PANELS) {
+        matmul_panels(out, x, (const uint32_t *)scratch, w, B);
         return;
     }
     const int64_t n_row_blocks = (d + ROW_BLOCK - 1) / ROW_BLOCK;
@@ -1257,7 +1425,10 @@ void lmd_matmul_naive(float *out, const float *x, const lmd_matrix *w, int B) {
         lmd_matrix_row(row, w, i);
         for (int b = 0; b < B; b++) {
             const float *xr = x + (int64_t)b * n;
-            const int64_t rounded = w->dtype == LMD_BF16 && lmd_bf16_rounds_inputs() ? n - n % 32 : 0;
+            const int64_t rounded = !lmd_bf16_rounds_inputs() ? 0
+                                    : w->dtype == LMD_BF16        ? n - n % 32
+                                    : w->dtype == LMD_BF16_PANELS ? n
+                                                                  : 0;
             for (int64_t k = 0; k < n; k++) /* bf16 inputs as the fast kernel rounds them */
                 xk_used[k] = k < rounded ? lmd_bf16_to_f32(lmd_f32_to_bf16(xr[k])) : xr[k];
             if (w->dtype == LMD_Q8_0) { /* q8_0 inputs as quantized: scale * q */

@@ -5,7 +5,7 @@
  *   B  rows of a batch (tokens processed together)
  *   n  input features,  d  output features,  hs  head size
  *
- * Weight matrices (d, n) come in one of four storage types, row-major but for the last:
+ * Weight matrices (d, n) come in one of five storage types, row-major but for the last:
  *   LMD_F32   float
  *   LMD_BF16  bfloat16 bits (the top 16 bits of an IEEE float), rounded to nearest even
  *   LMD_Q8_0  llama.cpp's Q8_0 blocks (an fp16 scale d and 32 int8 values q; the weight
@@ -22,6 +22,10 @@
  *             (rows past d zero). Each output then sums in a lane of its own, with no lane
  *             reduction: the model packs its f32 matrices so (see model.h). An
  *             in-memory layout of one build (LANES is the build's vector width).
+ *   LMD_BF16_PANELS  bf16 in the same panels, a pair of columns per 32-bit lane
+ *             (lmd_pack_bf16_panels): (ceil(d / LANES), ceil(n / 2), LANES) uint32, lane j
+ *             of pair k holding row p*LANES+j's columns 2k (low half) and 2k+1 (high half),
+ *             zero past d and n: the operand layout of the bf16 dot-product instructions.
  *
  * lmd_matmul reads each weight row once per call and multiplies it against all
  * B input rows, so batched decode and draft verification cost one pass over the
@@ -29,7 +33,7 @@
  * fit 512 kB for rows). It parallelises over output features (and, in panels,
  * over those slices of the batch); each output element is summed in a fixed
  * order by one thread, so results are identical for any thread count: f32, bf16
- * and q8_0 rows by a fixed vector-lane tree (lmd_dot's), f32 panels by FMA
+ * and q8_0 rows by a fixed vector-lane tree (lmd_dot's), panels by multiply-add
  * chains over blocks of 64 columns, the block sums added in order. Each fast
  * kernel has a naive twin (suffix _naive) that the C tests compare against.
  *
@@ -42,7 +46,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef enum { LMD_F32 = 0, LMD_BF16 = 1, LMD_Q8_0 = 2, LMD_F32_PANELS = 3 } lmd_dtype;
+typedef enum { LMD_F32 = 0, LMD_BF16 = 1, LMD_Q8_0 = 2, LMD_F32_PANELS = 3, LMD_BF16_PANELS = 4 } lmd_dtype;
 
 #define LMD_Q8_0_BLOCK 32      /* weights per Q8_0 block */
 #define LMD_Q8_0_BLOCK_BYTES 34 /* fp16 scale + 32 int8 */
@@ -91,11 +95,16 @@ float lmd_dot_q8_0(const uint8_t *w_blocks, const float *x, int64_t n);
 size_t lmd_panels_bytes(int64_t rows, int64_t cols);
 // w (rows, cols) f32 row-major -> out (lmd_panels_bytes(rows, cols) bytes) in LMD_F32_PANELS
 void lmd_pack_f32_panels(float *out, const float *w, int64_t rows, int64_t cols);
+// bytes of a (rows, cols) matrix in LMD_BF16_PANELS
+size_t lmd_bf16_panels_bytes(int64_t rows, int64_t cols);
+// w (rows, cols) bf16 row-major -> out (lmd_bf16_panels_bytes(rows, cols) bytes) in LMD_BF16_PANELS
+void lmd_pack_bf16_panels(void *out, const uint16_t *w, int64_t rows, int64_t cols);
 // W row r (cols,) -> out (cols,) float
 void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r);
 
 // 1 if bf16 matrices are multiplied with bf16 dot-product instructions, which round the
-// inputs x to bf16 first (all but the last n % 32 of each row), else 0 (exact float inputs).
+// inputs x to bf16 first (LMD_BF16: all but the last n % 32 of each row; LMD_BF16_PANELS:
+// all), else 0 (exact float inputs).
 int lmd_bf16_rounds_inputs(void);
 
 // W (d,n) @ x[b] (n,) -> out[b] (d,) for b < B; x (B,n), out (B,d). out must not alias x.

@@ -379,10 +379,11 @@ def _mapping_rss_bytes(path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
-@pytest.mark.parametrize("kind,dtype", [("F32", "f32"), ("F32", "bf16"), ("F32", "q8_0"), ("Q8_0", "q8_0")])
+@pytest.mark.parametrize("kind,dtype", [("F32", "f32"), ("F32", "bf16"), ("F32", "q8_0"), ("Q8_0", "q8_0"),
+                                        ("BF16", "bf16")])
 def test_converted_gguf_tensors_leave_the_resident_set(kind, dtype, tmp_path):
-    """Weights are never held twice: F32 tensors copied into the engine's f32 panels or converted
-    into bf16/q8_0 storage, and Q8_0 tensors packed into the engine's groups of rows, must not
+    """Weights are never held twice: F32 and BF16 tensors copied into the engine's panels or
+    converted into bf16/q8_0 storage, and Q8_0 tensors packed into the engine's groups of rows, must not
     stay resident through the file mapping the model keeps (for its tokenizer metadata; the
     untied token embedding, read in place, only has the rows looked up)."""
     rng = np.random.default_rng(5)
@@ -401,7 +402,7 @@ def test_converted_gguf_tensors_leave_the_resident_set(kind, dtype, tmp_path):
     tensors["output.weight"] = (tensors["output.weight"][0], kind)
     path = tmp_path / f"random-{kind}.gguf"
     _write_gguf(path, "llama", meta, tensors)
-    matrix_bytes = sum(a.size * (4 if k == "F32" else 34 / 32) for a, k in tensors.values())
+    matrix_bytes = sum(a.size * {"F32": 4, "BF16": 2, "Q8_0": 34 / 32}[k] for a, k in tensors.values())
     model = lmdecode.Model.load(path, dtype=dtype)
     model.forward([1, 2, 3], model.new_cache(8))
     assert model.config.dtype == dtype
@@ -409,32 +410,36 @@ def test_converted_gguf_tensors_leave_the_resident_set(kind, dtype, tmp_path):
     assert resident < 0.05 * matrix_bytes, f"{resident} bytes of the {matrix_bytes}-byte source stay resident"
 
 
-def _write_safetensors_off_lines(path, tensors, lead):
-    """A safetensors file whose f32 tensors start `lead` bytes past 64-byte file offsets (a
-    header padded so, as real checkpoints put data anywhere 8-byte aligned)."""
+def _write_safetensors_off_lines(path, tensors, lead, dtype="F32"):
+    """A safetensors file whose tensors (float32 arrays, stored as `dtype`: F32, or BF16 by
+    dropping the low 16 bits of values that have none) start `lead` bytes past 64-byte file
+    offsets (a header padded so, as real checkpoints put data anywhere 8-byte aligned)."""
     import json
     import struct
     header, offset = {}, 0
     for name, arr in tensors.items():
         offset += (-(offset - lead)) % 64  # each tensor `lead` bytes past a line
-        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
+        nbytes = arr.size * (4 if dtype == "F32" else 2)
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     text = json.dumps(header).encode()
     text += b" " * ((-(8 + len(text))) % 64)  # the data section starts on a 64-byte file offset
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)) + text)
         data = bytearray(offset)
         for name, arr in tensors.items():
-            begin = header[name]["data_offsets"][0]
-            data[begin:begin + arr.nbytes] = np.ascontiguousarray(arr, dtype="<f4").tobytes()
+            begin, end = header[name]["data_offsets"]
+            bits = np.ascontiguousarray(arr, dtype="<f4").view("<u4")
+            data[begin:end] = (bits if dtype == "F32" else (bits >> 16).astype("<u2")).tobytes()
         f.write(bytes(data))
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
-def test_checkpoint_matrices_off_cache_lines_are_copied_aligned(tmp_path):
-    """f32 matrices that a file holds off 64-byte boundaries are copied by the engine into its
-    panels (aligned) and their file pages released, so they are still held once; the logits
-    equal those of the same arrays passed to from_numpy."""
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_checkpoint_matrices_off_cache_lines_are_copied_aligned(dtype, tmp_path):
+    """f32 and bf16 matrices that a file holds off 64-byte boundaries are copied by the engine
+    into its panels (aligned) and their file pages released, so they are still held once; the
+    logits equal those of the same arrays passed to from_numpy."""
     import json
     rng = np.random.default_rng(11)
     D, H, L, V = 256, 512, 2, 1024
@@ -451,17 +456,21 @@ def test_checkpoint_matrices_off_cache_lines_are_copied_aligned(tmp_path):
                             ("mlp.down_proj", (D, H))):
             w[p + name + ".weight"] = rng.normal(0, 0.02, shape)
     w = {k: v.astype(np.float32) for k, v in w.items()}
+    if dtype == "BF16":  # values bf16 holds exactly
+        w = {k: (v.view(np.uint32) & 0xFFFF0000).view(np.float32) for k, v in w.items()}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     path = tmp_path / "model.safetensors"
-    _write_safetensors_off_lines(path, w, lead=16)
+    _write_safetensors_off_lines(path, w, lead=16, dtype=dtype)
     model = lmdecode.Model.load(tmp_path)
+    assert model.config.dtype == dtype.lower()
     toks = rng.integers(0, V, 12)
     got = model.logits(toks)
-    np.testing.assert_array_equal(got, lmdecode.Model.from_numpy(cfg, w).logits(toks))
+    np.testing.assert_array_equal(got, lmdecode.Model.from_numpy(cfg, w, dtype=dtype.lower()).logits(toks))
     # the untied embedding is read in place: its looked-up rows (and the pages the kernel maps
     # around them) are resident, which is not a second copy
-    embedding_bytes = w["model.embed_tokens.weight"].nbytes
-    matrix_bytes = sum(a.nbytes for a in w.values() if a.ndim == 2) - embedding_bytes
+    stored = 4 if dtype == "F32" else 2  # bytes per weight in the file
+    embedding_bytes = w["model.embed_tokens.weight"].size * stored
+    matrix_bytes = sum(a.size for a in w.values() if a.ndim == 2) * stored - embedding_bytes
     resident = _mapping_rss_bytes(path)
     assert resident < 0.05 * matrix_bytes + embedding_bytes, \
         f"{resident} bytes of the file's {matrix_bytes} bytes of other matrices stay resident"

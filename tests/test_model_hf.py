@@ -107,20 +107,23 @@ def test_sharded_checkpoint(hf, tmp_path):
         lmdecode.Model.load(tmp_path)
 
 
-def test_f32_matrices_are_multiplied_in_packed_copies(hf):
-    """The engine copies every f32 matrix into panels (no padding here: every output dimension
-    is a multiple of the vector lanes) and stops holding the sources; a tied head is one copy,
-    whose rows the embedding lookups read too. bf16 and q8_0 matrices are read in place."""
-    model = lmdecode.Model.load(hf["path"])
+@pytest.mark.parametrize("dtype,bytes_per_weight", [("f32", 4), ("bf16", 2)])
+def test_f32_and_bf16_matrices_are_multiplied_in_packed_copies(hf, dtype, bytes_per_weight):
+    """The engine copies every f32 and bf16 matrix into panels (no padding here: every output
+    dimension is a multiple of the vector lanes, every input dimension even) and stops holding
+    the sources; a tied head is one copy, whose rows the embedding lookups read too. q8_0
+    matrices are read in place (those whose columns are no multiple of 32 stay f32, in panels)."""
+    model = lmdecode.Model.load(hf["path"], dtype=dtype)
     embeddings = ("model.embed_tokens.weight", "transformer.wte.weight", "transformer.wpe.weight")
     # lm_head.weight is in the state dict, tied or not
-    matrix_bytes = sum(a.nbytes for k, a in hf["state"].items() if a.ndim == 2 and k not in embeddings)
-    assert model._engine.panel_bytes == matrix_bytes
+    matrix_weights = sum(a.size for k, a in hf["state"].items() if a.ndim == 2 and k not in embeddings)
+    assert model._engine.panel_bytes == matrix_weights * bytes_per_weight
     borrowed = model._engine.borrowed
     assert not any(name == "output" or name.split(".")[-1].startswith("w") for name in borrowed)
     assert ("token_embedding" in borrowed) == (hf["kind"] not in ("qwen2", "gpt2"))  # untied: looked up in place
-    bf16 = lmdecode.Model.load(hf["path"], dtype="bf16")._engine
-    assert bf16.panel_bytes == 0 and {"output", "layers.0.w_up"} <= bf16.borrowed
+    q8_0 = lmdecode.Model.load(hf["path"], dtype="q8_0")._engine
+    f32_left = sum(a.nbytes for k, a in hf["state"].items() if a.ndim == 2 and k not in embeddings and a.shape[1] % 32)
+    assert q8_0.panel_bytes == f32_left and {"output", "layers.0.w_up"} <= q8_0.borrowed
 
 
 def test_incremental_decoding_equals_full_recompute(hf):

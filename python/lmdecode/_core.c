@@ -1289,17 +1289,19 @@ static int tensor_vector(PyObject *tensors, const char *name, npy_intp length, c
     return 1;
 }
 
+static int is_panels(lmd_dtype dtype) { return dtype == LMD_F32_PANELS || dtype == LMD_BF16_PANELS; }
+
 // removes from kept (name -> array) the matrices the model now multiplies in its own packed
 // copies; 0, or -1 with an exception
 static int drop_packed_sources(PyObject *kept, const lmd_model *model) {
     const lmd_weights *w = &model->weights;
-    if (w->output.dtype == LMD_F32_PANELS && PyDict_DelItemString(kept, "output") < 0) return -1;
-    if (w->token_embedding.dtype == LMD_F32_PANELS && PyDict_DelItemString(kept, "token_embedding") < 0) return -1;
+    if (is_panels(w->output.dtype) && PyDict_DelItemString(kept, "output") < 0) return -1;
+    if (is_panels(w->token_embedding.dtype) && PyDict_DelItemString(kept, "token_embedding") < 0) return -1;
     for (int32_t l = 0; l < model->config.n_layers; l++) {
         for (int i = 0; i < lmd_layer_matrix_count(&model->config); i++) {
             char name[64];
             snprintf(name, sizeof name, "layers.%d.%s", l, lmd_layer_matrix_names[i]);
-            if (lmd_layer_matrix(&w->layers[l], i)->dtype == LMD_F32_PANELS && PyDict_DelItemString(kept, name) < 0)
+            if (is_panels(lmd_layer_matrix(&w->layers[l], i)->dtype) && PyDict_DelItemString(kept, name) < 0)
                 return -1;
         }
     }
@@ -1392,7 +1394,7 @@ static int EngineModel_init(EngineModelObject *self, PyObject *args, PyObject *k
         PyErr_NoMemory();
         goto fail;
     }
-    /* keep alive only what the model still borrows: not the f32 matrices it copied into panels */
+    /* keep alive only what the model still borrows: not the matrices it copied into panels */
     PyObject *kept = PyDict_Copy(tensors);
     if (kept == NULL || drop_packed_sources(kept, model) < 0) {
         Py_XDECREF(kept);
@@ -1791,9 +1793,10 @@ static PyObject *EngineModel_get_borrowed(EngineModelObject *self, void *closure
 
 static PyGetSetDef EngineModel_getset[] = {
     {"panel_bytes", (getter)EngineModel_get_panel_bytes, NULL,
-     "bytes of the model's own copies of its f32 matrices, in panels", NULL},
+     "bytes of the model's own copies of its f32 and bf16 matrices, in panels", NULL},
     {"borrowed", (getter)EngineModel_get_borrowed, NULL,
-     "names of the tensors the model reads in place (the f32 matrices it copied are not among them)", NULL},
+     "names of the tensors the model reads in place (the f32 and bf16 matrices it copied are not among them)",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -15,7 +15,8 @@ Engine tensor names: ``token_embedding`` (V, D), ``position_embedding`` (T, D), 
 
 :func:`to_storage` turns sources into the arrays the C engine reads (float32, bfloat16 bits as
 uint16, or Q8_0 blocks as uint8, packed by ``_core.pack_q8_0`` in the engine's groups of 16 rows),
-borrowing whenever source and storage agree (the engine then copies f32 matrices into its panels).
+borrowing whenever source and storage agree (the engine then copies f32 and bf16 matrices into its
+panels).
 """
 from __future__ import annotations
 
@@ -195,15 +196,11 @@ def to_storage(tensors: dict, dtype: str) -> dict:
             out[name] = done[key]
             continue
         arr = matrix_storage(src, dtype) if is_matrix(name) else to_f32(src)
-        # f32 matrices: the engine multiplies its own copies (in panels) and Model releases a
-        # file's pages under them, so they need no aligned copy here (nor does an untied f32
-        # embedding, whose rows are only looked up)
-        engine_copies = is_matrix(name) and arr.dtype == np.float32
-        if is_matrix(name) and not engine_copies and arr.ctypes.data % 64 != 0 and _file_mapped(arr):
-            # a file's matrix off a cache line (safetensors data sits anywhere; a llama2.c body
-            # 28 bytes in): every vector load would span two lines (bf16 decoding slower), so it
-            # is copied to aligned memory and its file pages released below
-            arr = cache_line_aligned(arr)
+        # f32 and bf16 matrices: the engine multiplies its own copies (in panels) and Model
+        # releases a file's pages under them, so they need no aligned copy here, wherever the
+        # file put them (nor does an untied embedding, whose rows are only looked up); q8_0
+        # blocks are always repacked, into a new array
+        engine_copies = is_matrix(name) and arr.dtype != np.uint8
         if not np.may_share_memory(arr, src.data):
             if not engine_copies:
                 arr = cache_line_aligned(arr)  # ours to place; borrowed arrays stay where they are

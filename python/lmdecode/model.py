@@ -12,10 +12,11 @@ Q8_0 blocks, interleaved by 16 rows; inputs are quantized to blocks of 32 int8 a
 does and multiplied in integers). By default f32 files stay f32, bf16 stays bf16, f16 widens to f32 and quantized
 GGUF tensors (Q8_0, Q4_0, Q4_1) become q8_0. Q8_0 needs a multiple of 32 input features; a
 matrix without one (e.g. stories260K's 172-wide feed-forward) stays f32. Norm weights, biases and
-GPT-2's position table are always f32. bf16 and q8_0 weights whose storage equals the file's are
-memory mapped and never copied; the Model keeps the mapping alive. f32 matrices are copied once,
-into the engine's panels (16 rows side by side, one vector per column), and the file's pages
-under them released: the weights are still held once.
+GPT-2's position table are always f32. q8_0 weights whose storage equals the file's are memory
+mapped and never copied (Q8_0 blocks are repacked once); the Model keeps the mapping alive. f32
+and bf16 matrices are copied once, into the engine's panels (16 rows side by side, one vector per
+column; bf16 in column pairs), and the file's pages under them released: the weights are still
+held once.
 
 ``kv_dtype`` picks how the KV cache stores keys and values: ``"f32"`` (the default, exact) or
 ``"f16"`` (IEEE half precision, llama.cpp's default cache type): half the memory and half the

@@ -459,6 +459,13 @@ static void *make_matrix(lmd_matrix *w_out, test_rng *r, lmd_dtype dtype, int64_
         lmd_pack_f32_panels(panels, f, rows, cols);
         free(f);
         data = panels;
+    } else if (dtype == LMD_BF16_PANELS) {
+        uint16_t *b = malloc((size_t)(rows * cols) * sizeof(uint16_t));
+        for (int64_t i = 0; i < rows * cols; i++) b[i] = lmd_f32_to_bf16(f[i]);
+        void *panels = malloc(lmd_bf16_panels_bytes(rows, cols));
+        lmd_pack_bf16_panels(panels, b, rows, cols);
+        free(f), free(b);
+        data = panels;
     }
     *w_out = (lmd_matrix){data, dtype, rows, cols};
     return data;
@@ -468,9 +475,9 @@ static void test_matmul_against_naive(void) {
     static const int64_t rows_f[] = {1, 3, 5, 6, 13};
     static const int64_t cols_f[] = {1, 3, 7, 17, 33, 101}; /* none a multiple of 4 */
     static const int64_t cols_q[] = {32, 96, 160};
-    const lmd_dtype dtypes[4] = {LMD_F32, LMD_BF16, LMD_Q8_0, LMD_F32_PANELS};
+    const lmd_dtype dtypes[5] = {LMD_F32, LMD_BF16, LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS};
     test_rng r = {31};
-    for (int di = 0; di < 4; di++) {
+    for (int di = 0; di < 5; di++) {
         err_meter m = {NULL, 0, 0};
         char name[32];
         snprintf(name, sizeof name, "matmul %s", lmd_dtype_name(dtypes[di]));
@@ -518,13 +525,13 @@ static void test_matmul_against_naive(void) {
  * position of a batch of 7, and with 1 or 2 threads. The sizes put d * n * B above the
  * kernel's threshold for going parallel. */
 static void test_matmul_batch_and_thread_invariance(void) {
-    const lmd_dtype dtypes[4] = {LMD_F32, LMD_BF16, LMD_Q8_0, LMD_F32_PANELS};
-    const int64_t cols[4] = {1003, 1003, 1024, 1003}, rows = 67; /* 16 full row tiles + 3 rows */
+    const lmd_dtype dtypes[5] = {LMD_F32, LMD_BF16, LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS};
+    const int64_t cols[5] = {1003, 1003, 1024, 1003, 1003}, rows = 67; /* 16 full row tiles + 3 rows */
     const int B = 7;
     test_rng r = {41};
     printf("  openmp %s, %d threads by default, vectors of %d bytes\n",
            lmd_built_with_openmp() ? "on" : "off", lmd_get_num_threads(), lmd_vector_bytes());
-    for (int di = 0; di < 4; di++) {
+    for (int di = 0; di < 5; di++) {
         const int64_t n = cols[di], d = rows;
         lmd_matrix w;
         void *data = make_matrix(&w, &r, dtypes[di], d, n);
@@ -663,17 +670,32 @@ static void test_matmul_f32_rows_off_cache_lines(void) {
     }
 }
 
-/* f32 panels: lmd_pack_f32_panels keeps every row (lmd_matrix_row gives it back), and every
- * output of a matmul in panels is, bit for bit, the FMA chain of its row and input over each
- * block of 64 columns from 0 (a * b + c, rounded twice, in a build without FMA), the block
- * sums added in order, whichever tile shape, slice of inputs or thread produced it. Rows:
- * one, part of a panel, whole panels, and several tiles of them with a ragged last; columns:
- * less than a block, one, two and a part; inputs: one (decode) to three slices of 64. */
-static float fma_chain(const float *w, const float *x, int64_t n) {
+/* Panels: lmd_pack_f32_panels and lmd_pack_bf16_panels keep every row (lmd_matrix_row gives
+ * it back), and every output of a matmul in panels is, bit for bit, the multiply-add chain
+ * of its row and input over each block of 64 columns from 0, the block sums added in order,
+ * whichever tile shape, slice of inputs or thread produced it:
+ *   f32 panels, and bf16 ones without bf16 dot products: an FMA per column (a * b + c,
+ *   rounded twice, in a build without FMA), the bf16 weights widened exactly;
+ *   bf16 with dot products (VDPBF16PS): the inputs rounded to bf16, and per column pair
+ *   acc += w[2k+1] x[2k+1], then acc += w[2k] x[2k], each product exact (8-bit
+ *   significands) and each sum rounded, as the instruction is specified.
+ * Rows: one, part of a panel, whole panels, and several tiles of them with a ragged last;
+ * columns: one, odd (a last pair of one column), less than a block, one, two and a part;
+ * inputs: one (decode) to three slices of 64. */
+static float panel_chain(const float *w, const float *x, int64_t n, int bf16_dot) {
     float total = 0.0f;
     for (int64_t k0 = 0; k0 < n; k0 += 64) {
         float acc = 0.0f;
         for (int64_t k = k0; k < n && k < k0 + 64; k++) {
+            if (bf16_dot) {
+                const float xe = lmd_bf16_to_f32(lmd_f32_to_bf16(x[k]));
+                const float xo = k + 1 < n ? lmd_bf16_to_f32(lmd_f32_to_bf16(x[k + 1])) : 0.0f;
+                const float wo = k + 1 < n ? w[k + 1] : 0.0f;
+                volatile float odd = acc + wo * xo; /* rounded: no contraction into one FMA */
+                acc = odd + w[k] * xe;
+                k++;
+                continue;
+            }
 #if defined(__FMA__) || defined(__AVX512F__)
             acc = fmaf(w[k], x[k], acc);
 #else
@@ -686,61 +708,70 @@ static float fma_chain(const float *w, const float *x, int64_t n) {
 }
 
 static void test_matmul_panels(void) {
-    const int64_t rows[5] = {1, 13, 32, 67, 300}, cols[5] = {1, 7, 64, 128, 172};
+    const int64_t rows[5] = {1, 13, 32, 67, 300}, cols[6] = {1, 7, 64, 128, 172, 201};
     const int batches[6] = {1, 2, 6, 7, 64, 130};
     test_rng r = {53};
-    for (int ri = 0; ri < 5; ri++)
-        for (int ci = 0; ci < 5; ci++) {
-            const int64_t d = rows[ri], n = cols[ci];
-            float *wf = malloc((size_t)(d * n) * sizeof(float)), *row = malloc((size_t)n * sizeof(float));
-            float *panels = malloc(lmd_panels_bytes(d, n));
-            test_fill(&r, wf, d * n, -1.0f, 1.0f);
-            lmd_pack_f32_panels(panels, wf, d, n);
-            const int64_t lanes = lmd_vector_bytes() / 4;
-            CHECK(lmd_panels_bytes(d, n) == (size_t)((d + lanes - 1) / lanes * n * lanes) * sizeof(float));
-            const lmd_matrix w = {panels, LMD_F32_PANELS, d, n};
-            for (int64_t i = 0; i < d; i++) {
-                lmd_matrix_row(row, &w, i);
-                CHECK(memcmp(row, wf + i * n, (size_t)n * sizeof(float)) == 0);
-            }
-            for (int bi = 0; bi < 6; bi++)
-                for (int threads = 1; threads <= 2; threads++) {
-                    const int B = batches[bi];
-                    lmd_set_num_threads(threads);
-                    float *x = malloc((size_t)(B * n) * sizeof(float)), *out = malloc((size_t)(B * d) * sizeof(float));
-                    test_fill(&r, x, B * n, -1.0f, 1.0f);
-                    lmd_matmul(out, x, &w, B);
-                    int mismatches = 0;
-                    for (int b = 0; b < B; b++)
-                        for (int64_t i = 0; i < d; i++) {
-                            const float want = fma_chain(wf + i * n, x + b * n, n);
-                            mismatches += memcmp(&want, out + b * d + i, sizeof want) != 0;
-                        }
-                    if (mismatches) {
-                        fprintf(stderr,
-                                "matmul f32 panels d=%lld n=%lld B=%d threads=%d: %d outputs differ from the FMA chain\n",
-                                (long long)d, (long long)n, B, threads, mismatches);
-                        test_failures++;
-                    }
-                    free(x), free(out);
+    for (int bf16 = 0; bf16 <= 1; bf16++)
+        for (int ri = 0; ri < 5; ri++)
+            for (int ci = 0; ci < 6; ci++) {
+                const int64_t d = rows[ri], n = cols[ci], lanes = lmd_vector_bytes() / 4;
+                float *wf = malloc((size_t)(d * n) * sizeof(float)), *row = malloc((size_t)n * sizeof(float));
+                uint16_t *wb = malloc((size_t)(d * n) * sizeof(uint16_t));
+                test_fill(&r, wf, d * n, -1.0f, 1.0f);
+                void *panels;
+                if (bf16) {
+                    for (int64_t i = 0; i < d * n; i++) wf[i] = lmd_bf16_to_f32(wb[i] = lmd_f32_to_bf16(wf[i]));
+                    panels = malloc(lmd_bf16_panels_bytes(d, n));
+                    lmd_pack_bf16_panels(panels, wb, d, n);
+                    CHECK(lmd_bf16_panels_bytes(d, n) == (size_t)((d + lanes - 1) / lanes * ((n + 1) / 2) * lanes) * 4);
+                } else {
+                    panels = malloc(lmd_panels_bytes(d, n));
+                    lmd_pack_f32_panels(panels, wf, d, n);
+                    CHECK(lmd_panels_bytes(d, n) == (size_t)((d + lanes - 1) / lanes * n * lanes) * sizeof(float));
                 }
-            lmd_set_num_threads(0);
-            free(wf), free(row), free(panels);
-        }
+                const lmd_matrix w = {panels, bf16 ? LMD_BF16_PANELS : LMD_F32_PANELS, d, n};
+                const int dot = bf16 && lmd_bf16_rounds_inputs();
+                for (int64_t i = 0; i < d; i++) {
+                    lmd_matrix_row(row, &w, i);
+                    CHECK(memcmp(row, wf + i * n, (size_t)n * sizeof(float)) == 0);
+                }
+                for (int bi = 0; bi < 6; bi++)
+                    for (int threads = 1; threads <= 2; threads++) {
+                        const int B = batches[bi];
+                        lmd_set_num_threads(threads);
+                        float *x = malloc((size_t)(B * n) * sizeof(float)), *out = malloc((size_t)(B * d) * sizeof(float));
+                        test_fill(&r, x, B * n, -1.0f, 1.0f);
+                        lmd_matmul(out, x, &w, B);
+                        int mismatches = 0;
+                        for (int b = 0; b < B; b++)
+                            for (int64_t i = 0; i < d; i++) {
+                                const float want = panel_chain(wf + i * n, x + b * n, n, dot);
+                                mismatches += memcmp(&want, out + b * d + i, sizeof want) != 0;
+                            }
+                        if (mismatches) {
+                            fprintf(stderr, "matmul %s d=%lld n=%lld B=%d threads=%d: %d outputs differ from the chain\n",
+                                    lmd_dtype_name(w.dtype), (long long)d, (long long)n, B, threads, mismatches);
+                            test_failures++;
+                        }
+                        free(x), free(out);
+                    }
+                lmd_set_num_threads(0);
+                free(wf), free(wb), free(row), free(panels);
+            }
 }
 
 /* lmd_matmul_scratch (inputs rounded to bf16, or quantized for q8_0, once per call) gives
  * the very bits of lmd_matmul (rounding in every tile; quantizing on the stack in chunks),
  * for every dtype, batch and thread count, and leaves x alone. */
 static void test_matmul_scratch_is_identical(void) {
-    const lmd_dtype dtypes[4] = {LMD_F32, LMD_BF16, LMD_Q8_0, LMD_F32_PANELS};
+    const lmd_dtype dtypes[5] = {LMD_F32, LMD_BF16, LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS};
     const int64_t cols_f[5] = {31, 64, 100, 768, 4096}, cols_q[5] = {32, 64, 96, 768, 4096};
     /* 70 x 4096 inputs pass in three groups; without scratch, q8_0 quantizes them on the
      * stack 12 at a time */
     const int batches[5] = {1, 3, 7, 20, 70};
     const int64_t d = 13;
     test_rng r = {47};
-    for (int di = 0; di < 4; di++)
+    for (int di = 0; di < 5; di++)
         for (int ci = 0; ci < 5; ci++) {
             const int64_t n = dtypes[di] == LMD_Q8_0 ? cols_q[ci] : cols_f[ci];
             lmd_matrix w;
