@@ -305,9 +305,7 @@ float lmd_dot_q8_0(const uint8_t *w_blocks, const float *x, int64_t n) {
 /* vector helpers private to the kernels                                */
 /* ------------------------------------------------------------------ */
 
-typedef uint16_t vu16 __attribute__((vector_size(LMD_VEC_LANES * 2)));
 typedef uint32_t vu32 __attribute__((vector_size(LMD_VEC_BYTES)));
-typedef int8_t vi8 __attribute__((vector_size(LMD_VEC_LANES)));
 
 /* a * b + c with one rounding where the ISA has FMA (ISO C mode does not contract). */
 static inline vf vzero_f(void) { return (vf){0}; }
@@ -324,35 +322,11 @@ static inline vf vfma(vf a, vf b, vf c) {
 
 static inline float vsum(vf v) { return vhsum(v); }
 
-/* LANES bfloat16 values -> floats (exact) */
-static inline vf vload_bf16(const uint8_t *p) {
-    vu16 h;
-    memcpy(&h, p, sizeof h);
-    vu32 w = __builtin_convertvector(h, vu32) << 16;
-    return (vf)w;
-}
-
-/* LANES int8 values -> floats (exact). GCC scalarizes a vector-extension
- * conversion from int8 lanes, so the sign extension uses the ISA's instruction. */
-static inline vf vload_i8(const uint8_t *p) {
-#if defined(__AVX512F__) && LMD_VEC_BYTES == 64
-    __m512i wide = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(const void *)p));
-    return (vf)_mm512_cvtepi32_ps(wide);
-#elif defined(__AVX2__) && LMD_VEC_BYTES == 32
-    __m256i wide = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p));
-    return (vf)_mm256_cvtepi32_ps(wide);
-#else
-    vf out;
-    for (int j = 0; j < LMD_VEC_LANES; j++) out[j] = (float)(int8_t)p[j];
-    return out;
-#endif
-}
-
 float lmd_dot(const float *x, const float *y, int n) {
     vf acc = vzero_f();
     int k = 0;
     for (; k + LMD_VEC_LANES <= n; k += LMD_VEC_LANES) acc = vfma(vload(x + k), vload(y + k), acc);
-    /* the last n % LANES in one zero-padded step, as the f32 matmul tiles sum them */
+    /* the last n % LANES in one zero-padded step, into the same lanes */
     if (k < n) acc = vfma(vload_partial(x + k, n - k, 0.0f), vload_partial(y + k, n - k, 0.0f), acc);
     return vsum(acc);
 }
@@ -368,356 +342,36 @@ void lmd_axpy(float *y, float a, const float *x, int n) {
 /* matmul                                                               */
 /* ------------------------------------------------------------------ */
 
-/* A tile is nr weight rows x nc batch rows of outputs, each with its own vector
- * accumulator held in a register: every step over k loads nr weight vectors and
- * nc input vectors for nr * nc FMAs. The tile kernels are always inlined with
- * constant nr and nc (see row_block below), so the accumulators never spill.
- * Every accumulator sums its own (row, batch row) pair over k in the same
- * order whatever the tile shape, batch size or thread count, so a batch row's
- * result is bit-identical alone or inside any batch. */
-#define MAX_TILE_R 8
-#define MAX_TILE_C 6
-#define ROW_BLOCK 8 /* weight rows per parallel work item */
-
-/* Bytes of L1 a tile's working set may take (L1d is 32-48 KB on current x86 cores). */
-#define L1_BUDGET (40 * 1024)
-
+/* The kernels multiply packed weights: f32 and bf16 matrices in panels, q8_0 in groups of
+ * rows (ops.h). Each output sums its products in one fixed order whatever the tile shape,
+ * batch size or thread count, so a batch row's result is bit-identical alone or inside any
+ * batch. The tile kernels are always inlined with constant shapes, so that their
+ * accumulators stay in registers. Row-major f32 and bf16 matrices are what the model packs
+ * at init; lmd_matmul takes them through lmd_matmul_naive. */
 #define ALWAYS_INLINE inline __attribute__((always_inline))
-
-/* Weight rows are streamed from memory once per call: each tile prefetches the
- * same offsets of the rows one row block (ROW_BLOCK rows) further on, which the
- * next work item will read (rows of a few hundred bytes are too short for the
- * hardware prefetchers to learn). Returns that distance in weights, or 0 (the
- * tile's own data, harmless) when the next block would run past the matrix. */
-#define PREFETCH_AHEAD(r0, nr, d, n) ((r0) + (nr) + ROW_BLOCK <= (d) ? (int64_t)ROW_BLOCK * (n) : 0)
-/* ... except f32 rows against one or two inputs (decode), which stream at memory speed
- * and where the hardware prefetchers do better alone: without the software prefetches an
- * f32 32000 x 768 product reads 33-37 GB/s instead of 31-32 (one thread, this Zen 5; bf16
- * and q8_0 tiles, which compute more per byte, lost 5-10% without theirs). */
-#define PREFETCH_AHEAD_F32(nc, r0, nr, d, n) ((nc) <= 2 ? 0 : PREFETCH_AHEAD(r0, nr, d, n))
 
 /* IN_REGISTER (vec.h) keeps each loaded input vector in a register: left alone, GCC
  * folded the load into every FMA that uses it as a memory operand, so a 4 x 6 tile issued
  * 24 input loads per step instead of 6 and became load-bound (+14% for 256-token batches,
- * 1.6 x faster for 4 tokens through 2048 columns with it). The f32 tiles pin their weight
- * vectors too when several inputs share them: an 8 x 2 tile loaded each weight vector
- * twice, and four inputs (a beam step) took 17.3 ms instead of 15.2 for 393 MB of rows. */
-
-#if defined(__AVX512F__) && LMD_VEC_BYTES == 64
-#define LMD_SUM4 1
-/* vsum of four vectors at once, by the same tree: lane j + lane j+8, then + j+4, + j+2,
- * + j+1. Whole-register shuffles serve all four, so a 4 x 6 tile's 24 totals take 6
- * of these instead of 24 separate reductions. */
-static inline __m128 sum4(vf a_, vf b_, vf c_, vf d_) {
-    const __m512 a = (__m512)a_, b = (__m512)b_, c = (__m512)c_, d = (__m512)d_;
-    /* 128-bit quarters: ab = (a0+a2, a1+a3, b0+b2, b1+b3), cd likewise */
-    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
-    /* quarter i holds input i's four-lane partial: (a0+a2)+(a1+a3), ... */
-    const __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-    const __m512 pairs = _mm512_add_ps(q, _mm512_permute_ps(q, 0x4E));          /* lanes j + j+2 */
-    const __m512 totals = _mm512_add_ps(pairs, _mm512_permute_ps(pairs, 0xB1)); /* lanes j + j+1 */
-    const __m512i lanes_0_4_8_12 = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-    return _mm512_castps512_ps128(_mm512_permutexvar_ps(lanes_0_4_8_12, totals));
-}
-
-// out[(c0 + c) * d + r0 + r] = lane total of acc[r][c] for r < nr (a multiple of 4), c < nc:
-// four rows of one input side by side in the output
-static ALWAYS_INLINE void store_totals4(float *out, vf acc[MAX_TILE_R][MAX_TILE_C], int64_t d, int64_t r0, int nr,
-                                        int c0, int nc) {
-    for (int r = 0; r < nr; r += 4)
-        for (int c = 0; c < nc; c++)
-            _mm_storeu_ps(out + (int64_t)(c0 + c) * d + r0 + r,
-                          sum4(acc[r][c], acc[r + 1][c], acc[r + 2][c], acc[r + 3][c]));
-}
-#else
-#define LMD_SUM4 0
-#endif
-
-// rows r0..r0+nr of W (d,n) f32, w_rows (nr,n) pointing at row r0, against batch rows
-// c0..c0+nc of x (B,n) -> out (B,d); prefetches prefetch_bytes beyond each row read
-static ALWAYS_INLINE void tile_f32_rows(float *out, const float *x, const float *w_rows,
-                                        int64_t prefetch_bytes, int64_t n, int64_t d, int64_t r0, int nr,
-                                        int c0, int nc) {
-    vf acc[MAX_TILE_R][MAX_TILE_C];
-    /* One pointer per row and per input, stepped together: with the prefetch distance as
-     * a byte offset from the row pointers, 4 x 6 tiles need no more integer registers than
-     * x86-64 has (the compiler spilled the vector inputs to the stack otherwise). */
-    const float *wp[MAX_TILE_R], *xp[MAX_TILE_C];
-    for (int r = 0; r < nr; r++) {
-        wp[r] = w_rows + r * n;
-        for (int c = 0; c < nc; c++) acc[r][c] = vzero_f();
-    }
-    for (int c = 0; c < nc; c++) xp[c] = x + (int64_t)(c0 + c) * n;
-    const int64_t nv = n - n % LMD_VEC_LANES;
-    for (int64_t k = 0; k < nv; k += LMD_VEC_LANES) {
-        vf wv[MAX_TILE_R];
-        for (int r = 0; r < nr; r++) {
-            /* integer arithmetic: the prefetched rows may lie in another object (staged rows) */
-            if (prefetch_bytes != 0)
-                __builtin_prefetch((const void *)((uintptr_t)wp[r] + (uintptr_t)prefetch_bytes));
-            wv[r] = vload(wp[r]);
-            if (nc > 1) IN_REGISTER(wv[r]); /* one load for the inputs */
-            wp[r] += LMD_VEC_LANES;
-        }
-        for (int c = 0; c < nc; c++) {
-            vf xv = vload(xp[c]);
-            IN_REGISTER(xv);
-            xp[c] += LMD_VEC_LANES;
-            for (int r = 0; r < nr; r++) acc[r][c] = vfma(wv[r], xv, acc[r][c]);
-        }
-    }
-    if (nv < n) {
-        /* the last n % LANES columns as one more step of zero-padded vectors (masked loads
-         * with AVX-512), into the same lanes: a scalar tail with a lone reduction per total
-         * had made a 64 x 172 product (the stories260K feed-forward) half as fast as 64 x 64 */
-        const int64_t m = n - nv;
-        vf wv[MAX_TILE_R];
-        for (int r = 0; r < nr; r++) wv[r] = vload_partial(wp[r], m, 0.0f);
-        for (int c = 0; c < nc; c++) {
-            const vf xv = vload_partial(xp[c], m, 0.0f);
-            for (int r = 0; r < nr; r++) acc[r][c] = vfma(wv[r], xv, acc[r][c]);
-        }
-    }
-#if LMD_SUM4
-    if (nr % 4 == 0) {
-        store_totals4(out, acc, d, r0, nr, c0, nc);
-        return;
-    }
-#endif
-    for (int r = 0; r < nr; r++)
-        for (int c = 0; c < nc; c++) out[(int64_t)(c0 + c) * d + r0 + r] = vsum(acc[r][c]);
-}
-
-static ALWAYS_INLINE void tile_f32(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,
-                                   int64_t d, int64_t r0, int nr, int c0, int nc) {
-    (void)xb;
-    tile_f32_rows(out, x, (const float *)(const void *)w + r0 * n,
-                  (int64_t)sizeof(float) * PREFETCH_AHEAD_F32(nc, r0, nr, d, n), n, d, r0, nr, c0, nc);
-}
-
-// s + sum of bf16 row wr (n,) times float xc (n,) over k in [from, n): the inputs a
-// vector step did not cover
-static inline float bf16_tail_sum(float s, const uint8_t *wr, const float *xc, int64_t from, int64_t n) {
-    for (int64_t k = from; k < n; k++) {
-        uint16_t b;
-        memcpy(&b, wr + 2 * k, 2);
-        s += lmd_bf16_to_f32(b) * xc[k];
-    }
-    return s;
-}
+ * 1.6 x faster for 4 tokens through 2048 columns with it). The tiles pin their weight
+ * vectors too when several inputs share them (measured on the row-major tiles the panels
+ * replaced: an 8 x 2 tile loaded each weight vector twice, and four inputs, a beam step,
+ * took 17.3 ms instead of 15.2 for 393 MB of rows). */
 
 #if defined(__AVX512BF16__) && LMD_VEC_BYTES == 64
 #define LMD_BF16_DOT 1
 /* bf16 weights with the CPU's bf16 dot products (VDPBF16PS): the inputs are rounded to
- * bf16 (nearest even), 32 at a time, and each instruction adds 32 products into 16
- * float lanes, twice the multiply-adds of a float FMA. llama.cpp multiplies bf16
- * weights the same way. The last n % 32 inputs stay float. */
-// x (32,) floats -> 32 bf16 (nearest even), as the dot products take them: the one rounding
-// both the tiles and round_inputs_bf16 use, so pre-rounded inputs are the same bits
+ * bf16 (nearest even), and each instruction adds 32 products into 16 float lanes, twice
+ * the multiply-adds of a float FMA. llama.cpp multiplies bf16 weights the same way. */
+// x (32,) floats -> 32 bf16 (nearest even), as the dot products take them
 static inline __m512bh round_bf16x32(const float *x) {
     return _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + 16), _mm512_loadu_ps(x));
 }
-
-// the k steps of a bf16 tile into acc; inputs from xb (B, n32) already rounded, or rounded here
-static ALWAYS_INLINE void bf16_steps(__m512 acc[MAX_TILE_R][MAX_TILE_C], const float *x, const uint16_t *xb,
-                                     const uint8_t *w, int64_t n, int64_t n32, int64_t r0, int nr, int c0, int nc,
-                                     int64_t prefetch_ahead, const int rounded) {
-    /* one input (decoding): one pointer per row, stepped, and the prefetch distance as one
-     * offset from them (as in tile_f32_rows). Addresses computed per row and step, with a
-     * prefetch pointer each, took more integer registers than x86-64 has and spilled (393 MB of
-     * rows of 768: 13.0 -> 12.4 ms); with more inputs they measured faster. */
-    const uint8_t *wp[MAX_TILE_R];
-    for (int r = 0; r < nr; r++) wp[r] = w + (r0 + r) * n * 2;
-    for (int64_t k = 0; k < n32; k += 32) {
-        __m512bh xv[MAX_TILE_C];
-        for (int c = 0; c < nc; c++) {
-            if (rounded) {
-                xv[c] = (__m512bh)_mm512_loadu_si512((const void *)(xb + (int64_t)(c0 + c) * n32 + k));
-            } else {
-                xv[c] = round_bf16x32(x + (int64_t)(c0 + c) * n + k);
-            }
-        }
-        for (int r = 0; r < nr; r++) {
-            const uint8_t *wr = nc == 1 ? wp[r] : w + ((r0 + r) * n + k) * 2;
-            if (nc == 1) wp[r] += 64;
-            __builtin_prefetch(wr + prefetch_ahead);
-            __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)wr);
-            for (int c = 0; c < nc; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv, xv[c]);
-        }
-    }
-}
-
-static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,
-                                    int64_t d, int64_t r0, int nr, int c0, int nc) {
-    __m512 acc[MAX_TILE_R][MAX_TILE_C];
-    const int64_t prefetch_ahead = 2 * PREFETCH_AHEAD(r0, nr, d, n);
-    for (int r = 0; r < nr; r++)
-        for (int c = 0; c < nc; c++) acc[r][c] = _mm512_setzero_ps();
-    const int64_t n32 = n - n % 32;
-    if (xb != NULL) bf16_steps(acc, x, xb, w, n, n32, r0, nr, c0, nc, prefetch_ahead, 1);
-    else bf16_steps(acc, x, xb, w, n, n32, r0, nr, c0, nc, prefetch_ahead, 0);
-    /* __m512 and vf are the same 16 floats (the loop above compiles best on __m512) */
-    vf (*const totals)[MAX_TILE_C] = (vf (*)[MAX_TILE_C])(void *)acc;
-    if (n32 == n && nr % 4 == 0) {
-        store_totals4(out, totals, d, r0, nr, c0, nc);
-        return;
-    }
-    for (int r = 0; r < nr; r++)
-        for (int c = 0; c < nc; c++)
-            out[(int64_t)(c0 + c) * d + r0 + r] =
-                bf16_tail_sum(vsum(totals[r][c]), w + (r0 + r) * n * 2, x + (int64_t)(c0 + c) * n, n32, n);
-}
 #else
 #define LMD_BF16_DOT 0
-static ALWAYS_INLINE void tile_bf16(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,
-                                    int64_t d, int64_t r0, int nr, int c0, int nc) {
-    (void)xb;
-    vf acc[MAX_TILE_R][MAX_TILE_C];
-    const int64_t prefetch_ahead = 2 * PREFETCH_AHEAD(r0, nr, d, n);
-    for (int r = 0; r < nr; r++)
-        for (int c = 0; c < nc; c++) acc[r][c] = vzero_f();
-    int64_t nv = n - n % LMD_VEC_LANES;
-    for (int64_t k = 0; k < nv; k += LMD_VEC_LANES) {
-        vf xv[MAX_TILE_C];
-        for (int c = 0; c < nc; c++) xv[c] = vload(x + (int64_t)(c0 + c) * n + k);
-        for (int r = 0; r < nr; r++) {
-            if (k % 32 == 0) __builtin_prefetch(w + ((r0 + r) * n + k) * 2 + prefetch_ahead);
-            vf wv = vload_bf16(w + ((r0 + r) * n + k) * 2);
-            for (int c = 0; c < nc; c++) acc[r][c] = vfma(wv, xv[c], acc[r][c]);
-        }
-    }
-    for (int r = 0; r < nr; r++)
-        for (int c = 0; c < nc; c++) {
-            out[(int64_t)(c0 + c) * d + r0 + r] =
-                bf16_tail_sum(vsum(acc[r][c]), w + (r0 + r) * n * 2, x + (int64_t)(c0 + c) * n, nv, n);
-        }
-}
 #endif
 
 int lmd_bf16_rounds_inputs(void) { return LMD_BF16_DOT; }
-
-#if LMD_BF16_DOT
-// x (B, n) -> xb (B, n - n % 32): each input rounded to bf16 once, as tile_bf16 rounds it
-static void round_inputs_bf16(uint16_t *xb, const float *x, int B, int64_t n) {
-    const int64_t n32 = n - n % 32;
-    for (int b = 0; b < B; b++)
-        for (int64_t k = 0; k < n32; k += 32)
-            _mm512_storeu_si512((void *)(xb + (int64_t)b * n32 + k), (__m512i)round_bf16x32(x + (int64_t)b * n + k));
-}
-#endif
-
-/* One parallel work item: weight rows r0 .. r0+nr (nr <= ROW_BLOCK) against every batch
- * row, in chunks of up to MAX_TILE_C batch rows. The rows stay in L1/L2 across chunks.
- * Tile shapes: 8 x 1 and 8 x 2 (decode of one or two sequences: eight independent
- * accumulator chains hide the FMA latency), 4 x 3 to 4 x 6 (prefill, batches: 24
- * accumulators and 10 loads per 24 FMAs in AVX-512's 32 registers). */
-#define TILE_ANY_C(tile, r0, nr, c0, nc)                                                            \
-    switch (nc) {                                                                                   \
-    case 1: tile(out, x, xb, w, n, d, r0, nr, c0, 1); break;                                        \
-    case 2: tile(out, x, xb, w, n, d, r0, nr, c0, 2); break;                                        \
-    case 3: tile(out, x, xb, w, n, d, r0, nr, c0, 3); break;                                        \
-    case 4: tile(out, x, xb, w, n, d, r0, nr, c0, 4); break;                                        \
-    case 5: tile(out, x, xb, w, n, d, r0, nr, c0, 5); break;                                        \
-    default: tile(out, x, xb, w, n, d, r0, nr, c0, 6); break;                                       \
-    }
-
-#define DEFINE_ROW_BLOCK(name, tile)                                                                \
-    static void name(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n,   \
-                     int64_t d, int64_t r0, int nr, int B, int by_halves) {                         \
-        if (nr == ROW_BLOCK && B <= 2) { /* decode: eight rows at once */                           \
-            if (B == 1) tile(out, x, xb, w, n, d, r0, 8, 0, 1);                                     \
-            else tile(out, x, xb, w, n, d, r0, 8, 0, 2);                                            \
-        } else if (nr == ROW_BLOCK) {                                                               \
-            /* two 4-row halves x the batch's slices of MAX_TILE_C rows; by_halves picks the   */   \
-            /* order (half-major keeps four rows in L1 while all slices pass)                 */    \
-            const int n_slices = (B + MAX_TILE_C - 1) / MAX_TILE_C;                                 \
-            for (int i = 0; i < 2 * n_slices; i++) {                                                \
-                int half = by_halves ? i / n_slices : i % 2;                                        \
-                int c0 = (by_halves ? i % n_slices : i / 2) * MAX_TILE_C;                           \
-                int nc = B - c0 < MAX_TILE_C ? B - c0 : MAX_TILE_C;                                 \
-                TILE_ANY_C(tile, r0 + 4 * half, 4, c0, nc)                                          \
-            }                                                                                       \
-        } else { /* the matrix's last rows: four at a time, then one */                             \
-            for (int r = 0; r < nr;) {                                                              \
-                const int rows = nr - r >= 4 ? 4 : 1;                                               \
-                for (int c0 = 0; c0 < B; c0 += MAX_TILE_C) {                                        \
-                    int nc = B - c0 < MAX_TILE_C ? B - c0 : MAX_TILE_C;                             \
-                    if (rows == 4) {                                                                \
-                        TILE_ANY_C(tile, r0 + r, 4, c0, nc)                                         \
-                    } else {                                                                        \
-                        TILE_ANY_C(tile, r0 + r, 1, c0, nc)                                         \
-                    }                                                                               \
-                }                                                                                   \
-                r += rows;                                                                          \
-            }                                                                                       \
-        }                                                                                           \
-    }
-
-DEFINE_ROW_BLOCK(row_block_f32_tiles, tile_f32)
-DEFINE_ROW_BLOCK(row_block_bf16, tile_bf16)
-
-/* f32 batches through staged rows: four weight rows at a time are copied into a
- * cache-line-aligned buffer on the stack, which then meets the whole batch there, in L1.
- * Rows off cache lines (NumPy's arrays sit 16 bytes off; safetensors and GGUF data
- * anywhere) cost every vector load two lines: -12% at 256 inputs, and 2 x slower at 3
- * and 4 (a beam step). From STAGED_MIN_BATCH inputs on, aligned rows gain too (the copy
- * streams the memory with few instructions: 3 to 7 inputs 6-12% faster); two inputs stay
- * on the 8 x 2 tiles, where the copy costs more than it saves. Longer rows stay on the
- * tiles. Same arithmetic either way. */
-#define STAGED_MIN_BATCH 3
-#define STAGED_MAX_COLS 4096
-
-// rows (4, n) of f32 -> out (4, n), an aligned copy
-static void copy_f32_rows(float *out, const uint8_t *w, size_t row_bytes, int64_t n, int64_t prefetch_bytes) {
-    for (int r = 0; r < 4; r++) {
-        const uint8_t *row = w + (size_t)r * row_bytes;
-        for (size_t k = 0; k < row_bytes; k += 64) __builtin_prefetch(row + k + prefetch_bytes);
-        memcpy(out + r * n, row, (size_t)n * sizeof(float));
-    }
-}
-
-// rows r0..r0+8 of W (d,n) f32 against the whole batch: each half of the block is copied
-// into an aligned buffer and passes every slice of inputs through the f32 tile, out of L1
-static void row_block_staged(float *out, const float *x, const uint8_t *w, int64_t n, int64_t d, int64_t r0,
-                             int B) {
-    float staged[4 * STAGED_MAX_COLS] __attribute__((aligned(64)));
-    const size_t row_bytes = (size_t)n * sizeof(float);
-    /* staging streams the rows: prefetch the next row block's as it goes */
-    const int64_t prefetch_bytes = (int64_t)row_bytes * ROW_BLOCK * (r0 + 2 * ROW_BLOCK <= d);
-    for (int half = 0; half < 2; half++) {
-        const uint8_t *rows = w + (size_t)(r0 + 4 * half) * row_bytes;
-        copy_f32_rows(staged, rows, row_bytes, n, prefetch_bytes);
-        /* and the first slice of inputs prefetches them again while it computes, spread over
-         * its steps: the copy's burst of prefetches alone left the memory idle during the
-         * compute (four inputs 15.8 -> 14.0 ms, six 19.5 -> 14.7 for 393 MB of rows 16 bytes
-         * off cache lines, one thread) */
-        const int64_t from_staged =
-            prefetch_bytes == 0 ? 0 : (int64_t)((uintptr_t)(rows + prefetch_bytes) - (uintptr_t)staged);
-        for (int c0 = 0; c0 < B; c0 += MAX_TILE_C) {
-            const int nc = B - c0 < MAX_TILE_C ? B - c0 : MAX_TILE_C;
-#define TILE_STAGED(nc_)                                                                           \
-    tile_f32_rows(out, x, staged, c0 == 0 ? from_staged : 0, n, d, r0 + 4 * half, 4, c0, nc_)
-            switch (nc) {
-            case 1: TILE_STAGED(1); break;
-            case 2: TILE_STAGED(2); break;
-            case 3: TILE_STAGED(3); break;
-            case 4: TILE_STAGED(4); break;
-            case 5: TILE_STAGED(5); break;
-            default: TILE_STAGED(6); break;
-            }
-#undef TILE_STAGED
-        }
-    }
-}
-
-static void row_block_f32(float *out, const float *x, const uint16_t *xb, const uint8_t *w, int64_t n, int64_t d,
-                          int64_t r0, int nr, int B, int by_halves) {
-    if (nr != ROW_BLOCK || B < STAGED_MIN_BATCH || n > STAGED_MAX_COLS)
-        row_block_f32_tiles(out, x, xb, w, n, d, r0, nr, B, by_halves);
-    else
-        row_block_staged(out, x, w, n, d, r0, B);
-}
 
 /* q8_0 matrices (ops.h: groups of 16 rows, each block's values in runs of 4 bytes per row)
  * against inputs quantized per block (lmd_quantize_input_q8). One lane per weight row: a run
@@ -1013,8 +667,8 @@ static void matmul_q8_0(float *out, const lmd_matrix *w, int B, const void *scra
     const int64_t item_rows = Q8_0_ITEM_GROUPS * LMD_Q8_0_GROUP, n_items = (d + item_rows - 1) / item_rows;
     const uint8_t *data = (const uint8_t *)w->data;
     /* inputs in groups that stay in L2 while all the weights pass them (as for f32 below) */
-    int group = (int)(L2_INPUT_BUDGET / (n + 8 * n_blocks)) / MAX_TILE_C * MAX_TILE_C;
-    if (group < MAX_TILE_C) group = MAX_TILE_C;
+    int group = (int)(L2_INPUT_BUDGET / (n + 8 * n_blocks)) / Q8_0_TILE_C * Q8_0_TILE_C;
+    if (group < Q8_0_TILE_C) group = Q8_0_TILE_C;
     if (group > B) group = B;
 #define ITEMS_OF_GROUP(item_loop_pragma)                                                             \
     for (int g0 = 0; g0 < B; g0 += group) {                                                        \
@@ -1327,7 +981,6 @@ size_t lmd_matmul_scratch_bytes(const lmd_matrix *w, int B) {
     const int64_t n = w->cols;
     if (w->dtype == LMD_Q8_0) return (size_t)B * (size_t)(n + 8 * (n / LMD_Q8_0_BLOCK));
 #if LMD_BF16_DOT
-    if (w->dtype == LMD_BF16 && n >= 32) return (size_t)B * (size_t)(n - n % 32) * sizeof(uint16_t);
     if (w->dtype == LMD_BF16_PANELS) return (size_t)B * (size_t)BF16_PAIRS(n) * sizeof(uint32_t);
 #endif
     return 0;
@@ -1336,9 +989,8 @@ size_t lmd_matmul_scratch_bytes(const lmd_matrix *w, int B) {
 void lmd_matmul_prepare(void *scratch, const float *x, const lmd_matrix *w, int B) {
     if (w->dtype == LMD_Q8_0) quantize_inputs_q8(scratch, x, B, w->cols);
 #if LMD_BF16_DOT
-    /* bf16 dot products read the inputs rounded to bf16: rounded once, not again by every
-     * block of weight rows (1.5 x faster for a 256-token batch) */
-    if (w->dtype == LMD_BF16 && w->cols >= 32) round_inputs_bf16((uint16_t *)scratch, x, B, w->cols);
+    /* bf16 dot products read the inputs rounded to bf16: rounded once per call, not by every
+     * tile (on the row-major tiles the panels replaced: 1.5 x faster for a 256-token batch) */
     if (w->dtype == LMD_BF16_PANELS) round_input_pairs_bf16((uint32_t *)scratch, x, B, w->cols);
 #endif
 }
@@ -1350,7 +1002,7 @@ void lmd_matmul_scratch(float *out, const float *x, const lmd_matrix *w, int B, 
         return;
     }
     const size_t per_input = lmd_matmul_scratch_bytes(w, 1);
-    if (per_input > 0 && w->dtype != LMD_BF16) { /* prepared on the stack, a chunk of inputs at a time */
+    if (per_input > 0) { /* prepared on the stack, a chunk of inputs at a time */
         const int chunk = per_input >= STACK_SCRATCH ? 1
                           : (int)(STACK_SCRATCH / per_input) < B ? (int)(STACK_SCRATCH / per_input)
                                                                  : B;
@@ -1362,11 +1014,10 @@ void lmd_matmul_scratch(float *out, const float *x, const lmd_matrix *w, int B, 
         }
         return;
     }
-    lmd_matmul_prepared(out, x, w, B, NULL); /* f32, and bf16 rows whose tiles round the inputs themselves */
+    lmd_matmul_prepared(out, x, w, B, NULL);
 }
 
 void lmd_matmul_prepared(float *out, const float *x, const lmd_matrix *w, int B, const void *scratch) {
-    const int64_t d = w->rows, n = w->cols;
     if (w->dtype == LMD_Q8_0) {
         matmul_q8_0(out, w, B, scratch);
         return;
@@ -1375,43 +1026,7 @@ void lmd_matmul_prepared(float *out, const float *x, const lmd_matrix *w, int B,
         matmul_panels(out, x, (const uint32_t *)scratch, w, B);
         return;
     }
-    const int64_t n_row_blocks = (d + ROW_BLOCK - 1) / ROW_BLOCK;
-    void (*row_block)(float *, const float *, const uint16_t *, const uint8_t *, int64_t, int64_t, int64_t, int,
-                      int, int) = w->dtype == LMD_F32 ? row_block_f32 : row_block_bf16;
-    const uint8_t *data = (const uint8_t *)w->data;
-    const uint16_t *xb = NULL;
-#if LMD_BF16_DOT
-    if (w->dtype == LMD_BF16 && scratch != NULL && n >= 32) xb = (const uint16_t *)scratch;
-#else
-    (void)scratch;
-#endif
-    /* A batch passes a row block's eight weight rows MAX_TILE_C inputs at a time. When the
-     * eight rows and one slice of inputs overflow L1 but four rows and the slice fit, each
-     * half of the block meets the whole batch in turn instead (f32 rows of 768: +19%). */
-    const size_t row_bytes = lmd_row_bytes(w->dtype, n), slice_bytes = (size_t)MAX_TILE_C * n * sizeof(float);
-    const int by_halves = 4 * row_bytes + slice_bytes <= L1_BUDGET && 8 * row_bytes + slice_bytes > L1_BUDGET;
-    /* Every block of weight rows passes the whole batch of inputs, so the inputs should
-     * stay in L2: a batch larger than L2_INPUT_BUDGET is taken in groups of inputs, each
-     * group meeting all the weights (which are then read once per group). */
-    const int64_t per_input = n * (int64_t)sizeof(float);
-    int group = (int)(L2_INPUT_BUDGET / (per_input > 0 ? per_input : 1)) / MAX_TILE_C * MAX_TILE_C;
-    if (group < MAX_TILE_C) group = MAX_TILE_C;
-    if (group > B) group = B;
-#define ROW_BLOCKS_OF_GROUP(t_loop_pragma)                                                          \
-    for (int g0 = 0; g0 < B; g0 += group) {                                                        \
-        const int nb = B - g0 < group ? B - g0 : group;                                             \
-        float *g_out = out + (int64_t)g0 * d;                                                       \
-        const float *g_x = x + (int64_t)g0 * n;                                                     \
-        const uint16_t *g_xb = xb ? xb + (int64_t)g0 * (n - n % 32) : NULL;                         \
-        t_loop_pragma                                                                               \
-        for (int64_t t = 0; t < n_row_blocks; t++) {                                                \
-            const int64_t r0 = t * ROW_BLOCK;                                                       \
-            row_block(g_out, g_x, g_xb, data, n, d, r0, d - r0 < ROW_BLOCK ? (int)(d - r0) : ROW_BLOCK, \
-                      nb, by_halves);                                                               \
-        }                                                                                           \
-    }
-    IN_PARALLEL_IF_WORTH(B, d, n, ROW_BLOCKS_OF_GROUP);
-#undef ROW_BLOCKS_OF_GROUP
+    lmd_matmul_naive(out, x, w, B); /* row-major f32 or bf16: the model packs these (see above) */
 }
 
 void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B) {
@@ -1425,10 +1040,7 @@ void lmd_matmul_naive(float *out, const float *x, const lmd_matrix *w, int B) {
         lmd_matrix_row(row, w, i);
         for (int b = 0; b < B; b++) {
             const float *xr = x + (int64_t)b * n;
-            const int64_t rounded = !lmd_bf16_rounds_inputs() ? 0
-                                    : w->dtype == LMD_BF16        ? n - n % 32
-                                    : w->dtype == LMD_BF16_PANELS ? n
-                                                                  : 0;
+            const int64_t rounded = w->dtype == LMD_BF16_PANELS && lmd_bf16_rounds_inputs() ? n : 0;
             for (int64_t k = 0; k < n; k++) /* bf16 inputs as the fast kernel rounds them */
                 xk_used[k] = k < rounded ? lmd_bf16_to_f32(lmd_f32_to_bf16(xr[k])) : xr[k];
             if (w->dtype == LMD_Q8_0) { /* q8_0 inputs as quantized: scale * q */

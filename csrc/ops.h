@@ -5,7 +5,9 @@
  *   B  rows of a batch (tokens processed together)
  *   n  input features,  d  output features,  hs  head size
  *
- * Weight matrices (d, n) come in one of five storage types, row-major but for the last:
+ * Weight matrices (d, n) come in one of five storage types. The first two are row-major
+ * and are what a model's files and arrays hold; the model packs them into the last two at
+ * init (model.h), which lmd_matmul's fast kernels multiply, with LMD_Q8_0:
  *   LMD_F32   float
  *   LMD_BF16  bfloat16 bits (the top 16 bits of an IEEE float), rounded to nearest even
  *   LMD_Q8_0  llama.cpp's Q8_0 blocks (an fp16 scale d and 32 int8 values q; the weight
@@ -30,14 +32,16 @@
  * lmd_matmul reads each weight row once per call and multiplies it against all
  * B input rows, so batched decode and draft verification cost one pass over the
  * weights (a long prefill one per group of inputs: 64 for panels, as many as
- * fit 512 kB for rows). It parallelises over output features (and, in panels,
- * over those slices of the batch); each output element is summed in a fixed
- * order by one thread, so results are identical for any thread count: f32, bf16
- * and q8_0 rows by a fixed vector-lane tree (lmd_dot's), panels by multiply-add
- * chains over blocks of 64 columns, the block sums added in order. Each fast
- * kernel has a naive twin (suffix _naive) that the C tests compare against.
+ * fit 512 kB for q8_0). It parallelises over output features (and, in panels,
+ * over slices of the batch); each output element is summed in a fixed order by
+ * one thread, so results are identical for any thread count and batch: panels by
+ * multiply-add chains over blocks of 64 columns, the block sums added in order,
+ * q8_0 block after block (lmd_dot_q8_0). Row-major LMD_F32 and LMD_BF16 matrices
+ * go through the naive twin (suffix _naive, double-precision sums), which the C
+ * tests compare the fast kernels against.
  *
- *     lmd_matrix w = {weights, LMD_F32, d, n};
+ *     lmd_pack_f32_panels(panels, weights, d, n);
+ *     lmd_matrix w = {panels, LMD_F32_PANELS, d, n};
  *     lmd_matmul(out, x, &w, B);    // x (B, n) -> out (B, d)
  */
 #ifndef LMD_OPS_H
@@ -103,8 +107,7 @@ void lmd_pack_bf16_panels(void *out, const uint16_t *w, int64_t rows, int64_t co
 void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r);
 
 // 1 if bf16 matrices are multiplied with bf16 dot-product instructions, which round the
-// inputs x to bf16 first (LMD_BF16: all but the last n % 32 of each row; LMD_BF16_PANELS:
-// all), else 0 (exact float inputs).
+// inputs x of LMD_BF16_PANELS matrices to bf16 first, else 0 (exact float inputs).
 int lmd_bf16_rounds_inputs(void);
 
 // W (d,n) @ x[b] (n,) -> out[b] (d,) for b < B; x (B,n), out (B,d). out must not alias x.
@@ -113,9 +116,8 @@ void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B);
  * quantized for q8_0, or rounded to bf16 for bf16 dot products. */
 size_t lmd_matmul_scratch_bytes(const lmd_matrix *w, int B);
 /* lmd_matmul with scratch of lmd_matmul_scratch_bytes(w, B), or NULL. With it, the inputs
- * are prepared once per call: without it bf16 matrices round the inputs once per block
- * of weight rows, and q8_0 ones quantize on the stack in chunks of inputs, each of which
- * reads the weights again. Results are identical either way.
+ * are prepared once per call: without it they are prepared on the stack in chunks of
+ * inputs, each of which reads the weights again. Results are identical either way.
  *     = lmd_matmul_prepare(scratch, x, w, B); lmd_matmul_prepared(out, x, w, B, scratch);
  * Matrices that read the same x (q, k and v; gate and up) can share one preparation:
  * lmd_matmul_prepared is valid for any matrix of the same dtype and cols as the w that

@@ -475,9 +475,9 @@ static void test_matmul_against_naive(void) {
     static const int64_t rows_f[] = {1, 3, 5, 6, 13};
     static const int64_t cols_f[] = {1, 3, 7, 17, 33, 101}; /* none a multiple of 4 */
     static const int64_t cols_q[] = {32, 96, 160};
-    const lmd_dtype dtypes[5] = {LMD_F32, LMD_BF16, LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS};
+    const lmd_dtype dtypes[3] = {LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS};
     test_rng r = {31};
-    for (int di = 0; di < 5; di++) {
+    for (int di = 0; di < 3; di++) {
         err_meter m = {NULL, 0, 0};
         char name[32];
         snprintf(name, sizeof name, "matmul %s", lmd_dtype_name(dtypes[di]));
@@ -525,13 +525,13 @@ static void test_matmul_against_naive(void) {
  * position of a batch of 7, and with 1 or 2 threads. The sizes put d * n * B above the
  * kernel's threshold for going parallel. */
 static void test_matmul_batch_and_thread_invariance(void) {
-    const lmd_dtype dtypes[5] = {LMD_F32, LMD_BF16, LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS};
-    const int64_t cols[5] = {1003, 1003, 1024, 1003, 1003}, rows = 67; /* 16 full row tiles + 3 rows */
+    const lmd_dtype dtypes[3] = {LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS};
+    const int64_t cols[3] = {1024, 1003, 1003}, rows = 67; /* 4 panels + 3 rows, 4 q8_0 groups + 3 */
     const int B = 7;
     test_rng r = {41};
     printf("  openmp %s, %d threads by default, vectors of %d bytes\n",
            lmd_built_with_openmp() ? "on" : "off", lmd_get_num_threads(), lmd_vector_bytes());
-    for (int di = 0; di < 5; di++) {
+    for (int di = 0; di < 3; di++) {
         const int64_t n = cols[di], d = rows;
         lmd_matrix w;
         void *data = make_matrix(&w, &r, dtypes[di], d, n);
@@ -579,94 +579,49 @@ static void test_matmul_batch_and_thread_invariance(void) {
     CHECK(lmd_get_num_threads() >= 1);
 }
 
-/* Every output of an f32 matmul is bit-identical to lmd_dot of its weight row and input,
- * and every output of a q8_0 matmul to lmd_dot_q8_0 of its row in llama.cpp's layout: the
- * same lanes, the same FMAs, the same final tree, whichever tile, staging buffer, group of
- * rows or multi-row reduction produced it. Rows: f32 a full block of 8 and 5 left over,
- * q8_0 three groups of 16 and 5 left over (two work items, the second with a short group);
- * columns: one vector, a multiple of 16, a ragged length, and past the staging limit. */
-static void test_matmul_equals_dot(void) {
-    const lmd_dtype dtypes[2] = {LMD_F32, LMD_Q8_0};
-    const int64_t cols_f[5] = {16, 768, 1003, 4096, 4112}, cols_q[5] = {32, 768, 1024, 4096, 4128};
+/* Every output of a q8_0 matmul is bit-identical to lmd_dot_q8_0 of its row in llama.cpp's
+ * layout: the same blocks, the same FMAs, whichever tile, group of rows or work item
+ * produced it. Rows: three groups of 16 and 5 left over (two work items, the second with a
+ * short group); columns: one block, a multiple of 16 blocks, and long rows. */
+static void test_matmul_q8_0_equals_dot(void) {
+    const int64_t cols_q[5] = {32, 768, 1024, 4096, 4128};
     /* 70 inputs of 4096 overflow the inputs' L2 budget: groups of 30, 30 and 10 */
     const int batches[4] = {1, 2, 7, 70};
     test_rng r = {43};
-    for (int di = 0; di < 2; di++)
-        for (int ci = 0; ci < 5; ci++) {
-            const int q8 = dtypes[di] == LMD_Q8_0;
-            const int64_t n = q8 ? cols_q[ci] : cols_f[ci], d = q8 ? 53 : 13;
-            float *wf = malloc((size_t)(d * n) * sizeof(float));
-            test_fill(&r, wf, d * n, -1.0f, 1.0f);
-            const size_t q8_row_bytes = lmd_row_bytes(LMD_Q8_0, n);
-            uint8_t *blocks = NULL, *packed = NULL;
-            lmd_matrix w = {wf, LMD_F32, d, n};
-            if (q8) { /* rows quantized in llama.cpp's layout, then packed */
-                blocks = malloc((size_t)d * q8_row_bytes), packed = malloc((size_t)d * q8_row_bytes);
-                for (int64_t i = 0; i < d; i++) lmd_quantize_q8_0(blocks + i * q8_row_bytes, wf + i * n, n);
-                lmd_pack_q8_0(packed, blocks, d, n);
-                w = (lmd_matrix){packed, LMD_Q8_0, d, n};
-            }
-            for (int bi = 0; bi < 4; bi++)
-                for (int threads = 1; threads <= 2; threads++) {
-                    const int B = batches[bi];
-                    lmd_set_num_threads(threads);
-                    float *x = malloc((size_t)(B * n) * sizeof(float));
-                    float *out = malloc((size_t)(B * d) * sizeof(float));
-                    test_fill(&r, x, B * n, -1.0f, 1.0f);
-                    lmd_matmul(out, x, &w, B);
-                    int mismatches = 0;
-                    for (int64_t i = 0; i < d; i++)
-                        for (int b = 0; b < B; b++) {
-                            const float want = q8 ? lmd_dot_q8_0(blocks + i * q8_row_bytes, x + b * n, n)
-                                                  : lmd_dot(wf + i * n, x + b * n, (int)n);
-                            mismatches += memcmp(&want, out + b * d + i, sizeof want) != 0;
-                        }
-                    if (mismatches) {
-                        fprintf(stderr, "matmul %s n=%lld B=%d threads=%d: %d outputs differ from lmd_dot%s\n",
-                                lmd_dtype_name(dtypes[di]), (long long)n, B, threads, mismatches, q8 ? "_q8_0" : "");
-                        test_failures++;
-                    }
-                    free(x);
-                    free(out);
-                }
-            lmd_set_num_threads(0);
-            free(wf), free(blocks), free(packed);
-        }
-}
-
-/* f32 rows that start off a 64-byte boundary by any number of floats (NumPy's arrays sit
- * 16 bytes off, safetensors data anywhere) give lmd_dot's bits through the decoding tiles
- * (one and two inputs), for every offset, a matrix of 2 x 8 + 3 rows and rows of one, 48
- * and 257 vectors. */
-static void test_matmul_f32_rows_off_cache_lines(void) {
-    const int64_t cols[3] = {32, 768, 4112}, d = 19;
-    test_rng r = {47};
-    for (int ci = 0; ci < 3; ci++) {
-        const int64_t n = cols[ci];
-        float *wf = malloc((size_t)(d * n) * sizeof(float)), *x = malloc((size_t)(2 * n) * sizeof(float));
-        float *buffer = lmd_alloc_aligned((size_t)(d * n + 16) * sizeof(float)), out[2 * 19];
+    for (int ci = 0; ci < 5; ci++) {
+        const int64_t n = cols_q[ci], d = 53;
+        float *wf = malloc((size_t)(d * n) * sizeof(float));
         test_fill(&r, wf, d * n, -1.0f, 1.0f);
-        test_fill(&r, x, 2 * n, -1.0f, 1.0f);
-        for (int offset = 0; offset < 16; offset++) {
-            float *rows = buffer + offset; /* offset floats past a 64-byte boundary */
-            memcpy(rows, wf, (size_t)(d * n) * sizeof(float));
-            const lmd_matrix w = {rows, LMD_F32, d, n};
-            for (int B = 1; B <= 2; B++) {
+        const size_t q8_row_bytes = lmd_row_bytes(LMD_Q8_0, n);
+        /* rows quantized in llama.cpp's layout, then packed */
+        uint8_t *blocks = malloc((size_t)d * q8_row_bytes), *packed = malloc((size_t)d * q8_row_bytes);
+        for (int64_t i = 0; i < d; i++) lmd_quantize_q8_0(blocks + i * q8_row_bytes, wf + i * n, n);
+        lmd_pack_q8_0(packed, blocks, d, n);
+        const lmd_matrix w = {packed, LMD_Q8_0, d, n};
+        for (int bi = 0; bi < 4; bi++)
+            for (int threads = 1; threads <= 2; threads++) {
+                const int B = batches[bi];
+                lmd_set_num_threads(threads);
+                float *x = malloc((size_t)(B * n) * sizeof(float));
+                float *out = malloc((size_t)(B * d) * sizeof(float));
+                test_fill(&r, x, B * n, -1.0f, 1.0f);
                 lmd_matmul(out, x, &w, B);
                 int mismatches = 0;
                 for (int64_t i = 0; i < d; i++)
                     for (int b = 0; b < B; b++) {
-                        const float want = lmd_dot(wf + i * n, x + b * n, (int)n);
+                        const float want = lmd_dot_q8_0(blocks + i * q8_row_bytes, x + b * n, n);
                         mismatches += memcmp(&want, out + b * d + i, sizeof want) != 0;
                     }
                 if (mismatches) {
-                    fprintf(stderr, "matmul f32 n=%lld rows %d floats off a line, B=%d: %d outputs differ from lmd_dot\n",
-                            (long long)n, offset, B, mismatches);
+                    fprintf(stderr, "matmul q8_0 n=%lld B=%d threads=%d: %d outputs differ from lmd_dot_q8_0\n",
+                            (long long)n, B, threads, mismatches);
                     test_failures++;
                 }
+                free(x);
+                free(out);
             }
-        }
-        free(wf), free(x), free(buffer);
+        lmd_set_num_threads(0);
+        free(wf), free(blocks), free(packed);
     }
 }
 
@@ -764,14 +719,14 @@ static void test_matmul_panels(void) {
  * the very bits of lmd_matmul (rounding in every tile; quantizing on the stack in chunks),
  * for every dtype, batch and thread count, and leaves x alone. */
 static void test_matmul_scratch_is_identical(void) {
-    const lmd_dtype dtypes[5] = {LMD_F32, LMD_BF16, LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS};
+    const lmd_dtype dtypes[3] = {LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS};
     const int64_t cols_f[5] = {31, 64, 100, 768, 4096}, cols_q[5] = {32, 64, 96, 768, 4096};
     /* 70 x 4096 inputs pass in three groups; without scratch, q8_0 quantizes them on the
      * stack 12 at a time */
     const int batches[5] = {1, 3, 7, 20, 70};
     const int64_t d = 13;
     test_rng r = {47};
-    for (int di = 0; di < 5; di++)
+    for (int di = 0; di < 3; di++)
         for (int ci = 0; ci < 5; ci++) {
             const int64_t n = dtypes[di] == LMD_Q8_0 ? cols_q[ci] : cols_f[ci];
             lmd_matrix w;
@@ -1087,8 +1042,7 @@ int main(void) {
     test_quantize_input_q8();
     test_matmul_against_naive();
     test_matmul_batch_and_thread_invariance();
-    test_matmul_equals_dot();
-    test_matmul_f32_rows_off_cache_lines();
+    test_matmul_q8_0_equals_dot();
     test_matmul_panels();
     test_matmul_scratch_is_identical();
     test_dot_axpy();
