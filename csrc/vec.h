@@ -50,8 +50,8 @@ static inline vf vload_partial(const float *p, int64_t m, float pad) {
 #elif defined(__AVX__)
     /* VMASKMOVPS, which never touches the masked-off floats (nor faults on them). With a
      * memcpy here the row-major f32 matmul tiles' tails (since replaced by panels) were slower
-     * than scalar code (64 x 172 against
-     * 511 inputs, AVX2: 182 us with a scalar tail, 235 with memcpy, 156 masked) */
+     * than scalar code (64 x 172 against 511 inputs, AVX2: 182 us with a scalar tail, 235
+     * with memcpy, 156 masked) */
     const __m256 in_range = _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_ps((float)m), _CMP_LT_OQ);
     return (vf)_mm256_blendv_ps(_mm256_set1_ps(pad), _mm256_maskload_ps(p, _mm256_castps_si256(in_range)), in_range);
 #else
