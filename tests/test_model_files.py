@@ -280,6 +280,23 @@ def test_gguf_metadata_strings_that_are_not_utf8(tmp_path):
         lmdecode.Model.load(tmp_path / "vocab.gguf")
 
 
+def test_gguf_tensor_off_the_file_alignment(tmp_path):
+    """A tensor whose offset breaks general.alignment (a corrupt file: here 4 bytes on) is a
+    ValueError naming the file and tensor, not a TypeError from a misaligned float array."""
+    import struct
+    data = bytearray(STORIES_GGUF.read_bytes())
+    name = b"blk.3.attn_norm.weight"
+    at = data.find(struct.pack("<Q", len(name)) + name) + 8 + len(name)  # its tensor info follows
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    offset_at = at + 4 + 8 * n_dims + 4  # past n_dims, the dims and the type
+    struct.pack_into("<Q", data, offset_at, struct.unpack_from("<Q", data, offset_at)[0] + 4)
+    path = tmp_path / "shifted.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"shifted\.gguf: tensor 'blk\.3\.attn_norm\.weight' starts at byte \d+, "
+                                         r"off the file's 32-byte alignment"):
+        lmdecode.Model.load(path)
+
+
 def test_unsupported_gguf_tensor_type(tmp_path):
     reader = gguf.GGUFReader(str(STORIES_GGUF))
     meta = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.")}
@@ -342,6 +359,34 @@ def test_from_numpy_shape_mismatch_names_tensor():
     assert model.logits([0, 9]).shape == (2, 10)
     del weights["lm_head.weight"]  # tied when the head is absent
     assert lmdecode.Model.from_numpy(config, weights).config.tied_embeddings
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8_0"])
+def test_from_numpy_takes_misaligned_arrays(dtype):
+    """Arrays viewed at odd byte offsets (NumPy allows them; the engine cannot read them) are
+    copied, so from_numpy gives the same logits as from the same values aligned."""
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16}
+    rng = np.random.default_rng(3)
+    shapes = {"model.embed_tokens.weight": (64, 32), "model.norm.weight": (32,), "lm_head.weight": (64, 32),
+              "model.layers.0.input_layernorm.weight": (32,), "model.layers.0.post_attention_layernorm.weight": (32,),
+              "model.layers.0.self_attn.q_proj.weight": (32, 32), "model.layers.0.self_attn.k_proj.weight": (32, 32),
+              "model.layers.0.self_attn.v_proj.weight": (32, 32), "model.layers.0.self_attn.o_proj.weight": (32, 32),
+              "model.layers.0.mlp.gate_proj.weight": (64, 32), "model.layers.0.mlp.up_proj.weight": (64, 32),
+              "model.layers.0.mlp.down_proj.weight": (32, 64)}
+    aligned = {k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in shapes.items()}
+
+    def misaligned(a):
+        buf = bytearray(a.nbytes + 1)
+        out = np.frombuffer(buf, dtype=np.float32, offset=1, count=a.size).reshape(a.shape)
+        out[...] = a
+        return out
+
+    odd = {k: misaligned(a) for k, a in aligned.items()}
+    assert not any(a.flags.aligned for a in odd.values())
+    toks = [1, 5, 9, 33]
+    want = lmdecode.Model.from_numpy(config, aligned, dtype=dtype).logits(toks)
+    np.testing.assert_array_equal(lmdecode.Model.from_numpy(config, odd, dtype=dtype).logits(toks), want)
 
 
 def test_bad_cache_arguments():

@@ -1275,9 +1275,12 @@ static int tensor_vector(PyObject *tensors, const char *name, npy_intp length, c
     *out = NULL;
     PyObject *v = PyDict_GetItemString(tensors, name);
     if (v == NULL) return 1;
-    if (!PyArray_Check(v) || PyArray_TYPE((PyArrayObject *)v) != NPY_FLOAT32 ||
-        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)v) || !PyArray_ISALIGNED((PyArrayObject *)v)) {
-        PyErr_Format(PyExc_TypeError, "tensor '%s' must be a C-contiguous float32 numpy array", name);
+    if (!PyArray_Check(v) || PyArray_TYPE((PyArrayObject *)v) != NPY_FLOAT32) {
+        PyErr_Format(PyExc_TypeError, "tensor '%s' must be a float32 numpy array", name);
+        return 0;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS((PyArrayObject *)v) || !PyArray_ISALIGNED((PyArrayObject *)v)) {
+        PyErr_Format(PyExc_ValueError, "tensor '%s' must be a C-contiguous aligned array", name);
         return 0;
     }
     if (PyArray_SIZE((PyArrayObject *)v) != length) {

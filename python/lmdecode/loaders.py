@@ -201,6 +201,8 @@ def to_storage(tensors: dict, dtype: str) -> dict:
         # file put them (nor does an untied embedding, whose rows are only looked up); q8_0
         # blocks are always repacked, into a new array
         engine_copies = is_matrix(name) and arr.dtype != np.uint8
+        if not arr.flags.aligned:  # a view at an odd byte offset (from_numpy takes any array)
+            arr = cache_line_aligned(arr)
         if not np.may_share_memory(arr, src.data):
             if not engine_copies:
                 arr = cache_line_aligned(arr)  # ours to place; borrowed arrays stay where they are
@@ -468,6 +470,11 @@ def read_gguf(path: Path):
             _fail(path, f"tensor {t.name!r} has type {t.tensor_type.name}, not supported "
                         f"({', '.join(GGUF_KINDS)})")
         shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists the fastest dimension first
+        if (int(t.data_offset) - int(reader.data_offset)) % int(reader.alignment):
+            # GGUF places every tensor at a multiple of general.alignment: one that is not marks
+            # a corrupt file (and a misaligned float array the engine could not read)
+            _fail(path, f"tensor {t.name!r} starts at byte {int(t.data_offset)}, off the file's "
+                        f"{int(reader.alignment)}-byte alignment")
         data = t.data
         if kind == "bf16":
             data = data.view(np.uint16)
