@@ -107,6 +107,37 @@ def test_sharded_checkpoint(hf, tmp_path):
         lmdecode.Model.load(tmp_path)
 
 
+LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("architectures", "LlamaForCausalLM", r"'architectures' \(='LlamaForCausalLM'\) must be a list of class names"),
+    ("architectures", [7], r"'architectures' \(=\[7\]\) must be a list"),
+    ("model_type", ["llama"], r"'model_type' \(=\['llama'\]\) must be a string"),
+    ("rope_scaling", 1.5, r"rope parameters \(=1\.5\) must be an object"),
+    ("rope_theta", "x", r"'rope_theta' \(='x'\) must be a number"),
+    ("num_key_value_heads", 1.5, r"'num_key_value_heads' \(=1\.5\) must be a positive integer"),
+    ("num_key_value_heads", -2, r"'num_key_value_heads' \(=-2\) must be a positive integer"),
+    ("max_position_embeddings", "x", r"'max_position_embeddings' \(='x'\) must be a positive integer"),
+    ("head_dim", 0, r"'head_dim' \(=0\) must be a positive integer"),
+    ("tie_word_embeddings", "yes", r"'tie_word_embeddings' \(='yes'\) must be true or false"),
+    ("attention_bias", 1, r"'attention_bias' \(=1\) must be true or false"),
+    ("partial_rotary_factor", [], r"'partial_rotary_factor' \(=\[\]\) must be a number"),
+    ("eos_token_id", "2", r"'eos_token_id' \(='2'\) must be a token id, a list of them or null"),
+    ("eos_token_id", [2, -1], r"'eos_token_id' \(=\[2, -1\]\) must be a token id"),
+])
+def test_config_values_of_the_wrong_type(key, value, message):
+    """A config.json value of the wrong type is a ValueError naming the file and key (byte-flip
+    and value fuzzing found AttributeErrors and TypeErrors from deep inside the loader, and
+    tie_word_embeddings="yes" read as true); the unchanged config loads."""
+    from lmdecode import loaders
+    assert loaders.hf_config("config.json", LLAMA_CONFIG)["n_kv_heads"] == 2
+    with pytest.raises(ValueError, match=r"^config\.json: config " + message):
+        loaders.hf_config("config.json", {**LLAMA_CONFIG, key: value})
+
+
 @pytest.mark.parametrize("dtype,bytes_per_weight", [("f32", 4), ("bf16", 2)])
 def test_f32_and_bf16_matrices_are_multiplied_in_packed_copies(hf, dtype, bytes_per_weight):
     """The engine copies every f32 and bf16 matrix into panels (no padding here: every output

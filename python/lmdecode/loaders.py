@@ -608,13 +608,33 @@ def hf_config(path, cfg: dict) -> dict:
             _fail(path, f"config {key!r} (={value!r}) must be a positive integer")
         return int(value)
 
+    def optional(key, default):  # a size that may be left out (or null): a positive integer
+        return need(key) if cfg.get(key) is not None else default
+
     def real(key, value):  # a float hyperparameter, named when it is not a number
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             _fail(path, f"config {key!r} (={value!r}) must be a number")
         return float(value)
 
+    def flag(key, default):  # a boolean, which JSON spells true/false
+        value = cfg.get(key, default)
+        if not isinstance(value, bool):
+            _fail(path, f"config {key!r} (={value!r}) must be true or false")
+        return value
+
+    def token_ids(key):  # special token ids: one, a list of them, or null
+        value = cfg.get(key)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            _fail(path, f"config {key!r} (={value!r}) must be a token id, a list of them or null")
+        return value
+
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        _fail(path, f"config 'architectures' (={archs!r}) must be a list of class names")
     model_type = cfg.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        _fail(path, f"config 'model_type' (={model_type!r}) must be a string")
     arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                    "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}.get(model_type)
     if arch not in HF_ARCHS:
@@ -624,46 +644,48 @@ def hf_config(path, cfg: dict) -> dict:
         act = cfg.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             _fail(path, f"activation_function {act!r} is not supported (gelu_new)")
-        if cfg.get("scale_attn_by_inverse_layer_idx"):
+        if flag("scale_attn_by_inverse_layer_idx", False):
             _fail(path, "scale_attn_by_inverse_layer_idx is not supported")
-        if cfg.get("scale_attn_weights", True) is False:
+        if not flag("scale_attn_weights", True):
             _fail(path, "scale_attn_weights=False is not supported")
-        return dict(arch="gpt2", vocab_size=need("vocab_size"), dim=dim, hidden_dim=cfg.get("n_inner") or 4 * dim,
+        return dict(arch="gpt2", vocab_size=need("vocab_size"), dim=dim, hidden_dim=optional("n_inner", 4 * dim),
                     n_layers=need("n_layer"), n_heads=n_heads, n_kv_heads=n_heads, head_dim=dim // n_heads,
                     context_length=need("n_positions"),
                     norm_eps=real("layer_norm_epsilon", cfg.get("layer_norm_epsilon", 1e-5)),
                     rope_theta=10000.0, rope_layout="half", tied_embeddings=True,
-                    bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+                    bos_token_id=token_ids("bos_token_id"), eos_token_id=token_ids("eos_token_id"),
                     required_biases=("bq", "bk", "bv", "bo", "b_up", "b_down"))
     dim, n_heads = need("hidden_size"), need("num_attention_heads")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        _fail(path, f"config rope parameters (={rope!r}) must be an object")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", None):
         _fail(path, f"rope scaling type {rope_type!r} is not supported")
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+    if real("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         _fail(path, "partial rotary embeddings are not supported")
-    if cfg.get("mlp_bias"):
+    if flag("mlp_bias", False):
         _fail(path, "mlp_bias=True is not supported")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         _fail(path, f"hidden_act {act!r} is not supported (silu)")
-    context = cfg.get("max_position_embeddings", 2048)
-    window = cfg.get("sliding_window")
-    if window and (arch == "MistralForCausalLM" or cfg.get("use_sliding_window")):
+    context = optional("max_position_embeddings", 2048)
+    window = optional("sliding_window", None)
+    if window and (arch == "MistralForCausalLM" or flag("use_sliding_window", False)):
         context = min(context, window)  # within the window sliding-window attention is full attention
     return dict(arch="llama", vocab_size=need("vocab_size"), dim=dim, hidden_dim=need("intermediate_size"),
                 n_layers=need("num_hidden_layers"), n_heads=n_heads,
-                n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-                head_dim=need("head_dim") if cfg.get("head_dim") is not None else dim // n_heads,
+                n_kv_heads=optional("num_key_value_heads", n_heads),
+                head_dim=optional("head_dim", dim // n_heads),
                 context_length=context,
                 norm_eps=real("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)), rope_theta=real("rope_theta", theta),
                 rope_layout="half",
-                tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+                tied_embeddings=flag("tie_word_embeddings", False),
+                bos_token_id=token_ids("bos_token_id"), eos_token_id=token_ids("eos_token_id"),
                 # the biases the architecture has, which a checkpoint must not leave out
                 required_biases=("bq", "bk", "bv") if arch == "Qwen2ForCausalLM"
-                else ("bq", "bk", "bv", "bo") if cfg.get("attention_bias") else ())
+                else ("bq", "bk", "bv", "bo") if flag("attention_bias", False) else ())
 
 
 HF_LLAMA_LAYER = {"input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "wq",
