@@ -280,6 +280,22 @@ def test_gguf_metadata_strings_that_are_not_utf8(tmp_path):
         lmdecode.Model.load(tmp_path / "vocab.gguf")
 
 
+def test_gguf_metadata_of_the_wrong_type(tmp_path):
+    """A size stored as another type (here llama.context_length's UINT32 type tag turned into
+    FLOAT32, the same four bytes) is a ValueError naming the file and key; int() of it had
+    silently read 2048 as 0."""
+    import struct
+    data = bytearray(STORIES_GGUF.read_bytes())
+    key = b"llama.context_length"
+    at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key)  # the value's type tag
+    assert struct.unpack_from("<I", data, at)[0] == 4  # GGUF's UINT32
+    struct.pack_into("<I", data, at, 6)  # FLOAT32
+    (tmp_path / "model.gguf").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model\.gguf: GGUF metadata 'llama\.context_length' \(=[\d.]+e-42\) "
+                                         r"must be a non-negative integer"):
+        lmdecode.Model.load(tmp_path / "model.gguf")
+
+
 def test_gguf_tensor_off_the_file_alignment(tmp_path):
     """A tensor whose offset breaks general.alignment (a corrupt file: here 4 bytes on) is a
     ValueError naming the file and tensor, not a TypeError from a misaligned float array."""

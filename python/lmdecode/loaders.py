@@ -437,30 +437,42 @@ def read_gguf(path: Path):
         except (UnicodeDecodeError, ValueError, IndexError) as e:
             _fail(path, f"GGUF metadata {key!r} is unreadable ({type(e).__name__}: {e})")
 
+    def meta_int(key, default=None, required=False):  # a size or count: a non-negative integer
+        value = meta(key, default, required)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            _fail(path, f"GGUF metadata {key!r} (={value!r}) must be a non-negative integer")
+        return int(value)
+
+    def meta_float(key, default):
+        value = meta(key, default)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            _fail(path, f"GGUF metadata {key!r} (={value!r}) must be a number")
+        return float(value)
+
     version = meta("GGUF.version")
     if version not in (2, 3):
         _fail(path, f"GGUF version {version} is not supported (2 or 3)")
     arch = meta("general.architecture", required=True)
     if arch not in ("llama", "gpt2"):
         _fail(path, f"architecture {arch!r} is not supported (llama, gpt2)")
-    dim = int(meta(f"{arch}.embedding_length", required=True))
-    n_layers = int(meta(f"{arch}.block_count", required=True))
-    n_heads = int(meta(f"{arch}.attention.head_count", required=True))
-    n_kv_heads = int(meta(f"{arch}.attention.head_count_kv", n_heads))
-    hidden = int(meta(f"{arch}.feed_forward_length", 4 * dim))
-    context = int(meta(f"{arch}.context_length", required=True))
+    dim = meta_int(f"{arch}.embedding_length", required=True)
+    n_layers = meta_int(f"{arch}.block_count", required=True)
+    n_heads = meta_int(f"{arch}.attention.head_count", required=True)
+    n_kv_heads = meta_int(f"{arch}.attention.head_count_kv", n_heads)
+    hidden = meta_int(f"{arch}.feed_forward_length", 4 * dim)
+    context = meta_int(f"{arch}.context_length", required=True)
     if arch == "llama":
-        eps = float(meta("llama.attention.layer_norm_rms_epsilon", 1e-5))
-        theta = float(meta("llama.rope.freq_base", 10000.0))
+        eps = meta_float("llama.attention.layer_norm_rms_epsilon", 1e-5)
+        theta = meta_float("llama.rope.freq_base", 10000.0)
         if meta("llama.rope.scaling.type", "none") not in ("none", None):
             _fail(path, f"rope scaling {meta('llama.rope.scaling.type')!r} is not supported")
     else:
-        eps = float(meta("gpt2.attention.layer_norm_epsilon", 1e-5))
+        eps = meta_float("gpt2.attention.layer_norm_epsilon", 1e-5)
         theta = 10000.0
     if n_heads < 1 or dim % n_heads:
         _fail(path, f"embedding_length (={dim}) is not a multiple of head_count (={n_heads})")
-    head_dim = int(meta(f"{arch}.attention.key_length", dim // n_heads))
-    if arch == "llama" and int(meta("llama.rope.dimension_count", head_dim)) != head_dim:
+    head_dim = meta_int(f"{arch}.attention.key_length", dim // n_heads)
+    if arch == "llama" and meta_int("llama.rope.dimension_count", head_dim) != head_dim:
         _fail(path, "partial rotary embeddings (rope.dimension_count < head size) are not supported")
 
     tensors, file_names, qkv = {}, {}, {}
