@@ -152,3 +152,19 @@ def test_sampling_params_are_reusable_and_validated_once():
     assert ld.sample(Z, params.replace(temperature=0), seed=4).tolist() == ld.greedy(Z).tolist()
     with pytest.raises(TypeError, match="params must be a SamplingParams"):
         ld.sample(Z, {"top_k": 3})
+
+
+def test_extension_id_arguments_take_integers_only():
+    """The extension's integer arguments (token ids, targets, allowed lists) refuse floats and
+    booleans with a TypeError naming the argument: a list of floats was truncated into ids
+    (1.7 -> token 1) where the Python layer's checks are bypassed."""
+    from lmdecode import _core
+    logits = np.arange(10, dtype=np.float32).reshape(2, 5)
+    np.testing.assert_allclose(_core.target_logprobs(logits, [1, 2]), ld.log_softmax(logits)[[0, 1], [1, 2]], rtol=1e-6)
+    for bad, dtype in (([1.7, 2.2], "float64"), (np.array([1.0, 2.0]), "float64"), ([True, False], "bool")):
+        with pytest.raises(TypeError, match=rf"targets must be integers, not dtype\('{dtype}'\)"):
+            _core.target_logprobs(logits, bad)
+    search = _core.BeamSearch(2, 5, 4, 1, 1.0, 2, [], dynamic_allowed=True)
+    search.set_allowed(0, [1, 3])
+    with pytest.raises(TypeError, match=r"allowed token ids must be integers, not dtype\('float64'\)"):
+        search.set_allowed(0, [1.5, 3.0])

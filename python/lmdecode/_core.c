@@ -152,6 +152,17 @@ static void sampler_set_release(sampler_set *set) {
 static int as_array(PyObject *obj, int type, int ndim, const char *name, PyArrayObject **out) {
     *out = NULL;
     if (obj == NULL || obj == Py_None) return 0;
+    if (PyTypeNum_ISINTEGER(type)) {
+        /* integers only: a list of floats would be truncated into ids silently (1.7 -> 1), and
+         * an array of them fails NumPy's cast without naming the argument */
+        PyArrayObject *probe = (PyArrayObject *)PyArray_FROM_O(obj);
+        if (probe == NULL) return -1;
+        const int integral = PyArray_SIZE(probe) == 0 || PyArray_ISINTEGER(probe);
+        if (!integral)
+            PyErr_Format(PyExc_TypeError, "%s must be integers, not %R", name, (PyObject *)PyArray_DESCR(probe));
+        Py_DECREF(probe);
+        if (!integral) return -1;
+    }
     PyArrayObject *arr = (PyArrayObject *)PyArray_FROM_OTF(obj, type, NPY_ARRAY_IN_ARRAY);
     if (arr == NULL) return -1;
     if (PyArray_NDIM(arr) != ndim) {
