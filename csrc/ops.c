@@ -725,6 +725,20 @@ void lmd_pack_f32_panels(float *out, const float *w, int64_t rows, int64_t cols)
             }
 }
 
+// one block's sums acc[p][c] of panels p0..p0+np and inputs c0..c0+nc into out (B, d): stored
+// by the first block, added by the next (the rows past d dropped)
+static ALWAYS_INLINE void store_block_sums(float *out, vf acc[PANEL_TILE_P][PANEL_TILE_C], int64_t d, int64_t p0,
+                                           int np, int c0, int nc, int first) {
+    for (int p = 0; p < np; p++) {
+        const int64_t row = (p0 + p) * PANEL_LANES, m = d - row;
+        for (int c = 0; c < nc; c++) {
+            float *o = out + (int64_t)(c0 + c) * d + row;
+            if (m >= PANEL_LANES) vstore(o, first ? acc[p][c] : vload(o) + acc[p][c]);
+            else vstore_partial(o, first ? acc[p][c] : vload_partial(o, m, 0.0f) + acc[p][c], m);
+        }
+    }
+}
+
 // columns k0..k_end of panels p0..p0+np of W (panels, n, LANES) against inputs c0..c0+nc of
 // x (B, n): one FMA chain per output over the block, stored into out (B, d) by the first
 // block (k0 == 0) and added to it by the next
@@ -750,14 +764,7 @@ static ALWAYS_INLINE void tile_panels(float *out, const float *x, const float *p
             for (int p = 0; p < np; p++) acc[p][c] = vfma(wv[p], xv, acc[p][c]);
         }
     }
-    for (int p = 0; p < np; p++) {
-        const int64_t row = (p0 + p) * PANEL_LANES, m = d - row;
-        for (int c = 0; c < nc; c++) {
-            float *o = out + (int64_t)(c0 + c) * d + row;
-            if (m >= PANEL_LANES) vstore(o, k0 == 0 ? acc[p][c] : vload(o) + acc[p][c]);
-            else vstore_partial(o, k0 == 0 ? acc[p][c] : vload_partial(o, m, 0.0f) + acc[p][c], m);
-        }
-    }
+    store_block_sums(out, acc, d, p0, np, c0, nc, k0 == 0);
 }
 
 
@@ -885,14 +892,7 @@ static ALWAYS_INLINE void tile_bf16_panels(float *out, const float *x, const uin
             for (int c = 0; c < nc; c++) acc[p][c] = vfma(even, vbroadcast(xp[c][0]), acc[p][c]);
         }
 #endif
-    for (int p = 0; p < np; p++) {
-        const int64_t row = (p0 + p) * PANEL_LANES, m = d - row;
-        for (int c = 0; c < nc; c++) {
-            float *o = out + (int64_t)(c0 + c) * d + row;
-            if (m >= PANEL_LANES) vstore(o, k0 == 0 ? acc[p][c] : vload(o) + acc[p][c]);
-            else vstore_partial(o, k0 == 0 ? acc[p][c] : vload_partial(o, m, 0.0f) + acc[p][c], m);
-        }
-    }
+    store_block_sums(out, acc, d, p0, np, c0, nc, k0 == 0);
 }
 
 // one work item of either kind of panels (bf16: 1 or 0, a constant): panels p0..p0+np
