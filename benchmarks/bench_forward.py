@@ -1,5 +1,5 @@
 """Forward-pass speed against the memory ceiling: decode and prefill of lmdecode
-(f32, bf16, q8_0) beside transformers and llama.cpp on the same weights, resident
+(f32, bf16, f16, q8_0) beside transformers and llama.cpp on the same weights, resident
 memory, and the cost of a token against context length with and without the KV cache.
 
     python benchmarks/bench_forward.py            # full run (about 6 minutes on 2 idle cores)
@@ -17,10 +17,10 @@ memory, and the cost of a token against context length with and without the KV c
    skipped if absent; llama.cpp reads stories260K.gguf beside it), a
    110M-parameter Llama (dim 768, 12 layers, 12 heads, vocab 32000, feed-forward
    2048) and GPT-2 124M (GPT2Config defaults; full run only), both with random
-   N(0, 0.02) weights drawn in NumPy, in lmdecode f32 / bf16 / q8_0
+   N(0, 0.02) weights drawn in NumPy, in lmdecode f32 / bf16 / f16 / q8_0
    (Model.from_numpy); the same arrays in transformers (torch CPU, eager
    attention, fp32) and, when llama-cpp-python is installed, in llama.cpp through
-   GGUF files written with gguf's GGUFWriter (F32, BF16, Q8_0; Q and K rows
+   GGUF files written with gguf's GGUFWriter (F32, BF16, F16, Q8_0; Q and K rows
    permuted to GGUF's adjacent-pair rotary layout as llama.cpp's converter does).
    Every peer's logits are checked against lmdecode's on one prompt before it is
    timed. lmdecode also loads the F32 files: checked, and timed as the lmdecode·gguf
@@ -81,7 +81,7 @@ from lmdecode import loaders
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "models"
-DTYPES = ("f32", "bf16", "q8_0")
+DTYPES = ("f32", "bf16", "f16", "q8_0")
 PROMPT = 16      # prompt before the timed decode
 PREFILL = 512    # prefill length
 RSS_DECODE = 16  # tokens decoded after the prefill in the memory subprocess
@@ -153,7 +153,7 @@ def matrix_bytes(rows: int, cols: int, dtype: str) -> int:
     """Bytes of one weight matrix in the engine's storage (q8_0 keeps odd widths f32, as the loader does)."""
     if dtype == "q8_0" and cols % loaders.Q8_0_BLOCK == 0:
         return rows * cols // loaders.Q8_0_BLOCK * loaders.Q8_0_BLOCK_BYTES
-    return rows * cols * (2 if dtype == "bf16" else 4)
+    return rows * cols * (2 if dtype in ("bf16", "f16") else 4)
 
 
 def weight_bytes(cfg: dict, dtype: str) -> tuple[int, int]:
@@ -494,7 +494,7 @@ def write_gguf(path: Path, hf: dict, weights: dict, dtype: str) -> None:
     import gguf
 
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "bf16": gguf.GGMLQuantizationType.BF16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
+             "f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
     gpt2 = hf["model_type"] == "gpt2"
     writer = gguf.GGUFWriter(str(path), "gpt2" if gpt2 else "llama")
     tensors = []

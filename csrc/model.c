@@ -51,8 +51,8 @@ static lmd_status check_matrix(const lmd_matrix *w, const char *layer_prefix, co
                                int64_t rows, int64_t cols, lmd_error *err) {
     if (w->data == NULL)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "%s%s: missing", layer_prefix, name);
-    if (w->dtype != LMD_F32 && w->dtype != LMD_BF16 && w->dtype != LMD_Q8_0 && w->dtype != LMD_F32_PANELS &&
-        w->dtype != LMD_BF16_PANELS)
+    if (w->dtype != LMD_F32 && w->dtype != LMD_BF16 && w->dtype != LMD_F16 && w->dtype != LMD_Q8_0 &&
+        w->dtype != LMD_F32_PANELS && w->dtype != LMD_BF16_PANELS && w->dtype != LMD_F16_PANELS)
         return lmd_fail(err, LMD_ERR_UNSUPPORTED, "%s%s: unknown storage type %d", layer_prefix, name,
                         (int)w->dtype);
     if (w->rows != rows || w->cols != cols)
@@ -173,8 +173,8 @@ static size_t matmul_scratch_bytes(const lmd_config *config, const lmd_weights *
     return most;
 }
 
-/* The model multiplies its own copy of every f32 and bf16 matrix, repacked into panels (ops.h
- * LMD_F32_PANELS, LMD_BF16_PANELS; bf16: see ops.c): each output then sums in a lane of its
+/* The model multiplies its own copy of every f32, bf16 and f16 matrix, repacked into panels
+ * (ops.h LMD_F32_PANELS, LMD_BF16_PANELS, LMD_F16_PANELS; bf16: see ops.c): each output then sums in a lane of its
  * own, with no lane reduction. Small
  * matrices gain the most (a row of 64 columns spent as long on adding up its lanes as on its
  * four multiply-adds: a 511-token stories260K pass 4.1 -> 3.5 ms, one thread), and large
@@ -194,7 +194,7 @@ static int weight_matrices(lmd_model *m, lmd_matrix **out) {
     return n;
 }
 
-// replaces every f32 and bf16 matrix of the model (and a token embedding tied to the head) by
+// replaces every f32, bf16 and f16 matrix of the model (and a token embedding tied to the head) by
 // a packed copy it owns
 static lmd_status pack_matrices(lmd_model *m, lmd_error *err) {
     const size_t slots = (size_t)m->config.n_layers * LMD_LAYER_MATRICES + 1;
@@ -210,9 +210,10 @@ static lmd_status pack_matrices(lmd_model *m, lmd_error *err) {
     lmd_status st = LMD_OK;
     for (int i = 0; i < n; i++) {
         lmd_matrix *w = matrices[i];
-        if (w->dtype != LMD_F32 && w->dtype != LMD_BF16) continue;
-        const size_t bytes = w->dtype == LMD_F32 ? lmd_panels_bytes(w->rows, w->cols)
-                                                 : lmd_bf16_panels_bytes(w->rows, w->cols);
+        if (w->dtype != LMD_F32 && w->dtype != LMD_BF16 && w->dtype != LMD_F16) continue;
+        const size_t bytes = w->dtype == LMD_F32    ? lmd_panels_bytes(w->rows, w->cols)
+                             : w->dtype == LMD_BF16 ? lmd_bf16_panels_bytes(w->rows, w->cols)
+                                                    : lmd_f16_panels_bytes(w->rows, w->cols);
         void *packed = lmd_alloc_aligned(bytes);
         if (packed == NULL) {
             st = lmd_fail(err, LMD_ERR_NOMEM, "out of memory packing the weights (%zu bytes)", bytes);
@@ -223,6 +224,9 @@ static lmd_status pack_matrices(lmd_model *m, lmd_error *err) {
         if (w->dtype == LMD_F32) {
             lmd_pack_f32_panels(packed, (const float *)w->data, w->rows, w->cols);
             w->dtype = LMD_F32_PANELS;
+        } else if (w->dtype == LMD_F16) {
+            lmd_pack_f16_panels(packed, (const uint16_t *)w->data, w->rows, w->cols);
+            w->dtype = LMD_F16_PANELS;
         } else {
             lmd_pack_bf16_panels(packed, (const uint16_t *)w->data, w->rows, w->cols);
             w->dtype = LMD_BF16_PANELS;

@@ -9,8 +9,8 @@
  *
  * Weights are borrowed: lmd_model_init copies the lmd_weights struct (pointers
  * and shapes) but not the tensors, which the caller keeps alive (an mmap or
- * arrays) until lmd_model_free. One exception: f32 and bf16 matrices are copied at
- * init, repacked into panels (ops.h LMD_F32_PANELS, LMD_BF16_PANELS); the model owns
+ * arrays) until lmd_model_free. One exception: f32, bf16 and f16 matrices are copied
+ * at init, repacked into panels (ops.h: LMD_F32_PANELS and its kin); the model owns
  * the copies, and
  * the caller may drop those sources once init returns (a tied token embedding
  * then reads the packed head). Scratch memory for max_batch tokens is
@@ -121,7 +121,7 @@ typedef struct lmd_model {
     float *rope_sin; /* (B, head_dim / 2) their sin */
     int32_t *pos;    /* (B,) position of each token of the chunk */
     void *matmul_scratch; /* a matmul's inputs quantized (q8_0) or rounded (bf16); NULL if none needs it */
-    void **panels;        /* (n_panels,) the model's own copies of its f32 and bf16 matrices, in panels */
+    void **panels;        /* (n_panels,) the model's own copies of its f32, bf16 and f16 matrices, in panels */
     int32_t n_panels;
     size_t panel_bytes;   /* their bytes */
 } lmd_model;

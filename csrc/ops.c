@@ -58,7 +58,9 @@ size_t lmd_row_bytes(lmd_dtype dtype, int64_t cols) {
     case LMD_F32:
     case LMD_F32_PANELS: return (size_t)cols * 4;
     case LMD_BF16:
-    case LMD_BF16_PANELS: return (size_t)cols * 2;
+    case LMD_BF16_PANELS:
+    case LMD_F16:
+    case LMD_F16_PANELS: return (size_t)cols * 2;
     case LMD_Q8_0: return (size_t)(cols / LMD_Q8_0_BLOCK) * LMD_Q8_0_BLOCK_BYTES;
     }
     return 0;
@@ -70,6 +72,8 @@ const char *lmd_dtype_name(lmd_dtype dtype) {
     case LMD_F32_PANELS: return "f32 panels";
     case LMD_BF16: return "bf16";
     case LMD_BF16_PANELS: return "bf16 panels";
+    case LMD_F16: return "f16";
+    case LMD_F16_PANELS: return "f16 panels";
     case LMD_Q8_0: return "q8_0";
     }
     return "?";
@@ -159,6 +163,18 @@ void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r) {
     case LMD_F32_PANELS: {
         const float *panel = (const float *)w->data + r / LMD_VEC_LANES * w->cols * LMD_VEC_LANES;
         for (int64_t k = 0; k < w->cols; k++) out[k] = panel[k * LMD_VEC_LANES + r % LMD_VEC_LANES];
+        break;
+    }
+    case LMD_F16:
+        for (int64_t k = 0; k < w->cols; k++) {
+            uint16_t h;
+            memcpy(&h, data + ((size_t)r * w->cols + k) * 2, 2);
+            out[k] = half_to_float(h);
+        }
+        break;
+    case LMD_F16_PANELS: {
+        const uint16_t *panel = (const uint16_t *)w->data + r / LMD_VEC_LANES * w->cols * LMD_VEC_LANES;
+        for (int64_t k = 0; k < w->cols; k++) out[k] = half_to_float(panel[k * LMD_VEC_LANES + r % LMD_VEC_LANES]);
         break;
     }
     case LMD_BF16_PANELS: {
@@ -346,8 +362,8 @@ void lmd_axpy(float *y, float a, const float *x, int n) {
  * rows (ops.h). Each output sums its products in one fixed order whatever the tile shape,
  * batch size or thread count, so a batch row's result is bit-identical alone or inside any
  * batch. The tile kernels are always inlined with constant shapes, so that their
- * accumulators stay in registers. Row-major f32 and bf16 matrices are what the model packs
- * at init; lmd_matmul takes them through lmd_matmul_naive. */
+ * accumulators stay in registers. Row-major f32, bf16 and f16 matrices are what the model
+ * packs at init; lmd_matmul takes them through lmd_matmul_naive. */
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
 /* IN_REGISTER (vec.h) keeps each loaded input vector in a register: left alone, GCC
@@ -725,6 +741,24 @@ void lmd_pack_f32_panels(float *out, const float *w, int64_t rows, int64_t cols)
             }
 }
 
+size_t lmd_f16_panels_bytes(int64_t rows, int64_t cols) { return lmd_panels_bytes(rows, cols) / 2; }
+
+/* LMD_F16_PANELS: halves where the f32 panels hold floats, widened by one VCVTPH2PS per
+ * column vector (F16C / AVX-512; portable builds convert lane by lane). Half the bytes of
+ * f32 for a decode that streams its weights, and the very same sums. */
+void lmd_pack_f16_panels(uint16_t *out, const uint16_t *w, int64_t rows, int64_t cols) {
+    const int64_t n_panels = (rows + PANEL_LANES - 1) / PANEL_LANES;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(lmd_get_num_threads()) if (rows * cols >= (1 << 20))
+#endif
+    for (int64_t p = 0; p < n_panels; p++)
+        for (int64_t k = 0; k < cols; k++)
+            for (int64_t j = 0; j < PANEL_LANES; j++) {
+                const int64_t r = p * PANEL_LANES + j;
+                out[(p * cols + k) * PANEL_LANES + j] = r < rows ? w[r * cols + k] : 0;
+            }
+}
+
 // one block's sums acc[p][c] of panels p0..p0+np and inputs c0..c0+nc into out (B, d): stored
 // by the first block, added by the next (the rows past d dropped)
 static ALWAYS_INLINE void store_block_sums(float *out, vf acc[PANEL_TILE_P][PANEL_TILE_C], int64_t d, int64_t p0,
@@ -739,24 +773,33 @@ static ALWAYS_INLINE void store_block_sums(float *out, vf acc[PANEL_TILE_P][PANE
     }
 }
 
-// columns k0..k_end of panels p0..p0+np of W (panels, n, LANES) against inputs c0..c0+nc of
-// x (B, n): one FMA chain per output over the block, stored into out (B, d) by the first
-// block (k0 == 0) and added to it by the next
-static ALWAYS_INLINE void tile_panels(float *out, const float *x, const float *panels, int64_t n, int64_t d,
-                                      int64_t p0, int np, int c0, int nc, int64_t k0, int64_t k_end) {
+// columns k0..k_end of panels p0..p0+np of W (panels, n, LANES), floats or (f16, a constant)
+// halves, against inputs c0..c0+nc of x (B, n): one FMA chain per output over the block,
+// stored into out (B, d) by the first block (k0 == 0) and added to it by the next
+static ALWAYS_INLINE void tile_panels(float *out, const float *x, const void *panels, int64_t n, int64_t d,
+                                      int64_t p0, int np, int c0, int nc, int64_t k0, int64_t k_end,
+                                      const int f16) {
     vf acc[PANEL_TILE_P][PANEL_TILE_C];
     const float *wp[PANEL_TILE_P], *xp[PANEL_TILE_C];
+    const uint16_t *hp[PANEL_TILE_P];
     for (int p = 0; p < np; p++) {
-        wp[p] = panels + ((p0 + p) * n + k0) * PANEL_LANES;
+        const int64_t at = ((p0 + p) * n + k0) * PANEL_LANES;
+        if (f16) hp[p] = (const uint16_t *)panels + at;
+        else wp[p] = (const float *)panels + at;
         for (int c = 0; c < nc; c++) acc[p][c] = vzero_f();
     }
     for (int c = 0; c < nc; c++) xp[c] = x + (int64_t)(c0 + c) * n + k0;
     for (int64_t k = k0; k < k_end; k++) {
         vf wv[PANEL_TILE_P];
         for (int p = 0; p < np; p++) {
-            wv[p] = vload(wp[p]);
+            if (f16) {
+                wv[p] = vload_f16(hp[p]);
+                hp[p] += PANEL_LANES;
+            } else {
+                wv[p] = vload(wp[p]);
+                wp[p] += PANEL_LANES;
+            }
             if (nc > 1) IN_REGISTER(wv[p]);
-            wp[p] += PANEL_LANES;
         }
         for (int c = 0; c < nc; c++) {
             vf xv = vbroadcast(*xp[c]++);
@@ -895,18 +938,21 @@ static ALWAYS_INLINE void tile_bf16_panels(float *out, const float *x, const uin
     store_block_sums(out, acc, d, p0, np, c0, nc, k0 == 0);
 }
 
-// one work item of either kind of panels (bf16: 1 or 0, a constant): panels p0..p0+np
-// (np <= PANEL_TILE_P) against inputs c_begin..c_end; blocks of PANEL_K_BLOCK columns
+// one work item of any kind of panels (kind, a constant: PANELS_F32, PANELS_BF16 or
+// PANELS_F16): panels p0..p0+np (np <= PANEL_TILE_P) against inputs c_begin..c_end; blocks of
+// PANEL_K_BLOCK columns
+enum { PANELS_F32, PANELS_BF16, PANELS_F16 };
 static ALWAYS_INLINE void item_any_panels(float *out, const float *x, const uint32_t *xb, const void *panels,
                                           int64_t n, int64_t d, int64_t p0, int np, int c_begin, int c_end,
-                                          const int bf16) {
+                                          const int kind) {
+    const int bf16 = kind == PANELS_BF16;
     const int64_t steps = bf16 ? BF16_PAIRS(n) : n, block = bf16 ? PANEL_K_BLOCK / 2 : PANEL_K_BLOCK;
 #define PANEL_TILE(np_, nc_)                                                                        \
     do {                                                                                           \
         if (bf16)                                                                                  \
             tile_bf16_panels(out, x, xb, (const uint32_t *)panels, n, d, p0, np_, c0, nc_, k0, k_end); \
         else                                                                                       \
-            tile_panels(out, x, (const float *)panels, n, d, p0, np_, c0, nc_, k0, k_end);         \
+            tile_panels(out, x, panels, n, d, p0, np_, c0, nc_, k0, k_end, kind == PANELS_F16);     \
     } while (0)
 #define PANEL_TILE_ANY_C(np_)                                                                       \
     switch (nc) {                                                                                   \
@@ -939,14 +985,18 @@ static ALWAYS_INLINE void item_any_panels(float *out, const float *x, const uint
 
 static void item_panels(float *out, const float *x, const uint32_t *xb, const void *panels, int64_t n, int64_t d,
                         int64_t p0, int np, int c_begin, int c_end) {
-    item_any_panels(out, x, xb, panels, n, d, p0, np, c_begin, c_end, 0);
+    item_any_panels(out, x, xb, panels, n, d, p0, np, c_begin, c_end, PANELS_F32);
 }
 static void item_bf16_panels(float *out, const float *x, const uint32_t *xb, const void *panels, int64_t n,
                              int64_t d, int64_t p0, int np, int c_begin, int c_end) {
-    item_any_panels(out, x, xb, panels, n, d, p0, np, c_begin, c_end, 1);
+    item_any_panels(out, x, xb, panels, n, d, p0, np, c_begin, c_end, PANELS_BF16);
+}
+static void item_f16_panels(float *out, const float *x, const uint32_t *xb, const void *panels, int64_t n,
+                            int64_t d, int64_t p0, int np, int c_begin, int c_end) {
+    item_any_panels(out, x, xb, panels, n, d, p0, np, c_begin, c_end, PANELS_F16);
 }
 
-// W (d, n) in panels (f32 or bf16) @ x (B, n) -> out (B, d); xb the rounded input pairs of
+// W (d, n) in panels (f32, bf16 or f16) @ x (B, n) -> out (B, d); xb the rounded input pairs of
 // bf16 panels with dot products. Work items: PANEL_TILE_P panels x a slice of
 // PANEL_SLICE inputs, so that a prefill splits across threads even when the matrix has few
 // rows (stories260K's 32-row k and v are two panels). Slice-major: a thread's static share
@@ -958,7 +1008,9 @@ static void matmul_panels(float *out, const float *x, const uint32_t *xb, const 
     const int64_t n_groups = (n_panels + PANEL_TILE_P - 1) / PANEL_TILE_P;
     const int64_t n_slices = (B + PANEL_SLICE - 1) / PANEL_SLICE;
     void (*const item)(float *, const float *, const uint32_t *, const void *, int64_t, int64_t, int64_t, int, int,
-                       int) = w->dtype == LMD_BF16_PANELS ? item_bf16_panels : item_panels;
+                       int) = w->dtype == LMD_BF16_PANELS  ? item_bf16_panels
+                              : w->dtype == LMD_F16_PANELS ? item_f16_panels
+                                                           : item_panels;
 #define PANEL_ITEMS(item_loop_pragma)                                                               \
     item_loop_pragma                                                                                \
     for (int64_t it = 0; it < n_groups * n_slices; it++) {                                          \
@@ -1022,11 +1074,11 @@ void lmd_matmul_prepared(float *out, const float *x, const lmd_matrix *w, int B,
         matmul_q8_0(out, w, B, scratch);
         return;
     }
-    if (w->dtype == LMD_F32_PANELS || w->dtype == LMD_BF16_PANELS) {
+    if (w->dtype == LMD_F32_PANELS || w->dtype == LMD_BF16_PANELS || w->dtype == LMD_F16_PANELS) {
         matmul_panels(out, x, (const uint32_t *)scratch, w, B);
         return;
     }
-    lmd_matmul_naive(out, x, w, B); /* row-major f32 or bf16: the model packs these (see above) */
+    lmd_matmul_naive(out, x, w, B); /* row-major f32, bf16 or f16: the model packs these (see above) */
 }
 
 void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B) {

@@ -5,11 +5,12 @@
  *   B  rows of a batch (tokens processed together)
  *   n  input features,  d  output features,  hs  head size
  *
- * Weight matrices (d, n) come in one of five storage types. The first two are row-major
- * and are what a model's files and arrays hold; the model packs them into the last two at
- * init (model.h), which lmd_matmul's fast kernels multiply, with LMD_Q8_0:
+ * Weight matrices (d, n) come in one of seven storage types. LMD_F32, LMD_BF16 and LMD_F16
+ * are row-major and are what a model's files and arrays hold; the model packs them into
+ * panels at init (model.h), which lmd_matmul's fast kernels multiply, as they do LMD_Q8_0:
  *   LMD_F32   float
  *   LMD_BF16  bfloat16 bits (the top 16 bits of an IEEE float), rounded to nearest even
+ *   LMD_F16   IEEE half-precision bits
  *   LMD_Q8_0  llama.cpp's Q8_0 blocks (an fp16 scale d and 32 int8 values q; the weight
  *             is d * q), interleaved in groups of 16 rows (LMD_Q8_0_GROUP; the last
  *             group holds the rows left over) so that one vector serves 16 rows: a
@@ -28,6 +29,9 @@
  *             (lmd_pack_bf16_panels): (ceil(d / LANES), ceil(n / 2), LANES) uint32, lane j
  *             of pair k holding row p*LANES+j's columns 2k (low half) and 2k+1 (high half),
  *             zero past d and n: the operand layout of the bf16 dot-product instructions.
+ *   LMD_F16_PANELS  halves in the f32 panels' layout (lmd_pack_f16_panels): (ceil(d / LANES),
+ *             n, LANES) uint16. Widening is exact, so a product equals, bit for bit, the
+ *             f32 panels' product of the widened weights.
  *
  * lmd_matmul reads each weight row once per call and multiplies it against all
  * B input rows, so batched decode and draft verification cost one pass over the
@@ -36,8 +40,8 @@
  * over slices of the batch); each output element is summed in a fixed order by
  * one thread, so results are identical for any thread count and batch: panels by
  * multiply-add chains over blocks of 64 columns, the block sums added in order,
- * q8_0 block after block (lmd_dot_q8_0). Row-major LMD_F32 and LMD_BF16 matrices
- * go through the naive twin (suffix _naive, double-precision sums), which the C
+ * q8_0 block after block (lmd_dot_q8_0). Row-major LMD_F32, LMD_BF16 and LMD_F16
+ * matrices go through the naive twin (suffix _naive, double-precision sums), which the C
  * tests compare the fast kernels against.
  *
  *     lmd_pack_f32_panels(panels, weights, d, n);
@@ -50,7 +54,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef enum { LMD_F32 = 0, LMD_BF16 = 1, LMD_Q8_0 = 2, LMD_F32_PANELS = 3, LMD_BF16_PANELS = 4 } lmd_dtype;
+typedef enum {
+    LMD_F32 = 0,
+    LMD_BF16 = 1,
+    LMD_Q8_0 = 2,
+    LMD_F32_PANELS = 3,
+    LMD_BF16_PANELS = 4,
+    LMD_F16 = 5,
+    LMD_F16_PANELS = 6
+} lmd_dtype;
 
 #define LMD_Q8_0_BLOCK 32      /* weights per Q8_0 block */
 #define LMD_Q8_0_BLOCK_BYTES 34 /* fp16 scale + 32 int8 */
@@ -99,6 +111,10 @@ float lmd_dot_q8_0(const uint8_t *w_blocks, const float *x, int64_t n);
 size_t lmd_panels_bytes(int64_t rows, int64_t cols);
 // w (rows, cols) f32 row-major -> out (lmd_panels_bytes(rows, cols) bytes) in LMD_F32_PANELS
 void lmd_pack_f32_panels(float *out, const float *w, int64_t rows, int64_t cols);
+// bytes of a (rows, cols) matrix in LMD_F16_PANELS
+size_t lmd_f16_panels_bytes(int64_t rows, int64_t cols);
+// w (rows, cols) f16 row-major -> out (lmd_f16_panels_bytes(rows, cols) bytes) in LMD_F16_PANELS
+void lmd_pack_f16_panels(uint16_t *out, const uint16_t *w, int64_t rows, int64_t cols);
 // bytes of a (rows, cols) matrix in LMD_BF16_PANELS
 size_t lmd_bf16_panels_bytes(int64_t rows, int64_t cols);
 // w (rows, cols) bf16 row-major -> out (lmd_bf16_panels_bytes(rows, cols) bytes) in LMD_BF16_PANELS

@@ -61,14 +61,39 @@ def test_greedy_once_upon_a_time_is_tinystories_text():
 
 
 def test_tiny_random_f16_gguf_matches_numpy_reference():
+    """An F16 file stays f16 in the engine (half the bytes of f32), and since widening a half is
+    exact its logits are those of f32 storage bit for bit."""
     model = lmdecode.Model.load(TINY_RANDOM)
     c = model.config
-    assert (c.vocab_size, c.dim, c.n_layers, c.n_heads, c.dtype) == (32000, 8, 1, 2, "f32")
+    assert (c.vocab_size, c.dim, c.n_layers, c.n_heads, c.dtype) == (32000, 8, 1, 2, "f16")
     assert len(model.vocab) == 32000 and model.vocab[1] == "<s>"
     config, tensors, _ = loaders.read_gguf(TINY_RANDOM)
     weights = {k: np.asarray(v.data, dtype=np.float64).reshape(v.shape) for k, v in tensors.items()}
     toks = _tokens(64, 32000, seed=2)
     assert _rel_max_diff(llama_logits(config, weights, toks), model.logits(toks)) < 1e-4
+    f32 = lmdecode.Model.load(TINY_RANDOM, dtype="f32")
+    np.testing.assert_array_equal(f32.logits(toks), model.logits(toks))
+    assert model._engine.panel_bytes * 2 == f32._engine.panel_bytes > 0
+
+
+def test_f16_storage_refuses_values_beyond_its_range():
+    """Converting to f16 must not turn large weights into infinities silently."""
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16}
+    rng = np.random.default_rng(0)
+    shapes = {"model.embed_tokens.weight": (10, 8), "model.norm.weight": (8,), "lm_head.weight": (10, 8),
+              "model.layers.0.input_layernorm.weight": (8,), "model.layers.0.post_attention_layernorm.weight": (8,),
+              "model.layers.0.self_attn.q_proj.weight": (8, 8), "model.layers.0.self_attn.k_proj.weight": (8, 8),
+              "model.layers.0.self_attn.v_proj.weight": (8, 8), "model.layers.0.self_attn.o_proj.weight": (8, 8),
+              "model.layers.0.mlp.gate_proj.weight": (16, 8), "model.layers.0.mlp.up_proj.weight": (16, 8),
+              "model.layers.0.mlp.down_proj.weight": (8, 16)}
+    weights = {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in shapes.items()}
+    assert lmdecode.Model.from_numpy(config, weights, dtype="f16").config.dtype == "f16"
+    weights["model.layers.0.mlp.up_proj.weight"][3, 5] = -7e4
+    with pytest.raises(ValueError, match=r"layers\.0\.w_up: values beyond the f16 range \(largest magnitude 70000; "
+                                         r"f16 holds 65504\)"):
+        lmdecode.Model.from_numpy(config, weights, dtype="f16")
+    assert lmdecode.Model.from_numpy(config, weights, dtype="bf16").config.dtype == "bf16"
 
 
 def test_tiny_random_in_bf16_storage():
@@ -377,7 +402,7 @@ def test_from_numpy_shape_mismatch_names_tensor():
     assert lmdecode.Model.from_numpy(config, weights).config.tied_embeddings
 
 
-@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8_0"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16", "q8_0"])
 def test_from_numpy_takes_misaligned_arrays(dtype):
     """Arrays viewed at odd byte offsets (NumPy allows them; the engine cannot read them) are
     copied, so from_numpy gives the same logits as from the same values aligned."""
@@ -441,10 +466,10 @@ def _mapping_rss_bytes(path):
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
 @pytest.mark.parametrize("kind,dtype", [("F32", "f32"), ("F32", "bf16"), ("F32", "q8_0"), ("Q8_0", "q8_0"),
-                                        ("BF16", "bf16")])
+                                        ("BF16", "bf16"), ("F16", "f16"), ("F32", "f16")])
 def test_converted_gguf_tensors_leave_the_resident_set(kind, dtype, tmp_path):
-    """Weights are never held twice: F32 and BF16 tensors copied into the engine's panels or
-    converted into bf16/q8_0 storage, and Q8_0 tensors packed into the engine's groups of rows, must not
+    """Weights are never held twice: F32, BF16 and F16 tensors copied into the engine's panels or
+    converted into bf16/f16/q8_0 storage, and Q8_0 tensors packed into the engine's groups of rows, must not
     stay resident through the file mapping the model keeps (for its tokenizer metadata; the
     untied token embedding, read in place, only has the rows looked up)."""
     rng = np.random.default_rng(5)
@@ -463,7 +488,7 @@ def test_converted_gguf_tensors_leave_the_resident_set(kind, dtype, tmp_path):
     tensors["output.weight"] = (tensors["output.weight"][0], kind)
     path = tmp_path / f"random-{kind}.gguf"
     _write_gguf(path, "llama", meta, tensors)
-    matrix_bytes = sum(a.size * {"F32": 4, "BF16": 2, "Q8_0": 34 / 32}[k] for a, k in tensors.values())
+    matrix_bytes = sum(a.size * {"F32": 4, "BF16": 2, "F16": 2, "Q8_0": 34 / 32}[k] for a, k in tensors.values())
     model = lmdecode.Model.load(path, dtype=dtype)
     model.forward([1, 2, 3], model.new_cache(8))
     assert model.config.dtype == dtype

@@ -138,9 +138,9 @@ def test_config_values_of_the_wrong_type(key, value, message):
         loaders.hf_config("config.json", {**LLAMA_CONFIG, key: value})
 
 
-@pytest.mark.parametrize("dtype,bytes_per_weight", [("f32", 4), ("bf16", 2)])
+@pytest.mark.parametrize("dtype,bytes_per_weight", [("f32", 4), ("bf16", 2), ("f16", 2)])
 def test_f32_and_bf16_matrices_are_multiplied_in_packed_copies(hf, dtype, bytes_per_weight):
-    """The engine copies every f32 and bf16 matrix into panels (no padding here: every output
+    """The engine copies every f32, bf16 and f16 matrix into panels (no padding here: every output
     dimension is a multiple of the vector lanes, every input dimension even) and stops holding
     the sources; a tied head is one copy, whose rows the embedding lookups read too. q8_0
     matrices are read in place (those whose columns are no multiple of 32 stay f32, in panels)."""
@@ -251,10 +251,10 @@ def test_thread_count_does_not_change_results(hf):
 
 
 # documented tolerances of reduced-precision storage, relative to the f32 logit range
-STORAGE_TOLERANCE = {"bf16": 2e-2, "q8_0": 2e-2}
+STORAGE_TOLERANCE = {"bf16": 2e-2, "f16": 2e-3, "q8_0": 2e-2}
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "q8_0"])
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "q8_0"])
 def test_reduced_precision_storage(hf, dtype):
     model = lmdecode.Model.load(hf["path"], dtype=dtype)
     assert model.config.dtype == dtype

@@ -1262,6 +1262,7 @@ static int tensor_matrix(PyObject *tensors, const char *name, lmd_matrix *out) {
     switch (PyArray_TYPE(a)) {
     case NPY_FLOAT32: out->dtype = LMD_F32; out->cols = cols; break;
     case NPY_UINT16: out->dtype = LMD_BF16; out->cols = cols; break;
+    case NPY_HALF: out->dtype = LMD_F16; out->cols = cols; break;
     case NPY_UINT8:
         if (cols % LMD_Q8_0_BLOCK_BYTES != 0) {
             PyErr_Format(PyExc_ValueError, "q8_0 tensor '%s' has %zd bytes per row, not a multiple of %d", name,
@@ -1272,7 +1273,7 @@ static int tensor_matrix(PyObject *tensors, const char *name, lmd_matrix *out) {
         out->cols = cols / LMD_Q8_0_BLOCK_BYTES * LMD_Q8_0_BLOCK;
         break;
     default:
-        PyErr_Format(PyExc_TypeError, "tensor '%s' has dtype %R; expected float32, uint16 (bf16) or uint8 (q8_0)",
+        PyErr_Format(PyExc_TypeError, "tensor '%s' has dtype %R; expected float32, float16, uint16 (bf16) or uint8 (q8_0)",
                      name, (PyObject *)PyArray_DESCR(a));
         return 0;
     }
@@ -1303,7 +1304,9 @@ static int tensor_vector(PyObject *tensors, const char *name, npy_intp length, c
     return 1;
 }
 
-static int is_panels(lmd_dtype dtype) { return dtype == LMD_F32_PANELS || dtype == LMD_BF16_PANELS; }
+static int is_panels(lmd_dtype dtype) {
+    return dtype == LMD_F32_PANELS || dtype == LMD_BF16_PANELS || dtype == LMD_F16_PANELS;
+}
 
 // removes from kept (name -> array) the matrices the model now multiplies in its own packed
 // copies; 0, or -1 with an exception
@@ -1807,9 +1810,9 @@ static PyObject *EngineModel_get_borrowed(EngineModelObject *self, void *closure
 
 static PyGetSetDef EngineModel_getset[] = {
     {"panel_bytes", (getter)EngineModel_get_panel_bytes, NULL,
-     "bytes of the model's own copies of its f32 and bf16 matrices, in panels", NULL},
+     "bytes of the model's own copies of its f32, bf16 and f16 matrices, in panels", NULL},
     {"borrowed", (getter)EngineModel_get_borrowed, NULL,
-     "names of the tensors the model reads in place (the f32 and bf16 matrices it copied are not among them)",
+     "names of the tensors the model reads in place (the matrices it copied into panels are not among them)",
      NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

@@ -13,10 +13,10 @@ Engine tensor names: ``token_embedding`` (V, D), ``position_embedding`` (T, D), 
 ``bv``, ``bo``, ``ffn_norm``, ``ffn_norm_bias``, ``w_gate`` (H, D), ``w_up`` (H, D), ``w_down``
 (D, H), ``b_up``, ``b_down``. Matrices are (out_features, in_features).
 
-:func:`to_storage` turns sources into the arrays the C engine reads (float32, bfloat16 bits as
-uint16, or Q8_0 blocks as uint8, packed by ``_core.pack_q8_0`` in the engine's groups of 16 rows),
-borrowing whenever source and storage agree (the engine then copies f32 and bf16 matrices into its
-panels).
+:func:`to_storage` turns sources into the arrays the C engine reads (float32, float16, bfloat16
+bits as uint16, or Q8_0 blocks as uint8, packed by ``_core.pack_q8_0`` in the engine's groups of 16 rows),
+borrowing whenever source and storage agree (the engine then copies f32, bf16 and f16 matrices into
+its panels).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from . import _core
 
 Q8_0_BLOCK = 32
 Q8_0_BLOCK_BYTES = 34
-STORAGE_DTYPES = ("f32", "bf16", "q8_0")
+STORAGE_DTYPES = ("f32", "bf16", "f16", "q8_0")
 MATRIX_SUFFIXES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
@@ -101,20 +101,24 @@ def to_f32(src: Source) -> np.ndarray:
 
 
 def default_storage(tensors: dict) -> str:
-    """f32 sources stay f32, bf16 stays bf16, f16 widens to f32, quantized types become q8_0."""
+    """f32 sources stay f32, bf16 stays bf16, f16 stays f16 (when every matrix is f16: the values
+    of any f32 ones would be rounded; else f32, exact), quantized types become q8_0."""
     kinds = {src.kind for name, src in tensors.items() if is_matrix(name)}
     if not kinds <= {"f32", "f16", "bf16"}:
         return "q8_0"
     if "bf16" in kinds and kinds <= {"f32", "bf16"}:
         return "bf16"  # bf16 matrices, perhaps with a few left in f32
+    if kinds == {"f16"}:
+        return "f16"
     return "f32"
 
 
-def matrix_storage(src: Source, dtype: str) -> np.ndarray:
+def matrix_storage(src: Source, dtype: str, name: str = "tensor") -> np.ndarray:
     """A weight matrix in the engine's storage `dtype`, borrowing the source when they agree.
 
     Q8_0 needs a multiple of 32 columns; narrower or odd tensors stay float32 (as llama.cpp's
-    quantizer also leaves them), which is documented in Model.load.
+    quantizer also leaves them), which is documented in Model.load. Values that f16 cannot
+    hold (beyond +-65504) are a ValueError naming the tensor, not infinities.
     """
     rows, cols = src.shape
     if dtype == "q8_0" and cols % Q8_0_BLOCK != 0:
@@ -125,6 +129,17 @@ def matrix_storage(src: Source, dtype: str) -> np.ndarray:
         if src.kind == "bf16":
             return np.ascontiguousarray(src.data, dtype=np.uint16).reshape(rows, cols)
         return f32_to_bf16_bits(to_f32(src)).reshape(rows, cols)
+    if dtype == "f16":
+        if src.kind == "f16":
+            return np.ascontiguousarray(src.data, dtype=np.float16).reshape(rows, cols)
+        wide = to_f32(src)
+        with np.errstate(over="ignore"):
+            half = wide.astype(np.float16)  # rounded to nearest even
+        if not np.array_equal(np.isfinite(half), np.isfinite(wide)):
+            raise ValueError(f"{name}: values beyond the f16 range (largest magnitude "
+                             f"{float(np.max(np.abs(wide[np.isfinite(wide)]))):.6g}; f16 holds 65504): "
+                             f"choose another dtype")
+        return half.reshape(rows, cols)
     if src.kind == "q8_0":  # the same blocks, packed in groups of rows as the engine stores them
         return _core.pack_q8_0(np.asarray(src.data, dtype=np.uint8).reshape(rows, cols // Q8_0_BLOCK * Q8_0_BLOCK_BYTES))
     return _core.quantize_q8_0(to_f32(src))
@@ -195,7 +210,7 @@ def to_storage(tensors: dict, dtype: str) -> dict:
         if key in done:
             out[name] = done[key]
             continue
-        arr = matrix_storage(src, dtype) if is_matrix(name) else to_f32(src)
+        arr = matrix_storage(src, dtype, name) if is_matrix(name) else to_f32(src)
         # f32 and bf16 matrices: the engine multiplies its own copies (in panels) and Model
         # releases a file's pages under them, so they need no aligned copy here, wherever the
         # file put them (nor does an untied embedding, whose rows are only looked up); q8_0

@@ -459,6 +459,13 @@ static void *make_matrix(lmd_matrix *w_out, test_rng *r, lmd_dtype dtype, int64_
         lmd_pack_f32_panels(panels, f, rows, cols);
         free(f);
         data = panels;
+    } else if (dtype == LMD_F16_PANELS) {
+        uint16_t *h = malloc((size_t)(rows * cols) * sizeof(uint16_t));
+        for (int64_t i = 0; i < rows * cols; i++) h[i] = lmd_f32_to_fp16(f[i]);
+        uint16_t *panels = malloc(lmd_f16_panels_bytes(rows, cols));
+        lmd_pack_f16_panels(panels, h, rows, cols);
+        free(f), free(h);
+        data = panels;
     } else if (dtype == LMD_BF16_PANELS) {
         uint16_t *b = malloc((size_t)(rows * cols) * sizeof(uint16_t));
         for (int64_t i = 0; i < rows * cols; i++) b[i] = lmd_f32_to_bf16(f[i]);
@@ -475,9 +482,9 @@ static void test_matmul_against_naive(void) {
     static const int64_t rows_f[] = {1, 3, 5, 6, 13};
     static const int64_t cols_f[] = {1, 3, 7, 17, 33, 101}; /* none a multiple of 4 */
     static const int64_t cols_q[] = {32, 96, 160};
-    const lmd_dtype dtypes[3] = {LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS};
+    const lmd_dtype dtypes[4] = {LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS, LMD_F16_PANELS};
     test_rng r = {31};
-    for (int di = 0; di < 3; di++) {
+    for (int di = 0; di < 4; di++) {
         err_meter m = {NULL, 0, 0};
         char name[32];
         snprintf(name, sizeof name, "matmul %s", lmd_dtype_name(dtypes[di]));
@@ -525,13 +532,13 @@ static void test_matmul_against_naive(void) {
  * position of a batch of 7, and with 1 or 2 threads. The sizes put d * n * B above the
  * kernel's threshold for going parallel. */
 static void test_matmul_batch_and_thread_invariance(void) {
-    const lmd_dtype dtypes[3] = {LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS};
-    const int64_t cols[3] = {1024, 1003, 1003}, rows = 67; /* 4 panels + 3 rows, 4 q8_0 groups + 3 */
+    const lmd_dtype dtypes[4] = {LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS, LMD_F16_PANELS};
+    const int64_t cols[4] = {1024, 1003, 1003, 1003}, rows = 67; /* 4 panels + 3 rows, 4 q8_0 groups + 3 */
     const int B = 7;
     test_rng r = {41};
     printf("  openmp %s, %d threads by default, vectors of %d bytes\n",
            lmd_built_with_openmp() ? "on" : "off", lmd_get_num_threads(), lmd_vector_bytes());
-    for (int di = 0; di < 3; di++) {
+    for (int di = 0; di < 4; di++) {
         const int64_t n = cols[di], d = rows;
         lmd_matrix w;
         void *data = make_matrix(&w, &r, dtypes[di], d, n);
@@ -625,12 +632,12 @@ static void test_matmul_q8_0_equals_dot(void) {
     }
 }
 
-/* Panels: lmd_pack_f32_panels and lmd_pack_bf16_panels keep every row (lmd_matrix_row gives
- * it back), and every output of a matmul in panels is, bit for bit, the multiply-add chain
- * of its row and input over each block of 64 columns from 0, the block sums added in order,
- * whichever tile shape, slice of inputs or thread produced it:
- *   f32 panels, and bf16 ones without bf16 dot products: an FMA per column (a * b + c,
- *   rounded twice, in a build without FMA), the bf16 weights widened exactly;
+/* Panels: lmd_pack_f32_panels, lmd_pack_bf16_panels and lmd_pack_f16_panels keep every row
+ * (lmd_matrix_row gives it back), and every output of a matmul in panels is, bit for bit,
+ * the multiply-add chain of its row and input over each block of 64 columns from 0, the
+ * block sums added in order, whichever tile shape, slice of inputs or thread produced it:
+ *   f32 and f16 panels, and bf16 ones without bf16 dot products: an FMA per column
+ *   (a * b + c, rounded twice, in a build without FMA), halves and bf16 widened exactly;
  *   bf16 with dot products (VDPBF16PS): the inputs rounded to bf16, and per column pair
  *   acc += w[2k+1] x[2k+1], then acc += w[2k] x[2k], each product exact (8-bit
  *   significands) and each sum rounded, as the instruction is specified.
@@ -666,15 +673,21 @@ static void test_matmul_panels(void) {
     const int64_t rows[5] = {1, 13, 32, 67, 300}, cols[6] = {1, 7, 64, 128, 172, 201};
     const int batches[6] = {1, 2, 6, 7, 64, 130};
     test_rng r = {53};
-    for (int bf16 = 0; bf16 <= 1; bf16++)
+    for (int kind = 0; kind <= 2; kind++) /* f32, bf16, f16 */
         for (int ri = 0; ri < 5; ri++)
             for (int ci = 0; ci < 6; ci++) {
                 const int64_t d = rows[ri], n = cols[ci], lanes = lmd_vector_bytes() / 4;
                 float *wf = malloc((size_t)(d * n) * sizeof(float)), *row = malloc((size_t)n * sizeof(float));
                 uint16_t *wb = malloc((size_t)(d * n) * sizeof(uint16_t));
                 test_fill(&r, wf, d * n, -1.0f, 1.0f);
+                const int bf16 = kind == 1;
                 void *panels;
-                if (bf16) {
+                if (kind == 2) {
+                    for (int64_t i = 0; i < d * n; i++) wf[i] = lmd_fp16_to_f32(wb[i] = lmd_f32_to_fp16(wf[i]));
+                    panels = malloc(lmd_f16_panels_bytes(d, n));
+                    lmd_pack_f16_panels(panels, wb, d, n);
+                    CHECK(lmd_f16_panels_bytes(d, n) == (size_t)((d + lanes - 1) / lanes * n * lanes) * 2);
+                } else if (bf16) {
                     for (int64_t i = 0; i < d * n; i++) wf[i] = lmd_bf16_to_f32(wb[i] = lmd_f32_to_bf16(wf[i]));
                     panels = malloc(lmd_bf16_panels_bytes(d, n));
                     lmd_pack_bf16_panels(panels, wb, d, n);
@@ -684,7 +697,7 @@ static void test_matmul_panels(void) {
                     lmd_pack_f32_panels(panels, wf, d, n);
                     CHECK(lmd_panels_bytes(d, n) == (size_t)((d + lanes - 1) / lanes * n * lanes) * sizeof(float));
                 }
-                const lmd_matrix w = {panels, bf16 ? LMD_BF16_PANELS : LMD_F32_PANELS, d, n};
+                const lmd_matrix w = {panels, kind == 2 ? LMD_F16_PANELS : bf16 ? LMD_BF16_PANELS : LMD_F32_PANELS, d, n};
                 const int dot = bf16 && lmd_bf16_rounds_inputs();
                 for (int64_t i = 0; i < d; i++) {
                     lmd_matrix_row(row, &w, i);
@@ -719,14 +732,14 @@ static void test_matmul_panels(void) {
  * the very bits of lmd_matmul (rounding in every tile; quantizing on the stack in chunks),
  * for every dtype, batch and thread count, and leaves x alone. */
 static void test_matmul_scratch_is_identical(void) {
-    const lmd_dtype dtypes[3] = {LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS};
+    const lmd_dtype dtypes[4] = {LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS, LMD_F16_PANELS};
     const int64_t cols_f[5] = {31, 64, 100, 768, 4096}, cols_q[5] = {32, 64, 96, 768, 4096};
     /* 70 x 4096 inputs pass in three groups; without scratch, q8_0 quantizes them on the
      * stack 12 at a time */
     const int batches[5] = {1, 3, 7, 20, 70};
     const int64_t d = 13;
     test_rng r = {47};
-    for (int di = 0; di < 3; di++)
+    for (int di = 0; di < 4; di++)
         for (int ci = 0; ci < 5; ci++) {
             const int64_t n = dtypes[di] == LMD_Q8_0 ? cols_q[ci] : cols_f[ci];
             lmd_matrix w;
