@@ -217,6 +217,20 @@ def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int, dr
           f"{t_cached * 1e3:.2f} ms ({samples[True][-1][1]} prompt tokens reused) vs {t_fresh * 1e3:.2f} ms without "
           f"({t_fresh / t_cached:.1f} x, interleaved)")
 
+    # a batch of 8 prompts that begin with the same ~400 tokens (a long system prompt) and end
+    # with 16 of their own, against 8 prompts of the same lengths that share nothing: the common
+    # beginning is computed once and its cache forked; interleaved
+    preamble = [1] + list(rng.integers(3, model.config.vocab_size, size=min(400, model.config.context_length // 2) - 1))
+    own = [list(rng.integers(3, model.config.vocab_size, size=16)) for _ in range(8)]
+    alike = [preamble + tail for tail in own]
+    unlike = [[1] + list(rng.integers(3, model.config.vocab_size, size=len(p) - 1)) for p in alike]
+    t_alike, t_unlike = interleaved_median_times(
+        [lambda: model.generate(alike, max_new_tokens=n_reply, temperature=0, stop_token_ids=[]),
+         lambda: model.generate(unlike, max_new_tokens=n_reply, temperature=0, stop_token_ids=[])], max(3, reps // 2))
+    print(f"batch of 8 prompts ({len(alike[0])} tokens, {n_reply} new each) sharing their first {len(preamble)}: "
+          f"{t_alike * 1e3:.2f} ms vs {t_unlike * 1e3:.2f} ms for 8 that share nothing ({t_unlike / t_alike:.1f} x, "
+          f"interleaved)")
+
     # scoring 512 tokens: one prefill against token-by-token, each over the same 8 sequences in
     # turn, medians of at least `reps` runs and about 3 s of them (stories260K: hundreds)
     n_score = min(512, model.config.context_length - 1)

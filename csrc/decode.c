@@ -203,12 +203,85 @@ static void release_finished(lmd_decode_run *run) {
         }
 }
 
+/* Prompts of a batch that begin alike (a system prompt, a chat template's preamble) share
+ * the cache of their common beginning when it is at least this many tokens: it is computed
+ * once, by a forward of its own, and forked. */
+#define SHARED_PREFIX_MIN 16
+
+// the tokens that the prompts of the leaders ids[i] (leader[i] == i, i < R) all begin with,
+// leaving each at least one token of its own (whose logits the first step needs)
+static int32_t common_prompt_prefix(const lmd_decode_run *run, int32_t R) {
+    int32_t first = -1, shared = 0;
+    const int32_t *first_tokens = NULL;
+    for (int32_t i = 0; i < R; i++) {
+        if (run->leader[i] != i) continue;
+        const int32_t k = run->ids[i], length = lmd_generator_prompt_length(run->gen, k);
+        const int32_t *tokens = lmd_generator_tokens(run->gen, k, NULL);
+        if (first < 0) {
+            first = k, first_tokens = tokens, shared = length - 1;
+            continue;
+        }
+        int32_t same = 0;
+        while (same < shared && same < length - 1 && tokens[same] == first_tokens[same]) same++;
+        shared = same;
+    }
+    return shared;
+}
+
+// the caches of the leaders (of the model and of an amateur) when their prompts share a
+// beginning worth it (SHARED_PREFIX_MIN): the first leader's cache gets the shared tokens
+// from a forward of its own, and the others fork it; else (or when a leader brought a cache
+// of its own) every cache starts empty
+static lmd_status leader_caches(lmd_decode_run *run, int32_t R, lmd_error *err) {
+    lmd_status st;
+    int32_t n_leaders = 0, has_given = 0;
+    for (int32_t i = 0; i < R; i++) {
+        n_leaders += run->leader[i] == i;
+        has_given |= run->given[run->ids[i]] != NULL;
+    }
+    const int32_t shared = n_leaders >= 2 && !has_given ? common_prompt_prefix(run, R) : 0;
+    int32_t first = -1;
+    for (int32_t i = 0; i < R; i++) {
+        if (run->leader[i] != i) continue;
+        const int32_t k = run->ids[i];
+        if (run->given[k] != NULL) {
+            run->seqs[k] = run->given[k]; /* its cached positions are not fed again */
+        } else if (first >= 0 && shared >= SHARED_PREFIX_MIN) {
+            if ((st = lmd_kvseq_fork(&run->seqs[k], run->seqs[first], err))) return st;
+        } else if ((st = lmd_kvseq_init(&run->seqs[k], run->pool, run->model->config.context_length, err))) {
+            return st;
+        }
+        if (run->amateur != NULL) {
+            if (first >= 0 && shared >= SHARED_PREFIX_MIN)
+                st = lmd_kvseq_fork(&run->amateur_seqs[k], run->amateur_seqs[first], err);
+            else
+                st = lmd_kvseq_init(&run->amateur_seqs[k], run->amateur_pool, run->amateur->config.context_length,
+                                    err);
+            if (st) return st;
+        }
+        if (first < 0 && shared >= SHARED_PREFIX_MIN) { /* the shared tokens, once */
+            first = k;
+            const int32_t *tokens = lmd_generator_tokens(run->gen, k, NULL);
+            for (int32_t t = 0; t < shared; t++) run->token_seq[t] = 0;
+            if ((st = lmd_model_forward(run->model, &run->seqs[k], 1, tokens, run->token_seq, shared, NULL, 0, NULL,
+                                        err)))
+                return st;
+            if (run->amateur != NULL &&
+                (st = lmd_model_forward(run->amateur, &run->amateur_seqs[k], 1, tokens, run->token_seq, shared, NULL,
+                                        0, NULL, err)))
+                return st;
+        }
+    }
+    return LMD_OK;
+}
+
 /* First step: one forward over every distinct prompt of the running
- * sequences (ids[0..R), ascending); a sequence whose prompt equals the
- * previous one's forks its cache. Row i of run->logits gets sequence ids[i]. */
+ * sequences (ids[0..R), ascending), after what their caches hold (a given cache's
+ * positions, or a beginning they all share: leader_caches); a sequence whose prompt equals
+ * the previous one's forks its cache. Row i of run->logits gets sequence ids[i]. */
 static lmd_status prefill(lmd_decode_run *run, int32_t R, lmd_error *err) {
     lmd_status st;
-    const int32_t V = run->vocab, L = run->model->config.context_length;
+    const int32_t V = run->vocab;
     int32_t n_leaders = 0, n_tokens = 0;
     /* caches left by an earlier call whose prefill failed (e.g. a full pool; a given cache
      * is as it was, lmd_model_forward having failed before writing) */
@@ -220,21 +293,16 @@ static lmd_status prefill(lmd_decode_run *run, int32_t R, lmd_error *err) {
         }
     }
     for (int32_t i = 0; i < R; i++) {
+        const int32_t k = run->ids[i];
+        run->leader[i] = i > 0 && run->given[k] == NULL && same_prompt(run->gen, k, run->ids[i - 1])
+                             ? run->leader[i - 1]
+                             : i;
+    }
+    if ((st = leader_caches(run, R, err))) return st;
+    for (int32_t i = 0; i < R; i++) {
         int32_t k = run->ids[i];
-        if (i > 0 && run->given[k] == NULL && same_prompt(run->gen, k, run->ids[i - 1])) {
-            run->leader[i] = run->leader[i - 1];
-            continue;
-        }
-        run->leader[i] = i;
-        if (run->given[k] != NULL)
-            run->seqs[k] = run->given[k]; /* its cached positions are not fed again */
-        else if ((st = lmd_kvseq_init(&run->seqs[k], run->pool, L, err)))
-            return st;
-        if (run->amateur != NULL) {
-            if ((st = lmd_kvseq_init(&run->amateur_seqs[k], run->amateur_pool, run->amateur->config.context_length, err)))
-                return st;
-            run->amateur_batch[n_leaders] = run->amateur_seqs[k];
-        }
+        if (run->leader[i] != i) continue;
+        if (run->amateur != NULL) run->amateur_batch[n_leaders] = run->amateur_seqs[k];
         const int32_t cached = run->seqs[k]->len, len = lmd_generator_prompt_length(run->gen, k) - cached;
         memcpy(run->tokens + n_tokens, lmd_generator_tokens(run->gen, k, NULL) + cached,
                (size_t)len * sizeof(int32_t));

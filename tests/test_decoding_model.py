@@ -43,6 +43,31 @@ def test_batch_and_samples_share_the_prompt_cache(stories):
         assert [g.tokens for g in group_c] == [g.tokens for g in group_py]
 
 
+def test_prompts_with_a_common_beginning_equal_each_alone(stories):
+    """A batch whose prompts share a 40-token beginning (computed once, its cache forked: the
+    C tests count the blocks) gives what the Python-driven loop gives, token for token and log
+    probability for log probability, sampled with n = 2; greedy, each prompt what it gives
+    alone; so does contrastive decoding, whose amateur shares the beginning too."""
+    rng = np.random.default_rng(4)
+    system = [1] + list(rng.integers(3, 512, 39))
+    prompts = [system + [403, 407], system + [261], system + [403, 407, 261, 378], system + [261]]
+    batch = stories.generate(prompts, max_new_tokens=12, seed=8, n=2, temperature=0.9, top_k=50)
+    # the Python-driven loop over the same batch (each step a full recompute of each sequence)
+    step = ld.generate(step_fn_of(stories), prompts, max_new_tokens=12, seed=8, n=2, temperature=0.9, top_k=50,
+                       stop_token_ids=[stories.config.eos_token_id])
+    for group, reference in zip(batch, step):
+        assert [g.tokens for g in group] == [g.tokens for g in reference]
+        for g, r in zip(group, reference):
+            np.testing.assert_allclose(g.token_logprobs, r.token_logprobs, atol=1e-4)
+    greedy = stories.generate(prompts, max_new_tokens=12, temperature=0)
+    for prompt, got in zip(prompts, greedy):
+        assert got.tokens == stories.generate(prompt, max_new_tokens=12, temperature=0).tokens
+    amateur = ld.Model.load(MODELS / "stories260K.bin", kv_dtype=stories.kv_dtype, dtype="bf16")
+    contrastive = stories.generate(prompts, max_new_tokens=12, temperature=0, amateur_model=amateur)
+    for prompt, got in zip(prompts, contrastive):
+        assert got.tokens == stories.generate(prompt, max_new_tokens=12, temperature=0, amateur_model=amateur).tokens
+
+
 def test_stream_yields_the_tokens_of_the_full_call(stories):
     full = stories.generate(PROMPT, max_new_tokens=12, seed=9, temperature=0.7)
     chunks = list(stories.generate(PROMPT, max_new_tokens=12, seed=9, temperature=0.7, stream=True))

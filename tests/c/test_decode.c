@@ -289,6 +289,63 @@ static void test_shared_prompts_equal_each_alone(void) {
     tiny_close(&t, m);
 }
 
+/* Prompts that begin with the same 16 tokens (SHARED_PREFIX_MIN) share the cache of that
+ * beginning: after the first step the pool holds its 4 blocks once plus one block of each
+ * prompt's own positions, and every sequence draws what it draws alone. 15 common tokens
+ * are too few: every prompt then fills blocks of its own. */
+static void test_prompts_with_a_common_beginning_share_its_cache(void) {
+    test_rng r = {9};
+    tiny_spec spec = tiny_llama_spec();
+    tiny_model t;
+    lmd_model *m = tiny_open(&t, &spec, 32);
+    const int V = t.config.vocab_size;
+    lmd_kvpool *pool = tiny_pool(&t, 4, 64);
+    lmd_sampler *samplers[2];
+    lmd_error err;
+    for (int i = 0; i < 2; i++) CHECK(lmd_sampler_init(&samplers[i], V, &err) == LMD_OK);
+    lmd_sampling_params params;
+    lmd_sampling_params_default(&params);
+    params.temperature = 0.9;
+    enum { NEW = 4, SHARED = 16 };
+    for (int common = SHARED; common >= SHARED - 1; common--) {
+        int32_t a[SHARED + 2], b[SHARED + 1], d[SHARED + 1];
+        for (int i = 0; i < SHARED + 2; i++) a[i] = test_rand_below(&r, V);
+        memcpy(b, a, sizeof b);
+        memcpy(d, a, sizeof d);
+        b[SHARED] = (a[SHARED] + 1) % V;             /* a and b part at token 16 */
+        d[common] = (a[common] + 2) % V;             /* d parts from them at token `common` */
+        prompt_set ps = {{0}, {0}, 0};
+        add_prompt(&ps, a, SHARED + 2);
+        add_prompt(&ps, b, SHARED + 1);
+        add_prompt(&ps, d, SHARED + 1);
+        add_prompt(&ps, a, SHARED + 2); /* a again, not next to the first: a leader of its own */
+        int32_t alone[4][NEW];
+        for (int k = 0; k < 4; k++) {
+            const int32_t *prompt = ps.prompts + ps.offsets[k];
+            int n = (int)(ps.offsets[k + 1] - ps.offsets[k]);
+            CHECK(reference_generate(m, pool, prompt, n, NEW, &params, 5, (uint64_t)k, alone[k], NULL) == NEW);
+        }
+        lmd_generator *g = new_generator(&ps, V, NEW, &params, 5, NULL, 0);
+        lmd_decode_run *run;
+        CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
+        CHECK(lmd_decode_run_steps(run, samplers, 2, 1, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
+        /* shared: 4 blocks of the 16 common positions + one block each of positions 16-17;
+         * not shared: 5 blocks (17 or 18 positions) each */
+        CHECK(pool->n_blocks - pool->n_free == (common == SHARED ? 4 + 4 : 4 * 5));
+        CHECK(lmd_decode_run_steps(run, samplers, 2, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
+        for (int k = 0; k < 4; k++) {
+            const int n_prompt = lmd_generator_prompt_length(g, k);
+            CHECK(memcmp(lmd_generator_tokens(g, k, NULL) + n_prompt, alone[k], sizeof alone[k]) == 0);
+        }
+        lmd_decode_run_free(run);
+        lmd_generator_free(g);
+        CHECK(pool_full(pool));
+    }
+    for (int i = 0; i < 2; i++) lmd_sampler_free(samplers[i]);
+    lmd_kvpool_free(pool);
+    tiny_close(&t, m);
+}
+
 /* A context length of 12: prompts of 5, 9 and 12 tokens end with LMD_FINISH_LENGTH once
  * prompt + generated reaches 12, with the tokens greedy decoding gives until then. */
 static void test_context_length_ends_sequences(void) {
@@ -696,6 +753,7 @@ static void test_given_cache(void) {
 int main(void) {
     test_greedy_equals_argmax_chain();
     test_shared_prompts_equal_each_alone();
+    test_prompts_with_a_common_beginning_share_its_cache();
     test_context_length_ends_sequences();
     test_pool_too_small_then_retry();
     test_beam_search();
