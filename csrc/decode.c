@@ -659,14 +659,16 @@ static void release_finished_pairs(lmd_speculative_run *run) {
  * round: the target's always, the draft's when it proposes) a cache holding all its tokens
  * but the last, which the round feeds. One forward, without logits, covers the distinct
  * token lists; a sequence whose tokens equal the previous new sequence's (n samples of one
- * prompt) forks that cache instead, as lmd_decode_run's prefill does. */
+ * prompt) forks that cache instead, as lmd_decode_run's prefill does, and when the distinct
+ * lists all begin with the same SHARED_PREFIX_MIN or more tokens, a forward of its own
+ * computes that beginning once in the first one's cache, which the others fork. */
 static lmd_status prefill_new_caches(lmd_speculative_run *run, int32_t R, int draft, lmd_error *err) {
     lmd_status st;
     lmd_model *model = draft ? run->draft : run->target;
     lmd_kvpool *pool = draft ? run->draft_pool : run->target_pool;
     lmd_kvseq **seqs = draft ? run->draft_seqs : run->target_seqs;
-    int32_t nb = 0, n_tokens = 0, previous = -1;
-    for (int32_t i = 0; i < R; i++) {
+    int32_t nb = 0, n_tokens = 0, previous = -1, first = -1, shared = 0, n_leaders = 0;
+    for (int32_t i = 0; i < R; i++) { /* leaders, and the beginning their token lists share */
         const int32_t k = run->ids[i];
         run->leader[k] = -1;
         if (seqs[k] != NULL || (draft && run->n_proposing[i] == 0)) continue;
@@ -681,9 +683,34 @@ static lmd_status prefill_new_caches(lmd_speculative_run *run, int32_t R, int dr
             }
         }
         run->leader[k] = previous = k;
-        if ((st = lmd_kvseq_init(&seqs[k], pool, model->config.context_length, err))) return st;
-        if (length < 2) continue;
-        for (int32_t p = 0; p < length - 1; p++) {
+        n_leaders++;
+        if (first < 0) {
+            first = k, shared = length - 1;
+        } else {
+            const int32_t *first_tokens = lmd_generator_tokens(run->gen, first, NULL);
+            int32_t same = 0;
+            while (same < shared && same < length - 1 && all[same] == first_tokens[same]) same++;
+            shared = same;
+        }
+    }
+    if (n_leaders < 2 || shared < SHARED_PREFIX_MIN) shared = 0;
+    for (int32_t i = 0; i < R; i++) {
+        const int32_t k = run->ids[i];
+        if (run->leader[k] != k) continue;
+        int32_t length;
+        const int32_t *all = lmd_generator_tokens(run->gen, k, &length);
+        if (shared > 0 && k != first) {
+            if ((st = lmd_kvseq_fork(&seqs[k], seqs[first], err))) return st;
+        } else {
+            if ((st = lmd_kvseq_init(&seqs[k], pool, model->config.context_length, err))) return st;
+            if (shared > 0) { /* the shared beginning, once */
+                for (int32_t t = 0; t < shared; t++) run->token_seq[t] = 0;
+                if ((st = lmd_model_forward(model, &seqs[k], 1, all, run->token_seq, shared, NULL, 0, NULL, err)))
+                    return st;
+            }
+        }
+        if (length - 1 <= shared) continue;
+        for (int32_t p = shared; p < length - 1; p++) {
             run->tokens[n_tokens] = all[p];
             run->token_seq[n_tokens++] = nb;
         }

@@ -183,6 +183,17 @@ def test_batches_budgets_and_stops_keep_the_targets_greedy_output(stories, close
                 assert (a.tokens, a.finish_reason, a.text) == (b.tokens, b.finish_reason, b.text)
 
 
+def test_prompts_with_a_common_beginning_keep_the_targets_greedy_output(stories, close_draft):
+    """Distinct prompts sharing their first 40 tokens: the first round computes that beginning
+    once in each model (the C tests count the blocks); the output is plain greedy's."""
+    rng = np.random.default_rng(6)
+    system = [1] + [int(t) for t in rng.integers(3, 512, 39)]
+    prompts = [system + [403, 407], system + [261], system + [403, 407, 261, 378]]
+    plain = stories.generate(prompts, max_new_tokens=20, temperature=0)
+    fast = stories.generate(prompts, max_new_tokens=20, temperature=0, draft_model=close_draft, num_draft_tokens=4)
+    assert [g.tokens for g in fast] == [g.tokens for g in plain]
+
+
 def test_the_context_length_ends_it_as_without_a_draft(stories, close_draft):
     long_prompt = list(np.random.default_rng(2).integers(3, 512, size=stories.config.context_length - 6))
     plain = stories.generate(long_prompt, max_new_tokens=50, temperature=0, stop_token_ids=[])

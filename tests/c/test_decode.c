@@ -687,6 +687,58 @@ static void test_speculative_shares_prompts(void) {
     tiny_close(&t, m);
 }
 
+/* Speculative decoding's first round shares a beginning of 16 tokens that the distinct
+ * prompts have in common (SHARED_PREFIX_MIN), in the target's and the draft's caches, and
+ * decodes as plain greedy does. Prompts of 18 and 17 tokens, 2 kept proposals each after
+ * one round: the target holds 19 and 18 positions (5 blocks of 4 each, 10 without sharing),
+ * of which the first 16 (4 blocks) are shared: 6. The draft holds one position fewer: the
+ * same blocks. */
+static void test_speculative_shares_a_common_beginning(void) {
+    tiny_spec spec = tiny_llama_spec();
+    tiny_model t;
+    lmd_model *m = tiny_open(&t, &spec, 32);
+    const int V = t.config.vocab_size;
+    lmd_kvpool *pool = tiny_pool(&t, 4, 64), *target_pool = tiny_pool(&t, 4, 64), *draft_pool = tiny_pool(&t, 4, 64);
+    lmd_sampler *sampler;
+    lmd_error err;
+    CHECK(lmd_sampler_init(&sampler, V, &err) == LMD_OK);
+    const lmd_sampling_params greedy = greedy_params();
+    int32_t a[18], b[17];
+    for (int i = 0; i < 18; i++) a[i] = (7 * i + 3) % V;
+    memcpy(b, a, sizeof b);
+    b[16] = (a[16] + 1) % V;
+    prompt_set ps = {{0}, {0}, 0};
+    add_prompt(&ps, a, 18);
+    add_prompt(&ps, b, 17);
+    lmd_generator *plain = new_generator(&ps, V, 5, &greedy, 0, NULL, 0);
+    lmd_generator *fast = new_generator(&ps, V, 5, &greedy, 0, NULL, 0);
+    lmd_decode_run *run;
+    CHECK(lmd_decode_run_init(&run, m, pool, plain, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
+    lmd_decode_run_free(run);
+    lmd_speculative_run *spec_run;
+    CHECK(lmd_speculative_run_init(&spec_run, m, target_pool, m, draft_pool, fast, 2, &err) == LMD_OK);
+    CHECK(lmd_speculative_run_rounds(spec_run, &sampler, 1, 1, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
+    CHECK(target_pool->n_blocks - target_pool->n_free == 6);
+    CHECK(draft_pool->n_blocks - draft_pool->n_free == 6);
+    CHECK(lmd_speculative_run_rounds(spec_run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
+    for (int32_t k = 0; k < 2; k++) {
+        int32_t len_plain, len_fast;
+        const int32_t *want = lmd_generator_tokens(plain, k, &len_plain);
+        const int32_t *got = lmd_generator_tokens(fast, k, &len_fast);
+        CHECK(len_plain == len_fast && memcmp(want, got, (size_t)len_plain * sizeof(int32_t)) == 0);
+    }
+    lmd_speculative_run_free(spec_run);
+    CHECK(pool_full(target_pool) && pool_full(draft_pool));
+    lmd_generator_free(plain);
+    lmd_generator_free(fast);
+    lmd_sampler_free(sampler);
+    lmd_kvpool_free(pool);
+    lmd_kvpool_free(target_pool);
+    lmd_kvpool_free(draft_pool);
+    tiny_close(&t, m);
+}
+
 /* A cache the caller gives (lmd_decode_run_use_cache) holding the first tokens of the prompt:
  * the run feeds only the rest, decodes exactly as a fresh run, and leaves the cache (not
  * freed) holding every token but the last. */
@@ -759,6 +811,7 @@ int main(void) {
     test_beam_search();
     test_speculative_greedy_equals_greedy();
     test_speculative_shares_prompts();
+    test_speculative_shares_a_common_beginning();
     test_given_cache();
     return test_report("test_decode");
 }
