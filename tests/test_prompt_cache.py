@@ -98,3 +98,35 @@ def test_bad_arguments(stories):
         stories.generate(PROMPT, cache_prompt=True, draft_model=stories)
     with pytest.raises(TypeError, match="needs an lmdecode Model"):
         ld.generate(lambda toks: np.zeros(512, np.float32), PROMPT, cache_prompt=True)
+
+
+def test_slots_keep_conversations_that_take_turns(stories):
+    """With two slots, two conversations alternating on one model each find their own history
+    (one slot: each turn evicts the other's, only the BOS they share is reused); the output is
+    what plain calls give. Fewer slots drop the least recently used sequence; clear_prompt_cache
+    drops them all."""
+    plain = ld.Model.load(MODELS / "stories260K.bin")
+    assert stories.prompt_cache_slots == 1
+    for slots in (1, 2):
+        stories.clear_prompt_cache()
+        stories.prompt_cache_slots = slots
+        talks = [list(PROMPT), [1, 261, 378, 403]]
+        for turn in range(3):
+            for i in range(2):
+                got = stories.generate(talks[i], max_new_tokens=6, temperature=0, stop_token_ids=[], cache_prompt=True)
+                same(got, plain.generate(talks[i], max_new_tokens=6, temperature=0, stop_token_ids=[]))
+                if turn == 0:
+                    assert got.cached_prompt_tokens == (0 if i == 0 or slots == 2 else 1)
+                else:  # the last prompt and all its reply but the last token, or only the shared BOS
+                    assert got.cached_prompt_tokens == (len(talks[i]) - 2 if slots == 2 else 1)
+                talks[i] = talks[i] + got.tokens + [13]
+        assert len(stories._prompt_caches) == slots
+    stories.prompt_cache_slots = 1  # the least recently used (conversation 0's) goes
+    assert len(stories._prompt_caches) == 1
+    out = stories.generate(talks[1], max_new_tokens=2, temperature=0, cache_prompt=True)
+    assert out.cached_prompt_tokens == len(talks[1]) - 2
+    stories.clear_prompt_cache()
+    assert stories.generate(talks[1], max_new_tokens=2, temperature=0, cache_prompt=True).cached_prompt_tokens == 0
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=r"prompt_cache_slots \(=.*\) must be an integer >= 1"):
+            stories.prompt_cache_slots = bad

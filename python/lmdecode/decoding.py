@@ -21,6 +21,32 @@ from .scoring import PerplexityResult, SequenceScore, perplexity_of_windows, seq
 
 __all__ = ["DecodingMixin"]
 
+
+class _PromptCache:
+    """One sequence kept by generate(cache_prompt=True): its pool, its KVSeq (the keys and values
+    of the first seq.len of its tokens), the tokens (computed from the call's generator when
+    first asked for), whether a call is using it, and when it was last given back."""
+
+    def __init__(self, pool, seq) -> None:
+        self.pool, self.seq = pool, seq
+        self.tokens_fn = lambda: []
+        self.token_list: list[int] | None = None
+        self.busy, self.used = False, 0
+
+    def tokens(self) -> list[int]:
+        if self.token_list is None:
+            self.token_list = self.tokens_fn()
+        return self.token_list
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many first tokens a and b share, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
 _BLOCK = 16  # positions per KV block of the pools the decoding loops create
 # Scoring prefills its caches in one pass and forks them at most once per continuation, so
 # larger blocks cost no copying worth counting and spare the attention loops a block
@@ -39,8 +65,12 @@ class DecodingMixin:
     ``logits``; the Model's __init__ calls ``_init_decoding``."""
 
     def _init_decoding(self) -> None:
-        self._prompt_cache = None  # generate(cache_prompt=True): (pool, KVSeq, tokens function) or None
-        self._prompt_cache_lock = threading.Lock()  # held by the call that uses the cache
+        self._prompt_caches: list[_PromptCache] = []  # generate(cache_prompt=True)'s kept sequences
+        self._prompt_cache_slots = 1  # how many it may keep (prompt_cache_slots)
+        # guards the list and the entries' busy flags; re-entrant, because an abandoned stream gives
+        # its entry back from a finalizer, which the garbage collector may run inside a locked block
+        self._prompt_cache_lock = threading.RLock()
+        self._prompt_cache_clock = 0  # counts the calls that gave an entry back (least recently used)
 
     # ------------------------------------------------------------------ text
 
@@ -116,37 +146,78 @@ class DecodingMixin:
 
     # ------------------------------------------------------------------ prompt cache across calls
 
-    def _take_prompt_cache(self):
-        """(pool, KVSeq, tokens it holds) for a generate(cache_prompt=True) call, or None while
-        another call uses the cache (that call then decodes without it). The KVSeq holds the keys
-        and values of the first KVSeq.len of `tokens`; give it back with _return_prompt_cache."""
-        if not self._prompt_cache_lock.acquire(blocking=False):
-            return None
-        if self._prompt_cache is None:
-            # one sequence's positions up to the context length (and a block for copy-on-write)
-            pool = self._pool(self.config.context_length + _BLOCK)
-            self._prompt_cache = (pool, _core.KVSeq(pool, self.config.context_length), lambda: [])
-        pool, seq, tokens = self._prompt_cache
-        return pool, seq, tokens()
+    @property
+    def prompt_cache_slots(self) -> int:
+        """How many sequences generate(cache_prompt=True) keeps between calls (default 1): set it to
+        the number of conversations that take turns on this model, each slot holding up to the
+        context length's keys and values. Fewer slots than kept sequences drops the least recently
+        used ones (not those in use)."""
+        return self._prompt_cache_slots
+
+    @prompt_cache_slots.setter
+    def prompt_cache_slots(self, slots: int) -> None:
+        if isinstance(slots, bool) or not isinstance(slots, numbers.Integral) or slots < 1:
+            raise ValueError(f"prompt_cache_slots (={slots!r}) must be an integer >= 1")
+        with self._prompt_cache_lock:
+            self._prompt_cache_slots = int(slots)
+            self._drop_prompt_caches(len(self._prompt_caches) - self._prompt_cache_slots)
+
+    def clear_prompt_cache(self) -> None:
+        """Lets go of every sequence generate(cache_prompt=True) keeps (not of one in use)."""
+        with self._prompt_cache_lock:
+            self._drop_prompt_caches(len(self._prompt_caches))
+
+    def _drop_prompt_caches(self, count: int) -> None:
+        """Drops up to `count` entries not in use, least recently used first (lock held)."""
+        for entry in sorted((e for e in self._prompt_caches if not e.busy), key=lambda e: e.used)[:max(count, 0)]:
+            self._prompt_caches.remove(entry)
+
+    def _take_prompt_cache(self, prompt: list[int]):
+        """(pool, KVSeq, tokens it holds) for a generate(cache_prompt=True) call of `prompt`, or
+        None while every slot is in use (the call then decodes without one). The entry not in use
+        that shares the longest beginning with the prompt; a new one instead of one whose tokens
+        it would cut short, while there is a free slot; else the least recently used. The KVSeq
+        holds the keys and values of the first KVSeq.len of `tokens`; give it back with
+        _return_prompt_cache."""
+        with self._prompt_cache_lock:
+            best, best_common = None, -1
+            for entry in list(self._prompt_caches):
+                if entry.busy:
+                    continue
+                common = _common_prefix(entry.tokens(), prompt, entry.seq.len)
+                if common > best_common or (common == best_common and entry.used < best.used):
+                    best, best_common = entry, common
+            if len(self._prompt_caches) < self._prompt_cache_slots and (best is None or best_common < best.seq.len):
+                # one sequence's positions up to the context length (and a block for copy-on-write)
+                pool = self._pool(self.config.context_length + _BLOCK)
+                best = _PromptCache(pool, _core.KVSeq(pool, self.config.context_length))
+                self._prompt_caches.append(best)
+            if best is None:
+                return None
+            best.busy = True
+            return best.pool, best.seq, best.tokens()
 
     def _return_prompt_cache(self, entry, tokens_fn) -> None:
         """Ends the use of _take_prompt_cache's entry: tokens_fn() gives the tokens its KVSeq now
-        holds (a prefix of them), or tokens_fn is None when the call failed (the cache is dropped)."""
-        pool, seq, _ = entry
-        self._prompt_cache = (pool, seq, tokens_fn) if tokens_fn is not None else None
-        self._prompt_cache_lock.release()
+        holds (a prefix of them), or tokens_fn is None when the call failed (the entry is dropped)."""
+        with self._prompt_cache_lock:
+            kept = next((e for e in self._prompt_caches if e.seq is entry[1]), None)
+            if kept is None:
+                return
+            if tokens_fn is None:
+                self._prompt_caches.remove(kept)
+                return
+            kept.tokens_fn, kept.token_list, kept.busy = tokens_fn, None, False
+            self._prompt_cache_clock += 1
+            kept.used = self._prompt_cache_clock
+            self._drop_prompt_caches(len(self._prompt_caches) - self._prompt_cache_slots)
 
     def _cached_decoder(self, generator, prompt: list[int], entry):
         """The C loop for one sequence decoding in the prompt cache `entry`: the cache keeps the
         longest prefix it shares with `prompt` (all of the prompt but its last token at most) and
         the first step feeds the rest. Returns (decoder, number of prompt tokens reused)."""
         pool, seq, tokens = entry
-        common = 0
-        for a, b in zip(prompt, tokens[:seq.len]):
-            if a != b:
-                break
-            common += 1
-        reused = min(common, len(prompt) - 1)
+        reused = min(_common_prefix(tokens, prompt, seq.len), len(prompt) - 1)
         seq.truncate(reused)
         decoder = _core.ModelDecoder(self._engine, pool, generator)
         decoder.use_cache(0, seq)

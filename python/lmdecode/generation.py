@@ -305,7 +305,9 @@ def generate(
     ``cache_prompt`` call whose prompt starts with the same tokens (the next turn of a chat:
     the previous prompt, the reply, the new message) feeds only the rest.
     ``Generation.cached_prompt_tokens`` says how many prompt tokens were reused. The output is
-    the same as without it, bit for bit.
+    the same as without it, bit for bit. ``model.prompt_cache_slots`` (default 1) sets how many
+    such sequences the model keeps, for conversations that take turns; ``model.clear_prompt_cache()``
+    lets go of them.
     """
     max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 0)
     min_new_tokens = _check_count("min_new_tokens", min_new_tokens, 0)
@@ -378,7 +380,7 @@ def generate(
         if not stream:
             run.speculative.rounds(_ALL_STEPS)
     elif model is not None:  # the whole loop runs in C
-        entry = model._take_prompt_cache() if cache_prompt else None  # None: busy in another call
+        entry = model._take_prompt_cache(run.prompts[0]) if cache_prompt else None  # None: every slot busy
         if entry is not None:
             try:
                 decoder, run.cached_prompt_tokens = model._cached_decoder(run.gen, run.prompts[0], entry)
