@@ -21,6 +21,18 @@ from .scoring import PerplexityResult, SequenceScore, perplexity_of_windows, seq
 
 __all__ = ["DecodingMixin"]
 
+_BLOCK = 16  # positions per KV block of the pools the decoding loops create
+# Scoring prefills its caches in one pass and forks them at most once per continuation, so
+# larger blocks cost no copying worth counting and spare the attention loops a block
+# boundary every 16 positions (stories260K, 512 tokens: 5.0 -> 4.7 ms).
+_SCORING_BLOCK = 64
+# Scoring (sequence_logprob, perplexity, logits) keeps its KV cache and its logits buffer, one of
+# each per model and thread, for the next call, each while it holds at most this many bytes:
+# fresh memory every call was faulted in page by page (stories260K's 511-token sequence_logprob:
+# ~220 page faults, ~0.4 ms of 4.6 on one thread). Larger ones are allocated per call, where
+# the faults weigh little against the pass that fills them.
+_SCORING_SCRATCH_BYTES = 8 << 20
+
 
 class _PromptCache:
     """One sequence kept by generate(cache_prompt=True): its pool, its KVSeq (the keys and values
@@ -46,18 +58,6 @@ def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
         if a[i] != b[i]:
             return i
     return n
-
-_BLOCK = 16  # positions per KV block of the pools the decoding loops create
-# Scoring prefills its caches in one pass and forks them at most once per continuation, so
-# larger blocks cost no copying worth counting and spare the attention loops a block
-# boundary every 16 positions (stories260K, 512 tokens: 5.0 -> 4.7 ms).
-_SCORING_BLOCK = 64
-# Scoring (sequence_logprob, perplexity, logits) keeps its KV cache and its logits buffer, one of
-# each per model and thread, for the next call, each while it holds at most this many bytes:
-# fresh memory every call was faulted in page by page (stories260K's 511-token sequence_logprob:
-# ~220 page faults, ~0.4 ms of 4.6 on one thread). Larger ones are allocated per call, where
-# the faults weigh little against the pass that fills them.
-_SCORING_SCRATCH_BYTES = 8 << 20
 
 
 class DecodingMixin:

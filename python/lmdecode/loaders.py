@@ -211,7 +211,7 @@ def to_storage(tensors: dict, dtype: str) -> dict:
             out[name] = done[key]
             continue
         arr = matrix_storage(src, dtype, name) if is_matrix(name) else to_f32(src)
-        # f32 and bf16 matrices: the engine multiplies its own copies (in panels) and Model
+        # f32, bf16 and f16 matrices: the engine multiplies its own copies (in panels) and Model
         # releases a file's pages under them, so they need no aligned copy here, wherever the
         # file put them (nor does an untied embedding, whose rows are only looked up); q8_0
         # blocks are always repacked, into a new array
