@@ -174,13 +174,12 @@ static size_t matmul_scratch_bytes(const lmd_config *config, const lmd_weights *
 }
 
 /* The model multiplies its own copy of every f32, bf16 and f16 matrix, repacked into panels
- * (ops.h LMD_F32_PANELS, LMD_BF16_PANELS, LMD_F16_PANELS; bf16: see ops.c): each output then sums in a lane of its
- * own, with no lane reduction. Small
- * matrices gain the most (a row of 64 columns spent as long on adding up its lanes as on its
- * four multiply-adds: a 511-token stories260K pass 4.1 -> 3.5 ms, one thread), and large
- * ones stream their panels faster than rows against few inputs (2048 x 768 out of cache,
- * one thread: 1.11 x against one input, 1.11-1.18 x against two to four, parity against 8
- * to 256). The binding then stops holding the source arrays, and a memory-mapped file's
+ * (ops.h LMD_F32_PANELS, LMD_BF16_PANELS, LMD_F16_PANELS; bf16: see ops.c): each output then
+ * sums in a lane of its own, with no lane reduction. Small matrices gain the most (a row of
+ * 64 columns spent as long on adding up its lanes as on its four multiply-adds: a 511-token
+ * stories260K pass 4.1 -> 3.5 ms, one thread), and large ones stream their panels faster
+ * than rows against few inputs (f32, 2048 x 768 out of cache, one thread: 1.11 x against one
+ * input, 1.11-1.18 x against two to four, parity against 8 to 256). The binding then stops holding the source arrays, and a memory-mapped file's
  * pages are released (model.py), so the weights are still held once. A tied token
  * embedding looks its rows up in the packed head. */
 
