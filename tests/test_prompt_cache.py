@@ -130,3 +130,34 @@ def test_slots_keep_conversations_that_take_turns(stories):
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match=r"prompt_cache_slots \(=.*\) must be an integer >= 1"):
             stories.prompt_cache_slots = bad
+
+
+def test_threads_taking_turns_share_the_slots_safely(stories):
+    """Four threads holding conversations at once on one model with two slots: every call either
+    gets a slot or decodes without one (all slots busy), and every output is the plain call's."""
+    import threading
+    plain = ld.Model.load(MODELS / "stories260K.bin")
+    stories.prompt_cache_slots = 2
+    failures, reused = [], []
+
+    def talk(first_token):
+        try:
+            prompt = [1, first_token, 403]
+            for _ in range(4):
+                got = stories.generate(prompt, max_new_tokens=5, temperature=0, stop_token_ids=[], cache_prompt=True)
+                want = plain.generate(prompt, max_new_tokens=5, temperature=0, stop_token_ids=[])
+                if got.tokens != want.tokens:
+                    failures.append((prompt, got.tokens, want.tokens))
+                reused.append(got.cached_prompt_tokens)
+                prompt = prompt + got.tokens + [13]
+        except Exception as e:  # noqa: BLE001 - reported below
+            failures.append(e)
+
+    threads = [threading.Thread(target=talk, args=(t,)) for t in (261, 378, 407, 500)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    assert len(reused) == 16 and all(r is not None and r >= 0 for r in reused)
+    assert len(stories._prompt_caches) <= 2 and not any(e.busy for e in stories._prompt_caches)
