@@ -76,18 +76,25 @@ def test_tiny_random_f16_gguf_matches_numpy_reference():
     assert model._engine.panel_bytes * 2 == f32._engine.panel_bytes > 0
 
 
+def _one_layer_llama(vocab, dim, hidden, scale, seed):
+    """An HF config of a one-layer Llama with two heads and its float32 weights, N(0, scale)."""
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": vocab, "hidden_size": dim,
+              "intermediate_size": hidden, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "max_position_embeddings": 16}
+    p = "model.layers.0."
+    shapes = {"model.embed_tokens.weight": (vocab, dim), "model.norm.weight": (dim,), "lm_head.weight": (vocab, dim),
+              p + "input_layernorm.weight": (dim,), p + "post_attention_layernorm.weight": (dim,),
+              p + "self_attn.q_proj.weight": (dim, dim), p + "self_attn.k_proj.weight": (dim, dim),
+              p + "self_attn.v_proj.weight": (dim, dim), p + "self_attn.o_proj.weight": (dim, dim),
+              p + "mlp.gate_proj.weight": (hidden, dim), p + "mlp.up_proj.weight": (hidden, dim),
+              p + "mlp.down_proj.weight": (dim, hidden)}
+    rng = np.random.default_rng(seed)
+    return config, {k: rng.normal(0, scale, s).astype(np.float32) for k, s in shapes.items()}
+
+
 def test_f16_storage_refuses_values_beyond_its_range():
     """Converting to f16 must not turn large weights into infinities silently."""
-    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-              "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16}
-    rng = np.random.default_rng(0)
-    shapes = {"model.embed_tokens.weight": (10, 8), "model.norm.weight": (8,), "lm_head.weight": (10, 8),
-              "model.layers.0.input_layernorm.weight": (8,), "model.layers.0.post_attention_layernorm.weight": (8,),
-              "model.layers.0.self_attn.q_proj.weight": (8, 8), "model.layers.0.self_attn.k_proj.weight": (8, 8),
-              "model.layers.0.self_attn.v_proj.weight": (8, 8), "model.layers.0.self_attn.o_proj.weight": (8, 8),
-              "model.layers.0.mlp.gate_proj.weight": (16, 8), "model.layers.0.mlp.up_proj.weight": (16, 8),
-              "model.layers.0.mlp.down_proj.weight": (8, 16)}
-    weights = {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in shapes.items()}
+    config, weights = _one_layer_llama(vocab=10, dim=8, hidden=16, scale=0.1, seed=0)
     assert lmdecode.Model.from_numpy(config, weights, dtype="f16").config.dtype == "f16"
     weights["model.layers.0.mlp.up_proj.weight"][3, 5] = -7e4
     with pytest.raises(ValueError, match=r"layers\.0\.w_up: values beyond the f16 range \(largest magnitude 70000; "
@@ -406,16 +413,7 @@ def test_from_numpy_shape_mismatch_names_tensor():
 def test_from_numpy_takes_misaligned_arrays(dtype):
     """Arrays viewed at odd byte offsets (NumPy allows them; the engine cannot read them) are
     copied, so from_numpy gives the same logits as from the same values aligned."""
-    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16}
-    rng = np.random.default_rng(3)
-    shapes = {"model.embed_tokens.weight": (64, 32), "model.norm.weight": (32,), "lm_head.weight": (64, 32),
-              "model.layers.0.input_layernorm.weight": (32,), "model.layers.0.post_attention_layernorm.weight": (32,),
-              "model.layers.0.self_attn.q_proj.weight": (32, 32), "model.layers.0.self_attn.k_proj.weight": (32, 32),
-              "model.layers.0.self_attn.v_proj.weight": (32, 32), "model.layers.0.self_attn.o_proj.weight": (32, 32),
-              "model.layers.0.mlp.gate_proj.weight": (64, 32), "model.layers.0.mlp.up_proj.weight": (64, 32),
-              "model.layers.0.mlp.down_proj.weight": (32, 64)}
-    aligned = {k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in shapes.items()}
+    config, aligned = _one_layer_llama(vocab=64, dim=32, hidden=64, scale=0.3, seed=3)
 
     def misaligned(a):
         buf = bytearray(a.nbytes + 1)

@@ -636,42 +636,30 @@ static void test_speculative_greedy_equals_greedy(void) {
     tiny_close(&d2, drafts[1]);
 }
 
-/* Speculative decoding prefills a prompt once for the sequences that share it (adjacent
- * ones, as lmd_decode_run does) and forks that cache in both models: after one round of a
- * model drafting for itself (every proposal kept), the shared blocks are counted once. */
-static void test_speculative_shares_prompts(void) {
-    tiny_spec spec = tiny_llama_spec();
-    tiny_model t;
-    lmd_model *m = tiny_open(&t, &spec, 16);
-    const int V = t.config.vocab_size;
-    lmd_kvpool *target_pool = tiny_pool(&t, 4, 64), *draft_pool = tiny_pool(&t, 4, 64);
+// the prompts of ps decoded greedily by m drafting n_draft tokens a round for itself: after
+// one round the target's and the draft's pools hold `blocks` blocks each, and the output is
+// plain greedy decoding's
+static void check_speculative_blocks_and_output(lmd_model *m, tiny_model *t, const prompt_set *ps, int32_t n_draft,
+                                                int32_t max_new, int32_t blocks) {
+    const int V = t->config.vocab_size;
+    lmd_kvpool *target_pool = tiny_pool(t, 4, 64), *draft_pool = tiny_pool(t, 4, 64);
     lmd_sampler *sampler;
     lmd_error err;
     CHECK(lmd_sampler_init(&sampler, V, &err) == LMD_OK);
     const lmd_sampling_params greedy = greedy_params();
-    const int32_t p[9] = {1, 9, 8, 7, 6, 5, 4, 3, 2}, q[5] = {2, 4, 6, 8, 10};
-    prompt_set ps = {{0}, {0}, 0};
-    add_prompt(&ps, p, 9);
-    add_prompt(&ps, p, 9);
-    add_prompt(&ps, q, 5);
-    add_prompt(&ps, p, 9);
-    lmd_generator *plain = new_generator(&ps, V, 10, &greedy, 0, NULL, 0);
-    lmd_generator *fast = new_generator(&ps, V, 10, &greedy, 0, NULL, 0);
+    lmd_generator *plain = new_generator(ps, V, max_new, &greedy, 0, NULL, 0);
+    lmd_generator *fast = new_generator(ps, V, max_new, &greedy, 0, NULL, 0);
     lmd_decode_run *run;
     CHECK(lmd_decode_run_init(&run, m, target_pool, plain, &err) == LMD_OK);
     CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
     lmd_decode_run_free(run);
     lmd_speculative_run *spec_run;
-    CHECK(lmd_speculative_run_init(&spec_run, m, target_pool, m, draft_pool, fast, 3, &err) == LMD_OK);
+    CHECK(lmd_speculative_run_init(&spec_run, m, target_pool, m, draft_pool, fast, n_draft, &err) == LMD_OK);
     CHECK(lmd_speculative_run_rounds(spec_run, &sampler, 1, 1, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
-    /* the target holds tokens + 3 kept proposals: 12 positions (3 blocks of 4) for p, 8 (2)
-     * for q; sequence 1 shares the 2 blocks of p's first 8 tokens with sequence 0, sequence 3
-     * (after q) prefilled its own: 3 + 1 + 2 + 3. The draft holds one position fewer (it never
-     * sees its last proposal): the same blocks. Without sharing: 11. */
-    CHECK(target_pool->n_blocks - target_pool->n_free == 9);
-    CHECK(draft_pool->n_blocks - draft_pool->n_free == 9);
+    CHECK(target_pool->n_blocks - target_pool->n_free == blocks);
+    CHECK(draft_pool->n_blocks - draft_pool->n_free == blocks);
     CHECK(lmd_speculative_run_rounds(spec_run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
-    for (int32_t k = 0; k < 4; k++) {
+    for (int32_t k = 0; k < ps->n; k++) {
         int32_t len_plain, len_fast;
         const int32_t *want = lmd_generator_tokens(plain, k, &len_plain);
         const int32_t *got = lmd_generator_tokens(fast, k, &len_fast);
@@ -684,6 +672,26 @@ static void test_speculative_shares_prompts(void) {
     lmd_sampler_free(sampler);
     lmd_kvpool_free(target_pool);
     lmd_kvpool_free(draft_pool);
+}
+
+/* Speculative decoding prefills a prompt once for the sequences that share it (adjacent
+ * ones, as lmd_decode_run does) and forks that cache in both models: after one round of a
+ * model drafting for itself (every proposal kept), the shared blocks are counted once. */
+static void test_speculative_shares_prompts(void) {
+    tiny_spec spec = tiny_llama_spec();
+    tiny_model t;
+    lmd_model *m = tiny_open(&t, &spec, 16);
+    const int32_t p[9] = {1, 9, 8, 7, 6, 5, 4, 3, 2}, q[5] = {2, 4, 6, 8, 10};
+    prompt_set ps = {{0}, {0}, 0};
+    add_prompt(&ps, p, 9);
+    add_prompt(&ps, p, 9);
+    add_prompt(&ps, q, 5);
+    add_prompt(&ps, p, 9);
+    /* the target holds tokens + 3 kept proposals: 12 positions (3 blocks of 4) for p, 8 (2)
+     * for q; sequence 1 shares the 2 blocks of p's first 8 tokens with sequence 0, sequence 3
+     * (after q) prefilled its own: 3 + 1 + 2 + 3. The draft holds one position fewer (it never
+     * sees its last proposal): the same blocks. Without sharing: 11. */
+    check_speculative_blocks_and_output(m, &t, &ps, 3, 10, 9);
     tiny_close(&t, m);
 }
 
@@ -697,45 +705,14 @@ static void test_speculative_shares_a_common_beginning(void) {
     tiny_spec spec = tiny_llama_spec();
     tiny_model t;
     lmd_model *m = tiny_open(&t, &spec, 32);
-    const int V = t.config.vocab_size;
-    lmd_kvpool *pool = tiny_pool(&t, 4, 64), *target_pool = tiny_pool(&t, 4, 64), *draft_pool = tiny_pool(&t, 4, 64);
-    lmd_sampler *sampler;
-    lmd_error err;
-    CHECK(lmd_sampler_init(&sampler, V, &err) == LMD_OK);
-    const lmd_sampling_params greedy = greedy_params();
     int32_t a[18], b[17];
-    for (int i = 0; i < 18; i++) a[i] = (7 * i + 3) % V;
+    for (int i = 0; i < 18; i++) a[i] = (7 * i + 3) % t.config.vocab_size;
     memcpy(b, a, sizeof b);
-    b[16] = (a[16] + 1) % V;
+    b[16] = (a[16] + 1) % t.config.vocab_size;
     prompt_set ps = {{0}, {0}, 0};
     add_prompt(&ps, a, 18);
     add_prompt(&ps, b, 17);
-    lmd_generator *plain = new_generator(&ps, V, 5, &greedy, 0, NULL, 0);
-    lmd_generator *fast = new_generator(&ps, V, 5, &greedy, 0, NULL, 0);
-    lmd_decode_run *run;
-    CHECK(lmd_decode_run_init(&run, m, pool, plain, &err) == LMD_OK);
-    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
-    lmd_decode_run_free(run);
-    lmd_speculative_run *spec_run;
-    CHECK(lmd_speculative_run_init(&spec_run, m, target_pool, m, draft_pool, fast, 2, &err) == LMD_OK);
-    CHECK(lmd_speculative_run_rounds(spec_run, &sampler, 1, 1, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
-    CHECK(target_pool->n_blocks - target_pool->n_free == 6);
-    CHECK(draft_pool->n_blocks - draft_pool->n_free == 6);
-    CHECK(lmd_speculative_run_rounds(spec_run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
-    for (int32_t k = 0; k < 2; k++) {
-        int32_t len_plain, len_fast;
-        const int32_t *want = lmd_generator_tokens(plain, k, &len_plain);
-        const int32_t *got = lmd_generator_tokens(fast, k, &len_fast);
-        CHECK(len_plain == len_fast && memcmp(want, got, (size_t)len_plain * sizeof(int32_t)) == 0);
-    }
-    lmd_speculative_run_free(spec_run);
-    CHECK(pool_full(target_pool) && pool_full(draft_pool));
-    lmd_generator_free(plain);
-    lmd_generator_free(fast);
-    lmd_sampler_free(sampler);
-    lmd_kvpool_free(pool);
-    lmd_kvpool_free(target_pool);
-    lmd_kvpool_free(draft_pool);
+    check_speculative_blocks_and_output(m, &t, &ps, 2, 5, 6);
     tiny_close(&t, m);
 }
 
