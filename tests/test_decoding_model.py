@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lmdecode as ld
 
@@ -66,6 +68,33 @@ def test_prompts_with_a_common_beginning_equal_each_alone(stories):
     contrastive = stories.generate(prompts, max_new_tokens=12, temperature=0, amateur_model=amateur)
     for prompt, got in zip(prompts, contrastive):
         assert got.tokens == stories.generate(prompt, max_new_tokens=12, temperature=0, amateur_model=amateur).tokens
+
+
+@pytest.fixture(scope="module")
+def stories_f32():
+    return ld.Model.load(MODELS / "stories260K.bin")
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_any_batch_of_prompts_decodes_as_each_alone(stories_f32, data):
+    """Batches of prompts around the sharing threshold: a common beginning of 12 to 20 tokens
+    (shared from 16), tails of 0 to 3 tokens (a prompt may be all beginning), repeats next to
+    each other or apart, n = 1 or 2. Greedy, each prompt's output is what it gives alone."""
+    model = stories_f32
+    common = data.draw(st.integers(12, 20), label="common")
+    head = [1] + data.draw(st.lists(st.integers(3, 511), min_size=common - 1, max_size=common - 1), label="head")
+    tails = data.draw(st.lists(st.lists(st.integers(3, 511), max_size=3), min_size=1, max_size=5), label="tails")
+    prompts = [head + tail for tail in tails]
+    if data.draw(st.booleans(), label="repeat"):
+        prompts.insert(data.draw(st.integers(0, len(prompts)), label="at"), list(prompts[0]))
+    n = data.draw(st.integers(1, 2), label="n")
+    batch = model.generate(prompts, max_new_tokens=6, temperature=0, n=n, stop_token_ids=[])
+    for prompt, got in zip(prompts, batch):
+        want = model.generate(prompt, max_new_tokens=6, temperature=0, stop_token_ids=[])
+        for g in (got if n > 1 else [got]):
+            assert g.tokens == want.tokens
+            np.testing.assert_array_equal(g.token_logprobs, want.token_logprobs)
 
 
 def test_stream_yields_the_tokens_of_the_full_call(stories):
