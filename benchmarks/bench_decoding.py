@@ -217,6 +217,32 @@ def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int, dr
           f"{t_cached * 1e3:.2f} ms ({samples[True][-1][1]} prompt tokens reused) vs {t_fresh * 1e3:.2f} ms without "
           f"({t_fresh / t_cached:.1f} x, interleaved)")
 
+    # two conversations taking turns on the model, each turn's prompt its ~400-token history plus
+    # 16 new tokens: with two prompt-cache slots each finds its own history, with one each turn
+    # evicts the other's; one call of each conversation per rep, interleaved
+    talks = [[1] + list(rng.integers(3, model.config.vocab_size, size=len(history) - 1)) for _ in range(2)]
+
+    def alternating_turns(slots: int):
+        model.prompt_cache_slots = slots
+        model.clear_prompt_cache()
+        for talk in talks:  # each conversation's history in the cache (not timed)
+            model.generate(talk, max_new_tokens=1, temperature=0, stop_token_ids=[], cache_prompt=True)
+        start = time.perf_counter()
+        for talk in talks:
+            model.generate(talk + message, max_new_tokens=n_reply, temperature=0, stop_token_ids=[], cache_prompt=True)
+        return (time.perf_counter() - start) / len(talks)
+
+    turns = {1: [], 2: []}
+    for _ in range(reps + 1):
+        for slots in (1, 2):
+            turns[slots].append(alternating_turns(slots))
+    t_one_slot, t_two_slots = (statistics.median(turns[k][1:]) for k in (1, 2))
+    model.prompt_cache_slots = 1
+    model.clear_prompt_cache()
+    print(f"two conversations taking turns ({len(history) + len(message)}-token prompts, {n_reply} new tokens): "
+          f"{t_two_slots * 1e3:.2f} ms a turn with prompt_cache_slots=2 vs {t_one_slot * 1e3:.2f} ms with 1 "
+          f"({t_one_slot / t_two_slots:.1f} x, interleaved)")
+
     # a batch of 8 prompts that begin with the same ~400 tokens (a long system prompt) and end
     # with 16 of their own, against 8 prompts of the same lengths that share nothing: the common
     # beginning is computed once and its cache forked; interleaved
