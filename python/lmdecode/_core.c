@@ -1003,46 +1003,54 @@ fail:
     return result;
 }
 
+// 0 if k names one of the generator's sequences, else -1 with an IndexError
+static int check_sequence(const GeneratorObject *self, long k) {
+    if (k >= 0 && k < self->n_seqs) return 0;
+    PyErr_Format(PyExc_IndexError, "sequence (=%ld) must be in [0, %d)", k, (int)self->n_seqs);
+    return -1;
+}
+
+// the sequence number `arg` of a ready generator in *k: 0, or -1 with an exception
+static int sequence_arg(GeneratorObject *self, PyObject *arg, long *k) {
+    if (!generator_ready(self)) return -1;
+    *k = PyLong_AsLong(arg);
+    if (*k == -1 && PyErr_Occurred()) return -1;
+    return check_sequence(self, *k);
+}
+
+// sequence k's tokens (prompt + generated,) as a new int64 array, or NULL with an exception
+static PyArrayObject *sequence_tokens(lmd_generator *gen, int32_t k) {
+    int32_t length;
+    const int32_t *all = lmd_generator_tokens(gen, k, &length);
+    npy_intp dims[1] = {length};
+    PyArrayObject *tokens = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+    if (tokens != NULL)
+        for (int32_t i = 0; i < length; i++) ((int64_t *)PyArray_DATA(tokens))[i] = all[i];
+    return tokens;
+}
+
 /* tokens(k) -> int64 (prompt + generated,): what a step function or a constraint reads each step,
  * without result()'s log-prob arrays */
 static PyObject *Generator_tokens(GeneratorObject *self, PyObject *arg) {
-    if (!generator_ready(self)) return NULL;
-    long k = PyLong_AsLong(arg);
-    if (k == -1 && PyErr_Occurred()) return NULL;
-    if (k < 0 || k >= self->n_seqs) {
-        PyErr_Format(PyExc_IndexError, "sequence (=%ld) must be in [0, %d)", k, (int)self->n_seqs);
-        return NULL;
-    }
-    int32_t length;
-    const int32_t *all = lmd_generator_tokens(self->gen, (int32_t)k, &length);
-    npy_intp dims[1] = {length};
-    PyArrayObject *tokens = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
-    if (tokens == NULL) return NULL;
-    for (int32_t i = 0; i < length; i++) ((int64_t *)PyArray_DATA(tokens))[i] = all[i];
-    return (PyObject *)tokens;
+    long k;
+    if (sequence_arg(self, arg, &k)) return NULL;
+    return (PyObject *)sequence_tokens(self->gen, (int32_t)k);
 }
 
 /* result(k) -> (all tokens int64 (prompt + generated), prompt length, token_logprobs float32 (t,),
  *               top_ids int64 (t, n_top), top_logprobs float32 (t, n_top),
  *               finish reason None/"stop"/"length", stop string byte offset or -1) */
 static PyObject *Generator_result(GeneratorObject *self, PyObject *arg) {
-    if (!generator_ready(self)) return NULL;
-    long k = PyLong_AsLong(arg);
-    if (k == -1 && PyErr_Occurred()) return NULL;
-    if (k < 0 || k >= self->n_seqs) {
-        PyErr_Format(PyExc_IndexError, "sequence (=%ld) must be in [0, %d)", k, (int)self->n_seqs);
-        return NULL;
-    }
-    int32_t length, t = lmd_generator_generated(self->gen, (int32_t)k);
-    const int32_t *all = lmd_generator_tokens(self->gen, (int32_t)k, &length);
-    npy_intp dims_all[1] = {length}, dims_t[1] = {t}, dims_top[2] = {t, self->n_top};
-    PyArrayObject *tokens = (PyArrayObject *)PyArray_EMPTY(1, dims_all, NPY_INT64, 0);
+    long k;
+    if (sequence_arg(self, arg, &k)) return NULL;
+    const int32_t t = lmd_generator_generated(self->gen, (int32_t)k);
+    npy_intp dims_t[1] = {t}, dims_top[2] = {t, self->n_top};
+    PyArrayObject *tokens = sequence_tokens(self->gen, (int32_t)k);
     PyArrayObject *lps = (PyArrayObject *)PyArray_EMPTY(1, dims_t, NPY_FLOAT32, 0);
     PyArrayObject *top_ids = (PyArrayObject *)PyArray_EMPTY(2, dims_top, NPY_INT64, 0);
     PyArrayObject *top_lps = (PyArrayObject *)PyArray_EMPTY(2, dims_top, NPY_FLOAT32, 0);
     PyObject *result = NULL;
     if (tokens && lps && top_ids && top_lps) {
-        for (int32_t i = 0; i < length; i++) ((int64_t *)PyArray_DATA(tokens))[i] = all[i];
         memcpy(PyArray_DATA(lps), lmd_generator_token_logprobs(self->gen, (int32_t)k),
                (size_t)t * sizeof(float));
         const int32_t *ids = lmd_generator_top_ids(self->gen, (int32_t)k);
@@ -1070,11 +1078,7 @@ static PyObject *Generator_set_allowed(GeneratorObject *self, PyObject *args) {
     PyObject *ids_obj;
     PyArrayObject *ids = NULL;
     if (!PyArg_ParseTuple(args, "lO", &k, &ids_obj)) return NULL;
-    if (!generator_ready(self)) return NULL;
-    if (k < 0 || k >= self->n_seqs) {
-        PyErr_Format(PyExc_IndexError, "sequence (=%ld) must be in [0, %d)", k, (int)self->n_seqs);
-        return NULL;
-    }
+    if (!generator_ready(self) || check_sequence(self, k)) return NULL;
     int32_t n_ids;
     if (allowed_ids_arg(ids_obj, &ids, &n_ids)) return NULL;
     if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
