@@ -168,3 +168,15 @@ def test_extension_id_arguments_take_integers_only():
     search.set_allowed(0, [1, 3])
     with pytest.raises(TypeError, match=r"allowed token ids must be integers, not dtype\('float64'\)"):
         search.set_allowed(0, [1.5, 3.0])
+
+
+def test_generator_sequence_numbers_are_checked():
+    """The extension's Generator refuses a sequence number outside its batch in every method
+    that takes one (IndexError naming the number and the range)."""
+    from lmdecode.generation import _Run
+    run = _Run(8, [[1, 2], [3]], 1, max_new_tokens=2, min_new_tokens=0, seed=0, stop_ids=[], stop=[], logprobs=0,
+               tokenizer=None, sampling={}, dynamic_allowed=True)
+    assert run.gen.tokens(1).tolist() == [3] and run.gen.result(0)[0].tolist() == [1, 2]
+    for call in (lambda: run.gen.tokens(2), lambda: run.gen.result(-1), lambda: run.gen.set_allowed(5, [1])):
+        with pytest.raises(IndexError, match=r"sequence \(=(2|-1|5)\) must be in \[0, 2\)"):
+            call()
