@@ -156,6 +156,15 @@ void lmd_quantize_matrix_q8_0(uint8_t *out, const float *x, int64_t rows, int64_
         }
 }
 
+// row r of a row-major (rows, cols) matrix of 16-bit values -> out (cols,) floats, each widened
+static void widen_row16(float *out, const uint8_t *data, int64_t r, int64_t cols, float (*widen)(uint16_t)) {
+    for (int64_t k = 0; k < cols; k++) {
+        uint16_t bits;
+        memcpy(&bits, data + ((size_t)r * cols + k) * 2, 2);
+        out[k] = widen(bits);
+    }
+}
+
 void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r) {
     const uint8_t *data = (const uint8_t *)w->data;
     switch (w->dtype) {
@@ -165,13 +174,7 @@ void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r) {
         for (int64_t k = 0; k < w->cols; k++) out[k] = panel[k * LMD_VEC_LANES + r % LMD_VEC_LANES];
         break;
     }
-    case LMD_F16:
-        for (int64_t k = 0; k < w->cols; k++) {
-            uint16_t h;
-            memcpy(&h, data + ((size_t)r * w->cols + k) * 2, 2);
-            out[k] = half_to_float(h);
-        }
-        break;
+    case LMD_F16: widen_row16(out, data, r, w->cols, lmd_fp16_to_f32); break;
     case LMD_F16_PANELS: {
         const uint16_t *panel = (const uint16_t *)w->data + r / LMD_VEC_LANES * w->cols * LMD_VEC_LANES;
         for (int64_t k = 0; k < w->cols; k++) out[k] = half_to_float(panel[k * LMD_VEC_LANES + r % LMD_VEC_LANES]);
@@ -184,13 +187,7 @@ void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r) {
             out[k] = lmd_bf16_to_f32((uint16_t)(panel[k / 2 * LMD_VEC_LANES + r % LMD_VEC_LANES] >> (16 * (k % 2))));
         break;
     }
-    case LMD_BF16:
-        for (int64_t k = 0; k < w->cols; k++) {
-            uint16_t b;
-            memcpy(&b, data + ((size_t)r * w->cols + k) * 2, 2);
-            out[k] = lmd_bf16_to_f32(b);
-        }
-        break;
+    case LMD_BF16: widen_row16(out, data, r, w->cols, lmd_bf16_to_f32); break;
     case LMD_Q8_0:
         for (int64_t b = 0; b < w->cols / LMD_Q8_0_BLOCK; b++) {
             size_t scale_at, quants, run_stride;
