@@ -208,6 +208,21 @@ static void release_finished(lmd_decode_run *run) {
  * once, by a forward of its own, and forked. */
 #define SHARED_PREFIX_MIN 16
 
+// how many first tokens a and b share, at most limit
+static int32_t common_length(const int32_t *a, const int32_t *b, int32_t limit) {
+    int32_t same = 0;
+    while (same < limit && a[same] == b[same]) same++;
+    return same;
+}
+
+// feeds the n tokens to seq (one sequence) without asking for logits: a beginning that other
+// caches then fork; token_seq scratch of n entries
+static lmd_status feed_shared_beginning(lmd_model *model, lmd_kvseq **seq, const int32_t *tokens, int32_t n,
+                                        int32_t *token_seq, lmd_error *err) {
+    for (int32_t t = 0; t < n; t++) token_seq[t] = 0;
+    return lmd_model_forward(model, seq, 1, tokens, token_seq, n, NULL, 0, NULL, err);
+}
+
 // the tokens that the prompts of the leaders ids[i] (leader[i] == i, i < R) all begin with,
 // leaving each at least one token of its own (whose logits the first step needs)
 static int32_t common_prompt_prefix(const lmd_decode_run *run, int32_t R) {
@@ -221,9 +236,7 @@ static int32_t common_prompt_prefix(const lmd_decode_run *run, int32_t R) {
             first = k, first_tokens = tokens, shared = length - 1;
             continue;
         }
-        int32_t same = 0;
-        while (same < shared && same < length - 1 && tokens[same] == first_tokens[same]) same++;
-        shared = same;
+        shared = common_length(tokens, first_tokens, shared < length - 1 ? shared : length - 1);
     }
     return shared;
 }
@@ -262,13 +275,10 @@ static lmd_status leader_caches(lmd_decode_run *run, int32_t R, lmd_error *err) 
         if (first < 0 && shared >= SHARED_PREFIX_MIN) { /* the shared tokens, once */
             first = k;
             const int32_t *tokens = lmd_generator_tokens(run->gen, k, NULL);
-            for (int32_t t = 0; t < shared; t++) run->token_seq[t] = 0;
-            if ((st = lmd_model_forward(run->model, &run->seqs[k], 1, tokens, run->token_seq, shared, NULL, 0, NULL,
-                                        err)))
+            if ((st = feed_shared_beginning(run->model, &run->seqs[k], tokens, shared, run->token_seq, err)))
                 return st;
             if (run->amateur != NULL &&
-                (st = lmd_model_forward(run->amateur, &run->amateur_seqs[k], 1, tokens, run->token_seq, shared, NULL,
-                                        0, NULL, err)))
+                (st = feed_shared_beginning(run->amateur, &run->amateur_seqs[k], tokens, shared, run->token_seq, err)))
                 return st;
         }
     }
@@ -687,10 +697,8 @@ static lmd_status prefill_new_caches(lmd_speculative_run *run, int32_t R, int dr
         if (first < 0) {
             first = k, shared = length - 1;
         } else {
-            const int32_t *first_tokens = lmd_generator_tokens(run->gen, first, NULL);
-            int32_t same = 0;
-            while (same < shared && same < length - 1 && all[same] == first_tokens[same]) same++;
-            shared = same;
+            shared = common_length(all, lmd_generator_tokens(run->gen, first, NULL),
+                                   shared < length - 1 ? shared : length - 1);
         }
     }
     if (n_leaders < 2 || shared < SHARED_PREFIX_MIN) shared = 0;
@@ -704,9 +712,7 @@ static lmd_status prefill_new_caches(lmd_speculative_run *run, int32_t R, int dr
         } else {
             if ((st = lmd_kvseq_init(&seqs[k], pool, model->config.context_length, err))) return st;
             if (shared > 0) { /* the shared beginning, once */
-                for (int32_t t = 0; t < shared; t++) run->token_seq[t] = 0;
-                if ((st = lmd_model_forward(model, &seqs[k], 1, all, run->token_seq, shared, NULL, 0, NULL, err)))
-                    return st;
+                if ((st = feed_shared_beginning(model, &seqs[k], all, shared, run->token_seq, err))) return st;
             }
         }
         if (length - 1 <= shared) continue;
