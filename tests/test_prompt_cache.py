@@ -127,9 +127,15 @@ def test_slots_keep_conversations_that_take_turns(stories):
     assert out.cached_prompt_tokens == len(talks[1]) - 2
     stories.clear_prompt_cache()
     assert stories.generate(talks[1], max_new_tokens=2, temperature=0, cache_prompt=True).cached_prompt_tokens == 0
-    for bad in (0, -1, 1.5, True, "2"):
-        with pytest.raises(ValueError, match=r"prompt_cache_slots \(=.*\) must be an integer >= 1"):
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=r"prompt_cache_slots \(=-?\d\) must be >= 1"):
             stories.prompt_cache_slots = bad
+    for bad, kind in ((1.5, "float"), (True, "bool"), ("2", "str"), (None, "NoneType")):
+        with pytest.raises(TypeError, match=rf"prompt_cache_slots \(=.*\) must be an integer, not {kind}"):
+            stories.prompt_cache_slots = bad
+    assert stories.prompt_cache_slots == 1
+    stories.prompt_cache_slots = np.int64(2)  # any integer type, kept as an int
+    assert stories.prompt_cache_slots == 2 and type(stories.prompt_cache_slots) is int
 
 
 def test_threads_taking_turns_share_the_slots_safely(stories):

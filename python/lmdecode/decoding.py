@@ -156,8 +156,10 @@ class DecodingMixin:
 
     @prompt_cache_slots.setter
     def prompt_cache_slots(self, slots: int) -> None:
-        if isinstance(slots, bool) or not isinstance(slots, numbers.Integral) or slots < 1:
-            raise ValueError(f"prompt_cache_slots (={slots!r}) must be an integer >= 1")
+        if isinstance(slots, bool) or not isinstance(slots, numbers.Integral):
+            raise TypeError(f"prompt_cache_slots (={slots!r}) must be an integer, not {type(slots).__name__}")
+        if slots < 1:
+            raise ValueError(f"prompt_cache_slots (={slots!r}) must be >= 1")
         with self._prompt_cache_lock:
             self._prompt_cache_slots = int(slots)
             self._drop_prompt_caches(len(self._prompt_caches) - self._prompt_cache_slots)
