@@ -243,6 +243,32 @@ def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int, dr
           f"{t_two_slots * 1e3:.2f} ms a turn with prompt_cache_slots=2 vs {t_one_slot * 1e3:.2f} ms with 1 "
           f"({t_one_slot / t_two_slots:.1f} x, interleaved)")
 
+    # a new conversation whose ~400-token system prompt another slot holds (two slots): its
+    # first turn starts from that slot's blocks, against a call without the cache; interleaved
+    system = talks[0]
+    first_messages = [list(rng.integers(3, model.config.vocab_size, size=16)) for _ in range(2)]
+
+    def new_conversation(cached: bool):
+        model.prompt_cache_slots = 2
+        model.clear_prompt_cache()
+        model.generate(system + first_messages[0], max_new_tokens=1, temperature=0, stop_token_ids=[],
+                       cache_prompt=True)  # the first conversation (not timed)
+        start = time.perf_counter()
+        out = model.generate(system + first_messages[1], max_new_tokens=n_reply, temperature=0, stop_token_ids=[],
+                             cache_prompt=cached)
+        return time.perf_counter() - start, out.cached_prompt_tokens
+
+    samples = {False: [], True: []}
+    for _ in range(reps + 1):
+        for cached in (False, True):
+            samples[cached].append(new_conversation(cached))
+    t_fresh, t_shared = (statistics.median(t for t, _ in samples[c][1:]) for c in (False, True))
+    model.prompt_cache_slots = 1
+    model.clear_prompt_cache()
+    print(f"new conversation, its {len(system)}-token system prompt held by another slot ({n_reply} new tokens): "
+          f"{t_shared * 1e3:.2f} ms with cache_prompt ({samples[True][-1][1]} prompt tokens reused) vs "
+          f"{t_fresh * 1e3:.2f} ms without ({t_fresh / t_shared:.1f} x, interleaved)")
+
     # a batch of 8 prompts that begin with the same ~400 tokens (a long system prompt) and end
     # with 16 of their own, against 8 prompts of the same lengths that share nothing: the common
     # beginning is computed once and its cache forked; interleaved

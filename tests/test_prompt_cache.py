@@ -102,9 +102,10 @@ def test_bad_arguments(stories):
 
 def test_slots_keep_conversations_that_take_turns(stories):
     """With two slots, two conversations alternating on one model each find their own history
-    (one slot: each turn evicts the other's, only the BOS they share is reused); the output is
-    what plain calls give. Fewer slots drop the least recently used sequence; clear_prompt_cache
-    drops them all."""
+    (one slot: each turn evicts the other's, only the BOS they share is reused; the second
+    conversation's first turn starts from the first's BOS either way); the output is what plain
+    calls give. Fewer slots drop the least recently used sequence; clear_prompt_cache drops them
+    all."""
     plain = ld.Model.load(MODELS / "stories260K.bin")
     assert stories.prompt_cache_slots == 1
     for slots in (1, 2):
@@ -116,7 +117,7 @@ def test_slots_keep_conversations_that_take_turns(stories):
                 got = stories.generate(talks[i], max_new_tokens=6, temperature=0, stop_token_ids=[], cache_prompt=True)
                 same(got, plain.generate(talks[i], max_new_tokens=6, temperature=0, stop_token_ids=[]))
                 if turn == 0:
-                    assert got.cached_prompt_tokens == (0 if i == 0 or slots == 2 else 1)
+                    assert got.cached_prompt_tokens == i
                 else:  # the last prompt and all its reply but the last token, or only the shared BOS
                     assert got.cached_prompt_tokens == (len(talks[i]) - 2 if slots == 2 else 1)
                 talks[i] = talks[i] + got.tokens + [13]
@@ -136,6 +137,45 @@ def test_slots_keep_conversations_that_take_turns(stories):
     assert stories.prompt_cache_slots == 1
     stories.prompt_cache_slots = np.int64(2)  # any integer type, kept as an int
     assert stories.prompt_cache_slots == 2 and type(stories.prompt_cache_slots) is int
+
+
+def test_new_conversations_share_the_system_prompt_of_another_slot(stories):
+    """Conversations that begin with the same system prompt: each new slot starts from the
+    longest beginning another slot holds, in that slot's blocks (the pool holds the shared
+    prompt once), the first turns' outputs are the plain calls', and each conversation's next
+    turn still finds its own history."""
+    plain = ld.Model.load(MODELS / "stories260K.bin")
+    system = plain.generate(PROMPT, max_new_tokens=40, temperature=0, stop_token_ids=[])
+    system = PROMPT + system.tokens  # 45 tokens: two whole blocks of 16 and a partial one
+    stories.prompt_cache_slots = 3
+    talks = [system + [13, first] for first in (261, 378, 407)]
+    for i, talk in enumerate(talks):
+        got = stories.generate(talk, max_new_tokens=6, temperature=0, stop_token_ids=[], cache_prompt=True)
+        same(got, plain.generate(talk, max_new_tokens=6, temperature=0, stop_token_ids=[]))
+        assert got.cached_prompt_tokens == (0 if i == 0 else len(system) + 1)  # the system prompt and 13
+        talks[i] = talk + got.tokens + [13]
+    pool = stories._prompt_caches[0].pool
+    assert all(e.pool is pool for e in stories._prompt_caches)
+    # each holds 47 + 5 = 52 positions (4 blocks); the first two blocks are held once
+    used = pool.n_blocks - pool.free_blocks
+    assert used == 3 * 4 - 2 * 2, used
+    for i, talk in enumerate(talks):
+        got = stories.generate(talk, max_new_tokens=6, temperature=0, stop_token_ids=[], cache_prompt=True)
+        same(got, plain.generate(talk, max_new_tokens=6, temperature=0, stop_token_ids=[]))
+        assert got.cached_prompt_tokens == len(talk) - 2
+        talks[i] = talk + got.tokens + [13]
+    # a fourth conversation with every slot taken: it starts from the system prompt held by the
+    # others, and the least recently used conversation (the first) gives up its slot, rather
+    # than the one it shares the most with being cut short
+    fourth = system + [13, 500]
+    got = stories.generate(fourth, max_new_tokens=6, temperature=0, stop_token_ids=[], cache_prompt=True)
+    same(got, plain.generate(fourth, max_new_tokens=6, temperature=0, stop_token_ids=[]))
+    assert got.cached_prompt_tokens == len(system) + 1 and len(stories._prompt_caches) == 3
+    for i in (2, 1, 0):  # the third and second keep their histories; the first starts anew
+        got = stories.generate(talks[i], max_new_tokens=2, temperature=0, stop_token_ids=[], cache_prompt=True)
+        assert got.cached_prompt_tokens == (len(system) + 1 if i == 0 else len(talks[i]) - 2)
+    stories.clear_prompt_cache()
+    assert stories._prompt_pool is None
 
 
 def test_threads_taking_turns_share_the_slots_safely(stories):

@@ -71,6 +71,9 @@ class DecodingMixin:
         # its entry back from a finalizer, which the garbage collector may run inside a locked block
         self._prompt_cache_lock = threading.RLock()
         self._prompt_cache_clock = 0  # counts the calls that gave an entry back (least recently used)
+        # the pool new entries take their sequences from, and how many entries it was sized for:
+        # entries of one pool fork one another's common beginnings (a shared system prompt)
+        self._prompt_pool, self._prompt_pool_slots = None, 0
 
     # ------------------------------------------------------------------ text
 
@@ -150,8 +153,10 @@ class DecodingMixin:
     def prompt_cache_slots(self) -> int:
         """How many sequences generate(cache_prompt=True) keeps between calls (default 1): set it to
         the number of conversations that take turns on this model, each slot holding up to the
-        context length's keys and values. Fewer slots than kept sequences drops the least recently
-        used ones (not those in use)."""
+        context length's keys and values. A new conversation starts from the longest beginning
+        another slot holds (a system prompt), sharing its blocks; when every slot is taken, the
+        least recently used gives up its place. Fewer slots than kept sequences drops the least
+        recently used ones (not those in use)."""
         return self._prompt_cache_slots
 
     @prompt_cache_slots.setter
@@ -165,9 +170,12 @@ class DecodingMixin:
             self._drop_prompt_caches(len(self._prompt_caches) - self._prompt_cache_slots)
 
     def clear_prompt_cache(self) -> None:
-        """Lets go of every sequence generate(cache_prompt=True) keeps (not of one in use)."""
+        """Lets go of every sequence generate(cache_prompt=True) keeps (not of one in use), and of
+        their memory once none is left."""
         with self._prompt_cache_lock:
             self._drop_prompt_caches(len(self._prompt_caches))
+            if not self._prompt_caches:
+                self._prompt_pool, self._prompt_pool_slots = None, 0
 
     def _drop_prompt_caches(self, count: int) -> None:
         """Drops up to `count` entries not in use, least recently used first (lock held)."""
@@ -176,11 +184,13 @@ class DecodingMixin:
 
     def _take_prompt_cache(self, prompt: list[int]):
         """(pool, KVSeq, tokens it holds) for a generate(cache_prompt=True) call of `prompt`, or
-        None while every slot is in use (the call then decodes without one). The entry not in use
-        that shares the longest beginning with the prompt; a new one instead of one whose tokens
-        it would cut short, while there is a free slot; else the least recently used. The KVSeq
-        holds the keys and values of the first KVSeq.len of `tokens`; give it back with
-        _return_prompt_cache."""
+        None while every slot is in use (the call then decodes without one). Among the entries not
+        in use, the one that shares the longest beginning with the prompt (the least recently used
+        of equals): itself when the prompt continues all it holds (the same conversation), else a
+        new entry that starts from that beginning in its blocks, so that no other conversation's
+        history is cut short; without a free slot, the least recently used entry gives up its
+        place. The KVSeq holds the keys and values of the first KVSeq.len of `tokens`; give it
+        back with _return_prompt_cache."""
         with self._prompt_cache_lock:
             best, best_common = None, -1
             for entry in list(self._prompt_caches):
@@ -189,15 +199,37 @@ class DecodingMixin:
                 common = _common_prefix(entry.tokens(), prompt, entry.seq.len)
                 if common > best_common or (common == best_common and entry.used < best.used):
                     best, best_common = entry, common
-            if len(self._prompt_caches) < self._prompt_cache_slots and (best is None or best_common < best.seq.len):
-                # one sequence's positions up to the context length (and a block for copy-on-write)
-                pool = self._pool(self.config.context_length + _BLOCK)
-                best = _PromptCache(pool, _core.KVSeq(pool, self.config.context_length))
+            full = len(self._prompt_caches) >= self._prompt_cache_slots
+            if best is not None and best_common == best.seq.len:
+                pass  # the prompt continues best's tokens
+            elif best is not None or not full:
+                best = self._new_prompt_cache(best if best_common > 0 else None, best_common)
+                best.busy = True  # before any entry gives up its place, so that it is not the one
                 self._prompt_caches.append(best)
+                if full:
+                    self._drop_prompt_caches(1)
             if best is None:
                 return None
             best.busy = True
             return best.pool, best.seq, best.tokens()
+
+    def _new_prompt_cache(self, donor: _PromptCache | None, common: int) -> _PromptCache:
+        """A new entry in the prompt caches' pool, holding donor's first `common` tokens in
+        donor's blocks when donor is in that pool (lock held). The pool has room for every slot's
+        positions up to the context length, and a block each for copy-on-write; its pages are
+        taken as positions are written."""
+        ctx = self.config.context_length
+        if self._prompt_pool is None or self._prompt_pool_slots < self._prompt_cache_slots:
+            # entries of an older, smaller pool keep it; new ones no longer share their blocks
+            self._prompt_pool = self._pool(self._prompt_cache_slots * math.ceil((ctx + _BLOCK) / _BLOCK) * _BLOCK)
+            self._prompt_pool_slots = self._prompt_cache_slots
+        if donor is None or donor.pool is not self._prompt_pool:
+            return _PromptCache(self._prompt_pool, _core.KVSeq(self._prompt_pool, ctx))
+        entry = _PromptCache(self._prompt_pool, donor.seq.fork())
+        entry.seq.truncate(common)
+        kept = donor.tokens()[:common]
+        entry.tokens_fn = lambda: kept
+        return entry
 
     def _return_prompt_cache(self, entry, tokens_fn) -> None:
         """Ends the use of _take_prompt_cache's entry: tokens_fn() gives the tokens its KVSeq now
