@@ -276,12 +276,17 @@ def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int, dr
     own = [list(rng.integers(3, model.config.vocab_size, size=16)) for _ in range(8)]
     alike = [preamble + tail for tail in own]
     unlike = [[1] + list(rng.integers(3, model.config.vocab_size, size=len(p) - 1)) for p in alike]
-    t_alike, t_unlike = interleaved_median_times(
+    # and the same 8 in two groups of 4 (two system prompts, the groups' prompts alternating)
+    second = [1] + list(rng.integers(3, model.config.vocab_size, size=len(preamble) - 1))
+    two_groups = [(preamble if i % 2 == 0 else second) + tail for i, tail in enumerate(own)]
+    t_alike, t_groups, t_unlike = interleaved_median_times(
         [lambda: model.generate(alike, max_new_tokens=n_reply, temperature=0, stop_token_ids=[]),
+         lambda: model.generate(two_groups, max_new_tokens=n_reply, temperature=0, stop_token_ids=[]),
          lambda: model.generate(unlike, max_new_tokens=n_reply, temperature=0, stop_token_ids=[])], max(3, reps // 2))
     print(f"batch of 8 prompts ({len(alike[0])} tokens, {n_reply} new each) sharing their first {len(preamble)}: "
           f"{t_alike * 1e3:.2f} ms vs {t_unlike * 1e3:.2f} ms for 8 that share nothing ({t_unlike / t_alike:.1f} x, "
-          f"interleaved)")
+          f"interleaved); in two groups of 4, each sharing its own first {len(preamble)}: {t_groups * 1e3:.2f} ms "
+          f"({t_unlike / t_groups:.1f} x)")
 
     # scoring 512 tokens: one prefill against token-by-token, each over the same 8 sequences in
     # turn, medians of at least `reps` runs and about 3 s of them (stories260K: hundreds)

@@ -11,6 +11,33 @@
 #include "rng.h"
 #include "speculative.h"
 
+/* Prompts of a batch that begin alike (a system prompt, a chat template's preamble) share
+ * the cache of their common beginning when it is at least this many tokens: it is computed
+ * once, in a forward before the prompts' own tokens, and forked. */
+#define SHARED_PREFIX_MIN 16
+
+/* Which of a batch's distinct token lists share a beginning (find_shared_beginnings), each
+ * array (n,) over the batch's running sequences. */
+typedef struct {
+    int32_t *ids;    /* the sequence of each list, -1 for one that takes no part */
+    int32_t *rep;    /* the list whose cache it forks (itself for a representative) */
+    int32_t *shared; /* first tokens its cache gets from the representative's, 0 if none */
+} shared_beginnings;
+
+// allocates the arrays for n lists; nonzero when out of memory (free anyway)
+static int shared_beginnings_init(shared_beginnings *b, size_t n) {
+    b->ids = malloc(n * sizeof *b->ids);
+    b->rep = malloc(n * sizeof *b->rep);
+    b->shared = malloc(n * sizeof *b->shared);
+    return !b->ids || !b->rep || !b->shared;
+}
+
+static void shared_beginnings_free(shared_beginnings *b) {
+    free(b->ids);
+    free(b->rep);
+    free(b->shared);
+}
+
 struct lmd_decode_run {
     lmd_model *model;     /* borrowed */
     lmd_kvpool *pool;     /* borrowed */
@@ -26,6 +53,7 @@ struct lmd_decode_run {
     int32_t *logit_index; /* (n,) */
     int32_t *leader;      /* (n,) the sequence whose prefilled cache k shares (k for a leader) */
     lmd_kvseq **given;    /* (n,) lmd_decode_run_use_cache's caller-owned caches, or NULL */
+    shared_beginnings begin; /* the prefill's leaders that begin alike */
     /* contrastive decoding (lmd_decode_run_set_amateur), NULL/0 otherwise: the amateur sees
      * every token the model sees, in caches of its own pool */
     lmd_model *amateur;
@@ -56,6 +84,7 @@ void lmd_decode_run_free(lmd_decode_run *run) {
     free(run->logit_index);
     free(run->leader);
     free(run->given);
+    shared_beginnings_free(&run->begin);
     for (int32_t k = 0; run->amateur_seqs != NULL && k < run->n; k++) lmd_kvseq_free(run->amateur_seqs[k]);
     free(run->amateur_seqs);
     free(run->amateur_batch);
@@ -176,7 +205,8 @@ lmd_status lmd_decode_run_init(lmd_decode_run **out, lmd_model *model, lmd_kvpoo
     run->leader = malloc(N * sizeof *run->leader);
     run->given = calloc(N, sizeof *run->given);
     if (!run->seqs || !run->logits || !run->ids || !run->batch || !run->tokens ||
-        !run->token_seq || !run->logit_index || !run->leader || !run->given) {
+        !run->token_seq || !run->logit_index || !run->leader || !run->given ||
+        shared_beginnings_init(&run->begin, N)) {
         lmd_decode_run_free(run);
         return lmd_fail(err, LMD_ERR_NOMEM, "out of memory for %d sequences", n);
     }
@@ -203,11 +233,6 @@ static void release_finished(lmd_decode_run *run) {
         }
 }
 
-/* Prompts of a batch that begin alike (a system prompt, a chat template's preamble) share
- * the cache of their common beginning when it is at least this many tokens: it is computed
- * once, by a forward of its own, and forked. */
-#define SHARED_PREFIX_MIN 16
-
 // how many first tokens a and b share, at most limit
 static int32_t common_length(const int32_t *a, const int32_t *b, int32_t limit) {
     int32_t same = 0;
@@ -215,73 +240,76 @@ static int32_t common_length(const int32_t *a, const int32_t *b, int32_t limit) 
     return same;
 }
 
-// feeds the n tokens to seq (one sequence) without asking for logits: a beginning that other
-// caches then fork; token_seq scratch of n entries
-static lmd_status feed_shared_beginning(lmd_model *model, lmd_kvseq **seq, const int32_t *tokens, int32_t n,
-                                        int32_t *token_seq, lmd_error *err) {
-    for (int32_t t = 0; t < n; t++) token_seq[t] = 0;
-    return lmd_model_forward(model, seq, 1, tokens, token_seq, n, NULL, 0, NULL, err);
-}
-
-// the tokens that the prompts of the leaders ids[i] (leader[i] == i, i < R) all begin with,
-// leaving each at least one token of its own (whose logits the first step needs)
-static int32_t common_prompt_prefix(const lmd_decode_run *run, int32_t R) {
-    int32_t first = -1, shared = 0;
-    const int32_t *first_tokens = NULL;
-    for (int32_t i = 0; i < R; i++) {
-        if (run->leader[i] != i) continue;
-        const int32_t k = run->ids[i], length = lmd_generator_prompt_length(run->gen, k);
-        const int32_t *tokens = lmd_generator_tokens(run->gen, k, NULL);
-        if (first < 0) {
-            first = k, first_tokens = tokens, shared = length - 1;
-            continue;
+// for the n lists ids[i] (none where ids[i] < 0) of gen's token lists: list i joins the
+// first earlier list that joined none itself (its representative) with which it shares
+// SHARED_PREFIX_MIN or more first tokens; the lists of a representative then share the
+// beginning they all have, each keeping at least its last token (whose logits a step needs)
+static void find_shared_beginnings(shared_beginnings *b, const lmd_generator *gen, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        b->rep[i] = i, b->shared[i] = 0;
+        if (b->ids[i] < 0) continue;
+        int32_t length;
+        const int32_t *tokens = lmd_generator_tokens(gen, b->ids[i], &length);
+        for (int32_t r = 0; r < i; r++) {
+            if (b->ids[r] < 0 || b->rep[r] != r) continue;
+            int32_t rep_length;
+            const int32_t *rep_tokens = lmd_generator_tokens(gen, b->ids[r], &rep_length);
+            const int32_t limit = (length < rep_length ? length : rep_length) - 1;
+            const int32_t common = common_length(tokens, rep_tokens, limit);
+            if (common < SHARED_PREFIX_MIN) continue;
+            b->rep[i] = r;
+            b->shared[r] = b->shared[r] == 0 || common < b->shared[r] ? common : b->shared[r];
+            break;
         }
-        shared = common_length(tokens, first_tokens, shared < length - 1 ? shared : length - 1);
     }
-    return shared;
+    for (int32_t i = 0; i < n; i++) b->shared[i] = b->shared[b->rep[i]];
 }
 
-// the caches of the leaders (of the model and of an amateur) when their prompts share a
-// beginning worth it (SHARED_PREFIX_MIN): the first leader's cache gets the shared tokens
-// from a forward of its own, and the others fork it; else (or when a leader brought a cache
-// of its own) every cache starts empty
+// the caches (into seqs, by sequence id) of the n lists that find_shared_beginnings grouped:
+// a representative's starts empty and, when lists joined it, gets the beginning they share,
+// every representative's in one forward without logits; a joined list's forks its
+// representative's. batch (n,), tokens and token_seq (the beginnings' tokens) scratch.
+static lmd_status caches_from_shared_beginnings(const shared_beginnings *b, int32_t n, const lmd_generator *gen,
+                                                lmd_model *model, lmd_kvpool *pool, lmd_kvseq **seqs,
+                                                lmd_kvseq **batch, int32_t *tokens, int32_t *token_seq,
+                                                lmd_error *err) {
+    lmd_status st;
+    int32_t nb = 0, n_tokens = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const int32_t k = b->ids[i];
+        if (k < 0 || b->rep[i] != i) continue;
+        if ((st = lmd_kvseq_init(&seqs[k], pool, model->config.context_length, err))) return st;
+        if (b->shared[i] == 0) continue;
+        memcpy(tokens + n_tokens, lmd_generator_tokens(gen, k, NULL), (size_t)b->shared[i] * sizeof(int32_t));
+        for (int32_t t = 0; t < b->shared[i]; t++) token_seq[n_tokens + t] = nb;
+        n_tokens += b->shared[i];
+        batch[nb++] = seqs[k];
+    }
+    if (nb > 0 && (st = lmd_model_forward(model, batch, nb, tokens, token_seq, n_tokens, NULL, 0, NULL, err)))
+        return st;
+    for (int32_t i = 0; i < n; i++)
+        if (b->ids[i] >= 0 && b->rep[i] != i && (st = lmd_kvseq_fork(&seqs[b->ids[i]], seqs[b->ids[b->rep[i]]], err)))
+            return st;
+    return LMD_OK;
+}
+
+// the caches of the leaders (of the model and of an amateur): a leader that brought a cache
+// keeps it; the others' start with the beginnings they share (caches_from_shared_beginnings)
 static lmd_status leader_caches(lmd_decode_run *run, int32_t R, lmd_error *err) {
     lmd_status st;
-    int32_t n_leaders = 0, has_given = 0;
     for (int32_t i = 0; i < R; i++) {
-        n_leaders += run->leader[i] == i;
-        has_given |= run->given[run->ids[i]] != NULL;
-    }
-    const int32_t shared = n_leaders >= 2 && !has_given ? common_prompt_prefix(run, R) : 0;
-    int32_t first = -1;
-    for (int32_t i = 0; i < R; i++) {
-        if (run->leader[i] != i) continue;
         const int32_t k = run->ids[i];
-        if (run->given[k] != NULL) {
+        run->begin.ids[i] = run->leader[i] == i && run->given[k] == NULL ? k : -1;
+        if (run->leader[i] == i && run->given[k] != NULL)
             run->seqs[k] = run->given[k]; /* its cached positions are not fed again */
-        } else if (first >= 0 && shared >= SHARED_PREFIX_MIN) {
-            if ((st = lmd_kvseq_fork(&run->seqs[k], run->seqs[first], err))) return st;
-        } else if ((st = lmd_kvseq_init(&run->seqs[k], run->pool, run->model->config.context_length, err))) {
-            return st;
-        }
-        if (run->amateur != NULL) {
-            if (first >= 0 && shared >= SHARED_PREFIX_MIN)
-                st = lmd_kvseq_fork(&run->amateur_seqs[k], run->amateur_seqs[first], err);
-            else
-                st = lmd_kvseq_init(&run->amateur_seqs[k], run->amateur_pool, run->amateur->config.context_length,
-                                    err);
-            if (st) return st;
-        }
-        if (first < 0 && shared >= SHARED_PREFIX_MIN) { /* the shared tokens, once */
-            first = k;
-            const int32_t *tokens = lmd_generator_tokens(run->gen, k, NULL);
-            if ((st = feed_shared_beginning(run->model, &run->seqs[k], tokens, shared, run->token_seq, err)))
-                return st;
-            if (run->amateur != NULL &&
-                (st = feed_shared_beginning(run->amateur, &run->amateur_seqs[k], tokens, shared, run->token_seq, err)))
-                return st;
-        }
     }
+    find_shared_beginnings(&run->begin, run->gen, R);
+    if ((st = caches_from_shared_beginnings(&run->begin, R, run->gen, run->model, run->pool, run->seqs, run->batch,
+                                            run->tokens, run->token_seq, err)))
+        return st;
+    if (run->amateur != NULL)
+        return caches_from_shared_beginnings(&run->begin, R, run->gen, run->amateur, run->amateur_pool,
+                                             run->amateur_seqs, run->amateur_batch, run->tokens, run->token_seq, err);
     return LMD_OK;
 }
 
@@ -551,6 +579,7 @@ struct lmd_speculative_run {
     int32_t *logit_index;                  /* (n (K + 1),) */
     int32_t *row_start;                    /* (n,) each running sequence's first verification row */
     int32_t *leader;                       /* (n,) the sequence whose new cache sequence k forks, or k */
+    shared_beginnings begin;               /* the new caches' distinct lists that begin alike */
 };
 
 void lmd_speculative_run_free(lmd_speculative_run *run) {
@@ -581,6 +610,7 @@ void lmd_speculative_run_free(lmd_speculative_run *run) {
     free(run->logit_index);
     free(run->row_start);
     free(run->leader);
+    shared_beginnings_free(&run->begin);
     free(run);
 }
 
@@ -643,7 +673,7 @@ lmd_status lmd_speculative_run_init(lmd_speculative_run **out, lmd_model *target
         !run->n_proposing || !run->drafts || !run->draft_logprobs || !run->step_logits || !run->step_logprobs ||
         !run->target_logits || !run->target_logprobs || !run->inputs || !run->params || !run->coins ||
         !run->drawn || !run->batch || !run->tokens || !run->token_seq || !run->logit_index || !run->row_start ||
-        !run->leader) {
+        !run->leader || shared_beginnings_init(&run->begin, N)) {
         lmd_speculative_run_free(run);
         return lmd_fail(err, LMD_ERR_NOMEM, "out of memory for %d sequences of %d draft tokens", n, n_draft);
     }
@@ -667,20 +697,19 @@ static void release_finished_pairs(lmd_speculative_run *run) {
 
 /* Gives every running sequence that needs a cache of one model and has none (in its first
  * round: the target's always, the draft's when it proposes) a cache holding all its tokens
- * but the last, which the round feeds. One forward, without logits, covers the distinct
- * token lists; a sequence whose tokens equal the previous new sequence's (n samples of one
- * prompt) forks that cache instead, as lmd_decode_run's prefill does, and when the distinct
- * lists all begin with the same SHARED_PREFIX_MIN or more tokens, a forward of its own
- * computes that beginning once in the first one's cache, which the others fork. */
+ * but the last, which the round feeds. A sequence whose tokens equal the previous new
+ * sequence's (n samples of one prompt) forks that cache, as lmd_decode_run's prefill does;
+ * the distinct lists start from the beginnings they share (caches_from_shared_beginnings),
+ * then one forward without logits covers the rest of them. */
 static lmd_status prefill_new_caches(lmd_speculative_run *run, int32_t R, int draft, lmd_error *err) {
     lmd_status st;
     lmd_model *model = draft ? run->draft : run->target;
     lmd_kvpool *pool = draft ? run->draft_pool : run->target_pool;
     lmd_kvseq **seqs = draft ? run->draft_seqs : run->target_seqs;
-    int32_t nb = 0, n_tokens = 0, previous = -1, first = -1, shared = 0, n_leaders = 0;
-    for (int32_t i = 0; i < R; i++) { /* leaders, and the beginning their token lists share */
+    int32_t nb = 0, n_tokens = 0, previous = -1;
+    for (int32_t i = 0; i < R; i++) { /* the leaders: distinct lists */
         const int32_t k = run->ids[i];
-        run->leader[k] = -1;
+        run->leader[k] = run->begin.ids[i] = -1;
         if (seqs[k] != NULL || (draft && run->n_proposing[i] == 0)) continue;
         int32_t length, previous_length;
         const int32_t *all = lmd_generator_tokens(run->gen, k, &length);
@@ -692,31 +721,19 @@ static lmd_status prefill_new_caches(lmd_speculative_run *run, int32_t R, int dr
                 continue;
             }
         }
-        run->leader[k] = previous = k;
-        n_leaders++;
-        if (first < 0) {
-            first = k, shared = length - 1;
-        } else {
-            shared = common_length(all, lmd_generator_tokens(run->gen, first, NULL),
-                                   shared < length - 1 ? shared : length - 1);
-        }
+        run->leader[k] = previous = run->begin.ids[i] = k;
     }
-    if (n_leaders < 2 || shared < SHARED_PREFIX_MIN) shared = 0;
-    for (int32_t i = 0; i < R; i++) {
-        const int32_t k = run->ids[i];
-        if (run->leader[k] != k) continue;
+    find_shared_beginnings(&run->begin, run->gen, R);
+    if ((st = caches_from_shared_beginnings(&run->begin, R, run->gen, model, pool, seqs, run->batch, run->tokens,
+                                            run->token_seq, err)))
+        return st;
+    for (int32_t i = 0; i < R; i++) { /* what each leader's cache lacks, but the last token */
+        const int32_t k = run->begin.ids[i];
+        if (k < 0) continue;
         int32_t length;
         const int32_t *all = lmd_generator_tokens(run->gen, k, &length);
-        if (shared > 0 && k != first) {
-            if ((st = lmd_kvseq_fork(&seqs[k], seqs[first], err))) return st;
-        } else {
-            if ((st = lmd_kvseq_init(&seqs[k], pool, model->config.context_length, err))) return st;
-            if (shared > 0) { /* the shared beginning, once */
-                if ((st = feed_shared_beginning(model, &seqs[k], all, shared, run->token_seq, err))) return st;
-            }
-        }
-        if (length - 1 <= shared) continue;
-        for (int32_t p = shared; p < length - 1; p++) {
+        if (length - 1 <= seqs[k]->len) continue;
+        for (int32_t p = seqs[k]->len; p < length - 1; p++) {
             run->tokens[n_tokens] = all[p];
             run->token_seq[n_tokens++] = nb;
         }

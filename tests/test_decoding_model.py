@@ -78,14 +78,18 @@ def stories_f32():
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_any_batch_of_prompts_decodes_as_each_alone(stories_f32, data):
-    """Batches of prompts around the sharing threshold: a common beginning of 12 to 20 tokens
-    (shared from 16), tails of 0 to 3 tokens (a prompt may be all beginning), repeats next to
-    each other or apart, n = 1 or 2. Greedy, each prompt's output is what it gives alone."""
+    """Batches of prompts around the sharing threshold: one or two groups, each with a common
+    beginning of 12 to 20 tokens (shared from 16), tails of 0 to 3 tokens (a prompt may be all
+    beginning), the groups' prompts mixed, repeats next to each other or apart, n = 1 or 2.
+    Greedy, each prompt's output is what it gives alone."""
     model = stories_f32
-    common = data.draw(st.integers(12, 20), label="common")
-    head = [1] + data.draw(st.lists(st.integers(3, 511), min_size=common - 1, max_size=common - 1), label="head")
+    heads = []
+    for group in range(data.draw(st.integers(1, 2), label="groups")):
+        common = data.draw(st.integers(12, 20), label=f"common {group}")
+        heads.append([1] + data.draw(st.lists(st.integers(3, 511), min_size=common - 1, max_size=common - 1),
+                                     label=f"head {group}"))
     tails = data.draw(st.lists(st.lists(st.integers(3, 511), max_size=3), min_size=1, max_size=5), label="tails")
-    prompts = [head + tail for tail in tails]
+    prompts = [heads[data.draw(st.integers(0, len(heads) - 1), label="group")] + tail for tail in tails]
     if data.draw(st.booleans(), label="repeat"):
         prompts.insert(data.draw(st.integers(0, len(prompts)), label="at"), list(prompts[0]))
     n = data.draw(st.integers(1, 2), label="n")

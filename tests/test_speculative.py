@@ -184,11 +184,13 @@ def test_batches_budgets_and_stops_keep_the_targets_greedy_output(stories, close
 
 
 def test_prompts_with_a_common_beginning_keep_the_targets_greedy_output(stories, close_draft):
-    """Distinct prompts sharing their first 40 tokens: the first round computes that beginning
-    once in each model (the C tests count the blocks); the output is plain greedy's."""
+    """Distinct prompts in two groups, each sharing its first 40 or 25 tokens: the first round
+    computes each beginning once in each model (the C tests count the blocks); the output is
+    plain greedy's."""
     rng = np.random.default_rng(6)
     system = [1] + [int(t) for t in rng.integers(3, 512, 39)]
-    prompts = [system + [403, 407], system + [261], system + [403, 407, 261, 378]]
+    other = [1] + [int(t) for t in rng.integers(3, 512, 24)]
+    prompts = [system + [403, 407], other + [261], system + [261], other + [378, 403], system + [403, 407, 261, 378]]
     plain = stories.generate(prompts, max_new_tokens=20, temperature=0)
     fast = stories.generate(prompts, max_new_tokens=20, temperature=0, draft_model=close_draft, num_draft_tokens=4)
     assert [g.tokens for g in fast] == [g.tokens for g in plain]

@@ -291,8 +291,9 @@ static void test_shared_prompts_equal_each_alone(void) {
 
 /* Prompts that begin with the same 16 tokens (SHARED_PREFIX_MIN) share the cache of that
  * beginning: after the first step the pool holds its 4 blocks once plus one block of each
- * prompt's own positions, and every sequence draws what it draws alone. 15 common tokens
- * are too few: every prompt then fills blocks of its own. */
+ * prompt's own positions, and every sequence draws what it draws alone. With 15 tokens in
+ * common with the others, prompt d is left out of the group and fills blocks of its own,
+ * while the three others still share their 16. */
 static void test_prompts_with_a_common_beginning_share_its_cache(void) {
     test_rng r = {9};
     tiny_spec spec = tiny_llama_spec();
@@ -330,8 +331,8 @@ static void test_prompts_with_a_common_beginning_share_its_cache(void) {
         CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
         CHECK(lmd_decode_run_steps(run, samplers, 2, 1, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
         /* shared: 4 blocks of the 16 common positions + one block each of positions 16-17;
-         * not shared: 5 blocks (17 or 18 positions) each */
-        CHECK(pool->n_blocks - pool->n_free == (common == SHARED ? 4 + 4 : 4 * 5));
+         * not shared: 5 blocks (17 or 18 positions) */
+        CHECK(pool->n_blocks - pool->n_free == (common == SHARED ? 4 + 4 : 4 + 3 + 5));
         CHECK(lmd_decode_run_steps(run, samplers, 2, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
         for (int k = 0; k < 4; k++) {
             const int n_prompt = lmd_generator_prompt_length(g, k);
@@ -342,6 +343,67 @@ static void test_prompts_with_a_common_beginning_share_its_cache(void) {
         CHECK(pool_full(pool));
     }
     for (int i = 0; i < 2; i++) lmd_sampler_free(samplers[i]);
+    lmd_kvpool_free(pool);
+    tiny_close(&t, m);
+}
+
+// prompts a1, b1, a2, b2 (of 18, 22, 17 and 21 tokens): the a's share their first 16
+// tokens, the b's their first 20 (other tokens than the a's), every other pair none
+static void add_two_groups(prompt_set *ps, int32_t V) {
+    int32_t a1[18], a2[17], b1[22], b2[21];
+    for (int i = 0; i < 22; i++) b1[i] = (5 * i + 11) % V;
+    for (int i = 0; i < 18; i++) a1[i] = (b1[i] + 1 + i % 3) % V;
+    memcpy(a2, a1, sizeof a2);
+    a2[16] = (a1[16] + 1) % V;
+    memcpy(b2, b1, sizeof b2);
+    b2[20] = (b1[20] + 1) % V;
+    add_prompt(ps, a1, 18);
+    add_prompt(ps, b1, 22);
+    add_prompt(ps, a2, 17);
+    add_prompt(ps, b2, 21);
+}
+
+/* Prompts in two groups, each beginning alike within the group and not across (two system
+ * prompts in one batch): each group's beginning is computed once. After the first step the
+ * a's hold their 16 common positions in 4 blocks of 4 once and one block each of their
+ * own; the b's their 20 in 5 blocks once and one each: 13 blocks (22 without sharing).
+ * Every sequence draws what it draws alone. */
+static void test_prompts_share_beginnings_by_group(void) {
+    tiny_spec spec = tiny_llama_spec();
+    spec.context = MAX_LEN; /* room for 22-token prompts and their new tokens */
+    tiny_model t;
+    lmd_model *m = tiny_open(&t, &spec, 32);
+    const int V = t.config.vocab_size;
+    lmd_kvpool *pool = tiny_pool(&t, 4, 64);
+    lmd_sampler *sampler;
+    lmd_error err;
+    CHECK(lmd_sampler_init(&sampler, V, &err) == LMD_OK);
+    lmd_sampling_params params;
+    lmd_sampling_params_default(&params);
+    params.temperature = 0.9;
+    enum { NEW = 4 };
+    prompt_set ps = {{0}, {0}, 0};
+    add_two_groups(&ps, V);
+    int32_t alone[4][NEW];
+    for (int k = 0; k < 4; k++) {
+        const int32_t *prompt = ps.prompts + ps.offsets[k];
+        int n = (int)(ps.offsets[k + 1] - ps.offsets[k]);
+        CHECK(reference_generate(m, pool, prompt, n, NEW, &params, 5, (uint64_t)k, alone[k], NULL) == NEW);
+    }
+    lmd_generator *g = new_generator(&ps, V, NEW, &params, 5, NULL, 0);
+    lmd_decode_run *run;
+    CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, 1, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
+    CHECK(pool->n_blocks - pool->n_free == 4 + 2 + 5 + 2);
+    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
+    for (int k = 0; k < 4; k++) {
+        const int n_prompt = lmd_generator_prompt_length(g, k);
+        CHECK(memcmp(lmd_generator_tokens(g, k, NULL) + n_prompt, alone[k], sizeof alone[k]) == 0);
+    }
+    lmd_decode_run_free(run);
+    lmd_generator_free(g);
+    CHECK(pool_full(pool));
+    lmd_sampler_free(sampler);
     lmd_kvpool_free(pool);
     tiny_close(&t, m);
 }
@@ -716,6 +778,21 @@ static void test_speculative_shares_a_common_beginning(void) {
     tiny_close(&t, m);
 }
 
+/* Speculative decoding's first round shares each group's beginning (add_two_groups) in the
+ * target's and the draft's caches: after one round of 2 kept proposals, the a's hold 19 and
+ * 18 positions with 16 shared (6 blocks of 4), the b's 23 and 22 with 20 shared (7): 13
+ * blocks, 22 without sharing. It decodes as plain greedy does. */
+static void test_speculative_shares_beginnings_by_group(void) {
+    tiny_spec spec = tiny_llama_spec();
+    spec.context = MAX_LEN; /* room for 22-token prompts and their new tokens */
+    tiny_model t;
+    lmd_model *m = tiny_open(&t, &spec, 32);
+    prompt_set ps = {{0}, {0}, 0};
+    add_two_groups(&ps, t.config.vocab_size);
+    check_speculative_blocks_and_output(m, &t, &ps, 2, 5, 13);
+    tiny_close(&t, m);
+}
+
 /* A cache the caller gives (lmd_decode_run_use_cache) holding the first tokens of the prompt:
  * the run feeds only the rest, decodes exactly as a fresh run, and leaves the cache (not
  * freed) holding every token but the last. */
@@ -783,12 +860,14 @@ int main(void) {
     test_greedy_equals_argmax_chain();
     test_shared_prompts_equal_each_alone();
     test_prompts_with_a_common_beginning_share_its_cache();
+    test_prompts_share_beginnings_by_group();
     test_context_length_ends_sequences();
     test_pool_too_small_then_retry();
     test_beam_search();
     test_speculative_greedy_equals_greedy();
     test_speculative_shares_prompts();
     test_speculative_shares_a_common_beginning();
+    test_speculative_shares_beginnings_by_group();
     test_given_cache();
     return test_report("test_decode");
 }
