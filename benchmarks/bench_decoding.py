@@ -122,10 +122,20 @@ def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int, dr
         [lambda: model.beam_search(prompt, beam_width=width, max_new_tokens=n_beam, early_stopping="never", eos_token_id=[]),
          lambda: model.generate(prompt, max_new_tokens=n_beam, temperature=0, stop_token_ids=[])], reps)
     kv_positions = model._beam_search_in_c(
-        ld._core.BeamSearch(width, model.config.vocab_size, n_beam, 1, 1.0, 2, []), prompt, width, n_beam)
+        [ld._core.BeamSearch(width, model.config.vocab_size, n_beam, 1, 1.0, 2, [])], [prompt], width, n_beam)
     kv_bytes = kv_positions * model.config.n_layers * model.config.n_kv_heads * model.config.head_dim * 2 * 4
     print(f"beam search width {width}: {t_beam / n_beam * 1e3:.2f} ms/step vs greedy {t_greedy / n_beam * 1e3:.2f} ms/step "
           f"({t_beam / t_greedy:.2f} x, interleaved); peak KV held by the beams {kv_bytes / 1e6:.2f} MB")
+    # four prompts' searches together (one forward per step over their 16 beams) against one
+    # after another; interleaved
+    beam_prompts = [[1] + list(rng.integers(3, model.config.vocab_size, size=len(prompt) - 1)) for _ in range(4)]
+    t_together, t_each = interleaved_median_times(
+        [lambda: model.beam_search(beam_prompts, beam_width=width, max_new_tokens=n_beam, early_stopping="never",
+                                   eos_token_id=[]),
+         lambda: [model.beam_search(p, beam_width=width, max_new_tokens=n_beam, early_stopping="never", eos_token_id=[])
+                  for p in beam_prompts]], max(3, reps // 2))
+    print(f"beam search width {width} over a batch of 4 prompts: {t_together / n_beam * 1e3:.2f} ms/step together vs "
+          f"{t_each / n_beam * 1e3:.2f} ms one after another ({t_each / t_together:.1f} x, interleaved)")
     if hf is not None:
         ids = torch.tensor([prompt])
         t_hf_beam = median_time(lambda: hf.generate(ids, num_beams=width, do_sample=False, max_new_tokens=n_beam,

@@ -466,81 +466,157 @@ lmd_status lmd_decode_beam_search(lmd_model *model, lmd_kvpool *pool, lmd_beam_s
                                   const int32_t *prompt, int32_t prompt_len,
                                   int32_t *peak_kv_blocks, lmd_stop_check stop, void *stop_ctx,
                                   lmd_error *err) {
-    return lmd_decode_beam_search_hooked(model, pool, bs, prompt, prompt_len, peak_kv_blocks, NULL, NULL, stop,
-                                         stop_ctx, err);
+    return lmd_decode_beam_searches(model, pool, &bs, 1, &prompt, &prompt_len, peak_kv_blocks, NULL, NULL, stop,
+                                    stop_ctx, err);
 }
 
-lmd_status lmd_decode_beam_search_hooked(lmd_model *model, lmd_kvpool *pool, lmd_beam_search *bs,
-                                         const int32_t *prompt, int32_t prompt_len, int32_t *peak_kv_blocks,
-                                         lmd_beam_hook before_step, void *hook_ctx, lmd_stop_check stop,
-                                         void *stop_ctx, lmd_error *err) {
-    const int32_t B = lmd_beam_search_width(bs), V = lmd_beam_search_vocab(bs);
+// the searches' widths (each beam's offset first (S + 1,): search s holds beams first[s] ..
+// first[s+1]) once every search and prompt is valid
+static lmd_status check_beam_searches(const lmd_model *model, lmd_beam_search *const *searches, int32_t S,
+                                      const int32_t *const *prompts, const int32_t *prompt_lens, int32_t *first,
+                                      lmd_error *err) {
     const int32_t L = model->config.context_length;
-    if (V != model->config.vocab_size)
-        return lmd_fail(err, LMD_ERR_INVALID_ARG,
-                        "the beam search ranks %d tokens but the model's vocabulary has %d", V,
-                        model->config.vocab_size);
-    if (prompt_len < 1)
-        return lmd_fail(err, LMD_ERR_INVALID_ARG, "the prompt is empty: a model needs at least one token");
-    if ((int64_t)prompt_len + lmd_beam_search_max_new_tokens(bs) > L)
-        return lmd_fail(err, LMD_ERR_CACHE_FULL,
-                        "prompt (%d tokens) + max_new_tokens (%d) exceed the context length %d",
-                        prompt_len, lmd_beam_search_max_new_tokens(bs), L);
-    const size_t NB = (size_t)(uint32_t)B;
-    lmd_kvseq **beams = calloc(NB, sizeof *beams), **next = calloc(NB, sizeof *next);
-    float *logits = malloc(NB * (size_t)V * sizeof *logits);
-    int32_t *parents = malloc(NB * sizeof *parents), *tokens = malloc(NB * sizeof *tokens);
-    int32_t *index = malloc(((size_t)prompt_len > NB ? (size_t)prompt_len : NB) * sizeof *index);
-    int32_t *zeros = calloc((size_t)prompt_len, sizeof *zeros);
-    lmd_status st = LMD_OK;
-    int32_t peak = 0;
-    if (!beams || !next || !logits || !parents || !tokens || !index || !zeros) {
-        st = lmd_fail(err, LMD_ERR_NOMEM, "out of memory for a beam search of width %d", B);
+    first[0] = 0;
+    for (int32_t s = 0; s < S; s++) {
+        if (searches[s] == NULL || prompts[s] == NULL)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "beam search %d or its prompt is NULL", s);
+        for (int32_t o = 0; o < s; o++)
+            if (searches[o] == searches[s])
+                return lmd_fail(err, LMD_ERR_INVALID_ARG, "beam searches %d and %d are one search", o, s);
+        if (lmd_beam_search_vocab(searches[s]) != model->config.vocab_size)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG,
+                            "beam search %d ranks %d tokens but the model's vocabulary has %d", s,
+                            lmd_beam_search_vocab(searches[s]), model->config.vocab_size);
+        if (prompt_lens[s] < 1)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "prompt %d is empty: a model needs at least one token", s);
+        if ((int64_t)prompt_lens[s] + lmd_beam_search_max_new_tokens(searches[s]) > L)
+            return lmd_fail(err, LMD_ERR_CACHE_FULL,
+                            "prompt %d (%d tokens) + max_new_tokens (%d) exceed the context length %d", s,
+                            prompt_lens[s], lmd_beam_search_max_new_tokens(searches[s]), L);
+        if ((int64_t)first[s] + lmd_beam_search_width(searches[s]) > INT32_MAX / 2)
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "the beam searches hold too many beams");
+        first[s + 1] = first[s] + lmd_beam_search_width(searches[s]);
+    }
+    return LMD_OK;
+}
+
+lmd_status lmd_decode_beam_searches(lmd_model *model, lmd_kvpool *pool, lmd_beam_search *const *searches,
+                                    int32_t n_searches, const int32_t *const *prompts, const int32_t *prompt_lens,
+                                    int32_t *peak_kv_blocks, lmd_beam_hook before_step, void *hook_ctx,
+                                    lmd_stop_check stop, void *stop_ctx, lmd_error *err) {
+    const int32_t S = n_searches, V = model->config.vocab_size;
+    if (peak_kv_blocks) *peak_kv_blocks = 0;
+    if (S < 1) return lmd_fail(err, LMD_ERR_INVALID_ARG, "n_searches (=%d) must be >= 1", S);
+    int32_t *first = malloc(((size_t)S + 1) * sizeof *first);
+    if (first == NULL) return lmd_fail(err, LMD_ERR_NOMEM, "out of memory for %d beam searches", S);
+    lmd_status st = check_beam_searches(model, searches, S, prompts, prompt_lens, first, err);
+    if (st != LMD_OK) {
+        free(first);
+        return st;
+    }
+    int64_t prompt_tokens = 0;
+    int32_t widest = 0;
+    for (int32_t s = 0; s < S; s++) {
+        prompt_tokens += prompt_lens[s];
+        widest = first[s + 1] - first[s] > widest ? first[s + 1] - first[s] : widest;
+    }
+    if (prompt_tokens > INT32_MAX) {
+        free(first);
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "the prompts hold more than 2^31 tokens");
+    }
+    /* T beams in all; row[s] the first of search s's logits rows in this step's forward, -1 once
+     * it is done */
+    const int32_t T = first[S];
+    const size_t NT = (size_t)T, NS = (size_t)S, slots = (size_t)prompt_tokens > NT ? (size_t)prompt_tokens : NT;
+    lmd_kvseq **beams = calloc(NT, sizeof *beams), **next = calloc(NT, sizeof *next);
+    lmd_kvseq **batch = malloc(NT * sizeof *batch);
+    float *logits = malloc(NT * (size_t)V * sizeof *logits);
+    int32_t *parents = malloc((size_t)widest * sizeof *parents), *drawn = malloc(NT * sizeof *drawn);
+    int32_t *tokens = malloc(slots * sizeof *tokens), *token_seq = malloc(slots * sizeof *token_seq);
+    int32_t *logit_index = malloc(NT * sizeof *logit_index), *row = malloc(NS * sizeof *row);
+    int32_t peak = 0, steps = 0;
+    if (!beams || !next || !batch || !logits || !parents || !drawn || !tokens || !token_seq || !logit_index || !row) {
+        st = lmd_fail(err, LMD_ERR_NOMEM, "out of memory for %d beam searches of %d beams in all", S, T);
         goto done;
     }
-    /* prefill once; every beam starts from the same cache */
-    if ((st = lmd_kvseq_init(&beams[0], pool, L, err))) goto done;
-    int32_t last = prompt_len - 1;
-    if ((st = lmd_model_forward(model, beams, 1, prompt, zeros, prompt_len, &last, 1, logits, err)))
+    /* prefill every prompt in one forward; a search's beams all start from its cache */
+    int32_t n_tokens = 0;
+    for (int32_t s = 0; s < S; s++) {
+        if ((st = lmd_kvseq_init(&beams[first[s]], pool, model->config.context_length, err))) goto done;
+        batch[s] = beams[first[s]];
+        memcpy(tokens + n_tokens, prompts[s], (size_t)prompt_lens[s] * sizeof(int32_t));
+        for (int32_t t = 0; t < prompt_lens[s]; t++) token_seq[n_tokens + t] = s;
+        n_tokens += prompt_lens[s];
+        logit_index[s] = n_tokens - 1;
+    }
+    if ((st = lmd_model_forward(model, batch, S, tokens, token_seq, n_tokens, logit_index, S, logits, err)))
         goto done;
-    for (int32_t b = 1; b < B; b++) {
-        if ((st = lmd_kvseq_fork(&beams[b], beams[0], err))) goto done;
-        memcpy(logits + (int64_t)b * V, logits, (size_t)V * sizeof(float));
+    for (int32_t s = S - 1; s >= 0; s--) { /* prompt s's row to its first beam's (first[s] >= s) */
+        memmove(logits + (int64_t)first[s] * V, logits + (int64_t)s * V, (size_t)V * sizeof(float));
+        for (int32_t b = first[s] + 1; b < first[s + 1]; b++) {
+            if ((st = lmd_kvseq_fork(&beams[b], beams[first[s]], err))) goto done;
+            memcpy(logits + (int64_t)b * V, logits + (int64_t)first[s] * V, (size_t)V * sizeof(float));
+        }
+        row[s] = first[s];
     }
     peak = blocks_in_use(pool);
     for (;;) {
-        if (before_step != NULL && (st = before_step(hook_ctx, bs, err))) goto done;
-        if ((st = lmd_beam_search_step(bs, logits, parents, tokens, err))) goto done;
-        if (lmd_beam_search_done(bs)) break;
-        /* new beam j continues old beam parents[j]: fork its block table, no key/value copy */
-        for (int32_t j = 0; j < B; j++)
-            if ((st = lmd_kvseq_fork(&next[j], beams[parents[j]], err))) goto done;
-        for (int32_t b = 0; b < B; b++) {
-            lmd_kvseq_free(beams[b]);
-            beams[b] = next[b];
-            next[b] = NULL;
-            index[b] = b;
+        int32_t n_live = 0; /* beams of the next forward, search after search */
+        for (int32_t s = 0; s < S; s++) {
+            if (row[s] < 0) continue;
+            lmd_beam_search *bs = searches[s];
+            if (before_step != NULL && (st = before_step(hook_ctx, s, bs, err))) goto done;
+            if ((st = lmd_beam_search_step(bs, logits + (int64_t)row[s] * V, parents, drawn + first[s], err)))
+                goto done;
+            const int32_t B = first[s + 1] - first[s];
+            lmd_kvseq **own = beams + first[s], **forked = next + first[s];
+            if (lmd_beam_search_done(bs)) { /* its blocks go back to the pool */
+                for (int32_t b = 0; b < B; b++) {
+                    lmd_kvseq_free(own[b]);
+                    own[b] = NULL;
+                }
+                row[s] = -1;
+                continue;
+            }
+            /* new beam j continues old beam parents[j]: fork its block table, no key/value copy */
+            for (int32_t j = 0; j < B; j++)
+                if ((st = lmd_kvseq_fork(&forked[j], own[parents[j]], err))) goto done;
+            row[s] = n_live;
+            for (int32_t b = 0; b < B; b++) {
+                lmd_kvseq_free(own[b]);
+                own[b] = forked[b];
+                forked[b] = NULL;
+                batch[n_live] = own[b];
+                tokens[n_live] = drawn[first[s] + b];
+                token_seq[n_live] = logit_index[n_live] = n_live;
+                n_live++;
+            }
         }
-        if ((st = lmd_model_forward(model, beams, B, tokens, index, B, index, B, logits, err)))
+        if (n_live == 0) break;
+        if ((st = lmd_model_forward(model, batch, n_live, tokens, token_seq, n_live, logit_index, n_live, logits, err)))
             goto done;
+        steps++;
         int32_t used = blocks_in_use(pool);
         peak = used > peak ? used : peak;
         if (stop != NULL && stop(stop_ctx)) {
-            st = lmd_fail(err, LMD_ERR_STOPPED, "the beam search was stopped at %d new tokens",
-                          lmd_beam_search_length(bs));
+            st = lmd_fail(err, LMD_ERR_STOPPED, "the beam search was stopped after %d steps", steps);
             goto done;
         }
     }
 done:
-    for (int32_t b = 0; beams != NULL && b < B; b++) lmd_kvseq_free(beams[b]);
-    for (int32_t b = 0; next != NULL && b < B; b++) lmd_kvseq_free(next[b]);
+    for (int32_t b = 0; beams != NULL && b < T; b++) lmd_kvseq_free(beams[b]);
+    for (int32_t b = 0; next != NULL && b < T; b++) lmd_kvseq_free(next[b]);
+    free(first);
     free(beams);
     free(next);
+    free(batch);
     free(logits);
     free(parents);
+    free(drawn);
     free(tokens);
-    free(index);
-    free(zeros);
+    free(token_seq);
+    free(logit_index);
+    free(row);
     if (peak_kv_blocks) *peak_kv_blocks = peak;
     return st;
 }

@@ -13,6 +13,7 @@
  *     lmd_decode_run_free(run);      // the generator holds the results
  *
  *     lmd_decode_beam_search(model, pool, beam_search, prompt, prompt_len, &err);
+ *     lmd_decode_beam_searches(model, pool, searches, n, prompts, prompt_lens, ...);  // a batch
  *
  * Ownership: the model, pool, generator and beam search are borrowed; a run
  * owns the KV sequences it creates in the pool and frees them (and any
@@ -83,16 +84,23 @@ lmd_status lmd_decode_beam_search(lmd_model *model, lmd_kvpool *pool, lmd_beam_s
                                   int32_t *peak_kv_blocks, lmd_stop_check stop, void *stop_ctx,
                                   lmd_error *err);
 
-/* Called before every step of a beam search with the search, e.g. to set each running
- * beam's allowed tokens (lmd_beam_search_set_allowed); a status other than LMD_OK ends the
- * search with it. */
-typedef lmd_status (*lmd_beam_hook)(void *ctx, lmd_beam_search *bs, lmd_error *err);
+/* Called before every step of beam search number `search` (of lmd_decode_beam_searches)
+ * with the search, e.g. to set each running beam's allowed tokens
+ * (lmd_beam_search_set_allowed); a status other than LMD_OK ends the searches with it. */
+typedef lmd_status (*lmd_beam_hook)(void *ctx, int32_t search, lmd_beam_search *bs, lmd_error *err);
 
-/* lmd_decode_beam_search with before_step (if non-NULL) called with hook_ctx before every step. */
-lmd_status lmd_decode_beam_search_hooked(lmd_model *model, lmd_kvpool *pool, lmd_beam_search *bs,
-                                         const int32_t *prompt, int32_t prompt_len, int32_t *peak_kv_blocks,
-                                         lmd_beam_hook before_step, void *hook_ctx, lmd_stop_check stop,
-                                         void *stop_ctx, lmd_error *err);
+/*
+ * n_searches beam searches at once, search s from prompts[s] (prompt_lens[s] >= 1 tokens;
+ * distinct searches): the prompts are prefilled in one forward, then every step advances
+ * all running searches' beams in one batched forward, and a search that is done lets its
+ * beams' blocks go. Each search ends as it does alone, bit for bit. before_step (if
+ * non-NULL) is called with hook_ctx before each step of each search; peak_kv_blocks and
+ * stop as lmd_decode_beam_search's.
+ */
+lmd_status lmd_decode_beam_searches(lmd_model *model, lmd_kvpool *pool, lmd_beam_search *const *searches,
+                                    int32_t n_searches, const int32_t *const *prompts, const int32_t *prompt_lens,
+                                    int32_t *peak_kv_blocks, lmd_beam_hook before_step, void *hook_ctx,
+                                    lmd_stop_check stop, void *stop_ctx, lmd_error *err);
 
 /*
  * Speculative decoding: a draft model proposes up to n_draft tokens per sequence,

@@ -155,6 +155,48 @@ def test_beam_search_in_c_equals_the_step_function_search(stories):
         np.testing.assert_allclose([h.score for h in in_c], [h.score for h in driven], atol=1e-4)
 
 
+def test_a_batch_of_beam_searches_gives_each_prompt_what_it_gives_alone(stories):
+    """A list of prompts (texts and token ids of different lengths) runs one search each, all
+    in one forward per step: each prompt's hypotheses are those of its search alone, bit for
+    bit, and the step-function loop (one search after another) agrees. batch_id is the
+    prompt's index."""
+    prompts = ["Once upon a time", [1, 261, 378, 403, 407, 261, 378, 432], "The little dog"]
+    kw = dict(beam_width=3, max_new_tokens=20, length_penalty=0.6, num_return_sequences=2)
+    batch = stories.beam_search(prompts, **kw)
+    assert len(batch) == 3 and all(len(hyps) == 2 for hyps in batch)
+    for prompt, hyps in zip(prompts, batch):
+        alone = stories.beam_search(prompt, **kw)
+        assert [(h.tokens, h.score, h.logprob, h.token_logprobs, h.text) for h in hyps] == \
+            [(h.tokens, h.score, h.logprob, h.token_logprobs, h.text) for h in alone]
+    ids = [stories.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+    driven = ld.beam_search(step_fn_of(stories), ids, eos_token_id=stories.config.eos_token_id, **kw)
+    for hyps, ref in zip(batch, driven):
+        assert [h.tokens for h in hyps] == [h.tokens for h in ref]
+        np.testing.assert_allclose([h.score for h in hyps], [h.score for h in ref], atol=1e-4)
+    # early stopping ends the searches at different steps; batch_id tells the prompts apart
+    seen = set()
+
+    def by_prompt(batch_id, input_ids):
+        seen.add(batch_id)
+        return [261, 378, 403, 13, 2] if batch_id == 1 else None
+
+    constrained = stories.beam_search(prompts, beam_width=2, max_new_tokens=15, early_stopping=True,
+                                      prefix_allowed_tokens_fn=by_prompt)
+    assert seen == {0, 1, 2}
+    assert set(constrained[1][0].tokens) <= {261, 378, 403, 13, 2}
+    for i in (0, 2):
+        assert constrained[i][0].tokens == stories.beam_search(prompts[i], beam_width=2, max_new_tokens=15,
+                                                               early_stopping=True)[0].tokens
+    assert stories.beam_search([PROMPT], beam_width=2, max_new_tokens=4)[0][0].tokens == \
+        stories.beam_search(PROMPT, beam_width=2, max_new_tokens=4)[0].tokens
+    with pytest.raises(ValueError, match=r"prompt 1 \(508 tokens\) \+ max_new_tokens \(8\) exceed"):
+        stories.beam_search([PROMPT, [1] * 508], max_new_tokens=8)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        stories.beam_search([PROMPT, []], max_new_tokens=8)
+    with pytest.raises(TypeError, match="step function takes token ids"):
+        ld.beam_search(step_fn_of(stories), "Once upon a time")
+
+
 def test_sequence_logprob_is_one_prefill(stories):
     context, continuation = [1, 403, 407], [261, 378, 432]
     s = stories.sequence_logprob(context, continuation)

@@ -2137,17 +2137,18 @@ static PyTypeObject ModelDecoderType = {
 };
 
 /* An lmd_beam_hook for model_beam_search's constraint: takes the GIL and sets every running
- * beam's allowed tokens to constraint(beam, generated tokens int64) (None or an int32 array;
- * the Python caller validates). A Python exception ends the search and stays set. The model's
- * lock is let go meanwhile, so that the function may call the same model (between steps the
- * search keeps nothing in the model's scratch; its cache pool is its own and stays locked). */
+ * beam's allowed tokens to constraint(search, beam, generated tokens int64) (None or an int32
+ * array; the Python caller validates). A Python exception ends the search and stays set. The
+ * model's lock is let go meanwhile, so that the function may call the same model (between
+ * steps the search keeps nothing in the model's scratch; its cache pool is its own and stays
+ * locked). */
 typedef struct {
     PyObject *constraint;
     PyThread_type_lock model_lock;
     int raised;
 } beam_constraint;
 
-static lmd_status constrain_beams(void *ctx, lmd_beam_search *bs, lmd_error *err) {
+static lmd_status constrain_beams(void *ctx, int32_t search, lmd_beam_search *bs, lmd_error *err) {
     beam_constraint *c = ctx;
     PyGILState_STATE gil = PyGILState_Ensure();
     PyThread_release_lock(c->model_lock);
@@ -2159,7 +2160,7 @@ static lmd_status constrain_beams(void *ctx, lmd_beam_search *bs, lmd_error *err
         if (tokens != NULL) {
             const int32_t *generated = lmd_beam_search_tokens(bs, b);
             for (int32_t i = 0; i < n; i++) ((int64_t *)PyArray_DATA(tokens))[i] = generated[i];
-            allowed = PyObject_CallFunction(c->constraint, "iO", (int)b, (PyObject *)tokens);
+            allowed = PyObject_CallFunction(c->constraint, "iiO", (int)search, (int)b, (PyObject *)tokens);
         }
         c->raised = allowed == NULL || beam_set_allowed(bs, b, allowed) < 0;
         Py_XDECREF(allowed);
@@ -2170,35 +2171,68 @@ static lmd_status constrain_beams(void *ctx, lmd_beam_search *bs, lmd_error *err
     return c->raised ? lmd_fail(err, LMD_ERR_STOPPED, "the constraint function raised") : LMD_OK;
 }
 
-/* model_beam_search(model, pool, beam_search, prompt int32, constraint=None) -> peak KV blocks
- * held; constraint(beam, generated int64) -> allowed int32 or None, before every step */
+/* model_beam_search(model, pool, searches, prompts, constraint=None) -> peak KV blocks held:
+ * searches a list of distinct BeamSearch, prompts a list as long of int32 token arrays, all
+ * run together; constraint(search, beam, generated int64) -> allowed int32 or None, before
+ * every step of every search */
 static PyObject *py_model_beam_search(PyObject *self, PyObject *args) {
     (void)self;
     EngineModelObject *model;
     EngineKVPoolObject *pool;
-    BeamSearchObject *bs;
-    PyObject *prompt_obj, *constraint_obj = Py_None;
-    PyArrayObject *prompt = NULL;
-    if (!PyArg_ParseTuple(args, "O!O!O!O|O", &EngineModelType, &model, &EngineKVPoolType, &pool,
-                          &BeamSearchType, &bs, &prompt_obj, &constraint_obj))
+    PyObject *searches_obj, *prompts_obj, *constraint_obj = Py_None, *result = NULL;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!|O", &EngineModelType, &model, &EngineKVPoolType, &pool, &PyList_Type,
+                          &searches_obj, &PyList_Type, &prompts_obj, &constraint_obj))
         return NULL;
     if (constraint_obj != Py_None && !PyCallable_Check(constraint_obj)) {
         PyErr_SetString(PyExc_TypeError, "constraint must be callable or None");
         return NULL;
     }
-    if (model->model == NULL || pool->pool == NULL || bs->search == NULL) {
-        PyErr_SetString(PyExc_ValueError, "model, pool and beam search must be initialized");
+    if (model->model == NULL || pool->pool == NULL) {
+        PyErr_SetString(PyExc_ValueError, "model and pool must be initialized");
         return NULL;
     }
-    if (as_array(prompt_obj, NPY_INT32, 1, "prompt", &prompt)) return NULL;
-    if (prompt == NULL) {
-        PyErr_SetString(PyExc_TypeError, "prompt must not be None");
+    const Py_ssize_t S = PyList_GET_SIZE(searches_obj);
+    if (S < 1 || S > INT32_MAX / 2 || PyList_GET_SIZE(prompts_obj) != S) {
+        PyErr_Format(PyExc_ValueError, "searches (%zd) and prompts (%zd) must be non-empty lists of one length", S,
+                     PyList_GET_SIZE(prompts_obj));
         return NULL;
     }
-    if (!PyThread_acquire_lock(bs->lock, NOWAIT_LOCK)) {
-        Py_DECREF(prompt);
-        PyErr_SetString(PyExc_RuntimeError, "this BeamSearch is in use by another thread");
-        return NULL;
+    lmd_beam_search **searches = PyMem_Calloc((size_t)S, sizeof *searches);
+    BeamSearchObject **locked = PyMem_Calloc((size_t)S, sizeof *locked);
+    PyArrayObject **prompts = PyMem_Calloc((size_t)S, sizeof *prompts);
+    const int32_t **prompt_data = PyMem_Calloc((size_t)S, sizeof *prompt_data);
+    int32_t *prompt_lens = PyMem_Calloc((size_t)S, sizeof *prompt_lens);
+    Py_ssize_t n_locked = 0;
+    if (!searches || !locked || !prompts || !prompt_data || !prompt_lens) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t s = 0; s < S; s++) {
+        PyObject *search = PyList_GET_ITEM(searches_obj, s);
+        if (!PyObject_TypeCheck(search, &BeamSearchType) || ((BeamSearchObject *)search)->search == NULL) {
+            PyErr_Format(PyExc_TypeError, "searches[%zd] must be an initialized BeamSearch", s);
+            goto done;
+        }
+        searches[s] = ((BeamSearchObject *)search)->search;
+        if (as_array(PyList_GET_ITEM(prompts_obj, s), NPY_INT32, 1, "prompt", &prompts[s])) goto done;
+        if (prompts[s] == NULL) {
+            PyErr_SetString(PyExc_TypeError, "a prompt must not be None");
+            goto done;
+        }
+        if (PyArray_DIM(prompts[s], 0) > INT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "a prompt holds more than 2^31 tokens");
+            goto done;
+        }
+        prompt_data[s] = PyArray_DATA(prompts[s]);
+        prompt_lens[s] = (int32_t)PyArray_DIM(prompts[s], 0);
+    }
+    for (; n_locked < S; n_locked++) {
+        BeamSearchObject *search = (BeamSearchObject *)PyList_GET_ITEM(searches_obj, n_locked);
+        if (!PyThread_acquire_lock(search->lock, NOWAIT_LOCK)) {
+            PyErr_SetString(PyExc_RuntimeError, "a BeamSearch is in use by another thread (or given twice)");
+            goto done;
+        }
+        locked[n_locked] = search;
     }
     engine_lock(model->lock);
     engine_lock(pool->lock);
@@ -2209,19 +2243,28 @@ static PyObject *py_model_beam_search(PyObject *self, PyObject *args) {
     beam_constraint constraint = {constraint_obj, model->lock, 0};
     timespec_get(&check.last, TIME_UTC);
     Py_BEGIN_ALLOW_THREADS;
-    st = lmd_decode_beam_search_hooked(model->model, pool->pool, bs->search, PyArray_DATA(prompt),
-                                       (int32_t)PyArray_DIM(prompt, 0), &peak,
-                                       constraint_obj != Py_None ? constrain_beams : NULL, &constraint,
-                                       stop_on_signal, &check, &err);
+    st = lmd_decode_beam_searches(model->model, pool->pool, searches, (int32_t)S, prompt_data, prompt_lens, &peak,
+                                  constraint_obj != Py_None ? constrain_beams : NULL, &constraint, stop_on_signal,
+                                  &check, &err);
     Py_END_ALLOW_THREADS;
     PyThread_release_lock(pool->lock);
     PyThread_release_lock(model->lock);
-    PyThread_release_lock(bs->lock);
-    Py_DECREF(prompt);
     /* KeyboardInterrupt (or the handler's), or the constraint's exception */
-    if (st == LMD_ERR_STOPPED && (check.raised || constraint.raised)) return NULL;
-    if (st != LMD_OK) return raise_status(st, &err);
-    return PyLong_FromLong(peak);
+    if (st == LMD_ERR_STOPPED && (check.raised || constraint.raised)) goto done;
+    if (st != LMD_OK) {
+        raise_status(st, &err);
+        goto done;
+    }
+    result = PyLong_FromLong(peak);
+done:
+    for (Py_ssize_t s = 0; s < n_locked; s++) PyThread_release_lock(locked[s]->lock);
+    for (Py_ssize_t s = 0; prompts != NULL && s < S; s++) Py_XDECREF(prompts[s]);
+    PyMem_Free(searches);
+    PyMem_Free(locked);
+    PyMem_Free(prompts);
+    PyMem_Free(prompt_data);
+    PyMem_Free(prompt_lens);
+    return result;
 }
 
 /* ------------------------------------------------------------------ */
@@ -2441,7 +2484,8 @@ static PyMethodDef core_methods[] = {
     {"dequantize_q8_0", py_dequantize_q8_0, METH_O, "q8_0 storage uint8 (rows, cols/32*34) -> float32 (rows, cols)."},
     /* decoding-loop bindings */
     {"model_beam_search", py_model_beam_search, METH_VARARGS,
-     "model_beam_search(model, pool, beam_search, prompt, constraint=None) -> peak KV blocks: the whole search in C."},
+     "model_beam_search(model, pool, searches, prompts, constraint=None) -> peak KV blocks: whole searches in C,\n"
+     "all of them in one batched forward per step."},
     {"contrastive_scores", py_contrastive_scores, METH_VARARGS,
      "contrastive_scores(expert (R, V), amateur (R, V), alpha, amateur_temperature) -> scores (R, V) float32."},
     {"speculative_verify", py_speculative_verify, METH_VARARGS,

@@ -262,13 +262,15 @@ class DecodingMixin:
         return _core.SpeculativeDecoder(self._engine, self._run_pool(prompts, max_new_tokens, n_draft), draft._engine,
                                         draft._run_pool(prompts, max_new_tokens, n_draft), generator, n_draft)
 
-    def _beam_search_in_c(self, search, prompt: list[int], beam_width: int, max_new_tokens: int,
+    def _beam_search_in_c(self, searches: list, prompts: list[list[int]], beam_width: int, max_new_tokens: int,
                           constraint=None) -> int:
-        """Runs `search` to its end in C; returns the peak number of KV positions the beams held.
-        constraint(beam, generated tokens) -> allowed int32 ids or None is asked before every step."""
-        positions = len(prompt) + 2 * beam_width * (max_new_tokens + 2 * _BLOCK)
-        peak_blocks = _core.model_beam_search(self._engine, self._pool(positions), search, np.asarray(prompt, dtype=np.int32),
-                                              constraint)
+        """Runs the searches (search i from prompts[i], each of beam_width beams) to their end in C,
+        all in one batched forward per step; returns the peak number of KV positions the beams
+        held. constraint(search, beam, generated tokens) -> allowed int32 ids or None is asked
+        before every step."""
+        positions = sum(len(p) + 2 * beam_width * (max_new_tokens + 2 * _BLOCK) for p in prompts)
+        peak_blocks = _core.model_beam_search(self._engine, self._pool(positions), list(searches),
+                                              [np.asarray(p, dtype=np.int32) for p in prompts], constraint)
         return peak_blocks * _BLOCK
 
     # ------------------------------------------------------------------ public methods

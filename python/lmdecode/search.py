@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from .chat import is_conversation
+from .generation import _prompts
 from .sampling import allowed_token_ids, check_constraint_function
 
 __all__ = ["Hypothesis", "beam_search"]
@@ -64,20 +66,27 @@ def beam_search(
     num_return_sequences: int = 1,
     eos_token_id: int | Sequence[int] | None = None,
     prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None = None,
-) -> list[Hypothesis]:
+) -> list[Hypothesis] | list[list[Hypothesis]]:
     """Beam search over an lmdecode Model or ``step_fn(tokens: int64 array) -> (V,) logits``.
 
     Returns up to ``num_return_sequences`` finished hypotheses, best first. On a
     Model the whole search runs in C, all beams in one batched forward per step,
     beams sharing their common prefix's KV cache; ``prompt`` may then be text
-    and ``eos_token_id`` defaults to the model's EOS. A step function is called
-    once per distinct beam per step (all beams hold the prompt at the first).
+    (or a conversation) and ``eos_token_id`` defaults to the model's EOS. A step
+    function is called once per distinct beam per step (all beams hold the
+    prompt at the first).
+
+    ``prompt`` may also be a list of prompts: one search each, returned as one
+    list of hypotheses per prompt, each what that prompt gives alone. On a Model
+    the searches run together, every step one forward over all their beams (a
+    search that is done drops out); a step function runs them one after another.
 
     ``prefix_allowed_tokens_fn(batch_id, input_ids)`` constrains the search as in
-    transformers: before every step it is called for each beam with ``batch_id`` 0 and the
-    beam's tokens (prompt + generated, int64), and returns the ids it may take next (None:
-    any). The other tokens' log-probabilities become -inf after the log-softmax (the allowed
-    ones keep theirs, as transformers' beam search applies its logits processors).
+    transformers: before every step it is called for each beam with ``batch_id`` the
+    prompt's index in the batch (0 for a single prompt) and the beam's tokens (prompt +
+    generated, int64), and returns the ids it may take next (None: any). The other tokens'
+    log-probabilities become -inf after the log-softmax (the allowed ones keep theirs, as
+    transformers' beam search applies its logits processors).
     """
     beam_width = _check_int("beam_width", beam_width, 1)
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
@@ -92,12 +101,26 @@ def beam_search(
         check_constraint_function(prefix_allowed_tokens_fn)
     model = model_or_step_fn if hasattr(model_or_step_fn, "_beam_search_in_c") else None
     if model is not None:
-        return _beam_search_model(model, prompt, beam_width, max_new_tokens, float(length_penalty), early_stopping,
-                                  num_return_sequences, eos_token_id, prefix_allowed_tokens_fn)
+        prompts, single = _prompts(prompt, model.tokenizer)
+        results = _beam_search_model(model, prompts, beam_width, max_new_tokens, float(length_penalty), early_stopping,
+                                     num_return_sequences, eos_token_id, prefix_allowed_tokens_fn)
+        return results[0] if single else results
     if not callable(model_or_step_fn):
         raise TypeError(f"model_or_step_fn must be an lmdecode Model or a callable, got {type(model_or_step_fn).__name__}")
-    step_fn = model_or_step_fn
-    prompt_ids = [int(t) for t in np.asarray(prompt, dtype=np.int64).reshape(-1)]
+    if isinstance(prompt, str) or is_conversation(prompt):
+        raise TypeError("beam search over a step function takes token ids: it has no tokenizer for text")
+    prompts, single = _prompts(prompt, None)
+    results = [_beam_search_step_fn(model_or_step_fn, ids, batch_id, beam_width, max_new_tokens, float(length_penalty),
+                                    early_stopping, num_return_sequences, eos_token_id, prefix_allowed_tokens_fn)
+               for batch_id, ids in enumerate(prompts)]
+    return results[0] if single else results
+
+
+def _beam_search_step_fn(step_fn: Callable[[np.ndarray], Any], prompt_ids: list[int], batch_id: int, beam_width: int,
+                         max_new_tokens: int, length_penalty: float, early_stopping: bool | str,
+                         num_return_sequences: int, eos_token_id: Any,
+                         prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None) -> list[Hypothesis]:
+    """One search over a step function, asking it once per distinct beam per step."""
 
     cache: dict[tuple[int, ...], np.ndarray] = {}
 
@@ -125,7 +148,7 @@ def beam_search(
         if prefix_allowed_tokens_fn is not None:
             for b, seq in enumerate(beams):
                 input_ids = np.array(prompt_ids + list(seq), dtype=np.int64)
-                search.set_allowed(b, allowed_token_ids(prefix_allowed_tokens_fn(0, input_ids), vocab, 0))
+                search.set_allowed(b, allowed_token_ids(prefix_allowed_tokens_fn(batch_id, input_ids), vocab, 0))
         parents, tokens = search.step(np.stack(rows))
         beams = [beams[p] + (int(t),) for p, t in zip(parents, tokens)]
         live = set(beams)
@@ -136,35 +159,42 @@ def beam_search(
     ]
 
 
-def _beam_search_model(model: Any, prompt: Any, beam_width: int, max_new_tokens: int, length_penalty: float,
-                       early_stopping: bool | str, num_return_sequences: int, eos_token_id: Any,
-                       prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None) -> list[Hypothesis]:
-    prompt_ids = model._encode(prompt, add_bos=True, name="prompt")
-    model._check_prompt_lengths([prompt_ids])
-    if len(prompt_ids) + max_new_tokens > model.config.context_length:
-        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed the context length "
-                         f"{model.config.context_length}")
+def _beam_search_model(model: Any, prompts: list[list[int]], beam_width: int, max_new_tokens: int,
+                       length_penalty: float, early_stopping: bool | str, num_return_sequences: int,
+                       eos_token_id: Any,
+                       prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None) -> list[list[Hypothesis]]:
+    """The searches of the prompts, together in C; the hypotheses of each."""
+    model._check_prompt_lengths(prompts)
+    for i, ids in enumerate(prompts):
+        if len(ids) + max_new_tokens > model.config.context_length:
+            raise ValueError(f"prompt {i} ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed the context "
+                             f"length {model.config.context_length}")
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
     eos = _eos_ids(eos_token_id)
     vocab = model.config.vocab_size
-    search = _core.BeamSearch(beam_width, vocab, max_new_tokens, num_return_sequences, length_penalty,
-                              _EARLY_STOPPING[early_stopping], eos, dynamic_allowed=prefix_allowed_tokens_fn is not None)
+    searches = [_core.BeamSearch(beam_width, vocab, max_new_tokens, num_return_sequences, length_penalty,
+                                 _EARLY_STOPPING[early_stopping], eos, dynamic_allowed=prefix_allowed_tokens_fn is not None)
+                for _ in prompts]
     constraint = None
     if prefix_allowed_tokens_fn is not None:
-        prompt_array = np.asarray(prompt_ids, dtype=np.int64)
+        prompt_arrays = [np.asarray(ids, dtype=np.int64) for ids in prompts]
 
-        def constraint(beam: int, generated: np.ndarray) -> np.ndarray | None:
-            return allowed_token_ids(prefix_allowed_tokens_fn(0, np.concatenate([prompt_array, generated])), vocab, 0)
+        def constraint(search: int, beam: int, generated: np.ndarray) -> np.ndarray | None:
+            input_ids = np.concatenate([prompt_arrays[search], generated])
+            return allowed_token_ids(prefix_allowed_tokens_fn(search, input_ids), vocab, 0)
 
-    model._beam_search_in_c(search, prompt_ids, beam_width, max_new_tokens, constraint)
+    model._beam_search_in_c(searches, prompts, beam_width, max_new_tokens, constraint)
     tokenizer = model.tokenizer
-    hyps = []
-    for toks, lps, score, logprob in search.hypotheses():
-        tokens = [int(t) for t in toks]
-        text = None
-        if tokenizer is not None:
-            text = tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in eos else tokens)
-        hyps.append(Hypothesis(tokens=tokens, logprob=float(logprob), score=float(score),
-                               token_logprobs=[float(x) for x in lps], text=text))
-    return hyps
+    results = []
+    for search in searches:
+        hyps = []
+        for toks, lps, score, logprob in search.hypotheses():
+            tokens = [int(t) for t in toks]
+            text = None
+            if tokenizer is not None:
+                text = tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in eos else tokens)
+            hyps.append(Hypothesis(tokens=tokens, logprob=float(logprob), score=float(score),
+                                   token_logprobs=[float(x) for x in lps], text=text))
+        results.append(hyps)
+    return results

@@ -289,6 +289,36 @@ static void test_shared_prompts_equal_each_alone(void) {
     tiny_close(&t, m);
 }
 
+enum { SHARED_NEW = 4 };
+
+// decodes the prompts of ps (SHARED_NEW new tokens each, sampled with params): after the
+// first step the pool holds `blocks` blocks, and every sequence draws what it draws alone
+static void check_prefill_blocks_and_output(lmd_model *m, lmd_kvpool *pool, const prompt_set *ps,
+                                            const lmd_sampling_params *params, lmd_sampler *const *samplers,
+                                            int n_samplers, int32_t blocks) {
+    const int V = m->config.vocab_size;
+    lmd_error err;
+    int32_t alone[4][SHARED_NEW];
+    for (int k = 0; k < ps->n; k++) {
+        const int32_t *prompt = ps->prompts + ps->offsets[k];
+        int n = (int)(ps->offsets[k + 1] - ps->offsets[k]);
+        CHECK(reference_generate(m, pool, prompt, n, SHARED_NEW, params, 5, (uint64_t)k, alone[k], NULL) == SHARED_NEW);
+    }
+    lmd_generator *g = new_generator(ps, V, SHARED_NEW, params, 5, NULL, 0);
+    lmd_decode_run *run;
+    CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
+    CHECK(lmd_decode_run_steps(run, samplers, n_samplers, 1, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
+    CHECK(pool->n_blocks - pool->n_free == blocks);
+    CHECK(lmd_decode_run_steps(run, samplers, n_samplers, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
+    for (int k = 0; k < ps->n; k++) {
+        const int n_prompt = lmd_generator_prompt_length(g, k);
+        CHECK(memcmp(lmd_generator_tokens(g, k, NULL) + n_prompt, alone[k], sizeof alone[k]) == 0);
+    }
+    lmd_decode_run_free(run);
+    lmd_generator_free(g);
+    CHECK(pool_full(pool));
+}
+
 /* Prompts that begin with the same 16 tokens (SHARED_PREFIX_MIN) share the cache of that
  * beginning: after the first step the pool holds its 4 blocks once plus one block of each
  * prompt's own positions, and every sequence draws what it draws alone. With 15 tokens in
@@ -307,7 +337,7 @@ static void test_prompts_with_a_common_beginning_share_its_cache(void) {
     lmd_sampling_params params;
     lmd_sampling_params_default(&params);
     params.temperature = 0.9;
-    enum { NEW = 4, SHARED = 16 };
+    enum { SHARED = 16 };
     for (int common = SHARED; common >= SHARED - 1; common--) {
         int32_t a[SHARED + 2], b[SHARED + 1], d[SHARED + 1];
         for (int i = 0; i < SHARED + 2; i++) a[i] = test_rand_below(&r, V);
@@ -320,27 +350,9 @@ static void test_prompts_with_a_common_beginning_share_its_cache(void) {
         add_prompt(&ps, b, SHARED + 1);
         add_prompt(&ps, d, SHARED + 1);
         add_prompt(&ps, a, SHARED + 2); /* a again, not next to the first: a leader of its own */
-        int32_t alone[4][NEW];
-        for (int k = 0; k < 4; k++) {
-            const int32_t *prompt = ps.prompts + ps.offsets[k];
-            int n = (int)(ps.offsets[k + 1] - ps.offsets[k]);
-            CHECK(reference_generate(m, pool, prompt, n, NEW, &params, 5, (uint64_t)k, alone[k], NULL) == NEW);
-        }
-        lmd_generator *g = new_generator(&ps, V, NEW, &params, 5, NULL, 0);
-        lmd_decode_run *run;
-        CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
-        CHECK(lmd_decode_run_steps(run, samplers, 2, 1, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
         /* shared: 4 blocks of the 16 common positions + one block each of positions 16-17;
          * not shared: 5 blocks (17 or 18 positions) */
-        CHECK(pool->n_blocks - pool->n_free == (common == SHARED ? 4 + 4 : 4 + 3 + 5));
-        CHECK(lmd_decode_run_steps(run, samplers, 2, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
-        for (int k = 0; k < 4; k++) {
-            const int n_prompt = lmd_generator_prompt_length(g, k);
-            CHECK(memcmp(lmd_generator_tokens(g, k, NULL) + n_prompt, alone[k], sizeof alone[k]) == 0);
-        }
-        lmd_decode_run_free(run);
-        lmd_generator_free(g);
-        CHECK(pool_full(pool));
+        check_prefill_blocks_and_output(m, pool, &ps, &params, samplers, 2, common == SHARED ? 4 + 4 : 4 + 3 + 5);
     }
     for (int i = 0; i < 2; i++) lmd_sampler_free(samplers[i]);
     lmd_kvpool_free(pool);
@@ -381,28 +393,9 @@ static void test_prompts_share_beginnings_by_group(void) {
     lmd_sampling_params params;
     lmd_sampling_params_default(&params);
     params.temperature = 0.9;
-    enum { NEW = 4 };
     prompt_set ps = {{0}, {0}, 0};
     add_two_groups(&ps, V);
-    int32_t alone[4][NEW];
-    for (int k = 0; k < 4; k++) {
-        const int32_t *prompt = ps.prompts + ps.offsets[k];
-        int n = (int)(ps.offsets[k + 1] - ps.offsets[k]);
-        CHECK(reference_generate(m, pool, prompt, n, NEW, &params, 5, (uint64_t)k, alone[k], NULL) == NEW);
-    }
-    lmd_generator *g = new_generator(&ps, V, NEW, &params, 5, NULL, 0);
-    lmd_decode_run *run;
-    CHECK(lmd_decode_run_init(&run, m, pool, g, &err) == LMD_OK);
-    CHECK(lmd_decode_run_steps(run, &sampler, 1, 1, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
-    CHECK(pool->n_blocks - pool->n_free == 4 + 2 + 5 + 2);
-    CHECK(lmd_decode_run_steps(run, &sampler, 1, INT32_MAX, NULL, NULL, NULL, NULL, NULL, &err) == LMD_OK);
-    for (int k = 0; k < 4; k++) {
-        const int n_prompt = lmd_generator_prompt_length(g, k);
-        CHECK(memcmp(lmd_generator_tokens(g, k, NULL) + n_prompt, alone[k], sizeof alone[k]) == 0);
-    }
-    lmd_decode_run_free(run);
-    lmd_generator_free(g);
-    CHECK(pool_full(pool));
+    check_prefill_blocks_and_output(m, pool, &ps, &params, &sampler, 1, 4 + 2 + 5 + 2);
     lmd_sampler_free(sampler);
     lmd_kvpool_free(pool);
     tiny_close(&t, m);
@@ -551,7 +544,7 @@ static void test_beam_search(void) {
     CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 6, NULL, stop_at_third_call, &calls, &err) ==
           LMD_ERR_STOPPED);
     CHECK(calls == 3 && !lmd_beam_search_done(bs) && lmd_beam_search_length(bs) == 3);
-    CHECK(strstr(err.msg, "stopped at 3 new tokens") != NULL);
+    CHECK(strstr(err.msg, "stopped after 3 steps") != NULL);
     CHECK(pool_full(pool));
     lmd_beam_search_free(bs);
 
@@ -591,7 +584,7 @@ static void test_beam_search(void) {
     /* errors, with the pool untouched */
     CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
     CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 0, NULL, NULL, NULL, &err) == LMD_ERR_INVALID_ARG);
-    CHECK_MSG_CONTAINS(err, "prompt is empty");
+    CHECK_MSG_CONTAINS(err, "prompt 0 is empty");
     int32_t long_prompt[20] = {0};
     CHECK(lmd_decode_beam_search(m, pool, bs, long_prompt, 20, NULL, NULL, NULL, &err) == LMD_ERR_CACHE_FULL);
     CHECK_MSG_CONTAINS(err, "exceed the context length 24");
@@ -610,6 +603,96 @@ static void test_beam_search(void) {
     lmd_beam_search_free(bs);
     lmd_kvpool_free(tiny_p);
 
+    lmd_kvpool_free(pool);
+    tiny_close(&t, m);
+}
+
+/* a beam hook that counts each search's steps (ctx: int32_t[4], the last the search whose
+ * call fails with LMD_ERR_STOPPED, -1 for none) */
+static lmd_status count_search_steps(void *ctx, int32_t search, lmd_beam_search *bs, lmd_error *err) {
+    int32_t *steps = ctx;
+    (void)bs;
+    if (search == steps[3] && steps[search] == 2) return lmd_fail(err, LMD_ERR_STOPPED, "hook stops search %d", search);
+    steps[search]++;
+    return LMD_OK;
+}
+
+/* Three beam searches run together (different prompt lengths, widths, budgets and
+ * early-stopping rules, so that they end at different steps) give each search's hypotheses
+ * of it alone, bit for bit, and every block back to the pool; the hook sees each search's
+ * steps. One search given twice, no searches, and a hook that fails are errors. */
+static void test_beam_searches_together_equal_each_alone(void) {
+    test_rng r = {12};
+    tiny_spec spec = tiny_llama_spec();
+    tiny_model t;
+    lmd_model *m = tiny_open(&t, &spec, 16);
+    const int V = t.config.vocab_size;
+    lmd_kvpool *pool = tiny_pool(&t, 4, 128);
+    lmd_error err;
+    enum { S = 3, MOST = 8 };
+    int32_t p0[6], p1[9], p2[4];
+    for (int i = 0; i < 9; i++) p1[i] = test_rand_below(&r, V);
+    for (int i = 0; i < 6; i++) p0[i] = test_rand_below(&r, V);
+    for (int i = 0; i < 4; i++) p2[i] = test_rand_below(&r, V);
+    const int32_t *prompts[S] = {p0, p1, p2}, lens[S] = {6, 9, 4};
+    int32_t greedy[MOST];
+    CHECK(reference_generate(m, pool, p1, 9, MOST, NULL, 0, 0, greedy, NULL) == MOST);
+    const int32_t eos[1] = {greedy[2]}; /* a token the searches meet early */
+    const lmd_beam_config configs[S] = {
+        {3, V, MOST, 2, 1.0, LMD_EARLY_STOP_HEURISTIC, eos, 1, 0},
+        {2, V, 5, 2, 0.6, LMD_EARLY_STOP_TRUE, eos, 1, 0},
+        {4, V, MOST, 3, 2.0, LMD_EARLY_STOP_NEVER, eos, 1, 0},
+    };
+    lmd_beam_search *alone[S], *together[S];
+    for (int s = 0; s < S; s++) {
+        CHECK(lmd_beam_search_init(&alone[s], &configs[s], &err) == LMD_OK);
+        CHECK(lmd_beam_search_init(&together[s], &configs[s], &err) == LMD_OK);
+        CHECK(lmd_decode_beam_search(m, pool, alone[s], prompts[s], lens[s], NULL, NULL, NULL, &err) == LMD_OK);
+    }
+    int32_t steps[4] = {0, 0, 0, -1}, peak = 0;
+    CHECK(lmd_decode_beam_searches(m, pool, together, S, prompts, lens, &peak, count_search_steps, steps, NULL, NULL,
+                                   &err) == LMD_OK);
+    CHECK(pool_full(pool) && peak > 0);
+    for (int s = 0; s < S; s++) {
+        CHECK(lmd_beam_search_done(together[s]));
+        CHECK(steps[s] == lmd_beam_search_length(together[s]) + 1 || steps[s] == lmd_beam_search_length(together[s]));
+        const int32_t n = lmd_beam_search_n_hypotheses(alone[s]);
+        CHECK(n == lmd_beam_search_n_hypotheses(together[s]) && n >= 1);
+        for (int32_t h = 0; h < n; h++) {
+            int32_t want_tokens[MOST], got_tokens[MOST], want_len, got_len;
+            float want_lps[MOST], got_lps[MOST], want_score, got_score, want_sum, got_sum;
+            CHECK(lmd_beam_search_hypothesis(alone[s], h, want_tokens, want_lps, &want_len, &want_score, &want_sum,
+                                             &err) == LMD_OK);
+            CHECK(lmd_beam_search_hypothesis(together[s], h, got_tokens, got_lps, &got_len, &got_score, &got_sum,
+                                             &err) == LMD_OK);
+            CHECK(want_len == got_len && memcmp(want_tokens, got_tokens, (size_t)got_len * sizeof(int32_t)) == 0);
+            CHECK(memcmp(want_lps, got_lps, (size_t)got_len * sizeof(float)) == 0);
+            CHECK(memcmp(&want_score, &got_score, sizeof(float)) == 0 && memcmp(&want_sum, &got_sum, sizeof(float)) == 0);
+        }
+    }
+    /* the budgets differ, so the searches end at different steps */
+    CHECK(lmd_beam_search_length(together[1]) <= 5 && lmd_beam_search_length(together[2]) == MOST);
+
+    /* errors: one search twice, none, a hook that fails at search 1's third step */
+    lmd_beam_search *twice[2] = {alone[0], alone[0]};
+    CHECK(lmd_decode_beam_searches(m, pool, twice, 2, prompts, lens, NULL, NULL, NULL, NULL, NULL, &err) ==
+          LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "are one search");
+    CHECK(lmd_decode_beam_searches(m, pool, together, 0, prompts, lens, NULL, NULL, NULL, NULL, NULL, &err) ==
+          LMD_ERR_INVALID_ARG);
+    for (int s = 0; s < S; s++) {
+        lmd_beam_search_free(together[s]);
+        CHECK(lmd_beam_search_init(&together[s], &configs[s], &err) == LMD_OK);
+    }
+    int32_t failing[4] = {0, 0, 0, 1};
+    CHECK(lmd_decode_beam_searches(m, pool, together, S, prompts, lens, NULL, count_search_steps, failing, NULL, NULL,
+                                   &err) == LMD_ERR_STOPPED);
+    CHECK_MSG_CONTAINS(err, "hook stops search 1");
+    CHECK(failing[0] == 3 && failing[1] == 2 && failing[2] == 2 && pool_full(pool));
+    for (int s = 0; s < S; s++) {
+        lmd_beam_search_free(alone[s]);
+        lmd_beam_search_free(together[s]);
+    }
     lmd_kvpool_free(pool);
     tiny_close(&t, m);
 }
@@ -864,6 +947,7 @@ int main(void) {
     test_context_length_ends_sequences();
     test_pool_too_small_then_retry();
     test_beam_search();
+    test_beam_searches_together_equal_each_alone();
     test_speculative_greedy_equals_greedy();
     test_speculative_shares_prompts();
     test_speculative_shares_a_common_beginning();
