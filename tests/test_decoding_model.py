@@ -197,6 +197,30 @@ def test_a_batch_of_beam_searches_gives_each_prompt_what_it_gives_alone(stories)
         ld.beam_search(step_fn_of(stories), "Once upon a time")
 
 
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_any_batch_of_beam_searches_gives_what_each_gives_alone(stories_f32, data):
+    """Batches of 1 to 4 prompts of 1 to 20 tokens (the same prompt twice, sometimes), any
+    width, budget, length penalty and early-stopping rule, an EOS the model meets: each
+    prompt's hypotheses are those of its search alone, bit for bit."""
+    model = stories_f32
+    prompts = data.draw(st.lists(st.lists(st.integers(3, 511), min_size=1, max_size=20), min_size=1, max_size=4),
+                        label="prompts")
+    if data.draw(st.booleans(), label="repeat"):
+        prompts.append(list(prompts[0]))
+    kw = dict(beam_width=data.draw(st.integers(1, 4), label="width"),
+              max_new_tokens=data.draw(st.integers(1, 10), label="max_new_tokens"),
+              length_penalty=data.draw(st.sampled_from([0.0, 0.6, 1.0, 2.0]), label="length_penalty"),
+              early_stopping=data.draw(st.sampled_from([False, True, "never"]), label="early_stopping"),
+              eos_token_id=data.draw(st.sampled_from([13, 261, 403]), label="eos"))
+    kw["num_return_sequences"] = data.draw(st.integers(1, kw["beam_width"]), label="num_return_sequences")
+    batch = model.beam_search(prompts, **kw)
+    for prompt, hyps in zip(prompts, batch):
+        alone = model.beam_search(prompt, **kw)
+        assert [(h.tokens, h.score, h.logprob, h.token_logprobs) for h in hyps] == \
+            [(h.tokens, h.score, h.logprob, h.token_logprobs) for h in alone]
+
+
 def test_sequence_logprob_is_one_prefill(stories):
     context, continuation = [1, 403, 407], [261, 378, 432]
     s = stories.sequence_logprob(context, continuation)
