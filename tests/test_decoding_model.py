@@ -195,6 +195,9 @@ def test_a_batch_of_beam_searches_gives_each_prompt_what_it_gives_alone(stories)
         stories.beam_search([PROMPT, []], max_new_tokens=8)
     with pytest.raises(TypeError, match="step function takes token ids"):
         ld.beam_search(step_fn_of(stories), "Once upon a time")
+    for call in (stories.beam_search, stories.generate):  # before the C loop reads the concatenated prompts
+        with pytest.raises(ValueError, match=r"prompt 1 holds token id 600 at position 1, outside the vocabulary"):
+            call([PROMPT, [1, 600]], max_new_tokens=2)
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)

@@ -108,8 +108,10 @@ def test_bad_arguments():
         ld.generate(step, "text prompt")
     with pytest.raises(ValueError, match="top_p"):
         ld.generate(step, [1], top_p=2.0)
-    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+    with pytest.raises(ValueError, match=r"prompt 0 holds token id 11 at position 0, outside the vocabulary \[0, 10\)"):
         ld.generate(step, [11])
+    with pytest.raises(ValueError, match=r"prompt 2 holds token id -1 at position 1, outside the vocabulary \[0, 10\)"):
+        ld.generate(step, [[1], [2, 3], [4, -1, 10]])
     with pytest.raises(TypeError, match="context"):
         ld.generate(step, [1], context=[1, 2])
     with pytest.raises(TypeError, match=r"stop must be a non-empty string or a list of them, got 5"):

@@ -119,6 +119,17 @@ def _prompts(prompt: Any, tokenizer: TokenizerLike | None) -> tuple[list[list[in
                     f"or a non-empty list of those, got {prompt!r:.80}")
 
 
+def check_prompt_ids(prompt_ids: np.ndarray, offsets: np.ndarray, vocab: int) -> None:
+    """Every token of the prompts (prompt i: prompt_ids[offsets[i]:offsets[i + 1]]) is in
+    [0, vocab); else a ValueError naming the prompt, the position and the id."""
+    bad = np.flatnonzero((prompt_ids < 0) | (prompt_ids >= vocab))
+    if bad.size:
+        at = int(bad[0])
+        i = int(np.searchsorted(offsets, at, side="right")) - 1
+        raise ValueError(f"prompt {i} holds token id {int(prompt_ids[at])} at position {at - int(offsets[i])}, "
+                         f"outside the vocabulary [0, {vocab})")
+
+
 def _stop_ids(stop_token_ids: Any, default_eos: int | None) -> np.ndarray:
     ids = [] if default_eos is None else [default_eos]
     if stop_token_ids is not None:
@@ -205,8 +216,7 @@ class _Run:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 1 << 64:
             raise ValueError(f"seed (={seed!r}) must be None or an int in [0, 2**64)")
         prompt_ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in self.prompts]) if offsets[-1] else np.zeros(0, np.int64)
-        if prompt_ids.size and (prompt_ids.min() < 0 or prompt_ids.max() >= vocab):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        check_prompt_ids(prompt_ids, offsets, vocab)
         self.gen = _core.Generator(
             vocab, params._table, int(seed), prompt_ids.astype(np.int32), offsets,
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, stop_ids=stop_ids, n_top_logprobs=logprobs,

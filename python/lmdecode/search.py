@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _core
 from .chat import is_conversation
-from .generation import _prompts
+from .generation import _prompts, check_prompt_ids
 from .sampling import allowed_token_ids, check_constraint_function
 
 __all__ = ["Hypothesis", "beam_search"]
@@ -165,6 +165,9 @@ def _beam_search_model(model: Any, prompts: list[list[int]], beam_width: int, ma
                        prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None) -> list[list[Hypothesis]]:
     """The searches of the prompts, together in C; the hypotheses of each."""
     model._check_prompt_lengths(prompts)
+    vocab = model.config.vocab_size
+    check_prompt_ids(np.concatenate([np.asarray(ids, dtype=np.int64) for ids in prompts]),
+                     np.cumsum([0] + [len(ids) for ids in prompts]), vocab)
     for i, ids in enumerate(prompts):
         if len(ids) + max_new_tokens > model.config.context_length:
             raise ValueError(f"prompt {i} ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed the context "
@@ -172,7 +175,6 @@ def _beam_search_model(model: Any, prompts: list[list[int]], beam_width: int, ma
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
     eos = _eos_ids(eos_token_id)
-    vocab = model.config.vocab_size
     searches = [_core.BeamSearch(beam_width, vocab, max_new_tokens, num_return_sequences, length_penalty,
                                  _EARLY_STOPPING[early_stopping], eos, dynamic_allowed=prefix_allowed_tokens_fn is not None)
                 for _ in prompts]
