@@ -17,25 +17,37 @@
 #define SHARED_PREFIX_MIN 16
 
 /* Which of a batch's distinct token lists share a beginning (find_shared_beginnings), each
- * array (n,) over the batch's running sequences. */
+ * array (n,) over the batch's lists. */
 typedef struct {
-    int32_t *ids;    /* the sequence of each list, -1 for one that takes no part */
-    int32_t *rep;    /* the list whose cache it forks (itself for a representative) */
-    int32_t *shared; /* first tokens its cache gets from the representative's, 0 if none */
+    int32_t *ids;           /* where each list's cache goes (a sequence), -1 for one that takes no part */
+    const int32_t **tokens; /* each list's tokens */
+    int32_t *lengths;       /* and their number */
+    int32_t *rep;           /* the list whose cache it forks (itself for a representative) */
+    int32_t *shared;        /* first tokens its cache gets from the representative's, 0 if none */
 } shared_beginnings;
 
 // allocates the arrays for n lists; nonzero when out of memory (free anyway)
 static int shared_beginnings_init(shared_beginnings *b, size_t n) {
     b->ids = malloc(n * sizeof *b->ids);
+    b->tokens = malloc(n * sizeof *b->tokens);
+    b->lengths = malloc(n * sizeof *b->lengths);
     b->rep = malloc(n * sizeof *b->rep);
     b->shared = malloc(n * sizeof *b->shared);
-    return !b->ids || !b->rep || !b->shared;
+    return !b->ids || !b->tokens || !b->lengths || !b->rep || !b->shared;
 }
 
 static void shared_beginnings_free(shared_beginnings *b) {
     free(b->ids);
+    free(b->tokens);
+    free(b->lengths);
     free(b->rep);
     free(b->shared);
+}
+
+// list i of b: sequence k of gen (-1: no part)
+static void take_generator_list(shared_beginnings *b, int32_t i, const lmd_generator *gen, int32_t k) {
+    b->ids[i] = k;
+    if (k >= 0) b->tokens[i] = lmd_generator_tokens(gen, k, &b->lengths[i]);
 }
 
 struct lmd_decode_run {
@@ -240,22 +252,18 @@ static int32_t common_length(const int32_t *a, const int32_t *b, int32_t limit) 
     return same;
 }
 
-// for the n lists ids[i] (none where ids[i] < 0) of gen's token lists: list i joins the
-// first earlier list that joined none itself (its representative) with which it shares
-// SHARED_PREFIX_MIN or more first tokens; the lists of a representative then share the
-// beginning they all have, each keeping at least its last token (whose logits a step needs)
-static void find_shared_beginnings(shared_beginnings *b, const lmd_generator *gen, int32_t n) {
+// for the n lists of b (none where ids[i] < 0): list i joins the first earlier list that
+// joined none itself (its representative) with which it shares SHARED_PREFIX_MIN or more
+// first tokens; the lists of a representative then share the beginning they all have, each
+// keeping at least its last token (whose logits a step needs)
+static void find_shared_beginnings(shared_beginnings *b, int32_t n) {
     for (int32_t i = 0; i < n; i++) {
         b->rep[i] = i, b->shared[i] = 0;
         if (b->ids[i] < 0) continue;
-        int32_t length;
-        const int32_t *tokens = lmd_generator_tokens(gen, b->ids[i], &length);
         for (int32_t r = 0; r < i; r++) {
             if (b->ids[r] < 0 || b->rep[r] != r) continue;
-            int32_t rep_length;
-            const int32_t *rep_tokens = lmd_generator_tokens(gen, b->ids[r], &rep_length);
-            const int32_t limit = (length < rep_length ? length : rep_length) - 1;
-            const int32_t common = common_length(tokens, rep_tokens, limit);
+            const int32_t limit = (b->lengths[i] < b->lengths[r] ? b->lengths[i] : b->lengths[r]) - 1;
+            const int32_t common = common_length(b->tokens[i], b->tokens[r], limit);
             if (common < SHARED_PREFIX_MIN) continue;
             b->rep[i] = r;
             b->shared[r] = b->shared[r] == 0 || common < b->shared[r] ? common : b->shared[r];
@@ -265,11 +273,11 @@ static void find_shared_beginnings(shared_beginnings *b, const lmd_generator *ge
     for (int32_t i = 0; i < n; i++) b->shared[i] = b->shared[b->rep[i]];
 }
 
-// the caches (into seqs, by sequence id) of the n lists that find_shared_beginnings grouped:
-// a representative's starts empty and, when lists joined it, gets the beginning they share,
+// the caches (into seqs[ids[i]]) of the n lists that find_shared_beginnings grouped: a
+// representative's starts empty and, when lists joined it, gets the beginning they share,
 // every representative's in one forward without logits; a joined list's forks its
 // representative's. batch (n,), tokens and token_seq (the beginnings' tokens) scratch.
-static lmd_status caches_from_shared_beginnings(const shared_beginnings *b, int32_t n, const lmd_generator *gen,
+static lmd_status caches_from_shared_beginnings(const shared_beginnings *b, int32_t n,
                                                 lmd_model *model, lmd_kvpool *pool, lmd_kvseq **seqs,
                                                 lmd_kvseq **batch, int32_t *tokens, int32_t *token_seq,
                                                 lmd_error *err) {
@@ -280,7 +288,7 @@ static lmd_status caches_from_shared_beginnings(const shared_beginnings *b, int3
         if (k < 0 || b->rep[i] != i) continue;
         if ((st = lmd_kvseq_init(&seqs[k], pool, model->config.context_length, err))) return st;
         if (b->shared[i] == 0) continue;
-        memcpy(tokens + n_tokens, lmd_generator_tokens(gen, k, NULL), (size_t)b->shared[i] * sizeof(int32_t));
+        memcpy(tokens + n_tokens, b->tokens[i], (size_t)b->shared[i] * sizeof(int32_t));
         for (int32_t t = 0; t < b->shared[i]; t++) token_seq[n_tokens + t] = nb;
         n_tokens += b->shared[i];
         batch[nb++] = seqs[k];
@@ -299,17 +307,17 @@ static lmd_status leader_caches(lmd_decode_run *run, int32_t R, lmd_error *err) 
     lmd_status st;
     for (int32_t i = 0; i < R; i++) {
         const int32_t k = run->ids[i];
-        run->begin.ids[i] = run->leader[i] == i && run->given[k] == NULL ? k : -1;
+        take_generator_list(&run->begin, i, run->gen, run->leader[i] == i && run->given[k] == NULL ? k : -1);
         if (run->leader[i] == i && run->given[k] != NULL)
             run->seqs[k] = run->given[k]; /* its cached positions are not fed again */
     }
-    find_shared_beginnings(&run->begin, run->gen, R);
-    if ((st = caches_from_shared_beginnings(&run->begin, R, run->gen, run->model, run->pool, run->seqs, run->batch,
-                                            run->tokens, run->token_seq, err)))
+    find_shared_beginnings(&run->begin, R);
+    if ((st = caches_from_shared_beginnings(&run->begin, R, run->model, run->pool, run->seqs, run->batch, run->tokens,
+                                            run->token_seq, err)))
         return st;
     if (run->amateur != NULL)
-        return caches_from_shared_beginnings(&run->begin, R, run->gen, run->amateur, run->amateur_pool,
-                                             run->amateur_seqs, run->amateur_batch, run->tokens, run->token_seq, err);
+        return caches_from_shared_beginnings(&run->begin, R, run->amateur, run->amateur_pool, run->amateur_seqs,
+                                             run->amateur_batch, run->tokens, run->token_seq, err);
     return LMD_OK;
 }
 
@@ -534,19 +542,27 @@ lmd_status lmd_decode_beam_searches(lmd_model *model, lmd_kvpool *pool, lmd_beam
     int32_t *parents = malloc((size_t)widest * sizeof *parents), *drawn = malloc(NT * sizeof *drawn);
     int32_t *tokens = malloc(slots * sizeof *tokens), *token_seq = malloc(slots * sizeof *token_seq);
     int32_t *logit_index = malloc(NT * sizeof *logit_index), *row = malloc(NS * sizeof *row);
+    shared_beginnings begin;
     int32_t peak = 0, steps = 0;
-    if (!beams || !next || !batch || !logits || !parents || !drawn || !tokens || !token_seq || !logit_index || !row) {
+    const int no_begin = shared_beginnings_init(&begin, NS);
+    if (!beams || !next || !batch || !logits || !parents || !drawn || !tokens || !token_seq || !logit_index || !row ||
+        no_begin) {
         st = lmd_fail(err, LMD_ERR_NOMEM, "out of memory for %d beam searches of %d beams in all", S, T);
         goto done;
     }
-    /* prefill every prompt in one forward; a search's beams all start from its cache */
+    /* prefill: prompts that begin alike start from the caches of the beginnings they share (as
+     * a batch of lmd_decode_run's prompts does), then one forward feeds every prompt's rest; a
+     * search's beams all start from its prompt's cache */
+    for (int32_t s = 0; s < S; s++) begin.ids[s] = first[s], begin.tokens[s] = prompts[s], begin.lengths[s] = prompt_lens[s];
+    find_shared_beginnings(&begin, S);
+    if ((st = caches_from_shared_beginnings(&begin, S, model, pool, beams, batch, tokens, token_seq, err))) goto done;
     int32_t n_tokens = 0;
     for (int32_t s = 0; s < S; s++) {
-        if ((st = lmd_kvseq_init(&beams[first[s]], pool, model->config.context_length, err))) goto done;
         batch[s] = beams[first[s]];
-        memcpy(tokens + n_tokens, prompts[s], (size_t)prompt_lens[s] * sizeof(int32_t));
-        for (int32_t t = 0; t < prompt_lens[s]; t++) token_seq[n_tokens + t] = s;
-        n_tokens += prompt_lens[s];
+        const int32_t cached = batch[s]->len, rest = prompt_lens[s] - cached;
+        memcpy(tokens + n_tokens, prompts[s] + cached, (size_t)rest * sizeof(int32_t));
+        for (int32_t t = 0; t < rest; t++) token_seq[n_tokens + t] = s;
+        n_tokens += rest;
         logit_index[s] = n_tokens - 1;
     }
     if ((st = lmd_model_forward(model, batch, S, tokens, token_seq, n_tokens, logit_index, S, logits, err)))
@@ -617,6 +633,7 @@ done:
     free(token_seq);
     free(logit_index);
     free(row);
+    shared_beginnings_free(&begin);
     if (peak_kv_blocks) *peak_kv_blocks = peak;
     return st;
 }
@@ -785,7 +802,8 @@ static lmd_status prefill_new_caches(lmd_speculative_run *run, int32_t R, int dr
     int32_t nb = 0, n_tokens = 0, previous = -1;
     for (int32_t i = 0; i < R; i++) { /* the leaders: distinct lists */
         const int32_t k = run->ids[i];
-        run->leader[k] = run->begin.ids[i] = -1;
+        run->leader[k] = -1;
+        take_generator_list(&run->begin, i, run->gen, -1);
         if (seqs[k] != NULL || (draft && run->n_proposing[i] == 0)) continue;
         int32_t length, previous_length;
         const int32_t *all = lmd_generator_tokens(run->gen, k, &length);
@@ -797,11 +815,12 @@ static lmd_status prefill_new_caches(lmd_speculative_run *run, int32_t R, int dr
                 continue;
             }
         }
-        run->leader[k] = previous = run->begin.ids[i] = k;
+        run->leader[k] = previous = k;
+        take_generator_list(&run->begin, i, run->gen, k);
     }
-    find_shared_beginnings(&run->begin, run->gen, R);
-    if ((st = caches_from_shared_beginnings(&run->begin, R, run->gen, model, pool, seqs, run->batch, run->tokens,
-                                            run->token_seq, err)))
+    find_shared_beginnings(&run->begin, R);
+    if ((st = caches_from_shared_beginnings(&run->begin, R, model, pool, seqs, run->batch, run->tokens, run->token_seq,
+                                            err)))
         return st;
     for (int32_t i = 0; i < R; i++) { /* what each leader's cache lacks, but the last token */
         const int32_t k = run->begin.ids[i];

@@ -91,7 +91,8 @@ typedef lmd_status (*lmd_beam_hook)(void *ctx, int32_t search, lmd_beam_search *
 
 /*
  * n_searches beam searches at once, search s from prompts[s] (prompt_lens[s] >= 1 tokens;
- * distinct searches): the prompts are prefilled in one forward, then every step advances
+ * distinct searches): the prompts are prefilled in one forward (after the beginnings that
+ * prompts share, as lmd_decode_run's prefill does), then every step advances
  * all running searches' beams in one batched forward, and a search that is done lets its
  * beams' blocks go. Each search ends as it does alone, bit for bit. before_step (if
  * non-NULL) is called with hook_ctx before each step of each search; peak_kv_blocks and

@@ -697,6 +697,61 @@ static void test_beam_searches_together_equal_each_alone(void) {
     tiny_close(&t, m);
 }
 
+/* Beam searches whose prompts (18 and 17 tokens) begin with the same 16 share the cache of
+ * that beginning, as generate()'s prompts do: stopped after their first step, the two
+ * searches of width 2 had held 4 blocks of 4 once plus one block each of their prompts'
+ * own positions and one copied block each (8); prompts that differ from the first token
+ * hold 10 + 2. Run to the end, each search gives what it gives alone. */
+static void test_beam_searches_share_a_common_beginning(void) {
+    tiny_spec spec = tiny_llama_spec();
+    spec.context = MAX_LEN;
+    tiny_model t;
+    lmd_model *m = tiny_open(&t, &spec, 32);
+    const int V = t.config.vocab_size;
+    lmd_kvpool *pool = tiny_pool(&t, 4, 64);
+    lmd_error err;
+    int32_t a[18], b[17];
+    for (int i = 0; i < 18; i++) a[i] = (7 * i + 3) % V;
+    memcpy(b, a, sizeof b);
+    b[16] = (a[16] + 1) % V;
+    const int32_t *prompts[2] = {a, b}, lens[2] = {18, 17};
+    const lmd_beam_config config = {2, V, 6, 2, 1.0, LMD_EARLY_STOP_NEVER, NULL, 0, 0};
+    for (int apart = 0; apart < 2; apart++) {
+        b[0] = apart ? (a[0] + 1) % V : a[0];
+        lmd_beam_search *searches[2], *alone;
+        for (int s = 0; s < 2; s++) CHECK(lmd_beam_search_init(&searches[s], &config, &err) == LMD_OK);
+        int calls = 2, peak = 0; /* stop_at_third_call: at its first call */
+        CHECK(lmd_decode_beam_searches(m, pool, searches, 2, prompts, lens, &peak, NULL, NULL, stop_at_third_call, &calls,
+                                       &err) == LMD_ERR_STOPPED);
+        CHECK(peak == (apart ? 10 + 2 : 8) && pool_full(pool));
+        for (int s = 0; s < 2; s++) {
+            lmd_beam_search_free(searches[s]);
+            CHECK(lmd_beam_search_init(&searches[s], &config, &err) == LMD_OK);
+        }
+        CHECK(lmd_decode_beam_searches(m, pool, searches, 2, prompts, lens, NULL, NULL, NULL, NULL, NULL, &err) ==
+              LMD_OK);
+        for (int s = 0; s < 2; s++) {
+            CHECK(lmd_beam_search_init(&alone, &config, &err) == LMD_OK);
+            CHECK(lmd_decode_beam_search(m, pool, alone, prompts[s], lens[s], NULL, NULL, NULL, &err) == LMD_OK);
+            for (int32_t h = 0; h < 2; h++) {
+                int32_t want[6], got[6], want_len, got_len;
+                float want_lps[6], got_lps[6], want_score, got_score, want_sum, got_sum;
+                CHECK(lmd_beam_search_hypothesis(alone, h, want, want_lps, &want_len, &want_score, &want_sum, &err) ==
+                      LMD_OK);
+                CHECK(lmd_beam_search_hypothesis(searches[s], h, got, got_lps, &got_len, &got_score, &got_sum, &err) ==
+                      LMD_OK);
+                CHECK(want_len == got_len && memcmp(want, got, (size_t)got_len * sizeof(int32_t)) == 0);
+                CHECK(memcmp(want_lps, got_lps, (size_t)got_len * sizeof(float)) == 0 && want_score == got_score);
+            }
+            lmd_beam_search_free(alone);
+            lmd_beam_search_free(searches[s]);
+        }
+        CHECK(pool_full(pool));
+    }
+    lmd_kvpool_free(pool);
+    tiny_close(&t, m);
+}
+
 /* Speculative decoding at temperature 0 gives the target's greedy tokens whatever the draft
  * (its own seed: another random model; a GPT-2 over the same 40 tokens), with batches, short
  * budgets and the context length cutting rounds short; its caches all go back to the pools. */
@@ -948,6 +1003,7 @@ int main(void) {
     test_pool_too_small_then_retry();
     test_beam_search();
     test_beam_searches_together_equal_each_alone();
+    test_beam_searches_share_a_common_beginning();
     test_speculative_greedy_equals_greedy();
     test_speculative_shares_prompts();
     test_speculative_shares_a_common_beginning();
