@@ -2232,6 +2232,7 @@ static PyObject *py_model_beam_search(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_RuntimeError, "a BeamSearch is in use by another thread (or given twice)");
             goto done;
         }
+        Py_INCREF(search); /* held, whatever the constraint does to the list */
         locked[n_locked] = search;
     }
     engine_lock(model->lock);
@@ -2257,7 +2258,10 @@ static PyObject *py_model_beam_search(PyObject *self, PyObject *args) {
     }
     result = PyLong_FromLong(peak);
 done:
-    for (Py_ssize_t s = 0; s < n_locked; s++) PyThread_release_lock(locked[s]->lock);
+    for (Py_ssize_t s = 0; s < n_locked; s++) {
+        PyThread_release_lock(locked[s]->lock);
+        Py_DECREF(locked[s]);
+    }
     for (Py_ssize_t s = 0; prompts != NULL && s < S; s++) Py_XDECREF(prompts[s]);
     PyMem_Free(searches);
     PyMem_Free(locked);
