@@ -51,7 +51,8 @@ static lmd_status check_matrix(const lmd_matrix *w, const char *layer_prefix, co
                                int64_t rows, int64_t cols, lmd_error *err) {
     if (w->data == NULL)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "%s%s: missing", layer_prefix, name);
-    if (w->dtype != LMD_F32 && w->dtype != LMD_BF16 && w->dtype != LMD_F16 && w->dtype != LMD_Q8_0 &&
+    const int blocks = w->dtype == LMD_Q8_0 || w->dtype == LMD_Q4_0 || w->dtype == LMD_Q4_1;
+    if (w->dtype != LMD_F32 && w->dtype != LMD_BF16 && w->dtype != LMD_F16 && !blocks &&
         w->dtype != LMD_F32_PANELS && w->dtype != LMD_BF16_PANELS && w->dtype != LMD_F16_PANELS)
         return lmd_fail(err, LMD_ERR_UNSUPPORTED, "%s%s: unknown storage type %d", layer_prefix, name,
                         (int)w->dtype);
@@ -59,9 +60,9 @@ static lmd_status check_matrix(const lmd_matrix *w, const char *layer_prefix, co
         return lmd_fail(err, LMD_ERR_FORMAT, "%s%s: shape (%lld, %lld) but the config needs (%lld, %lld)",
                         layer_prefix, name, (long long)w->rows, (long long)w->cols, (long long)rows,
                         (long long)cols);
-    if (w->dtype == LMD_Q8_0 && cols % LMD_Q8_0_BLOCK != 0)
-        return lmd_fail(err, LMD_ERR_FORMAT, "%s%s: q8_0 needs a multiple of 32 columns, not %lld",
-                        layer_prefix, name, (long long)cols);
+    if (blocks && cols % LMD_Q8_0_BLOCK != 0)
+        return lmd_fail(err, LMD_ERR_FORMAT, "%s%s: %s needs a multiple of 32 columns, not %lld", layer_prefix,
+                        name, lmd_dtype_name(w->dtype), (long long)cols);
     return LMD_OK;
 }
 

@@ -62,6 +62,8 @@ size_t lmd_row_bytes(lmd_dtype dtype, int64_t cols) {
     case LMD_F16:
     case LMD_F16_PANELS: return (size_t)cols * 2;
     case LMD_Q8_0: return (size_t)(cols / LMD_Q8_0_BLOCK) * LMD_Q8_0_BLOCK_BYTES;
+    case LMD_Q4_0: return (size_t)(cols / LMD_Q8_0_BLOCK) * LMD_Q4_0_BLOCK_BYTES;
+    case LMD_Q4_1: return (size_t)(cols / LMD_Q8_0_BLOCK) * LMD_Q4_1_BLOCK_BYTES;
     }
     return 0;
 }
@@ -75,6 +77,8 @@ const char *lmd_dtype_name(lmd_dtype dtype) {
     case LMD_F16: return "f16";
     case LMD_F16_PANELS: return "f16 panels";
     case LMD_Q8_0: return "q8_0";
+    case LMD_Q4_0: return "q4_0";
+    case LMD_Q4_1: return "q4_1";
     }
     return "?";
 }
@@ -156,6 +160,109 @@ void lmd_quantize_matrix_q8_0(uint8_t *out, const float *x, int64_t rows, int64_
         }
 }
 
+/* q4_0 and q4_1 (ops.h): llama.cpp's blocks, the bytes of a block's values copied 4 at a
+ * time into runs of a group of 16 rows, as q8_0's are. */
+
+// bytes of a row's block: its fp16 scale (and minimum, q4_1), then 16 bytes of values
+static size_t q4_block_bytes(lmd_dtype dtype) {
+    return dtype == LMD_Q4_1 ? LMD_Q4_1_BLOCK_BYTES : LMD_Q4_0_BLOCK_BYTES;
+}
+
+// the code of x (x / d + offset truncated, as llama.cpp's (int8_t) cast does for the values
+// its quantizer meets) clamped to [0, 15], with no undefined conversion for NaN or huge x
+static uint8_t q4_code(float scaled) {
+    const float v = scaled >= 0.0f ? (scaled <= 15.0f ? scaled : 15.0f) : 0.0f;
+    return (uint8_t)(int)v;
+}
+
+// x (32,) -> one llama.cpp Q4_0 or Q4_1 block
+static void quantize_block_q4(uint8_t *block, const float *x, lmd_dtype dtype) {
+    float low = INFINITY, high = -INFINITY, widest = 0.0f, signed_widest = 0.0f;
+    for (int j = 0; j < LMD_Q8_0_BLOCK; j++) {
+        if (fabsf(x[j]) > widest) widest = fabsf(x[j]), signed_widest = x[j];
+        low = x[j] < low ? x[j] : low;
+        high = x[j] > high ? x[j] : high;
+    }
+    const int with_min = dtype == LMD_Q4_1;
+    const float d = with_min ? (high - low) / 15.0f : signed_widest / -8.0f;
+    const float inv = d != 0.0f ? 1.0f / d : 0.0f, from = with_min ? low : 0.0f, offset = with_min ? 0.5f : 8.5f;
+    const uint16_t d_bits = lmd_f32_to_fp16(d), m_bits = lmd_f32_to_fp16(low);
+    memcpy(block, &d_bits, 2);
+    if (with_min) memcpy(block + 2, &m_bits, 2);
+    uint8_t *values = block + (with_min ? 4 : 2);
+    for (int j = 0; j < 16; j++)
+        values[j] = (uint8_t)(q4_code((x[j] - from) * inv + offset) | q4_code((x[16 + j] - from) * inv + offset) << 4);
+}
+
+void lmd_quantize_q4(uint8_t *out, const float *x, int64_t n, lmd_dtype dtype) {
+    for (int64_t b = 0; b < n / LMD_Q8_0_BLOCK; b++)
+        quantize_block_q4(out + b * q4_block_bytes(dtype), x + b * LMD_Q8_0_BLOCK, dtype);
+}
+
+/* Where row r's block b of a packed (rows, n_blocks * 32) q4 matrix lives: its fp16 scale at
+ * byte *scale (the minimum, q4_1, 2 * group_rows bytes further), its values as 4 runs of 4
+ * bytes, run s at *quants + s * *run_stride. */
+static void q4_locate(int64_t rows, int64_t n_blocks, int64_t r, int64_t b, lmd_dtype dtype, size_t *scale,
+                      size_t *quants, size_t *run_stride) {
+    const int64_t group = r / LMD_Q8_0_GROUP, i = r % LMD_Q8_0_GROUP;
+    const int64_t left = rows - group * LMD_Q8_0_GROUP;
+    const int64_t group_rows = left < LMD_Q8_0_GROUP ? left : LMD_Q8_0_GROUP;
+    const size_t block_bytes = q4_block_bytes(dtype), header = block_bytes - 16;
+    const size_t block = ((size_t)group * LMD_Q8_0_GROUP * n_blocks + (size_t)b * group_rows) * block_bytes;
+    *scale = block + 2 * (size_t)i;
+    *quants = block + header * (size_t)group_rows + 4 * (size_t)i;
+    *run_stride = 4 * (size_t)group_rows;
+}
+
+// one llama.cpp block -> row r's block b of the packed matrix
+static void place_block_q4(uint8_t *packed, int64_t rows, int64_t n_blocks, int64_t r, int64_t b, lmd_dtype dtype,
+                           const uint8_t *block) {
+    size_t scale, quants, run_stride;
+    q4_locate(rows, n_blocks, r, b, dtype, &scale, &quants, &run_stride);
+    const int64_t group_rows = (int64_t)run_stride / 4;
+    const size_t header = q4_block_bytes(dtype) - 16;
+    memcpy(packed + scale, block, 2);
+    if (dtype == LMD_Q4_1) memcpy(packed + scale + 2 * (size_t)group_rows, block + 2, 2);
+    for (int s = 0; s < 4; s++) memcpy(packed + quants + s * run_stride, block + header + 4 * s, 4);
+}
+
+void lmd_pack_q4(uint8_t *out, const uint8_t *blocks, int64_t rows, int64_t cols, lmd_dtype dtype) {
+    const int64_t n_blocks = cols / LMD_Q8_0_BLOCK;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < n_blocks; b++)
+            place_block_q4(out, rows, n_blocks, r, b, dtype, blocks + (r * n_blocks + b) * (int64_t)q4_block_bytes(dtype));
+}
+
+void lmd_quantize_matrix_q4(uint8_t *out, const float *x, int64_t rows, int64_t cols, lmd_dtype dtype) {
+    const int64_t n_blocks = cols / LMD_Q8_0_BLOCK;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < n_blocks; b++) {
+            uint8_t block[LMD_Q4_1_BLOCK_BYTES];
+            quantize_block_q4(block, x + r * cols + b * LMD_Q8_0_BLOCK, dtype);
+            place_block_q4(out, rows, n_blocks, r, b, dtype, block);
+        }
+}
+
+// row r of a packed q4 matrix -> out (cols,): d * (q - 8), or d * q + m
+static void q4_row(float *out, const lmd_matrix *w, int64_t r) {
+    const uint8_t *data = (const uint8_t *)w->data;
+    const int64_t n_blocks = w->cols / LMD_Q8_0_BLOCK;
+    for (int64_t b = 0; b < n_blocks; b++) {
+        size_t scale_at, quants, run_stride;
+        q4_locate(w->rows, n_blocks, r, b, w->dtype, &scale_at, &quants, &run_stride);
+        uint16_t d_bits, m_bits = 0;
+        memcpy(&d_bits, data + scale_at, 2);
+        if (w->dtype == LMD_Q4_1) memcpy(&m_bits, data + scale_at + run_stride / 2, 2);
+        const float d = half_to_float(d_bits), m = half_to_float(m_bits);
+        const int offset = w->dtype == LMD_Q4_1 ? 0 : 8;
+        for (int j = 0; j < 16; j++) {
+            const uint8_t byte = data[quants + (j / 4) * run_stride + j % 4];
+            out[b * LMD_Q8_0_BLOCK + j] = d * (float)((byte & 15) - offset) + m;
+            out[b * LMD_Q8_0_BLOCK + 16 + j] = d * (float)((byte >> 4) - offset) + m;
+        }
+    }
+}
+
 // row r of a row-major (rows, cols) matrix of 16-bit values -> out (cols,) floats, each widened
 static void widen_row16(float *out, const uint8_t *data, int64_t r, int64_t cols, float (*widen)(uint16_t)) {
     for (int64_t k = 0; k < cols; k++) {
@@ -199,6 +306,8 @@ void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r) {
                 out[b * LMD_Q8_0_BLOCK + j] = scale * (float)(int8_t)data[quants + (j / 4) * run_stride + j % 4];
         }
         break;
+    case LMD_Q4_0:
+    case LMD_Q4_1: q4_row(out, w, r); break;
     }
 }
 
@@ -310,6 +419,31 @@ float lmd_dot_q8_0(const uint8_t *w_blocks, const float *x, int64_t n) {
         uint16_t scale_bits;
         memcpy(&scale_bits, block, 2);
         acc = fmaf((float)dot, half_to_float(scale_bits) * scale, acc);
+    }
+    return acc;
+}
+
+float lmd_dot_q4(const uint8_t *w_blocks, const float *x, int64_t n, lmd_dtype dtype) {
+    const int with_min = dtype == LMD_Q4_1;
+    const size_t block_bytes = q4_block_bytes(dtype);
+    float acc = 0.0f;
+    for (int64_t b = 0; b < n / LMD_Q8_0_BLOCK; b++) {
+        int8_t q[LMD_Q8_0_BLOCK];
+        float scale;
+        int32_t corr;
+        lmd_quantize_input_q8(q, &scale, &corr, x + b * LMD_Q8_0_BLOCK, LMD_Q8_0_BLOCK);
+        const uint8_t *block = w_blocks + b * (int64_t)block_bytes, *values = block + block_bytes - 16;
+        int32_t dot = 0, sum = 0;
+        for (int j = 0; j < 16; j++) {
+            dot += (int32_t)(values[j] & 15) * q[j] + (int32_t)(values[j] >> 4) * q[16 + j];
+            sum += q[j] + q[16 + j];
+        }
+        uint16_t d_bits, m_bits = 0;
+        memcpy(&d_bits, block, 2);
+        if (with_min) memcpy(&m_bits, block + 2, 2);
+        if (!with_min) dot -= 8 * sum;
+        acc = fmaf((float)dot, half_to_float(d_bits) * scale, acc);
+        if (with_min) acc = fmaf((float)sum, half_to_float(m_bits) * scale, acc);
     }
     return acc;
 }
@@ -587,20 +721,239 @@ static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, 
 }
 #endif
 
-#define TILE_Q8_0_ANY_C(ng, group_rows, c0, nc)                                                      \
+/* q4_0 and q4_1 matrices (ops.h) against the inputs quantized as for q8_0. A run of a
+ * group's 16 rows x 4 bytes holds two runs of values, the low and the high halves, which
+ * meet 4 input bytes each in q8_0's unsigned-by-signed products (4-bit values are unsigned
+ * already). Per block and row, from the exact integer dot products, as lmd_dot_q4:
+ *     q4_0  acc = fma((float)(dot + corr / 16), d * x_scale, acc)   (corr / 16 = -8 * sum(xq))
+ *     q4_1  acc = fma((float)dot, d * x_scale, acc), then acc = fma((float)sum(xq), m * x_scale, acc)
+ * block after block. */
+
+// bytes of a group's block column before its runs of values, per row: the fp16 scale, and
+// the minimum for q4_1
+#define Q4_HEADER(with_min) ((with_min) ? 4 : 2)
+#define Q4_BLOCK_BYTES(with_min) ((with_min) ? LMD_Q4_1_BLOCK_BYTES : LMD_Q4_0_BLOCK_BYTES)
+
+// ng groups of group_rows rows against inputs c0..c0+nc in portable C: the products and order
+// of the vector tiles (CPUs without AVX2, and the short last group of rows)
+static ALWAYS_INLINE void tile_q4_portable(float *out, q8_inputs x, const uint8_t *wg, int64_t n, int64_t d,
+                                           int64_t r0, int ng, int group_rows, int c0, int nc, const int with_min) {
+    const int64_t n_blocks = n / LMD_Q8_0_BLOCK;
+    const size_t block_bytes = Q4_BLOCK_BYTES(with_min), group_bytes = (size_t)n_blocks * LMD_Q8_0_GROUP * block_bytes;
+    for (int g = 0; g < ng; g++)
+        for (int c = c0; c < c0 + nc; c++) {
+            float acc[LMD_Q8_0_GROUP] = {0};
+            for (int64_t b = 0; b < n_blocks; b++) {
+                const uint8_t *block = wg + g * group_bytes + (size_t)b * group_rows * block_bytes;
+                const uint8_t *runs = block + Q4_HEADER(with_min) * group_rows;
+                const int8_t *xq = x.q + (b * x.stride + c) * LMD_Q8_0_BLOCK;
+                const int32_t corr = x.corr[b * x.stride + c];
+                int32_t dot[LMD_Q8_0_GROUP] = {0};
+                for (int s = 0; s < 4; s++)
+                    for (int i = 0; i < group_rows; i++)
+                        for (int j = 0; j < 4; j++) {
+                            const uint8_t byte = runs[(s * group_rows + i) * 4 + j];
+                            dot[i] += (int32_t)(byte & 15) * xq[4 * s + j] + (int32_t)(byte >> 4) * xq[16 + 4 * s + j];
+                        }
+                const float x_scale = x.scale[b * x.stride + c];
+                for (int i = 0; i < group_rows; i++) {
+                    uint16_t d_bits, m_bits;
+                    memcpy(&d_bits, block + 2 * i, 2);
+                    acc[i] = fmaf((float)(with_min ? dot[i] : dot[i] + corr / 16), half_to_float(d_bits) * x_scale, acc[i]);
+                    if (with_min) {
+                        memcpy(&m_bits, block + 2 * group_rows + 2 * i, 2);
+                        acc[i] = fmaf((float)(-corr / 128), half_to_float(m_bits) * x_scale, acc[i]);
+                    }
+                }
+            }
+            for (int i = 0; i < group_rows; i++) out[(int64_t)c * d + r0 + g * LMD_Q8_0_GROUP + i] = acc[i];
+        }
+}
+
+#if LMD_Q8_0_VNNI
+// q8_0's VNNI tile for q4 values: ng groups of group_rows rows from wg, inputs c0..c0+nc
+static ALWAYS_INLINE void tile_q4(float *out, q8_inputs x, const uint8_t *wg, int64_t n, int64_t d, int64_t r0,
+                                  int ng, int group_rows, int c0, int nc, int64_t prefetch_bytes, const int with_min) {
+    const int64_t n_blocks = n / LMD_Q8_0_BLOCK;
+    const size_t group_bytes = (size_t)n_blocks * LMD_Q8_0_GROUP * Q4_BLOCK_BYTES(with_min);
+    const size_t block_bytes = (size_t)group_rows * Q4_BLOCK_BYTES(with_min), run_bytes = 4 * (size_t)group_rows;
+    const size_t header = (size_t)group_rows * Q4_HEADER(with_min);
+    const __mmask16 rows = (__mmask16)((1u << group_rows) - 1u);
+    const int full = group_rows == LMD_Q8_0_GROUP;
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m512 acc[Q8_0_ITEM_GROUPS][Q8_0_TILE_C];
+    const uint8_t *wp[Q8_0_ITEM_GROUPS];
+    for (int g = 0; g < ng; g++) {
+        wp[g] = wg + g * group_bytes;
+        for (int c = 0; c < nc; c++) acc[g][c] = _mm512_setzero_ps();
+    }
+    const int8_t *xp = x.q + (int64_t)c0 * LMD_Q8_0_BLOCK;
+    const float *x_scale = x.scale + c0;
+    const int32_t *x_corr = x.corr + c0;
+    for (int64_t b = 0; b < n_blocks; b++) {
+        __m512i dot[Q8_0_ITEM_GROUPS][Q8_0_TILE_C];
+        for (int c = 0; c < nc; c++) {
+            const __m512i start = _mm512_set1_epi32(with_min ? 0 : x_corr[c] / 16);
+            for (int g = 0; g < ng; g++) dot[g][c] = start;
+        }
+        for (int s = 0; s < 4; s++) {
+            __m512i lo[Q8_0_ITEM_GROUPS], hi[Q8_0_ITEM_GROUPS];
+            for (int g = 0; g < ng; g++) {
+                const uint8_t *run = wp[g] + header + s * run_bytes;
+                __builtin_prefetch(run + prefetch_bytes);
+                const __m512i v = full ? _mm512_loadu_si512((const void *)run) : _mm512_maskz_loadu_epi32(rows, (const void *)run);
+                lo[g] = _mm512_and_si512(v, low4);
+                hi[g] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+            }
+            for (int c = 0; c < nc; c++) {
+                int32_t four_lo, four_hi;
+                memcpy(&four_lo, xp + LMD_Q8_0_BLOCK * c + 4 * s, 4);
+                memcpy(&four_hi, xp + LMD_Q8_0_BLOCK * c + 16 + 4 * s, 4);
+                const __m512i xl = _mm512_set1_epi32(four_lo), xh = _mm512_set1_epi32(four_hi);
+                for (int g = 0; g < ng; g++)
+                    dot[g][c] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot[g][c], lo[g], xl), hi[g], xh);
+            }
+        }
+        for (int g = 0; g < ng; g++) {
+            const __m512 w_scale = _mm512_cvtph_ps(full ? _mm256_loadu_si256((const __m256i *)(const void *)wp[g])
+                                                        : _mm256_maskz_loadu_epi16(rows, (const void *)wp[g]));
+            __m512 w_min = _mm512_setzero_ps();
+            if (with_min) {
+                const void *mins = wp[g] + 2 * group_rows;
+                w_min = _mm512_cvtph_ps(full ? _mm256_loadu_si256((const __m256i *)mins) : _mm256_maskz_loadu_epi16(rows, mins));
+            }
+            for (int c = 0; c < nc; c++) {
+                const __m512 xs = _mm512_set1_ps(x_scale[c]);
+                acc[g][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[g][c]), _mm512_mul_ps(w_scale, xs), acc[g][c]);
+                if (with_min)
+                    acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps((float)(-x_corr[c] / 128)), _mm512_mul_ps(w_min, xs),
+                                                acc[g][c]);
+            }
+            wp[g] += block_bytes;
+        }
+        xp += x.stride * LMD_Q8_0_BLOCK;
+        x_scale += x.stride;
+        x_corr += x.stride;
+    }
+    for (int g = 0; g < ng; g++)
+        for (int c = 0; c < nc; c++) {
+            float *o = out + (int64_t)(c0 + c) * d + r0 + g * LMD_Q8_0_GROUP;
+            if (full) _mm512_storeu_ps(o, acc[g][c]);
+            else _mm512_mask_storeu_ps(o, rows, acc[g][c]);
+        }
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// one half (8 rows) of a full group against inputs c0..c0+nc (up to Q8_0_AVX2_TILE_C), as
+// half_q8_0_avx2: the 4-bit values are unsigned already, so VPMADDUBSW (pairs of at most
+// 2 * 15 * 127) or AVX-VNNI's VPDPBUSD takes them as they are
+static ALWAYS_INLINE void half_q4_avx2(float *out, q8_inputs x, const uint8_t *wg, int64_t n, int64_t d, int64_t r0,
+                                       int half, int c0, int nc, const int with_min) {
+    const int64_t n_blocks = n / LMD_Q8_0_BLOCK;
+#if !defined(__AVXVNNI__)
+    const __m256i ones16 = _mm256_set1_epi16(1);
+#endif
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const size_t header = LMD_Q8_0_GROUP * Q4_HEADER(with_min);
+    __m256 acc[Q8_0_AVX2_TILE_C];
+    for (int c = 0; c < nc; c++) acc[c] = _mm256_setzero_ps();
+    const int8_t *xp = x.q + (int64_t)c0 * LMD_Q8_0_BLOCK;
+    const float *x_scale = x.scale + c0;
+    const int32_t *x_corr = x.corr + c0;
+    const uint8_t *wp = wg;
+    for (int64_t b = 0; b < n_blocks; b++) {
+        __m256i dot[Q8_0_AVX2_TILE_C];
+        for (int c = 0; c < nc; c++) dot[c] = _mm256_set1_epi32(with_min ? 0 : x_corr[c] / 16);
+        for (int s = 0; s < 4; s++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(wp + header + 64 * s + 32 * half));
+            const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            for (int c = 0; c < nc; c++) {
+                int32_t four_lo, four_hi;
+                memcpy(&four_lo, xp + LMD_Q8_0_BLOCK * c + 4 * s, 4);
+                memcpy(&four_hi, xp + LMD_Q8_0_BLOCK * c + 16 + 4 * s, 4);
+                const __m256i xl = _mm256_set1_epi32(four_lo), xh = _mm256_set1_epi32(four_hi);
+#if defined(__AVXVNNI__)
+                dot[c] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(dot[c], lo, xl), hi, xh);
+#else
+                dot[c] = _mm256_add_epi32(dot[c], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), ones16));
+                dot[c] = _mm256_add_epi32(dot[c], _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), ones16));
+#endif
+            }
+        }
+        const __m256 w_scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(wp + 16 * half)));
+        const __m256 w_min = with_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(wp + 32 + 16 * half)))
+                                      : _mm256_setzero_ps();
+        for (int c = 0; c < nc; c++) {
+            const __m256 xs = _mm256_set1_ps(x_scale[c]);
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[c]), _mm256_mul_ps(w_scale, xs), acc[c]);
+            if (with_min)
+                acc[c] = _mm256_fmadd_ps(_mm256_set1_ps((float)(-x_corr[c] / 128)), _mm256_mul_ps(w_min, xs), acc[c]);
+        }
+        wp += LMD_Q8_0_GROUP * Q4_BLOCK_BYTES(with_min);
+        xp += x.stride * LMD_Q8_0_BLOCK;
+        x_scale += x.stride;
+        x_corr += x.stride;
+    }
+    for (int c = 0; c < nc; c++) _mm256_storeu_ps(out + (int64_t)(c0 + c) * d + r0 + 8 * half, acc[c]);
+}
+
+static ALWAYS_INLINE void tile_q4(float *out, q8_inputs x, const uint8_t *wg, int64_t n, int64_t d, int64_t r0,
+                                  int ng, int group_rows, int c0, int nc, int64_t prefetch_bytes, const int with_min) {
+    (void)prefetch_bytes;
+    if (group_rows != LMD_Q8_0_GROUP) {
+        tile_q4_portable(out, x, wg, n, d, r0, ng, group_rows, c0, nc, with_min);
+        return;
+    }
+    const size_t group_bytes = (size_t)(n / LMD_Q8_0_BLOCK) * LMD_Q8_0_GROUP * Q4_BLOCK_BYTES(with_min);
+    for (int g = 0; g < ng; g++)
+        for (int half = 0; half < 2; half++)
+            for (int c = c0; c < c0 + nc; c += Q8_0_AVX2_TILE_C) {
+                const int m = c0 + nc - c < Q8_0_AVX2_TILE_C ? c0 + nc - c : Q8_0_AVX2_TILE_C;
+                const uint8_t *w = wg + g * group_bytes;
+                const int64_t r = r0 + g * LMD_Q8_0_GROUP;
+                switch (m) {
+                case 1: half_q4_avx2(out, x, w, n, d, r, half, c, 1, with_min); break;
+                case 2: half_q4_avx2(out, x, w, n, d, r, half, c, 2, with_min); break;
+                case 3: half_q4_avx2(out, x, w, n, d, r, half, c, 3, with_min); break;
+                default: half_q4_avx2(out, x, w, n, d, r, half, c, 4, with_min); break;
+                }
+            }
+}
+#else
+static ALWAYS_INLINE void tile_q4(float *out, q8_inputs x, const uint8_t *wg, int64_t n, int64_t d, int64_t r0,
+                                  int ng, int group_rows, int c0, int nc, int64_t prefetch_bytes, const int with_min) {
+    (void)prefetch_bytes;
+    tile_q4_portable(out, x, wg, n, d, r0, ng, group_rows, c0, nc, with_min);
+}
+#endif
+
+// the tile of a quantized storage type (a constant): q8_0, q4_0 or q4_1
+static ALWAYS_INLINE void tile_quantized(float *out, q8_inputs x, const uint8_t *wg, int64_t n, int64_t d, int64_t r0,
+                                         int ng, int group_rows, int c0, int nc, int64_t prefetch_bytes,
+                                         const lmd_dtype dtype) {
+    if (dtype == LMD_Q8_0) tile_q8_0(out, x, wg, n, d, r0, ng, group_rows, c0, nc, prefetch_bytes);
+    else tile_q4(out, x, wg, n, d, r0, ng, group_rows, c0, nc, prefetch_bytes, dtype == LMD_Q4_1);
+}
+
+#define TILE_ANY_C(ng, group_rows, c0, nc)                                                           \
     switch (nc) {                                                                                   \
-    case 1: tile_q8_0(out, x, wg, n, d, r0, ng, group_rows, c0, 1, prefetch_bytes); break;          \
-    case 2: tile_q8_0(out, x, wg, n, d, r0, ng, group_rows, c0, 2, prefetch_bytes); break;          \
-    case 3: tile_q8_0(out, x, wg, n, d, r0, ng, group_rows, c0, 3, prefetch_bytes); break;          \
-    case 4: tile_q8_0(out, x, wg, n, d, r0, ng, group_rows, c0, 4, prefetch_bytes); break;          \
-    case 5: tile_q8_0(out, x, wg, n, d, r0, ng, group_rows, c0, 5, prefetch_bytes); break;          \
-    default: tile_q8_0(out, x, wg, n, d, r0, ng, group_rows, c0, 6, prefetch_bytes); break;         \
+    case 1: tile_quantized(out, x, wg, n, d, r0, ng, group_rows, c0, 1, prefetch_bytes, dtype); break; \
+    case 2: tile_quantized(out, x, wg, n, d, r0, ng, group_rows, c0, 2, prefetch_bytes, dtype); break; \
+    case 3: tile_quantized(out, x, wg, n, d, r0, ng, group_rows, c0, 3, prefetch_bytes, dtype); break; \
+    case 4: tile_quantized(out, x, wg, n, d, r0, ng, group_rows, c0, 4, prefetch_bytes, dtype); break; \
+    case 5: tile_quantized(out, x, wg, n, d, r0, ng, group_rows, c0, 5, prefetch_bytes, dtype); break; \
+    default: tile_quantized(out, x, wg, n, d, r0, ng, group_rows, c0, 6, prefetch_bytes, dtype); break; \
     }
 
-// one parallel work item: groups item * Q8_0_ITEM_GROUPS ... of W (d, n) q8_0 against the B
-// inputs x -> out (B, d), Q8_0_TILE_C inputs at a time
-static void item_q8_0(float *out, q8_inputs x, const uint8_t *w, int64_t n, int64_t d, int64_t item, int B) {
-    const size_t group_bytes = (size_t)(n / LMD_Q8_0_BLOCK) * Q8_0_GROUP_BYTES_PER_BLOCK;
+// bytes of one block column of a group of 16 rows in a quantized storage type
+static size_t group_block_bytes(lmd_dtype dtype) {
+    return LMD_Q8_0_GROUP * (dtype == LMD_Q8_0 ? LMD_Q8_0_BLOCK_BYTES : q4_block_bytes(dtype));
+}
+
+// one parallel work item: groups item * Q8_0_ITEM_GROUPS ... of W (d, n) in a quantized type
+// (a constant) against the B inputs x -> out (B, d), Q8_0_TILE_C inputs at a time
+static ALWAYS_INLINE void item_quantized(float *out, q8_inputs x, const uint8_t *w, int64_t n, int64_t d, int64_t item,
+                                         int B, const lmd_dtype dtype) {
+    const size_t group_bytes = (size_t)(n / LMD_Q8_0_BLOCK) * group_block_bytes(dtype);
     const int64_t r0 = item * Q8_0_ITEM_GROUPS * LMD_Q8_0_GROUP;
     const uint8_t *wg = w + item * Q8_0_ITEM_GROUPS * group_bytes;
     const int64_t rows = d - r0 < Q8_0_ITEM_GROUPS * LMD_Q8_0_GROUP ? d - r0 : Q8_0_ITEM_GROUPS * LMD_Q8_0_GROUP;
@@ -611,16 +964,26 @@ static void item_q8_0(float *out, q8_inputs x, const uint8_t *w, int64_t n, int6
          * contiguous stream; the later passes find this item's in cache) */
         const int64_t prefetch_bytes = c0 == 0 && r0 + rows < d ? (int64_t)(Q8_0_ITEM_GROUPS * group_bytes) : 0;
         if (full_groups == 2) {
-            TILE_Q8_0_ANY_C(2, LMD_Q8_0_GROUP, c0, nc)
+            TILE_ANY_C(2, LMD_Q8_0_GROUP, c0, nc)
         } else if (full_groups == 1) {
-            TILE_Q8_0_ANY_C(1, LMD_Q8_0_GROUP, c0, nc)
+            TILE_ANY_C(1, LMD_Q8_0_GROUP, c0, nc)
         }
         if (tail_rows > 0) {
             const uint8_t *tail = wg + full_groups * group_bytes;
             const int64_t tail_r0 = r0 + full_groups * LMD_Q8_0_GROUP;
-            for (int c = c0; c < c0 + nc; c++) tile_q8_0(out, x, tail, n, d, tail_r0, 1, tail_rows, c, 1, 0);
+            for (int c = c0; c < c0 + nc; c++) tile_quantized(out, x, tail, n, d, tail_r0, 1, tail_rows, c, 1, 0, dtype);
         }
     }
+}
+
+static void item_q8_0(float *out, q8_inputs x, const uint8_t *w, int64_t n, int64_t d, int64_t item, int B) {
+    item_quantized(out, x, w, n, d, item, B, LMD_Q8_0);
+}
+static void item_q4_0(float *out, q8_inputs x, const uint8_t *w, int64_t n, int64_t d, int64_t item, int B) {
+    item_quantized(out, x, w, n, d, item, B, LMD_Q4_0);
+}
+static void item_q4_1(float *out, q8_inputs x, const uint8_t *w, int64_t n, int64_t d, int64_t item, int B) {
+    item_quantized(out, x, w, n, d, item, B, LMD_Q4_1);
 }
 
 // where B quantized inputs of n features sit in scratch (lmd_matmul_scratch_bytes)
@@ -673,10 +1036,12 @@ static int parallel_worth(int B, int64_t d, int64_t n) {
 #define IN_PARALLEL_IF_WORTH(B, d, n, LOOPS) LOOPS()
 #endif
 
-// W (d, n) q8_0 @ the B inputs quantized in scratch -> out (B, d)
-static void matmul_q8_0(float *out, const lmd_matrix *w, int B, const void *scratch) {
+// W (d, n) q8_0, q4_0 or q4_1 @ the B inputs quantized in scratch -> out (B, d)
+static void matmul_quantized(float *out, const lmd_matrix *w, int B, const void *scratch) {
     const int64_t d = w->rows, n = w->cols, n_blocks = n / LMD_Q8_0_BLOCK;
     const q8_inputs xq = q8_inputs_in(scratch, B, n);
+    void (*const item_of)(float *, q8_inputs, const uint8_t *, int64_t, int64_t, int64_t, int) =
+        w->dtype == LMD_Q8_0 ? item_q8_0 : w->dtype == LMD_Q4_0 ? item_q4_0 : item_q4_1;
     const int64_t item_rows = Q8_0_ITEM_GROUPS * LMD_Q8_0_GROUP, n_items = (d + item_rows - 1) / item_rows;
     const uint8_t *data = (const uint8_t *)w->data;
     /* inputs in groups that stay in L2 while all the weights pass them (as for f32 below) */
@@ -689,7 +1054,7 @@ static void matmul_q8_0(float *out, const lmd_matrix *w, int B, const void *scra
                               xq.stride};                                                           \
         item_loop_pragma                                                                            \
         for (int64_t item = 0; item < n_items; item++)                                              \
-            item_q8_0(out + (int64_t)g0 * d, gx, data, n, d, item, B - g0 < group ? B - g0 : group); \
+            item_of(out + (int64_t)g0 * d, gx, data, n, d, item, B - g0 < group ? B - g0 : group);   \
     }
     IN_PARALLEL_IF_WORTH(B, d, n, ITEMS_OF_GROUP);
 #undef ITEMS_OF_GROUP
@@ -1026,9 +1391,12 @@ static void matmul_panels(float *out, const float *x, const uint32_t *xb, const 
  * the weights again). */
 #define STACK_SCRATCH (64 * 1024)
 
+// whether a storage type multiplies inputs quantized to blocks of int8 (q8_0, q4_0, q4_1)
+static int quantized_inputs(lmd_dtype dtype) { return dtype == LMD_Q8_0 || dtype == LMD_Q4_0 || dtype == LMD_Q4_1; }
+
 size_t lmd_matmul_scratch_bytes(const lmd_matrix *w, int B) {
     const int64_t n = w->cols;
-    if (w->dtype == LMD_Q8_0) return (size_t)B * (size_t)(n + 8 * (n / LMD_Q8_0_BLOCK));
+    if (quantized_inputs(w->dtype)) return (size_t)B * (size_t)(n + 8 * (n / LMD_Q8_0_BLOCK));
 #if LMD_BF16_DOT
     if (w->dtype == LMD_BF16_PANELS) return (size_t)B * (size_t)BF16_PAIRS(n) * sizeof(uint32_t);
 #endif
@@ -1036,7 +1404,7 @@ size_t lmd_matmul_scratch_bytes(const lmd_matrix *w, int B) {
 }
 
 void lmd_matmul_prepare(void *scratch, const float *x, const lmd_matrix *w, int B) {
-    if (w->dtype == LMD_Q8_0) quantize_inputs_q8(scratch, x, B, w->cols);
+    if (quantized_inputs(w->dtype)) quantize_inputs_q8(scratch, x, B, w->cols);
 #if LMD_BF16_DOT
     /* bf16 dot products read the inputs rounded to bf16: rounded once per call, not by every
      * tile (on the row-major tiles the panels replaced: 1.5 x faster for a 256-token batch) */
@@ -1067,8 +1435,8 @@ void lmd_matmul_scratch(float *out, const float *x, const lmd_matrix *w, int B, 
 }
 
 void lmd_matmul_prepared(float *out, const float *x, const lmd_matrix *w, int B, const void *scratch) {
-    if (w->dtype == LMD_Q8_0) {
-        matmul_q8_0(out, w, B, scratch);
+    if (quantized_inputs(w->dtype)) {
+        matmul_quantized(out, w, B, scratch);
         return;
     }
     if (w->dtype == LMD_F32_PANELS || w->dtype == LMD_BF16_PANELS || w->dtype == LMD_F16_PANELS) {
@@ -1092,7 +1460,7 @@ void lmd_matmul_naive(float *out, const float *x, const lmd_matrix *w, int B) {
             const int64_t rounded = w->dtype == LMD_BF16_PANELS && lmd_bf16_rounds_inputs() ? n : 0;
             for (int64_t k = 0; k < n; k++) /* bf16 inputs as the fast kernel rounds them */
                 xk_used[k] = k < rounded ? lmd_bf16_to_f32(lmd_f32_to_bf16(xr[k])) : xr[k];
-            if (w->dtype == LMD_Q8_0) { /* q8_0 inputs as quantized: scale * q */
+            if (quantized_inputs(w->dtype)) { /* q8_0 and q4 inputs as quantized: scale * q */
                 for (int64_t blk = 0; blk < n / LMD_Q8_0_BLOCK; blk++) {
                     int8_t q[LMD_Q8_0_BLOCK];
                     float scale;

@@ -5,9 +5,10 @@
  *   B  rows of a batch (tokens processed together)
  *   n  input features,  d  output features,  hs  head size
  *
- * Weight matrices (d, n) come in one of seven storage types. LMD_F32, LMD_BF16 and LMD_F16
+ * Weight matrices (d, n) come in one of nine storage types. LMD_F32, LMD_BF16 and LMD_F16
  * are row-major and are what a model's files and arrays hold; the model packs them into
- * panels at init (model.h), which lmd_matmul's fast kernels multiply, as they do LMD_Q8_0:
+ * panels at init (model.h), which lmd_matmul's fast kernels multiply, as they do LMD_Q8_0,
+ * LMD_Q4_0 and LMD_Q4_1:
  *   LMD_F32   float
  *   LMD_BF16  bfloat16 bits (the top 16 bits of an IEEE float), rounded to nearest even
  *   LMD_F16   IEEE half-precision bits
@@ -20,6 +21,16 @@
  *             llama.cpp's row-major layout; lmd_pack_q8_0 converts from that layout.
  *             Inputs meet q8_0 weights quantized to blocks of 32 int8 themselves (as in
  *             llama.cpp), in integer dot products: see lmd_dot_q8_0.
+ *   LMD_Q4_0  llama.cpp's Q4_0 blocks (an fp16 scale d and 32 4-bit values q in [0, 15];
+ *             the weight is d * (q - 8)), in q8_0's groups of 16 rows: a group of g rows
+ *             stores, block column after block column, its g scales, then the values as 4
+ *             runs of 4 bytes per row, [run][row][4] (16g bytes), byte j of run s holding
+ *             value 4s+j in its low half and value 16+4s+j in its high half (the bytes of
+ *             llama.cpp's block, 4 at a time). rows * n/32 * 18 bytes, as in llama.cpp.
+ *   LMD_Q4_1  llama.cpp's Q4_1 blocks (fp16 scale d and minimum m, 32 4-bit values q; the
+ *             weight is d * q + m), stored as Q4_0 with the g minimums after the g scales:
+ *             rows * n/32 * 20 bytes. lmd_pack_q4 converts both from llama.cpp's layout;
+ *             inputs meet them quantized as for q8_0 (see lmd_dot_q4).
  *   LMD_F32_PANELS  float, repacked (lmd_pack_f32_panels) into panels of LMD_VEC_LANES rows:
  *             (ceil(d / LANES), n, LANES), panel p holding rows p*LANES.. column by column
  *             (rows past d zero). Each output then sums in a lane of its own, with no lane
@@ -61,19 +72,23 @@ typedef enum {
     LMD_F32_PANELS = 3,
     LMD_BF16_PANELS = 4,
     LMD_F16 = 5,
-    LMD_F16_PANELS = 6
+    LMD_F16_PANELS = 6,
+    LMD_Q4_0 = 7,
+    LMD_Q4_1 = 8
 } lmd_dtype;
 
-#define LMD_Q8_0_BLOCK 32      /* weights per Q8_0 block */
+#define LMD_Q8_0_BLOCK 32      /* weights per Q8_0 (and Q4_0, Q4_1) block */
 #define LMD_Q8_0_BLOCK_BYTES 34 /* fp16 scale + 32 int8 */
-#define LMD_Q8_0_GROUP 16       /* rows interleaved together */
+#define LMD_Q8_0_GROUP 16       /* rows interleaved together (q4 types too) */
+#define LMD_Q4_0_BLOCK_BYTES 18 /* fp16 scale + 32 4-bit values */
+#define LMD_Q4_1_BLOCK_BYTES 20 /* fp16 scale and minimum + 32 4-bit values */
 
 /* A borrowed, row-major (rows, cols) weight matrix. */
 typedef struct {
     const void *data;
     lmd_dtype dtype;
     int64_t rows;
-    int64_t cols; /* a multiple of 32 for LMD_Q8_0 */
+    int64_t cols; /* a multiple of 32 for LMD_Q8_0, LMD_Q4_0 and LMD_Q4_1 */
 } lmd_matrix;
 
 /* Bytes one row of `cols` weights occupies in the given storage (for q8_0, on average). */
@@ -107,6 +122,23 @@ void lmd_quantize_input_q8(int8_t *q, float *scale, int32_t *corr, const float *
 // in the scale), and acc = fma((float)(integer dot of the block), w_scale * x_scale, acc)
 // runs block after block from 0.
 float lmd_dot_q8_0(const uint8_t *w_blocks, const float *x, int64_t n);
+// x (n,) -> llama.cpp's Q4_0 (dtype LMD_Q4_0) or Q4_1 (LMD_Q4_1) blocks, row-major, as
+// llama.cpp's reference quantizer makes them: Q4_0 scale d = (the value of largest magnitude)
+// / -8, q = min(15, trunc(x / d + 8.5)); Q4_1 d = (max - min) / 15, m = min, q = min(15,
+// trunc((x - min) / d + 0.5)); scales rounded to fp16. Values must be finite (the loader
+// checks): NaN or infinite ones get some code in [0, 15]. n a multiple of 32.
+void lmd_quantize_q4(uint8_t *out, const float *x, int64_t n, lmd_dtype dtype);
+// blocks (rows, cols/32 * 18 or 20) in llama.cpp's row-major layout -> out, the same bytes
+// packed as dtype (LMD_Q4_0 or LMD_Q4_1); cols a multiple of 32
+void lmd_pack_q4(uint8_t *out, const uint8_t *blocks, int64_t rows, int64_t cols, lmd_dtype dtype);
+// x (rows, cols) -> out packed as dtype: lmd_quantize_q4 of every row, then lmd_pack_q4
+void lmd_quantize_matrix_q4(uint8_t *out, const float *x, int64_t rows, int64_t cols, lmd_dtype dtype);
+// One output of a q4_0 or q4_1 matmul, the arithmetic every kernel follows bit for bit:
+// w_blocks (n/32 * 18 or 20) one weight row in llama.cpp's layout, x (n,) floats quantized
+// per block as for q8_0 (lmd_quantize_input_q8: values xq, scale s). Block after block
+// from acc = 0: Q4_0 acc = fma((float)(sum of (q - 8) * xq), d * s, acc); Q4_1
+// acc = fma((float)(sum of q * xq), d * s, acc), then acc = fma((float)(sum of xq), m * s, acc).
+float lmd_dot_q4(const uint8_t *w_blocks, const float *x, int64_t n, lmd_dtype dtype);
 // bytes of a (rows, cols) matrix in LMD_F32_PANELS
 size_t lmd_panels_bytes(int64_t rows, int64_t cols);
 // w (rows, cols) f32 row-major -> out (lmd_panels_bytes(rows, cols) bytes) in LMD_F32_PANELS

@@ -454,6 +454,11 @@ static void *make_matrix(lmd_matrix *w_out, test_rng *r, lmd_dtype dtype, int64_
         lmd_quantize_matrix_q8_0(q, f, rows, cols);
         free(f);
         data = q;
+    } else if (dtype == LMD_Q4_0 || dtype == LMD_Q4_1) {
+        uint8_t *q = malloc((size_t)rows * lmd_row_bytes(dtype, cols));
+        lmd_quantize_matrix_q4(q, f, rows, cols, dtype);
+        free(f);
+        data = q;
     } else if (dtype == LMD_F32_PANELS) {
         float *panels = malloc(lmd_panels_bytes(rows, cols));
         lmd_pack_f32_panels(panels, f, rows, cols);
@@ -482,15 +487,16 @@ static void test_matmul_against_naive(void) {
     static const int64_t rows_f[] = {1, 3, 5, 6, 13};
     static const int64_t cols_f[] = {1, 3, 7, 17, 33, 101}; /* none a multiple of 4 */
     static const int64_t cols_q[] = {32, 96, 160};
-    const lmd_dtype dtypes[4] = {LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS, LMD_F16_PANELS};
+    const lmd_dtype dtypes[6] = {LMD_Q8_0, LMD_Q4_0, LMD_Q4_1, LMD_F32_PANELS, LMD_BF16_PANELS, LMD_F16_PANELS};
     test_rng r = {31};
-    for (int di = 0; di < 4; di++) {
+    for (int di = 0; di < 6; di++) {
         err_meter m = {NULL, 0, 0};
         char name[32];
         snprintf(name, sizeof name, "matmul %s", lmd_dtype_name(dtypes[di]));
         m.name = name;
-        const int64_t *cols = dtypes[di] == LMD_Q8_0 ? cols_q : cols_f;
-        int n_cols = dtypes[di] == LMD_Q8_0 ? 3 : 6;
+        const int blocks = dtypes[di] == LMD_Q8_0 || dtypes[di] == LMD_Q4_0 || dtypes[di] == LMD_Q4_1;
+        const int64_t *cols = blocks ? cols_q : cols_f;
+        int n_cols = blocks ? 3 : 6;
         for (int ri = 0; ri < 5; ri++)
             for (int ci = 0; ci < n_cols; ci++) {
                 const int64_t d = rows_f[ri], n = cols[ci];
@@ -532,13 +538,14 @@ static void test_matmul_against_naive(void) {
  * position of a batch of 7, and with 1 or 2 threads. The sizes put d * n * B above the
  * kernel's threshold for going parallel. */
 static void test_matmul_batch_and_thread_invariance(void) {
-    const lmd_dtype dtypes[4] = {LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS, LMD_F16_PANELS};
-    const int64_t cols[4] = {1024, 1003, 1003, 1003}, rows = 67; /* 4 panels + 3 rows, 4 q8_0 groups + 3 */
+    const lmd_dtype dtypes[6] = {LMD_Q8_0, LMD_Q4_0, LMD_Q4_1, LMD_F32_PANELS, LMD_BF16_PANELS, LMD_F16_PANELS};
+    /* 4 panels + 3 rows, 4 groups of 16 rows + 3 */
+    const int64_t cols[6] = {1024, 1024, 1024, 1003, 1003, 1003}, rows = 67;
     const int B = 7;
     test_rng r = {41};
     printf("  openmp %s, %d threads by default, vectors of %d bytes\n",
            lmd_built_with_openmp() ? "on" : "off", lmd_get_num_threads(), lmd_vector_bytes());
-    for (int di = 0; di < 4; di++) {
+    for (int di = 0; di < 6; di++) {
         const int64_t n = cols[di], d = rows;
         lmd_matrix w;
         void *data = make_matrix(&w, &r, dtypes[di], d, n);
@@ -592,43 +599,116 @@ static void test_matmul_batch_and_thread_invariance(void) {
  * short group); columns: one block, a multiple of 16 blocks, and long rows. */
 static void test_matmul_q8_0_equals_dot(void) {
     const int64_t cols_q[5] = {32, 768, 1024, 4096, 4128};
+    const lmd_dtype dtypes[3] = {LMD_Q8_0, LMD_Q4_0, LMD_Q4_1};
     /* 70 inputs of 4096 overflow the inputs' L2 budget: groups of 30, 30 and 10 */
     const int batches[4] = {1, 2, 7, 70};
     test_rng r = {43};
-    for (int ci = 0; ci < 5; ci++) {
-        const int64_t n = cols_q[ci], d = 53;
-        float *wf = malloc((size_t)(d * n) * sizeof(float));
-        test_fill(&r, wf, d * n, -1.0f, 1.0f);
-        const size_t q8_row_bytes = lmd_row_bytes(LMD_Q8_0, n);
-        /* rows quantized in llama.cpp's layout, then packed */
-        uint8_t *blocks = malloc((size_t)d * q8_row_bytes), *packed = malloc((size_t)d * q8_row_bytes);
-        for (int64_t i = 0; i < d; i++) lmd_quantize_q8_0(blocks + i * q8_row_bytes, wf + i * n, n);
-        lmd_pack_q8_0(packed, blocks, d, n);
-        const lmd_matrix w = {packed, LMD_Q8_0, d, n};
-        for (int bi = 0; bi < 4; bi++)
-            for (int threads = 1; threads <= 2; threads++) {
-                const int B = batches[bi];
-                lmd_set_num_threads(threads);
-                float *x = malloc((size_t)(B * n) * sizeof(float));
-                float *out = malloc((size_t)(B * d) * sizeof(float));
-                test_fill(&r, x, B * n, -1.0f, 1.0f);
-                lmd_matmul(out, x, &w, B);
-                int mismatches = 0;
-                for (int64_t i = 0; i < d; i++)
-                    for (int b = 0; b < B; b++) {
-                        const float want = lmd_dot_q8_0(blocks + i * q8_row_bytes, x + b * n, n);
-                        mismatches += memcmp(&want, out + b * d + i, sizeof want) != 0;
-                    }
-                if (mismatches) {
-                    fprintf(stderr, "matmul q8_0 n=%lld B=%d threads=%d: %d outputs differ from lmd_dot_q8_0\n",
-                            (long long)n, B, threads, mismatches);
-                    test_failures++;
-                }
-                free(x);
-                free(out);
+    for (int di = 0; di < 3; di++)
+        for (int ci = 0; ci < 5; ci++) {
+            const lmd_dtype dtype = dtypes[di];
+            const int64_t n = cols_q[ci], d = 53;
+            float *wf = malloc((size_t)(d * n) * sizeof(float));
+            test_fill(&r, wf, d * n, -1.0f, 1.0f);
+            const size_t row_bytes = lmd_row_bytes(dtype, n);
+            /* rows quantized in llama.cpp's layout, then packed */
+            uint8_t *blocks = malloc((size_t)d * row_bytes), *packed = malloc((size_t)d * row_bytes);
+            for (int64_t i = 0; i < d; i++) {
+                if (dtype == LMD_Q8_0) lmd_quantize_q8_0(blocks + i * row_bytes, wf + i * n, n);
+                else lmd_quantize_q4(blocks + i * row_bytes, wf + i * n, n, dtype);
             }
-        lmd_set_num_threads(0);
-        free(wf), free(blocks), free(packed);
+            if (dtype == LMD_Q8_0) lmd_pack_q8_0(packed, blocks, d, n);
+            else lmd_pack_q4(packed, blocks, d, n, dtype);
+            const lmd_matrix w = {packed, dtype, d, n};
+            for (int bi = 0; bi < 4; bi++)
+                for (int threads = 1; threads <= 2; threads++) {
+                    const int B = batches[bi];
+                    lmd_set_num_threads(threads);
+                    float *x = malloc((size_t)(B * n) * sizeof(float));
+                    float *out = malloc((size_t)(B * d) * sizeof(float));
+                    test_fill(&r, x, B * n, -1.0f, 1.0f);
+                    lmd_matmul(out, x, &w, B);
+                    int mismatches = 0;
+                    for (int64_t i = 0; i < d; i++)
+                        for (int b = 0; b < B; b++) {
+                            const float want = dtype == LMD_Q8_0 ? lmd_dot_q8_0(blocks + i * row_bytes, x + b * n, n)
+                                                                 : lmd_dot_q4(blocks + i * row_bytes, x + b * n, n, dtype);
+                            mismatches += memcmp(&want, out + b * d + i, sizeof want) != 0;
+                        }
+                    if (mismatches) {
+                        fprintf(stderr, "matmul %s n=%lld B=%d threads=%d: %d outputs differ from its dot\n",
+                                lmd_dtype_name(dtype), (long long)n, B, threads, mismatches);
+                        test_failures++;
+                    }
+                    free(x);
+                    free(out);
+                }
+            lmd_set_num_threads(0);
+            free(wf), free(blocks), free(packed);
+        }
+}
+
+/* q4_0 and q4_1 blocks by hand and by llama.cpp's formulas, the packed layout, and rows read
+ * back. A Q4_0 block of 0, 1, ..., 31 (minus 16): the value of largest magnitude is -16, so
+ * d = 2, and x -> min(15, trunc(x / 2 + 8.5)); a Q4_1 block: d = 31 / 15, m = -16. Over
+ * random rows, every code is what the formulas give and dequantizes (d * (q - 8), d * q + m)
+ * within half a step of the value; 19 rows pack as q8_0's do (a group of 16 and one of 3),
+ * lmd_matrix_row reads each row back, and lmd_quantize_matrix_q4 equals quantizing rows,
+ * then packing. */
+static void test_q4_blocks_and_packing(void) {
+    CHECK(lmd_row_bytes(LMD_Q4_0, 64) == 36 && lmd_row_bytes(LMD_Q4_1, 64) == 40);
+    CHECK(strcmp(lmd_dtype_name(LMD_Q4_0), "q4_0") == 0 && strcmp(lmd_dtype_name(LMD_Q4_1), "q4_1") == 0);
+    float x[32];
+    for (int j = 0; j < 32; j++) x[j] = (float)j - 16.0f;
+    uint8_t b0[18], b1[20];
+    lmd_quantize_q4(b0, x, 32, LMD_Q4_0);
+    lmd_quantize_q4(b1, x, 32, LMD_Q4_1);
+    uint16_t bits;
+    memcpy(&bits, b0, 2);
+    CHECK(lmd_fp16_to_f32(bits) == 2.0f);
+    for (int j = 0; j < 16; j++) {
+        const int lo = (int)((x[j] / 2.0f) + 8.5f), hi = (int)((x[16 + j] / 2.0f) + 8.5f);
+        CHECK((b0[2 + j] & 15) == (lo < 15 ? lo : 15) && (b0[2 + j] >> 4) == (hi < 15 ? hi : 15));
+    }
+    memcpy(&bits, b1 + 2, 2);
+    CHECK(lmd_fp16_to_f32(bits) == -16.0f);
+    memcpy(&bits, b1, 2);
+    CHECK(lmd_fp16_to_f32(bits) == lmd_fp16_to_f32(lmd_f32_to_fp16(31.0f / 15.0f)));
+    CHECK((b1[4] & 15) == 0 && (b1[4 + 15] >> 4) == 15); /* the minimum and the maximum */
+
+    enum { ROWS = 19, COLS = 64, NB = 2 };
+    test_rng rng = {29};
+    static float w[ROWS * COLS];
+    test_fill(&rng, w, ROWS * COLS, -3.0f, 2.0f);
+    for (int di = 0; di < 2; di++) {
+        const lmd_dtype dtype = di ? LMD_Q4_1 : LMD_Q4_0;
+        const int bb = di ? 20 : 18, header = di ? 4 : 2;
+        static uint8_t blocks[ROWS * NB * 20], packed[ROWS * NB * 20], again[ROWS * NB * 20];
+        for (int r = 0; r < ROWS; r++) lmd_quantize_q4(blocks + r * NB * bb, w + r * COLS, COLS, dtype);
+        lmd_pack_q4(packed, blocks, ROWS, COLS, dtype);
+        lmd_quantize_matrix_q4(again, w, ROWS, COLS, dtype);
+        CHECK(memcmp(packed, again, (size_t)(ROWS * NB * bb)) == 0);
+        /* row 17 (group 1, 3 rows, its second), block 1: group 1 starts at 16 rows x 2 blocks */
+        const int g1 = 16 * NB * bb + 3 * bb;
+        const uint8_t *block = blocks + (17 * NB + 1) * bb;
+        CHECK(memcmp(packed + g1 + 2 * 1, block, 2) == 0);
+        if (di) CHECK(memcmp(packed + g1 + 6 + 2 * 1, block + 2, 2) == 0);
+        for (int j = 0; j < 16; j++) CHECK(packed[g1 + 3 * header + (j / 4) * 12 + 1 * 4 + j % 4] == block[header + j]);
+        const lmd_matrix m = {packed, dtype, ROWS, COLS};
+        float row[COLS];
+        for (int r = 0; r < ROWS; r++) {
+            lmd_matrix_row(row, &m, r);
+            for (int k = 0; k < COLS; k++) {
+                const uint8_t *bk = blocks + (r * NB + k / 32) * bb;
+                uint16_t d_bits, m_bits = 0;
+                memcpy(&d_bits, bk, 2);
+                if (di) memcpy(&m_bits, bk + 2, 2);
+                const float d = lmd_fp16_to_f32(d_bits), mn = lmd_fp16_to_f32(m_bits);
+                const int j = k % 32, q = j < 16 ? bk[header + j] & 15 : bk[header + j - 16] >> 4;
+                CHECK(row[k] == d * (float)(q - (di ? 0 : 8)) + mn);
+                /* within half a step (plus the fp16 rounding of d and m) of the value */
+                CHECK(fabsf(row[k] - w[r * COLS + k]) <= 0.5f * fabsf(d) + 0.01f);
+            }
+        }
     }
 }
 
@@ -732,16 +812,17 @@ static void test_matmul_panels(void) {
  * the very bits of lmd_matmul (rounding in every tile; quantizing on the stack in chunks),
  * for every dtype, batch and thread count, and leaves x alone. */
 static void test_matmul_scratch_is_identical(void) {
-    const lmd_dtype dtypes[4] = {LMD_Q8_0, LMD_F32_PANELS, LMD_BF16_PANELS, LMD_F16_PANELS};
+    const lmd_dtype dtypes[6] = {LMD_Q8_0, LMD_Q4_0, LMD_Q4_1, LMD_F32_PANELS, LMD_BF16_PANELS, LMD_F16_PANELS};
     const int64_t cols_f[5] = {31, 64, 100, 768, 4096}, cols_q[5] = {32, 64, 96, 768, 4096};
     /* 70 x 4096 inputs pass in three groups; without scratch, q8_0 quantizes them on the
      * stack 12 at a time */
     const int batches[5] = {1, 3, 7, 20, 70};
     const int64_t d = 13;
     test_rng r = {47};
-    for (int di = 0; di < 4; di++)
+    for (int di = 0; di < 6; di++)
         for (int ci = 0; ci < 5; ci++) {
-            const int64_t n = dtypes[di] == LMD_Q8_0 ? cols_q[ci] : cols_f[ci];
+            const int blocks = dtypes[di] == LMD_Q8_0 || dtypes[di] == LMD_Q4_0 || dtypes[di] == LMD_Q4_1;
+            const int64_t n = blocks ? cols_q[ci] : cols_f[ci];
             lmd_matrix w;
             void *data = make_matrix(&w, &r, dtypes[di], d, n);
             for (int bi = 0; bi < 5; bi++)
@@ -1055,6 +1136,7 @@ int main(void) {
     test_quantize_input_q8();
     test_matmul_against_naive();
     test_matmul_batch_and_thread_invariance();
+    test_q4_blocks_and_packing();
     test_matmul_q8_0_equals_dot();
     test_matmul_panels();
     test_matmul_scratch_is_identical();
