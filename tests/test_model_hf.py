@@ -250,11 +250,12 @@ def test_thread_count_does_not_change_results(hf):
         lmdecode.set_num_threads(old)
 
 
-# documented tolerances of reduced-precision storage, relative to the f32 logit range
-STORAGE_TOLERANCE = {"bf16": 2e-2, "f16": 2e-3, "q8_0": 2e-2}
+# documented tolerances of reduced-precision storage, relative to the f32 logit range (4-bit
+# weights: 0.15-0.20 measured on these random-weight models, whose weights 16 levels fit worst)
+STORAGE_TOLERANCE = {"bf16": 2e-2, "f16": 2e-3, "q8_0": 2e-2, "q4_0": 0.3, "q4_1": 0.3}
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "f16", "q8_0"])
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "q8_0", "q4_0", "q4_1"])
 def test_reduced_precision_storage(hf, dtype):
     model = lmdecode.Model.load(hf["path"], dtype=dtype)
     assert model.config.dtype == dtype

@@ -1267,6 +1267,15 @@ static int tensor_matrix(PyObject *tensors, const char *name, lmd_matrix *out) {
     case NPY_FLOAT32: out->dtype = LMD_F32; out->cols = cols; break;
     case NPY_UINT16: out->dtype = LMD_BF16; out->cols = cols; break;
     case NPY_HALF: out->dtype = LMD_F16; out->cols = cols; break;
+    case NPY_VOID: /* q4_0 / q4_1 storage: one 18- or 20-byte item per block (loaders.py) */
+        if (PyArray_ITEMSIZE(a) != LMD_Q4_0_BLOCK_BYTES && PyArray_ITEMSIZE(a) != LMD_Q4_1_BLOCK_BYTES) {
+            PyErr_Format(PyExc_TypeError, "tensor '%s' has items of %d bytes; q4_0 storage has 18, q4_1 20", name,
+                         (int)PyArray_ITEMSIZE(a));
+            return 0;
+        }
+        out->dtype = PyArray_ITEMSIZE(a) == LMD_Q4_0_BLOCK_BYTES ? LMD_Q4_0 : LMD_Q4_1;
+        out->cols = cols * LMD_Q8_0_BLOCK;
+        break;
     case NPY_UINT8:
         if (cols % LMD_Q8_0_BLOCK_BYTES != 0) {
             PyErr_Format(PyExc_ValueError, "q8_0 tensor '%s' has %zd bytes per row, not a multiple of %d", name,
@@ -1277,7 +1286,9 @@ static int tensor_matrix(PyObject *tensors, const char *name, lmd_matrix *out) {
         out->cols = cols / LMD_Q8_0_BLOCK_BYTES * LMD_Q8_0_BLOCK;
         break;
     default:
-        PyErr_Format(PyExc_TypeError, "tensor '%s' has dtype %R; expected float32, float16, uint16 (bf16) or uint8 (q8_0)",
+        PyErr_Format(PyExc_TypeError,
+                     "tensor '%s' has dtype %R; expected float32, float16, uint16 (bf16), uint8 (q8_0) or V18 / V20 "
+                     "(q4_0 / q4_1)",
                      name, (PyObject *)PyArray_DESCR(a));
         return 0;
     }
@@ -1794,6 +1805,110 @@ static PyObject *py_dequantize_q8_0(PyObject *self, PyObject *arg) {
     if (packed == NULL) return NULL;
     const lmd_matrix w = {PyArray_DATA(packed), LMD_Q8_0, PyArray_DIM(packed, 0),
                           PyArray_DIM(packed, 1) / LMD_Q8_0_BLOCK_BYTES * LMD_Q8_0_BLOCK};
+    npy_intp dims[2] = {(npy_intp)w.rows, (npy_intp)w.cols};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (out != NULL) {
+        float *dst = PyArray_DATA(out);
+        Py_BEGIN_ALLOW_THREADS
+        for (int64_t r = 0; r < w.rows; r++) lmd_matrix_row(dst + r * w.cols, &w, r);
+        Py_END_ALLOW_THREADS
+    }
+    Py_DECREF(packed);
+    return (PyObject *)out;
+}
+
+// "q4_0" or "q4_1" -> *dtype, 0; or -1 with a ValueError
+static int q4_kind(const char *kind, lmd_dtype *dtype) {
+    if (strcmp(kind, "q4_0") == 0 || strcmp(kind, "q4_1") == 0) {
+        *dtype = kind[3] == '1' ? LMD_Q4_1 : LMD_Q4_0;
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "kind (=%.20s) must be 'q4_0' or 'q4_1'", kind);
+    return -1;
+}
+
+static int64_t q4_bytes(lmd_dtype dtype) { return dtype == LMD_Q4_1 ? LMD_Q4_1_BLOCK_BYTES : LMD_Q4_0_BLOCK_BYTES; }
+
+// a 2-D uint8 array of (rows, n_blocks * block bytes) of `kind`, or NULL with an exception naming `what`
+static PyArrayObject *q4_blocks_arg(PyObject *arg, lmd_dtype dtype, const char *what) {
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(arg, NPY_UINT8, NPY_ARRAY_IN_ARRAY);
+    if (a == NULL) return NULL;
+    if (PyArray_NDIM(a) != 2 || PyArray_DIM(a, 1) % q4_bytes(dtype) != 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be 2-D uint8 with a multiple of %d bytes per row (ndim=%d)", what,
+                     (int)q4_bytes(dtype), PyArray_NDIM(a));
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
+}
+
+/* quantize_q4(x: float32 (rows, cols), kind "q4_0" | "q4_1") -> uint8 (rows, cols / 32 * 18 or
+ * 20), the engine's storage of llama.cpp's quantizer's blocks */
+static PyObject *py_quantize_q4(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *x_obj;
+    const char *kind;
+    if (!PyArg_ParseTuple(args, "Os", &x_obj, &kind)) return NULL;
+    lmd_dtype dtype;
+    if (q4_kind(kind, &dtype)) return NULL;
+    PyArrayObject *x = (PyArrayObject *)PyArray_FROM_OTF(x_obj, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY), *out = NULL;
+    if (x == NULL) return NULL;
+    if (PyArray_NDIM(x) != 2 || PyArray_DIM(x, 1) % LMD_Q8_0_BLOCK != 0) {
+        PyErr_Format(PyExc_ValueError, "x must be 2-D with a multiple of 32 columns (ndim=%d)", PyArray_NDIM(x));
+        Py_DECREF(x);
+        return NULL;
+    }
+    const npy_intp rows = PyArray_DIM(x, 0), cols = PyArray_DIM(x, 1);
+    npy_intp dims[2] = {rows, cols / LMD_Q8_0_BLOCK * q4_bytes(dtype)};
+    out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_UINT8);
+    if (out != NULL) {
+        const float *src = PyArray_DATA(x);
+        uint8_t *dst = PyArray_DATA(out);
+        Py_BEGIN_ALLOW_THREADS
+        lmd_quantize_matrix_q4(dst, src, (int64_t)rows, (int64_t)cols, dtype);
+        Py_END_ALLOW_THREADS
+    }
+    Py_DECREF(x);
+    return (PyObject *)out;
+}
+
+/* pack_q4(blocks: uint8 (rows, cols / 32 * 18 or 20) in llama.cpp's row-major layout, kind) ->
+ * the same blocks as the engine stores them (a new array of the same shape) */
+static PyObject *py_pack_q4(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *blocks_obj;
+    const char *kind;
+    if (!PyArg_ParseTuple(args, "Os", &blocks_obj, &kind)) return NULL;
+    lmd_dtype dtype;
+    if (q4_kind(kind, &dtype)) return NULL;
+    PyArrayObject *blocks = q4_blocks_arg(blocks_obj, dtype, "blocks");
+    if (blocks == NULL) return NULL;
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, PyArray_DIMS(blocks), NPY_UINT8);
+    if (out != NULL) {
+        const int64_t rows = PyArray_DIM(blocks, 0), cols = PyArray_DIM(blocks, 1) / q4_bytes(dtype) * LMD_Q8_0_BLOCK;
+        const uint8_t *src = PyArray_DATA(blocks);
+        uint8_t *dst = PyArray_DATA(out);
+        Py_BEGIN_ALLOW_THREADS
+        lmd_pack_q4(dst, src, rows, cols, dtype);
+        Py_END_ALLOW_THREADS
+    }
+    Py_DECREF(blocks);
+    return (PyObject *)out;
+}
+
+/* dequantize_q4(packed: uint8 (rows, cols / 32 * 18 or 20) as the engine stores it, kind) ->
+ * float32 (rows, cols) */
+static PyObject *py_dequantize_q4(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *packed_obj;
+    const char *kind;
+    if (!PyArg_ParseTuple(args, "Os", &packed_obj, &kind)) return NULL;
+    lmd_dtype dtype;
+    if (q4_kind(kind, &dtype)) return NULL;
+    PyArrayObject *packed = q4_blocks_arg(packed_obj, dtype, "packed");
+    if (packed == NULL) return NULL;
+    const lmd_matrix w = {PyArray_DATA(packed), dtype, PyArray_DIM(packed, 0),
+                          PyArray_DIM(packed, 1) / q4_bytes(dtype) * LMD_Q8_0_BLOCK};
     npy_intp dims[2] = {(npy_intp)w.rows, (npy_intp)w.cols};
     PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
     if (out != NULL) {
@@ -2486,6 +2601,12 @@ static PyMethodDef core_methods[] = {
     {"quantize_q8_0", py_quantize_q8_0, METH_O, "float32 (rows, cols) -> q8_0 storage uint8 (rows, cols/32*34)."},
     {"pack_q8_0", py_pack_q8_0, METH_O, "llama.cpp q8_0 blocks uint8 (rows, cols/32*34) -> q8_0 storage."},
     {"dequantize_q8_0", py_dequantize_q8_0, METH_O, "q8_0 storage uint8 (rows, cols/32*34) -> float32 (rows, cols)."},
+    {"quantize_q4", py_quantize_q4, METH_VARARGS,
+     "quantize_q4(x, kind): float32 (rows, cols) -> q4_0 / q4_1 storage uint8 (rows, cols/32*18 or 20)."},
+    {"pack_q4", py_pack_q4, METH_VARARGS,
+     "pack_q4(blocks, kind): llama.cpp q4_0 / q4_1 blocks uint8 (rows, cols/32*18 or 20) -> the engine's storage."},
+    {"dequantize_q4", py_dequantize_q4, METH_VARARGS,
+     "dequantize_q4(packed, kind): q4_0 / q4_1 storage uint8 (rows, cols/32*18 or 20) -> float32 (rows, cols)."},
     /* decoding-loop bindings */
     {"model_beam_search", py_model_beam_search, METH_VARARGS,
      "model_beam_search(model, pool, searches, prompts, constraint=None) -> peak KV blocks: whole searches in C,\n"

@@ -37,7 +37,9 @@ from . import _core
 
 Q8_0_BLOCK = 32
 Q8_0_BLOCK_BYTES = 34
-STORAGE_DTYPES = ("f32", "bf16", "f16", "q8_0")
+STORAGE_DTYPES = ("f32", "bf16", "f16", "q8_0", "q4_0", "q4_1")
+# bytes of a llama.cpp Q4_0 / Q4_1 block; the engine's arrays hold one numpy void item per block
+Q4_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20}
 MATRIX_SUFFIXES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
@@ -102,9 +104,15 @@ def to_f32(src: Source) -> np.ndarray:
 
 def default_storage(tensors: dict) -> str:
     """f32 sources stay f32, bf16 stays bf16, f16 stays f16 (when every matrix is f16: the values
-    of any f32 ones would be rounded; else f32, exact), quantized types become q8_0."""
+    of any f32 ones would be rounded; else f32, exact). Quantized files keep their Q4_0 or Q4_1
+    blocks when those are their only 4-bit kind (their Q8_0 matrices, such as a token embedding
+    llama.cpp keeps finer, stay Q8_0: matrix_storage); else they become q8_0."""
     kinds = {src.kind for name, src in tensors.items() if is_matrix(name)}
-    if not kinds <= {"f32", "f16", "bf16"}:
+    quantized = kinds - {"f32", "f16", "bf16"}
+    for q4 in ("q4_0", "q4_1"):
+        if q4 in quantized and quantized <= {q4, "q8_0"}:
+            return q4
+    if quantized:
         return "q8_0"
     if "bf16" in kinds and kinds <= {"f32", "bf16"}:
         return "bf16"  # bf16 matrices, perhaps with a few left in f32
@@ -116,13 +124,27 @@ def default_storage(tensors: dict) -> str:
 def matrix_storage(src: Source, dtype: str, name: str = "tensor") -> np.ndarray:
     """A weight matrix in the engine's storage `dtype`, borrowing the source when they agree.
 
-    Q8_0 needs a multiple of 32 columns; narrower or odd tensors stay float32 (as llama.cpp's
-    quantizer also leaves them), which is documented in Model.load. Values that f16 cannot
-    hold (beyond +-65504) are a ValueError naming the tensor, not infinities.
+    Q8_0, Q4_0 and Q4_1 need a multiple of 32 columns; narrower or odd tensors stay float32 (as
+    llama.cpp's quantizer also leaves them), which is documented in Model.load. In q4 storage a
+    file's Q8_0 matrices stay Q8_0 (finer; the file's choice) and its blocks of the same kind are
+    packed unchanged; float matrices are quantized as llama.cpp's reference quantizer does, and
+    must be finite. Values that f16 cannot hold (beyond +-65504) are a ValueError naming the
+    tensor, not infinities; so are non-finite values for q4.
     """
     rows, cols = src.shape
-    if dtype == "q8_0" and cols % Q8_0_BLOCK != 0:
+    if dtype in ("q8_0", "q4_0", "q4_1") and cols % Q8_0_BLOCK != 0:
         dtype = "f32"
+    if dtype in Q4_BLOCK_BYTES and src.kind == "q8_0":
+        dtype = "q8_0"
+    if dtype in Q4_BLOCK_BYTES:
+        item = np.dtype(f"V{Q4_BLOCK_BYTES[dtype]}")
+        if src.kind == dtype:  # the same blocks, packed in groups of rows as the engine stores them
+            blocks = np.asarray(src.data, dtype=np.uint8).reshape(rows, cols // Q8_0_BLOCK * item.itemsize)
+            return _core.pack_q4(blocks, dtype).view(item)
+        wide = to_f32(src)
+        if not np.isfinite(wide).all():
+            raise ValueError(f"{name}: non-finite values cannot be stored as {dtype}: choose another dtype")
+        return _core.quantize_q4(wide, dtype).view(item)
     if dtype == "f32":
         return to_f32(src)
     if dtype == "bf16":
@@ -213,9 +235,9 @@ def to_storage(tensors: dict, dtype: str) -> dict:
         arr = matrix_storage(src, dtype, name) if is_matrix(name) else to_f32(src)
         # f32, bf16 and f16 matrices: the engine multiplies its own copies (in panels) and Model
         # releases a file's pages under them, so they need no aligned copy here, wherever the
-        # file put them (nor does an untied embedding, whose rows are only looked up); q8_0
-        # blocks are always repacked, into a new array
-        engine_copies = is_matrix(name) and arr.dtype != np.uint8
+        # file put them (nor does an untied embedding, whose rows are only looked up); q8_0 and
+        # q4 blocks are always repacked, into a new array the engine reads in place
+        engine_copies = is_matrix(name) and arr.dtype in (np.float32, np.float16, np.uint16)
         if not arr.flags.aligned:  # a view at an odd byte offset (from_numpy takes any array)
             arr = cache_line_aligned(arr)
         if not np.may_share_memory(arr, src.data):
