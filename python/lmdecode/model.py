@@ -7,13 +7,16 @@ Loading::
     model = lmdecode.Model.load("hf_checkpoint_dir/")           # config.json + safetensors
     model = lmdecode.Model.from_numpy(hf_config_dict, {hf_name: array})
 
-``dtype`` picks the engine's weight storage: ``"f32"``, ``"bf16"``, ``"f16"`` or ``"q8_0"``
-(llama.cpp's Q8_0 blocks, interleaved by 16 rows; inputs are quantized to blocks of 32 int8 as
-llama.cpp does and multiplied in integers). By default f32 files stay f32, bf16 stays bf16, f16
-stays f16 when every matrix is f16 (widened exactly as read: the logits of f32 storage, half the
-bytes; mixed with f32 matrices it widens to f32) and quantized GGUF tensors (Q8_0, Q4_0, Q4_1)
-become q8_0. Q8_0 needs a multiple of 32 input features; a
-matrix without one (e.g. stories260K's 172-wide feed-forward) stays f32. Norm weights, biases and
+``dtype`` picks the engine's weight storage: ``"f32"``, ``"bf16"``, ``"f16"``, ``"q8_0"``,
+``"q4_0"`` or ``"q4_1"`` (llama.cpp's Q8_0, Q4_0 and Q4_1 blocks, interleaved by 16 rows; inputs
+are quantized to blocks of 32 int8 as llama.cpp does and multiplied in integers; float weights
+are quantized as llama.cpp's reference quantizer does, and must be finite for q4). By default
+f32 files stay f32, bf16 stays bf16, f16 stays f16 when every matrix is f16 (widened exactly as
+read: the logits of f32 storage, half the bytes; mixed with f32 matrices it widens to f32), a
+GGUF file whose 4-bit matrices are all Q4_0 (or all Q4_1) keeps them (its Q8_0 ones stay Q8_0,
+in q4 storage always), and other quantized GGUF files become q8_0. The quantized types need a
+multiple of 32 input features; a matrix without one (e.g. stories260K's 172-wide feed-forward)
+stays f32. Norm weights, biases and
 GPT-2's position table are always f32. q8_0 weights whose storage equals the file's are memory
 mapped and never copied (Q8_0 blocks are repacked once); the Model keeps the mapping alive. f32,
 bf16 and f16 matrices are copied once, into the engine's panels (16 rows side by side, one vector
