@@ -543,6 +543,27 @@ typedef struct {
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && LMD_VEC_BYTES == 64
 #define LMD_Q8_0_VNNI 1
+// a VNNI tile's accumulators zeroed and its ng groups' weight pointers, group_bytes apart
+static ALWAYS_INLINE void start_tile(__m512 acc[][Q8_0_TILE_C], const uint8_t **wp, const uint8_t *wg,
+                                     size_t group_bytes, int ng, int nc) {
+    for (int g = 0; g < ng; g++) {
+        wp[g] = wg + g * group_bytes;
+        for (int c = 0; c < nc; c++) acc[g][c] = _mm512_setzero_ps();
+    }
+}
+
+// a VNNI tile's sums -> out (B, d): group g's rows r0 + 16 g .., group_rows of them, of inputs c0..
+static ALWAYS_INLINE void store_tile(float *out, __m512 acc[][Q8_0_TILE_C], int ng, int group_rows, int c0, int nc,
+                                     int64_t d, int64_t r0) {
+    const __mmask16 rows = (__mmask16)((1u << group_rows) - 1u);
+    for (int g = 0; g < ng; g++)
+        for (int c = 0; c < nc; c++) {
+            float *o = out + (int64_t)(c0 + c) * d + r0 + g * LMD_Q8_0_GROUP;
+            if (group_rows == LMD_Q8_0_GROUP) _mm512_storeu_ps(o, acc[g][c]);
+            else _mm512_mask_storeu_ps(o, rows, acc[g][c]);
+        }
+}
+
 /* VPDPBUSD multiplies unsigned by signed bytes: the weights are read with their sign bit
  * flipped (w + 128, unsigned) against the signed inputs, and each dot product starts from
  * corr = -128 * sum(q) to take the 128 * sum(q) back out, exactly. */
@@ -558,10 +579,7 @@ static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, 
     const __m512i sign_bits = _mm512_set1_epi8((char)0x80);
     __m512 acc[Q8_0_ITEM_GROUPS][Q8_0_TILE_C];
     const uint8_t *wp[Q8_0_ITEM_GROUPS];
-    for (int g = 0; g < ng; g++) {
-        wp[g] = wg + g * group_bytes;
-        for (int c = 0; c < nc; c++) acc[g][c] = _mm512_setzero_ps();
-    }
+    start_tile(acc, wp, wg, group_bytes, ng, nc);
     /* block b of input c0 + c: values at xp + 32 c, scale and correction at [c] */
     const int8_t *xp = x.q + (int64_t)c0 * LMD_Q8_0_BLOCK;
     const float *x_scale = x.scale + c0;
@@ -601,12 +619,7 @@ static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, 
         x_scale += x.stride;
         x_corr += x.stride;
     }
-    for (int g = 0; g < ng; g++)
-        for (int c = 0; c < nc; c++) {
-            float *o = out + (int64_t)(c0 + c) * d + r0 + g * LMD_Q8_0_GROUP;
-            if (full) _mm512_storeu_ps(o, acc[g][c]);
-            else _mm512_mask_storeu_ps(o, rows, acc[g][c]);
-        }
+    store_tile(out, acc, ng, group_rows, c0, nc, d, r0);
 }
 #else
 #define LMD_Q8_0_VNNI 0
@@ -783,10 +796,7 @@ static ALWAYS_INLINE void tile_q4(float *out, q8_inputs x, const uint8_t *wg, in
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     __m512 acc[Q8_0_ITEM_GROUPS][Q8_0_TILE_C];
     const uint8_t *wp[Q8_0_ITEM_GROUPS];
-    for (int g = 0; g < ng; g++) {
-        wp[g] = wg + g * group_bytes;
-        for (int c = 0; c < nc; c++) acc[g][c] = _mm512_setzero_ps();
-    }
+    start_tile(acc, wp, wg, group_bytes, ng, nc);
     const int8_t *xp = x.q + (int64_t)c0 * LMD_Q8_0_BLOCK;
     const float *x_scale = x.scale + c0;
     const int32_t *x_corr = x.corr + c0;
@@ -835,12 +845,7 @@ static ALWAYS_INLINE void tile_q4(float *out, q8_inputs x, const uint8_t *wg, in
         x_scale += x.stride;
         x_corr += x.stride;
     }
-    for (int g = 0; g < ng; g++)
-        for (int c = 0; c < nc; c++) {
-            float *o = out + (int64_t)(c0 + c) * d + r0 + g * LMD_Q8_0_GROUP;
-            if (full) _mm512_storeu_ps(o, acc[g][c]);
-            else _mm512_mask_storeu_ps(o, rows, acc[g][c]);
-        }
+    store_tile(out, acc, ng, group_rows, c0, nc, d, r0);
 }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 // one half (8 rows) of a full group against inputs c0..c0+nc (up to Q8_0_AVX2_TILE_C), as

@@ -1798,13 +1798,9 @@ static PyObject *py_pack_q8_0(PyObject *self, PyObject *arg) {
     return (PyObject *)out;
 }
 
-/* dequantize_q8_0(packed: uint8 (rows, cols / 32 * 34) as the engine stores it) -> float32 (rows, cols) */
-static PyObject *py_dequantize_q8_0(PyObject *self, PyObject *arg) {
-    (void)self;
-    PyArrayObject *packed = q8_0_blocks_arg(arg, "packed");
-    if (packed == NULL) return NULL;
-    const lmd_matrix w = {PyArray_DATA(packed), LMD_Q8_0, PyArray_DIM(packed, 0),
-                          PyArray_DIM(packed, 1) / LMD_Q8_0_BLOCK_BYTES * LMD_Q8_0_BLOCK};
+// every row of the packed matrix w (its bytes in `packed`, a reference this call takes over)
+// as float32 (rows, cols)
+static PyObject *dequantized_rows(PyArrayObject *packed, lmd_matrix w) {
     npy_intp dims[2] = {(npy_intp)w.rows, (npy_intp)w.cols};
     PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
     if (out != NULL) {
@@ -1815,6 +1811,15 @@ static PyObject *py_dequantize_q8_0(PyObject *self, PyObject *arg) {
     }
     Py_DECREF(packed);
     return (PyObject *)out;
+}
+
+/* dequantize_q8_0(packed: uint8 (rows, cols / 32 * 34) as the engine stores it) -> float32 (rows, cols) */
+static PyObject *py_dequantize_q8_0(PyObject *self, PyObject *arg) {
+    (void)self;
+    PyArrayObject *packed = q8_0_blocks_arg(arg, "packed");
+    if (packed == NULL) return NULL;
+    return dequantized_rows(packed, (lmd_matrix){PyArray_DATA(packed), LMD_Q8_0, PyArray_DIM(packed, 0),
+                                                 PyArray_DIM(packed, 1) / LMD_Q8_0_BLOCK_BYTES * LMD_Q8_0_BLOCK});
 }
 
 // "q4_0" or "q4_1" -> *dtype, 0; or -1 with a ValueError
@@ -1872,16 +1877,21 @@ static PyObject *py_quantize_q4(PyObject *self, PyObject *args) {
     return (PyObject *)out;
 }
 
+// the (blocks, kind) arguments of pack_q4 and dequantize_q4: the uint8 blocks array (a new
+// reference) and *dtype, or NULL with an exception naming `what`
+static PyArrayObject *q4_blocks_call(PyObject *args, const char *what, lmd_dtype *dtype) {
+    PyObject *blocks_obj;
+    const char *kind;
+    if (!PyArg_ParseTuple(args, "Os", &blocks_obj, &kind) || q4_kind(kind, dtype)) return NULL;
+    return q4_blocks_arg(blocks_obj, *dtype, what);
+}
+
 /* pack_q4(blocks: uint8 (rows, cols / 32 * 18 or 20) in llama.cpp's row-major layout, kind) ->
  * the same blocks as the engine stores them (a new array of the same shape) */
 static PyObject *py_pack_q4(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *blocks_obj;
-    const char *kind;
-    if (!PyArg_ParseTuple(args, "Os", &blocks_obj, &kind)) return NULL;
     lmd_dtype dtype;
-    if (q4_kind(kind, &dtype)) return NULL;
-    PyArrayObject *blocks = q4_blocks_arg(blocks_obj, dtype, "blocks");
+    PyArrayObject *blocks = q4_blocks_call(args, "blocks", &dtype);
     if (blocks == NULL) return NULL;
     PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, PyArray_DIMS(blocks), NPY_UINT8);
     if (out != NULL) {
@@ -1900,25 +1910,11 @@ static PyObject *py_pack_q4(PyObject *self, PyObject *args) {
  * float32 (rows, cols) */
 static PyObject *py_dequantize_q4(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *packed_obj;
-    const char *kind;
-    if (!PyArg_ParseTuple(args, "Os", &packed_obj, &kind)) return NULL;
     lmd_dtype dtype;
-    if (q4_kind(kind, &dtype)) return NULL;
-    PyArrayObject *packed = q4_blocks_arg(packed_obj, dtype, "packed");
+    PyArrayObject *packed = q4_blocks_call(args, "packed", &dtype);
     if (packed == NULL) return NULL;
-    const lmd_matrix w = {PyArray_DATA(packed), dtype, PyArray_DIM(packed, 0),
-                          PyArray_DIM(packed, 1) / q4_bytes(dtype) * LMD_Q8_0_BLOCK};
-    npy_intp dims[2] = {(npy_intp)w.rows, (npy_intp)w.cols};
-    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
-    if (out != NULL) {
-        float *dst = PyArray_DATA(out);
-        Py_BEGIN_ALLOW_THREADS
-        for (int64_t r = 0; r < w.rows; r++) lmd_matrix_row(dst + r * w.cols, &w, r);
-        Py_END_ALLOW_THREADS
-    }
-    Py_DECREF(packed);
-    return (PyObject *)out;
+    return dequantized_rows(packed, (lmd_matrix){PyArray_DATA(packed), dtype, PyArray_DIM(packed, 0),
+                                                 PyArray_DIM(packed, 1) / q4_bytes(dtype) * LMD_Q8_0_BLOCK});
 }
 
 static PyObject *EngineModel_get_borrowed(EngineModelObject *self, void *closure) {
