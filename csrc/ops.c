@@ -255,10 +255,12 @@ static void q4_row(float *out, const lmd_matrix *w, int64_t r) {
         if (w->dtype == LMD_Q4_1) memcpy(&m_bits, data + scale_at + run_stride / 2, 2);
         const float d = half_to_float(d_bits), m = half_to_float(m_bits);
         const int offset = w->dtype == LMD_Q4_1 ? 0 : 8;
-        for (int j = 0; j < 16; j++) {
-            const uint8_t byte = data[quants + (j / 4) * run_stride + j % 4];
-            out[b * LMD_Q8_0_BLOCK + j] = d * (float)((byte & 15) - offset) + m;
-            out[b * LMD_Q8_0_BLOCK + 16 + j] = d * (float)((byte >> 4) - offset) + m;
+        for (int j = 0; j < 32; j++) {
+            const uint8_t byte = data[quants + (j % 16 / 4) * run_stride + j % 4];
+            /* d * q rounded, then + m rounded, as llama.cpp and gguf dequantize: through memory,
+             * so that -ffp-contract=fast cannot fuse the two into one rounding */
+            volatile float product = d * (float)((j < 16 ? byte & 15 : byte >> 4) - offset);
+            out[b * LMD_Q8_0_BLOCK + j] = w->dtype == LMD_Q4_1 ? product + m : product;
         }
     }
 }

@@ -704,7 +704,8 @@ static void test_q4_blocks_and_packing(void) {
                 if (di) memcpy(&m_bits, bk + 2, 2);
                 const float d = lmd_fp16_to_f32(d_bits), mn = lmd_fp16_to_f32(m_bits);
                 const int j = k % 32, q = j < 16 ? bk[header + j] & 15 : bk[header + j - 16] >> 4;
-                CHECK(row[k] == d * (float)(q - (di ? 0 : 8)) + mn);
+                volatile float product = d * (float)(q - (di ? 0 : 8)); /* rounded, then + m rounded */
+                CHECK(row[k] == (di ? product + mn : product));
                 /* within half a step (plus the fp16 rounding of d and m) of the value */
                 CHECK(fabsf(row[k] - w[r * COLS + k]) <= 0.5f * fabsf(d) + 0.01f);
             }
