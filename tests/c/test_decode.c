@@ -617,6 +617,31 @@ static lmd_status count_search_steps(void *ctx, int32_t search, lmd_beam_search 
     return LMD_OK;
 }
 
+// the finished hypotheses of got are those of want, bit for bit: tokens, log-probabilities,
+// score and sum (at most 8 tokens each)
+static void check_same_hypotheses(const lmd_beam_search *want, const lmd_beam_search *got) {
+    lmd_error err;
+    const int32_t n = lmd_beam_search_n_hypotheses(want);
+    CHECK(n == lmd_beam_search_n_hypotheses(got) && n >= 1);
+    for (int32_t h = 0; h < n; h++) {
+        int32_t want_tokens[8], got_tokens[8], want_len, got_len;
+        float want_lps[8], got_lps[8], want_score, got_score, want_sum, got_sum;
+        CHECK(lmd_beam_search_hypothesis(want, h, want_tokens, want_lps, &want_len, &want_score, &want_sum, &err) ==
+              LMD_OK);
+        CHECK(lmd_beam_search_hypothesis(got, h, got_tokens, got_lps, &got_len, &got_score, &got_sum, &err) == LMD_OK);
+        CHECK(want_len == got_len && memcmp(want_tokens, got_tokens, (size_t)got_len * sizeof(int32_t)) == 0);
+        CHECK(memcmp(want_lps, got_lps, (size_t)got_len * sizeof(float)) == 0);
+        CHECK(memcmp(&want_score, &got_score, sizeof(float)) == 0 && memcmp(&want_sum, &got_sum, sizeof(float)) == 0);
+    }
+}
+
+// prompts a (18 tokens) and b (17) that share their first 16 tokens (SHARED_PREFIX_MIN)
+static void common_beginning_pair(int32_t a[18], int32_t b[17], int32_t V) {
+    for (int i = 0; i < 18; i++) a[i] = (7 * i + 3) % V;
+    memcpy(b, a, 17 * sizeof(int32_t));
+    b[16] = (a[16] + 1) % V;
+}
+
 /* Three beam searches run together (different prompt lengths, widths, budgets and
  * early-stopping rules, so that they end at different steps) give each search's hypotheses
  * of it alone, bit for bit, and every block back to the pool; the hook sees each search's
@@ -656,19 +681,7 @@ static void test_beam_searches_together_equal_each_alone(void) {
     for (int s = 0; s < S; s++) {
         CHECK(lmd_beam_search_done(together[s]));
         CHECK(steps[s] == lmd_beam_search_length(together[s]) + 1 || steps[s] == lmd_beam_search_length(together[s]));
-        const int32_t n = lmd_beam_search_n_hypotheses(alone[s]);
-        CHECK(n == lmd_beam_search_n_hypotheses(together[s]) && n >= 1);
-        for (int32_t h = 0; h < n; h++) {
-            int32_t want_tokens[MOST], got_tokens[MOST], want_len, got_len;
-            float want_lps[MOST], got_lps[MOST], want_score, got_score, want_sum, got_sum;
-            CHECK(lmd_beam_search_hypothesis(alone[s], h, want_tokens, want_lps, &want_len, &want_score, &want_sum,
-                                             &err) == LMD_OK);
-            CHECK(lmd_beam_search_hypothesis(together[s], h, got_tokens, got_lps, &got_len, &got_score, &got_sum,
-                                             &err) == LMD_OK);
-            CHECK(want_len == got_len && memcmp(want_tokens, got_tokens, (size_t)got_len * sizeof(int32_t)) == 0);
-            CHECK(memcmp(want_lps, got_lps, (size_t)got_len * sizeof(float)) == 0);
-            CHECK(memcmp(&want_score, &got_score, sizeof(float)) == 0 && memcmp(&want_sum, &got_sum, sizeof(float)) == 0);
-        }
+        check_same_hypotheses(alone[s], together[s]);
     }
     /* the budgets differ, so the searches end at different steps */
     CHECK(lmd_beam_search_length(together[1]) <= 5 && lmd_beam_search_length(together[2]) == MOST);
@@ -711,9 +724,7 @@ static void test_beam_searches_share_a_common_beginning(void) {
     lmd_kvpool *pool = tiny_pool(&t, 4, 64);
     lmd_error err;
     int32_t a[18], b[17];
-    for (int i = 0; i < 18; i++) a[i] = (7 * i + 3) % V;
-    memcpy(b, a, sizeof b);
-    b[16] = (a[16] + 1) % V;
+    common_beginning_pair(a, b, V);
     const int32_t *prompts[2] = {a, b}, lens[2] = {18, 17};
     const lmd_beam_config config = {2, V, 6, 2, 1.0, LMD_EARLY_STOP_NEVER, NULL, 0, 0};
     for (int apart = 0; apart < 2; apart++) {
@@ -733,16 +744,7 @@ static void test_beam_searches_share_a_common_beginning(void) {
         for (int s = 0; s < 2; s++) {
             CHECK(lmd_beam_search_init(&alone, &config, &err) == LMD_OK);
             CHECK(lmd_decode_beam_search(m, pool, alone, prompts[s], lens[s], NULL, NULL, NULL, &err) == LMD_OK);
-            for (int32_t h = 0; h < 2; h++) {
-                int32_t want[6], got[6], want_len, got_len;
-                float want_lps[6], got_lps[6], want_score, got_score, want_sum, got_sum;
-                CHECK(lmd_beam_search_hypothesis(alone, h, want, want_lps, &want_len, &want_score, &want_sum, &err) ==
-                      LMD_OK);
-                CHECK(lmd_beam_search_hypothesis(searches[s], h, got, got_lps, &got_len, &got_score, &got_sum, &err) ==
-                      LMD_OK);
-                CHECK(want_len == got_len && memcmp(want, got, (size_t)got_len * sizeof(int32_t)) == 0);
-                CHECK(memcmp(want_lps, got_lps, (size_t)got_len * sizeof(float)) == 0 && want_score == got_score);
-            }
+            check_same_hypotheses(alone, searches[s]);
             lmd_beam_search_free(alone);
             lmd_beam_search_free(searches[s]);
         }
@@ -906,9 +908,7 @@ static void test_speculative_shares_a_common_beginning(void) {
     tiny_model t;
     lmd_model *m = tiny_open(&t, &spec, 32);
     int32_t a[18], b[17];
-    for (int i = 0; i < 18; i++) a[i] = (7 * i + 3) % t.config.vocab_size;
-    memcpy(b, a, sizeof b);
-    b[16] = (a[16] + 1) % t.config.vocab_size;
+    common_beginning_pair(a, b, t.config.vocab_size);
     prompt_set ps = {{0}, {0}, 0};
     add_prompt(&ps, a, 18);
     add_prompt(&ps, b, 17);
