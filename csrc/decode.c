@@ -803,7 +803,7 @@ static lmd_status prefill_new_caches(lmd_speculative_run *run, int32_t R, int dr
     for (int32_t i = 0; i < R; i++) { /* the leaders: distinct lists */
         const int32_t k = run->ids[i];
         run->leader[k] = -1;
-        take_generator_list(&run->begin, i, run->gen, -1);
+        run->begin.ids[i] = -1; /* no part, unless a leader below */
         if (seqs[k] != NULL || (draft && run->n_proposing[i] == 0)) continue;
         int32_t length, previous_length;
         const int32_t *all = lmd_generator_tokens(run->gen, k, &length);
