@@ -38,6 +38,7 @@ def _compiles(compiler, code, extra_compile, extra_link):
     return True
 
 
+FMA_CHAINS_FLAG = "--param=avoid-fma-max-bits=0"  # GCC; other compilers do not split chains
 OPENMP_PROBE = """
 #include <omp.h>
 int main(void) { int n = 0;
@@ -66,6 +67,13 @@ class BuildExt(build_ext):
         # Vector units: -march=native unless a portable binary is asked for.
         if not _flag("LMDECODE_PORTABLE") and _compiles(compiler, "int main(void){return 0;}", ["-march=native"], []):
             compile_args.append("-march=native")
+        # The same sums whichever code path computes them (a prefill, token-by-token decoding,
+        # any cache block size) need every a*b+c contracted alike. GCC's tuning for AMD Zen
+        # leaves a multiply-add chain in a loop as a multiply and an add when it judges the
+        # chain latency-bound, so that a prefill and decoding differed in the last bit on a
+        # Zen 3 with -march=native; the parameter turns that heuristic off.
+        if _compiles(compiler, "int main(void){return 0;}", ["-Werror", FMA_CHAINS_FLAG], []):
+            compile_args.append(FMA_CHAINS_FLAG)
         openmp = False
         if not _flag("LMDECODE_NO_OPENMP") and _compiles(compiler, OPENMP_PROBE, ["-fopenmp"], ["-fopenmp"]):
             compile_args.append("-fopenmp")
