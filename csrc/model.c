@@ -114,6 +114,13 @@ static lmd_status check_weights(const lmd_config *c, const lmd_weights *w, lmd_e
         TRY(check_vector(w->final_norm_bias, 1, "", "final_norm_bias", err));
         TRY(check_vector(w->position_embedding, 1, "", "position_embedding", err));
     }
+    if (w->rope_freq_factors != NULL) {
+        if (gpt2) return lmd_fail(err, LMD_ERR_INVALID_ARG, "rope_freq_factors: gpt2 has no rotary embeddings");
+        for (int32_t i = 0; i < c->head_dim / 2; i++)
+            if (!(w->rope_freq_factors[i] > 0.0f && isfinite(w->rope_freq_factors[i])))
+                return lmd_fail(err, LMD_ERR_INVALID_ARG, "rope_freq_factors[%d] (=%g) must be finite and > 0", i,
+                                (double)w->rope_freq_factors[i]);
+    }
     if (w->layers == NULL) return lmd_fail(err, LMD_ERR_INVALID_ARG, "layers: missing");
     for (int32_t l = 0; l < c->n_layers; l++) {
         const lmd_layer_weights *lw = &w->layers[l];
@@ -296,9 +303,12 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
             return lmd_fail(err, LMD_ERR_NOMEM, "out of memory allocating the run state for %d tokens", max_batch);
         }
     }
-    /* inv_freq[i] = base^(-2i/hs), computed in double then rounded, as the references do in float */
-    for (int32_t i = 0; i < config->head_dim / 2; i++)
-        m->inv_freq[i] = (float)(1.0 / pow((double)config->rope_theta, (2.0 * i) / config->head_dim));
+    /* inv_freq[i] = base^(-2i/hs) / factor i, computed in double then rounded, as the references
+     * do in float */
+    for (int32_t i = 0; i < config->head_dim / 2; i++) {
+        const double factor = weights->rope_freq_factors != NULL ? weights->rope_freq_factors[i] : 1.0;
+        m->inv_freq[i] = (float)(1.0 / pow((double)config->rope_theta, (2.0 * i) / config->head_dim) / factor);
+    }
     m->q_scale = (float)(1.4426950408889634 / sqrt((double)config->head_dim));
     *out = m;
     return LMD_OK;

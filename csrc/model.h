@@ -95,6 +95,9 @@ typedef struct {
     const float *final_norm;         /* (dim,) */
     const float *final_norm_bias;    /* (dim,) gpt2 */
     lmd_matrix output;               /* (vocab_size, dim); may be the token embedding */
+    /* (head_dim / 2,) llama, optional: rotary frequency i is base^(-2i/head_dim) divided by
+     * factor i (Llama 3's long-context RoPE scaling, linear scaling; GGUF's rope_freqs) */
+    const float *rope_freq_factors;
 } lmd_weights;
 
 typedef struct lmd_model {

@@ -9,10 +9,13 @@ def rmsnorm(x, w, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def rope(x, pos, theta, layout):
-    """x (T, n_heads, hs) rotated by position pos (T,)."""
+def rope(x, pos, theta, layout, freq_factors=None):
+    """x (T, n_heads, hs) rotated by position pos (T,); frequency i divided by freq_factors[i]
+    when given (RoPE scaling)."""
     hs = x.shape[-1]
     inv_freq = theta ** (-np.arange(0, hs, 2) / hs)  # (hs/2,)
+    if freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(freq_factors, dtype=np.float64)
     angle = pos[:, None, None] * inv_freq[None, None, :]
     cos, sin = np.cos(angle), np.sin(angle)
     if layout == "adjacent":
@@ -63,8 +66,8 @@ def llama_logits(cfg, w, tokens, quantized_inputs=(), kv_dtype="f32"):
         q = mm(h, p + "wq").reshape(T, H, hs)
         k = mm(h, p + "wk").reshape(T, KV, hs)
         v = mm(h, p + "wv").reshape(T, KV, hs)
-        q = rope(q, pos, cfg["rope_theta"], cfg["rope_layout"])
-        k = rope(k, pos, cfg["rope_theta"], cfg["rope_layout"])
+        q = rope(q, pos, cfg["rope_theta"], cfg["rope_layout"], w.get("rope_freq_factors"))
+        k = rope(k, pos, cfg["rope_theta"], cfg["rope_layout"], w.get("rope_freq_factors"))
         if kv_dtype == "f16":
             k, v = as_f16(k), as_f16(v)
         out = np.empty((T, H, hs))

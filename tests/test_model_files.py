@@ -118,6 +118,8 @@ def _write_gguf(path, arch, meta, tensors, vocab=None):
     for key, value in meta.items():
         if isinstance(value, float):
             w.add_float32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
         else:
             w.add_uint32(key, value)
     if vocab is not None:
@@ -178,6 +180,43 @@ def test_gguf_tensor_types(kind, tmp_path):
     # F16 widens exactly; in bf16 storage the file's F32 feed-forward is rounded
     tolerance = 1e-4 if kind == "F16" else 2e-2
     assert _rel_max_diff(ref, default.logits(toks)) < tolerance
+
+
+def _stories_with(path, extra_meta=None, extra_tensors=None):
+    """stories260K.gguf rewritten with more metadata and tensors (float32)."""
+    reader = gguf.GGUFReader(str(STORIES_GGUF))
+    meta = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.")}
+    tensors = {t.name: (np.array(t.data, dtype=np.float32), "F32") for t in reader.tensors}
+    tensors.update({name: (arr, "F32") for name, arr in (extra_tensors or {}).items()})
+    _write_gguf(path, "llama", {**meta, **(extra_meta or {})}, tensors)
+    return path
+
+
+def test_gguf_rope_scaling(tmp_path):
+    """Llama 3's rope_freqs tensor divides each rotary frequency by its factor (as llama.cpp
+    applies it) and linear scaling divides them all; the NumPy reference with the same factors
+    agrees, and plain RoPE does not."""
+    config, tensors, _ = loaders.read_gguf(STORIES_GGUF)
+    weights = {k: loaders.to_f32(v).astype(np.float64) for k, v in tensors.items()}
+    toks = _tokens(64, 512, seed=9)
+    plain = llama_logits(config, weights, toks)
+    factors = np.array([1.0, 1.7, 4.0, 8.0], np.float32)  # head size 8: four frequencies
+    for path, want in [(_stories_with(tmp_path / "freqs.gguf", extra_tensors={"rope_freqs.weight": factors}), factors),
+                       (_stories_with(tmp_path / "linear.gguf", {"llama.rope.scaling.type": "linear",
+                                                                  "llama.rope.scaling.factor": 3.0}), [3.0] * 4)]:
+        ref = llama_logits(config, {**weights, "rope_freq_factors": np.array(want, np.float64)}, toks)
+        got = lmdecode.Model.load(path).logits(toks)
+        assert _rel_max_diff(ref, got) < 1e-4
+        assert _rel_max_diff(plain, got) > 1e-2
+    bad = _stories_with(tmp_path / "bad.gguf", extra_tensors={"rope_freqs.weight": np.array([1, 0, 2, 2], np.float32)})
+    with pytest.raises(ValueError, match=r"rope_freq_factors\[1\] \(=0\) must be finite and > 0"):
+        lmdecode.Model.load(bad)
+    short = _stories_with(tmp_path / "short.gguf", extra_tensors={"rope_freqs.weight": np.ones(3, np.float32)})
+    with pytest.raises(ValueError, match=r"tensor 'rope_freqs\.weight' has shape \(3,\) but the config .* needs \(4,\)"):
+        lmdecode.Model.load(short)
+    yarn = _stories_with(tmp_path / "yarn.gguf", {"llama.rope.scaling.type": "yarn"})
+    with pytest.raises(ValueError, match=r"yarn\.gguf: rope scaling 'yarn' is not supported"):
+        lmdecode.Model.load(yarn)
 
 
 def test_q8_0_gguf_blocks_are_packed_unchanged(tmp_path):

@@ -107,6 +107,63 @@ def test_sharded_checkpoint(hf, tmp_path):
         lmdecode.Model.load(tmp_path)
 
 
+# head size 16, base 10000: wavelengths 2 pi 10000^(2i/16) = 6.3, 20, 63, 199, ... positions. An
+# original context of 32 keeps the first (under 32 / high_freq_factor), smooths the second (between
+# 32 / 4 and 32 / 1) and divides the rest by the factor.
+ROPE_SCALINGS = {"llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 32},
+                 "linear": {"rope_type": "linear", "factor": 2.5}}
+
+
+@pytest.mark.parametrize("scaling", sorted(ROPE_SCALINGS))
+def test_rope_scaling_matches_transformers(scaling, tmp_path):
+    """Llama 3's RoPE scaling and linear scaling: the checkpoint and from_numpy match the oracle,
+    and the same weights with plain RoPE do not."""
+    torch, transformers = require_transformers()
+    rope = dict(ROPE_SCALINGS[scaling], rope_theta=10000.0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=128, rope_parameters=rope,
+                                   tie_word_embeddings=False, vocab_size=96, attn_implementation="eager")
+    model = _randomise(torch, transformers.LlamaForCausalLM(cfg), seed=11)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tokens = np.random.default_rng(1).integers(0, 96, size=T)
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens[None], dtype=torch.long)).logits[0].numpy()
+    _assert_close_to(ref, lmdecode.Model.load(tmp_path).logits(tokens))
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    _assert_close_to(ref, lmdecode.Model.from_numpy(model.config.to_dict(), state).logits(tokens))
+    plain = dict(model.config.to_dict(), rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    with pytest.raises(AssertionError):
+        _assert_close_to(ref, lmdecode.Model.from_numpy(plain, state).logits(tokens), 1e-2)
+
+
+def test_llama3_rope_factors_by_hand():
+    """The factors for ROPE_SCALINGS["llama3"] worked out by hand: frequency 1 (wavelength
+    2 pi 10000^(1/8) = 19.87) has s = (32 / 19.87 - 1) / 3 = 0.2035 and the factor
+    1 / ((1 - s) / 8 + s) = 3.2996; frequency 0 is kept, the rest are divided by 8."""
+    from lmdecode import loaders
+    factors = loaders.hf_rope_freq_factors("config.json", ROPE_SCALINGS["llama3"], 16, 10000.0)
+    np.testing.assert_allclose(factors, [1.0, 3.2996, 8, 8, 8, 8, 8, 8], rtol=1e-4)
+    np.testing.assert_array_equal(loaders.hf_rope_freq_factors("c", ROPE_SCALINGS["linear"], 6, 1e4), [2.5] * 3)
+    assert loaders.hf_rope_freq_factors("c", {"rope_type": "default"}, 16, 1e4) is None
+
+
+@pytest.mark.parametrize("rope,message", [
+    ({"rope_type": "yarn", "factor": 4.0}, r"rope scaling type 'yarn' is not supported \(linear, llama3\)"),
+    ({"rope_type": "dynamic", "factor": 2.0}, r"rope scaling type 'dynamic' is not supported"),
+    ({"rope_type": "linear"}, r"rope scaling 'linear': factor \(=None\) must be a positive number"),
+    ({"rope_type": "linear", "factor": -1}, r"rope scaling 'linear': factor \(=-1\) must be a positive number"),
+    (dict(ROPE_SCALINGS["llama3"], high_freq_factor=1.0),
+     r"rope scaling 'llama3': high_freq_factor \(=1\.0\) must exceed low_freq_factor \(=1\.0\)"),
+    (dict(ROPE_SCALINGS["llama3"], original_max_position_embeddings="8k"),
+     r"rope scaling 'llama3': original_max_position_embeddings \(='8k'\) must be a positive number"),
+])
+def test_unsupported_rope_scaling(rope, message):
+    cfg = dict(LLAMA_CONFIG, rope_scaling=rope)
+    with pytest.raises(ValueError, match=r"from_numpy config: " + message):
+        lmdecode.Model.from_numpy(cfg, {})
+
+
 LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                 "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}

@@ -1382,6 +1382,7 @@ static int EngineModel_init(EngineModelObject *self, PyObject *args, PyObject *k
         if (!tensor_matrix(tensors, "token_embedding", &w.token_embedding) ||
             !tensor_matrix(tensors, "output", &w.output) ||
             !tensor_vector(tensors, "position_embedding", (npy_intp)cfg.context_length * D, &w.position_embedding) ||
+            !tensor_vector(tensors, "rope_freq_factors", (npy_intp)(cfg.head_dim / 2), &w.rope_freq_factors) ||
             !tensor_vector(tensors, "final_norm", D, &w.final_norm) ||
             !tensor_vector(tensors, "final_norm_bias", D, &w.final_norm_bias))
             goto fail;

@@ -260,7 +260,7 @@ def expected_shapes(config: dict) -> dict:
     Q = config["n_heads"] * config["head_dim"]
     K = config["n_kv_heads"] * config["head_dim"]
     shapes = {"token_embedding": (V, D), "output": (V, D), "final_norm": (D,), "final_norm_bias": (D,),
-              "position_embedding": (config["context_length"], D)}
+              "position_embedding": (config["context_length"], D), "rope_freq_factors": (config["head_dim"] // 2,)}
     for i in range(config["n_layers"]):
         p = f"layers.{i}."
         shapes.update({p + "attn_norm": (D,), p + "attn_norm_bias": (D,), p + "wq": (Q, D), p + "wk": (K, D),
@@ -501,8 +501,9 @@ def read_gguf(path: Path):
     if arch == "llama":
         eps = meta_float("llama.attention.layer_norm_rms_epsilon", 1e-5)
         theta = meta_float("llama.rope.freq_base", 10000.0)
-        if meta("llama.rope.scaling.type", "none") not in ("none", None):
-            _fail(path, f"rope scaling {meta('llama.rope.scaling.type')!r} is not supported")
+        scaling = meta("llama.rope.scaling.type", "none")
+        if scaling not in ("none", None, "linear"):
+            _fail(path, f"rope scaling {scaling!r} is not supported (linear, or Llama 3's rope_freqs tensor)")
     else:
         eps = meta_float("gpt2.attention.layer_norm_epsilon", 1e-5)
         theta = 10000.0
@@ -551,9 +552,9 @@ def read_gguf(path: Path):
                 continue
             elif arch == "gpt2" and (base, suffix) in GGUF_GPT2_NAMES:
                 name = f"layers.{layer}.{GGUF_GPT2_NAMES[(base, suffix)]}"
+        if t.name == "rope_freqs.weight" and arch == "llama":
+            name = "rope_freq_factors"  # Llama 3's RoPE scaling: factors dividing the frequencies
         if name is None:
-            if t.name.startswith("rope_freqs"):
-                continue
             _fail(path, f"tensor {t.name!r} is not part of a supported {arch} model")
         tensors[name] = src
         file_names[name] = t.name
@@ -580,6 +581,14 @@ def read_gguf(path: Path):
             shape = (dim, dim) if suffix == "weight" else (dim,)
             tensors[f"layers.{layer}.{short}"] = Source(src.kind, piece.reshape(shape), shape)
             file_names[f"layers.{layer}.{short}"] = file_name
+    if arch == "llama" and scaling == "linear":
+        if "rope_freq_factors" in tensors:
+            _fail(path, "linear rope scaling and a rope_freqs tensor together are not supported")
+        factor = meta_float("llama.rope.scaling.factor", 1.0)
+        if not (factor > 0 and math.isfinite(factor)):
+            _fail(path, f"GGUF metadata 'llama.rope.scaling.factor' (={factor}) must be a positive number")
+        factors = np.full(head_dim // 2, factor, dtype=np.float32)
+        tensors["rope_freq_factors"] = Source("f32", factors, factors.shape)
     config = dict(arch=arch, vocab_size=vocab, dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads,
                   n_kv_heads=n_kv_heads, head_dim=head_dim, context_length=context, norm_eps=eps, rope_theta=theta,
                   rope_layout="adjacent", tied_embeddings=tied,
@@ -708,10 +717,9 @@ def hf_config(path, cfg: dict) -> dict:
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         _fail(path, f"config rope parameters (={rope!r}) must be an object")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        _fail(path, f"rope scaling type {rope_type!r} is not supported")
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    head_dim = optional("head_dim", dim // n_heads)
+    factors = hf_rope_freq_factors(path, rope, head_dim, real("rope_theta", theta))
     if real("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         _fail(path, "partial rotary embeddings are not supported")
     if flag("mlp_bias", False):
@@ -726,15 +734,53 @@ def hf_config(path, cfg: dict) -> dict:
     return dict(arch="llama", vocab_size=need("vocab_size"), dim=dim, hidden_dim=need("intermediate_size"),
                 n_layers=need("num_hidden_layers"), n_heads=n_heads,
                 n_kv_heads=optional("num_key_value_heads", n_heads),
-                head_dim=optional("head_dim", dim // n_heads),
+                head_dim=head_dim,
                 context_length=context,
                 norm_eps=real("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)), rope_theta=real("rope_theta", theta),
-                rope_layout="half",
+                rope_layout="half", rope_freq_factors=factors,
                 tied_embeddings=flag("tie_word_embeddings", False),
                 bos_token_id=token_ids("bos_token_id"), eos_token_id=token_ids("eos_token_id"),
                 # the biases the architecture has, which a checkpoint must not leave out
                 required_biases=("bq", "bk", "bv") if arch == "Qwen2ForCausalLM"
                 else ("bq", "bk", "bv", "bo") if flag("attention_bias", False) else ())
+
+
+def hf_rope_freq_factors(path, rope: dict, head_dim: int, theta: float) -> np.ndarray | None:
+    """The (head_dim / 2,) factors that divide the rotary frequencies base^(-2i/head_dim) for the
+    RoPE scalings of Hugging Face configs the engine runs (None for plain RoPE):
+    - "linear": every frequency divided by `factor` (positions interpolated);
+    - "llama3" (Llama 3.1 and later): frequencies whose wavelength 2 pi / f exceeds
+      original_max_position_embeddings / low_freq_factor divided by `factor`, those under
+      original_max_position_embeddings / high_freq_factor kept, and between them
+      f / ((1 - s) / factor + s) with s = (original_max_position_embeddings / wavelength -
+      low_freq_factor) / (high_freq_factor - low_freq_factor), as transformers computes them
+      (and as llama.cpp writes them into a GGUF's rope_freqs tensor).
+    Other types (dynamic, yarn, longrope...) change the attention too and are refused."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in ("default", None):
+        return None
+    if rope_type not in ("linear", "llama3"):
+        _fail(path, f"rope scaling type {rope_type!r} is not supported (linear, llama3)")
+
+    def positive(key):
+        value = rope.get(key)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
+            _fail(path, f"rope scaling {rope_type!r}: {key} (={value!r}) must be a positive number")
+        return float(value)
+
+    factor = positive("factor")
+    if rope_type == "linear":
+        return np.full(head_dim // 2, factor, dtype=np.float32)
+    low, high = positive("low_freq_factor"), positive("high_freq_factor")
+    old_context = positive("original_max_position_embeddings")
+    if not high > low:
+        _fail(path, f"rope scaling 'llama3': high_freq_factor (={high}) must exceed low_freq_factor (={low})")
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (old_context / wavelength - low) / (high - low)
+    factors = np.where(wavelength > old_context / low, factor,
+                       np.where(wavelength < old_context / high, 1.0, 1.0 / ((1 - smooth) / factor + smooth)))
+    return factors.astype(np.float32)
 
 
 HF_LLAMA_LAYER = {"input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "wq",
@@ -810,6 +856,10 @@ def map_hf_tensors(path, config: dict, named: dict) -> tuple:
     if "output" not in tensors and "token_embedding" in tensors:
         tensors["output"] = tensors["token_embedding"]
         config["tied_embeddings"] = True
+    factors = config.get("rope_freq_factors")
+    if factors is not None:  # from the config's rope scaling, not a parameter
+        tensors["rope_freq_factors"] = Source("f32", factors, factors.shape)
+        file_names["rope_freq_factors"] = "rope scaling (config)"
     for name in required_names(config):  # a missing tensor is reported by its Hugging Face name
         if name not in file_names:
             file_names[name] = _hf_name(name, gpt2)
