@@ -369,6 +369,15 @@ def test_gpt2_gguf_matches_from_numpy(tmp_path):
     assert from_file.config.arch == "gpt2" and from_file.config.tied_embeddings
     toks = _tokens(P, V, seed=5)
     np.testing.assert_allclose(from_file.logits(toks), from_arrays.logits(toks), rtol=0, atol=1e-5)
+    # a quantized fused qkv splits into q, k and v by rows of blocks
+    kinds = {k: (np.asarray(v, np.float32), "Q8_0" if k.endswith("attn_qkv.weight") else "F32") for k, v in gg.items()}
+    _write_gguf(tmp_path / "gpt2_q8.gguf", "gpt2", meta, kinds)
+    for i in range(L):
+        fused = np.ascontiguousarray(hf[f"transformer.h.{i}.attn.c_attn.weight"].T)
+        hf[f"transformer.h.{i}.attn.c_attn.weight"] = np.ascontiguousarray(
+            gguf.quants.dequantize(gguf.quants.quantize(fused, Q.Q8_0), Q.Q8_0).T)
+    np.testing.assert_allclose(lmdecode.Model.load(tmp_path / "gpt2_q8.gguf", dtype="f32").logits(toks),
+                               lmdecode.Model.from_numpy(config, hf).logits(toks), rtol=0, atol=1e-5)
 
 
 def test_untied_llama2c_export(tmp_path):
@@ -469,10 +478,10 @@ def test_gguf_tensor_off_the_file_alignment(tmp_path):
 def test_unsupported_gguf_tensor_type(tmp_path):
     reader = gguf.GGUFReader(str(STORIES_GGUF))
     meta = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.")}
-    tensors = {t.name: (np.array(t.data), "Q5_0" if t.name == "blk.0.attn_q.weight" else "F32") for t in reader.tensors}
-    _write_gguf(tmp_path / "q5.gguf", "llama", meta, tensors)
-    with pytest.raises(ValueError, match=r"q5\.gguf: tensor 'blk\.0\.attn_q\.weight' has type Q5_0, not supported"):
-        lmdecode.Model.load(tmp_path / "q5.gguf")
+    tensors = {t.name: (np.array(t.data), "MXFP4" if t.name == "blk.0.attn_q.weight" else "F32") for t in reader.tensors}
+    _write_gguf(tmp_path / "mxfp4.gguf", "llama", meta, tensors)
+    with pytest.raises(ValueError, match=r"mxfp4\.gguf: tensor 'blk\.0\.attn_q\.weight' has type MXFP4, not supported"):
+        lmdecode.Model.load(tmp_path / "mxfp4.gguf")
 
 
 def test_unsupported_gguf_architecture(tmp_path):

@@ -38,6 +38,8 @@ from . import _core
 Q8_0_BLOCK = 32
 Q8_0_BLOCK_BYTES = 34
 STORAGE_DTYPES = ("f32", "bf16", "f16", "q8_0", "q4_0", "q4_1")
+# quantized file types with more than 4 bits a weight: q8_0 in q4 storage, never rounded to 4 bits
+FINER_THAN_4_BITS = frozenset({"q8_0", "q5_0", "q5_1", "q5_k", "q6_k"})
 # bytes of a llama.cpp Q4_0 / Q4_1 block; the engine's arrays hold one numpy void item per block
 Q4_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20}
 MATRIX_SUFFIXES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -47,8 +49,9 @@ MATRIX_SUFFIXES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 class Source:
     """One tensor as stored in a file.
 
-    kind: "f32", "f16", "bf16" (data is uint16 bits), "q8_0", "q4_0", "q4_1" (data is the raw
-    uint8 blocks, one row per output feature); shape: the logical (rows, cols) or (n,).
+    kind: "f32", "f16", "bf16" (data is uint16 bits), or a GGUF quantized type in lower case
+    ("q8_0", "q4_0", "q4_1", "q6_k", ...; data is the raw uint8 blocks, one row per output
+    feature); shape: the logical (rows, cols) or (n,).
     """
 
     kind: str
@@ -86,8 +89,7 @@ def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
 def _dequantize_gguf(src: Source) -> np.ndarray:
     from gguf import GGMLQuantizationType, quants
 
-    qtype = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0,
-             "q4_1": GGMLQuantizationType.Q4_1}[src.kind]
+    qtype = GGMLQuantizationType[src.kind.upper()]
     return np.ascontiguousarray(quants.dequantize(src.data, qtype), dtype=np.float32).reshape(src.shape)
 
 
@@ -105,12 +107,13 @@ def to_f32(src: Source) -> np.ndarray:
 def default_storage(tensors: dict) -> str:
     """f32 sources stay f32, bf16 stays bf16, f16 stays f16 (when every matrix is f16: the values
     of any f32 ones would be rounded; else f32, exact). Quantized files keep their Q4_0 or Q4_1
-    blocks when those are their only 4-bit kind (their Q8_0 matrices, such as a token embedding
-    llama.cpp keeps finer, stay Q8_0: matrix_storage); else they become q8_0."""
+    blocks when those are their only kind of 4 bits or fewer (their matrices of finer types, such
+    as the Q8_0 token embedding or Q6_K output head llama.cpp keeps finer, become q8_0:
+    matrix_storage); else they become q8_0 (k-quants and other types, read from their values)."""
     kinds = {src.kind for name, src in tensors.items() if is_matrix(name)}
     quantized = kinds - {"f32", "f16", "bf16"}
     for q4 in ("q4_0", "q4_1"):
-        if q4 in quantized and quantized <= {q4, "q8_0"}:
+        if q4 in quantized and quantized <= {q4} | FINER_THAN_4_BITS:
             return q4
     if quantized:
         return "q8_0"
@@ -126,15 +129,16 @@ def matrix_storage(src: Source, dtype: str, name: str = "tensor") -> np.ndarray:
 
     Q8_0, Q4_0 and Q4_1 need a multiple of 32 columns; narrower or odd tensors stay float32 (as
     llama.cpp's quantizer also leaves them), which is documented in Model.load. In q4 storage a
-    file's Q8_0 matrices stay Q8_0 (finer; the file's choice) and its blocks of the same kind are
-    packed unchanged; float matrices are quantized as llama.cpp's reference quantizer does, and
-    must be finite. Values that f16 cannot hold (beyond +-65504) are a ValueError naming the
+    file's matrices of finer quantized types (Q8_0, Q5_*, Q6_K: the file's choice) are q8_0 and
+    its blocks of the same kind are packed unchanged; float matrices and other quantized types
+    (read from their values, dequantized by the gguf package) are quantized as llama.cpp's
+    reference quantizer does, and must be finite. Values that f16 cannot hold (beyond +-65504) are a ValueError naming the
     tensor, not infinities; so are non-finite values for q4.
     """
     rows, cols = src.shape
     if dtype in ("q8_0", "q4_0", "q4_1") and cols % Q8_0_BLOCK != 0:
         dtype = "f32"
-    if dtype in Q4_BLOCK_BYTES and src.kind == "q8_0":
+    if dtype in Q4_BLOCK_BYTES and src.kind in FINER_THAN_4_BITS:
         dtype = "q8_0"
     if dtype in Q4_BLOCK_BYTES:
         item = np.dtype(f"V{Q4_BLOCK_BYTES[dtype]}")
@@ -441,7 +445,12 @@ def find_llama2c_tokenizer(model_path: Path, vocab_size: int):
 # GGUF
 # ----------------------------------------------------------------------------------------------
 
-GGUF_KINDS = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+# GGUF tensor types: the float ones and those the engine stores natively (Q8_0, Q4_0, Q4_1), and
+# the other quantized types, which the gguf package dequantizes at load (then stored as `dtype`
+# asks, q8_0 by default): the 5-bit, k-quant and 4-bit non-linear types of llama.cpp's usual files
+GGUF_KINDS = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1",
+              **{name: name.lower() for name in ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                                                 "IQ4_NL", "IQ4_XS")}}
 GGUF_LLAMA_NAMES = {"attn_norm": "attn_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
                     "ffn_norm": "ffn_norm", "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down"}
 GGUF_GPT2_NAMES = {("attn_norm", "weight"): "attn_norm", ("attn_norm", "bias"): "attn_norm_bias",
@@ -570,16 +579,16 @@ def read_gguf(path: Path):
     for (layer, suffix), (file_name, src) in qkv.items():
         # fused (3D, D) projection / (3D,) bias: q, k and v are consecutive row ranges
         rows = src.shape[0]
-        if rows != 3 * dim or (suffix == "weight" and src.shape[1] != dim) or src.kind not in ("f32", "f16", "bf16"):
-            if src.kind not in ("f32", "f16", "bf16"):
-                _fail(path, f"tensor {file_name!r}: fused qkv of type {src.kind} is not supported")
+        if rows != 3 * dim or (suffix == "weight" and src.shape[1] != dim):
             _fail(path, f"tensor {file_name!r} has shape {src.shape}, expected ({3 * dim}, {dim})")
         names = ("wq", "wk", "wv") if suffix == "weight" else ("bq", "bk", "bv")
-        flat = src.data.reshape(rows, -1)
+        flat = src.data.reshape(rows, -1)  # a quantized tensor's rows of blocks stay bytes
         for j, short in enumerate(names):
             piece = flat[j * dim:(j + 1) * dim]
             shape = (dim, dim) if suffix == "weight" else (dim,)
-            tensors[f"layers.{layer}.{short}"] = Source(src.kind, piece.reshape(shape), shape)
+            if src.kind in ("f32", "f16", "bf16"):
+                piece = piece.reshape(shape)
+            tensors[f"layers.{layer}.{short}"] = Source(src.kind, piece, shape)
             file_names[f"layers.{layer}.{short}"] = file_name
     if arch == "llama" and scaling == "linear":
         if "rope_freq_factors" in tensors:
