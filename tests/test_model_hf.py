@@ -107,6 +107,48 @@ def test_sharded_checkpoint(hf, tmp_path):
         lmdecode.Model.load(tmp_path)
 
 
+def test_qwen2_gguf_matches_transformers(tmp_path):
+    """A Qwen2 written as llama.cpp's converter writes one (arch qwen2, q/k/v biases, q and k rows
+    unpermuted: rotate-half RoPE, tied head) loads to the oracle's logits."""
+    gguf = pytest.importorskip("gguf")
+    torch, transformers = require_transformers()
+    model = _build("qwen2", torch, transformers)
+    cfg = model.config
+    tokens = np.random.default_rng(2).integers(0, 96, size=T)
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens[None], dtype=torch.long)).logits[0].numpy()
+    state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    w = gguf.GGUFWriter(str(tmp_path / "qwen2.gguf"), "qwen2")
+    for key, value in {"embedding_length": cfg.hidden_size, "block_count": cfg.num_hidden_layers,
+                       "attention.head_count": cfg.num_attention_heads,
+                       "attention.head_count_kv": cfg.num_key_value_heads,
+                       "feed_forward_length": cfg.intermediate_size,
+                       "context_length": cfg.max_position_embeddings}.items():
+        w.add_uint32(f"qwen2.{key}", value)
+    w.add_float32("qwen2.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    w.add_float32("qwen2.rope.freq_base", cfg.rope_parameters["rope_theta"])
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    layer_names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                   "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                   "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                   "mlp.down_proj": "ffn_down"}
+    for name, arr in state.items():
+        if name == "lm_head.weight":
+            continue  # tied
+        if name not in names:
+            _, _, idx, rest = name.split(".", 3)
+            module, suffix = rest.rsplit(".", 1)
+            names[name] = f"blk.{idx}.{layer_names[module]}.{suffix}"
+        w.add_tensor(names[name], arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    loaded = lmdecode.Model.load(tmp_path / "qwen2.gguf")
+    assert loaded.config.rope_layout == "half" and loaded.config.tied_embeddings
+    _assert_close_to(ref, loaded.logits(tokens))
+
+
 # head size 16, base 10000: wavelengths 2 pi 10000^(2i/16) = 6.3, 20, 63, 199, ... positions. An
 # original context of 32 keeps the first (under 32 / high_freq_factor), smooths the second (between
 # 32 / 4 and 32 / 1) and divides the rest by the factor.

@@ -461,7 +461,9 @@ GGUF_GPT2_NAMES = {("attn_norm", "weight"): "attn_norm", ("attn_norm", "bias"): 
 
 
 def read_gguf(path: Path):
-    """GGUF v2/v3, llama and gpt2 architectures, parsed by the `gguf` package (memory mapped)."""
+    """GGUF v2/v3, llama, qwen2 and gpt2 architectures, parsed by the `gguf` package (memory
+    mapped). qwen2 is the llama family with q/k/v biases and the rotate-half RoPE layout: llama.cpp's
+    converter permutes a Llama's q and k rows into adjacent pairs, not a Qwen2's."""
     try:
         from gguf import GGUFReader
     except ImportError as e:  # pragma: no cover - gguf is a runtime dependency
@@ -499,18 +501,19 @@ def read_gguf(path: Path):
     if version not in (2, 3):
         _fail(path, f"GGUF version {version} is not supported (2 or 3)")
     arch = meta("general.architecture", required=True)
-    if arch not in ("llama", "gpt2"):
-        _fail(path, f"architecture {arch!r} is not supported (llama, gpt2)")
+    if arch not in ("llama", "qwen2", "gpt2"):
+        _fail(path, f"architecture {arch!r} is not supported (llama, qwen2, gpt2)")
+    family = "gpt2" if arch == "gpt2" else "llama"
     dim = meta_int(f"{arch}.embedding_length", required=True)
     n_layers = meta_int(f"{arch}.block_count", required=True)
     n_heads = meta_int(f"{arch}.attention.head_count", required=True)
     n_kv_heads = meta_int(f"{arch}.attention.head_count_kv", n_heads)
     hidden = meta_int(f"{arch}.feed_forward_length", 4 * dim)
     context = meta_int(f"{arch}.context_length", required=True)
-    if arch == "llama":
-        eps = meta_float("llama.attention.layer_norm_rms_epsilon", 1e-5)
-        theta = meta_float("llama.rope.freq_base", 10000.0)
-        scaling = meta("llama.rope.scaling.type", "none")
+    if family == "llama":
+        eps = meta_float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+        theta = meta_float(f"{arch}.rope.freq_base", 10000.0)
+        scaling = meta(f"{arch}.rope.scaling.type", "none")
         if scaling not in ("none", None, "linear"):
             _fail(path, f"rope scaling {scaling!r} is not supported (linear, or Llama 3's rope_freqs tensor)")
     else:
@@ -519,7 +522,7 @@ def read_gguf(path: Path):
     if n_heads < 1 or dim % n_heads:
         _fail(path, f"embedding_length (={dim}) is not a multiple of head_count (={n_heads})")
     head_dim = meta_int(f"{arch}.attention.key_length", dim // n_heads)
-    if arch == "llama" and meta_int("llama.rope.dimension_count", head_dim) != head_dim:
+    if family == "llama" and meta_int(f"{arch}.rope.dimension_count", head_dim) != head_dim:
         _fail(path, "partial rotary embeddings (rope.dimension_count < head size) are not supported")
 
     tensors, file_names, qkv = {}, {}, {}
@@ -552,16 +555,16 @@ def read_gguf(path: Path):
             name = "final_norm_bias"
         elif len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit():
             layer, base, suffix = int(parts[1]), parts[2], parts[3]
-            if arch == "llama" and suffix == "weight" and base in GGUF_LLAMA_NAMES:
+            if family == "llama" and suffix == "weight" and base in GGUF_LLAMA_NAMES:
                 name = f"layers.{layer}.{GGUF_LLAMA_NAMES[base]}"
-            elif arch == "llama" and suffix == "bias" and base in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            elif family == "llama" and suffix == "bias" and base in ("attn_q", "attn_k", "attn_v", "attn_output"):
                 name = f"layers.{layer}.b{ {'attn_q': 'q', 'attn_k': 'k', 'attn_v': 'v', 'attn_output': 'o'}[base]}"
             elif arch == "gpt2" and base == "attn_qkv":
                 qkv[(layer, suffix)] = (t.name, src)
                 continue
             elif arch == "gpt2" and (base, suffix) in GGUF_GPT2_NAMES:
                 name = f"layers.{layer}.{GGUF_GPT2_NAMES[(base, suffix)]}"
-        if t.name == "rope_freqs.weight" and arch == "llama":
+        if t.name == "rope_freqs.weight" and family == "llama":
             name = "rope_freq_factors"  # Llama 3's RoPE scaling: factors dividing the frequencies
         if name is None:
             _fail(path, f"tensor {t.name!r} is not part of a supported {arch} model")
@@ -590,18 +593,19 @@ def read_gguf(path: Path):
                 piece = piece.reshape(shape)
             tensors[f"layers.{layer}.{short}"] = Source(src.kind, piece, shape)
             file_names[f"layers.{layer}.{short}"] = file_name
-    if arch == "llama" and scaling == "linear":
+    if family == "llama" and scaling == "linear":
         if "rope_freq_factors" in tensors:
             _fail(path, "linear rope scaling and a rope_freqs tensor together are not supported")
-        factor = meta_float("llama.rope.scaling.factor", 1.0)
+        factor = meta_float(f"{arch}.rope.scaling.factor", 1.0)
         if not (factor > 0 and math.isfinite(factor)):
-            _fail(path, f"GGUF metadata 'llama.rope.scaling.factor' (={factor}) must be a positive number")
+            _fail(path, f"GGUF metadata '{arch}.rope.scaling.factor' (={factor}) must be a positive number")
         factors = np.full(head_dim // 2, factor, dtype=np.float32)
         tensors["rope_freq_factors"] = Source("f32", factors, factors.shape)
-    config = dict(arch=arch, vocab_size=vocab, dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads,
+    config = dict(arch=family, vocab_size=vocab, dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads,
                   n_kv_heads=n_kv_heads, head_dim=head_dim, context_length=context, norm_eps=eps, rope_theta=theta,
-                  rope_layout="adjacent", tied_embeddings=tied,
-                  bos_token_id=meta("tokenizer.ggml.bos_token_id"), eos_token_id=meta("tokenizer.ggml.eos_token_id"))
+                  rope_layout="half" if arch == "qwen2" else "adjacent", tied_embeddings=tied,
+                  bos_token_id=meta("tokenizer.ggml.bos_token_id"), eos_token_id=meta("tokenizer.ggml.eos_token_id"),
+                  required_biases=("bq", "bk", "bv") if arch == "qwen2" else ())
     check_config(path, config)
     check_tensors(path, config, tensors, file_names)
     # the tokenizer's metadata as plain values: the reader's parsed fields take ~90 MB for a
