@@ -279,6 +279,9 @@ def test_q4_storage_of_float_weights(tmp_path):
     bad["layers.1.wk"][3, 5] = np.inf
     with pytest.raises(ValueError, match=r"layers\.1\.wk: non-finite values cannot be stored as q4_0"):
         loaders.to_storage({k: loaders.Source("f32", v, v.shape) for k, v in bad.items()}, "q4_0")
+    bad["layers.1.wk"][3, 5] = np.nan  # q8_0 refuses them too: a NaN would have become a zero
+    with pytest.raises(ValueError, match=r"layers\.1\.wk: non-finite values cannot be stored as q8_0"):
+        loaders.to_storage({k: loaders.Source("f32", v, v.shape) for k, v in bad.items()}, "q8_0")
     q8 = loaders.read_gguf(_stories_as("Q8_0", q8_path))[1]
     assert loaders.to_storage(q8, "q4_1")["layers.0.wq"].dtype == np.uint8  # Q8_0 kept
 
