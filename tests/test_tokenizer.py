@@ -2,12 +2,13 @@
 streaming without split characters, and corrupt files."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 import lmdecode as ld
-from lmdecode.tokenizer import ScoreBPETokenizer, load_tokenizer
+from lmdecode.tokenizer import _UNICODE_TO_BYTE, ScoreBPETokenizer, Tokenizer, _byte_unicode_table, load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = SHARED / "models"
@@ -93,6 +94,142 @@ def test_hf_tokenizer_json(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<s>", ')
     with pytest.raises(ValueError, match=r"tokenizer_config\.json: not valid JSON"):
         load_tokenizer(tmp_path)
+
+
+# llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp, llm_tokenizer_bpe's regex_exprs per
+# LLAMA_VOCAB_PRE_TYPE_*), written out here rather than imported so that a slip in lmdecode's copy
+# shows up; keyed by one tokenizer.ggml.pre name of each type
+GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+         r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA_CPP_REGEXES = {
+    None: [r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],  # DEFAULT: no tokenizer.ggml.pre
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
+    "gpt-2": [GPT2],
+    "smollm": [r"\p{N}", GPT2],
+    "starcoder": [r"\p{N}", GPT2],
+    "llama-bpe": [LLAMA3],
+    "llama3": [LLAMA3],
+    "qwen2": [QWEN2],
+    "deepseek-r1-qwen": [QWEN2],
+}
+# texts on which the types split differently: digit runs, upper-case contractions (which only
+# change the pieces when letters follow, as in O'TOOLE), whitespace before newlines, punctuation
+# before letters and newlines, non-ASCII letters and digits (Arabic-Indic, fractions, Roman
+# numerals, superscripts)
+PRE_TOKENIZER_TEXTS = [
+    "I'm 12345 HELLO's\n\n  x!!abc  \r\n 3.14",
+    "DON'T WE'LL YOU'RE i'VE THEY'D it's O'SULLIVAN O'TOOLE",
+    "1 12 123 1234 12345 123456 1234567",
+    "a\n  \n\tb   c.\r\n\r\n  ",
+    "!!abc ?x ,y ...z",
+    "ÄÖ ٣٤٥ ¼½ Ⅻ x² 日本語",
+    "$100+200=300 |~^ a<b>c",
+]
+BYTE_LEVEL = _byte_unicode_table()  # byte -> the character byte-level vocabularies spell it with
+
+
+def llama_cpp_split(patterns: list[str], text: str) -> list[str]:
+    """llama.cpp's unicode_regex_split: each regex in turn cuts every piece into its matches and
+    the stretches between them (which stay pieces too)."""
+    import regex  # the third-party module: \p{L}, \p{N} as llama.cpp and the tokenizers library read them
+
+    pieces = [text]
+    for pattern in patterns:
+        cut = []
+        for piece in pieces:
+            at = 0
+            for match in regex.finditer(pattern, piece):
+                cut += [piece[at:match.start()]] if match.start() > at else []
+                cut.append(match.group())
+                at = match.end()
+            cut += [piece[at:]] if at < len(piece) else []
+        pieces = cut
+    return pieces
+
+
+def byte_level_gguf(pre: str | None, tokens: Sequence[str] = (), merges: Sequence[str] = ()) -> dict:
+    """tokenizer.* metadata of a GGUF "gpt2" vocabulary: the 256 byte-level characters (token id =
+    byte value), then tokens."""
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [BYTE_LEVEL[b] for b in range(256)] + list(tokens),
+            "tokenizer.ggml.merges": list(merges)}
+    if pre is not None:
+        meta["tokenizer.ggml.pre"] = pre
+    return meta
+
+
+def pre_tokenized(pre: str | None, text: str) -> list[str]:
+    """The pieces that the tokenizer of a GGUF vocabulary with this tokenizer.ggml.pre cuts text
+    into before its merges, as text."""
+    backend = Tokenizer.from_gguf_metadata(byte_level_gguf(pre)).backend
+    return [bytes(_UNICODE_TO_BYTE[c] for c in piece).decode("utf-8")
+            for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+
+
+@pytest.mark.parametrize("pre", LLAMA_CPP_REGEXES)
+def test_gguf_pre_tokenizers_split_as_llama_cpp(pre):
+    for text in PRE_TOKENIZER_TEXTS:
+        assert pre_tokenized(pre, text) == llama_cpp_split(LLAMA_CPP_REGEXES[pre], text), text
+
+
+def test_gguf_pre_tokenizer_types_differ_on_the_texts():
+    """Each type splits some test text differently from each other type, so a tokenizer built
+    with the wrong regexes fails the test above."""
+    kinds = [None, "gpt-2", "smollm", "llama-bpe", "qwen2"]
+    split = {pre: [pre_tokenized(pre, text) for text in PRE_TOKENIZER_TEXTS] for pre in kinds}
+    for i, a in enumerate(kinds):
+        for b in kinds[i + 1:]:
+            assert split[a] != split[b], (a, b)
+    # what the old construction (digits one by one, then GPT-2's regex, for all three) got wrong
+    assert pre_tokenized("llama-bpe", "12345 DON'T") == ["123", "45", " DON", "'T"]
+    assert pre_tokenized("qwen2", "12345 DON'T") == ["1", "2", "3", "4", "5", " DON", "'T"]
+    assert pre_tokenized("gpt-2", "12345 DON'T") == ["12345", " DON", "'", "T"]
+
+
+def test_gguf_byte_level_encode_by_hand(tmp_path):
+    # ids 0-255 are the bytes; then "34" (256), "12" (257), "123" (258) and "abc" (259), which no
+    # merge builds. Merges in rank order: 3+4, 1+2, 12+3.
+    tokens, merges = ["34", "12", "123", "abc"], ["3 4", "1 2", "12 3"]
+    expected = {
+        # "123" "4" "abc": 1+2 then 12+3; "abc" is a token, taken whole (llama.cpp's ignore_merges)
+        "llama-bpe": [258, 52, 259],
+        # the same pieces, but dbrx's vocabularies do not skip the merges
+        "dbrx": [258, 52, 97, 98, 99],
+        # one digit at a time
+        "qwen2": [49, 50, 51, 52, 97, 98, 99],
+        "smollm": [49, 50, 51, 52, 97, 98, 99],
+        # "1234" "abc": 3+4 ranks first, then 1+2, and 12+34 is no merge
+        "gpt-2": [257, 256, 97, 98, 99],
+        # "1234" is cut into "123" "4" by [0-9]{3}
+        None: [258, 52, 97, 98, 99],
+    }
+    for pre, ids in expected.items():
+        tok = Tokenizer.from_gguf_metadata(byte_level_gguf(pre, tokens, merges))
+        assert tok.encode("1234abc", add_bos=False) == ids, pre
+        assert tok.decode(ids) == "1234abc"
+    # the same through a GGUF file (GGUFReader fields rather than plain values)
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "vocab.gguf"), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list([BYTE_LEVEL[b] for b in range(256)] + tokens)
+    w.add_token_merges(merges)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert load_tokenizer(tmp_path / "vocab.gguf").encode("1234abc", add_bos=False) == [258, 52, 259]
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "tekken", "glm4", "LLAMA3", "no-such-pre-tokenizer"])
+def test_gguf_unknown_pre_tokenizer_is_refused(pre):
+    # names llama.cpp refuses too (gpt2, LLAMA3: it matches exactly), and ones it knows but lmdecode
+    # does not implement (tekken's regex; glm4, on which llama.cpp versions disagree)
+    with pytest.raises(ValueError, match=rf"tokenizer\.ggml\.pre='{pre}' \(supported: .*llama-bpe.*qwen2.*smollm"):
+        Tokenizer.from_gguf_metadata(byte_level_gguf(pre))
 
 
 def test_model_tokenizer_and_text_generation():

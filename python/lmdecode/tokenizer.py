@@ -390,25 +390,69 @@ class HFTokenizer(Tokenizer):
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+# llama.cpp's pre-tokenizers for byte-level BPE (src/llama-vocab.cpp, ``llm_tokenizer_bpe``: the
+# ``regex_exprs`` of each ``LLAMA_VOCAB_PRE_TYPE_*``). Each regex in a list splits every piece the
+# previous ones left into its matches and the text between them, as llama.cpp's unicode_regex_split
+# and Hugging Face's ``Split(behavior="isolated")`` both do.
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_PRE_TOKENIZER_REGEXES = {
+    # DEFAULT: punctuation runs, then GPT-2's words, then digit runs cut into threes from the left
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_REGEX, r"\p{N}+", r"[0-9][0-9][0-9]"),
+    "gpt2": (_GPT2_REGEX,),  # GPT2
+    "smollm": (r"\p{N}", _GPT2_REGEX),  # SMOLLM, STARCODER: digits one by one, then GPT-2's words
+    # LLAMA3 (llama.cpp spells Llama-3's "(?i:'s|...)" out as '[sS]' classes): digits in 1-3s, a space
+    # or punctuation mark joins the letters after it, whitespace up to a newline stays with it
+    "llama3": (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    # QWEN2: as LLAMA3 but one digit at a time
+    "qwen2": (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+}
+# tokenizer.ggml.pre -> the regexes llama.cpp gives it (llama_vocab::impl::load), where a file
+# without the key is "default" too. Other names are refused, as llama.cpp refuses them: a guess
+# would tokenize differently from the model's tokenizer without a word.
+_PRE_TOKENIZER_OF_NAME = {
+    "default": "default",
+    **dict.fromkeys(["gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
+                     "mellum", "modern-bert", "exaone4", "mpt", "olmo", "jais", "trillion", "granite-docling"],
+                    "gpt2"),
+    **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"],
+                    "smollm"),
+    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                     "jina-v5-nano", "dbrx", "smaug-bpe"], "llama3"),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open"],
+                    "qwen2"),
+}
+# llama.cpp (and Llama-3's tokenizer.json) take a piece that is itself a token whole, even where
+# the merges would not reach it; for LLAMA3's own names only, not for dbrx or smaug-bpe. (glm4 is
+# left out above: llama.cpp versions disagree on whether it ignores merges.)
+_IGNORES_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                   "jina-v5-nano"}
+
+
 class ByteLevelBPETokenizer(HFTokenizer):
-    """GGUF "gpt2" vocabularies: byte-level BPE built in the tokenizers library."""
+    """GGUF "gpt2" vocabularies: byte-level BPE built in the tokenizers library, pre-tokenized
+    as llama.cpp does for the file's ``tokenizer.ggml.pre``."""
 
     @classmethod
     def from_gguf(cls, reader: Any) -> "ByteLevelBPETokenizer":
         import tokenizers
         from tokenizers import decoders, models, pre_tokenizers
 
+        pre = _gguf_field(reader, "tokenizer.ggml.pre", "") or "default"  # llama.cpp: missing or empty
+        if pre not in _PRE_TOKENIZER_OF_NAME:
+            raise ValueError(f"unsupported GGUF pre-tokenizer tokenizer.ggml.pre={pre!r} "
+                             f"(supported: {', '.join(sorted(_PRE_TOKENIZER_OF_NAME))})")
         tokens = list(_gguf_field(reader, "tokenizer.ggml.tokens"))
         merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges")]
         types = list(_gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
         vocab = {t: i for i, t in enumerate(tokens)}
-        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if _gguf_field(reader, "tokenizer.ggml.pre", "") in ("smollm", "qwen2", "llama3", "llama-bpe"):
-            # these vocabularies split digits one by one before the byte-level regex
-            backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-        else:
-            backend.pre_tokenizer = byte_level
+        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                                  ignore_merges=pre in _IGNORES_MERGES))
+        splits = [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated")
+                  for r in _PRE_TOKENIZER_REGEXES[_PRE_TOKENIZER_OF_NAME[pre]]]
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         backend.decoder = decoders.ByteLevel()
         control = [tokenizers.AddedToken(t, special=True) for t, kind in zip(tokens, types) if kind == 3]
         backend.add_special_tokens(control)
