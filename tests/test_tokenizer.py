@@ -224,6 +224,17 @@ def test_gguf_byte_level_encode_by_hand(tmp_path):
     assert load_tokenizer(tmp_path / "vocab.gguf").encode("1234abc", add_bos=False) == [258, 52, 259]
 
 
+def test_gguf_byte_level_bos_default():
+    """llama.cpp adds a BOS for Llama 3's vocabularies unless tokenizer.ggml.add_bos_token says
+    otherwise; for the others only when it says so."""
+    for pre, add_bos_token, adds in [("llama-bpe", None, True), ("llama-bpe", False, False), ("qwen2", None, False),
+                                     ("qwen2", True, True), ("dbrx", None, False)]:
+        meta = dict(byte_level_gguf(pre, ["<s>"]), **{"tokenizer.ggml.bos_token_id": 256})
+        if add_bos_token is not None:
+            meta["tokenizer.ggml.add_bos_token"] = add_bos_token
+        assert Tokenizer.from_gguf_metadata(meta).encode("ab") == [256] * adds + [97, 98], (pre, add_bos_token)
+
+
 @pytest.mark.parametrize("pre", ["gpt2", "tekken", "glm4", "LLAMA3", "no-such-pre-tokenizer"])
 def test_gguf_unknown_pre_tokenizer_is_refused(pre):
     # names llama.cpp refuses too (gpt2, LLAMA3: it matches exactly), and ones it knows but lmdecode

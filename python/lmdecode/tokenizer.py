@@ -423,10 +423,11 @@ _PRE_TOKENIZER_OF_NAME = {
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open"],
                     "qwen2"),
 }
-# llama.cpp (and Llama-3's tokenizer.json) take a piece that is itself a token whole, even where
-# the merges would not reach it; for LLAMA3's own names only, not for dbrx or smaug-bpe. (glm4 is
-# left out above: llama.cpp versions disagree on whether it ignores merges.)
-_IGNORES_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+# LLAMA3's own names (not dbrx or smaug-bpe): llama.cpp (and Llama-3's tokenizer.json) take a
+# piece that is itself a token whole, even where the merges would not reach it, and add a BOS
+# unless the file's tokenizer.ggml.add_bos_token says otherwise. (glm4 is left out above:
+# llama.cpp versions disagree on whether it ignores merges.)
+_LLAMA3_OWN_NAMES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
                    "jina-v5-nano"}
 
 
@@ -448,7 +449,7 @@ class ByteLevelBPETokenizer(HFTokenizer):
         types = list(_gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
         vocab = {t: i for i, t in enumerate(tokens)}
         backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
-                                                  ignore_merges=pre in _IGNORES_MERGES))
+                                                  ignore_merges=pre in _LLAMA3_OWN_NAMES))
         splits = [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated")
                   for r in _PRE_TOKENIZER_REGEXES[_PRE_TOKENIZER_OF_NAME[pre]]]
         backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -458,7 +459,8 @@ class ByteLevelBPETokenizer(HFTokenizer):
         backend.add_special_tokens(control)
         return cls(backend, bos_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id", None),
                    eos_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id", None),
-                   adds_bos=bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", False)), byte_level=True)
+                   adds_bos=bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", pre in _LLAMA3_OWN_NAMES)),
+                   byte_level=True)
 
 
 # ----------------------------------------------------------------------------
