@@ -132,8 +132,8 @@ def matrix_storage(src: Source, dtype: str, name: str = "tensor") -> np.ndarray:
     file's matrices of finer quantized types (Q8_0, Q5_*, Q6_K: the file's choice) are q8_0 and
     its blocks of the same kind are packed unchanged; float matrices and other quantized types
     (read from their values, dequantized by the gguf package) are quantized as llama.cpp's
-    reference quantizer does, and must be finite. Values that f16 cannot hold (beyond +-65504) are a ValueError naming the
-    tensor, not infinities; so are non-finite values for q8_0 and q4.
+    reference quantizer does, and must be finite. Values that f16 cannot hold (beyond +-65504)
+    are a ValueError naming the tensor, not infinities; so are non-finite values for q8_0 and q4.
     """
     rows, cols = src.shape
     if dtype in ("q8_0", "q4_0", "q4_1") and cols % Q8_0_BLOCK != 0:
