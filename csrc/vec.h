@@ -70,7 +70,20 @@ static inline void vstore_partial(float *p, vf v, int64_t m) {
     memcpy(p, &v, (size_t)m * sizeof(float));
 #endif
 }
-static inline vf vbroadcast(float x) { return (vf){0} + x; }
+/* x in every lane: one broadcast instruction, a plain load when x is in memory. (vf){0} + x
+ * costs a scalar add first, which the compiler must keep (0 + -0 is +0), and a register
+ * shuffle: in the AVX2 f32 panels that was 12 extra operations per 12 multiply-adds. */
+static inline vf vbroadcast(float x) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_set1_ps(x);
+#elif defined(__AVX__)
+    return (vf)_mm256_set1_ps(x);
+#else
+    vf v;
+    for (int i = 0; i < LMD_VEC_LANES; i++) v[i] = x;
+    return v;
+#endif
+}
 
 /* IEEE half (binary16 bits) -> float, exact */
 static inline float half_to_float(uint16_t h) {
