@@ -1083,12 +1083,12 @@ static void matmul_quantized(float *out, const lmd_matrix *w, int B, const void 
  * drifted measurably further from a float64 reference); the blocks cost one load and add
  * per 64 multiply-adds. */
 #define PANEL_LANES LMD_VEC_LANES
-#if LMD_VEC_BYTES == 64
 #define PANEL_TILE_P 4 /* panels x inputs: 24 accumulators in AVX-512's 32 registers */
-#else
-#define PANEL_TILE_P 2 /* 12 accumulators in 16 registers */
-#endif
 #define PANEL_TILE_C 6
+/* With 16 registers (AVX2) a tile of 4 panels takes at most 2 inputs; wider tiles run as two
+ * of half the panels (12 accumulators at most). Decoding keeps 4 chains in flight: with 2,
+ * bf16 panels (two dependent multiply-adds per column pair) waited on the FMA latency. */
+#define PANEL_TILE_SPLIT(np_, nc_) (LMD_VEC_BYTES < 64 && (np_) > 2 && (nc_) > 2)
 #define PANEL_SLICE 64 /* inputs per parallel work item */
 #define PANEL_K_BLOCK 64 /* columns per FMA chain */
 
@@ -1316,12 +1316,21 @@ static ALWAYS_INLINE void item_any_panels(float *out, const float *x, const uint
                                           const int kind) {
     const int bf16 = kind == PANELS_BF16;
     const int64_t steps = bf16 ? BF16_PAIRS(n) : n, block = bf16 ? PANEL_K_BLOCK / 2 : PANEL_K_BLOCK;
-#define PANEL_TILE(np_, nc_)                                                                        \
+#define PANEL_TILE_AT(p_, np_, nc_)                                                                 \
     do {                                                                                           \
         if (bf16)                                                                                  \
-            tile_bf16_panels(out, x, xb, (const uint32_t *)panels, n, d, p0, np_, c0, nc_, k0, k_end); \
+            tile_bf16_panels(out, x, xb, (const uint32_t *)panels, n, d, p_, np_, c0, nc_, k0, k_end); \
         else                                                                                       \
-            tile_panels(out, x, panels, n, d, p0, np_, c0, nc_, k0, k_end, kind == PANELS_F16);     \
+            tile_panels(out, x, panels, n, d, p_, np_, c0, nc_, k0, k_end, kind == PANELS_F16);     \
+    } while (0)
+#define PANEL_TILE(np_, nc_)                                                                        \
+    do {                                                                                           \
+        if (PANEL_TILE_SPLIT(np_, nc_)) {                                                          \
+            PANEL_TILE_AT(p0, (np_) / 2, nc_);                                                     \
+            PANEL_TILE_AT(p0 + (np_) / 2, (np_) - (np_) / 2, nc_);                                 \
+        } else {                                                                                   \
+            PANEL_TILE_AT(p0, np_, nc_);                                                           \
+        }                                                                                          \
     } while (0)
 #define PANEL_TILE_ANY_C(np_)                                                                       \
     switch (nc) {                                                                                   \
@@ -1338,18 +1347,15 @@ static ALWAYS_INLINE void item_any_panels(float *out, const float *x, const uint
             const int64_t k_end = steps - k0 < block ? steps : k0 + block;
             switch (np) {
             case 1: PANEL_TILE_ANY_C(1) break;
-#if PANEL_TILE_P >= 4
             case 2: PANEL_TILE_ANY_C(2) break;
             case 3: PANEL_TILE_ANY_C(3) break;
             default: PANEL_TILE_ANY_C(4) break;
-#else
-            default: PANEL_TILE_ANY_C(2) break;
-#endif
             }
         }
     }
 #undef PANEL_TILE_ANY_C
 #undef PANEL_TILE
+#undef PANEL_TILE_AT
 }
 
 static void item_panels(float *out, const float *x, const uint32_t *xb, const void *panels, int64_t n, int64_t d,
