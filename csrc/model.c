@@ -611,9 +611,11 @@ static inline __attribute__((always_inline)) void value_sums(float *const *out, 
     if (hs == 8 || hs == 16 || hs == 32 || hs == 64 || hs == 128) { /* unrolled register versions */
         /* 16-float vectors where they are one register. With 8-float registers a 16-float
          * accumulator is two, and a head of 64 took twice the registers there are (spilled: the
-         * AVX2 prefill of a 110M Llama spent a quarter of its time here); a head of 16 keeps
-         * them, whose eight sets the query tiles' arithmetic follows (TILE_VALUE_SETS). */
-        if (hs % 16 == 0 && (LMD_VEC_BYTES >= 64 || hs == 16)) {
+         * AVX2 prefill of a 110M Llama spent a quarter of its time here), so heads of 32 and
+         * 64 take 8-float vectors there. A head of 16 keeps 16-float ones, whose eight sets the
+         * query tiles' arithmetic follows (TILE_VALUE_SETS), and so does a head of 128, whose
+         * 16 8-float vectors would exceed the VALUE_CHAINS accumulators. */
+        if (hs == 16 || hs == 128 || (LMD_VEC_BYTES >= 64 && hs % 16 == 0)) {
             if (f16) VALUE_SUMS(v16f, uint16_t, LOAD16_F16, KEEP16, 16);
             else VALUE_SUMS(v16f, float, LOAD16, KEEP16, 16);
         } else {

@@ -493,7 +493,7 @@ def _one_layer_llama(rng, *, n_heads, n_kv_heads, head_dim, context, edit=None):
     return lmdecode.Model.from_numpy(cfg, {k: v.astype(np.float32) for k, v in w.items()})
 
 
-@pytest.mark.parametrize("head_dim", [8, 16, 24, 40, 64])
+@pytest.mark.parametrize("head_dim", [8, 16, 24, 32, 40, 64, 128])
 def test_attention_is_bit_identical_for_any_split_and_head_size(head_dim):
     """A prefill, token-by-token decoding and caches of any block size give the very same
     logits, for head sizes the attention kernels unroll (64: four 16-feature steps) and for
