@@ -739,9 +739,9 @@ def hf_config(path, cfg: dict) -> dict:
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         _fail(path, f"config rope parameters (={rope!r}) must be an object")
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = real("rope_theta", rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     head_dim = optional("head_dim", dim // n_heads)
-    factors = hf_rope_freq_factors(path, rope, head_dim, real("rope_theta", theta))
+    factors = hf_rope_freq_factors(path, rope, head_dim, theta)
     if real("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         _fail(path, "partial rotary embeddings are not supported")
     if flag("mlp_bias", False):
@@ -758,7 +758,7 @@ def hf_config(path, cfg: dict) -> dict:
                 n_kv_heads=optional("num_key_value_heads", n_heads),
                 head_dim=head_dim,
                 context_length=context,
-                norm_eps=real("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)), rope_theta=real("rope_theta", theta),
+                norm_eps=real("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta,
                 rope_layout="half", rope_freq_factors=factors,
                 tied_embeddings=flag("tie_word_embeddings", False),
                 bos_token_id=token_ids("bos_token_id"), eos_token_id=token_ids("eos_token_id"),
