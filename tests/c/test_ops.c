@@ -595,8 +595,9 @@ static void test_matmul_batch_and_thread_invariance(void) {
 
 /* Every output of a q8_0 matmul is bit-identical to lmd_dot_q8_0 of its row in llama.cpp's
  * layout: the same blocks, the same FMAs, whichever tile, group of rows or work item
- * produced it. Rows: three groups of 16 and 5 left over (two work items, the second with a
- * short group); columns: one block, a multiple of 16 blocks, and long rows. */
+ * produced it. Rows: three groups of 16 and 5 left over, and seven and 5 (work items of 2
+ * groups with AVX-512 and of 4 with AVX2, whole and short, the last with a short group);
+ * columns: one block, a multiple of 16 blocks, and long rows. */
 static void test_matmul_q8_0_equals_dot(void) {
     const int64_t cols_q[5] = {32, 768, 1024, 4096, 4128};
     const lmd_dtype dtypes[3] = {LMD_Q8_0, LMD_Q4_0, LMD_Q4_1};
@@ -604,9 +605,9 @@ static void test_matmul_q8_0_equals_dot(void) {
     const int batches[4] = {1, 2, 7, 70};
     test_rng r = {43};
     for (int di = 0; di < 3; di++)
-        for (int ci = 0; ci < 5; ci++) {
+        for (int ci = 0; ci < 10; ci++) {
             const lmd_dtype dtype = dtypes[di];
-            const int64_t n = cols_q[ci], d = 53;
+            const int64_t n = cols_q[ci % 5], d = ci < 5 ? 53 : 117;
             float *wf = malloc((size_t)(d * n) * sizeof(float));
             test_fill(&r, wf, d * n, -1.0f, 1.0f);
             const size_t row_bytes = lmd_row_bytes(dtype, n);
@@ -635,8 +636,8 @@ static void test_matmul_q8_0_equals_dot(void) {
                             mismatches += memcmp(&want, out + b * d + i, sizeof want) != 0;
                         }
                     if (mismatches) {
-                        fprintf(stderr, "matmul %s n=%lld B=%d threads=%d: %d outputs differ from its dot\n",
-                                lmd_dtype_name(dtype), (long long)n, B, threads, mismatches);
+                        fprintf(stderr, "matmul %s d=%lld n=%lld B=%d threads=%d: %d outputs differ from its dot\n",
+                                lmd_dtype_name(dtype), (long long)d, (long long)n, B, threads, mismatches);
                         test_failures++;
                     }
                     free(x);
