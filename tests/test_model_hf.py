@@ -442,6 +442,16 @@ def test_bad_tokens_and_context_overflow(hf):
         model.logits([-1])
     with pytest.raises(TypeError, match="must hold integers"):
         model.logits([1.5])
+    # short lists of Python ints are checked in Python, others through NumPy: the same errors
+    with pytest.raises(TypeError, match="tokens must hold integers, not bool"):
+        model.forward([True], cache)
+    with pytest.raises(ValueError, match=r"tokens\[70\] \(=96\) is outside the vocabulary \[0, 96\)"):
+        model.forward([1] * 70 + [96], cache)
+    with pytest.raises(ValueError, match=r"tokens\[1\] \(=-5\) is outside the vocabulary"):
+        model.forward([np.int64(1), np.int64(-5)], cache)
+    with pytest.raises(TypeError, match="cache must be a KVCache"):
+        model.forward([1], object())
+    assert len(cache) == 0  # the failed calls appended nothing
     model.forward(hf["tokens"][:60], cache)
     ctx = model.config.context_length
     model.forward(np.zeros(ctx - 60, dtype=np.int64), cache)

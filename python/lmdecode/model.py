@@ -69,6 +69,8 @@ from .decoding import _SCORING_BLOCK, DecodingMixin
 
 __all__ = ["Model", "ModelConfig", "KVCache"]
 
+_SHORT = 64  # token lists up to this long are checked element by element in Python (Model._tokens)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -276,16 +278,40 @@ class Model(DecodingMixin):
         return _core.KVPool(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim, block_size, n_blocks, kv_dtype)
 
     def _tokens(self, name, tokens) -> np.ndarray:
+        vocab_size = self.config.vocab_size
+        if type(tokens) is list and 0 < len(tokens) <= _SHORT and all(type(t) is int for t in tokens):
+            # a few Python ints (a decode step): checked here, as NumPy's element-wise
+            # operations take microseconds a call, which tiny models feel
+            for i, t in enumerate(tokens):
+                if t < 0 or t >= vocab_size:
+                    raise ValueError(f"{name}[{i}] (={t}) is outside the vocabulary [0, {vocab_size})")
+            return np.array(tokens, dtype=np.int32)
         arr = np.asarray(tokens)
         if arr.ndim != 1 or arr.size == 0:
             raise ValueError(f"{name} must be a non-empty 1-D sequence of token ids (shape {arr.shape})")
         if not np.issubdtype(arr.dtype, np.integer):
             raise TypeError(f"{name} must hold integers, not {arr.dtype}")
-        bad = (arr < 0) | (arr >= self.config.vocab_size)
+        bad = (arr < 0) | (arr >= vocab_size)
         if bad.any():
             i = int(np.argmax(bad))
-            raise ValueError(f"{name}[{i}] (={int(arr[i])}) is outside the vocabulary [0, {self.config.vocab_size})")
+            raise ValueError(f"{name}[{i}] (={int(arr[i])}) is outside the vocabulary [0, {vocab_size})")
         return arr.astype(np.int32)
+
+    @staticmethod
+    def _logit_rows(logits, n: int) -> np.ndarray:
+        """Which of n new tokens' logits to return, as int32 indices (see :meth:`forward`)."""
+        if isinstance(logits, str) and logits == "last":
+            return np.array([n - 1], dtype=np.int32)
+        if isinstance(logits, str) and logits == "all":
+            return np.arange(n, dtype=np.int32)
+        if logits is None:
+            return np.zeros(0, dtype=np.int32)
+        want = np.asarray(logits)
+        if want.ndim != 1 or not np.issubdtype(want.dtype, np.integer):
+            raise ValueError(f"logits must be 'last', 'all', None or a 1-D int array (got {logits!r})")
+        if want.size and (want.min() < 0 or want.max() >= n):
+            raise ValueError(f"logits indices must be in [0, {n}) (got {want.tolist()})")
+        return want.astype(np.int32)
 
     def _check_cache(self, name, cache):
         if not isinstance(cache, KVCache):
@@ -300,7 +326,11 @@ class Model(DecodingMixin):
         of indices into tokens -> (len(indices), vocab); None -> empty (vocab-less) result.
         out: a writable, C-contiguous float32 array of shape (rows asked for, vocab) to write the
         logits into (the result is then a view of it), instead of a new array."""
-        return self.forward_batch([tokens], [cache], logits=logits, out=out)[0]
+        self._check_cache("cache", cache)
+        arr = self._tokens("tokens", tokens)
+        rows = _core.model_forward(self._engine, [cache._seq], arr, np.zeros(arr.size, dtype=np.int32),
+                                   self._logit_rows(logits, arr.size), out)
+        return rows[0] if isinstance(logits, str) and logits == "last" else rows
 
     def forward_batch(self, token_lists, caches, *, logits="last", out=None) -> list:
         """One engine pass over several sequences' new tokens (each weight matrix read once).
@@ -319,21 +349,10 @@ class Model(DecodingMixin):
             self._check_cache(f"caches[{s}]", cache)
             arr = self._tokens(f"tokens[{s}]" if len(caches) > 1 else "tokens", toks)
             n = arr.size
-            if isinstance(logits, str) and logits == "last":
-                want = np.array([n - 1])
-            elif isinstance(logits, str) and logits == "all":
-                want = np.arange(n)
-            elif logits is None:
-                want = np.zeros(0, dtype=np.int64)
-            else:
-                want = np.asarray(logits)
-                if want.ndim != 1 or not np.issubdtype(want.dtype, np.integer):
-                    raise ValueError(f"logits must be 'last', 'all', None or a 1-D int array (got {logits!r})")
-                if want.size and (want.min() < 0 or want.max() >= n):
-                    raise ValueError(f"logits indices must be in [0, {n}) (got {want.tolist()})")
+            want = self._logit_rows(logits, n)
             arrays.append(arr)
             seq_index.append(np.full(n, s, dtype=np.int32))
-            logit_index.append(want.astype(np.int32) + offset)
+            logit_index.append(want + offset)
             splits.append(want.size)
             offset += n
         if len({id(c._seq.pool) for c in caches}) != 1 and len(caches) > 1:
