@@ -6,6 +6,7 @@ import pytest
 
 import lmdecode
 from lmdecode import _core, loaders
+from lmdecode.tokenizer import load_tokenizer
 from reference_model import llama_logits
 
 MODELS = Path(__file__).parents[1] / ".." / "shared" / "models"
@@ -190,6 +191,19 @@ def _stories_with(path, extra_meta=None, extra_tensors=None):
     tensors.update({name: (arr, "F32") for name, arr in (extra_tensors or {}).items()})
     _write_gguf(path, "llama", {**meta, **(extra_meta or {})}, tensors)
     return path
+
+
+def test_gguf_unsupported_tokenizer_names_the_file(tmp_path):
+    """A vocabulary lmdecode cannot tokenize does not stop the model: it runs on token ids, and
+    its tokenizer, built on first use, is refused with the file named."""
+    path = _stories_with(tmp_path / "tekken.gguf",
+                         {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "tekken"})
+    model = lmdecode.Model.load(path)
+    np.testing.assert_array_equal(model.logits([1, 403, 407]), lmdecode.Model.load(STORIES_GGUF).logits([1, 403, 407]))
+    with pytest.raises(ValueError, match=r"tekken\.gguf: unsupported GGUF pre-tokenizer tokenizer\.ggml\.pre='tekken'"):
+        model.generate("Once upon a time", max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"tekken\.gguf: unsupported GGUF pre-tokenizer"):
+        load_tokenizer(path)
 
 
 def test_gguf_rope_scaling(tmp_path):

@@ -96,9 +96,14 @@ class DecodingMixin:
         if getattr(self, "tokenizer_path", None) is not None:
             return tokenizers.load_tokenizer(self.tokenizer_path)
         gguf_metadata = getattr(self, "_gguf_metadata", None)
-        if gguf_metadata is not None:
-            return tokenizers.Tokenizer.from_gguf_metadata(gguf_metadata)
         path = getattr(self, "path", None)
+        if gguf_metadata is not None:
+            # built on first use, so that a model whose vocabulary lmdecode cannot tokenize
+            # still runs on token ids; the error then names the file
+            try:
+                return tokenizers.Tokenizer.from_gguf_metadata(gguf_metadata)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}" if path is not None else str(e)) from e
         if path is not None and path.is_dir() and (path / "tokenizer.json").exists():
             return tokenizers.load_tokenizer(path)
         return None

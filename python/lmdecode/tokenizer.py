@@ -517,5 +517,8 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer
     if magic == b"GGUF":
         import gguf
 
-        return Tokenizer.from_gguf_metadata(gguf.GGUFReader(str(path)))
+        try:
+            return Tokenizer.from_gguf_metadata(gguf.GGUFReader(str(path)))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
     return ScoreBPETokenizer.from_llama2c(path, vocab_size)
