@@ -1247,19 +1247,22 @@ static ALWAYS_INLINE void tile_bf16_panels(float *out, const float *x, const uin
     /* the pairs whose two columns exist, then an odd row's last column alone */
     const int64_t k_whole = k_end < n / 2 ? k_end : n / 2;
     for (int64_t k = k0; k < k_whole; k++) {
-        vf even[PANEL_TILE_P], odd[PANEL_TILE_P];
+        /* the inputs' pairs first, then panel by panel: a panel's two widened vectors live
+         * only through its own multiply-adds (all four panels' at once spilled on AVX2) */
+        vf x0[PANEL_TILE_C], x1[PANEL_TILE_C];
+        for (int c = 0; c < nc; c++) {
+            x0[c] = vbroadcast(xp[c][0]), x1[c] = vbroadcast(xp[c][1]);
+            xp[c] += 2;
+        }
         for (int p = 0; p < np; p++) {
             vu32 pair;
             memcpy(&pair, wp[p], sizeof pair);
             const vu32 lo = pair << 16, hi = pair & 0xffff0000u;
-            memcpy(&even[p], &lo, sizeof lo);
-            memcpy(&odd[p], &hi, sizeof hi);
+            vf even, odd;
+            memcpy(&even, &lo, sizeof lo);
+            memcpy(&odd, &hi, sizeof hi);
             wp[p] += PANEL_LANES;
-        }
-        for (int c = 0; c < nc; c++) {
-            const vf x0 = vbroadcast(xp[c][0]), x1 = vbroadcast(xp[c][1]);
-            xp[c] += 2;
-            for (int p = 0; p < np; p++) acc[p][c] = vfma(odd[p], x1, vfma(even[p], x0, acc[p][c]));
+            for (int c = 0; c < nc; c++) acc[p][c] = vfma(odd, x1[c], vfma(even, x0[c], acc[p][c]));
         }
     }
     if (k_whole < k_end) /* n odd: column n - 1 */
