@@ -891,15 +891,14 @@ static ALWAYS_INLINE void tile_quantized(float *out, q8_inputs x, const uint8_t 
     else tile_q4(out, x, wg, n, d, r0, ng, group_rows, c0, nc, prefetch_bytes, dtype == LMD_Q4_1);
 #else
     (void)prefetch_bytes;
-    if (LMD_QUANTIZED_AVX2 && group_rows == LMD_Q8_0_GROUP) {
 #if LMD_QUANTIZED_AVX2
+    if (group_rows == LMD_Q8_0_GROUP) { /* the short last group of rows runs in portable C */
         tile_quantized_avx2(out, x, wg, n, d, r0, ng, c0, nc, dtype);
-#endif
-    } else if (dtype == LMD_Q8_0) {
-        tile_q8_0_portable(out, x, wg, n, d, r0, ng, group_rows, c0, nc);
-    } else {
-        tile_q4_portable(out, x, wg, n, d, r0, ng, group_rows, c0, nc, dtype == LMD_Q4_1);
+        return;
     }
+#endif
+    if (dtype == LMD_Q8_0) tile_q8_0_portable(out, x, wg, n, d, r0, ng, group_rows, c0, nc);
+    else tile_q4_portable(out, x, wg, n, d, r0, ng, group_rows, c0, nc, dtype == LMD_Q4_1);
 #endif
 }
 
