@@ -43,6 +43,23 @@ def test_scores_match_the_numpy_reference():
         np.testing.assert_array_equal(single, got[1])
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float64, np.int64])
+def test_scores_take_any_real_dtype_as_float32(dtype):
+    rng = np.random.default_rng(2)
+    expert_logits, amateur_logits = ((rng.standard_normal((2, 3, 50)) * 3).astype(dtype))
+    before = expert_logits.copy()
+    got = ld.contrastive_logits(expert_logits, amateur_logits, alpha=0.2)
+    want = ld.contrastive_logits(expert_logits.astype(np.float32), amateur_logits.astype(np.float32), alpha=0.2)
+    assert got.dtype == np.float32 and got.shape == (3, 50)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(ld.contrastive_logits(expert_logits[1], amateur_logits[1], alpha=0.2), want[1])
+    np.testing.assert_array_equal(expert_logits, before)
+    with pytest.raises(TypeError, match="expert_logits must be a real floating-point array"):
+        ld.contrastive_logits(["a"], ["b"])
+    with pytest.raises(ValueError, match="must have one shape"):
+        ld.contrastive_logits(expert_logits[0], amateur_logits)  # (V,) against (B, V)
+
+
 def test_the_amateur_demotes_what_it_also_finds_likely():
     # expert (0.5, 0.3, 0.15, 0.05), amateur (0.6, 0.1, 0.2, 0.1), alpha 0.2 (cut at 0.1):
     # token 3 is implausible; scores log(5/6), log 3, log(3/4): the expert's second choice wins

@@ -24,6 +24,26 @@ def test_sequence_logprob_matches_numpy():
     assert batch[1].total == pytest.approx(expect[::-1].sum(), abs=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float64, np.int64])
+def test_sequence_logprob_takes_any_real_dtype_as_float32(dtype):
+    """NumPy's default float64 (and float16, integers) is scored as its float32 cast, as the
+    samplers take logits; the caller's array is not converted in place."""
+    rng = np.random.default_rng(1)
+    z = (rng.standard_normal((2, 5, 40)) * 4).astype(dtype)
+    y = rng.integers(0, 40, size=(2, 5))
+    before = z.copy()
+    got = ld.sequence_logprob(z, y)
+    want = ld.sequence_logprob(z.astype(np.float32), y)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.token_logprobs, w.token_logprobs)
+        assert g.total == w.total
+    assert got[0].total == pytest.approx(log_softmax(z[0].astype(np.float64), axis=-1)[np.arange(5), y[0]].sum(), abs=1e-4)
+    assert z.dtype == dtype
+    np.testing.assert_array_equal(z, before)
+    with pytest.raises(TypeError, match="logits must be a real floating-point array, got dtype <U1"):
+        ld.sequence_logprob([["a"]], [0])
+
+
 def test_sequence_logprob_bad_input():
     with pytest.raises(ValueError, match=r"targets\[1\] \(=5\)"):
         ld.sequence_logprob(np.zeros((2, 5)), [0, 5])

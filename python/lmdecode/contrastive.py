@@ -20,6 +20,7 @@ import numbers
 import numpy as np
 
 from . import _core
+from .sampling import _as_logits
 
 __all__ = ["contrastive_logits"]
 
@@ -36,16 +37,16 @@ def _check_parameters(alpha, amateur_temperature) -> tuple[float, float]:
 
 
 def contrastive_logits(expert_logits, amateur_logits, *, alpha: float = 0.1, amateur_temperature: float = 1.0) -> np.ndarray:
-    """Contrastive scores of raw expert and amateur logits, (V,) or (B, V) float32 (same shape).
+    """Contrastive scores of raw expert and amateur logits, (V,) or (B, V) of any real dtype:
+    float32 scores of the same shape, computed in float32.
 
     ``-inf`` marks tokens outside the expert's plausible set; NaN or +inf logits raise
     ValueError. The inputs are not modified."""
     alpha, amateur_temperature = _check_parameters(alpha, amateur_temperature)
-    expert, amateur = np.asarray(expert_logits), np.asarray(amateur_logits)
-    for name, arr in (("expert_logits", expert), ("amateur_logits", amateur)):
-        if arr.dtype.kind not in "fiu" or arr.ndim not in (1, 2) or arr.shape[-1] == 0:
-            raise ValueError(f"{name} must be a (V,) or (B, V) array of numbers, got shape {arr.shape} of {arr.dtype}")
-    if expert.shape != amateur.shape:
-        raise ValueError(f"expert_logits {expert.shape} and amateur_logits {amateur.shape} must have one shape")
-    out = _core.contrastive_scores(np.atleast_2d(expert), np.atleast_2d(amateur), alpha, amateur_temperature)
-    return out[0] if expert.ndim == 1 else out
+    expert, one_row = _as_logits(expert_logits, "expert_logits")
+    amateur, amateur_one_row = _as_logits(amateur_logits, "amateur_logits")
+    if expert.shape != amateur.shape or one_row != amateur_one_row:
+        raise ValueError(f"expert_logits {np.shape(expert_logits)} and amateur_logits {np.shape(amateur_logits)} "
+                         "must have one shape")
+    out = _core.contrastive_scores(expert, amateur, alpha, amateur_temperature)
+    return out[0] if one_row else out

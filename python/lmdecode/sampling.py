@@ -393,15 +393,16 @@ def _row_input_arguments(inputs: dict[str, Any], n_rows: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------
 
 
-def _as_logits(logits: Any) -> tuple[np.ndarray, bool]:
-    """A C-contiguous float32 (B, V) view or copy, and whether the input was 1-D."""
+def _as_logits(logits: Any, name: str = "logits") -> tuple[np.ndarray, bool]:
+    """A C-contiguous float32 (B, V) view or copy of any real dtype (the C core computes in
+    float32), and whether the input was 1-D."""
     arr = logits if isinstance(logits, np.ndarray) else np.asarray(logits)
-    if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
-        raise TypeError(f"logits must be a real floating-point array, got dtype {arr.dtype}")
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real floating-point array, got dtype {arr.dtype}")
     if arr.ndim not in (1, 2):
-        raise ValueError(f"logits must have shape (V,) or (B, V), got {arr.ndim} dimension(s) {arr.shape}")
+        raise ValueError(f"{name} must have shape (V,) or (B, V), got {arr.ndim} dimension(s) {arr.shape}")
     if arr.shape[-1] == 0:
-        raise ValueError("logits has an empty vocabulary (V == 0)")
+        raise ValueError(f"{name} has an empty vocabulary (V == 0)")
     one_row = arr.ndim == 1
     arr = np.ascontiguousarray(arr.reshape(1, -1) if one_row else arr, dtype=np.float32)
     return arr, one_row

@@ -50,10 +50,14 @@ def sequence_logprob(logits: Any, targets: Any) -> SequenceScore:
 
     Row t of logits must be the model's prediction for targets[t] (the logits
     at the position before it). A (B, T, V) batch with (B, T) targets gives a
-    list of scores.
+    list of scores. Logits of any real dtype are scored in float32, as the
+    samplers take them; the per-token log-probabilities and their sum are
+    float64.
     """
     z = np.asarray(logits)
     y = np.asarray(targets)
+    if z.dtype.kind not in "fiu":
+        raise TypeError(f"logits must be a real floating-point array, got dtype {z.dtype}")
     if z.ndim == 3:
         if y.ndim != 2 or y.shape[0] != z.shape[0]:
             raise ValueError(f"targets must have shape ({z.shape[0]}, T) for logits of shape {z.shape}")
@@ -71,7 +75,7 @@ def sequence_logprob(logits: Any, targets: Any) -> SequenceScore:
         return SequenceScore(0.0, np.zeros(0))
     # log softmax at each target only: the values log_softmax(z) would hold there, without
     # a second (T, V) array
-    lp = _core.target_logprobs(z, y.astype(np.int32)).astype(np.float64)
+    lp = _core.target_logprobs(z.astype(np.float32, copy=False), y.astype(np.int32)).astype(np.float64)
     return SequenceScore(float(lp.sum()), lp)
 
 
