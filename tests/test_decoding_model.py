@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lmdecode as ld
+from test_generate import assert_stream_equals
 
 MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 PROMPT = [1, 403, 407, 261, 378]  # BOS "Once upon a time" in stories260K's vocabulary
@@ -104,7 +105,16 @@ def test_any_batch_of_prompts_decodes_as_each_alone(stories_f32, data):
 def test_stream_yields_the_tokens_of_the_full_call(stories):
     full = stories.generate(PROMPT, max_new_tokens=12, seed=9, temperature=0.7)
     chunks = list(stories.generate(PROMPT, max_new_tokens=12, seed=9, temperature=0.7, stream=True))
-    assert [c.token for c in chunks if c.token >= 0] == full.tokens
+    assert_stream_equals(chunks, [full])
+    # a batch whose sequences stop (at EOS or ".", or at stop strings) at different steps or run
+    # to the length limit, with top log-probs
+    prompts = ["Once upon a time", "The dog", "Lily"]
+    full_stop = stories.tokenizer.encode(".", add_bos=False)[-1]
+    for kw in (dict(max_new_tokens=14, seed=3, n=2, logprobs=2, temperature=1.0, stop_token_ids=[2, full_stop]),
+               dict(max_new_tokens=14, seed=3, n=2, logprobs=2, temperature=1.0, stop=[" the", "."])):
+        outs = [o for group in stories.generate(prompts, **kw) for o in group]
+        assert {o.finish_reason for o in outs} == {"stop", "length"}
+        assert_stream_equals(list(stories.generate(prompts, stream=True, **kw)), outs)
 
 
 def test_stop_strings_end_the_text_where_they_begin(stories):

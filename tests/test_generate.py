@@ -21,6 +21,22 @@ def hashed_model(vocab, seed=0, scale=2.0):
 SAMPLING = dict(temperature=0.9, top_k=20, top_p=0.95, repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.1)
 
 
+def assert_stream_equals(chunks, outs):
+    """The chunks of a stream against the Generations of the same call without stream=True
+    (sequence k is outs[k]): per sequence, the same tokens with the same log-probabilities
+    and top log-probabilities, text that concatenates to .text, and finish_reason on the
+    last chunk alone."""
+    assert sorted({c.index for c in chunks}) == list(range(len(outs)))
+    for k, out in enumerate(outs):
+        mine = [c for c in chunks if c.index == k]
+        assert [c.token for c in mine] == out.tokens
+        assert [c.logprob for c in mine] == out.token_logprobs
+        assert [c.top_logprobs for c in mine] == out.top_logprobs
+        assert [c.finish_reason for c in mine] == [None] * (len(mine) - 1) + [out.finish_reason]
+        if out.text is not None:
+            assert "".join(c.text for c in mine) == out.text
+
+
 def test_reproduced_token_for_token_by_sample():
     step = hashed_model(64)
     prompt = [3, 14, 15]
@@ -90,6 +106,12 @@ def test_stream_yields_the_same_tokens():
     chunks = list(ld.generate(step, [5], max_new_tokens=9, seed=11, stream=True))
     assert [c.token for c in chunks] == full.tokens
     assert all(c.index == 0 for c in chunks)
+    # sequences of a batch end at different steps (stop token 0) or at the length limit, each
+    # chunk with its log-probs
+    kw = dict(max_new_tokens=12, seed=5, n=2, logprobs=3, stop_token_ids=[0], temperature=1.5)
+    outs = ld.generate(step, [[5], [6, 7]], **kw)
+    assert {o.finish_reason for group in outs for o in group} == {"stop", "length"}
+    assert_stream_equals(list(ld.generate(step, [[5], [6, 7]], stream=True, **kw)), [o for group in outs for o in group])
 
 
 def test_constraints_from_sampling_keywords():

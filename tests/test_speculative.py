@@ -13,6 +13,7 @@ import lmdecode as ld
 from lmdecode import _core
 
 import reference
+from test_generate import assert_stream_equals
 
 MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 PROMPT = [1, 403, 407, 261, 378]  # BOS "Once upon a time" in stories260K's vocabulary
@@ -271,11 +272,10 @@ def test_stream_yields_the_full_calls_tokens_and_text(stories, close_draft):
     kw = dict(max_new_tokens=60, seed=4, draft_model=close_draft, num_draft_tokens=4, temperature=0.7)
     full = stories.generate("Once upon a time", **kw)
     chunks = list(stories.generate("Once upon a time", stream=True, **kw))
-    assert [c.token for c in chunks if c.token >= 0] == full.tokens
-    assert "".join(c.text for c in chunks) == full.text
+    assert_stream_equals(chunks, [full])
     stopped = stories.generate("Once upon a time", stop=["Lily", "park"], **kw)
     streamed = list(stories.generate("Once upon a time", stop=["Lily", "park"], stream=True, **kw))
-    assert "".join(c.text for c in streamed) == stopped.text
+    assert_stream_equals(streamed, [stopped])
     assert stopped.finish_reason == "stop" and "Lily" not in stopped.text and "park" not in stopped.text
 
 

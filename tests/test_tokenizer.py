@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import lmdecode as ld
@@ -250,6 +251,26 @@ def test_model_tokenizer_and_text_generation():
     assert out.text.startswith(", there was a little girl named Lily")
     chunks = list(model.generate("Once upon a time", max_new_tokens=30, temperature=0, stream=True))
     assert "".join(c.text for c in chunks) == out.text
+
+
+def test_stream_never_splits_a_utf8_character():
+    """Byte-fallback tokens <0xC3> <0xA9> are "é": the stream shows it whole with the second; a
+    sequence cut after the first byte ends with U+FFFD in its last chunk, as .text does."""
+    model = ld.Model.load(MODELS / "stories260K.bin")
+    first, second = 3 + 0xC3, 3 + 0xA9  # tok512.bin: <0x00> .. <0xFF> are ids 3 .. 258
+    assert model.tokenizer.token_bytes(first) == b"\xc3" and model.tokenizer.token_bytes(second) == b"\xa9"
+
+    def forced(tokens):  # after the one-token prompt: <0xC3>, then <0xA9>
+        logits = np.zeros(512, np.float32)
+        logits[first if len(tokens) % 2 else second] = 30.0
+        return logits
+
+    for n_new, pieces in ((2, ["", "é"]), (1, ["\ufffd"]), (3, ["", "é", "\ufffd"])):
+        out = ld.generate(forced, [1], max_new_tokens=n_new, temperature=0, tokenizer=model.tokenizer)
+        chunks = list(ld.generate(forced, [1], max_new_tokens=n_new, temperature=0, tokenizer=model.tokenizer, stream=True))
+        assert out.text == "".join(pieces)
+        assert [c.text for c in chunks] == pieces
+        assert [c.finish_reason for c in chunks] == [None] * (n_new - 1) + ["length"]
 
 
 def test_corrupt_tokenizer_files(tmp_path):

@@ -1071,6 +1071,37 @@ static PyObject *Generator_result(GeneratorObject *self, PyObject *arg) {
     return result;
 }
 
+/* logprobs_at(k, i) -> (log-prob float of sequence k's generated token i, top_ids int64 (n_top,),
+ *                      top_logprobs float32 (n_top,)): what a stream reports of each new token,
+ *                      without result()'s arrays of the whole sequence */
+static PyObject *Generator_logprobs_at(GeneratorObject *self, PyObject *args) {
+    long k, i;
+    if (!PyArg_ParseTuple(args, "ll", &k, &i)) return NULL;
+    if (!generator_ready(self) || check_sequence(self, k)) return NULL;
+    const int32_t t = lmd_generator_generated(self->gen, (int32_t)k);
+    if (i < 0 || i >= t) {
+        PyErr_Format(PyExc_IndexError, "token (=%ld) must be in [0, %d), the tokens sequence %ld generated", i,
+                     (int)t, k);
+        return NULL;
+    }
+    npy_intp dims_top[1] = {self->n_top};
+    PyArrayObject *top_ids = (PyArrayObject *)PyArray_EMPTY(1, dims_top, NPY_INT64, 0);
+    PyArrayObject *top_lps = (PyArrayObject *)PyArray_EMPTY(1, dims_top, NPY_FLOAT32, 0);
+    PyObject *result = NULL;
+    if (top_ids && top_lps) {
+        if (self->n_top > 0) { /* without top log-probs the generator keeps no arrays of them */
+            const int32_t *ids = lmd_generator_top_ids(self->gen, (int32_t)k) + (int64_t)i * self->n_top;
+            for (int32_t j = 0; j < self->n_top; j++) ((int64_t *)PyArray_DATA(top_ids))[j] = ids[j];
+            memcpy(PyArray_DATA(top_lps), lmd_generator_top_logprobs(self->gen, (int32_t)k) + (int64_t)i * self->n_top,
+                   (size_t)self->n_top * sizeof(float));
+        }
+        result = Py_BuildValue("(dOO)", (double)lmd_generator_token_logprobs(self->gen, (int32_t)k)[i], top_ids, top_lps);
+    }
+    Py_XDECREF(top_ids);
+    Py_XDECREF(top_lps);
+    return result;
+}
+
 /* set_allowed(k, ids int32 (m,) or None): running sequence k may draw only ids from its next
  * step on (None: any token); needs Generator(..., dynamic_allowed=True) */
 static PyObject *Generator_set_allowed(GeneratorObject *self, PyObject *args) {
@@ -1133,6 +1164,8 @@ static PyMethodDef Generator_methods[] = {
      "Append one sampled token to every running sequence."},
     {"result", (PyCFunction)Generator_result, METH_O, "Tokens, log-probs and finish reason of one sequence."},
     {"tokens", (PyCFunction)Generator_tokens, METH_O, "tokens(k): sequence k's prompt and generated tokens (int64)."},
+    {"logprobs_at", (PyCFunction)Generator_logprobs_at, METH_VARARGS,
+     "logprobs_at(k, i): log-prob, top ids and top log-probs of sequence k's generated token i."},
     {"masked", (PyCFunction)Generator_masked, METH_VARARGS,
      "masked(k, row): a copy of row with -inf on the tokens sequence k may not draw next."},
     {"set_allowed", (PyCFunction)Generator_set_allowed, METH_VARARGS,

@@ -65,11 +65,17 @@ class Generation:
 
 @dataclass(frozen=True)
 class GenerationChunk:
-    """What stream=True yields: one new token of sequence `index` and its new text."""
+    """What stream=True yields: one new token of sequence `index` and its new text.
+
+    The chunks of a sequence concatenate to its final ``.text``; its last chunk carries
+    ``finish_reason``, as the last entry of ``Generation.token_logprobs`` etc. does."""
 
     index: int
     token: int
     text: str
+    logprob: float = 0.0  # the model's log-prob of token (as Generation.token_logprobs)
+    top_logprobs: dict[int, float] = field(default_factory=dict, repr=False)  # the `logprobs` best tokens
+    finish_reason: str | None = None  # "stop" or "length" on the sequence's last chunk, else None
 
 
 # ----------------------------------------------------------------------------
@@ -241,6 +247,13 @@ class _Run:
                           cached_prompt_tokens=self.cached_prompt_tokens)
 
 
+    def chunk(self, k: int, i: int, token: int, text: str, reason: str | None) -> GenerationChunk:
+        """The stream's chunk for sequence k's generated token i."""
+        lp, top_ids, top_lps = self.gen.logprobs_at(k, i)
+        top = {int(t): float(v) for t, v in zip(top_ids, top_lps)}
+        return GenerationChunk(index=k, token=token, text=text, logprob=lp, top_logprobs=top, finish_reason=reason)
+
+
 def _step_fn_logits(step_fn: Callable[[np.ndarray], Any], run: _Run, running: np.ndarray, vocab: int) -> np.ndarray:
     rows = np.empty((len(running), vocab), dtype=np.float32)
     for i, k in enumerate(running):
@@ -283,7 +296,8 @@ def generate(
     ``ld.sample`` (``temperature=0`` is greedy). Returns a :class:`Generation`
     for one prompt and ``n == 1``, a list of ``n`` for one prompt, and a list
     (one entry per prompt, each as above) for a batch. With ``stream=True`` it
-    returns an iterator of :class:`GenerationChunk` instead.
+    returns an iterator of :class:`GenerationChunk` instead: one per new token, with its
+    text, its log-probabilities and, on a sequence's last chunk, the finish reason.
 
     ``draft_model`` (an lmdecode Model with the same vocabulary; the target must be one
     too) turns on speculative decoding: each round the draft proposes up to
@@ -483,19 +497,25 @@ def _stream(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> 
         return
     decoders = {}
     make_decoder = getattr(run.tokenizer, "stream_decoder", None)
+    generated: dict[int, int] = {}
     while not run.gen.done:
         running, tokens = advance()
-        for k, token in zip(running, tokens):
+        still_running = set(int(k) for k in run.gen.running())
+        # a speculative round appends several tokens to a sequence: only its last one may end it
+        last_of = {int(k): i for i, k in enumerate(running)}
+        for i, (k, token) in enumerate(zip(running, tokens)):
             k, token = int(k), int(token)
+            ends = k not in still_running and last_of[k] == i
             text = ""
-            if make_decoder is not None and token not in run.stop_ids:
+            if make_decoder is not None:
                 decoder = decoders.setdefault(k, make_decoder())
-                text = decoder.push(token)
-            yield GenerationChunk(index=k, token=token, text=text)
-    for k, decoder in decoders.items():
-        rest = decoder.flush()
-        if rest:
-            yield GenerationChunk(index=k, token=-1, text=rest)
+                if token not in run.stop_ids:
+                    text = decoder.push(token)
+                if ends:  # an unfinished UTF-8 character at the end shows as U+FFFD, as in .text
+                    text += decoder.flush()
+            reason = run.gen.result(k)[5] if ends else None
+            generated[k] = generated.get(k, -1) + 1
+            yield run.chunk(k, generated[k], token, text, reason)
 
 
 def _stream_with_stop_strings(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Iterator[GenerationChunk]:
@@ -507,6 +527,7 @@ def _stream_with_stop_strings(run: _Run, advance: Callable[[], tuple[np.ndarray,
     text_bytes: dict[int, bytearray] = {}
     released: dict[int, int] = {}
     decoders: dict[int, Any] = {}
+    generated: dict[int, int] = {}
 
     def held_back(data: bytearray) -> int:
         # the longest end of data that is a proper beginning of some stop string
@@ -529,11 +550,13 @@ def _stream_with_stop_strings(run: _Run, advance: Callable[[], tuple[np.ndarray,
             decoder = decoders.setdefault(k, codecs.getincrementaldecoder("utf-8")(errors="replace"))
             if token not in run.stop_ids:
                 data += run.tokenizer.token_bytes(token)
+            reason = None  # until the sequence's last token
             if k in still_running or last_of[k] != i:
-                end, final = len(data) - held_back(data), False
+                end = len(data) - held_back(data)
             else:
                 *_, reason, stop_offset = run.gen.result(k)
-                end, final = (stop_offset if reason == "stop" and stop_offset >= 0 else len(data)), True
-            text = decoder.decode(bytes(data[released.get(k, 0):end]), final=final)
+                end = stop_offset if reason == "stop" and stop_offset >= 0 else len(data)
+            text = decoder.decode(bytes(data[released.get(k, 0):end]), final=reason is not None)
             released[k] = max(end, released.get(k, 0))
-            yield GenerationChunk(index=k, token=token, text=text)
+            generated[k] = generated.get(k, -1) + 1
+            yield run.chunk(k, generated[k], token, text, reason)
