@@ -140,6 +140,10 @@ def test_bad_arguments():
         ld.generate(step, [1], stop=5)
     with pytest.raises(TypeError, match=r"stop_token_ids must be an int or a list of ints, got 2\.5"):
         ld.generate(step, [1], stop_token_ids=2.5)
+    with pytest.raises(TypeError, match="seed must be an int, got 'a'"):
+        ld.generate(step, [1], seed="a")
+    with pytest.raises(ValueError, match=r"seed \(=-1\) must be in \[0, 2\*\*64\)"):
+        ld.generate(step, [1], seed=-1)
     assert ld.generate(step, [1], max_new_tokens=0).tokens == []
     with pytest.raises(ValueError, match="step_fn must return a 1-D array of logits, got NoneType"):
         ld.generate(lambda tokens: None, [1])

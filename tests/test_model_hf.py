@@ -1,4 +1,5 @@
 """The engine against Hugging Face transformers (torch fp32, eager attention) on random models."""
+import copy
 import json
 import shutil
 
@@ -83,6 +84,27 @@ def test_from_numpy_matches_transformers(hf):
     _assert_close_to(hf["ref"], model.logits(hf["tokens"]))
     for k in state:  # the caller's arrays are never written
         np.testing.assert_array_equal(state[k], before[k])
+
+
+def test_from_numpy_takes_a_config_object_and_torch_tensors(hf, tmp_path):
+    """A transformers config and a state_dict as they come: float32 tensors equal the NumPy
+    arrays' model bit for bit, float64 ones too (rounded to float32), and bfloat16 tensors give
+    the logits of the same checkpoint saved in bf16 and loaded from its file."""
+    torch, model = hf["torch"], hf["torch_model"]
+    want = lmdecode.Model.from_numpy(hf["config"], hf["state"]).logits(hf["tokens"])
+    state = model.state_dict()
+    for weights in (state, {k: v.double() for k, v in state.items()}, {k: v.double().numpy() for k, v in state.items()}):
+        np.testing.assert_array_equal(lmdecode.Model.from_numpy(model.config, weights).logits(hf["tokens"]), want)
+    half = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    from_tensors = lmdecode.Model.from_numpy(model.config, half)
+    assert from_tensors.config.dtype == "bf16"
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path, safe_serialization=True)
+    np.testing.assert_array_equal(from_tensors.logits(hf["tokens"]), lmdecode.Model.load(tmp_path).logits(hf["tokens"]))
+    with pytest.raises(TypeError, match="config must be a dict of config.json keys or a transformers config, got list"):
+        lmdecode.Model.from_numpy([("model_type", "llama")], hf["state"])
+    with pytest.raises(TypeError, match=r"weights\['lm_head.weight'\] has dtype int64; expected float32, float16, "
+                                        r"bfloat16 or float64"):
+        lmdecode.Model.from_numpy(hf["config"], {**hf["state"], "lm_head.weight": np.zeros((96, 64), np.int64)})
 
 
 def test_sharded_checkpoint(hf, tmp_path):

@@ -27,7 +27,7 @@ from . import _core
 from .chat import is_conversation
 from .contrastive import _check_parameters as _check_contrastive
 from .contrastive import contrastive_logits
-from .sampling import (KEYWORDS, SamplingParams, _params_for, _row_input_arguments, allowed_token_ids,
+from .sampling import (KEYWORDS, SamplingParams, _check_u64, _params_for, _row_input_arguments, allowed_token_ids,
                        check_constraint_function)
 
 __all__ = ["Generation", "GenerationChunk", "generate"]
@@ -217,10 +217,7 @@ class _Run:
             np.cumsum([len(b) for b in encoded], out=stop_offsets[1:])
             kwargs.update(stop_bytes=np.frombuffer(b"".join(encoded), dtype=np.uint8), stop_offsets=stop_offsets,
                           token_bytes=token_bytes, token_offsets=token_offsets)
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 1 << 64:
-            raise ValueError(f"seed (={seed!r}) must be None or an int in [0, 2**64)")
+        seed = int.from_bytes(os.urandom(8), "little") if seed is None else _check_u64("seed", seed)
         prompt_ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in self.prompts]) if offsets[-1] else np.zeros(0, np.int64)
         check_prompt_ids(prompt_ids, offsets, vocab)
         self.gen = _core.Generator(

@@ -28,8 +28,10 @@ import mmap
 import numbers
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -953,19 +955,41 @@ def read_hf_dir(path: Path):
     return config, tensors, {}
 
 
-def from_hf_numpy(config_dict: dict, weights: dict):
-    """Engine config and sources from HF config keys and parameter arrays (borrowed when float32)."""
+def from_hf_numpy(config_dict: Any, weights: dict):
+    """Engine config and sources from HF config keys (a dict, or a transformers config object)
+    and parameter arrays (borrowed when float32, float16 or bf16)."""
+    if hasattr(config_dict, "to_dict"):  # a transformers PretrainedConfig
+        config_dict = config_dict.to_dict()
+    if not isinstance(config_dict, Mapping):
+        raise TypeError(f"config must be a dict of config.json keys or a transformers config, "
+                        f"got {type(config_dict).__name__}")
     config = hf_config("from_numpy config", dict(config_dict))
     check_config("from_numpy config", config)
     named = {}
-    for name, arr in weights.items():
-        arr = np.asarray(arr)
-        if arr.dtype == np.float32:
-            kind = "f32"
-        elif arr.dtype == np.float16:
-            kind = "f16"
-        else:
-            raise TypeError(f"weights[{name!r}] has dtype {arr.dtype}; expected float32 or float16")
+    for name, value in weights.items():
+        kind, arr = _numpy_weight(name, value)
         named[name] = Source(kind, arr, arr.shape)
     tensors, _ = map_hf_tensors("from_numpy weights", config, named)
     return config, tensors
+
+
+def _numpy_weight(name: str, value: Any) -> tuple[str, np.ndarray]:
+    """(Source kind, array) of one from_numpy weight: a NumPy array or a torch tensor (a
+    state_dict's, detached). float32 and float16 are used as they are; bfloat16 (torch's, or
+    ml_dtypes' in NumPy) as its bits; float64 is rounded to float32, a copy."""
+    if type(value).__module__.split(".")[0] == "torch":
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: its bits, borrowed
+            import torch
+
+            return "bf16", value.contiguous().view(torch.int16).numpy().view(np.uint16)
+    arr = np.asarray(value)
+    if arr.dtype == np.float32:
+        return "f32", arr
+    if arr.dtype == np.float16:
+        return "f16", arr
+    if arr.dtype.name == "bfloat16" and arr.dtype.itemsize == 2:  # ml_dtypes (JAX)
+        return "bf16", arr.view(np.uint16)
+    if arr.dtype == np.float64:
+        return "f32", arr.astype(np.float32)
+    raise TypeError(f"weights[{name!r}] has dtype {arr.dtype}; expected float32, float16, bfloat16 or float64")

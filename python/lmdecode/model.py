@@ -60,6 +60,7 @@ import math
 import threading
 from dataclasses import dataclass, asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -247,12 +248,16 @@ class Model(DecodingMixin):
                    tokenizer_path=tokenizer_path, vocab=vocab, gguf_metadata=gguf_metadata)
 
     @classmethod
-    def from_numpy(cls, config: dict, weights: dict, *, dtype: str | None = None, max_batch: int | None = None,
+    def from_numpy(cls, config: Any, weights: dict, *, dtype: str | None = None, max_batch: int | None = None,
                    kv_dtype: str = "f32") -> "Model":
-        """A model from a Hugging Face config dict (``config.json`` keys, with ``architectures`` or
-        ``model_type``) and parameter arrays under their Hugging Face names. float32 norm weights
-        and biases are borrowed (the model keeps them alive); float32 matrices are copied into the
-        engine's panels and not referenced after; anything converted (to bf16, q8_0) is a copy."""
+        """A model from a Hugging Face config (a dict of ``config.json`` keys, with
+        ``architectures`` or ``model_type``, or a transformers config object) and parameter
+        arrays under their Hugging Face names: NumPy arrays or torch tensors (a
+        ``state_dict()``), float32, float16, bfloat16 or float64 (rounded to float32, a copy).
+        float32 norm weights and biases are borrowed (the model keeps them alive); matrices
+        are copied into the engine's panels and not referenced after; anything converted (to
+        bf16, q8_0) is a copy. Without ``dtype``, the storage follows the weights as for files
+        (bfloat16 weights stay bf16)."""
         engine_config, tensors = loaders.from_hf_numpy(config, weights)
         return cls(engine_config, tensors, dtype=dtype, max_batch=max_batch, kv_dtype=kv_dtype)
 
