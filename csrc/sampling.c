@@ -220,16 +220,23 @@ static int needs_private_copy(const lmd_sampling_params *p, const lmd_row_inputs
            (p->no_repeat_ngram_size > 0 && in->context_len > 0);
 }
 
-/* Bans every token that would complete an n-gram already present in the
- * context (transformers' NoRepeatNGramLogitsProcessor): for each earlier
- * position whose n-1 tokens equal the last n-1 tokens of the context, the
- * token that followed them is banned. */
-static void ban_repeated_ngrams(float *z, const int32_t *ctx, int32_t len, int32_t n) {
+void lmd_ban_repeated_ngrams(float *z, int32_t vocab, const int32_t *ctx, int32_t len, int32_t n) {
     if (len + 1 < n) return;
     const int32_t *tail = ctx + len - (n - 1); /* the last n-1 tokens */
     for (int32_t start = 0; start + n <= len; start++) {
-        if (memcmp(ctx + start, tail, (size_t)(n - 1) * sizeof *ctx) == 0)
-            z[ctx[start + n - 1]] = -INFINITY;
+        const int32_t next = ctx[start + n - 1];
+        if (next >= 0 && next < vocab && memcmp(ctx + start, tail, (size_t)(n - 1) * sizeof *ctx) == 0)
+            z[next] = -INFINITY;
+    }
+}
+
+void lmd_penalize_repetitions(float *z, int32_t vocab, const int32_t *ctx, int32_t len, float penalty,
+                              uint32_t *seen, uint32_t epoch) {
+    for (int32_t i = 0; i < len; i++) {
+        const int32_t t = ctx[i];
+        if (t < 0 || t >= vocab || seen[t] == epoch) continue;
+        seen[t] = epoch;
+        z[t] = z[t] < 0.0f ? z[t] * penalty : z[t] / penalty; /* float, as transformers' float32 scores */
     }
 }
 
@@ -247,17 +254,9 @@ static const float *apply_sparse_processors(lmd_sampler *s, const lmd_sampling_p
     for (int32_t i = 0; i < in->n_banned; i++) z[in->banned[i]] = -INFINITY;
     for (int32_t i = 0; i < in->n_bias; i++) z[in->bias_ids[i]] += in->bias_values[i];
 
-    if (p->repetition_penalty != 1.0 && in->context_len > 0) {
-        /* float arithmetic, as transformers does it on float32 scores */
-        const float penalty = (float)p->repetition_penalty;
-        uint32_t epoch = next_epoch(s);
-        for (int32_t i = 0; i < in->context_len; i++) {
-            int32_t t = in->context[i];
-            if (s->seen[t] == epoch) continue;
-            s->seen[t] = epoch;
-            z[t] = z[t] < 0.0f ? z[t] * penalty : z[t] / penalty;
-        }
-    }
+    if (p->repetition_penalty != 1.0 && in->context_len > 0)
+        lmd_penalize_repetitions(z, vocab, in->context, in->context_len, (float)p->repetition_penalty, s->seen,
+                                 next_epoch(s));
     int32_t prompt = in->prompt_len < in->context_len ? in->prompt_len : in->context_len;
     if ((p->frequency_penalty != 0.0 || p->presence_penalty != 0.0) && in->context_len > prompt) {
         const int32_t *gen = in->context + prompt;
@@ -273,7 +272,7 @@ static const float *apply_sparse_processors(lmd_sampler *s, const lmd_sampling_p
         }
     }
     if (p->no_repeat_ngram_size > 0)
-        ban_repeated_ngrams(z, in->context, in->context_len, p->no_repeat_ngram_size);
+        lmd_ban_repeated_ngrams(z, vocab, in->context, in->context_len, p->no_repeat_ngram_size);
     return z;
 }
 

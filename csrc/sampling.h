@@ -135,4 +135,20 @@ lmd_status lmd_target_logprobs(const float *logits, int64_t row_stride, int32_t 
  */
 float lmd_row_log_normalizer(const float *z, int32_t vocab, float t, float *log_total, int32_t *bad_index);
 
+/*
+ * Two processors of the chain, on their own for beam search (which applies them to log-probs,
+ * as transformers' beam search does). Token ids of ctx outside [0, vocab) are skipped, as
+ * transformers drops ids beyond its scores.
+ *   lmd_penalize_repetitions: transformers' RepetitionPenaltyLogitsProcessor on z (vocab,): each
+ *     distinct token of ctx (len,) has z < 0 multiplied by penalty, else divided, in float32.
+ *     seen (vocab,) marks the tokens done (seen[t] == epoch); the caller passes an epoch that
+ *     no entry holds yet.
+ *   lmd_ban_repeated_ngrams: transformers' NoRepeatNGramLogitsProcessor: for each earlier
+ *     position of ctx whose n-1 tokens equal its last n-1, z of the token that followed them
+ *     becomes -inf.
+ */
+void lmd_penalize_repetitions(float *z, int32_t vocab, const int32_t *ctx, int32_t len, float penalty,
+                              uint32_t *seen, uint32_t epoch);
+void lmd_ban_repeated_ngrams(float *z, int32_t vocab, const int32_t *ctx, int32_t len, int32_t n);
+
 #endif /* LMD_SAMPLING_H */

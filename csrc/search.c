@@ -53,6 +53,10 @@ struct lmd_beam_search {
     float *row_log_total;    /* (B,) log sum exp(logits - max): log_softmax = logit - max - this */
     int32_t *allowed;        /* (B, V) lmd_beam_search_set_allowed's lists, ascending, or NULL */
     int32_t *n_allowed;      /* (B,) their lengths, -1: any token */
+    int32_t *context;        /* (prompt_len + T,) the prompt, then the beam being processed's tokens */
+    float *processed;        /* (V,) a beam's processed log-probs, or NULL without processors */
+    uint32_t *seen;          /* (V,) lmd_penalize_repetitions' marks, or NULL without the penalty */
+    uint32_t epoch;          /* the marks' current generation */
 
     /* the next step's running beams and finished slots are built here, then
      * swapped in, so that no step reads what it has overwritten */
@@ -97,6 +101,9 @@ void lmd_beam_search_free(lmd_beam_search *bs) {
     free(bs->row_log_total);
     free(bs->allowed);
     free(bs->n_allowed);
+    free(bs->context);
+    free(bs->processed);
+    free(bs->seen);
     free(bs->next_run_score);
     free(bs->next_run_tokens);
     free(bs->next_run_lps);
@@ -134,6 +141,16 @@ lmd_status lmd_beam_search_init(lmd_beam_search **out, const lmd_beam_config *c,
         if (c->eos_ids[i] < 0 || c->eos_ids[i] >= c->vocab)
             return lmd_fail(err, LMD_ERR_INVALID_ARG, "eos_token_id (=%d) is not in [0, %d)",
                             (int)c->eos_ids[i], (int)c->vocab);
+    if (!(c->repetition_penalty > 0.0 && isfinite(c->repetition_penalty)))
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "repetition_penalty (=%g) must be a finite number > 0",
+                        c->repetition_penalty);
+    if (c->no_repeat_ngram_size < 0)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "no_repeat_ngram_size (=%d) must be >= 0",
+                        (int)c->no_repeat_ngram_size);
+    if (c->min_new_tokens < 0)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "min_new_tokens (=%d) must be >= 0", (int)c->min_new_tokens);
+    if (c->prompt_len < 0 || (c->prompt_len > 0 && c->prompt == NULL))
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "the prompt is missing");
     int64_t keep = (int64_t)(c->n_eos + 1 > 2 ? c->n_eos + 1 : 2) * c->num_beams;
     if (keep > (int64_t)c->num_beams * c->vocab)
         return lmd_fail(err, LMD_ERR_INVALID_ARG,
@@ -166,6 +183,11 @@ lmd_status lmd_beam_search_init(lmd_beam_search **out, const lmd_beam_config *c,
     bs->row_log_total = malloc(B * sizeof(float));
     bs->n_allowed = malloc(B * sizeof(int32_t));
     if (c->dynamic_allowed) bs->allowed = malloc(B * (size_t)c->vocab * sizeof(int32_t));
+    const int reads_context = c->repetition_penalty != 1.0 || c->no_repeat_ngram_size > 0;
+    const int processes = reads_context || (c->min_new_tokens > 0 && c->n_eos > 0);
+    if (reads_context) bs->context = malloc(((size_t)c->prompt_len + T) * sizeof(int32_t));
+    if (processes) bs->processed = malloc((size_t)c->vocab * sizeof(float));
+    if (c->repetition_penalty != 1.0) bs->seen = calloc((size_t)c->vocab, sizeof(uint32_t));
     bs->next_run_score = malloc(B * sizeof(float));
     bs->next_run_tokens = malloc(B * T * sizeof(int32_t));
     bs->next_run_lps = malloc(B * T * sizeof(float));
@@ -181,13 +203,18 @@ lmd_status lmd_beam_search_init(lmd_beam_search **out, const lmd_beam_config *c,
         !bs->order || !bs->merge_score || !bs->row_max || !bs->row_log_total ||
         !bs->next_run_score || !bs->next_run_tokens || !bs->next_run_lps || !bs->next_fin_score ||
         !bs->next_fin_sum || !bs->next_fin_len || !bs->next_fin_done || !bs->next_fin_tokens ||
-        !bs->next_fin_lps || !bs->n_allowed || (c->dynamic_allowed && !bs->allowed)) {
+        !bs->next_fin_lps || !bs->n_allowed || (c->dynamic_allowed && !bs->allowed) ||
+        (reads_context && !bs->context) || (processes && !bs->processed) ||
+        (c->repetition_penalty != 1.0 && !bs->seen)) {
         lmd_beam_search_free(bs);
         return lmd_fail(err, LMD_ERR_NOMEM, "out of memory for beam search of width %d",
                         (int)c->num_beams);
     }
     if (c->n_eos > 0) memcpy(bs->eos, c->eos_ids, (size_t)c->n_eos * sizeof *bs->eos);
     bs->config.eos_ids = bs->eos;
+    if (bs->context != NULL && c->prompt_len > 0)
+        memcpy(bs->context, c->prompt, (size_t)c->prompt_len * sizeof *bs->context);
+    bs->config.prompt = bs->context; /* the caller's prompt is not kept */
     /* Only the first beam starts live, so that the identical prompts of the
      * other beams do not yield duplicate candidates (as transformers). */
     for (size_t b = 0; b < B; b++) {
@@ -286,6 +313,36 @@ static void argsort_descending(const float *score, int32_t n, int32_t *idx) {
     }
 }
 
+/* Whether step t runs the processors: the context ones at every step, the EOS ban before
+ * min_new_tokens */
+static int processes_at(const lmd_beam_search *bs, int32_t t) {
+    return bs->context != NULL || (bs->processed != NULL && t < bs->config.min_new_tokens);
+}
+
+/* Beam b's processed log-probs at step t into bs->processed (V,): log_softmax of its row
+ * (row - max - log_total, the values the scan below computes), then the processors in
+ * transformers' order, on log-probs and without renormalizing (search.h). */
+static void process_beam(lmd_beam_search *bs, int32_t b, const float *row, float max, float log_total, int32_t t) {
+    const lmd_beam_config *c = &bs->config;
+    const int32_t V = c->vocab;
+    float *lp = bs->processed;
+    for (int32_t v = 0; v < V; v++) lp[v] = (row[v] - max) - log_total;
+    if (bs->context != NULL) { /* prompt + the beam's tokens */
+        const int32_t len = c->prompt_len + t;
+        memcpy(bs->context + c->prompt_len, lmd_beam_search_tokens(bs, b), (size_t)t * sizeof *bs->context);
+        if (c->repetition_penalty != 1.0) {
+            if (++bs->epoch == 0) { /* the marks' counter wrapped: clear them */
+                memset(bs->seen, 0, (size_t)V * sizeof *bs->seen);
+                bs->epoch = 1;
+            }
+            lmd_penalize_repetitions(lp, V, bs->context, len, (float)c->repetition_penalty, bs->seen, bs->epoch);
+        }
+        if (c->no_repeat_ngram_size > 0) lmd_ban_repeated_ngrams(lp, V, bs->context, len, c->no_repeat_ngram_size);
+    }
+    if (t < c->min_new_tokens)
+        for (int32_t i = 0; i < c->n_eos; i++) lp[bs->eos[i]] = -INFINITY;
+}
+
 lmd_status lmd_beam_search_step(lmd_beam_search *bs, const float *logits, int32_t *parents,
                                 int32_t *tokens, lmd_error *err) {
     const lmd_beam_config *c = &bs->config;
@@ -308,9 +365,15 @@ lmd_status lmd_beam_search_step(lmd_beam_search *bs, const float *logits, int32_
      *    lp + run_score with lp its log-softmax (generate()'s log-prob); a vector of scores is
      *    compared with the K-th best so far first, and only tokens that may enter are offered */
     int32_t n = 0;
+    const int processes = processes_at(bs, t);
     for (int32_t b = 0; b < B; b++) {
         const float *row = logits + (int64_t)b * V;
-        const float max = maxes[b], log_sum = log_totals[b], run = bs->run_score[b];
+        float max = maxes[b], log_sum = log_totals[b];
+        const float run = bs->run_score[b];
+        if (processes) { /* the scan reads the processed log-probs: (lp - 0) - 0 is lp, bit for bit */
+            process_beam(bs, b, row, max, log_sum, t);
+            row = bs->processed, max = 0.0f, log_sum = 0.0f;
+        }
         if (bs->n_allowed[b] >= 0) { /* constrained: the allowed tokens alone, in token order */
             const int32_t *list = bs->allowed + (int64_t)b * V;
             for (int32_t i = 0; i < bs->n_allowed[b]; i++) {

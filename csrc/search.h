@@ -20,7 +20,13 @@
  *   - early_stopping true: stop once num_beams hypotheses are finished;
  *     false: stop when the best running beam, normalized by the current
  *     length, cannot beat the worst finished one; never: the same with the
- *     maximum length when length_penalty > 0.
+ *     maximum length when length_penalty > 0;
+ *   - logits processors act on each beam's log-probs after the log-softmax,
+ *     without renormalizing, in the order of transformers' processor list:
+ *     repetition penalty (over prompt + the beam's tokens), no-repeat n-grams,
+ *     the EOS ban of min_new_tokens, then the allowed tokens of
+ *     lmd_beam_search_set_allowed. The log-probs a hypothesis reports and sums
+ *     are these processed ones.
  *
  *     lmd_beam_search *bs; lmd_error err;
  *     lmd_beam_search_init(&bs, &config, &err);
@@ -53,6 +59,12 @@ typedef struct {
     const int32_t *eos_ids;       /* (n_eos,) copied at init */
     int32_t n_eos;
     int32_t dynamic_allowed;      /* nonzero: room for lmd_beam_search_set_allowed (4 num_beams vocab bytes) */
+    /* logits processors, applied to each beam's log-probs in transformers' order (below) */
+    double repetition_penalty;    /* > 0; 1 = off */
+    int32_t no_repeat_ngram_size; /* >= 0; 0 = off */
+    int32_t min_new_tokens;       /* >= 0: the EOS ids are banned until this many tokens exist */
+    const int32_t *prompt;        /* (prompt_len,) copied at init: with each beam's tokens, the */
+    int32_t prompt_len;           /* context the first two read (ids outside the vocab ignored) */
 } lmd_beam_config;
 
 typedef struct lmd_beam_search lmd_beam_search;

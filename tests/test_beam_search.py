@@ -193,3 +193,67 @@ def test_oracle_cases_exercise_eos(hf_model):
     torch, model, eos = hf_model
     hyps = beam_search(hf_step(torch, model), [5, 17, 3, 29], beam_width=5, max_new_tokens=10, length_penalty=0.0, num_return_sequences=5, eos_token_id=eos)
     assert any(h.tokens[-1] == eos and len(h.tokens) < 10 for h in hyps)
+
+
+# (width, processors); min_new_tokens alone at width 4, whose second hypothesis otherwise ends
+# with EOS after 11 tokens
+PROCESSOR_CASES = [(width, kw) for kw in (dict(repetition_penalty=1.3), dict(repetition_penalty=0.7),
+                                          dict(no_repeat_ngram_size=2),
+                                          dict(no_repeat_ngram_size=3, repetition_penalty=1.2, min_new_tokens=6))
+                   for width in (2, 4)] + [(4, dict(min_new_tokens=12))]
+PROCESSOR_DEFAULTS = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("width,processors", PROCESSOR_CASES,
+                         ids=[f"{w}-" + ",".join(f"{k}={v}" for k, v in kw.items()) for w, kw in PROCESSOR_CASES])
+def test_logits_processors_match_transformers_generate(hf_model, width, processors):
+    """repetition_penalty, no_repeat_ngram_size and min_new_tokens act on the beams' log-probs
+    as in transformers' beam search: the same hypotheses and scores, over a step function and
+    over the model loaded into lmdecode (whose search runs in C)."""
+    torch, model, eos = hf_model
+    prompt = [5, 17, 3, 29, 5, 17]  # a repeated bigram: the n-gram ban applies at once
+    kw = dict(beam_width=width, max_new_tokens=12, num_return_sequences=2, eos_token_id=eos, **processors)
+    out = model.generate(
+        torch.tensor([prompt]), num_beams=width, do_sample=False, max_new_tokens=12, num_return_sequences=2,
+        eos_token_id=eos, pad_token_id=eos, output_scores=True, return_dict_in_generate=True, **processors,
+    )
+    plain = beam_search(hf_step(torch, model), prompt, **{**kw, **PROCESSOR_DEFAULTS})
+    engine = ld.Model.from_numpy(model.config, model.state_dict())
+    for hyps in (beam_search(hf_step(torch, model), prompt, **kw), engine.beam_search(prompt, **kw)):
+        for h, seq, score in zip(hyps, out.sequences.numpy(), out.sequences_scores.numpy()):
+            generated = seq[len(prompt):]
+            assert list(generated[: len(h.tokens)]) == h.tokens
+            assert all(t == eos for t in generated[len(h.tokens):])
+            assert h.score == pytest.approx(float(score), abs=1e-4)
+            assert h.logprob == pytest.approx(sum(h.token_logprobs), abs=1e-4)
+    if "min_new_tokens" in processors:
+        assert all(len(h.tokens) >= processors["min_new_tokens"] for h in hyps)
+    # each case changes what plain beam search finds, or it would prove little
+    assert [(h.tokens, h.score) for h in hyps] != [(h.tokens, h.score) for h in plain]
+
+
+def test_no_repeat_ngram_bans_by_hand():
+    """A step function that always prefers token 1, then 2: with n-grams of 2 banned, the
+    beams cannot take (1, 1) again after the prompt [1, 1], so 2 comes first (log-prob
+    log_softmax([3, 2, 0])[2]), and the repetition penalty multiplies a repeated token's
+    log-prob (beam width 1 is greedy over the processed log-probs)."""
+    row = np.array([0.0, 3.0, 2.0], np.float32)
+    lp = log_softmax(row.astype(np.float64))
+    hyps = beam_search(lambda toks: row, [1, 1], beam_width=1, max_new_tokens=3, no_repeat_ngram_size=2)
+    # after [1, 1]: 1 is banned (the bigram (1, 1) exists) -> 2; after [.., 1, 2]: (2, 1)? not seen -> 1;
+    # after [.., 2, 1]: (1, 1) and (1, 2) both seen -> 0
+    assert hyps[0].tokens == [2, 1, 0]
+    np.testing.assert_allclose(hyps[0].token_logprobs, [lp[2], lp[1], lp[0]], rtol=0, atol=1e-6)
+    hyps = beam_search(lambda toks: row, [1], beam_width=1, max_new_tokens=1, repetition_penalty=2.0)
+    # 1 (in the prompt): 2 * lp[1] = -0.70 against lp[2] = -1.35: still 1, its log-prob doubled
+    assert hyps[0].tokens == [1]
+    np.testing.assert_allclose(hyps[0].token_logprobs, [2 * lp[1]], rtol=0, atol=1e-6)
+    hyps = beam_search(lambda toks: row, [1], beam_width=1, max_new_tokens=1, repetition_penalty=5.0)
+    assert hyps[0].tokens == [2]  # 5 * lp[1] = -1.75 < lp[2]
+    with pytest.raises(ValueError, match=r"repetition_penalty \(=0\) must be a finite number > 0"):
+        beam_search(lambda toks: row, [1], repetition_penalty=0)
+    with pytest.raises(ValueError, match=r"no_repeat_ngram_size \(=-1\) must be >= 0"):
+        beam_search(lambda toks: row, [1], no_repeat_ngram_size=-1)
+    with pytest.raises(TypeError, match="min_new_tokens must be an int"):
+        beam_search(lambda toks: row, [1], min_new_tokens=1.5)

@@ -39,6 +39,23 @@ def test_generate_with_a_draft_or_an_amateur(capsys):
     assert contrastive != want
 
 
+def test_beam_search_and_ngram_bans(capsys):
+    model = ld.Model.load(STORIES)
+    kw = dict(beam_width=3, max_new_tokens=60, no_repeat_ngram_size=2, repetition_penalty=1.3)
+    want = model.beam_search("Once upon a time", **kw)[0].text
+    assert want != model.beam_search("Once upon a time", beam_width=3, max_new_tokens=60)[0].text
+    assert cli.main(["generate", "--model", STORIES, "--beam-width", "3", "--max-new-tokens", "60",
+                     "--no-repeat-ngram-size", "2", "--repetition-penalty", "1.3", "Once upon a time"]) == 0
+    assert capsys.readouterr().out == "Once upon a time" + want + "\n"
+    greedy = model.generate("Once upon a time", max_new_tokens=60, temperature=0, no_repeat_ngram_size=2).text
+    assert cli.main(["generate", "--model", STORIES, "--temperature", "0", "--max-new-tokens", "60",
+                     "--no-repeat-ngram-size", "2", "Once upon a time"]) == 0
+    assert capsys.readouterr().out == "Once upon a time" + greedy + "\n"
+    # sampling options that beam search would ignore are refused
+    assert cli.main(["generate", "--model", STORIES, "--beam-width", "3", "--top-p", "0.9", "Once"]) == 1
+    assert "--top-p does not apply to beam search" in capsys.readouterr().err
+
+
 def test_score_and_perplexity(capsys, tmp_path):
     assert cli.main(["score", "--model", STORIES, "--context", "Once upon a time", " there was a girl"]) == 0
     s = ld.Model.load(STORIES).sequence_logprob("Once upon a time", " there was a girl")

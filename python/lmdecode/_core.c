@@ -575,27 +575,39 @@ static void BeamSearch_dealloc(BeamSearchObject *self) {
 
 /* BeamSearch(num_beams, vocab, max_new_tokens, num_return_sequences, length_penalty,
  *            early_stopping (0 heuristic, 1 true, 2 never), eos_ids (sequence of int), *,
- *            dynamic_allowed=False (True: set_allowed may constrain the next step)) */
+ *            dynamic_allowed=False (True: set_allowed may constrain the next step),
+ *            prompt=None (int32 (n,): the context of the two processors after it),
+ *            repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0) */
 static int BeamSearch_init(BeamSearchObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"num_beams", "vocab", "max_new_tokens", "num_return_sequences",
-                             "length_penalty", "early_stopping", "eos_ids", "dynamic_allowed", NULL};
+                             "length_penalty", "early_stopping", "eos_ids", "dynamic_allowed",
+                             "prompt", "repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", NULL};
     int num_beams, vocab, max_new_tokens, num_return, early_stopping, dynamic_allowed = 0;
-    double length_penalty;
-    PyObject *eos_obj;
-    PyArrayObject *eos = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiiidiO|$p", kwlist, &num_beams, &vocab,
+    int no_repeat_ngram_size = 0, min_new_tokens = 0;
+    double length_penalty, repetition_penalty = 1.0;
+    PyObject *eos_obj, *prompt_obj = NULL;
+    PyArrayObject *eos = NULL, *prompt = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiiidiO|$pOdii", kwlist, &num_beams, &vocab,
                                      &max_new_tokens, &num_return, &length_penalty,
-                                     &early_stopping, &eos_obj, &dynamic_allowed))
+                                     &early_stopping, &eos_obj, &dynamic_allowed, &prompt_obj,
+                                     &repetition_penalty, &no_repeat_ngram_size, &min_new_tokens))
         return -1;
-    if (as_array(eos_obj, NPY_INT32, 1, "eos_ids", &eos)) return -1;
+    if (as_array(eos_obj, NPY_INT32, 1, "eos_ids", &eos) || as_array(prompt_obj, NPY_INT32, 1, "prompt", &prompt)) {
+        Py_XDECREF(eos);
+        return -1;
+    }
     lmd_beam_config config = {num_beams, vocab, max_new_tokens, num_return, length_penalty,
                               (lmd_early_stopping)early_stopping,
                               eos ? (const int32_t *)PyArray_DATA(eos) : NULL,
-                              eos ? (int32_t)PyArray_DIM(eos, 0) : 0, dynamic_allowed};
+                              eos ? (int32_t)PyArray_DIM(eos, 0) : 0, dynamic_allowed,
+                              repetition_penalty, no_repeat_ngram_size, min_new_tokens,
+                              prompt ? (const int32_t *)PyArray_DATA(prompt) : NULL,
+                              prompt ? (int32_t)PyArray_DIM(prompt, 0) : 0};
     lmd_error err;
     lmd_beam_search *search = NULL;
     lmd_status st = lmd_beam_search_init(&search, &config, &err);
     Py_XDECREF(eos);
+    Py_XDECREF(prompt);
     if (st != LMD_OK) {
         raise_status(st, &err);
         return -1;

@@ -57,6 +57,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--frequency-penalty", type=float, default=0.0)
     parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="ban tokens that would repeat an n-gram of this size")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
@@ -64,7 +65,13 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 def _sampling(args: argparse.Namespace) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
-                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
+                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                no_repeat_ngram_size=args.no_repeat_ngram_size)
+
+
+# sampling options beam search has no use for, with their defaults
+_NOT_FOR_BEAMS = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, frequency_penalty=0.0,
+                      presence_penalty=0.0, seed=None, stop=None)
 
 
 def _chat(model, args: argparse.Namespace) -> int:
@@ -164,7 +171,12 @@ def _run(args: argparse.Namespace) -> int:
             system = [{"role": "system", "content": args.system}] if args.system is not None else []
             prompt, echo = system + [{"role": "user", "content": args.prompt}], ""
         if args.beam_width:
-            hyps = model.beam_search(prompt, beam_width=args.beam_width, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty)
+            unused = [name for name, default in _NOT_FOR_BEAMS.items() if getattr(args, name) != default]
+            if unused:
+                raise ValueError(f"--{unused[0].replace('_', '-')} does not apply to beam search (--beam-width)")
+            hyps = model.beam_search(prompt, beam_width=args.beam_width, max_new_tokens=args.max_new_tokens,
+                                     length_penalty=args.length_penalty, repetition_penalty=args.repetition_penalty,
+                                     no_repeat_ngram_size=args.no_repeat_ngram_size)
             print(echo + hyps[0].text)
             return 0
         sampling = _sampling(args)

@@ -55,6 +55,13 @@ def _eos_ids(eos_token_id: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _processor_context(prompt_ids: Sequence[int], vocab: int) -> np.ndarray:
+    """The prompt as the search's processors read it (int32): ids outside the vocabulary
+    (which the step function path allows) become -1, which they skip."""
+    ids = np.asarray(prompt_ids, dtype=np.int64)
+    return np.where((ids >= 0) & (ids < vocab), ids, -1).astype(np.int32)
+
+
 def beam_search(
     model_or_step_fn: Any,
     prompt: Any,
@@ -66,6 +73,9 @@ def beam_search(
     num_return_sequences: int = 1,
     eos_token_id: int | Sequence[int] | None = None,
     prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None = None,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    min_new_tokens: int = 0,
 ) -> list[Hypothesis] | list[list[Hypothesis]]:
     """Beam search over an lmdecode Model or ``step_fn(tokens: int64 array) -> (V,) logits``.
 
@@ -87,6 +97,14 @@ def beam_search(
     generated, int64), and returns the ids it may take next (None: any). The other tokens'
     log-probabilities become -inf after the log-softmax (the allowed ones keep theirs, as
     transformers' beam search applies its logits processors).
+
+    ``repetition_penalty``, ``no_repeat_ngram_size`` and ``min_new_tokens`` are transformers'
+    processors of those names, applied as its beam search applies them: to each beam's
+    log-probs after the log-softmax, without renormalizing, in the order repetition penalty
+    (over the prompt and the beam's tokens: a log-prob, being negative, is multiplied by the
+    penalty), n-gram bans, the EOS ban before ``min_new_tokens`` tokens, then
+    ``prefix_allowed_tokens_fn``. The hypotheses' log-probs (and so their scores) are these
+    processed values, as transformers sums them.
     """
     beam_width = _check_int("beam_width", beam_width, 1)
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
@@ -99,11 +117,17 @@ def beam_search(
         raise ValueError(f"length_penalty (={length_penalty!r}) must be a finite number")
     if prefix_allowed_tokens_fn is not None:
         check_constraint_function(prefix_allowed_tokens_fn)
+    if (isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, numbers.Real)
+            or not (0 < repetition_penalty < float("inf"))):
+        raise ValueError(f"repetition_penalty (={repetition_penalty!r}) must be a finite number > 0")
+    processors = dict(repetition_penalty=float(repetition_penalty),
+                      no_repeat_ngram_size=_check_int("no_repeat_ngram_size", no_repeat_ngram_size, 0),
+                      min_new_tokens=_check_int("min_new_tokens", min_new_tokens, 0))
     model = model_or_step_fn if hasattr(model_or_step_fn, "_beam_search_in_c") else None
     if model is not None:
         prompts, single = _prompts(prompt, model.tokenizer)
         results = _beam_search_model(model, prompts, beam_width, max_new_tokens, float(length_penalty), early_stopping,
-                                     num_return_sequences, eos_token_id, prefix_allowed_tokens_fn)
+                                     num_return_sequences, eos_token_id, prefix_allowed_tokens_fn, processors)
         return results[0] if single else results
     if not callable(model_or_step_fn):
         raise TypeError(f"model_or_step_fn must be an lmdecode Model or a callable, got {type(model_or_step_fn).__name__}")
@@ -111,7 +135,8 @@ def beam_search(
         raise TypeError("beam search over a step function takes token ids: it has no tokenizer for text")
     prompts, single = _prompts(prompt, None)
     results = [_beam_search_step_fn(model_or_step_fn, ids, batch_id, beam_width, max_new_tokens, float(length_penalty),
-                                    early_stopping, num_return_sequences, eos_token_id, prefix_allowed_tokens_fn)
+                                    early_stopping, num_return_sequences, eos_token_id, prefix_allowed_tokens_fn,
+                                    processors)
                for batch_id, ids in enumerate(prompts)]
     return results[0] if single else results
 
@@ -119,7 +144,8 @@ def beam_search(
 def _beam_search_step_fn(step_fn: Callable[[np.ndarray], Any], prompt_ids: list[int], batch_id: int, beam_width: int,
                          max_new_tokens: int, length_penalty: float, early_stopping: bool | str,
                          num_return_sequences: int, eos_token_id: Any,
-                         prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None) -> list[Hypothesis]:
+                         prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None,
+                         processors: dict[str, Any]) -> list[Hypothesis]:
     """One search over a step function, asking it once per distinct beam per step."""
 
     cache: dict[tuple[int, ...], np.ndarray] = {}
@@ -139,6 +165,7 @@ def _beam_search_step_fn(step_fn: Callable[[np.ndarray], Any], prompt_ids: list[
     search = _core.BeamSearch(
         beam_width, vocab, max_new_tokens, num_return_sequences, float(length_penalty),
         _EARLY_STOPPING[early_stopping], _eos_ids(eos_token_id), dynamic_allowed=prefix_allowed_tokens_fn is not None,
+        prompt=_processor_context(prompt_ids, vocab), **processors,
     )
     beams: list[tuple[int, ...]] = [()] * beam_width
     while not search.done:
@@ -162,7 +189,8 @@ def _beam_search_step_fn(step_fn: Callable[[np.ndarray], Any], prompt_ids: list[
 def _beam_search_model(model: Any, prompts: list[list[int]], beam_width: int, max_new_tokens: int,
                        length_penalty: float, early_stopping: bool | str, num_return_sequences: int,
                        eos_token_id: Any,
-                       prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None) -> list[list[Hypothesis]]:
+                       prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None,
+                       processors: dict[str, Any]) -> list[list[Hypothesis]]:
     """The searches of the prompts, together in C; the hypotheses of each."""
     model._check_prompt_lengths(prompts)
     vocab = model.config.vocab_size
@@ -176,8 +204,9 @@ def _beam_search_model(model: Any, prompts: list[list[int]], beam_width: int, ma
         eos_token_id = model.config.eos_token_id
     eos = _eos_ids(eos_token_id)
     searches = [_core.BeamSearch(beam_width, vocab, max_new_tokens, num_return_sequences, length_penalty,
-                                 _EARLY_STOPPING[early_stopping], eos, dynamic_allowed=prefix_allowed_tokens_fn is not None)
-                for _ in prompts]
+                                 _EARLY_STOPPING[early_stopping], eos, dynamic_allowed=prefix_allowed_tokens_fn is not None,
+                                 prompt=_processor_context(ids, vocab), **processors)
+                for ids in prompts]
     constraint = None
     if prefix_allowed_tokens_fn is not None:
         prompt_arrays = [np.asarray(ids, dtype=np.int64) for ids in prompts]

@@ -520,7 +520,7 @@ static void test_beam_search(void) {
     for (int i = 0; i < NEW; i++) want_sum += want_lp[i];
 
     /* width 1 is greedy */
-    lmd_beam_config c = {1, V, NEW, 1, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0, 0};
+    lmd_beam_config c = {1, V, NEW, 1, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0, 0, 1.0, 0, 0, NULL, 0};
     lmd_beam_search *bs;
     CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
     int32_t peak = -1;
@@ -549,7 +549,7 @@ static void test_beam_search(void) {
     lmd_beam_search_free(bs);
 
     /* width 3, two hypotheses: each one's log-probs are the model's own along its tokens */
-    lmd_beam_config c3 = {3, V, NEW, 2, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0, 0};
+    lmd_beam_config c3 = {3, V, NEW, 2, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0, 0, 1.0, 0, 0, NULL, 0};
     CHECK(lmd_beam_search_init(&bs, &c3, &err) == LMD_OK);
     CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 6, &peak, NULL, NULL, &err) == LMD_OK);
     CHECK(pool_full(pool));
@@ -590,7 +590,7 @@ static void test_beam_search(void) {
     CHECK_MSG_CONTAINS(err, "exceed the context length 24");
     CHECK(pool_full(pool) && lmd_beam_search_length(bs) == 0);
     lmd_beam_search_free(bs);
-    lmd_beam_config other = {1, V + 2, NEW, 1, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0, 0};
+    lmd_beam_config other = {1, V + 2, NEW, 1, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0, 0, 1.0, 0, 0, NULL, 0};
     CHECK(lmd_beam_search_init(&bs, &other, &err) == LMD_OK);
     CHECK(lmd_decode_beam_search(m, pool, bs, prompt, 6, NULL, NULL, NULL, &err) == LMD_ERR_INVALID_ARG);
     CHECK_MSG_CONTAINS(err, "vocabulary");
@@ -664,9 +664,9 @@ static void test_beam_searches_together_equal_each_alone(void) {
     CHECK(reference_generate(m, pool, p1, 9, MOST, NULL, 0, 0, greedy, NULL) == MOST);
     const int32_t eos[1] = {greedy[2]}; /* a token the searches meet early */
     const lmd_beam_config configs[S] = {
-        {3, V, MOST, 2, 1.0, LMD_EARLY_STOP_HEURISTIC, eos, 1, 0},
-        {2, V, 5, 2, 0.6, LMD_EARLY_STOP_TRUE, eos, 1, 0},
-        {4, V, MOST, 3, 2.0, LMD_EARLY_STOP_NEVER, eos, 1, 0},
+        {3, V, MOST, 2, 1.0, LMD_EARLY_STOP_HEURISTIC, eos, 1, 0, 1.0, 0, 0, NULL, 0},
+        {2, V, 5, 2, 0.6, LMD_EARLY_STOP_TRUE, eos, 1, 0, 1.0, 0, 0, NULL, 0},
+        {4, V, MOST, 3, 2.0, LMD_EARLY_STOP_NEVER, eos, 1, 0, 1.0, 0, 0, NULL, 0},
     };
     lmd_beam_search *alone[S], *together[S];
     for (int s = 0; s < S; s++) {
@@ -726,7 +726,7 @@ static void test_beam_searches_share_a_common_beginning(void) {
     int32_t a[18], b[17];
     common_beginning_pair(a, b, V);
     const int32_t *prompts[2] = {a, b}, lens[2] = {18, 17};
-    const lmd_beam_config config = {2, V, 6, 2, 1.0, LMD_EARLY_STOP_NEVER, NULL, 0, 0};
+    const lmd_beam_config config = {2, V, 6, 2, 1.0, LMD_EARLY_STOP_NEVER, NULL, 0, 0, 1.0, 0, 0, NULL, 0};
     for (int apart = 0; apart < 2; apart++) {
         b[0] = apart ? (a[0] + 1) % V : a[0];
         lmd_beam_search *searches[2], *alone;

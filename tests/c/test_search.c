@@ -10,7 +10,7 @@ static void fill_log(float *row, const double *p, int n) {
 /* vocabulary {A, B, C, <eos>}, b = 2 (the seeds' example) */
 static void test_seeds_example(void) {
     const int32_t eos = 3;
-    lmd_beam_config c = {2, 4, 2, 2, 0.0, LMD_EARLY_STOP_HEURISTIC, &eos, 1, 0};
+    lmd_beam_config c = {2, 4, 2, 2, 0.0, LMD_EARLY_STOP_HEURISTIC, &eos, 1, 0, 1.0, 0, 0, NULL, 0};
     lmd_beam_search *bs;
     lmd_error err;
     CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
@@ -46,7 +46,7 @@ static void test_bad_config_and_logits(void) {
     lmd_beam_search *bs = NULL;
     lmd_error err;
     const int32_t eos = 9;
-    lmd_beam_config c = {2, 4, 3, 3, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0, 0};
+    lmd_beam_config c = {2, 4, 3, 3, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0, 0, 1.0, 0, 0, NULL, 0};
     CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_ERR_INVALID_ARG);
     CHECK_MSG_CONTAINS(err, "num_return_sequences");
     c.num_return_sequences = 1;
@@ -73,7 +73,7 @@ static void test_bad_config_and_logits(void) {
  * the 4 kept a step, so -inf ones fill in. The lists hold for one step. */
 static void test_allowed_lists(void) {
     const int32_t eos = 3, only_c = 2, only_eos = 3, outside = 4;
-    lmd_beam_config c = {2, 4, 3, 2, 0.0, LMD_EARLY_STOP_HEURISTIC, &eos, 1, 0};
+    lmd_beam_config c = {2, 4, 3, 2, 0.0, LMD_EARLY_STOP_HEURISTIC, &eos, 1, 0, 1.0, 0, 0, NULL, 0};
     lmd_beam_search *bs;
     lmd_error err;
     CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
@@ -113,9 +113,60 @@ static void test_allowed_lists(void) {
     lmd_beam_search_free(bs);
 }
 
+/* width 1 (greedy over the processed log-probs) on fixed logits (0, 3, 2), lp = log_softmax:
+ * n-grams of 2 after the prompt (1, 1) give 2, 1, 0 (each step bans what would repeat a bigram);
+ * a repetition penalty of 2 doubles the prompt token 1's log-prob, one of 5 lets 2 win; the
+ * EOS ban of min_new_tokens, and an out-of-vocabulary prompt id, which the processors skip */
+static void test_processors(void) {
+    const float row[3] = {0.0f, 3.0f, 2.0f};
+    const double log_total = log(1.0 + exp(3.0) + exp(2.0));
+    const int32_t prompt[3] = {1, 1, 7}, eos = 1;
+    lmd_beam_search *bs;
+    lmd_error err;
+    int32_t parent, token, seq[3], len;
+    float lps[3];
+    lmd_beam_config c = {1, 3, 3, 1, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0, 0, 1.0, 2, 0, prompt, 2};
+    CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
+    const int32_t want[3] = {2, 1, 0};
+    for (int t = 0; t < 3; t++) {
+        CHECK(lmd_beam_search_step(bs, row, &parent, &token, &err) == LMD_OK);
+        CHECK(parent == 0 && token == want[t]);
+    }
+    CHECK(lmd_beam_search_hypothesis(bs, 0, seq, lps, &len, NULL, NULL, &err) == LMD_OK);
+    CHECK(len == 3);
+    for (int t = 0; t < 3; t++) CHECK_CLOSE(lps[t], row[want[t]] - log_total, 1e-6);
+    lmd_beam_search_free(bs);
+    for (int i = 0; i < 2; i++) { /* penalty 2, then 5, over the prompt (1, 1, 7): 7 is skipped */
+        c = (lmd_beam_config){1, 3, 1, 1, 1.0, LMD_EARLY_STOP_HEURISTIC, NULL, 0, 0, i ? 5.0 : 2.0, 0, 0, prompt, 3};
+        CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
+        CHECK(lmd_beam_search_step(bs, row, &parent, &token, &err) == LMD_OK);
+        CHECK(lmd_beam_search_hypothesis(bs, 0, seq, lps, &len, NULL, NULL, &err) == LMD_OK);
+        CHECK(token == (i ? 2 : 1) && len == 1);
+        CHECK_CLOSE(lps[0], i ? row[2] - log_total : 2.0 * (row[1] - log_total), 1e-6);
+        lmd_beam_search_free(bs);
+    }
+    /* EOS (token 1, the best) banned before 2 tokens: 2 first, then EOS ends it */
+    c = (lmd_beam_config){1, 3, 3, 1, 1.0, LMD_EARLY_STOP_HEURISTIC, &eos, 1, 0, 1.0, 0, 2, NULL, 0};
+    CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_OK);
+    for (int t = 0; t < 3 && !lmd_beam_search_done(bs); t++) {
+        CHECK(lmd_beam_search_step(bs, row, &parent, &token, &err) == LMD_OK);
+        CHECK(token == (t < 2 ? 2 : 1));
+    }
+    CHECK(lmd_beam_search_hypothesis(bs, 0, seq, lps, &len, NULL, NULL, &err) == LMD_OK);
+    CHECK(len == 3 && seq[0] == 2 && seq[1] == 2 && seq[2] == 1);
+    lmd_beam_search_free(bs);
+    c.repetition_penalty = 0.0; /* bad values */
+    CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_ERR_INVALID_ARG && bs == NULL);
+    c.repetition_penalty = 1.0, c.no_repeat_ngram_size = -1;
+    CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_ERR_INVALID_ARG);
+    c.no_repeat_ngram_size = 0, c.prompt_len = 2; /* with no prompt */
+    CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_ERR_INVALID_ARG);
+}
+
 int main(void) {
     test_seeds_example();
     test_bad_config_and_logits();
     test_allowed_lists();
+    test_processors();
     return test_report("test_search");
 }
