@@ -9,6 +9,7 @@ import pytest
 
 import lmdecode
 from lmdecode import _core, loaders
+from gguf_files import write_gguf
 from reference_model import llama_logits
 
 gguf = pytest.importorskip("gguf")
@@ -81,12 +82,10 @@ def _write_model(path, kind, rng, output_kind=None):
     the matrices' blocks by tensor name."""
     c = CONFIG
     kv = c["n_kv_heads"] * c["dim"] // c["n_heads"]
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in {"llama.embedding_length": c["dim"], "llama.block_count": c["n_layers"],
-                       "llama.attention.head_count": c["n_heads"], "llama.attention.head_count_kv": c["n_kv_heads"],
-                       "llama.feed_forward_length": c["hidden"], "llama.context_length": c["context"]}.items():
-        w.add_uint32(key, value)
-    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    meta = {"llama.embedding_length": c["dim"], "llama.block_count": c["n_layers"],
+            "llama.attention.head_count": c["n_heads"], "llama.attention.head_count_kv": c["n_kv_heads"],
+            "llama.feed_forward_length": c["hidden"], "llama.context_length": c["context"],
+            "llama.attention.layer_norm_rms_epsilon": 1e-5}
     shapes = {"token_embd.weight": (c["vocab"], c["dim"]), "output.weight": (c["vocab"], c["dim"])}
     for layer in range(c["n_layers"]):
         p = f"blk.{layer}."
@@ -94,17 +93,14 @@ def _write_model(path, kind, rng, output_kind=None):
                        p + "attn_v.weight": (kv, c["dim"]), p + "attn_output.weight": (c["dim"], c["dim"]),
                        p + "ffn_gate.weight": (c["hidden"], c["dim"]), p + "ffn_up.weight": (c["hidden"], c["dim"]),
                        p + "ffn_down.weight": (c["dim"], c["hidden"])})
-    blocks = {}
+    blocks, tensors = {}, {}
     for name, (rows, cols) in shapes.items():
         this_kind = output_kind if name == "output.weight" and output_kind else kind
         blocks[name] = random_blocks(this_kind, rows, cols, rng)
-        w.add_tensor(name, blocks[name], raw_dtype=Q[this_kind])
+        tensors[name] = (blocks[name], this_kind)
     for name in ["output_norm.weight"] + [f"blk.{i}.{n}_norm.weight" for i in range(c["n_layers"]) for n in ("attn", "ffn")]:
-        w.add_tensor(name, (1 + 0.1 * rng.standard_normal(c["dim"])).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        tensors[name] = (1 + 0.1 * rng.standard_normal(c["dim"])).astype(np.float32)
+    write_gguf(path, "llama", meta, tensors)
     return blocks
 
 
@@ -208,14 +204,8 @@ def test_q4_0_file_with_a_finer_output_head(tmp_path):
 
 def test_unsupported_quantized_type_is_named(tmp_path):
     rng = np.random.default_rng(4)
-    w = gguf.GGUFWriter(str(tmp_path / "iq2.gguf"), "llama")
-    for key, value in {"llama.embedding_length": 256, "llama.block_count": 1, "llama.attention.head_count": 4,
-                       "llama.context_length": 64}.items():
-        w.add_uint32(key, value)
-    w.add_tensor("token_embd.weight", rng.integers(0, 256, (8, 66), dtype=np.uint8), raw_dtype=Q.IQ2_XXS)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(tmp_path / "iq2.gguf", "llama", {"llama.embedding_length": 256, "llama.block_count": 1,
+                                                 "llama.attention.head_count": 4, "llama.context_length": 64},
+               {"token_embd.weight": (rng.integers(0, 256, (8, 66), dtype=np.uint8), "IQ2_XXS")})
     with pytest.raises(ValueError, match=r"iq2\.gguf: tensor 'token_embd\.weight' has type IQ2_XXS, not supported"):
         lmdecode.Model.load(tmp_path / "iq2.gguf")

@@ -7,6 +7,7 @@ import pytest
 import lmdecode
 from lmdecode import _core, loaders
 from lmdecode.tokenizer import load_tokenizer
+from gguf_files import write_gguf
 from reference_model import llama_logits
 
 MODELS = Path(__file__).parents[1] / ".." / "shared" / "models"
@@ -113,32 +114,6 @@ def test_tiny_random_in_bf16_storage():
 # ---------------------------------------------------------------------------- GGUF tensor types
 
 
-def _write_gguf(path, arch, meta, tensors, vocab=None):
-    """tensors: name -> (float32 array in numpy (rows, cols) order, GGML type name)."""
-    w = gguf.GGUFWriter(str(path), arch)
-    for key, value in meta.items():
-        if isinstance(value, float):
-            w.add_float32(key, value)
-        elif isinstance(value, str):
-            w.add_string(key, value)
-        else:
-            w.add_uint32(key, value)
-    if vocab is not None:
-        w.add_token_list(vocab)
-    for name, (arr, kind) in tensors.items():
-        qtype = Q[kind]
-        if qtype == Q.F32:
-            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
-        elif qtype == Q.F16:
-            w.add_tensor(name, arr.astype(np.float16))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def _stories_as(kind, path):
     """stories260K re-encoded with its matrices in GGML type `kind` (those with a multiple of 32
     columns; the 172-wide feed-forward stays F32, as llama.cpp's quantizer would leave it)."""
@@ -150,7 +125,7 @@ def _stories_as(kind, path):
         arr = np.array(t.data, dtype=np.float32)
         quantizable = arr.ndim == 2 and arr.shape[1] % 32 == 0
         tensors[t.name] = (arr, kind if quantizable else "F32")
-    _write_gguf(path, "llama", meta, tensors)
+    write_gguf(path, "llama", meta, tensors)
     return path
 
 
@@ -189,7 +164,7 @@ def _stories_with(path, extra_meta=None, extra_tensors=None):
     meta = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.")}
     tensors = {t.name: (np.array(t.data, dtype=np.float32), "F32") for t in reader.tensors}
     tensors.update({name: (arr, "F32") for name, arr in (extra_tensors or {}).items()})
-    _write_gguf(path, "llama", {**meta, **(extra_meta or {})}, tensors)
+    write_gguf(path, "llama", {**meta, **(extra_meta or {})}, tensors)
     return path
 
 
@@ -378,7 +353,7 @@ def test_gpt2_gguf_matches_from_numpy(tmp_path):
     hf = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in hf.items()}
     meta = {"gpt2.embedding_length": D, "gpt2.block_count": L, "gpt2.attention.head_count": H,
             "gpt2.feed_forward_length": 4 * D, "gpt2.context_length": P, "gpt2.attention.layer_norm_epsilon": 1e-5}
-    _write_gguf(tmp_path / "gpt2.gguf", "gpt2", meta, {k: (np.asarray(v, np.float32), "F32") for k, v in gg.items()})
+    write_gguf(tmp_path / "gpt2.gguf", "gpt2", meta, {k: (np.asarray(v, np.float32), "F32") for k, v in gg.items()})
     from_file = lmdecode.Model.load(tmp_path / "gpt2.gguf")
     config = {"architectures": ["GPT2LMHeadModel"], "vocab_size": V, "n_embd": D, "n_layer": L, "n_head": H,
               "n_positions": P, "layer_norm_epsilon": 1e-5}
@@ -388,7 +363,7 @@ def test_gpt2_gguf_matches_from_numpy(tmp_path):
     np.testing.assert_allclose(from_file.logits(toks), from_arrays.logits(toks), rtol=0, atol=1e-5)
     # a quantized fused qkv splits into q, k and v by rows of blocks
     kinds = {k: (np.asarray(v, np.float32), "Q8_0" if k.endswith("attn_qkv.weight") else "F32") for k, v in gg.items()}
-    _write_gguf(tmp_path / "gpt2_q8.gguf", "gpt2", meta, kinds)
+    write_gguf(tmp_path / "gpt2_q8.gguf", "gpt2", meta, kinds)
     for i in range(L):
         fused = np.ascontiguousarray(hf[f"transformer.h.{i}.attn.c_attn.weight"].T)
         hf[f"transformer.h.{i}.attn.c_attn.weight"] = np.ascontiguousarray(
@@ -496,13 +471,13 @@ def test_unsupported_gguf_tensor_type(tmp_path):
     reader = gguf.GGUFReader(str(STORIES_GGUF))
     meta = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.")}
     tensors = {t.name: (np.array(t.data), "MXFP4" if t.name == "blk.0.attn_q.weight" else "F32") for t in reader.tensors}
-    _write_gguf(tmp_path / "mxfp4.gguf", "llama", meta, tensors)
+    write_gguf(tmp_path / "mxfp4.gguf", "llama", meta, tensors)
     with pytest.raises(ValueError, match=r"mxfp4\.gguf: tensor 'blk\.0\.attn_q\.weight' has type MXFP4, not supported"):
         lmdecode.Model.load(tmp_path / "mxfp4.gguf")
 
 
 def test_unsupported_gguf_architecture(tmp_path):
-    _write_gguf(tmp_path / "falcon.gguf", "falcon", {"falcon.embedding_length": 8},
+    write_gguf(tmp_path / "falcon.gguf", "falcon", {"falcon.embedding_length": 8},
                 {"token_embd.weight": (np.zeros((4, 8), np.float32), "F32")})
     with pytest.raises(ValueError, match=r"falcon\.gguf: architecture 'falcon' is not supported"):
         lmdecode.Model.load(tmp_path / "falcon.gguf")
@@ -512,7 +487,7 @@ def test_gguf_shapes_disagreeing_with_metadata(tmp_path):
     reader = gguf.GGUFReader(str(STORIES_GGUF))
     meta = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.")}
     meta["llama.feed_forward_length"] = 96
-    _write_gguf(tmp_path / "bad.gguf", "llama", meta, {t.name: (np.array(t.data), "F32") for t in reader.tensors})
+    write_gguf(tmp_path / "bad.gguf", "llama", meta, {t.name: (np.array(t.data), "F32") for t in reader.tensors})
     with pytest.raises(ValueError, match=r"bad\.gguf: tensor 'blk\.0\.ffn_gate\.weight' has shape \(172, 64\)"):
         lmdecode.Model.load(tmp_path / "bad.gguf")
 
@@ -632,7 +607,7 @@ def test_converted_gguf_tensors_leave_the_resident_set(kind, dtype, tmp_path):
             tensors[b + name + ".weight"] = (rng.normal(0, 0.02, shape), kind)
     tensors["output.weight"] = (tensors["output.weight"][0], kind)
     path = tmp_path / f"random-{kind}.gguf"
-    _write_gguf(path, "llama", meta, tensors)
+    write_gguf(path, "llama", meta, tensors)
     matrix_bytes = sum(a.size * {"F32": 4, "BF16": 2, "F16": 2, "Q8_0": 34 / 32}[k] for a, k in tensors.values())
     model = lmdecode.Model.load(path, dtype=dtype)
     model.forward([1, 2, 3], model.new_cache(8))

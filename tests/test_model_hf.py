@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import lmdecode
+from gguf_files import write_gguf
 from oracle import require_transformers
 
 pytestmark = pytest.mark.oracle
@@ -132,7 +133,6 @@ def test_sharded_checkpoint(hf, tmp_path):
 def test_qwen2_gguf_matches_transformers(tmp_path):
     """A Qwen2 written as llama.cpp's converter writes one (arch qwen2, q/k/v biases, q and k rows
     unpermuted: rotate-half RoPE, tied head) loads to the oracle's logits."""
-    gguf = pytest.importorskip("gguf")
     torch, transformers = require_transformers()
     model = _build("qwen2", torch, transformers)
     cfg = model.config
@@ -140,20 +140,18 @@ def test_qwen2_gguf_matches_transformers(tmp_path):
     with torch.no_grad():
         ref = model(torch.tensor(tokens[None], dtype=torch.long)).logits[0].numpy()
     state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-    w = gguf.GGUFWriter(str(tmp_path / "qwen2.gguf"), "qwen2")
-    for key, value in {"embedding_length": cfg.hidden_size, "block_count": cfg.num_hidden_layers,
-                       "attention.head_count": cfg.num_attention_heads,
-                       "attention.head_count_kv": cfg.num_key_value_heads,
-                       "feed_forward_length": cfg.intermediate_size,
-                       "context_length": cfg.max_position_embeddings}.items():
-        w.add_uint32(f"qwen2.{key}", value)
-    w.add_float32("qwen2.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
-    w.add_float32("qwen2.rope.freq_base", cfg.rope_parameters["rope_theta"])
+    meta = {f"qwen2.{key}": value for key, value in {
+        "embedding_length": cfg.hidden_size, "block_count": cfg.num_hidden_layers,
+        "attention.head_count": cfg.num_attention_heads, "attention.head_count_kv": cfg.num_key_value_heads,
+        "feed_forward_length": cfg.intermediate_size, "context_length": cfg.max_position_embeddings,
+        "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
+        "rope.freq_base": float(cfg.rope_parameters["rope_theta"])}.items()}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     layer_names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                    "mlp.down_proj": "ffn_down"}
+    tensors = {}
     for name, arr in state.items():
         if name == "lm_head.weight":
             continue  # tied
@@ -161,11 +159,8 @@ def test_qwen2_gguf_matches_transformers(tmp_path):
             _, _, idx, rest = name.split(".", 3)
             module, suffix = rest.rsplit(".", 1)
             names[name] = f"blk.{idx}.{layer_names[module]}.{suffix}"
-        w.add_tensor(names[name], arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        tensors[names[name]] = arr
+    write_gguf(tmp_path / "qwen2.gguf", "qwen2", meta, tensors)
     loaded = lmdecode.Model.load(tmp_path / "qwen2.gguf")
     assert loaded.config.rope_layout == "half" and loaded.config.tied_embeddings
     _assert_close_to(ref, loaded.logits(tokens))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import lmdecode as ld
+from gguf_files import write_gguf
 from lmdecode.tokenizer import _UNICODE_TO_BYTE, ScoreBPETokenizer, Tokenizer, _byte_unicode_table, load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -211,17 +212,13 @@ def test_gguf_byte_level_encode_by_hand(tmp_path):
         assert tok.encode("1234abc", add_bos=False) == ids, pre
         assert tok.decode(ids) == "1234abc"
     # the same through a GGUF file (GGUFReader fields rather than plain values)
-    import gguf
+    def vocabulary(w):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("llama-bpe")
+        w.add_token_list([BYTE_LEVEL[b] for b in range(256)] + tokens)
+        w.add_token_merges(merges)
 
-    w = gguf.GGUFWriter(str(tmp_path / "vocab.gguf"), "llama")
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
-    w.add_token_list([BYTE_LEVEL[b] for b in range(256)] + tokens)
-    w.add_token_merges(merges)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(tmp_path / "vocab.gguf", "llama", {}, {}, more=vocabulary)
     assert load_tokenizer(tmp_path / "vocab.gguf").encode("1234abc", add_bos=False) == [258, 52, 259]
 
 
