@@ -344,6 +344,27 @@ def test_batch_of_sequences_equals_separate_calls(hf):
     assert [len(root), len(c1), len(c2)] == [13, 11, 15]
 
 
+def test_new_caches_hold_a_full_capacity_each(hf):
+    """new_caches(n, capacity): n independent sequences of one pool, each able to take `capacity`
+    positions while the others hold theirs (a cache and its forks share new_cache's capacity)."""
+    model = lmdecode.Model.load(hf["path"])
+    toks = hf["tokens"]
+    caches = model.new_caches(3, capacity=20, block_size=8)
+    assert [len(c) for c in caches] == [0, 0, 0] and caches[0].free_blocks == 9
+    prompts = [toks[:20], toks[20:40], toks[40:60]]
+    outs = model.forward_batch(prompts, caches, logits="all")
+    for prompt, out in zip(prompts, outs):
+        np.testing.assert_array_equal(out, model.logits(prompt))
+    assert [len(c) for c in caches] == [20, 20, 20]
+    shared = model.new_cache(capacity=20, block_size=8)
+    with pytest.raises(ValueError):  # a cache and its fork: 20 positions between them
+        model.forward_batch(prompts[:2], [shared, shared.fork()])
+    with pytest.raises(ValueError, match=r"n \(=0\) must be >= 1"):
+        model.new_caches(0)
+    with pytest.raises(ValueError, match="share a pool: make them with model.new_caches"):
+        model.forward_batch(prompts[:2], [model.new_cache(), model.new_cache()])
+
+
 def test_logit_rows_requested_by_index(hf):
     model = lmdecode.Model.load(hf["path"])
     full = model.logits(hf["tokens"])

@@ -43,6 +43,7 @@ Incremental decoding with a cache::
 
 Several sequences in one pass (each weight matrix read once for all of them)::
 
+    cache_a, cache_b = model.new_caches(2)                         # one pool, room for both
     outs = model.forward_batch([[17], [42]], [cache_a, cache_b])   # list of (vocab,) arrays
 
 Caches forked from one another share a pool of blocks of ``block_size`` positions; ``capacity``
@@ -265,7 +266,8 @@ class Model(DecodingMixin):
 
     def new_cache(self, capacity: int | None = None, *, block_size: int = 16, kv_dtype: str | None = None) -> KVCache:
         """An empty cache. capacity: positions the pool holds for this cache and its forks
-        (default: the context length); kv_dtype: "f32" or "f16" (default: the model's)."""
+        (default: the context length; rounded up to whole blocks of block_size positions);
+        kv_dtype: "f32" or "f16" (default: the model's)."""
         kv_dtype = self.kv_dtype if kv_dtype is None else _check_kv_dtype(kv_dtype)
         cfg = self.config
         capacity = cfg.context_length if capacity is None else _as_int("capacity", capacity)
@@ -276,6 +278,23 @@ class Model(DecodingMixin):
             raise ValueError(f"block_size (={block_size}) must be in [1, 4096]")
         pool = self._new_pool(block_size, math.ceil(capacity / block_size), kv_dtype)
         return KVCache(_core.KVSeq(pool, cfg.context_length), self)
+
+    def new_caches(self, n: int, capacity: int | None = None, *, block_size: int = 16,
+                   kv_dtype: str | None = None) -> list[KVCache]:
+        """n empty caches of one pool, as :meth:`forward_batch` takes them, with room for
+        `capacity` positions each (default: the context length) whatever the others hold."""
+        n = _as_int("n", n)
+        if n < 1:
+            raise ValueError(f"n (={n}) must be >= 1")
+        capacity = self.config.context_length if capacity is None else _as_int("capacity", capacity)
+        block_size = _as_int("block_size", block_size)
+        if capacity < 1:
+            raise ValueError(f"capacity (={capacity}) must be >= 1")
+        if not 1 <= block_size <= 4096:
+            raise ValueError(f"block_size (={block_size}) must be in [1, 4096]")
+        first = self.new_cache(n * math.ceil(capacity / block_size) * block_size, block_size=block_size,
+                               kv_dtype=kv_dtype)
+        return [first] + [first.fork() for _ in range(n - 1)]  # forks of an empty cache share nothing
 
     def _new_pool(self, block_size: int, n_blocks: int, kv_dtype: str):
         """An engine KV pool cut to this model's layers and heads (new_cache, the decoding loops)."""
@@ -340,10 +359,9 @@ class Model(DecodingMixin):
     def forward_batch(self, token_lists, caches, *, logits="last", out=None) -> list:
         """One engine pass over several sequences' new tokens (each weight matrix read once).
 
-        All caches must come from one pool (the same new_cache() and its forks) or be the only
-        cache of their pool... precisely: one call, one pool. Returns one logits array per sequence,
-        shaped as in :meth:`forward`; with out (as in :meth:`forward`, all sequences' rows in
-        order), views of it."""
+        The caches must share one pool: those of :meth:`new_caches`, or a cache and its forks.
+        Returns one logits array per sequence, shaped as in :meth:`forward`; with out (as in
+        :meth:`forward`, all sequences' rows in order), views of it."""
         if len(token_lists) != len(caches):
             raise ValueError(f"{len(token_lists)} token lists but {len(caches)} caches")
         if len(caches) == 0:
@@ -360,10 +378,9 @@ class Model(DecodingMixin):
             logit_index.append(want + offset)
             splits.append(want.size)
             offset += n
-        if len({id(c._seq.pool) for c in caches}) != 1 and len(caches) > 1:
-            pools = [c._seq.pool for c in caches]
-            if any(p is not pools[0] for p in pools):
-                raise ValueError("all caches of one forward_batch call must share a pool (forks of one new_cache())")
+        if any(c._seq.pool is not caches[0]._seq.pool for c in caches):
+            raise ValueError("the caches of one forward_batch call must share a pool: make them with "
+                             "model.new_caches(n), or fork them from one cache")
         out = _core.model_forward(self._engine, [c._seq for c in caches], np.concatenate(arrays),
                                   np.concatenate(seq_index), np.concatenate(logit_index), out)
         results, at = [], 0
