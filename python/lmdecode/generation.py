@@ -243,7 +243,6 @@ class _Run:
                           draft_tokens_proposed=proposed, draft_tokens_accepted=accepted,
                           cached_prompt_tokens=self.cached_prompt_tokens)
 
-
     def chunk(self, k: int, i: int, token: int, text: str, reason: str | None) -> GenerationChunk:
         """The stream's chunk for sequence k's generated token i."""
         lp, top_ids, top_lps = self.gen.logprobs_at(k, i)

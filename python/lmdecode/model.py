@@ -269,15 +269,9 @@ class Model(DecodingMixin):
         (default: the context length; rounded up to whole blocks of block_size positions);
         kv_dtype: "f32" or "f16" (default: the model's)."""
         kv_dtype = self.kv_dtype if kv_dtype is None else _check_kv_dtype(kv_dtype)
-        cfg = self.config
-        capacity = cfg.context_length if capacity is None else _as_int("capacity", capacity)
-        block_size = _as_int("block_size", block_size)
-        if capacity < 1:
-            raise ValueError(f"capacity (={capacity}) must be >= 1")
-        if not 1 <= block_size <= 4096:
-            raise ValueError(f"block_size (={block_size}) must be in [1, 4096]")
+        capacity, block_size = self._check_capacity(capacity, block_size)
         pool = self._new_pool(block_size, math.ceil(capacity / block_size), kv_dtype)
-        return KVCache(_core.KVSeq(pool, cfg.context_length), self)
+        return KVCache(_core.KVSeq(pool, self.config.context_length), self)
 
     def new_caches(self, n: int, capacity: int | None = None, *, block_size: int = 16,
                    kv_dtype: str | None = None) -> list[KVCache]:
@@ -286,15 +280,20 @@ class Model(DecodingMixin):
         n = _as_int("n", n)
         if n < 1:
             raise ValueError(f"n (={n}) must be >= 1")
+        capacity, block_size = self._check_capacity(capacity, block_size)
+        first = self.new_cache(n * math.ceil(capacity / block_size) * block_size, block_size=block_size,
+                               kv_dtype=kv_dtype)
+        return [first] + [first.fork() for _ in range(n - 1)]  # forks of an empty cache share nothing
+
+    def _check_capacity(self, capacity: int | None, block_size: int) -> tuple[int, int]:
+        """new_cache's capacity (default: the context length) and block_size, checked."""
         capacity = self.config.context_length if capacity is None else _as_int("capacity", capacity)
         block_size = _as_int("block_size", block_size)
         if capacity < 1:
             raise ValueError(f"capacity (={capacity}) must be >= 1")
         if not 1 <= block_size <= 4096:
             raise ValueError(f"block_size (={block_size}) must be in [1, 4096]")
-        first = self.new_cache(n * math.ceil(capacity / block_size) * block_size, block_size=block_size,
-                               kv_dtype=kv_dtype)
-        return [first] + [first.fork() for _ in range(n - 1)]  # forks of an empty cache share nothing
+        return capacity, block_size
 
     def _new_pool(self, block_size: int, n_blocks: int, kv_dtype: str):
         """An engine KV pool cut to this model's layers and heads (new_cache, the decoding loops)."""
