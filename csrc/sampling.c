@@ -1055,7 +1055,8 @@ float lmd_row_log_normalizer(const float *z, int32_t vocab, float t, float *log_
 }
 
 lmd_status lmd_target_logprobs(const float *logits, int64_t row_stride, int32_t n_rows, int32_t vocab,
-                               const int32_t *targets, float *out, int32_t *failed_row, lmd_error *err) {
+                               const int32_t *targets, float *out, unsigned char *out_is_max, int32_t *failed_row,
+                               lmd_error *err) {
     if (failed_row) *failed_row = -1;
     const int missing = n_rows > 0 && (logits == NULL || targets == NULL || out == NULL);
     if (n_rows < 0 || vocab < 1 || row_stride < vocab || missing)
@@ -1090,6 +1091,7 @@ lmd_status lmd_target_logprobs(const float *logits, int64_t row_stride, int32_t 
         float log_total;
         const float ms = lmd_row_log_normalizer(z, vocab, 1.0f, &log_total, &bad_index);
         out[r] = (z[targets[r]] / 1.0f - ms) - log_total; /* write_row_logprobs' value at t = 1 */
+        if (out_is_max) out_is_max[r] = z[targets[r]] == ms; /* ms: the row's max (t = 1) */
     }
     return LMD_OK;
 }

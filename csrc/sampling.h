@@ -120,11 +120,13 @@ lmd_status lmd_sample_rows(lmd_sampler *const *samplers, int n_samplers,
  * log softmax(row r)[targets[r]] for n_rows rows of vocab logits at row_stride, into out
  * (n_rows,): the very value lmd_sample_row's out_logprobs holds for that token at
  * temperature 1 with no processors, without writing whole rows (scoring a sequence needs
- * one entry per row). Errors (target outside [0, vocab), NaN or +inf, a row of -inf)
- * name the lowest failing row in *failed_row; nothing is written then.
+ * one entry per row). out_is_max (n_rows,) or NULL: 1 where the target's logit is its row's
+ * largest (a greedy choice; ties count), else 0. Errors (target outside [0, vocab), NaN or
+ * +inf, a row of -inf) name the lowest failing row in *failed_row; nothing is written then.
  */
 lmd_status lmd_target_logprobs(const float *logits, int64_t row_stride, int32_t n_rows, int32_t vocab,
-                               const int32_t *targets, float *out, int32_t *failed_row, lmd_error *err);
+                               const int32_t *targets, float *out, unsigned char *out_is_max, int32_t *failed_row,
+                               lmd_error *err);
 
 /*
  * The log-softmax of a row of logits z (vocab,) at temperature t (> 0) as this module

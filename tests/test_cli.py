@@ -60,7 +60,8 @@ def test_score_and_perplexity(capsys, tmp_path):
     assert cli.main(["score", "--model", STORIES, "--context", "Once upon a time", " there was a girl"]) == 0
     s = ld.Model.load(STORIES).sequence_logprob("Once upon a time", " there was a girl")
     out = capsys.readouterr().out
-    assert out.startswith(f"log p(continuation | context) = {s.total:.4f} nats over {len(s.tokens)} tokens")
+    assert out.startswith(f"log p(continuation | context) = {s.total:.4f} nats over {len(s.tokens)} tokens "
+                          "(not what greedy decoding gives)")
     text = "Once upon a time, there was a little girl named Lily. She liked to play outside.\n"
     (tmp_path / "story.txt").write_text(text)
     assert cli.main(["perplexity", "--model", STORIES, "--window", "16", "--stride", "8", "--no-progress",

@@ -249,6 +249,23 @@ def test_sequence_logprob_is_one_prefill(stories):
     assert batch[2].total == 0.0
 
 
+def test_sequence_logprob_says_whether_greedy_decoding_gives_the_continuation(stories):
+    """is_greedy on a model: the greedy continuation is, one token changed anywhere (in the
+    first pass, the shared context's last row, or an engine chunk after it) is not; the same
+    as every target having its row's largest logit in model.logits."""
+    chunked = ld.Model.load(MODELS / "stories260K.bin", max_batch=16)  # 40 tokens: three engine passes
+    greedy = stories.generate(PROMPT, max_new_tokens=40, temperature=0, stop_token_ids=[]).tokens
+    for model in (stories, chunked):
+        assert model.sequence_logprob(PROMPT, greedy).is_greedy
+        for at in (0, 20, 39):
+            changed = greedy[:at] + [(greedy[at] + 1) % 512] + greedy[at + 1:]
+            s = model.sequence_logprob(PROMPT, changed)
+            logits = model.logits(PROMPT + changed)[len(PROMPT) - 1:-1]
+            assert not s.is_greedy and not (logits.argmax(axis=1) == changed).all()
+            batch = model.sequence_logprob(PROMPT, [greedy, changed, greedy[:1], changed[:1]])
+            assert [b.is_greedy for b in batch] == [True, False, True, at != 0]
+
+
 def test_every_loop_reports_the_same_log_probabilities(stories):
     # generate(), beam search and scoring share one log-softmax, and decoding's logits equal
     # prefill's bit for bit, so a token's log-probability is one number whichever call reports it

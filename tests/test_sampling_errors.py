@@ -160,7 +160,7 @@ def test_extension_id_arguments_take_integers_only():
     (1.7 -> token 1) where the Python layer's checks are bypassed."""
     from lmdecode import _core
     logits = np.arange(10, dtype=np.float32).reshape(2, 5)
-    np.testing.assert_allclose(_core.target_logprobs(logits, [1, 2]), ld.log_softmax(logits)[[0, 1], [1, 2]], rtol=1e-6)
+    np.testing.assert_allclose(_core.target_logprobs(logits, [1, 2])[0], ld.log_softmax(logits)[[0, 1], [1, 2]], rtol=1e-6)
     for bad, dtype in (([1.7, 2.2], "float64"), (np.array([1.0, 2.0]), "float64"), ([True, False], "bool")):
         with pytest.raises(TypeError, match=rf"targets must be integers, not dtype\('{dtype}'\)"):
             _core.target_logprobs(logits, bad)

@@ -24,6 +24,24 @@ def test_sequence_logprob_matches_numpy():
     assert batch[1].total == pytest.approx(expect[::-1].sum(), abs=1e-4)
 
 
+def test_is_greedy_when_every_target_has_its_rows_largest_logit():
+    """lm-evaluation-harness's is_greedy: a tie with the largest logit counts as greedy."""
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((6, 20)).astype(np.float32)
+    best = z.argmax(axis=1)
+    assert ld.sequence_logprob(z, best).is_greedy
+    tied = z.copy()
+    tied[2, (best[2] + 1) % 20] = tied[2, best[2]]  # another token ties with row 2's best
+    assert ld.sequence_logprob(tied, best).is_greedy
+    assert ld.sequence_logprob(tied, np.where(np.arange(6) == 2, (best + 1) % 20, best)).is_greedy
+    other = best.copy()
+    other[4] = (best[4] + 1) % 20
+    assert not ld.sequence_logprob(z, other).is_greedy
+    assert ld.sequence_logprob(np.zeros((0, 20), np.float32), np.zeros(0, np.int64)).is_greedy  # nothing to miss
+    batch = ld.sequence_logprob(np.stack([z, z]), np.stack([best, other]))
+    assert [s.is_greedy for s in batch] == [True, False]
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float64, np.int64])
 def test_sequence_logprob_takes_any_real_dtype_as_float32(dtype):
     """NumPy's default float64 (and float16, integers) is scored as its float32 cast, as the

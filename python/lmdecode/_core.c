@@ -478,14 +478,15 @@ fail:
 }
 
 /*
- * target_logprobs(logits (T, V) float32, targets (T,) int32) -> (T,) float32:
+ * target_logprobs(logits (T, V) float32, targets (T,) int32) -> ((T,) float32, (T,) bool):
  * log softmax(logits[t])[targets[t]], as sample_rows' logprobs hold it at temperature 1
- * (lmd_target_logprobs), without a (T, V) result. ValueError names the failing row.
+ * (lmd_target_logprobs), without a (T, V) result, and whether each target has its row's
+ * largest logit. ValueError names the failing row.
  */
 static PyObject *py_target_logprobs(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *logits_obj, *targets_obj, *result = NULL;
-    PyArrayObject *logits = NULL, *targets = NULL, *out = NULL;
+    PyArrayObject *logits = NULL, *targets = NULL, *out = NULL, *is_max = NULL;
     if (!PyArg_ParseTuple(args, "OO", &logits_obj, &targets_obj)) return NULL;
     if (as_array(logits_obj, NPY_FLOAT32, 2, "logits", &logits) ||
         as_array(targets_obj, NPY_INT32, 1, "targets", &targets))
@@ -506,22 +507,24 @@ static PyObject *py_target_logprobs(PyObject *self, PyObject *args) {
         goto fail;
     }
     npy_intp dims[1] = {n_rows};
-    if ((out = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_FLOAT32, 0)) == NULL) goto fail;
+    if ((out = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_FLOAT32, 0)) == NULL ||
+        (is_max = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_BOOL, 0)) == NULL)
+        goto fail;
     lmd_error err = {{0}};
     int32_t failed_row = -1;
     lmd_status st;
     Py_BEGIN_ALLOW_THREADS;
     st = lmd_target_logprobs(PyArray_DATA(logits), (int64_t)vocab, (int32_t)n_rows, (int32_t)vocab,
-                             PyArray_DATA(targets), PyArray_DATA(out), &failed_row, &err);
+                             PyArray_DATA(targets), PyArray_DATA(out), PyArray_DATA(is_max), &failed_row, &err);
     Py_END_ALLOW_THREADS;
     if (st != LMD_OK) {
         raise_row_status(st, &err, failed_row, "row");
         goto fail;
     }
-    result = (PyObject *)out;
-    out = NULL;
+    result = Py_BuildValue("(OO)", out, is_max);
 fail:
     Py_XDECREF(out);
+    Py_XDECREF(is_max);
     Py_XDECREF(logits);
     Py_XDECREF(targets);
     return result;
@@ -2636,7 +2639,8 @@ static PyMethodDef core_methods[] = {
      "Process and sample rows of logits (see sampling.py)."},
     {"validate_params", py_validate_params, METH_O, "Check a (R, 12) parameter table."},
     {"target_logprobs", py_target_logprobs, METH_VARARGS,
-     "target_logprobs(logits (T, V), targets (T,)) -> log softmax(logits[t])[targets[t]] (T,) float32."},
+     "target_logprobs(logits (T, V), targets (T,)) -> (log softmax(logits[t])[targets[t]] (T,) float32, "
+     "whether each target has its row's largest logit (T,) bool)."},
     /* model bindings */
     {"model_forward", (PyCFunction)(void (*)(void))py_model_forward, METH_VARARGS | METH_KEYWORDS,
      "model_forward(model, seqs, tokens, token_seq, logit_index, out=None) -> logits (n_logits, vocab)."},

@@ -201,7 +201,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "score":
         s = model.sequence_logprob(args.context, args.continuation)
-        print(f"log p(continuation | context) = {s.total:.4f} nats over {len(s.tokens)} tokens")
+        print(f"log p(continuation | context) = {s.total:.4f} nats over {len(s.tokens)} tokens"
+              f" ({'' if s.is_greedy else 'not '}what greedy decoding gives)")
         for token, lp in zip(s.tokens, s.token_logprobs):
             print(f"  {token:>7} {model.tokenizer.decode([token])!r:<20} {lp:9.4f}")
         return 0

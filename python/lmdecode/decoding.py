@@ -320,8 +320,9 @@ class DecodingMixin:
             # fork and a second scoring call: ~1% of a stories260K 511-token call)
             cont = conts[0]
             ids = np.asarray(ctx + cont)
-            lp = self._prefill_target_logprobs(ids[:-1], ids[1:], self._scoring_cache(len(ids)), skip=len(ctx) - 1)
-            return SequenceScore(float(lp.sum()), lp, tuple(cont))
+            lp, greedy = self._prefill_target_logprobs(ids[:-1], ids[1:], self._scoring_cache(len(ids)),
+                                                       skip=len(ctx) - 1)
+            return SequenceScore(float(lp.sum()), lp, tuple(cont), greedy)
         cache = self._scoring_cache(len(ctx) + longest + 2 * _SCORING_BLOCK * len(conts))
         first = self.forward(ctx, cache, logits="last")  # predicts the first continuation token
         scores = []
@@ -330,14 +331,17 @@ class DecodingMixin:
                 scores.append(SequenceScore(0.0, np.zeros(0)))
                 continue
             # each part scored where it lies: concatenating (T, V) logits would copy them all
-            token_logprobs = [_sequence_logprob(first[None, :], np.asarray(cont[:1])).token_logprobs]
+            head = _sequence_logprob(first[None, :], np.asarray(cont[:1]))
+            token_logprobs, greedy = [head.token_logprobs], head.is_greedy
             if len(cont) > 1:
                 branch = cache.fork()
                 ids = np.asarray(cont)  # converted once, not per engine pass and per use
-                token_logprobs.append(self._prefill_target_logprobs(ids[:-1], ids[1:], branch))
+                rest, rest_greedy = self._prefill_target_logprobs(ids[:-1], ids[1:], branch)
+                token_logprobs.append(rest)
+                greedy = greedy and rest_greedy
                 del branch
             lp = np.concatenate(token_logprobs)
-            scores.append(SequenceScore(float(lp.sum()), lp, tuple(cont)))
+            scores.append(SequenceScore(float(lp.sum()), lp, tuple(cont), greedy))
         return scores if batch else scores[0]
 
     def perplexity(self, text_or_tokens: Any, *, window: int | None = None, stride: int | None = None,
@@ -352,24 +356,27 @@ class DecodingMixin:
             if first >= len(chunk):
                 return np.zeros(0)
             cache = self._scoring_cache(len(chunk) - 1)
-            return self._prefill_target_logprobs(chunk[:-1], chunk[1:], cache, skip=first - 1)
+            return self._prefill_target_logprobs(chunk[:-1], chunk[1:], cache, skip=first - 1)[0]
 
         return perplexity_of_windows(score_window, tokens, window=window, stride=stride, progress=progress)
 
-    def _prefill_target_logprobs(self, inputs, targets, cache, skip: int = 0) -> np.ndarray:
+    def _prefill_target_logprobs(self, inputs, targets, cache, skip: int = 0) -> tuple[np.ndarray, bool]:
         """Appends inputs to cache and returns log p(targets[i] | the sequence up to inputs[i])
-        for i >= skip (float64). An engine pass of max_batch tokens at a time, each scored as it
-        comes: never more than max_batch rows of logits at once (a 2048-token window over a
-        128k vocabulary would otherwise take 1 GB), and the same values as one pass."""
-        parts = []
+        for i >= skip (float64), and whether each of those targets was its position's most
+        likely token. An engine pass of max_batch tokens at a time, each scored as it comes:
+        never more than max_batch rows of logits at once (a 2048-token window over a 128k
+        vocabulary would otherwise take 1 GB), and the same values as one pass."""
+        parts, greedy = [], True
         for a in range(0, len(inputs), self._max_batch):
             b = min(a + self._max_batch, len(inputs))
             lo = max(skip, a)
             rows = np.arange(lo - a, b - a) if lo < b else None
             logits = self.forward(inputs[a:b], cache, logits=rows, out=self._scoring_logits(rows))
             if rows is not None:
-                parts.append(_sequence_logprob(logits, np.asarray(targets[lo:b])).token_logprobs)
-        return np.concatenate(parts) if parts else np.zeros(0)
+                part = _sequence_logprob(logits, np.asarray(targets[lo:b]))
+                parts.append(part.token_logprobs)
+                greedy = greedy and part.is_greedy
+        return (np.concatenate(parts) if parts else np.zeros(0)), greedy
 
     def _scoring_cache(self, capacity: int):
         """An empty cache of _SCORING_BLOCK-position blocks with room for capacity positions:

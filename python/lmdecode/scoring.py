@@ -36,6 +36,9 @@ class SequenceScore:
     total: float
     token_logprobs: np.ndarray = field(repr=False)  # float64 (T,)
     tokens: tuple = field(default=(), repr=False)  # the scored token ids (from model.sequence_logprob)
+    # every token had its position's largest logit (a tie counts), so greedy decoding could
+    # produce the continuation: lm-evaluation-harness's is_greedy (True for no tokens)
+    is_greedy: bool = True
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,9 @@ def sequence_logprob(logits: Any, targets: Any) -> SequenceScore:
         return SequenceScore(0.0, np.zeros(0))
     # log softmax at each target only: the values log_softmax(z) would hold there, without
     # a second (T, V) array
-    lp = _core.target_logprobs(z.astype(np.float32, copy=False), y.astype(np.int32)).astype(np.float64)
-    return SequenceScore(float(lp.sum()), lp)
+    lp, is_max = _core.target_logprobs(z.astype(np.float32, copy=False), y.astype(np.int32))
+    lp = lp.astype(np.float64)
+    return SequenceScore(float(lp.sum()), lp, is_greedy=bool(is_max.all()))
 
 
 def perplexity_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:

@@ -396,11 +396,25 @@ static void test_target_logprobs(void) {
     }
     CHECK(want[7] == -INFINITY);
     int32_t failed = 0;
+    /* row 0 scores its largest logit, row 1 one that ties with it (both count as greedy) */
+    z[0 * vocab + 100] = 25.0f, targets[0] = 100;
+    z[1 * vocab + 5] = z[1 * vocab + 900] = 25.0f, targets[1] = 900;
+    for (int r = 0; r < 2; r++) {
+        CHECK(lmd_sample_row(s, &p, NULL, z + (int64_t)r * vocab, vocab, -1.0, row_lp, NULL, NULL, &err) == LMD_OK);
+        want[r] = row_lp[targets[r]];
+    }
     for (int threads = 1; threads <= 2; threads++) {
+        unsigned char is_max[40];
         lmd_set_num_threads(threads);
-        CHECK(lmd_target_logprobs(z, vocab, rows, vocab, targets, got, &failed, &err) == LMD_OK);
+        CHECK(lmd_target_logprobs(z, vocab, rows, vocab, targets, got, is_max, &failed, &err) == LMD_OK);
         CHECK(failed == -1);
         CHECK(memcmp(got, want, sizeof got) == 0);
+        for (int r = 0; r < rows; r++) { /* the reference: the target's logit against a scan of the row */
+            float most = -INFINITY;
+            for (int32_t i = 0; i < vocab; i++) most = z[(int64_t)r * vocab + i] > most ? z[(int64_t)r * vocab + i] : most;
+            CHECK(is_max[r] == (z[(int64_t)r * vocab + targets[r]] == most));
+        }
+        CHECK(is_max[0] && is_max[1] && !is_max[2]);
     }
     lmd_set_num_threads(0);
     /* errors: the lowest failing row, and out untouched */
@@ -408,16 +422,16 @@ static void test_target_logprobs(void) {
     for (int r = 0; r < rows; r++) untouched[r] = got[r] = 123.0f;
     targets[9] = vocab;
     z[4 * vocab + 17] = INFINITY;
-    CHECK(lmd_target_logprobs(z, vocab, rows, vocab, targets, got, &failed, &err) == LMD_ERR_INVALID_ARG);
+    CHECK(lmd_target_logprobs(z, vocab, rows, vocab, targets, got, NULL, &failed, &err) == LMD_ERR_INVALID_ARG);
     CHECK(failed == 4);
     CHECK_MSG_CONTAINS(err, "logits[17] is +inf");
     z[4 * vocab + 17] = 0.0f;
-    CHECK(lmd_target_logprobs(z, vocab, rows, vocab, targets, got, &failed, &err) == LMD_ERR_INVALID_ARG);
+    CHECK(lmd_target_logprobs(z, vocab, rows, vocab, targets, got, NULL, &failed, &err) == LMD_ERR_INVALID_ARG);
     CHECK(failed == 9);
     CHECK_MSG_CONTAINS(err, "not a token id");
     targets[9] = 0;
     for (int32_t i = 0; i < vocab; i++) z[11 * vocab + i] = -INFINITY;
-    CHECK(lmd_target_logprobs(z, vocab, rows, vocab, targets, got, &failed, &err) == LMD_ERR_INVALID_ARG);
+    CHECK(lmd_target_logprobs(z, vocab, rows, vocab, targets, got, NULL, &failed, &err) == LMD_ERR_INVALID_ARG);
     CHECK(failed == 11);
     CHECK_MSG_CONTAINS(err, "every logit is -inf");
     CHECK(memcmp(got, untouched, sizeof got) == 0);
