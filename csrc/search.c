@@ -20,6 +20,49 @@
 
 #define PENALTY (-1.0e9f)
 
+/* The state one step leaves: running beams and finished slots, each best first. */
+typedef struct {
+    float *run_score;        /* (B,) accumulated log-prob (possibly penalized) */
+    int32_t *run_tokens;     /* (B, T) */
+    float *run_lps;          /* (B, T) log-prob of each token when it was chosen */
+    float *fin_score;        /* (B,) normalized score, PENALTY-ish when empty */
+    float *fin_sum;          /* (B,) plain sum of log-probs */
+    int32_t *fin_len;        /* (B,) */
+    unsigned char *fin_done; /* (B,) */
+    int32_t *fin_tokens;     /* (B, T) */
+    float *fin_lps;          /* (B, T) */
+} beam_set;
+
+// 0 once every array of a set of B beams of T tokens is allocated (the finished slots
+// zeroed), else -1; beam_set_free frees a partial set
+static int beam_set_alloc(beam_set *s, size_t B, size_t T) {
+    s->run_score = malloc(B * sizeof(float));
+    s->run_tokens = malloc(B * T * sizeof(int32_t));
+    s->run_lps = malloc(B * T * sizeof(float));
+    s->fin_score = malloc(B * sizeof(float));
+    s->fin_sum = malloc(B * sizeof(float));
+    s->fin_len = calloc(B, sizeof(int32_t));
+    s->fin_done = calloc(B, 1);
+    s->fin_tokens = calloc(B * T, sizeof(int32_t));
+    s->fin_lps = calloc(B * T, sizeof(float));
+    return s->run_score && s->run_tokens && s->run_lps && s->fin_score && s->fin_sum && s->fin_len &&
+                   s->fin_done && s->fin_tokens && s->fin_lps
+               ? 0
+               : -1;
+}
+
+static void beam_set_free(beam_set *s) {
+    free(s->run_score);
+    free(s->run_tokens);
+    free(s->run_lps);
+    free(s->fin_score);
+    free(s->fin_sum);
+    free(s->fin_len);
+    free(s->fin_done);
+    free(s->fin_tokens);
+    free(s->fin_lps);
+}
+
 struct lmd_beam_search {
     lmd_beam_config config;
     int32_t *eos;            /* (n_eos,) */
@@ -28,18 +71,10 @@ struct lmd_beam_search {
     int done;
     int improvement_possible; /* transformers' is_early_stop_heuristic_unsatisfied */
 
-    /* running beams, best first */
-    float *run_score;        /* (B,) accumulated log-prob (possibly penalized) */
-    int32_t *run_tokens;     /* (B, T) */
-    float *run_lps;          /* (B, T) log-prob of each token when it was chosen */
-
-    /* finished slots, best first */
-    float *fin_score;        /* (B,) normalized score, PENALTY-ish when empty */
-    float *fin_sum;          /* (B,) plain sum of log-probs */
-    int32_t *fin_len;        /* (B,) */
-    unsigned char *fin_done; /* (B,) */
-    int32_t *fin_tokens;     /* (B, T) */
-    float *fin_lps;          /* (B, T) */
+    beam_set now;            /* this step's running beams and finished slots */
+    /* the next step's, built here, then swapped in, so that no step reads what it has
+     * overwritten */
+    beam_set next;
 
     /* per-step scratch */
     float *cand_score;       /* (K,) accumulated score, descending */
@@ -57,39 +92,13 @@ struct lmd_beam_search {
     float *processed;        /* (V,) a beam's processed log-probs, or NULL without processors */
     uint32_t *seen;          /* (V,) lmd_penalize_repetitions' marks, or NULL without the penalty */
     uint32_t epoch;          /* the marks' current generation */
-
-    /* the next step's running beams and finished slots are built here, then
-     * swapped in, so that no step reads what it has overwritten */
-    float *next_run_score;   /* (B,) */
-    int32_t *next_run_tokens; /* (B, T) */
-    float *next_run_lps;     /* (B, T) */
-    float *next_fin_score;   /* (B,) */
-    float *next_fin_sum;     /* (B,) */
-    int32_t *next_fin_len;   /* (B,) */
-    unsigned char *next_fin_done; /* (B,) */
-    int32_t *next_fin_tokens; /* (B, T) */
-    float *next_fin_lps;     /* (B, T) */
 };
-
-#define SWAP(type, a, b)   \
-    do {                   \
-        type *swap_ = (a); \
-        (a) = (b);         \
-        (b) = swap_;       \
-    } while (0)
 
 void lmd_beam_search_free(lmd_beam_search *bs) {
     if (bs == NULL) return;
     free(bs->eos);
-    free(bs->run_score);
-    free(bs->run_tokens);
-    free(bs->run_lps);
-    free(bs->fin_score);
-    free(bs->fin_sum);
-    free(bs->fin_len);
-    free(bs->fin_done);
-    free(bs->fin_tokens);
-    free(bs->fin_lps);
+    beam_set_free(&bs->now);
+    beam_set_free(&bs->next);
     free(bs->cand_score);
     free(bs->cand_lp);
     free(bs->cand_beam);
@@ -104,15 +113,6 @@ void lmd_beam_search_free(lmd_beam_search *bs) {
     free(bs->context);
     free(bs->processed);
     free(bs->seen);
-    free(bs->next_run_score);
-    free(bs->next_run_tokens);
-    free(bs->next_run_lps);
-    free(bs->next_fin_score);
-    free(bs->next_fin_sum);
-    free(bs->next_fin_len);
-    free(bs->next_fin_done);
-    free(bs->next_fin_tokens);
-    free(bs->next_fin_lps);
     free(bs);
 }
 
@@ -163,15 +163,6 @@ lmd_status lmd_beam_search_init(lmd_beam_search **out, const lmd_beam_config *c,
     bs->n_candidates = (int32_t)keep;
     const size_t B = (size_t)c->num_beams, T = (size_t)c->max_new_tokens, K = (size_t)keep;
     bs->eos = malloc((c->n_eos > 0 ? (size_t)c->n_eos : 1) * sizeof *bs->eos);
-    bs->run_score = malloc(B * sizeof(float));
-    bs->run_tokens = malloc(B * T * sizeof(int32_t));
-    bs->run_lps = malloc(B * T * sizeof(float));
-    bs->fin_score = malloc(B * sizeof(float));
-    bs->fin_sum = malloc(B * sizeof(float));
-    bs->fin_len = calloc(B, sizeof(int32_t));
-    bs->fin_done = calloc(B, 1);
-    bs->fin_tokens = calloc(B * T, sizeof(int32_t));
-    bs->fin_lps = calloc(B * T, sizeof(float));
     bs->cand_score = malloc(K * sizeof(float));
     bs->cand_lp = malloc(K * sizeof(float));
     bs->cand_beam = malloc(K * sizeof(int32_t));
@@ -188,22 +179,10 @@ lmd_status lmd_beam_search_init(lmd_beam_search **out, const lmd_beam_config *c,
     if (reads_context) bs->context = malloc(((size_t)c->prompt_len + T) * sizeof(int32_t));
     if (processes) bs->processed = malloc((size_t)c->vocab * sizeof(float));
     if (c->repetition_penalty != 1.0) bs->seen = calloc((size_t)c->vocab, sizeof(uint32_t));
-    bs->next_run_score = malloc(B * sizeof(float));
-    bs->next_run_tokens = malloc(B * T * sizeof(int32_t));
-    bs->next_run_lps = malloc(B * T * sizeof(float));
-    bs->next_fin_score = malloc(B * sizeof(float));
-    bs->next_fin_sum = malloc(B * sizeof(float));
-    bs->next_fin_len = calloc(B, sizeof(int32_t));
-    bs->next_fin_done = calloc(B, 1);
-    bs->next_fin_tokens = calloc(B * T, sizeof(int32_t));
-    bs->next_fin_lps = calloc(B * T, sizeof(float));
-    if (!bs->eos || !bs->run_score || !bs->run_tokens || !bs->run_lps || !bs->fin_score ||
-        !bs->fin_sum || !bs->fin_len || !bs->fin_done || !bs->fin_tokens || !bs->fin_lps ||
-        !bs->cand_score || !bs->cand_lp || !bs->cand_beam || !bs->cand_token || !bs->cand_hits ||
-        !bs->order || !bs->merge_score || !bs->row_max || !bs->row_log_total ||
-        !bs->next_run_score || !bs->next_run_tokens || !bs->next_run_lps || !bs->next_fin_score ||
-        !bs->next_fin_sum || !bs->next_fin_len || !bs->next_fin_done || !bs->next_fin_tokens ||
-        !bs->next_fin_lps || !bs->n_allowed || (c->dynamic_allowed && !bs->allowed) ||
+    const int sets_failed = beam_set_alloc(&bs->now, B, T) | beam_set_alloc(&bs->next, B, T);
+    if (sets_failed || !bs->eos || !bs->cand_score || !bs->cand_lp || !bs->cand_beam || !bs->cand_token ||
+        !bs->cand_hits || !bs->order || !bs->merge_score || !bs->row_max || !bs->row_log_total ||
+        !bs->n_allowed || (c->dynamic_allowed && !bs->allowed) ||
         (reads_context && !bs->context) || (processes && !bs->processed) ||
         (c->repetition_penalty != 1.0 && !bs->seen)) {
         lmd_beam_search_free(bs);
@@ -218,9 +197,9 @@ lmd_status lmd_beam_search_init(lmd_beam_search **out, const lmd_beam_config *c,
     /* Only the first beam starts live, so that the identical prompts of the
      * other beams do not yield duplicate candidates (as transformers). */
     for (size_t b = 0; b < B; b++) {
-        bs->run_score[b] = b == 0 ? 0.0f : PENALTY;
-        bs->fin_score[b] = PENALTY;
-        bs->fin_sum[b] = 0.0f;
+        bs->now.run_score[b] = b == 0 ? 0.0f : PENALTY;
+        bs->now.fin_score[b] = PENALTY;
+        bs->now.fin_sum[b] = 0.0f;
         bs->n_allowed[b] = -1;
     }
     bs->improvement_possible = 1;
@@ -237,7 +216,7 @@ int32_t lmd_beam_search_max_new_tokens(const lmd_beam_search *bs) {
 int32_t lmd_beam_search_length(const lmd_beam_search *bs) { return bs->generated; }
 
 const int32_t *lmd_beam_search_tokens(const lmd_beam_search *bs, int32_t beam) {
-    return bs->run_tokens + (int64_t)beam * bs->config.max_new_tokens;
+    return bs->now.run_tokens + (int64_t)beam * bs->config.max_new_tokens;
 }
 
 static int ascending_ids(const void *a, const void *b) {
@@ -369,7 +348,7 @@ lmd_status lmd_beam_search_step(lmd_beam_search *bs, const float *logits, int32_
     for (int32_t b = 0; b < B; b++) {
         const float *row = logits + (int64_t)b * V;
         float max = maxes[b], log_sum = log_totals[b];
-        const float run = bs->run_score[b];
+        const float run = bs->now.run_score[b];
         if (processes) { /* the scan reads the processed log-probs: (lp - 0) - 0 is lp, bit for bit */
             process_beam(bs, b, row, max, log_sum, t);
             row = bs->processed, max = 0.0f, log_sum = 0.0f;
@@ -421,13 +400,13 @@ lmd_status lmd_beam_search_step(lmd_beam_search *bs, const float *logits, int32_
     for (int32_t j = 0; j < B; j++) {
         int32_t k = bs->order[j];
         int32_t parent = bs->cand_beam[k];
-        int32_t *dst_tokens = bs->next_run_tokens + (int64_t)j * T;
-        float *dst_lps = bs->next_run_lps + (int64_t)j * T;
-        memcpy(dst_tokens, bs->run_tokens + (int64_t)parent * T, (size_t)t * sizeof(int32_t));
-        memcpy(dst_lps, bs->run_lps + (int64_t)parent * T, (size_t)t * sizeof(float));
+        int32_t *dst_tokens = bs->next.run_tokens + (int64_t)j * T;
+        float *dst_lps = bs->next.run_lps + (int64_t)j * T;
+        memcpy(dst_tokens, bs->now.run_tokens + (int64_t)parent * T, (size_t)t * sizeof(int32_t));
+        memcpy(dst_lps, bs->now.run_lps + (int64_t)parent * T, (size_t)t * sizeof(float));
         dst_tokens[t] = bs->cand_token[k];
         dst_lps[t] = bs->cand_lp[k];
-        bs->next_run_score[j] = bs->merge_score[k];
+        bs->next.run_score[j] = bs->merge_score[k];
         parents[j] = parent;
         tokens[j] = bs->cand_token[k];
     }
@@ -435,9 +414,9 @@ lmd_status lmd_beam_search_step(lmd_beam_search *bs, const float *logits, int32_
     /* 3. finished hypotheses: candidates among the first B that ended compete
      *    with the finished slots, ranked by sum / (t + 1)^length_penalty */
     int all_finished = 1;
-    for (int32_t b = 0; b < B; b++) all_finished &= bs->fin_done[b];
+    for (int32_t b = 0; b < B; b++) all_finished &= bs->now.fin_done[b];
     const float normalizer = (float)pow((double)(t + 1), c->length_penalty);
-    for (int32_t b = 0; b < B; b++) bs->merge_score[b] = bs->fin_score[b];
+    for (int32_t b = 0; b < B; b++) bs->merge_score[b] = bs->now.fin_score[b];
     for (int32_t k = 0; k < K; k++) {
         float score = bs->cand_score[k] / normalizer;
         if (all_finished && c->early_stopping == LMD_EARLY_STOP_TRUE) score += PENALTY;
@@ -448,49 +427,42 @@ lmd_status lmd_beam_search_step(lmd_beam_search *bs, const float *logits, int32_
     argsort_descending(bs->merge_score, B + K, bs->order);
     for (int32_t j = 0; j < B; j++) {
         int32_t m = bs->order[j];
-        int32_t *dst_tokens = bs->next_fin_tokens + (int64_t)j * T;
-        float *dst_lps = bs->next_fin_lps + (int64_t)j * T;
-        bs->next_fin_score[j] = bs->merge_score[m];
+        int32_t *dst_tokens = bs->next.fin_tokens + (int64_t)j * T;
+        float *dst_lps = bs->next.fin_lps + (int64_t)j * T;
+        bs->next.fin_score[j] = bs->merge_score[m];
         if (m < B) { /* an existing slot moves */
-            bs->next_fin_sum[j] = bs->fin_sum[m];
-            bs->next_fin_len[j] = bs->fin_len[m];
-            bs->next_fin_done[j] = bs->fin_done[m];
-            memcpy(dst_tokens, bs->fin_tokens + (int64_t)m * T, (size_t)T * sizeof(int32_t));
-            memcpy(dst_lps, bs->fin_lps + (int64_t)m * T, (size_t)T * sizeof(float));
+            bs->next.fin_sum[j] = bs->now.fin_sum[m];
+            bs->next.fin_len[j] = bs->now.fin_len[m];
+            bs->next.fin_done[j] = bs->now.fin_done[m];
+            memcpy(dst_tokens, bs->now.fin_tokens + (int64_t)m * T, (size_t)T * sizeof(int32_t));
+            memcpy(dst_lps, bs->now.fin_lps + (int64_t)m * T, (size_t)T * sizeof(float));
         } else { /* a candidate: its parent's history plus the new token */
             int32_t k = m - B, parent = bs->cand_beam[k];
-            bs->next_fin_sum[j] = bs->cand_score[k];
-            bs->next_fin_len[j] = t + 1;
-            bs->next_fin_done[j] = (unsigned char)(bs->cand_hits[k] && k < B);
-            memcpy(dst_tokens, bs->run_tokens + (int64_t)parent * T, (size_t)t * sizeof(int32_t));
-            memcpy(dst_lps, bs->run_lps + (int64_t)parent * T, (size_t)t * sizeof(float));
+            bs->next.fin_sum[j] = bs->cand_score[k];
+            bs->next.fin_len[j] = t + 1;
+            bs->next.fin_done[j] = (unsigned char)(bs->cand_hits[k] && k < B);
+            memcpy(dst_tokens, bs->now.run_tokens + (int64_t)parent * T, (size_t)t * sizeof(int32_t));
+            memcpy(dst_lps, bs->now.run_lps + (int64_t)parent * T, (size_t)t * sizeof(float));
             dst_tokens[t] = bs->cand_token[k];
             dst_lps[t] = bs->cand_lp[k];
         }
     }
-    SWAP(float, bs->run_score, bs->next_run_score);
-    SWAP(int32_t, bs->run_tokens, bs->next_run_tokens);
-    SWAP(float, bs->run_lps, bs->next_run_lps);
-    SWAP(float, bs->fin_score, bs->next_fin_score);
-    SWAP(float, bs->fin_sum, bs->next_fin_sum);
-    SWAP(int32_t, bs->fin_len, bs->next_fin_len);
-    SWAP(unsigned char, bs->fin_done, bs->next_fin_done);
-    SWAP(int32_t, bs->fin_tokens, bs->next_fin_tokens);
-    SWAP(float, bs->fin_lps, bs->next_fin_lps);
+    const beam_set done_step = bs->now;
+    bs->now = bs->next, bs->next = done_step;
     bs->generated = t + 1;
 
     /* 4. can a running beam still beat the worst finished one? */
     int32_t best_length = bs->generated;
     if (c->early_stopping == LMD_EARLY_STOP_NEVER && c->length_penalty > 0.0) best_length = T;
-    const float best_possible = bs->run_score[0] / (float)pow((double)best_length, c->length_penalty);
-    float worst_slot = bs->fin_score[0];
-    for (int32_t b = 1; b < B; b++) worst_slot = bs->fin_score[b] < worst_slot ? bs->fin_score[b] : worst_slot;
+    const float best_possible = bs->now.run_score[0] / (float)pow((double)best_length, c->length_penalty);
+    float worst_slot = bs->now.fin_score[0];
+    for (int32_t b = 1; b < B; b++) worst_slot = bs->now.fin_score[b] < worst_slot ? bs->now.fin_score[b] : worst_slot;
     int can_improve = 0;
     all_finished = 1;
     for (int32_t b = 0; b < B; b++) {
-        float worst = bs->fin_done[b] ? worst_slot : PENALTY;
+        float worst = bs->now.fin_done[b] ? worst_slot : PENALTY;
         can_improve |= best_possible > worst;
-        all_finished &= bs->fin_done[b];
+        all_finished &= bs->now.fin_done[b];
     }
     bs->improvement_possible &= can_improve;
     bs->done = !bs->improvement_possible ||
@@ -500,7 +472,7 @@ lmd_status lmd_beam_search_step(lmd_beam_search *bs, const float *logits, int32_
 
 int32_t lmd_beam_search_n_hypotheses(const lmd_beam_search *bs) {
     int32_t n = 0;
-    while (n < bs->config.num_return_sequences && bs->fin_done[n]) n++;
+    while (n < bs->config.num_return_sequences && bs->now.fin_done[n]) n++;
     return n;
 }
 
@@ -512,11 +484,11 @@ lmd_status lmd_beam_search_hypothesis(const lmd_beam_search *bs, int32_t rank, i
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "hypothesis rank (=%d) must be in [0, %d)",
                         (int)rank, (int)available);
     const int64_t T = bs->config.max_new_tokens;
-    int32_t len = bs->fin_len[rank];
-    if (tokens) memcpy(tokens, bs->fin_tokens + rank * T, (size_t)len * sizeof(int32_t));
-    if (token_logprobs) memcpy(token_logprobs, bs->fin_lps + rank * T, (size_t)len * sizeof(float));
+    int32_t len = bs->now.fin_len[rank];
+    if (tokens) memcpy(tokens, bs->now.fin_tokens + rank * T, (size_t)len * sizeof(int32_t));
+    if (token_logprobs) memcpy(token_logprobs, bs->now.fin_lps + rank * T, (size_t)len * sizeof(float));
     if (length) *length = len;
-    if (score) *score = bs->fin_score[rank];
-    if (logprob) *logprob = bs->fin_sum[rank];
+    if (score) *score = bs->now.fin_score[rank];
+    if (logprob) *logprob = bs->now.fin_sum[rank];
     return LMD_OK;
 }
