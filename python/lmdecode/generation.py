@@ -487,12 +487,9 @@ def _constrain_next_step(run: _Run, fn: Callable[[int, np.ndarray], Any], vocab:
         run.gen.set_allowed(k, allowed_token_ids(fn(k, run.gen.tokens(k)), vocab, k))
 
 
-def _stream(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Iterator[GenerationChunk]:
-    if run.stop and run.tokenizer is not None:
-        yield from _stream_with_stop_strings(run, advance)
-        return
-    decoders = {}
-    make_decoder = getattr(run.tokenizer, "stream_decoder", None)
+def _new_tokens(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[int, int, int, bool]]:
+    """Steps the run to its end: every token appended, as (sequence k, token, its index among
+    k's generated tokens, whether it ends k)."""
     generated: dict[int, int] = {}
     while not run.gen.done:
         running, tokens = advance()
@@ -500,18 +497,26 @@ def _stream(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> 
         # a speculative round appends several tokens to a sequence: only its last one may end it
         last_of = {int(k): i for i, k in enumerate(running)}
         for i, (k, token) in enumerate(zip(running, tokens)):
-            k, token = int(k), int(token)
-            ends = k not in still_running and last_of[k] == i
-            text = ""
-            if make_decoder is not None:
-                decoder = decoders.setdefault(k, make_decoder())
-                if token not in run.stop_ids:
-                    text = decoder.push(token)
-                if ends:  # an unfinished UTF-8 character at the end shows as U+FFFD, as in .text
-                    text += decoder.flush()
-            reason = run.gen.result(k)[5] if ends else None
+            k = int(k)
             generated[k] = generated.get(k, -1) + 1
-            yield run.chunk(k, generated[k], token, text, reason)
+            yield k, int(token), generated[k], k not in still_running and last_of[k] == i
+
+
+def _stream(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Iterator[GenerationChunk]:
+    if run.stop and run.tokenizer is not None:
+        yield from _stream_with_stop_strings(run, advance)
+        return
+    decoders = {}
+    make_decoder = getattr(run.tokenizer, "stream_decoder", None)
+    for k, token, index, ends in _new_tokens(run, advance):
+        text = ""
+        if make_decoder is not None:
+            decoder = decoders.setdefault(k, make_decoder())
+            if token not in run.stop_ids:
+                text = decoder.push(token)
+            if ends:  # an unfinished UTF-8 character at the end shows as U+FFFD, as in .text
+                text += decoder.flush()
+        yield run.chunk(k, index, token, text, run.gen.result(k)[5] if ends else None)
 
 
 def _stream_with_stop_strings(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Iterator[GenerationChunk]:
@@ -523,7 +528,6 @@ def _stream_with_stop_strings(run: _Run, advance: Callable[[], tuple[np.ndarray,
     text_bytes: dict[int, bytearray] = {}
     released: dict[int, int] = {}
     decoders: dict[int, Any] = {}
-    generated: dict[int, int] = {}
 
     def held_back(data: bytearray) -> int:
         # the longest end of data that is a proper beginning of some stop string
@@ -535,24 +539,17 @@ def _stream_with_stop_strings(run: _Run, advance: Callable[[], tuple[np.ndarray,
                     break
         return longest
 
-    while not run.gen.done:
-        running, tokens = advance()
-        still_running = set(int(k) for k in run.gen.running())
-        # a speculative round appends several tokens to a sequence: only its last one may end it
-        last_of = {int(k): i for i, k in enumerate(running)}
-        for i, (k, token) in enumerate(zip(running, tokens)):
-            k, token = int(k), int(token)
-            data = text_bytes.setdefault(k, bytearray())
-            decoder = decoders.setdefault(k, codecs.getincrementaldecoder("utf-8")(errors="replace"))
-            if token not in run.stop_ids:
-                data += run.tokenizer.token_bytes(token)
-            reason = None  # until the sequence's last token
-            if k in still_running or last_of[k] != i:
-                end = len(data) - held_back(data)
-            else:
-                *_, reason, stop_offset = run.gen.result(k)
-                end = stop_offset if reason == "stop" and stop_offset >= 0 else len(data)
-            text = decoder.decode(bytes(data[released.get(k, 0):end]), final=reason is not None)
-            released[k] = max(end, released.get(k, 0))
-            generated[k] = generated.get(k, -1) + 1
-            yield run.chunk(k, generated[k], token, text, reason)
+    for k, token, index, ends in _new_tokens(run, advance):
+        data = text_bytes.setdefault(k, bytearray())
+        decoder = decoders.setdefault(k, codecs.getincrementaldecoder("utf-8")(errors="replace"))
+        if token not in run.stop_ids:
+            data += run.tokenizer.token_bytes(token)
+        reason = None  # until the sequence's last token
+        if not ends:
+            end = len(data) - held_back(data)
+        else:
+            *_, reason, stop_offset = run.gen.result(k)
+            end = stop_offset if reason == "stop" and stop_offset >= 0 else len(data)
+        text = decoder.decode(bytes(data[released.get(k, 0):end]), final=ends)
+        released[k] = max(end, released.get(k, 0))
+        yield run.chunk(k, index, token, text, reason)
