@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import lmdecode as ld
 from lmdecode.search import beam_search
+
+MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 
 
 def log_softmax(z):
@@ -99,6 +102,26 @@ def test_width_one_is_greedy_without_eos():
     for _ in range(6):
         seq.append(int(np.argmax(step(np.array(seq)))))
     assert hyps[0].tokens == seq[2:]
+
+
+def test_batched_step_function_sees_each_distinct_beam_once():
+    step = hashed_step(6, seed=2)
+    calls = []
+
+    def batched(sequences):
+        calls.append([tuple(s) for s in sequences])
+        return np.stack([step(s) for s in sequences])
+
+    kw = dict(beam_width=3, max_new_tokens=5, num_return_sequences=3, eos_token_id=5, repetition_penalty=1.2)
+    want = beam_search(step, [0, 1], **kw)
+    got = beam_search(batched, [0, 1], batched=True, **kw)
+    assert [(h.tokens, h.score, h.token_logprobs) for h in got] == [(h.tokens, h.score, h.token_logprobs) for h in want]
+    seen = [seq for call in calls for seq in call]
+    assert len(seen) == len(set(seen)) and len(calls) <= 5 and calls[0] == [(0, 1)]  # never asked twice
+    with pytest.raises(ValueError, match=r"a batched step_fn must return \(1, V\) logits for 1 sequences, got shape \(6,\)"):
+        beam_search(lambda seqs: step(seqs[0]), [0, 1], batched=True)  # one row, not a batch of them
+    with pytest.raises(ValueError, match="batched=True is for step functions"):
+        beam_search(ld.Model.load(MODELS / "stories260K.bin"), [1], batched=True)
 
 
 def test_bad_arguments():

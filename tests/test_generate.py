@@ -100,6 +100,36 @@ def test_logprobs_are_the_models_distribution():
         seq.append(token)
 
 
+def test_batched_step_function_is_called_once_a_step_with_every_running_sequence():
+    step = hashed_model(40, seed=4)
+    calls = []
+
+    def batched(sequences):
+        calls.append([list(s) for s in sequences])
+        return np.stack([step(s) for s in sequences])
+
+    prompts = [[1, 2, 3], [7]]
+    kw = dict(max_new_tokens=12, seed=8, n=2, stop_token_ids=[0], logprobs=2, **SAMPLING)
+    want = ld.generate(step, prompts, **kw)
+    got = ld.generate(batched, prompts, batched=True, **kw)
+    assert [[(o.tokens, o.token_logprobs, o.top_logprobs) for o in g] for g in got] == \
+           [[(o.tokens, o.token_logprobs, o.top_logprobs) for o in g] for g in want]
+    lengths = [len(o.tokens) for g in want for o in g]
+    assert len(calls) == 1 + max(lengths)  # one call to learn V, then one per step
+    assert [len(c) for c in calls[1:]] == [sum(n > t for n in lengths) for t in range(max(lengths))]
+    assert calls[1] == [[1, 2, 3], [1, 2, 3], [7], [7]]
+    # contrastive decoding with a batched expert and amateur
+    amateur = hashed_model(40, seed=5)
+    contrastive = dict(max_new_tokens=8, temperature=0, amateur_model=amateur, contrastive_alpha=0.2)
+    assert ld.generate(lambda seqs: np.stack([step(s) for s in seqs]), prompts, batched=True,
+                       **{**contrastive, "amateur_model": lambda seqs: np.stack([amateur(s) for s in seqs])}) == \
+           ld.generate(step, prompts, **contrastive)
+    with pytest.raises(ValueError, match=r"a batched step_fn must return \(sequences, V\) logits, got ndarray of shape \(40,\)"):
+        ld.generate(lambda seqs: step(seqs[0]), prompts, batched=True)  # one row, not a batch of them
+    with pytest.raises(ValueError, match=r"must return \(2, 40\) logits for 2 sequences, got shape \(1, 40\)"):
+        ld.generate(lambda seqs: np.stack([step(s) for s in seqs[:1]]), prompts, batched=True, max_new_tokens=2)
+
+
 def test_stream_yields_the_same_tokens():
     step = hashed_model(32, seed=2)
     full = ld.generate(step, [5], max_new_tokens=9, seed=11)

@@ -197,6 +197,7 @@ class _Run:
             raise TypeError(f"unknown keyword(s): {', '.join(sorted(unknown))}")
         self.tokenizer = tokenizer
         self.speculative = None  # the C speculative loop, whose counts the results report
+        self.batched = False  # step functions take every running sequence in one call (generate(batched=))
         self.cached_prompt_tokens: int | None = None  # cache_prompt=True: prompt tokens reused
         self.stop = stop
         self.stop_ids = set(int(t) for t in stop_ids)
@@ -250,7 +251,15 @@ class _Run:
         return GenerationChunk(index=k, token=token, text=text, logprob=lp, top_logprobs=top, finish_reason=reason)
 
 
-def _step_fn_logits(step_fn: Callable[[np.ndarray], Any], run: _Run, running: np.ndarray, vocab: int) -> np.ndarray:
+def _step_fn_logits(step_fn: Callable[[Any], Any], run: _Run, running: np.ndarray, vocab: int) -> np.ndarray:
+    """(len(running), vocab) float32 logits of the running sequences: one call of a batched
+    step function, or one call per sequence."""
+    if run.batched:
+        rows = np.asarray(step_fn([run.gen.tokens(int(k)) for k in running]), dtype=np.float32)
+        if rows.shape != (len(running), vocab):
+            raise ValueError(f"a batched step_fn must return ({len(running)}, {vocab}) logits for "
+                             f"{len(running)} sequences, got shape {rows.shape}")
+        return rows
     rows = np.empty((len(running), vocab), dtype=np.float32)
     for i, k in enumerate(running):
         tokens = run.gen.tokens(int(k))
@@ -281,6 +290,7 @@ def generate(
     amateur_temperature: float = 1.0,
     prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None = None,
     cache_prompt: bool = False,
+    batched: bool = False,
     **sampling: Any,
 ):
     """Generates from an lmdecode model or ``step_fn(tokens: int64 array) -> (V,) logits``.
@@ -319,6 +329,10 @@ def generate(
     renormalized over the allowed ones before the rest of the sampling chain. Not with
     ``draft_model`` or ``allowed_tokens``; the loop over a model then returns to Python
     once per step to call it.
+
+    ``batched=True`` (step functions): ``step_fn(sequences: list of int64 arrays) -> (len, V)
+    logits`` is called once per step with every running sequence (and the amateur likewise),
+    so that a model of your own can run them as one batch; without it, once per sequence.
 
     ``cache_prompt=True`` (one prompt, ``n=1``, an lmdecode model; llama.cpp's option of that
     name) keeps the sequence's keys and values in the model when the call ends, and a later
@@ -368,6 +382,8 @@ def generate(
             raise ValueError("cache_prompt does not combine with draft_model or amateur_model")
     if model is None and not callable(model_or_step_fn):
         raise TypeError(f"model_or_step_fn must be an lmdecode Model or a callable, got {type(model_or_step_fn).__name__}")
+    if batched and model is not None:
+        raise ValueError("batched=True is for step functions: an lmdecode Model already runs its sequences together")
     if tokenizer is None and model is not None:
         tokenizer = model.tokenizer
     prompts, single = _prompts(prompt, tokenizer)
@@ -380,15 +396,20 @@ def generate(
         if default_eos is None and tokenizer is not None:
             default_eos = getattr(tokenizer, "eos_id", None)
     else:  # learn V from the first prompt's logits
-        first = model_or_step_fn(np.asarray(prompts[0], dtype=np.int64))
+        first_prompt = np.asarray(prompts[0], dtype=np.int64)
+        first = model_or_step_fn([first_prompt]) if batched else model_or_step_fn(first_prompt)
         shape = np.shape(first)
-        if len(shape) != 1 or shape[0] < 1:
+        if batched and (len(shape) != 2 or shape[0] != 1 or shape[1] < 1):
+            raise ValueError(f"a batched step_fn must return (sequences, V) logits, got {type(first).__name__} "
+                             f"of shape {shape} for one sequence")
+        if not batched and (len(shape) != 1 or shape[0] < 1):
             raise ValueError(f"step_fn must return a 1-D array of logits, got {type(first).__name__} of shape {shape}")
-        vocab = int(shape[0])
+        vocab = int(shape[-1])
         default_eos = None
     run = _Run(vocab, prompts, n, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, seed=seed,
                stop_ids=_stop_ids(stop_token_ids, default_eos), stop=_stop_strings(stop), logprobs=logprobs,
                tokenizer=tokenizer, sampling=sampling, dynamic_allowed=prefix_allowed_tokens_fn is not None)
+    run.batched = batched
 
     finish: Callable[[bool], None] | None = None  # cache_prompt: gives the model's prompt cache back
     if model is not None and draft_model is not None:  # the whole speculative loop runs in C

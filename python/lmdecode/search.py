@@ -76,6 +76,7 @@ def beam_search(
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
     min_new_tokens: int = 0,
+    batched: bool = False,
 ) -> list[Hypothesis] | list[list[Hypothesis]]:
     """Beam search over an lmdecode Model or ``step_fn(tokens: int64 array) -> (V,) logits``.
 
@@ -105,6 +106,9 @@ def beam_search(
     penalty), n-gram bans, the EOS ban before ``min_new_tokens`` tokens, then
     ``prefix_allowed_tokens_fn``. The hypotheses' log-probs (and so their scores) are these
     processed values, as transformers sums them.
+
+    ``batched=True`` (step functions): ``step_fn(sequences: list of int64 arrays) -> (len, V)
+    logits`` is called once per step with the distinct beams it has not seen.
     """
     beam_width = _check_int("beam_width", beam_width, 1)
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
@@ -124,6 +128,8 @@ def beam_search(
                       no_repeat_ngram_size=_check_int("no_repeat_ngram_size", no_repeat_ngram_size, 0),
                       min_new_tokens=_check_int("min_new_tokens", min_new_tokens, 0))
     model = model_or_step_fn if hasattr(model_or_step_fn, "_beam_search_in_c") else None
+    if batched and model is not None:
+        raise ValueError("batched=True is for step functions: an lmdecode Model already runs its beams together")
     if model is not None:
         prompts, single = _prompts(prompt, model.tokenizer)
         results = _beam_search_model(model, prompts, beam_width, max_new_tokens, float(length_penalty), early_stopping,
@@ -136,7 +142,7 @@ def beam_search(
     prompts, single = _prompts(prompt, None)
     results = [_beam_search_step_fn(model_or_step_fn, ids, batch_id, beam_width, max_new_tokens, float(length_penalty),
                                     early_stopping, num_return_sequences, eos_token_id, prefix_allowed_tokens_fn,
-                                    processors)
+                                    processors, batched)
                for batch_id, ids in enumerate(prompts)]
     return results[0] if single else results
 
@@ -145,22 +151,31 @@ def _beam_search_step_fn(step_fn: Callable[[np.ndarray], Any], prompt_ids: list[
                          max_new_tokens: int, length_penalty: float, early_stopping: bool | str,
                          num_return_sequences: int, eos_token_id: Any,
                          prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None,
-                         processors: dict[str, Any]) -> list[Hypothesis]:
-    """One search over a step function, asking it once per distinct beam per step."""
+                         processors: dict[str, Any], batched: bool) -> list[Hypothesis]:
+    """One search over a step function, asking it once per distinct beam per step (batched:
+    once per step, for all the distinct beams it has not seen)."""
 
     cache: dict[tuple[int, ...], np.ndarray] = {}
 
-    def logits_of(seq: tuple[int, ...]) -> np.ndarray:
-        if seq not in cache:
-            row = np.asarray(step_fn(np.array(prompt_ids + list(seq), dtype=np.int64)), dtype=np.float32)
-            if row.ndim != 1:
-                raise ValueError(f"step_fn must return a 1-D array of logits, got shape {row.shape}")
-            cache[seq] = row
-        return cache[seq]
+    def rows_of(seqs: list[tuple[int, ...]]) -> list[np.ndarray]:
+        missing = [seq for seq in dict.fromkeys(seqs) if seq not in cache]
+        inputs = [np.array(prompt_ids + list(seq), dtype=np.int64) for seq in missing]
+        if batched:
+            rows = np.asarray(step_fn(inputs), dtype=np.float32) if missing else np.zeros((0, 0), np.float32)
+            if rows.ndim != 2 or rows.shape[0] != len(missing):
+                raise ValueError(f"a batched step_fn must return ({len(missing)}, V) logits for {len(missing)} "
+                                 f"sequences, got shape {rows.shape}")
+        else:
+            rows = [np.asarray(step_fn(tokens), dtype=np.float32) for tokens in inputs]
+            for row in rows:
+                if row.ndim != 1:
+                    raise ValueError(f"step_fn must return a 1-D array of logits, got shape {row.shape}")
+        cache.update(zip(missing, rows))
+        return [cache[seq] for seq in seqs]
 
     # prompt ids are not checked against the vocabulary: they are step_fn's business and the
     # search never indexes logits by them (the seeds' example passes a marker id outside it)
-    first = logits_of(())
+    (first,) = rows_of([()])
     vocab = first.shape[0]
     search = _core.BeamSearch(
         beam_width, vocab, max_new_tokens, num_return_sequences, float(length_penalty),
@@ -169,7 +184,7 @@ def _beam_search_step_fn(step_fn: Callable[[np.ndarray], Any], prompt_ids: list[
     )
     beams: list[tuple[int, ...]] = [()] * beam_width
     while not search.done:
-        rows = [logits_of(seq) for seq in beams]
+        rows = rows_of(beams)
         if any(r.shape != first.shape for r in rows):
             raise ValueError("step_fn returned logits of different lengths")
         if prefix_allowed_tokens_fn is not None:
