@@ -180,3 +180,39 @@ def test_generator_sequence_numbers_are_checked():
     for call in (lambda: run.gen.tokens(2), lambda: run.gen.result(-1), lambda: run.gen.set_allowed(5, [1])):
         with pytest.raises(IndexError, match=r"sequence \(=(2|-1|5)\) must be in \[0, 2\)"):
             call()
+
+
+def test_torch_tensors_are_taken_as_they_come():
+    """A model's logits as torch gives them (requiring grad, bfloat16, a step function's
+    return value) go into every entry point as their float32 NumPy values, unchanged."""
+    from oracle import require_module
+
+    torch = require_module("torch")
+    rng = np.random.default_rng(5)
+    z = (rng.standard_normal((3, 50)) * 3).astype(np.float32)
+    grad = torch.tensor(z, requires_grad=True)
+    half = torch.tensor(z).to(torch.bfloat16)
+    widened = half.float().numpy()  # bf16 -> f32 is exact
+    for tensor, values in ((grad, z), (half, widened)):
+        np.testing.assert_array_equal(ld.sample(tensor, seed=3, top_p=0.9), ld.sample(values, seed=3, top_p=0.9))
+        np.testing.assert_array_equal(ld.log_softmax(tensor), ld.log_softmax(values))
+        np.testing.assert_array_equal(ld.contrastive_logits(tensor, tensor.roll(1, 0)),
+                                      ld.contrastive_logits(values, np.roll(values, 1, 0)))
+        assert ld.sequence_logprob(tensor, torch.tensor([1, 2, 3])).total == ld.sequence_logprob(values, [1, 2, 3]).total
+        lp = ld.log_softmax(values)
+        assert ld.speculative_accept([4], torch.tensor(lp[:1]), torch.tensor(lp[:2]), seed=1) == \
+            ld.speculative_accept([4], lp[:1], lp[:2], seed=1)
+
+    def step(tokens):  # a torch model's last-position logits, still attached to the graph
+        g = torch.Generator().manual_seed(int(sum(tokens)) * 31 + len(tokens))
+        return torch.randn(50, generator=g, requires_grad=True) * 2
+
+    def numpy_step(tokens):
+        return step(tokens).detach().numpy()
+
+    assert ld.generate(step, [1, 2], max_new_tokens=6, seed=0).tokens == \
+        ld.generate(numpy_step, [1, 2], max_new_tokens=6, seed=0).tokens
+    assert ld.generate(lambda seqs: torch.stack([step(s) for s in seqs]), [1, 2], batched=True, max_new_tokens=6,
+                       seed=0).tokens == ld.generate(numpy_step, [1, 2], max_new_tokens=6, seed=0).tokens
+    assert ld.beam_search(step, [1, 2], beam_width=3, max_new_tokens=4)[0].tokens == \
+        ld.beam_search(numpy_step, [1, 2], beam_width=3, max_new_tokens=4)[0].tokens

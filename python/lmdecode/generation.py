@@ -28,7 +28,7 @@ from .chat import is_conversation
 from .contrastive import _check_parameters as _check_contrastive
 from .contrastive import contrastive_logits
 from .sampling import (KEYWORDS, SamplingParams, _check_u64, _params_for, _row_input_arguments, allowed_token_ids,
-                       check_constraint_function)
+                       as_numpy, check_constraint_function)
 
 __all__ = ["Generation", "GenerationChunk", "generate"]
 
@@ -255,7 +255,7 @@ def _step_fn_logits(step_fn: Callable[[Any], Any], run: _Run, running: np.ndarra
     """(len(running), vocab) float32 logits of the running sequences: one call of a batched
     step function, or one call per sequence."""
     if run.batched:
-        rows = np.asarray(step_fn([run.gen.tokens(int(k)) for k in running]), dtype=np.float32)
+        rows = as_numpy(step_fn([run.gen.tokens(int(k)) for k in running])).astype(np.float32, copy=False)
         if rows.shape != (len(running), vocab):
             raise ValueError(f"a batched step_fn must return ({len(running)}, {vocab}) logits for "
                              f"{len(running)} sequences, got shape {rows.shape}")
@@ -263,7 +263,7 @@ def _step_fn_logits(step_fn: Callable[[Any], Any], run: _Run, running: np.ndarra
     rows = np.empty((len(running), vocab), dtype=np.float32)
     for i, k in enumerate(running):
         tokens = run.gen.tokens(int(k))
-        row = np.asarray(step_fn(tokens), dtype=np.float32)
+        row = as_numpy(step_fn(tokens)).astype(np.float32, copy=False)
         if row.shape != (vocab,):
             raise ValueError(f"step_fn must return ({vocab},) logits, got shape {row.shape}")
         rows[i] = row

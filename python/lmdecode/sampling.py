@@ -393,10 +393,20 @@ def _row_input_arguments(inputs: dict[str, Any], n_rows: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------
 
 
+def as_numpy(values: Any) -> np.ndarray:
+    """values as a NumPy array; a torch tensor (a model's logits as they come: requiring grad,
+    in bfloat16, on a GPU) is detached and brought to the CPU first, bfloat16 widened to
+    float32 (exactly), which NumPy lacks."""
+    if type(values).__module__.split(".")[0] == "torch" and hasattr(values, "detach"):
+        values = values.detach().cpu()
+        return (values.float() if str(values.dtype) == "torch.bfloat16" else values).numpy()
+    return values if isinstance(values, np.ndarray) else np.asarray(values)
+
+
 def _as_logits(logits: Any, name: str = "logits") -> tuple[np.ndarray, bool]:
     """A C-contiguous float32 (B, V) view or copy of any real dtype (the C core computes in
     float32), and whether the input was 1-D."""
-    arr = logits if isinstance(logits, np.ndarray) else np.asarray(logits)
+    arr = as_numpy(logits)
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real floating-point array, got dtype {arr.dtype}")
     if arr.ndim not in (1, 2):

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from .sampling import as_numpy
 
 __all__ = ["PerplexityResult", "SequenceScore", "perplexity", "perplexity_of_windows", "perplexity_windows",
            "sequence_logprob"]
@@ -57,8 +58,8 @@ def sequence_logprob(logits: Any, targets: Any) -> SequenceScore:
     samplers take them; the per-token log-probabilities and their sum are
     float64.
     """
-    z = np.asarray(logits)
-    y = np.asarray(targets)
+    z = as_numpy(logits)
+    y = as_numpy(targets)
     if z.dtype.kind not in "fiu":
         raise TypeError(f"logits must be a real floating-point array, got dtype {z.dtype}")
     if z.ndim == 3:
@@ -119,7 +120,7 @@ def perplexity(
 
     def score_window(chunk: np.ndarray, first: int) -> np.ndarray:
         # predictions for chunk[1:] come from logits[:-1]
-        logits = np.asarray(logits_fn(chunk))
+        logits = as_numpy(logits_fn(chunk))
         return sequence_logprob(logits[first - 1 : len(chunk) - 1], chunk[first:]).token_logprobs
 
     return perplexity_of_windows(score_window, tokens, window=window, stride=stride, progress=progress)

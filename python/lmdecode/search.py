@@ -19,7 +19,7 @@ import numpy as np
 from . import _core
 from .chat import is_conversation
 from .generation import _prompts, check_prompt_ids
-from .sampling import allowed_token_ids, check_constraint_function
+from .sampling import allowed_token_ids, as_numpy, check_constraint_function
 
 __all__ = ["Hypothesis", "beam_search"]
 
@@ -161,12 +161,12 @@ def _beam_search_step_fn(step_fn: Callable[[np.ndarray], Any], prompt_ids: list[
         missing = [seq for seq in dict.fromkeys(seqs) if seq not in cache]
         inputs = [np.array(prompt_ids + list(seq), dtype=np.int64) for seq in missing]
         if batched:
-            rows = np.asarray(step_fn(inputs), dtype=np.float32) if missing else np.zeros((0, 0), np.float32)
+            rows = as_numpy(step_fn(inputs)).astype(np.float32, copy=False) if missing else np.zeros((0, 0), np.float32)
             if rows.ndim != 2 or rows.shape[0] != len(missing):
                 raise ValueError(f"a batched step_fn must return ({len(missing)}, V) logits for {len(missing)} "
                                  f"sequences, got shape {rows.shape}")
         else:
-            rows = [np.asarray(step_fn(tokens), dtype=np.float32) for tokens in inputs]
+            rows = [as_numpy(step_fn(tokens)).astype(np.float32, copy=False) for tokens in inputs]
             for row in rows:
                 if row.ndim != 1:
                     raise ValueError(f"step_fn must return a 1-D array of logits, got shape {row.shape}")

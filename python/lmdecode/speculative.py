@@ -18,7 +18,7 @@ import numbers
 import numpy as np
 
 from . import _core
-from .sampling import rng_uniform, sample
+from .sampling import as_numpy, rng_uniform, sample
 
 __all__ = ["SPECULATIVE_STREAM", "speculative_accept"]
 
@@ -27,7 +27,7 @@ SPECULATIVE_STREAM: int = _core.SPECULATIVE_STREAM
 
 
 def _logprob_rows(name: str, rows, vocab: int | None) -> np.ndarray:
-    arr = np.asarray(rows)
+    arr = as_numpy(rows)
     if arr.dtype.kind not in "fiu" or arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array of log-probabilities (rows, vocab), got shape {arr.shape} of {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
