@@ -216,6 +216,9 @@ def test_oracle_cases_exercise_eos(hf_model):
     torch, model, eos = hf_model
     hyps = beam_search(hf_step(torch, model), [5, 17, 3, 29], beam_width=5, max_new_tokens=10, length_penalty=0.0, num_return_sequences=5, eos_token_id=eos)
     assert any(h.tokens[-1] == eos and len(h.tokens) < 10 for h in hyps)
+    # finish_reason says which ended with EOS, the others ran to the length limit
+    assert [h.finish_reason for h in hyps] == ["stop" if h.tokens[-1] == eos else "length" for h in hyps]
+    assert all(len(h.tokens) == 10 for h in hyps if h.finish_reason == "length")
 
 
 # (width, processors); min_new_tokens alone at width 4, whose second hypothesis otherwise ends

@@ -163,6 +163,12 @@ def test_beam_search_in_c_equals_the_step_function_search(stories):
                                 early_stopping=es, num_return_sequences=2, eos_token_id=eos)
         assert [h.tokens for h in in_c] == [h.tokens for h in driven]
         np.testing.assert_allclose([h.score for h in in_c], [h.score for h in driven], atol=1e-4)
+        assert [h.finish_reason for h in in_c] == [h.finish_reason for h in driven]
+    # a story's end ("." then EOS lies beyond 25 tokens) against an EOS the search meets
+    assert stories.beam_search(PROMPT, beam_width=2, max_new_tokens=25)[0].finish_reason == "length"
+    period = stories.tokenizer.encode(".", add_bos=False)[-1]
+    (stopped,) = stories.beam_search(PROMPT, beam_width=2, max_new_tokens=25, eos_token_id=period)
+    assert stopped.finish_reason == "stop" and stopped.tokens[-1] == period and len(stopped.tokens) < 25
 
 
 def test_a_batch_of_beam_searches_gives_each_prompt_what_it_gives_alone(stories):

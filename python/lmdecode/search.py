@@ -35,6 +35,7 @@ class Hypothesis:
     score: float  # logprob / len(tokens) ** length_penalty, the ranking key
     token_logprobs: list[float] = field(repr=False)
     text: str | None = None
+    finish_reason: str = field(default="length", repr=False)  # "stop": it ends with an EOS token
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -53,6 +54,11 @@ def _eos_ids(eos_token_id: Any) -> list[int]:
         if isinstance(i, bool) or not isinstance(i, numbers.Integral):
             raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
     return [int(i) for i in ids]
+
+
+def _finish_reason(tokens: Sequence[int], eos: Any) -> str:
+    """"stop" for a hypothesis that ends with an EOS token, "length" for one the length limit ended."""
+    return "stop" if len(tokens) and int(tokens[-1]) in eos else "length"
 
 
 def _processor_context(prompt_ids: Sequence[int], vocab: int) -> np.ndarray:
@@ -195,8 +201,10 @@ def _beam_search_step_fn(step_fn: Callable[[np.ndarray], Any], prompt_ids: list[
         beams = [beams[p] + (int(t),) for p, t in zip(parents, tokens)]
         live = set(beams)
         cache = {k: v for k, v in cache.items() if k in live}
+    eos = set(_eos_ids(eos_token_id))
     return [
-        Hypothesis(tokens=[int(t) for t in toks], logprob=float(logprob), score=float(score), token_logprobs=[float(x) for x in lps])
+        Hypothesis(tokens=[int(t) for t in toks], logprob=float(logprob), score=float(score),
+                   token_logprobs=[float(x) for x in lps], finish_reason=_finish_reason(toks, eos))
         for toks, lps, score, logprob in search.hypotheses()
     ]
 
@@ -241,6 +249,7 @@ def _beam_search_model(model: Any, prompts: list[list[int]], beam_width: int, ma
             if tokenizer is not None:
                 text = tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in eos else tokens)
             hyps.append(Hypothesis(tokens=tokens, logprob=float(logprob), score=float(score),
-                                   token_logprobs=[float(x) for x in lps], text=text))
+                                   token_logprobs=[float(x) for x in lps], text=text,
+                                   finish_reason=_finish_reason(tokens, eos)))
         results.append(hyps)
     return results
