@@ -139,6 +139,8 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="max_new_tokens"):
         beam_search(step, [0], max_new_tokens=2.5)
     with pytest.raises(ValueError, match="step_fn must return a 1-D array of logits"):
+        beam_search(lambda t: np.zeros((2, 4)), [0])
+    with pytest.raises(TypeError, match="step_fn must return an array of real-valued logits, got None"):
         beam_search(lambda t: None, [0])
 
 

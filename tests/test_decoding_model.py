@@ -613,3 +613,45 @@ def test_model_constrained_beam_search_matches_transformers(hf_pair, width, leng
         assert generated[: len(h.tokens)] == h.tokens
         assert h.score == pytest.approx(float(score), abs=1e-4)
         assert all(t in allowed(0, prompt + h.tokens[:i]) for i, t in enumerate(h.tokens))
+
+
+def test_token_inputs_that_are_no_token_ids_are_refused_naming_the_argument():
+    """Nested sequences of different lengths, floats, text and mappings where token ids go:
+    a TypeError or ValueError naming the argument, where NumPy's message named nothing and
+    int() or an int64 cast read floats, digits, bytes and dict keys as other tokens."""
+    model = ld.Model.load(MODELS / "stories260K.bin")
+    ragged = [[1, 403], [407]]
+    rectangular = r"must be a rectangular array \(rows of one length\)"
+    with pytest.raises(ValueError, match="tokens " + rectangular):
+        model.forward(ragged, model.new_cache(8))
+    with pytest.raises(ValueError, match="tokens " + rectangular):
+        model.logits(ragged)
+    with pytest.raises(ValueError, match="logits " + rectangular):
+        model.forward(PROMPT, model.new_cache(8), logits=[[0], [0, 1]])
+    with pytest.raises(TypeError, match="context must be a str or a 1-D sequence of token ids"):
+        model.sequence_logprob(ragged, [3])
+    with pytest.raises(TypeError, match="text_or_tokens must be a str or a 1-D sequence of token ids"):
+        model.perplexity(ragged)
+    with pytest.raises(TypeError, match=r"a prompt must be a str or a sequence of token ids, got \[\[3\]\]"):
+        model.generate([PROMPT, [[3]]], max_new_tokens=2)
+    with pytest.raises(TypeError, match="tokens must be a 1-D sequence of token ids"):
+        ld.scoring.perplexity(lambda t: np.zeros((len(t), 4)), [1.5, 2.0, 3.0], window=4)
+    with pytest.raises(TypeError, match=r"stop_token_ids must be an int or a list of ints, got \{2: 0\}"):
+        model.generate(PROMPT, max_new_tokens=2, stop_token_ids={2: 0})
+    for bad in (b"\x02", 2.0, "2"):
+        with pytest.raises(TypeError, match="eos_token_id must be an int or a list of ints"):
+            model.beam_search(PROMPT, max_new_tokens=2, eos_token_id=bad)
+    assert model.beam_search(PROMPT, max_new_tokens=2, eos_token_id={2, 13})[0].tokens  # any collection of ints
+    with pytest.raises(ValueError, match=r"step_fn's logits " + rectangular):
+        ld.generate(lambda tokens: [[0.0, 1.0], [2.0]], [1])
+    decode = model.tokenizer.decode
+    assert decode(np.array(PROMPT)) == decode(PROMPT) == "Once upon a time"
+    for bad in ([403.0, 407.0], "403", b"\x01", {403: 0}, [True]):
+        with pytest.raises(TypeError, match="ids must be"):
+            decode(bad)
+    config = dict(model_type="llama", vocab_size=4, hidden_size=2, intermediate_size=2, num_hidden_layers=1,
+                  num_attention_heads=1)
+    with pytest.raises(TypeError, match="weights must be a dict of Hugging Face parameter names to arrays"):
+        ld.Model.from_numpy(config, [[1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"weights\['model.embed_tokens.weight'\] " + rectangular):
+        ld.Model.from_numpy(config, {"model.embed_tokens.weight": [[1.0, 2.0], [3.0]]})

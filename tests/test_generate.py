@@ -175,5 +175,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"seed \(=-1\) must be in \[0, 2\*\*64\)"):
         ld.generate(step, [1], seed=-1)
     assert ld.generate(step, [1], max_new_tokens=0).tokens == []
-    with pytest.raises(ValueError, match="step_fn must return a 1-D array of logits, got NoneType"):
+    with pytest.raises(TypeError, match="step_fn must return an array of real-valued logits, got None"):
         ld.generate(lambda tokens: None, [1])
+    with pytest.raises(ValueError, match=r"step_fn must return a 1-D array of logits, got list of shape \(1, 3\)"):
+        ld.generate(lambda tokens: [[0.0, 1.0, 2.0]], [1])

@@ -58,7 +58,7 @@ def test_greedy_once_upon_a_time_is_tinystories_text():
     for _ in range(40):
         tokens.append(int(np.argmax(logits)))
         logits = model.forward(tokens[-1:], cache)
-    text = loaders.Llama2cVocab(TOKENIZER, 512).decode(tokens)
+    text = model.tokenizer.decode(tokens)
     assert text.startswith("Once upon a time, there was a little girl named Lily."), text
 
 

@@ -98,6 +98,39 @@ def test_bad_logits():
         ld.log_softmax(Z, temperature=0)
 
 
+RAGGED = [[1.0, 2.0, 0.5, -1.0], [0.0, 0.1]]  # rows of different lengths: no array
+
+
+@pytest.mark.parametrize("name,call", [
+    ("logits", lambda: ld.sample(RAGGED, seed=0)),
+    ("logits", lambda: ld.log_softmax(RAGGED)),
+    ("logits", lambda: ld.process_logits(RAGGED)),
+    ("logits", lambda: ld.greedy(RAGGED)),
+    ("temperature", lambda: ld.sample(Z, seed=0, temperature=[[1.0], [1.0, 2.0], [1.0]])),
+    ("logit_bias", lambda: ld.sample(Z, seed=0, logit_bias={1: [1.0, 2.0], 2: [3.0]})),
+    ("logits", lambda: ld.sequence_logprob(RAGGED, [1, 2])),
+    ("targets", lambda: ld.sequence_logprob(Z[:2], [[1], [2, 3]])),
+    ("expert_logits", lambda: ld.contrastive_logits(RAGGED, Z[:2])),
+    ("target_logprobs", lambda: ld.speculative_accept([], np.zeros((0, 4)), RAGGED, seed=0)),
+    ("draft_logprobs", lambda: ld.speculative_accept([1, 2], RAGGED, np.log(np.full((3, 4), 0.25)), seed=0)),
+])
+def test_ragged_inputs_name_the_argument(name, call):
+    """NumPy's own message for nested sequences of different lengths names neither the
+    argument nor the value."""
+    with pytest.raises(ValueError, match=rf"{name} must be a rectangular array \(rows of one length\), got \["):
+        call()
+
+
+def test_a_dense_logit_bias_has_one_value_per_token():
+    """A (V,) bias of another length was read as a bias of its first entries' tokens."""
+    np.testing.assert_array_equal(ld.sample(Z, seed=0, logit_bias=[0.0, 0.0, 0.0, 9.0]), [3, 3, 3])
+    np.testing.assert_array_equal(ld.sample(Z, seed=0, logit_bias=[[9.0, 0, 0, 0], [0, 9.0, 0, 0], [0, 0, 9.0, 0]]),
+                                  [0, 1, 2])
+    for bad in ([0.0, 9.0], np.zeros(5), [[9.0, 0.0], [0.0, 9.0], [0.0, 0.0]]):
+        with pytest.raises(ValueError, match=r"a dense logit_bias must have shape \(V,\) = \(4,\), got \((2|5),\)"):
+            ld.sample(Z, seed=0, logit_bias=bad)
+
+
 def test_inputs_are_never_modified():
     rng = np.random.default_rng(0)
     z64 = rng.normal(0, 2, (4, 50))

@@ -46,7 +46,7 @@ def contrastive_logits(expert_logits, amateur_logits, *, alpha: float = 0.1, ama
     expert, one_row = _as_logits(expert_logits, "expert_logits")
     amateur, amateur_one_row = _as_logits(amateur_logits, "amateur_logits")
     if expert.shape != amateur.shape or one_row != amateur_one_row:
-        raise ValueError(f"expert_logits {np.shape(expert_logits)} and amateur_logits {np.shape(amateur_logits)} "
-                         "must have one shape")
+        given = [a.shape[1:] if one else a.shape for a, one in ((expert, one_row), (amateur, amateur_one_row))]
+        raise ValueError(f"expert_logits {given[0]} and amateur_logits {given[1]} must have one shape")
     out = _core.contrastive_scores(expert, amateur, alpha, amateur_temperature)
     return out[0] if one_row else out

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import _core
 from .chat import is_conversation
+from .sampling import as_token_ids
 from .scoring import PerplexityResult, SequenceScore, perplexity_of_windows, sequence_logprob as _sequence_logprob
 
 __all__ = ["DecodingMixin"]
@@ -117,8 +118,8 @@ class DecodingMixin:
             if isinstance(text_or_tokens, str):
                 return list(self.tokenizer.encode(text_or_tokens, add_bos=add_bos))
             return list(self.tokenizer.apply_chat_template(text_or_tokens, add_generation_prompt=True))
-        arr = np.asarray(text_or_tokens)
-        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        arr = as_token_ids(text_or_tokens)
+        if arr is None:
             raise TypeError(f"{name} must be a str or a 1-D sequence of token ids")
         return arr.tolist()  # Python ints (a loop of int() over NumPy scalars took ~45 us per 511 ids)
 

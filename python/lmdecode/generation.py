@@ -27,8 +27,8 @@ from . import _core
 from .chat import is_conversation
 from .contrastive import _check_parameters as _check_contrastive
 from .contrastive import contrastive_logits
-from .sampling import (KEYWORDS, SamplingParams, _check_u64, _params_for, _row_input_arguments, allowed_token_ids,
-                       as_numpy, check_constraint_function)
+from .sampling import (KEYWORDS, _check_u64, _params_for, _row_input_arguments, allowed_token_ids,
+                       as_token_ids, check_constraint_function, step_logits, token_id_list)
 
 __all__ = ["Generation", "GenerationChunk", "generate"]
 
@@ -110,8 +110,8 @@ def _prompts(prompt: Any, tokenizer: TokenizerLike | None) -> tuple[list[list[in
             if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
                 raise TypeError("a conversation prompt needs a tokenizer with a chat template")
             return list(tokenizer.apply_chat_template(p, add_generation_prompt=True))
-        arr = np.asarray(p)
-        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        arr = as_token_ids(p)
+        if arr is None:
             raise TypeError(f"a prompt must be a str or a sequence of token ids, got {p!r:.80}")
         return [int(t) for t in arr]
 
@@ -137,16 +137,7 @@ def check_prompt_ids(prompt_ids: np.ndarray, offsets: np.ndarray, vocab: int) ->
 
 
 def _stop_ids(stop_token_ids: Any, default_eos: int | None) -> np.ndarray:
-    ids = [] if default_eos is None else [default_eos]
-    if stop_token_ids is not None:
-        extra = [stop_token_ids] if isinstance(stop_token_ids, numbers.Integral) else stop_token_ids
-        if isinstance(extra, (str, bytes)) or not hasattr(extra, "__iter__"):
-            raise TypeError(f"stop_token_ids must be an int or a list of ints, got {stop_token_ids!r}")
-        extra = list(extra)
-        for t in extra:
-            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-                raise TypeError(f"stop_token_ids must be ints, got {stop_token_ids!r}")
-        ids += [int(t) for t in extra]
+    ids = ([] if default_eos is None else [default_eos]) + token_id_list(stop_token_ids, "stop_token_ids")
     return np.array(sorted(set(ids)), dtype=np.int32)
 
 
@@ -208,7 +199,7 @@ class _Run:
             raise ValueError(f"per-row sampling values must have one entry per sequence ({self.n_seqs})")
         offsets = np.zeros(self.n_seqs + 1, dtype=np.int64)
         np.cumsum([len(p) for p in self.prompts], out=offsets[1:])
-        kwargs = _row_input_arguments(row_inputs, self.n_seqs) if row_inputs else {}
+        kwargs = _row_input_arguments(row_inputs, self.n_seqs, vocab) if row_inputs else {}
         if stop:
             if tokenizer is None:
                 raise TypeError("stop strings need a tokenizer")
@@ -255,7 +246,7 @@ def _step_fn_logits(step_fn: Callable[[Any], Any], run: _Run, running: np.ndarra
     """(len(running), vocab) float32 logits of the running sequences: one call of a batched
     step function, or one call per sequence."""
     if run.batched:
-        rows = as_numpy(step_fn([run.gen.tokens(int(k)) for k in running])).astype(np.float32, copy=False)
+        rows = step_logits(step_fn([run.gen.tokens(int(k)) for k in running]))
         if rows.shape != (len(running), vocab):
             raise ValueError(f"a batched step_fn must return ({len(running)}, {vocab}) logits for "
                              f"{len(running)} sequences, got shape {rows.shape}")
@@ -263,7 +254,7 @@ def _step_fn_logits(step_fn: Callable[[Any], Any], run: _Run, running: np.ndarra
     rows = np.empty((len(running), vocab), dtype=np.float32)
     for i, k in enumerate(running):
         tokens = run.gen.tokens(int(k))
-        row = as_numpy(step_fn(tokens)).astype(np.float32, copy=False)
+        row = step_logits(step_fn(tokens))
         if row.shape != (vocab,):
             raise ValueError(f"step_fn must return ({vocab},) logits, got shape {row.shape}")
         rows[i] = row
@@ -398,7 +389,7 @@ def generate(
     else:  # learn V from the first prompt's logits
         first_prompt = np.asarray(prompts[0], dtype=np.int64)
         first = model_or_step_fn([first_prompt]) if batched else model_or_step_fn(first_prompt)
-        shape = np.shape(first)
+        shape = step_logits(first).shape
         if batched and (len(shape) != 2 or shape[0] != 1 or shape[1] < 1):
             raise ValueError(f"a batched step_fn must return (sequences, V) logits, got {type(first).__name__} "
                              f"of shape {shape} for one sequence")

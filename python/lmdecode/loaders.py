@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from .sampling import as_numpy
 
 Q8_0_BLOCK = 32
 Q8_0_BLOCK_BYTES = 34
@@ -393,8 +394,8 @@ def read_llama2c(path: Path):
 
 class Llama2cVocab:
     """A llama2.c tokenizer file (``tok*.bin``): int32 max token length, then per token a float32
-    score, an int32 byte length and the bytes. Only decoding lives here; encoding is the
-    tokenizer module's job."""
+    score, an int32 byte length and the bytes: its pieces and scores, read and checked (the
+    tokenizer module encodes and decodes with them)."""
 
     def __init__(self, path, vocab_size: int | None = None):
         path = Path(path)
@@ -421,27 +422,6 @@ class Llama2cVocab:
 
     def __len__(self):
         return len(self.pieces)
-
-    def piece_bytes(self, token: int, previous: int | None = None) -> bytes:
-        """Bytes of one token: byte-fallback tokens <0xNN> give their byte; after BOS (id 1)
-        sentencepiece's leading space is dropped."""
-        piece = self.pieces[token]
-        if len(piece) == 6 and piece.startswith(b"<0x") and piece.endswith(b">"):
-            return bytes([int(piece[3:5], 16)])
-        if previous == 1 and piece.startswith(b" "):
-            return piece[1:]
-        return piece
-
-    def decode(self, tokens) -> str:
-        out, previous = bytearray(), None
-        for t in tokens:
-            t = int(t)
-            if t in (1, 2):  # BOS, EOS: markers, not text
-                previous = t
-                continue
-            out += self.piece_bytes(t, previous)
-            previous = t
-        return out.decode("utf-8", errors="replace")
 
 
 def find_llama2c_tokenizer(model_path: Path, vocab_size: int):
@@ -965,6 +945,9 @@ def from_hf_numpy(config_dict: Any, weights: dict):
                         f"got {type(config_dict).__name__}")
     config = hf_config("from_numpy config", dict(config_dict))
     check_config("from_numpy config", config)
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"weights must be a dict of Hugging Face parameter names to arrays (a state_dict), "
+                        f"got {type(weights).__name__}")
     named = {}
     for name, value in weights.items():
         kind, arr = _numpy_weight(name, value)
@@ -983,7 +966,7 @@ def _numpy_weight(name: str, value: Any) -> tuple[str, np.ndarray]:
             import torch
 
             return "bf16", value.contiguous().view(torch.int16).numpy().view(np.uint16)
-    arr = np.asarray(value)
+    arr = as_numpy(value, f"weights[{name!r}]")
     if arr.dtype == np.float32:
         return "f32", arr
     if arr.dtype == np.float16:

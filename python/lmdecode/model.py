@@ -67,7 +67,8 @@ import numpy as np
 
 from . import _core
 from . import loaders
-from .decoding import _SCORING_BLOCK, DecodingMixin
+from .decoding import DecodingMixin
+from .sampling import as_numpy
 
 __all__ = ["Model", "ModelConfig", "KVCache"]
 
@@ -309,7 +310,7 @@ class Model(DecodingMixin):
                 if t < 0 or t >= vocab_size:
                     raise ValueError(f"{name}[{i}] (={t}) is outside the vocabulary [0, {vocab_size})")
             return np.array(tokens, dtype=np.int32)
-        arr = np.asarray(tokens)
+        arr = as_numpy(tokens, name)
         if arr.ndim != 1 or arr.size == 0:
             raise ValueError(f"{name} must be a non-empty 1-D sequence of token ids (shape {arr.shape})")
         if not np.issubdtype(arr.dtype, np.integer):
@@ -329,7 +330,7 @@ class Model(DecodingMixin):
             return np.arange(n, dtype=np.int32)
         if logits is None:
             return np.zeros(0, dtype=np.int32)
-        want = np.asarray(logits)
+        want = as_numpy(logits, "logits")
         if want.ndim != 1 or not np.issubdtype(want.dtype, np.integer):
             raise ValueError(f"logits must be 'last', 'all', None or a 1-D int array (got {logits!r})")
         if want.size and (want.min() < 0 or want.max() >= n):

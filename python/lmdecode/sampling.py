@@ -81,8 +81,8 @@ def allowed_token_ids(allowed: Any, vocab: int, batch_id: int) -> np.ndarray | N
     or None (any token). Called once per sequence per step, so it stays cheap."""
     if allowed is None:
         return None
-    ids = np.asarray(allowed)
-    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+    ids = as_token_ids(allowed)
+    if ids is None:
         raise TypeError(f"prefix_allowed_tokens_fn must return a list of token ids or None, got {allowed!r:.80} "
                         f"for batch_id {batch_id}")
     if ids.size == 0:
@@ -123,7 +123,7 @@ def _param_values(name: str, value: Any) -> np.ndarray:
         return np.asarray(float(value) if name not in _INT_PARAMS else int(value), dtype=np.float64)
     if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
         raise TypeError(f"{name} must be a number or a sequence of numbers (one per row), got {value!r}")
-    arr = np.asarray(value)
+    arr = as_numpy(value, name)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a number or a 1-D sequence (one per row), got shape {arr.shape}")
     kinds = "iu" if name in _INT_PARAMS else "iuf"
@@ -180,8 +180,8 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
-    def _core_arguments(self, n_rows: int, row_inputs: dict[str, Any]) -> dict[str, Any]:
-        """The keyword arguments of _core.sample_rows for a batch of n_rows;
+    def _core_arguments(self, n_rows: int, vocab: int, row_inputs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of _core.sample_rows for a batch of n_rows of vocab logits;
         row_inputs (context, logit_bias, ...) given per call override the stored ones."""
         if self._rows is not None and self._rows != n_rows:
             bad = [k for k in _PARAM_DEFAULTS if np.ndim(self._values.get(k, 0)) == 1]
@@ -189,7 +189,7 @@ class SamplingParams:
         args: dict[str, Any] = {"params": self._table}
         inputs = {**self._row_inputs, **row_inputs} if row_inputs else self._row_inputs
         if inputs:
-            args.update(_row_input_arguments(inputs, n_rows))
+            args.update(_row_input_arguments(inputs, n_rows, vocab))
         return args
 
 
@@ -227,7 +227,7 @@ _INT32_MAX = np.iinfo(np.int32).max
 
 def _token_ids(name: str, value: Any) -> np.ndarray:
     """int32 token ids; the C core checks that they lie in [0, V)."""
-    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    arr = as_numpy(value, name)
     if arr.size == 0:
         return np.zeros(0, dtype=np.int32)
     if arr.dtype.kind not in "iu":
@@ -310,7 +310,7 @@ def _check_prompt_len(value: Any) -> np.ndarray:
         if value < 0:
             raise ValueError(f"prompt_len (={value}) must be >= 0")
         return np.int32(min(value, _INT32_MAX))
-    arr = np.asarray(value)
+    arr = as_numpy(value, "prompt_len")
     if arr.dtype.kind not in "iu" or arr.ndim > 1:
         raise TypeError(f"prompt_len must be an int or a sequence of ints (one per row), got {value!r}")
     if np.any(arr < 0):
@@ -332,22 +332,22 @@ def _bias_rows(bias: Any, n_rows: int) -> list[Mapping | np.ndarray]:
             if len(bias) != n_rows:
                 raise ValueError(f"logit_bias has {len(bias)} rows but logits has {n_rows} rows")
             return list(bias)
-        return [np.asarray(bias)] * n_rows  # a dense (V,) list
+        return [as_numpy(bias, "logit_bias")] * n_rows  # a dense (V,) list
     raise TypeError(f"logit_bias must be a dict {{token: bias}}, a (V,) array or one of those per row, got {bias!r}")
 
 
-def _bias_arguments(bias: Any, n_rows: int) -> dict[str, np.ndarray]:
+def _bias_arguments(bias: Any, n_rows: int, vocab: int) -> dict[str, np.ndarray]:
     ids, values = [], []
     for r, row in enumerate(_bias_rows(bias, n_rows)):
         if isinstance(row, Mapping):
-            keys = np.asarray(list(row.keys()))
-            vals = np.asarray(list(row.values()))
+            keys = as_numpy(list(row.keys()), "logit_bias")
+            vals = as_numpy(list(row.values()), "logit_bias")
             if keys.size and keys.dtype.kind not in "iu":
                 raise TypeError(f"logit_bias keys must be integer token ids, got {list(row.keys())[:3]!r}")
         else:
-            dense = np.asarray(row)
-            if dense.ndim != 1:
-                raise ValueError(f"a dense logit_bias must be 1-D (V,), got shape {dense.shape}")
+            dense = as_numpy(row, "logit_bias")
+            if dense.shape != (vocab,):
+                raise ValueError(f"a dense logit_bias must have shape (V,) = ({vocab},), got {dense.shape}")
             keys = np.flatnonzero(dense)
             vals = dense[keys]
         if vals.size and vals.dtype.kind not in "iuf":
@@ -366,7 +366,7 @@ def _bias_arguments(bias: Any, n_rows: int) -> dict[str, np.ndarray]:
     }
 
 
-def _row_input_arguments(inputs: dict[str, Any], n_rows: int) -> dict[str, Any]:
+def _row_input_arguments(inputs: dict[str, Any], n_rows: int, vocab: int) -> dict[str, Any]:
     args: dict[str, Any] = {}
     if "context" in inputs:
         args["context"], args["context_offsets"] = _context_csr(inputs["context"], n_rows)
@@ -376,7 +376,7 @@ def _row_input_arguments(inputs: dict[str, Any], n_rows: int) -> dict[str, Any]:
             raise ValueError(f"prompt_len has {prompt.shape[0]} values but logits has {n_rows} rows")
         args["prompt_len"] = prompt if prompt.ndim == 1 else np.full(n_rows, prompt, dtype=np.int32)
     if "logit_bias" in inputs:
-        args.update(_bias_arguments(inputs["logit_bias"], n_rows))
+        args.update(_bias_arguments(inputs["logit_bias"], n_rows, vocab))
     if "allowed_tokens" in inputs:
         rows, shared = _per_row("allowed_tokens", inputs["allowed_tokens"], n_rows)
         restricted = np.array([row is not None for row in rows], dtype=bool)
@@ -393,20 +393,67 @@ def _row_input_arguments(inputs: dict[str, Any], n_rows: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------
 
 
-def as_numpy(values: Any) -> np.ndarray:
+def as_numpy(values: Any, name: str) -> np.ndarray:
     """values as a NumPy array; a torch tensor (a model's logits as they come: requiring grad,
     in bfloat16, on a GPU) is detached and brought to the CPU first, bfloat16 widened to
-    float32 (exactly), which NumPy lacks."""
+    float32 (exactly), which NumPy lacks. Nested sequences of different lengths are a
+    ValueError naming the argument `name` (NumPy's own message names neither)."""
     if type(values).__module__.split(".")[0] == "torch" and hasattr(values, "detach"):
         values = values.detach().cpu()
         return (values.float() if str(values.dtype) == "torch.bfloat16" else values).numpy()
-    return values if isinstance(values, np.ndarray) else np.asarray(values)
+    if isinstance(values, np.ndarray):
+        return values
+    try:
+        return np.asarray(values)
+    except ValueError:  # NumPy: "setting an array element with a sequence ... inhomogeneous shape"
+        raise ValueError(f"{name} must be a rectangular array (rows of one length), got {values!r:.80}") from None
+
+
+def step_logits(values: Any) -> np.ndarray:
+    """What a step function returned, as float32 logits of any shape (callers check it): any
+    real dtype, torch tensors as they come; text, complex numbers and ragged rows refused."""
+    arr = as_numpy(values, "step_fn's logits")
+    if arr.dtype.kind not in "fiu":
+        got = f"an array of dtype {arr.dtype}" if isinstance(values, np.ndarray) else f"{values!r:.80}"
+        raise TypeError(f"step_fn must return an array of real-valued logits, got {got}")
+    return arr.astype(np.float32, copy=False)
+
+
+def as_token_ids(value: Any) -> np.ndarray | None:
+    """value as a 1-D integer array (an empty sequence gives an empty int64 one), or None when it
+    is not one: text, bytes, floats, nested or ragged sequences. Callers raise their own error."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        arr = as_numpy(value, "value")
+    except ValueError:
+        return None
+    if arr.ndim != 1:
+        return None
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    return arr if arr.dtype.kind in "iu" else None
+
+
+def token_id_list(value: Any, name: str) -> list[int]:
+    """Stop or EOS ids given as an int or a collection of ints (None: none), as a list of ints.
+    Text, bytes, mappings, bools and floats are refused, naming `name`."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) else value
+    if isinstance(items, (str, bytes, Mapping)) or not hasattr(items, "__iter__"):
+        raise TypeError(f"{name} must be an int or a list of ints, got {value!r:.80}")
+    items = list(items)
+    for t in items:
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral):
+            raise TypeError(f"{name} must be an int or a list of ints, got {value!r:.80}")
+    return [int(t) for t in items]
 
 
 def _as_logits(logits: Any, name: str = "logits") -> tuple[np.ndarray, bool]:
     """A C-contiguous float32 (B, V) view or copy of any real dtype (the C core computes in
     float32), and whether the input was 1-D."""
-    arr = as_numpy(logits)
+    arr = as_numpy(logits, name)
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real floating-point array, got dtype {arr.dtype}")
     if arr.ndim not in (1, 2):
@@ -454,7 +501,7 @@ def _seeds(seed: Any, n_rows: int) -> np.ndarray:
 def _run(logits: Any, params: SamplingParams, row_inputs: dict[str, Any], *, seeds: np.ndarray | None, want_logprobs: bool, want_tokens: bool, step: Any = 0, stream: Any = 0):
     rows, one_row = _as_logits(logits)
     n_rows = rows.shape[0]
-    args = params._core_arguments(n_rows, row_inputs)
+    args = params._core_arguments(n_rows, rows.shape[1], row_inputs)
     if seeds is not None:
         args["seeds"] = seeds
     step, args["steps"] = _counter("step", step, n_rows)
@@ -509,7 +556,8 @@ def sample(
     sequence stream k and draws its t-th token at step t).
     """
     p, row_inputs = _params_for(params, keywords)
-    rows = np.shape(logits)[0] if np.ndim(logits) == 2 else 1
+    logits = as_numpy(logits, "logits")
+    rows = logits.shape[0] if logits.ndim == 2 else 1
     (_, tokens, token_logprobs), one_row = _run(logits, p, row_inputs, seeds=_seeds(seed, rows), step=step, stream=stream, want_logprobs=False, want_tokens=True)
     if one_row:
         tokens, token_logprobs = tokens[0], token_logprobs[0]

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .sampling import as_numpy
+from .sampling import as_numpy, as_token_ids
 
 __all__ = ["PerplexityResult", "SequenceScore", "perplexity", "perplexity_of_windows", "perplexity_windows",
            "sequence_logprob"]
@@ -58,8 +58,8 @@ def sequence_logprob(logits: Any, targets: Any) -> SequenceScore:
     samplers take them; the per-token log-probabilities and their sum are
     float64.
     """
-    z = as_numpy(logits)
-    y = as_numpy(targets)
+    z = as_numpy(logits, "logits")
+    y = as_numpy(targets, "targets")
     if z.dtype.kind not in "fiu":
         raise TypeError(f"logits must be a real floating-point array, got dtype {z.dtype}")
     if z.ndim == 3:
@@ -120,7 +120,7 @@ def perplexity(
 
     def score_window(chunk: np.ndarray, first: int) -> np.ndarray:
         # predictions for chunk[1:] come from logits[:-1]
-        logits = as_numpy(logits_fn(chunk))
+        logits = as_numpy(logits_fn(chunk), "logits_fn's logits")
         return sequence_logprob(logits[first - 1 : len(chunk) - 1], chunk[first:]).token_logprobs
 
     return perplexity_of_windows(score_window, tokens, window=window, stride=stride, progress=progress)
@@ -137,7 +137,9 @@ def perplexity_of_windows(
     """:func:`perplexity` with ``score_window(window_tokens, first) -> log p`` of
     ``window_tokens[first:]`` given the tokens before them in the window (models score
     their windows without (T, V) logits: ``Model.perplexity``)."""
-    ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    ids = as_token_ids(tokens)
+    if ids is None:
+        raise TypeError(f"tokens must be a 1-D sequence of token ids, got {tokens!r:.80}")
     window = _check_positive("window", window)
     if window < 2:
         raise ValueError(f"window (={window}) must be >= 2: a window of one token predicts nothing")

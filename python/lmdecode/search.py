@@ -19,7 +19,7 @@ import numpy as np
 from . import _core
 from .chat import is_conversation
 from .generation import _prompts, check_prompt_ids
-from .sampling import allowed_token_ids, as_numpy, check_constraint_function
+from .sampling import allowed_token_ids, check_constraint_function, step_logits, token_id_list
 
 __all__ = ["Hypothesis", "beam_search"]
 
@@ -44,16 +44,6 @@ def _check_int(name: str, value: Any, low: int) -> int:
     if value < low:
         raise ValueError(f"{name} (={value}) must be >= {low}")
     return int(value)
-
-
-def _eos_ids(eos_token_id: Any) -> list[int]:
-    if eos_token_id is None:
-        return []
-    ids = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else list(eos_token_id)
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
-            raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
-    return [int(i) for i in ids]
 
 
 def _finish_reason(tokens: Sequence[int], eos: Any) -> str:
@@ -167,12 +157,12 @@ def _beam_search_step_fn(step_fn: Callable[[np.ndarray], Any], prompt_ids: list[
         missing = [seq for seq in dict.fromkeys(seqs) if seq not in cache]
         inputs = [np.array(prompt_ids + list(seq), dtype=np.int64) for seq in missing]
         if batched:
-            rows = as_numpy(step_fn(inputs)).astype(np.float32, copy=False) if missing else np.zeros((0, 0), np.float32)
+            rows = step_logits(step_fn(inputs)) if missing else np.zeros((0, 0), np.float32)
             if rows.ndim != 2 or rows.shape[0] != len(missing):
                 raise ValueError(f"a batched step_fn must return ({len(missing)}, V) logits for {len(missing)} "
                                  f"sequences, got shape {rows.shape}")
         else:
-            rows = [as_numpy(step_fn(tokens)).astype(np.float32, copy=False) for tokens in inputs]
+            rows = [step_logits(step_fn(tokens)) for tokens in inputs]
             for row in rows:
                 if row.ndim != 1:
                     raise ValueError(f"step_fn must return a 1-D array of logits, got shape {row.shape}")
@@ -185,7 +175,7 @@ def _beam_search_step_fn(step_fn: Callable[[np.ndarray], Any], prompt_ids: list[
     vocab = first.shape[0]
     search = _core.BeamSearch(
         beam_width, vocab, max_new_tokens, num_return_sequences, float(length_penalty),
-        _EARLY_STOPPING[early_stopping], _eos_ids(eos_token_id), dynamic_allowed=prefix_allowed_tokens_fn is not None,
+        _EARLY_STOPPING[early_stopping], token_id_list(eos_token_id, "eos_token_id"), dynamic_allowed=prefix_allowed_tokens_fn is not None,
         prompt=_processor_context(prompt_ids, vocab), **processors,
     )
     beams: list[tuple[int, ...]] = [()] * beam_width
@@ -201,7 +191,7 @@ def _beam_search_step_fn(step_fn: Callable[[np.ndarray], Any], prompt_ids: list[
         beams = [beams[p] + (int(t),) for p, t in zip(parents, tokens)]
         live = set(beams)
         cache = {k: v for k, v in cache.items() if k in live}
-    eos = set(_eos_ids(eos_token_id))
+    eos = set(token_id_list(eos_token_id, "eos_token_id"))
     return [
         Hypothesis(tokens=[int(t) for t in toks], logprob=float(logprob), score=float(score),
                    token_logprobs=[float(x) for x in lps], finish_reason=_finish_reason(toks, eos))
@@ -225,7 +215,7 @@ def _beam_search_model(model: Any, prompts: list[list[int]], beam_width: int, ma
                              f"length {model.config.context_length}")
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
-    eos = _eos_ids(eos_token_id)
+    eos = token_id_list(eos_token_id, "eos_token_id")
     searches = [_core.BeamSearch(beam_width, vocab, max_new_tokens, num_return_sequences, length_penalty,
                                  _EARLY_STOPPING[early_stopping], eos, dynamic_allowed=prefix_allowed_tokens_fn is not None,
                                  prompt=_processor_context(ids, vocab), **processors)

@@ -18,7 +18,7 @@ import numbers
 import numpy as np
 
 from . import _core
-from .sampling import as_numpy, rng_uniform, sample
+from .sampling import as_numpy, as_token_ids, rng_uniform, sample
 
 __all__ = ["SPECULATIVE_STREAM", "speculative_accept"]
 
@@ -27,12 +27,12 @@ SPECULATIVE_STREAM: int = _core.SPECULATIVE_STREAM
 
 
 def _logprob_rows(name: str, rows, vocab: int | None) -> np.ndarray:
-    arr = as_numpy(rows)
+    arr = as_numpy(rows, name)
     if arr.dtype.kind not in "fiu" or arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array of log-probabilities (rows, vocab), got shape {arr.shape} of {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if vocab is not None and arr.shape[1] != vocab:
-        raise ValueError(f"{name} has {arr.shape[1]} columns but draft_logprobs has {vocab}")
+        raise ValueError(f"{name} has {arr.shape[1]} columns but target_logprobs has {vocab}")
     bad = np.isnan(arr) | (arr == np.inf)
     if bad.any():
         r, c = np.argwhere(bad)[0]
@@ -62,13 +62,13 @@ def speculative_accept(draft_tokens, draft_logprobs, target_logprobs, *, seed: i
     for name, value in (("seed", seed), ("stream", stream), ("step", step)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 1 << 63:
             raise ValueError(f"{name} (={value!r}) must be an int in [0, 2**63)")
-    tokens = np.asarray(draft_tokens)
-    if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
+    tokens = as_token_ids(draft_tokens)
+    if tokens is None:
         raise ValueError(f"draft_tokens must be a 1-D sequence of token ids, got {draft_tokens!r:.80}")
     k = tokens.size
-    draft = _logprob_rows("draft_logprobs", draft_logprobs, None) if k else np.zeros((0, np.shape(target_logprobs)[-1]), np.float32)
-    target = _logprob_rows("target_logprobs", target_logprobs, draft.shape[1] if k else None)
+    target = _logprob_rows("target_logprobs", target_logprobs, None)
     vocab = target.shape[1]
+    draft = _logprob_rows("draft_logprobs", draft_logprobs, vocab) if k else np.zeros((0, vocab), np.float32)
     if draft.shape[0] != k or target.shape[0] != k + 1:
         raise ValueError(f"{k} draft tokens need draft_logprobs of {k} rows and target_logprobs of {k + 1}, "
                          f"got {draft.shape[0]} and {target.shape[0]}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import heapq
+import numbers
 import re
 import struct
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,19 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
+
+
+def _token_ids(ids: Any) -> list[int]:
+    """ids to decode as Python ints: a sequence of integers (floats, text and bytes refused,
+    which int() would have turned into other tokens)."""
+    if isinstance(ids, (str, bytes, Mapping)) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"ids must be a sequence of token ids, got {ids!r:.80}")
+    out = []
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise TypeError(f"ids must be token ids (ints), got {token!r} in {ids!r:.80}")
+        out.append(int(token))
+    return out
 
 
 class Tokenizer:
@@ -91,8 +105,7 @@ class Tokenizer:
         """Text of ids (special tokens such as BOS/EOS contribute nothing)."""
         out = bytearray()
         previous = None
-        for token in ids:
-            token = int(token)
+        for token in _token_ids(ids):
             piece = self.token_bytes(token)
             if previous == self.bos_id and self.strips_leading_space_after_bos and piece.startswith(b" "):
                 piece = piece[1:]
@@ -387,7 +400,7 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         if self.byte_level:
             return super().decode(ids)
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+        return self.backend.decode(_token_ids(ids), skip_special_tokens=True)
 
 
 # llama.cpp's pre-tokenizers for byte-level BPE (src/llama-vocab.cpp, ``llm_tokenizer_bpe``: the
