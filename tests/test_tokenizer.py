@@ -43,6 +43,7 @@ def test_once_upon_a_time_as_llama2c(tok512):
     assert tok512.encode("Once upon a time", add_bos=False) == [403, 407, 261, 378]
     assert tok512.decode([1, 403, 407, 261, 378]) == "Once upon a time"
     assert tok512.encode("") == [1]
+    assert repr(tok512) == "ScoreBPETokenizer(vocab_size=512, bos_id=1, eos_id=2, chat_template=False)"
 
 
 def test_heap_merging_equals_llama2c_rescanning(tok512):

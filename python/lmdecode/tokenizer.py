@@ -72,6 +72,10 @@ class Tokenizer:
     chat_template: str | None = None  # Jinja source from the model file (lmdecode.chat), if it has one
     _bytes: list[bytes]  # (vocab_size,) the bytes each token stands for
 
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
+                f"chat_template={self.chat_template is not None})")
+
     def encode(self, text: str, add_bos: bool = True, parse_special: bool = False) -> list[int]:
         """Token ids of text, with BOS first when add_bos and the vocabulary expects one.
         parse_special: special tokens spelt in the text (``<s>``, ``<|im_start|>``) become
