@@ -647,7 +647,7 @@ def test_token_inputs_that_are_no_token_ids_are_refused_naming_the_argument():
     decode = model.tokenizer.decode
     assert decode(np.array(PROMPT)) == decode(PROMPT) == "Once upon a time"
     for bad in ([403.0, 407.0], "403", b"\x01", {403: 0}, [True]):
-        with pytest.raises(TypeError, match="ids must be"):
+        with pytest.raises(TypeError, match="ids must be an int or a list of ints"):
             decode(bad)
     config = dict(model_type="llama", vocab_size=4, hidden_size=2, intermediate_size=2, num_hidden_layers=1,
                   num_attention_heads=1)

@@ -436,16 +436,17 @@ def as_token_ids(value: Any) -> np.ndarray | None:
 
 
 def token_id_list(value: Any, name: str) -> list[int]:
-    """Stop or EOS ids given as an int or a collection of ints (None: none), as a list of ints.
-    Text, bytes, mappings, bools and floats are refused, naming `name`."""
+    """Token ids given as an int or a collection of ints (stop and EOS ids, ids to decode; None:
+    none), as a list of Python ints. Text, bytes, mappings, bools and floats are refused, naming
+    `name` (int() would read floats, digits and bytes as other tokens)."""
     if value is None:
         return []
-    items = [value] if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) else value
+    items = [value] if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
     if isinstance(items, (str, bytes, Mapping)) or not hasattr(items, "__iter__"):
         raise TypeError(f"{name} must be an int or a list of ints, got {value!r:.80}")
     items = list(items)
     for t in items:
-        if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
             raise TypeError(f"{name} must be an int or a list of ints, got {value!r:.80}")
     return [int(t) for t in items]
 

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import codecs
 import heapq
-import numbers
 import re
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from .sampling import token_id_list
 
 __all__ = ["Tokenizer", "StreamDecoder", "load_tokenizer"]
 
@@ -45,19 +46,6 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
-
-
-def _token_ids(ids: Any) -> list[int]:
-    """ids to decode as Python ints: a sequence of integers (floats, text and bytes refused,
-    which int() would have turned into other tokens)."""
-    if isinstance(ids, (str, bytes, Mapping)) or not hasattr(ids, "__iter__"):
-        raise TypeError(f"ids must be a sequence of token ids, got {ids!r:.80}")
-    out = []
-    for token in ids:
-        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
-            raise TypeError(f"ids must be token ids (ints), got {token!r} in {ids!r:.80}")
-        out.append(int(token))
-    return out
 
 
 class Tokenizer:
@@ -109,7 +97,7 @@ class Tokenizer:
         """Text of ids (special tokens such as BOS/EOS contribute nothing)."""
         out = bytearray()
         previous = None
-        for token in _token_ids(ids):
+        for token in token_id_list(ids, "ids"):
             piece = self.token_bytes(token)
             if previous == self.bos_id and self.strips_leading_space_after_bos and piece.startswith(b" "):
                 piece = piece[1:]
@@ -404,7 +392,7 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         if self.byte_level:
             return super().decode(ids)
-        return self.backend.decode(_token_ids(ids), skip_special_tokens=True)
+        return self.backend.decode(token_id_list(ids, "ids"), skip_special_tokens=True)
 
 
 # llama.cpp's pre-tokenizers for byte-level BPE (src/llama-vocab.cpp, ``llm_tokenizer_bpe``: the
