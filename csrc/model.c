@@ -930,6 +930,9 @@ static void attend_unit_f16(lmd_model *m, lmd_kvseq *const *seqs, const int32_t 
 
 static void attend_unit(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int b_begin, int b_end,
                         int32_t l, int h_begin, int h_end, float *scores_buffer) {
+    /* a token part can be empty (attention() cuts where the work reaches p / tp, and one long
+     * sequence can hold all of it): then token_seq[b_begin] lies past the chunk's tokens */
+    if (b_begin >= b_end) return;
     /* one pool for the call (lmd_model_forward checks), so one storage type */
     if (seqs[token_seq[b_begin]]->pool->dtype == LMD_KV_F16)
         attend_unit_f16(m, seqs, token_seq, b_begin, b_end, l, h_begin, h_end, scores_buffer);

@@ -237,7 +237,7 @@ static void test_forward_against_reference_and_incremental(void) {
 /* Logits of `n_new` tokens appended after `prefix` on a fresh sequence, alone. */
 static void alone(lmd_model *m, lmd_kvpool *pool, const int32_t *prefix, int n_prefix,
                   const int32_t *new_tokens, int n_new, float *out) {
-    int32_t all[64];
+    int32_t *all = malloc((size_t)(n_prefix + n_new) * sizeof(int32_t));
     memcpy(all, prefix, (size_t)n_prefix * sizeof(int32_t));
     memcpy(all + n_prefix, new_tokens, (size_t)n_new * sizeof(int32_t));
     const int V = m->config.vocab_size;
@@ -247,7 +247,7 @@ static void alone(lmd_model *m, lmd_kvpool *pool, const int32_t *prefix, int n_p
     CHECK(tiny_run(m, s, all, n_prefix + n_new, logits, &err) == LMD_OK);
     memcpy(out, logits + (int64_t)n_prefix * V, (size_t)n_new * V * sizeof(float));
     lmd_kvseq_free(s);
-    free(logits);
+    free(logits), free(all);
 }
 
 static void test_batch_of_sequences_and_chunks(void) {
@@ -459,6 +459,41 @@ static void test_threads_do_not_change_results(void) {
     CHECK(same_floats(logits[0], logits[1], (int64_t)T * V));
     CHECK(same_floats(logits[0], logits[2], (int64_t)T * V));
     for (int run = 0; run < 3; run++) free(logits[run]);
+    lmd_kvpool_free(pool);
+    tiny_close(&t, m);
+}
+
+/* Two threads split attention's work by tokens where a model has few kv heads, cutting where
+ * the positions attended to reach half: one decoding token after a long cache holds all of
+ * it, and the other part is empty. Such a part touches nothing: token_seq[2] below, past
+ * the call's two tokens, names a NULL sequence (reading it crashed, or read another
+ * call's sequence through a stale index), and the logits equal each sequence's alone. */
+static void test_an_empty_token_part_reads_nothing(void) {
+    enum { LONG = 460, T = 480 };
+    test_rng r = {707};
+    tiny_spec spec = tiny_llama_spec();
+    spec.dim = 256, spec.hidden = 64, spec.n_heads = 4, spec.n_kv_heads = 1, spec.context = T, spec.vocab = 64;
+    tiny_model t;
+    lmd_model *m = tiny_open(&t, &spec, T);
+    const int V = t.config.vocab_size;
+    lmd_kvpool *pool = tiny_pool(&t, 16, 2 * (T / 16 + 1));
+    lmd_error err;
+    int32_t prefix[LONG + 1];
+    random_tokens(&r, prefix, LONG + 1, V);
+    lmd_kvseq *seqs[3] = {tiny_seq(pool, T), tiny_seq(pool, T), NULL};
+    CHECK(tiny_run(m, seqs[0], prefix, 1, NULL, &err) == LMD_OK);    /* 1 cached position */
+    CHECK(tiny_run(m, seqs[1], prefix, LONG, NULL, &err) == LMD_OK); /* LONG cached positions */
+    const int32_t next[2] = {prefix[1], prefix[LONG]}, token_seq[3] = {0, 1, 2}, rows[2] = {0, 1};
+    float *logits = malloc((size_t)2 * V * sizeof(float)), *ref = malloc((size_t)V * sizeof(float));
+    lmd_set_num_threads(2);
+    CHECK(lmd_model_forward(m, seqs, 2, next, token_seq, 2, rows, 2, logits, &err) == LMD_OK);
+    lmd_set_num_threads(0);
+    alone(m, pool, prefix, 1, next, 1, ref);
+    CHECK(same_floats(logits, ref, V));
+    alone(m, pool, prefix, LONG, next + 1, 1, ref);
+    CHECK(same_floats(logits + V, ref, V));
+    lmd_kvseq_free(seqs[0]), lmd_kvseq_free(seqs[1]);
+    free(logits), free(ref);
     lmd_kvpool_free(pool);
     tiny_close(&t, m);
 }
@@ -676,6 +711,7 @@ int main(void) {
     test_truncate_and_fork();
     test_forks_writing_one_shared_block();
     test_threads_do_not_change_results();
+    test_an_empty_token_part_reads_nothing();
     test_forward_errors();
     test_init_errors();
     return test_report("test_model");
