@@ -179,3 +179,17 @@ def test_bad_arguments():
         ld.generate(lambda tokens: None, [1])
     with pytest.raises(ValueError, match=r"step_fn must return a 1-D array of logits, got list of shape \(1, 3\)"):
         ld.generate(lambda tokens: [[0.0, 1.0, 2.0]], [1])
+
+
+def test_reprs_stay_one_line_however_long_the_output():
+    long = ld.Generation(tokens=list(range(100, 130)), text="a b c", token_logprobs=[-1.0] * 30,
+                         top_logprobs=[{}] * 30, finish_reason="length", prompt_tokens=[1])
+    assert repr(long) == ("Generation(text='a b c', tokens=[100, 101, 102, 103, 104, 105, 106, 107, ... 22 more], "
+                          "finish_reason='length')")
+    short = ld.Generation(tokens=[5, 2], text=None, token_logprobs=[-0.5, -0.25], top_logprobs=[{}, {}],
+                          finish_reason="stop", prompt_tokens=[1])
+    assert repr(short) == "Generation(text=None, tokens=[5, 2], finish_reason='stop')"
+    hyp = ld.Hypothesis(tokens=list(range(11)), logprob=-3.0, score=-3.0 / 11, token_logprobs=[-3.0 / 11] * 11,
+                        text="xyz", finish_reason="length")
+    assert repr(hyp) == ("Hypothesis(score=-0.2727, logprob=-3.0000, text='xyz', "
+                         "tokens=[0, 1, 2, 3, 4, 5, 6, 7, ... 3 more])")

@@ -30,7 +30,7 @@ from .contrastive import contrastive_logits
 from .sampling import (KEYWORDS, _check_u64, _params_for, _row_input_arguments, allowed_token_ids,
                        as_token_ids, check_constraint_function, step_logits, token_id_list)
 
-__all__ = ["Generation", "GenerationChunk", "generate"]
+__all__ = ["Generation", "GenerationChunk", "generate", "short_token_list"]
 
 _ALL_STEPS = 2**31 - 1
 
@@ -61,6 +61,16 @@ class Generation:
     draft_tokens_accepted: int | None = field(default=None, repr=False)
     # cache_prompt=True: prompt tokens whose keys and values came from the model's prompt cache
     cached_prompt_tokens: int | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return f"Generation(text={self.text!r}, tokens={short_token_list(self.tokens)}, finish_reason={self.finish_reason!r})"
+
+
+def short_token_list(tokens: Sequence[int], shown: int = 8) -> str:
+    """A repr of token ids that stays one line: the first `shown` and how many more."""
+    if len(tokens) <= shown + 2:
+        return repr(list(tokens))
+    return f"[{', '.join(str(t) for t in tokens[:shown])}, ... {len(tokens) - shown} more]"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _core
 from .chat import is_conversation
-from .generation import _prompts, check_prompt_ids
+from .generation import _prompts, check_prompt_ids, short_token_list
 from .sampling import allowed_token_ids, check_constraint_function, step_logits, token_id_list
 
 __all__ = ["Hypothesis", "beam_search"]
@@ -36,6 +36,10 @@ class Hypothesis:
     token_logprobs: list[float] = field(repr=False)
     text: str | None = None
     finish_reason: str = field(default="length", repr=False)  # "stop": it ends with an EOS token
+
+    def __repr__(self) -> str:
+        return (f"Hypothesis(score={self.score:.4f}, logprob={self.logprob:.4f}, text={self.text!r}, "
+                f"tokens={short_token_list(self.tokens)})")
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
