@@ -30,7 +30,7 @@ from .contrastive import contrastive_logits
 from .sampling import (KEYWORDS, _check_u64, _params_for, _row_input_arguments, allowed_token_ids,
                        as_token_ids, check_constraint_function, step_logits, token_id_list)
 
-__all__ = ["Generation", "GenerationChunk", "generate", "short_token_list"]
+__all__ = ["Generation", "GenerationChunk", "generate"]
 
 _ALL_STEPS = 2**31 - 1
 
@@ -52,17 +52,17 @@ class Generation:
 
     tokens: list[int]  # the new tokens, a final stop token included
     text: str | None  # their text without a final stop token or stop string (None without a tokenizer)
-    token_logprobs: list[float] = field(repr=False)  # model log-prob of each new token
-    top_logprobs: list[dict[int, float]] = field(repr=False)  # the `logprobs` most likely tokens per step
+    token_logprobs: list[float]  # model log-prob of each new token
+    top_logprobs: list[dict[int, float]]  # the `logprobs` most likely tokens per step
     finish_reason: str  # "stop" (stop token or string) or "length"
-    prompt_tokens: list[int] = field(repr=False)
+    prompt_tokens: list[int]
     # speculative decoding (draft_model=...): draft tokens proposed and kept; None otherwise
-    draft_tokens_proposed: int | None = field(default=None, repr=False)
-    draft_tokens_accepted: int | None = field(default=None, repr=False)
+    draft_tokens_proposed: int | None = None
+    draft_tokens_accepted: int | None = None
     # cache_prompt=True: prompt tokens whose keys and values came from the model's prompt cache
-    cached_prompt_tokens: int | None = field(default=None, repr=False)
+    cached_prompt_tokens: int | None = None
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # one line: not every token and log-probability
         return f"Generation(text={self.text!r}, tokens={short_token_list(self.tokens)}, finish_reason={self.finish_reason!r})"
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,11 +33,11 @@ class Hypothesis:
     tokens: list[int]
     logprob: float  # sum of the tokens' log-probabilities
     score: float  # logprob / len(tokens) ** length_penalty, the ranking key
-    token_logprobs: list[float] = field(repr=False)
+    token_logprobs: list[float]
     text: str | None = None
-    finish_reason: str = field(default="length", repr=False)  # "stop": it ends with an EOS token
+    finish_reason: str = "length"  # "stop": it ends with an EOS token
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # one line: not every token and log-probability
         return (f"Hypothesis(score={self.score:.4f}, logprob={self.logprob:.4f}, text={self.text!r}, "
                 f"tokens={short_token_list(self.tokens)})")
 
