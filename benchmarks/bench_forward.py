@@ -66,6 +66,7 @@ import argparse
 import ctypes
 import gc
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -621,6 +622,33 @@ class LlamaCppEngine:
         self.llm.close()
 
 
+# A child process that loads a GGUF file as LlamaCppEngine does and decodes one token, then a
+# batch of 16: on a Xeon with AMX (2026-12-02) llama-cpp-python 0.3.36's Q8_0, Q4_0 and Q4_1
+# batches died with SIGSEGV, which would have ended the whole benchmark.
+LLAMA_CPP_PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_batch=int(sys.argv[3]),
+                      n_ubatch=int(sys.argv[3]), n_threads=1, n_threads_batch=1, verbose=False)
+for tokens in ([1], list(range(1, 17))):
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm._ctx.ctx), True)
+    arr = (llama_cpp.llama_token * len(tokens))(*tokens)
+    status = llama_cpp.llama_decode(llm._ctx.ctx, llama_cpp.llama_batch_get_one(arr, len(tokens)))
+    if status != 0:
+        sys.exit(f"llama_decode returned {status}")
+"""
+
+
+def llama_cpp_failure(path: Path, n_ctx: int) -> str | None:
+    """Why llama.cpp cannot run this file here (a crash or an error in a child process), or None."""
+    run = subprocess.run([sys.executable, "-c", LLAMA_CPP_PROBE, str(path), str(n_ctx), str(PREFILL)],
+                         capture_output=True, text=True)
+    if run.returncode == 0:
+        return None
+    if run.returncode < 0:
+        return f"{signal.Signals(-run.returncode).name} in a child process decoding a batch of 16 tokens"
+    return run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit status {run.returncode}"
+
+
 def load_llama_cpp():
     try:
         import llama_cpp
@@ -702,7 +730,11 @@ def bench_big(name: str, args, torch, transformers, llama_cpp, tmp: Path, notes:
                     notes.append(check_close(f"lmdecode from {path.name} vs from_numpy", from_file.last_logits(probe),
                                              reference))
                     engines.append(from_file)
-                engines.append(LlamaCppEngine(llama_cpp, path, dtype, n_ctx=1024))
+                failure = llama_cpp_failure(path, n_ctx=1024)
+                if failure is None:
+                    engines.append(LlamaCppEngine(llama_cpp, path, dtype, n_ctx=1024))
+                else:
+                    notes.append(f"llama.cpp {name} {dtype} left out: {failure}")
             except Exception as e:  # a type this llama.cpp build lacks, a failed load...
                 notes.append(f"llama.cpp {name} {dtype} unavailable: {type(e).__name__}: {e}")
         rows += bench_group(name, cfg, engines, work, probe, reference, notes)
@@ -724,6 +756,9 @@ def bench_stories(args, llama_cpp, notes: list) -> tuple[list, dict]:
         reference = engines[0].last_logits(probe)
         if dtype == "f32" and llama_cpp is not None and (SHARED / "stories260K.gguf").exists():
             try:
+                failure = llama_cpp_failure(SHARED / "stories260K.gguf", n_ctx=1024)
+                if failure is not None:
+                    raise RuntimeError(failure)
                 engines.append(LlamaCppEngine(llama_cpp, SHARED / "stories260K.gguf", "f32", n_ctx=1024))
             except Exception as e:
                 notes.append(f"llama.cpp stories260K unavailable: {type(e).__name__}: {e}")

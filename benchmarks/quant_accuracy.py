@@ -23,6 +23,8 @@ import numpy as np
 import lmdecode as ld
 from lmdecode.cli import resolve_model_path
 
+from bench_forward import llama_cpp_failure
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -37,6 +39,10 @@ def llama_cpp_logits(path: str):
     try:
         import llama_cpp
     except ImportError:
+        return None
+    failure = llama_cpp_failure(Path(path), n_ctx=512)
+    if failure is not None:
+        print(f"llama.cpp left out: {failure}")
         return None
     llm = llama_cpp.Llama(model_path=path, n_ctx=512, logits_all=True, verbose=False, n_threads=1)
 
