@@ -37,7 +37,7 @@
  *             reduction: the model packs its f32 matrices so (see model.h). An
  *             in-memory layout of one build (LANES is the build's vector width).
  *   LMD_BF16_PANELS  bf16 in the same panels, a pair of columns per 32-bit lane
- *             (lmd_pack_bf16_panels): (ceil(d / LANES), ceil(n / 2), LANES) uint32, lane j
+ *             (lmd_pack_bf16_panels): (ceil(d / LANES), lmd_bf16_panel_pairs(n), LANES) uint32, lane j
  *             of pair k holding row p*LANES+j's columns 2k (low half) and 2k+1 (high half),
  *             zero past d and n: the operand layout of the bf16 dot-product instructions.
  *   LMD_F16_PANELS  halves in the f32 panels' layout (lmd_pack_f16_panels): (ceil(d / LANES),
@@ -50,8 +50,9 @@
  * fit 512 kB for q8_0). It parallelises over output features (and, in panels,
  * over slices of the batch); each output element is summed in a fixed order by
  * one thread, so results are identical for any thread count and batch: panels by
- * multiply-add chains over blocks of 64 columns, the block sums added in order,
- * q8_0 block after block (lmd_dot_q8_0). Row-major LMD_F32, LMD_BF16 and LMD_F16
+ * multiply-add chains over blocks of 64 columns, the block sums added in order (bf16
+ * panels in AMX tiles, where lmd_bf16_uses_amx: one chain of tile multiplies per
+ * output), q8_0 block after block (lmd_dot_q8_0). Row-major LMD_F32, LMD_BF16 and LMD_F16
  * matrices go through the naive twin (suffix _naive, double-precision sums), which the C
  * tests compare the fast kernels against.
  *
@@ -157,6 +158,13 @@ void lmd_matrix_row(float *out, const lmd_matrix *w, int64_t r);
 // 1 if bf16 matrices are multiplied with bf16 dot-product instructions, which round the
 // inputs x of LMD_BF16_PANELS matrices to bf16 first, else 0 (exact float inputs).
 int lmd_bf16_rounds_inputs(void);
+// 1 if bf16 matrices are multiplied with AMX tiles (ops.c), decided at the first call for the
+// whole process: where the build and the CPU have AMX-BF16, Linux grants the tiles and
+// LMDECODE_NO_AMX is unset (or "0"). Its sums differ from the vector unit's in the last bits.
+int lmd_bf16_uses_amx(void);
+// column pairs a row of LMD_BF16_PANELS holds: ceil(cols / 2) rounded up to a multiple of 16,
+// AMX's tile depth (the pairs past the columns are zero)
+int64_t lmd_bf16_panel_pairs(int64_t cols);
 
 // W (d,n) @ x[b] (n,) -> out[b] (d,) for b < B; x (B,n), out (B,d). out must not alias x.
 void lmd_matmul(float *out, const float *x, const lmd_matrix *w, int B);

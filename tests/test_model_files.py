@@ -1,4 +1,7 @@
 """Model files: the shared real models, GGUF tensor types, llama2.c exports and corrupt input."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +112,43 @@ def test_tiny_random_in_bf16_storage():
     f32 = lmdecode.Model.load(TINY_RANDOM).logits(_tokens(32, 32000))
     bf16 = lmdecode.Model.load(TINY_RANDOM, dtype="bf16").logits(_tokens(32, 32000))
     assert _rel_max_diff(f32, bf16) < 2e-2
+
+
+BF16_IN_A_CHILD = """
+import sys, numpy as np, lmdecode
+model = lmdecode.Model.load(sys.argv[1], dtype="bf16")
+np.save(sys.argv[2], model.logits(np.load(sys.argv[3])))
+print(lmdecode.build_info()["bf16_kernel"])
+"""
+
+
+def test_bf16_products_in_amx_tiles_and_on_the_vector_unit_agree(tmp_path):
+    """Where the build, the CPU and Linux allow it, bf16 weights are multiplied in AMX tiles
+    (build_info()["bf16_kernel"] == "amx"); a process started with LMDECODE_NO_AMX=1 multiplies
+    them with the vector unit's bf16 dot products instead: the same inputs rounded to bf16,
+    summed in another order. Where a last-bit difference moves an activation across a bf16
+    rounding boundary the next layer sees a step of 2^-8 relative, so stories260K's logits
+    (dims 64 and 172, whose pairs are padded to 96) differ by up to 1.8e-3 of their range:
+    a third of bf16's own distance from f32 (5.4e-3 here). Elsewhere both processes use one
+    kernel and agree exactly."""
+    kernel = lmdecode.build_info()["bf16_kernel"]
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    vectors = lmdecode.build_info()["vector_extensions"]
+    if "amx_bf16" in flags and "avx512bf16" in vectors and os.environ.get("LMDECODE_NO_AMX", "") in ("", "0"):
+        assert kernel == "amx"  # the native build on an AMX machine does use the tiles
+    toks = _tokens(64, 512)
+    np.save(tmp_path / "tokens.npy", toks)
+    child = subprocess.run([sys.executable, "-c", BF16_IN_A_CHILD, str(STORIES_BIN), str(tmp_path / "logits.npy"),
+                            str(tmp_path / "tokens.npy")], env={**os.environ, "LMDECODE_NO_AMX": "1"},
+                           capture_output=True, text=True, check=True)
+    here = lmdecode.Model.load(STORIES_BIN, dtype="bf16").logits(toks)
+    there = np.load(tmp_path / "logits.npy")
+    if kernel == "amx":
+        assert child.stdout.split() == ["avx512_bf16"]
+        assert 0 < _rel_max_diff(here, there) < 4e-3
+    else:
+        assert child.stdout.split() == [kernel]
+        np.testing.assert_array_equal(here, there)
 
 
 # ---------------------------------------------------------------------------- GGUF tensor types

@@ -256,15 +256,18 @@ def test_config_values_of_the_wrong_type(key, value, message):
 
 @pytest.mark.parametrize("dtype,bytes_per_weight", [("f32", 4), ("bf16", 2), ("f16", 2)])
 def test_f32_and_bf16_matrices_are_multiplied_in_packed_copies(hf, dtype, bytes_per_weight):
-    """The engine copies every f32, bf16 and f16 matrix into panels (no padding here: every output
-    dimension is a multiple of the vector lanes, every input dimension even) and stops holding
-    the sources; a tied head is one copy, whose rows the embedding lookups read too. q8_0
-    matrices are read in place (those whose columns are no multiple of 32 stay f32, in panels)."""
+    """The engine copies every f32, bf16 and f16 matrix into panels (no rows of padding here:
+    every output dimension is a multiple of the vector lanes; bf16 rows are padded to a multiple
+    of 32 columns, AMX's tile depth) and stops holding the sources; a tied head is one copy,
+    whose rows the embedding lookups read too. q8_0 matrices are read in place (those whose
+    columns are no multiple of 32 stay f32, in panels)."""
     model = lmdecode.Model.load(hf["path"], dtype=dtype)
     embeddings = ("model.embed_tokens.weight", "transformer.wte.weight", "transformer.wpe.weight")
     # lm_head.weight is in the state dict, tied or not
-    matrix_weights = sum(a.size for k, a in hf["state"].items() if a.ndim == 2 and k not in embeddings)
-    assert model._engine.panel_bytes == matrix_weights * bytes_per_weight
+    matrices = [a.shape for k, a in hf["state"].items() if a.ndim == 2 and k not in embeddings]
+    cols = (lambda n: -(-n // 32) * 32) if dtype == "bf16" else (lambda n: n)
+    assert any(n % 32 for _, n in matrices) == (hf["kind"] == "llama_wide")  # padding is tested somewhere
+    assert model._engine.panel_bytes == sum(d * cols(n) for d, n in matrices) * bytes_per_weight
     borrowed = model._engine.borrowed
     assert not any(name == "output" or name.split(".")[-1].startswith("w") for name in borrowed)
     assert ("token_embedding" in borrowed) == (hf["kind"] not in ("qwen2", "gpt2"))  # untied: looked up in place

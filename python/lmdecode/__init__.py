@@ -46,7 +46,11 @@ __all__ = [
 
 
 def build_info() -> dict:
-    """How the C core was built: OpenMP on/off, vector extensions, thread count."""
+    """How the C core was built: OpenMP on/off, vector extensions, thread count, and what
+    multiplies bf16 weights: ``bf16_kernel`` is ``"amx"`` (Intel's AMX tiles, where the build,
+    the CPU and the kernel allow them and ``LMDECODE_NO_AMX`` is unset), ``"avx512_bf16"`` (the
+    vector unit's bf16 dot products; both round the inputs to bf16) or ``"f32"`` (weights widened
+    to float against exact inputs)."""
     info = _core.build_info()
     info["vector_extensions"] = info["vector_extensions"].split()
     return info

@@ -54,10 +54,12 @@ static PyObject *raise_status(lmd_status st, const lmd_error *err) {
 static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
     (void)self;
     (void)noargs;
-    return Py_BuildValue("{s:O,s:s,s:i,s:s,s:i}", "openmp",
+    const char *bf16_kernel = lmd_bf16_uses_amx() ? "amx" : lmd_bf16_rounds_inputs() ? "avx512_bf16" : "f32";
+    return Py_BuildValue("{s:O,s:s,s:i,s:s,s:i,s:s}", "openmp",
                          lmd_built_with_openmp() ? Py_True : Py_False, "vector_extensions",
                          lmd_vector_extensions(), "num_threads", lmd_get_num_threads(),
-                         "core_version", LMD_VERSION_STRING, "vector_bytes", lmd_vector_bytes());
+                         "core_version", LMD_VERSION_STRING, "vector_bytes", lmd_vector_bytes(),
+                         "bf16_kernel", bf16_kernel);
 }
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *arg) {

@@ -543,8 +543,9 @@ static void test_matmul_batch_and_thread_invariance(void) {
     const int64_t cols[6] = {1024, 1024, 1024, 1003, 1003, 1003}, rows = 67;
     const int B = 7;
     test_rng r = {41};
-    printf("  openmp %s, %d threads by default, vectors of %d bytes\n",
-           lmd_built_with_openmp() ? "on" : "off", lmd_get_num_threads(), lmd_vector_bytes());
+    printf("  openmp %s, %d threads by default, vectors of %d bytes, bf16 products %s\n",
+           lmd_built_with_openmp() ? "on" : "off", lmd_get_num_threads(), lmd_vector_bytes(),
+           lmd_bf16_uses_amx() ? "in AMX tiles" : lmd_bf16_rounds_inputs() ? "by VDPBF16PS" : "widened to f32");
     for (int di = 0; di < 6; di++) {
         const int64_t n = cols[di], d = rows;
         lmd_matrix w;
@@ -723,6 +724,9 @@ static void test_q4_blocks_and_packing(void) {
  *   bf16 with dot products (VDPBF16PS): the inputs rounded to bf16, and per column pair
  *   acc += w[2k+1] x[2k+1], then acc += w[2k] x[2k], each product exact (8-bit
  *   significands) and each sum rounded, as the instruction is specified.
+ * bf16 with AMX tiles (lmd_bf16_uses_amx) sums in an order of its own, so there every output
+ * must equal, bit for bit, the same row and input multiplied alone (one input, one thread),
+ * and lie within the float rounding of n sums of the exact sum of its products.
  * Rows: one, part of a panel, whole panels, and several tiles of them with a ragged last;
  * columns: one, odd (a last pair of one column), less than a block, one, two and a part;
  * inputs: one (decode) to three slices of 64. */
@@ -773,14 +777,16 @@ static void test_matmul_panels(void) {
                     for (int64_t i = 0; i < d * n; i++) wf[i] = lmd_bf16_to_f32(wb[i] = lmd_f32_to_bf16(wf[i]));
                     panels = malloc(lmd_bf16_panels_bytes(d, n));
                     lmd_pack_bf16_panels(panels, wb, d, n);
-                    CHECK(lmd_bf16_panels_bytes(d, n) == (size_t)((d + lanes - 1) / lanes * ((n + 1) / 2) * lanes) * 4);
+                    const int64_t pairs = lmd_bf16_panel_pairs(n);
+                    CHECK(pairs >= (n + 1) / 2 && pairs < (n + 1) / 2 + 16);
+                    CHECK(lmd_bf16_panels_bytes(d, n) == (size_t)((d + lanes - 1) / lanes * pairs * lanes) * 4);
                 } else {
                     panels = malloc(lmd_panels_bytes(d, n));
                     lmd_pack_f32_panels(panels, wf, d, n);
                     CHECK(lmd_panels_bytes(d, n) == (size_t)((d + lanes - 1) / lanes * n * lanes) * sizeof(float));
                 }
                 const lmd_matrix w = {panels, kind == 2 ? LMD_F16_PANELS : bf16 ? LMD_BF16_PANELS : LMD_F32_PANELS, d, n};
-                const int dot = bf16 && lmd_bf16_rounds_inputs();
+                const int dot = bf16 && lmd_bf16_rounds_inputs(), amx = bf16 && lmd_bf16_uses_amx();
                 for (int64_t i = 0; i < d; i++) {
                     lmd_matrix_row(row, &w, i);
                     CHECK(memcmp(row, wf + i * n, (size_t)n * sizeof(float)) == 0);
@@ -793,11 +799,29 @@ static void test_matmul_panels(void) {
                         test_fill(&r, x, B * n, -1.0f, 1.0f);
                         lmd_matmul(out, x, &w, B);
                         int mismatches = 0;
-                        for (int b = 0; b < B; b++)
-                            for (int64_t i = 0; i < d; i++) {
-                                const float want = panel_chain(wf + i * n, x + b * n, n, dot);
-                                mismatches += memcmp(&want, out + b * d + i, sizeof want) != 0;
+                        float *alone = malloc((size_t)d * sizeof(float));
+                        for (int b = 0; b < B; b++) {
+                            if (amx) {
+                                lmd_set_num_threads(1);
+                                lmd_matmul(alone, x + b * n, &w, 1);
+                                lmd_set_num_threads(threads);
                             }
+                            for (int64_t i = 0; i < d; i++) {
+                                if (!amx) {
+                                    const float want = panel_chain(wf + i * n, x + b * n, n, dot);
+                                    mismatches += memcmp(&want, out + b * d + i, sizeof want) != 0;
+                                    continue;
+                                }
+                                double exact = 0.0, magnitude = 0.0;
+                                for (int64_t k = 0; k < n; k++) {
+                                    const double product = (double)wf[i * n + k] * lmd_bf16_to_f32(lmd_f32_to_bf16(x[b * n + k]));
+                                    exact += product, magnitude += fabs(product);
+                                }
+                                mismatches += memcmp(&alone[i], out + b * d + i, sizeof(float)) != 0 ||
+                                              fabs(out[b * d + i] - exact) > (double)n * 0x1p-24 * magnitude;
+                            }
+                        }
+                        free(alone);
                         if (mismatches) {
                             fprintf(stderr, "matmul %s d=%lld n=%lld B=%d threads=%d: %d outputs differ from the chain\n",
                                     lmd_dtype_name(w.dtype), (long long)d, (long long)n, B, threads, mismatches);
