@@ -323,7 +323,7 @@ def main() -> None:
     args = parser.parse_args()
     reps = 3 if args.quick else 5
     info = ld.build_info()
-    print(f"lmdecode {ld.__version__}; OpenMP {info['openmp']}; {info['num_threads']} threads; vectors {' '.join(info['vector_extensions'])}")
+    print(f"lmdecode {ld.__version__}; OpenMP {info['openmp']}; {info['num_threads']} threads; vectors {' '.join(info['vector_extensions'])}; bf16 kernel {info['bf16_kernel']}")
     try:
         import torch
         import transformers

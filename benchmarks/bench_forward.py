@@ -950,7 +950,7 @@ def main() -> None:
         torch = transformers = None
         versions = "torch/transformers absent"
     llama_cpp, llama_msg = load_llama_cpp()
-    print(f"lmdecode {ld.__version__}; OpenMP {info['openmp']}; vectors {' '.join(info['vector_extensions'])}; "
+    print(f"lmdecode {ld.__version__}; OpenMP {info['openmp']}; vectors {' '.join(info['vector_extensions'])}; bf16 kernel {info['bf16_kernel']}; "
           f"{os.cpu_count()} CPUs; {versions}; {llama_msg}")
     print(f"load average {load()} at the start (other processes share these cores)")
     if llama_cpp is None:
