@@ -526,10 +526,10 @@ static inline __m512bh round_bf16x32(const float *x) {
 int lmd_bf16_rounds_inputs(void) { return LMD_BF16_DOT; }
 
 /* AMX (Intel's tile unit, Sapphire Rapids and later): TDPBF16PS multiplies a 16 x 32 tile of
- * bf16 inputs by a 32 x 16 tile of bf16 weights into 16 x 16 float sums, 16 x the work of one
- * VDPBF16PS. Its weight operand is 16 rows of 16 column pairs of 16 output features, exactly
- * 16 pairs of a bf16 panel (1 kB), so the panels serve it as they are, their pairs padded with
- * zeros to a multiple of 16 (AMX_K_PAIRS). Linux hands the tiles to a process that asks for
+ * bf16 inputs by a 32 x 16 tile of bf16 weights into 16 x 16 float sums, 256 x the
+ * multiply-adds of one VDPBF16PS. Its weight operand is 16 rows of 16 column pairs of 16
+ * output features, exactly 16 pairs of a bf16 panel (1 kB), so the panels serve it as they
+ * are, their pairs padded with zeros to a multiple of 16 (BF16_PANEL_PAIRS_MULTIPLE). Linux hands the tiles to a process that asks for
  * them (arch_prctl ARCH_REQ_XCOMP_PERM): asked once; where it says no, or LMDECODE_NO_AMX is
  * set in the environment, the bf16 dot products run on the vector unit as without AMX.
  * TDPBF16PS adds its 32 products in an order of its own (not the VDPBF16PS chain's: the two
@@ -539,7 +539,7 @@ int lmd_bf16_rounds_inputs(void) { return LMD_BF16_DOT; }
  * Measured against the VDPBF16PS panels through 170 MB of 2048 x 768 bf16 matrices on one
  * thread of a Xeon (2026-12-02): the same speed for one input (both read the memory as fast
  * as it goes), 4 inputs 1.26 x, 16 2.7 x, 64 4.6 x, 512 6.8 x (677 against 100 GFLOP/s); the
- * 110M Llama's 512-token bf16 prefill 4.7 x faster (2,450 against 515 tok/s). */
+ * 110M Llama's 512-token bf16 prefill 4.8 x faster (2,449 against 515 tok/s). */
 #if LMD_BF16_DOT && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #define LMD_BF16_AMX 1
 #define AMX_K_PAIRS 16 /* column pairs per tile multiply: BF16_PANEL_PAIRS_MULTIPLE */
