@@ -755,6 +755,37 @@ static float panel_chain(const float *w, const float *x, int64_t n, int bf16_dot
     return total;
 }
 
+/* Matrices of many rows against batches of hundreds of inputs, where the work items may take
+ * wider slices of inputs (AMX's bf16 products: 256 from 8 groups of 64 rows on): every output
+ * equals, bit for bit, the same input multiplied alone, on one thread and on two. 531 rows
+ * (9 groups and a short panel), 300 inputs (a wide slice and a short one). */
+static void test_matmul_wide_batches(void) {
+    const lmd_dtype dtypes[3] = {LMD_BF16_PANELS, LMD_F32_PANELS, LMD_F16_PANELS};
+    const int64_t d = 531, n = 90;
+    const int B = 300;
+    test_rng r = {59};
+    for (int di = 0; di < 3; di++) {
+        lmd_matrix w;
+        void *data = make_matrix(&w, &r, dtypes[di], d, n);
+        float *x = malloc((size_t)(B * n) * sizeof(float)), *out = malloc((size_t)(B * d) * sizeof(float));
+        float *alone = malloc((size_t)(B * d) * sizeof(float));
+        test_fill(&r, x, B * n, -1.0f, 1.0f);
+        lmd_set_num_threads(1);
+        for (int b = 0; b < B; b++) lmd_matmul(alone + (int64_t)b * d, x + (int64_t)b * n, &w, 1);
+        for (int threads = 1; threads <= 2; threads++) {
+            lmd_set_num_threads(threads);
+            lmd_matmul(out, x, &w, B);
+            if (memcmp(out, alone, (size_t)(B * d) * sizeof(float)) != 0) {
+                fprintf(stderr, "matmul %s: a batch of %d differs from its inputs alone (%d threads)\n",
+                        lmd_dtype_name(w.dtype), B, threads);
+                test_failures++;
+            }
+        }
+        lmd_set_num_threads(0);
+        free(x), free(out), free(alone), free(data);
+    }
+}
+
 static void test_matmul_panels(void) {
     const int64_t rows[5] = {1, 13, 32, 67, 300}, cols[6] = {1, 7, 64, 128, 172, 201};
     const int batches[6] = {1, 2, 6, 7, 64, 130};
@@ -1166,6 +1197,7 @@ int main(void) {
     test_q4_blocks_and_packing();
     test_matmul_q8_0_equals_dot();
     test_matmul_panels();
+    test_matmul_wide_batches();
     test_matmul_scratch_is_identical();
     test_dot_axpy();
     test_norms();
