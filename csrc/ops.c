@@ -529,9 +529,10 @@ int lmd_bf16_rounds_inputs(void) { return LMD_BF16_DOT; }
  * bf16 inputs by a 32 x 16 tile of bf16 weights into 16 x 16 float sums, 256 x the
  * multiply-adds of one VDPBF16PS. Its weight operand is 16 rows of 16 column pairs of 16
  * output features, exactly 16 pairs of a bf16 panel (1 kB), so the panels serve it as they
- * are, their pairs padded with zeros to a multiple of 16 (BF16_PANEL_PAIRS_MULTIPLE). Linux hands the tiles to a process that asks for
- * them (arch_prctl ARCH_REQ_XCOMP_PERM): asked once; where it says no, or LMDECODE_NO_AMX is
- * set in the environment, the bf16 dot products run on the vector unit as without AMX.
+ * are, their pairs padded with zeros to a multiple of 16 (BF16_PANEL_PAIRS_MULTIPLE). Linux
+ * hands the tiles to a process that asks for them (arch_prctl ARCH_REQ_XCOMP_PERM): asked
+ * once; where it says no, or LMDECODE_NO_AMX is set in the environment, the bf16 dot
+ * products run on the vector unit as without AMX.
  * TDPBF16PS adds its 32 products in an order of its own (not the VDPBF16PS chain's: the two
  * differ in the last bits), so a process uses one or the other for every bf16 product,
  * whatever the batch: the result of an output never depends on the batch or the thread.
@@ -542,12 +543,13 @@ int lmd_bf16_rounds_inputs(void) { return LMD_BF16_DOT; }
  * 110M Llama's 512-token bf16 prefill 4.8 x faster (2,449 against 515 tok/s). */
 #if LMD_BF16_DOT && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #define LMD_BF16_AMX 1
-#define AMX_K_PAIRS 16 /* column pairs per tile multiply: BF16_PANEL_PAIRS_MULTIPLE */
+#define AMX_K_PAIRS BF16_PANEL_PAIRS_MULTIPLE /* column pairs per tile multiply (16) */
 /* Inputs per work item in AMX tiles for a matrix of AMX_WIDE_SLICE_GROUPS groups of 64 rows
  * or more (PANEL_SLICE for fewer, so that small matrices still split across threads): an
  * item reads its 64 rows of weights once per slice, and in slices of 64 inputs a 512-token
- * prefill read every matrix 8 times from L3. 170 MB of 2048 x 768 matrices against 512 inputs, one thread: 750
- * -> 840 GFLOP/s; two threads 1,460 -> 1,620 (128 inputs 1,100 -> 1,260-1,310); the 110M
+ * prefill read every matrix 8 times from L3. 170 MB of 2048 x 768 matrices against 512
+ * inputs, one thread: 750 -> 840 GFLOP/s; two threads 1,460 -> 1,620 (128 inputs 1,100 ->
+ * 1,260-1,310); the 110M
  * Llama's 512-token bf16 prefill, three alternating runs: one thread 2,434-2,647 -> 2,808-
  * 2,971 tok/s, two 4,543-4,726 -> 4,662-4,835. The slices change which thread makes an
  * output, never its arithmetic. */
