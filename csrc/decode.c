@@ -160,6 +160,14 @@ lmd_status lmd_decode_run_use_cache(lmd_decode_run *run, int32_t k, lmd_kvseq *c
 }
 
 /* the context length the run decodes within: the model's, or the shorter of two */
+/* A step that failed on logits a model computed (a NaN or +inf among them): the message
+ * says whose they were, since the caller passed no logits of their own. */
+static lmd_status from_model_logits(lmd_status st, const char *whose, lmd_error *err) {
+    if (st == LMD_OK || err == NULL) return st;
+    const lmd_error inner = *err;
+    return lmd_fail(err, st, "%s logits: %.220s", whose, inner.msg);
+}
+
 static int32_t run_context_length(const lmd_decode_run *run) {
     const int32_t L = run->model->config.context_length;
     return run->amateur != NULL && run->amateur->config.context_length < L ? run->amateur->config.context_length : L;
@@ -449,7 +457,8 @@ lmd_status lmd_decode_run_steps(lmd_decode_run *run, lmd_sampler *const *sampler
             }
             st = lmd_generator_step_scored(run->gen, samplers, n_samplers, run->scores, run->logits, run->tokens, err);
         } else {
-            st = lmd_generator_step(run->gen, samplers, n_samplers, run->logits, run->tokens, err);
+            st = from_model_logits(lmd_generator_step(run->gen, samplers, n_samplers, run->logits, run->tokens, err),
+                                   "the model's", err);
         }
         if (st != LMD_OK) return st;
         if (last_ids != NULL && last_tokens != NULL) {
@@ -582,8 +591,8 @@ lmd_status lmd_decode_beam_searches(lmd_model *model, lmd_kvpool *pool, lmd_beam
             if (row[s] < 0) continue;
             lmd_beam_search *bs = searches[s];
             if (before_step != NULL && (st = before_step(hook_ctx, s, bs, err))) goto done;
-            if ((st = lmd_beam_search_step(bs, logits + (int64_t)row[s] * V, parents, drawn + first[s], err)))
-                goto done;
+            st = lmd_beam_search_step(bs, logits + (int64_t)row[s] * V, parents, drawn + first[s], err);
+            if ((st = from_model_logits(st, "the model's", err))) goto done;
             const int32_t B = first[s + 1] - first[s];
             lmd_kvseq **own = beams + first[s], **forked = next + first[s];
             if (lmd_beam_search_done(bs)) { /* its blocks go back to the pool */
@@ -883,7 +892,7 @@ static lmd_status draft_round(lmd_speculative_run *run, lmd_sampler *const *samp
         lmd_error row_err;
         if ((st = lmd_sample_rows(samplers, n_samplers, run->params, nb, run->inputs, run->step_logits, V, nb, V,
                                   run->coins, run->step_logprobs, run->drawn, NULL, &failed_row, &row_err)))
-            return lmd_fail(err, st, "draft of sequence %d: %.200s", (int)failed_row, row_err.msg);
+            return lmd_fail(err, st, "the draft model's logits of sequence %d: %.200s", (int)failed_row, row_err.msg);
         for (int32_t i = 0, b = 0; i < R; i++) {
             if (run->n_proposing[i] <= j) continue;
             const int32_t token = run->drawn[b];
@@ -978,7 +987,8 @@ lmd_status lmd_speculative_run_rounds(lmd_speculative_run *run, lmd_sampler *con
         if ((st = lmd_sample_rows(samplers, n_samplers, run->params, n_rows, run->inputs, run->target_logits, V,
                                   n_rows, V, run->coins, run->target_logprobs, run->drawn, NULL, &failed_row,
                                   &row_err)))
-            return lmd_fail(err, st, "verification row %d: %.200s", (int)failed_row, row_err.msg);
+            return lmd_fail(err, st, "the target model's logits, verification row %d: %.200s", (int)failed_row,
+                            row_err.msg);
 
         int32_t n_out = 0;
         for (int32_t i = 0; i < R; i++) {

@@ -513,6 +513,39 @@ def test_gguf_tensor_off_the_file_alignment(tmp_path):
         lmdecode.Model.load(path)
 
 
+def test_nan_weights_are_blamed_on_the_model_not_on_the_caller(tmp_path):
+    """A file that loads but holds a NaN weight (here in token 15's embedding, which the tied
+    head turns into a NaN logit for token 15 at every position) makes every decoding call fail
+    with a ValueError that says the logits were the model's: the caller passed none."""
+    data = bytearray(STORIES_BIN.read_bytes())
+    at = 28 + 4 * (15 * 64 + 40)  # past the 7-int header: token 15's embedding, feature 40
+    data[at:at + 4] = np.float32(np.nan).tobytes()
+    (tmp_path / "nan.bin").write_bytes(bytes(data))
+    model = lmdecode.Model.load(tmp_path / "nan.bin", tokenizer=TOKENIZER)
+    good = lmdecode.Model.load(STORIES_BIN, tokenizer=TOKENIZER)
+    assert np.isnan(model.logits(ONCE_UPON_A_TIME)[:, 15]).all()  # logits() returns them as they are
+    nan_15 = r"logits\[15\] is NaN; logits must be finite or -inf"
+    with pytest.raises(ValueError, match=r"^the model's logits: sequence 0: " + nan_15):
+        model.generate("Once upon a time", max_new_tokens=4, seed=0)
+    with pytest.raises(ValueError, match=r"^the model's logits: sequence 0: " + nan_15):
+        model.generate("Once upon a time", max_new_tokens=4, temperature=0)
+    with pytest.raises(ValueError, match=r"^the model's logits: logits of beam 0, token 15 is NaN"):
+        model.beam_search("Once upon a time", beam_width=2, max_new_tokens=4)
+    # the logits at position 4 ("time") are the first that score the continuation
+    with pytest.raises(ValueError, match=r"^the model's logits at position 4: " + nan_15):
+        model.sequence_logprob(ONCE_UPON_A_TIME, [261, 378])
+    with pytest.raises(ValueError, match=r"^the model's logits at position 0: " + nan_15):
+        model.perplexity(ONCE_UPON_A_TIME)
+    with pytest.raises(ValueError, match=r"^the draft model's logits of sequence 0: " + nan_15):
+        good.generate("Once upon a time", max_new_tokens=4, temperature=0, draft_model=model)
+    with pytest.raises(ValueError, match=r"^the target model's logits, verification row 0: " + nan_15):
+        model.generate("Once upon a time", max_new_tokens=4, temperature=0, draft_model=good)
+    # the good model is unharmed by the failures around it
+    assert good.generate("Once upon a time", max_new_tokens=4, temperature=0).tokens == \
+        lmdecode.Model.load(STORIES_BIN, tokenizer=TOKENIZER).generate("Once upon a time", max_new_tokens=4,
+                                                                       temperature=0).tokens
+
+
 def test_unsupported_gguf_tensor_type(tmp_path):
     reader = gguf.GGUFReader(str(STORIES_GGUF))
     meta = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.")}

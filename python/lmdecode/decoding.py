@@ -367,14 +367,23 @@ class DecodingMixin:
         likely token. An engine pass of max_batch tokens at a time, each scored as it comes:
         never more than max_batch rows of logits at once (a 2048-token window over a 128k
         vocabulary would otherwise take 1 GB), and the same values as one pass."""
-        parts, greedy = [], True
+        parts, greedy, start = [], True, len(cache)
         for a in range(0, len(inputs), self._max_batch):
             b = min(a + self._max_batch, len(inputs))
             lo = max(skip, a)
             rows = np.arange(lo - a, b - a) if lo < b else None
             logits = self.forward(inputs[a:b], cache, logits=rows, out=self._scoring_logits(rows))
             if rows is not None:
-                part = _sequence_logprob(logits, np.asarray(targets[lo:b]))
+                try:
+                    part = _sequence_logprob(logits, np.asarray(targets[lo:b]))
+                except ValueError:
+                    bad = np.argwhere(np.isnan(logits) | (logits == np.inf))
+                    if not len(bad):
+                        raise
+                    r, t = bad[0]  # the model computed them: say so, rather than name a row of a chunk
+                    raise ValueError(f"the model's logits at position {start + lo + r}: logits[{t}] is "
+                                     f"{'NaN' if np.isnan(logits[r, t]) else '+inf'}; logits must be finite or "
+                                     "-inf") from None
                 parts.append(part.token_logprobs)
                 greedy = greedy and part.is_greedy
         return (np.concatenate(parts) if parts else np.zeros(0)), greedy
