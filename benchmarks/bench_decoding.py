@@ -126,6 +126,34 @@ def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int, dr
     kv_bytes = kv_positions * model.config.n_layers * model.config.n_kv_heads * model.config.head_dim * 2 * 4
     print(f"beam search width {width}: {t_beam / n_beam * 1e3:.2f} ms/step vs greedy {t_greedy / n_beam * 1e3:.2f} ms/step "
           f"({t_beam / t_greedy:.2f} x, interleaved); peak KV held by the beams {kv_bytes / 1e6:.2f} MB")
+    # after a long prompt the beams' shared prefix is most of what attention reads; the forward
+    # reads its keys and values once for all beams (model.c, attend_shared_prefix). The
+    # forward of a step: four forks of a long prefix, a few tokens of their own each, decode a
+    # token each in one call, against one sequence decoding one token (the prefill stays out)
+    long_len = min(1000, model.config.context_length - 64)
+    root = model.new_cache(long_len + 64 * (width + 1))
+    model.forward([1] + list(rng.integers(3, model.config.vocab_size, size=long_len - 1)), root)
+    forks = [root.fork() for _ in range(width)]
+    for fork in forks:
+        model.forward(list(rng.integers(3, model.config.vocab_size, size=3)), fork)
+    step_tokens = [[[int(t)] for t in rng.integers(3, model.config.vocab_size, size=width)] for _ in range(8)]
+    at = [0]
+
+    def forks_step():
+        model.forward_batch(step_tokens[at[0] % 8], forks)
+        for fork in forks:
+            fork.truncate(len(fork) - 1)
+        at[0] += 1
+
+    def one_step():
+        model.forward(step_tokens[at[0] % 8][0], forks[0])
+        forks[0].truncate(len(forks[0]) - 1)
+        at[0] += 1
+
+    t_forks, t_one = interleaved_median_times([forks_step, one_step], reps * 4)
+    print(f"a step of {width} forks after a {long_len + 3}-token prefix (one forward of their {width} tokens): "
+          f"{t_forks * 1e3:.2f} ms vs one sequence's token {t_one * 1e3:.2f} ms ({t_forks / t_one:.2f} x, interleaved)")
+    del forks, root
     # four prompts' searches together (one forward per step over their 16 beams) against one
     # after another; interleaved
     beam_prompts = [[1] + list(rng.integers(3, model.config.vocab_size, size=len(prompt) - 1)) for _ in range(4)]
