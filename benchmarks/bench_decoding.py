@@ -153,7 +153,6 @@ def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int, dr
     t_forks, t_one = interleaved_median_times([forks_step, one_step], reps * 4)
     print(f"a step of {width} forks after a {long_len + 3}-token prefix (one forward of their {width} tokens): "
           f"{t_forks * 1e3:.2f} ms vs one sequence's token {t_one * 1e3:.2f} ms ({t_forks / t_one:.2f} x, interleaved)")
-    del forks, root
     # four prompts' searches together (one forward per step over their 16 beams) against one
     # after another; interleaved
     beam_prompts = [[1] + list(rng.integers(3, model.config.vocab_size, size=len(prompt) - 1)) for _ in range(4)]
