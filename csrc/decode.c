@@ -159,7 +159,6 @@ lmd_status lmd_decode_run_use_cache(lmd_decode_run *run, int32_t k, lmd_kvseq *c
     return LMD_OK;
 }
 
-/* the context length the run decodes within: the model's, or the shorter of two */
 /* A step that failed on logits a model computed (a NaN or +inf among them): the message
  * says whose they were, since the caller passed no logits of their own. */
 static lmd_status from_model_logits(lmd_status st, const char *whose, lmd_error *err) {
@@ -168,6 +167,7 @@ static lmd_status from_model_logits(lmd_status st, const char *whose, lmd_error 
     return lmd_fail(err, st, "%s logits: %.220s", whose, inner.msg);
 }
 
+/* the context length the run decodes within: the model's, or the shorter of two */
 static int32_t run_context_length(const lmd_decode_run *run) {
     const int32_t L = run->model->config.context_length;
     return run->amateur != NULL && run->amateur->config.context_length < L ? run->amateur->config.context_length : L;
