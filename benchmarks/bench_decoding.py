@@ -126,10 +126,10 @@ def bench_model(name: str, model: ld.Model, hf, torch, n_new: int, reps: int, dr
     kv_bytes = kv_positions * model.config.n_layers * model.config.n_kv_heads * model.config.head_dim * 2 * 4
     print(f"beam search width {width}: {t_beam / n_beam * 1e3:.2f} ms/step vs greedy {t_greedy / n_beam * 1e3:.2f} ms/step "
           f"({t_beam / t_greedy:.2f} x, interleaved); peak KV held by the beams {kv_bytes / 1e6:.2f} MB")
-    # after a long prompt the beams' shared prefix is most of what attention reads; the forward
-    # reads its keys and values once for all beams (model.c, attend_shared_prefix). The
-    # forward of a step: four forks of a long prefix, a few tokens of their own each, decode a
-    # token each in one call, against one sequence decoding one token (the prefill stays out)
+    # after a long prompt the beams' shared prefix is most of what attention reads (each beam
+    # reads it for itself): the forward of a step, four forks of a long prefix with a few
+    # tokens of their own each decoding a token each in one call, against one sequence
+    # decoding one token (the prefill stays out)
     long_len = min(1000, model.config.context_length - 64)
     root = model.new_cache(long_len + 64 * (width + 1))
     model.forward([1] + list(rng.integers(3, model.config.vocab_size, size=long_len - 1)), root)

@@ -163,7 +163,6 @@ void lmd_model_free(lmd_model *m) {
     free(m->rope_cos);
     free(m->rope_sin);
     free(m->pos);
-    free(m->shared_with_previous);
     free(m->matmul_scratch);
     for (int32_t i = 0; i < m->n_panels; i++) free(m->panels[i]);
     free(m->panels);
@@ -283,10 +282,8 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
     m->rope_cos = malloc((B * (size_t)(config->head_dim / 2) + 1) * sizeof(float));
     m->rope_sin = malloc((B * (size_t)(config->head_dim / 2) + 1) * sizeof(float));
     m->pos = malloc(B * sizeof(int32_t));
-    m->shared_with_previous = malloc(B * sizeof(int32_t));
     if (!m->layer_storage || !m->x || !m->xb || !m->xb2 || !m->q || !m->k || !m->v || !m->att_out ||
-        !m->hb || !m->hb2 || !m->scores || !m->inv_freq || !m->rope_cos || !m->rope_sin || !m->pos ||
-        !m->shared_with_previous) {
+        !m->hb || !m->hb2 || !m->scores || !m->inv_freq || !m->rope_cos || !m->rope_sin || !m->pos) {
         lmd_model_free(m);
         return lmd_fail(err, LMD_ERR_NOMEM, "out of memory allocating the run state for %d tokens",
                         max_batch);
@@ -499,11 +496,10 @@ static void score_pending_runs(float *const *scores, const float *const *q, int 
 }
 
 // scores[i][t] for nq queries of the same sequence (q (nq,) pointers to (hs,)) and every
-// position t_begin <= t < n_pos of the head's keys (kv features kv_offset..) in layer l of seq;
-// scores rows hold n_pos + LMD_VEC_LANES floats (whole vectors are written: a score row's
-// lanes past n_pos are overwritten by a later call's positions or never read)
+// position t < n_pos of the head's keys (kv features kv_offset..) in layer l of seq;
+// scores rows hold n_pos + LMD_VEC_LANES floats
 static void head_scores(float *const *scores, const float *const *q, int nq, const lmd_kvseq *seq, int32_t l,
-                        int kv_offset, int32_t t_begin, int32_t n_pos, int hs) {
+                        int kv_offset, int32_t n_pos, int hs) {
     const int32_t block_size = seq->pool->block_size;
     const int f16 = seq->pool->dtype == LMD_KV_F16;
     const size_t elem_bytes = seq->pool->elem_bytes;
@@ -511,7 +507,7 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
     const int most = nq == 1 ? SCORE_RUNS_ONE_QUERY : SCORE_RUNS;
     key_run runs[SCORE_RUNS_ONE_QUERY];
     int n = 0;
-    for (int32_t t = t_begin; t < n_pos;) {
+    for (int32_t t = 0; t < n_pos;) {
         const int32_t column = t % block_size;
         int32_t len = block_size - column < LMD_VEC_LANES ? block_size - column : LMD_VEC_LANES;
         len = n_pos - t < len ? n_pos - t : len;
@@ -583,38 +579,17 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
         t0 += nt;                                                                                  \
     }
 
-/* nq queries (1 to VALUE_QUERIES). Of one sequence (DISTINCT 0), n_pos non-decreasing: the
- * positions all of them see are loaded once for all, then the positions only the later ones
- * see. Of distinct sequences sharing their first `shared` positions' blocks (DISTINCT 1,
- * beams or samples forked from one prefix): those positions are loaded once for all, from
- * seq_of[0]'s blocks, then each query's own positions from its sequence. Either way each
- * query adds its positions in order: the sums do not depend on which loads are shared. */
-#define VALUE_SUMS(vec_t, elem_t, LOAD, KEEP, lanes, DISTINCT)                                     \
+/* nq queries (1 to VALUE_QUERIES) of the same sequence, n_pos non-decreasing: the positions
+ * all of them see are loaded once for all, then the positions only the later ones see */
+#define VALUE_SUMS(vec_t, elem_t, LOAD, KEEP, lanes)                                               \
     do {                                                                                           \
         const int nv = hs / (lanes), sets = VALUE_SETS(hs / (lanes));                              \
-        const lmd_kvseq *seq = seq_of[0];                                                          \
         vec_t acc[VALUE_QUERIES][VALUE_CHAINS];                                                    \
         for (int qi = 0; qi < nq; qi++)                                                            \
             for (int j = 0; j < sets * nv; j++) acc[qi][j] = (vec_t){0};                           \
-        if (!(DISTINCT)) {                                                                         \
-            VALUE_RANGE(vec_t, elem_t, LOAD, KEEP, lanes, 0, nq, 0, n_pos[0])                      \
-            if (nq >= 2) VALUE_RANGE(vec_t, elem_t, LOAD, KEEP, lanes, 1, nq - 1, n_pos[0], n_pos[1]) \
-            if (nq >= 3) VALUE_RANGE(vec_t, elem_t, LOAD, KEEP, lanes, 2, nq - 2, n_pos[1], n_pos[2]) \
-        } else {                                                                                   \
-            VALUE_RANGE(vec_t, elem_t, LOAD, KEEP, lanes, 0, nq, 0, shared)                        \
-            for (int qt = 0; qt < nq; qt++) { /* unrolled: nq is a constant */                     \
-                const float *const *own_p = p + qt;                                                \
-                vec_t own[1][VALUE_CHAINS];                                                        \
-                memcpy(own[0], acc[qt], sizeof own[0]);                                            \
-                {                                                                                  \
-                    const lmd_kvseq *seq = seq_of[qt];                                             \
-                    const float *const *p = own_p;                                                 \
-                    vec_t(*acc)[VALUE_CHAINS] = own;                                               \
-                    VALUE_RANGE(vec_t, elem_t, LOAD, KEEP, lanes, 0, 1, shared, n_pos[qt])         \
-                }                                                                                  \
-                memcpy(acc[qt], own[0], sizeof own[0]);                                            \
-            }                                                                                      \
-        }                                                                                          \
+        VALUE_RANGE(vec_t, elem_t, LOAD, KEEP, lanes, 0, nq, 0, n_pos[0])                          \
+        if (nq >= 2) VALUE_RANGE(vec_t, elem_t, LOAD, KEEP, lanes, 1, nq - 1, n_pos[0], n_pos[1])  \
+        if (nq >= 3) VALUE_RANGE(vec_t, elem_t, LOAD, KEEP, lanes, 2, nq - 2, n_pos[1], n_pos[2])  \
         for (int qi = 0; qi < nq; qi++) {                                                          \
             for (int width = sets; width > 1; width /= 2)                                          \
                 for (int s = 0; s < width / 2; s++)                                                \
@@ -626,13 +601,11 @@ static void head_scores(float *const *scores, const float *const *q, int nq, con
         }                                                                                          \
     } while (0)
 
-// out[i] (hs,) = scale[i] * the value sums of nq queries (1 to VALUE_QUERIES) with weights p[i]
-// (n_pos[i],): of the sequence seq_of[0] (distinct 0, n_pos non-decreasing), or of the
-// sequences seq_of[i] whose first `shared` positions lie in the same blocks (distinct 1)
+// out[i] (hs,) = scale[i] * the value sums of nq queries (1 to VALUE_QUERIES, n_pos
+// non-decreasing) of seq with weights p[i] (n_pos[i],)
 static inline __attribute__((always_inline)) void value_sums(float *const *out, const float *const *p,
                                                              const float *scale, const int32_t *n_pos, const int nq,
-                                                             const lmd_kvseq *const *seq_of, int32_t shared,
-                                                             const int distinct, int32_t l, int kv_offset,
+                                                             const lmd_kvseq *seq, int32_t l, int kv_offset,
                                                              int32_t block_size, const int hs,
                                                              const int f16) {
     if (hs == 8 || hs == 16 || hs == 32 || hs == 64 || hs == 128) { /* unrolled register versions */
@@ -643,18 +616,16 @@ static inline __attribute__((always_inline)) void value_sums(float *const *out, 
          * query tiles' arithmetic follows (TILE_VALUE_SETS), and so does a head of 128, whose
          * 16 8-float vectors would exceed the VALUE_CHAINS accumulators. */
         if (hs == 16 || hs == 128 || (LMD_VEC_BYTES >= 64 && hs % 16 == 0)) {
-            if (f16) VALUE_SUMS(v16f, uint16_t, LOAD16_F16, KEEP16, 16, distinct);
-            else VALUE_SUMS(v16f, float, LOAD16, KEEP16, 16, distinct);
+            if (f16) VALUE_SUMS(v16f, uint16_t, LOAD16_F16, KEEP16, 16);
+            else VALUE_SUMS(v16f, float, LOAD16, KEEP16, 16);
         } else {
-            if (f16) VALUE_SUMS(v8f, uint16_t, LOAD8_F16, KEEP8, 8, distinct);
-            else VALUE_SUMS(v8f, float, LOAD8, KEEP8, 8, distinct);
+            if (f16) VALUE_SUMS(v8f, uint16_t, LOAD8_F16, KEEP8, 8);
+            else VALUE_SUMS(v8f, float, LOAD8, KEEP8, 8);
         }
         return;
     }
-    /* other head sizes: the positions in order, one chain, each query from its sequence (the
-     * shared blocks are the same memory whichever sequence's table leads to them) */
+    /* other head sizes: the positions in order, one chain */
     for (int qi = 0; qi < nq; qi++) {
-        const lmd_kvseq *seq = seq_of[distinct ? qi : 0];
         memset(out[qi], 0, (size_t)hs * sizeof(float));
         for (int32_t t0 = 0; t0 < n_pos[qi]; t0 += block_size) {
             const int32_t nt = n_pos[qi] - t0 < block_size ? n_pos[qi] - t0 : block_size;
@@ -732,70 +703,18 @@ static inline __attribute__((always_inline)) void attend_queries(lmd_model *m, c
         n_pos[i] = m->pos[b + i / nh] + 1; /* non-decreasing, as value_sums requires */
         most = n_pos[i] > most ? n_pos[i] : most;
     }
-    head_scores(scores, q, nq, seq, l, kv_offset, 0, most, hs);
+    head_scores(scores, q, nq, seq, l, kv_offset, most, hs);
     /* softmax without its division: the value sums take 1 / sum once */
     float inv_sum[SCORE_QUERIES];
     for (int i = 0; i < nq; i++) inv_sum[i] = lmd_softmax2_unnormalized(scores[i], n_pos[i]);
     for (int i = 0; i < nq; i += VALUE_QUERIES) {
         const float *const *p = (const float *const *)scores + i;
-#define SUMS(n) value_sums(out + i, p, inv_sum + i, n_pos + i, n, &seq, 0, 0, l, kv_offset, block_size, hs, f16)
         switch (nq - i) { /* constants, for the accumulators to stay in registers */
-        case 1: SUMS(1); break;
-        case 2: SUMS(2); break;
-        default: SUMS(VALUE_QUERIES);
+        case 1: value_sums(out + i, p, inv_sum + i, n_pos + i, 1, seq, l, kv_offset, block_size, hs, f16); break;
+        case 2: value_sums(out + i, p, inv_sum + i, n_pos + i, 2, seq, l, kv_offset, block_size, hs, f16); break;
+        default:
+            value_sums(out + i, p, inv_sum + i, n_pos + i, VALUE_QUERIES, seq, l, kv_offset, block_size, hs, f16);
         }
-#undef SUMS
-    }
-}
-
-/* Forks of one prefix (beams, samples of one prompt) decode a token each, and their
- * attention reads the prefix's keys and values once for all of them, where each sequence
- * read them for itself before (after 2,000 positions of a 12-layer dim-768 model, 147 MB a
- * sequence, beside 440 MB of f32 weights read once for all). */
-#define SHARED_PREFIX_MIN 32 /* positions below which grouping the queries gains nothing */
-
-// attend_queries for ng consecutive tokens b.., each of another sequence than the token
-// before it, whose sequences hold their first `shared` positions in the same blocks, in query
-// heads h0 .. h0+nh (ng * nh <= SCORE_QUERIES): the shared positions' keys and values are
-// loaded once for the ng * nh queries, each query's own positions from its sequence. Each
-// query's arithmetic is exactly what it is alone.
-static inline __attribute__((always_inline)) void attend_shared_prefix(lmd_model *m, lmd_kvseq *const *seqs,
-                                                                       const int32_t *token_seq, int b, int ng,
-                                                                       int h0, int nh, int32_t l, int32_t shared,
-                                                                       float *scores_buffer, const int hs,
-                                                                       const int f16) {
-    const lmd_config *c = &m->config;
-    const int group = c->n_heads / c->n_kv_heads;
-    const int64_t Q = (int64_t)c->n_heads * hs;
-    const int32_t block_size = seqs[token_seq[b]]->pool->block_size;
-    const int kv_offset = (h0 / group) * hs;
-    /* zeroed: GCC cannot see that the loops below stop at nq */
-    const float *q[SCORE_QUERIES] = {0};
-    float *scores[SCORE_QUERIES] = {0}, *out[SCORE_QUERIES] = {0};
-    const lmd_kvseq *seq_of[SCORE_QUERIES] = {0};
-    int32_t n_pos[SCORE_QUERIES];
-    const int nq = ng * nh;
-    for (int i = 0; i < nq; i++) {
-        const int64_t row = (int64_t)(b + i / nh) * Q + (int64_t)(h0 + i % nh) * hs;
-        q[i] = m->q + row;
-        out[i] = m->att_out + row;
-        scores[i] = scores_buffer + (size_t)i * m->scores_stride;
-        n_pos[i] = m->pos[b + i / nh] + 1;
-        seq_of[i] = seqs[token_seq[b + i / nh]];
-    }
-    head_scores(scores, q, nq, seq_of[0], l, kv_offset, 0, shared, hs);
-    for (int i = 0; i < nq; i += nh) head_scores(scores + i, q + i, nh, seq_of[i], l, kv_offset, shared, n_pos[i], hs);
-    float inv_sum[SCORE_QUERIES];
-    for (int i = 0; i < nq; i++) inv_sum[i] = lmd_softmax2_unnormalized(scores[i], n_pos[i]);
-    for (int i = 0; i < nq; i += VALUE_QUERIES) {
-        const float *const *p = (const float *const *)scores + i;
-#define SUMS(n) value_sums(out + i, p, inv_sum + i, n_pos + i, n, seq_of + i, shared, 1, l, kv_offset, block_size, hs, f16)
-        switch (nq - i) {
-        case 1: SUMS(1); break;
-        case 2: SUMS(2); break;
-        default: SUMS(VALUE_QUERIES);
-        }
-#undef SUMS
     }
 }
 
@@ -970,20 +889,6 @@ static inline __attribute__((always_inline)) void attend_unit_sized(lmd_model *m
                 b += nq;
                 continue;
             }
-        }
-        int ng = 1; /* tokens of forks of one prefix, from b */
-        int32_t shared = INT32_MAX;
-        while (ng < tile_tokens && b + ng < b_end && m->shared_with_previous[b + ng] >= SHARED_PREFIX_MIN) {
-            shared = m->shared_with_previous[b + ng] < shared ? m->shared_with_previous[b + ng] : shared;
-            ng++;
-        }
-        if (ng > 1) {
-            for (int h0 = h_begin; h0 < h_end; h0 += tile_heads) {
-                const int nh = h_end - h0 < tile_heads ? h_end - h0 : tile_heads;
-                attend_shared_prefix(m, seqs, token_seq, b, ng, h0, nh, l, shared, scores_buffer, hs, f16);
-            }
-            b += ng;
-            continue;
         }
         int nt = 1;
         while (nt < tile_tokens && b + nt < b_end && token_seq[b + nt] == token_seq[b]) nt++;
@@ -1205,25 +1110,6 @@ static void run_layers(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *toke
     }
 }
 
-// m->shared_with_previous of a chunk's B tokens (positions m->pos): for a token of another
-// sequence than the token before it, the positions below both their own that the two
-// sequences hold in the same blocks (forks of one prefix: beams, samples of one prompt), whole
-// blocks of cached positions; else 0. Their attention reads those keys and values once.
-static void find_shared_prefixes(lmd_model *m, lmd_kvseq *const *seqs, const int32_t *token_seq, int B) {
-    m->shared_with_previous[0] = 0;
-    for (int b = 1; b < B; b++) {
-        const lmd_kvseq *a = seqs[token_seq[b - 1]], *s = seqs[token_seq[b]];
-        const int32_t lower = m->pos[b - 1] < m->pos[b] ? m->pos[b - 1] : m->pos[b];
-        /* whole blocks before both tokens' own (a block holding a token's position may be
-         * written in this call, so it is not counted even when shared) */
-        const int32_t blocks = lower / a->pool->block_size;
-        int32_t i = 0;
-        if (a != s)
-            while (i < blocks && a->blocks[i] == s->blocks[i]) i++;
-        m->shared_with_previous[b] = i * a->pool->block_size;
-    }
-}
-
 lmd_status lmd_model_forward(lmd_model *m, lmd_kvseq *const *seqs, int32_t n_seqs,
                              const int32_t *tokens, const int32_t *token_seq, int32_t n_tokens,
                              const int32_t *logit_index, int32_t n_logits, float *logits,
@@ -1304,7 +1190,6 @@ lmd_status lmd_model_forward(lmd_model *m, lmd_kvseq *const *seqs, int32_t n_seq
             lmd_kvseq *seq = seqs[token_seq[c0 + b]];
             m->pos[b] = seq->len + seq->pending++;
         }
-        find_shared_prefixes(m, seqs, token_seq + c0, B);
         run_layers(m, seqs, tokens + c0, token_seq + c0, B);
 
         /* logits: runs of consecutive requests that fall in this chunk share one pass over the head */

@@ -123,8 +123,6 @@ typedef struct lmd_model {
     float *rope_cos; /* (B, head_dim / 2) cos of each token's rotary angles */
     float *rope_sin; /* (B, head_dim / 2) their sin */
     int32_t *pos;    /* (B,) position of each token of the chunk */
-    int32_t *shared_with_previous; /* (B,) leading positions token b's sequence shares (same
-                                    * blocks) with token b-1's, when they are two sequences */
     void *matmul_scratch; /* a matmul's inputs quantized (q8_0) or rounded (bf16); NULL if none needs it */
     void **panels;        /* (n_panels,) the model's own copies of its f32, bf16 and f16 matrices, in panels */
     int32_t n_panels;

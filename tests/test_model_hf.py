@@ -347,35 +347,6 @@ def test_batch_of_sequences_equals_separate_calls(hf):
     assert [len(root), len(c1), len(c2)] == [13, 11, 15]
 
 
-def test_forks_of_one_prefix_decode_together_as_each_alone(hf):
-    """Forks of one prefix decoding a token each (beams, samples of one prompt) read the keys and
-    values of the blocks they share once for all of them (model.c, attend_shared_prefix); each
-    fork's logits stay those of its sequence decoded alone, bit for bit: f32 and f16 caches,
-    blocks of 16 and 5 positions, 1 and 2 threads, a sequence sharing too little in between."""
-    model = lmdecode.Model.load(hf["path"])
-    toks = hf["tokens"]
-    try:
-        for kv_dtype in ("f32", "f16"):
-            for block_size in (16, 5):
-                for threads in (1, 2):
-                    lmdecode.set_num_threads(threads)
-                    root = model.new_cache(capacity=320, block_size=block_size, kv_dtype=kv_dtype)
-                    model.forward(toks[:48], root)
-                    forks = [root.fork() for _ in range(6)]
-                    for i, fork in enumerate(forks[1:5]):  # 1 to 4 positions of their own
-                        model.forward(toks[48 + i:49 + 2 * i], fork)
-                    forks[5].truncate(10)  # shares 10 positions or fewer: decoded on its own
-                    model.forward(toks[30:34], forks[5])
-                    order = [0, 1, 5, 2, 3, 4]
-                    nexts = [[int(t)] for t in toks[56:62]]
-                    alone = [model.forward(nexts[k], forks[k].fork()) for k in order]
-                    together = model.forward_batch([nexts[k] for k in order], [forks[k] for k in order])
-                    for k, want, got in zip(order, alone, together):
-                        np.testing.assert_array_equal(got, want, err_msg=f"{kv_dtype} {block_size} {threads} {k}")
-    finally:
-        lmdecode.set_num_threads(0)
-
-
 def test_new_caches_hold_a_full_capacity_each(hf):
     """new_caches(n, capacity): n independent sequences of one pool, each able to take `capacity`
     positions while the others hold theirs (a cache and its forks share new_cache's capacity)."""
