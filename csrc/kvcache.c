@@ -175,22 +175,19 @@ lmd_status lmd_kvseq_reserve(lmd_kvseq *seq, int32_t n_new, lmd_error *err) {
                         p->block_size, needed);
     if (n_new == 0) return LMD_OK;
     if (last_block_shared(seq)) {
-        /* copy on write: the filled columns of the last block's keys, rows of its values, every layer */
+        /* copy on write: each layer's and kv head's filled key columns and value rows */
         int32_t idx = seq->len / p->block_size;
         int32_t old = seq->blocks[idx];
         int32_t fresh = take_block(p);
         const size_t filled = (size_t)(seq->len % p->block_size), e = p->elem_bytes;
-        const size_t layer_stride = (size_t)p->block_size * p->kv_dim * e; /* bytes */
         char *k = p->k, *v = p->v;
-        for (int32_t l = 0; l < p->n_layers; l++) {
-            const size_t src = ((size_t)old * p->n_layers + l) * layer_stride;
-            const size_t dst = ((size_t)fresh * p->n_layers + l) * layer_stride;
-            for (int32_t j = 0; j < p->kv_dim; j++)
-                memcpy(k + dst + (size_t)j * p->block_size * e, k + src + (size_t)j * p->block_size * e, filled * e);
-            for (int32_t h = 0; h < p->kv_dim; h += p->head_size) /* each head's rows */
-                memcpy(v + dst + (size_t)h * p->block_size * e, v + src + (size_t)h * p->block_size * e,
-                       filled * p->head_size * e);
-        }
+        for (int32_t l = 0; l < p->n_layers; l++)
+            for (int32_t h = 0; h < p->kv_dim / p->head_size; h++) {
+                const size_t src = lmd_kvpool_chunk_offset(p, l, h, old), dst = lmd_kvpool_chunk_offset(p, l, h, fresh);
+                for (int32_t j = 0; j < p->head_size; j++)
+                    memcpy(k + dst + (size_t)j * p->block_size * e, k + src + (size_t)j * p->block_size * e, filled * e);
+                memcpy(v + dst, v + src, filled * p->head_size * e);
+            }
         release_block(p, old);
         seq->blocks[idx] = fresh;
     }

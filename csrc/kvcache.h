@@ -2,13 +2,18 @@
  * kvcache.h -- paged key/value cache with shared prefixes.
  *
  * A pool owns fixed-size blocks of `block_size` positions; each block holds the
- * keys and values of those positions for every layer, kv head by kv head. Keys are
- * kept feature-major, (kv_dim, block_size) per layer, so that one vector load gives a
+ * keys and values of those positions for every layer and kv head. Keys are kept
+ * feature-major, (head_size, block_size) per kv head, so that one vector load gives a
  * feature of consecutive positions and attention scores are lanes of vector FMAs,
  * with no horizontal sums (model.c). Values are rows of a head's head_size features,
- * (n_kv_heads, block_size, head_size) per layer, so that a head's values in a block
- * are one contiguous run (a decode after 2040 positions of the 110M Llama 8.7 -> 8.2
- * ms against rows of all heads, kv_dim apart). A sequence
+ * (block_size, head_size) per kv head, so that a head's values in a block are one
+ * contiguous run (a decode after 2040 positions of the 110M Llama 8.7 -> 8.2 ms against
+ * rows of all heads, kv_dim apart). The pool stores them layer by layer and kv head by
+ * kv head, block after block: (n_layers, n_kv_heads, n_blocks, ...), so that the
+ * blocks a sequence takes in order lie end to end for each head, and attention reads one
+ * long run per head instead of a page-sized piece per block (block-major storage put
+ * every 4 KB piece of a head's keys half a megabyte from the next one, and a decode's
+ * attention after 2,000 positions read them at a third of the memory bandwidth). A sequence
  * is a table of block ids plus a length. Forking a sequence copies only its block
  * table and raises the blocks' reference counts, so a fork costs len/block_size
  * integers, not len * n_layers * kv_dim floats. A block shared by several
@@ -54,8 +59,8 @@ typedef struct lmd_kvpool {
     lmd_kv_dtype dtype;
     size_t elem_bytes;  /* bytes per stored feature: 4 (f32) or 2 (f16) */
     int32_t head_size;  /* features per kv head (a divisor of kv_dim) */
-    void *k;            /* (n_blocks, n_layers, kv_dim, block_size) elements */
-    void *v;            /* (n_blocks, n_layers, kv_dim / head_size, block_size, head_size) elements */
+    void *k;            /* (n_layers, kv_dim / head_size, n_blocks, head_size, block_size) elements */
+    void *v;            /* (n_layers, kv_dim / head_size, n_blocks, block_size, head_size) elements */
     int32_t *refcount;  /* (n_blocks,): sequences whose table holds the block; 0 = free */
     int32_t *free_list; /* (n_blocks,): ids of free blocks, the first n_free valid */
     int32_t n_free;
@@ -90,28 +95,30 @@ int32_t lmd_kvseq_blocks_needed(const lmd_kvseq *seq, int32_t n_new);
  * len + n_new > max_len or the pool lacks blocks. */
 lmd_status lmd_kvseq_reserve(lmd_kvseq *seq, int32_t n_new, lmd_error *err);
 
-/* Keys of layer in the block holding position pos: (kv_dim, block_size) elements, position
- * pos in column pos % block_size. */
-static inline void *lmd_kvseq_k_block(const lmd_kvseq *seq, int32_t layer, int32_t pos) {
-    const lmd_kvpool *p = seq->pool;
-    int32_t block = seq->blocks[pos / p->block_size];
-    return (char *)p->k + ((size_t)block * p->n_layers + layer) * p->block_size * p->kv_dim * p->elem_bytes;
+/* Byte offset of kv head `head`'s (head_size, block_size) elements of layer in block
+ * `block`, in p->k and in p->v alike. */
+static inline size_t lmd_kvpool_chunk_offset(const lmd_kvpool *p, int32_t layer, int32_t head, int32_t block) {
+    const size_t heads = (size_t)(p->kv_dim / p->head_size);
+    return (((size_t)layer * heads + (size_t)head) * (size_t)p->n_blocks + (size_t)block) * (size_t)p->head_size *
+           (size_t)p->block_size * p->elem_bytes;
 }
-/* Feature j of the key of position pos (< len after reserve) in layer; feature j + 1 is
- * block_size elements further. */
+/* Feature j of the key of position pos (< len after reserve) in layer; the next feature
+ * of the same kv head is block_size elements further, and position pos + 1 (in the same
+ * block) one element further. */
 static inline void *lmd_kvseq_key(const lmd_kvseq *seq, int32_t layer, int32_t pos, int32_t j) {
     const lmd_kvpool *p = seq->pool;
-    return (char *)lmd_kvseq_k_block(seq, layer, pos) + ((size_t)j * p->block_size + pos % p->block_size) * p->elem_bytes;
+    const int32_t block = seq->blocks[pos / p->block_size];
+    const size_t within = (size_t)(j % p->head_size) * (size_t)p->block_size + (size_t)(pos % p->block_size);
+    return (char *)p->k + lmd_kvpool_chunk_offset(p, layer, j / p->head_size, block) + within * p->elem_bytes;
 }
 /* Feature j of the value of position pos (< len after reserve) in layer; the features of
  * one kv head are consecutive, and the same head's features of position pos + 1 (in the
  * same block) head_size elements further. */
 static inline void *lmd_kvseq_value(const lmd_kvseq *seq, int32_t layer, int32_t pos, int32_t j) {
     const lmd_kvpool *p = seq->pool;
-    int32_t block = seq->blocks[pos / p->block_size];
-    const size_t head = (size_t)(j / p->head_size), within = (size_t)(j % p->head_size);
-    return (char *)p->v + ((((size_t)block * p->n_layers + layer) * p->kv_dim + head * p->head_size) * p->block_size +
-                           (size_t)(pos % p->block_size) * p->head_size + within) * p->elem_bytes;
+    const int32_t block = seq->blocks[pos / p->block_size];
+    const size_t within = (size_t)(pos % p->block_size) * (size_t)p->head_size + (size_t)(j % p->head_size);
+    return (char *)p->v + lmd_kvpool_chunk_offset(p, layer, j / p->head_size, block) + within * p->elem_bytes;
 }
 
 #endif /* LMD_KVCACHE_H */
