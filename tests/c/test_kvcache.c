@@ -198,6 +198,33 @@ static void test_reserve_and_len(void) {
     lmd_kvpool_free(pool);
 }
 
+/* The layout attention's speed rests on (kvcache.h): in a fresh pool a sequence takes its
+ * blocks in increasing order, and each layer's kv head keeps its blocks end to end, so the
+ * keys and the values of one head over consecutive blocks are one run in memory; every
+ * position, layer and feature still has an element of its own (tags written, then read). */
+static void test_heads_lie_end_to_end(void) {
+    lmd_kvpool *pool;
+    lmd_kvseq *s;
+    lmd_error err;
+    const int32_t n_layers = 2, head_size = 3, kv_dim = 6, block_size = 4;
+    CHECK(lmd_kvpool_init(&pool, n_layers, kv_dim, head_size, block_size, 5, pool_dtype, &err) == LMD_OK);
+    CHECK(lmd_kvseq_init(&s, pool, 20, &err) == LMD_OK);
+    append(s, 13, 0.0f); /* four blocks, the last partly filled */
+    const ptrdiff_t chunk = (ptrdiff_t)head_size * block_size * (ptrdiff_t)pool->elem_bytes;
+    int contiguous = 1;
+    for (int32_t l = 0; l < n_layers; l++)
+        for (int32_t j = 0; j < kv_dim; j++)
+            for (int32_t t = 0; t + block_size < 13; t++) {
+                contiguous &= (char *)lmd_kvseq_key(s, l, t + block_size, j) - (char *)lmd_kvseq_key(s, l, t, j) == chunk;
+                contiguous &= (char *)lmd_kvseq_value(s, l, t + block_size, j) - (char *)lmd_kvseq_value(s, l, t, j) ==
+                              chunk;
+            }
+    CHECK(contiguous);
+    CHECK(positions_hold(s, 0, 13, 0.0f));
+    lmd_kvseq_free(s);
+    lmd_kvpool_free(pool);
+}
+
 /* Reserving more than is then written (a speculative step that accepts fewer tokens), or
  * reserving twice, must not lose blocks: every block comes back when the sequence goes. */
 static void test_reserve_twice_keeps_every_block(void) {
@@ -429,6 +456,7 @@ int main(void) {
     for (int i = 0; i < 2; i++) {
         pool_dtype = dtypes[i];
         test_reserve_and_len();
+        test_heads_lie_end_to_end();
         test_reserve_twice_keeps_every_block();
         test_fork_shares_blocks();
         test_copy_on_write();
