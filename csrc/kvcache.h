@@ -11,9 +11,10 @@
  * rows of all heads, kv_dim apart). The pool stores them layer by layer and kv head by
  * kv head, block after block: (n_layers, n_kv_heads, n_blocks, ...), so that the
  * blocks a sequence takes in order lie end to end for each head, and attention reads one
- * long run per head instead of a page-sized piece per block (block-major storage put
- * every 4 KB piece of a head's keys half a megabyte from the next one, and a decode's
- * attention after 2,000 positions read them at a third of the memory bandwidth). A sequence
+ * long run per head instead of a page-sized piece per block (stored block after block,
+ * every 4 KB piece of a 110M Llama head's keys lay 576 kB from the next, and its decode's
+ * attention after 2,048 positions read the cache at 13 GB/s; end to end, 28 GB/s, one Zen 4
+ * thread's bandwidth). A sequence
  * is a table of block ids plus a length. Forking a sequence copies only its block
  * table and raises the blocks' reference counts, so a fork costs len/block_size
  * integers, not len * n_layers * kv_dim floats. A block shared by several
