@@ -12,7 +12,6 @@ ops.c, take most of the time: at -O3 about 15 and 9 s, instrumented at -O3 260 a
 """
 import glob
 import os
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
