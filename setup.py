@@ -60,7 +60,7 @@ def _compile_in_parallel(compiler):
     def compile_all(sources, *args, **kwargs):
         if jobs < 2 or len(sources) < 2:
             return compile_one(sources, *args, **kwargs)
-        largest_first = sorted(sources, key=lambda src: -os.path.getsize(src))
+        largest_first = sorted(sources, key=lambda src: -os.path.getsize(src) if os.path.exists(src) else 0)
         with ThreadPoolExecutor(jobs) as pool:
             objects = dict(zip(largest_first, pool.map(lambda src: compile_one([src], *args, **kwargs),
                                                        largest_first)))
