@@ -225,6 +225,31 @@ static void test_heads_lie_end_to_end(void) {
     lmd_kvpool_free(pool);
 }
 
+/* Sequences that grow together each keep a run of consecutive blocks (take_block): the
+ * second one starts in the middle of the free blocks, leaving the first room to grow. */
+static void test_sequences_growing_together_keep_runs(void) {
+    lmd_kvpool *pool;
+    lmd_kvseq *a, *b;
+    lmd_error err;
+    CHECK(lmd_kvpool_init(&pool, 2, 4, 2, 4, 16, pool_dtype, &err) == LMD_OK);
+    CHECK(lmd_kvseq_init(&a, pool, 40, &err) == LMD_OK);
+    CHECK(lmd_kvseq_init(&b, pool, 40, &err) == LMD_OK);
+    for (int round = 0; round < 5; round++) { /* a block each per round */
+        append(a, 4, 0.0f);
+        append(b, 4, 1.0f);
+    }
+    int runs = a->blocks[0] == 0 && b->blocks[0] == 8;
+    for (int i = 1; i < 5; i++) runs &= a->blocks[i] == a->blocks[i - 1] + 1 && b->blocks[i] == b->blocks[i - 1] + 1;
+    CHECK(runs);
+    CHECK(positions_hold(a, 0, 20, 0.0f) && positions_hold(b, 0, 20, 1.0f));
+    lmd_kvseq *both[2] = {a, b};
+    CHECK(pool_consistent(pool, both, 2));
+    lmd_kvseq_free(a);
+    lmd_kvseq_free(b);
+    CHECK(pool->n_free == 16);
+    lmd_kvpool_free(pool);
+}
+
 /* Reserving more than is then written (a speculative step that accepts fewer tokens), or
  * reserving twice, must not lose blocks: every block comes back when the sequence goes. */
 static void test_reserve_twice_keeps_every_block(void) {
@@ -457,6 +482,7 @@ int main(void) {
         pool_dtype = dtypes[i];
         test_reserve_and_len();
         test_heads_lie_end_to_end();
+        test_sequences_growing_together_keep_runs();
         test_reserve_twice_keeps_every_block();
         test_fork_shares_blocks();
         test_copy_on_write();
