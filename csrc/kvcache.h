@@ -9,8 +9,10 @@
  * (block_size, head_size) per kv head, so that a head's values in a block are one
  * contiguous run (a decode after 2040 positions of the 110M Llama 8.7 -> 8.2 ms against
  * rows of all heads, kv_dim apart). The pool stores them layer by layer and kv head by
- * kv head, block after block: (n_layers, n_kv_heads, n_blocks, ...), so that the
- * blocks a sequence takes in order lie end to end for each head, and attention reads one
+ * kv head, block after block: (n_layers, n_kv_heads, n_blocks, ...), and a sequence takes
+ * the block after its last one where it can (sequences growing together each start a run
+ * of their own: take_block in kvcache.c), so that a sequence's blocks lie end to end for
+ * each head, and attention reads one
  * long run per head instead of a page-sized piece per block (stored block after block,
  * every 4 KB piece of a 110M Llama head's keys lay 576 kB from the next, and its decode's
  * attention after 2,048 positions read the cache at 13 GB/s; end to end, 28 GB/s, one Zen 4
