@@ -65,8 +65,7 @@ typedef struct lmd_kvpool {
     void *k;            /* (n_layers, kv_dim / head_size, n_blocks, head_size, block_size) elements */
     void *v;            /* (n_layers, kv_dim / head_size, n_blocks, block_size, head_size) elements */
     int32_t *refcount;  /* (n_blocks,): sequences whose table holds the block; 0 = free */
-    int32_t *free_list; /* (n_blocks,): ids of free blocks, the first n_free valid */
-    int32_t n_free;
+    int32_t n_free;     /* blocks whose refcount is 0 */
 } lmd_kvpool;
 
 typedef struct lmd_kvseq {

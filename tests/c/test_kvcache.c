@@ -9,7 +9,7 @@
 /* Everything a failing call must not change. */
 typedef struct {
     int32_t n_free, len;
-    int32_t free_list[64], refcount[64], blocks[64];
+    int32_t refcount[64], blocks[64];
 } snapshot;
 
 static snapshot take_snapshot(const lmd_kvseq *s) {
@@ -19,7 +19,6 @@ static snapshot take_snapshot(const lmd_kvseq *s) {
     int32_t table = (s->max_len + p->block_size - 1) / p->block_size;
     snap.n_free = p->n_free;
     snap.len = s->len;
-    memcpy(snap.free_list, p->free_list, (size_t)p->n_free * sizeof(int32_t));
     memcpy(snap.refcount, p->refcount, (size_t)p->n_blocks * sizeof(int32_t));
     memcpy(snap.blocks, s->blocks, (size_t)table * sizeof(int32_t));
     return snap;
@@ -93,21 +92,20 @@ static void append(lmd_kvseq *s, int32_t n, float salt) {
     s->len += n;
 }
 
-/* Each block id is either free (refcount 0, listed once in the free list) or held by as
- * many of the given sequences as its refcount says. */
+/* Each block is held by as many of the given sequences as its refcount says, and n_free
+ * counts the blocks no sequence holds. */
 static int pool_consistent(const lmd_kvpool *p, lmd_kvseq *const *seqs, int n_seqs) {
-    int32_t held[64] = {0}, listed[64] = {0};
+    int32_t held[64] = {0}, free_blocks = 0;
     for (int i = 0; i < n_seqs; i++) {
         int32_t table = (seqs[i]->max_len + p->block_size - 1) / p->block_size;
         for (int32_t b = 0; b < table; b++)
             if (seqs[i]->blocks[b] >= 0) held[seqs[i]->blocks[b]]++;
     }
-    for (int32_t i = 0; i < p->n_free; i++) listed[p->free_list[i]]++;
     for (int32_t b = 0; b < p->n_blocks; b++) {
         if (p->refcount[b] != held[b]) return 0;
-        if (listed[b] != (p->refcount[b] == 0)) return 0;
+        free_blocks += p->refcount[b] == 0;
     }
-    return 1;
+    return free_blocks == p->n_free;
 }
 
 static void test_init_errors(void) {
