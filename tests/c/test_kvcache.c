@@ -4,6 +4,7 @@
 #include <stdint.h>
 
 #include "kvcache.h"
+#include "test_rand.h"
 #include "test_util.h"
 
 /* Everything a failing call must not change. */
@@ -473,6 +474,153 @@ static void test_cache_full_changes_nothing(void) {
     lmd_kvpool_free(pool);
 }
 
+/* ---- random operations against a shadow ---------------------------------------------- */
+
+/* A shadow of what each live sequence holds: the write (stamp) each position came from.
+ * Every element is written with a code of (stamp, layer, position, feature, k or v), so a
+ * block handed to two sequences, a copy-on-write that copied too little or into the wrong
+ * block, or a write into a block another sequence still holds shows up as a wrong code in
+ * one of them. */
+#define SHADOW_SEQS 6
+#define SHADOW_MAX_LEN 40
+
+typedef struct {
+    lmd_kvseq *seq; /* NULL: a free slot */
+    int32_t stamp[SHADOW_MAX_LEN];
+} shadow_seq;
+
+static uint32_t stamp_code(int32_t stamp, int32_t l, int32_t t, int32_t j, int is_v) {
+    uint64_t z = ((((uint64_t)stamp * 4 + (uint64_t)l) * 64 + (uint64_t)t) * 64 + (uint64_t)j) * 2 + (uint64_t)is_v;
+    z = (z ^ (z >> 31)) * 0x9e3779b97f4a7c15ull;
+    return (uint32_t)(z >> 32);
+}
+
+/* the code as the pool stores it: its low 16 bits (f16 pools copy bits, never convert), or
+ * its low 24 bits as an exactly representable float */
+static void put_code(const lmd_kvpool *p, void *at, uint32_t code) {
+    if (p->dtype == LMD_KV_F16) {
+        const uint16_t bits = (uint16_t)code;
+        memcpy(at, &bits, sizeof bits);
+    } else {
+        const float value = (float)(code & 0xffffffu);
+        memcpy(at, &value, sizeof value);
+    }
+}
+static int has_code(const lmd_kvpool *p, const void *at, uint32_t code) {
+    if (p->dtype == LMD_KV_F16) {
+        uint16_t bits;
+        memcpy(&bits, at, sizeof bits);
+        return bits == (uint16_t)code;
+    }
+    float value;
+    memcpy(&value, at, sizeof value);
+    return value == (float)(code & 0xffffffu);
+}
+
+static void write_stamped(shadow_seq *s, int32_t from, int32_t to, int32_t stamp) {
+    const lmd_kvpool *p = s->seq->pool;
+    for (int32_t t = from; t < to; t++) {
+        for (int32_t l = 0; l < p->n_layers; l++)
+            for (int32_t j = 0; j < p->kv_dim; j++) {
+                put_code(p, lmd_kvseq_key(s->seq, l, t, j), stamp_code(stamp, l, t, j, 0));
+                put_code(p, lmd_kvseq_value(s->seq, l, t, j), stamp_code(stamp, l, t, j, 1));
+            }
+        s->stamp[t] = stamp;
+    }
+}
+
+static int holds_its_stamps(const shadow_seq *s) {
+    const lmd_kvpool *p = s->seq->pool;
+    for (int32_t t = 0; t < s->seq->len; t++)
+        for (int32_t l = 0; l < p->n_layers; l++)
+            for (int32_t j = 0; j < p->kv_dim; j++)
+                if (!has_code(p, lmd_kvseq_key(s->seq, l, t, j), stamp_code(s->stamp[t], l, t, j, 0)) ||
+                    !has_code(p, lmd_kvseq_value(s->seq, l, t, j), stamp_code(s->stamp[t], l, t, j, 1)))
+                    return 0;
+    return 1;
+}
+
+/* Thousands of random creations, forks, appends (reserve, write, len), reserves alone,
+ * truncations and frees on a pool small enough to run out often: after each, every block's
+ * refcount is the number of tables holding it, n_free counts the rest, every live sequence
+ * reads back exactly what was written into its positions (its own writes and those it
+ * forked), a successful reserve took exactly lmd_kvseq_blocks_needed blocks, and a refused
+ * one (past the context length, or more blocks than are free) changed nothing. */
+static void test_random_operations_match_a_shadow(void) {
+    lmd_kvpool *pool;
+    lmd_error err;
+    test_rng rng = {20261202u + (uint64_t)pool_dtype};
+    const int32_t block_size = 4, n_blocks = 14;
+    CHECK(lmd_kvpool_init(&pool, 2, 6, 3, block_size, n_blocks, pool_dtype, &err) == LMD_OK);
+    shadow_seq shadow[SHADOW_SEQS];
+    memset(shadow, 0, sizeof shadow);
+    int32_t next_stamp = 1, failures = 0, refused = 0, copies_on_write = 0;
+    for (int step = 0; step < 4000 && failures == 0; step++) {
+        shadow_seq *s = &shadow[test_rand_below(&rng, SHADOW_SEQS)];
+        const int op = test_rand_below(&rng, 10);
+        if (s->seq == NULL) {
+            if (op < 4) { /* a new sequence */
+                failures += lmd_kvseq_init(&s->seq, pool, 1 + test_rand_below(&rng, SHADOW_MAX_LEN), &err) != LMD_OK;
+            } else { /* a fork of a live one, if any */
+                const shadow_seq *src = &shadow[test_rand_below(&rng, SHADOW_SEQS)];
+                if (src->seq != NULL) {
+                    failures += lmd_kvseq_fork(&s->seq, src->seq, &err) != LMD_OK;
+                    memcpy(s->stamp, src->stamp, sizeof s->stamp);
+                }
+            }
+        } else if (op < 5) { /* append (op 4: reserve only, as a speculative step that keeps none) */
+            const int32_t n = 1 + test_rand_below(&rng, 2 * block_size + 1);
+            const int32_t needed = lmd_kvseq_blocks_needed(s->seq, n), free_before = pool->n_free;
+            const int fits = s->seq->len + n <= s->seq->max_len && needed <= free_before;
+            const int shared_last = s->seq->len % block_size != 0 &&
+                                    pool->refcount[s->seq->blocks[s->seq->len / block_size]] > 1;
+            const snapshot before = take_snapshot(s->seq);
+            const lmd_status st = lmd_kvseq_reserve(s->seq, n, &err);
+            if (!fits) {
+                const snapshot after = take_snapshot(s->seq);
+                failures += st != LMD_ERR_CACHE_FULL || !same_snapshot(&before, &after);
+                refused++;
+            } else if (st != LMD_OK || pool->n_free != free_before - needed) {
+                failures++;
+            } else {
+                copies_on_write += shared_last;
+                if (op < 4) {
+                    write_stamped(s, s->seq->len, s->seq->len + n, next_stamp++);
+                    s->seq->len += n;
+                }
+            }
+        } else if (op < 8) { /* truncate, sometimes to a length it does not have */
+            const int32_t len = test_rand_below(&rng, s->seq->len + 2);
+            const snapshot before = take_snapshot(s->seq);
+            const lmd_status st = lmd_kvseq_truncate(s->seq, len, &err);
+            if (len > s->seq->len) {
+                const snapshot after = take_snapshot(s->seq);
+                failures += st != LMD_ERR_INVALID_ARG || !same_snapshot(&before, &after);
+            } else {
+                failures += st != LMD_OK || s->seq->len != len;
+            }
+        } else { /* free */
+            lmd_kvseq_free(s->seq);
+            s->seq = NULL;
+        }
+        lmd_kvseq *live[SHADOW_SEQS];
+        int n_live = 0;
+        for (int i = 0; i < SHADOW_SEQS; i++)
+            if (shadow[i].seq != NULL) {
+                live[n_live++] = shadow[i].seq;
+                failures += !holds_its_stamps(&shadow[i]);
+            }
+        failures += !pool_consistent(pool, live, n_live);
+        if (failures) fprintf(stderr, "random kv operations: first failure at step %d (op %d)\n", step, op);
+    }
+    CHECK(failures == 0);
+    /* the run went through the cases it is for */
+    CHECK(refused > 100 && copies_on_write > 50);
+    for (int i = 0; i < SHADOW_SEQS; i++) lmd_kvseq_free(shadow[i].seq);
+    CHECK(pool->n_free == n_blocks);
+    lmd_kvpool_free(pool);
+}
+
 int main(void) {
     test_init_errors();
     const lmd_kv_dtype dtypes[] = {LMD_KV_F32, LMD_KV_F16};
@@ -486,6 +634,7 @@ int main(void) {
         test_copy_on_write();
         test_truncate();
         test_cache_full_changes_nothing();
+        test_random_operations_match_a_shadow();
     }
     return test_report("test_kvcache");
 }
