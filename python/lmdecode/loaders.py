@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from .gguf_file import GGUFError, read_gguf_file
 from .sampling import as_numpy
 
 Q8_0_BLOCK = 32
@@ -452,29 +453,23 @@ GGUF_GPT2_NAMES = {("attn_norm", "weight"): "attn_norm", ("attn_norm", "bias"): 
 
 
 def read_gguf(path: Path):
-    """GGUF v2/v3, llama, qwen2 and gpt2 architectures, parsed by the `gguf` package (memory
-    mapped). qwen2 is the llama family with q/k/v biases and the rotate-half RoPE layout: llama.cpp's
-    converter permutes a Llama's q and k rows into adjacent pairs, not a Qwen2's."""
+    """GGUF v2/v3, llama, qwen2 and gpt2 architectures (parsed by :mod:`lmdecode.gguf_file`, the
+    tensors memory mapped). qwen2 is the llama family with q/k/v biases and the rotate-half RoPE
+    layout: llama.cpp's converter permutes a Llama's q and k rows into adjacent pairs, not a Qwen2's."""
     try:
-        from gguf import GGUFReader
-    except ImportError as e:  # pragma: no cover - gguf is a runtime dependency
-        raise ImportError("reading GGUF files needs the 'gguf' package (pip install gguf)") from e
-    try:
-        reader = GGUFReader(str(path), "r")
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad files
-        _fail(path, f"not a readable GGUF file ({type(e).__name__}: {e})")
-    fields = reader.fields
+        gguf = read_gguf_file(path)
+    except GGUFError as e:
+        _fail(path, str(e))
 
     def meta(key, default=None, required=False):
-        field = fields.get(key)
-        if field is None:
+        if key not in gguf.metadata:
             if required:
                 _fail(path, f"GGUF metadata {key!r} is missing")
             return default
-        try:  # the reader decodes strings only now: a corrupt one raises UnicodeDecodeError here
-            return field.contents()
-        except (UnicodeDecodeError, ValueError, IndexError) as e:
-            _fail(path, f"GGUF metadata {key!r} is unreadable ({type(e).__name__}: {e})")
+        try:  # a string that is not UTF-8 fails only when its key is read
+            return gguf.value(key)
+        except GGUFError as e:
+            _fail(path, str(e))
 
     def meta_int(key, default=None, required=False):  # a size or count: a non-negative integer
         value = meta(key, default, required)
@@ -517,21 +512,12 @@ def read_gguf(path: Path):
         _fail(path, "partial rotary embeddings (rope.dimension_count < head size) are not supported")
 
     tensors, file_names, qkv = {}, {}, {}
-    for t in reader.tensors:
-        kind = GGUF_KINDS.get(t.tensor_type.name)
+    for t in gguf.tensors:
+        kind = GGUF_KINDS.get(t.type_name)
         if kind is None:
-            _fail(path, f"tensor {t.name!r} has type {t.tensor_type.name}, not supported "
-                        f"({', '.join(GGUF_KINDS)})")
-        shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists the fastest dimension first
-        if (int(t.data_offset) - int(reader.data_offset)) % int(reader.alignment):
-            # GGUF places every tensor at a multiple of general.alignment: one that is not marks
-            # a corrupt file (and a misaligned float array the engine could not read)
-            _fail(path, f"tensor {t.name!r} starts at byte {int(t.data_offset)}, off the file's "
-                        f"{int(reader.alignment)}-byte alignment")
-        data = t.data
-        if kind == "bf16":
-            data = data.view(np.uint16)
-        src = Source(kind, data, shape)
+            _fail(path, f"tensor {t.name!r} has type {t.type_name}, not supported ({', '.join(GGUF_KINDS)})")
+        shape = tuple(reversed(t.dims))  # ggml lists the fastest dimension first
+        src = Source(kind, t.data, shape)  # bf16: uint16 bits
         parts = t.name.split(".")
         name = None
         if t.name == "token_embd.weight":
@@ -599,9 +585,8 @@ def read_gguf(path: Path):
                   required_biases=("bq", "bk", "bv") if arch == "qwen2" else ())
     check_config(path, config)
     check_tensors(path, config, tensors, file_names)
-    # the tokenizer's metadata as plain values: the reader's parsed fields take ~90 MB for a
-    # 32k vocabulary, and a model keeps what it needs for its lazily built tokenizer
-    tokenizer_metadata = {key: meta(key) for key in fields if key.startswith("tokenizer.")}
+    # the tokenizer's metadata, which a model keeps for its tokenizer (built on first use)
+    tokenizer_metadata = {key: meta(key) for key in gguf.metadata if key.startswith("tokenizer.")}
     return config, tensors, {"vocab": list(tokens) if tokens is not None else None,
                              "tokenizer_metadata": tokenizer_metadata}
 

@@ -520,10 +520,12 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        import gguf
+        from .gguf_file import read_gguf_file
 
         try:
-            return Tokenizer.from_gguf_metadata(gguf.GGUFReader(str(path)))
+            gguf = read_gguf_file(path)
+            return Tokenizer.from_gguf_metadata({key: gguf.value(key) for key in gguf.metadata
+                                                 if key.startswith("tokenizer.")})
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
     return ScoreBPETokenizer.from_llama2c(path, vocab_size)
