@@ -52,6 +52,41 @@ def test_heap_merging_equals_llama2c_rescanning(tok512):
         assert tok512.encode(chunk) == llama2c_encode_reference(tok512, chunk)
 
 
+def _whole_text_merge(tok: ScoreBPETokenizer, text: str) -> list[int]:
+    """The merge over the whole text at once (the heap merge, itself checked against llama2.c's
+    rescanning above), without the word-by-word encoding of long texts."""
+    prefixed = ("\u2581" + text.replace(" ", "\u2581")) if tok.space_mark else " " + text
+    return [tok.bos_id] + tok._merge(tok._symbols(prefixed))
+
+
+@pytest.mark.parametrize("vocab", ["tok512.bin", "llama-2-tiny-random.gguf"])
+def test_long_texts_encode_word_by_word_as_one_merge(vocab):
+    """Texts of 256 characters and more are cut before spaces no vocabulary piece spans and each
+    distinct word is merged once: the same ids as merging the whole text, on the shared texts
+    (whitespace runs, newlines, punctuation, characters only bytes can spell)."""
+    tok = load_tokenizer(MODELS / vocab)
+    texts = [(SHARED / "data" / name).read_text()[:60000] for name in
+             ("tinystories_valid_excerpt.txt", "wikitext2_test_excerpt.txt", "tinyshakespeare.txt")]
+    texts.append(("  two  spaces\tand tabs\n\n naïve café ☃ 日本 🙂 " * 20).strip())
+    for text in texts:
+        assert len(text) >= 256
+        assert tok.encode(text) == _whole_text_merge(tok, text)
+        assert tok.encode(text) == _whole_text_merge(tok, text)  # again, from the words' cache
+
+
+def test_word_by_word_encoding_keeps_merges_across_spaces():
+    """A vocabulary whose pieces span spaces ("a b", " a b"): no cut where a merge could cross,
+    so the ids equal the whole-text merge, where cutting before every space would not."""
+    pieces = ["<unk>", "<s>", "</s>", " ", "a", "b", " a", " b", "a b", " a b", "ab", " ab"]
+    scores = [0, 0, 0, 0, 0, 0, -3, -3, -1, -2, -4, -5]
+    tok = ScoreBPETokenizer(pieces, scores, bos_id=1, eos_id=2, space_mark=False, special={0, 1, 2})
+    text = " ".join(np.random.default_rng(0).choice(["a", "b", "ab", "a b"], size=200))
+    want = _whole_text_merge(tok, text)
+    assert tok.encode(text) == want
+    naive = [1] + [i for w in text.split(" ") for i in tok._merge(tok._symbols(" " + w))]  # cut before every space
+    assert naive != want  # the vocabulary does merge across spaces
+
+
 def test_round_trip_and_gguf_vocabulary_agree(tok512):
     gguf = load_tokenizer(MODELS / "stories260K.gguf")
     text = (SHARED / "data" / "tinystories_valid_excerpt.txt").read_text()[:20000]

@@ -31,6 +31,12 @@ from .sampling import token_id_list
 __all__ = ["Tokenizer", "StreamDecoder", "load_tokenizer"]
 
 SPACE_MARK = "\u2581"  # sentencepiece's visible space
+# texts at least this long are encoded word by word (ScoreBPETokenizer._segments), each distinct
+# word merged once; the cache of words' tokens (words up to SEGMENT_CACHE_MAX_CHARS) is emptied
+# when it reaches SEGMENT_CACHE_SIZE
+SEGMENTED_ENCODE_MIN_CHARS = 256
+SEGMENT_CACHE_SIZE = 1 << 16
+SEGMENT_CACHE_MAX_CHARS = 64
 
 
 class StreamDecoder:
@@ -171,6 +177,8 @@ class ScoreBPETokenizer(Tokenizer):
             if b is not None:
                 self.byte_ids.setdefault(b, i)
         self._bytes = [self._piece_bytes(i) for i in range(self.vocab_size)]
+        self._inner_pairs: set[str] | None = None  # built on the first long encode (_segments)
+        self._segment_ids: dict[str, list[int]] = {}
 
     @classmethod
     def from_llama2c(cls, path: str | Path, vocab_size: int | None = None) -> "ScoreBPETokenizer":
@@ -248,6 +256,22 @@ class ScoreBPETokenizer(Tokenizer):
             text = SPACE_MARK + text.replace(" ", SPACE_MARK)
         else:
             text = " " + text  # llama2.c's dummy prefix
+        if len(text) < SEGMENTED_ENCODE_MIN_CHARS:
+            return self._merge(self._symbols(text))
+        ids: list[int] = []
+        for segment in self._segments(text):
+            segment_ids = self._segment_ids.get(segment)
+            if segment_ids is None:
+                segment_ids = self._merge(self._symbols(segment))
+                if len(segment) <= SEGMENT_CACHE_MAX_CHARS:  # words, not runs of text without spaces
+                    if len(self._segment_ids) >= SEGMENT_CACHE_SIZE:
+                        self._segment_ids.clear()
+                    self._segment_ids[segment] = segment_ids
+            ids += segment_ids
+        return ids
+
+    def _symbols(self, text: str) -> list[int]:
+        """One token per character, or its UTF-8 bytes' tokens where the vocabulary lacks it."""
         symbols: list[int] = []
         for ch in text:
             token = self.lookup.get(ch)
@@ -258,7 +282,27 @@ class ScoreBPETokenizer(Tokenizer):
                     if b not in self.byte_ids:
                         raise ValueError(f"character {ch!r} has no token and the vocabulary has no byte fallback")
                     symbols.append(self.byte_ids[b])
-        return self._merge(symbols)
+        return symbols
+
+    def _segments(self, text: str) -> list[str]:
+        """text cut before spaces that no merge can cross, so that each piece merges on its own
+        into exactly the tokens the whole text would give there: a merge across the cut between
+        characters a and b would make a piece containing the two characters ab, so where no
+        piece of the vocabulary contains ab, no merge crosses (merges on either side never meet,
+        and each side's merges keep their order). Words repeat, so each is merged once
+        (_segment_ids): llama2.c's whole-text merge of a 1.1 MB text took 4 s in Python."""
+        if self._inner_pairs is None:
+            self._inner_pairs = {p[i:i + 2] for p in self.pieces for i in range(len(p) - 1)}
+        space = SPACE_MARK if self.space_mark else " "
+        segments, start = [], 0
+        at = text.find(space, 1)
+        while at > 0:
+            if text[at - 1:at + 1] not in self._inner_pairs:
+                segments.append(text[start:at])
+                start = at
+            at = text.find(space, at + 1)
+        segments.append(text[start:])
+        return segments
 
     def _merge(self, symbols: list[int]) -> list[int]:
         """Repeatedly merges the best-scoring adjacent pair (leftmost on ties), with a heap."""
