@@ -258,6 +258,19 @@ def test_gguf_byte_level_encode_by_hand(tmp_path):
     assert load_tokenizer(tmp_path / "vocab.gguf").encode("1234abc", add_bos=False) == [258, 52, 259]
 
 
+def test_byte_level_token_bytes_by_hand():
+    """Each token's bytes: GPT-2's table characters back to their bytes, a piece with any other
+    character (a plain space, a soft hyphen, U+00AD, or a CJK character) as its UTF-8, control
+    tokens none."""
+    tokens = ["Ġthe", "ĊĊ", "a b", "x\u00ady", "日本", "éé", "Ã©", "<|im_start|>"]
+    meta = byte_level_gguf("gpt-2", tokens)
+    meta["tokenizer.ggml.token_type"] = [1] * (256 + len(tokens) - 1) + [3]
+    tok = Tokenizer.from_gguf_metadata(meta)
+    got = [tok.token_bytes(256 + i) for i in range(len(tokens))]
+    assert got == [b" the", b"\n\n", b"a b", "x\u00ady".encode(), "日本".encode(), b"\xe9\xe9", "é".encode(), b""]
+    assert [tok.token_bytes(b) for b in range(256)] == [bytes([b]) for b in range(256)]
+
+
 def test_gguf_byte_level_bos_default():
     """llama.cpp adds a BOS for Llama 3's vocabularies unless tokenizer.ggml.add_bos_token says
     otherwise; for the others only when it says so."""
