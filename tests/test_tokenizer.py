@@ -85,6 +85,14 @@ def test_word_by_word_encoding_keeps_merges_across_spaces():
     assert tok.encode(text) == want
     naive = [1] + [i for w in text.split(" ") for i in tok._merge(tok._symbols(" " + w))]  # cut before every space
     assert naive != want  # the vocabulary does merge across spaces
+    # a character spelt by byte tokens is "<0xNN>" to the merges, so a piece "<0xA9> a" merges
+    # the last byte of "é" with " a": no cut after such a character
+    pieces += ["<0xC3>", "<0xA9>", "<0xA9> a"]
+    scores += [0, 0, 10]
+    tok = ScoreBPETokenizer(pieces, scores, bos_id=1, eos_id=2, space_mark=False, special={0, 1, 2})
+    text = " ".join(np.random.default_rng(1).choice(["a", "b", "é", "bé"], size=200))
+    want = _whole_text_merge(tok, text)
+    assert tok.lookup["<0xA9> a"] in want and tok.encode(text) == want
 
 
 def test_round_trip_and_gguf_vocabulary_agree(tok512):
