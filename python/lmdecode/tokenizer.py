@@ -290,9 +290,9 @@ class ScoreBPETokenizer(Tokenizer):
         characters a and b would make a piece containing the two characters ab, so where no
         piece of the vocabulary contains ab, no merge crosses (merges on either side never meet,
         and each side's merges keep their order). Only between characters that are tokens of
-        their own: a character spelt by byte tokens is "<0xNN>" to the merges. Words repeat, so
-        each is merged once (_segment_ids): llama2.c's whole-text merge of a 1.1 MB text took
-        2.75 s in Python."""
+        their own: a character spelt by byte tokens is "<0xNN>" to the merges. Words repeat, so a
+        word's ids are kept for the next time (_segment_ids): llama2.c's whole-text merge of a
+        1.1 MB text took 2.75 s in Python, this 0.4 s."""
         if self._inner_pairs is None:
             self._inner_pairs = {p[i:i + 2] for p in self.pieces for i in range(len(p) - 1)}
         space = SPACE_MARK if self.space_mark else " "
