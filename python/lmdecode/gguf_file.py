@@ -81,6 +81,11 @@ class GGUFFile:
             raise GGUFError(f"GGUF metadata {key!r} is unreadable ({value.error})")
         return value
 
+    def tokenizer_metadata(self) -> dict:
+        """The tokenizer.* values (what Tokenizer.from_gguf_metadata reads); GGUFError if one is
+        unreadable."""
+        return {key: self.value(key) for key in self.metadata if key.startswith("tokenizer.")}
+
 
 class _Cursor:
     """Bounds-checked reads from the start of a buffer."""

@@ -586,7 +586,10 @@ def read_gguf(path: Path):
     check_config(path, config)
     check_tensors(path, config, tensors, file_names)
     # the tokenizer's metadata, which a model keeps for its tokenizer (built on first use)
-    tokenizer_metadata = {key: meta(key) for key in gguf.metadata if key.startswith("tokenizer.")}
+    try:
+        tokenizer_metadata = gguf.tokenizer_metadata()
+    except GGUFError as e:
+        _fail(path, str(e))
     return config, tensors, {"vocab": list(tokens) if tokens is not None else None,
                              "tokenizer_metadata": tokenizer_metadata}
 

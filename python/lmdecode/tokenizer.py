@@ -583,9 +583,7 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer
         from .gguf_file import read_gguf_file
 
         try:
-            gguf = read_gguf_file(path)
-            return Tokenizer.from_gguf_metadata({key: gguf.value(key) for key in gguf.metadata
-                                                 if key.startswith("tokenizer.")})
+            return Tokenizer.from_gguf_metadata(read_gguf_file(path).tokenizer_metadata())
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
     return ScoreBPETokenizer.from_llama2c(path, vocab_size)
