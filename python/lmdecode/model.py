@@ -257,8 +257,8 @@ class Model(DecodingMixin):
         arrays under their Hugging Face names: NumPy arrays or torch tensors (a
         ``state_dict()``), float32, float16, bfloat16 or float64 (rounded to float32, a copy).
         float32 norm weights and biases are borrowed (the model keeps them alive); matrices
-        are copied into the engine's panels and not referenced after; anything converted (to
-        bf16, q8_0) is a copy. Without ``dtype``, the storage follows the weights as for files
+        are copied into the engine's own block of weights and not referenced after; anything
+        converted (to bf16, q8_0) is a copy. Without ``dtype``, the storage follows the weights as for files
         (bfloat16 weights stay bf16)."""
         engine_config, tensors = loaders.from_hf_numpy(config, weights)
         return cls(engine_config, tensors, dtype=dtype, max_batch=max_batch, kv_dtype=kv_dtype)
