@@ -591,12 +591,14 @@ int lmd_bf16_uses_amx(void) { return 0; }
  * block after block, the one order every path (and lmd_dot_q8_0) keeps, so a row's result
  * never depends on the batch, the tile or the thread count. */
 #define Q8_0_GROUP_BYTES_PER_BLOCK (LMD_Q8_0_GROUP * LMD_Q8_0_BLOCK_BYTES) /* 544 */
-#if LMD_VEC_BYTES == 64
-#define Q8_0_ITEM_GROUPS 2 /* groups of rows per parallel work item */
-#else
-#define Q8_0_ITEM_GROUPS 4
-#endif
-#define Q8_0_TILE_C 6 /* inputs per tile: 2 x 6 int32 and 2 x 6 float accumulators */
+/* Groups of rows read side by side, a chunk: a decode streams each weight once from
+ * memory, and a core keeps more misses in flight over four interleaved streams than over
+ * one or two (a Zen 3's AVX2 tile read 12.6 GB/s from one, 17.7 from four). On a Zen 4,
+ * chunks of 4 groups against 2, 110M Llama decode, medians of 5-6 fresh processes with
+ * builds alternating: q8_0 one thread 128 -> 144 tok/s, two threads 195 -> 218; q4_0 one
+ * thread 214 -> 267, q4_1 199 -> 255; 512-token prefill unchanged. */
+#define Q8_0_CHUNK_GROUPS 4
+#define Q8_0_TILE_C 6 /* inputs per tile (the AVX-512 tile: of 2 groups at most, see chunk_quantized) */
 
 /* Where a batch's quantized inputs sit in the scratch, block-major so that a tile's inputs
  * are one pointer apart by constants: values (n/32, B, 32), then scales and corrections
@@ -644,24 +646,24 @@ static ALWAYS_INLINE void tile_q8_0(float *out, q8_inputs x, const uint8_t *wg, 
     const __mmask16 rows = (__mmask16)((1u << group_rows) - 1u);
     const int full = group_rows == LMD_Q8_0_GROUP;
     const __m512i sign_bits = _mm512_set1_epi8((char)0x80);
-    __m512 acc[Q8_0_ITEM_GROUPS][Q8_0_TILE_C];
-    const uint8_t *wp[Q8_0_ITEM_GROUPS];
+    __m512 acc[Q8_0_CHUNK_GROUPS][Q8_0_TILE_C];
+    const uint8_t *wp[Q8_0_CHUNK_GROUPS];
     start_tile(acc, wp, wg, group_bytes, ng, nc);
     /* block b of input c0 + c: values at xp + 32 c, scale and correction at [c] */
     const int8_t *xp = x.q + (int64_t)c0 * LMD_Q8_0_BLOCK;
     const float *x_scale = x.scale + c0;
     const int32_t *x_corr = x.corr + c0;
     for (int64_t b = 0; b < n_blocks; b++) {
-        __m512i dot[Q8_0_ITEM_GROUPS][Q8_0_TILE_C];
+        __m512i dot[Q8_0_CHUNK_GROUPS][Q8_0_TILE_C];
         for (int c = 0; c < nc; c++) {
             const __m512i corr = _mm512_set1_epi32(x_corr[c]);
             for (int g = 0; g < ng; g++) dot[g][c] = corr;
         }
         for (int s = 0; s < 8; s++) {
-            __m512i wv[Q8_0_ITEM_GROUPS];
+            __m512i wv[Q8_0_CHUNK_GROUPS];
             for (int g = 0; g < ng; g++) {
                 const uint8_t *run = wp[g] + 2 * group_rows + s * run_bytes;
-                __builtin_prefetch(run + prefetch_bytes, 0, 2); /* into L2 (see item_quantized) */
+                __builtin_prefetch(run + prefetch_bytes, 0, 2); /* into L2 (see chunk_quantized) */
                 wv[g] = _mm512_xor_si512(full ? _mm512_loadu_si512((const void *)run)
                                               : _mm512_maskz_loadu_epi32(rows, (const void *)run),
                                          sign_bits);
@@ -781,23 +783,23 @@ static ALWAYS_INLINE void tile_q4(float *out, q8_inputs x, const uint8_t *wg, in
     const __mmask16 rows = (__mmask16)((1u << group_rows) - 1u);
     const int full = group_rows == LMD_Q8_0_GROUP;
     const __m512i low4 = _mm512_set1_epi8(0x0F);
-    __m512 acc[Q8_0_ITEM_GROUPS][Q8_0_TILE_C];
-    const uint8_t *wp[Q8_0_ITEM_GROUPS];
+    __m512 acc[Q8_0_CHUNK_GROUPS][Q8_0_TILE_C];
+    const uint8_t *wp[Q8_0_CHUNK_GROUPS];
     start_tile(acc, wp, wg, group_bytes, ng, nc);
     const int8_t *xp = x.q + (int64_t)c0 * LMD_Q8_0_BLOCK;
     const float *x_scale = x.scale + c0;
     const int32_t *x_corr = x.corr + c0;
     for (int64_t b = 0; b < n_blocks; b++) {
-        __m512i dot[Q8_0_ITEM_GROUPS][Q8_0_TILE_C];
+        __m512i dot[Q8_0_CHUNK_GROUPS][Q8_0_TILE_C];
         for (int c = 0; c < nc; c++) {
             const __m512i start = _mm512_set1_epi32(with_min ? 0 : x_corr[c] / 16);
             for (int g = 0; g < ng; g++) dot[g][c] = start;
         }
         for (int s = 0; s < 4; s++) {
-            __m512i lo[Q8_0_ITEM_GROUPS], hi[Q8_0_ITEM_GROUPS];
+            __m512i lo[Q8_0_CHUNK_GROUPS], hi[Q8_0_CHUNK_GROUPS];
             for (int g = 0; g < ng; g++) {
                 const uint8_t *run = wp[g] + header + s * run_bytes;
-                __builtin_prefetch(run + prefetch_bytes, 0, 2); /* into L2 (see item_quantized) */
+                __builtin_prefetch(run + prefetch_bytes, 0, 2); /* into L2 (see chunk_quantized) */
                 const __m512i v = full ? _mm512_loadu_si512((const void *)run) : _mm512_maskz_loadu_epi32(rows, (const void *)run);
                 lo[g] = _mm512_and_si512(v, low4);
                 hi[g] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
@@ -861,8 +863,8 @@ static ALWAYS_INLINE void tile_quantized_avx2(float *out, q8_inputs x, const uin
     const __m256i ones16 = _mm256_set1_epi16(1);
 #endif
     const __m256i low4 = _mm256_set1_epi8(0x0F);
-    __m256 acc[Q8_0_ITEM_GROUPS][2][Q8_0_TILE_C];
-    const uint8_t *wp[Q8_0_ITEM_GROUPS];
+    __m256 acc[Q8_0_CHUNK_GROUPS][2][Q8_0_TILE_C];
+    const uint8_t *wp[Q8_0_CHUNK_GROUPS];
     for (int g = 0; g < ng; g++) {
         wp[g] = wg + g * group_bytes;
         for (int h = 0; h < 2; h++)
@@ -875,7 +877,7 @@ static ALWAYS_INLINE void tile_quantized_avx2(float *out, q8_inputs x, const uin
     for (int64_t b = 0; b < n_blocks; b++) {
         for (int t = 0; t < nc; t += per_turn) {
             const int m = nc - t < per_turn ? nc - t : per_turn;
-            __m256i dot[Q8_0_ITEM_GROUPS][2][QUANTIZED_AVX2_SUMS / 2];
+            __m256i dot[Q8_0_CHUNK_GROUPS][2][QUANTIZED_AVX2_SUMS / 2];
             for (int c = 0; c < m; c++) {
                 /* q4_0's values are stored + 8: its sums start from -8 * sum(xq) */
                 const __m256i start = _mm256_set1_epi32(q4 && !with_min ? x_corr[t + c] / 16 : 0);
@@ -963,49 +965,83 @@ static ALWAYS_INLINE void tile_quantized(float *out, q8_inputs x, const uint8_t 
 #endif
 }
 
-#define TILE_ANY_C(ng, group_rows, c0, nc)                                                           \
+// full groups ng of rows from wg, output feature r0, against inputs c0 .. c0 + nc - 1
+#define TILE_ANY_C(wg, r0, ng, c0, nc)                                                              \
     switch (nc) {                                                                                   \
-    case 1: tile_quantized(out, x, wg, n, d, r0, ng, group_rows, c0, 1, prefetch_bytes, dtype); break; \
-    case 2: tile_quantized(out, x, wg, n, d, r0, ng, group_rows, c0, 2, prefetch_bytes, dtype); break; \
-    case 3: tile_quantized(out, x, wg, n, d, r0, ng, group_rows, c0, 3, prefetch_bytes, dtype); break; \
-    case 4: tile_quantized(out, x, wg, n, d, r0, ng, group_rows, c0, 4, prefetch_bytes, dtype); break; \
-    case 5: tile_quantized(out, x, wg, n, d, r0, ng, group_rows, c0, 5, prefetch_bytes, dtype); break; \
-    default: tile_quantized(out, x, wg, n, d, r0, ng, group_rows, c0, 6, prefetch_bytes, dtype); break; \
+    case 1: tile_quantized(out, x, wg, n, d, r0, ng, LMD_Q8_0_GROUP, c0, 1, prefetch_bytes, dtype); break; \
+    case 2: tile_quantized(out, x, wg, n, d, r0, ng, LMD_Q8_0_GROUP, c0, 2, prefetch_bytes, dtype); break; \
+    case 3: tile_quantized(out, x, wg, n, d, r0, ng, LMD_Q8_0_GROUP, c0, 3, prefetch_bytes, dtype); break; \
+    case 4: tile_quantized(out, x, wg, n, d, r0, ng, LMD_Q8_0_GROUP, c0, 4, prefetch_bytes, dtype); break; \
+    case 5: tile_quantized(out, x, wg, n, d, r0, ng, LMD_Q8_0_GROUP, c0, 5, prefetch_bytes, dtype); break; \
+    default: tile_quantized(out, x, wg, n, d, r0, ng, LMD_Q8_0_GROUP, c0, 6, prefetch_bytes, dtype); break; \
     }
+// the same for a chunk's first ng full groups and one or two inputs
+#define TILE_1_OR_2_C(ng, c0, nc)                                                                   \
+    if ((nc) == 1) tile_quantized(out, x, wg, n, d, r0, ng, LMD_Q8_0_GROUP, c0, 1, prefetch_bytes, dtype); \
+    else tile_quantized(out, x, wg, n, d, r0, ng, LMD_Q8_0_GROUP, c0, 2, prefetch_bytes, dtype);
 
 // bytes of one block column of a group of 16 rows in a quantized storage type
 static size_t group_block_bytes(lmd_dtype dtype) {
     return LMD_Q8_0_GROUP * (dtype == LMD_Q8_0 ? LMD_Q8_0_BLOCK_BYTES : q4_block_bytes(dtype));
 }
 
-// one parallel work item: groups item * Q8_0_ITEM_GROUPS ... of W (d, n) in a quantized type
-// (a constant) against the B inputs x -> out (B, d), Q8_0_TILE_C inputs at a time
-static ALWAYS_INLINE void item_quantized(float *out, q8_inputs x, const uint8_t *w, int64_t n, int64_t d, int64_t item,
-                                         int B, const lmd_dtype dtype) {
+// groups g0 .. g0 + ng - 1 (ng <= Q8_0_CHUNK_GROUPS) of W (d, n) in a quantized type (a
+// constant) against the B inputs x -> out (B, d); prefetch_bytes ahead, the next such chunk
+// of the weights (0: none)
+static ALWAYS_INLINE void chunk_quantized(float *out, q8_inputs x, const uint8_t *w, int64_t n, int64_t d, int64_t g0,
+                                          int ng, int B, int64_t prefetch_ahead, const lmd_dtype dtype) {
     const size_t group_bytes = (size_t)(n / LMD_Q8_0_BLOCK) * group_block_bytes(dtype);
-    const int64_t r0 = item * Q8_0_ITEM_GROUPS * LMD_Q8_0_GROUP;
-    const uint8_t *wg = w + item * Q8_0_ITEM_GROUPS * group_bytes;
-    const int64_t rows = d - r0 < Q8_0_ITEM_GROUPS * LMD_Q8_0_GROUP ? d - r0 : Q8_0_ITEM_GROUPS * LMD_Q8_0_GROUP;
+    const int64_t r0 = g0 * LMD_Q8_0_GROUP;
+    const uint8_t *wg = w + g0 * group_bytes;
+    const int64_t rows = d - r0 < ng * LMD_Q8_0_GROUP ? d - r0 : ng * LMD_Q8_0_GROUP;
     const int full_groups = (int)(rows / LMD_Q8_0_GROUP), tail_rows = (int)(rows % LMD_Q8_0_GROUP);
-    for (int c0 = 0; c0 < B; c0 += Q8_0_TILE_C) {
-        const int nc = B - c0 < Q8_0_TILE_C ? B - c0 : Q8_0_TILE_C;
-        /* the first pass over the item's weights fetches the next item's (the rows are a
-         * contiguous stream; the later passes find this item's in cache), into L2 rather
-         * than L1: an item is 26-70 kB of the 110M Llama's weights, more than a 32 kB L1
-         * holds beside the item being read. Prefetching into L1 (prefetcht0), as this did
+#if LMD_Q8_0_VNNI
+    /* AVX-512's 32 registers hold a tile of 4 groups x 2 inputs (8 integer sums, 8 float
+     * accumulators, 4 weight vectors) or of 2 groups x 6 inputs, not 4 x 6: one or two
+     * inputs (decoding) meet all the chunk's groups at once, more inputs take 6 at a time
+     * over each pair of groups (the first pair from memory, the second from L2 after the
+     * prefetch). 3-4 inputs ran as fast either way (as 4 x 2 tiles twice, 2 x 4 tiles over
+     * the pairs); a 512-token prefill too. */
+    const int tile_c = B <= 2 ? 2 : Q8_0_TILE_C;
+#else
+    const int tile_c = Q8_0_TILE_C;
+#endif
+    for (int c0 = 0; c0 < B; c0 += tile_c) {
+        const int nc = B - c0 < tile_c ? B - c0 : tile_c;
+        /* the first pass over the chunk's weights fetches the next chunk's (the rows are a
+         * contiguous stream; the later passes find this chunk's in cache), into L2 rather
+         * than L1: a chunk is 52-140 kB of the 110M Llama's weights, more than a 32 kB L1
+         * holds beside the chunk being read. Prefetching into L1 (prefetcht0), as this did
          * first, decoded 12-24% slower on a Zen 4 (q8_0 one thread 118 -> 134 tok/s, two
          * threads 159 -> 197, q4_0 175 -> 195; medians of 6 fresh processes each, builds
          * alternating); twice as far ahead gained nothing more, half as far lost 6%. */
-        const int64_t prefetch_bytes = c0 == 0 && r0 + rows < d ? (int64_t)(Q8_0_ITEM_GROUPS * group_bytes) : 0;
+        const int64_t prefetch_bytes = c0 == 0 ? prefetch_ahead : 0;
+#if LMD_Q8_0_VNNI
+        if (nc > 2) {
+            for (int gp = 0; gp < full_groups; gp += 2) {
+                const uint8_t *wg_pair = wg + gp * group_bytes;
+                const int64_t r0_pair = r0 + gp * LMD_Q8_0_GROUP;
+                if (full_groups - gp >= 2) TILE_ANY_C(wg_pair, r0_pair, 2, c0, nc)
+                else TILE_ANY_C(wg_pair, r0_pair, 1, c0, nc)
+            }
+        } else {
+            switch (full_groups) {
+            case 0: break;
+            case 1: TILE_1_OR_2_C(1, c0, nc) break;
+            case 2: TILE_1_OR_2_C(2, c0, nc) break;
+            case 3: TILE_1_OR_2_C(3, c0, nc) break;
+            default: TILE_1_OR_2_C(4, c0, nc) break;
+            }
+        }
+#else
         switch (full_groups) {
         case 0: break;
-        case 1: TILE_ANY_C(1, LMD_Q8_0_GROUP, c0, nc) break;
-        case 2: TILE_ANY_C(2, LMD_Q8_0_GROUP, c0, nc) break;
-#if Q8_0_ITEM_GROUPS > 2
-        case 3: TILE_ANY_C(3, LMD_Q8_0_GROUP, c0, nc) break;
-        default: TILE_ANY_C(4, LMD_Q8_0_GROUP, c0, nc) break;
-#endif
+        case 1: TILE_ANY_C(wg, r0, 1, c0, nc) break;
+        case 2: TILE_ANY_C(wg, r0, 2, c0, nc) break;
+        case 3: TILE_ANY_C(wg, r0, 3, c0, nc) break;
+        default: TILE_ANY_C(wg, r0, 4, c0, nc) break;
         }
+#endif
         if (tail_rows > 0) {
             const uint8_t *tail = wg + full_groups * group_bytes;
             const int64_t tail_r0 = r0 + full_groups * LMD_Q8_0_GROUP;
@@ -1014,14 +1050,28 @@ static ALWAYS_INLINE void item_quantized(float *out, q8_inputs x, const uint8_t 
     }
 }
 
-static void item_q8_0(float *out, q8_inputs x, const uint8_t *w, int64_t n, int64_t d, int64_t item, int B) {
-    item_quantized(out, x, w, n, d, item, B, LMD_Q8_0);
+// one thread's share of W's groups, g_begin .. g_end - 1, chunk by chunk of Q8_0_CHUNK_GROUPS
+static ALWAYS_INLINE void slice_quantized(float *out, q8_inputs x, const uint8_t *w, int64_t n, int64_t d,
+                                          int64_t g_begin, int64_t g_end, int B, const lmd_dtype dtype) {
+    const int64_t chunk_bytes = Q8_0_CHUNK_GROUPS * (int64_t)((size_t)(n / LMD_Q8_0_BLOCK) * group_block_bytes(dtype));
+    for (int64_t g = g_begin; g < g_end; g += Q8_0_CHUNK_GROUPS) {
+        const int ng = g_end - g < Q8_0_CHUNK_GROUPS ? (int)(g_end - g) : Q8_0_CHUNK_GROUPS;
+        const int next_full = g + ng + Q8_0_CHUNK_GROUPS <= g_end;
+        chunk_quantized(out, x, w, n, d, g, ng, B, next_full ? chunk_bytes : 0, dtype);
+    }
 }
-static void item_q4_0(float *out, q8_inputs x, const uint8_t *w, int64_t n, int64_t d, int64_t item, int B) {
-    item_quantized(out, x, w, n, d, item, B, LMD_Q4_0);
+
+static void slice_q8_0(float *out, q8_inputs x, const uint8_t *w, int64_t n, int64_t d, int64_t g_begin,
+                       int64_t g_end, int B) {
+    slice_quantized(out, x, w, n, d, g_begin, g_end, B, LMD_Q8_0);
 }
-static void item_q4_1(float *out, q8_inputs x, const uint8_t *w, int64_t n, int64_t d, int64_t item, int B) {
-    item_quantized(out, x, w, n, d, item, B, LMD_Q4_1);
+static void slice_q4_0(float *out, q8_inputs x, const uint8_t *w, int64_t n, int64_t d, int64_t g_begin,
+                       int64_t g_end, int B) {
+    slice_quantized(out, x, w, n, d, g_begin, g_end, B, LMD_Q4_0);
+}
+static void slice_q4_1(float *out, q8_inputs x, const uint8_t *w, int64_t n, int64_t d, int64_t g_begin,
+                       int64_t g_end, int B) {
+    slice_quantized(out, x, w, n, d, g_begin, g_end, B, LMD_Q4_1);
 }
 
 // where B quantized inputs of n features sit in scratch (lmd_matmul_scratch_bytes)
@@ -1078,24 +1128,32 @@ static int parallel_worth(int B, int64_t d, int64_t n) {
 static void matmul_quantized(float *out, const lmd_matrix *w, int B, const void *scratch) {
     const int64_t d = w->rows, n = w->cols, n_blocks = n / LMD_Q8_0_BLOCK;
     const q8_inputs xq = q8_inputs_in(scratch, B, n);
-    void (*const item_of)(float *, q8_inputs, const uint8_t *, int64_t, int64_t, int64_t, int) =
-        w->dtype == LMD_Q8_0 ? item_q8_0 : w->dtype == LMD_Q4_0 ? item_q4_0 : item_q4_1;
-    const int64_t item_rows = Q8_0_ITEM_GROUPS * LMD_Q8_0_GROUP, n_items = (d + item_rows - 1) / item_rows;
+    void (*const slice_of)(float *, q8_inputs, const uint8_t *, int64_t, int64_t, int64_t, int64_t, int) =
+        w->dtype == LMD_Q8_0 ? slice_q8_0 : w->dtype == LMD_Q4_0 ? slice_q4_0 : slice_q4_1;
+    const int64_t n_groups = (d + LMD_Q8_0_GROUP - 1) / LMD_Q8_0_GROUP;
+    /* one slice of the groups per thread, as even as groups allow (chunks of 4 groups as
+     * work items would leave a thread idle for a quarter of a 576-row matrix) */
+#ifdef _OPENMP
+    const int n_slices = parallel_worth(B, d, n) ? lmd_get_num_threads() : 1;
+#else
+    const int n_slices = 1;
+#endif
     const uint8_t *data = (const uint8_t *)w->data;
     /* inputs in groups that stay in L2 while all the weights pass them (as for f32 below) */
-    int group = (int)(L2_INPUT_BUDGET / (n + 8 * n_blocks)) / Q8_0_TILE_C * Q8_0_TILE_C;
-    if (group < Q8_0_TILE_C) group = Q8_0_TILE_C;
-    if (group > B) group = B;
-#define ITEMS_OF_GROUP(item_loop_pragma)                                                             \
-    for (int g0 = 0; g0 < B; g0 += group) {                                                        \
-        const q8_inputs gx = {xq.q + (int64_t)g0 * LMD_Q8_0_BLOCK, xq.scale + g0, xq.corr + g0,     \
+    int pass_inputs = (int)(L2_INPUT_BUDGET / (n + 8 * n_blocks)) / Q8_0_TILE_C * Q8_0_TILE_C;
+    if (pass_inputs < Q8_0_TILE_C) pass_inputs = Q8_0_TILE_C;
+    if (pass_inputs > B) pass_inputs = B;
+#define SLICES_OF_PASS(slice_loop_pragma)                                                           \
+    for (int i0 = 0; i0 < B; i0 += pass_inputs) {                                                   \
+        const q8_inputs gx = {xq.q + (int64_t)i0 * LMD_Q8_0_BLOCK, xq.scale + i0, xq.corr + i0,     \
                               xq.stride};                                                           \
-        item_loop_pragma                                                                            \
-        for (int64_t item = 0; item < n_items; item++)                                              \
-            item_of(out + (int64_t)g0 * d, gx, data, n, d, item, B - g0 < group ? B - g0 : group);   \
+        slice_loop_pragma                                                                           \
+        for (int slice = 0; slice < n_slices; slice++)                                              \
+            slice_of(out + (int64_t)i0 * d, gx, data, n, d, n_groups * slice / n_slices,            \
+                     n_groups * (slice + 1) / n_slices, B - i0 < pass_inputs ? B - i0 : pass_inputs); \
     }
-    IN_PARALLEL_IF_WORTH(B, d, n, ITEMS_OF_GROUP);
-#undef ITEMS_OF_GROUP
+    IN_PARALLEL_IF_WORTH(B, d, n, SLICES_OF_PASS);
+#undef SLICES_OF_PASS
 }
 
 /* ------------------------------------------------------------------ */

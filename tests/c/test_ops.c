@@ -596,8 +596,10 @@ static void test_matmul_batch_and_thread_invariance(void) {
 
 /* Every output of a q8_0 matmul is bit-identical to lmd_dot_q8_0 of its row in llama.cpp's
  * layout: the same blocks, the same FMAs, whichever tile, group of rows or work item
- * produced it. Rows: three groups of 16 and 5 left over, and seven and 5 (work items of 2
- * groups with AVX-512 and of 4 with AVX2, whole and short, the last with a short group);
+ * produced it. Rows: three groups of 16 and 5 left over, and seven and 5 (chunks of 4
+ * groups, whole and short, the last with a short group; two threads' slices of 2 and 2, 4 and
+ * 4 groups; with AVX-512, batches of 1-2 meet a chunk's groups in one tile, larger ones
+ * pairs of groups, then the remaining 1-2 inputs again all groups);
  * columns: one block, a multiple of 16 blocks, and long rows. */
 static void test_matmul_q8_0_equals_dot(void) {
     const int64_t cols_q[5] = {32, 768, 1024, 4096, 4128};
