@@ -1006,9 +1006,9 @@ static ALWAYS_INLINE void chunk_quantized(float *out, q8_inputs x, const uint8_t
     /* AVX-512's 32 registers hold a tile of 4 groups x 2 inputs (8 integer sums, 8 float
      * accumulators, 4 weight vectors) or of 2 groups x 6 inputs, not 4 x 6: one or two
      * inputs (decoding) meet all the chunk's groups at once, more inputs take 6 at a time
-     * over each pair of groups (the first pair from memory, the second from L2 after the
-     * prefetch). 3-4 inputs ran as fast either way (as 4 x 2 tiles twice, 2 x 4 tiles over
-     * the pairs); a 512-token prefill too. */
+     * over each pair of groups (passes after the first find the chunk in L2). 3-4 inputs ran
+     * as fast either way (as 4 x 2 tiles twice, 2 x 4 tiles over the pairs); a 512-token
+     * prefill too. */
     const int tile_c = B <= 2 ? 2 : Q8_0_TILE_C;
 #else
     const int tile_c = Q8_0_TILE_C;
