@@ -104,6 +104,27 @@ def test_width_one_is_greedy_without_eos():
     assert hyps[0].tokens == seq[2:]
 
 
+def test_step_function_may_refill_one_buffer():
+    # a step function returning the same array every call, refilled (as a view of an engine's
+    # logits buffer is): each beam must keep the row it was given, batched or not
+    step = hashed_step(9, seed=4)
+    buffer, batch_buffer = np.empty(9, np.float32), np.empty((8, 9), np.float32)
+
+    def reused(tokens):
+        buffer[:] = step(tokens)
+        return buffer
+
+    def reused_batched(sequences):
+        for i, s in enumerate(sequences):
+            batch_buffer[i] = step(s)
+        return batch_buffer[: len(sequences)]
+
+    kw = dict(beam_width=3, max_new_tokens=6, num_return_sequences=3)
+    want = [(h.tokens, h.score) for h in beam_search(step, [1, 2], **kw)]
+    assert [(h.tokens, h.score) for h in beam_search(reused, [1, 2], **kw)] == want
+    assert [(h.tokens, h.score) for h in beam_search(reused_batched, [1, 2], batched=True, **kw)] == want
+
+
 def test_batched_step_function_sees_each_distinct_beam_once():
     step = hashed_step(6, seed=2)
     calls = []

@@ -1,6 +1,8 @@
 """The command line, run in-process through lmdecode.cli.main on stories260K."""
 from __future__ import annotations
 
+import io
+import os
 import re
 from pathlib import Path
 
@@ -82,12 +84,26 @@ def test_score_and_perplexity(capsys, tmp_path):
     (["perplexity", "--model", STORIES, "/nonexistent/story.txt"], "No such file or directory"),
     (["perplexity", "--model", STORIES, "--window", "1", "TEXT"], r"window \(=1\) must be >= 2"),
     (["perplexity", "--model", STORIES, STORIES], r"stories260K\.bin: not UTF-8 text"),
+    (["generate", "--model", STORIES, "--threads", "-1", "hi"], r"--threads \(=-1\) must be >= 0"),
+    # an option of one method, beside another method or without its own, is refused
+    (["generate", "--model", STORIES, "--beam-width", "2", "--draft-model", "/nonexistent", "hi"],
+     "--draft-model does not apply to beam search"),
+    (["generate", "--model", STORIES, "--beam-width", "2", "--amateur-model", STORIES, "hi"],
+     "--amateur-model does not apply to beam search"),
+    (["generate", "--model", STORIES, "--draft-model", STORIES, "--amateur-model", STORIES, "hi"],
+     "--draft-model and --amateur-model are two methods"),
+    (["generate", "--model", STORIES, "--length-penalty", "2", "hi"], "--length-penalty needs --beam-width"),
+    (["generate", "--model", STORIES, "--num-draft-tokens", "2", "hi"], "--num-draft-tokens needs --draft-model"),
+    (["generate", "--model", STORIES, "--draft-dtype", "q8_0", "hi"], "--draft-dtype needs --draft-model"),
+    (["generate", "--model", STORIES, "--contrastive-alpha", "0.2", "hi"], "--contrastive-alpha needs --amateur-model"),
+    (["generate", "--model", STORIES, "--top-p", "2", "hi"], r"top_p \(=2\) must be in"),  # streamed: no prompt echoed
 ])
 def test_errors_are_one_line_on_stderr(argv, message, capsys, tmp_path):
     (tmp_path / "story.txt").write_text("Once upon a time, there was a cat.\n")
     argv = [str(tmp_path / "story.txt") if a == "TEXT" else a for a in argv]
     assert cli.main(argv) == 1
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out == ""  # nothing on stdout, the prompt's echo included
     assert err.startswith(f"python -m lmdecode {argv[0]}: error: ")
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
@@ -109,3 +125,38 @@ def test_bad_arguments_are_argparse_errors(capsys):
         cli.main(["generate", "--model", STORIES, "--max-new-tokens", "abc", "hi"])
     assert exit_info.value.code == 2
     assert "invalid int value: 'abc'" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_the_command_quietly(capsys, tmp_path, monkeypatch):
+    # `python -m lmdecode generate ... | head -c 10`: the reader goes away while text is printed
+    class ClosedPipe:
+        def __init__(self):
+            self.file = open(tmp_path / "out", "w")
+
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return self.file.fileno()
+
+    pipe = ClosedPipe()
+    monkeypatch.setattr("sys.stdout", pipe)
+    assert cli.main(["generate", "--model", STORIES, "--max-new-tokens", "5", "Once"]) == 1
+    assert capsys.readouterr().err == ""  # no error message, no traceback
+    # what the interpreter flushes at exit goes to /dev/null, not to the closed pipe
+    assert os.path.samestat(os.fstat(pipe.fileno()), os.stat(os.devnull))
+    pipe.file.close()
+
+
+def test_chat_reads_windows_line_ends(capsys, monkeypatch):
+    model = ld.Model.load(STORIES)  # given a chat template (it has none): the messages' text in turn
+    model.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    turn = [{"role": "user", "content": "Once upon a time"}]
+    want = model.generate(turn, max_new_tokens=8, temperature=0).text
+    monkeypatch.setattr(ld.Model, "load", lambda *args, **kwargs: model)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Once upon a time\r\n\r\nnot read\r\n"))
+    assert cli.main(["chat", "--model", STORIES, "--temperature", "0", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == want + "\n"  # one turn, without the \r: the blank line ends the chat

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -74,6 +75,24 @@ _NOT_FOR_BEAMS = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=
                       presence_penalty=0.0, seed=None, stop=None)
 
 
+def _check_modes(args: argparse.Namespace) -> None:
+    """generate's options belong to one method each (beam search, speculative or contrastive
+    decoding): one given without its method, or beside another method, is refused rather than
+    silently ignored."""
+    if args.beam_width:
+        unused = [name for name, default in _NOT_FOR_BEAMS.items() if getattr(args, name) != default]
+        unused += [name for name in ("draft_model", "amateur_model") if getattr(args, name) is not None]
+        if unused:
+            raise ValueError(f"--{unused[0].replace('_', '-')} does not apply to beam search (--beam-width)")
+    if args.draft_model is not None and args.amateur_model is not None:
+        raise ValueError("--draft-model and --amateur-model are two methods: give one of them")
+    needs = {"length_penalty": "beam_width", "draft_dtype": "draft_model", "num_draft_tokens": "draft_model",
+             "contrastive_alpha": "amateur_model"}
+    for option, method in needs.items():
+        if getattr(args, option) is not None and not getattr(args, method):
+            raise ValueError(f"--{option.replace('_', '-')} needs --{method.replace('_', '-')}")
+
+
 def _chat(model, args: argparse.Namespace) -> int:
     """One user message per line of stdin (an empty line or the end of input stops); each reply
     is streamed to stdout. Every turn's prompt is the whole conversation, and cache_prompt lets
@@ -83,7 +102,7 @@ def _chat(model, args: argparse.Namespace) -> int:
     conversation = [{"role": "system", "content": args.system}] if args.system is not None else []
     seed = args.seed
     for line in sys.stdin:
-        message = line.rstrip("\n")
+        message = line.rstrip("\r\n")  # Windows line ends too
         if not message:
             break
         conversation.append({"role": "user", "content": message})
@@ -108,12 +127,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the prompt text")
     _add_sampling_arguments(gen)
     gen.add_argument("--beam-width", type=int, default=0, help="beam search with this width instead of sampling")
-    gen.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty")
+    gen.add_argument("--length-penalty", type=float, default=None, help="beam search length penalty (default 1.0)")
     gen.add_argument("--draft-model", help="speculative decoding: a smaller model with the same vocabulary proposes tokens")
     gen.add_argument("--draft-dtype", choices=["f32", "bf16", "f16", "q8_0", "q4_0", "q4_1"], help="weight storage of the draft model")
-    gen.add_argument("--num-draft-tokens", type=int, default=4, help="tokens the draft proposes per round (default 4)")
+    gen.add_argument("--num-draft-tokens", type=int, default=None, help="tokens the draft proposes per round (default 4)")
     gen.add_argument("--amateur-model", help="contrastive decoding: an amateur model with the same vocabulary")
-    gen.add_argument("--contrastive-alpha", type=float, default=0.1, help="contrastive decoding's plausibility cut (default 0.1)")
+    gen.add_argument("--contrastive-alpha", type=float, default=None, help="contrastive decoding's plausibility cut (default 0.1)")
     gen.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it is made")
     gen.add_argument("--chat", action="store_true",
                      help="the prompt is a user's message: the model's chat template frames it and the reply is printed")
@@ -145,6 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
+    except BrokenPipeError:  # the reader went away (`| head`): quiet, as other command-line tools are
+        # stdout points at /dev/null so that the interpreter's flush at exit does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (ValueError, TypeError, OSError) as e:
         print(f"python -m lmdecode {args.command}: error: {e}", file=sys.stderr)
         return 1
@@ -153,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     import lmdecode as ld
 
+    if args.threads < 0:
+        raise ValueError(f"--threads (={args.threads}) must be >= 0 (0: the default)")
     if args.threads:
         ld.set_num_threads(args.threads)
     model = ld.Model.load(resolve_model_path(args.model), tokenizer=args.tokenizer, dtype=args.dtype,
@@ -169,28 +195,33 @@ def _run(args: argparse.Namespace) -> int:
                 raise ValueError(f"{args.model} has no chat template; drop --chat")
             system = [{"role": "system", "content": args.system}] if args.system is not None else []
             prompt, echo = system + [{"role": "user", "content": args.prompt}], ""
+        _check_modes(args)
         if args.beam_width:
-            unused = [name for name, default in _NOT_FOR_BEAMS.items() if getattr(args, name) != default]
-            if unused:
-                raise ValueError(f"--{unused[0].replace('_', '-')} does not apply to beam search (--beam-width)")
+            length_penalty = 1.0 if args.length_penalty is None else args.length_penalty
             hyps = model.beam_search(prompt, beam_width=args.beam_width, max_new_tokens=args.max_new_tokens,
-                                     length_penalty=args.length_penalty, repetition_penalty=args.repetition_penalty,
+                                     length_penalty=length_penalty, repetition_penalty=args.repetition_penalty,
                                      no_repeat_ngram_size=args.no_repeat_ngram_size)
             print(echo + hyps[0].text)
             return 0
         sampling = _sampling(args)
         if args.draft_model:
+            num_draft_tokens = 4 if args.num_draft_tokens is None else args.num_draft_tokens
             sampling.update(draft_model=ld.Model.load(resolve_model_path(args.draft_model), dtype=args.draft_dtype,
-                                                      kv_dtype=args.kv_dtype), num_draft_tokens=args.num_draft_tokens)
+                                                      kv_dtype=args.kv_dtype), num_draft_tokens=num_draft_tokens)
         if args.amateur_model:
+            alpha = 0.1 if args.contrastive_alpha is None else args.contrastive_alpha
             sampling.update(amateur_model=ld.Model.load(resolve_model_path(args.amateur_model), kv_dtype=args.kv_dtype),
-                            contrastive_alpha=args.contrastive_alpha)
+                            contrastive_alpha=alpha)
         if args.no_stream:
             out = model.generate(prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, **sampling)
             print(echo + out.text)
         else:
+            # the stream is made first: generate() checks every option as it is called, so a
+            # bad one fails with nothing printed
+            chunks = model.generate(prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
+                                    stream=True, **sampling)
             sys.stdout.write(echo)
-            for chunk in model.generate(prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, stream=True, **sampling):
+            for chunk in chunks:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
             sys.stdout.write("\n")

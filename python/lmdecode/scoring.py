@@ -10,8 +10,11 @@ documentation ("Perplexity of fixed-length models"): windows of ``window``
 tokens start every ``stride`` tokens; each window scores only the tokens the
 previous windows did not (the last ``end - previous_end`` of it), so
 overlapping tokens are scored once, with up to ``window - stride`` tokens of
-context. The first token of the text has no context and is never scored:
-``n_tokens = len(tokens) - 1`` and ``perplexity = exp(nll / n_tokens)``.
+context. The first token of the text has no context and is never scored; nor,
+with disjoint windows (``stride == window``), is the first token of each
+window, as in that loop. So ``n_tokens = len(tokens) - 1`` when the windows
+overlap (or there is one), ``len(tokens) - windows`` when they do not, and
+``perplexity = exp(nll / n_tokens)``.
 """
 from __future__ import annotations
 

@@ -166,7 +166,9 @@ def _beam_search_step_fn(step_fn: Callable[[np.ndarray], Any], prompt_ids: list[
                 raise ValueError(f"a batched step_fn must return ({len(missing)}, V) logits for {len(missing)} "
                                  f"sequences, got shape {rows.shape}")
         else:
-            rows = [step_logits(step_fn(tokens)) for tokens in inputs]
+            # copies: a step function may hand back one buffer it refills on every call (a view
+            # of llama.cpp's logits, say), and the rows of all the step's beams are kept together
+            rows = [np.array(step_logits(step_fn(tokens)), dtype=np.float32) for tokens in inputs]
             for row in rows:
                 if row.ndim != 1:
                     raise ValueError(f"step_fn must return a 1-D array of logits, got shape {row.shape}")
