@@ -65,7 +65,7 @@ def main() -> None:
     rows = {name: [] for name in engines}
     texts = [path.read_text()[:20000] for path in sorted(DATA.glob("*.txt"))]
     for prompt in PROMPTS + texts:
-        ids = tokenizer.apply_chat_template(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt)[:400]
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True) if isinstance(prompt, list) else tokenizer.encode(prompt)[:400]
         ref = models["f32"].logits(ids)
         scale = float(ref.max() - ref.min())
         for name, logits in engines.items():

@@ -88,6 +88,9 @@ def test_matches_transformers_apply_chat_template(tokenizer_dir, template, add_g
                                           add_generation_prompt=add_generation_prompt, **extra)
         assert ours.apply_chat_template(conversation, chat_template=template,
                                         add_generation_prompt=add_generation_prompt, **extra) == list(want_ids)
+    # the default, as transformers': no assistant opening unless asked for
+    assert ours.apply_chat_template(CONVERSATIONS[0], chat_template=template, tokenize=False, **extra) == \
+        hf.apply_chat_template(CONVERSATIONS[0], chat_template=template, tokenize=False, **extra)
     # the template's own error, as transformers raises it
     bad = [{"role": "assistant", "content": "first"}]
     with pytest.raises(jinja2.TemplateError, match="must alternate"):
@@ -153,7 +156,7 @@ def stories_with_template():
 def test_generate_and_beam_search_take_conversations(stories_with_template):
     model = stories_with_template
     conversation = [{"role": "user", "content": "Once upon a time"}]
-    ids = model.tokenizer.apply_chat_template(conversation)
+    ids = model.tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
     assert model.tokenizer.decode(ids) == " user: Once upon a time\nassistant:"  # llama2.c's leading space
     kw = dict(max_new_tokens=12, temperature=0.8, seed=3)
     assert model.generate(conversation, **kw).tokens == model.generate(ids, **kw).tokens

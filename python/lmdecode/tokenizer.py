@@ -84,13 +84,14 @@ class Tokenizer:
         """The token's piece as the vocabulary spells it, special tokens included (``<s>``)."""
         raise NotImplementedError
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False,
                             tokenize: bool = True, chat_template: str | None = None, **extra: Any) -> list[int] | str:
         """A conversation as the prompt of an instruct model, as transformers'
         ``apply_chat_template``: the template (``chat_template`` or this tokenizer's) rendered
         with ``bos_token``/``eos_token`` spelt as the vocabulary spells them, then encoded
         without an added BOS (templates write their own) and with special tokens parsed.
-        ``tokenize=False`` returns the text."""
+        ``tokenize=False`` returns the text. As there, ``add_generation_prompt`` is off unless
+        asked for (generate() asks: a conversation as a prompt ends with the assistant's opening)."""
         from .chat import render_chat
 
         text = render_chat(chat_template if chat_template is not None else self.chat_template, messages,
