@@ -343,3 +343,97 @@ def test_corrupt_tokenizer_files(tmp_path):
     (tmp_path / "hf" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": {')
     with pytest.raises(ValueError, match=r"tokenizer\.json: not a readable tokenizer\.json"):
         load_tokenizer(tmp_path / "hf")
+
+
+# ----------------------------------------------------------------------------
+# bad GGUF metadata
+# ----------------------------------------------------------------------------
+
+# a sentencepiece-style vocabulary: (piece, score, type). "▁Hello" is a normal token the merges
+# reach; "Hello", "abc", "xa" and "x▁y" are user-defined (type 4); "<|c|>" is a control token
+SPM_VOCAB = [("<unk>", 0, 2), ("<s>", 0, 3), ("</s>", 0, 3), ("\u2581", -1, 1), ("H", -2, 1), ("e", -2, 1),
+             ("l", -2, 1), ("o", -2, 1), ("x", -2, 1), ("a", -2, 1), ("b", -2, 1), ("c", -2, 1), ("y", -2, 1),
+             ("\u2581H", 1, 1), ("\u2581He", 2, 1), ("\u2581Hel", 3, 1), ("\u2581Hell", 4, 1), ("\u2581Hello", 5, 1),
+             ("\u2581x", 6, 1), ("Hello", 0, 4), ("abc", 0, 4), ("xa", 0, 4), ("x\u2581y", 0, 4), ("<|c|>", 0, 3),
+             ("<", -3, 1), (">", -3, 1), ("|", -3, 1)]
+# a byte-level one: the 256 bytes, then "ĠHello" (merged from "Ġ" "H" "e" "l" "l" "o"),
+# user-defined "Hello" (261) and control "<|im_start|>" (262)
+BPE_TOKENS = ["ĠH", "ĠHe", "ĠHel", "ĠHell", "ĠHello", "Hello", "<|im_start|>"]
+BPE_TYPES = [1] * 256 + [1, 1, 1, 1, 1, 4, 3]
+BPE_MERGES = ["Ġ H", "ĠH e", "ĠHe l", "ĠHel l", "ĠHell o"]
+
+
+def spm_vocabulary(w):
+    w.add_tokenizer_model("llama")
+    w.add_token_list([p for p, _, _ in SPM_VOCAB])
+    w.add_token_scores([float(s) for _, s, _ in SPM_VOCAB])
+    w.add_token_types([t for _, _, t in SPM_VOCAB])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+
+def bpe_vocabulary(w):
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list([BYTE_LEVEL[b] for b in range(256)] + BPE_TOKENS)
+    w.add_token_types(BPE_TYPES)
+    w.add_token_merges(BPE_MERGES)
+
+
+def _spm_metadata(**changes):
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [p for p, _, _ in SPM_VOCAB],
+            "tokenizer.ggml.scores": [float(s) for _, s, _ in SPM_VOCAB],
+            "tokenizer.ggml.token_type": [t for _, _, t in SPM_VOCAB],
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    meta.update({"tokenizer.ggml." + k: v for k, v in changes.items()})
+    return meta
+
+
+N_SPM = len(SPM_VOCAB)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(scores=[0.0] * 10), rf"tokenizer\.ggml\.scores has 10 entries but tokenizer\.ggml\.tokens has {N_SPM}"),
+    (dict(scores=["a"] * N_SPM), r"tokenizer\.ggml\.scores must be an array of numbers; entry 0 is 'a'"),
+    (dict(scores=[0.0] * (N_SPM - 1) + [float("nan")]), rf"tokenizer\.ggml\.scores .* entry {N_SPM - 1} is nan"),
+    (dict(tokens=list(range(N_SPM))), r"tokenizer\.ggml\.tokens must be an array of strings; entry 0 is 0"),
+    (dict(tokens=[]), r"tokenizer\.ggml\.tokens is empty"),
+    (dict(tokens="abc"), r"tokenizer\.ggml\.tokens must be an array of strings, got 'abc'"),
+    (dict(token_type=[1] * 3), rf"tokenizer\.ggml\.token_type has 3 entries but tokenizer\.ggml\.tokens has {N_SPM}"),
+    (dict(token_type=[1] * (N_SPM - 1) + [9]), r"tokenizer\.ggml\.token_type must be an array of token type .* is 9"),
+    (dict(bos_token_id=4294967295), r"tokenizer\.ggml\.bos_token_id=4294967295 is not a token id"),
+    (dict(eos_token_id="2"), r"tokenizer\.ggml\.eos_token_id='2' is not a token id"),
+    (dict(add_bos_token="false"), r"tokenizer\.ggml\.add_bos_token must be a boolean, got 'false'"),
+    (dict(model=3), r"tokenizer\.ggml\.model must be a string, got 3"),
+])
+def test_bad_gguf_sentencepiece_metadata_is_refused_when_built(changes, message):
+    """Arrays of the wrong length or element type fail when the tokenizer is built, naming the
+    key: they loaded, then the first encode raised IndexError or TypeError (-'a', len(0))."""
+    with pytest.raises(ValueError, match=message):
+        Tokenizer.from_gguf_metadata(_spm_metadata(**changes))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(merges=["Ġ H", "ĠHe"]), r"tokenizer\.ggml\.merges must be .* two pieces .*entry 1 is 'ĠHe'"),
+    (dict(merges=[3]), r"tokenizer\.ggml\.merges must be an array of string.*entry 0 is 3"),
+    (dict(merges=["Ġ Q"]), r"tokenizer\.ggml\.merges: .*Q.* out of vocabulary"),
+    (dict(token_type=[1] * 256), r"tokenizer\.ggml\.token_type has 256 entries but tokenizer\.ggml\.tokens has 263"),
+    (dict(pre=7), r"tokenizer\.ggml\.pre must be a string, got 7"),
+])
+def test_bad_gguf_byte_level_metadata_is_refused_when_built(changes, message):
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [BYTE_LEVEL[b] for b in range(256)] + BPE_TOKENS,
+            "tokenizer.ggml.token_type": BPE_TYPES, "tokenizer.ggml.merges": BPE_MERGES}
+    meta.update({"tokenizer.ggml." + k: v for k, v in changes.items()})
+    with pytest.raises(ValueError, match=message):
+        Tokenizer.from_gguf_metadata(meta)
+
+
+def test_bad_gguf_tokenizer_names_file_and_key(tmp_path):
+    def short_scores(w):
+        spm_vocabulary(w)
+        w.add_token_scores([0.0] * 10)  # GGUFWriter keeps the last value of a key
+
+    path = tmp_path / "short_scores.gguf"
+    write_gguf(path, "llama", {}, {}, more=short_scores)
+    with pytest.raises(ValueError, match=r"short_scores\.gguf: tokenizer\.ggml\.scores has 10 entries"):
+        load_tokenizer(path)

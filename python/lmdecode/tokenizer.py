@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import codecs
 import heapq
+import numbers
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .sampling import token_id_list
 
@@ -37,6 +40,9 @@ SPACE_MARK = "\u2581"  # sentencepiece's visible space
 SEGMENTED_ENCODE_MIN_CHARS = 256
 SEGMENT_CACHE_SIZE = 1 << 14  # a few MB at most; tinyshakespeare (42k distinct words) as fast as with 1 << 16
 SEGMENT_CACHE_MAX_CHARS = 64
+# GGUF token types (llama.cpp's LLAMA_TOKEN_TYPE_*: 0 undefined, 5 unused, 6 byte are the others)
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL = 1, 2, 3
+N_TOKEN_TYPES = 7
 
 
 class StreamDecoder:
@@ -130,6 +136,8 @@ class Tokenizer:
         ``tokenizer.*`` metadata values (what :func:`lmdecode.loaders.read_gguf` keeps)."""
         model = _gguf_field(reader, "tokenizer.ggml.model")
         tokenizer: Tokenizer
+        if not isinstance(model, str):
+            raise ValueError(f"tokenizer.ggml.model must be a string, got {model!r:.80}")
         if model == "llama":
             tokenizer = ScoreBPETokenizer.from_gguf(reader)
         elif model == "gpt2":
@@ -137,7 +145,9 @@ class Tokenizer:
         else:
             raise ValueError(f"unsupported GGUF tokenizer model {model!r} (supported: llama, gpt2)")
         template = _gguf_field(reader, "tokenizer.chat_template", None)
-        tokenizer.chat_template = template if isinstance(template, str) and template else None
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"tokenizer.chat_template must be a string, got {template!r:.80}")
+        tokenizer.chat_template = template or None
         return tokenizer
 
 
@@ -208,13 +218,16 @@ class ScoreBPETokenizer(Tokenizer):
 
     @classmethod
     def from_gguf(cls, reader: Any) -> "ScoreBPETokenizer":
-        pieces = list(_gguf_field(reader, "tokenizer.ggml.tokens"))
-        scores = list(_gguf_field(reader, "tokenizer.ggml.scores", [0.0] * len(pieces)))
-        types = list(_gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(pieces)))
-        special = {i for i, t in enumerate(types) if t in (2, 3)}  # unknown, control
-        return cls(pieces, scores, bos_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id", None),
-                   eos_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id", None), space_mark=True,
-                   adds_bos=bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", True)), special=special)
+        pieces, types = _gguf_tokens_and_types(reader)
+        scores = _gguf_list(reader, "tokenizer.ggml.scores", len(pieces), "number",
+                            lambda v: _is_real(v) and v == v)  # not NaN
+        if scores is None:
+            scores = [0.0] * len(pieces)
+        return cls(pieces, [float(v) for v in scores], space_mark=True,
+                   bos_id=_gguf_token_id(reader, "tokenizer.ggml.bos_token_id", len(pieces)),
+                   eos_id=_gguf_token_id(reader, "tokenizer.ggml.eos_token_id", len(pieces)),
+                   adds_bos=_gguf_bool(reader, "tokenizer.ggml.add_bos_token", True),
+                   special={i for i, t in enumerate(types) if t in (TOKEN_UNKNOWN, TOKEN_CONTROL)})
 
     def _piece_bytes(self, token: int) -> bytes:
         if token in self.special:
@@ -506,26 +519,34 @@ class ByteLevelBPETokenizer(HFTokenizer):
         import tokenizers
         from tokenizers import decoders, models, pre_tokenizers
 
-        pre = _gguf_field(reader, "tokenizer.ggml.pre", "") or "default"  # llama.cpp: missing or empty
+        pre = _gguf_string(reader, "tokenizer.ggml.pre", "") or "default"  # llama.cpp: missing or empty
         if pre not in _PRE_TOKENIZER_OF_NAME:
             raise ValueError(f"unsupported GGUF pre-tokenizer tokenizer.ggml.pre={pre!r} "
                              f"(supported: {', '.join(sorted(_PRE_TOKENIZER_OF_NAME))})")
-        tokens = list(_gguf_field(reader, "tokenizer.ggml.tokens"))
-        merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges")]
-        types = list(_gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+        tokens, types = _gguf_tokens_and_types(reader)
+        # llama.cpp cuts a merge at its first space after the first character
+        merges = _gguf_list(reader, "tokenizer.ggml.merges", None, "string of two pieces split by a space",
+                            lambda v: type(v) is str and v.find(" ", 1) > 0)
+        if merges is None:
+            raise ValueError("GGUF metadata lacks tokenizer.ggml.merges")
+        cut = [m.find(" ", 1) for m in merges]
         vocab = {t: i for i, t in enumerate(tokens)}
-        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
-                                                  ignore_merges=pre in _LLAMA3_OWN_NAMES))
+        try:
+            model = models.BPE(vocab=vocab, merges=[(m[:at], m[at + 1:]) for m, at in zip(merges, cut)],
+                               fuse_unk=False, ignore_merges=pre in _LLAMA3_OWN_NAMES)
+        except Exception as e:  # the Rust library's bare Exception, e.g. a merge of a piece that is no token
+            raise ValueError(f"tokenizer.ggml.merges: {e}") from e
+        backend = tokenizers.Tokenizer(model)
         splits = [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated")
                   for r in _PRE_TOKENIZER_REGEXES[_PRE_TOKENIZER_OF_NAME[pre]]]
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         backend.decoder = decoders.ByteLevel()
-        control = [tokenizers.AddedToken(t, special=True) for t, kind in zip(tokens, types) if kind == 3]
+        control = [tokenizers.AddedToken(t, special=True) for t, kind in zip(tokens, types) if kind == TOKEN_CONTROL]
         backend.add_special_tokens(control)
-        return cls(backend, bos_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id", None),
-                   eos_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id", None),
-                   adds_bos=bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", pre in _LLAMA3_OWN_NAMES)),
+        return cls(backend, bos_id=_gguf_token_id(reader, "tokenizer.ggml.bos_token_id", len(tokens)),
+                   eos_id=_gguf_token_id(reader, "tokenizer.ggml.eos_token_id", len(tokens)),
+                   adds_bos=_gguf_bool(reader, "tokenizer.ggml.add_bos_token", pre in _LLAMA3_OWN_NAMES),
                    byte_level=True)
 
 
@@ -548,6 +569,75 @@ def _gguf_field(metadata: Any, key: str, default: Any = _MISSING) -> Any:
     if default is _MISSING:
         raise ValueError(f"GGUF metadata lacks {key}")
     return default
+
+
+def _gguf_list(metadata: Any, key: str, length: int | None, kind: str, ok: Callable[[Any], bool]) -> list | None:
+    """The array at key (None when absent), checked: a list of ``length`` elements (when given)
+    each passing ``ok``. Checked when the tokenizer is built, so that a bad file fails there
+    with its key named rather than at some later encode (an IndexError, or ``-'a'``)."""
+    value = _gguf_field(metadata, key, None)
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{key} must be an array of {kind}s, got {value!r:.80}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{key} has {len(value)} entries but tokenizer.ggml.tokens has {length}")
+    if not all(map(ok, value)):
+        for i, v in enumerate(value):
+            if not ok(v):
+                raise ValueError(f"{key} must be an array of {kind}s; entry {i} is {v!r:.80}")
+    return list(value)
+
+
+def _is_int(v: Any) -> bool:
+    # the exact type first, as GGUF arrays hold them: an ABC isinstance for each of Llama 2's
+    # 32,000 entries took 25 ms, more than the rest of building its tokenizer
+    return type(v) is int or (isinstance(v, numbers.Integral) and not isinstance(v, bool))
+
+
+def _is_real(v: Any) -> bool:
+    return type(v) is float or (isinstance(v, numbers.Real) and not isinstance(v, bool))
+
+
+def _gguf_tokens_and_types(metadata: Any) -> tuple[list[str], list[int]]:
+    """tokenizer.ggml.tokens and tokenizer.ggml.token_type (all normal when absent), checked."""
+    tokens = _gguf_list(metadata, "tokenizer.ggml.tokens", None, "string", lambda v: type(v) is str)
+    if not tokens:
+        raise ValueError("GGUF metadata lacks tokenizer.ggml.tokens" if tokens is None
+                         else "tokenizer.ggml.tokens is empty")
+    types = _gguf_list(metadata, "tokenizer.ggml.token_type", len(tokens), f"token type (0-{N_TOKEN_TYPES - 1})",
+                       lambda v: _is_int(v) and 0 <= v < N_TOKEN_TYPES)
+    if types is None:
+        return tokens, [TOKEN_NORMAL] * len(tokens)
+    return tokens, [int(t) for t in types]
+
+
+def _gguf_token_id(metadata: Any, key: str, vocab_size: int) -> int | None:
+    value = _gguf_field(metadata, key, None)
+    if value is None:
+        return None
+    if not _is_int(value) or not 0 <= value < vocab_size:
+        # llama.cpp warns and falls back to a built-in id: here the file is named instead
+        raise ValueError(f"{key}={value!r:.80} is not a token id (the vocabulary has {vocab_size} tokens)")
+    return int(value)
+
+
+def _gguf_bool(metadata: Any, key: str, default: bool) -> bool:
+    value = _gguf_field(metadata, key, None)
+    if value is None:
+        return default
+    if not isinstance(value, (bool, np.bool_)):  # bool("false") would be True
+        raise ValueError(f"{key} must be a boolean, got {value!r:.80}")
+    return bool(value)
+
+
+def _gguf_string(metadata: Any, key: str, default: str) -> str:
+    value = _gguf_field(metadata, key, None)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r:.80}")
+    return value
 
 
 def _hf_chat_template(directory: Path) -> str | None:
