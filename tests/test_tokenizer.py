@@ -346,7 +346,7 @@ def test_corrupt_tokenizer_files(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# bad GGUF metadata
+# GGUF user-defined tokens, parse_special, bad metadata, bad text
 # ----------------------------------------------------------------------------
 
 # a sentencepiece-style vocabulary: (piece, score, type). "▁Hello" is a normal token the merges
@@ -378,6 +378,63 @@ def bpe_vocabulary(w):
     w.add_token_list([BYTE_LEVEL[b] for b in range(256)] + BPE_TOKENS)
     w.add_token_types(BPE_TYPES)
     w.add_token_merges(BPE_MERGES)
+
+
+def test_gguf_user_defined_tokens_are_whole_tokens(tmp_path):
+    """llama.cpp cuts user-defined pieces (type 4) out of the text whatever parse_special says,
+    longest piece first, and encodes each stretch between them on its own (sentencepiece-style:
+    with its dummy-prefix space). The ids below are llama.cpp's (llama-cpp-python 0.3.36,
+    tokenize(add_bos=True, special=False and True) on these files), worked out by hand in the
+    comments. lmdecode merged through them: "Hello" gave "▁Hello" (17)."""
+    write_gguf(tmp_path / "spm.gguf", "llama", {}, {}, more=spm_vocabulary)
+    write_gguf(tmp_path / "bpe.gguf", "llama", {}, {}, more=bpe_vocabulary)
+    spm, bpe = load_tokenizer(tmp_path / "spm.gguf"), load_tokenizer(tmp_path / "bpe.gguf")
+    spm_cases = {
+        "Hello": [1, 19],  # the user-defined piece, no dummy prefix before it
+        "x Hello x": [1, 18, 3, 19, 3, 18],  # "▁x▁" = ▁x ▁, Hello, then "▁▁x" = ▁ ▁x
+        " Hello": [1, 3, 3, 19],  # "▁▁" before the piece
+        "HelloHello": [1, 19, 19],
+        # "abc" is longer than "xa", so it is cut first although "xa" starts earlier
+        "xabc": [1, 18, 20],
+        "xabcxa": [1, 18, 20, 21],
+        "ax\u2581yb": [1, 3, 9, 22, 3, 10],  # a piece holding U+2581 matches that character in the text
+    }
+    for parse_special in (False, True):
+        for text, ids in spm_cases.items():
+            assert spm.encode(text, parse_special=parse_special) == ids, (text, parse_special)
+    # the control piece only with parse_special, the user-defined one either way
+    assert spm.encode("<|c|>Hello<|c|>", parse_special=True) == [1, 23, 19, 23]
+    assert spm.encode("<|c|>Hello<|c|>") == [1, 3, 24, 26, 11, 26, 25, 19, 3, 24, 26, 11, 26, 25]
+    # a user-defined token's text is its piece as written (llama.cpp's token_to_piece)
+    assert spm.token_bytes(22) == "x\u2581y".encode() and spm.token_bytes(17) == b" Hello"
+    # (the space llama.cpp puts before text after a token reads back, as llama.cpp's detokenize has it)
+    assert spm.decode([1, 18, 3, 19, 3, 18]) == "x Hello  x"
+    bpe_cases = {
+        "Hello": [261],
+        " Hello there": [32, 261, 32, 116, 104, 101, 114, 101],  # "Ġ", Hello, then the bytes of " there"
+        "xHello there": [120, 261, 32, 116, 104, 101, 114, 101],
+        " Hell": [259],  # no user-defined piece: the merges as before
+    }
+    for parse_special in (False, True):
+        for text, ids in bpe_cases.items():
+            assert bpe.encode(text, parse_special=parse_special) == ids, (text, parse_special)
+    assert bpe.encode(" Hello") != [260] and bpe.decode([32, 261]) == " Hello"
+
+
+def test_gguf_byte_level_honours_parse_special(tmp_path):
+    """A GGUF "gpt2" vocabulary spells control tokens as text unless parse_special=True, as
+    llama.cpp does and as the sentencepiece-style ones already did (SmolLM2's "<|im_start|>"
+    became id 1 either way)."""
+    write_gguf(tmp_path / "bpe.gguf", "llama", {}, {}, more=bpe_vocabulary)
+    bpe = load_tokenizer(tmp_path / "bpe.gguf")
+    text = "<|im_start|> Hello<|im_start|>"
+    spelt = [60, 124, 105, 109, 95, 115, 116, 97, 114, 116, 124, 62]  # the bytes of "<|im_start|>"
+    assert bpe.encode(text) == spelt + [32, 261] + spelt
+    assert bpe.encode(text, parse_special=False) == spelt + [32, 261] + spelt
+    assert bpe.encode(text, parse_special=True) == [262, 32, 261, 262]
+    assert bpe.token_bytes(262) == b""
+    conversation = [{"role": "user", "content": "Hello"}]
+    assert bpe.apply_chat_template(conversation, chat_template="<|im_start|>{{ messages[0]['content'] }}") == [262, 261]
 
 
 def _spm_metadata(**changes):

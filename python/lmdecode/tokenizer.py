@@ -15,13 +15,17 @@ Three kinds, one interface (``encode``, ``decode``, ``token_bytes``,
 
 ``load_tokenizer(path)`` picks by file: ``.bin`` (llama2.c), ``.gguf``, a
 ``tokenizer.json`` or a directory holding one.
+
+Special pieces in the text: GGUF vocabularies cut the text as llama.cpp does (its
+``tokenizer_st_partition``): user-defined tokens (type 4) always, control and unknown ones
+(types 3, 2) only with ``parse_special=True``; ``tokenizer.json`` ones as the ``tokenizers``
+package does (added tokens, always).
 """
 from __future__ import annotations
 
 import codecs
 import heapq
 import numbers
-import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -41,7 +45,7 @@ SEGMENTED_ENCODE_MIN_CHARS = 256
 SEGMENT_CACHE_SIZE = 1 << 14  # a few MB at most; tinyshakespeare (42k distinct words) as fast as with 1 << 16
 SEGMENT_CACHE_MAX_CHARS = 64
 # GGUF token types (llama.cpp's LLAMA_TOKEN_TYPE_*: 0 undefined, 5 unused, 6 byte are the others)
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL = 1, 2, 3
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 2, 3, 4
 N_TOKEN_TYPES = 7
 
 
@@ -79,7 +83,9 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = True, parse_special: bool = False) -> list[int]:
         """Token ids of text, with BOS first when add_bos and the vocabulary expects one.
         parse_special: special tokens spelt in the text (``<s>``, ``<|im_start|>``) become
-        their ids, as chat templates need (Hugging Face tokenizers always do this)."""
+        their ids, as chat templates need; otherwise they are text like any other (GGUF
+        user-defined tokens are matched either way, as llama.cpp matches them; Hugging Face
+        tokenizers always parse them)."""
         raise NotImplementedError
 
     def token_bytes(self, token: int) -> bytes:
@@ -156,6 +162,43 @@ class Tokenizer:
 # ----------------------------------------------------------------------------
 
 
+def _split_order(piece_of: Callable[[int], str], tokens: set[int]) -> list[tuple[str, int]]:
+    """The pieces of tokens in the order llama.cpp looks for them in a text: longest (in UTF-8
+    bytes) first. Among pieces of one length llama.cpp's order is std::sort's, unspecified; here
+    the lower id first. Empty pieces are never looked for."""
+    found = [(piece_of(i), i) for i in tokens if piece_of(i)]
+    return sorted(found, key=lambda p: (-len(p[0].encode("utf-8", errors="surrogateescape")), p[1]))
+
+
+def _split_on_pieces(text: str, pieces: list[tuple[str, int]]) -> list[str | int]:
+    """text cut as llama.cpp's tokenizer_st_partition cuts it: each piece in turn (longest first)
+    takes every occurrence of itself, leftmost first and not overlapping, in the stretches of
+    text the pieces before it left; the result alternates text (never empty) and token ids. A
+    longer piece wins over a shorter one that overlaps it, even one that starts earlier ("abc"
+    over "xa" in "xabc"), which one regular expression scanning left to right would not give."""
+    fragments: list[str | int] = [text] if text else []
+    for piece, token in pieces:
+        if piece not in text:  # the usual case, one fast scan
+            continue
+        cut: list[str | int] = []
+        for fragment in fragments:
+            if isinstance(fragment, int) or piece not in fragment:
+                cut.append(fragment)
+                continue
+            start = 0
+            at = fragment.find(piece)
+            while at >= 0:
+                if at > start:
+                    cut.append(fragment[start:at])
+                cut.append(token)
+                start = at + len(piece)
+                at = fragment.find(piece, start)
+            if start < len(fragment):
+                cut.append(fragment[start:])
+        fragments = cut
+    return fragments
+
+
 def _byte_fallback(piece: str) -> int | None:
     """The byte a "<0xNN>" piece stands for."""
     if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
@@ -170,7 +213,11 @@ class ScoreBPETokenizer(Tokenizer):
     """BPE that merges the adjacent pair with the highest score first (llama2.c / sentencepiece BPE)."""
 
     def __init__(self, pieces: list[str], scores: list[float], *, bos_id: int | None, eos_id: int | None,
-                 space_mark: bool, adds_bos: bool = True, special: set[int] | None = None) -> None:
+                 space_mark: bool, adds_bos: bool = True, special: set[int] | None = None,
+                 user_defined: set[int] | None = None) -> None:
+        """special: control and unknown tokens (no text of their own; matched in the text only
+        with parse_special); user_defined: GGUF type-4 tokens (their piece is their text, and
+        they are matched in the text always, as llama.cpp does)."""
         self.pieces = pieces
         self.scores = scores
         self.vocab_size = len(pieces)
@@ -178,7 +225,9 @@ class ScoreBPETokenizer(Tokenizer):
         self.space_mark = space_mark  # GGUF/sentencepiece pieces spell spaces as U+2581
         self.strips_leading_space_after_bos = True
         self.special = special or set()
-        self._special_regex: re.Pattern[str] | None = None  # built on the first encode(parse_special=True)
+        self.user_defined = user_defined or set()
+        self._split_pieces = (_split_order(pieces.__getitem__, self.user_defined),
+                              _split_order(pieces.__getitem__, self.special | self.user_defined))
         self.lookup: dict[str, int] = {}
         for i, p in enumerate(pieces):
             self.lookup.setdefault(p, i)
@@ -227,12 +276,15 @@ class ScoreBPETokenizer(Tokenizer):
                    bos_id=_gguf_token_id(reader, "tokenizer.ggml.bos_token_id", len(pieces)),
                    eos_id=_gguf_token_id(reader, "tokenizer.ggml.eos_token_id", len(pieces)),
                    adds_bos=_gguf_bool(reader, "tokenizer.ggml.add_bos_token", True),
-                   special={i for i, t in enumerate(types) if t in (TOKEN_UNKNOWN, TOKEN_CONTROL)})
+                   special={i for i, t in enumerate(types) if t in (TOKEN_UNKNOWN, TOKEN_CONTROL)},
+                   user_defined={i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED})
 
     def _piece_bytes(self, token: int) -> bytes:
         if token in self.special:
             return b""
         piece = self.pieces[token]
+        if token in self.user_defined:  # its text as written, U+2581 included (llama.cpp's token_to_piece)
+            return piece.encode("utf-8", errors="surrogateescape")
         b = _byte_fallback(piece)
         if b is not None:
             return bytes([b])
@@ -247,21 +299,14 @@ class ScoreBPETokenizer(Tokenizer):
     def encode(self, text: str, add_bos: bool = True, parse_special: bool = False) -> list[int]:
         self._check_text(text)
         ids = [self.bos_id] if add_bos and self.adds_bos and self.bos_id is not None else []
-        if not parse_special:
-            return ids + self._encode_plain(text)
-        # special pieces take their ids, the longest where several match; each text run between
-        # them is encoded on its own (with its dummy prefix, as llama.cpp does after a special token)
-        start = 0
-        for match in self._special_pattern().finditer(text):
-            ids += self._encode_plain(text[start:match.start()]) + [self.lookup[match.group()]]
-            start = match.end()
-        return ids + self._encode_plain(text[start:])
-
-    def _special_pattern(self) -> "re.Pattern[str]":
-        if self._special_regex is None:
-            pieces = sorted({self.pieces[i] for i in self.special if self.pieces[i]}, key=len, reverse=True)
-            self._special_regex = re.compile("|".join(map(re.escape, pieces)) if pieces else "(?!)")
-        return self._special_regex
+        # user-defined (and with parse_special, control) pieces take their ids; each text run
+        # between them is encoded on its own, with its dummy prefix, as llama.cpp does after a token
+        for fragment in _split_on_pieces(text, self._split_pieces[bool(parse_special)]):
+            if isinstance(fragment, int):
+                ids.append(fragment)
+            else:
+                ids += self._encode_plain(fragment)
+        return ids
 
     def _encode_plain(self, text: str) -> list[int]:
         if not text:
@@ -386,12 +431,18 @@ _BYTE_LEVEL_TO_LATIN1.update({b: "\uffff" for b in range(256) if chr(b) not in _
 class HFTokenizer(Tokenizer):
     """A ``tokenizers.Tokenizer`` with lmdecode's interface."""
 
-    def __init__(self, backend: Any, *, bos_id: int | None, eos_id: int | None, adds_bos: bool, byte_level: bool) -> None:
+    def __init__(self, backend: Any, *, bos_id: int | None, eos_id: int | None, adds_bos: bool, byte_level: bool,
+                 special: set[int] | None = None, user_defined: set[int] | None = None) -> None:
+        """special: tokens without text (default: the backend's special added tokens);
+        user_defined: tokens whose piece is their text as written (GGUF type 4)."""
         self.backend = backend
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id, self.adds_bos = bos_id, eos_id, adds_bos
         self.byte_level = byte_level
-        self.special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        if special is None:
+            special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self.special = special
+        self.user_defined = user_defined or set()
         self._bytes = self._all_token_bytes()
 
     @classmethod
@@ -430,17 +481,19 @@ class HFTokenizer(Tokenizer):
         return tokenizer
 
     def _all_token_bytes(self) -> list[bytes]:
-        """Each token's bytes: none for special tokens and ids without a piece; a byte-level
-        piece's characters mapped back to bytes (as UTF-8 where one is not in GPT-2's table);
-        else sentencepiece's byte fallback or the piece with its space marks as spaces. One
-        vocabulary read and str.translate per byte-level piece: per-token lookups took 0.19 s
-        for SmolLM2's 49,152 pieces, a sixth of the command line's run."""
+        """Each token's bytes: none for special tokens and ids without a piece; a user-defined
+        token's piece as written; a byte-level piece's characters mapped back to bytes (as UTF-8
+        where one is not in GPT-2's table); else sentencepiece's byte fallback or the piece with
+        its space marks as spaces. One vocabulary read and str.translate per byte-level piece:
+        per-token lookups took 0.19 s for SmolLM2's 49,152 pieces, a sixth of the command line's run."""
         piece_of = {i: piece for piece, i in self.backend.get_vocab(with_added_tokens=True).items()}
         out = []
         for token in range(self.vocab_size):
             piece = piece_of.get(token)
             if token in self.special or piece is None:
                 out.append(b"")
+            elif token in self.user_defined:
+                out.append(piece.encode("utf-8"))
             elif self.byte_level:
                 try:
                     out.append(piece.translate(_BYTE_LEVEL_TO_LATIN1).encode("latin-1"))
@@ -536,18 +589,41 @@ class ByteLevelBPETokenizer(HFTokenizer):
                                fuse_unk=False, ignore_merges=pre in _LLAMA3_OWN_NAMES)
         except Exception as e:  # the Rust library's bare Exception, e.g. a merge of a piece that is no token
             raise ValueError(f"tokenizer.ggml.merges: {e}") from e
+        # no added tokens in the backend: control and user-defined pieces are cut out of the
+        # text before it (encode), in llama.cpp's order and with parse_special honoured
         backend = tokenizers.Tokenizer(model)
         splits = [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated")
                   for r in _PRE_TOKENIZER_REGEXES[_PRE_TOKENIZER_OF_NAME[pre]]]
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         backend.decoder = decoders.ByteLevel()
-        control = [tokenizers.AddedToken(t, special=True) for t, kind in zip(tokens, types) if kind == TOKEN_CONTROL]
-        backend.add_special_tokens(control)
         return cls(backend, bos_id=_gguf_token_id(reader, "tokenizer.ggml.bos_token_id", len(tokens)),
                    eos_id=_gguf_token_id(reader, "tokenizer.ggml.eos_token_id", len(tokens)),
                    adds_bos=_gguf_bool(reader, "tokenizer.ggml.add_bos_token", pre in _LLAMA3_OWN_NAMES),
-                   byte_level=True)
+                   byte_level=True, special={i for i, t in enumerate(types) if t in (TOKEN_UNKNOWN, TOKEN_CONTROL)},
+                   user_defined={i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED})
+
+    def __init__(self, backend: Any, **kwargs: Any) -> None:
+        super().__init__(backend, **kwargs)
+
+        def piece_of(token: int) -> str:
+            return self.backend.id_to_token(token) or ""
+
+        self._split_pieces = (_split_order(piece_of, self.user_defined),
+                              _split_order(piece_of, self.special | self.user_defined))
+
+    def encode(self, text: str, add_bos: bool = True, parse_special: bool = False) -> list[int]:
+        """As Tokenizer.encode, as llama.cpp tokenizes: user-defined pieces always and control
+        pieces with parse_special take their ids, and each stretch of text between them is
+        encoded on its own."""
+        self._check_text(text)
+        ids = [self.bos_id] if add_bos and self.adds_bos and self.bos_id is not None else []
+        for fragment in _split_on_pieces(text, self._split_pieces[bool(parse_special)]):
+            if isinstance(fragment, int):
+                ids.append(fragment)
+            else:
+                ids += self.backend.encode(fragment, add_special_tokens=False).ids
+        return ids
 
 
 # ----------------------------------------------------------------------------
