@@ -125,17 +125,26 @@ def test_stream_decoder_never_splits_a_character(tok512):
 
 
 def test_hf_tokenizer_json(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     vocab = {"<s>": 0, "</s>": 1, "h": 2, "e": 3, "l": 4, "o": 5, "he": 6, "ll": 7, "hell": 8, "hello": 9, "Ġ": 10, "w": 11, "r": 12, "d": 13}
     merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o")]
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.save(str(tmp_path / "tokenizer.json"))
+    # the BOS comes from the post_processor, as transformers 5 adds it: a config's add_bos_token
+    # alone adds none (transformers ignores it beside a tokenizer.json)
     (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}')
     tok = load_tokenizer(tmp_path)
     assert tok.bos_id == 0 and tok.eos_id == 1
+    assert tok.encode("hello world") == [9, 10, 11, 5, 12, 4, 13]
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>", "add_bos_token": false}')
+    tok = load_tokenizer(tmp_path)
+    assert tok.bos_id == 0  # the token the post_processor puts first, where the config names none
     assert tok.encode("hello world") == [0, 9, 10, 11, 5, 12, 4, 13]
+    assert tok.encode("hello world", add_bos=False) == [9, 10, 11, 5, 12, 4, 13]
     assert tok.decode([9, 10, 11, 5, 12, 4, 13]) == "hello world"
     (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<s>", ')
     with pytest.raises(ValueError, match=r"tokenizer_config\.json: not valid JSON"):
@@ -343,6 +352,144 @@ def test_corrupt_tokenizer_files(tmp_path):
     (tmp_path / "hf" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": {')
     with pytest.raises(ValueError, match=r"tokenizer\.json: not a readable tokenizer\.json"):
         load_tokenizer(tmp_path / "hf")
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face tokenizer.json files as transformers 5 saves them, built here
+# ----------------------------------------------------------------------------
+
+HF_CORPUS = ["Hello world, was there a cat? There was a cat there.", "naïve café ☃", "Once upon a time there was"] * 10
+# Llama 3's split (as its tokenizer.json writes it)
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def hf_tokenizer_dir(path: Path, kind: str) -> Path:
+    """A tokenizer.json trained here and a tokenizer_config.json without add_bos_token (what
+    transformers 5's save_pretrained writes), in the shape of:
+    - "llama2": sentencepiece-style BPE (Llama 2, Mistral): <unk> <s> </s>, then <0x00>..<0xFF>
+      as ids 3..258, U+2581 for spaces, byte fallback, a decoder that drops the first space, and
+      a TemplateProcessing post_processor that puts <s> first;
+    - "llama3": byte-level BPE whose post_processor puts <|begin_of_text|> first;
+    - "smollm": byte-level BPE with the ByteLevel post_processor (SmolLM2, GPT-2, Qwen): no BOS,
+      though the config names one (<|im_start|>)."""
+    import json
+
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as Backend
+
+    path.mkdir(parents=True, exist_ok=True)
+    if kind == "llama2":
+        specials = ["<unk>", "<s>", "</s>"]
+        trained = Backend(models.BPE(unk_token="<unk>"))
+        trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        trained.train_from_iterator(HF_CORPUS, trainers.BpeTrainer(vocab_size=100, special_tokens=specials))
+        model = json.loads(trained.to_str())["model"]
+        # the byte tokens as ids 3..258 of the model's own vocabulary, as in Llama 2's file
+        pieces = specials + [f"<0x{b:02X}>" for b in range(256)]
+        pieces += [p for p, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1]) if p not in specials]
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        backend = Backend(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, unk_token="<unk>",
+                                     byte_fallback=True, fuse_unk=True))
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                             decoders.Strip(" ", 1, 0)])
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                               special_tokens=[("<s>", 1)])
+        config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    else:
+        bos, eos = ("<|begin_of_text|>", "<|end_of_text|>") if kind == "llama3" else ("<|im_start|>", "<|im_end|>")
+        backend = Backend(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        backend.train_from_iterator(HF_CORPUS, trainers.BpeTrainer(
+            vocab_size=330, special_tokens=[bos, eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        backend.decoder = decoders.ByteLevel()
+        if kind == "llama3":
+            backend.post_processor = processors.Sequence([
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                              special_tokens=[(bos, 0)])])
+        else:
+            backend.post_processor = processors.ByteLevel(trim_offsets=False)
+        config = {"bos_token": bos, "eos_token": eos}
+    backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_tokenizers")
+    return {kind: hf_tokenizer_dir(root / kind, kind) for kind in ("llama2", "llama3", "smollm")}
+
+
+HF_TEXTS = ["Hello world", " there was", "  two  spaces", "naïve café ☃ 🙂", "<s>hi</s>", "<|im_start|>hi", ""]
+
+
+def test_hf_bos_comes_from_the_post_processor(hf_dirs):
+    """A Llama tokenizer that transformers 5 saved has no add_bos_token in its config: its BOS
+    is in the post_processor only (lmdecode read the config's flag, and added none)."""
+    llama2, llama3, smollm = (load_tokenizer(hf_dirs[k]) for k in ("llama2", "llama3", "smollm"))
+    hello = llama2.encode("Hello there", add_bos=False)
+    assert llama2.encode("Hello there") == [1] + hello and llama2.bos_id == 1 and llama2.adds_bos
+    assert [llama2.token_text(i) for i in hello] == ["\u2581Hello", "\u2581there"]
+    assert llama2.encode("") == [1] and llama2.encode("", add_bos=False) == []
+    begin = llama3.backend.token_to_id("<|begin_of_text|>")
+    assert begin == llama3.bos_id == 0
+    assert llama3.encode("Hello world") == [0] + llama3.encode("Hello world", add_bos=False)
+    assert smollm.bos_id == 0 and not smollm.adds_bos  # the config names a BOS the post_processor never adds
+    assert smollm.encode("Hello world") == smollm.encode("Hello world", add_bos=False)
+    assert 0 not in smollm.encode("Hello world")
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("kind", ["llama2", "llama3", "smollm"])
+def test_hf_encode_and_decode_as_transformers(hf_dirs, kind):
+    from oracle import require_transformers
+
+    _, transformers = require_transformers()
+    ours, theirs = load_tokenizer(hf_dirs[kind]), transformers.AutoTokenizer.from_pretrained(str(hf_dirs[kind]))
+    for text in HF_TEXTS:
+        ids = theirs(text).input_ids
+        assert ours.encode(text) == ids, text
+        assert ours.encode(text, add_bos=False) == theirs(text, add_special_tokens=False).input_ids, text
+        # parse_special=False: special tokens spelt as text, as transformers' split_special_tokens
+        assert ours.encode(text, parse_special=False) == theirs(text, split_special_tokens=True).input_ids, text
+        # a document (BOS first where the tokenizer adds one) decodes as transformers decodes it
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+
+
+def test_hf_sentencepiece_continuation_keeps_its_leading_space(hf_dirs):
+    """Generated tokens are a continuation: "▁was ▁there ▁there ▁there" reads " was there there
+    there" in .text, in the stream's chunks and in decode, as with the GGUF vocabulary; the file's
+    decoder dropped the first space, as at the start of a document, so .text read "was there
+    there there" while the chunks joined to " was there there there"."""
+    tok = load_tokenizer(hf_dirs["llama2"])
+    was, there = tok.backend.token_to_id("\u2581was"), tok.backend.token_to_id("\u2581there")
+    assert tok.decode([there]) == " there" and tok.decode([was, there]) == " was there"
+    forced = [was, there, there, there]
+
+    def step(tokens):
+        logits = np.zeros(tok.vocab_size, np.float32)
+        logits[forced[len(tokens) - 2]] = 30.0  # after the prompt [BOS, "▁Hello"]
+        return logits
+
+    prompt = tok.encode("Hello")
+    assert len(prompt) == 2
+    out = ld.generate(step, prompt, max_new_tokens=4, temperature=0, tokenizer=tok)
+    chunks = list(ld.generate(step, prompt, max_new_tokens=4, temperature=0, tokenizer=tok, stream=True))
+    assert out.tokens == forced
+    assert out.text == " was there there there"
+    assert [c.text for c in chunks] == [" was", " there", " there", " there"]
+    # a document keeps decoding as the file's decoder does (the encoder's space before its first
+    # word dropped), and cut anywhere after its first word it reads as the whole
+    ids = tok.encode("Hello world, was there a cat?")
+    assert tok.decode(ids) == "Hello world, was there a cat?"
+    for cut in range(2, len(ids)):
+        assert tok.decode(ids[:cut]) + tok.decode(ids[cut:]) == "Hello world, was there a cat?"
 
 
 # ----------------------------------------------------------------------------

@@ -19,7 +19,12 @@ Three kinds, one interface (``encode``, ``decode``, ``token_bytes``,
 Special pieces in the text: GGUF vocabularies cut the text as llama.cpp does (its
 ``tokenizer_st_partition``): user-defined tokens (type 4) always, control and unknown ones
 (types 3, 2) only with ``parse_special=True``; ``tokenizer.json`` ones as the ``tokenizers``
-package does (added tokens, always).
+package does (added tokens; special ones unless ``parse_special=False``).
+
+``decode(ids)`` reads ids that start with BOS as a document (the space the encoder put before
+its first word dropped, as transformers drops it) and any other ids as a
+continuation of earlier text, whose leading space stays: so the text of generated tokens, the
+stream's chunks and ``decode`` of the whole sequence all agree.
 """
 from __future__ import annotations
 
@@ -84,8 +89,8 @@ class Tokenizer:
         """Token ids of text, with BOS first when add_bos and the vocabulary expects one.
         parse_special: special tokens spelt in the text (``<s>``, ``<|im_start|>``) become
         their ids, as chat templates need; otherwise they are text like any other (GGUF
-        user-defined tokens are matched either way, as llama.cpp matches them; Hugging Face
-        tokenizers always parse them)."""
+        user-defined tokens are matched either way, as llama.cpp matches them). Hugging Face
+        tokenizers default to True, as the ``tokenizers`` package and transformers do."""
         raise NotImplementedError
 
     def token_bytes(self, token: int) -> bytes:
@@ -113,7 +118,12 @@ class Tokenizer:
         return self.encode(text, add_bos=False, parse_special=True) if tokenize else text
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of ids (special tokens such as BOS/EOS contribute nothing)."""
+        """Text of ids (special tokens such as BOS/EOS contribute nothing). Ids that start with
+        BOS are a document: the space sentencepiece-style encoders put before its first word is
+        dropped. Others are a continuation and keep a leading space (" there" for "▁there"),
+        so that generated text reads as it follows its prompt: decode(a) + decode(b) ==
+        decode(a + b) wherever a holds a token after its BOS (and b does not start inside a
+        UTF-8 character)."""
         out = bytearray()
         previous = None
         for token in token_id_list(ids, "ids"):
@@ -443,6 +453,7 @@ class HFTokenizer(Tokenizer):
             special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         self.special = special
         self.user_defined = user_defined or set()
+        self._literal: Any = None  # the backend spelling special tokens as text (encode(parse_special=False))
         self._bytes = self._all_token_bytes()
 
     @classmethod
@@ -457,7 +468,6 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # the Rust library raises a bare Exception on a malformed file
             raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from e
         bos = eos = None
-        adds_bos = False
         for name in ("tokenizer_config.json", "config.json"):
             cfg_path = path.parent / name
             if cfg_path.exists():
@@ -473,10 +483,23 @@ class HFTokenizer(Tokenizer):
                             eos = backend.token_to_id(value)
                 bos = cfg.get("bos_token_id", bos) if bos is None else bos
                 eos = cfg.get("eos_token_id", eos) if eos is None else eos
-                adds_bos = adds_bos or bool(cfg.get("add_bos_token", False))
+        # What encode(add_bos=True) adds is what the file's post_processor adds (Llama 2's and
+        # Llama 3's TemplateProcessing put their BOS first; GPT-2's, SmolLM2's and Qwen's
+        # ByteLevel one adds nothing): the tokenizers package's add_special_tokens=True, as
+        # transformers applies it. tokenizer_config.json's add_bos_token is not read: transformers
+        # 5 ignores it beside a tokenizer.json and does not save it, so a Llama tokenizer it saved
+        # carries its BOS only in the post_processor (reading the flag, that file got no BOS).
+        added = backend.encode("a", add_special_tokens=True)
+        prefix = []
+        for token, is_added in zip(added.ids, added.special_tokens_mask):
+            if not is_added:
+                break
+            prefix.append(token)
+        if bos is None and prefix:
+            bos = prefix[0]  # a bare tokenizer.json: the token its post_processor puts first
         byte_level = '"ByteLevel"' in path.read_text()
-        tokenizer = cls(backend, bos_id=bos, eos_id=eos if isinstance(eos, int) else None, adds_bos=adds_bos,
-                        byte_level=byte_level)
+        tokenizer = cls(backend, bos_id=bos if isinstance(bos, int) else None,
+                        eos_id=eos if isinstance(eos, int) else None, adds_bos=bool(prefix), byte_level=byte_level)
         tokenizer.chat_template = _hf_chat_template(path.parent)
         return tokenizer
 
@@ -509,17 +532,36 @@ class HFTokenizer(Tokenizer):
         return self.backend.id_to_token(token) or ""
 
     def encode(self, text: str, add_bos: bool = True, parse_special: bool = True) -> list[int]:
-        """As Tokenizer.encode; the tokenizers library always parses special tokens."""
+        """As Tokenizer.encode. add_bos: what the file's post_processor adds, as transformers'
+        ``tokenizer(text)`` (a BOS for Llama 2 and 3, nothing for GPT-2, SmolLM2, Qwen; an EOS
+        too where it adds one). parse_special=False spells special added tokens as text
+        (transformers' ``split_special_tokens=True``); non-special added tokens still match."""
         self._check_text(text)
-        ids = list(self.backend.encode(text, add_special_tokens=False).ids)
-        if add_bos and self.adds_bos and self.bos_id is not None:
-            ids = [self.bos_id] + ids
-        return ids
+        backend = self.backend if parse_special else self._literal_backend()
+        return list(backend.encode(text, add_special_tokens=bool(add_bos)).ids)
+
+    def _literal_backend(self) -> Any:
+        # a copy with the flag set once, rather than toggling the shared backend's flag around
+        # each call, which a second thread's encode would see
+        if self._literal is None:
+            import tokenizers
+
+            literal = tokenizers.Tokenizer.from_str(self.backend.to_str())
+            literal.encode_special_tokens = True
+            self._literal = literal
+        return self._literal
 
     def decode(self, ids: Sequence[int]) -> str:
-        if self.byte_level:
+        ids = token_id_list(ids, "ids")
+        if self.byte_level or not ids or ids[0] != self.bos_id:
+            # a continuation: each token's bytes, as the stream decoder shows them. The file's
+            # decoder would drop the first token's space (Llama's Strip, Metaspace), as if the
+            # tokens began a document: generated " was there" read "was there", unlike its
+            # streamed chunks and the GGUF vocabulary's text
             return super().decode(ids)
-        return self.backend.decode(token_id_list(ids, "ids"), skip_special_tokens=True)
+        for token in ids:
+            self._check_id(token)
+        return self.backend.decode(ids, skip_special_tokens=True)  # a document, as transformers decodes it
 
 
 # llama.cpp's pre-tokenizers for byte-level BPE (src/llama-vocab.cpp, ``llm_tokenizer_bpe``: the
