@@ -641,3 +641,22 @@ def test_bad_gguf_tokenizer_names_file_and_key(tmp_path):
     write_gguf(path, "llama", {}, {}, more=short_scores)
     with pytest.raises(ValueError, match=r"short_scores\.gguf: tokenizer\.ggml\.scores has 10 entries"):
         load_tokenizer(path)
+
+
+@pytest.mark.parametrize("source", ["tok512.bin", "llama-2-tiny-random.gguf", "byte-level gguf", "tokenizer.json"])
+def test_text_must_be_a_str_of_valid_unicode(source, hf_dirs):
+    """encode takes a str; one holding lone surrogates (bytes that were not UTF-8, read with
+    errors="surrogateescape", as sys.argv is) is refused by every kind with one message (the
+    tokenizers package said "TextInputSequence must be str", sentencepiece-style vocabularies
+    "surrogates not allowed")."""
+    if source == "byte-level gguf":
+        tok = Tokenizer.from_gguf_metadata(byte_level_gguf("gpt-2"))
+    elif source == "tokenizer.json":
+        tok = load_tokenizer(hf_dirs["smollm"])
+    else:
+        tok = load_tokenizer(MODELS / source)
+    with pytest.raises(ValueError, match=r"text is not valid Unicode: '\\udce9' at index 3 is a lone surrogate"):
+        tok.encode(b"caf\xe9".decode("utf-8", errors="surrogateescape"))
+    for bad in (b"cafe", None, ["cafe"]):
+        with pytest.raises(TypeError, match=f"text must be a str, got {type(bad).__name__}"):
+            tok.encode(bad)

@@ -145,6 +145,14 @@ class Tokenizer:
     def _check_text(text: Any) -> None:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            # lone surrogates: what bytes that are not UTF-8 become when read with
+            # errors="surrogateescape" (sys.argv, os.environ); no tokenizer can spell them
+            # (the tokenizers package said only "TextInputSequence must be str")
+            raise ValueError(f"text is not valid Unicode: {text[e.start]!r} at index {e.start} is a lone surrogate "
+                             f"(input that was not UTF-8, decoded with errors='surrogateescape'?)") from None
 
     @staticmethod
     def from_gguf_metadata(reader: Any) -> "Tokenizer":
