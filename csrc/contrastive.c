@@ -9,11 +9,14 @@
 #include "sampling.h"
 
 lmd_status lmd_contrastive_check(double alpha, double amateur_temperature, lmd_error *err) {
+    char v[LMD_NUMBER_CHARS];
     if (!(alpha >= 0.0 && alpha <= 1.0))
-        return lmd_fail(err, LMD_ERR_INVALID_ARG, "alpha (=%g) must be in [0, 1]", alpha);
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "alpha (=%s) must be in [0, 1]", lmd_format_double(v, alpha));
     if (!(amateur_temperature > 0.0 && amateur_temperature < INFINITY))
-        return lmd_fail(err, LMD_ERR_INVALID_ARG, "amateur_temperature (=%g) must be > 0", amateur_temperature);
-    return LMD_OK;
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "amateur_temperature (=%s) must be > 0",
+                        lmd_format_double(v, amateur_temperature));
+    /* the amateur's logits are divided by it in float32, as sampling's by a temperature */
+    return lmd_check_float32_factor("amateur_temperature", amateur_temperature, err);
 }
 
 lmd_status lmd_contrastive_scores(const float *expert_logits, const float *amateur_logits, int32_t vocab,
@@ -33,6 +36,15 @@ lmd_status lmd_contrastive_scores(const float *expert_logits, const float *amate
     if (bad >= 0)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "amateur logits[%d] is %s; logits must be finite or -inf", (int)bad,
                         isnan(amateur_logits[bad]) ? "NaN" : "+inf");
+    const int32_t over = isfinite(amateur_ms) ? -1 : lmd_scaling_overflow(amateur_logits, vocab, t);
+    if (over >= 0) { /* as lmd_sample_row refuses the temperature */
+        char tv[LMD_NUMBER_CHARS], zv[LMD_NUMBER_CHARS];
+        return lmd_fail(err, LMD_ERR_INVALID_ARG,
+                        "amateur_temperature (=%s) takes the largest amateur logit, logits[%d] (=%s), out of "
+                        "the float32 range",
+                        lmd_format_double(tv, amateur_temperature), (int)over,
+                        lmd_format_float(zv, amateur_logits[over]));
+    }
     if (expert_max == -INFINITY || amateur_ms == -INFINITY)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "every %s logit is -inf", expert_max == -INFINITY ? "expert" : "amateur");
     /* p_EXP(x) >= alpha * p_max  <=>  z(x) - max >= log(alpha) */

@@ -4,11 +4,13 @@
 #endif
 #include "lmdecode.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include "vec.h"
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -26,6 +28,48 @@ lmd_status lmd_fail(lmd_error *err, lmd_status status, const char *fmt, ...) {
     }
     return status;
 }
+
+/* The fewest significant digits (up to max_digits, which always suffice) that read back as x
+ * (in float32 when single), written as Python's repr chooses: positional for decimal
+ * exponents in [-4, 16), else scientific; no trailing ".0". */
+static const char *format_shortest(char buf[LMD_NUMBER_CHARS], double x, int max_digits, int single) {
+    if (!isfinite(x)) {
+        snprintf(buf, LMD_NUMBER_CHARS, "%g", x);
+        return buf;
+    }
+    int digits = 1;
+    for (; digits < max_digits; digits++) {
+        snprintf(buf, LMD_NUMBER_CHARS, "%.*e", digits - 1, x);
+        if (single ? strtof(buf, NULL) == (float)x : strtod(buf, NULL) == x) break;
+    }
+    snprintf(buf, LMD_NUMBER_CHARS, "%.*e", digits - 1, x); /* [-]d[.ddd]e[+-]xx */
+    const int exponent = atoi(strchr(buf, 'e') + 1);
+    if (exponent < -4 || exponent >= 16) return buf;
+    /* positional, from those digits (%f would print a float's exact binary value: 1e15f is
+     * 999999986991104, which is not what was passed) */
+    char mantissa[LMD_NUMBER_CHARS];
+    int n = 0;
+    for (const char *c = buf + (buf[0] == '-'); *c != 'e'; c++)
+        if (*c != '.') mantissa[n++] = *c;
+    char *out = buf + (buf[0] == '-');
+    if (exponent < 0) {
+        memmove(out + 1 - exponent, mantissa, (size_t)n);
+        memset(out, '0', (size_t)(1 - exponent)); /* "0." and the zeros after the point */
+        out[1] = '.';
+        out[1 - exponent + n] = '\0';
+    } else {
+        for (int i = 0; i <= exponent || i < n; i++) {
+            if (i == exponent + 1) *out++ = '.';
+            *out++ = i < n ? mantissa[i] : '0';
+        }
+        *out = '\0';
+    }
+    return buf;
+}
+
+const char *lmd_format_double(char buf[LMD_NUMBER_CHARS], double x) { return format_shortest(buf, x, 17, 0); }
+
+const char *lmd_format_float(char buf[LMD_NUMBER_CHARS], float x) { return format_shortest(buf, x, 9, 1); }
 
 /* 0 means "not set": use the OpenMP default. Read once per parallel region;
  * a plain int is enough because a torn read cannot happen on an aligned int

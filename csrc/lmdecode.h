@@ -31,7 +31,8 @@ typedef enum {
     LMD_ERR_CACHE_FULL,   /* the KV cache has no room for the requested positions */
     LMD_ERR_UNSUPPORTED,  /* a valid input that this build does not handle */
     LMD_ERR_IO,           /* the operating system refused a file operation */
-    LMD_ERR_STOPPED       /* the caller's stop check asked a long loop to stop */
+    LMD_ERR_STOPPED,      /* the caller's stop check asked a long loop to stop */
+    LMD_ERR_INTERNAL      /* an invariant of the core failed (a bug): reported, not read past */
 } lmd_status;
 
 typedef struct {
@@ -44,6 +45,17 @@ lmd_status lmd_fail(lmd_error *err, lmd_status status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)))
 #endif
     ;
+
+/* Room for one number formatted by lmd_format_double or lmd_format_float. */
+#define LMD_NUMBER_CHARS 32
+
+/* x in the fewest significant digits that read back as x, laid out as Python's repr does but
+ * without a trailing ".0" ("1.0000001", "1e-50", "2", "50"), into buf; returns buf. Messages
+ * print values with it: %g rounds to 6 digits, so that "top_p (=1) must be in (0, 1]" was the
+ * message for top_p = 1.0000001. */
+const char *lmd_format_double(char buf[LMD_NUMBER_CHARS], double x);
+/* The same for a float32 value (at most 9 digits). */
+const char *lmd_format_float(char buf[LMD_NUMBER_CHARS], float x);
 
 /* malloc for vectors the kernels stream through: the start is aligned to a cache line
  * (64 bytes), so full-width loads never straddle two lines. Release with free(). */

@@ -21,7 +21,9 @@
  */
 #include "sampling.h"
 
+#include <float.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -83,35 +85,64 @@ void lmd_sampling_params_default(lmd_sampling_params *p) {
     p->min_tokens_to_keep = 1;
 }
 
+/* x > 0 rounds to a normal float32. Below FLT_MAX + half an ulp (0x1.ffffffp127) the double
+ * converts to at most FLT_MAX; above, the conversion would overflow, which C leaves undefined. */
+static int rounds_to_normal_float(double x) { return x < 0x1.ffffffp127 && (float)x >= FLT_MIN; }
+
+lmd_status lmd_check_float32_factor(const char *name, double x, lmd_error *err) {
+    char v[LMD_NUMBER_CHARS];
+    if (!rounds_to_normal_float(x))
+        return lmd_fail(err, LMD_ERR_INVALID_ARG,
+                        "%s (=%s) must be in [1.1754944e-38, 3.4028235e+38], a normal float32: logits are "
+                        "scaled by it in float32",
+                        name, lmd_format_double(v, x));
+    return LMD_OK;
+}
+
 lmd_status lmd_sampling_params_validate(const lmd_sampling_params *p, lmd_error *err) {
-    /* Comparisons are written so that NaN fails them. */
+    /* Comparisons are written so that NaN fails them. Values print in full (lmd_format_double):
+     * a value just outside a range must not read as one inside it. */
+    char v[LMD_NUMBER_CHARS];
     if (!(p->temperature >= 0.0) || isinf(p->temperature))
-        return lmd_fail(err, LMD_ERR_INVALID_ARG, "temperature (=%g) must be a finite number >= 0",
-                        p->temperature);
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "temperature (=%s) must be a finite number >= 0",
+                        lmd_format_double(v, p->temperature));
+    /* no clamping (vLLM raises temperatures below 0.01 and makes those below 1e-5 greedy):
+     * the temperature asked for is the one applied, or an error says why it cannot be */
+    if (p->temperature > 0.0 && !rounds_to_normal_float(p->temperature))
+        return lmd_fail(err, LMD_ERR_INVALID_ARG,
+                        "temperature (=%s) must be 0 (greedy) or in [1.1754944e-38, 3.4028235e+38], a "
+                        "normal float32: logits are divided by it in float32",
+                        lmd_format_double(v, p->temperature));
     if (p->top_k < 0)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "top_k (=%d) must be >= 0 (0 disables it)",
                         (int)p->top_k);
     if (!(p->top_p > 0.0 && p->top_p <= 1.0))
-        return lmd_fail(err, LMD_ERR_INVALID_ARG, "top_p (=%g) must be in (0, 1]", p->top_p);
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "top_p (=%s) must be in (0, 1]",
+                        lmd_format_double(v, p->top_p));
     if (!(p->min_p >= 0.0 && p->min_p <= 1.0))
-        return lmd_fail(err, LMD_ERR_INVALID_ARG, "min_p (=%g) must be in [0, 1]", p->min_p);
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "min_p (=%s) must be in [0, 1]",
+                        lmd_format_double(v, p->min_p));
     if (!(p->typical_p > 0.0 && p->typical_p <= 1.0))
-        return lmd_fail(err, LMD_ERR_INVALID_ARG, "typical_p (=%g) must be in (0, 1]",
-                        p->typical_p);
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "typical_p (=%s) must be in (0, 1]",
+                        lmd_format_double(v, p->typical_p));
     if (!(p->epsilon >= 0.0 && p->epsilon < 1.0))
-        return lmd_fail(err, LMD_ERR_INVALID_ARG, "epsilon (=%g) must be in [0, 1)", p->epsilon);
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "epsilon (=%s) must be in [0, 1)",
+                        lmd_format_double(v, p->epsilon));
     if (!(p->eta >= 0.0 && p->eta < 1.0))
-        return lmd_fail(err, LMD_ERR_INVALID_ARG, "eta (=%g) must be in [0, 1)", p->eta);
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "eta (=%s) must be in [0, 1)",
+                        lmd_format_double(v, p->eta));
     if (!(p->repetition_penalty > 0.0) || isinf(p->repetition_penalty))
         return lmd_fail(err, LMD_ERR_INVALID_ARG,
-                        "repetition_penalty (=%g) must be a finite number > 0",
-                        p->repetition_penalty);
+                        "repetition_penalty (=%s) must be a finite number > 0",
+                        lmd_format_double(v, p->repetition_penalty));
+    lmd_status st = lmd_check_float32_factor("repetition_penalty", p->repetition_penalty, err);
+    if (st != LMD_OK) return st;
     if (!(p->frequency_penalty >= -2.0 && p->frequency_penalty <= 2.0))
-        return lmd_fail(err, LMD_ERR_INVALID_ARG, "frequency_penalty (=%g) must be in [-2, 2]",
-                        p->frequency_penalty);
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "frequency_penalty (=%s) must be in [-2, 2]",
+                        lmd_format_double(v, p->frequency_penalty));
     if (!(p->presence_penalty >= -2.0 && p->presence_penalty <= 2.0))
-        return lmd_fail(err, LMD_ERR_INVALID_ARG, "presence_penalty (=%g) must be in [-2, 2]",
-                        p->presence_penalty);
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "presence_penalty (=%s) must be in [-2, 2]",
+                        lmd_format_double(v, p->presence_penalty));
     if (p->no_repeat_ngram_size < 0)
         return lmd_fail(err, LMD_ERR_INVALID_ARG,
                         "no_repeat_ngram_size (=%d) must be >= 0 (0 disables it)",
@@ -141,10 +172,12 @@ static lmd_status check_row_inputs(const lmd_row_inputs *in, int32_t vocab, lmd_
     if (in->n_bias > 0 && in->bias_values == NULL)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "logit_bias values are NULL");
     for (int32_t i = 0; i < in->n_bias; i++)
-        if (isnan(in->bias_values[i]) || in->bias_values[i] == INFINITY)
+        if (isnan(in->bias_values[i]) || in->bias_values[i] == INFINITY) {
+            char v[LMD_NUMBER_CHARS];
             return lmd_fail(err, LMD_ERR_INVALID_ARG,
-                            "logit_bias for token %d (=%g) must not be NaN or +inf",
-                            (int)in->bias_ids[i], in->bias_values[i]);
+                            "logit_bias for token %d (=%s) must not be NaN or +inf",
+                            (int)in->bias_ids[i], lmd_format_float(v, in->bias_values[i]));
+        }
     if ((st = check_token_ids("allowed_tokens", in->allowed, in->n_allowed, vocab, err))) return st;
     if ((st = check_token_ids("banned_tokens", in->banned, in->n_banned, vocab, err))) return st;
     return LMD_OK;
@@ -230,20 +263,37 @@ void lmd_ban_repeated_ngrams(float *z, int32_t vocab, const int32_t *ctx, int32_
     }
 }
 
-void lmd_penalize_repetitions(float *z, int32_t vocab, const int32_t *ctx, int32_t len, float penalty,
-                              uint32_t *seen, uint32_t epoch) {
+int32_t lmd_penalize_repetitions(float *z, int32_t vocab, const int32_t *ctx, int32_t len, float penalty,
+                                 uint32_t *seen, uint32_t epoch) {
+    int32_t overflowed = -1;
     for (int32_t i = 0; i < len; i++) {
         const int32_t t = ctx[i];
         if (t < 0 || t >= vocab || seen[t] == epoch) continue;
         seen[t] = epoch;
-        z[t] = z[t] < 0.0f ? z[t] * penalty : z[t] / penalty; /* float, as transformers' float32 scores */
+        const float before = z[t];
+        z[t] = before < 0.0f ? before * penalty : before / penalty; /* float, as transformers' float32 scores */
+        if (overflowed < 0 && z[t] == INFINITY && before != INFINITY) overflowed = t;
     }
+    return overflowed;
 }
 
-/* logits (V,) -> s->work (V,): masks, bias, penalties, n-gram bans. */
-static const float *apply_sparse_processors(lmd_sampler *s, const lmd_sampling_params *p,
-                                            const lmd_row_inputs *in, const float *logits,
-                                            int32_t vocab) {
+/* The message for a finite logits[token] that a processor (`what`, its value) took to +inf;
+ * the logit printed is the caller's, not an intermediate value. */
+static lmd_status processor_overflow(const char *what, const char *value, const float *logits, int32_t token,
+                                     lmd_error *err) {
+    char z[LMD_NUMBER_CHARS];
+    return lmd_fail(err, LMD_ERR_INVALID_ARG, "%s (=%s) takes logits[%d] (=%s) to +inf", what,
+                    value, (int)token, lmd_format_float(z, logits[token]));
+}
+
+/* logits (V,) -> s->work (V,): masks, bias, penalties, n-gram bans; *out = s->work. The
+ * caller has checked logits (finite or -inf), so a +inf here is an overflow, reported naming
+ * the processor (it used to reach the caller as "logits[i] is +inf"). A -inf from a finite
+ * logit is float32 arithmetic's, as in transformers: a token at least 2^103 below any finite
+ * logit, of probability 0 in float32 anyway. */
+static lmd_status apply_sparse_processors(lmd_sampler *s, const lmd_sampling_params *p,
+                                          const lmd_row_inputs *in, const float *logits,
+                                          int32_t vocab, const float **out, lmd_error *err) {
     float *z = s->work;
     if (in->n_allowed >= 0) {
         for (int32_t i = 0; i < vocab; i++) z[i] = -INFINITY;
@@ -252,11 +302,27 @@ static const float *apply_sparse_processors(lmd_sampler *s, const lmd_sampling_p
         memcpy(z, logits, (size_t)vocab * sizeof *z);
     }
     for (int32_t i = 0; i < in->n_banned; i++) z[in->banned[i]] = -INFINITY;
-    for (int32_t i = 0; i < in->n_bias; i++) z[in->bias_ids[i]] += in->bias_values[i];
+    for (int32_t i = 0; i < in->n_bias; i++) {
+        const int32_t t = in->bias_ids[i];
+        const float before = z[t], bias = in->bias_values[i];
+        z[t] += bias;
+        if (z[t] == INFINITY && before != INFINITY) {
+            char what[64], v[LMD_NUMBER_CHARS];
+            snprintf(what, sizeof what, "logit_bias for token %d", (int)t);
+            return processor_overflow(what, lmd_format_float(v, bias), logits, t, err);
+        }
+    }
 
-    if (p->repetition_penalty != 1.0 && in->context_len > 0)
-        lmd_penalize_repetitions(z, vocab, in->context, in->context_len, (float)p->repetition_penalty, s->seen,
-                                 next_epoch(s));
+    if (p->repetition_penalty != 1.0 && in->context_len > 0) {
+        int32_t t = lmd_penalize_repetitions(z, vocab, in->context, in->context_len, (float)p->repetition_penalty,
+                                             s->seen, next_epoch(s));
+        char v[LMD_NUMBER_CHARS];
+        if (t >= 0)
+            return processor_overflow("repetition_penalty", lmd_format_double(v, p->repetition_penalty), logits, t,
+                                      err);
+    }
+    /* Frequency and presence penalties cannot overflow: each subtracts less than 2^33 in
+     * magnitude, and a float32 needs 2^103 more than FLT_MAX to round to inf. */
     int32_t prompt = in->prompt_len < in->context_len ? in->prompt_len : in->context_len;
     if ((p->frequency_penalty != 0.0 || p->presence_penalty != 0.0) && in->context_len > prompt) {
         const int32_t *gen = in->context + prompt;
@@ -273,7 +339,8 @@ static const float *apply_sparse_processors(lmd_sampler *s, const lmd_sampling_p
     }
     if (p->no_repeat_ngram_size > 0)
         lmd_ban_repeated_ngrams(z, vocab, in->context, in->context_len, p->no_repeat_ngram_size);
-    return z;
+    *out = z;
+    return LMD_OK;
 }
 
 /* ------------------------------------------------------------------ */
@@ -320,6 +387,14 @@ static int32_t first_index_of(const float *z, int32_t vocab, float value) {
  * case) skips the division, which would change nothing. The test is loop
  * invariant, so compilers hoist it out of the loops below. */
 static inline vf scaled(vf x, float t) { return t == 1.0f ? x : x / t; }
+
+int32_t lmd_scaling_overflow(const float *z, int32_t vocab, float t) {
+    if (!(t < 1.0f)) return -1; /* |z / t| <= |z| <= FLT_MAX */
+    int32_t bad_index;
+    const float z_max = row_max(z, vocab, &bad_index);
+    if (bad_index >= 0 || z_max == -INFINITY || isfinite(z_max / t)) return -1;
+    return first_index_of(z, vocab, z_max);
+}
 
 /* Statistics of the whole row used to bound the first truncation:
  * mass = sum w, wd = sum w * d, ladder[j] = sum of w over d <= TOP_P_LADDER[j].
@@ -900,17 +975,35 @@ lmd_status lmd_sample_row(lmd_sampler *s, const lmd_sampling_params *p, const lm
     if ((st = lmd_sampling_params_validate(p, err))) return st;
     if ((st = check_row_inputs(in, vocab, err))) return st;
 
-    const float *z = needs_private_copy(p, in) ? apply_sparse_processors(s, p, in, logits, vocab)
-                                               : logits;
     int32_t bad_index;
-    float z_max = row_max(z, vocab, &bad_index);
-    if (z != logits && bad_index < 0) row_max(logits, vocab, &bad_index); /* masked tokens too */
+    const float *z = logits;
+    float z_max = row_max(logits, vocab, &bad_index); /* the caller's logits, masked tokens too */
+    if (bad_index < 0 && needs_private_copy(p, in)) {
+        if ((st = apply_sparse_processors(s, p, in, logits, vocab, &z, err))) return st;
+        z_max = row_max(z, vocab, &bad_index);
+        if (bad_index >= 0) /* apply_sparse_processors reports every overflow it makes */
+            return lmd_fail(err, LMD_ERR_INTERNAL, "logits[%d] became %s in the processing chain",
+                            (int)bad_index, isnan(z[bad_index]) ? "NaN" : "+inf");
+    }
     if (bad_index >= 0)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "logits[%d] is %s; logits must be finite or -inf",
                         (int)bad_index, isnan(logits[bad_index]) ? "NaN" : "+inf");
     if (z_max == -INFINITY)
         return lmd_fail(err, LMD_ERR_INVALID_ARG,
                         "no token is left to sample: every logit is -inf after masking");
+    /* Dividing by a temperature < 1 can leave the float32 range. Where the max does, every
+     * scaled logit is +-inf or NaN: an error. A smaller logit that becomes -inf is at least
+     * 2^103 nats below the max, whose probability is 0 in float32 anyway: a mask, as in
+     * transformers' float32 division (and as a torch.finfo(float32).min mask is meant). */
+    if (p->temperature > 0.0 && !isfinite(z_max / (float)p->temperature)) {
+        const int32_t i = first_index_of(z, vocab, z_max);
+        char tv[LMD_NUMBER_CHARS], zv[LMD_NUMBER_CHARS];
+        return lmd_fail(err, LMD_ERR_INVALID_ARG,
+                        "temperature (=%s) takes the largest logit, logits[%d] (=%s%s), out of the float32 "
+                        "range (temperature=0 is greedy)",
+                        lmd_format_double(tv, p->temperature), (int)i, lmd_format_float(zv, z[i]),
+                        z[i] != logits[i] ? " after bias and penalties" : "");
+    }
 
     if (p->temperature == 0.0) { /* greedy: a one-hot distribution at the first argmax */
         int32_t best = first_index_of(z, vocab, z_max);
@@ -945,6 +1038,8 @@ lmd_status lmd_sample_row(lmd_sampler *s, const lmd_sampling_params *p, const lm
     for (int i = (stages[0] == STAGE_TOP_K ? 1 : 0); i < n_stages; i++)
         run_stage(s, &L, p, stages[i]);
 
+    if (L.n < 1) /* the best token always survives; never read an unwritten candidate */
+        return lmd_fail(err, LMD_ERR_INTERNAL, "no candidate token survived the truncations (a bug)");
     /* compactions carry the weights along; only a list never weighed needs them */
     double total = L.weights_valid ? list_weight_sum(s, &L) : list_weights(s, &L);
     float log_total = (float)log(total);

@@ -41,14 +41,14 @@
 #include "lmdecode.h"
 
 typedef struct {
-    double temperature;           /* >= 0; 0 = greedy over the processed logits */
+    double temperature;           /* 0 = greedy over the processed logits, or a normal float32 */
     int32_t top_k;                /* >= 0; 0 = off */
     double top_p;                 /* (0, 1]; 1 = off */
     double min_p;                 /* [0, 1]; 0 = off */
     double typical_p;             /* (0, 1]; 1 = off */
     double epsilon;               /* [0, 1); 0 = off */
     double eta;                   /* [0, 1); 0 = off */
-    double repetition_penalty;    /* > 0; 1 = off */
+    double repetition_penalty;    /* a normal float32 > 0; 1 = off */
     double frequency_penalty;     /* [-2, 2]; 0 = off */
     double presence_penalty;      /* [-2, 2]; 0 = off */
     int32_t no_repeat_ngram_size; /* >= 0; 0 = off */
@@ -60,6 +60,23 @@ void lmd_sampling_params_default(lmd_sampling_params *p);
 
 /* LMD_ERR_INVALID_ARG naming the first field outside its domain. */
 lmd_status lmd_sampling_params_validate(const lmd_sampling_params *p, lmd_error *err);
+
+/*
+ * LMD_ERR_INVALID_ARG naming `name` unless x > 0 rounds to a normal float32, in
+ * [FLT_MIN, FLT_MAX] = [1.1754944e-38, 3.4028235e+38]. For the factors the chain applies in
+ * float32 (temperature, repetition penalty): a smaller one becomes 0 or subnormal there, a
+ * larger one inf, and dividing by those turns finite logits into inf or NaN.
+ */
+lmd_status lmd_check_float32_factor(const char *name, double x, lmd_error *err);
+
+/*
+ * The index of the largest logit of z (vocab,) (its first) when z[i] / t leaves the float32
+ * range (is +-inf), else -1; for t a normal float32 > 0. Then every scaled logit is +-inf or
+ * NaN: lmd_sample_row refuses such a temperature. (A smaller logit that becomes -inf is at
+ * least 2^103 below the largest: probability 0 in float32 anyway.) Only t < 1 can do that,
+ * so for t >= 1 this returns -1 without reading z.
+ */
+int32_t lmd_scaling_overflow(const float *z, int32_t vocab, float t);
 
 /* Per-row inputs of the processors; every pointer may be NULL when its count is 0. */
 typedef struct {
@@ -92,7 +109,10 @@ int32_t lmd_sampler_capacity(const lmd_sampler *s);
  *   out_token, out_logprob  or NULL: the drawn token and its log-probability under the
  *                 processed distribution.
  * Errors: LMD_ERR_INVALID_ARG for bad params, token ids outside [0, vocab), non-finite
- * logits, or a row with no token left after masking.
+ * logits, a logit that logit_bias or the repetition penalty takes to +inf or the temperature
+ * out of the float32 range (named so), or a row with no token left after masking;
+ * LMD_ERR_INTERNAL if no candidate survives the truncations (a bug: never a token read
+ * from an empty list).
  */
 lmd_status lmd_sample_row(lmd_sampler *s, const lmd_sampling_params *params,
                           const lmd_row_inputs *inputs, const float *logits, int32_t vocab,
@@ -144,13 +164,14 @@ float lmd_row_log_normalizer(const float *z, int32_t vocab, float t, float *log_
  *   lmd_penalize_repetitions: transformers' RepetitionPenaltyLogitsProcessor on z (vocab,): each
  *     distinct token of ctx (len,) has z < 0 multiplied by penalty, else divided, in float32.
  *     seen (vocab,) marks the tokens done (seen[t] == epoch); the caller passes an epoch that
- *     no entry holds yet.
+ *     no entry holds yet. Returns the first token whose finite z the penalty took to +inf (a
+ *     positive z divided by a penalty < 1), or -1; one taken to -inf is float32's mask.
  *   lmd_ban_repeated_ngrams: transformers' NoRepeatNGramLogitsProcessor: for each earlier
  *     position of ctx whose n-1 tokens equal its last n-1, z of the token that followed them
  *     becomes -inf.
  */
-void lmd_penalize_repetitions(float *z, int32_t vocab, const int32_t *ctx, int32_t len, float penalty,
-                              uint32_t *seen, uint32_t epoch);
+int32_t lmd_penalize_repetitions(float *z, int32_t vocab, const int32_t *ctx, int32_t len, float penalty,
+                                 uint32_t *seen, uint32_t epoch);
 void lmd_ban_repeated_ngrams(float *z, int32_t vocab, const int32_t *ctx, int32_t len, int32_t n);
 
 #endif /* LMD_SAMPLING_H */

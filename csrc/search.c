@@ -144,6 +144,9 @@ lmd_status lmd_beam_search_init(lmd_beam_search **out, const lmd_beam_config *c,
     if (!(c->repetition_penalty > 0.0 && isfinite(c->repetition_penalty)))
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "repetition_penalty (=%g) must be a finite number > 0",
                         c->repetition_penalty);
+    /* applied in float32: 1e-50 would be 0 there, and a log-prob of 0 divided by it NaN */
+    if (lmd_check_float32_factor("repetition_penalty", c->repetition_penalty, err) != LMD_OK)
+        return LMD_ERR_INVALID_ARG;
     if (c->no_repeat_ngram_size < 0)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "no_repeat_ngram_size (=%d) must be >= 0",
                         (int)c->no_repeat_ngram_size);
@@ -314,7 +317,9 @@ static void process_beam(lmd_beam_search *bs, int32_t b, const float *row, float
                 memset(bs->seen, 0, (size_t)V * sizeof *bs->seen);
                 bs->epoch = 1;
             }
-            lmd_penalize_repetitions(lp, V, bs->context, len, (float)c->repetition_penalty, bs->seen, bs->epoch);
+            /* log-probs are <= 0: the penalty never makes +inf, the one overflow it reports */
+            (void)lmd_penalize_repetitions(lp, V, bs->context, len, (float)c->repetition_penalty, bs->seen,
+                                           bs->epoch);
         }
         if (c->no_repeat_ngram_size > 0) lmd_ban_repeated_ngrams(lp, V, bs->context, len, c->no_repeat_ngram_size);
     }

@@ -41,6 +41,7 @@ static PyObject *raise_status(lmd_status st, const lmd_error *err) {
     case LMD_ERR_UNSUPPORTED: type = PyExc_NotImplementedError; break;
     case LMD_ERR_IO: type = PyExc_OSError; break;
     case LMD_ERR_STOPPED: type = PyExc_KeyboardInterrupt; break; /* stop_on_signal sets its own */
+    case LMD_ERR_INTERNAL: type = PyExc_RuntimeError; break;
     default: break;
     }
     PyErr_SetString(type, err->msg[0] ? err->msg : "lmdecode core error");

@@ -32,5 +32,15 @@ int main(void) {
     CHECK_MSG_CONTAINS(err, "alpha (=1.5)");
     CHECK(lmd_contrastive_scores(e, e, 4, 0.1, 0.0, s, &err) == LMD_ERR_INVALID_ARG);
     CHECK_MSG_CONTAINS(err, "amateur_temperature (=0)");
+    /* the amateur's logits are divided in float32: 1e-50 is 0 there, and 1e-37 takes a logit
+     * of 50 past FLT_MAX (the scores were NaN) */
+    CHECK(lmd_contrastive_scores(e, e, 4, 0.1, 1e-50, s, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "amateur_temperature (=1e-50) must be in [1.1754944e-38, 3.4028235e+38]");
+    const float big[4] = {1.0f, 50.0f, 0.5f, -INFINITY};
+    CHECK(lmd_contrastive_scores(e, big, 4, 0.1, 1e-37, s, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "amateur_temperature (=1e-37) takes the largest amateur logit, logits[1] (=50), out of");
+    const float small[4] = {1.0f, 2.0f, 0.5f, -INFINITY};
+    CHECK(lmd_contrastive_scores(e, small, 4, 0.0, 1e-37, s, &err) == LMD_OK);
+    for (int i = 0; i < 4; i++) CHECK(!isnan(s[i]));
     return test_report("test_contrastive");
 }

@@ -114,6 +114,38 @@ static void test_bad_config(void) {
     p.top_p = 2.0;
     CHECK(lmd_generator_init(&g, &c, &err) == LMD_ERR_INVALID_ARG);
     CHECK_MSG_CONTAINS(err, "top_p");
+    p.top_p = 1.0;
+    p.temperature = 1e-50; /* 0 in float32: the logits would be divided by 0 */
+    CHECK(lmd_generator_init(&g, &c, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "temperature (=1e-50)");
+}
+
+/* A logit that the temperature takes past FLT_MAX stops the step with an error naming the
+ * sequence, the temperature and the logit; nothing is appended. Before, the sampler returned
+ * an id read from an empty candidate list. */
+static void test_temperature_overflow_is_an_error(void) {
+    lmd_sampler *s = new_sampler();
+    lmd_sampling_params p;
+    lmd_sampling_params_default(&p);
+    p.temperature = 1e-37;
+    p.top_p = 0.9;
+    const int32_t prompts[2] = {0, 1};
+    const int64_t offsets[3] = {0, 1, 2};
+    lmd_generate_config c = {.n_seqs = 2, .vocab = 4, .max_new_tokens = 3, .params = &p, .n_params = 1,
+                             .seed = 3, .prompts = prompts, .prompt_offsets = offsets};
+    lmd_generator *g;
+    lmd_error err;
+    CHECK(lmd_generator_init(&g, &c, &err) == LMD_OK);
+    float logits[8] = {1.0f, 2.0f, 0.5f, 0.0f, 10.0f, 50.0f, 5.0f, 0.0f};
+    int32_t tokens[2] = {-7, -7};
+    CHECK(lmd_generator_step(g, &s, 1, logits, tokens, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "sequence 1: temperature (=1e-37) takes the largest logit, logits[1] (=50), out of the float32");
+    CHECK(tokens[0] == -7 && lmd_generator_generated(g, 0) == 0 && lmd_generator_generated(g, 1) == 0);
+    logits[5] = 3.0f; /* in range: effectively greedy */
+    CHECK(lmd_generator_step(g, &s, 1, logits, tokens, &err) == LMD_OK);
+    CHECK(tokens[0] == 1 && tokens[1] == 0);
+    lmd_generator_free(g);
+    lmd_sampler_free(s);
 }
 
 /* Dynamic allowed lists: set_allowed restricts the next draws (greedy takes the best allowed
@@ -175,6 +207,7 @@ int main(void) {
     test_stop_string_and_lengths();
     test_min_new_tokens_blocks_stop_ids();
     test_bad_config();
+    test_temperature_overflow_is_an_error();
     test_set_allowed_and_mask_row();
     return test_report("test_generate");
 }

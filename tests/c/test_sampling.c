@@ -440,6 +440,183 @@ static void test_target_logprobs(void) {
     lmd_sampler_free(s);
 }
 
+/* ---------------- the float32 range: temperature, bias and penalty overflows ---------------- */
+
+/* Every path of the chain (no truncation, top-k, top-p, min-p, typical) either returns a token
+ * in [0, V) with finite numbers or an error naming the argument at fault; the outputs are not
+ * written on error. Before, a temperature of 1e-50 (0 in float32) or a logit / temperature past
+ * FLT_MAX made NaN logits, an empty candidate list, and an id read from unwritten memory. */
+static void test_float32_range(void) {
+    lmd_sampler *s = sampler(64);
+    lmd_sampling_params p;
+    lmd_error err;
+    float out[4];
+    int32_t token;
+    float lp;
+    const float small[3] = {1.0f, 2.0f, 0.5f};
+
+    /* temperatures that are not normal float32s: refused whatever the logits */
+    const double not_float[3] = {1e-50, 1e-39, 1e39};
+    const char *shown[3] = {"temperature (=1e-50)", "temperature (=1e-39)", "temperature (=1e+39)"};
+    for (int i = 0; i < 3; i++) {
+        lmd_sampling_params_default(&p);
+        p.temperature = not_float[i];
+        CHECK(lmd_sampling_params_validate(&p, &err) == LMD_ERR_INVALID_ARG);
+        CHECK_MSG_CONTAINS(err, shown[i]);
+        CHECK_MSG_CONTAINS(err, "must be 0 (greedy) or in [1.1754944e-38, 3.4028235e+38]");
+        token = -7;
+        CHECK(lmd_sample_row(s, &p, NULL, small, 3, 0.5, out, &token, &lp, &err) == LMD_ERR_INVALID_ARG);
+        CHECK(token == -7);
+    }
+    lmd_sampling_params_default(&p);
+    p.repetition_penalty = 1e-50;
+    CHECK(lmd_sampling_params_validate(&p, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "repetition_penalty (=1e-50) must be in [1.1754944e-38");
+    /* the bounds themselves are fine, and so is the printed FLT_MAX (which rounds to it) */
+    const double edges[3] = {1.1754944e-38, 3.4028235e38, 0x1.fffffep127};
+    for (int i = 0; i < 3; i++) {
+        p.temperature = edges[i];
+        p.repetition_penalty = edges[i];
+        CHECK(lmd_sampling_params_validate(&p, &err) == LMD_OK);
+    }
+
+    /* a tiny but normal temperature: effectively greedy, every number finite */
+    const struct {
+        int32_t top_k;
+        double top_p, min_p, typical_p;
+    } paths[5] = {{0, 1.0, 0.0, 1.0}, {2, 1.0, 0.0, 1.0}, {0, 0.9, 0.0, 1.0}, {0, 1.0, 0.1, 1.0}, {0, 1.0, 0.0, 0.5}};
+    for (int k = 0; k < 5; k++) {
+        lmd_sampling_params_default(&p);
+        p.top_k = paths[k].top_k, p.top_p = paths[k].top_p, p.min_p = paths[k].min_p;
+        p.typical_p = paths[k].typical_p;
+        p.temperature = 1e-37;
+        CHECK(lmd_sample_row(s, &p, NULL, small, 3, 0.999, out, &token, &lp, &err) == LMD_OK);
+        CHECK(token == 1 && lp == 0.0f && out[1] == 0.0f);
+        CHECK(out[0] < -1e36f && out[2] < -1e36f); /* -1e37, -1.5e37, or -inf where truncated */
+
+        /* the largest logit / temperature past FLT_MAX: an error naming both */
+        const float high[4] = {1.0f, 50.0f, 5.0f, -INFINITY}, low[4] = {-60.0f, -50.0f, -55.0f, -INFINITY};
+        token = -7;
+        CHECK(lmd_sample_row(s, &p, NULL, high, 4, 0.5, out, &token, &lp, &err) == LMD_ERR_INVALID_ARG);
+        CHECK_MSG_CONTAINS(err, "temperature (=1e-37) takes the largest logit, logits[1] (=50), out of the float32");
+        CHECK(token == -7);
+        CHECK(lmd_sample_row(s, &p, NULL, low, 4, 0.5, out, &token, &lp, &err) == LMD_ERR_INVALID_ARG);
+        CHECK_MSG_CONTAINS(err, "temperature (=1e-37) takes the largest logit, logits[1] (=-50), out");
+        /* the same after a bias: the value scaled is the biased one, and said so */
+        const int32_t bias_id[1] = {1};
+        const float bias_value[1] = {-1.0f};
+        lmd_row_inputs biased = {NULL, 0, 0, bias_id, bias_value, 1, NULL, -1, NULL, 0};
+        CHECK(lmd_sample_row(s, &p, &biased, low, 4, 0.5, out, &token, &lp, &err) == LMD_ERR_INVALID_ARG);
+        CHECK_MSG_CONTAINS(err, "logits[1] (=-51 after bias and penalties)");
+        /* a smaller logit taken below -FLT_MAX is -inf, as in float32 division: probability 0,
+         * which it has anyway (it is 2^103 or more below the largest) */
+        const float below[4] = {10.0f, -50.0f, 5.0f, 0.0f};
+        CHECK(lmd_sample_row(s, &p, NULL, below, 4, 0.999, out, &token, &lp, &err) == LMD_OK);
+        CHECK(token == 0 && lp == 0.0f && out[0] == 0.0f && out[1] == -INFINITY);
+        /* a huge logit at temperature 0.5 */
+        p.temperature = 0.5;
+        const float huge[2] = {3e38f, 0.0f};
+        CHECK(lmd_sample_row(s, &p, NULL, huge, 2, 0.5, out, &token, &lp, &err) == LMD_ERR_INVALID_ARG);
+        CHECK_MSG_CONTAINS(err, "temperature (=0.5) takes the largest logit, logits[0] (=3e+38), out");
+        /* the largest temperature: a uniform distribution over the unmasked tokens */
+        p.temperature = 3e38;
+        p.top_k = 0, p.min_p = 0.0, p.typical_p = 1.0;
+        const float masked[4] = {1.0f, 2.0f, -INFINITY, 0.5f};
+        CHECK(lmd_sample_row(s, &p, NULL, masked, 4, 0.5, out, &token, &lp, &err) == LMD_OK);
+        CHECK(token >= 0 && token < 4 && token != 2 && out[2] == -INFINITY);
+        CHECK_CLOSE(lp, -log(3.0), 1e-6);
+    }
+
+    /* processors that overflow are named, with the caller's logit */
+    lmd_sampling_params_default(&p);
+    const float big[3] = {1e10f, 0.0f, -1e10f};
+    const int32_t first[1] = {0}, last[1] = {2};
+    lmd_row_inputs ctx_first = {first, 1, 0, NULL, NULL, 0, NULL, -1, NULL, 0};
+    lmd_row_inputs ctx_last = {last, 1, 0, NULL, NULL, 0, NULL, -1, NULL, 0};
+    p.repetition_penalty = 1e-30;
+    CHECK(lmd_sample_row(s, &p, &ctx_first, big, 3, 0.5, out, &token, &lp, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "repetition_penalty (=1e-30) takes logits[0] (=10000000000) to +inf");
+    p.repetition_penalty = 1e30; /* -1e40 is -inf in float32 (and in transformers): a mask */
+    CHECK(lmd_sample_row(s, &p, &ctx_last, big, 3, -1.0, out, &token, &lp, &err) == LMD_OK);
+    CHECK(token == 0 && out[0] == 0.0f && out[2] == -INFINITY);
+    lmd_sampling_params_default(&p);
+    const float near_max[2] = {3e38f, 0.0f};
+    const int32_t bias_ids[1] = {0};
+    float bias_values[1] = {3e38f};
+    lmd_row_inputs bias = {NULL, 0, 0, bias_ids, bias_values, 1, NULL, -1, NULL, 0};
+    CHECK(lmd_sample_row(s, &p, &bias, near_max, 2, 0.5, out, &token, &lp, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "logit_bias for token 0 (=3e+38) takes logits[0] (=3e+38) to +inf");
+    bias_values[0] = -INFINITY; /* a -inf bias masks: no error */
+    CHECK(lmd_sample_row(s, &p, &bias, near_max, 2, 0.5, out, &token, &lp, &err) == LMD_OK && token == 1);
+    /* a NaN in the caller's logits is still reported as such, with processors on */
+    const float with_nan[3] = {0.0f, NAN, 1.0f};
+    p.repetition_penalty = 1.5;
+    CHECK(lmd_sample_row(s, &p, &ctx_first, with_nan, 3, 0.5, out, &token, &lp, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "logits[1] is NaN");
+
+    /* per-row temperatures through lmd_sample_rows: the row that overflows is the one named */
+    lmd_sampling_params rows[2];
+    lmd_sampling_params_default(&rows[0]);
+    lmd_sampling_params_default(&rows[1]);
+    rows[1].temperature = 1e-37;
+    const float two_rows[6] = {1.0f, 50.0f, 5.0f, 1.0f, 50.0f, 5.0f};
+    const double coins[2] = {0.5, 0.5};
+    int32_t tokens[2] = {-7, -7}, failed = -2;
+    CHECK(lmd_sample_rows(&s, 1, rows, 2, NULL, two_rows, 3, 2, 3, coins, NULL, tokens, NULL, &failed, &err) ==
+          LMD_ERR_INVALID_ARG);
+    CHECK(failed == 1);
+    CHECK_MSG_CONTAINS(err, "temperature (=1e-37) takes the largest logit, logits[1] (=50)");
+
+    /* lmd_scaling_overflow names the largest logit (its first occurrence), in whole vectors
+     * and in the tail */
+    float row[37];
+    for (int i = 0; i < 37; i++) row[i] = (float)(i % 5) - 2.0f;
+    row[9] = -INFINITY;
+    CHECK(lmd_scaling_overflow(row, 37, 1e-37f) == -1);
+    row[20] = -1e3f; /* below -FLT_MAX when scaled, not the largest */
+    CHECK(lmd_scaling_overflow(row, 37, 1e-37f) == -1);
+    const int32_t at[3] = {5, 33, 36};
+    for (int i = 0; i < 3; i++) {
+        const float keep = row[at[i]];
+        row[at[i]] = 1e3f;
+        CHECK(lmd_scaling_overflow(row, 37, 1e-37f) == at[i]);
+        CHECK(lmd_scaling_overflow(row, 37, 1.0f) == -1);
+        row[at[i]] = keep;
+    }
+    lmd_sampler_free(s);
+}
+
+/* Messages print the value passed, not its 6-digit %g rounding ("top_p (=1) must be in (0, 1]"
+ * was the message for 1.0000001). */
+static void test_messages_print_the_value(void) {
+    lmd_sampling_params p;
+    lmd_error err;
+    lmd_sampling_params_default(&p);
+    p.top_p = 1.0000001;
+    CHECK(lmd_sampling_params_validate(&p, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "top_p (=1.0000001) must be in (0, 1]");
+    lmd_sampling_params_default(&p);
+    p.min_p = 1.0 + 1e-9;
+    CHECK(lmd_sampling_params_validate(&p, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "min_p (=1.000000001) must be in [0, 1]");
+    lmd_sampling_params_default(&p);
+    p.presence_penalty = -2.000001;
+    CHECK(lmd_sampling_params_validate(&p, &err) == LMD_ERR_INVALID_ARG);
+    CHECK_MSG_CONTAINS(err, "presence_penalty (=-2.000001) must be in [-2, 2]");
+    char b[LMD_NUMBER_CHARS];
+    CHECK(strcmp(lmd_format_double(b, 0.1), "0.1") == 0);
+    CHECK(strcmp(lmd_format_double(b, 2.0), "2") == 0);
+    CHECK(strcmp(lmd_format_double(b, 50.0), "50") == 0);
+    CHECK(strcmp(lmd_format_double(b, 0.0001), "0.0001") == 0);
+    CHECK(strcmp(lmd_format_double(b, 1e-5), "1e-05") == 0);
+    CHECK(strcmp(lmd_format_double(b, 1e16), "1e+16") == 0);
+    CHECK(strcmp(lmd_format_double(b, 1.0 / 3.0), "0.3333333333333333") == 0);
+    CHECK(strcmp(lmd_format_double(b, -INFINITY), "-inf") == 0);
+    CHECK(strcmp(lmd_format_float(b, 0.1f), "0.1") == 0);
+    CHECK(strcmp(lmd_format_float(b, 1e15f), "1000000000000000") == 0); /* not 999999986991104 */
+    CHECK(strcmp(lmd_format_float(b, 3e38f), "3e+38") == 0);
+}
+
 int main(void) {
     test_philox_known_answers();
     test_seed_examples();
@@ -449,6 +626,8 @@ int main(void) {
     test_draw_frequencies();
     test_rows_parallel_equals_serial();
     test_target_logprobs();
+    test_float32_range();
+    test_messages_print_the_value();
     lmd_sampler_free(NULL);
     return test_report("test_sampling");
 }

@@ -157,6 +157,9 @@ static void test_processors(void) {
     lmd_beam_search_free(bs);
     c.repetition_penalty = 0.0; /* bad values */
     CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_ERR_INVALID_ARG && bs == NULL);
+    c.repetition_penalty = 1e-50; /* 0 in float32, where a log-prob of 0 divided by it is NaN */
+    CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_ERR_INVALID_ARG && bs == NULL);
+    CHECK_MSG_CONTAINS(err, "repetition_penalty (=1e-50) must be in [1.1754944e-38");
     c.repetition_penalty = 1.0, c.no_repeat_ngram_size = -1;
     CHECK(lmd_beam_search_init(&bs, &c, &err) == LMD_ERR_INVALID_ARG);
     c.no_repeat_ngram_size = 0, c.prompt_len = 2; /* with no prompt */
