@@ -103,9 +103,16 @@ def rng_uniform(seed: int, stream: int, step: int, index: int = 0) -> float:
     key = (seed low 32 bits, seed high 32 bits); counter = (step low, step high,
     stream low, stream high); output words (x0, x1, x2, x3) give
     ``((x0 << 32 | x1) >> 11) * 2**-53`` for index 0 and the same of (x2, x3) for
-    index 1. Samplers use index 0 of stream 0 as their coin.
+    index 1. Samplers use index 0 of stream 0 as their coin. seed, stream and step are ints
+    in [0, 2**64), checked as ``sample`` checks them (the extension's "K" conversion would
+    wrap 2**64 to 0 and -1 to 2**64 - 1).
     """
-    return _core.rng_uniform(seed, stream, step, index)
+    if isinstance(index, (bool, np.bool_)) or not isinstance(index, numbers.Integral):
+        raise TypeError(f"index must be 0 or 1, got {index!r}")
+    if index not in (0, 1):
+        raise ValueError(f"index (={index}) must be 0 or 1")
+    return _core.rng_uniform(_check_u64("seed", seed), _check_u64("stream", stream), _check_u64("step", step),
+                             int(index))
 
 
 # ----------------------------------------------------------------------------
@@ -113,23 +120,66 @@ def rng_uniform(seed: int, stream: int, step: int, index: int = 0) -> float:
 # ----------------------------------------------------------------------------
 
 
+# The C core holds integer parameters in int32.
+_INT32_RANGE = (-(1 << 31), 1 << 31)
+
+
+def _shown(value: Any) -> str:
+    """value for a message: ints of more digits than a float holds are summarized."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        digits = len(str(abs(int(value))))
+        if digits > 30:
+            return f"{'-' if value < 0 else ''}an int of {digits} digits"
+    return repr(value)
+
+
+def _scalar_param(name: str, value: Any, label: str | None = None) -> float | int:
+    """One value of distribution parameter `name` (`label` in messages, e.g. top_k[1]) as a
+    Python number. Checked here: what the float64 table would lose before the core's checks
+    (ints past int32, which the binding saturates, or past float64, where float() overflows)."""
+    label = label or name
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{label} must be a number, got {value!r}")
+    if name in _INT_PARAMS:
+        if not isinstance(value, numbers.Integral):
+            raise TypeError(f"{label} must be an int, got {value!r}")
+        value = int(value)
+        # the core keeps int32: out of range, the value would be saturated or float() would overflow
+        if not _INT32_RANGE[0] <= value < _INT32_RANGE[1]:
+            low = 1 if name == "min_tokens_to_keep" else 0
+            raise ValueError(f"{label} (={_shown(value)}) must be in [{low}, 2**31)")
+        return value
+    try:
+        return float(value)
+    except OverflowError:  # an int past float64's range
+        raise ValueError(f"{label} (={_shown(value)}) is too large: it must be a finite number") from None
+
+
 def _param_values(name: str, value: Any) -> np.ndarray:
     """A 0-d (shared) or 1-d (per-row) float64 array of a distribution parameter."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if isinstance(value, numbers.Real):
-        if name in _INT_PARAMS and not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-        return np.asarray(float(value) if name not in _INT_PARAMS else int(value), dtype=np.float64)
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]  # a 0-d array is a scalar
+    if isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        return np.asarray(_scalar_param(name, value), dtype=np.float64)
     if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
         raise TypeError(f"{name} must be a number or a sequence of numbers (one per row), got {value!r}")
     arr = as_numpy(value, name)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a number or a 1-D sequence (one per row), got shape {arr.shape}")
+    if not isinstance(value, np.ndarray):  # NumPy reads (True, 1) as ints
+        for i, v in enumerate(value):
+            if isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"{name}[{i}] must be a number, got {v!r}")
+    if arr.dtype == object and all(isinstance(v, numbers.Integral) for v in arr):  # ints past int64
+        return np.array([_scalar_param(name, v, f"{name}[{i}]") for i, v in enumerate(arr)], dtype=np.float64)
     kinds = "iu" if name in _INT_PARAMS else "iuf"
     if arr.size and arr.dtype.kind not in kinds:
         what = "ints" if name in _INT_PARAMS else "numbers"
         raise TypeError(f"{name} must contain {what}, got dtype {arr.dtype}")
+    if name in _INT_PARAMS and arr.size:
+        outside = np.flatnonzero((arr < _INT32_RANGE[0]) | (arr >= _INT32_RANGE[1]))
+        if outside.size:
+            _scalar_param(name, arr[outside[0]], f"{name}[{outside[0]}]")  # raises, naming the value
     return arr.astype(np.float64)
 
 
@@ -195,7 +245,21 @@ class SamplingParams:
 
 @functools.lru_cache(maxsize=256)
 def _shared_params(items: tuple) -> SamplingParams:
-    return SamplingParams(**{name: value for name, _, value in items})
+    return SamplingParams(**{name: _untyped(value) for name, value in items})
+
+
+def _typed(value: Any) -> Any:
+    """A cache key for a keyword's value that tells 1 from 1.0 and True, inside tuples too:
+    values of different types that compare equal hash equal, and top_k=(1.0, 2.0) was served
+    the entry validated for (1, 2)."""
+    if type(value) is tuple:
+        return (tuple, tuple(_typed(v) for v in value))
+    return (type(value), value)
+
+
+def _untyped(key: Any) -> Any:
+    kind, value = key
+    return tuple(_untyped(v) for v in value) if kind is tuple else value
 
 
 def _params_for(params: SamplingParams | None, keywords: dict[str, Any]) -> tuple[SamplingParams, dict[str, Any]]:
@@ -209,8 +273,8 @@ def _params_for(params: SamplingParams | None, keywords: dict[str, Any]) -> tupl
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         return (params.replace(**keywords) if keywords else params), row_inputs
     try:  # scalar keywords are hashable: validate each combination once
-        # the type is part of the key so that top_k=1.0 is not served top_k=1's entry
-        return _shared_params(tuple((k, type(v), v) for k, v in sorted(keywords.items()))), row_inputs
+        # the types are part of the key so that top_k=1.0 is not served top_k=1's entry
+        return _shared_params(tuple((k, _typed(v)) for k, v in sorted(keywords.items()))), row_inputs
     except TypeError as exc:
         if "unhashable" not in str(exc):
             raise
@@ -225,8 +289,15 @@ def _params_for(params: SamplingParams | None, keywords: dict[str, Any]) -> tupl
 _INT32_MAX = np.iinfo(np.int32).max
 
 
-def _token_ids(name: str, value: Any) -> np.ndarray:
-    """int32 token ids; the C core checks that they lie in [0, V)."""
+def _not_a_token_id(what: str, value: Any, vocab: int | None) -> str:
+    """The message for an id the core's int32 lists cannot hold: negative, or past the vocabulary."""
+    if value < 0:
+        return f"{what} (={value}) is not a token id (must be >= 0)"
+    return f"{what} (={value}) is not a token id: outside the vocabulary [0, {vocab if vocab is not None else '2**31'})"
+
+
+def _token_ids(name: str, value: Any, vocab: int | None = None) -> np.ndarray:
+    """int32 token ids; the C core checks that they lie in [0, V) (ids past int32 here)."""
     arr = as_numpy(value, name)
     if arr.size == 0:
         return np.zeros(0, dtype=np.int32)
@@ -238,16 +309,18 @@ def _token_ids(name: str, value: Any) -> np.ndarray:
         low, high = arr.min(), arr.max()
         if low < 0 or high > _INT32_MAX:
             bad = int(np.flatnonzero((arr < 0) | (arr > _INT32_MAX))[0])
-            raise ValueError(f"{name}[{bad}] (={arr[bad]}) is not a token id (must be >= 0)")
+            raise ValueError(_not_a_token_id(f"{name}[{bad}]", arr[bad], vocab))
         arr = arr.astype(np.int32)
     return arr
 
 
 def _is_token_list(value: Any) -> bool:
-    """True for a flat sequence of ints (one row), False for a sequence of rows."""
+    """True for a flat sequence of ints (one row), False for a sequence of rows; None stands
+    for a row (unrestricted), so [None, None] is two rows, not one list of two ids."""
     if isinstance(value, np.ndarray):
         return value.ndim == 1
-    return not any(isinstance(v, (Sequence, np.ndarray, Mapping)) and not isinstance(v, (str, bytes)) for v in value)
+    return not any(v is None or isinstance(v, (Sequence, np.ndarray, Mapping)) and not isinstance(v, (str, bytes))
+                   for v in value)
 
 
 def _per_row(name: str, value: Any, n_rows: int) -> tuple[list, bool]:
@@ -261,15 +334,15 @@ def _per_row(name: str, value: Any, n_rows: int) -> tuple[list, bool]:
     return list(value), False
 
 
-def _csr(name: str, rows: list, shared: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    ids = [_token_ids(name if shared else f"{name}[{r}]", row) for r, row in enumerate(rows)]
+def _csr(name: str, rows: list, vocab: int, shared: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    ids = [_token_ids(name if shared else f"{name}[{r}]", row, vocab) for r, row in enumerate(rows)]
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum([len(a) for a in ids], out=offsets[1:])
     values = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
     return values.astype(np.int32, copy=False), offsets
 
 
-def _context_csr(context: Any, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+def _context_csr(context: Any, n_rows: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     """Token ids already seen by each row as (values int32, offsets int64 (n_rows + 1,))."""
     arr = context if isinstance(context, np.ndarray) else None
     if arr is None and isinstance(context, Sequence) and not isinstance(context, (str, bytes)):
@@ -280,7 +353,7 @@ def _context_csr(context: Any, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
             raise TypeError(f"context must be a sequence of token ids, got {type(context).__name__}")
         if len(context) != n_rows:
             raise ValueError(f"context has {len(context)} rows but logits has {n_rows} rows")
-        return _csr("context", list(context))
+        return _csr("context", list(context), vocab)
     if arr.size and arr.dtype.kind not in "iu":
         raise TypeError(f"context must contain integer token ids, got dtype {arr.dtype}")
     if arr.ndim == 2:  # a padded batch: -1 marks padding (left or right)
@@ -290,7 +363,9 @@ def _context_csr(context: Any, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
         values = arr[keep]
         bad = np.flatnonzero((values < 0) | (values > _INT32_MAX))
         if bad.size:
-            raise ValueError(f"context contains {values[bad[0]]}, which is not a token id (-1 is padding)")
+            value = values[bad[0]]
+            where = "(-1 is padding)" if value < 0 else f"in the vocabulary [0, {vocab})"
+            raise ValueError(f"context contains {value}, which is not a token id {where}")
         offsets = np.zeros(n_rows + 1, dtype=np.int64)
         np.cumsum(keep.sum(axis=1), out=offsets[1:])
         return values.astype(np.int32), offsets
@@ -301,7 +376,7 @@ def _context_csr(context: Any, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
             f"context is one sequence but logits has {n_rows} rows; "
             "pass one sequence per row (a list, or a 2-D array padded with -1)"
         )
-    values = _token_ids("context", arr.reshape(-1))
+    values = _token_ids("context", arr.reshape(-1), vocab)
     return values, np.array([0, values.shape[0]], dtype=np.int64)
 
 
@@ -340,10 +415,14 @@ def _bias_arguments(bias: Any, n_rows: int, vocab: int) -> dict[str, np.ndarray]
     ids, values = [], []
     for r, row in enumerate(_bias_rows(bias, n_rows)):
         if isinstance(row, Mapping):
-            keys = as_numpy(list(row.keys()), "logit_bias")
+            # key by key: NumPy makes float64 of an int beside an np.uint64, and object of an int past int64
+            for key in row:
+                if isinstance(key, (bool, np.bool_)) or not isinstance(key, numbers.Integral):
+                    raise TypeError(f"logit_bias keys must be integer token ids, got {key!r}")
+                if not 0 <= key <= _INT32_MAX:
+                    raise ValueError(_not_a_token_id("logit_bias key", int(key), vocab))
+            keys = np.array([int(key) for key in row], dtype=np.int64)
             vals = as_numpy(list(row.values()), "logit_bias")
-            if keys.size and keys.dtype.kind not in "iu":
-                raise TypeError(f"logit_bias keys must be integer token ids, got {list(row.keys())[:3]!r}")
         else:
             dense = as_numpy(row, "logit_bias")
             if dense.shape != (vocab,):
@@ -355,7 +434,7 @@ def _bias_arguments(bias: Any, n_rows: int, vocab: int) -> dict[str, np.ndarray]
         vals = vals.astype(np.float64)
         if np.any(np.isnan(vals) | (vals == np.inf)):
             raise ValueError(f"logit_bias values must not be NaN or +inf (row {r})")
-        ids.append(_token_ids("logit_bias", keys))
+        ids.append(_token_ids("logit_bias", keys, vocab))
         values.append(vals.astype(np.float32))
     offsets = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum([len(a) for a in ids], out=offsets[1:])
@@ -369,7 +448,7 @@ def _bias_arguments(bias: Any, n_rows: int, vocab: int) -> dict[str, np.ndarray]
 def _row_input_arguments(inputs: dict[str, Any], n_rows: int, vocab: int) -> dict[str, Any]:
     args: dict[str, Any] = {}
     if "context" in inputs:
-        args["context"], args["context_offsets"] = _context_csr(inputs["context"], n_rows)
+        args["context"], args["context_offsets"] = _context_csr(inputs["context"], n_rows, vocab)
     if "prompt_len" in inputs:
         prompt = _check_prompt_len(inputs["prompt_len"])
         if prompt.ndim == 1 and prompt.shape[0] != n_rows:
@@ -380,11 +459,11 @@ def _row_input_arguments(inputs: dict[str, Any], n_rows: int, vocab: int) -> dic
     if "allowed_tokens" in inputs:
         rows, shared = _per_row("allowed_tokens", inputs["allowed_tokens"], n_rows)
         restricted = np.array([row is not None for row in rows], dtype=bool)
-        args["allowed_ids"], args["allowed_offsets"] = _csr("allowed_tokens", [[] if row is None else row for row in rows], shared)
+        args["allowed_ids"], args["allowed_offsets"] = _csr("allowed_tokens", [[] if row is None else row for row in rows], vocab, shared)
         args["allowed_rows"] = restricted
     if "banned_tokens" in inputs:
         rows, shared = _per_row("banned_tokens", inputs["banned_tokens"], n_rows)
-        args["banned_ids"], args["banned_offsets"] = _csr("banned_tokens", [[] if row is None else row for row in rows], shared)
+        args["banned_ids"], args["banned_offsets"] = _csr("banned_tokens", [[] if row is None else row for row in rows], vocab, shared)
     return args
 
 
@@ -416,7 +495,7 @@ def step_logits(values: Any) -> np.ndarray:
     if arr.dtype.kind not in "fiu":
         got = f"an array of dtype {arr.dtype}" if isinstance(values, np.ndarray) else f"{values!r:.80}"
         raise TypeError(f"step_fn must return an array of real-valued logits, got {got}")
-    return arr.astype(np.float32, copy=False)
+    return _float32(arr, "step_fn's logits")
 
 
 def as_token_ids(value: Any) -> np.ndarray | None:
@@ -462,13 +541,33 @@ def _as_logits(logits: Any, name: str = "logits") -> tuple[np.ndarray, bool]:
     if arr.shape[-1] == 0:
         raise ValueError(f"{name} has an empty vocabulary (V == 0)")
     one_row = arr.ndim == 1
-    arr = np.ascontiguousarray(arr.reshape(1, -1) if one_row else arr, dtype=np.float32)
-    return arr, one_row
+    arr = _float32(arr, name)  # before the reshape, so that an error names the caller's index
+    return (arr.reshape(1, -1) if one_row else arr), one_row
+
+
+def _float32(arr: np.ndarray, name: str) -> np.ndarray:
+    """arr as C-contiguous float32, the core's precision. A finite value past float32's range
+    is a ValueError naming it: the cast would make it +-inf, an error for +inf that blames the
+    input's value and a silent mask for -inf. Only wider floats can overflow (np.errstate
+    costs more than a float32 row's whole cast)."""
+    if arr.dtype.kind != "f" or arr.dtype.itemsize <= 4:
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    try:
+        with np.errstate(over="raise"):
+            return np.ascontiguousarray(arr, dtype=np.float32)
+    except FloatingPointError:
+        with np.errstate(over="ignore"):
+            outside = np.isfinite(arr) & ~np.isfinite(arr.astype(np.float32))
+        at = tuple(int(i[0]) for i in np.nonzero(outside))
+        raise ValueError(f"{name}[{', '.join(map(str, at))}] (={arr[at]!s}) is outside the float32 range "
+                         "(|x| <= 3.4028235e+38) that logits are computed in") from None
 
 
 def _check_u64(name: str, value: Any) -> int:
     if type(value) is int and 0 <= value < _UINT64_LIMIT:  # the common case, without ABC checks
         return value
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]  # a 0-d array is a scalar
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if not 0 <= int(value) < _UINT64_LIMIT:
@@ -478,6 +577,8 @@ def _check_u64(name: str, value: Any) -> int:
 
 def _counter(name: str, value: Any, n_rows: int) -> tuple[int, np.ndarray | None]:
     """A step or stream: one int for all rows, or one per row."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]  # a 0-d array is a scalar, which has no len()
     if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes)):
         if len(value) != n_rows:
             raise ValueError(f"{name} has {len(value)} values but logits has {n_rows} rows")
@@ -490,6 +591,8 @@ def _seeds(seed: Any, n_rows: int) -> np.ndarray:
         return np.full(n_rows, seed, dtype=np.uint64)
     if seed is None:
         return np.frombuffer(os.urandom(8 * max(n_rows, 1)), dtype=np.uint64)[:n_rows].copy()
+    if isinstance(seed, np.ndarray) and seed.ndim == 0:
+        seed = seed[()]  # a 0-d array is a scalar, which has no len()
     if isinstance(seed, numbers.Integral) and not isinstance(seed, (bool, np.bool_)):
         return np.full(n_rows, _check_u64("seed", seed), dtype=np.uint64)
     if isinstance(seed, (Sequence, np.ndarray)) and not isinstance(seed, (str, bytes)):
@@ -575,7 +678,17 @@ def greedy(logits: Any):
 
 
 def log_softmax(logits: Any, temperature: float = 1.0) -> np.ndarray:
-    """log softmax(logits / temperature) along the last axis, float32, same shape."""
-    if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool) and temperature == 0:
-        raise ValueError("temperature (=0) must be > 0 for log_softmax")
+    """log softmax(logits / temperature) along the last axis, float32, same shape; temperature
+    is a number > 0 or one per row."""
+    # process_logits makes a 0 row one-hot (greedy), not a softmax; per row too
+    if type(temperature) is float or type(temperature) is int:  # the common case, cheaply
+        if temperature == 0:
+            raise ValueError(f"temperature (={temperature}) must be > 0 for log_softmax")
+    else:
+        values = _param_values("temperature", temperature)
+        zero = np.flatnonzero(values.reshape(-1) == 0)
+        if zero.size:
+            where = "" if values.ndim == 0 else f"[{zero[0]}]"
+            shown = temperature if values.ndim == 0 else as_numpy(temperature, "temperature")[zero[0]]
+            raise ValueError(f"temperature{where} (={shown}) must be > 0 for log_softmax")
     return process_logits(logits, temperature=temperature)
