@@ -92,9 +92,11 @@ static lmd_status check_config(const lmd_config *c, lmd_error *err) {
     if (c->arch == LMD_ARCH_LLAMA && c->head_dim % 2 != 0)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "head_dim (=%d) must be even for rotary embeddings",
                         c->head_dim);
-    if (!(c->norm_eps >= 0.0f)) return lmd_fail(err, LMD_ERR_INVALID_ARG, "norm_eps (=%g) must be >= 0", c->norm_eps);
-    if (c->arch == LMD_ARCH_LLAMA && !(c->rope_theta > 0.0f))
-        return lmd_fail(err, LMD_ERR_INVALID_ARG, "rope_theta (=%g) must be > 0", c->rope_theta);
+    /* an infinite epsilon or base makes every norm or rotary angle garbage without an error */
+    if (!(c->norm_eps >= 0.0f) || isinf(c->norm_eps))
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "norm_eps (=%g) must be finite and >= 0", c->norm_eps);
+    if (c->arch == LMD_ARCH_LLAMA && (!(c->rope_theta > 0.0f) || isinf(c->rope_theta)))
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "rope_theta (=%g) must be finite and > 0", c->rope_theta);
     if (c->rope_layout != LMD_ROPE_ADJACENT && c->rope_layout != LMD_ROPE_HALF)
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "rope_layout (=%d) must be 0 or 1", (int)c->rope_layout);
     return LMD_OK;
@@ -145,6 +147,37 @@ static lmd_status check_weights(const lmd_config *c, const lmd_weights *w, lmd_e
 /* ------------------------------------------------------------------ */
 /* init / free                                                          */
 /* ------------------------------------------------------------------ */
+
+/* Positions the scores buffer holds at init (the whole context when it is shorter). Sized by
+ * the context length, the buffer took units x rows x context x 4 bytes up front: 50 MB for
+ * Llama 3.1 8B's 128k positions, whatever the calls, and a corrupt context length (a config
+ * may say 2^31 - 1) failed the load with an out-of-memory error naming no field. */
+#define INITIAL_SCORE_POSITIONS 1024
+
+// makes the scores buffer hold at least `positions` positions (<= the context length): twice
+// what it held, or positions if more, at most the context length, so that a long decode
+// replaces it a logarithmic number of times. Called at init and by lmd_model_forward before
+// it touches any sequence; the scores are scratch, so nothing is copied. On failure the old
+// buffer stays.
+static lmd_status ensure_scores(lmd_model *m, int64_t positions, lmd_error *err) {
+    if (positions + LMD_VEC_LANES <= m->scores_stride) return LMD_OK;
+    const int64_t held = m->scores_stride > 0 ? m->scores_stride - LMD_VEC_LANES : 0;
+    int64_t want = 2 * held > positions ? 2 * held : positions;
+    if (want > m->config.context_length) want = m->config.context_length;
+    if (want < positions) want = positions;
+    const int64_t stride = want + LMD_VEC_LANES; /* head_scores writes whole vectors */
+    const size_t per_position = (size_t)m->scores_units * (size_t)m->scores_rows * sizeof(float);
+    float *scores = (size_t)stride <= SIZE_MAX / per_position ? lmd_alloc_aligned((size_t)stride * per_position) : NULL;
+    if (scores == NULL)
+        return lmd_fail(err, LMD_ERR_NOMEM,
+                        "out of memory allocating attention scores for %lld positions (%d work units x %d queries; "
+                        "context length %d)",
+                        (long long)want, m->scores_units, m->scores_rows, m->config.context_length);
+    free(m->scores);
+    m->scores = scores;
+    m->scores_stride = stride;
+    return LMD_OK;
+}
 
 void lmd_model_free(lmd_model *m) {
     if (m == NULL) return;
@@ -291,20 +324,24 @@ lmd_status lmd_model_init(lmd_model **out, const lmd_config *config, const lmd_w
     m->att_out = lmd_alloc_aligned(B * Q * sizeof(float));
     m->hb = lmd_alloc_aligned(B * H * sizeof(float));
     m->hb2 = lmd_alloc_aligned(B * H * sizeof(float));
-    m->scores_stride = config->context_length + LMD_VEC_LANES; /* head_scores writes whole vectors */
-    const size_t units = (size_t)most_attention_units(config); /* each has its scores */
+    m->scores_units = most_attention_units(config); /* each has its scores */
     m->scores_rows = query_tiles_apply(config->head_dim, 0) && TILE_QUERIES > SCORE_QUERIES ? TILE_QUERIES
                                                                                             : SCORE_QUERIES;
-    m->scores = lmd_alloc_aligned(units * (size_t)m->scores_rows * m->scores_stride * sizeof(float));
     m->inv_freq = malloc(((size_t)config->head_dim / 2 + 1) * sizeof(float));
     m->rope_cos = malloc((B * (size_t)(config->head_dim / 2) + 1) * sizeof(float));
     m->rope_sin = malloc((B * (size_t)(config->head_dim / 2) + 1) * sizeof(float));
     m->pos = malloc(B * sizeof(int32_t));
     if (!m->layer_storage || !m->x || !m->xb || !m->xb2 || !m->q || !m->k || !m->v || !m->att_out ||
-        !m->hb || !m->hb2 || !m->scores || !m->inv_freq || !m->rope_cos || !m->rope_sin || !m->pos) {
+        !m->hb || !m->hb2 || !m->inv_freq || !m->rope_cos || !m->rope_sin || !m->pos) {
         lmd_model_free(m);
         return lmd_fail(err, LMD_ERR_NOMEM, "out of memory allocating the run state for %d tokens",
                         max_batch);
+    }
+    st = ensure_scores(m, config->context_length < INITIAL_SCORE_POSITIONS ? config->context_length
+                                                                            : INITIAL_SCORE_POSITIONS, err);
+    if (st != LMD_OK) {
+        lmd_model_free(m);
+        return st;
     }
     memcpy(m->layer_storage, weights->layers, (size_t)config->n_layers * sizeof(lmd_layer_weights));
     m->weights.layers = m->layer_storage;
@@ -1193,6 +1230,11 @@ lmd_status lmd_model_forward(lmd_model *m, lmd_kvseq *const *seqs, int32_t n_seq
         return lmd_fail(err, LMD_ERR_CACHE_FULL,
                         "the KV cache pool has %d free blocks of %d positions but this call needs %lld",
                         pool->n_free, pool->block_size, (long long)blocks_needed);
+    int64_t longest = 0; /* positions the longest sequence attends to by the end of the call */
+    for (int32_t s = 0; s < n_seqs; s++)
+        if ((int64_t)seqs[s]->len + seqs[s]->pending > longest) longest = (int64_t)seqs[s]->len + seqs[s]->pending;
+    lmd_status grown = ensure_scores(m, longest, err);
+    if (grown != LMD_OK) return grown;
 
     /* --- from here on nothing fails --- */
     for (int32_t s = 0; s < n_seqs; s++) {

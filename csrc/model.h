@@ -13,7 +13,10 @@
  * those sources once init returns (a tied token embedding then reads the head's
  * copy). The other tensors (embeddings, norms, biases) are borrowed: the caller keeps
  * them alive (an mmap or arrays) until lmd_model_free. Scratch memory for max_batch tokens is
- * allocated once at init; longer batches are processed in chunks.
+ * allocated once at init; longer batches are processed in chunks. The one exception is
+ * attention's scores, which grow with the positions a call attends to (up to the context
+ * length): a forward call that needs more than any before replaces that buffer, before it
+ * touches any sequence (it may then fail with LMD_ERR_NOMEM, the caches unchanged).
  *
  * One lmd_model_forward call takes a batch of tokens belonging to one or more
  * sequences (each an lmd_kvseq of one pool) and appends them after what each
@@ -114,9 +117,11 @@ typedef struct lmd_model {
     float *att_out;  /* (B, q_dim) */
     float *hb;       /* (B, hidden_dim) */
     float *hb2;      /* (B, hidden_dim) */
-    float *scores;   /* (units, scores_rows, scores_stride): each attention work unit's weights */
+    float *scores;   /* (scores_units, scores_rows, scores_stride): each attention work unit's weights */
+    int scores_units; /* the most work units attention cuts a chunk into */
     int scores_rows; /* 6 queries, or a query tile's vector lanes for heads of 8 or 16 features */
-    int64_t scores_stride; /* context_length + vector lanes */
+    int64_t scores_stride; /* positions the buffer holds + vector lanes; grown as calls need
+                              more positions, up to the context length (model.c ensure_scores) */
     float *inv_freq; /* (head_dim / 2,) RoPE frequencies */
     float q_scale;   /* log2(e) / sqrt(head_dim): attention's scale and base-2 softmax, on the queries */
     float *rope_cos; /* (B, head_dim / 2) cos of each token's rotary angles */

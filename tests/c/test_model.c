@@ -683,6 +683,12 @@ static void test_init_errors(void) {
         EXPECT_INIT(LMD_ERR_INVALID_ARG, "vocab_size (=0)");
         c.norm_eps = NAN;
         EXPECT_INIT(LMD_ERR_INVALID_ARG, "norm_eps");
+        c.norm_eps = INFINITY; /* every norm would be zero, silently */
+        EXPECT_INIT(LMD_ERR_INVALID_ARG, "norm_eps (=inf) must be finite and >= 0");
+        if (!arch) {
+            c.rope_theta = INFINITY; /* a float64 base beyond float32's range */
+            EXPECT_INIT(LMD_ERR_INVALID_ARG, "rope_theta (=inf) must be finite and > 0");
+        }
         if (arch) {
             w.position_embedding = NULL;
             EXPECT_INIT(LMD_ERR_INVALID_ARG, "position_embedding: missing");
@@ -705,6 +711,52 @@ static void test_init_errors(void) {
     }
 }
 
+/* ------------------------------------------------------------------ */
+/* attention scores sized by the positions, not the context length      */
+/* ------------------------------------------------------------------ */
+
+/* A model starts with scores for 1024 positions (of a context of 2600 here) and grows them
+ * when a call attends to more: to twice as many, then to the context length. Each call's
+ * logits equal one prefill's bit for bit, for query tiles (heads of 8) and the other
+ * attention (heads of 12), and the caches are exactly as long as asked. */
+static void test_scores_grow_with_the_positions(void) {
+    enum { T = 2600 };
+    test_rng r = {707};
+    for (int hd = 8; hd <= 12; hd += 4) {
+        tiny_spec spec = tiny_llama_spec();
+        spec.dim = 4 * hd, spec.n_layers = 1, spec.context = T, spec.seed = 9;
+        tiny_model t;
+        tiny_build(&t, &spec);
+        lmd_model *whole = tiny_init(&t, 64), *grown = tiny_init(&t, 64);
+        const int64_t first = grown->scores_stride, lanes = first - 1024;
+        CHECK(lanes >= 1 && lanes <= 16);
+        const int V = t.config.vocab_size;
+        lmd_kvpool *pool = tiny_pool(&t, 16, 2 * T / 16 + 2);
+        int32_t *tokens = malloc(T * sizeof(int32_t));
+        float *want = malloc((size_t)T * V * sizeof(float)), *got = malloc((size_t)T * V * sizeof(float));
+        random_tokens(&r, tokens, T, V);
+        lmd_error err;
+        lmd_kvseq *s = tiny_seq(pool, T);
+        CHECK(tiny_run(whole, s, tokens, T, want, &err) == LMD_OK);
+        CHECK(whole->scores_stride == T + lanes); /* grown at once to what the call needed */
+        lmd_kvseq_free(s);
+        s = tiny_seq(pool, T);
+        const int pieces[4] = {1000, 1, 600, 999};
+        const int64_t strides[4] = {first, first, 2048 + lanes, T + lanes};
+        for (int i = 0, p = 0; i < 4; p += pieces[i++]) {
+            CHECK(tiny_run(grown, s, tokens + p, pieces[i], got + (int64_t)p * V, &err) == LMD_OK);
+            CHECK(grown->scores_stride == strides[i]);
+            CHECK(s->len == p + pieces[i]);
+        }
+        CHECK(same_floats(want, got, (int64_t)T * V));
+        lmd_kvseq_free(s);
+        free(tokens), free(want), free(got);
+        lmd_kvpool_free(pool);
+        lmd_model_free(whole);
+        tiny_close(&t, grown);
+    }
+}
+
 int main(void) {
     test_forward_against_reference_and_incremental();
     test_batch_of_sequences_and_chunks();
@@ -714,5 +766,6 @@ int main(void) {
     test_an_empty_token_part_reads_nothing();
     test_forward_errors();
     test_init_errors();
+    test_scores_grow_with_the_positions();
     return test_report("test_model");
 }
