@@ -200,3 +200,26 @@ def test_nesting_beyond_the_limit_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_file, "MAX_ARRAY_DEPTH", 1)
     with pytest.raises(GGUFError, match=r"metadata 'test\.array\.nested' nests arrays more than 1 deep"):
         read_gguf_file(tmp_path / "kinds.gguf")
+
+
+def test_dimensions_beyond_an_int64_are_named_errors(tmp_path):
+    """A zero among a tensor's dimensions makes its byte count 0 whatever the others say: a
+    dimension of 2^63 then reached NumPy, whose "Maximum allowed dimension exceeded" named neither
+    the file nor the tensor. Dimensions, element and byte counts must fit 64 bits, as in ggml."""
+    _every_kind(tmp_path / "kinds.gguf")
+    data = (tmp_path / "kinds.gguf").read_bytes()
+    name = b"f32"  # 2-D, dims (5, 3)
+    dims_at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name) + 4
+    assert struct.unpack_from("<QQ", data, dims_at) == (5, 3)
+    path = tmp_path / "bad.gguf"
+    for dims in [(0, 2**63), (2**63, 0), (2**64 - 1, 0), (0, 2**40), (2**62, 0)]:
+        path.write_bytes(_patched(_patched(data, dims_at, "<Q", dims[0]), dims_at + 8, "<Q", dims[1]))
+        if dims in [(0, 2**40)]:  # representable: an empty tensor, as the gguf package reads it
+            assert read_gguf_file(path).tensors[0].data.shape == (2**40, 0)
+            continue
+        with pytest.raises(GGUFError, match=rf"^tensor 'f32' has dimensions \[{dims[0]}, {dims[1]}\]: more F32 elements "
+                                            r"than 64-bit sizes count$"):
+            read_gguf_file(path)
+    path.write_bytes(_patched(_patched(data, dims_at, "<Q", 2**32), dims_at + 8, "<Q", 2**32))
+    with pytest.raises(GGUFError, match=r"tensor 'f32' has dimensions \[4294967296, 4294967296\]: more F32 elements"):
+        read_gguf_file(path)

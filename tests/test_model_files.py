@@ -1,6 +1,7 @@
 """Model files: the shared real models, GGUF tensor types, llama2.c exports and corrupt input."""
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -664,8 +665,12 @@ def test_from_numpy_shape_mismatch_names_tensor():
     with pytest.raises(ValueError, match="dtype"):
         lmdecode.Model.from_numpy(config, weights, dtype="q4")
     assert model.logits([0, 9]).shape == (2, 10)
-    del weights["lm_head.weight"]  # tied when the head is absent
-    assert lmdecode.Model.from_numpy(config, weights).config.tied_embeddings
+    del weights["lm_head.weight"]  # tied when the head is absent and the config ties them
+    assert lmdecode.Model.from_numpy({**config, "tie_word_embeddings": True}, weights).config.tied_embeddings
+    # LlamaConfig's default is untied: the head is missing, as transformers reports it
+    with pytest.raises(ValueError, match=r"^from_numpy weights: tensor 'lm_head\.weight' is missing and the config "
+                                         r"does not tie the head to the embedding"):
+        lmdecode.Model.from_numpy(config, weights)
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "f16", "q8_0"])
@@ -817,3 +822,324 @@ def test_checkpoint_matrices_off_cache_lines_are_copied_aligned(dtype, tmp_path)
     resident = _mapping_rss_bytes(path)
     assert resident < 0.05 * matrix_bytes + embedding_bytes, \
         f"{resident} bytes of the file's {matrix_bytes} bytes of other matrices stay resident"
+
+
+# ---------------------------------------------------------------------------- loading audit: corrupt fields
+
+
+def _stories_rewritten(path, meta=None, drop=()):
+    """stories260K.gguf rewritten with every metadata value it has (tokenizer included), some
+    replaced or added (meta: key -> (GGUFValueType, value)), and without the tensors in drop."""
+    V = gguf.GGUFValueType
+    reader = gguf.GGUFReader(str(STORIES_GGUF))
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in (meta or {}):
+            continue
+        w.add_key_value(key, field.contents(), field.types[0], field.types[1] if len(field.types) > 1 else None)
+    for key, (vtype, value) in (meta or {}).items():
+        w.add_key_value(key, value, vtype, V.INT32 if vtype == V.ARRAY else None)
+    for t in reader.tensors:
+        if t.name not in drop:
+            w.add_tensor(t.name, np.array(t.data, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _patched_metadata(path, key: str, fmt: str, value):
+    """stories260K.gguf with the scalar value of metadata `key` overwritten in place (same type)."""
+    import struct
+    data = bytearray(STORIES_GGUF.read_bytes())
+    name = key.encode()
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name) + 4  # past the key and its type
+    struct.pack_into(fmt, data, at, value)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_corrupt_layer_count_fails_at_once_naming_the_field(tmp_path):
+    """A block_count beyond the layers the file's tensors hold is a ValueError naming the key, before
+    anything is built per layer: 1,000,000 took 26 s and 3.5 GB before naming an internal tensor
+    'layers.5.attn_norm', 16,777,221 was killed for lack of memory. One too few names the tensor of
+    the layer beyond it."""
+    import time
+    for n in (100_000, 6):  # (2^31 - 1 is as quick now; before, it would exhaust the memory)
+        path = _patched_metadata(tmp_path / f"blocks_{n}.gguf", "llama.block_count", "<I", n)
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=rf"blocks_{n}\.gguf: GGUF metadata 'llama\.block_count' \(={n}\) exceeds "
+                                             r"the 5 layers the tensors hold \(none of layer 5\)"):
+            lmdecode.Model.load(path)
+        assert time.perf_counter() - start < 5
+    path = _patched_metadata(tmp_path / "blocks_4.gguf", "llama.block_count", "<I", 4)
+    with pytest.raises(ValueError, match=r"tensor 'blk\.4\.attn_q\.weight' is of layer 4, but GGUF metadata "
+                                         r"'llama\.block_count' \(=4\) counts layers 0 to 3"):
+        lmdecode.Model.load(path)
+    # a layer whose tensors are all gone: the same message, naming the layer
+    layer_2 = [t.name for t in gguf.GGUFReader(str(STORIES_GGUF)).tensors if t.name.startswith("blk.2.")]
+    with pytest.raises(ValueError, match=r"'llama\.block_count' \(=5\) exceeds the 4 layers the tensors hold "
+                                         r"\(none of layer 2\)"):
+        lmdecode.Model.load(_stories_rewritten(tmp_path / "no_layer_2.gguf", drop=layer_2))
+
+
+def test_missing_gguf_tensors_are_named_as_the_file_names_them(tmp_path):
+    """Not by the engine's names ('layers.3.attn_norm'): read_gguf maps them back as the
+    Hugging Face reader does, for every architecture's naming (gpt2's fused q/k/v, qwen2's biases)."""
+    for name in ("blk.3.attn_norm.weight", "blk.0.ffn_gate.weight", "output_norm.weight"):
+        path = _stories_rewritten(tmp_path / "missing.gguf", drop=(name,))
+        with pytest.raises(ValueError, match=rf"missing\.gguf: tensor '{name.replace('.', chr(92) + '.')}' is missing$"):
+            lmdecode.Model.load(path)
+    # every tensor of the shared files maps back to its own name
+    for source in (STORIES_GGUF, TINY_RANDOM):
+        file = gguf.GGUFReader(str(source))
+        config, tensors, _ = loaders.read_gguf(source)
+        names = {t.name for t in file.tensors}
+        back = {loaders._gguf_name(name, "llama") for name in tensors}
+        assert back == names, back ^ names
+    assert loaders._gguf_name("layers.1.wk", "gpt2") == "blk.1.attn_qkv.weight"
+    assert loaders._gguf_name("layers.1.bv", "gpt2") == "blk.1.attn_qkv.bias"
+    assert loaders._gguf_name("layers.1.b_up", "gpt2") == "blk.1.ffn_up.bias"
+    assert loaders._gguf_name("layers.0.attn_norm_bias", "gpt2") == "blk.0.attn_norm.bias"
+    assert loaders._gguf_name("layers.7.bq", "qwen2") == "blk.7.attn_q.bias"
+    assert loaders._gguf_name("position_embedding", "gpt2") == "position_embd.weight"
+
+
+def test_gguf_special_token_ids_are_checked_at_load(tmp_path):
+    """tokenizer.ggml.bos_token_id / eos_token_id: any integer type is taken; another type is a
+    ValueError naming the file and key (as llama.cpp refuses the file); an id outside the
+    vocabulary is ignored with a warning naming them (as llama.cpp ignores it), the model and its
+    tokenizer then having no such token. They had surfaced later: an OverflowError or ValueError on
+    every generate(), a prompt error, int() of a string, float BOS ids, token 1 as EOS for True."""
+    V = gguf.GGUFValueType
+    for key, vtype, value, shown in [("tokenizer.ggml.eos_token_id", V.STRING, "</s>", "'</s>'"),
+                                     ("tokenizer.ggml.bos_token_id", V.FLOAT32, 1.0, "1.0"),
+                                     ("tokenizer.ggml.eos_token_id", V.BOOL, True, "True"),
+                                     ("tokenizer.ggml.bos_token_id", V.ARRAY, [1, 2], r"\[1, 2\]")]:
+        path = _stories_rewritten(tmp_path / "typed.gguf", {key: (vtype, value)})
+        with pytest.raises(ValueError, match=rf"typed\.gguf: GGUF metadata '{key}' \(={shown}\) must be an integer "
+                                             r"token id"):
+            lmdecode.Model.load(path)
+    # other integer types hold ids as well as UINT32
+    model = lmdecode.Model.load(_stories_rewritten(tmp_path / "int.gguf",
+                                                   {"tokenizer.ggml.eos_token_id": (V.INT64, 13)}))
+    assert model.config.eos_token_id == 13 and model.tokenizer.eos_id == 13
+    good = lmdecode.Model.load(STORIES_GGUF)
+    free = good.generate("Once upon a time", max_new_tokens=20, temperature=0)
+    for key, value in [("tokenizer.ggml.eos_token_id", 2**32 - 1), ("tokenizer.ggml.eos_token_id", 512),
+                       ("tokenizer.ggml.bos_token_id", 2**32 - 1)]:
+        path = _patched_metadata(tmp_path / "outside.gguf", key, "<I", value)
+        with pytest.warns(UserWarning, match=rf"outside\.gguf: GGUF metadata '{key}': token id {value} outside the "
+                                             r"vocabulary \[0, 512\) ignored"):
+            model = lmdecode.Model.load(path)
+        out = model.generate("Once upon a time", max_new_tokens=20, temperature=0)
+        if key.endswith("eos_token_id"):
+            assert model.config.eos_token_id is None and model.tokenizer.eos_id is None
+            assert out.tokens == free.tokens  # the same text, never stopped by an EOS
+        else:
+            assert model.config.bos_token_id is None and model.tokenizer.bos_id is None
+            assert out.prompt_tokens == free.prompt_tokens[1:]  # no BOS in front
+
+
+def _write_fake_llama2c_tokenizer(path, n_tokens):
+    """A llama2.c tokenizer file of n_tokens pieces ("<0>", "<1>", ...)."""
+    import struct
+    parts = [struct.pack("<i", 16)]
+    for i in range(n_tokens):
+        piece = f"<{i}>".encode()
+        parts.append(struct.pack("<fi", 0.0, len(piece)) + piece)
+    path.write_bytes(b"".join(parts))
+
+
+def test_llama2c_tokenizer_discovery_passes_over_one_that_does_not_fit(tmp_path):
+    """llama2.c's default tokenizer.bin (32000 tokens) beside a 512-token model is not its
+    tokenizer: it is passed over, not an error ("tokenizer.bin: holds 32000 tokens but the
+    model's vocabulary has 512" failed the load though no tokenizer was asked for); tok512.bin
+    is found first, and a tokenizer.bin that fits is taken. One passed as tokenizer= must fit."""
+    import shutil
+    model_path = tmp_path / "stories260K.bin"
+    shutil.copy(STORIES_BIN, model_path)
+    _write_fake_llama2c_tokenizer(tmp_path / "tokenizer.bin", 32000)
+    model = lmdecode.Model.load(model_path)
+    assert model.tokenizer_path is None and model.vocab is None and model.tokenizer is None
+    np.testing.assert_array_equal(model.logits(ONCE_UPON_A_TIME), lmdecode.Model.load(STORIES_BIN).logits(ONCE_UPON_A_TIME))
+    shutil.copy(TOKENIZER, tmp_path / "tok512.bin")
+    model = lmdecode.Model.load(model_path)
+    assert model.tokenizer_path == tmp_path / "tok512.bin" and len(model.vocab) == 512
+    assert model.tokenizer.encode("Once upon a time") == ONCE_UPON_A_TIME
+    (tmp_path / "tok512.bin").unlink()
+    shutil.copy(TOKENIZER, tmp_path / "tokenizer.bin")  # llama2.c's name, this model's vocabulary
+    model = lmdecode.Model.load(model_path)
+    assert model.tokenizer_path == tmp_path / "tokenizer.bin"
+    assert model.tokenizer.encode("Once upon a time") == ONCE_UPON_A_TIME
+    _write_fake_llama2c_tokenizer(tmp_path / "big.bin", 32000)
+    with pytest.raises(ValueError, match=r"big\.bin: holds 32000 tokens but the model's vocabulary has 512"):
+        lmdecode.Model.load(model_path, tokenizer=tmp_path / "big.bin")
+
+
+def _safetensors_file(path, header: dict, body: bytes):
+    import json
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + body)
+
+
+def test_malformed_safetensors_headers_name_the_file_and_tensor(tmp_path):
+    """Header values of the wrong kind were TypeErrors from inside the reader (offsets as strings,
+    floats or an object; a dtype in a list), a negative shape NumPy's error naming nothing, and a
+    fractional size (64.5) was read as 64 and loaded. Each is a ValueError naming the file and
+    tensor now; so are offsets outside the data section and tensors sharing bytes."""
+    import json
+    config, weights = _one_layer_llama(vocab=10, dim=8, hidden=16, scale=0.1, seed=0)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    header, body, at = {}, b"", 0
+    for name, arr in weights.items():
+        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [at, at + arr.nbytes]}
+        body += arr.tobytes()
+        at += arr.nbytes
+    path = tmp_path / "model.safetensors"
+    _safetensors_file(path, header, body)
+    want = lmdecode.Model.from_numpy(config, weights).logits([1, 2, 3])
+    np.testing.assert_array_equal(lmdecode.Model.load(tmp_path).logits([1, 2, 3]), want)
+    norm = "model.layers.0.input_layernorm.weight"  # 8 floats
+    begin, end = header[norm]["data_offsets"]
+    tensor = r"model\.safetensors: tensor 'model\.layers\.0\.input_layernorm\.weight'"
+    cases = [("data_offsets", [str(begin), str(end)], r": data_offsets \(=\['\d+', '\d+'\]\) must be two non-negative integers"),
+             ("data_offsets", [float(begin), float(end)], r": data_offsets \(=\[[\d.]+, [\d.]+\]\) must be two"),
+             ("data_offsets", {"a": 1, "b": 2}, r": data_offsets \(=\{'a': 1, 'b': 2\}\) must be two"),
+             ("data_offsets", [begin], r": data_offsets \(=\[\d+\]\) must be two"),
+             ("data_offsets", [at, at + 32], r" ends at byte \d+ but the file has \d+"),
+             ("data_offsets", [0, 32], None),  # the embedding's first bytes
+             ("dtype", ["F32"], r": dtype \(=\['F32'\]\) must be a string"),
+             ("dtype", "F64", r" has dtype F64; supported: F32, F16, BF16"),
+             ("shape", [-8, -1], r": shape \(=\[-8, -1\]\) must be a list of non-negative integers"),
+             ("shape", [7.5], r": shape \(=\[7\.5\]\) must be a list of non-negative integers"),
+             ("shape", [True], r": shape \(=\[True\]\) must be"),
+             ("shape", [4], r": data offsets \[\d+, \d+\) do not hold shape \(4,\) of F32")]
+    for field, value, message in cases:
+        bad = json.loads(json.dumps(header))
+        bad[norm][field] = value
+        _safetensors_file(path, bad, body)
+        if message is None:
+            message = (r"model\.safetensors: tensors 'model\.layers\.0\.input_layernorm\.weight' and "
+                       r"'model\.embed_tokens\.weight' overlap in the data section \(bytes 0 to 32\)")
+        else:
+            message = tensor + message if not message.startswith(" ends") else r"model\.safetensors: truncated: " + tensor[20:] + message
+        with pytest.raises(ValueError, match=message):
+            lmdecode.Model.load(tmp_path)
+    bad = dict(header, **{norm: [1, 2]})
+    _safetensors_file(path, bad, body)
+    with pytest.raises(ValueError, match=tensor + r": malformed header entry \[1, 2\]"):
+        lmdecode.Model.load(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [None, "f16", "bf16", "q8_0"])
+def test_from_numpy_holds_no_reference_to_the_callers_arrays(dtype):
+    """Model.from_numpy copies everything: changing the arrays afterwards, in place, leaves the
+    model's logits as they were. An untied float32 (or float16) token embedding, which the engine
+    reads in place, used to stay the caller's array, and so did the norm weights."""
+    config, weights = _one_layer_llama(vocab=64, dim=32, hidden=64, scale=0.3, seed=2)
+    config = {**config, "tie_word_embeddings": False}
+    if dtype == "f16":
+        weights = {k: v.astype(np.float16) for k, v in weights.items()}
+    model = lmdecode.Model.from_numpy(config, weights, dtype=dtype)
+    toks = [1, 5, 9, 33, 60]
+    before = model.logits(toks)
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight",
+                 "lm_head.weight", "model.layers.0.mlp.up_proj.weight"):
+        weights[name] *= 0.5
+        np.testing.assert_array_equal(model.logits(toks), before, err_msg=name)
+
+
+def test_non_finite_norm_eps_and_rope_theta_are_refused(tmp_path):
+    """The engine holds them as float32: an infinite epsilon (NaN and negative ones were already
+    refused) or a base that float32 cannot hold (a GGUF float64 of 1e300) gave garbage logits
+    without an error. ValueErrors naming the file's field now, and the engine's own check too."""
+    V = gguf.GGUFValueType
+    for key, value, shown in [("llama.attention.layer_norm_rms_epsilon", float("inf"), "inf"),
+                              ("llama.rope.freq_base", 1e300, "1e\\+300"),
+                              ("llama.rope.freq_base", float("nan"), "nan")]:
+        path = _stories_rewritten(tmp_path / "float.gguf", {key: (V.FLOAT64, value)})
+        with pytest.raises(ValueError, match=rf"float\.gguf: GGUF metadata '{key}' \(={shown}\) must be finite and "):
+            lmdecode.Model.load(path)
+    # finite values read as float64 load
+    path = _stories_rewritten(tmp_path / "f64.gguf", {"llama.rope.freq_base": (V.FLOAT64, 10000.0)})
+    np.testing.assert_array_equal(lmdecode.Model.load(path).logits(ONCE_UPON_A_TIME),
+                                  lmdecode.Model.load(STORIES_GGUF).logits(ONCE_UPON_A_TIME))
+    config, weights = _one_layer_llama(vocab=10, dim=8, hidden=16, scale=0.1, seed=0)
+    for key, value in [("rms_norm_eps", float("inf")), ("rope_theta", 1e39), ("rope_theta", float("inf"))]:
+        with pytest.raises(ValueError, match=rf"^from_numpy config: config .{key}. \(={re.escape(repr(value))}\) must be finite"):
+            lmdecode.Model.from_numpy({**config, key: value}, weights)
+    engine_config = dict(arch="llama", vocab_size=10, dim=8, hidden_dim=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                         head_dim=4, context_length=16, norm_eps=float("inf"), rope_theta=1e4, rope_layout="half")
+    with pytest.raises(ValueError, match=r"norm_eps \(=inf\) must be finite and >= 0"):
+        _core.Model(engine_config, {})
+
+
+def test_eos_token_id_lists_stop_generation_at_every_id():
+    """A config.json's list of EOS ids (Llama 3's [128001, 128008, 128009]) is ModelConfig's tuple,
+    and every id in it ends generate() (plain, speculative, contrastive) and beam_search(); it
+    was a TypeError ("unhashable type: 'list'") in generate(). One id stays an int, none None."""
+    config, weights = _one_layer_llama(vocab=64, dim=32, hidden=64, scale=0.5, seed=1)
+    config = {**config, "tie_word_embeddings": False}
+    assert lmdecode.Model.from_numpy({**config, "eos_token_id": [7]}, weights).config.eos_token_id == 7
+    assert lmdecode.Model.from_numpy({**config, "eos_token_id": []}, weights).config.eos_token_id is None
+    plain = lmdecode.Model.from_numpy(config, weights)
+    amateur = lmdecode.Model.from_numpy(_one_layer_llama(vocab=64, dim=32, hidden=64, scale=0.5, seed=9)[0],
+                                        _one_layer_llama(vocab=64, dim=32, hidden=64, scale=0.5, seed=9)[1])
+    prompt = [1, 2, 3]
+    for kind, kwargs in [("greedy", {}), ("speculative", {"draft_model": plain}),
+                         ("contrastive", {"amateur_model": amateur})]:
+        free = plain.generate(prompt, max_new_tokens=10, temperature=0, **kwargs).tokens
+        assert len(free) == 10
+        k = next(i for i in range(1, 10) if free[i] not in free[:i])  # a token's first appearance
+        unused = next(t for t in range(64) if t not in free)
+        model = lmdecode.Model.from_numpy({**config, "eos_token_id": [unused, free[k]]}, weights)
+        assert model.config.eos_token_id == (unused, free[k])
+        if kind == "speculative":
+            kwargs = {"draft_model": model}
+        out = model.generate(prompt, max_new_tokens=10, temperature=0, **kwargs)
+        assert out.tokens == free[:k + 1] and out.finish_reason == "stop", kind
+        streamed = list(model.generate(prompt, max_new_tokens=10, temperature=0, stream=True, **kwargs))
+        assert [c.token for c in streamed] == free[:k + 1] and streamed[-1].finish_reason == "stop"
+    free = plain.beam_search(prompt, beam_width=1, max_new_tokens=10)[0].tokens
+    k = next(i for i in range(1, 10) if free[i] not in free[:i])
+    unused = next(t for t in range(64) if t not in free)
+    model = lmdecode.Model.from_numpy({**config, "eos_token_id": [unused, free[k]]}, weights)
+    (best,) = model.beam_search(prompt, beam_width=1, max_new_tokens=10)
+    assert best.tokens == free[:k + 1] and best.finish_reason == "stop"
+    with pytest.warns(UserWarning, match=r"from_numpy config: config 'eos_token_id' \(=\[5, 64, 99\]\): token ids "
+                                         r"64, 99 outside the vocabulary \[0, 64\) ignored"):
+        assert lmdecode.Model.from_numpy({**config, "eos_token_id": [5, 64, 99]}, weights).config.eos_token_id == 5
+    with pytest.raises(ValueError, match=r"config 'bos_token_id' \(=\[1, 2\]\) must be a token id or null"):
+        lmdecode.Model.from_numpy({**config, "bos_token_id": [1, 2]}, weights)
+
+
+def test_attention_scores_grow_with_the_positions_and_not_with_the_context_length():
+    """The run state's attention scores are sized by the positions calls attend to, not by the
+    context length up front: a context length of 2^31 - 1 (a corrupt file's, or a config's) loads
+    and decodes (it was a MemoryError "allocating the run state for 1024 tokens" naming no field),
+    while new_cache() of the whole context says which field asked for so much. Growing the buffer
+    between calls keeps every logit bit-identical to a single prefill."""
+    config, weights = _one_layer_llama(vocab=64, dim=32, hidden=64, scale=0.5, seed=3)
+    huge = lmdecode.Model.from_numpy({**config, "max_position_embeddings": 2**31 - 1}, weights)
+    small = lmdecode.Model.from_numpy(config, weights)
+    np.testing.assert_array_equal(huge.logits([1, 2, 3]), small.logits([1, 2, 3]))
+    assert huge.generate([1, 2, 3], max_new_tokens=5, temperature=0).tokens == \
+        small.generate([1, 2, 3], max_new_tokens=5, temperature=0).tokens
+    assert len(huge.new_cache(capacity=64)) == 0
+    with pytest.raises(MemoryError, match=r"new_cache\(\) makes room for the context length \(context_length="
+                                          r"2147483647 positions\); pass capacity= for fewer"):
+        huge.new_cache()
+    # 1024 positions at first: a call beyond them grows the buffer (to twice that, then to what
+    # the call needs), each call's logits bit-identical to one prefill's, which grew it at once
+    long_config = {**config, "max_position_embeddings": 4096}
+    toks = _tokens(3000, 64, seed=4)
+    whole = lmdecode.Model.from_numpy(long_config, weights).logits(toks)
+    model = lmdecode.Model.from_numpy(long_config, weights)
+    cache = model.new_cache(3000)
+    for begin, end in [(0, 1000), (1000, 1500), (1500, 3000)]:
+        np.testing.assert_array_equal(model.forward(toks[begin:end], cache, logits="all"), whole[begin:end])
+    engine_config, tensors = loaders.from_hf_numpy(long_config, weights)
+    ref = llama_logits(engine_config, {k: loaders.to_f32(v).astype(np.float64) for k, v in tensors.items()}, toks[:1100])
+    assert _rel_max_diff(ref, whole[:1100]) < 1e-4

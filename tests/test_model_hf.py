@@ -44,7 +44,10 @@ def _build(kind, torch, transformers):
                                        tie_word_embeddings=False, **common)
         model = transformers.LlamaForCausalLM(cfg)
     else:
-        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
+        # GPT2Config's special ids default to GPT-2's 50256, outside this vocabulary (ignored
+        # with a warning: test_special_ids_outside_the_vocabulary); its last token, as GPT-2's
+        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=95,
+                                      eos_token_id=95, **common)
         model = transformers.GPT2LMHeadModel(cfg)
     # noise shrinking as 1 / sqrt(width), as initialisers do: the wide model's activations stay the size of the others'
     return _randomise(torch, model, seed=len(kind), std=0.1 * (64 / model.config.hidden_size) ** 0.5)
@@ -698,3 +701,144 @@ def test_head_sizes_without_unrolled_value_sums(head_dim, n_heads, n_kv_heads):
     cache = model.new_cache()
     got = [model.forward(toks[:37], cache, logits="all")] + [model.forward([t], cache)[None] for t in toks[37:]]
     np.testing.assert_array_equal(np.concatenate(got), want)
+
+
+# ---------------------------------------------------------------------------- loading audit
+
+
+def _copy_checkpoint(hf, path, config_edit=None, drop=()):
+    """hf's checkpoint in path, its config.json edited and the tensors in drop left out."""
+    from safetensors.numpy import load_file, save_file
+
+    cfg = json.loads((hf["path"] / "config.json").read_text())
+    if config_edit is not None:
+        config_edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+    weights = {k: v for k, v in load_file(hf["path"] / "model.safetensors").items() if k not in drop}
+    save_file(weights, path / "model.safetensors")
+    return path
+
+
+def test_a_corrupt_layer_count_fails_at_once_naming_the_key(hf, tmp_path):
+    """num_hidden_layers (n_layer) of 2,000,000 took 131 s and 10.7 GB before an error about the
+    first missing tensor (100,000 here: 7 s before); the tensors' layers bound it before anything
+    is built per layer."""
+    import time
+    key = "n_layer" if hf["kind"] == "gpt2" else "num_hidden_layers"
+    _copy_checkpoint(hf, tmp_path, lambda c: c.update({key: 100_000}))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"model\.safetensors: config '{key}' \(=100000\) exceeds the 2 layers the "
+                                         r"tensors hold \(none of layer 2\)"):
+        lmdecode.Model.load(tmp_path)
+    with pytest.raises(ValueError, match=rf"^from_numpy weights: config '{key}' \(=100000\) exceeds the 2 layers"):
+        lmdecode.Model.from_numpy({**hf["config"], key: 100_000}, hf["state"])
+    assert time.perf_counter() - start < 5
+
+
+def test_a_missing_head_is_an_error_unless_the_config_ties_it(hf, tmp_path):
+    """Without lm_head.weight the head is the embedding only when tie_word_embeddings says so
+    (left out: transformers' default, false for Llama, Mistral and Qwen2, true for GPT-2); an
+    untied model silently ran on its embedding as head, where transformers reports lm_head.weight
+    MISSING. From a directory, from a sharded index that leaves it out, and from from_numpy."""
+    tied_by_default = hf["kind"] == "gpt2"
+    # qwen2 and gpt2 are tied (their files have no head), the llamas not
+    assert lmdecode.Model.load(hf["path"]).config.tied_embeddings == hf["config"]["tie_word_embeddings"]
+    untie = lambda c: c.update({"tie_word_embeddings": False})  # noqa: E731
+    weights = {k: v for k, v in hf["state"].items() if k != "lm_head.weight"}
+    missing = (r"tensor 'lm_head\.weight' is missing and the config does not tie the head to the embedding "
+               r"\(tie_word_embeddings is false, or left out: false for Llama, Mistral and Qwen2\)")
+    _copy_checkpoint(hf, tmp_path, untie, drop=("lm_head.weight",))
+    with pytest.raises(ValueError, match=r"model\.safetensors: " + missing):
+        lmdecode.Model.load(tmp_path)
+    with pytest.raises(ValueError, match=r"^from_numpy weights: " + missing):
+        lmdecode.Model.from_numpy({**hf["config"], "tie_word_embeddings": False}, weights)
+    absent = {k: v for k, v in hf["config"].items() if k != "tie_word_embeddings"}
+    if tied_by_default:
+        assert lmdecode.Model.from_numpy(absent, weights).config.tied_embeddings
+    else:
+        with pytest.raises(ValueError, match=missing):
+            lmdecode.Model.from_numpy(absent, weights)
+    # a sharded checkpoint whose index leaves the head out
+    sharded = tmp_path / "sharded"
+    hf["torch_model"].save_pretrained(sharded, safe_serialization=True, max_shard_size="40KB")
+    cfg = json.loads((sharded / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (sharded / "config.json").write_text(json.dumps(cfg))
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    if "lm_head.weight" in index["weight_map"]:
+        del index["weight_map"]["lm_head.weight"]
+        (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"sharded: " + missing):
+        lmdecode.Model.load(sharded)
+
+
+def test_a_checkpoint_head_is_used_as_transformers_uses_it(tmp_path):
+    """tie_word_embeddings true and an lm_head.weight of its own in the file: transformers (5.x)
+    keeps that head (its values differ from the embedding's), and so does lmdecode, whose
+    config.tied_embeddings then says false; a state_dict listing the one tensor under both names,
+    or an equal copy, is one head, tied."""
+    torch, transformers = require_transformers()
+    from safetensors.torch import load_file, save_file
+
+    model = _build("qwen2", torch, transformers)  # tied
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in weights
+    weights["lm_head.weight"] = torch.randn(weights["model.embed_tokens.weight"].shape,
+                                            generator=torch.Generator().manual_seed(3)) * 0.1
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    import logging
+    logging.getLogger("transformers").setLevel(logging.ERROR)  # its warning about the untied head
+    reloaded = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert torch.equal(reloaded.lm_head.weight, weights["lm_head.weight"])  # the file's head, untied
+    tokens = np.random.default_rng(7).integers(0, 96, size=T)
+    with torch.no_grad():
+        ref = reloaded(torch.tensor(tokens[None], dtype=torch.long)).logits[0].numpy()
+    ours = lmdecode.Model.load(tmp_path)
+    assert not ours.config.tied_embeddings
+    _assert_close_to(ref, ours.logits(tokens))
+    # model.state_dict() of a tied model: one tensor under both names, or equal copies of it
+    state = model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    for weights in (state, {k: v.detach().numpy().copy() for k, v in state.items()}):
+        tied = lmdecode.Model.from_numpy(model.config, weights)
+        assert tied.config.tied_embeddings
+    # equal copies in a config that does not tie them stay two heads (as transformers keeps them)
+    untied = dict(model.config.to_dict(), tie_word_embeddings=False)
+    assert not lmdecode.Model.from_numpy(untied, {k: v.detach().numpy().copy() for k, v in state.items()}
+                                         ).config.tied_embeddings
+
+
+def test_special_ids_outside_the_vocabulary(tmp_path):
+    """GPT2Config's defaults (bos and eos 50256) stay in the config of a small GPT-2 built with
+    it; transformers runs such a model (never stopping on EOS), and lmdecode ignores the ids with
+    a warning naming the file and key, as llama.cpp ignores a GGUF's. generate() then runs: it
+    failed at every call with the id outside the vocabulary."""
+    torch, transformers = require_transformers()
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=32,
+                                                                 vocab_size=96))
+    assert model.config.eos_token_id == 50256
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.warns(UserWarning) as caught:
+        ours = lmdecode.Model.load(tmp_path)
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path / 'config.json'}: config 'bos_token_id' (=50256): token id 50256 outside the vocabulary [0, 96) ignored",
+        f"{tmp_path / 'config.json'}: config 'eos_token_id' (=50256): token id 50256 outside the vocabulary [0, 96) ignored"]
+    assert ours.config.bos_token_id is None and ours.config.eos_token_id is None
+    out = ours.generate([1, 2, 3], max_new_tokens=6, temperature=0)
+    assert len(out.tokens) == 6 and out.finish_reason == "length"
+
+
+def test_from_numpy_copies_torch_tensors_changed_in_place_afterwards(hf):
+    """Model.from_numpy holds no reference to a state_dict's tensors: scaling them in place
+    afterwards (an untied embedding, norms and biases, which the engine reads in place, used to be
+    the caller's memory) leaves the logits as they were, in float32 and in bfloat16."""
+    torch = hf["torch"]
+    for dtype in (torch.float32, torch.bfloat16):
+        state = {k: v.detach().clone().to(dtype) for k, v in hf["torch_model"].state_dict().items()}
+        model = lmdecode.Model.from_numpy(hf["torch_model"].config, state)
+        before = model.logits(hf["tokens"][:16])
+        with torch.no_grad():
+            for v in state.values():
+                v.mul_(0.5)
+        np.testing.assert_array_equal(model.logits(hf["tokens"][:16]), before)

@@ -146,8 +146,10 @@ def check_prompt_ids(prompt_ids: np.ndarray, offsets: np.ndarray, vocab: int) ->
                          f"outside the vocabulary [0, {vocab})")
 
 
-def _stop_ids(stop_token_ids: Any, default_eos: int | None) -> np.ndarray:
-    ids = ([] if default_eos is None else [default_eos]) + token_id_list(stop_token_ids, "stop_token_ids")
+def _stop_ids(stop_token_ids: Any, default_eos: int | Sequence[int] | None) -> np.ndarray:
+    """The ids that end a sequence: stop_token_ids and the default EOS, which may be one id or
+    several (ModelConfig.eos_token_id of a Llama 3 checkpoint: each of them stops)."""
+    ids = token_id_list(default_eos, "the model's eos_token_id") + token_id_list(stop_token_ids, "stop_token_ids")
     return np.array(sorted(set(ids)), dtype=np.int32)
 
 

@@ -39,6 +39,7 @@ SCALARS = {0: ("<B", "<u1"), 1: ("<b", "<i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2"
 STRING, ARRAY = 8, 9
 UINT32 = 4
 U32, U64 = struct.Struct("<I"), struct.Struct("<Q")
+INT64_MAX = 2**63 - 1
 
 # tensor element types the reader hands out as arrays of their element type (the rest as raw
 # bytes, one row of blocks per row of the tensor)
@@ -235,6 +236,12 @@ def read_gguf_file(path: str | Path) -> GGUFFile:
         type_name, block, block_bytes = types[type_id]
         shape = tuple(reversed(dims))
         elements = int(np.prod(dims, dtype=object))
+        # ggml holds dimensions, element and byte counts in 64 bits; with a zero among the
+        # dimensions the byte count below is 0 whatever the others say, and NumPy refuses the
+        # shape (a dimension of 2^63) with a message that names neither the file nor the tensor
+        if int(np.prod([max(d, 1) for d in dims], dtype=object)) * block_bytes > INT64_MAX:
+            raise GGUFError(f"tensor {name!r} has dimensions {list(dims)}: more {type_name} elements than "
+                            f"64-bit sizes count")
         if dims[0] % block:
             raise GGUFError(f"tensor {name!r} has rows of {dims[0]} elements, not whole {type_name} blocks of {block}")
         n_bytes = elements // block * block_bytes

@@ -28,6 +28,7 @@ import mmap
 import numbers
 import os
 import struct
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,11 +185,11 @@ def _finite_f32(src: Source, dtype: str, name: str) -> np.ndarray:
     return wide
 
 
-def cache_line_aligned(arr: np.ndarray) -> np.ndarray:
-    """arr itself if it starts on a 64-byte boundary, else an aligned copy. NumPy aligns to 16
-    or 32 bytes; full-width AVX-512 loads from such rows straddle cache lines and the compute-bound
-    kernels (prefill) lose about a third of their speed."""
-    if arr.ctypes.data % 64 == 0:
+def cache_line_aligned(arr: np.ndarray, copy: bool = False) -> np.ndarray:
+    """arr itself if it starts on a 64-byte boundary (and copy is false), else an aligned copy.
+    NumPy aligns to 16 or 32 bytes; full-width AVX-512 loads from such rows straddle cache lines
+    and the compute-bound kernels (prefill) lose about a third of their speed."""
+    if arr.ctypes.data % 64 == 0 and not copy:
         return arr
     buf = np.empty(arr.nbytes + 64, dtype=np.uint8)
     start = -buf.ctypes.data % 64
@@ -238,11 +239,18 @@ def _madvise():
         return None
 
 
-def to_storage(tensors: dict, dtype: str) -> dict:
+def to_storage(tensors: dict, dtype: str, *, copy_borrowed: bool = False) -> dict:
     """Engine arrays for every tensor: matrices in `dtype`, vectors float32. A tensor that appears
-    under two names (a tied output head) is converted once and shared."""
+    under two names (a tied output head) is converted once and shared.
+
+    copy_borrowed: the arrays the engine reads in place (everything but the weight matrices it
+    copies: vectors, and an untied token embedding, whose rows are only looked up) are copies,
+    never views of the sources (from_numpy: the caller's arrays, which it may change later). A
+    file's memory map is borrowed instead, read-only."""
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype (={dtype!r}) must be one of {', '.join(STORAGE_DTYPES)}")
+    embedding, head = tensors.get("token_embedding"), tensors.get("output")
+    tied = embedding is not None and head is not None and embedding.data is head.data
     out, done = {}, {}
     for name, src in tensors.items():
         key = (id(src.data), is_matrix(name))
@@ -257,6 +265,9 @@ def to_storage(tensors: dict, dtype: str) -> dict:
         engine_copies = is_matrix(name) and arr.dtype in (np.float32, np.float16, np.uint16)
         if not arr.flags.aligned:  # a view at an odd byte offset (from_numpy takes any array)
             arr = cache_line_aligned(arr)
+        engine_borrows = not is_matrix(name) or (name == "token_embedding" and not tied)
+        if copy_borrowed and engine_borrows and np.may_share_memory(arr, src.data):
+            arr = cache_line_aligned(arr, copy=True)
         if not np.may_share_memory(arr, src.data):
             if not engine_copies:
                 arr = cache_line_aligned(arr)  # ours to place; borrowed arrays stay where they are
@@ -300,23 +311,54 @@ def required_names(config: dict) -> list:
     return names
 
 
-def check_tensors(path, config: dict, tensors: dict, file_names: dict | None = None) -> None:
-    """Raises ValueError naming the file and tensor when a tensor is missing or misshapen.
+def check_layer_count(path, config: dict, tensors: dict, layers_key: str) -> None:
+    """ValueError naming layers_key (the file's field) when the config has more layers than the
+    tensors hold. Checked before anything is built per layer: check_config lets a layer count up
+    to 2^31 - 1 through, and a corrupt one (a GGUF block_count of 1,000,000) had expected_shapes
+    and required_names build tens of millions of names before the first missing tensor was
+    reported (26 s and 3.5 GB; 16.7 million layers were killed for lack of memory). Every layer
+    has tensors of its own, so the count of distinct layer indices among the tensors (at most the
+    number of tensors) bounds it."""
+    present = {name.split(".", 2)[1] for name in tensors if name.startswith("layers.")}
+    n_layers = config["n_layers"]
+    if n_layers > len(present):
+        missing = next(i for i in range(len(present) + 1) if str(i) not in present)
+        _fail(path, f"{layers_key} (={n_layers}) exceeds the {len(present)} layers the tensors hold "
+                    f"(none of layer {missing})")
 
-    file_names maps engine names to the names in the file, for messages."""
+
+def check_tensors(path, config: dict, tensors: dict, file_names: dict | None = None, *,
+                  layers_key: str = "n_layers", name_of=None) -> None:
+    """Raises ValueError naming the file and tensor when a tensor is missing or misshapen, or
+    the config has more layers than the tensors (check_layer_count, under layers_key).
+
+    Messages name tensors as the file does: file_names maps the engine names of the tensors
+    present to the file's, name_of(engine_name) gives the file's name of one that is missing."""
     file_names = file_names or {}
+    check_layer_count(path, config, tensors, layers_key)
+
+    def named(name):
+        return file_names.get(name) or (name_of(name) if name_of is not None else name)
+
     shapes = expected_shapes(config)
     for name in required_names(config):
         if name not in tensors:
-            _fail(path, f"tensor {file_names.get(name, name)!r} is missing")
+            _fail(path, f"tensor {named(name)!r} is missing")
     for name, src in tensors.items():
         want = shapes.get(name)
         if want is None:
-            _fail(path, f"unexpected tensor {name!r}")
+            layer = name.split(".", 2)[1] if name.startswith("layers.") else None
+            if layer is not None and layer.isdigit() and int(layer) >= config["n_layers"]:
+                _fail(path, f"tensor {named(name)!r} is of layer {int(layer)}, but {layers_key} "
+                            f"(={config['n_layers']}) counts layers 0 to {config['n_layers'] - 1}")
+            _fail(path, f"unexpected tensor {named(name)!r}")
         if tuple(src.shape) != want:
-            _fail(path, f"tensor {file_names.get(name, name)!r} has shape {tuple(src.shape)} but the config "
+            _fail(path, f"tensor {named(name)!r} has shape {tuple(src.shape)} but the config "
                         f"(dim={config['dim']}, hidden_dim={config['hidden_dim']}, n_heads={config['n_heads']}, "
                         f"n_kv_heads={config['n_kv_heads']}, vocab_size={config['vocab_size']}) needs {want}")
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def check_config(path, config: dict) -> None:
@@ -329,6 +371,33 @@ def check_config(path, config: dict) -> None:
         _fail(path, f"n_heads (={config['n_heads']}) is not a multiple of n_kv_heads (={config['n_kv_heads']})")
     if config["arch"] == "llama" and config["head_dim"] % 2:
         _fail(path, f"head_dim (={config['head_dim']}) must be even for rotary embeddings")
+    # the engine holds them as float32: an infinity (or a value that rounds to one) would make
+    # every norm or rotary angle garbage without an error (the readers name the file's field)
+    check_float32(path, "norm_eps", config["norm_eps"], positive=False)
+    check_float32(path, "rope_theta", config["rope_theta"], positive=True)
+
+
+def _warn_outside(path, what: str, ids: list, vocab: int) -> None:
+    """Special token ids outside the vocabulary are ignored, with a warning naming the file and
+    key, as llama.cpp ignores them ("bad special token ..., using default id"; it falls back to
+    its vocabulary type's default id, which lmdecode has not got: the model then has no BOS or
+    EOS). A config.json can carry such ids legitimately: GPT2Config's defaults (50256) stay in
+    the configs of small models built with it, which transformers runs (never stopping on EOS).
+    Kept, they made every generate() call fail or every prompt start with an impossible token."""
+    warnings.warn(f"{path}: {what}: token id{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} "
+                  f"outside the vocabulary [0, {vocab}) ignored", stacklevel=4)
+
+
+def check_float32(path, key: str, value, *, positive: bool) -> float:
+    """value as a float, which must be a finite number the engine's float32 holds, > 0 if
+    positive (else >= 0); ValueError naming the file and key otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        _fail(path, f"{key} (={value!r}) must be a number")
+    value = float(value)
+    bound = "> 0" if positive else ">= 0"
+    if not (value > 0 if positive else value >= 0) or not value <= FLOAT32_MAX:
+        _fail(path, f"{key} (={value!r}) must be finite and {bound} (at most {FLOAT32_MAX:.6g}, float32's largest)")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,11 +494,19 @@ class Llama2cVocab:
         return len(self.pieces)
 
 
-def find_llama2c_tokenizer(model_path: Path, vocab_size: int):
+def find_llama2c_tokenizer(model_path: Path, vocab_size: int) -> Llama2cVocab | None:
+    """The llama2.c tokenizer beside a model, read: tok{vocab_size}.bin, else tokenizer.bin
+    (llama2.c's default name, the 32000-token Llama 2 vocabulary), whichever first reads as a
+    tokenizer of the model's vocabulary size; None if neither does. A file that does not fit is
+    passed over, not an error: nobody asked for it (a tokenizer.bin lying beside stories260K.bin
+    made its load fail), and Model.load(tokenizer=...) checks the file it is given."""
     for name in (f"tok{vocab_size}.bin", "tokenizer.bin"):
         candidate = model_path.parent / name
         if candidate.is_file():
-            return candidate
+            try:
+                return Llama2cVocab(candidate, vocab_size)
+            except ValueError:
+                continue
     return None
 
 
@@ -477,11 +554,23 @@ def read_gguf(path: Path):
             _fail(path, f"GGUF metadata {key!r} (={value!r}) must be a non-negative integer")
         return int(value)
 
-    def meta_float(key, default):
-        value = meta(key, default)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            _fail(path, f"GGUF metadata {key!r} (={value!r}) must be a number")
-        return float(value)
+    def meta_float(key, default, positive=False):  # a float32 hyperparameter: finite, >= 0 (> 0)
+        return check_float32(path, f"GGUF metadata {key!r}", meta(key, default), positive=positive)
+
+    def special_id(key):  # a special token id: an integer in the vocabulary, or absent
+        value = meta(key)
+        if value is None:
+            return None
+        # llama.cpp refuses a special id of another type than UINT32 (the file fails to load):
+        # any integer type is taken here, anything else refused (int() read a string of digits,
+        # a float became a float token id, a bool token 1); one outside the vocabulary is
+        # ignored with a warning, as llama.cpp does (_warn_outside)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            _fail(path, f"GGUF metadata {key!r} (={value!r}) must be an integer token id")
+        if not 0 <= value < vocab:
+            _warn_outside(path, f"GGUF metadata {key!r}", [value], vocab)
+            return None
+        return int(value)
 
     version = meta("GGUF.version")
     if version not in (2, 3):
@@ -498,7 +587,7 @@ def read_gguf(path: Path):
     context = meta_int(f"{arch}.context_length", required=True)
     if family == "llama":
         eps = meta_float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
-        theta = meta_float(f"{arch}.rope.freq_base", 10000.0)
+        theta = meta_float(f"{arch}.rope.freq_base", 10000.0, positive=True)
         scaling = meta(f"{arch}.rope.scaling.type", "none")
         if scaling not in ("none", None, "linear"):
             _fail(path, f"rope scaling {scaling!r} is not supported (linear, or Llama 3's rope_freqs tensor)")
@@ -581,17 +670,44 @@ def read_gguf(path: Path):
     config = dict(arch=family, vocab_size=vocab, dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads,
                   n_kv_heads=n_kv_heads, head_dim=head_dim, context_length=context, norm_eps=eps, rope_theta=theta,
                   rope_layout="half" if arch == "qwen2" else "adjacent", tied_embeddings=tied,
-                  bos_token_id=meta("tokenizer.ggml.bos_token_id"), eos_token_id=meta("tokenizer.ggml.eos_token_id"),
+                  bos_token_id=special_id("tokenizer.ggml.bos_token_id"),
+                  eos_token_id=special_id("tokenizer.ggml.eos_token_id"),
                   required_biases=("bq", "bk", "bv") if arch == "qwen2" else ())
     check_config(path, config)
-    check_tensors(path, config, tensors, file_names)
+    check_tensors(path, config, tensors, file_names, layers_key=f"GGUF metadata '{arch}.block_count'",
+                  name_of=lambda name: _gguf_name(name, arch))
     # the tokenizer's metadata, which a model keeps for its tokenizer (built on first use)
     try:
         tokenizer_metadata = gguf.tokenizer_metadata()
     except GGUFError as e:
         _fail(path, str(e))
+    for key, engine_key in (("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id")):
+        if config[engine_key] is None:  # an id ignored above: the tokenizer must not use it either
+            tokenizer_metadata.pop(key, None)
     return config, tensors, {"vocab": list(tokens) if tokens is not None else None,
                              "tokenizer_metadata": tokenizer_metadata}
+
+
+GGUF_TOP_NAMES = {"token_embedding": "token_embd.weight", "position_embedding": "position_embd.weight",
+                  "output": "output.weight", "final_norm": "output_norm.weight", "final_norm_bias": "output_norm.bias",
+                  "rope_freq_factors": "rope_freqs.weight"}
+
+
+def _gguf_name(engine_name: str, arch: str) -> str:
+    """The GGUF tensor name of an engine tensor (llama.cpp's, for messages about missing ones):
+    'layers.5.attn_norm' -> 'blk.5.attn_norm.weight'."""
+    if engine_name in GGUF_TOP_NAMES:
+        return GGUF_TOP_NAMES[engine_name]
+    _, idx, short = engine_name.split(".", 2)
+    if arch == "gpt2":
+        if short in ("wq", "wk", "wv", "bq", "bk", "bv"):  # one fused tensor holds q, k and v
+            return f"blk.{idx}.attn_qkv.{'weight' if short.startswith('w') else 'bias'}"
+        base, suffix = {v: k for k, v in GGUF_GPT2_NAMES.items()}[short]
+        return f"blk.{idx}.{base}.{suffix}"
+    biases = {"bq": "attn_q", "bk": "attn_k", "bv": "attn_v", "bo": "attn_output"}
+    if short in biases:
+        return f"blk.{idx}.{biases[short]}.bias"
+    return f"blk.{idx}.{ {v: k for k, v in GGUF_LLAMA_NAMES.items()}[short]}.weight"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,8 +721,11 @@ HF_ARCHS = HF_LLAMA_ARCHS + ("GPT2LMHeadModel",)
 
 def read_safetensors(path: Path) -> dict:
     """name -> Source, memory mapped. The format is an 8-byte little-endian header length, a JSON
-    header of {name: {dtype, shape, data_offsets}} and the data; every offset is checked against
-    the file size before use."""
+    header of {name: {dtype, shape, data_offsets}} and the data. Every entry is checked before
+    use (ValueError naming the file and tensor): a dtype string, a shape of non-negative
+    integers, and integer offsets [begin, end) inside the data section holding exactly the bytes
+    of that shape, no two tensors overlapping (JSON lets a corrupt header say anything: strings,
+    floats, lists where numbers go, negative or fractional sizes)."""
     size = path.stat().st_size
     if size < 8:
         _fail(path, f"file of {size} bytes is too short for a safetensors header")
@@ -621,22 +740,32 @@ def read_safetensors(path: Path) -> dict:
     if not isinstance(header, dict):
         _fail(path, "safetensors header is not a JSON object")
     data_start = 8 + header_len
-    out = {}
+    data_size = size - data_start
+    out, ranges = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(n) for n in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            _fail(path, f"tensor {name!r}: malformed header entry {info!r}")
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            _fail(path, f"tensor {name!r}: malformed header entry {info!r:.200} (an object of dtype, shape and "
+                        f"data_offsets)")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str):
+            _fail(path, f"tensor {name!r}: dtype (={dtype!r:.80}) must be a string")
         if dtype not in SAFETENSORS_KINDS:
             _fail(path, f"tensor {name!r} has dtype {dtype}; supported: {', '.join(SAFETENSORS_KINDS)}")
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+            _fail(path, f"tensor {name!r}: shape (={shape!r:.80}) must be a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(n) is int and n >= 0 for n in offsets)):
+            _fail(path, f"tensor {name!r}: data_offsets (={offsets!r:.80}) must be two non-negative integers")
         kind, np_dtype = SAFETENSORS_KINDS[dtype]
+        shape, (begin, end) = tuple(shape), offsets
         n_bytes = math.prod(shape) * np.dtype(np_dtype).itemsize
-        if not (0 <= begin <= end and end - begin == n_bytes):
+        if not (begin <= end and end - begin == n_bytes):
             _fail(path, f"tensor {name!r}: data offsets [{begin}, {end}) do not hold shape {shape} of {dtype}")
-        if data_start + end > size:
+        if end > data_size:
             _fail(path, f"truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size}")
+        ranges.append((begin, end, name))
         if n_bytes == 0:
             arr = np.zeros(shape, dtype=np_dtype)
         else:
@@ -644,6 +773,10 @@ def read_safetensors(path: Path) -> dict:
         if (data_start + begin) % np.dtype(np_dtype).itemsize:
             arr = np.array(arr)  # misaligned for its type: one aligned copy
         out[name] = Source(kind, arr, shape)
+    ranges.sort()
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < end:  # two tensors reading one byte: a corrupt header, never a valid file
+            _fail(path, f"tensors {first!r} and {second!r} overlap in the data section (bytes {begin} to {end})")
     return out
 
 
@@ -672,12 +805,25 @@ def hf_config(path, cfg: dict) -> dict:
             _fail(path, f"config {key!r} (={value!r}) must be true or false")
         return value
 
-    def token_ids(key):  # special token ids: one, a list of them, or null
+    def hyper(key, value, positive=False):  # a float32 hyperparameter: finite, >= 0 (> 0)
+        return check_float32(path, f"config {key!r}", value, positive=positive)
+
+    def token_id(key, vocab, several=False):
+        """A special token id in [0, vocab), or null; several: a list of them too (Llama 3's
+        eos_token_id), as ModelConfig keeps it: one id an int, several a tuple, none None."""
         value = cfg.get(key)
-        ids = value if isinstance(value, list) else [value]
+        ids = value if several and isinstance(value, list) else [value]
         if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-            _fail(path, f"config {key!r} (={value!r}) must be a token id, a list of them or null")
-        return value
+            _fail(path, f"config {key!r} (={value!r}) must be a token id{', a list of them' if several else ''} or null")
+        ids = list(dict.fromkeys(ids)) if value is not None else []
+        outside = [i for i in ids if i >= vocab]
+        if outside:  # ignored with a warning, as llama.cpp ignores them (_warn_outside says why)
+            _warn_outside(path, f"config {key!r} (={value!r})", outside, vocab)
+            ids = [i for i in ids if i < vocab]
+        return None if not ids else ids[0] if len(ids) == 1 else tuple(ids)
+
+    def special_ids(vocab):
+        return dict(bos_token_id=token_id("bos_token_id", vocab), eos_token_id=token_id("eos_token_id", vocab, True))
 
     archs = cfg.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
@@ -698,18 +844,20 @@ def hf_config(path, cfg: dict) -> dict:
             _fail(path, "scale_attn_by_inverse_layer_idx is not supported")
         if not flag("scale_attn_weights", True):
             _fail(path, "scale_attn_weights=False is not supported")
-        return dict(arch="gpt2", vocab_size=need("vocab_size"), dim=dim, hidden_dim=optional("n_inner", 4 * dim),
+        vocab = need("vocab_size")
+        return dict(arch="gpt2", vocab_size=vocab, dim=dim, hidden_dim=optional("n_inner", 4 * dim),
                     n_layers=need("n_layer"), n_heads=n_heads, n_kv_heads=n_heads, head_dim=dim // n_heads,
                     context_length=need("n_positions"),
-                    norm_eps=real("layer_norm_epsilon", cfg.get("layer_norm_epsilon", 1e-5)),
-                    rope_theta=10000.0, rope_layout="half", tied_embeddings=True,
-                    bos_token_id=token_ids("bos_token_id"), eos_token_id=token_ids("eos_token_id"),
+                    norm_eps=hyper("layer_norm_epsilon", cfg.get("layer_norm_epsilon", 1e-5)),
+                    rope_theta=10000.0, rope_layout="half",
+                    # transformers' default for GPT2Config (PretrainedConfig's): tied
+                    tied_embeddings=flag("tie_word_embeddings", True), **special_ids(vocab),
                     required_biases=("bq", "bk", "bv", "bo", "b_up", "b_down"))
     dim, n_heads = need("hidden_size"), need("num_attention_heads")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         _fail(path, f"config rope parameters (={rope!r}) must be an object")
-    theta = real("rope_theta", rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    theta = hyper("rope_theta", rope.get("rope_theta", cfg.get("rope_theta", 10000.0)), positive=True)
     head_dim = optional("head_dim", dim // n_heads)
     factors = hf_rope_freq_factors(path, rope, head_dim, theta)
     if real("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
@@ -723,15 +871,16 @@ def hf_config(path, cfg: dict) -> dict:
     window = optional("sliding_window", None)
     if window and (arch == "MistralForCausalLM" or flag("use_sliding_window", False)):
         context = min(context, window)  # within the window sliding-window attention is full attention
-    return dict(arch="llama", vocab_size=need("vocab_size"), dim=dim, hidden_dim=need("intermediate_size"),
+    vocab = need("vocab_size")
+    return dict(arch="llama", vocab_size=vocab, dim=dim, hidden_dim=need("intermediate_size"),
                 n_layers=need("num_hidden_layers"), n_heads=n_heads,
                 n_kv_heads=optional("num_key_value_heads", n_heads),
                 head_dim=head_dim,
                 context_length=context,
-                norm_eps=real("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+                norm_eps=hyper("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta,
                 rope_layout="half", rope_freq_factors=factors,
-                tied_embeddings=flag("tie_word_embeddings", False),
-                bos_token_id=token_ids("bos_token_id"), eos_token_id=token_ids("eos_token_id"),
+                # transformers' default for LlamaConfig, MistralConfig and Qwen2Config: untied
+                tied_embeddings=flag("tie_word_embeddings", False), **special_ids(vocab),
                 # the biases the architecture has, which a checkpoint must not leave out
                 required_biases=("bq", "bk", "bv") if arch == "Qwen2ForCausalLM"
                 else ("bq", "bk", "bv", "bo") if flag("attention_bias", False) else ())
@@ -845,18 +994,40 @@ def map_hf_tensors(path, config: dict, named: dict) -> tuple:
             _fail(path, f"tensor {hf_name!r} is not part of a supported {config['arch']} model")
         tensors[engine] = src
         file_names[engine] = hf_name
-    if "output" not in tensors and "token_embedding" in tensors:
-        tensors["output"] = tensors["token_embedding"]
-        config["tied_embeddings"] = True
+    embedding, head = tensors.get("token_embedding"), tensors.get("output")
+    if head is None and embedding is not None:
+        # without lm_head.weight the head is the embedding only when the config ties them, as
+        # transformers reads it (it reports the head MISSING and leaves it random otherwise)
+        if not config["tied_embeddings"]:
+            _fail(path, "tensor 'lm_head.weight' is missing and the config does not tie the head to the embedding "
+                        "(tie_word_embeddings is false, or left out: false for Llama, Mistral and Qwen2)")
+        tensors["output"] = embedding
+    elif head is not None and embedding is not None:
+        # a checkpoint's own lm_head.weight is the head whatever tie_word_embeddings says:
+        # transformers (5.x) ties them only when the values agree, and keeps the file's head
+        # (warning) when they differ. One array serves both (converted and stored once) when it
+        # is the embedding's very memory (a tied model's state_dict() lists the one tensor under
+        # both names), or its copy in a config that ties them
+        same = head.kind == embedding.kind and head.shape == embedding.shape and (
+            _same_array(head.data, embedding.data)
+            or (config["tied_embeddings"] and np.array_equal(head.data, embedding.data)))
+        if same:
+            tensors["output"] = embedding
+        config["tied_embeddings"] = same  # the head the engine multiplies by is the embedding
     factors = config.get("rope_freq_factors")
     if factors is not None:  # from the config's rope scaling, not a parameter
         tensors["rope_freq_factors"] = Source("f32", factors, factors.shape)
         file_names["rope_freq_factors"] = "rope scaling (config)"
-    for name in required_names(config):  # a missing tensor is reported by its Hugging Face name
-        if name not in file_names:
-            file_names[name] = _hf_name(name, gpt2)
-    check_tensors(path, config, tensors, file_names)
+    # a missing tensor is reported by its Hugging Face name
+    check_tensors(path, config, tensors, file_names, layers_key=f"config {'n_layer' if gpt2 else 'num_hidden_layers'!r}",
+                  name_of=lambda name: _hf_name(name, gpt2))
     return tensors, file_names
+
+
+def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether a and b view the very same memory as the same array (not merely overlapping)."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.shape == b.shape
+            and a.strides == b.strides and a.dtype == b.dtype)
 
 
 def _hf_name(engine_name: str, gpt2: bool) -> str:

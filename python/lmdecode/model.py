@@ -93,7 +93,9 @@ class ModelConfig:
     rope_layout: str          # "adjacent" (llama2.c, GGUF) or "half" (Hugging Face)
     tied_embeddings: bool
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    # one id, or a tuple of several when a checkpoint's config lists them (Llama 3's
+    # [128001, 128008, 128009]): generate() and beam_search() stop at every one; None: no EOS
+    eos_token_id: int | tuple[int, ...] | None = None
     dtype: str = "f32"        # the engine's weight storage
 
     def as_dict(self) -> dict:
@@ -183,7 +185,8 @@ class Model(DecodingMixin):
     :class:`lmdecode.decoding.DecodingMixin`."""
 
     def __init__(self, config: dict, tensors: dict, *, dtype: str | None = None, max_batch: int | None = None,
-                 kv_dtype: str = "f32", path=None, tokenizer_path=None, vocab=None, gguf_metadata=None):
+                 kv_dtype: str = "f32", path=None, tokenizer_path=None, vocab=None, gguf_metadata=None,
+                 copy_borrowed: bool = False):
         self.kv_dtype = _check_kv_dtype(kv_dtype)  # the caches' storage (new_cache, generate, scoring)
         storage = dtype if dtype is not None else loaders.default_storage(tensors)
         if storage not in loaders.STORAGE_DTYPES:
@@ -191,7 +194,7 @@ class Model(DecodingMixin):
         max_batch = default_max_batch(config) if max_batch is None else _as_int("max_batch", max_batch)
         if not 1 <= max_batch <= 65536:
             raise ValueError(f"max_batch (={max_batch}) must be in [1, 65536]")
-        arrays = loaders.to_storage(tensors, storage)
+        arrays = loaders.to_storage(tensors, storage, copy_borrowed=copy_borrowed)
         fields = {k: config[k] for k in ModelConfig.__dataclass_fields__ if k in config and k != "dtype"}
         self.config = ModelConfig(**fields, dtype=storage)
         engine_config = {k: config[k] for k in ("arch", "vocab_size", "dim", "hidden_dim", "n_layers", "n_heads",
@@ -219,9 +222,11 @@ class Model(DecodingMixin):
              kv_dtype: str = "f32") -> "Model":
         """Load a llama2.c ``.bin``, a GGUF file or a Hugging Face checkpoint directory.
 
-        tokenizer: path of a llama2.c ``tok*.bin`` (found beside a ``.bin`` model when not given);
-        its pieces become ``model.vocab`` (list of bytes). GGUF files give their vocabulary from
-        the metadata (list of str)."""
+        tokenizer: path of a llama2.c ``tok*.bin``, which must hold the model's vocabulary size
+        (ValueError otherwise); when not given, a ``.bin`` model takes ``tok{vocab_size}.bin`` or
+        ``tokenizer.bin`` from beside it, the first that holds its vocabulary size (one that does
+        not is passed over). Its pieces become ``model.vocab`` (list of bytes). GGUF files give
+        their vocabulary from the metadata (list of str)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file or directory")
@@ -237,15 +242,18 @@ class Model(DecodingMixin):
             elif path.suffix == ".bin":
                 config, tensors, extras = loaders.read_llama2c(path)
                 loaders.check_config(path, config)
-                loaders.check_tensors(path, config, tensors)
-                tokenizer_path = tokenizer or loaders.find_llama2c_tokenizer(path, config["vocab_size"])
+                loaders.check_tensors(path, config, tensors, layers_key="llama2.c header field n_layers")
+                if tokenizer is None:  # one beside the model, if one fits its vocabulary
+                    found = loaders.find_llama2c_tokenizer(path, config["vocab_size"])
+                    if found is not None:
+                        tokenizer_path, vocab = found.path, found.pieces
             else:
                 raise ValueError(f"{path}: unrecognised model format (magic {magic!r}); expected a GGUF file, "
                                  "a llama2.c .bin or a Hugging Face checkpoint directory")
-        if tokenizer is not None:
+        if tokenizer is not None:  # asked for: it must fit (ValueError naming the file otherwise)
             tokenizer_path = tokenizer
-        if tokenizer_path is not None and Path(tokenizer_path).suffix == ".bin":
-            vocab = loaders.Llama2cVocab(tokenizer_path, config["vocab_size"]).pieces
+            if Path(tokenizer_path).suffix == ".bin":
+                vocab = loaders.Llama2cVocab(tokenizer_path, config["vocab_size"]).pieces
         return cls(config, tensors, dtype=dtype, max_batch=max_batch, kv_dtype=kv_dtype, path=path,
                    tokenizer_path=tokenizer_path, vocab=vocab, gguf_metadata=gguf_metadata)
 
@@ -256,12 +264,13 @@ class Model(DecodingMixin):
         ``architectures`` or ``model_type``, or a transformers config object) and parameter
         arrays under their Hugging Face names: NumPy arrays or torch tensors (a
         ``state_dict()``), float32, float16, bfloat16 or float64 (rounded to float32, a copy).
-        float32 norm weights and biases are borrowed (the model keeps them alive); matrices
-        are copied into the engine's own block of weights and not referenced after; anything
-        converted (to bf16, q8_0) is a copy. Without ``dtype``, the storage follows the weights as for files
-        (bfloat16 weights stay bf16)."""
+        Everything is copied and the model holds no reference to the arrays, which may change
+        or go afterwards: the weight matrices into the engine's own block of weights, the rest
+        (norm weights, biases, an untied token embedding, which the engine reads in place)
+        into arrays of the model's. Without ``dtype``, the storage follows the weights as for
+        files (bfloat16 weights stay bf16)."""
         engine_config, tensors = loaders.from_hf_numpy(config, weights)
-        return cls(engine_config, tensors, dtype=dtype, max_batch=max_batch, kv_dtype=kv_dtype)
+        return cls(engine_config, tensors, dtype=dtype, max_batch=max_batch, kv_dtype=kv_dtype, copy_borrowed=True)
 
     # ------------------------------------------------------------------ inference
 
@@ -270,8 +279,17 @@ class Model(DecodingMixin):
         (default: the context length; rounded up to whole blocks of block_size positions);
         kv_dtype: "f32" or "f16" (default: the model's)."""
         kv_dtype = self.kv_dtype if kv_dtype is None else _check_kv_dtype(kv_dtype)
+        whole_context = capacity is None
         capacity, block_size = self._check_capacity(capacity, block_size)
-        pool = self._new_pool(block_size, math.ceil(capacity / block_size), kv_dtype)
+        try:
+            pool = self._new_pool(block_size, math.ceil(capacity / block_size), kv_dtype)
+        except MemoryError as e:
+            if not whole_context:
+                raise
+            # the pool's pages are only taken as positions are written, so this is a context
+            # length beyond the address space or the system's overcommit limit (a corrupt file's)
+            raise MemoryError(f"{e}: new_cache() makes room for the context length (context_length="
+                              f"{self.config.context_length} positions); pass capacity= for fewer") from e
         return KVCache(_core.KVSeq(pool, self.config.context_length), self)
 
     def new_caches(self, n: int, capacity: int | None = None, *, block_size: int = 16,
