@@ -605,7 +605,6 @@ N_SPM = len(SPM_VOCAB)
     (dict(tokens="abc"), r"tokenizer\.ggml\.tokens must be an array of strings, got 'abc'"),
     (dict(token_type=[1] * 3), rf"tokenizer\.ggml\.token_type has 3 entries but tokenizer\.ggml\.tokens has {N_SPM}"),
     (dict(token_type=[1] * (N_SPM - 1) + [9]), r"tokenizer\.ggml\.token_type must be an array of token type .* is 9"),
-    (dict(bos_token_id=4294967295), r"tokenizer\.ggml\.bos_token_id=4294967295 is not a token id"),
     (dict(eos_token_id="2"), r"tokenizer\.ggml\.eos_token_id='2' is not a token id"),
     (dict(add_bos_token="false"), r"tokenizer\.ggml\.add_bos_token must be a boolean, got 'false'"),
     (dict(model=3), r"tokenizer\.ggml\.model must be a string, got 3"),
@@ -615,6 +614,14 @@ def test_bad_gguf_sentencepiece_metadata_is_refused_when_built(changes, message)
     key: they loaded, then the first encode raised IndexError or TypeError (-'a', len(0))."""
     with pytest.raises(ValueError, match=message):
         Tokenizer.from_gguf_metadata(_spm_metadata(**changes))
+
+
+def test_gguf_special_id_outside_the_vocabulary_is_ignored_with_a_warning():
+    # as Model.load treats the same file (and llama.cpp, which then takes a default id)
+    with pytest.warns(UserWarning, match=rf"tokenizer\.ggml\.bos_token_id: token id 4294967295 outside the "
+                                         rf"vocabulary \[0, {N_SPM}\) ignored"):
+        tokenizer = Tokenizer.from_gguf_metadata(_spm_metadata(bos_token_id=4294967295))
+    assert tokenizer.bos_id is None and tokenizer.encode("a", add_bos=True) == tokenizer.encode("a", add_bos=False)
 
 
 @pytest.mark.parametrize("changes, message", [

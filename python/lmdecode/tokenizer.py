@@ -32,6 +32,7 @@ import codecs
 import heapq
 import numbers
 import struct
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -742,9 +743,13 @@ def _gguf_token_id(metadata: Any, key: str, vocab_size: int) -> int | None:
     value = _gguf_field(metadata, key, None)
     if value is None:
         return None
-    if not _is_int(value) or not 0 <= value < vocab_size:
-        # llama.cpp warns and falls back to a built-in id: here the file is named instead
+    if not _is_int(value):
         raise ValueError(f"{key}={value!r:.80} is not a token id (the vocabulary has {vocab_size} tokens)")
+    if not 0 <= value < vocab_size:
+        # llama.cpp warns and falls back to a built-in id; there is none here: no such token,
+        # as Model.load does with the same file (loaders._warn_outside)
+        warnings.warn(f"{key}: token id {value} outside the vocabulary [0, {vocab_size}) ignored", stacklevel=3)
+        return None
     return int(value)
 
 
