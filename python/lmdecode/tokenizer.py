@@ -317,15 +317,9 @@ class ScoreBPETokenizer(Tokenizer):
 
     def encode(self, text: str, add_bos: bool = True, parse_special: bool = False) -> list[int]:
         self._check_text(text)
-        ids = [self.bos_id] if add_bos and self.adds_bos and self.bos_id is not None else []
-        # user-defined (and with parse_special, control) pieces take their ids; each text run
-        # between them is encoded on its own, with its dummy prefix, as llama.cpp does after a token
-        for fragment in _split_on_pieces(text, self._split_pieces[bool(parse_special)]):
-            if isinstance(fragment, int):
-                ids.append(fragment)
-            else:
-                ids += self._encode_plain(fragment)
-        return ids
+        # each text run between the pieces is encoded on its own, with its dummy prefix, as
+        # llama.cpp does after a token
+        return _encode_around_pieces(self, text, add_bos, parse_special, self._encode_plain)
 
     def _encode_plain(self, text: str) -> list[int]:
         if not text:
@@ -668,13 +662,8 @@ class ByteLevelBPETokenizer(HFTokenizer):
         pieces with parse_special take their ids, and each stretch of text between them is
         encoded on its own."""
         self._check_text(text)
-        ids = [self.bos_id] if add_bos and self.adds_bos and self.bos_id is not None else []
-        for fragment in _split_on_pieces(text, self._split_pieces[bool(parse_special)]):
-            if isinstance(fragment, int):
-                ids.append(fragment)
-            else:
-                ids += self.backend.encode(fragment, add_special_tokens=False).ids
-        return ids
+        return _encode_around_pieces(self, text, add_bos, parse_special,
+                                     lambda fragment: self.backend.encode(fragment, add_special_tokens=False).ids)
 
 
 # ----------------------------------------------------------------------------
@@ -737,6 +726,20 @@ def _gguf_tokens_and_types(metadata: Any) -> tuple[list[str], list[int]]:
     if types is None:
         return tokens, [TOKEN_NORMAL] * len(tokens)
     return tokens, [int(t) for t in types]
+
+
+def _encode_around_pieces(tokenizer: Any, text: str, add_bos: bool, parse_special: bool,
+                          encode_plain: Callable[[str], list[int]]) -> list[int]:
+    """A GGUF vocabulary's encode: BOS if asked for and the vocabulary adds one; user-defined
+    pieces (and, with parse_special, control pieces) take their own ids, as llama.cpp matches
+    them, and the text between them goes through encode_plain."""
+    ids = [tokenizer.bos_id] if add_bos and tokenizer.adds_bos and tokenizer.bos_id is not None else []
+    for fragment in _split_on_pieces(text, tokenizer._split_pieces[bool(parse_special)]):
+        if isinstance(fragment, int):
+            ids.append(fragment)
+        else:
+            ids += encode_plain(fragment)
+    return ids
 
 
 def _gguf_token_id(metadata: Any, key: str, vocab_size: int) -> int | None:
