@@ -175,6 +175,18 @@ static int32_t run_context_length(const lmd_decode_run *run) {
 
 /* Every prompt of gen holds at least one token and fits model's context; *total receives
  * their token count. */
+/* Running sequences among ids[0:n] whose tokens now fill the context length L end with their
+ * last token (the cache holds all but the last, so none can follow): the step that made that
+ * token says the sequence is over, as a stream's last chunk must. */
+static void finish_at_context_length(lmd_generator *gen, const int32_t *ids, int32_t n, int32_t L) {
+    for (int32_t i = 0; i < n; i++) {
+        int32_t length;
+        lmd_generator_tokens(gen, ids[i], &length);
+        if (length >= L && lmd_generator_finish_reason(gen, ids[i]) == LMD_RUNNING)
+            lmd_generator_finish(gen, ids[i], LMD_FINISH_LENGTH);
+    }
+}
+
 static lmd_status check_prompts(const lmd_generator *gen, const lmd_model *model, int64_t *total, lmd_error *err) {
     *total = 0;
     for (int32_t k = 0; k < lmd_generator_n_seqs(gen); k++) {
@@ -461,6 +473,7 @@ lmd_status lmd_decode_run_steps(lmd_decode_run *run, lmd_sampler *const *sampler
                                    "the model's", err);
         }
         if (st != LMD_OK) return st;
+        finish_at_context_length(run->gen, run->ids, R, L);
         if (last_ids != NULL && last_tokens != NULL) {
             memcpy(last_ids, run->ids, (size_t)R * sizeof(int32_t));
             memcpy(last_tokens, run->tokens, (size_t)R * sizeof(int32_t));
@@ -1019,6 +1032,8 @@ lmd_status lmd_speculative_run_rounds(lmd_speculative_run *run, lmd_sampler *con
                 }
                 n_out++;
             }
+            finish_at_context_length(run->gen, &k, 1, target_len);
+            state = lmd_generator_finish_reason(run->gen, k);
             if (state != LMD_RUNNING) continue; /* its caches go at the next round's start */
             /* keep what the kept tokens put in the caches: the target saw tokens[0:length) and
              * the proposals; the draft all but the last proposal */

@@ -30,6 +30,7 @@ struct lmd_generator {
     uint8_t *token_bytes;          /* CSR, only with stop strings */
     int64_t *token_offsets;        /* (V + 1,) */
     int64_t longest_token;         /* bytes */
+    int32_t space_strip_token;     /* -1 or a token whose next piece's leading space is dropped */
     lmd_row_inputs *constraints;   /* (n,) bias / allowed / banned, pointing into constraint_ids */
     int32_t *constraint_ids;       /* every id list of the constraints, and each banned list + stops */
     float *constraint_bias;        /* every bias value */
@@ -142,6 +143,9 @@ static lmd_status check_config(const lmd_generate_config *c, lmd_error *err) {
         for (int32_t i = 0; i < c->n_stop_strings; i++)
             if (c->stop_offsets[i + 1] <= c->stop_offsets[i])
                 return lmd_fail(err, LMD_ERR_INVALID_ARG, "stop string %d is empty", (int)i);
+        if (c->strip_space_after_bos && (c->bos_id < 0 || c->bos_id >= c->vocab))
+            return lmd_fail(err, LMD_ERR_INVALID_ARG, "bos_id (=%d) is outside [0, %d)",
+                            (int)c->bos_id, (int)c->vocab);
         for (int32_t v = 0; v < c->vocab; v++)
             if (c->token_offsets[v + 1] < c->token_offsets[v])
                 return lmd_fail(err, LMD_ERR_INVALID_ARG, "token bytes offsets decrease at %d",
@@ -223,6 +227,7 @@ lmd_status lmd_generator_init(lmd_generator **out, const lmd_generate_config *c,
     g->n_params = c->n_params;
     g->n_stop_ids = c->n_stop_ids;
     g->n_stop_strings = c->n_stop_strings;
+    g->space_strip_token = c->n_stop_strings > 0 && c->strip_space_after_bos ? c->bos_id : -1;
     /* counts were checked non-negative; the unsigned casts say so to the compiler */
     g->params = copy_of(c->params, (size_t)(uint32_t)c->n_params * sizeof *g->params);
     g->stop_ids = copy_of(c->stop_ids, (size_t)(uint32_t)c->n_stop_ids * sizeof *g->stop_ids);
@@ -420,8 +425,16 @@ static void append_token(lmd_generator *g, int32_t k, int32_t token) {
     if (g->finish[k] == LMD_RUNNING && g->n_stop_strings > 0) {
         uint8_t *text = g->text + (int64_t)k * g->max_new * g->longest_token;
         int64_t before = g->text_len[k];
+        const uint8_t *bytes = g->token_bytes + g->token_offsets[token];
         int64_t piece = g->token_offsets[token + 1] - g->token_offsets[token];
-        memcpy(text + before, g->token_bytes + g->token_offsets[token], (size_t)piece);
+        // the token before this one: the prompt's last for the first new token (none: -1)
+        int64_t at_previous = g->prompt_len[k] + g->generated[k] - 2;
+        int32_t previous = at_previous >= 0 ? g->tokens[g->token_base[k] + at_previous] : -1;
+        if (previous == g->space_strip_token && previous >= 0 && piece > 0 && bytes[0] == ' ') {
+            bytes++;  // "<s> Once" reads "Once", as decode() shows it
+            piece--;
+        }
+        memcpy(text + before, bytes, (size_t)piece);
         g->text_len[k] = before + piece;
         if (g->generated[k] >= g->min_new && piece > 0) {
             int64_t at = find_stop(g, text, g->text_len[k], before);

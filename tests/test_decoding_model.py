@@ -154,6 +154,29 @@ def test_generation_stops_at_the_context_length(stories):
         stories.generate([1] * (ctx + 1), max_new_tokens=1)
 
 
+def test_a_stream_ended_by_the_context_length_says_so_on_its_last_token(stories):
+    """The token that fills the context length ends its sequence in the same step, so its
+    chunk carries finish_reason and text a stop string might have begun is released: the loops
+    ended such a sequence at the next step, which yields no token, so the stream had no last
+    chunk and lost the held-back text ("ve a smil" for "ve a smile"). Plain, speculative and
+    contrastive loops, alone and beside a sequence that goes on."""
+    ctx = stories.config.context_length
+    prompt = [1] + [300] * (ctx - 7)
+    free = stories.generate(prompt, max_new_tokens=20, temperature=0)
+    assert len(free.tokens) == 6 and free.finish_reason == "length"
+    # a stop string that begins with the last token's text and never completes: held back until the end
+    stop = stories.tokenizer.token_bytes(free.tokens[-1]).decode() + "Qzz"
+    q8 = ld.Model.load(MODELS / "stories260K.bin", dtype="q8_0")
+    for extra in (dict(), dict(draft_model=q8), dict(amateur_model=q8)):
+        for kw in (dict(max_new_tokens=20, temperature=0, stop=stop, **extra),
+                   dict(max_new_tokens=20, temperature=0, **extra)):
+            outs = stories.generate([prompt, PROMPT], **kw)
+            assert outs[0].finish_reason == "length" and len(outs[0].tokens) == 6, extra
+            if not extra:
+                assert outs[0].text == free.text
+            assert_stream_equals(list(stories.generate([prompt, PROMPT], stream=True, **kw)), outs)
+
+
 def test_beam_search_in_c_equals_the_step_function_search(stories):
     eos = stories.config.eos_token_id
     for width, lp, es in [(2, 1.0, False), (4, 0.6, True), (3, 2.0, "never")]:

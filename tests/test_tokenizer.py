@@ -491,6 +491,46 @@ def test_hf_sentencepiece_continuation_keeps_its_leading_space(hf_dirs):
     for cut in range(2, len(ids)):
         assert tok.decode(ids[:cut]) + tok.decode(ids[cut:]) == "Hello world, was there a cat?"
 
+@pytest.mark.parametrize("source", ["tok512.bin", "llama-2-tiny-random.gguf", "tokenizer.json llama2",
+                                    "tokenizer.json llama3"])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("stop", [None, "zzz", "Hello", " Hello"])
+def test_reply_to_a_bos_only_prompt_reads_as_decode_of_prompt_and_reply(source, stream, stop, hf_dirs):
+    """A reply's text is what decode(prompt + reply) adds to decode(prompt). After a prompt of
+    BOS alone, sentencepiece-style vocabularies drop the space their encoder put before a
+    text's first word (llama2.c and transformers print "Hello", not " Hello"); .text said
+    " Hello". Stop strings are matched against the text shown: " Hello" is not in "Hello world"."""
+    tok = load_tokenizer(hf_dirs[source.split()[1]] if source.startswith("tokenizer.json") else MODELS / source)
+    sentencepiece = source != "tokenizer.json llama3"
+    assert tok.strips_leading_space_after_bos == sentencepiece
+    forced = tok.encode("Hello world", add_bos=False)
+    assert tok.decode(forced).startswith(" Hello" if sentencepiece else "Hello")
+
+    def replies(prompt):
+        def step(tokens):
+            logits = np.zeros(tok.vocab_size, np.float32)
+            logits[forced[len(tokens) - len(prompt)]] = 30.0
+            return logits
+        return step
+
+    for prompt in ([tok.bos_id], [tok.bos_id, tok.bos_id]):
+        step = replies(prompt)
+        kwargs = dict(max_new_tokens=len(forced), temperature=0, tokenizer=tok, stop=stop)
+        chunks = list(ld.generate(step, prompt, stream=True, **kwargs)) if stream else None
+        out = ld.generate(step, prompt, **kwargs)
+        text = "".join(c.text for c in chunks) if stream else out.text
+        whole = tok.decode(prompt + forced)
+        assert tok.decode(prompt) == "" and whole == "Hello world"
+        expected = whole[:whole.find(stop)] if stop and stop in whole else whole
+        assert text == out.text == expected, (prompt, stop)
+        assert out.finish_reason == ("stop" if stop and stop in whole else "length")
+    # after a prompt that holds text, the reply keeps its space, as decode(prompt + reply) shows
+    prompt = tok.encode("world")
+    out = ld.generate(replies(prompt), prompt, max_new_tokens=len(forced), temperature=0, tokenizer=tok)
+    assert tok.decode(prompt) + out.text == tok.decode(prompt + forced)
+    assert out.text == (" Hello world" if sentencepiece else "Hello world")
+
+
 
 # ----------------------------------------------------------------------------
 # GGUF user-defined tokens, parse_special, bad metadata, bad text

@@ -832,7 +832,8 @@ static void Generator_dealloc(GeneratorObject *self) {
  *           max_new_tokens, min_new_tokens=0, stop_ids=None, stop_bytes=None,
  *           stop_offsets=None, token_bytes=None, token_offsets=None, n_top_logprobs=0,
  *           bias_ids..., allowed..., banned... (as sample_rows, one row per sequence),
- *           dynamic_allowed=False (True: set_allowed may replace a sequence's allowed list))
+ *           dynamic_allowed=False (True: set_allowed may replace a sequence's allowed list),
+ *           strip_space_bos=-1 (a BOS id: a piece's leading space after it is not text))
  */
 static int Generator_init(GeneratorObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"vocab", "params", "seed", "prompts", "prompt_offsets",
@@ -840,8 +841,8 @@ static int Generator_init(GeneratorObject *self, PyObject *args, PyObject *kwarg
                              "stop_offsets", "token_bytes", "token_offsets", "n_top_logprobs",
                              "bias_ids", "bias_values", "bias_offsets", "allowed_ids",
                              "allowed_offsets", "allowed_rows", "banned_ids", "banned_offsets",
-                             "dynamic_allowed", NULL};
-    int vocab, max_new = 0, min_new = 0, n_top = 0, dynamic_allowed = 0;
+                             "dynamic_allowed", "strip_space_bos", NULL};
+    int vocab, max_new = 0, min_new = 0, n_top = 0, dynamic_allowed = 0, strip_space_bos = -1;
     unsigned long long seed;
     PyObject *params_obj, *prompts_obj, *prompt_off_obj, *stop_ids_obj = Py_None,
              *stop_bytes_obj = Py_None, *stop_off_obj = Py_None, *token_bytes_obj = Py_None,
@@ -855,13 +856,13 @@ static int Generator_init(GeneratorObject *self, PyObject *args, PyObject *kwarg
     lmd_row_inputs *constraints = NULL;
     int status = -1;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "iOKOO|$iiOOOOOiOOOOOOOOp", kwlist, &vocab, &params_obj, &seed,
+            args, kwargs, "iOKOO|$iiOOOOOiOOOOOOOOpi", kwlist, &vocab, &params_obj, &seed,
             &prompts_obj, &prompt_off_obj, &max_new, &min_new, &stop_ids_obj, &stop_bytes_obj,
             &stop_off_obj, &token_bytes_obj, &token_off_obj, &n_top, &row_objects[ROW_BIAS_IDS],
             &row_objects[ROW_BIAS_VALUES], &row_objects[ROW_BIAS_OFFSETS],
             &row_objects[ROW_ALLOWED_IDS], &row_objects[ROW_ALLOWED_OFFSETS],
             &row_objects[ROW_ALLOWED_ROWS], &row_objects[ROW_BANNED_IDS],
-            &row_objects[ROW_BANNED_OFFSETS], &dynamic_allowed))
+            &row_objects[ROW_BANNED_OFFSETS], &dynamic_allowed, &strip_space_bos))
         return -1;
     if (as_array(params_obj, NPY_FLOAT64, 2, "params", &params) ||
         as_array(prompts_obj, NPY_INT32, 1, "prompts", &prompts) ||
@@ -902,7 +903,8 @@ static int Generator_init(GeneratorObject *self, PyObject *args, PyObject *kwarg
         .n_stop_strings = stop_off ? (int32_t)PyArray_DIM(stop_off, 0) - 1 : 0,
         .token_bytes = token_bytes ? PyArray_DATA(token_bytes) : NULL,
         .token_offsets = token_off ? PyArray_DATA(token_off) : NULL,
-        .n_top_logprobs = n_top, .dynamic_allowed = dynamic_allowed};
+        .n_top_logprobs = n_top, .dynamic_allowed = dynamic_allowed,
+        .strip_space_after_bos = strip_space_bos >= 0, .bos_id = strip_space_bos};
     lmd_error err;
     lmd_generator *gen = NULL;
     lmd_status st = lmd_generator_init(&gen, &config, &err);

@@ -221,6 +221,13 @@ class _Run:
             np.cumsum([len(b) for b in encoded], out=stop_offsets[1:])
             kwargs.update(stop_bytes=np.frombuffer(b"".join(encoded), dtype=np.uint8), stop_offsets=stop_offsets,
                           token_bytes=token_bytes, token_offsets=token_offsets)
+        # sentencepiece-style vocabularies: a BOS-only prompt's reply reads "Once", not " Once"
+        # (its text is what decode(prompt + reply) adds to decode(prompt)); the C side matches
+        # stop strings against the same bytes
+        self.continues = getattr(tokenizer, "continuation_bytes", None)
+        if self.continues is not None and getattr(tokenizer, "strips_leading_space_after_bos", False) \
+                and isinstance(getattr(tokenizer, "bos_id", None), int) and 0 <= tokenizer.bos_id < vocab:
+            kwargs["strip_space_bos"] = tokenizer.bos_id
         seed = int.from_bytes(os.urandom(8), "little") if seed is None else _check_u64("seed", seed)
         prompt_ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in self.prompts]) if offsets[-1] else np.zeros(0, np.int64)
         check_prompt_ids(prompt_ids, offsets, vocab)
@@ -236,16 +243,27 @@ class _Run:
         new = [int(t) for t in tokens[prompt_len:]]
         text = None
         if self.tokenizer is not None:
+            visible = new[:-1] if (new and new[-1] in self.stop_ids and reason == "stop") else new
             if reason == "stop" and stop_offset >= 0:  # the text ends where the stop string that fired begins
-                text = b"".join(self.tokenizer.token_bytes(t) for t in new)[:stop_offset].decode("utf-8", "replace")
+                text = self.text_bytes(k, new)[:stop_offset].decode("utf-8", "replace")
+            elif self.continues is not None:
+                text = self.text_bytes(k, visible).decode("utf-8", "replace")
             else:
-                visible = new[:-1] if (new and new[-1] in self.stop_ids and reason == "stop") else new
                 text = self.tokenizer.decode(visible)
         top = [{int(i): float(v) for i, v in zip(ids, vals)} for ids, vals in zip(top_ids, top_lps)]
         return Generation(tokens=new, text=text, token_logprobs=[float(x) for x in lps], top_logprobs=top,
                           finish_reason=reason or "length", prompt_tokens=[int(t) for t in tokens[:prompt_len]],
                           draft_tokens_proposed=proposed, draft_tokens_accepted=accepted,
                           cached_prompt_tokens=self.cached_prompt_tokens)
+
+    def last_prompt_token(self, k: int) -> int | None:
+        return self.prompts[k][-1] if self.prompts[k] else None
+
+    def text_bytes(self, k: int, new: list[int]) -> bytes:
+        """The bytes sequence k's new tokens add to its prompt's text."""
+        if self.continues is not None:
+            return self.continues(new, previous=self.last_prompt_token(k))
+        return b"".join(self.tokenizer.token_bytes(t) for t in new)
 
     def chunk(self, k: int, i: int, token: int, text: str, reason: str | None) -> GenerationChunk:
         """The stream's chunk for sequence k's generated token i."""
@@ -535,7 +553,9 @@ def _stream(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> 
     for k, token, index, ends in _new_tokens(run, advance):
         text = ""
         if make_decoder is not None:
-            decoder = decoders.setdefault(k, make_decoder())
+            if k not in decoders:
+                decoders[k] = make_decoder(run.last_prompt_token(k)) if run.continues is not None else make_decoder()
+            decoder = decoders[k]
             if token not in run.stop_ids:
                 text = decoder.push(token)
             if ends:  # an unfinished UTF-8 character at the end shows as U+FFFD, as in .text
@@ -563,11 +583,14 @@ def _stream_with_stop_strings(run: _Run, advance: Callable[[], tuple[np.ndarray,
                     break
         return longest
 
+    previous: dict[int, int | None] = {}
     for k, token, index, ends in _new_tokens(run, advance):
         data = text_bytes.setdefault(k, bytearray())
         decoder = decoders.setdefault(k, codecs.getincrementaldecoder("utf-8")(errors="replace"))
         if token not in run.stop_ids:
-            data += run.tokenizer.token_bytes(token)
+            before = previous.get(k, run.last_prompt_token(k))
+            data += run.continues([token], before) if run.continues is not None else run.tokenizer.token_bytes(token)
+        previous[k] = token
         reason = None  # until the sequence's last token
         if not ends:
             end = len(data) - held_back(data)

@@ -58,13 +58,17 @@ N_TOKEN_TYPES = 7
 class StreamDecoder:
     """Turns token ids into text as they come, never splitting a UTF-8 character."""
 
-    def __init__(self, tokenizer: "Tokenizer") -> None:
+    def __init__(self, tokenizer: "Tokenizer", previous: int | None = None) -> None:
+        """previous: the token before the first pushed (a prompt's last), if any."""
         self._tokenizer = tokenizer
+        self._previous = previous
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token: int) -> str:
         """The text that token completes (continuations keep their leading space)."""
-        return self._utf8.decode(self._tokenizer.token_bytes(token))
+        piece = self._tokenizer.piece_after(self._previous, token)
+        self._previous = token
+        return self._utf8.decode(piece)
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
@@ -98,6 +102,25 @@ class Tokenizer:
         self._check_id(token)
         return self._bytes[token]
 
+    def piece_after(self, previous: int | None, token: int) -> bytes:
+        """token's bytes where it follows previous: without a leading space after BOS in
+        vocabularies whose encoder puts a space before a text's first word (sentencepiece,
+        llama2.c), as llama2.c and transformers decode it."""
+        piece = self.token_bytes(token)
+        if (self.strips_leading_space_after_bos and previous is not None and previous == self.bos_id
+                and piece.startswith(b" ")):
+            return piece[1:]
+        return piece
+
+    def continuation_bytes(self, ids: Sequence[int], previous: int | None = None) -> bytes:
+        """The bytes of ids where they follow the token previous (None: nothing): the text a
+        generation adds to its prompt's."""
+        out = bytearray()
+        for token in token_id_list(ids, "ids"):
+            out += self.piece_after(previous, token)
+            previous = token
+        return bytes(out)
+
     def token_text(self, token: int) -> str:
         """The token's piece as the vocabulary spells it, special tokens included (``<s>``)."""
         raise NotImplementedError
@@ -121,22 +144,15 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ids (special tokens such as BOS/EOS contribute nothing). Ids that start with
         BOS are a document: the space sentencepiece-style encoders put before its first word is
-        dropped. Others are a continuation and keep a leading space (" there" for "▁there"),
+        dropped (after a later BOS too, as llama2.c decodes). Others are a continuation and keep a leading space (" there" for "▁there"),
         so that generated text reads as it follows its prompt: decode(a) + decode(b) ==
         decode(a + b) wherever a holds a token after its BOS (and b does not start inside a
         UTF-8 character)."""
-        out = bytearray()
-        previous = None
-        for token in token_id_list(ids, "ids"):
-            piece = self.token_bytes(token)
-            if previous == self.bos_id and self.strips_leading_space_after_bos and piece.startswith(b" "):
-                piece = piece[1:]
-            out += piece
-            previous = token
-        return out.decode("utf-8", errors="replace")
+        return self.continuation_bytes(ids).decode("utf-8", errors="replace")
 
-    def stream_decoder(self) -> StreamDecoder:
-        return StreamDecoder(self)
+    def stream_decoder(self, previous: int | None = None) -> StreamDecoder:
+        """Text of tokens pushed one by one; previous: the token before the first (a prompt's last)."""
+        return StreamDecoder(self, previous)
 
     def _check_id(self, token: int) -> None:
         if not 0 <= token < self.vocab_size:
@@ -503,8 +519,24 @@ class HFTokenizer(Tokenizer):
         byte_level = '"ByteLevel"' in path.read_text()
         tokenizer = cls(backend, bos_id=bos if isinstance(bos, int) else None,
                         eos_id=eos if isinstance(eos, int) else None, adds_bos=bool(prefix), byte_level=byte_level)
+        tokenizer.strips_leading_space_after_bos = tokenizer._decoder_strips_space_after_bos()
         tokenizer.chat_template = _hf_chat_template(path.parent)
         return tokenizer
+
+    def _decoder_strips_space_after_bos(self) -> bool:
+        """Whether the file's decoder reads BOS then a piece with a leading space as the piece
+        without it (Llama's Metaspace or Strip decoders do; byte-level ones do not), asked of
+        the decoder itself with the vocabulary's first such piece."""
+        if self.bos_id is None or not 0 <= self.bos_id < self.vocab_size:
+            return False
+        for token, piece in enumerate(self._bytes):
+            if len(piece) > 1 and piece.startswith(b" ") and piece[1:2] != b" " and token not in self.user_defined:
+                try:
+                    piece[1:].decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+                return bool(self.backend.decode([self.bos_id, token], skip_special_tokens=True) == piece[1:].decode("utf-8"))
+        return False
 
     def _all_token_bytes(self) -> list[bytes]:
         """Each token's bytes: none for special tokens and ids without a piece; a user-defined
