@@ -49,6 +49,7 @@ lmd_status lmd_contrastive_scores(const float *expert_logits, const float *amate
         return lmd_fail(err, LMD_ERR_INVALID_ARG, "every %s logit is -inf", expert_max == -INFINITY ? "expert" : "amateur");
     /* p_EXP(x) >= alpha * p_max  <=>  z(x) - max >= log(alpha) */
     const float cut = alpha > 0.0 ? (float)log(alpha) : -INFINITY;
+    int32_t n_infinite = 0;
     for (int32_t v = 0; v < vocab; v++) {
         const float expert_lp = expert_logits[v] - expert_max;
         if (expert_lp == -INFINITY || expert_lp < cut) {
@@ -56,10 +57,16 @@ lmd_status lmd_contrastive_scores(const float *expert_logits, const float *amate
             continue;
         }
         const float amateur_lp = (amateur_logits[v] / t - amateur_ms) - amateur_total;
-        /* an amateur probability of 0 makes the score +inf: the largest finite float keeps
-         * the token first without breaking the arithmetic after it */
-        const float score = (expert_lp - expert_total) - amateur_lp;
-        scores[v] = score < INFINITY ? score : 3.4028235e38f;
+        scores[v] = (expert_lp - expert_total) - amateur_lp;
+        n_infinite += scores[v] == INFINITY;
+    }
+    if (n_infinite > 0) {
+        /* plausible tokens the amateur gives probability 0 score +inf: they outrank every
+         * other token by an infinite margin, whatever the temperature, so they alone stay,
+         * ranked by the expert's log-probability (finite scores keep the sampling arithmetic
+         * after this sound) */
+        for (int32_t v = 0; v < vocab; v++)
+            scores[v] = scores[v] == INFINITY ? (expert_logits[v] - expert_max) - expert_total : -INFINITY;
     }
     return LMD_OK;
 }

@@ -9,7 +9,8 @@
  *     V_head   = {x : p_EXP(x) >= alpha * max_w p_EXP(w)}   (adaptive plausibility)
  *
  * and -inf outside V_head, where p_AMA is the amateur's softmax at temperature
- * amateur_temperature (the paper's tau). The constraint keeps the tokens the
+ * amateur_temperature (the paper's tau). Tokens of V_head with p_AMA(x) = 0 score +inf:
+ * when there are any, they alone keep a score, log p_EXP(x), and every other is -inf. The constraint keeps the tokens the
  * expert finds plausible, so the amateur's low probabilities cannot promote
  * nonsense. Greedy decoding takes the argmax of the scores (the paper's
  * search); lmdecode also lets the sampling chain treat them as logits.

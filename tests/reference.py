@@ -221,4 +221,8 @@ def contrastive_scores(expert, amateur, alpha=0.1, amateur_temperature=1.0):
     log_e = e - e.max() - np.log(np.exp(e - e.max()).sum())
     log_a = a - a.max() - np.log(np.exp(a - a.max()).sum())
     p = np.exp(log_e)
-    return np.where(p >= alpha * p.max(), log_e - log_a, -np.inf)
+    with np.errstate(invalid="ignore"):
+        scores = np.where(p >= alpha * p.max(), log_e - log_a, -np.inf)
+    if np.isposinf(scores).any():  # the amateur rules out plausible tokens: they alone stay, by the expert
+        return np.where(np.isposinf(scores), log_e, -np.inf)
+    return scores

@@ -163,6 +163,8 @@ def test_bad_arguments():
         beam_search(lambda t: np.zeros((2, 4)), [0])
     with pytest.raises(TypeError, match="step_fn must return an array of real-valued logits, got None"):
         beam_search(lambda t: None, [0])
+    with pytest.raises(ValueError, match="^step_fn must return an array of logits, got the scalar 0.5"):
+        beam_search(lambda t: 0.5, [0])
 
 
 # ----------------------------------------------------------------------------

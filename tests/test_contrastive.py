@@ -75,8 +75,11 @@ def test_the_amateur_demotes_what_it_also_finds_likely():
 
 def test_bad_scores_input_raises():
     row = np.zeros(4, dtype=np.float32)
-    with pytest.raises(ValueError, match=r"contrastive_alpha \(=1.5\) must be in \[0, 1\]"):
+    # named as this function calls it (they said contrastive_alpha, generate's keyword)
+    with pytest.raises(ValueError, match=r"^alpha \(=1.5\) must be in \[0, 1\]"):
         ld.contrastive_logits(row, row, alpha=1.5)
+    with pytest.raises(TypeError, match=r"^alpha must be a number, got '0.1'"):
+        ld.contrastive_logits(row, row, alpha="0.1")
     with pytest.raises(ValueError, match=r"amateur_temperature \(=0.0\) must be > 0"):
         ld.contrastive_logits(row, row, amateur_temperature=0.0)
     with pytest.raises(ValueError, match="must have one shape"):
@@ -149,3 +152,33 @@ def test_bad_arguments_raise(expert, amateur):
         ld.generate(steps_of(expert), PROMPT, max_new_tokens=3, amateur_model=3)
     with pytest.raises(ValueError, match="contrastive_alpha \\(=-0.1\\)"):
         expert.generate(PROMPT, max_new_tokens=3, amateur_model=amateur, contrastive_alpha=-0.1)
+    # a step function amateur that returns the wrong shape is named (the message said step_fn)
+    row = np.zeros(6, np.float32)
+    with pytest.raises(ValueError, match=r"^amateur_model must return \(6,\) logits, got shape \(1, 6\)"):
+        ld.generate(lambda t: row, [0], max_new_tokens=2, amateur_model=lambda t: row[None])
+    with pytest.raises(ValueError, match=r"^amateur_model must return an array of logits, got the scalar 1.0"):
+        ld.generate(lambda t: row, [0], max_new_tokens=2, amateur_model=lambda t: 1.0)
+
+
+def test_tokens_the_amateur_rules_out_outrank_every_other_at_any_temperature():
+    """A plausible token with amateur probability 0 scores +inf: only such tokens stay, scored
+    by the expert's log-probability. The score was the largest float32, which a temperature
+    below 1 took past float32 (a ValueError blaming temperature) and which left other tokens
+    in the draw at temperatures above 1."""
+    expert = np.array([1.0, 0.5, 0.0, -1.0, 0.2], np.float32)
+    amateur = np.array([2.0, 0.0, -np.inf, 0.0, -np.inf], np.float32)  # rules out tokens 2 and 4
+    scores = ld.contrastive_logits(expert, amateur, alpha=0.0)
+    log_e = expert - np.log(np.exp(expert.astype(np.float64)).sum())
+    np.testing.assert_allclose(scores[[2, 4]], log_e[[2, 4]], rtol=0, atol=1e-6)
+    assert np.isneginf(scores[[0, 1, 3]]).all()
+    np.testing.assert_array_equal(np.isfinite(scores), np.isfinite(reference.contrastive_scores(expert, amateur, 0.0)))
+    # a cut that drops token 2 (p_EXP below alpha * max) leaves token 4 alone
+    assert np.isfinite(ld.contrastive_logits(expert, amateur, alpha=0.4)).tolist() == [False, False, False, False, True]
+    for temperature in (0, 0.5, 1.0, 2.0):
+        out = ld.generate(lambda t: expert, [0], max_new_tokens=40, seed=1, temperature=temperature,
+                          amateur_model=lambda t: amateur, contrastive_alpha=0.0)
+        assert set(out.tokens) <= {2, 4}, temperature
+        if temperature == 0:
+            assert out.tokens == [4] * 40  # the expert prefers token 4 (0.2 > 0.0)
+        else:
+            assert set(out.tokens) == {2, 4}, temperature

@@ -179,6 +179,10 @@ def test_bad_arguments():
         ld.generate(lambda tokens: None, [1])
     with pytest.raises(ValueError, match=r"step_fn must return a 1-D array of logits, got list of shape \(1, 3\)"):
         ld.generate(lambda tokens: [[0.0, 1.0, 2.0]], [1])
+    # a scalar is no vocabulary of one token (it generated token 0 again and again)
+    for scalar in (1.0, np.float32(2.0), np.array(3.0)):
+        with pytest.raises(ValueError, match="^step_fn must return an array of logits, got the scalar"):
+            ld.generate(lambda tokens: scalar, [0])
 
 
 def test_reprs_stay_one_line_however_long_the_output():

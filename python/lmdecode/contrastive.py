@@ -25,12 +25,13 @@ from .sampling import _as_logits
 __all__ = ["contrastive_logits"]
 
 
-def _check_parameters(alpha, amateur_temperature) -> tuple[float, float]:
-    for name, value in (("contrastive_alpha", alpha), ("amateur_temperature", amateur_temperature)):
+def _check_parameters(alpha, amateur_temperature, alpha_name: str = "contrastive_alpha") -> tuple[float, float]:
+    """alpha_name: what the caller calls alpha (generate's contrastive_alpha, contrastive_logits' alpha)."""
+    for name, value in ((alpha_name, alpha), ("amateur_temperature", amateur_temperature)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a number, got {value!r}")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"contrastive_alpha (={alpha}) must be in [0, 1]")
+        raise ValueError(f"{alpha_name} (={alpha}) must be in [0, 1]")
     if not (0.0 < amateur_temperature < float("inf")):
         raise ValueError(f"amateur_temperature (={amateur_temperature}) must be > 0")
     return float(alpha), float(amateur_temperature)
@@ -42,7 +43,7 @@ def contrastive_logits(expert_logits, amateur_logits, *, alpha: float = 0.1, ama
 
     ``-inf`` marks tokens outside the expert's plausible set; NaN or +inf logits raise
     ValueError. The inputs are not modified."""
-    alpha, amateur_temperature = _check_parameters(alpha, amateur_temperature)
+    alpha, amateur_temperature = _check_parameters(alpha, amateur_temperature, "alpha")
     expert, one_row = _as_logits(expert_logits, "expert_logits")
     amateur, amateur_one_row = _as_logits(amateur_logits, "amateur_logits")
     if expert.shape != amateur.shape or one_row != amateur_one_row:

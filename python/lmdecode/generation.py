@@ -272,21 +272,22 @@ class _Run:
         return GenerationChunk(index=k, token=token, text=text, logprob=lp, top_logprobs=top, finish_reason=reason)
 
 
-def _step_fn_logits(step_fn: Callable[[Any], Any], run: _Run, running: np.ndarray, vocab: int) -> np.ndarray:
+def _step_fn_logits(step_fn: Callable[[Any], Any], run: _Run, running: np.ndarray, vocab: int,
+                    name: str = "step_fn") -> np.ndarray:
     """(len(running), vocab) float32 logits of the running sequences: one call of a batched
-    step function, or one call per sequence."""
+    step function, or one call per sequence. name: the argument step_fn came as, for errors."""
     if run.batched:
-        rows = step_logits(step_fn([run.gen.tokens(int(k)) for k in running]))
+        rows = step_logits(step_fn([run.gen.tokens(int(k)) for k in running]), name)
         if rows.shape != (len(running), vocab):
-            raise ValueError(f"a batched step_fn must return ({len(running)}, {vocab}) logits for "
+            raise ValueError(f"a batched {name} must return ({len(running)}, {vocab}) logits for "
                              f"{len(running)} sequences, got shape {rows.shape}")
         return rows
     rows = np.empty((len(running), vocab), dtype=np.float32)
     for i, k in enumerate(running):
         tokens = run.gen.tokens(int(k))
-        row = step_logits(step_fn(tokens))
+        row = step_logits(step_fn(tokens), name)
         if row.shape != (vocab,):
-            raise ValueError(f"step_fn must return ({vocab},) logits, got shape {row.shape}")
+            raise ValueError(f"{name} must return ({vocab},) logits, got shape {row.shape}")
         rows[i] = row
     return rows
 
@@ -468,7 +469,7 @@ def generate(
         def advance() -> tuple[np.ndarray, np.ndarray]:
             running = run.gen.running()
             logits = _step_fn_logits(model_or_step_fn, run, running, vocab)
-            amateur = _step_fn_logits(amateur_model, run, running, vocab)
+            amateur = _step_fn_logits(amateur_model, run, running, vocab, "amateur_model")
             # both rows get the generator's masks first, as the C loop does (csrc/decode.c)
             masked = [(run.gen.masked(int(k), e), run.gen.masked(int(k), a)) for k, e, a in zip(running, logits, amateur)]
             scores = contrastive_logits(np.array([e for e, _ in masked]), np.array([a for _, a in masked]),

@@ -488,14 +488,17 @@ def as_numpy(values: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a rectangular array (rows of one length), got {values!r:.80}") from None
 
 
-def step_logits(values: Any) -> np.ndarray:
-    """What a step function returned, as float32 logits of any shape (callers check it): any
-    real dtype, torch tensors as they come; text, complex numbers and ragged rows refused."""
-    arr = as_numpy(values, "step_fn's logits")
+def step_logits(values: Any, name: str = "step_fn") -> np.ndarray:
+    """What a step function (the argument `name`) returned, as float32 logits of one or more
+    dimensions (callers check the shape): any real dtype, torch tensors as they come; text,
+    complex numbers, scalars and ragged rows refused."""
+    arr = as_numpy(values, f"{name}'s logits")
     if arr.dtype.kind not in "fiu":
         got = f"an array of dtype {arr.dtype}" if isinstance(values, np.ndarray) else f"{values!r:.80}"
-        raise TypeError(f"step_fn must return an array of real-valued logits, got {got}")
-    return _float32(arr, "step_fn's logits")
+        raise TypeError(f"{name} must return an array of real-valued logits, got {got}")
+    if arr.ndim == 0:  # ascontiguousarray would make it a vocabulary of one token
+        raise ValueError(f"{name} must return an array of logits, got the scalar {values!r:.80}")
+    return _float32(arr, f"{name}'s logits")
 
 
 def as_token_ids(value: Any) -> np.ndarray | None:
