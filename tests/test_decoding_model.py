@@ -678,3 +678,16 @@ def test_token_inputs_that_are_no_token_ids_are_refused_naming_the_argument():
         ld.Model.from_numpy(config, [[1.0, 2.0]])
     with pytest.raises(ValueError, match=r"weights\['model.embed_tokens.weight'\] " + rectangular):
         ld.Model.from_numpy(config, {"model.embed_tokens.weight": [[1.0, 2.0], [3.0]]})
+
+
+def test_beam_hypotheses_text_is_what_they_add_to_the_prompts_text(stories):
+    """As generate's .text: decode(prompt) + hypothesis.text == decode(prompt + tokens), so after a
+    prompt of BOS alone the text starts "Once", not " Once" (tokenizer.decode of the tokens alone
+    kept the space)."""
+    tok = stories.tokenizer
+    for prompt in ("", "Once upon a time"):
+        ids = tok.encode(prompt)
+        for hyp in stories.beam_search(prompt, beam_width=2, max_new_tokens=8, num_return_sequences=2):
+            assert tok.decode(ids) + hyp.text == tok.decode(ids + hyp.tokens)
+            if not prompt:
+                assert hyp.text[0].isalpha() and tok.decode(hyp.tokens) == " " + hyp.text

@@ -144,6 +144,37 @@ def test_stream_yields_the_same_tokens():
     assert_stream_equals(list(ld.generate(step, [[5], [6, 7]], stream=True, **kw)), [o for group in outs for o in group])
 
 
+class LetterTokenizer:
+    """A tokenizer of one's own, with just what generate() asks for: ids 2.. are letters "a"...
+    (0 and 1, BOS and EOS, have no text), one of them two bytes."""
+
+    bos_id, eos_id = 0, 1
+
+    def encode(self, text, add_bos=True):
+        return [0] * add_bos + [ord(c) - 95 for c in text]
+
+    def decode(self, ids):
+        raise AssertionError("generate() reads token_bytes, as its streams do")
+
+    def token_bytes(self, token):
+        return b"" if token < 2 else ("\u00e9" if token == 7 else chr(95 + token)).encode()
+
+
+def test_a_tokenizer_of_ones_own_streams_the_text_of_its_token_bytes():
+    """.text, stream chunks and stop strings all read token_bytes (chunks were "" for a tokenizer
+    without lmdecode's stream_decoder); a tokenizer= without token_bytes is a TypeError."""
+    step = hashed_model(32, seed=4)
+    for stop in (None, "zzz"):
+        kw = dict(max_new_tokens=20, seed=3, tokenizer=LetterTokenizer(), stop=stop, stop_token_ids=[])
+        out = ld.generate(step, "bc", **kw)
+        assert out.prompt_tokens == [0, 3, 4]
+        assert out.text == b"".join(LetterTokenizer().token_bytes(t) for t in out.tokens).decode()
+        assert len(out.text) > 10
+        assert_stream_equals(list(ld.generate(step, "bc", stream=True, **kw)), [out])
+    with pytest.raises(TypeError, match="tokenizer must have token_bytes\\(id\\) .* got int"):
+        ld.generate(step, [1], tokenizer=5, stop="a")
+
+
 def test_constraints_from_sampling_keywords():
     step = hashed_model(20, seed=6)
     out = ld.generate(step, [0], max_new_tokens=15, seed=2, allowed_tokens=[3, 4, 5], banned_tokens=[4])
@@ -168,6 +199,23 @@ def test_bad_arguments():
         ld.generate(step, [1], context=[1, 2])
     with pytest.raises(TypeError, match=r"stop must be a non-empty string or a list of them, got 5"):
         ld.generate(step, [1], stop=5)
+    # a list holding a non-string is a TypeError too (it was a ValueError), an empty string a ValueError
+    with pytest.raises(TypeError, match=r"stop must be a non-empty string or a list of them, got \['a', 5\]"):
+        ld.generate(step, [1], stop=["a", 5])
+    with pytest.raises(ValueError, match=r"stop must be a non-empty string or a list of them, got \['a', ''\]"):
+        ld.generate(step, [1], stop=["a", ""])
+    with pytest.raises(ValueError, match=r"stop string 'a\\udce9' is not valid Unicode: '\\udce9' at index 1"):
+        ld.generate(step, [1], stop=b"a\xe9".decode("utf-8", "surrogateescape"), tokenizer=LetterTokenizer())
+    # ids no integer type holds, or bools among ids (NumPy read [1, True] as [1, 1])
+    with pytest.raises(ValueError, match=r"a prompt holds token id 9223372036854775813, outside any vocabulary"):
+        ld.generate(step, np.array([1, 2**63 + 5], dtype=np.uint64))
+    with pytest.raises(ValueError, match=r"a prompt holds token id 1180591620717411303424, outside any vocabulary"):
+        ld.generate(step, [1, 2**70])
+    with pytest.raises(TypeError, match=r"a prompt must be a str or a sequence of token ids, got \[1, True\]"):
+        ld.generate(step, [[1, True]])
+    # a per-row value of the wrong length is named
+    with pytest.raises(ValueError, match=r"^temperature has 2 values: per-row sampling values need one per sequence \(1\)"):
+        ld.generate(step, [1], temperature=[1.0, 2.0])
     with pytest.raises(TypeError, match=r"stop_token_ids must be an int or a list of ints, got 2\.5"):
         ld.generate(step, [1], stop_token_ids=2.5)
     with pytest.raises(TypeError, match="seed must be an int, got 'a'"):

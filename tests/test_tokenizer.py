@@ -707,3 +707,25 @@ def test_text_must_be_a_str_of_valid_unicode(source, hf_dirs):
     for bad in (b"cafe", None, ["cafe"]):
         with pytest.raises(TypeError, match=f"text must be a str, got {type(bad).__name__}"):
             tok.encode(bad)
+
+
+@pytest.mark.parametrize("stop", [None, "zzz", "time"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_ids_past_the_tokenizers_vocabulary_have_no_text(tok512, stop, stream):
+    """A model's vocabulary may be padded past its tokenizer's (Qwen2.5: 151,936 rows for 151,665
+    ids): a padding id drawn reads as no text, as transformers' decode skips it. Stop strings
+    raised "token id 512 is outside the vocabulary" before the first step, and .text raised it
+    after the whole generation."""
+    forced = [403, 515, 407, 519, 261, 378]  # " Once", padding, " upon", padding, " a", " time"
+
+    def step(tokens):
+        logits = np.zeros(520, np.float32)
+        logits[forced[len(tokens) - 2]] = 30.0
+        return logits
+
+    kw = dict(max_new_tokens=6, temperature=0, tokenizer=tok512, stop=stop)
+    out = ld.generate(step, [1, 300], **kw)
+    text = "".join(c.text for c in ld.generate(step, [1, 300], stream=True, **kw)) if stream else out.text
+    assert text == out.text == (" Once upon a " if stop == "time" else " Once upon a time")
+    assert out.tokens == forced  # "time" completes with the last token
+    assert out.finish_reason == ("stop" if stop == "time" else "length")

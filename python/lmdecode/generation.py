@@ -36,6 +36,12 @@ _ALL_STEPS = 2**31 - 1
 
 
 class TokenizerLike(Protocol):
+    """What generate() needs of a tokenizer of your own (``tokenizer=``): ``encode`` for text
+    prompts and ``token_bytes`` for the text of each id (``.text``, stream chunks and stop
+    strings are the new tokens' bytes read as UTF-8). Optional: ``vocab_size`` (ids at or past
+    it have no text) and ``piece_after(previous, token)`` (a token's bytes after another, as
+    lmdecode's tokenizers drop a piece's space after BOS)."""
+
     bos_id: int | None
     eos_id: int | None
 
@@ -122,7 +128,12 @@ def _prompts(prompt: Any, tokenizer: TokenizerLike | None) -> tuple[list[list[in
             return list(tokenizer.apply_chat_template(p, add_generation_prompt=True))
         arr = as_token_ids(p)
         if arr is None:
+            if isinstance(p, Sequence) and p and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                     for t in p):  # ints NumPy holds in no integer type
+                raise ValueError(f"a prompt holds token id {max(p, key=abs)}, outside any vocabulary")
             raise TypeError(f"a prompt must be a str or a sequence of token ids, got {p!r:.80}")
+        if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"a prompt holds token id {int(arr.max())}, outside any vocabulary")
         return [int(t) for t in arr]
 
     if isinstance(prompt, str) or (isinstance(prompt, np.ndarray) and prompt.ndim == 1) or is_conversation(prompt):
@@ -160,17 +171,61 @@ def _stop_strings(stop: Any) -> list[str]:
         raise TypeError(f"stop must be a non-empty string or a list of them, got {stop!r}")
     strings = [stop] if isinstance(stop, str) else list(stop)
     for s in strings:
-        if not isinstance(s, str) or not s:
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        if not isinstance(s, str):
+            raise TypeError(f"stop must be a non-empty string or a list of them, got {stop!r:.80}")
+        if not s:
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r:.80}")
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"stop string {s!r:.80} is not valid Unicode: {s[e.start]!r} at index {e.start} "
+                             "is a lone surrogate") from None
     return strings
 
 
+def _text_vocabulary(tokenizer: TokenizerLike) -> int | None:
+    """How many ids the tokenizer has text for (None: not said): a model's vocabulary may be
+    padded past its tokenizer's (Qwen2.5: 151,936 rows for 151,665 ids)."""
+    size = getattr(tokenizer, "vocab_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+class ReplyText:
+    """The bytes that tokens add to a text, as a generation's ``.text``, its stream's chunks and
+    its stop strings all read them: each token's bytes (``token_bytes``), with the tokenizer's
+    ``piece_after`` rule where it has one (sentencepiece-style vocabularies drop the space of a
+    piece after BOS, as ``decode(prompt + reply)`` does), and nothing for ids past the
+    tokenizer's vocabulary (a model's padding rows)."""
+
+    def __init__(self, tokenizer: TokenizerLike) -> None:
+        self._tokenizer = tokenizer
+        self._piece_after = getattr(tokenizer, "piece_after", None)
+        self._n_text = _text_vocabulary(tokenizer)
+
+    def piece(self, previous: int | None, token: int) -> bytes:
+        if self._n_text is not None and not 0 <= token < self._n_text:
+            return b""
+        if self._piece_after is not None:
+            return self._piece_after(previous, token)
+        return self._tokenizer.token_bytes(token)
+
+    def bytes(self, previous: int | None, tokens: Sequence[int]) -> bytes:
+        """The bytes of tokens after the token previous (a prompt's last; None: nothing)."""
+        out = bytearray()
+        for token in tokens:
+            out += self.piece(previous, token)
+            previous = token
+        return bytes(out)
+
+
 def _token_byte_table(tokenizer: TokenizerLike, vocab: int) -> tuple[np.ndarray, np.ndarray]:
-    """CSR bytes of every token (cached on the tokenizer object)."""
+    """CSR bytes of every token (cached on the tokenizer object); ids past the tokenizer's
+    vocabulary have none."""
     cached = getattr(tokenizer, "_lmdecode_byte_table", None)
     if cached is not None and cached[1].shape[0] == vocab + 1:
         return cached
-    pieces = [tokenizer.token_bytes(i) for i in range(vocab)]
+    n_text = _text_vocabulary(tokenizer)
+    pieces = [tokenizer.token_bytes(i) if n_text is None or i < n_text else b"" for i in range(vocab)]
     offsets = np.zeros(vocab + 1, dtype=np.int64)
     np.cumsum([len(p) for p in pieces], out=offsets[1:])
     table = (np.frombuffer(b"".join(pieces), dtype=np.uint8).copy(), offsets)
@@ -208,7 +263,9 @@ class _Run:
         self.prompts = [p for p in prompts for _ in range(n)]
         params, row_inputs = _params_for(None, dict(sampling))
         if params._rows is not None and params._rows != self.n_seqs:
-            raise ValueError(f"per-row sampling values must have one entry per sequence ({self.n_seqs})")
+            per_row = [k for k, v in sampling.items() if np.ndim(v) == 1 and k in params.to_dict()]
+            raise ValueError(f"{per_row[0] if per_row else 'a per-row sampling keyword'} has {params._rows} values: "
+                             f"per-row sampling values need one per sequence ({self.n_seqs})")
         offsets = np.zeros(self.n_seqs + 1, dtype=np.int64)
         np.cumsum([len(p) for p in self.prompts], out=offsets[1:])
         kwargs = _row_input_arguments(row_inputs, self.n_seqs, vocab) if row_inputs else {}
@@ -221,11 +278,12 @@ class _Run:
             np.cumsum([len(b) for b in encoded], out=stop_offsets[1:])
             kwargs.update(stop_bytes=np.frombuffer(b"".join(encoded), dtype=np.uint8), stop_offsets=stop_offsets,
                           token_bytes=token_bytes, token_offsets=token_offsets)
+        self.reply_text = ReplyText(tokenizer) if tokenizer is not None else None
         # sentencepiece-style vocabularies: a BOS-only prompt's reply reads "Once", not " Once"
         # (its text is what decode(prompt + reply) adds to decode(prompt)); the C side matches
         # stop strings against the same bytes
-        self.continues = getattr(tokenizer, "continuation_bytes", None)
-        if self.continues is not None and getattr(tokenizer, "strips_leading_space_after_bos", False) \
+        if stop and getattr(tokenizer, "piece_after", None) is not None \
+                and getattr(tokenizer, "strips_leading_space_after_bos", False) \
                 and isinstance(getattr(tokenizer, "bos_id", None), int) and 0 <= tokenizer.bos_id < vocab:
             kwargs["strip_space_bos"] = tokenizer.bos_id
         seed = int.from_bytes(os.urandom(8), "little") if seed is None else _check_u64("seed", seed)
@@ -242,14 +300,13 @@ class _Run:
         proposed, accepted = self.speculative.counts(k) if self.speculative is not None else (None, None)
         new = [int(t) for t in tokens[prompt_len:]]
         text = None
-        if self.tokenizer is not None:
-            visible = new[:-1] if (new and new[-1] in self.stop_ids and reason == "stop") else new
+        if self.reply_text is not None:
             if reason == "stop" and stop_offset >= 0:  # the text ends where the stop string that fired begins
-                text = self.text_bytes(k, new)[:stop_offset].decode("utf-8", "replace")
-            elif self.continues is not None:
-                text = self.text_bytes(k, visible).decode("utf-8", "replace")
+                data = self.reply_text.bytes(self.last_prompt_token(k), new)[:stop_offset]
             else:
-                text = self.tokenizer.decode(visible)
+                visible = new[:-1] if (new and new[-1] in self.stop_ids and reason == "stop") else new
+                data = self.reply_text.bytes(self.last_prompt_token(k), visible)
+            text = data.decode("utf-8", "replace")
         top = [{int(i): float(v) for i, v in zip(ids, vals)} for ids, vals in zip(top_ids, top_lps)]
         return Generation(tokens=new, text=text, token_logprobs=[float(x) for x in lps], top_logprobs=top,
                           finish_reason=reason or "length", prompt_tokens=[int(t) for t in tokens[:prompt_len]],
@@ -258,12 +315,6 @@ class _Run:
 
     def last_prompt_token(self, k: int) -> int | None:
         return self.prompts[k][-1] if self.prompts[k] else None
-
-    def text_bytes(self, k: int, new: list[int]) -> bytes:
-        """The bytes sequence k's new tokens add to its prompt's text."""
-        if self.continues is not None:
-            return self.continues(new, previous=self.last_prompt_token(k))
-        return b"".join(self.tokenizer.token_bytes(t) for t in new)
 
     def chunk(self, k: int, i: int, token: int, text: str, reason: str | None) -> GenerationChunk:
         """The stream's chunk for sequence k's generated token i."""
@@ -408,6 +459,9 @@ def generate(
         raise ValueError("batched=True is for step functions: an lmdecode Model already runs its sequences together")
     if tokenizer is None and model is not None:
         tokenizer = model.tokenizer
+    if tokenizer is not None and not callable(getattr(tokenizer, "token_bytes", None)):
+        raise TypeError(f"tokenizer must have token_bytes(id) (and encode for text prompts), "
+                        f"got {type(tokenizer).__name__}")
     prompts, single = _prompts(prompt, tokenizer)
     if cache_prompt and (len(prompts) != 1 or n != 1):
         raise ValueError("cache_prompt keeps one sequence's cache: give one prompt and n=1")
@@ -549,18 +603,17 @@ def _stream(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> 
     if run.stop and run.tokenizer is not None:
         yield from _stream_with_stop_strings(run, advance)
         return
-    decoders = {}
-    make_decoder = getattr(run.tokenizer, "stream_decoder", None)
+    decoders: dict[int, Any] = {}
+    previous: dict[int, int | None] = {}
     for k, token, index, ends in _new_tokens(run, advance):
         text = ""
-        if make_decoder is not None:
-            if k not in decoders:
-                decoders[k] = make_decoder(run.last_prompt_token(k)) if run.continues is not None else make_decoder()
-            decoder = decoders[k]
+        if run.reply_text is not None:
+            decoder = decoders.setdefault(k, codecs.getincrementaldecoder("utf-8")(errors="replace"))
             if token not in run.stop_ids:
-                text = decoder.push(token)
+                text = decoder.decode(run.reply_text.piece(previous.get(k, run.last_prompt_token(k)), token))
+            previous[k] = token
             if ends:  # an unfinished UTF-8 character at the end shows as U+FFFD, as in .text
-                text += decoder.flush()
+                text += decoder.decode(b"", final=True)
         yield run.chunk(k, index, token, text, run.gen.result(k)[5] if ends else None)
 
 
@@ -589,8 +642,7 @@ def _stream_with_stop_strings(run: _Run, advance: Callable[[], tuple[np.ndarray,
         data = text_bytes.setdefault(k, bytearray())
         decoder = decoders.setdefault(k, codecs.getincrementaldecoder("utf-8")(errors="replace"))
         if token not in run.stop_ids:
-            before = previous.get(k, run.last_prompt_token(k))
-            data += run.continues([token], before) if run.continues is not None else run.tokenizer.token_bytes(token)
+            data += run.reply_text.piece(previous.get(k, run.last_prompt_token(k)), token)
         previous[k] = token
         reason = None  # until the sequence's last token
         if not ends:

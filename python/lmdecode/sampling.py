@@ -506,6 +506,8 @@ def as_token_ids(value: Any) -> np.ndarray | None:
     is not one: text, bytes, floats, nested or ragged sequences. Callers raise their own error."""
     if isinstance(value, (str, bytes)):
         return None
+    if isinstance(value, (list, tuple)) and any(type(t) is bool or type(t) is np.bool_ for t in value):
+        return None  # NumPy would read [1, True] as [1, 1]
     try:
         arr = as_numpy(value, "value")
     except ValueError:

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _core
 from .chat import is_conversation
-from .generation import _prompts, check_prompt_ids, short_token_list
+from .generation import ReplyText, _prompts, check_prompt_ids, short_token_list
 from .sampling import allowed_token_ids, check_constraint_function, step_logits, token_id_list
 
 __all__ = ["Hypothesis", "beam_search"]
@@ -235,15 +235,16 @@ def _beam_search_model(model: Any, prompts: list[list[int]], beam_width: int, ma
             return allowed_token_ids(prefix_allowed_tokens_fn(search, input_ids), vocab, 0)
 
     model._beam_search_in_c(searches, prompts, beam_width, max_new_tokens, constraint)
-    tokenizer = model.tokenizer
+    reply_text = ReplyText(model.tokenizer) if model.tokenizer is not None else None
     results = []
-    for search in searches:
+    for search, prompt_ids in zip(searches, prompts):
         hyps = []
         for toks, lps, score, logprob in search.hypotheses():
             tokens = [int(t) for t in toks]
             text = None
-            if tokenizer is not None:
-                text = tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in eos else tokens)
+            if reply_text is not None:  # what the hypothesis adds to its prompt's text, as generate's .text
+                visible = tokens[:-1] if tokens and tokens[-1] in eos else tokens
+                text = reply_text.bytes(prompt_ids[-1] if len(prompt_ids) else None, visible).decode("utf-8", "replace")
             hyps.append(Hypothesis(tokens=tokens, logprob=float(logprob), score=float(score),
                                    token_logprobs=[float(x) for x in lps], text=text,
                                    finish_reason=_finish_reason(tokens, eos)))

@@ -1,7 +1,7 @@
 """Tokenizers for the model files lmdecode loads.
 
 Three kinds, one interface (``encode``, ``decode``, ``token_bytes``,
-``stream_decoder``, ``apply_chat_template``, ``bos_id``, ``eos_id``,
+``piece_after``, ``stream_decoder``, ``apply_chat_template``, ``bos_id``, ``eos_id``,
 ``vocab_size``, ``chat_template``):
 
 - sentencepiece-style BPE by merge scores with byte fallback: llama2.c's
