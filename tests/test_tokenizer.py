@@ -608,6 +608,46 @@ def test_gguf_user_defined_tokens_are_whole_tokens(tmp_path):
     assert bpe.encode(" Hello") != [260] and bpe.decode([32, 261]) == " Hello"
 
 
+def test_gguf_add_space_prefix_and_add_eos_token_are_read(tmp_path):
+    """tokenizer.ggml.add_space_prefix=false: no dummy-prefix space before a text (nor before the
+    text after a piece), and none dropped after BOS when decoding; add_eos_token=true: EOS
+    after the text when add_bos asks for the special tokens. The ids are llama.cpp's
+    (llama-cpp-python 0.3.36, tokenize(add_bos=True and False) on these files); both keys were
+    ignored, so the first file gave [1, 18, 3, 19, 3, 18] for "x Hello x"."""
+    def vocabulary(add_space_prefix, add_eos):
+        def more(w):
+            spm_vocabulary(w)
+            if add_space_prefix is not None:
+                w.add_add_space_prefix(add_space_prefix)
+            if add_eos is not None:
+                w.add_add_eos_token(add_eos)
+        return more
+
+    for name, space, eos in (("nospace", False, None), ("eos", None, True), ("both", False, True)):
+        write_gguf(tmp_path / f"{name}.gguf", "llama", {}, {}, more=vocabulary(space, eos))
+    nospace, eos, both = (load_tokenizer(tmp_path / f"{n}.gguf") for n in ("nospace", "eos", "both"))
+    cases = {"Hello": [19], "x Hello x": [8, 3, 19, 18], " Hello": [3, 19], "Hellox": [19, 8]}
+    for text, ids in cases.items():
+        assert nospace.encode(text) == [1] + ids and nospace.encode(text, add_bos=False) == ids, text
+        assert both.encode(text) == [1] + ids + [2] and both.encode(text, add_bos=False) == ids, text
+    # with the dummy prefix (the default), EOS after the same ids as without the key
+    assert eos.encode("x Hello x") == [1, 18, 3, 19, 3, 18, 2] and eos.encode("x Hello x", add_bos=False) == [18, 3, 19, 3, 18]
+    assert eos.decode([1, 17]) == "Hello" and eos.strips_leading_space_after_bos
+    # no prefix put before the text, so none is taken away after BOS (llama.cpp drops none either)
+    assert nospace.decode([1, 17]) == " Hello" and not nospace.strips_leading_space_after_bos
+    assert nospace.decode(nospace.encode("x Hello x")) == "x Hello x"
+    # a byte-level ("gpt2") vocabulary too: llama.cpp gives [32, 261, 32, 116, 104, 101, 114, 101, 262]
+    def byte_level_with_eos(w):
+        bpe_vocabulary(w)
+        w.add_eos_token_id(262)
+        w.add_add_eos_token(True)
+
+    write_gguf(tmp_path / "bpe_eos.gguf", "llama", {}, {}, more=byte_level_with_eos)
+    bpe = load_tokenizer(tmp_path / "bpe_eos.gguf")
+    assert bpe.encode(" Hello there") == [32, 261, 32, 116, 104, 101, 114, 101, 262]
+    assert bpe.encode(" Hello there", add_bos=False) == [32, 261, 32, 116, 104, 101, 114, 101]
+
+
 def test_gguf_byte_level_honours_parse_special(tmp_path):
     """A GGUF "gpt2" vocabulary spells control tokens as text unless parse_special=True, as
     llama.cpp does and as the sentencepiece-style ones already did (SmolLM2's "<|im_start|>"

@@ -82,6 +82,7 @@ class Tokenizer:
     eos_id: int | None = None
     vocab_size: int = 0
     adds_bos: bool = True  # does this model's vocabulary expect a BOS at the start?
+    adds_eos: bool = False  # ...and an EOS at the end (GGUF tokenizer.ggml.add_eos_token)?
     strips_leading_space_after_bos = False
     chat_template: str | None = None  # Jinja source from the model file (lmdecode.chat), if it has one
     _bytes: list[bytes]  # (vocab_size,) the bytes each token stands for
@@ -91,7 +92,8 @@ class Tokenizer:
                 f"chat_template={self.chat_template is not None})")
 
     def encode(self, text: str, add_bos: bool = True, parse_special: bool = False) -> list[int]:
-        """Token ids of text, with BOS first when add_bos and the vocabulary expects one.
+        """Token ids of text, with BOS first when add_bos and the vocabulary expects one (and
+        EOS last where it expects that too: GGUF add_eos_token, as llama.cpp's add_special).
         parse_special: special tokens spelt in the text (``<s>``, ``<|im_start|>``) become
         their ids, as chat templates need; otherwise they are text like any other (GGUF
         user-defined tokens are matched either way, as llama.cpp matches them). Hugging Face
@@ -248,17 +250,20 @@ class ScoreBPETokenizer(Tokenizer):
     """BPE that merges the adjacent pair with the highest score first (llama2.c / sentencepiece BPE)."""
 
     def __init__(self, pieces: list[str], scores: list[float], *, bos_id: int | None, eos_id: int | None,
-                 space_mark: bool, adds_bos: bool = True, special: set[int] | None = None,
-                 user_defined: set[int] | None = None) -> None:
+                 space_mark: bool, adds_bos: bool = True, adds_eos: bool = False, add_space_prefix: bool = True,
+                 special: set[int] | None = None, user_defined: set[int] | None = None) -> None:
         """special: control and unknown tokens (no text of their own; matched in the text only
         with parse_special); user_defined: GGUF type-4 tokens (their piece is their text, and
-        they are matched in the text always, as llama.cpp does)."""
+        they are matched in the text always, as llama.cpp does); add_space_prefix: the space
+        put before a text (sentencepiece's dummy prefix; GGUF tokenizer.ggml.add_space_prefix),
+        which decode drops again after BOS."""
         self.pieces = pieces
         self.scores = scores
         self.vocab_size = len(pieces)
-        self.bos_id, self.eos_id, self.adds_bos = bos_id, eos_id, adds_bos
+        self.bos_id, self.eos_id, self.adds_bos, self.adds_eos = bos_id, eos_id, adds_bos, adds_eos
         self.space_mark = space_mark  # GGUF/sentencepiece pieces spell spaces as U+2581
-        self.strips_leading_space_after_bos = True
+        self.add_space_prefix = add_space_prefix
+        self.strips_leading_space_after_bos = add_space_prefix
         self.special = special or set()
         self.user_defined = user_defined or set()
         self._split_pieces = (_split_order(pieces.__getitem__, self.user_defined),
@@ -311,6 +316,8 @@ class ScoreBPETokenizer(Tokenizer):
                    bos_id=_gguf_token_id(reader, "tokenizer.ggml.bos_token_id", len(pieces)),
                    eos_id=_gguf_token_id(reader, "tokenizer.ggml.eos_token_id", len(pieces)),
                    adds_bos=_gguf_bool(reader, "tokenizer.ggml.add_bos_token", True),
+                   adds_eos=_gguf_bool(reader, "tokenizer.ggml.add_eos_token", False),
+                   add_space_prefix=_gguf_bool(reader, "tokenizer.ggml.add_space_prefix", True),
                    special={i for i, t in enumerate(types) if t in (TOKEN_UNKNOWN, TOKEN_CONTROL)},
                    user_defined={i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED})
 
@@ -340,10 +347,11 @@ class ScoreBPETokenizer(Tokenizer):
     def _encode_plain(self, text: str) -> list[int]:
         if not text:
             return []
+        prefix = " " if self.add_space_prefix else ""  # llama2.c's and sentencepiece's dummy prefix
         if self.space_mark:
-            text = SPACE_MARK + text.replace(" ", SPACE_MARK)
+            text = (prefix + text).replace(" ", SPACE_MARK)
         else:
-            text = " " + text  # llama2.c's dummy prefix
+            text = prefix + text
         if len(text) < SEGMENTED_ENCODE_MIN_CHARS:
             return self._merge(self._symbols(text))
         ids: list[int] = []
@@ -674,11 +682,14 @@ class ByteLevelBPETokenizer(HFTokenizer):
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         backend.decoder = decoders.ByteLevel()
-        return cls(backend, bos_id=_gguf_token_id(reader, "tokenizer.ggml.bos_token_id", len(tokens)),
-                   eos_id=_gguf_token_id(reader, "tokenizer.ggml.eos_token_id", len(tokens)),
-                   adds_bos=_gguf_bool(reader, "tokenizer.ggml.add_bos_token", pre in _LLAMA3_OWN_NAMES),
-                   byte_level=True, special={i for i, t in enumerate(types) if t in (TOKEN_UNKNOWN, TOKEN_CONTROL)},
-                   user_defined={i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED})
+        tokenizer = cls(backend, bos_id=_gguf_token_id(reader, "tokenizer.ggml.bos_token_id", len(tokens)),
+                        eos_id=_gguf_token_id(reader, "tokenizer.ggml.eos_token_id", len(tokens)),
+                        adds_bos=_gguf_bool(reader, "tokenizer.ggml.add_bos_token", pre in _LLAMA3_OWN_NAMES),
+                        byte_level=True,
+                        special={i for i, t in enumerate(types) if t in (TOKEN_UNKNOWN, TOKEN_CONTROL)},
+                        user_defined={i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED})
+        tokenizer.adds_eos = _gguf_bool(reader, "tokenizer.ggml.add_eos_token", False)
+        return tokenizer
 
     def __init__(self, backend: Any, **kwargs: Any) -> None:
         super().__init__(backend, **kwargs)
@@ -762,15 +773,18 @@ def _gguf_tokens_and_types(metadata: Any) -> tuple[list[str], list[int]]:
 
 def _encode_around_pieces(tokenizer: Any, text: str, add_bos: bool, parse_special: bool,
                           encode_plain: Callable[[str], list[int]]) -> list[int]:
-    """A GGUF vocabulary's encode: BOS if asked for and the vocabulary adds one; user-defined
-    pieces (and, with parse_special, control pieces) take their own ids, as llama.cpp matches
-    them, and the text between them goes through encode_plain."""
+    """A GGUF vocabulary's encode: BOS (and EOS at the end) if asked for and the vocabulary adds
+    one, as llama.cpp's add_special; user-defined pieces (and, with parse_special, control
+    pieces) take their own ids, as llama.cpp matches them, and the text between them goes
+    through encode_plain."""
     ids = [tokenizer.bos_id] if add_bos and tokenizer.adds_bos and tokenizer.bos_id is not None else []
     for fragment in _split_on_pieces(text, tokenizer._split_pieces[bool(parse_special)]):
         if isinstance(fragment, int):
             ids.append(fragment)
         else:
             ids += encode_plain(fragment)
+    if add_bos and tokenizer.adds_eos and tokenizer.eos_id is not None:
+        ids.append(tokenizer.eos_id)
     return ids
 
 
