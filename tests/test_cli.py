@@ -24,6 +24,10 @@ def test_generate_greedy_prints_the_prompt_and_the_models_continuation(capsys):
     assert cli.main(["generate", "--model", STORIES, "--temperature", "0", "--max-new-tokens", "20",
                      "Once upon a time"]) == 0
     assert capsys.readouterr().out == "Once upon a time" + want + "\n"
+    # --ignore-eos is accepted (these 20 tokens hold no EOS; tests/test_generate.py checks the option)
+    assert cli.main(["generate", "--model", STORIES, "--temperature", "0", "--max-new-tokens", "20",
+                     "--no-stream", "--ignore-eos", "Once upon a time"]) == 0
+    assert capsys.readouterr().out == "Once upon a time" + want + "\n"
 
 
 def test_generate_with_a_draft_or_an_amateur(capsys):
@@ -90,6 +94,8 @@ def test_score_and_perplexity(capsys, tmp_path):
      "--draft-model does not apply to beam search"),
     (["generate", "--model", STORIES, "--beam-width", "2", "--amateur-model", STORIES, "hi"],
      "--amateur-model does not apply to beam search"),
+    (["generate", "--model", STORIES, "--beam-width", "2", "--ignore-eos", "hi"],
+     "--ignore-eos does not apply to beam search"),
     (["generate", "--model", STORIES, "--draft-model", STORIES, "--amateur-model", STORIES, "hi"],
      "--draft-model and --amateur-model are two methods"),
     (["generate", "--model", STORIES, "--length-penalty", "2", "hi"], "--length-penalty needs --beam-width"),

@@ -245,3 +245,30 @@ def test_reprs_stay_one_line_however_long_the_output():
                         text="xyz", finish_reason="length")
     assert repr(hyp) == ("Hypothesis(score=-0.2727, logprob=-3.0000, text='xyz', "
                          "tokens=[0, 1, 2, 3, 4, 5, 6, 7, ... 3 more])")
+
+
+def test_ignore_eos_lets_the_models_eos_be_drawn_and_go_on():
+    """vLLM's ignore_eos: the model's EOS neither ends a sequence nor is banned before
+    min_new_tokens; stop_token_ids still stop. The same tokens as a model without an EOS."""
+    from test_speculative import random_llama
+
+    plain = random_llama(40, seed=7, scale=0.6)
+    free = plain.generate([1, 2, 3], max_new_tokens=30, temperature=0)
+    eos = free.tokens[4]
+    assert free.tokens.index(eos) == 4 and len(set(free.tokens[5:]) - {eos}) > 3
+    model = random_llama(40, seed=7, scale=0.6, eos_token_id=eos)
+    stopped = model.generate([1, 2, 3], max_new_tokens=30, temperature=0)
+    assert stopped.tokens == free.tokens[:5] and stopped.finish_reason == "stop"
+    for kw in (dict(temperature=0), dict(temperature=0.8, seed=3, min_new_tokens=10)):
+        for stream in (False, True):
+            got = model.generate([1, 2, 3], max_new_tokens=30, ignore_eos=True, stream=stream, **kw)
+            want = plain.generate([1, 2, 3], max_new_tokens=30, **kw)
+            tokens = [c.token for c in got] if stream else got.tokens
+            assert tokens == want.tokens and eos in tokens, kw
+    other = free.tokens[8]
+    out = model.generate([1, 2, 3], max_new_tokens=30, temperature=0, ignore_eos=True, stop_token_ids=[other])
+    assert out.tokens == free.tokens[:free.tokens.index(other) + 1] and out.finish_reason == "stop"
+    with pytest.raises(TypeError, match="ignore_eos must be True or False, got 'yes'"):
+        model.generate([1], ignore_eos="yes")
+    with pytest.raises(TypeError, match="stream must be True or False, got 1"):
+        model.generate([1], stream=1)

@@ -19,7 +19,7 @@ MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 PROMPT = [1, 403, 407, 261, 378]  # BOS "Once upon a time" in stories260K's vocabulary
 
 
-def random_llama(vocab, seed, *, dim=64, layers=2, scale=0.3, context=256):
+def random_llama(vocab, seed, *, dim=64, layers=2, scale=0.3, context=256, eos_token_id=None):
     """A small random Llama; larger `scale` gives peakier next-token distributions."""
     rng = np.random.default_rng(seed)
     hidden = 2 * dim
@@ -35,6 +35,8 @@ def random_llama(vocab, seed, *, dim=64, layers=2, scale=0.3, context=256):
     config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab, hidden_size=dim,
                   intermediate_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=context)
+    if eos_token_id is not None:
+        config["eos_token_id"] = eos_token_id
     return ld.Model.from_numpy(config, weights)
 
 

@@ -72,7 +72,7 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 # sampling options beam search has no use for, with their defaults
 _NOT_FOR_BEAMS = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, frequency_penalty=0.0,
-                      presence_penalty=0.0, seed=None, stop=None)
+                      presence_penalty=0.0, seed=None, stop=None, ignore_eos=False)
 
 
 def _check_modes(args: argparse.Namespace) -> None:
@@ -126,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_arguments(gen)
     gen.add_argument("prompt", help="the prompt text")
     _add_sampling_arguments(gen)
+    gen.add_argument("--ignore-eos", action="store_true",
+                     help="the model's end-of-text token does not stop generation (vLLM's ignore_eos)")
     gen.add_argument("--beam-width", type=int, default=0, help="beam search with this width instead of sampling")
     gen.add_argument("--length-penalty", type=float, default=None, help="beam search length penalty (default 1.0)")
     gen.add_argument("--draft-model", help="speculative decoding: a smaller model with the same vocabulary proposes tokens")
@@ -204,6 +206,7 @@ def _run(args: argparse.Namespace) -> int:
             print(echo + hyps[0].text)
             return 0
         sampling = _sampling(args)
+        sampling["ignore_eos"] = args.ignore_eos
         if args.draft_model:
             num_draft_tokens = 4 if args.num_draft_tokens is None else args.num_draft_tokens
             sampling.update(draft_model=ld.Model.load(resolve_model_path(args.draft_model), dtype=args.draft_dtype,

@@ -364,6 +364,7 @@ def generate(
     prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Any] | None = None,
     cache_prompt: bool = False,
     batched: bool = False,
+    ignore_eos: bool = False,
     **sampling: Any,
 ):
     """Generates from an lmdecode model or ``step_fn(tokens: int64 array) -> (V,) logits``.
@@ -407,6 +408,11 @@ def generate(
     logits`` is called once per step with every running sequence (and the amateur likewise),
     so that a model of your own can run them as one batch; without it, once per sequence.
 
+    ``ignore_eos=True`` (vLLM's option of that name): the model's EOS token does not end a
+    sequence (nor is it banned before ``min_new_tokens``); it may be drawn like any token, and
+    ``stop_token_ids`` still stop. llama.cpp's ``--ignore-eos`` bans EOS instead: pass
+    ``banned_tokens`` for that.
+
     ``cache_prompt=True`` (one prompt, ``n=1``, an lmdecode model; llama.cpp's option of that
     name) keeps the sequence's keys and values in the model when the call ends, and a later
     ``cache_prompt`` call whose prompt starts with the same tokens (the next turn of a chat:
@@ -419,6 +425,10 @@ def generate(
     max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 0)
     min_new_tokens = _check_count("min_new_tokens", min_new_tokens, 0)
     n = _check_count("n", n, 1)
+    for name, flag in (("stream", stream), ("cache_prompt", cache_prompt), ("batched", batched),
+                       ("ignore_eos", ignore_eos)):
+        if not isinstance(flag, (bool, np.bool_)):  # "false" would be true
+            raise TypeError(f"{name} must be True or False, got {flag!r:.80}")
     logprobs = _check_count("logprobs", logprobs, 0)
     num_draft_tokens = _check_count("num_draft_tokens", num_draft_tokens, 1)
     if num_draft_tokens > 64:
@@ -471,6 +481,8 @@ def generate(
         default_eos = model.config.eos_token_id
         if default_eos is None and tokenizer is not None:
             default_eos = getattr(tokenizer, "eos_id", None)
+        if ignore_eos:
+            default_eos = None
     else:  # learn V from the first prompt's logits
         first_prompt = np.asarray(prompts[0], dtype=np.int64)
         first = model_or_step_fn([first_prompt]) if batched else model_or_step_fn(first_prompt)
