@@ -99,6 +99,56 @@ def test_matches_transformers_apply_chat_template(tokenizer_dir, template, add_g
         ours.apply_chat_template(bad, chat_template=LLAMA2, tokenize=False)
 
 
+# what transformers passes besides the messages: tools and documents (None unless given), the
+# {% generation %} block of training templates, reasoning under its three names, special tokens
+# that keywords override
+EXTRAS = ("{% if tools is not none %}T{{ tools | length }}{{ tools | tojson }}{% endif %}"
+          "{% if documents is not none %}D{% endif %}{{ bos_token }}"
+          "{% for m in messages %}<{{ m.role }}>{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>"
+          "{% endif %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
+          "{% else %}{{ m.content }}{% endif %}</{{ m.role }}>\n{% endfor %}"
+          "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.mark.oracle
+def test_renders_what_transformers_passes_to_the_template(tokenizer_dir):
+    """tools/documents were undefined (so "is not none" held), {% generation %} a syntax error,
+    continue_final_message a variable the template ignored, bos_token= a TypeError (given twice),
+    a message's "thinking" not its reasoning_content."""
+    from oracle import require_transformers
+
+    _, transformers = require_transformers()
+    hf = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    ours = load_tokenizer(tokenizer_dir)
+    reply = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure, ", "thinking": "because"}]
+    cases = [
+        (CONVERSATIONS[0], {}),
+        (CONVERSATIONS[0], {"tools": [{"name": "f", "parameters": {}}], "documents": [{"title": "a", "text": "b"}]}),
+        (reply, {}),
+        (reply, {"bos_token": "<BOS>"}),
+        (reply, {"continue_final_message": True}),
+        (reply, {"continue_final_message": True, "chat_template": CHATML}),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "I think "}],
+         {"continue_final_message": True, "chat_template": CHATML.replace("message['content']", "message['content'].strip()")}),
+    ]
+    for conversation, kw in cases:
+        kw = {"chat_template": EXTRAS, **kw}
+        want = hf.apply_chat_template(conversation, tokenize=False, **kw)
+        assert ours.apply_chat_template(conversation, tokenize=False, **kw) == want, kw
+        assert ours.apply_chat_template(conversation, **kw) == list(
+            hf.apply_chat_template(conversation, tokenize=True, return_dict=False, **kw)), kw
+    assert "<think>because</think>" in ours.apply_chat_template(reply, chat_template=EXTRAS, tokenize=False)
+    assert ours.apply_chat_template(reply, chat_template=EXTRAS, tokenize=False, continue_final_message=True).endswith(
+        "<assistant><think>because</think>Sure, ")
+    assert reply[1] == {"role": "assistant", "content": "Sure, ", "thinking": "because"}  # not modified
+    with pytest.raises(ValueError, match="continue_final_message and add_generation_prompt do not combine"):
+        ours.apply_chat_template(reply, chat_template=EXTRAS, continue_final_message=True, add_generation_prompt=True)
+    with pytest.raises(TypeError, match="tools must be a list of dicts"):
+        ours.apply_chat_template(reply, chat_template=EXTRAS, tools=[print])
+    with pytest.raises(TypeError, match="chat_template must be a str, got int"):
+        ours.apply_chat_template(reply, chat_template=5)
+
+
 def test_templates_come_from_the_model_files(tokenizer_dir, tmp_path):
     assert load_tokenizer(tokenizer_dir).chat_template == CHATML
     # chat_template.jinja (what transformers saves now) wins over the config's; named templates
@@ -165,10 +215,15 @@ def test_generate_and_beam_search_take_conversations(stories_with_template):
     assert model.generate(conversation, **kw).prompt_tokens == ids
     hyps = model.beam_search(conversation, beam_width=2, max_new_tokens=6)
     assert hyps[0].tokens == model.beam_search(ids, beam_width=2, max_new_tokens=6)[0].tokens
-    # a reply scored after a conversation: the continuation's own tokens after the template's
+    # a reply scored after a conversation: the tokens of the template's text + the reply after the
+    # template's own, as lm-evaluation-harness splits text ("▁there", not "▁" then "▁there")
     reply = model.sequence_logprob(conversation, " there was a cat")
-    want = model.sequence_logprob(ids, model.tokenizer.encode(" there was a cat", add_bos=False))
-    assert reply.tokens == want.tokens and reply.total == pytest.approx(want.total, abs=1e-5)
+    joint = model.tokenizer.encode(model.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
+                                                                       tokenize=False) + " there was a cat",
+                                   add_bos=False, parse_special=True)
+    assert reply.tokens == tuple(joint[len(ids):]) and reply.tokens[0] == 383
+    want = model.sequence_logprob(ids, joint[len(ids):])
+    assert reply.total == pytest.approx(want.total, abs=1e-5)
 
 
 def test_cli_chat(stories_with_template, monkeypatch, capsys):

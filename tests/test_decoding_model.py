@@ -316,6 +316,64 @@ def test_text_continuation_is_split_from_the_joint_encoding(stories):
     by_ids = stories.sequence_logprob(ctx, [383, 286])
     assert by_text.tokens == (383, 286)
     np.testing.assert_allclose(by_text.token_logprobs, by_ids.token_logprobs, rtol=0, atol=0)
+    # the context's trailing space moves to the continuation (lm-evaluation-harness's _encode_pair):
+    # "time " + "there" scored "there" as "▁there" after a "▁" of the context's (" time  there")
+    moved = stories.sequence_logprob("Once upon a time ", "there was")
+    assert moved.tokens == (383, 286) and moved.total == by_text.total
+
+
+def lm_eval_split(tokenizer, context, continuation):
+    """lm-evaluation-harness's _encode_pair (lm_eval/models/huggingface.py), with lmdecode's BOS."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer.encode(context + continuation, add_bos=True)
+    context_ids = tokenizer.encode(context, add_bos=True)
+    return context_ids, whole[len(context_ids):]
+
+
+def test_text_continuations_split_as_lm_evaluation_harness_at_every_cut(stories):
+    """Every cut of a text into context and continuation (mid-word cuts included) scores the
+    tokens lm-evaluation-harness's split gives, after the context's own tokens; a cut whose
+    continuation merges wholly into the context's last token is refused, not scored as log p = 0."""
+    text = "Once upon a time, there was a little girl named Lily. She  liked\nto play."
+    tok = stories.tokenizer
+    refused = 0
+    for cut in range(1, len(text)):
+        context, continuation = text[:cut], text[cut:]
+        context_ids, want = lm_eval_split(tok, context, continuation)
+        if not want:
+            with pytest.raises(ValueError, match="adds no tokens after the context's"):
+                stories.sequence_logprob(context, continuation)
+            refused += 1
+            continue
+        got = stories.sequence_logprob(context, continuation)
+        assert got.tokens == tuple(want), (context, continuation)
+        by_ids = stories.sequence_logprob(context_ids, want)
+        np.testing.assert_array_equal(got.token_logprobs, by_ids.token_logprobs)
+    assert 0 < refused < 20
+    # a batch of text continuations shares the moved-space context; beside token ids the context stays whole
+    batch = stories.sequence_logprob("Once upon a time ", ["there was", "a girl"])
+    assert [b.tokens for b in batch] == [tuple(lm_eval_split(tok, "Once upon a time ", c)[1]) for c in ("there was", "a girl")]
+    mixed = stories.sequence_logprob("Once upon a time ", ["there", [286]])
+    assert mixed[0].tokens == (383,)
+    assert mixed[0].total == stories.sequence_logprob(tok.encode("Once upon a time"), [383]).total
+    assert mixed[1].total == stories.sequence_logprob(tok.encode("Once upon a time "), [286]).total
+    # a conversation context: its template's text, then the reply's tokens from the joint text
+    # (the reply alone was encoded with its own dummy-prefix space: "▁Lily" after the template's "\n")
+    template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    chat = [{"role": "user", "content": "Once upon a time"}]
+    rendered = tok.apply_chat_template(chat, chat_template=template, tokenize=False)
+    assert rendered == "Once upon a time\n"
+    original = tok.chat_template
+    tok.chat_template = template
+    try:
+        reply = stories.sequence_logprob(chat, "Lily was happy.")
+    finally:
+        tok.chat_template = original
+    whole = tok.encode("Once upon a time\nLily was happy.", add_bos=False, parse_special=True)
+    assert reply.tokens == tuple(whole[len(tok.encode("Once upon a time", add_bos=False, parse_special=True)):])
+    assert tok.decode(list(reply.tokens)) == "\nLily was happy."
 
 
 def test_perplexity_of_the_model_matches_its_logits(stories):

@@ -166,3 +166,15 @@ def test_bad_windows():
         perplexity(fn, [0], window=4)
     with pytest.raises(ValueError, match=r"window \(=1\) must be >= 2"):  # it scored nothing: 0 / 0
         perplexity(fn, [0, 0, 0], window=1)
+
+
+def test_logits_fn_must_return_one_row_per_window_token():
+    """(T, V) is checked, naming logits_fn: twice the rows were scored silently, None was an
+    IndexError, and a model's (1, T, V) batch was a message about "targets"."""
+    with pytest.raises(ValueError, match=r"^logits_fn must return \(3, V\) logits for a window of 3 tokens, "
+                                         r"got shape \(6, 10\)"):
+        perplexity(lambda c: np.zeros((2 * len(c), 10)), [1, 2, 3], window=4)
+    with pytest.raises(ValueError, match=r"got shape \(1, 3, 10\)"):
+        perplexity(lambda c: np.zeros((1, len(c), 10)), [1, 2, 3], window=4)
+    with pytest.raises(ValueError, match=r"got shape \(\)"):
+        perplexity(lambda c: None, [1, 2, 3], window=4)

@@ -123,13 +123,36 @@ class DecodingMixin:
             raise TypeError(f"{name} must be a str or a 1-D sequence of token ids")
         return arr.tolist()  # Python ints (a loop of int() over NumPy scalars took ~45 us per 511 ids)
 
-    def _continuation_tokens(self, context: Any, ctx: list[int], continuation: Any) -> list[int]:
-        # see sequence_logprob: the lm-evaluation-harness split of a text continuation
-        if isinstance(context, str) and isinstance(continuation, str) and self.tokenizer is not None:
-            whole = list(self.tokenizer.encode(context + continuation, add_bos=True))
-            if whole[:len(ctx)] == ctx:
-                return whole[len(ctx):]
-        return self._encode(continuation, add_bos=False, name="continuation")
+    def _scored_pair(self, context: Any, continuations: list[Any]) -> tuple[list[int], list[list[int]]]:
+        """The context's tokens and each continuation's, split as lm-evaluation-harness's
+        _encode_pair splits text: the context's trailing whitespace moves to the front of the
+        continuation, then a continuation's tokens are those of encode(context + continuation)
+        after the context's own count, whether or not the joint encoding starts with them (so
+        " there" is one token, not a dummy-prefix space then "▁there"). A conversation context
+        is its chat template's text (the assistant's turn opened), encoded as the template is;
+        token ids are used as given, after the context's text as it is. (All continuations are
+        text or all are ids: sequence_logprob scores a batch that mixes them one by one.)"""
+        text = None
+        if self.tokenizer is not None and isinstance(continuations[0], str):
+            if isinstance(context, str):
+                text, add_bos, special = context, True, {}
+            elif is_conversation(context):
+                text = self.tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=False)
+                add_bos, special = False, {"parse_special": True}
+        if text is None:
+            ctx = self._encode(context, add_bos=True, name="context")
+            return ctx, [self._encode(c, add_bos=False, name="continuation") for c in continuations]
+        kept = text.rstrip()
+        text, moved = kept, text[len(kept):]
+        ctx = list(self.tokenizer.encode(text, add_bos=add_bos, **special))
+        conts = []
+        for c in continuations:
+            cont = list(self.tokenizer.encode(text + moved + c, add_bos=add_bos, **special))[len(ctx):]
+            if c and not cont:  # lm-evaluation-harness would score nothing: log p = 0
+                raise ValueError(f"continuation {c!r:.60} adds no tokens after the context's: its text merges "
+                                 "with the context's last token; pass token ids to score it")
+            conts.append(cont)
+        return ctx, conts
 
     # ------------------------------------------------------------------ decoding loops in C
 
@@ -301,17 +324,20 @@ class DecodingMixin:
         continuation: text or token ids,
         or a list of those (the context is then prefilled once and its cache shared by
         every continuation, each scored in one pass of its own). A text continuation
-        after a text context is tokenized as lm-evaluation-harness does: encode
-        context + continuation and keep the tokens after the context's own (so " there"
-        is one token, not a dummy-prefix space followed by " there"); if the joint
-        encoding does not start with the context's, the continuation is encoded alone,
-        without BOS.
+        after a text context (or a conversation) is tokenized as lm-evaluation-harness
+        does: the context's trailing whitespace moves to the continuation, and its tokens
+        are those of encode(context + continuation) after the context's own (so " there"
+        is one token, not a dummy-prefix space followed by "▁there"); one whose text merges
+        into the context's last token so that no token is left is a ValueError. Beside
+        token-id continuations the context's text stays whole (a batch mixing text and ids
+        is scored one continuation at a time).
         """
-        ctx = self._encode(context, add_bos=True, name="context")
+        batch = isinstance(continuation, (list, tuple)) and len(continuation) > 0 and not isinstance(continuation[0], numbers.Integral)
+        if batch and len({isinstance(c, str) for c in continuation}) > 1:  # text and ids split differently
+            return [self.sequence_logprob(context, c) for c in continuation]
+        ctx, conts = self._scored_pair(context, list(continuation) if batch else [continuation])
         if not ctx:
             raise ValueError("context must hold at least one token (e.g. BOS)")
-        batch = isinstance(continuation, (list, tuple)) and len(continuation) > 0 and not isinstance(continuation[0], numbers.Integral)
-        conts = [self._continuation_tokens(context, ctx, c) for c in (continuation if batch else [continuation])]
         longest = max(len(c) for c in conts)
         if len(ctx) + longest > self.config.context_length:
             raise ValueError(f"context ({len(ctx)} tokens) + continuation ({longest}) exceed the context length {self.config.context_length}")

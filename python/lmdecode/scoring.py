@@ -124,6 +124,9 @@ def perplexity(
     def score_window(chunk: np.ndarray, first: int) -> np.ndarray:
         # predictions for chunk[1:] come from logits[:-1]
         logits = as_numpy(logits_fn(chunk), "logits_fn's logits")
+        if logits.ndim != 2 or logits.shape[0] != len(chunk):  # (1, T, V) from a model's batch, say
+            raise ValueError(f"logits_fn must return ({len(chunk)}, V) logits for a window of {len(chunk)} "
+                             f"tokens, got shape {logits.shape}")
         return sequence_logprob(logits[first - 1 : len(chunk) - 1], chunk[first:]).token_logprobs
 
     return perplexity_of_windows(score_window, tokens, window=window, stride=stride, progress=progress)

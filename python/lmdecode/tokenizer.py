@@ -137,10 +137,10 @@ class Tokenizer:
         asked for (generate() asks: a conversation as a prompt ends with the assistant's opening)."""
         from .chat import render_chat
 
+        tokens = {"bos_token": self.token_text(self.bos_id) if self.bos_id is not None else "",
+                  "eos_token": self.token_text(self.eos_id) if self.eos_id is not None else ""}
         text = render_chat(chat_template if chat_template is not None else self.chat_template, messages,
-                           add_generation_prompt=add_generation_prompt,
-                           bos_token=self.token_text(self.bos_id) if self.bos_id is not None else "",
-                           eos_token=self.token_text(self.eos_id) if self.eos_id is not None else "", **extra)
+                           add_generation_prompt=add_generation_prompt, **{**tokens, **extra})
         return self.encode(text, add_bos=False, parse_special=True) if tokenize else text
 
     def decode(self, ids: Sequence[int]) -> str:
