@@ -171,14 +171,16 @@ static size_t q4_block_bytes(lmd_dtype dtype) {
     return dtype == LMD_Q4_1 ? LMD_Q4_1_BLOCK_BYTES : LMD_Q4_0_BLOCK_BYTES;
 }
 
-// the code of x (x / d + offset truncated, as llama.cpp's (int8_t) cast does for the values
-// its quantizer meets) clamped to [0, 15], with no undefined conversion for NaN or huge x
-static uint8_t q4_code(float scaled) {
-    const float v = scaled >= 0.0f ? (scaled <= 15.0f ? scaled : 15.0f) : 0.0f;
-    return (uint8_t)(int)v;
-}
-
-// x (32,) -> one llama.cpp Q4_0 or Q4_1 block
+// x (32,) -> one llama.cpp Q4_0 or Q4_1 block. The codes are computed as llama.cpp's
+// reference quantizer (and gguf's NumPy copy of it) computes them: x * id (Q4_1: (x - min) * id)
+// rounded to float, then the offset added. Near a code's boundary the code depends on that
+// rounding (3.0 and 2.8125 in a Q4_0 block: d = -0.375, 2.8125 * id = -7.5 once rounded, code
+// 1; fused into one FMA with the + 8.5, code 0), and -ffp-contract=fast (setup.py,
+// tests/c/Makefile: the kernels rely on it) lets the compiler fuse them, even across
+// statements. So the products go through a volatile object, which the compiler must store and
+// read back as the abstract machine does (C11 5.1.2.3): the product is a float in memory
+// before anything is added to it, whatever the contraction flag. A vector of products at a
+// time: one store and one load per LMD_VEC_LANES weights, at load time only.
 static void quantize_block_q4(uint8_t *block, const float *x, lmd_dtype dtype) {
     float low = INFINITY, high = -INFINITY, widest = 0.0f, signed_widest = 0.0f;
     for (int j = 0; j < LMD_Q8_0_BLOCK; j++) {
@@ -192,9 +194,18 @@ static void quantize_block_q4(uint8_t *block, const float *x, lmd_dtype dtype) {
     const uint16_t d_bits = lmd_f32_to_fp16(d), m_bits = lmd_f32_to_fp16(low);
     memcpy(block, &d_bits, 2);
     if (with_min) memcpy(block + 2, &m_bits, 2);
+    uint8_t codes[LMD_Q8_0_BLOCK];
+    for (int c = 0; c < LMD_Q8_0_BLOCK; c += LMD_VEC_LANES) {
+        volatile vf product = (vload(x + c) - vbroadcast(from)) * vbroadcast(inv);
+        const vf scaled = product + vbroadcast(offset);
+        // truncated (as llama.cpp's (int8_t) cast does for the values its quantizer meets),
+        // clamped to [0, 15] first, so that NaN (0) or huge values convert without UB
+        const vf clamped = vselect(scaled >= 0.0f, vselect(scaled <= 15.0f, scaled, vbroadcast(15.0f)), vbroadcast(0.0f));
+        const vi q = __builtin_convertvector(clamped, vi);
+        for (int j = 0; j < LMD_VEC_LANES; j++) codes[c + j] = (uint8_t)q[j];
+    }
     uint8_t *values = block + (with_min ? 4 : 2);
-    for (int j = 0; j < 16; j++)
-        values[j] = (uint8_t)(q4_code((x[j] - from) * inv + offset) | q4_code((x[16 + j] - from) * inv + offset) << 4);
+    for (int j = 0; j < 16; j++) values[j] = (uint8_t)(codes[j] | codes[16 + j] << 4);
 }
 
 void lmd_quantize_q4(uint8_t *out, const float *x, int64_t n, lmd_dtype dtype) {

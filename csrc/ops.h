@@ -125,9 +125,11 @@ void lmd_quantize_input_q8(int8_t *q, float *scale, int32_t *corr, const float *
 float lmd_dot_q8_0(const uint8_t *w_blocks, const float *x, int64_t n);
 // x (n,) -> llama.cpp's Q4_0 (dtype LMD_Q4_0) or Q4_1 (LMD_Q4_1) blocks, row-major, as
 // llama.cpp's reference quantizer makes them: Q4_0 scale d = (the value of largest magnitude)
-// / -8, q = min(15, trunc(x / d + 8.5)); Q4_1 d = (max - min) / 15, m = min, q = min(15,
-// trunc((x - min) / d + 0.5)); scales rounded to fp16. Values must be finite (the loader
-// checks): NaN or infinite ones get some code in [0, 15]. n a multiple of 32.
+// / -8, q = min(15, trunc(x * id + 8.5)) with id = 1 / d; Q4_1 d = (max - min) / 15, m = min,
+// q = min(15, trunc((x - min) * id + 0.5)); each product rounded to float before the offset
+// is added, whatever the build's FP contraction (the bytes of gguf's quantizer near a code's
+// boundary); scales rounded to fp16. Values must be finite (the loader checks): NaN or
+// infinite ones get some code in [0, 15]. n a multiple of 32.
 void lmd_quantize_q4(uint8_t *out, const float *x, int64_t n, lmd_dtype dtype);
 // blocks (rows, cols/32 * 18 or 20) in llama.cpp's row-major layout -> out, the same bytes
 // packed as dtype (LMD_Q4_0 or LMD_Q4_1); cols a multiple of 32

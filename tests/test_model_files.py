@@ -349,6 +349,60 @@ def test_q4_quantizer_equals_the_gguf_package(kind):
     np.testing.assert_array_equal(_core.quantize_q4(x, kind), _core.pack_q4(blocks.reshape(37, -1), kind))
 
 
+def _q4_boundary_blocks(kind: str, n_blocks: int, rng) -> np.ndarray:
+    """(n_blocks, 32) float32 blocks whose values sit within a few ulps of the points where
+    llama.cpp's quantizer moves to the next 4-bit code: trunc(x * id + 8.5) (Q4_0) or
+    trunc((x - min) * id + 0.5) (Q4_1) changes where the product, rounded to float, crosses an
+    integer minus the offset. There the code depends on whether x * id is rounded before the
+    offset is added (llama.cpp and gguf round it) or fused with it into one FMA."""
+    blocks = np.empty((n_blocks, 32), np.float32)
+    for b in range(n_blocks):
+        unit = np.float32(np.exp(rng.uniform(-12, 8)))  # the block's magnitude, its scales within f16
+        if kind == "q4_0":
+            top = unit * np.float32(rng.choice([-1, 1])) * np.float32(rng.uniform(1, 2))
+            d = top / np.float32(-8)
+            inv = np.float32(1) / d
+            low, offset = np.float32(0), np.float32(8.5)
+            fixed = [top]
+        else:
+            low = -unit * np.float32(rng.uniform(0.5, 2))
+            high = unit * np.float32(rng.uniform(0.5, 2))
+            inv = np.float32(1) / ((high - low) / np.float32(15))
+            offset = np.float32(0.5)
+            fixed = [low, high]
+        # x with (x - low) * inv near k - offset: code k - 1 below, k above (k in 1..15)
+        k = rng.integers(1, 16, 32 - len(fixed))
+        x = (low + (k - offset) / inv).astype(np.float32)
+        x = np.nextafter(x, np.float32(np.inf) * np.sign(rng.standard_normal(x.shape)).astype(np.float32))
+        for _ in range(int(rng.integers(0, 3))):  # 0 to 2 ulps further, either way
+            x = np.nextafter(x, np.float32(np.inf) * np.sign(rng.standard_normal(x.shape)).astype(np.float32))
+        if kind == "q4_0":  # the value of largest magnitude stays `top`
+            x = np.clip(x, -abs(top), abs(top))
+        else:
+            x = np.clip(x, low, high)
+        blocks[b] = np.concatenate([fixed, x]).astype(np.float32)[rng.permutation(32)]
+    return blocks
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
+def test_q4_quantizer_equals_the_gguf_package_at_rounding_boundaries(kind):
+    """Values within a few ulps of a 4-bit code's boundary, under 4000 random scales, get the
+    very bytes of gguf-py's quantizer, which rounds x * id to float before adding the offset
+    as llama.cpp's reference does (a fused multiply-add moved 3.0, 2.8125 from codes 0, 1 of
+    d = -0.375 to 0, 0: dequantized 3.0, 3.0 instead of 3.0, 2.625)."""
+    qtype = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[kind]
+    x = _q4_boundary_blocks(kind, 4000, np.random.default_rng(11)).reshape(125, 32 * 32)
+    blocks = np.ascontiguousarray(gguf.quants.quantize(x, qtype)).view(np.uint8).reshape(125, -1)
+    np.testing.assert_array_equal(_core.quantize_q4(x, kind), _core.pack_q4(blocks, kind))
+    # the case of the report, by hand: d = 3 / -8, 2.8125 / d = -7.5 exactly once rounded
+    hand = np.zeros((1, 32), np.float32)
+    hand[0, :2] = [3.0, 2.8125]
+    want = gguf.quants.dequantize(gguf.quants.quantize(hand, qtype), qtype).reshape(1, 32)
+    np.testing.assert_array_equal(_core.dequantize_q4(_core.quantize_q4(hand, kind), kind), want)
+    if kind == "q4_0":
+        np.testing.assert_array_equal(want[0, :2], [3.0, 2.625])
+
+
 def test_q8_0_conversions_reject_bad_arrays():
     with pytest.raises(ValueError, match="blocks must be 2-D uint8 with a multiple of 34 bytes per row"):
         _core.pack_q8_0(np.zeros((2, 33), np.uint8))

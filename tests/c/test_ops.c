@@ -678,6 +678,20 @@ static void test_q4_blocks_and_packing(void) {
     memcpy(&bits, b1, 2);
     CHECK(lmd_fp16_to_f32(bits) == lmd_fp16_to_f32(lmd_f32_to_fp16(31.0f / 15.0f)));
     CHECK((b1[4] & 15) == 0 && (b1[4 + 15] >> 4) == 15); /* the minimum and the maximum */
+    /* x * id is rounded to float before + 8.5, as llama.cpp's reference rounds it: 3 and
+     * 2.8125 give d = -0.375 and 2.8125 * id = -7.5000001 exactly, -7.5 rounded, so code 1
+     * (fused into one FMA with the + 8.5 it was 0.9999999: code 0) */
+    memset(x, 0, sizeof x);
+    x[0] = 3.0f, x[1] = 2.8125f;
+    lmd_quantize_q4(b0, x, 32, LMD_Q4_0);
+    memcpy(&bits, b0, 2);
+    CHECK(lmd_fp16_to_f32(bits) == -0.375f);
+    CHECK((b0[2] & 15) == 0 && (b0[3] & 15) == 1 && (b0[4] & 15) == 8);
+    /* Q4_1: min 0, max 3, d = 0.2, id = 5; 0.7f * 5 = 3.49999994 exactly, 3.5 rounded, so
+     * 3.5 + 0.5 gives code 4 (fused: 3.99999994, code 3) */
+    x[0] = 0.0f, x[1] = 3.0f, x[2] = 0.7f;
+    lmd_quantize_q4(b1, x, 32, LMD_Q4_1);
+    CHECK((b1[4] & 15) == 0 && (b1[5] & 15) == 15 && (b1[6] & 15) == 4);
 
     enum { ROWS = 19, COLS = 64, NB = 2 };
     test_rng rng = {29};
