@@ -56,16 +56,25 @@ class Source:
 
     kind: "f32", "f16", "bf16" (data is uint16 bits), or a GGUF quantized type in lower case
     ("q8_0", "q4_0", "q4_1", "q6_k", ...; data is the raw uint8 blocks, one row per output
-    feature); shape: the logical (rows, cols) or (n,).
+    feature); shape: the logical (rows, cols) or (n,); origin: the file and the file's name of
+    the tensor, which storage errors (matrix_storage) name.
     """
 
     kind: str
     data: np.ndarray
     shape: tuple
+    # where messages say it comes from: "{file}: tensor '{the file's name}'" (None: sources
+    # built by hand, named by their engine names)
+    origin: str | None = None
 
 
 def _fail(path, message):
     raise ValueError(f"{path}: {message}")
+
+
+def _origin(path, name: str) -> str:
+    """A Source's origin: the file (or "from_numpy weights") and the tensor as the file names it."""
+    return f"{path}: tensor {name!r}"
 
 
 def is_matrix(name: str) -> bool:
@@ -139,7 +148,9 @@ def matrix_storage(src: Source, dtype: str, name: str = "tensor") -> np.ndarray:
     (read from their values, dequantized by the gguf package) are quantized as llama.cpp's
     reference quantizer does, and must be finite. Values that f16 cannot hold (beyond +-65504)
     are a ValueError naming the tensor, not infinities; so are non-finite values for q8_0 and q4.
+    Messages name src.origin (the file and its name of the tensor) when it has one, else `name`.
     """
+    name = src.origin or name
     rows, cols = src.shape
     if dtype in ("q8_0", "q4_0", "q4_1") and cols % Q8_0_BLOCK != 0:
         dtype = "f32"
@@ -449,13 +460,16 @@ def read_llama2c(path: Path):
         n = math.prod(shape)
         parts[name] = body[at:at + n].reshape(shape)
         at += n
-    tensors = {"token_embedding": Source("f32", parts["token_embedding"], (vocab, dim)),
+    # the format names no tensors: messages name them as the engine does
+    tensors = {"token_embedding": Source("f32", parts["token_embedding"], (vocab, dim),
+                                         _origin(path, "token_embedding")),
                "final_norm": Source("f32", parts["final_norm"], (dim,))}
-    tensors["output"] = tensors["token_embedding"] if tied else Source("f32", parts["output"], (vocab, dim))
+    tensors["output"] = (tensors["token_embedding"] if tied
+                         else Source("f32", parts["output"], (vocab, dim), _origin(path, "output")))
     for i in range(L):
         for name in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_down", "w_up"):
             arr = parts[name][i]
-            tensors[f"layers.{i}.{name}"] = Source("f32", arr, arr.shape)
+            tensors[f"layers.{i}.{name}"] = Source("f32", arr, arr.shape, _origin(path, f"layers.{i}.{name}"))
     config = dict(arch="llama", vocab_size=vocab, dim=dim, hidden_dim=hidden, n_layers=L, n_heads=n_heads,
                   n_kv_heads=n_kv_heads, head_dim=hs, context_length=seq_len, norm_eps=1e-5, rope_theta=10000.0,
                   rope_layout="adjacent", tied_embeddings=tied, bos_token_id=1, eos_token_id=2)
@@ -606,7 +620,7 @@ def read_gguf(path: Path):
         if kind is None:
             _fail(path, f"tensor {t.name!r} has type {t.type_name}, not supported ({', '.join(GGUF_KINDS)})")
         shape = tuple(reversed(t.dims))  # ggml lists the fastest dimension first
-        src = Source(kind, t.data, shape)  # bf16: uint16 bits
+        src = Source(kind, t.data, shape, _origin(path, t.name))  # bf16: uint16 bits
         parts = t.name.split(".")
         name = None
         if t.name == "token_embd.weight":
@@ -657,7 +671,7 @@ def read_gguf(path: Path):
             shape = (dim, dim) if suffix == "weight" else (dim,)
             if src.kind in ("f32", "f16", "bf16"):
                 piece = piece.reshape(shape)
-            tensors[f"layers.{layer}.{short}"] = Source(src.kind, piece, shape)
+            tensors[f"layers.{layer}.{short}"] = Source(src.kind, piece, shape, src.origin)
             file_names[f"layers.{layer}.{short}"] = file_name
     if family == "llama" and scaling == "linear":
         if "rope_freq_factors" in tensors:
@@ -772,7 +786,7 @@ def read_safetensors(path: Path) -> dict:
             arr = np.memmap(path, dtype=np_dtype, mode="r", offset=data_start + begin, shape=shape)
         if (data_start + begin) % np.dtype(np_dtype).itemsize:
             arr = np.array(arr)  # misaligned for its type: one aligned copy
-        out[name] = Source(kind, arr, shape)
+        out[name] = Source(kind, arr, shape, _origin(path, name))
     ranges.sort()
     for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
         if begin < end:  # two tensors reading one byte: a corrupt header, never a valid file
@@ -939,7 +953,7 @@ HF_GPT2_TRANSPOSED = ("wo", "w_up", "w_down")  # Conv1D stores (in, out)
 def _transpose(src: Source) -> Source:
     """(in, out) Conv1D weight -> (out, in); one copy, the mapped original is not kept."""
     data = np.ascontiguousarray(src.data.T)
-    return Source(src.kind, data, data.shape)
+    return Source(src.kind, data, data.shape, src.origin)
 
 
 def map_hf_tensors(path, config: dict, named: dict) -> tuple:
@@ -974,13 +988,15 @@ def map_hf_tensors(path, config: dict, named: dict) -> tuple:
                         _fail(path, f"tensor {hf_name!r} has shape {src.shape} but the config needs {(D, 3 * D)}")
                     full = _transpose(src)
                     for j, short in enumerate(("wq", "wk", "wv")):
-                        tensors[f"layers.{idx}.{short}"] = Source(src.kind, full.data[j * D:(j + 1) * D], (D, D))
+                        tensors[f"layers.{idx}.{short}"] = Source(src.kind, full.data[j * D:(j + 1) * D], (D, D),
+                                                                  src.origin)
                         file_names[f"layers.{idx}.{short}"] = hf_name
                 else:
                     if src.shape != (3 * D,):
                         _fail(path, f"tensor {hf_name!r} has shape {src.shape} but the config needs {(3 * D,)}")
                     for j, short in enumerate(("bq", "bk", "bv")):
-                        tensors[f"layers.{idx}.{short}"] = Source(src.kind, src.data[j * D:(j + 1) * D], (D,))
+                        tensors[f"layers.{idx}.{short}"] = Source(src.kind, src.data[j * D:(j + 1) * D], (D,),
+                                                                  src.origin)
                         file_names[f"layers.{idx}.{short}"] = hf_name
                 continue
             if rest in ("attn.bias", "attn.masked_bias", "self_attn.rotary_emb.inv_freq"):
@@ -1110,7 +1126,7 @@ def from_hf_numpy(config_dict: Any, weights: dict):
     named = {}
     for name, value in weights.items():
         kind, arr = _numpy_weight(name, value)
-        named[name] = Source(kind, arr, arr.shape)
+        named[name] = Source(kind, arr, arr.shape, _origin("from_numpy weights", name))
     tensors, _ = map_hf_tensors("from_numpy weights", config, named)
     return config, tensors
 
