@@ -7,6 +7,7 @@
 #include "lmdecode.h"
 #include "vec.h"
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -86,24 +87,37 @@ const char *lmd_dtype_name(lmd_dtype dtype) {
     return "?";
 }
 
+// What a block quantizer found that its storage cannot hold (the block is written anyway, as
+// llama.cpp writes it: see block_error for the message).
+enum { BLOCK_OK = 0, BLOCK_NON_FINITE, BLOCK_SCALE_OVERFLOW, BLOCK_MIN_OVERFLOW };
+
+// whether an fp16 value is infinite (or NaN): a finite float that rounded beyond 65504
+static int fp16_overflows(uint16_t h) { return (h & 0x7c00u) == 0x7c00u; }
+
 // x (32,) -> one llama.cpp Q8_0 block (34 bytes): fp16 scale amax/127 (NaN values ignored),
 // then 32 int8 values round(x / scale), half away from zero, in [-127, 127] (0 where
 // x / scale is NaN: a NaN x, or an infinite one, its block's scale being inf).
 // In vectors (roundf and fmaxf were calls into libm, a model's weights are quantized at
 // load): round is trunc plus one away from zero where the fraction is a half or more,
-// exact since |x / scale| <= 127.
-static void quantize_block_q8_0(uint8_t *block, const float *x) {
+// exact since |x / scale| <= 127. Returns BLOCK_NON_FINITE for a NaN or infinite value,
+// BLOCK_SCALE_OVERFLOW for a scale that is infinite in fp16 (amax >= 127 * 65520), else 0.
+static int quantize_block_q8_0(uint8_t *block, const float *x) {
     const vi abs_bits = (vi){0} + 0x7fffffff;
     vf most = vbroadcast(0.0f);
+    vi non_finite = (vi){0};
     for (int c = 0; c < LMD_Q8_0_BLOCK; c += LMD_VEC_LANES) {
         const vf a = (vf)((vi)vload(x + c) & abs_bits);
         most = vselect(a > most, a, most); /* false for NaN: ignored, as fmaxf ignores it */
+        non_finite |= (a != a) | (a > FLT_MAX);
     }
+    int problem = BLOCK_OK;
+    for (int j = 0; j < LMD_VEC_LANES; j++) problem |= non_finite[j] != 0;
     const float amax = vhmax(most);
     float scale = amax / 127.0f;
     float inv = scale != 0.0f ? 1.0f / scale : 0.0f;
     if (!isfinite(inv)) inv = 0.0f; /* amax below ~4e-37: the fp16 scale is 0 anyway */
     uint16_t scale_bits = lmd_f32_to_fp16(scale);
+    if (!problem && fp16_overflows(scale_bits)) problem = BLOCK_SCALE_OVERFLOW;
     memcpy(block, &scale_bits, 2);
     for (int c = 0; c < LMD_Q8_0_BLOCK; c += LMD_VEC_LANES) {
         const vf v = vload(x + c) * inv;
@@ -117,6 +131,7 @@ static void quantize_block_q8_0(uint8_t *block, const float *x) {
         const vi q = __builtin_convertvector(r, vi);
         for (int j = 0; j < LMD_VEC_LANES; j++) block[2 + c + j] = (uint8_t)(int8_t)q[j];
     }
+    return problem;
 }
 
 void lmd_quantize_q8_0(uint8_t *out, const float *x, int64_t n) {
@@ -153,14 +168,58 @@ void lmd_pack_q8_0(uint8_t *out, const uint8_t *blocks, int64_t rows, int64_t co
             place_block_q8_0(out, rows, n_blocks, r, b, blocks + (r * n_blocks + b) * LMD_Q8_0_BLOCK_BYTES);
 }
 
-void lmd_quantize_matrix_q8_0(uint8_t *out, const float *x, int64_t rows, int64_t cols) {
+// The error of row r's block b (values x) that a block quantizer of dtype reported (problem):
+// the first non-finite value, or the scale (minimum) that fp16 cannot hold and how it came about.
+static lmd_status block_error(lmd_error *err, lmd_dtype dtype, int problem, const float *x, int64_t r, int64_t b) {
+    const char *name = lmd_dtype_name(dtype);
+    const long long row = (long long)r, first = (long long)b * LMD_Q8_0_BLOCK, last = first + LMD_Q8_0_BLOCK - 1;
+    if (problem == BLOCK_NON_FINITE) {
+        int j = 0;
+        while (j < LMD_Q8_0_BLOCK - 1 && fabsf(x[j]) <= FLT_MAX) j++;
+        return lmd_fail(err, LMD_ERR_INVALID_ARG, "non-finite values cannot be stored as %s (row %lld, column %lld: %s)",
+                        name, row, first + j, isnan(x[j]) ? "nan" : x[j] > 0.0f ? "inf" : "-inf");
+    }
+    float low = x[0], high = x[0], widest = fabsf(x[0]), signed_widest = x[0];
+    for (int j = 1; j < LMD_Q8_0_BLOCK; j++) {
+        if (fabsf(x[j]) > widest) widest = fabsf(x[j]), signed_widest = x[j];
+        low = x[j] < low ? x[j] : low;
+        high = x[j] > high ? x[j] : high;
+    }
+    char v[3][LMD_NUMBER_CHARS];
+    if (problem == BLOCK_MIN_OVERFLOW)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG,
+                        "values too large for %s's fp16 block minimums (row %lld, columns %lld to %lld: minimum %s, "
+                        "which fp16 rounds to infinity: its largest finite value is 65504)",
+                        name, row, first, last, lmd_format_float(v[0], low));
+    if (dtype == LMD_Q8_0)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG,
+                        "values too large for q8_0's fp16 block scales (row %lld, columns %lld to %lld: scale %s = "
+                        "largest magnitude %s / 127, which fp16 rounds to infinity: its largest finite value is 65504)",
+                        row, first, last, lmd_format_float(v[0], widest / 127.0f), lmd_format_float(v[1], widest));
+    if (dtype == LMD_Q4_0)
+        return lmd_fail(err, LMD_ERR_INVALID_ARG,
+                        "values too large for q4_0's fp16 block scales (row %lld, columns %lld to %lld: scale %s = "
+                        "the value of largest magnitude %s / -8, which fp16 rounds to infinity: its largest finite value is 65504)",
+                        row, first, last, lmd_format_float(v[0], signed_widest / -8.0f),
+                        lmd_format_float(v[1], signed_widest));
+    return lmd_fail(err, LMD_ERR_INVALID_ARG,
+                    "values too large for q4_1's fp16 block scales (row %lld, columns %lld to %lld: scale %s = "
+                    "(max %s - min %s) / 15, which fp16 rounds to infinity: its largest finite value is 65504)",
+                    row, first, last, lmd_format_float(v[0], (high - low) / 15.0f), lmd_format_float(v[1], high),
+                    lmd_format_float(v[2], low));
+}
+
+lmd_status lmd_quantize_matrix_q8_0(uint8_t *out, const float *x, int64_t rows, int64_t cols, lmd_error *err) {
     const int64_t n_blocks = cols / LMD_Q8_0_BLOCK;
     for (int64_t r = 0; r < rows; r++)
         for (int64_t b = 0; b < n_blocks; b++) {
             uint8_t block[LMD_Q8_0_BLOCK_BYTES];
-            quantize_block_q8_0(block, x + r * cols + b * LMD_Q8_0_BLOCK);
+            const float *xb = x + r * cols + b * LMD_Q8_0_BLOCK;
+            const int problem = quantize_block_q8_0(block, xb);
+            if (problem) return block_error(err, LMD_Q8_0, problem, xb, r, b);
             place_block_q8_0(out, rows, n_blocks, r, b, block);
         }
+    return LMD_OK;
 }
 
 /* q4_0 and q4_1 (ops.h): llama.cpp's blocks, the bytes of a block's values copied 4 at a
@@ -181,17 +240,23 @@ static size_t q4_block_bytes(lmd_dtype dtype) {
 // read back as the abstract machine does (C11 5.1.2.3): the product is a float in memory
 // before anything is added to it, whatever the contraction flag. A vector of products at a
 // time: one store and one load per LMD_VEC_LANES weights, at load time only.
-static void quantize_block_q4(uint8_t *block, const float *x, lmd_dtype dtype) {
+// Returns BLOCK_NON_FINITE for a NaN or infinite value, BLOCK_SCALE_OVERFLOW (BLOCK_MIN_OVERFLOW)
+// for a scale (a minimum) that is infinite in fp16, else 0.
+static int quantize_block_q4(uint8_t *block, const float *x, lmd_dtype dtype) {
     float low = INFINITY, high = -INFINITY, widest = 0.0f, signed_widest = 0.0f;
+    int problem = BLOCK_OK;
     for (int j = 0; j < LMD_Q8_0_BLOCK; j++) {
         if (fabsf(x[j]) > widest) widest = fabsf(x[j]), signed_widest = x[j];
         low = x[j] < low ? x[j] : low;
         high = x[j] > high ? x[j] : high;
+        if (!(fabsf(x[j]) <= FLT_MAX)) problem = BLOCK_NON_FINITE;
     }
     const int with_min = dtype == LMD_Q4_1;
     const float d = with_min ? (high - low) / 15.0f : signed_widest / -8.0f;
     const float inv = d != 0.0f ? 1.0f / d : 0.0f, from = with_min ? low : 0.0f, offset = with_min ? 0.5f : 8.5f;
     const uint16_t d_bits = lmd_f32_to_fp16(d), m_bits = lmd_f32_to_fp16(low);
+    if (!problem && fp16_overflows(d_bits)) problem = BLOCK_SCALE_OVERFLOW;
+    if (!problem && with_min && fp16_overflows(m_bits)) problem = BLOCK_MIN_OVERFLOW;
     memcpy(block, &d_bits, 2);
     if (with_min) memcpy(block + 2, &m_bits, 2);
     uint8_t codes[LMD_Q8_0_BLOCK];
@@ -206,6 +271,7 @@ static void quantize_block_q4(uint8_t *block, const float *x, lmd_dtype dtype) {
     }
     uint8_t *values = block + (with_min ? 4 : 2);
     for (int j = 0; j < 16; j++) values[j] = (uint8_t)(codes[j] | codes[16 + j] << 4);
+    return problem;
 }
 
 void lmd_quantize_q4(uint8_t *out, const float *x, int64_t n, lmd_dtype dtype) {
@@ -247,14 +313,18 @@ void lmd_pack_q4(uint8_t *out, const uint8_t *blocks, int64_t rows, int64_t cols
             place_block_q4(out, rows, n_blocks, r, b, dtype, blocks + (r * n_blocks + b) * (int64_t)q4_block_bytes(dtype));
 }
 
-void lmd_quantize_matrix_q4(uint8_t *out, const float *x, int64_t rows, int64_t cols, lmd_dtype dtype) {
+lmd_status lmd_quantize_matrix_q4(uint8_t *out, const float *x, int64_t rows, int64_t cols, lmd_dtype dtype,
+                                  lmd_error *err) {
     const int64_t n_blocks = cols / LMD_Q8_0_BLOCK;
     for (int64_t r = 0; r < rows; r++)
         for (int64_t b = 0; b < n_blocks; b++) {
             uint8_t block[LMD_Q4_1_BLOCK_BYTES];
-            quantize_block_q4(block, x + r * cols + b * LMD_Q8_0_BLOCK, dtype);
+            const float *xb = x + r * cols + b * LMD_Q8_0_BLOCK;
+            const int problem = quantize_block_q4(block, xb, dtype);
+            if (problem) return block_error(err, dtype, problem, xb, r, b);
             place_block_q4(out, rows, n_blocks, r, b, dtype, block);
         }
+    return LMD_OK;
 }
 
 // row r of a packed q4 matrix -> out (cols,): d * (q - 8), or d * q + m

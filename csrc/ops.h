@@ -66,6 +66,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "lmdecode.h"
+
 typedef enum {
     LMD_F32 = 0,
     LMD_BF16 = 1,
@@ -111,8 +113,12 @@ void lmd_quantize_q8_0(uint8_t *out, const float *x, int64_t n);
 // blocks (rows, cols/32 * 34) in llama.cpp's row-major layout -> out, the same bytes packed
 // as LMD_Q8_0 (groups of 16 rows); cols a multiple of 32
 void lmd_pack_q8_0(uint8_t *out, const uint8_t *blocks, int64_t rows, int64_t cols);
-// x (rows, cols) -> out packed LMD_Q8_0: lmd_quantize_q8_0 of every row, then lmd_pack_q8_0
-void lmd_quantize_matrix_q8_0(uint8_t *out, const float *x, int64_t rows, int64_t cols);
+// x (rows, cols) -> out packed LMD_Q8_0: lmd_quantize_q8_0 of every row, then lmd_pack_q8_0.
+// The values must be finite and every block's scale must be finite in fp16 (amax / 127 below
+// 65520, the tie between f16's largest value 65504 and infinity: amax < 8321040): else
+// LMD_ERR_INVALID_ARG naming the first such block's row and columns (or the row and column of
+// its first non-finite value), out partly written.
+lmd_status lmd_quantize_matrix_q8_0(uint8_t *out, const float *x, int64_t rows, int64_t cols, lmd_error *err);
 // x (n,) -> how a q8_0 matmul sees it: per block of 32, scale (n/32,) = amax/127 (NaN if the
 // block holds a NaN), q (n,) = x / scale rounded to nearest even in [-127, 127] (0 where
 // x / scale is NaN), corr (n/32,) = -128 * sum of the block's q; n a multiple of 32
@@ -134,8 +140,13 @@ void lmd_quantize_q4(uint8_t *out, const float *x, int64_t n, lmd_dtype dtype);
 // blocks (rows, cols/32 * 18 or 20) in llama.cpp's row-major layout -> out, the same bytes
 // packed as dtype (LMD_Q4_0 or LMD_Q4_1); cols a multiple of 32
 void lmd_pack_q4(uint8_t *out, const uint8_t *blocks, int64_t rows, int64_t cols, lmd_dtype dtype);
-// x (rows, cols) -> out packed as dtype: lmd_quantize_q4 of every row, then lmd_pack_q4
-void lmd_quantize_matrix_q4(uint8_t *out, const float *x, int64_t rows, int64_t cols, lmd_dtype dtype);
+// x (rows, cols) -> out packed as dtype: lmd_quantize_q4 of every row, then lmd_pack_q4. The
+// values must be finite and every block's scale d (q4_1: and minimum m) finite in fp16: d and
+// m, computed in float as above, under 65520 in magnitude (q4_0: the value of largest
+// magnitude under 524160 in magnitude): else LMD_ERR_INVALID_ARG naming the first such block
+// as lmd_quantize_matrix_q8_0 does, out partly written.
+lmd_status lmd_quantize_matrix_q4(uint8_t *out, const float *x, int64_t rows, int64_t cols, lmd_dtype dtype,
+                                  lmd_error *err);
 // One output of a q4_0 or q4_1 matmul, the arithmetic every kernel follows bit for bit:
 // w_blocks (n/32 * 18 or 20) one weight row in llama.cpp's layout, x (n,) floats quantized
 // per block as for q8_0 (lmd_quantize_input_q8: values xq, scale s). Block after block

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import lmdecode
-from lmdecode import loaders
+from lmdecode import _core, loaders
 from gguf_files import write_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -116,3 +116,84 @@ def test_sources_without_a_file_keep_the_engine_name():
     tensors = {"layers.0.wq": loaders.Source("f32", np.full((DIM, DIM), np.inf, np.float32), (DIM, DIM))}
     with pytest.raises(ValueError, match=r"^layers\.0\.wq: .*non-finite.* q8_0"):
         loaders.to_storage(tensors, "q8_0")
+
+
+# the fp16 scale (q4_1: and minimum) of a block: 65520, the tie between f16's largest value 65504
+# and infinity, rounds to infinity; the float below it rounds to 65504
+GGUF_TYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
+
+
+def _gguf_block_overflows(x: np.ndarray, kind: str) -> bool:
+    """Whether gguf's reference quantizer (llama.cpp's, in NumPy) writes an infinite fp16 scale
+    or minimum for the one block x (32,): the independent account of the threshold."""
+    qtype = gguf.GGMLQuantizationType[GGUF_TYPES[kind]]
+    with np.errstate(over="ignore"):
+        block = np.ascontiguousarray(gguf.quants.quantize(x.reshape(1, 32), qtype)).view(np.uint8).ravel()
+    halves = block[:4 if kind == "q4_1" else 2].view(np.float16)
+    return not np.isfinite(halves).all()
+
+
+def _quantize(x: np.ndarray, kind: str) -> np.ndarray:
+    return loaders.to_storage({"layers.0.wq": loaders.Source("f32", x, x.shape)}, kind)["layers.0.wq"]
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
+def test_block_scales_beyond_f16_are_refused_at_the_exact_threshold(kind):
+    """Finite weights whose block's fp16 scale (q8_0: amax / 127; q4_0: the value of largest
+    magnitude / -8; q4_1: (max - min) / 15, and the minimum) rounds to infinity are a
+    ValueError naming the row and columns; the float below each threshold quantizes, to the
+    very bytes of gguf's quantizer (they were stored as infinite scales: NaN logits). gguf
+    decides, independently, which side of the threshold each block is on."""
+    limit = {"q8_0": 127 * 65520.0, "q4_0": 8 * 65520.0, "q4_1": 15 * 65520.0}[kind]
+    blocks = []  # (32 values, what the message says when refused)
+    for sign in (1, -1):
+        top = np.zeros(32, np.float32)
+        top[5] = sign * np.float32(limit)
+        if kind == "q4_1" and sign < 0:
+            top[:] = sign * np.float32(65520)  # all equal: scale 0, minimum -65520
+        blocks.append(top)
+        below = top.copy()
+        below[below != 0] = np.nextafter(below[below != 0], np.float32(0))
+        blocks.append(below)
+    if kind == "q4_1":  # a large positive minimum, and a range within f16 from a minimum just inside it
+        blocks += [np.full(32, 65520, np.float32), np.full(32, np.nextafter(np.float32(65520), np.float32(0)))]
+        low_ok = np.zeros(32, np.float32)
+        low_ok[3] = np.nextafter(np.float32(-65520), np.float32(0))
+        blocks.append(low_ok)
+    n_refused = 0
+    for x in blocks:
+        matrix = np.zeros((3, 64), np.float32)
+        matrix[2, 32:] = x
+        if _gguf_block_overflows(x, kind):
+            n_refused += 1
+            what = "minimums" if kind == "q4_1" and x.min() == x.max() else "scales"
+            with pytest.raises(ValueError, match=rf"^layers\.0\.wq: values too large for {kind}'s fp16 block {what} "
+                                                 r"\(row 2, columns 32 to 63: .*\): choose another dtype$"):
+                _quantize(matrix, kind)
+        else:
+            stored = _quantize(matrix, kind)
+            qtype = gguf.GGMLQuantizationType[GGUF_TYPES[kind]]
+            want = np.ascontiguousarray(gguf.quants.quantize(matrix, qtype)).view(np.uint8).reshape(3, -1)
+            packed = _core.pack_q8_0(want) if kind == "q8_0" else _core.pack_q4(want, kind)
+            np.testing.assert_array_equal(stored.view(np.uint8), packed)
+    # each threshold exactly (both signs of the scale; q4_1 a range and both signs of a minimum):
+    # the floats below them pass
+    assert n_refused == (3 if kind == "q4_1" else 2)
+
+
+def test_finite_weights_whose_block_scales_overflow_are_named(tmp_path):
+    """The report's case: q_proj[0, 0] = 1e7 loaded as q8_0 or q4_0 (-7e4 as q4_1, its block's
+    minimum) gave NaN logits; now a ValueError naming the file and tensor, as f16 storage
+    names a weight beyond its range. Just inside the limits the model loads and its logits
+    are finite."""
+    for where, load in _loaders(tmp_path):
+        for dtype, bad, fine, what in [("q8_0", 1e7, 8321039.5, "scales"), ("q4_0", 1e7, 524159.97, "scales"),
+                                       ("q4_1", -7e4, -65519.996, "minimums")]:
+            weights = llama_weights()
+            weights[Q_PROJ][0, :32] = bad  # one block, all of one value (q4_1: its minimum, not its range)
+            with pytest.raises(ValueError, match=rf"^{where}: values too large for {dtype}'s fp16 block {what} "
+                                                 r"\(row 0, columns 0 to 31: .*\): choose another dtype$"):
+                load(weights, dtype)
+            weights[Q_PROJ][0, :32] = np.float32(fine)
+            model = load(weights, dtype)
+            assert model.config.dtype == dtype and np.isfinite(model.logits([1, 2, 3])).all()

@@ -1793,10 +1793,14 @@ fail:
 }
 
 /* quantize_q8_0(x: float32 (rows, cols)) -> uint8 (rows, cols / 32 * 34), the engine's q8_0
- * storage (llama.cpp's blocks, packed in groups of 16 rows: ops.h) */
+ * storage (llama.cpp's blocks, packed in groups of 16 rows: ops.h). ValueError with the core's
+ * message naming the row and columns for non-finite values and for a block whose fp16 scale
+ * would be infinite. */
 static PyObject *py_quantize_q8_0(PyObject *self, PyObject *arg) {
     (void)self;
     PyArrayObject *x = NULL, *out = NULL;
+    lmd_error err = {{0}};
+    lmd_status st = LMD_OK;
     x = (PyArrayObject *)PyArray_FROM_OTF(arg, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
     if (x == NULL) goto fail;
     if (PyArray_NDIM(x) != 2 || PyArray_DIM(x, 1) % LMD_Q8_0_BLOCK != 0) {
@@ -1811,8 +1815,12 @@ static PyObject *py_quantize_q8_0(PyObject *self, PyObject *arg) {
         const float *src = PyArray_DATA(x);
         uint8_t *dst = PyArray_DATA(out);
         Py_BEGIN_ALLOW_THREADS
-        lmd_quantize_matrix_q8_0(dst, src, (int64_t)rows, (int64_t)cols);
+        st = lmd_quantize_matrix_q8_0(dst, src, (int64_t)rows, (int64_t)cols, &err);
         Py_END_ALLOW_THREADS
+    }
+    if (st != LMD_OK) {
+        raise_status(st, &err);
+        goto fail;
     }
     Py_DECREF(x);
     return (PyObject *)out;
@@ -1904,7 +1912,8 @@ static PyArrayObject *q4_blocks_arg(PyObject *arg, lmd_dtype dtype, const char *
 }
 
 /* quantize_q4(x: float32 (rows, cols), kind "q4_0" | "q4_1") -> uint8 (rows, cols / 32 * 18 or
- * 20), the engine's storage of llama.cpp's quantizer's blocks */
+ * 20), the engine's storage of llama.cpp's quantizer's blocks. ValueError as quantize_q8_0's
+ * for non-finite values and fp16 scales or minimums that would be infinite. */
 static PyObject *py_quantize_q4(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *x_obj;
@@ -1922,14 +1931,20 @@ static PyObject *py_quantize_q4(PyObject *self, PyObject *args) {
     const npy_intp rows = PyArray_DIM(x, 0), cols = PyArray_DIM(x, 1);
     npy_intp dims[2] = {rows, cols / LMD_Q8_0_BLOCK * q4_bytes(dtype)};
     out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_UINT8);
+    lmd_error err = {{0}};
+    lmd_status st = LMD_OK;
     if (out != NULL) {
         const float *src = PyArray_DATA(x);
         uint8_t *dst = PyArray_DATA(out);
         Py_BEGIN_ALLOW_THREADS
-        lmd_quantize_matrix_q4(dst, src, (int64_t)rows, (int64_t)cols, dtype);
+        st = lmd_quantize_matrix_q4(dst, src, (int64_t)rows, (int64_t)cols, dtype, &err);
         Py_END_ALLOW_THREADS
     }
     Py_DECREF(x);
+    if (st != LMD_OK) {
+        Py_DECREF(out);
+        return raise_status(st, &err);
+    }
     return (PyObject *)out;
 }
 

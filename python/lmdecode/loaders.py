@@ -147,7 +147,8 @@ def matrix_storage(src: Source, dtype: str, name: str = "tensor") -> np.ndarray:
     its blocks of the same kind are packed unchanged; float matrices and other quantized types
     (read from their values, dequantized by the gguf package) are quantized as llama.cpp's
     reference quantizer does, and must be finite. Values that f16 cannot hold (beyond +-65504)
-    are a ValueError naming the tensor, not infinities; so are non-finite values for q8_0 and q4.
+    are a ValueError naming the tensor, not infinities; so are non-finite values for q8_0 and q4,
+    and values whose block's fp16 scale or minimum would be infinite (_quantized).
     Messages name src.origin (the file and its name of the tensor) when it has one, else `name`.
     """
     name = src.origin or name
@@ -161,7 +162,7 @@ def matrix_storage(src: Source, dtype: str, name: str = "tensor") -> np.ndarray:
         if src.kind == dtype:  # the same blocks, packed in groups of rows as the engine stores them
             blocks = np.asarray(src.data, dtype=np.uint8).reshape(rows, cols // Q8_0_BLOCK * item.itemsize)
             return _core.pack_q4(blocks, dtype).view(item)
-        return _core.quantize_q4(_finite_f32(src, dtype, name), dtype).view(item)
+        return _quantized(src, dtype, name).view(item)
     if dtype == "f32":
         return to_f32(src)
     if dtype == "bf16":
@@ -181,19 +182,21 @@ def matrix_storage(src: Source, dtype: str, name: str = "tensor") -> np.ndarray:
         return half.reshape(rows, cols)
     if src.kind == "q8_0":  # the same blocks, packed in groups of rows as the engine stores them
         return _core.pack_q8_0(np.asarray(src.data, dtype=np.uint8).reshape(rows, cols // Q8_0_BLOCK * Q8_0_BLOCK_BYTES))
-    return _core.quantize_q8_0(_finite_f32(src, dtype, name))
+    return _quantized(src, dtype, name)
 
 
-def _finite_f32(src: Source, dtype: str, name: str) -> np.ndarray:
-    """The tensor as float32 for quantizing, which must be finite: a block's scale cannot hold
-    an infinity, and a NaN would silently become a zero (q8_0) or spoil its block. Checked in
-    runs of rows, so that a large matrix needs no full-size mask."""
+def _quantized(src: Source, dtype: str, name: str) -> np.ndarray:
+    """The tensor quantized by the C core into q8_0, q4_0 or q4_1 storage. Values the blocks
+    cannot hold are a ValueError naming the tensor and, from the core, the row and columns: a
+    non-finite value (a block's scale cannot hold an infinity, and a NaN would silently become
+    a zero, q8_0, or spoil its block), and finite values whose block's fp16 scale (q4_1: or
+    minimum) would be infinite (q8_0: amax / 127, q4_0: the value of largest magnitude / -8,
+    q4_1: (max - min) / 15 and min, rounded to fp16 beyond 65504), which made NaN logits."""
     wide = to_f32(src)
-    rows_per_run = max(1, (1 << 20) // max(1, wide.shape[-1]))
-    for start in range(0, wide.shape[0], rows_per_run):
-        if not np.isfinite(wide[start:start + rows_per_run]).all():
-            raise ValueError(f"{name}: non-finite values cannot be stored as {dtype}: choose another dtype")
-    return wide
+    try:
+        return _core.quantize_q4(wide, dtype) if dtype in Q4_BLOCK_BYTES else _core.quantize_q8_0(wide)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}: choose another dtype") from None
 
 
 def cache_line_aligned(arr: np.ndarray, copy: bool = False) -> np.ndarray:

@@ -344,7 +344,7 @@ static void test_q8_0_packing(void) {
     test_fill(&rng, x, ROWS * COLS, -3.0f, 3.0f);
     for (int r = 0; r < ROWS; r++) lmd_quantize_q8_0(blocks + r * NB * 34, x + r * COLS, COLS);
     lmd_pack_q8_0(packed, blocks, ROWS, COLS);
-    lmd_quantize_matrix_q8_0(again, x, ROWS, COLS);
+    CHECK(lmd_quantize_matrix_q8_0(again, x, ROWS, COLS, NULL) == LMD_OK);
     CHECK(memcmp(packed, again, BYTES) == 0);
 }
 
@@ -451,12 +451,12 @@ static void *make_matrix(lmd_matrix *w_out, test_rng *r, lmd_dtype dtype, int64_
         data = b;
     } else if (dtype == LMD_Q8_0) {
         uint8_t *q = malloc((size_t)rows * lmd_row_bytes(LMD_Q8_0, cols));
-        lmd_quantize_matrix_q8_0(q, f, rows, cols);
+        CHECK(lmd_quantize_matrix_q8_0(q, f, rows, cols, NULL) == LMD_OK);
         free(f);
         data = q;
     } else if (dtype == LMD_Q4_0 || dtype == LMD_Q4_1) {
         uint8_t *q = malloc((size_t)rows * lmd_row_bytes(dtype, cols));
-        lmd_quantize_matrix_q4(q, f, rows, cols, dtype);
+        CHECK(lmd_quantize_matrix_q4(q, f, rows, cols, dtype, NULL) == LMD_OK);
         free(f);
         data = q;
     } else if (dtype == LMD_F32_PANELS) {
@@ -703,7 +703,7 @@ static void test_q4_blocks_and_packing(void) {
         static uint8_t blocks[ROWS * NB * 20], packed[ROWS * NB * 20], again[ROWS * NB * 20];
         for (int r = 0; r < ROWS; r++) lmd_quantize_q4(blocks + r * NB * bb, w + r * COLS, COLS, dtype);
         lmd_pack_q4(packed, blocks, ROWS, COLS, dtype);
-        lmd_quantize_matrix_q4(again, w, ROWS, COLS, dtype);
+        CHECK(lmd_quantize_matrix_q4(again, w, ROWS, COLS, dtype, NULL) == LMD_OK);
         CHECK(memcmp(packed, again, (size_t)(ROWS * NB * bb)) == 0);
         /* row 17 (group 1, 3 rows, its second), block 1: group 1 starts at 16 rows x 2 blocks */
         const int g1 = 16 * NB * bb + 3 * bb;
@@ -728,6 +728,78 @@ static void test_q4_blocks_and_packing(void) {
                 CHECK(fabsf(row[k] - w[r * COLS + k]) <= 0.5f * fabsf(d) + 0.01f);
             }
         }
+    }
+}
+
+/* lmd_quantize_matrix_q8_0 and lmd_quantize_matrix_q4 refuse what their blocks cannot hold,
+ * at the exact threshold: a scale (q4_1: or minimum) that fp16 rounds to infinity (65520, the
+ * tie between its largest value 65504 and infinity, rounds up; one float below it rounds to
+ * 65504) and non-finite values, naming the row and columns; the row quantizers still write
+ * llama.cpp's bytes (an infinite scale) for them. */
+static void test_quantize_matrix_limits(void) {
+    enum { ROWS = 3, COLS = 64 };
+    static float x[ROWS * COLS];
+    static uint8_t out[ROWS * 2 * 34];
+    uint8_t block[34];
+    uint16_t bits;
+    lmd_error err;
+    /* the value of largest magnitude that makes the scale 65520: q8_0 amax / 127, q4_0 / -8,
+     * q4_1 (max - 0) / 15; at row 2, column 40 (block 1), everything else 0 */
+    const struct { lmd_dtype dtype; float big; } cases[] = {
+        {LMD_Q8_0, 127.0f * 65520.0f}, {LMD_Q4_0, 8.0f * 65520.0f}, {LMD_Q4_1, 15.0f * 65520.0f}};
+    for (int c = 0; c < 3; c++) {
+        const lmd_dtype dtype = cases[c].dtype;
+        for (int sign = -1; sign <= 1; sign += 2) {
+            if (dtype == LMD_Q4_1 && sign < 0) continue; /* its minimum would overflow first: below */
+            memset(x, 0, sizeof x);
+            for (int below = 0; below < 2; below++) {
+                const float v = (float)sign * cases[c].big;
+                x[2 * COLS + 40] = below ? nextafterf(v, 0.0f) : v;
+                memset(&err, 0, sizeof err);
+                const lmd_status st = dtype == LMD_Q8_0 ? lmd_quantize_matrix_q8_0(out, x, ROWS, COLS, &err)
+                                                        : lmd_quantize_matrix_q4(out, x, ROWS, COLS, dtype, &err);
+                if (dtype == LMD_Q8_0) lmd_quantize_q8_0(block, x + 2 * COLS + 32, 32);
+                else lmd_quantize_q4(block, x + 2 * COLS + 32, 32, dtype);
+                memcpy(&bits, block, 2);
+                if (below) {
+                    CHECK(st == LMD_OK);
+                    CHECK((bits & 0x7fff) == 0x7bff); /* 65504 */
+                } else {
+                    CHECK(st == LMD_ERR_INVALID_ARG);
+                    CHECK_MSG_CONTAINS(err, lmd_dtype_name(dtype));
+                    CHECK_MSG_CONTAINS(err, "fp16 block scales (row 2, columns 32 to 63: scale ");
+                    CHECK((bits & 0x7fff) == 0x7c00); /* the row quantizer writes llama.cpp's inf */
+                }
+            }
+        }
+    }
+    /* q4_1's minimum: a block of -65520 (scale 0) is refused, one of the float above it is not */
+    for (int below = 0; below < 2; below++) {
+        memset(x, 0, sizeof x);
+        for (int j = 0; j < 32; j++) x[COLS + j] = below ? nextafterf(-65520.0f, 0.0f) : -65520.0f;
+        memset(&err, 0, sizeof err);
+        const lmd_status st = lmd_quantize_matrix_q4(out, x, ROWS, COLS, LMD_Q4_1, &err);
+        CHECK(st == (below ? LMD_OK : LMD_ERR_INVALID_ARG));
+        if (!below) CHECK_MSG_CONTAINS(err, "q4_1's fp16 block minimums (row 1, columns 0 to 31: minimum -65520,");
+    }
+    /* non-finite values, named by row and column, in every type */
+    const lmd_dtype all[] = {LMD_Q8_0, LMD_Q4_0, LMD_Q4_1};
+    for (int c = 0; c < 3; c++) {
+        memset(x, 0, sizeof x);
+        x[1 * COLS + 7] = NAN;
+        x[2 * COLS + 50] = INFINITY; /* later: the first one is named */
+        memset(&err, 0, sizeof err);
+        const lmd_status st = all[c] == LMD_Q8_0 ? lmd_quantize_matrix_q8_0(out, x, ROWS, COLS, &err)
+                                                 : lmd_quantize_matrix_q4(out, x, ROWS, COLS, all[c], &err);
+        CHECK(st == LMD_ERR_INVALID_ARG);
+        CHECK_MSG_CONTAINS(err, "non-finite values cannot be stored as ");
+        CHECK_MSG_CONTAINS(err, lmd_dtype_name(all[c]));
+        CHECK_MSG_CONTAINS(err, "(row 1, column 7: nan)");
+        x[1 * COLS + 7] = 0.0f;
+        x[2 * COLS + 50] = -INFINITY;
+        CHECK((all[c] == LMD_Q8_0 ? lmd_quantize_matrix_q8_0(out, x, ROWS, COLS, &err)
+                                  : lmd_quantize_matrix_q4(out, x, ROWS, COLS, all[c], &err)) == LMD_ERR_INVALID_ARG);
+        CHECK_MSG_CONTAINS(err, "(row 2, column 50: -inf)");
     }
 }
 
@@ -1211,6 +1283,7 @@ int main(void) {
     test_matmul_against_naive();
     test_matmul_batch_and_thread_invariance();
     test_q4_blocks_and_packing();
+    test_quantize_matrix_limits();
     test_matmul_q8_0_equals_dot();
     test_matmul_panels();
     test_matmul_wide_batches();

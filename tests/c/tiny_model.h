@@ -84,7 +84,7 @@ static inline lmd_matrix tiny_matrix(tiny_model *t, int64_t rows, int64_t cols, 
         uint16_t *b = data;
         for (int64_t i = 0; i < rows * cols; i++) b[i] = lmd_f32_to_bf16(f[i]);
     } else {
-        lmd_quantize_matrix_q8_0(data, f, rows, cols);
+        if (lmd_quantize_matrix_q8_0(data, f, rows, cols, NULL) != LMD_OK) abort(); /* finite, small weights */
     }
     free(f);
     lmd_matrix m = {data, dtype, rows, cols};
