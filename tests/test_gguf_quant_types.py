@@ -209,3 +209,75 @@ def test_unsupported_quantized_type_is_named(tmp_path):
                {"token_embd.weight": (rng.integers(0, 256, (8, 66), dtype=np.uint8), "IQ2_XXS")})
     with pytest.raises(ValueError, match=r"iq2\.gguf: tensor 'token_embd\.weight' has type IQ2_XXS, not supported"):
         lmdecode.Model.load(tmp_path / "iq2.gguf")
+
+
+@pytest.mark.parametrize("layers,head", [("Q4_0", "F16"), ("Q4_1", "F32"), ("Q4_0", "BF16")])
+def test_float_head_of_a_q4_file_keeps_its_type(layers, head, tmp_path):
+    """llama-quantize --output-tensor-type f16 (or --leave-output-tensor) writes a Q4_0 / Q4_1
+    file whose output head stays F16 (F32, BF16). The default storage stays q4, and the head
+    keeps the file's type and values, as a Q8_0 head stays q8_0 (it was rounded to 4 bits):
+    the logits equal the NumPy reference on the file's values (the q4 matrices as their
+    blocks dequantize, their inputs quantized as the engine does) within 1e-2 of the logit
+    range, and stray ten times further from a reference whose head is rounded to 4 bits."""
+    c = CONFIG
+    rng = np.random.default_rng(12)
+    kv = c["n_kv_heads"] * c["dim"] // c["n_heads"]
+    meta = {"llama.embedding_length": c["dim"], "llama.block_count": c["n_layers"],
+            "llama.attention.head_count": c["n_heads"], "llama.attention.head_count_kv": c["n_kv_heads"],
+            "llama.feed_forward_length": c["hidden"], "llama.context_length": c["context"],
+            "llama.attention.layer_norm_rms_epsilon": 1e-5}
+    shapes = {"token_embd.weight": (c["vocab"], c["dim"])}
+    for i in range(c["n_layers"]):
+        p = f"blk.{i}."
+        shapes.update({p + "attn_q.weight": (c["dim"], c["dim"]), p + "attn_k.weight": (kv, c["dim"]),
+                       p + "attn_v.weight": (kv, c["dim"]), p + "attn_output.weight": (c["dim"], c["dim"]),
+                       p + "ffn_gate.weight": (c["hidden"], c["dim"]), p + "ffn_up.weight": (c["hidden"], c["dim"]),
+                       p + "ffn_down.weight": (c["dim"], c["hidden"])})
+    tensors = {name: (rng.normal(0, 0.05, shape).astype(np.float32), layers) for name, shape in shapes.items()}
+    tensors["output.weight"] = (rng.normal(0, 0.5, (c["vocab"], c["dim"])).astype(np.float32), head)
+    for name in ["output_norm.weight"] + [f"blk.{i}.{n}_norm.weight" for i in range(c["n_layers"]) for n in ("attn", "ffn")]:
+        tensors[name] = (1 + 0.1 * rng.standard_normal(c["dim"])).astype(np.float32)
+    path = tmp_path / f"{layers}_{head}.gguf"
+    write_gguf(path, "llama", meta, tensors)
+
+    config, sources, _ = loaders.read_gguf(path)
+    assert sources["output"].kind == head.lower() and sources["layers.0.wq"].kind == layers.lower()
+    storage = layers.lower()
+    assert loaders.default_storage(sources) == storage
+    stored = loaders.to_storage(sources, storage)
+    assert stored["layers.0.wq"].dtype == np.dtype(f"V{loaders.Q4_BLOCK_BYTES[storage]}")
+    assert stored["output"].dtype == {"F16": np.float16, "F32": np.float32, "BF16": np.uint16}[head]
+    np.testing.assert_array_equal(loaders.to_f32(loaders.Source(head.lower(), stored["output"], stored["output"].shape)),
+                                  loaders.to_f32(sources["output"]))  # the file's values
+    weights = {k: loaders.to_f32(v).astype(np.float64) for k, v in sources.items()}
+    quantized = {k for k, src in sources.items() if src.kind == storage} - {"token_embedding"}
+    toks = np.random.default_rng(7).integers(0, c["vocab"], 40)
+    model = lmdecode.Model.load(path)
+    assert model.config.dtype == storage
+    got = model.logits(toks)
+    ref = llama_logits(config, weights, toks, quantized)
+    scale = float(np.ptp(ref))
+    rounded_head = _core.dequantize_q4(_core.quantize_q4(weights["output"].astype(np.float32), storage), storage)
+    rounded = llama_logits(config, {**weights, "output": rounded_head.astype(np.float64)}, toks, quantized | {"output"})
+    near, far = float(np.abs(got - ref).max()) / scale, float(np.abs(got - rounded).max()) / scale
+    # 8e-4 to 1.8e-3 against 4.6e-2 to 5.2e-2 measured
+    assert near < 1e-2 and far > 10 * near, (near, far)
+    # an explicit q4 dtype keeps it too, as it keeps a Q8_0 head q8_0
+    assert loaders.to_storage(sources, "q4_1" if storage == "q4_0" else "q4_0")["output"].dtype == stored["output"].dtype
+
+
+def test_float_matrices_of_float_files_are_quantized_to_q4_when_asked():
+    """The rule is the file's choice: in a file whose matrices are all float (or from_numpy)
+    q4 storage asked for rounds every matrix (with 32k columns) to 4 bits, the head included."""
+    a = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    for kind, data in (("f32", a), ("f16", a.astype(np.float16))):
+        tensors = {"layers.0.wq": loaders.Source(kind, data, a.shape), "output": loaders.Source(kind, data, a.shape)}
+        stored = loaders.to_storage(tensors, "q4_0")
+        assert stored["layers.0.wq"].dtype == stored["output"].dtype == np.dtype("V18")
+    # the audit's repro: beside q4_0 layers an f16 head is kept f16, as a q8_0 head is kept q8_0
+    q4 = loaders.Source("q4_0", gguf.quants.quantize(a, Q.Q4_0), a.shape)
+    for head, dtype in ((loaders.Source("f16", a.astype(np.float16), a.shape), np.float16),
+                        (loaders.Source("q8_0", gguf.quants.quantize(a, Q.Q8_0), a.shape), np.uint8)):
+        t = {"layers.0.wq": q4, "output": head}
+        assert loaders.default_storage(t) == "q4_0"
+        assert loaders.to_storage(t, "q4_0")["output"].dtype == dtype

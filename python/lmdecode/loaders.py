@@ -45,6 +45,8 @@ Q8_0_BLOCK_BYTES = 34
 STORAGE_DTYPES = ("f32", "bf16", "f16", "q8_0", "q4_0", "q4_1")
 # quantized file types with more than 4 bits a weight: q8_0 in q4 storage, never rounded to 4 bits
 FINER_THAN_4_BITS = frozenset({"q8_0", "q5_0", "q5_1", "q5_k", "q6_k"})
+# float source kinds; in q4 storage a quantized file's matrices of these kinds keep their kind
+FLOAT_KINDS = frozenset({"f32", "f16", "bf16"})
 # bytes of a llama.cpp Q4_0 / Q4_1 block; the engine's arrays hold one numpy void item per block
 Q4_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20}
 MATRIX_SUFFIXES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -122,10 +124,12 @@ def default_storage(tensors: dict) -> str:
     """f32 sources stay f32, bf16 stays bf16, f16 stays f16 (when every matrix is f16: the values
     of any f32 ones would be rounded; else f32, exact). Quantized files keep their Q4_0 or Q4_1
     blocks when those are their only kind of 4 bits or fewer (their matrices of finer types, such
-    as the Q8_0 token embedding or Q6_K output head llama.cpp keeps finer, become q8_0:
-    matrix_storage); else they become q8_0 (k-quants and other types, read from their values)."""
+    as the Q8_0 token embedding or Q6_K output head llama.cpp keeps finer, become q8_0, and
+    their float matrices, such as the F16 head of llama-quantize --output-tensor-type f16, keep
+    their type: matrix_storage); else they become q8_0 (k-quants and other types, read from
+    their values)."""
     kinds = {src.kind for name, src in tensors.items() if is_matrix(name)}
-    quantized = kinds - {"f32", "f16", "bf16"}
+    quantized = kinds - FLOAT_KINDS
     for q4 in ("q4_0", "q4_1"):
         if q4 in quantized and quantized <= {q4} | FINER_THAN_4_BITS:
             return q4
@@ -138,15 +142,20 @@ def default_storage(tensors: dict) -> str:
     return "f32"
 
 
-def matrix_storage(src: Source, dtype: str, name: str = "tensor") -> np.ndarray:
+def matrix_storage(src: Source, dtype: str, name: str = "tensor", *, quantized_file: bool = False) -> np.ndarray:
     """A weight matrix in the engine's storage `dtype`, borrowing the source when they agree.
 
     Q8_0, Q4_0 and Q4_1 need a multiple of 32 columns; narrower or odd tensors stay float32 (as
     llama.cpp's quantizer also leaves them), which is documented in Model.load. In q4 storage a
     file's matrices of finer quantized types (Q8_0, Q5_*, Q6_K: the file's choice) are q8_0 and
-    its blocks of the same kind are packed unchanged; float matrices and other quantized types
-    (read from their values, dequantized by the gguf package) are quantized as llama.cpp's
-    reference quantizer does, and must be finite. Values that f16 cannot hold (beyond +-65504)
+    its blocks of the same kind are packed unchanged; so that nothing the file keeps finer is
+    rounded to 4 bits, the float matrices of a quantized file (quantized_file: it holds
+    quantized matrices, and left these in F16, BF16 or F32, as llama-quantize
+    --output-tensor-type f16 or --leave-output-tensor leave the head) keep their kind and
+    values (f16, bf16, f32 storage: the engine takes each matrix in its own storage). Float
+    matrices of float files (and from_numpy) and other quantized types (read from their values,
+    dequantized by the gguf package) are quantized as llama.cpp's reference quantizer does, and
+    must be finite. Values that f16 cannot hold (beyond +-65504)
     are a ValueError naming the tensor, not infinities; so are non-finite values for q8_0 and q4,
     and values whose block's fp16 scale or minimum would be infinite (_quantized).
     Messages name src.origin (the file and its name of the tensor) when it has one, else `name`.
@@ -157,6 +166,8 @@ def matrix_storage(src: Source, dtype: str, name: str = "tensor") -> np.ndarray:
         dtype = "f32"
     if dtype in Q4_BLOCK_BYTES and src.kind in FINER_THAN_4_BITS:
         dtype = "q8_0"
+    elif dtype in Q4_BLOCK_BYTES and quantized_file and src.kind in FLOAT_KINDS:
+        dtype = src.kind  # the file's choice, as it is (borrowed: the engine copies it into panels)
     if dtype in Q4_BLOCK_BYTES:
         item = np.dtype(f"V{Q4_BLOCK_BYTES[dtype]}")
         if src.kind == dtype:  # the same blocks, packed in groups of rows as the engine stores them
@@ -265,13 +276,15 @@ def to_storage(tensors: dict, dtype: str, *, copy_borrowed: bool = False) -> dic
         raise ValueError(f"dtype (={dtype!r}) must be one of {', '.join(STORAGE_DTYPES)}")
     embedding, head = tensors.get("token_embedding"), tensors.get("output")
     tied = embedding is not None and head is not None and embedding.data is head.data
+    # a quantized file's float matrices are its choice (matrix_storage)
+    quantized_file = any(is_matrix(name) and src.kind not in FLOAT_KINDS for name, src in tensors.items())
     out, done = {}, {}
     for name, src in tensors.items():
         key = (id(src.data), is_matrix(name))
         if key in done:
             out[name] = done[key]
             continue
-        arr = matrix_storage(src, dtype, name) if is_matrix(name) else to_f32(src)
+        arr = matrix_storage(src, dtype, name, quantized_file=quantized_file) if is_matrix(name) else to_f32(src)
         # f32, bf16 and f16 matrices: the engine multiplies its own copies (in panels) and Model
         # releases a file's pages under them, so they need no aligned copy here, wherever the
         # file put them (nor does an untied embedding, whose rows are only looked up); q8_0 and
