@@ -1637,10 +1637,11 @@ static PyObject *EngineKVSeq_truncate(EngineKVSeqObject *self, PyObject *arg) {
         PyErr_SetString(PyExc_ValueError, "KVSeq is not initialised");
         return NULL;
     }
-    long length = PyLong_AsLong(arg);
+    int overflow;
+    long length = PyLong_AsLongAndOverflow(arg, &overflow);
     if (length == -1 && PyErr_Occurred()) return NULL;
-    if (length < 0 || length > self->seq->len) {
-        PyErr_Format(PyExc_ValueError, "length (=%ld) must be in [0, %d] (the cached positions)", length,
+    if (overflow || length < 0 || length > self->seq->len) { /* overflow: beyond a C long, either way */
+        PyErr_Format(PyExc_ValueError, "length (=%S) must be in [0, %d] (the cached positions)", arg,
                      self->seq->len);
         return NULL;
     }

@@ -192,8 +192,17 @@ class DecodingMixin:
     def prompt_cache_slots(self, slots: int) -> None:
         if isinstance(slots, bool) or not isinstance(slots, numbers.Integral):
             raise TypeError(f"prompt_cache_slots (={slots!r}) must be an integer, not {type(slots).__name__}")
+        from .model import MAX_POOL_BLOCKS
+
         if slots < 1:
             raise ValueError(f"prompt_cache_slots (={slots!r}) must be >= 1")
+        # the slots' pool (_new_prompt_cache) has a context length and a block for each
+        per_slot = math.ceil((self.config.context_length + _BLOCK) / _BLOCK)
+        if slots > MAX_POOL_BLOCKS // per_slot:
+            raise ValueError(f"prompt_cache_slots (={slots!r}) must be <= {MAX_POOL_BLOCKS // per_slot}: each slot "
+                             f"takes {per_slot} blocks of {_BLOCK} positions (the context length, "
+                             f"{self.config.context_length}, and one for copy-on-write), and a KV pool holds at "
+                             f"most {MAX_POOL_BLOCKS}")
         with self._prompt_cache_lock:
             self._prompt_cache_slots = int(slots)
             self._drop_prompt_caches(len(self._prompt_caches) - self._prompt_cache_slots)

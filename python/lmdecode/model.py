@@ -73,6 +73,7 @@ from .sampling import as_numpy
 __all__ = ["Model", "ModelConfig", "KVCache"]
 
 _SHORT = 64  # token lists up to this long are checked element by element in Python (Model._tokens)
+MAX_POOL_BLOCKS = 2**31 - 1  # the engine counts a KV pool's blocks in int32 (kvcache.h)
 
 
 @dataclass(frozen=True)
@@ -300,18 +301,23 @@ class Model(DecodingMixin):
         if n < 1:
             raise ValueError(f"n (={n}) must be >= 1")
         capacity, block_size = self._check_capacity(capacity, block_size)
-        first = self.new_cache(n * math.ceil(capacity / block_size) * block_size, block_size=block_size,
-                               kv_dtype=kv_dtype)
+        blocks = -(-capacity // block_size)
+        if n > MAX_POOL_BLOCKS // blocks:
+            raise ValueError(f"n (={n}) must be in [1, {MAX_POOL_BLOCKS // blocks}]: {n} caches of capacity (={capacity}) "
+                             f"positions take {n * blocks} blocks of block_size (={block_size}) positions, and a KV "
+                             f"pool holds at most {MAX_POOL_BLOCKS}")
+        first = self.new_cache(n * blocks * block_size, block_size=block_size, kv_dtype=kv_dtype)
         return [first] + [first.fork() for _ in range(n - 1)]  # forks of an empty cache share nothing
 
     def _check_capacity(self, capacity: int | None, block_size: int) -> tuple[int, int]:
         """new_cache's capacity (default: the context length) and block_size, checked."""
         capacity = self.config.context_length if capacity is None else _as_int("capacity", capacity)
         block_size = _as_int("block_size", block_size)
-        if capacity < 1:
-            raise ValueError(f"capacity (={capacity}) must be >= 1")
         if not 1 <= block_size <= 4096:
             raise ValueError(f"block_size (={block_size}) must be in [1, 4096]")
+        if not 1 <= capacity <= MAX_POOL_BLOCKS * block_size:
+            raise ValueError(f"capacity (={capacity}) must be in [1, {MAX_POOL_BLOCKS * block_size}] (a KV pool holds at "
+                             f"most {MAX_POOL_BLOCKS} blocks of block_size (={block_size}) positions)")
         return capacity, block_size
 
     def _new_pool(self, block_size: int, n_blocks: int, kv_dtype: str):
