@@ -1,9 +1,12 @@
-"""Bad counts given to the cache API: a ValueError or TypeError that names the argument and
-the value, never an OverflowError from a C conversion, and nothing changed by the refused call.
+"""Bad counts and token lists given to the cache and forward API: a ValueError or TypeError that
+names the argument and the value, never an OverflowError from a C conversion nor a bool read as
+token 1, and nothing changed by the refused call.
 
 An audit found: capacities and counts past what a KV pool's int32 block count holds overflowing
 in the pool's binding; truncate(2**63) overflowing a C long; prompt_cache_slots=2**40 accepted
-and generate failing later."""
+and generate failing later; [1, True] read as [1, 1] while [True, False] was refused; and lists
+longer than the per-element fast path (64) with an id beyond int64 refused as "not object" or
+"not float64" where shorter ones said which id is outside the vocabulary."""
 import re
 from pathlib import Path
 
@@ -113,3 +116,117 @@ def test_prompt_cache_slots_at_the_limit_fail_with_memory_error_and_leave_the_mo
     model.prompt_cache_slots = 2
     plain = model.generate([1, 403], max_new_tokens=3, temperature=0).tokens
     assert model.generate([1, 403], max_new_tokens=3, temperature=0, cache_prompt=True).tokens == plain
+
+
+def _token_calls(model):
+    """Every Model entry point that takes one token list, as (label, call)."""
+    return [
+        ("forward", lambda t: model.forward(t, model.new_cache())),
+        ("forward_batch", lambda t: model.forward_batch([t], model.new_caches(1))),
+        ("logits", lambda t: model.logits(t)),
+    ]
+
+
+@pytest.mark.parametrize("tokens, index", [([1, True], 1), ([True, 5], 0), ([1, 2, False], 2),
+                                           ((1, True), 1), ([1, np.True_], 1), ([7] * 64 + [True], 64),
+                                           ([1] * 100 + [False], 100), ([0] * 70 + [True] + [1] * 10, 70),
+                                           ([5] * 200 + [np.False_, 3], 200), ([True] + [5] * 99, 0)])
+def test_a_bool_among_token_ids_is_a_type_error(model, tokens, index):
+    value = tokens[index]
+    for label, call in _token_calls(model):
+        with pytest.raises(TypeError, match=rf"^tokens must hold integers, not bool \(tokens\[{index}\] is "
+                                            rf"{value!r}\)$"):
+            call(tokens)
+    # all bools: NumPy's bool array, as before
+    with pytest.raises(TypeError, match=r"^tokens must hold integers, not bool$"):
+        model.forward([True, False], model.new_cache())
+
+
+@pytest.mark.parametrize("value", [2**64 - 1, 2**63, 2**70, -(2**63) - 1, -(2**64), 512, -1, 2**40])
+@pytest.mark.parametrize("length", [1, 3, 64, 65, 300])
+def test_an_id_outside_the_vocabulary_is_the_same_value_error_at_every_length(model, value, length):
+    tokens = [1] * (length - 1) + [value]
+    for label, call in _token_calls(model):
+        with pytest.raises(ValueError, match=rf"^tokens\[{length - 1}\] \(={value}\) is outside the vocabulary "
+                                             r"\[0, 512\)$"):
+            call(tokens)
+    # and the first bad one, whichever comes first
+    with pytest.raises(ValueError, match=rf"^tokens\[3\] \(=600\) is outside"):
+        model.forward([1] * 3 + [600] + [1] * length + [value], model.new_cache())
+
+
+def test_ids_beyond_int64_among_numpy_ints_and_wrong_types_still_say_what(model):
+    with pytest.raises(ValueError, match=r"^tokens\[70\] \(=1180591620717411303424\) is outside the vocabulary"):
+        model.forward([np.int64(3)] * 70 + [2**70], model.new_cache())
+    with pytest.raises(ValueError, match=r"^tokens\[0\] \(=-1\) is outside the vocabulary"):
+        model.forward([-1] + [2] * 70 + [2**64 - 1], model.new_cache())  # a float64 array to NumPy
+    with pytest.raises(TypeError, match="^tokens must hold integers, not object$"):
+        model.forward([1] * 70 + [2**70, None], model.new_cache())
+    with pytest.raises(TypeError, match="^tokens must hold integers, not float64$"):
+        model.forward([1] * 70 + [1.5], model.new_cache())
+    with pytest.raises(TypeError, match="^tokens must hold integers, not object$"):
+        model.forward([1] * 70 + [2**70, 1.5], model.new_cache())
+
+
+def test_refused_token_lists_change_no_cache(model):
+    cache = model.new_cache()
+    first = model.forward([1, 403, 407], cache)
+    for bad in ([1, True], [1] * 70 + [2**70], [5] * 70 + [False], [1] * 80 + [600]):
+        with pytest.raises((TypeError, ValueError)):
+            model.forward(bad, cache)
+        assert len(cache) == 3
+    a, b = model.new_caches(2)
+    with pytest.raises(TypeError, match=r"tokens\[1\] must hold integers, not bool \(tokens\[1\]\[1\] is True\)"):
+        model.forward_batch([[1, 403], [1, True]], [a, b])
+    assert len(a) == len(b) == 0
+    np.testing.assert_array_equal(model.forward([261], cache), model.logits([1, 403, 407, 261])[-1])
+    np.testing.assert_array_equal(first, model.logits([1, 403, 407])[-1])
+
+
+@pytest.mark.parametrize("tokens", [
+    [1, 403, 407, 261],
+    [1] + [int(t) for t in np.random.default_rng(0).integers(0, 512, 299)],
+    [1] * 300,                # many entries that read 1: the list's types are looked at
+    [0, 1] * 40,
+    [511] * 70,
+    tuple(range(512)),
+    [np.int64(t) for t in range(100)],
+    list(np.arange(100, dtype=np.uint64)),
+])
+def test_valid_token_lists_are_read_as_numpy_reads_them(model, tokens):
+    arr = model._tokens("tokens", tokens)
+    assert arr.dtype == np.int32
+    np.testing.assert_array_equal(arr, np.asarray(tokens, dtype=np.int64))
+    assert tokens == (type(tokens))(tokens)  # unchanged (the lists hold immutable ints)
+
+
+@pytest.mark.parametrize("logits, error, message", [
+    ([True, 0], TypeError, r"logits indices must be integers, not bool \(got \[True, 0\]\)"),
+    ([1, np.False_], TypeError, r"logits indices must be integers, not bool"),
+    ([True], TypeError, r"logits indices must be integers, not bool \(got \[True\]\)"),
+    (np.array([True, False]), TypeError, r"logits indices must be integers, not bool"),
+    ([1.0], TypeError, r"logits indices must be integers, not float64"),
+    ([2**70], ValueError, r"logits indices must be in \[0, 3\) \(got \[1180591620717411303424\]\)"),
+    ([0, 2**64 - 1], ValueError, r"logits indices must be in \[0, 3\) \(got \[0, 18446744073709551615\]\)"),
+    ([-1, 2**64 - 1], ValueError, r"logits indices must be in \[0, 3\)"),
+    ([3], ValueError, r"logits indices must be in \[0, 3\) \(got \[3\]\)"),
+    ([[0]], ValueError, r"logits must be 'last', 'all', None or a 1-D int array"),
+    ("first", ValueError, r"logits must be 'last', 'all', None or a 1-D int array \(got 'first'\)"),
+])
+def test_logits_indices_that_are_not_indices(model, logits, error, message):
+    cache = model.new_cache()
+    with pytest.raises(error, match=message):
+        model.forward([1, 403, 407], cache, logits=logits)
+    assert len(cache) == 0
+    a, b = model.new_caches(2)
+    with pytest.raises(error, match=message):
+        model.forward_batch([[1, 403, 407], [1, 403, 407]], [a, b], logits=logits)
+    assert len(a) == len(b) == 0
+
+
+def test_logits_indices_that_are_indices(model):
+    whole = model.logits([1, 403, 407])
+    np.testing.assert_array_equal(model.forward([1, 403, 407], model.new_cache(), logits=[2, 0]), whole[[2, 0]])
+    np.testing.assert_array_equal(model.forward([1, 403, 407], model.new_cache(), logits=(np.int64(1),)), whole[[1]])
+    np.testing.assert_array_equal(model.forward([1, 403, 407], model.new_cache(), logits=np.array([1], np.uint8)),
+                                  whole[[1]])

@@ -179,6 +179,16 @@ def _as_int(name, value) -> int:
     return int(value)
 
 
+def _check_listed_ids(name, tokens, vocab_size: int) -> None:
+    """For a list or tuple of token ids that NumPy made an object or float64 array: if it holds
+    ints alone (Python's or NumPy's, no bool), ValueError naming the first outside the vocabulary
+    (an int beyond 64 bits is); otherwise nothing, the caller's TypeError follows."""
+    if all(isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)) for t in tokens):
+        for i, t in enumerate(tokens):
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"{name}[{i}] (={t}) is outside the vocabulary [0, {vocab_size})")
+
+
 class Model(DecodingMixin):
     """A decoder-only transformer on the C engine. Build with :meth:`load` or :meth:`from_numpy`.
 
@@ -337,8 +347,31 @@ class Model(DecodingMixin):
         arr = as_numpy(tokens, name)
         if arr.ndim != 1 or arr.size == 0:
             raise ValueError(f"{name} must be a non-empty 1-D sequence of token ids (shape {arr.shape})")
-        if not np.issubdtype(arr.dtype, np.integer):
+        listed = type(tokens) in (list, tuple)
+        if arr.dtype.kind not in "iu":  # not np.issubdtype(arr.dtype, np.integer), which takes a microsecond
+            if listed and arr.dtype.kind in "Of":
+                # NumPy makes ints beyond int64 an object array, and an int in [2**63, 2**64) with
+                # a negative one a float64 array: ids outside the vocabulary, said as of short lists
+                _check_listed_ids(name, tokens, vocab_size)
             raise TypeError(f"{name} must hold integers, not {arr.dtype}")
+        if listed:
+            # NumPy reads a bool among ints (Python's or NumPy's) as 1 or 0: the entries that read
+            # 0 or 1 (usually BOS alone) are looked at in Python, found in one pass with those
+            # outside the vocabulary; when there are many (padding), the list's types are scanned
+            # at C speed first
+            odd = np.flatnonzero((arr <= 1) | (arr >= vocab_size))
+            if odd.size > _SHORT:
+                if {bool, np.bool_}.isdisjoint(map(type, tokens)):
+                    odd = odd[(arr[odd] < 0) | (arr[odd] >= vocab_size)]
+                else:
+                    odd = np.arange(arr.size)
+            for i in odd.tolist():
+                t = tokens[i]
+                if isinstance(t, (bool, np.bool_)):
+                    raise TypeError(f"{name} must hold integers, not bool ({name}[{i}] is {t!r})")
+                if not 0 <= t < vocab_size:
+                    raise ValueError(f"{name}[{i}] (={t}) is outside the vocabulary [0, {vocab_size})")
+            return arr.astype(np.int32)
         bad = (arr < 0) | (arr >= vocab_size)
         if bad.any():
             i = int(np.argmax(bad))
@@ -355,8 +388,17 @@ class Model(DecodingMixin):
         if logits is None:
             return np.zeros(0, dtype=np.int32)
         want = as_numpy(logits, "logits")
-        if want.ndim != 1 or not np.issubdtype(want.dtype, np.integer):
-            raise ValueError(f"logits must be 'last', 'all', None or a 1-D int array (got {logits!r})")
+        listed = type(logits) in (list, tuple)
+        if want.ndim != 1:
+            raise ValueError(f"logits must be 'last', 'all', None or a 1-D int array (got {logits!r:.80})")
+        if listed and want.dtype.kind in "Of" and all(
+                isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in logits):
+            # ints beyond int64 (NumPy made them an object or float64 array)
+            raise ValueError(f"logits indices must be in [0, {n}) (got {list(logits)!r:.80})")
+        if want.dtype.kind not in "iu":
+            raise TypeError(f"logits indices must be integers, not {want.dtype} (got {logits!r:.80})")
+        if listed and any(isinstance(v, (bool, np.bool_)) for v in logits):  # NumPy read them as 1 and 0
+            raise TypeError(f"logits indices must be integers, not bool (got {logits!r:.80})")
         if want.size and (want.min() < 0 or want.max() >= n):
             raise ValueError(f"logits indices must be in [0, {n}) (got {want.tolist()})")
         return want.astype(np.int32)
