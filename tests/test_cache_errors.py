@@ -230,3 +230,35 @@ def test_logits_indices_that_are_indices(model):
     np.testing.assert_array_equal(model.forward([1, 403, 407], model.new_cache(), logits=(np.int64(1),)), whole[[1]])
     np.testing.assert_array_equal(model.forward([1, 403, 407], model.new_cache(), logits=np.array([1], np.uint8)),
                                   whole[[1]])
+
+
+def test_copy_on_write_takes_a_block_for_a_shared_partly_filled_one(model):
+    """The module's documentation: capacity=32 is two blocks of 16; a cache of 17 positions and a
+    fork of it fill them, and the first write into the shared second block needs a third."""
+    cache = model.new_cache(capacity=32)
+    model.forward(list(range(1, 18)), cache)
+    assert cache.free_blocks == 0
+    fork = cache.fork()
+    for c in (fork, cache):
+        with pytest.raises(ValueError, match="0 free blocks of 16 positions but this call needs 1"):
+            model.forward([5], c)
+        assert len(c) == 17
+    fork.truncate(16)  # the second block is the cache's alone again: written in place
+    assert cache.free_blocks == 0
+    model.forward([5], cache)
+    assert len(cache) == 18
+    # with a third block, the fork's first write copies the shared one into it, and then the
+    # cache writes in place: 2 caches going on from inside a block take 1 block more
+    cache = model.new_cache(capacity=48)
+    model.forward(list(range(1, 18)), cache)
+    fork = cache.fork()
+    assert cache.free_blocks == 1
+    model.forward([5], fork)
+    assert cache.free_blocks == 0
+    model.forward([6], cache)
+    ref = model.logits(list(range(1, 18)) + [5, 7])[-1]
+    np.testing.assert_array_equal(model.forward([7], fork), ref)
+    # each holds its second block alone now: both fill it without taking another
+    model.forward(list(range(8, 22)), cache)
+    model.forward(list(range(8, 21)), fork)
+    assert len(cache) == len(fork) == 32 and cache.free_blocks == 0

@@ -46,10 +46,17 @@ Several sequences in one pass (each weight matrix read once for all of them)::
     cache_a, cache_b = model.new_caches(2)                         # one pool, room for both
     outs = model.forward_batch([[17], [42]], [cache_a, cache_b])   # list of (vocab,) arrays
 
-Caches forked from one another share a pool of blocks of ``block_size`` positions; ``capacity``
-(positions, default the context length) bounds the pool, shared positions counting once. A
-forward call that would exceed a sequence's context length or the pool raises ValueError and
-leaves every cache as it was.
+Caches forked from one another share a pool of ``ceil(capacity / block_size)`` blocks of
+``block_size`` positions (``capacity`` defaults to the context length). A cache holds a block for
+every ``block_size`` positions it has begun, and a fork the same blocks as its parent, each counted
+once. But only a cache that holds a block alone writes into it: writing into a block that other
+caches also hold (one that a fork or a truncate left partly filled) first takes a free block and
+copies the filled positions into it (copy-on-write). So n caches that go on from one position
+inside a block take n - 1 blocks more than the positions they add fill: with ``capacity=32`` (two
+blocks of 16), a cache of 17 positions and a fork of it fill the pool, and neither can add a
+position until the other is truncated to 16 positions or fewer, or dropped. A forward call that
+would exceed a sequence's context length or the pool raises ValueError and leaves every cache as
+it was.
 
 Thread safety: a Model and the caches of one pool may be used from several Python threads; a lock
 per model and per pool serialises their calls (the GIL is released while the engine runs).
@@ -287,8 +294,10 @@ class Model(DecodingMixin):
 
     def new_cache(self, capacity: int | None = None, *, block_size: int = 16, kv_dtype: str | None = None) -> KVCache:
         """An empty cache. capacity: positions the pool holds for this cache and its forks
-        (default: the context length; rounded up to whole blocks of block_size positions);
-        kv_dtype: "f32" or "f16" (default: the model's)."""
+        (default: the context length), rounded up to whole blocks of block_size positions; a
+        block that forks share counts once, but writing into one copies its filled positions into
+        a free block first (see the module's documentation); kv_dtype: "f32" or "f16" (default:
+        the model's)."""
         kv_dtype = self.kv_dtype if kv_dtype is None else _check_kv_dtype(kv_dtype)
         whole_context = capacity is None
         capacity, block_size = self._check_capacity(capacity, block_size)
