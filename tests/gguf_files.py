@@ -14,14 +14,20 @@ def write_gguf(path, arch: str, meta: Mapping[str, Any], tensors: Mapping[str, A
                more: Callable[[gguf.GGUFWriter], None] | None = None) -> None:
     """Writes a GGUF file of architecture `arch`.
 
-    meta: key -> value, floats as float32, strings as strings, the rest as uint32.
+    meta: key -> value, floats as float32, strings as strings, the rest as uint32; None leaves
+    the key out. The normalization epsilon llama.cpp requires ({arch}.attention.
+    layer_norm_rms_epsilon, gpt2's layer_norm_epsilon) is 1e-5 unless given (or None).
     tensors: name -> a float32 or float16 array, written as it is, or (array, GGML type name):
     float values converted to F32 or F16 or quantized by gguf.quants to that type, or uint8
     rows of that type's blocks, written unchanged.
     more: a function given the writer before anything is written (token lists, merges).
     """
     w = gguf.GGUFWriter(str(path), arch)
+    eps_key = f"{arch}.attention.layer_norm_epsilon" if arch == "gpt2" else f"{arch}.attention.layer_norm_rms_epsilon"
+    meta = {eps_key: 1e-5, **meta}
     for key, value in meta.items():
+        if value is None:
+            continue
         if isinstance(value, float):
             w.add_float32(key, value)
         elif isinstance(value, str):

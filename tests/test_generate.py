@@ -272,3 +272,19 @@ def test_ignore_eos_lets_the_models_eos_be_drawn_and_go_on():
         model.generate([1], ignore_eos="yes")
     with pytest.raises(TypeError, match="stream must be True or False, got 1"):
         model.generate([1], stream=1)
+
+
+def test_counts_past_int32_and_stop_ids_past_the_vocabulary_are_named():
+    """They were OverflowErrors from the C core's argument parsing, naming nothing."""
+    step = hashed_model(10)
+    for name in ("max_new_tokens", "min_new_tokens", "logprobs"):
+        with pytest.raises(ValueError, match=rf"^{name} \(=2147483648\) must be <= 2147483647"):
+            ld.generate(step, [1], **{name: 2**31})
+    with pytest.raises(ValueError, match=r"^stop_token_ids holds token id 1180591620717411303424, outside the "
+                                         r"vocabulary \[0, 10\)"):
+        ld.generate(step, [1], stop_token_ids=[2, 2**70])
+    with pytest.raises(ValueError, match=r"^stop_token_ids holds token id 10, outside the vocabulary \[0, 10\)"):
+        ld.generate(step, [1], stop_token_ids=10)
+    for name in ("beam_width", "no_repeat_ngram_size", "min_new_tokens"):
+        with pytest.raises(ValueError, match=rf"^{name} \(=2147483648\) must be <= 2147483647"):
+            ld.beam_search(step, [1], **{name: 2**31})

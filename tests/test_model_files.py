@@ -239,11 +239,18 @@ def test_gguf_rope_scaling(tmp_path):
     factors = np.array([1.0, 1.7, 4.0, 8.0], np.float32)  # head size 8: four frequencies
     for path, want in [(_stories_with(tmp_path / "freqs.gguf", extra_tensors={"rope_freqs.weight": factors}), factors),
                        (_stories_with(tmp_path / "linear.gguf", {"llama.rope.scaling.type": "linear",
-                                                                  "llama.rope.scaling.factor": 3.0}), [3.0] * 4)]:
+                                                                  "llama.rope.scaling.factor": 3.0}), [3.0] * 4),
+                       # as llama.cpp reads them: no type is linear, and the older key scale_linear
+                       # (both were ignored: plain RoPE, 0.4 of the logit range off)
+                       (_stories_with(tmp_path / "untyped.gguf", {"llama.rope.scaling.factor": 2.0}), [2.0] * 4),
+                       (_stories_with(tmp_path / "old.gguf", {"llama.rope.scale_linear": 4.0}), [4.0] * 4)]:
         ref = llama_logits(config, {**weights, "rope_freq_factors": np.array(want, np.float64)}, toks)
         got = lmdecode.Model.load(path).logits(toks)
         assert _rel_max_diff(ref, got) < 1e-4
         assert _rel_max_diff(plain, got) > 1e-2
+    # type "none" ignores a factor, as llama.cpp does
+    none = _stories_with(tmp_path / "none.gguf", {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 2.0})
+    assert _rel_max_diff(plain, lmdecode.Model.load(none).logits(toks)) < 1e-4
     bad = _stories_with(tmp_path / "bad.gguf", extra_tensors={"rope_freqs.weight": np.array([1, 0, 2, 2], np.float32)})
     with pytest.raises(ValueError, match=r"rope_freq_factors\[1\] \(=0\) must be finite and > 0"):
         lmdecode.Model.load(bad)
@@ -253,6 +260,19 @@ def test_gguf_rope_scaling(tmp_path):
     yarn = _stories_with(tmp_path / "yarn.gguf", {"llama.rope.scaling.type": "yarn"})
     with pytest.raises(ValueError, match=r"yarn\.gguf: rope scaling 'yarn' is not supported"):
         lmdecode.Model.load(yarn)
+
+
+def test_gguf_keys_llama_cpp_requires_or_refuses(tmp_path):
+    """The normalization epsilon llama.cpp requires (a missing one was taken as 1e-5, a guess:
+    transformers' Llama default is 1e-6) and mixture-of-experts metadata (ran as a dense model)."""
+    no_eps = _stories_with(tmp_path / "no_eps.gguf", {"llama.attention.layer_norm_rms_epsilon": None})
+    with pytest.raises(ValueError, match=r"no_eps\.gguf: GGUF metadata 'llama\.attention\.layer_norm_rms_epsilon' "
+                                         r"is missing"):
+        lmdecode.Model.load(no_eps)
+    moe = _stories_with(tmp_path / "moe.gguf", {"llama.expert_count": 4})
+    with pytest.raises(ValueError, match=r"moe\.gguf: GGUF metadata 'llama\.expert_count' \(=4\): "
+                                         r"mixture-of-experts models are not supported"):
+        lmdecode.Model.load(moe)
 
 
 def test_q8_0_gguf_blocks_are_packed_unchanged(tmp_path):

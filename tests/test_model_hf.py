@@ -842,3 +842,76 @@ def test_from_numpy_copies_torch_tensors_changed_in_place_afterwards(hf):
             for v in state.values():
                 v.mul_(0.5)
         np.testing.assert_array_equal(model.logits(hf["tokens"][:16]), before)
+
+
+def _llama_state(torch, transformers, **config):
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+                                   vocab_size=96, attn_implementation="eager", **config)
+    model = _randomise(torch, transformers.LlamaForCausalLM(cfg), seed=5)
+    return model, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def test_rope_keys_are_read_as_transformers_reads_them(tmp_path):
+    """A config.json with both rope_scaling and rope_parameters runs rope_scaling (transformers:
+    rope_parameters = rope_scaling or rope_parameters; lmdecode ran the other), and a top-level
+    original_max_position_embeddings overrides the llama3 dict's, as AutoModelForCausalLM loads
+    them (lmdecode read the dict's: 0.3 of the logit range off); a llama3 dict without one takes
+    max_position_embeddings."""
+    torch, transformers = require_transformers()
+    tokens = np.random.default_rng(2).integers(0, 96, size=T)
+    llama3 = dict(ROPE_SCALINGS["llama3"], rope_theta=10000.0)
+    no_original = {k: v for k, v in llama3.items() if k != "original_max_position_embeddings"}
+    for i, (rope, edit) in enumerate([
+            ({"rope_type": "default", "rope_theta": 10000.0}, {"rope_scaling": {"type": "linear", "factor": 4.0}}),
+            (llama3, {"original_max_position_embeddings": 8}),
+            (llama3, {"rope_parameters": no_original})]):
+        model, _ = _llama_state(torch, transformers, rope_parameters=rope)
+        path = tmp_path / str(i)
+        model.save_pretrained(path, safe_serialization=True)
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, **edit}))
+        oracle = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                   attn_implementation="eager")
+        with torch.no_grad():
+            ref = oracle(torch.tensor(tokens[None])).logits[0].numpy()
+            plain = model(torch.tensor(tokens[None])).logits[0].numpy()
+        assert np.abs(ref - plain).max() > 1e-2 * (ref.max() - ref.min())  # the edit changes the model
+        _assert_close_to(ref, lmdecode.Model.load(path).logits(tokens))
+
+
+def test_a_mistral_config_without_sliding_window_has_mistrals_4096():
+    """MistralConfig's default window is 4096: a config.json without the key attended over the
+    whole max_position_embeddings (0.16 of the logit range off from position 4096 on); an
+    explicit null is no window."""
+    from lmdecode import loaders
+    mistral = dict(LLAMA_CONFIG, architectures=["MistralForCausalLM"], model_type="mistral",
+                   max_position_embeddings=8192)
+    assert loaders.hf_config("config.json", mistral)["context_length"] == 4096
+    assert loaders.hf_config("config.json", dict(mistral, sliding_window=None))["context_length"] == 8192
+    assert loaders.hf_config("config.json", dict(mistral, sliding_window=100))["context_length"] == 100
+    qwen2 = dict(LLAMA_CONFIG, architectures=["Qwen2ForCausalLM"], model_type="qwen2", max_position_embeddings=8192)
+    assert loaders.hf_config("config.json", qwen2)["context_length"] == 8192  # use_sliding_window defaults off
+    assert loaders.hf_config("config.json", dict(qwen2, use_sliding_window=True))["context_length"] == 4096
+
+
+def test_biases_and_model_types_the_config_does_not_describe_are_refused():
+    """A checkpoint's bias the configured architecture lacks (Llama without attention_bias,
+    Mistral, Qwen2's o_proj) was added to the projections, where transformers drops it as an
+    unexpected weight: 46% of the logit range apart. A model_type that names another class than
+    architectures was ignored, where transformers' Auto classes build the model_type's class."""
+    torch, transformers = require_transformers()
+    model, state = _llama_state(torch, transformers, attention_bias=True)
+    config = model.config.to_dict()
+    lmdecode.Model.from_numpy(config, state)  # attention_bias: q, k, v and o biases belong
+    for changes, name in [(dict(attention_bias=False), "q_proj"),
+                          (dict(architectures=["MistralForCausalLM"], model_type="mistral"), "q_proj")]:
+        with pytest.raises(ValueError, match=rf"from_numpy weights: tensor 'model\.layers\.0\.self_attn\.{name}\.bias' "
+                                             r"is a bias the configured architecture does not have"):
+            lmdecode.Model.from_numpy(dict(config, **changes), state)
+    qwen2 = dict(config, architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.o_proj\.bias' is a bias the configured "
+                                         r"architecture does not have \(Qwen2ForCausalLM\)"):
+        lmdecode.Model.from_numpy(qwen2, state)
+    with pytest.raises(ValueError, match=r"config 'model_type' \(='mistral'\) is not LlamaForCausalLM's \('llama'\)"):
+        lmdecode.Model.from_numpy(dict(config, architectures=["LlamaForCausalLM"], model_type="mistral"), state)

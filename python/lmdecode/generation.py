@@ -99,11 +99,15 @@ class GenerationChunk:
 # ----------------------------------------------------------------------------
 
 
-def _check_count(name: str, value: Any, low: int) -> int:
+def check_count(name: str, value: Any, low: int) -> int:
+    """A count keyword (max_new_tokens, beam_width, ...): an int in [low, 2**31 - 1], the C
+    core's int32 (a larger one was an OverflowError naming nothing)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < low:
         raise ValueError(f"{name} (={value}) must be >= {low}")
+    if value > _ALL_STEPS:
+        raise ValueError(f"{name} (={value}) must be <= {_ALL_STEPS}")
     return int(value)
 
 
@@ -157,10 +161,14 @@ def check_prompt_ids(prompt_ids: np.ndarray, offsets: np.ndarray, vocab: int) ->
                          f"outside the vocabulary [0, {vocab})")
 
 
-def _stop_ids(stop_token_ids: Any, default_eos: int | Sequence[int] | None) -> np.ndarray:
+def _stop_ids(stop_token_ids: Any, default_eos: int | Sequence[int] | None, vocab: int) -> np.ndarray:
     """The ids that end a sequence: stop_token_ids and the default EOS, which may be one id or
     several (ModelConfig.eos_token_id of a Llama 3 checkpoint: each of them stops)."""
-    ids = token_id_list(default_eos, "the model's eos_token_id") + token_id_list(stop_token_ids, "stop_token_ids")
+    given = token_id_list(stop_token_ids, "stop_token_ids")
+    for token in given:
+        if not 0 <= token < vocab:
+            raise ValueError(f"stop_token_ids holds token id {token}, outside the vocabulary [0, {vocab})")
+    ids = token_id_list(default_eos, "the model's eos_token_id") + given
     return np.array(sorted(set(ids)), dtype=np.int32)
 
 
@@ -422,15 +430,15 @@ def generate(
     such sequences the model keeps, for conversations that take turns; ``model.clear_prompt_cache()``
     lets go of them.
     """
-    max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 0)
-    min_new_tokens = _check_count("min_new_tokens", min_new_tokens, 0)
-    n = _check_count("n", n, 1)
+    max_new_tokens = check_count("max_new_tokens", max_new_tokens, 0)
+    min_new_tokens = check_count("min_new_tokens", min_new_tokens, 0)
+    n = check_count("n", n, 1)
     for name, flag in (("stream", stream), ("cache_prompt", cache_prompt), ("batched", batched),
                        ("ignore_eos", ignore_eos)):
         if not isinstance(flag, (bool, np.bool_)):  # "false" would be true
             raise TypeError(f"{name} must be True or False, got {flag!r:.80}")
-    logprobs = _check_count("logprobs", logprobs, 0)
-    num_draft_tokens = _check_count("num_draft_tokens", num_draft_tokens, 1)
+    logprobs = check_count("logprobs", logprobs, 0)
+    num_draft_tokens = check_count("num_draft_tokens", num_draft_tokens, 1)
     if num_draft_tokens > 64:
         raise ValueError(f"num_draft_tokens (={num_draft_tokens}) must be <= 64")
     model = model_or_step_fn if hasattr(model_or_step_fn, "_decoder") else None
@@ -495,7 +503,7 @@ def generate(
         vocab = int(shape[-1])
         default_eos = None
     run = _Run(vocab, prompts, n, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, seed=seed,
-               stop_ids=_stop_ids(stop_token_ids, default_eos), stop=_stop_strings(stop), logprobs=logprobs,
+               stop_ids=_stop_ids(stop_token_ids, default_eos, vocab), stop=_stop_strings(stop), logprobs=logprobs,
                tokenizer=tokenizer, sampling=sampling, dynamic_allowed=prefix_allowed_tokens_fn is not None)
     run.batched = batched
 

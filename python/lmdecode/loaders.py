@@ -325,6 +325,9 @@ def expected_shapes(config: dict) -> dict:
     return shapes
 
 
+BIAS_NAMES = ("bq", "bk", "bv", "bo", "b_up", "b_down")
+
+
 def required_names(config: dict) -> list:
     names = ["token_embedding", "output", "final_norm"]
     gpt2 = config["arch"] == "gpt2"
@@ -371,6 +374,15 @@ def check_tensors(path, config: dict, tensors: dict, file_names: dict | None = N
     for name in required_names(config):
         if name not in tensors:
             _fail(path, f"tensor {named(name)!r} is missing")
+    allowed = config.get("allowed_biases")  # None: any the engine has
+    if allowed is not None:
+        for name in tensors:
+            kind = name.split(".")[2] if name.startswith("layers.") and name.count(".") == 2 else None
+            if kind in BIAS_NAMES and kind not in allowed:
+                # transformers would drop it (an "unexpected" weight) and the engine would add it:
+                # the file and its config describe two different models
+                _fail(path, f"tensor {named(name)!r} is a bias the configured architecture does not have"
+                            f"{config.get('bias_note', '')}")
     for name, src in tensors.items():
         want = shapes.get(name)
         if want is None:
@@ -615,14 +627,29 @@ def read_gguf(path: Path):
     n_kv_heads = meta_int(f"{arch}.attention.head_count_kv", n_heads)
     hidden = meta_int(f"{arch}.feed_forward_length", 4 * dim)
     context = meta_int(f"{arch}.context_length", required=True)
+    if meta(f"{arch}.expert_count", 0) not in (0, None):
+        _fail(path, f"GGUF metadata '{arch}.expert_count' (={meta(f'{arch}.expert_count')!r}): "
+                    "mixture-of-experts models are not supported")
     if family == "llama":
-        eps = meta_float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+        # required, as llama.cpp requires it (a default would run the file with another epsilon)
+        if meta(f"{arch}.attention.layer_norm_rms_epsilon") is None:
+            _fail(path, f"GGUF metadata '{arch}.attention.layer_norm_rms_epsilon' is missing")
+        eps = meta_float(f"{arch}.attention.layer_norm_rms_epsilon", None)
         theta = meta_float(f"{arch}.rope.freq_base", 10000.0, positive=True)
-        scaling = meta(f"{arch}.rope.scaling.type", "none")
-        if scaling not in ("none", None, "linear"):
+        # llama.cpp: the type defaults to linear, the factor is rope.scaling.factor or the older
+        # rope.scale_linear (0 or absent: none), and "none" ignores the factor
+        scaling = meta(f"{arch}.rope.scaling.type", "linear")
+        if scaling not in ("none", "linear"):
             _fail(path, f"rope scaling {scaling!r} is not supported (linear, or Llama 3's rope_freqs tensor)")
+        factor_key = next((k for k in (f"{arch}.rope.scaling.factor", f"{arch}.rope.scale_linear")
+                           if meta(k) is not None), None)
+        rope_factor = meta_float(factor_key, 0.0) if factor_key is not None else 0.0
+        if scaling == "none" or rope_factor in (0.0, 1.0):
+            scaling = "none"
     else:
-        eps = meta_float("gpt2.attention.layer_norm_epsilon", 1e-5)
+        if meta("gpt2.attention.layer_norm_epsilon") is None:
+            _fail(path, "GGUF metadata 'gpt2.attention.layer_norm_epsilon' is missing")
+        eps = meta_float("gpt2.attention.layer_norm_epsilon", None)
         theta = 10000.0
     if n_heads < 1 or dim % n_heads:
         _fail(path, f"embedding_length (={dim}) is not a multiple of head_count (={n_heads})")
@@ -692,17 +719,19 @@ def read_gguf(path: Path):
     if family == "llama" and scaling == "linear":
         if "rope_freq_factors" in tensors:
             _fail(path, "linear rope scaling and a rope_freqs tensor together are not supported")
-        factor = meta_float(f"{arch}.rope.scaling.factor", 1.0)
-        if not (factor > 0 and math.isfinite(factor)):
-            _fail(path, f"GGUF metadata '{arch}.rope.scaling.factor' (={factor}) must be a positive number")
-        factors = np.full(head_dim // 2, factor, dtype=np.float32)
+        if not (rope_factor > 0 and math.isfinite(rope_factor)):
+            _fail(path, f"GGUF metadata {factor_key!r} (={rope_factor}) must be a positive number")
+        factors = np.full(head_dim // 2, rope_factor, dtype=np.float32)
         tensors["rope_freq_factors"] = Source("f32", factors, factors.shape)
     config = dict(arch=family, vocab_size=vocab, dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads,
                   n_kv_heads=n_kv_heads, head_dim=head_dim, context_length=context, norm_eps=eps, rope_theta=theta,
                   rope_layout="half" if arch == "qwen2" else "adjacent", tied_embeddings=tied,
                   bos_token_id=special_id("tokenizer.ggml.bos_token_id"),
                   eos_token_id=special_id("tokenizer.ggml.eos_token_id"),
-                  required_biases=("bq", "bk", "bv") if arch == "qwen2" else ())
+                  required_biases=("bq", "bk", "bv") if arch == "qwen2" else (),
+                  # llama.cpp's llama has optional attention biases; qwen2 no output bias; gpt2 all
+                  allowed_biases=BIAS_NAMES if arch == "gpt2" else ("bq", "bk", "bv") if arch == "qwen2"
+                  else ("bq", "bk", "bv", "bo"))
     check_config(path, config)
     check_tensors(path, config, tensors, file_names, layers_key=f"GGUF metadata '{arch}.block_count'",
                   name_of=lambda name: _gguf_name(name, arch))
@@ -861,10 +890,15 @@ def hf_config(path, cfg: dict) -> dict:
     model_type = cfg.get("model_type")
     if model_type is not None and not isinstance(model_type, str):
         _fail(path, f"config 'model_type' (={model_type!r}) must be a string")
-    arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                   "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}.get(model_type)
+    class_of_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                     "gpt2": "GPT2LMHeadModel"}
+    arch = archs[0] if archs else class_of_type.get(model_type)
     if arch not in HF_ARCHS:
         _fail(path, f"architecture {arch or model_type!r} is not supported ({', '.join(HF_ARCHS)})")
+    if model_type is not None and class_of_type.get(model_type) != arch:
+        # transformers' Auto classes build the model model_type names, whatever architectures says
+        _fail(path, f"config 'model_type' (={model_type!r}) is not {arch}'s "
+                    f"({next(t for t, c in class_of_type.items() if c == arch)!r}): the config describes two models")
     if arch == "GPT2LMHeadModel":
         dim, n_heads = need("n_embd"), need("n_head")
         act = cfg.get("activation_function", "gelu_new")
@@ -884,12 +918,17 @@ def hf_config(path, cfg: dict) -> dict:
                     tied_embeddings=flag("tie_word_embeddings", True), **special_ids(vocab),
                     required_biases=("bq", "bk", "bv", "bo", "b_up", "b_down"))
     dim, n_heads = need("hidden_size"), need("num_attention_heads")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    # transformers: rope_parameters = rope_scaling or rope_parameters (the older key wins)
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         _fail(path, f"config rope parameters (={rope!r}) must be an object")
     theta = hyper("rope_theta", rope.get("rope_theta", cfg.get("rope_theta", 10000.0)), positive=True)
     head_dim = optional("head_dim", dim // n_heads)
-    factors = hf_rope_freq_factors(path, rope, head_dim, theta)
+    context = optional("max_position_embeddings", 2048)
+    # transformers: a top-level original_max_position_embeddings overrides the rope dict's for
+    # llama3, yarn and longrope, and max_position_embeddings stands in for a missing one
+    old_context = cfg.get("original_max_position_embeddings", rope.get("original_max_position_embeddings", context))
+    factors = hf_rope_freq_factors(path, {**rope, "original_max_position_embeddings": old_context}, head_dim, theta)
     if real("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         _fail(path, "partial rotary embeddings are not supported")
     if flag("mlp_bias", False):
@@ -897,11 +936,14 @@ def hf_config(path, cfg: dict) -> dict:
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         _fail(path, f"hidden_act {act!r} is not supported (silu)")
-    context = optional("max_position_embeddings", 2048)
-    window = optional("sliding_window", None)
+    # MistralConfig and Qwen2Config default the window to 4096 (Qwen2 uses it only with
+    # use_sliding_window); an explicit null means none
+    window = optional("sliding_window", None) if "sliding_window" in cfg else 4096
     if window and (arch == "MistralForCausalLM" or flag("use_sliding_window", False)):
         context = min(context, window)  # within the window sliding-window attention is full attention
     vocab = need("vocab_size")
+    biases = (("bq", "bk", "bv") if arch == "Qwen2ForCausalLM" else ("bq", "bk", "bv", "bo")
+              if arch == "LlamaForCausalLM" and flag("attention_bias", False) else ())
     return dict(arch="llama", vocab_size=vocab, dim=dim, hidden_dim=need("intermediate_size"),
                 n_layers=need("num_hidden_layers"), n_heads=n_heads,
                 n_kv_heads=optional("num_key_value_heads", n_heads),
@@ -911,9 +953,10 @@ def hf_config(path, cfg: dict) -> dict:
                 rope_layout="half", rope_freq_factors=factors,
                 # transformers' default for LlamaConfig, MistralConfig and Qwen2Config: untied
                 tied_embeddings=flag("tie_word_embeddings", False), **special_ids(vocab),
-                # the biases the architecture has, which a checkpoint must not leave out
-                required_biases=("bq", "bk", "bv") if arch == "Qwen2ForCausalLM"
-                else ("bq", "bk", "bv", "bo") if flag("attention_bias", False) else ())
+                # the biases the architecture has, which a checkpoint must neither leave out nor add
+                required_biases=biases, allowed_biases=biases,
+                bias_note=f" ({arch}" + ("" if arch != "LlamaForCausalLM" else
+                                          f", attention_bias={str(flag('attention_bias', False)).lower()}") + ")")
 
 
 def hf_rope_freq_factors(path, rope: dict, head_dim: int, theta: float) -> np.ndarray | None:

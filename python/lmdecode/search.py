@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _core
 from .chat import is_conversation
-from .generation import ReplyText, _prompts, check_prompt_ids, short_token_list
+from .generation import ReplyText, _prompts, check_count, check_prompt_ids, short_token_list
 from .sampling import allowed_token_ids, check_constraint_function, step_logits, token_id_list
 
 __all__ = ["Hypothesis", "beam_search"]
@@ -40,14 +40,6 @@ class Hypothesis:
     def __repr__(self) -> str:  # one line: not every token and log-probability
         return (f"Hypothesis(score={self.score:.4f}, logprob={self.logprob:.4f}, text={self.text!r}, "
                 f"tokens={short_token_list(self.tokens)})")
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} (={value}) must be >= {low}")
-    return int(value)
 
 
 def _finish_reason(tokens: Sequence[int], eos: Any) -> str:
@@ -110,9 +102,9 @@ def beam_search(
     ``batched=True`` (step functions): ``step_fn(sequences: list of int64 arrays) -> (len, V)
     logits`` is called once per step with the distinct beams it has not seen.
     """
-    beam_width = _check_int("beam_width", beam_width, 1)
-    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
-    num_return_sequences = _check_int("num_return_sequences", num_return_sequences, 1)
+    beam_width = check_count("beam_width", beam_width, 1)
+    max_new_tokens = check_count("max_new_tokens", max_new_tokens, 1)
+    num_return_sequences = check_count("num_return_sequences", num_return_sequences, 1)
     if num_return_sequences > beam_width:
         raise ValueError(f"num_return_sequences (={num_return_sequences}) must be <= beam_width (={beam_width})")
     if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
@@ -125,8 +117,8 @@ def beam_search(
             or not (0 < repetition_penalty < float("inf"))):
         raise ValueError(f"repetition_penalty (={repetition_penalty!r}) must be a finite number > 0")
     processors = dict(repetition_penalty=float(repetition_penalty),
-                      no_repeat_ngram_size=_check_int("no_repeat_ngram_size", no_repeat_ngram_size, 0),
-                      min_new_tokens=_check_int("min_new_tokens", min_new_tokens, 0))
+                      no_repeat_ngram_size=check_count("no_repeat_ngram_size", no_repeat_ngram_size, 0),
+                      min_new_tokens=check_count("min_new_tokens", min_new_tokens, 0))
     model = model_or_step_fn if hasattr(model_or_step_fn, "_beam_search_in_c") else None
     if batched and model is not None:
         raise ValueError("batched=True is for step functions: an lmdecode Model already runs its beams together")
