@@ -10,11 +10,13 @@ Loading::
 ``dtype`` picks the engine's weight storage: ``"f32"``, ``"bf16"``, ``"f16"``, ``"q8_0"``,
 ``"q4_0"`` or ``"q4_1"`` (llama.cpp's Q8_0, Q4_0 and Q4_1 blocks, interleaved by 16 rows; inputs
 are quantized to blocks of 32 int8 as llama.cpp does and multiplied in integers; float weights
-are quantized as llama.cpp's reference quantizer does, and must be finite for q4). By default
-f32 files stay f32, bf16 stays bf16, f16 stays f16 when every matrix is f16 (widened exactly as
-read: the logits of f32 storage, half the bytes; mixed with f32 matrices it widens to f32), a
-GGUF file whose 4-bit matrices are all Q4_0 (or all Q4_1) keeps them (its Q8_0 ones stay Q8_0,
-in q4 storage always), and other quantized GGUF files become q8_0. The quantized types need a
+are quantized as llama.cpp's reference quantizer does; they must be finite and each block's
+fp16 scale (and q4_1 minimum) must not overflow, else a ValueError naming the tensor). By
+default f32 files stay f32, bf16 stays bf16, f16 stays f16 when every matrix is f16 (widened
+exactly as read: the logits of f32 storage, half the bytes; mixed with f32 matrices it widens to
+f32), a GGUF file whose 4-bit matrices are all Q4_0 (or all Q4_1) keeps them (its Q8_0 ones stay
+Q8_0 and its F16/BF16/F32 ones keep their type, in q4 storage always), and other quantized GGUF
+files become q8_0. The quantized types need a
 multiple of 32 input features; a matrix without one (e.g. stories260K's 172-wide feed-forward)
 stays f32. Norm weights, biases and
 GPT-2's position table are always f32. q8_0 weights whose storage equals the file's are memory
