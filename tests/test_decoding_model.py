@@ -711,6 +711,14 @@ def test_token_inputs_that_are_no_token_ids_are_refused_naming_the_argument():
         model.forward(PROMPT, model.new_cache(8), logits=[[0], [0, 1]])
     with pytest.raises(TypeError, match="context must be a str or a 1-D sequence of token ids"):
         model.sequence_logprob(ragged, [3])
+    # ids outside the vocabulary are named by argument and position (the engine's message named
+    # targets[1] or tokens[3], positions of context + continuation)
+    with pytest.raises(ValueError, match=r"^continuation holds token id 900 at position 1, outside the vocabulary"):
+        model.sequence_logprob([1, 403], [407, 900])
+    with pytest.raises(ValueError, match=r"^context holds token id -3 at position 1, outside the vocabulary"):
+        model.sequence_logprob([1, -3], [5])
+    with pytest.raises(ValueError, match=r"^continuation 1 holds token id 600 at position 1"):
+        model.sequence_logprob([1, 403], [[5], [6, 600]])
     with pytest.raises(TypeError, match="text_or_tokens must be a str or a 1-D sequence of token ids"):
         model.perplexity(ragged)
     with pytest.raises(TypeError, match=r"a prompt must be a str or a sequence of token ids, got \[\[3\]\]"):

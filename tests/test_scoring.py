@@ -178,3 +178,12 @@ def test_logits_fn_must_return_one_row_per_window_token():
         perplexity(lambda c: np.zeros((1, len(c), 10)), [1, 2, 3], window=4)
     with pytest.raises(ValueError, match=r"got shape \(\)"):
         perplexity(lambda c: None, [1, 2, 3], window=4)
+
+
+def test_float64_logits_past_float32_are_named():
+    """As the samplers name them (the cast made +inf, a RuntimeWarning, then "logits[0] is +inf",
+    a value the caller never passed)."""
+    z = np.zeros((2, 5))
+    z[0, 1] = 1e39
+    with pytest.raises(ValueError, match=r"logits\[0, 1\] \(=1e\+39\) is outside the float32 range"):
+        ld.sequence_logprob(z, [0, 1])

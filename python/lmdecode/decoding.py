@@ -347,6 +347,13 @@ class DecodingMixin:
         ctx, conts = self._scored_pair(context, list(continuation) if batch else [continuation])
         if not ctx:
             raise ValueError("context must hold at least one token (e.g. BOS)")
+        vocab = self.config.vocab_size
+        for name, ids in [("context", ctx)] + [(f"continuation {j}" if batch else "continuation", c)
+                                               for j, c in enumerate(conts)]:
+            bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
+            if bad is not None:  # named here: the engine would name a position of context + continuation
+                raise ValueError(f"{name} holds token id {ids[bad]} at position {bad}, outside the vocabulary "
+                                 f"[0, {vocab})")
         longest = max(len(c) for c in conts)
         if len(ctx) + longest > self.config.context_length:
             raise ValueError(f"context ({len(ctx)} tokens) + continuation ({longest}) exceed the context length {self.config.context_length}")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .sampling import as_numpy, as_token_ids
+from .sampling import _float32, as_numpy, as_token_ids
 
 __all__ = ["PerplexityResult", "SequenceScore", "perplexity", "perplexity_of_windows", "perplexity_windows",
            "sequence_logprob"]
@@ -82,7 +82,7 @@ def sequence_logprob(logits: Any, targets: Any) -> SequenceScore:
         return SequenceScore(0.0, np.zeros(0))
     # log softmax at each target only: the values log_softmax(z) would hold there, without
     # a second (T, V) array
-    lp, is_max = _core.target_logprobs(z.astype(np.float32, copy=False), y.astype(np.int32))
+    lp, is_max = _core.target_logprobs(_float32(z, "logits"), y.astype(np.int32))
     lp = lp.astype(np.float64)
     return SequenceScore(float(lp.sum()), lp, is_greedy=bool(is_max.all()))
 
