@@ -259,7 +259,11 @@ class DecodingMixin:
         ctx = self.config.context_length
         if self._prompt_pool is None or self._prompt_pool_slots < self._prompt_cache_slots:
             # entries of an older, smaller pool keep it; new ones no longer share their blocks
-            self._prompt_pool = self._pool(self._prompt_cache_slots * math.ceil((ctx + _BLOCK) / _BLOCK) * _BLOCK)
+            try:
+                self._prompt_pool = self._pool(self._prompt_cache_slots * math.ceil((ctx + _BLOCK) / _BLOCK) * _BLOCK)
+            except MemoryError as e:
+                raise MemoryError(f"prompt_cache_slots (={self._prompt_cache_slots}) slots of context_length "
+                                  f"{ctx} positions: {e}") from e
             self._prompt_pool_slots = self._prompt_cache_slots
         if donor is None or donor.pool is not self._prompt_pool:
             return _PromptCache(self._prompt_pool, _core.KVSeq(self._prompt_pool, ctx))
