@@ -49,8 +49,10 @@ typedef struct {
     int32_t n_stop_strings;
     const uint8_t *token_bytes;        /* CSR bytes of every token, needed for stop strings */
     const int64_t *token_offsets;      /* (vocab + 1,) or NULL without stop strings */
-    int32_t strip_space_after_bos;     /* nonzero: a piece's leading space after bos_id is not
-                                          text (sentencepiece-style vocabularies' decode) */
+    int32_t strip_space_after_bos;     /* nonzero: in a sequence whose prompt is bos_id and
+                                          tokens without text, the first new piece with text
+                                          loses its leading space (sentencepiece-style
+                                          vocabularies' decode of a document) */
     int32_t bos_id;                    /* in [0, vocab) when strip_space_after_bos */
     int32_t n_top_logprobs;            /* alternatives reported per step, >= 0 */
     int32_t dynamic_allowed;           /* nonzero: room for lmd_generator_set_allowed (4 n V bytes) */

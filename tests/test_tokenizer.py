@@ -769,3 +769,74 @@ def test_ids_past_the_tokenizers_vocabulary_have_no_text(tok512, stop, stream):
     assert text == out.text == (" Once upon a " if stop == "time" else " Once upon a time")
     assert out.tokens == forced  # "time" completes with the last token
     assert out.finish_reason == ("stop" if stop == "time" else "length")
+
+
+@pytest.mark.parametrize("source", ["tok512.bin", "tokenizer.json llama2"])
+@pytest.mark.parametrize("stop", [None, "zzz"])
+def test_only_a_documents_first_word_loses_its_space(source, stop, hf_dirs):
+    """A BOS the model draws mid-reply keeps the space after it, as transformers' decoders (and
+    llama.cpp's) drop only the space before a document's first word: .text, the stream and
+    decode(prompt + reply) all read " there was" (the space was dropped after every BOS: " therewas")."""
+    tok = load_tokenizer(hf_dirs["llama2"] if source.startswith("tokenizer.json") else MODELS / source)
+    there, was = tok.encode(" there", add_bos=False)[-1], tok.encode(" was", add_bos=False)[-1]
+    assert tok.token_bytes(there) == b" there" and tok.token_bytes(was) == b" was"
+    reply = [there, tok.bos_id, was]
+    for prompt in ([tok.bos_id, was], [tok.bos_id]):
+        step = (lambda p: lambda t: np.where(np.arange(tok.vocab_size) == reply[len(t) - len(p)], 0, -1e9)
+                .astype(np.float32))(prompt)
+        kw = dict(tokenizer=tok, max_new_tokens=3, temperature=0, stop=stop, stop_token_ids=[])
+        out = ld.generate(step, prompt, **kw)
+        streamed = "".join(c.text for c in ld.generate(step, prompt, stream=True, **kw))
+        want = tok.decode(prompt + reply)[len(tok.decode(prompt)):]
+        assert out.tokens == reply and out.text == streamed == want
+        assert want == (" there was" if len(prompt) > 1 else "there was")
+
+
+def test_a_tokenizer_of_ones_own_may_drop_a_documents_first_space():
+    """strips_leading_space_after_bos on a tokenizer of one's own: the reply to a prompt of BOS
+    alone loses its first space in .text, streams and stop strings alike (the C matcher and the
+    text disagreed by that byte for a tokenizer with a piece_after rule of its own)."""
+    class Pieces:
+        bos_id, eos_id, vocab_size = 0, None, 4
+        pieces = [b"", b" Once", b" upon", b" a"]
+
+        def __init__(self, strips):
+            self.strips_leading_space_after_bos = strips
+
+        def token_bytes(self, t):
+            return self.pieces[t]
+
+        def encode(self, text, add_bos=True):
+            raise NotImplementedError
+
+    script = [1, 2, 3, 1, 2, 3]
+    step = lambda t: np.where(np.arange(4) == script[len(t) - 1], 0, -1e9).astype(np.float32)  # noqa: E731
+    for strips, want in ((True, "Once upon"), (False, " Once upon")):
+        kw = dict(tokenizer=Pieces(strips), max_new_tokens=6, temperature=0, stop=" a")
+        assert ld.generate(step, [0], **kw).text == want
+        assert "".join(c.text for c in ld.generate(step, [0], stream=True, **kw)) == want
+        kw["stop"] = None
+        assert ld.generate(step, [0], **kw).text == want + " a Once upon a"
+
+
+def test_scoring_splits_text_around_what_the_tokenizer_adds(hf_dirs):
+    """sequence_logprob's context is its text's tokens with BOS but without an EOS the tokenizer
+    appends (GGUF add_eos_token): cutting the joint encoding after the context's count scored
+    that EOS in place of " time" (-29.5 against -0.0007). A context of whitespace alone, in a
+    vocabulary that adds no BOS, stands as lm-evaluation-harness's prefix token (BOS, else EOS)
+    rather than failing as an empty context."""
+    model = ld.Model.load(MODELS / "stories260K.bin")
+    want = model.sequence_logprob("Once upon a", " time")
+    with_eos = load_tokenizer(MODELS / "tok512.bin")
+    with_eos.adds_eos = True
+    assert with_eos.encode("Once upon a")[-1] == 2
+    model.tokenizer = with_eos
+    got = model.sequence_logprob("Once upon a", [" time", " time there"])
+    assert got[0].tokens == want.tokens and got[0].total == want.total
+    assert got[1].tokens == want.tokens + (383,)
+    byte_level = load_tokenizer(hf_dirs["smollm"])  # no BOS added; its config names <|im_start|> (0) as BOS
+    assert byte_level.encode("\n") == byte_level.encode("\n", add_bos=False)
+    model.tokenizer = byte_level
+    scored = model.sequence_logprob("\n", "Hello world")
+    assert scored.tokens == tuple(byte_level.encode("\nHello world"))
+    assert scored.total == model.sequence_logprob([0], list(scored.tokens)).total

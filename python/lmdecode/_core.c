@@ -833,7 +833,8 @@ static void Generator_dealloc(GeneratorObject *self) {
  *           stop_offsets=None, token_bytes=None, token_offsets=None, n_top_logprobs=0,
  *           bias_ids..., allowed..., banned... (as sample_rows, one row per sequence),
  *           dynamic_allowed=False (True: set_allowed may replace a sequence's allowed list),
- *           strip_space_bos=-1 (a BOS id: a piece's leading space after it is not text))
+ *           strip_space_bos=-1 (a BOS id: in a sequence whose prompt is it and tokens without
+ *           text, the first new piece with text loses its leading space))
  */
 static int Generator_init(GeneratorObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"vocab", "params", "seed", "prompts", "prompt_offsets",

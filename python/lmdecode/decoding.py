@@ -35,6 +35,19 @@ _SCORING_BLOCK = 64
 _SCORING_SCRATCH_BYTES = 8 << 20
 
 
+
+def _appended_tokens(full: list[int], plain: list[int], eos: int | None) -> int:
+    """How many tokens encode(text, add_bos=True) (full) puts after the text's own (plain)."""
+    if plain:
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return len(full) - start - len(plain)
+        return 0
+    n = 0  # no text: the trailing EOS tokens, a BOS before them kept
+    while n < len(full) - 1 and full[len(full) - 1 - n] == eos:
+        n += 1
+    return n
+
 class _PromptCache:
     """One sequence kept by generate(cache_prompt=True): its pool, its KVSeq (the keys and values
     of the first seq.len of its tokens), the tokens (computed from the call's generator when
@@ -131,7 +144,9 @@ class DecodingMixin:
         " there" is one token, not a dummy-prefix space then "▁there"). A conversation context
         is its chat template's text (the assistant's turn opened), encoded as the template is;
         token ids are used as given, after the context's text as it is. (All continuations are
-        text or all are ids: sequence_logprob scores a batch that mixes them one by one.)"""
+        text or all are ids: sequence_logprob scores a batch that mixes them one by one.) What
+        encode appends after a text (an EOS) is left out of both; a context with no token left
+        (whitespace, no BOS) is lm-evaluation-harness's prefix token, BOS or else EOS."""
         text = None
         if self.tokenizer is not None and isinstance(continuations[0], str):
             if isinstance(context, str):
@@ -144,15 +159,29 @@ class DecodingMixin:
             return ctx, [self._encode(c, add_bos=False, name="continuation") for c in continuations]
         kept = text.rstrip()
         text, moved = kept, text[len(kept):]
-        ctx = list(self.tokenizer.encode(text, add_bos=add_bos, **special))
+        full = list(self.tokenizer.encode(text, add_bos=add_bos, **special))
+        # what encode appends after a text (a GGUF add_eos_token's EOS, a post_processor's "</s>")
+        # is no part of the context: the continuation follows its text
+        appended = _appended_tokens(full, list(self.tokenizer.encode(text, add_bos=False, **special)) if add_bos
+                                    else full, getattr(self.tokenizer, "eos_id", None))
+        ctx = full[:len(full) - appended]
+        prefix = []
+        if not ctx:  # no text and no BOS: lm-evaluation-harness's prefix token (BOS, else EOS)
+            token = next((t for t in (self.tokenizer.bos_id, getattr(self.tokenizer, "eos_id", None))
+                          if t is not None), None)
+            if token is None:
+                raise ValueError("context holds no token: its text is empty (or whitespace) and the "
+                                 "tokenizer has neither BOS nor EOS to stand for it")
+            prefix = [token]
         conts = []
         for c in continuations:
-            cont = list(self.tokenizer.encode(text + moved + c, add_bos=add_bos, **special))[len(ctx):]
+            joint = list(self.tokenizer.encode(text + moved + c, add_bos=add_bos, **special))
+            cont = joint[len(ctx):len(joint) - appended]
             if c and not cont:  # lm-evaluation-harness would score nothing: log p = 0
                 raise ValueError(f"continuation {c!r:.60} adds no tokens after the context's: its text merges "
                                  "with the context's last token; pass token ids to score it")
             conts.append(cont)
-        return ctx, conts
+        return prefix + ctx, conts
 
     # ------------------------------------------------------------------ decoding loops in C
 

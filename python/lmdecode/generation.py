@@ -39,8 +39,9 @@ class TokenizerLike(Protocol):
     """What generate() needs of a tokenizer of your own (``tokenizer=``): ``encode`` for text
     prompts and ``token_bytes`` for the text of each id (``.text``, stream chunks and stop
     strings are the new tokens' bytes read as UTF-8). Optional: ``vocab_size`` (ids at or past
-    it have no text) and ``piece_after(previous, token)`` (a token's bytes after another, as
-    lmdecode's tokenizers drop a piece's space after BOS)."""
+    it have no text) and ``strips_leading_space_after_bos`` (True: after a prompt of BOS alone,
+    the reply's first piece with text loses its leading space, as a sentencepiece-style
+    decoder drops the space before a document's first word)."""
 
     bos_id: int | None
     eos_id: int | None
@@ -199,31 +200,46 @@ def _text_vocabulary(tokenizer: TokenizerLike) -> int | None:
 
 
 class ReplyText:
-    """The bytes that tokens add to a text, as a generation's ``.text``, its stream's chunks and
-    its stop strings all read them: each token's bytes (``token_bytes``), with the tokenizer's
-    ``piece_after`` rule where it has one (sentencepiece-style vocabularies drop the space of a
-    piece after BOS, as ``decode(prompt + reply)`` does), and nothing for ids past the
-    tokenizer's vocabulary (a model's padding rows)."""
+    """The bytes that tokens add to a prompt's text, as a generation's ``.text``, its stream's
+    chunks and its stop strings (csrc/generate.c) all read them: each token's bytes
+    (``token_bytes``; none for ids past the tokenizer's vocabulary, a model's padding rows),
+    and after a prompt of BOS and tokens without text, in a vocabulary that drops the space
+    before a document's first word (``strips_leading_space_after_bos``), the first piece with
+    text without its leading space, as ``decode(prompt + reply)`` reads."""
 
     def __init__(self, tokenizer: TokenizerLike) -> None:
-        self._tokenizer = tokenizer
-        self._piece_after = getattr(tokenizer, "piece_after", None)
+        self._token_bytes = tokenizer.token_bytes
         self._n_text = _text_vocabulary(tokenizer)
+        bos = getattr(tokenizer, "bos_id", None)
+        strips = getattr(tokenizer, "strips_leading_space_after_bos", False)
+        strips = bool(strips) if isinstance(strips, (bool, np.bool_)) else False
+        self.bos_id = bos if strips and isinstance(bos, int) and not isinstance(bos, bool) else None
 
-    def piece(self, previous: int | None, token: int) -> bytes:
+    def piece(self, token: int) -> bytes:
         if self._n_text is not None and not 0 <= token < self._n_text:
             return b""
-        if self._piece_after is not None:
-            return self._piece_after(previous, token)
-        return self._tokenizer.token_bytes(token)
+        return self._token_bytes(token)
 
-    def bytes(self, previous: int | None, tokens: Sequence[int]) -> bytes:
-        """The bytes of tokens after the token previous (a prompt's last; None: nothing)."""
-        out = bytearray()
-        for token in tokens:
-            out += self.piece(previous, token)
-            previous = token
-        return bytes(out)
+    def starts_document(self, prompt: Sequence[int]) -> bool:
+        return (self.bos_id is not None and len(prompt) > 0 and prompt[0] == self.bos_id
+                and not any(self.piece(t) for t in prompt))
+
+    def pieces(self, prompt: Sequence[int]) -> Callable[[int], bytes]:
+        """token -> its bytes, one new token after another, after prompt."""
+        start = [self.starts_document(prompt)]
+
+        def next_piece(token: int) -> bytes:
+            piece = self.piece(token)
+            if start[0] and piece:
+                piece = piece[1:] if piece.startswith(b" ") else piece
+                start[0] = False
+            return piece
+        return next_piece
+
+    def bytes(self, prompt: Sequence[int], tokens: Sequence[int]) -> bytes:
+        """The bytes tokens add after prompt."""
+        next_piece = self.pieces(prompt)
+        return b"".join(next_piece(t) for t in tokens)
 
 
 def _token_byte_table(tokenizer: TokenizerLike, vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -290,10 +306,8 @@ class _Run:
         # sentencepiece-style vocabularies: a BOS-only prompt's reply reads "Once", not " Once"
         # (its text is what decode(prompt + reply) adds to decode(prompt)); the C side matches
         # stop strings against the same bytes
-        if stop and getattr(tokenizer, "piece_after", None) is not None \
-                and getattr(tokenizer, "strips_leading_space_after_bos", False) \
-                and isinstance(getattr(tokenizer, "bos_id", None), int) and 0 <= tokenizer.bos_id < vocab:
-            kwargs["strip_space_bos"] = tokenizer.bos_id
+        if stop and self.reply_text.bos_id is not None and 0 <= self.reply_text.bos_id < vocab:
+            kwargs["strip_space_bos"] = self.reply_text.bos_id
         seed = int.from_bytes(os.urandom(8), "little") if seed is None else _check_u64("seed", seed)
         prompt_ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in self.prompts]) if offsets[-1] else np.zeros(0, np.int64)
         check_prompt_ids(prompt_ids, offsets, vocab)
@@ -310,19 +324,16 @@ class _Run:
         text = None
         if self.reply_text is not None:
             if reason == "stop" and stop_offset >= 0:  # the text ends where the stop string that fired begins
-                data = self.reply_text.bytes(self.last_prompt_token(k), new)[:stop_offset]
+                data = self.reply_text.bytes(self.prompts[k], new)[:stop_offset]
             else:
                 visible = new[:-1] if (new and new[-1] in self.stop_ids and reason == "stop") else new
-                data = self.reply_text.bytes(self.last_prompt_token(k), visible)
+                data = self.reply_text.bytes(self.prompts[k], visible)
             text = data.decode("utf-8", "replace")
         top = [{int(i): float(v) for i, v in zip(ids, vals)} for ids, vals in zip(top_ids, top_lps)]
         return Generation(tokens=new, text=text, token_logprobs=[float(x) for x in lps], top_logprobs=top,
                           finish_reason=reason or "length", prompt_tokens=[int(t) for t in tokens[:prompt_len]],
                           draft_tokens_proposed=proposed, draft_tokens_accepted=accepted,
                           cached_prompt_tokens=self.cached_prompt_tokens)
-
-    def last_prompt_token(self, k: int) -> int | None:
-        return self.prompts[k][-1] if self.prompts[k] else None
 
     def chunk(self, k: int, i: int, token: int, text: str, reason: str | None) -> GenerationChunk:
         """The stream's chunk for sequence k's generated token i."""
@@ -624,14 +635,15 @@ def _stream(run: _Run, advance: Callable[[], tuple[np.ndarray, np.ndarray]]) -> 
         yield from _stream_with_stop_strings(run, advance)
         return
     decoders: dict[int, Any] = {}
-    previous: dict[int, int | None] = {}
+    pieces: dict[int, Callable[[int], bytes]] = {}
     for k, token, index, ends in _new_tokens(run, advance):
         text = ""
         if run.reply_text is not None:
             decoder = decoders.setdefault(k, codecs.getincrementaldecoder("utf-8")(errors="replace"))
+            if k not in pieces:
+                pieces[k] = run.reply_text.pieces(run.prompts[k])
             if token not in run.stop_ids:
-                text = decoder.decode(run.reply_text.piece(previous.get(k, run.last_prompt_token(k)), token))
-            previous[k] = token
+                text = decoder.decode(pieces[k](token))
             if ends:  # an unfinished UTF-8 character at the end shows as U+FFFD, as in .text
                 text += decoder.decode(b"", final=True)
         yield run.chunk(k, index, token, text, run.gen.result(k)[5] if ends else None)
@@ -657,13 +669,14 @@ def _stream_with_stop_strings(run: _Run, advance: Callable[[], tuple[np.ndarray,
                     break
         return longest
 
-    previous: dict[int, int | None] = {}
+    pieces: dict[int, Callable[[int], bytes]] = {}
     for k, token, index, ends in _new_tokens(run, advance):
         data = text_bytes.setdefault(k, bytearray())
         decoder = decoders.setdefault(k, codecs.getincrementaldecoder("utf-8")(errors="replace"))
+        if k not in pieces:
+            pieces[k] = run.reply_text.pieces(run.prompts[k])
         if token not in run.stop_ids:
-            data += run.reply_text.piece(previous.get(k, run.last_prompt_token(k)), token)
-        previous[k] = token
+            data += pieces[k](token)
         reason = None  # until the sequence's last token
         if not ends:
             end = len(data) - held_back(data)

@@ -236,7 +236,7 @@ def _beam_search_model(model: Any, prompts: list[list[int]], beam_width: int, ma
             text = None
             if reply_text is not None:  # what the hypothesis adds to its prompt's text, as generate's .text
                 visible = tokens[:-1] if tokens and tokens[-1] in eos else tokens
-                text = reply_text.bytes(prompt_ids[-1] if len(prompt_ids) else None, visible).decode("utf-8", "replace")
+                text = reply_text.bytes(prompt_ids, visible).decode("utf-8", "replace")
             hyps.append(Hypothesis(tokens=tokens, logprob=float(logprob), score=float(score),
                                    token_logprobs=[float(x) for x in lps], text=text,
                                    finish_reason=_finish_reason(tokens, eos)))

@@ -1,7 +1,7 @@
 """Tokenizers for the model files lmdecode loads.
 
 Three kinds, one interface (``encode``, ``decode``, ``token_bytes``,
-``piece_after``, ``stream_decoder``, ``apply_chat_template``, ``bos_id``, ``eos_id``,
+``stream_decoder``, ``apply_chat_template``, ``bos_id``, ``eos_id``,
 ``vocab_size``, ``chat_template``):
 
 - sentencepiece-style BPE by merge scores with byte fallback: llama2.c's
@@ -58,16 +58,19 @@ N_TOKEN_TYPES = 7
 class StreamDecoder:
     """Turns token ids into text as they come, never splitting a UTF-8 character."""
 
-    def __init__(self, tokenizer: "Tokenizer", previous: int | None = None) -> None:
-        """previous: the token before the first pushed (a prompt's last), if any."""
+    def __init__(self, tokenizer: "Tokenizer", document_start: bool = False) -> None:
+        """document_start: the tokens pushed begin a document (after a BOS with no text yet:
+        Tokenizer.starts_document), so the first piece with text loses its leading space."""
         self._tokenizer = tokenizer
-        self._previous = previous
+        self._document_start = document_start
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token: int) -> str:
         """The text that token completes (continuations keep their leading space)."""
-        piece = self._tokenizer.piece_after(self._previous, token)
-        self._previous = token
+        piece = self._tokenizer.token_bytes(token)
+        if self._document_start and piece:
+            piece = piece[1:] if piece.startswith(b" ") else piece
+            self._document_start = False
         return self._utf8.decode(piece)
 
     def flush(self) -> str:
@@ -83,6 +86,8 @@ class Tokenizer:
     vocab_size: int = 0
     adds_bos: bool = True  # does this model's vocabulary expect a BOS at the start?
     adds_eos: bool = False  # ...and an EOS at the end (GGUF tokenizer.ggml.add_eos_token)?
+    # does decoding drop the space the encoder put before a document's first word (the first
+    # piece with text after a leading BOS), as sentencepiece, llama2.c and transformers do?
     strips_leading_space_after_bos = False
     chat_template: str | None = None  # Jinja source from the model file (lmdecode.chat), if it has one
     _bytes: list[bytes]  # (vocab_size,) the bytes each token stands for
@@ -104,23 +109,22 @@ class Tokenizer:
         self._check_id(token)
         return self._bytes[token]
 
-    def piece_after(self, previous: int | None, token: int) -> bytes:
-        """token's bytes where it follows previous: without a leading space after BOS in
-        vocabularies whose encoder puts a space before a text's first word (sentencepiece,
-        llama2.c), as llama2.c and transformers decode it."""
-        piece = self.token_bytes(token)
-        if (self.strips_leading_space_after_bos and previous is not None and previous == self.bos_id
-                and piece.startswith(b" ")):
-            return piece[1:]
-        return piece
+    def starts_document(self, ids: Sequence[int]) -> bool:
+        """Whether text after ids begins a document: ids start with BOS and hold no text, in a
+        vocabulary that drops the space before a document's first word."""
+        return (self.strips_leading_space_after_bos and len(ids) > 0 and self.bos_id is not None
+                and ids[0] == self.bos_id and not any(self.token_bytes(t) for t in ids))
 
-    def continuation_bytes(self, ids: Sequence[int], previous: int | None = None) -> bytes:
-        """The bytes of ids where they follow the token previous (None: nothing): the text a
-        generation adds to its prompt's."""
+    def continuation_bytes(self, ids: Sequence[int], document_start: bool = False) -> bytes:
+        """The bytes of ids; document_start: they begin a document, so their first piece with
+        text loses its leading space."""
         out = bytearray()
         for token in token_id_list(ids, "ids"):
-            out += self.piece_after(previous, token)
-            previous = token
+            piece = self.token_bytes(token)
+            if document_start and piece:
+                piece = piece[1:] if piece.startswith(b" ") else piece
+                document_start = False
+            out += piece
         return bytes(out)
 
     def token_text(self, token: int) -> str:
@@ -146,15 +150,18 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ids (special tokens such as BOS/EOS contribute nothing). Ids that start with
         BOS are a document: the space sentencepiece-style encoders put before its first word is
-        dropped (after a later BOS too, as llama2.c decodes). Others are a continuation and keep a leading space (" there" for "▁there"),
+        dropped (there only, as transformers' and llama.cpp's decoders drop it). Others are a continuation and keep a leading space (" there" for "▁there"),
         so that generated text reads as it follows its prompt: decode(a) + decode(b) ==
         decode(a + b) wherever a holds a token after its BOS (and b does not start inside a
         UTF-8 character)."""
-        return self.continuation_bytes(ids).decode("utf-8", errors="replace")
+        ids = token_id_list(ids, "ids")
+        start = self.strips_leading_space_after_bos and len(ids) > 0 and ids[0] == self.bos_id
+        return self.continuation_bytes(ids, document_start=start).decode("utf-8", errors="replace")
 
-    def stream_decoder(self, previous: int | None = None) -> StreamDecoder:
-        """Text of tokens pushed one by one; previous: the token before the first (a prompt's last)."""
-        return StreamDecoder(self, previous)
+    def stream_decoder(self, document_start: bool = False) -> StreamDecoder:
+        """Text of tokens pushed one by one; document_start: they begin a document (after a
+        prompt of BOS alone: starts_document(prompt))."""
+        return StreamDecoder(self, document_start)
 
     def _check_id(self, token: int) -> None:
         if not 0 <= token < self.vocab_size:
