@@ -76,10 +76,8 @@ def random_blocks(kind: str, rows: int, cols: int, rng, std: float = 0.05) -> np
     return blocks.reshape(rows, -1)
 
 
-def _write_model(path, kind, rng, output_kind=None):
-    """A 2-layer Llama (dim 256, so that every matrix row holds whole 256-value blocks) with every
-    matrix in GGML type `kind` (the output head in output_kind when given) and random norms; returns
-    the matrices' blocks by tensor name."""
+def _metadata_and_matrix_shapes():
+    """CONFIG's GGUF metadata and the (rows, columns) of every matrix, by tensor name."""
     c = CONFIG
     kv = c["n_kv_heads"] * c["dim"] // c["n_heads"]
     meta = {"llama.embedding_length": c["dim"], "llama.block_count": c["n_layers"],
@@ -93,6 +91,15 @@ def _write_model(path, kind, rng, output_kind=None):
                        p + "attn_v.weight": (kv, c["dim"]), p + "attn_output.weight": (c["dim"], c["dim"]),
                        p + "ffn_gate.weight": (c["hidden"], c["dim"]), p + "ffn_up.weight": (c["hidden"], c["dim"]),
                        p + "ffn_down.weight": (c["dim"], c["hidden"])})
+    return meta, shapes
+
+
+def _write_model(path, kind, rng, output_kind=None):
+    """A 2-layer Llama (dim 256, so that every matrix row holds whole 256-value blocks) with every
+    matrix in GGML type `kind` (the output head in output_kind when given) and random norms; returns
+    the matrices' blocks by tensor name."""
+    c = CONFIG
+    meta, shapes = _metadata_and_matrix_shapes()
     blocks, tensors = {}, {}
     for name, (rows, cols) in shapes.items():
         this_kind = output_kind if name == "output.weight" and output_kind else kind
@@ -221,18 +228,8 @@ def test_float_head_of_a_q4_file_keeps_its_type(layers, head, tmp_path):
     range, and stray ten times further from a reference whose head is rounded to 4 bits."""
     c = CONFIG
     rng = np.random.default_rng(12)
-    kv = c["n_kv_heads"] * c["dim"] // c["n_heads"]
-    meta = {"llama.embedding_length": c["dim"], "llama.block_count": c["n_layers"],
-            "llama.attention.head_count": c["n_heads"], "llama.attention.head_count_kv": c["n_kv_heads"],
-            "llama.feed_forward_length": c["hidden"], "llama.context_length": c["context"],
-            "llama.attention.layer_norm_rms_epsilon": 1e-5}
-    shapes = {"token_embd.weight": (c["vocab"], c["dim"])}
-    for i in range(c["n_layers"]):
-        p = f"blk.{i}."
-        shapes.update({p + "attn_q.weight": (c["dim"], c["dim"]), p + "attn_k.weight": (kv, c["dim"]),
-                       p + "attn_v.weight": (kv, c["dim"]), p + "attn_output.weight": (c["dim"], c["dim"]),
-                       p + "ffn_gate.weight": (c["hidden"], c["dim"]), p + "ffn_up.weight": (c["hidden"], c["dim"]),
-                       p + "ffn_down.weight": (c["dim"], c["hidden"])})
+    meta, shapes = _metadata_and_matrix_shapes()
+    del shapes["output.weight"]  # the head is drawn below, of another scale and type
     tensors = {name: (rng.normal(0, 0.05, shape).astype(np.float32), layers) for name, shape in shapes.items()}
     tensors["output.weight"] = (rng.normal(0, 0.5, (c["vocab"], c["dim"])).astype(np.float32), head)
     for name in ["output_norm.weight"] + [f"blk.{i}.{n}_norm.weight" for i in range(c["n_layers"]) for n in ("attn", "ffn")]:

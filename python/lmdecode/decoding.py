@@ -17,6 +17,7 @@ import numpy as np
 
 from . import _core
 from .chat import is_conversation
+from .generation import check_prompt_ids
 from .sampling import as_token_ids
 from .scoring import PerplexityResult, SequenceScore, perplexity_of_windows, sequence_logprob as _sequence_logprob
 
@@ -35,7 +36,6 @@ _SCORING_BLOCK = 64
 _SCORING_SCRATCH_BYTES = 8 << 20
 
 
-
 def _appended_tokens(full: list[int], plain: list[int], eos: int | None) -> int:
     """How many tokens encode(text, add_bos=True) (full) puts after the text's own (plain)."""
     if plain:
@@ -47,6 +47,7 @@ def _appended_tokens(full: list[int], plain: list[int], eos: int | None) -> int:
     while n < len(full) - 1 and full[len(full) - 1 - n] == eos:
         n += 1
     return n
+
 
 class _PromptCache:
     """One sequence kept by generate(cache_prompt=True): its pool, its KVSeq (the keys and values
@@ -380,13 +381,11 @@ class DecodingMixin:
         ctx, conts = self._scored_pair(context, list(continuation) if batch else [continuation])
         if not ctx:
             raise ValueError("context must hold at least one token (e.g. BOS)")
-        vocab = self.config.vocab_size
-        for name, ids in [("context", ctx)] + [(f"continuation {j}" if batch else "continuation", c)
-                                               for j, c in enumerate(conts)]:
-            bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
-            if bad is not None:  # named here: the engine would name a position of context + continuation
-                raise ValueError(f"{name} holds token id {ids[bad]} at position {bad}, outside the vocabulary "
-                                 f"[0, {vocab})")
+        # named here: the engine would name a position of context + continuation
+        parts = [ctx] + conts
+        check_prompt_ids(np.fromiter((t for part in parts for t in part), dtype=np.int64),
+                         np.cumsum([0] + [len(part) for part in parts]), self.config.vocab_size,
+                         ["context"] + [f"continuation {j}" if batch else "continuation" for j in range(len(conts))])
         longest = max(len(c) for c in conts)
         if len(ctx) + longest > self.config.context_length:
             raise ValueError(f"context ({len(ctx)} tokens) + continuation ({longest}) exceed the context length {self.config.context_length}")

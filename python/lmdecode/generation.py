@@ -29,6 +29,7 @@ from .contrastive import _check_parameters as _check_contrastive
 from .contrastive import contrastive_logits
 from .sampling import (KEYWORDS, _check_u64, _params_for, _row_input_arguments, allowed_token_ids,
                        as_token_ids, check_constraint_function, step_logits, token_id_list)
+from .tokenizer import DocumentStart
 
 __all__ = ["Generation", "GenerationChunk", "generate"]
 
@@ -151,14 +152,16 @@ def _prompts(prompt: Any, tokenizer: TokenizerLike | None) -> tuple[list[list[in
                     f"or a non-empty list of those, got {prompt!r:.80}")
 
 
-def check_prompt_ids(prompt_ids: np.ndarray, offsets: np.ndarray, vocab: int) -> None:
+def check_prompt_ids(prompt_ids: np.ndarray, offsets: np.ndarray, vocab: int, names: Sequence[str] | None = None) -> None:
     """Every token of the prompts (prompt i: prompt_ids[offsets[i]:offsets[i + 1]]) is in
-    [0, vocab); else a ValueError naming the prompt, the position and the id."""
+    [0, vocab); else a ValueError naming the prompt ("prompt i", or names[i]), the position and
+    the id."""
     bad = np.flatnonzero((prompt_ids < 0) | (prompt_ids >= vocab))
     if bad.size:
         at = int(bad[0])
         i = int(np.searchsorted(offsets, at, side="right")) - 1
-        raise ValueError(f"prompt {i} holds token id {int(prompt_ids[at])} at position {at - int(offsets[i])}, "
+        name = names[i] if names is not None else f"prompt {i}"
+        raise ValueError(f"{name} holds token id {int(prompt_ids[at])} at position {at - int(offsets[i])}, "
                          f"outside the vocabulary [0, {vocab})")
 
 
@@ -226,15 +229,8 @@ class ReplyText:
 
     def pieces(self, prompt: Sequence[int]) -> Callable[[int], bytes]:
         """token -> its bytes, one new token after another, after prompt."""
-        start = [self.starts_document(prompt)]
-
-        def next_piece(token: int) -> bytes:
-            piece = self.piece(token)
-            if start[0] and piece:
-                piece = piece[1:] if piece.startswith(b" ") else piece
-                start[0] = False
-            return piece
-        return next_piece
+        first_word = DocumentStart(self.starts_document(prompt))
+        return lambda token: first_word(self.piece(token))
 
     def bytes(self, prompt: Sequence[int], tokens: Sequence[int]) -> bytes:
         """The bytes tokens add after prompt."""
@@ -287,8 +283,7 @@ class _Run:
         self.prompts = [p for p in prompts for _ in range(n)]
         params, row_inputs = _params_for(None, dict(sampling))
         if params._rows is not None and params._rows != self.n_seqs:
-            per_row = [k for k, v in sampling.items() if np.ndim(v) == 1 and k in params.to_dict()]
-            raise ValueError(f"{per_row[0] if per_row else 'a per-row sampling keyword'} has {params._rows} values: "
+            raise ValueError(f"{params._per_row_keyword()} has {params._rows} values: "
                              f"per-row sampling values need one per sequence ({self.n_seqs})")
         offsets = np.zeros(self.n_seqs + 1, dtype=np.int64)
         np.cumsum([len(p) for p in self.prompts], out=offsets[1:])

@@ -596,8 +596,8 @@ def read_gguf(path: Path):
             _fail(path, f"GGUF metadata {key!r} (={value!r}) must be a non-negative integer")
         return int(value)
 
-    def meta_float(key, default, positive=False):  # a float32 hyperparameter: finite, >= 0 (> 0)
-        return check_float32(path, f"GGUF metadata {key!r}", meta(key, default), positive=positive)
+    def meta_float(key, default, positive=False, required=False):  # a float32 hyperparameter: finite, >= 0 (> 0)
+        return check_float32(path, f"GGUF metadata {key!r}", meta(key, default, required), positive=positive)
 
     def special_id(key):  # a special token id: an integer in the vocabulary, or absent
         value = meta(key)
@@ -632,9 +632,7 @@ def read_gguf(path: Path):
                     "mixture-of-experts models are not supported")
     if family == "llama":
         # required, as llama.cpp requires it (a default would run the file with another epsilon)
-        if meta(f"{arch}.attention.layer_norm_rms_epsilon") is None:
-            _fail(path, f"GGUF metadata '{arch}.attention.layer_norm_rms_epsilon' is missing")
-        eps = meta_float(f"{arch}.attention.layer_norm_rms_epsilon", None)
+        eps = meta_float(f"{arch}.attention.layer_norm_rms_epsilon", None, required=True)
         theta = meta_float(f"{arch}.rope.freq_base", 10000.0, positive=True)
         # llama.cpp: the type defaults to linear, the factor is rope.scaling.factor or the older
         # rope.scale_linear (0 or absent: none), and "none" ignores the factor
@@ -647,9 +645,7 @@ def read_gguf(path: Path):
         if scaling == "none" or rope_factor in (0.0, 1.0):
             scaling = "none"
     else:
-        if meta("gpt2.attention.layer_norm_epsilon") is None:
-            _fail(path, "GGUF metadata 'gpt2.attention.layer_norm_epsilon' is missing")
-        eps = meta_float("gpt2.attention.layer_norm_epsilon", None)
+        eps = meta_float("gpt2.attention.layer_norm_epsilon", None, required=True)
         theta = 10000.0
     if n_heads < 1 or dim % n_heads:
         _fail(path, f"embedding_length (={dim}) is not a multiple of head_count (={n_heads})")

@@ -230,12 +230,15 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
+    def _per_row_keyword(self) -> str:
+        """The first keyword given one value per row (for messages; _rows is not None)."""
+        return next(k for k in _PARAM_DEFAULTS if np.ndim(self._values.get(k, 0)) == 1)
+
     def _core_arguments(self, n_rows: int, vocab: int, row_inputs: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments of _core.sample_rows for a batch of n_rows of vocab logits;
         row_inputs (context, logit_bias, ...) given per call override the stored ones."""
         if self._rows is not None and self._rows != n_rows:
-            bad = [k for k in _PARAM_DEFAULTS if np.ndim(self._values.get(k, 0)) == 1]
-            raise ValueError(f"{bad[0]} has {self._rows} values but logits has {n_rows} rows")
+            raise ValueError(f"{self._per_row_keyword()} has {self._rows} values but logits has {n_rows} rows")
         args: dict[str, Any] = {"params": self._table}
         inputs = {**self._row_inputs, **row_inputs} if row_inputs else self._row_inputs
         if inputs:

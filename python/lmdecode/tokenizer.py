@@ -55,23 +55,31 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 2, 3, 4
 N_TOKEN_TYPES = 7
 
 
+class DocumentStart:
+    """Pieces one after another: at a document's start (active), the first piece with text loses
+    the space a sentencepiece-style encoder put before the document's first word; the rest, and
+    every piece when not active, pass as they are."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+
+    def __call__(self, piece: bytes) -> bytes:
+        if self.active and piece:
+            self.active = False
+            return piece[1:] if piece.startswith(b" ") else piece
+        return piece
+
+
 class StreamDecoder:
     """Turns token ids into text as they come, never splitting a UTF-8 character."""
 
-    def __init__(self, tokenizer: "Tokenizer", document_start: bool = False) -> None:
-        """document_start: the tokens pushed begin a document (after a BOS with no text yet:
-        Tokenizer.starts_document), so the first piece with text loses its leading space."""
+    def __init__(self, tokenizer: "Tokenizer") -> None:
         self._tokenizer = tokenizer
-        self._document_start = document_start
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token: int) -> str:
         """The text that token completes (continuations keep their leading space)."""
-        piece = self._tokenizer.token_bytes(token)
-        if self._document_start and piece:
-            piece = piece[1:] if piece.startswith(b" ") else piece
-            self._document_start = False
-        return self._utf8.decode(piece)
+        return self._utf8.decode(self._tokenizer.token_bytes(token))
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
@@ -109,24 +117,6 @@ class Tokenizer:
         self._check_id(token)
         return self._bytes[token]
 
-    def starts_document(self, ids: Sequence[int]) -> bool:
-        """Whether text after ids begins a document: ids start with BOS and hold no text, in a
-        vocabulary that drops the space before a document's first word."""
-        return (self.strips_leading_space_after_bos and len(ids) > 0 and self.bos_id is not None
-                and ids[0] == self.bos_id and not any(self.token_bytes(t) for t in ids))
-
-    def continuation_bytes(self, ids: Sequence[int], document_start: bool = False) -> bytes:
-        """The bytes of ids; document_start: they begin a document, so their first piece with
-        text loses its leading space."""
-        out = bytearray()
-        for token in token_id_list(ids, "ids"):
-            piece = self.token_bytes(token)
-            if document_start and piece:
-                piece = piece[1:] if piece.startswith(b" ") else piece
-                document_start = False
-            out += piece
-        return bytes(out)
-
     def token_text(self, token: int) -> str:
         """The token's piece as the vocabulary spells it, special tokens included (``<s>``)."""
         raise NotImplementedError
@@ -155,13 +145,11 @@ class Tokenizer:
         decode(a + b) wherever a holds a token after its BOS (and b does not start inside a
         UTF-8 character)."""
         ids = token_id_list(ids, "ids")
-        start = self.strips_leading_space_after_bos and len(ids) > 0 and ids[0] == self.bos_id
-        return self.continuation_bytes(ids, document_start=start).decode("utf-8", errors="replace")
+        first_word = DocumentStart(self.strips_leading_space_after_bos and len(ids) > 0 and ids[0] == self.bos_id)
+        return b"".join(first_word(self.token_bytes(t)) for t in ids).decode("utf-8", errors="replace")
 
-    def stream_decoder(self, document_start: bool = False) -> StreamDecoder:
-        """Text of tokens pushed one by one; document_start: they begin a document (after a
-        prompt of BOS alone: starts_document(prompt))."""
-        return StreamDecoder(self, document_start)
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self)
 
     def _check_id(self, token: int) -> None:
         if not 0 <= token < self.vocab_size:
